@@ -1,0 +1,221 @@
+"""Loading a Stable Diffusion base model (diffusers format) from a local directory.
+
+This is the one place that reads a base model from disk. Real runs point it at e.g. SD 1.5 saved with
+`save_pretrained`; tests point it at the tiny random model from `dreambooth.tiny_model`. Nothing here
+touches the network: every `from_pretrained` call passes `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from dreambooth.errors import InputError
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# The config file each component folder must hold.
+_CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+
+# Weight file name stems: diffusers models vs. transformers models ("pytorch_model" is transformers' older
+# .bin name, still what many SD 1.5 copies carry next to model.safetensors).
+_WEIGHT_STEMS = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+
+_SINGLE_FILE_HINT = (
+    "it must be a Stable Diffusion model in diffusers format (a directory with model_index.json and "
+    "unet/, vae/, text_encoder/, tokenizer/, scheduler/ folders, as written by "
+    "StableDiffusionPipeline.save_pretrained); single-file .ckpt/.safetensors checkpoints are not supported, "
+    "convert them with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR) first"
+)
+
+
+def _weight_files(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
+    """Weight files (single or sharded, .safetensors or .bin) for one variant (None: the default one)."""
+    infix = "" if variant is None else f".{variant}"
+    found = []
+    for stem in stems:
+        for ext in ("safetensors", "bin"):
+            found += folder.glob(f"{stem}{infix}.{ext}")  # single file
+            found += folder.glob(f"{stem}-*-of-*{infix}.{ext}")  # shard
+            found += folder.glob(f"{stem}.{ext}.index{infix}.json")  # shard index
+    return found
+
+
+def _variant(folder: Path, component: str) -> str | None:
+    """The weights variant to load: the default files if present, else the fp16 ones (some published
+    copies ship only `*.fp16.safetensors`). check_base_model has made sure one of the two exists."""
+    stems = _WEIGHT_STEMS[component]
+    if not _weight_files(folder, stems, None) and _weight_files(folder, stems, "fp16"):
+        return "fp16"
+    return None
+
+
+def _tokenizer_problem(folder: Path) -> str | None:
+    # A tokenizers-backed save writes tokenizer.json; older (slow tokenizer) saves, like SD 1.5's, have
+    # vocab.json + merges.txt. Either loads.
+    if (folder / "tokenizer.json").is_file():
+        return None
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        return "tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)"
+    return None
+
+
+def check_base_model(path: str | os.PathLike) -> Path:
+    """Checks that `path` is a complete diffusers-format Stable Diffusion model, without loading weights.
+
+    Raises InputError(field="base_model") naming every missing piece at once; returns the resolved path.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InputError("base_model", f"{str(path)!r} does not exist; {_SINGLE_FILE_HINT}")
+    if not root.is_dir():
+        raise InputError("base_model", f"{str(path)!r} is not a directory; {_SINGLE_FILE_HINT}")
+    root = root.resolve()
+    if not (root / "model_index.json").is_file():
+        raise InputError("base_model", f"{str(root)!r} has no model_index.json; {_SINGLE_FILE_HINT}")
+
+    missing = []
+    for component in REQUIRED_COMPONENTS:
+        folder = root / component
+        if not folder.is_dir():
+            missing.append(f"{component}/ folder")
+            continue
+        if component == "tokenizer":
+            problem = _tokenizer_problem(folder)
+            if problem:
+                missing.append(problem)
+            continue
+        config = _CONFIG_FILES[component]
+        if not (folder / config).is_file():
+            missing.append(f"{component}/{config}")
+        if component in _WEIGHT_STEMS:
+            stems = _WEIGHT_STEMS[component]
+            if not (_weight_files(folder, stems, None) or _weight_files(folder, stems, "fp16")):
+                missing.append(f"{component} weights ({component}/{stems[0]}*.safetensors or .bin)")
+    if missing:
+        raise InputError(
+            "base_model",
+            f"{str(root)!r} is not a complete diffusers-format Stable Diffusion model; missing: " + ", ".join(missing),
+        )
+    return root
+
+
+@dataclass
+class BaseModel:
+    """The pieces of a base model; a component that was not requested is None."""
+
+    tokenizer: CLIPTokenizer | None
+    text_encoder: CLIPTextModel | None
+    vae: AutoencoderKL | None
+    unet: UNet2DConditionModel | None
+    noise_scheduler: DDPMScheduler | None  # the training scheduler, built from the model's scheduler config
+
+
+def load_base_model(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    components: tuple[str, ...] | list[str] = REQUIRED_COMPONENTS,
+) -> BaseModel:
+    """Loads the requested components of the base model at `path` (checked first) onto `device`."""
+    unknown = set(components) - set(REQUIRED_COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; choose from {REQUIRED_COMPONENTS}")
+    root = check_base_model(path)
+    model = BaseModel(tokenizer=None, text_encoder=None, vae=None, unet=None, noise_scheduler=None)
+
+    if "tokenizer" in components:
+        model.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+    if "text_encoder" in components:
+        # transformers 5 names the dtype argument `dtype` (`torch_dtype` is deprecated there).
+        model.text_encoder = CLIPTextModel.from_pretrained(
+            root,
+            subfolder="text_encoder",
+            local_files_only=True,
+            dtype=dtype,
+            variant=_variant(root / "text_encoder", "text_encoder"),
+        ).to(device)
+    for name, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        if name in components:
+            module = cls.from_pretrained(
+                root,
+                subfolder=name,
+                local_files_only=True,
+                torch_dtype=dtype,
+                variant=_variant(root / name, name),
+            )
+            setattr(model, name, module.to(device))
+    if "scheduler" in components:
+        # Training always uses DDPM noise; SD 1.5 ships a PNDM config, whose betas DDPM reads the same way.
+        model.noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    return model
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    unet: UNet2DConditionModel | None = None,
+    text_encoder: CLIPTextModel | None = None,
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline for sampling (class images, validation images), no safety checker.
+
+    `unet` / `text_encoder` replace the stored ones (e.g. the modules being trained); they are used as
+    given, and moved to `device` by the pipeline's `.to()` (a no-op when they are already there).
+    """
+    overrides = {"unet": unet, "text_encoder": text_encoder}
+    wanted = ("unet", "vae", "text_encoder", "tokenizer")
+    needed = [name for name in wanted if overrides.get(name) is None]
+    root = check_base_model(path)
+    base = load_base_model(root, dtype=dtype, device=device, components=needed)
+    modules = {name: getattr(base, name) for name in needed}
+    modules.update({name: module for name, module in overrides.items() if module is not None})
+    # from_pretrained with every module passed in loads only the scheduler, with the class named in
+    # model_index.json (PNDM for SD 1.5, DDPM for the tiny model).
+    pipe = StableDiffusionPipeline.from_pretrained(
+        root,
+        **modules,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A short, stable hex id of a model directory for cache keys.
+
+    Hashes (relative path, size, mtime_ns) of every file rather than the contents, so it stays cheap for
+    gigabytes of weights; any rewrite of a file changes it. Symlinked files (the Hugging Face cache layout)
+    are followed to their targets.
+    """
+    root = Path(path)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            file = Path(dirpath) / name
+            stat = file.stat()
+            entries.append(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
+    digest = hashlib.sha256("".join(sorted(entries)).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,200 @@
+"""A tiny random Stable Diffusion model in diffusers format, for tests and offline smoke runs.
+
+Same architecture family and file layout as SD 1.5 (so it loads through `dreambooth.sd_model` exactly like
+a real base model), with ~1M-parameter UNet and VAE and a 2-layer text encoder. Differences on purpose:
+the VAE downsamples by 2 instead of 8, so 64x64 images give 32x32 latents and stay cheap.
+
+The tokenizer is real: CLIP's 49,408-token BPE vocabulary, read from the copy that ships inside the
+open_clip_torch package, so prompts tokenize to the same ids as with SD 1.5 (and "sks" is one token).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dreambooth.errors import InputError
+from dreambooth.sd_model import check_base_model
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_BOS_ID, _EOS_ID = 49406, 49407  # the last two entries of the CLIP vocabulary
+_RNG_LOCK = threading.Lock()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, [chr(c) for c in chars], strict=True))
+
+
+def _clip_bpe_file() -> Path:
+    # open_clip itself cannot be imported here (it needs torchvision), so locate the package without
+    # importing it.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the tiny model's tokenizer uses the CLIP vocabulary shipped in open_clip_torch, which is not "
+            "installed: pip install --no-deps open-clip-torch (scripts/bootstrap does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall with: pip install --no-deps open-clip-torch")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges, built exactly as openai/CLIP's simple_tokenizer.py does."""
+    with gzip.open(_clip_bpe_file(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [_BOS, _EOS]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    assert len(vocab) == 49408 and vocab[_EOS] == _EOS_ID, "unexpected CLIP BPE file"
+    return vocab, merges
+
+
+def _tokenizer() -> CLIPTokenizer:
+    vocab, merges = _clip_vocab_and_merges()
+    # SD 1.5's tokenizer pads with the end-of-text token.
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=77, bos_token=_BOS, eos_token=_EOS, pad_token=_EOS
+    )
+
+
+def _text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",  # as SD 1.5's CLIP ViT-L/14 text encoder
+        # Real token ids, so the pooled output is taken at the end-of-text token.
+        bos_token_id=_BOS_ID,
+        eos_token_id=_EOS_ID,
+        pad_token_id=_EOS_ID,
+    )
+    return CLIPTextModel(config)
+
+
+def _unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=32,  # latents of 64x64 images (VAE factor 2), so the pipeline defaults to 64x64
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,  # the text encoder's hidden size
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),  # two blocks: downscale factor 2
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+def _scheduler() -> DDPMScheduler:
+    # SD 1.5's noise schedule. `set_alpha_to_one` is not a DDPM argument, but SD 1.5's config carries it
+    # and DDIM/PNDM read it when built from this config, so it is stored too.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    scheduler.register_to_config(set_alpha_to_one=False)
+    return scheduler
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        check_base_model(path)
+    except InputError:
+        return False
+    return True
+
+
+def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Writes the tiny random model to `out_dir` (unless a complete model is already there); returns it.
+
+    The same seed gives bit-identical weights. Safe for concurrent callers: each builds in its own temp
+    dir next to `out_dir` and renames it into place; the first rename wins, the others discard theirs.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if _is_complete(out):
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not a complete model; remove it or pick another path")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the model is meant to be shared read-only
+        # Init draws from torch's global RNG: a lock keeps threads from interleaving their draws, and
+        # fork_rng leaves the caller's RNG state as it was.
+        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+            # Seed before each module so its weights depend only on the seed, not on build order.
+            torch.manual_seed(seed)
+            unet = _unet()
+            torch.manual_seed(seed)
+            vae = _vae()
+            torch.manual_seed(seed)
+            text_encoder = _text_encoder()
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=_tokenizer(),
+            unet=unet,
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            # Atomic; replaces `out` only if it is missing or an empty directory.
+            os.replace(tmp, out)
+        except OSError:
+            if not _is_complete(out):  # not a concurrent builder that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

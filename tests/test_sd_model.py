@@ -1,0 +1,217 @@
+"""The tiny model builder and the base-model loader (no Ray, CPU, a few seconds)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers read it: nothing may be downloaded
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreambooth.errors import InputError
+from dreambooth.sd_model import (
+    BaseModel,
+    check_base_model,
+    fingerprint,
+    load_base_model,
+    load_pipeline,
+)
+from dreambooth.tiny_model import build_tiny_model
+
+WEIGHT_FILES = (
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path) -> Path:
+    """A copy to break on purpose."""
+    return Path(shutil.copytree(tiny, tmp_path / "model"))
+
+
+def test_tokenizer_uses_the_real_clip_vocabulary(tiny):
+    tokenizer = load_base_model(tiny, components=("tokenizer",)).tokenizer
+    assert tokenizer("a photo of sks dog").input_ids == [49406, 320, 1125, 539, 48136, 1929, 49407]
+    assert len(tokenizer) == 49408
+    assert tokenizer.model_max_length == 77
+    padded = tokenizer("sks", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    assert len(padded) == 77 and padded[-1] == 49407  # SD pads with <|endoftext|>
+
+
+def test_build_is_deterministic(tiny, tmp_path):
+    again = build_tiny_model(tmp_path / "again")
+    for name in WEIGHT_FILES:
+        assert (tiny / name).read_bytes() == (again / name).read_bytes(), name
+    other_seed = build_tiny_model(tmp_path / "seed1", seed=1)
+    a, b = load_file(tiny / WEIGHT_FILES[0]), load_file(other_seed / WEIGHT_FILES[0])
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+
+
+def test_build_leaves_the_callers_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_model(tmp_path / "model", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_build_is_idempotent(tiny):
+    before = fingerprint(tiny)
+    assert build_tiny_model(tiny) == tiny
+    assert fingerprint(tiny) == before  # returned at once, nothing rewritten
+
+
+def test_concurrent_builds_end_with_one_complete_model(tiny, tmp_path):
+    out = tmp_path / "model"
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(build_tiny_model(out))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results == [out.resolve()] * 3
+    check_base_model(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp dirs left behind
+    for name in WEIGHT_FILES:
+        assert (out / name).read_bytes() == (tiny / name).read_bytes(), name
+
+
+def test_build_refuses_to_overwrite_other_content(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_tiny_model(tmp_path / "model")
+
+
+def test_diffusers_loads_and_samples_it(tiny):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        ["a photo of sks dog"] * 2,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert len(images) == 2
+    assert all(isinstance(image, Image.Image) and image.size == (64, 64) for image in images)
+
+
+def test_load_base_model_subset(tiny):
+    model = load_base_model(tiny, dtype=torch.bfloat16, components=("unet", "scheduler"))
+    assert isinstance(model, BaseModel)
+    assert model.unet.dtype == torch.bfloat16
+    assert model.vae is None and model.text_encoder is None and model.tokenizer is None
+    assert model.noise_scheduler.config.num_train_timesteps == 1000
+    assert model.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert model.noise_scheduler.config.prediction_type == "epsilon"
+
+    with pytest.raises(ValueError, match="safety_checker"):
+        load_base_model(tiny, components=("unet", "safety_checker"))
+
+
+def test_load_base_model_all(tiny):
+    model = load_base_model(tiny)
+    assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    assert 2 ** (len(model.vae.config.block_out_channels) - 1) == 2  # VAE downscale factor
+    ids = model.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    hidden = model.text_encoder(ids)[0]
+    assert hidden.shape == (1, 77, 32)
+
+
+def test_load_pipeline_with_overridden_unet(tiny):
+    unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet", local_files_only=True)
+    pipe = load_pipeline(tiny, unet=unet)
+    assert pipe.unet is unet
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    image = pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert image.images[0].size == (64, 64)  # default size: unet sample_size x VAE factor
+
+
+def test_fp16_variant_only_weights_load(tiny_copy):
+    for name in WEIGHT_FILES:
+        weights = tiny_copy / name
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    check_base_model(tiny_copy)
+    model = load_base_model(tiny_copy, components=("unet", "vae", "text_encoder"))
+    assert model.unet is not None and model.vae is not None and model.text_encoder is not None
+
+
+def test_check_base_model_returns_resolved_path(tiny):
+    assert check_base_model(str(tiny)) == tiny.resolve()
+
+
+def test_check_base_model_missing_dir(tmp_path):
+    with pytest.raises(InputError, match="does not exist") as error:
+        check_base_model(tmp_path / "nope")
+    assert error.value.field == "base_model"
+
+
+def test_check_base_model_single_file(tmp_path):
+    checkpoint = tmp_path / "v1-5-pruned.safetensors"
+    checkpoint.write_bytes(b"\0")
+    with pytest.raises(InputError, match="not a directory") as error:
+        check_base_model(checkpoint)
+    assert "single-file" in error.value.message
+
+
+def test_check_base_model_no_model_index(tiny_copy):
+    (tiny_copy / "model_index.json").unlink()
+    with pytest.raises(InputError, match=r"model_index\.json") as error:
+        check_base_model(tiny_copy)
+    assert "diffusers" in error.value.message and "save_pretrained" in error.value.message
+
+
+def test_check_base_model_reports_every_problem_at_once(tiny_copy):
+    shutil.rmtree(tiny_copy / "vae")
+    (tiny_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (tiny_copy / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(InputError) as error:
+        check_base_model(tiny_copy)
+    message = error.value.message
+    assert "vae/ folder" in message
+    assert "unet weights" in message
+    assert "scheduler/scheduler_config.json" in message
+    assert "text_encoder" not in message and "tokenizer" not in message
+
+
+def test_check_base_model_tokenizer_files(tiny_copy):
+    (tiny_copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match=r"tokenizer/tokenizer\.json"):
+        check_base_model(tiny_copy)
+
+
+def test_fingerprint(tiny_copy):
+    first = fingerprint(tiny_copy)
+    assert first == fingerprint(tiny_copy)
+    assert len(first) == 16 and int(first, 16) >= 0
+
+    config = tiny_copy / "unet" / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = fingerprint(tiny_copy)
+    assert touched != first
+
+    (tiny_copy / "vae" / "extra.txt").write_text("x")
+    assert fingerprint(tiny_copy) not in (first, touched)

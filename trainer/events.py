@@ -1,0 +1,70 @@
+"""Progress events: the trainer appends JSON lines to the job's events file; the CLI and the controller follow it.
+
+A file on the job's shared storage is the "place to report to": it needs no server, survives restarts of
+either side, and any node can write it. One event per line, each with a `type` and a wall-clock `time`:
+
+    {"type": "state", "state": "PREPARING" | "TRAINING" | "EXPORTING" | "SUCCEEDED" | "FAILED", ...}
+    {"type": "class_images", "done": 12, "total": 100}
+    {"type": "progress", "step": 40, "total_steps": 400, "loss": 0.12, "prior_loss": 0.1, "lr": 5e-6,
+     "steps_per_s": 3.1, "eta_s": 116.0}
+    {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2}
+    {"type": "validation", "step": 100, "path": ".../validation/step_000100.png"}
+    {"type": "model", "path": "...", "metadata": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    """Appends events to a JSONL file. Safe across processes: each event is one O_APPEND write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": type, "time": time.time(), **fields}
+        line = (json.dumps(event, default=str) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        return event
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def follow_events(path: str | Path, stop: threading.Event, poll_s: float = 0.2) -> Iterator[dict[str, Any]]:
+    """Yield events as they are appended, until `stop` is set (then drain what is left and return)."""
+    path = Path(path)
+    offset = 0
+    partial = b""
+    while True:
+        stopping = stop.is_set()
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            partial += chunk
+            *lines, partial = partial.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+        if stopping:
+            return
+        stop.wait(poll_s)

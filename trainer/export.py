@@ -1,0 +1,56 @@
+"""Export: a finished run's ZeRO shards consolidated into a diffusers-format model directory.
+
+The result is the base model with the trained UNet (and text encoder) swapped in, saved as safetensors in
+the training precision, plus metadata.json describing how it was made. It loads with
+`StableDiffusionPipeline.from_pretrained(model_dir)` like any other Stable Diffusion model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreambooth.sd_model import load_base_model, load_pipeline
+from trainer.checkpoint import TAG
+from trainer.deepspeed_setup import compute_dtype
+from trainer.spec import JobSpec
+
+METADATA_FILE = "metadata.json"
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the trained module, gathered from every rank's ZeRO shards."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
+
+
+def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata: dict[str, Any]) -> Path:
+    state = consolidated_state_dict(checkpoint_dir)
+    components = ("unet", "text_encoder") if spec.train_text_encoder else ("unet",)
+    trained = load_base_model(spec.base_model, dtype=torch.float32, components=components)
+    for name in components:
+        module = getattr(trained, name)
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    dtype = compute_dtype(spec)
+    pipeline = load_pipeline(
+        spec.base_model,
+        dtype=dtype,
+        unet=trained.unet.to(dtype),
+        text_encoder=trained.text_encoder.to(dtype) if trained.text_encoder is not None else None,
+    )
+    # Write next to the destination and rename: a model directory is either complete or absent.
+    partial = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(partial, model_dir)
+    return model_dir

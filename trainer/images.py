@@ -1,0 +1,151 @@
+"""Validate and load the instance images (the 3-5 photos of the subject) of a DreamBooth job.
+
+Everything here runs on the driver before any training worker starts, so that a bad photo costs the user
+seconds, not a cluster allocation: every problem is reported at once, each with the offending file's path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dreambooth.errors import InputError
+
+FIELD = "instance_images"
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# Far above any real photo (a 50 MP camera is ~52M pixels) and far below what would exhaust a driver's memory.
+MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
+# A 10000x50 strip is no photo of a subject; centre-cropping it would leave a sliver of it.
+MAX_ASPECT_RATIO: float = 8.0
+_WHITE = (255, 255, 255, 255)
+
+
+def _is_image(path: Path) -> bool:
+    """Whether Pillow recognises the file's content (header only; check_instance_images decodes it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(path).close()
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # an image Pillow recognised but cannot open (a bomb, say): check reports it
+        return True
+    return True
+
+
+def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files and directories into the list of image files, in order, without duplicates.
+
+    Directories expand to their image files (by suffix, sorted, non-recursive, hidden files skipped), so a
+    folder of photos plus a stray README works. A file named explicitly is taken by content, not suffix
+    (``photo.dat`` may be a PNG), but a non-image named explicitly is a mistake worth reporting.
+    """
+    found: dict[Path, None] = {}
+    problems: list[str] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            children = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+            found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not entry.exists():
+            problems.append(f"{entry}: no such file or directory")
+        elif entry.suffix.lower() in IMAGE_SUFFIXES or _is_image(entry):
+            found[entry] = None
+        else:
+            problems.append(f"{entry}: not an image")
+    if problems:
+        raise InputError(FIELD, "\n".join(problems))
+    if not found:
+        where = ", ".join(map(str, paths)) or "an empty list"
+        raise InputError(FIELD, f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {where}")
+    return list(found)
+
+
+def _problem(path: Path, resolution: int) -> str | None:
+    """What is wrong with one image, or None. The header is checked before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice it; either way, a bomb is our error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    return f"{width}x{height} has more than {MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"
+                if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+                    return f"absurd dimensions {width}x{height} (aspect ratio over {MAX_ASPECT_RATIO:g})"
+                rgb = _to_rgb(image)  # decodes every pixel: truncation and corruption show up here
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        return f"a decompression bomb ({exc})"
+    except UnidentifiedImageError:
+        return "not an image (Pillow cannot identify it)"
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, EOFError...: all mean corrupt
+        return f"corrupt or truncated ({type(exc).__name__}: {exc})"
+    width, height = rgb.size
+    if min(width, height) < resolution:
+        return f"{width}x{height} is too small: the short side must be at least {resolution} px"
+    return None
+
+
+def check_instance_images(paths: Sequence[str | os.PathLike], resolution: int) -> list[Path]:
+    """Find the images and fully decode each one, raising one InputError that lists every bad file.
+
+    Listing all problems (one per line) lets the user fix everything in one go instead of one per retry.
+    """
+    files = find_instance_images(paths)
+    problems = [f"{path}: {problem}" for path in files if (problem := _problem(path, resolution))]
+    if problems:
+        header = f"{len(problems)} of {len(files)} images cannot be used at resolution {resolution}:"
+        raise InputError(FIELD, "\n".join([header, *problems]))
+    return files
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float single-channel image to L; Pillow's own convert() clips at 255."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":  # no declared range: infer [0, 1], [0, 255] or 16-bit from the data
+        peak = float(values.max(initial=0.0))
+        full_scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    else:  # I;16*, and I, which is how Pillow decodes 16-bit PNG/TIFF data
+        full_scale = 65535.0
+    scaled = np.clip(values / full_scale * 255.0, 0, 255)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB from any mode; transparent areas become white, as on a print."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("F", "I") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")  # also resolves a palette's or a grayscale's transparent colour
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image (already validated by check_instance_images) as upright 8-bit RGB."""
+    with Image.open(path) as image:
+        return _to_rgb(image)
+
+
+def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, centre-crop a square, and return float32 CHW in [-1, 1].
+
+    The subject of a portrait photo is usually centred, and [-1, 1] is the range Stable Diffusion's VAE
+    was trained on. PIL's Lanczos filter keeps the downscale sharp without needing torchvision.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"preprocess expects an RGB image (use load_image), got mode {image.mode}")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels.to(torch.float32) / 127.5 - 1.0

@@ -1,0 +1,73 @@
+"""Rank 0's training progress: throttled events for followers, TensorBoard scalars, throughput and ETA."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.events import EventLog
+
+
+class ProgressReporter:
+    """Accumulates losses on the device (no host sync per step) and publishes them every `interval_s`."""
+
+    def __init__(
+        self,
+        events: EventLog,
+        tensorboard_dir: Path,
+        total_steps: int,
+        start_step: int,
+        interval_s: float = 1.0,
+    ):
+        from tensorboardX import SummaryWriter
+
+        self.events = events
+        self.writer = SummaryWriter(str(tensorboard_dir))
+        self.total_steps = total_steps
+        self.interval_s = interval_s
+        self._window_start_time = time.perf_counter()
+        self._window_start_step = start_step
+        self._sums: torch.Tensor | None = None
+        self._count = 0
+
+    def step(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        instance_loss: torch.Tensor,
+        prior_loss: torch.Tensor,
+        lr: float,
+        force: bool = False,
+    ) -> None:
+        """Record the losses of optimizer step `step` (1-based); publish if the interval has passed."""
+        values = torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]).float()
+        self._sums = values if self._sums is None else self._sums + values
+        self._count += 1
+        now = time.perf_counter()
+        if not force and now - self._window_start_time < self.interval_s:
+            return
+        loss_avg, instance_avg, prior_avg = (self._sums / self._count).tolist()
+        steps_per_s = (step - self._window_start_step) / max(now - self._window_start_time, 1e-9)
+        eta_s = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else None
+        fields = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "loss": loss_avg,
+            "instance_loss": instance_avg,
+            "prior_loss": prior_avg,
+            "lr": lr,
+            "steps_per_s": steps_per_s,
+            "eta_s": eta_s,
+        }
+        if torch.cuda.is_available():
+            fields["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.events.emit("progress", **fields)
+        for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
+            self.writer.add_scalar(f"train/{name}", fields[name], step)
+        self._sums, self._count = None, 0
+        self._window_start_time, self._window_start_step = now, step
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,151 @@
+"""A training job from start to finish, driven from one process on the Ray cluster (the Ray job's entrypoint).
+
+    preflight checks -> class-prior images -> TorchTrainer(N workers).fit() -> export -> model
+
+Every step reports to the job's events file. Running the same job again (same storage root and job id)
+resumes from its latest checkpoint; Ray Train restarts failed workers from it on its own.
+
+    python -m trainer.run --storage DIR --job-id ID [--spec spec.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from dreambooth.errors import InputError
+from dreambooth.sd_model import check_base_model
+from trainer.checkpoint import STATE_FILE
+from trainer.class_images import ensure_class_images
+from trainer.events import EventLog
+from trainer.export import export_model
+from trainer.images import check_instance_images
+from trainer.spec import JobSpec
+from trainer.storage import JobPaths, job_paths
+from trainer.train_loop import train_loop_per_worker
+
+
+@dataclass
+class TrainingResult:
+    model_dir: Path
+    steps: int
+    final_loss: float | None
+    wall_time_s: float
+
+
+def preflight(spec: JobSpec) -> None:
+    """Everything that can be checked before a worker starts: fields, base model files, every image."""
+    spec.validate()
+    check_base_model(spec.base_model)
+    check_instance_images(spec.instance_images, spec.resolution)
+
+
+def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | None = None) -> TrainingResult:
+    """Run (or resume) the job; raises InputError for bad input, ray.train.TrainingFailedError if training fails."""
+    start = time.time()
+    events = EventLog(paths.events_file)
+    try:
+        preflight(spec)
+    except InputError as e:
+        events.emit("state", state="FAILED", reason="INVALID_INPUT", field=e.field, message=e.message)
+        raise
+    paths.job_dir.mkdir(parents=True, exist_ok=True)
+    paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
+
+    try:
+        events.emit("state", state="PREPARING")
+        config = {"spec": spec.to_dict(), "storage_root": str(paths.root), "job_id": paths.job_id}
+        if spec.with_prior_preservation:
+            config["class_images_dir"] = str(
+                ensure_class_images(
+                    spec,
+                    paths.class_image_cache,
+                    num_actors=spec.num_workers,
+                    use_gpu=spec.use_gpu,
+                    on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
+                )
+            )
+        if fail_once_at_step is not None:
+            config["fail_once_at_step"] = fail_once_at_step
+
+        events.emit("state", state="TRAINING")
+        result = _trainer(spec, paths, config).fit()
+        checkpoint_dir = Path(result.checkpoint.path)
+        state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+
+        events.emit("state", state="EXPORTING")
+        wall_time_s = time.time() - start
+        metadata = {
+            "job_id": paths.job_id,
+            "base_model": spec.base_model,
+            "identifier": spec.identifier,
+            "instance_prompt": spec.instance_prompt,
+            "class_prompt": spec.class_prompt,
+            "steps": state["step"],
+            "final_loss": state.get("loss"),
+            "wall_time_s": wall_time_s,
+            "hyperparameters": spec.to_dict(),
+        }
+        model_dir = export_model(spec, checkpoint_dir, paths.model_dir, metadata)
+        events.emit("model", path=str(model_dir), metadata=metadata)
+        events.emit("state", state="SUCCEEDED")
+        return TrainingResult(model_dir, state["step"], state.get("loss"), wall_time_s)
+    except BaseException as e:
+        events.emit("state", state="FAILED", reason=type(e).__name__, message=str(e)[:2000])
+        raise
+
+
+def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=spec.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=paths.ray_run_name,
+            storage_path=str(paths.job_dir),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--storage", required=True, help="storage root shared by all nodes")
+    parser.add_argument("--job-id", required=True)
+    parser.add_argument("--spec", help="job spec (YAML/JSON); default: <storage>/jobs/<job-id>/spec.json")
+    args = parser.parse_args(argv)
+    try:
+        paths = job_paths(args.storage, args.job_id)
+        spec = JobSpec.load(args.spec or paths.spec_file)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ray.init(address="auto", log_to_driver=False)
+    try:
+        result = run_training(spec, paths)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model_dir": str(result.model_dir), "steps": result.steps}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The DreamBooth job spec: one typed dataclass, the single source of truth for a training job.
+
+Loaded from YAML or JSON by the CLI, built from a gRPC request by the controller, passed to the Ray job and
+its workers as a plain dict. `validate()` checks every field's own constraints (cheap, no I/O); the checks
+that read files (images, base model) live in `trainer.preflight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from dreambooth.errors import InputError
+
+Precision = Literal["fp16", "bf16", "fp32"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+@dataclass
+class JobSpec:
+    # What to learn.
+    base_model: str
+    """Local directory of a Stable Diffusion model in diffusers format (e.g. SD 1.5)."""
+    instance_images: list[str]
+    """Image files and/or directories of them: the 3-5 photos of the subject."""
+    instance_prompt: str
+    """Prompt naming the subject with its identifier, e.g. "a photo of sks dog"."""
+    identifier: str = "sks"
+    """The rare token that stands for the subject; it must appear in `instance_prompt` as a word."""
+
+    # Class-prior preservation (DreamBooth paper, section 3.3). num_class_images=0 turns it off.
+    class_prompt: str = ""
+    """Prompt for the subject's class, e.g. "a photo of dog"; required when num_class_images > 0."""
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_image_inference_steps: int = 25
+    class_image_guidance_scale: float = 7.5
+
+    # Optimisation.
+    resolution: int = 512
+    max_steps: int = 400
+    learning_rate: float = 5e-6
+    lr_schedule: LrSchedule = "constant"
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    """Instance images per worker per micro-step (as many class images are added when prior is on)."""
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_weight_decay: float = 1e-2
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+    precision: Precision = "fp16"
+    """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs."""
+    seed: int = 0
+
+    # DeepSpeed ZeRO.
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    """Parameter offload to CPU; ZeRO stage 3 only."""
+
+    # Checkpoints and validation.
+    checkpoint_interval: int = 100
+    """Save a sharded DeepSpeed checkpoint every N optimiser steps (and always at the end)."""
+    checkpoints_to_keep: int = 2
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_interval: int = 0
+    """Sample the validation prompts every N steps; 0 means only at the end."""
+    validation_inference_steps: int = 25
+    validation_images_per_prompt: int = 2
+
+    # Resources.
+    num_workers: int = 1
+    gpus_per_worker: float = 1.0
+    """0 trains on CPUs (bf16 or fp32)."""
+    cpus_per_worker: float = 1.0
+    placement_strategy: PlacementStrategy = "PACK"
+    max_failures: int = 3
+    """Worker failures tolerated; each restarts the run from its latest checkpoint."""
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return self.num_class_images > 0
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    # --- construction -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        if not isinstance(data, dict):
+            raise InputError("spec", f"expected a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(unknown[0], f"unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in data]
+        if missing:
+            raise InputError(missing[0], f"required field(s) missing: {missing}")
+        data = dict(data)
+        if isinstance(data.get("instance_images"), str):
+            data["instance_images"] = [data["instance_images"]]
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def load(cls, path: str | Path) -> JobSpec:
+        """Load a YAML or JSON file; relative paths in it are resolved against the file's directory."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise InputError("spec", f"cannot read {path}: {e.strerror}") from e
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise InputError("spec", f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+        spec = cls.from_dict(data)
+        return spec.resolve_paths(path.parent)
+
+    def resolve_paths(self, base: Path) -> JobSpec:
+        def resolve(p: str) -> str:
+            return str((base / Path(p).expanduser()).resolve())
+
+        return dataclasses.replace(
+            self,
+            base_model=resolve(self.base_model),
+            instance_images=[resolve(p) for p in self.instance_images],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- validation ---------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise InputError naming the first field that is wrong and what to fix."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+
+        def require(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise InputError(name, message)
+
+        require(bool(self.base_model.strip()), "base_model", "must be a path to a diffusers-format model")
+        require(len(self.instance_images) > 0, "instance_images", "give at least one image file or directory")
+        require(
+            re.fullmatch(r"[A-Za-z0-9]+", self.identifier) is not None,
+            "identifier",
+            "must be one alphanumeric word, e.g. 'sks'",
+        )
+        require(
+            re.search(rf"(?<![\w]){re.escape(self.identifier)}(?![\w])", self.instance_prompt) is not None,
+            "instance_prompt",
+            f"must contain the identifier {self.identifier!r} as a word, e.g. 'a photo of {self.identifier} dog'",
+        )
+        require(self.num_class_images >= 0, "num_class_images", "must be >= 0 (0 turns prior preservation off)")
+        if self.with_prior_preservation:
+            require(bool(self.class_prompt.strip()), "class_prompt", "required when num_class_images > 0")
+            require(
+                self.identifier not in self.class_prompt.split(),
+                "class_prompt",
+                "must describe the class without the identifier",
+            )
+        require(0 <= self.prior_loss_weight <= 100, "prior_loss_weight", "must be in [0, 100]")
+        require(
+            1 <= self.class_image_inference_steps <= 1000,
+            "class_image_inference_steps",
+            "must be in [1, 1000]",
+        )
+        require(1 <= self.class_image_guidance_scale <= 50, "class_image_guidance_scale", "must be in [1, 50]")
+        require(
+            self.resolution % 8 == 0 and 64 <= self.resolution <= 2048,
+            "resolution",
+            f"must be a multiple of 8 between 64 and 2048, got {self.resolution}",
+        )
+        require(1 <= self.max_steps <= 1_000_000, "max_steps", "must be in [1, 1000000]")
+        require(0 < self.learning_rate <= 1e-2, "learning_rate", "must be in (0, 0.01]; DreamBooth uses ~5e-6")
+        require(0 <= self.lr_warmup_steps <= self.max_steps, "lr_warmup_steps", "must be in [0, max_steps]")
+        require(1 <= self.batch_size <= 256, "batch_size", "must be in [1, 256]")
+        require(
+            1 <= self.gradient_accumulation_steps <= 1024,
+            "gradient_accumulation_steps",
+            "must be in [1, 1024]",
+        )
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(0 <= self.adam_weight_decay < 1, "adam_weight_decay", "must be in [0, 1)")
+        require(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
+        require(
+            not self.offload_params or self.zero_stage == 3,
+            "offload_params",
+            "parameter offload needs zero_stage 3",
+        )
+        require(self.checkpoint_interval >= 1, "checkpoint_interval", "must be >= 1 step")
+        require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
+        require(self.validation_interval >= 0, "validation_interval", "must be >= 0 (0: only at the end)")
+        require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
+        require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
+        require(1 <= self.num_workers <= 1024, "num_workers", "must be in [1, 1024]")
+        require(0 <= self.gpus_per_worker <= 16, "gpus_per_worker", "must be in [0, 16]")
+        require(0 < self.cpus_per_worker <= 256, "cpus_per_worker", "must be in (0, 256]")
+        require(
+            self.use_gpu or self.precision != "fp16",
+            "precision",
+            "fp16 needs GPUs (DeepSpeed refuses fp16 on CPUs): use bf16 or fp32 with gpus_per_worker: 0",
+        )
+        require(0 <= self.max_failures <= 100, "max_failures", "must be in [0, 100]")
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+_SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """Check a value against the (string) annotation of a JobSpec field; YAML gives us untyped input."""
+    if annotation == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        expected = "a list of strings"
+    elif annotation in _SCALARS:
+        # bool is an int in Python; a YAML `true` must not pass as a step count.
+        ok = isinstance(value, _SCALARS[annotation]) and (annotation == "bool" or not isinstance(value, bool))
+        expected = {"float": "a number"}.get(annotation, f"a {annotation}")
+    else:
+        choices = get_args(globals()[annotation])
+        ok = value in choices
+        expected = f"one of {list(choices)}"
+    if not ok:
+        raise InputError(name, f"must be {expected}, got {value!r}")

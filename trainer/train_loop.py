@@ -1,0 +1,194 @@
+"""The DreamBooth training loop, run by every Ray Train worker.
+
+Read top to bottom: load the base model; encode the instance and class images (and, with a frozen text
+encoder, the two prompts) once; build one DeepSpeed engine over UNet (+ text encoder); resume from the
+latest checkpoint if there is one; then the loop: sample latents and noise, predict, prior-preservation
+loss, backward, step; checkpoint, validate and report progress at their intervals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from dreambooth.sd_model import load_base_model, load_pipeline
+from trainer.checkpoint import restore_latest, save_and_report
+from trainer.data import EncodedImages, derive_seed, encode_images, sample_indices
+from trainer.deepspeed_setup import compute_dtype, initialize
+from trainer.events import EventLog
+from trainer.images import find_instance_images
+from trainer.model import DreamBoothModel, prior_preservation_loss
+from trainer.progress import ProgressReporter
+from trainer.spec import JobSpec
+from trainer.storage import JobPaths
+from trainer.validation import Validator
+
+INSTANCE_STREAM, CLASS_STREAM = 0, 1
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = JobSpec.from_dict(config["spec"])
+    paths = JobPaths(Path(config["storage_root"]), config["job_id"])
+    # DeepSpeed picks its accelerator when first imported; on CPU workers it must not probe for CUDA.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
+    dtype = compute_dtype(spec)
+    # Frozen modules run in the compute dtype on GPUs; on CPUs fp32 is faster than bf16 convolutions.
+    frozen_dtype = dtype if spec.use_gpu else torch.float32
+
+    # 1. Base model: frozen parts in the compute dtype, trainable parts in fp32 (DeepSpeed keeps fp32 masters).
+    frozen = load_base_model(
+        spec.base_model,
+        dtype=frozen_dtype,
+        device=device,
+        components=("vae", "tokenizer", "scheduler", "text_encoder"),
+    )
+    frozen.vae.requires_grad_(False).eval()
+    frozen.text_encoder.requires_grad_(False).eval()
+    trainable = load_base_model(
+        spec.base_model,
+        dtype=torch.float32,
+        device=device,
+        components=("unet", "text_encoder") if spec.train_text_encoder else ("unet",),
+    )
+    scheduler = frozen.noise_scheduler
+
+    # 2. Encode once: image latent distributions; prompt embeddings when the text encoder is frozen.
+    instance = encode_images(frozen.vae, find_instance_images(spec.instance_images), spec.resolution, device)
+    class_images: EncodedImages | None = None
+    if spec.with_prior_preservation:
+        class_files = sorted(Path(config["class_images_dir"]).glob("*.png"))[: spec.num_class_images]
+        class_images = encode_images(frozen.vae, class_files, spec.resolution, device)
+    prompt_ids = frozen.tokenizer(
+        [spec.instance_prompt, spec.class_prompt or spec.instance_prompt],
+        padding="max_length",
+        max_length=frozen.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    prompt_embeds = None
+    if not spec.train_text_encoder:
+        with torch.no_grad():
+            prompt_embeds = frozen.text_encoder(prompt_ids)[0].to(dtype)
+
+    # 3. One DeepSpeed engine over everything trained.
+    unet = trainable.unet
+    text_encoder = trainable.text_encoder
+    if spec.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+    model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
+    engine = initialize(model, spec, world_size)
+    start_step = restore_latest(engine)
+
+    events = EventLog(paths.events_file)
+    reporter = validator = None
+    if rank == 0:
+        reporter = ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step)
+        if spec.validation_prompts:
+            pipeline = load_pipeline(
+                spec.base_model,
+                dtype=frozen_dtype,
+                device=device,
+                unet=engine.module.unet,
+                text_encoder=engine.module.text_encoder or frozen.text_encoder,
+            )
+            validator = Validator(
+                pipeline,
+                prompts=spec.validation_prompts,
+                images_per_prompt=spec.validation_images_per_prompt,
+                inference_steps=spec.validation_inference_steps,
+                resolution=spec.resolution,
+                seed=spec.seed,
+                out_dir=paths.validation_dir,
+                compute_dtype=dtype,
+            )
+        if start_step > 0:
+            events.emit("resumed", step=start_step)
+
+    # 4. The loop. Each step's randomness is a function of (seed, step, micro-step, rank): see trainer.data.
+    bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
+    for step in range(start_step, spec.max_steps):
+        for micro in range(accumulation):
+            generator = torch.Generator(device).manual_seed(derive_seed(spec.seed, step, micro, rank))
+            first = ((step * accumulation + micro) * world_size + rank) * bs
+            latents = instance.sample(sample_indices(len(instance), spec.seed, INSTANCE_STREAM, first, bs), generator)
+            which_prompt = torch.zeros(bs, dtype=torch.long, device=device)
+            if class_images is not None:
+                class_idx = sample_indices(len(class_images), spec.seed, CLASS_STREAM, first, bs)
+                latents = torch.cat([latents, class_images.sample(class_idx, generator)])
+                which_prompt = torch.cat([which_prompt, torch.ones(bs, dtype=torch.long, device=device)])
+
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            timesteps = torch.randint(
+                0,
+                scheduler.config.num_train_timesteps,
+                (latents.shape[0],),
+                generator=generator,
+                device=device,
+            )
+            noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+            if scheduler.config.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+
+            if prompt_embeds is not None:
+                pred = engine(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds[which_prompt])
+            else:
+                pred = engine(noisy_latents.to(dtype), timesteps, input_ids=prompt_ids[which_prompt])
+            loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, bs, spec.prior_loss_weight)
+            engine.backward(loss)
+            engine.step()
+
+        done = step + 1
+        last = done == spec.max_steps
+        if reporter is not None:
+            reporter.step(done, loss, instance_loss, prior_loss, engine.get_lr()[0], force=last)
+        if done % spec.checkpoint_interval == 0 or last:
+            directory, stall_s = save_and_report(engine, done, {"loss": float(loss)})
+            if rank == 0:
+                events.emit("checkpoint", step=done, path=str(directory), stall_s=stall_s)
+        if validator is not None or spec.zero_stage == 3:
+            _maybe_validate(engine, validator, spec, done, last, events)
+        _maybe_inject_failure(config, done, rank, paths)
+
+    if reporter is not None:
+        reporter.close()
+
+
+def _maybe_validate(engine, validator: Validator | None, spec: JobSpec, step: int, last: bool, events: EventLog):
+    due = spec.validation_prompts and (last or (spec.validation_interval and step % spec.validation_interval == 0))
+    if not due:
+        return
+    if spec.zero_stage == 3:
+        # ZeRO-3 partitions the weights over the ranks: every rank takes part in gathering them for rank 0.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            if validator is not None:
+                events.emit("validation", step=step, path=str(validator.run(step)))
+    elif validator is not None:
+        events.emit("validation", step=step, path=str(validator.run(step)))
+
+
+def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths) -> None:
+    """Chaos testing: kill the last worker's process once, at a given step, as a crashed node would."""
+    fail_at = config.get("fail_once_at_step")
+    if fail_at is None or step != fail_at or rank != ray.train.get_context().get_world_size() - 1:
+        return
+    marker = paths.job_dir / f".failure_injected_at_{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    os._exit(1)
