@@ -1,38 +1,37 @@
-"""Starting or joining Ray the way this project needs: loopback only, offline, with the project importable."""
+"""Starting or joining Ray the way this project needs: loopback only when local, offline everywhere."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import ray
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# Environment for every Ray worker: no hub access ever, and Ray bound to loopback on a single machine.
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
+# Environment for every Ray worker: model files are local paths, never fetched from a hub.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join the cluster at `address` ("auto" for the one on this machine), or start a private local one
-    bound to 127.0.0.1 when `address` is None."""
+    """Join the cluster at `address` ("auto" for the one started on this machine by `ray start`), or start a
+    private single-machine one whose listeners are all on 127.0.0.1 when `address` is None."""
     if ray.is_initialized():
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     runtime_env = {"env_vars": dict(WORKER_ENV)}
-    if address is None:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            log_to_driver=False,
-        )
-    else:
+    if address is not None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return
+    # Ray's single-machine mode binds every listener to 127.0.0.1. Ray reads the switch from the environment
+    # when first imported (possibly before this call), and the processes ray.init starts read it again.
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(
+        address="local",  # a new cluster, even if `ray start` left one's address on this machine
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=False,
+    )

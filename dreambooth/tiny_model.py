@@ -5,7 +5,12 @@ a real base model), with ~1M-parameter UNet and VAE and a 2-layer text encoder. 
 the VAE downsamples by 2 instead of 8, so 64x64 images give 32x32 latents and stay cheap.
 
 The tokenizer is real: CLIP's 49,408-token BPE vocabulary, read from the copy that ships inside the
-open_clip_torch package, so prompts tokenize to the same ids as with SD 1.5 (and "sks" is one token).
+open_clip_torch package (or from the file named by $DREAMBOOTH_CLIP_BPE), so prompts tokenize to the same
+ids as with SD 1.5 (and "sks" is one token).
+
+`build_random_sd15_model` writes a model with Stable Diffusion 1.5's exact architecture (UNet 859.5M,
+text encoder 123.1M, VAE 83.7M parameters) and random weights, with the same tokenizer and scheduler:
+for benchmarks that need SD 1.5's cost without its weights.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,7 +52,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, [chr(c) for c in chars], strict=True))
 
 
+CLIP_BPE_ENV = "DREAMBOOTH_CLIP_BPE"
+"""Environment variable naming a copy of bpe_simple_vocab_16e6.txt.gz, for machines without open_clip_torch."""
+
+
 def _clip_bpe_file() -> Path:
+    override = os.environ.get(CLIP_BPE_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise RuntimeError(f"${CLIP_BPE_ENV} names {path}, which is not a file")
+        return path
     # open_clip itself cannot be imported here (it needs torchvision), so locate the package without
     # importing it.
     spec = importlib.util.find_spec("open_clip")
@@ -82,21 +98,23 @@ def _tokenizer() -> CLIPTokenizer:
     )
 
 
-def _text_encoder() -> CLIPTextModel:
+def _clip_text_model(**sizes: int) -> CLIPTextModel:
+    """A CLIP text encoder over the full CLIP vocabulary with SD 1.5's settings, of the given sizes."""
     config = CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act="quick_gelu",  # as SD 1.5's CLIP ViT-L/14 text encoder
         # Real token ids, so the pooled output is taken at the end-of-text token.
         bos_token_id=_BOS_ID,
         eos_token_id=_EOS_ID,
         pad_token_id=_EOS_ID,
+        **sizes,
     )
     return CLIPTextModel(config)
+
+
+def _text_encoder() -> CLIPTextModel:
+    return _clip_text_model(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
 def _unet() -> UNet2DConditionModel:
@@ -158,6 +176,127 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     The same seed gives bit-identical weights. Safe for concurrent callers: each builds in its own temp
     dir next to `out_dir` and renames it into place; the first rename wins, the others discard theirs.
     """
+    return _build_random_model(out_dir, seed=seed, unet=_unet, vae=_vae, text_encoder=_text_encoder)
+
+
+# --- Stable Diffusion 1.5's architecture (the configs of runwayml/stable-diffusion-v1-5), random weights ---
+
+
+def _sd15_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=64,  # 512x512 images, VAE factor 8
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        downsample_padding=1,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        mid_block_scale_factor=1,
+    )
+
+
+def _sd15_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),  # four blocks: downscale factor 8
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        act_fn="silu",
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def _sd15_text_encoder() -> CLIPTextModel:
+    # CLIP ViT-L/14's text tower, as SD 1.5 uses it (with the real token ids, as in the tiny model).
+    return _clip_text_model(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+    )
+
+
+def build_random_sd15_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Writes a randomly initialised model with SD 1.5's exact architecture to `out_dir` (unless a complete
+    model is already there); returns it. Weights are saved in fp16 (~2 GB; loaders cast them up as asked).
+
+    Same guarantees as build_tiny_model: deterministic for a seed, atomic, safe for concurrent callers.
+    Building takes ~1 minute of CPU time (initialising ~1.07B parameters).
+    """
+    return _build_random_model(
+        out_dir,
+        seed=seed,
+        unet=_sd15_unet,
+        vae=_sd15_vae,
+        text_encoder=_sd15_text_encoder,
+        save_dtype=torch.float16,
+    )
+
+
+# --- shared by the builders ---------------------------------------------------------------------------------
+
+
+def _seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module whose random init depends only on `seed` (not on build order or the caller's RNG).
+
+    Init draws from torch's global RNG: a lock keeps threads from interleaving their draws, and fork_rng
+    leaves the caller's RNG state as it was.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
+    """A full pipeline from the three networks, with the real CLIP tokenizer and SD 1.5's scheduler."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_random_model(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int,
+    unet: Callable[[], UNet2DConditionModel],
+    vae: Callable[[], AutoencoderKL],
+    text_encoder: Callable[[], CLIPTextModel],
+    save_dtype: torch.dtype | None = None,
+) -> Path:
+    def write(directory: Path) -> None:
+        # Seed before each module so its weights depend only on the seed, not on build order.
+        pipe = _pipeline(_seeded(seed, unet), _seeded(seed, vae), _seeded(seed, text_encoder))
+        if save_dtype is not None:
+            pipe.to(dtype=save_dtype)
+        pipe.save_pretrained(directory, safe_serialization=True)
+
+    return _write_model_atomically(out_dir, write)
+
+
+def _write_model_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Returns `out_dir` at once if it holds a complete model; otherwise `write`s one into a temp dir next to
+    it and renames that into place. Of concurrent writers the first rename wins, the others discard theirs."""
     out = Path(out_dir).expanduser().resolve()
     if _is_complete(out):
         return out
@@ -168,27 +307,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private (0700); the model is meant to be shared read-only
-        # Init draws from torch's global RNG: a lock keeps threads from interleaving their draws, and
-        # fork_rng leaves the caller's RNG state as it was.
-        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
-            # Seed before each module so its weights depend only on the seed, not on build order.
-            torch.manual_seed(seed)
-            unet = _unet()
-            torch.manual_seed(seed)
-            vae = _vae()
-            torch.manual_seed(seed)
-            text_encoder = _text_encoder()
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=_tokenizer(),
-            unet=unet,
-            scheduler=_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         try:
             # Atomic; replaces `out` only if it is missing or an empty directory.
             os.replace(tmp, out)

@@ -1,18 +1,29 @@
 """Sharded DeepSpeed checkpoints, written straight into the Ray Train run directory and reported to Ray.
 
 Every rank writes its own ZeRO shards into the same directory on the job's shared storage, so Ray has
-nothing to copy (`CheckpointUploadMode.NO_UPLOAD`): the checkpoint is durable as soon as DeepSpeed
-returns. Ray then tracks it, keeps the newest `checkpoints_to_keep`, and hands the latest back through
-`ray.train.get_checkpoint()` after a worker failure or when the same run is started again.
+nothing to copy. With the default AsyncCheckpointEngine the write happens in the background and Ray's
+asynchronous report waits for it; otherwise DeepSpeed writes synchronously and the report is immediate
+(`CheckpointUploadMode.NO_UPLOAD`). Ray then tracks the checkpoint, keeps the newest `checkpoints_to_keep`,
+and hands the latest back through `ray.train.get_checkpoint()` after a worker failure or when the same run
+is started again.
+
+A report only counts once Ray Train's controller has collected it from every rank (it polls the workers
+every 2 s); a worker dying before that takes the newest checkpoint with it. Rank 0 waits for that commit in
+a background thread, off the training path, and only then announces the checkpoint, so a "checkpoint" event
+in the job's events means: this is where a restart resumes.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
+
+from trainer.async_checkpoint import AsyncCheckpointEngine
 
 TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
 STATE_FILE = "trainer_state.json"
@@ -22,21 +33,45 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_step_{step:07d}"
 
 
-def save_and_report(engine, step: int, metrics: dict) -> tuple[Path, float]:
-    """Save on every rank (collective), then report to Ray Train. Returns (directory, seconds stalled)."""
+def save_and_report(
+    engine, step: int, metrics: dict, on_committed: Callable[[Path, float], None] | None = None
+) -> tuple[threading.Thread | None, float]:
+    """Save on every rank (collective) and report to Ray Train. On rank 0, `on_committed(directory, stall_s)` runs in a
+    background thread once Ray has committed the checkpoint. Returns (that thread, seconds training stalled)."""
     start = time.perf_counter()
     experiment_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
     directory = experiment_dir / checkpoint_dir_name(step)
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step})
     if ray.train.get_context().get_world_rank() == 0:
         (directory / STATE_FILE).write_text(json.dumps({"step": step, **metrics}))
-    ray.train.report(
-        {"step": step, **metrics},
-        checkpoint=ray.train.Checkpoint(str(directory)),
-        checkpoint_dir_name=directory.name,
-        checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
-    )
-    return directory, time.perf_counter() - start
+    report = {
+        "metrics": {"step": step, **metrics},
+        "checkpoint": ray.train.Checkpoint(str(directory)),
+        "checkpoint_dir_name": directory.name,
+    }
+    writer = engine.checkpoint_engine
+    if isinstance(writer, AsyncCheckpointEngine):
+        # Ray's upload thread waits for our writes to land; nothing is copied, the files are already in place.
+        ray.train.report(
+            **report,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_fn=lambda checkpoint, _name: (writer.wait(), checkpoint)[1],
+            delete_local_checkpoint_after_upload=False,
+        )
+    else:
+        ray.train.report(**report, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    stall_s = time.perf_counter() - start
+    if ray.train.get_context().get_world_rank() != 0:
+        return None, stall_s
+
+    def wait_for_commit() -> None:
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if on_committed is not None:
+            on_committed(directory, stall_s)
+
+    thread = threading.Thread(target=wait_for_commit, name=f"commit-{directory.name}", daemon=True)
+    thread.start()
+    return thread, stall_s
 
 
 def restore_latest(engine) -> int:

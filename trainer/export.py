@@ -1,7 +1,7 @@
 """Export: a finished run's ZeRO shards consolidated into a diffusers-format model directory.
 
-The result is the base model with the trained UNet (and text encoder) swapped in, saved as safetensors in
-the training precision, plus metadata.json describing how it was made. It loads with
+The result is the base model with the trained UNet (and text encoder) swapped in, saved as fp32 safetensors,
+plus metadata.json describing how it was made. It loads with
 `StableDiffusionPipeline.from_pretrained(model_dir)` like any other Stable Diffusion model.
 """
 
@@ -17,7 +17,6 @@ import torch
 
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
-from trainer.deepspeed_setup import compute_dtype
 from trainer.spec import JobSpec
 
 METADATA_FILE = "metadata.json"
@@ -39,13 +38,10 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
         module = getattr(trained, name)
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    dtype = compute_dtype(spec)
-    pipeline = load_pipeline(
-        spec.base_model,
-        dtype=dtype,
-        unet=trained.unet.to(dtype),
-        text_encoder=trained.text_encoder.to(dtype) if trained.text_encoder is not None else None,
-    )
+    # fp32 throughout: diffusers and transformers disagree on the default dtype when loading a half-precision
+    # checkpoint (one keeps the stored dtype, the other upcasts), so a bf16/fp16 export would not sample with a
+    # plain from_pretrained. Serving casts to fp16 on load.
+    pipeline = load_pipeline(spec.base_model, unet=trained.unet, text_encoder=trained.text_encoder)
     # Write next to the destination and rename: a model directory is either complete or absent.
     partial = model_dir.with_name(model_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

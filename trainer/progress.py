@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class ProgressReporter:
         }
         if torch.cuda.is_available():
             fields["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            fields["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         self.events.emit("progress", **fields)
         for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
             self.writer.add_scalar(f"train/{name}", fields[name], step)

@@ -70,6 +70,8 @@ class JobSpec:
     checkpoint_interval: int = 100
     """Save a sharded DeepSpeed checkpoint every N optimiser steps (and always at the end)."""
     checkpoints_to_keep: int = 2
+    async_checkpointing: bool = True
+    """Copy the state to host memory and write it in the background (training stalls for the copy only)."""
     validation_prompts: list[str] = field(default_factory=list)
     validation_interval: int = 0
     """Sample the validation prompts every N steps; 0 means only at the end."""

@@ -17,6 +17,7 @@ import ray.train.torch
 import torch
 
 from dreambooth.sd_model import load_base_model, load_pipeline
+from trainer.async_checkpoint import AsyncCheckpointEngine
 from trainer.checkpoint import restore_latest, save_and_report
 from trainer.data import EncodedImages, derive_seed, encode_images, sample_indices
 from trainer.deepspeed_setup import compute_dtype, initialize
@@ -89,35 +90,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             text_encoder.gradient_checkpointing_enable()
     model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
     engine = initialize(model, spec, world_size)
+    if spec.async_checkpointing:
+        engine.checkpoint_engine = AsyncCheckpointEngine()
     start_step = restore_latest(engine)
 
     events = EventLog(paths.events_file)
-    reporter = validator = None
-    if rank == 0:
-        reporter = ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step)
-        if spec.validation_prompts:
-            pipeline = load_pipeline(
-                spec.base_model,
-                dtype=frozen_dtype,
-                device=device,
-                unet=engine.module.unet,
-                text_encoder=engine.module.text_encoder or frozen.text_encoder,
-            )
-            validator = Validator(
-                pipeline,
-                prompts=spec.validation_prompts,
-                images_per_prompt=spec.validation_images_per_prompt,
-                inference_steps=spec.validation_inference_steps,
-                resolution=spec.resolution,
-                seed=spec.seed,
-                out_dir=paths.validation_dir,
-                compute_dtype=dtype,
-            )
-        if start_step > 0:
-            events.emit("resumed", step=start_step)
+    events.emit(
+        "worker",
+        rank=rank,
+        world_size=world_size,
+        node_id=ray.get_runtime_context().get_node_id(),
+        device=str(device),
+        start_step=start_step,
+    )
+    reporter = ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step) if rank == 0 else None
+    # Under ZeRO-3 every forward pass gathers the partitioned weights from all ranks, so every rank samples the
+    # validation images with rank 0; under ZeRO-2 rank 0 holds all the weights and samples alone.
+    validator = None
+    if spec.validation_prompts and (rank == 0 or spec.zero_stage == 3):
+        pipeline = load_pipeline(
+            spec.base_model,
+            dtype=frozen_dtype,
+            device=device,
+            unet=engine.module.unet,
+            text_encoder=engine.module.text_encoder or frozen.text_encoder,
+        )
+        validator = Validator(
+            pipeline,
+            prompts=spec.validation_prompts,
+            images_per_prompt=spec.validation_images_per_prompt,
+            inference_steps=spec.validation_inference_steps,
+            resolution=spec.resolution,
+            seed=spec.seed,
+            out_dir=paths.validation_dir,
+            compute_dtype=dtype,
+        )
+    if rank == 0 and start_step > 0:
+        events.emit("resumed", step=start_step)
 
     # 4. The loop. Each step's randomness is a function of (seed, step, micro-step, rank): see trainer.data.
     bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
+    pending_commit = None  # rank 0's wait for Ray to commit the latest checkpoint
     for step in range(start_step, spec.max_steps):
         for micro in range(accumulation):
             generator = torch.Generator(device).manual_seed(derive_seed(spec.seed, step, micro, rank))
@@ -156,36 +169,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if reporter is not None:
             reporter.step(done, loss, instance_loss, prior_loss, engine.get_lr()[0], force=last)
         if done % spec.checkpoint_interval == 0 or last:
-            directory, stall_s = save_and_report(engine, done, {"loss": float(loss)})
+            if pending_commit is not None:
+                pending_commit.join()
+            pending_commit, _ = save_and_report(
+                engine,
+                done,
+                {"loss": float(loss)},
+                on_committed=lambda path, stall_s, step=done: events.emit(
+                    "checkpoint", step=step, path=str(path), stall_s=stall_s
+                ),
+            )
+        if validator is not None and (last or (spec.validation_interval and done % spec.validation_interval == 0)):
+            grid = validator.run(done, save=rank == 0)
             if rank == 0:
-                events.emit("checkpoint", step=done, path=str(directory), stall_s=stall_s)
-        if validator is not None or spec.zero_stage == 3:
-            _maybe_validate(engine, validator, spec, done, last, events)
-        _maybe_inject_failure(config, done, rank, paths)
+                events.emit("validation", step=done, path=str(grid))
+        _maybe_inject_failure(config, done, rank, paths, pending_commit)
 
+    if pending_commit is not None:
+        pending_commit.join()
     if reporter is not None:
         reporter.close()
 
 
-def _maybe_validate(engine, validator: Validator | None, spec: JobSpec, step: int, last: bool, events: EventLog):
-    due = spec.validation_prompts and (last or (spec.validation_interval and step % spec.validation_interval == 0))
-    if not due:
-        return
-    if spec.zero_stage == 3:
-        # ZeRO-3 partitions the weights over the ranks: every rank takes part in gathering them for rank 0.
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            if validator is not None:
-                events.emit("validation", step=step, path=str(validator.run(step)))
-    elif validator is not None:
-        events.emit("validation", step=step, path=str(validator.run(step)))
-
-
-def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths) -> None:
-    """Chaos testing: kill the last worker's process once, at a given step, as a crashed node would."""
+def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths, pending_commit) -> None:
+    """Chaos testing: kill one worker's process once, at a given step, as a crashed node would; after the
+    latest checkpoint was committed, so that the test knows where the restart must resume."""
     fail_at = config.get("fail_once_at_step")
-    if fail_at is None or step != fail_at or rank != ray.train.get_context().get_world_size() - 1:
+    if fail_at is None or step != fail_at:
+        return
+    if pending_commit is not None:
+        pending_commit.join()
+    torch.distributed.barrier()  # every rank gets here after that commit
+    if rank != ray.train.get_context().get_world_size() - 1:
         return
     marker = paths.job_dir / f".failure_injected_at_{step}"
     if marker.exists():

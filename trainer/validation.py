@@ -41,7 +41,7 @@ class Validator:
         self.compute_dtype = compute_dtype
 
     @torch.no_grad()
-    def run(self, step: int) -> Path:
+    def run(self, step: int, save: bool = True) -> Path:
         device = self.pipeline.unet.device
         # Frozen parts may be kept in fp32 (CPU) while the trained UNet is bf16/fp16: autocast reconciles them.
         autocast = (
@@ -68,8 +68,9 @@ class Validator:
                 rows.append(result.images)
         self.pipeline.unet.train(was_training)
         path = self.out_dir / f"step_{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(rows).save(path)
+        if save:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(rows).save(path)
         return path
 
 

@@ -1,0 +1,150 @@
+"""Shared fixtures: one real Ray cluster per test session, the tiny model, instance images.
+
+The cluster has two nodes (a head and a second node joined with `ray start --address`) when the suite runs
+in its own network namespace (scripts/test arranges that with `unshare --net`): there Ray's listeners can
+only ever be on loopback. Elsewhere Ray would listen on every interface for a multi-node cluster, so the
+suite falls back to one loopback-only node and skips the tests that need two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def in_isolated_network() -> bool:
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str
+    num_nodes: int
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    multi_node = in_isolated_network()
+    if not multi_node:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-machine mode: loopback listeners only
+    env = dict(os.environ)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("ray-logs")
+    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    procs = [
+        _start_node(
+            ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *common], logs / "head.log", env
+        )
+    ]
+    try:
+        _wait_for_head(address, procs, env)
+        if multi_node:
+            procs.append(_start_node([f"--address={address}", "--num-cpus=1", *common], logs / "node2.log", env))
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        deadline = time.monotonic() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < len(procs):
+            assert time.monotonic() < deadline, f"Ray nodes did not join; see {logs}"
+            time.sleep(0.2)
+        yield RayCluster(address=address, num_nodes=len(procs))
+    finally:
+        ray.shutdown()
+        for proc in reversed(procs):
+            _stop_session(proc)
+
+
+def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    # Its own session, so that teardown finds every process of the node (gcs, raylet, agents, workers).
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [RAY, "start", *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_session(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stop a node started by _start_node: SIGTERM every process of its session, SIGKILL what is left.
+    (`ray start --block` does not stop its children on a signal, and `ray stop` would stop every Ray on the
+    machine.)"""
+
+    def members() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    alive = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                    if alive and os.getsid(int(entry)) == proc.pid:
+                        pids.append(int(entry))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    proc.wait(timeout=5)
+
+
+def _wait_for_head(address: str, procs, env) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        result = subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise RuntimeError(f"Ray head did not start: {result.stderr[-2000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from dreambooth.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def dog_images(tmp_path_factory) -> Path:
+    """Real photos of the DreamBooth paper's dog subject when ../shared is there (CI has it), else stand-ins."""
+    if (SHARED_DATA / "dog").is_dir():
+        return SHARED_DATA / "dog"
+    from PIL import Image
+
+    directory = tmp_path_factory.mktemp("dog")
+    for i in range(4):
+        Image.effect_mandelbrot((96, 80), (-2 + i * 0.1, -1.2, 1, 1.2), 64).convert("RGB").save(directory / f"{i}.png")
+    return directory
+
+
+@pytest.fixture
+def storage(tmp_path) -> Path:
+    path = tmp_path / "storage"
+    path.mkdir()
+    return path

@@ -1,0 +1,83 @@
+"""`dreambooth train` refuses bad input in about a second, before Ray or any worker starts."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+
+from dreambooth.cli import main
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 72), (40 * i, 100, 200)).save(photos / f"{i}.jpg")
+    spec = {
+        "base_model": str(tiny_model),
+        "instance_images": ["photos"],
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "resolution": 64,
+        "precision": "fp32",
+        "gpus_per_worker": 0,
+    }
+
+    def write(**changes):
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump({**spec, **changes}))
+        return path
+
+    return write, tmp_path
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_missing_image_file_is_named(job, capsys):
+    write, tmp = job
+    code, err = run_cli(
+        capsys, "train", str(write(instance_images=["photos/0.jpg", "photos/nope.jpg"])), "--storage", str(tmp / "s")
+    )
+    assert code == 2 and "instance_images" in err and "nope.jpg" in err
+    assert not (tmp / "s" / "jobs" / "job" / "checkpoints").exists()
+
+
+def test_corrupt_and_too_small_images_are_all_reported(job, capsys):
+    write, tmp = job
+    (tmp / "photos" / "1.jpg").write_bytes((tmp / "photos" / "1.jpg").read_bytes()[:200])
+    Image.new("RGB", (40, 40)).save(tmp / "photos" / "small.png")
+    code, err = run_cli(capsys, "train", str(write()), "--storage", str(tmp / "s"))
+    assert code == 2
+    assert "1.jpg" in err and "corrupt" in err
+    assert "small.png" in err and "40x40" in err
+
+
+def test_base_model_missing_a_component(job, capsys, tiny_model):
+    write, tmp = job
+    broken = tmp / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "vae")
+    code, err = run_cli(capsys, "train", str(write(base_model=str(broken))), "--storage", str(tmp / "s"))
+    assert code == 2 and "base_model" in err and "vae" in err
+
+
+def test_bad_hyperparameters(job, capsys):
+    write, tmp = job
+    code, err = run_cli(capsys, "train", str(write(resolution=100)), "--storage", str(tmp / "s"))
+    assert code == 2 and "resolution" in err and "multiple of 8" in err
+    code, err = run_cli(capsys, "train", str(write(learning_rate=-1)), "--storage", str(tmp / "s"))
+    assert code == 2 and "learning_rate" in err
+    code, err = run_cli(capsys, "train", str(tmp / "missing.yaml"), "--storage", str(tmp / "s"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    assert main(["tiny-model", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").exists()

@@ -1,0 +1,111 @@
+"""The job spec: loading, path resolution and every field's validation (pure logic, no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dreambooth.errors import InputError
+from trainer.deepspeed_setup import deepspeed_config
+from trainer.spec import JobSpec
+
+VALID = {
+    "base_model": "/models/sd15",
+    "instance_images": ["/data/dog"],
+    "instance_prompt": "a photo of sks dog",
+    "class_prompt": "a photo of dog",
+}
+
+
+def test_defaults_are_a_valid_dreambooth_job():
+    spec = JobSpec.from_dict(VALID)
+    assert spec.with_prior_preservation and spec.precision == "fp16" and spec.zero_stage == 2
+    assert JobSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
+    (tmp_path / "job.yaml").write_text(
+        "base_model: models/tiny\ninstance_images: photos\ninstance_prompt: a photo of sks dog\n"
+        "class_prompt: a photo of dog\nmax_steps: 10\nprecision: bf16\ngpus_per_worker: 0\n"
+    )
+    spec = JobSpec.load(tmp_path / "job.yaml")
+    assert spec.base_model == str(tmp_path / "models" / "tiny")
+    assert spec.instance_images == [str(tmp_path / "photos")]
+    assert spec.max_steps == 10
+    (tmp_path / "job.json").write_text(json.dumps(spec.to_dict()))
+    assert JobSpec.load(tmp_path / "job.json") == spec
+
+
+@pytest.mark.parametrize(
+    "change, field, says",
+    [
+        ({"resolution": 100}, "resolution", "multiple of 8"),
+        ({"resolution": 4096}, "resolution", "between 64 and 2048"),
+        ({"max_steps": 0}, "max_steps", "[1, 1000000]"),
+        ({"max_steps": True}, "max_steps", "must be a int"),
+        ({"learning_rate": -1e-5}, "learning_rate", "(0, 0.01]"),
+        ({"learning_rate": 1.0}, "learning_rate", "(0, 0.01]"),
+        ({"learning_rate": "fast"}, "learning_rate", "must be a number"),
+        ({"batch_size": 0}, "batch_size", "[1, 256]"),
+        ({"gradient_accumulation_steps": -2}, "gradient_accumulation_steps", "[1, 1024]"),
+        ({"zero_stage": 1}, "zero_stage", "2 or 3"),
+        ({"precision": "fp8"}, "precision", "one of ['fp16', 'bf16', 'fp32']"),
+        ({"precision": "fp16", "gpus_per_worker": 0}, "precision", "DeepSpeed refuses fp16 on CPUs"),
+        ({"offload_params": True}, "offload_params", "zero_stage 3"),
+        ({"lr_schedule": "exponential"}, "lr_schedule", "one of"),
+        ({"lr_warmup_steps": 500, "max_steps": 100}, "lr_warmup_steps", "[0, max_steps]"),
+        ({"instance_prompt": "a photo of a dog"}, "instance_prompt", "must contain the identifier 'sks'"),
+        ({"instance_prompt": "a photo of sksdog"}, "instance_prompt", "as a word"),
+        ({"identifier": "two words"}, "identifier", "one alphanumeric word"),
+        ({"class_prompt": ""}, "class_prompt", "required when num_class_images > 0"),
+        ({"class_prompt": "a photo of sks dog"}, "class_prompt", "without the identifier"),
+        ({"num_class_images": -1}, "num_class_images", ">= 0"),
+        ({"prior_loss_weight": -1.0}, "prior_loss_weight", "[0, 100]"),
+        ({"instance_images": []}, "instance_images", "at least one"),
+        ({"instance_images": [3]}, "instance_images", "list of strings"),
+        ({"num_workers": 0}, "num_workers", "[1, 1024]"),
+        ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
+        ({"colour": "blue"}, "colour", "unknown field"),
+    ],
+)
+def test_nonsense_is_refused_with_the_field_and_what_to_fix(change, field, says):
+    with pytest.raises(InputError) as error:
+        JobSpec.from_dict({**VALID, **change})
+    assert error.value.field == field
+    assert says in error.value.message
+
+
+def test_required_fields_and_shape():
+    with pytest.raises(InputError, match="required field"):
+        JobSpec.from_dict({"base_model": "/m"})
+    with pytest.raises(InputError, match="mapping"):
+        JobSpec.from_dict(["not", "a", "mapping"])
+
+
+def test_prior_preservation_off_needs_no_class_prompt():
+    spec = JobSpec.from_dict({**VALID, "class_prompt": "", "num_class_images": 0})
+    assert not spec.with_prior_preservation
+
+
+def test_deepspeed_config_follows_the_spec():
+    spec = JobSpec.from_dict(
+        {
+            **VALID,
+            "zero_stage": 3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 4,
+        }
+    )
+    config = deepspeed_config(spec, world_size=8)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["train_batch_size"] == 2 * 4 * 8
+    assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
+    assert config["optimizer"]["type"] == "AdamW"  # offload needs DeepSpeed's CPU Adam
+    cpu = JobSpec.from_dict({**VALID, "precision": "bf16", "gpus_per_worker": 0})
+    config = deepspeed_config(cpu, world_size=2)
+    assert config["bf16"]["enabled"] and "optimizer" not in config

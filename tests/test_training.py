@@ -1,0 +1,179 @@
+"""End-to-end training on a real Ray cluster with real DeepSpeed (CPU, gloo), the tiny model and real photos."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+
+from trainer.class_images import cache_key, ensure_class_images
+from trainer.data import encode_images
+from trainer.events import read_events
+from trainer.export import consolidated_state_dict
+from trainer.images import find_instance_images
+from trainer.run import run_training
+from trainer.spec import JobSpec
+from trainer.storage import job_paths
+
+
+def make_spec(tiny_model: Path, images: Path, **overrides) -> JobSpec:
+    fields = dict(
+        base_model=str(tiny_model),
+        instance_images=[str(images)],
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        num_class_images=4,
+        class_image_inference_steps=2,
+        resolution=64,
+        max_steps=6,
+        learning_rate=1e-3,
+        precision="fp32",
+        zero_stage=2,
+        num_workers=2,
+        gpus_per_worker=0,
+        checkpoint_interval=2,
+        max_failures=0,
+    )
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
+@torch.no_grad()
+def denoising_loss(model_dir: Path, spec: JobSpec) -> float:
+    """The UNet's noise-prediction error on the instance images under fixed noise and timesteps: what
+    DreamBooth minimises, measured the same way before and after training."""
+    from dreambooth.sd_model import load_base_model
+
+    model = load_base_model(model_dir, dtype=torch.float32)
+    encoded = encode_images(model.vae, find_instance_images(spec.instance_images), spec.resolution, torch.device("cpu"))
+    ids = model.tokenizer(
+        [spec.instance_prompt], padding="max_length", max_length=model.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    states = model.text_encoder(ids)[0]
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(8):
+        latents = encoded.mean + encoded.std * torch.randn(encoded.mean.shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        noisy = model.noise_scheduler.add_noise(latents, noise, t)
+        pred = model.unet(noisy, t, states.expand(latents.shape[0], -1, -1)).sample
+        losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def states(events) -> list[str]:
+    return [e["state"] for e in events if e["type"] == "state"]
+
+
+def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_images, storage):
+    if ray_cluster.num_nodes < 2:
+        pytest.skip("needs the two-node cluster: run the suite through scripts/test (its own network namespace)")
+    spec = make_spec(
+        tiny_model,
+        dog_images,
+        zero_stage=3,
+        precision="bf16",
+        train_text_encoder=True,
+        max_steps=10,
+        checkpoint_interval=4,
+        placement_strategy="STRICT_SPREAD",  # one worker per node
+        validation_prompts=["a photo of sks dog"],
+        validation_inference_steps=2,
+    )
+    paths = job_paths(storage, "zero3")
+    result = run_training(spec, paths)
+    events = read_events(paths.events_file)
+
+    assert states(events) == ["PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED"]
+    workers = [e for e in events if e["type"] == "worker"]
+    assert sorted(w["rank"] for w in workers) == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2, "the two workers should run on different nodes"
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [4, 8, 10]
+    # Ray keeps the newest `checkpoints_to_keep` (2) of the three.
+    kept = sorted(p.name for p in paths.checkpoints_dir.glob("checkpoint_step_*"))
+    assert kept == ["checkpoint_step_0000008", "checkpoint_step_0000010"]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == 10 and progress[-1]["prior_loss"] > 0
+
+    # Validation grid: one row per prompt, validation_images_per_prompt (2) columns.
+    from PIL import Image
+
+    (validation,) = [e for e in events if e["type"] == "validation"]
+    assert Image.open(validation["path"]).size == (128, 64)
+    assert list(paths.tensorboard_dir.glob("events.out.tfevents.*"))
+
+    # The export is a diffusers model: it loads and samples; both trained components changed.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(result.model_dir, local_files_only=True, safety_checker=None)
+    image = pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True, safety_checker=None)
+    for name in ("unet", "text_encoder"):
+        trained_w = next(getattr(pipe, name).parameters()).float()
+        base_w = next(getattr(base, name).parameters()).float()
+        assert not torch.allclose(trained_w, base_w), f"{name} did not change"
+    assert (result.model_dir / "metadata.json").exists()
+    assert denoising_loss(result.model_dir, spec) < denoising_loss(tiny_model, spec)
+
+
+def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_images, storage):
+    spec = make_spec(tiny_model, dog_images, num_class_images=3)
+    cache = storage / "cache"
+    seen = []
+    directory = ensure_class_images(
+        spec, cache, num_actors=2, use_gpu=False, batch_size=2, on_progress=lambda d, t: seen.append((d, t))
+    )
+    files = sorted(directory.glob("*.png"))
+    assert len(files) == 3 and seen[0] == (0, 3) and seen[-1] == (3, 3)
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+
+    # A second subject of the same class: nothing generated.
+    other = dataclasses.replace(spec, instance_prompt="a photo of zwx dog", identifier="zwx")
+    seen.clear()
+    assert (
+        ensure_class_images(other, cache, num_actors=2, use_gpu=False, on_progress=lambda d, t: seen.append(d))
+        == directory
+    )
+    assert seen == [3] and {f: f.stat().st_mtime_ns for f in files} == mtimes
+
+    # More images of the class: only the missing ones are generated; the first three are untouched.
+    more = dataclasses.replace(spec, num_class_images=5)
+    ensure_class_images(more, cache, num_actors=1, use_gpu=False)
+    assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # A different class prompt is a different cache entry.
+    assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
+
+
+def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
+    spec = make_spec(tiny_model, dog_images)  # ZeRO-2, fp32, 2 workers, checkpoints every 2 of 6 steps
+    uninterrupted = run_training(spec, job_paths(storage, "straight"))
+
+    # A worker process dies at step 3; Ray Train restarts the workers from the step-2 checkpoint.
+    crashed = job_paths(storage, "crash")
+    run_training(dataclasses.replace(spec, max_failures=1), crashed, fail_once_at_step=3)
+    resumed = [e for e in read_events(crashed.events_file) if e["type"] == "resumed"]
+    assert [e["step"] for e in resumed] == [2]
+
+    # No retries left: the run fails at step 5; running the job again resumes from step 4.
+    rerun = job_paths(storage, "rerun")
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_training(spec, rerun, fail_once_at_step=5)
+    assert states(read_events(rerun.events_file))[-1] == "FAILED"
+    run_training(spec, rerun)
+    assert [e["step"] for e in read_events(rerun.events_file) if e["type"] == "resumed"] == [4]
+
+    final = "checkpoints/checkpoint_step_0000006"
+    reference = consolidated_state_dict(storage / "jobs" / "straight" / final)
+    for job in ("crash", "rerun"):
+        weights = consolidated_state_dict(storage / "jobs" / job / final)
+        assert weights.keys() == reference.keys()
+        worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst <= 1e-6, f"{job}: resumed weights differ from the uninterrupted run by {worst}"
+    assert uninterrupted.steps == 6
+    assert os.path.exists(uninterrupted.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
