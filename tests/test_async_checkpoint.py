@@ -15,6 +15,7 @@ def test_written_state_is_the_snapshot_not_the_live_tensors(tmp_path):
     state = {
         "module": collections.OrderedDict(w=weights),
         "optimizer": {"state": {0: {"exp_avg": weights * 2, "step": 3}}, "groups": [(weights[:3], "lr")]},
+        "shapes": [torch.Size([1000, 1000])],  # ZeRO-3 keeps parameter shapes; zero_to_fp32 calls .numel() on them
     }
     engine = AsyncCheckpointEngine()
     engine.save(state, str(tmp_path / "a.pt"))
@@ -25,6 +26,7 @@ def test_written_state_is_the_snapshot_not_the_live_tensors(tmp_path):
     assert isinstance(saved["module"], collections.OrderedDict)
     assert saved["optimizer"]["state"][0]["step"] == 3
     assert saved["optimizer"]["groups"][0][1] == "lr"
+    assert isinstance(saved["shapes"][0], torch.Size)
 
     # The second checkpoint reuses the host buffers and holds the new values; the first file is untouched.
     engine.save(state, str(tmp_path / "b.pt"))

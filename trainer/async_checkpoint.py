@@ -72,9 +72,11 @@ def _map_tensors(item: Any, fn) -> Any:
         for key, value in copy.items():
             copy[key] = _map_tensors(value, fn)
         return copy
-    if isinstance(item, list):
-        return [_map_tensors(v, fn) for v in item]
-    if isinstance(item, tuple):
+    if isinstance(item, (list, tuple)):
         values = [_map_tensors(v, fn) for v in item]
-        return type(item)(*values) if hasattr(item, "_fields") else tuple(values)
+        if all(new is old for new, old in zip(values, item, strict=True)):
+            return item  # no tensors inside: keep it as it is (torch.Size, namedtuples, ...)
+        if isinstance(item, list):
+            return values
+        return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
     return item
