@@ -286,6 +286,10 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
     for i, file in enumerate(class_files):
         shutil.copyfile(file, image_path(cache, i))
 
+    if args.worker_niceness is not None:
+        # Ray starts its workers at niceness 15, so on a shared machine any other load starves the trainer's
+        # worker long before it slows the baseline (niceness 0). The raylet reads this when init_ray starts it.
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # noqa: SIM112 (Ray spells it so)
     init_ray(num_cpus=cpus)  # a fresh private Ray on 127.0.0.1, even where a `ray start` cluster runs
     start = time.perf_counter()
     try:
@@ -410,6 +414,12 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
         "--clip-bpe",
         help=f"CLIP's bpe_simple_vocab_16e6.txt.gz where open_clip_torch is not installed (sets ${CLIP_BPE_ENV}; "
         "only needed to build the model)",
+    )
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        help="niceness of Ray's worker processes (Ray's default: 15); 0 competes evenly with the baseline on a "
+        "busy CPU machine",
     )
     parser.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)

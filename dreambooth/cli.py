@@ -2,16 +2,33 @@
 
 dreambooth tiny-model OUT_DIR          write the tiny random Stable Diffusion model (offline)
 dreambooth train JOB.yaml              run a training job on a local Ray (or --address) with progress bars
+dreambooth demo                        train on a made-up subject, offline
+
+On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN):
+dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
+dreambooth jobs [--state S]            the jobs, newest first
+dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled
+dreambooth cancel JOB | logs JOB | models
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dreambooth.errors import InputError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from dreambooth.client import DreamBoothClient
+    from dreambooth.v1 import jobs_pb2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +53,202 @@ def main(argv: list[str] | None = None) -> int:
         "--base-model", type=Path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
     )
 
+    _add_remote_commands(commands)
+
     args = parser.parse_args(argv)
     try:
-        return {"tiny-model": _tiny_model, "train": _train, "demo": _demo}[args.command](args)
+        return args.run(args) if hasattr(args, "run") else _LOCAL[args.command](args)
     except InputError as e:
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         return 2
+
+
+def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
+    # Options of every command that talks to a controller. Their env/default fallbacks are applied in _remote,
+    # so that only these commands import the gRPC client.
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--controller", metavar="HOST:PORT", help="default: $DREAMBOOTH_CONTROLLER or 127.0.0.1:50051")
+    remote.add_argument("--token", help="bearer token (default: $DREAMBOOTH_TOKEN)")
+    remote.add_argument("--tls-ca", metavar="PEM", help="CA certificate: use TLS (default: $DREAMBOOTH_TLS_CA)")
+
+    def add(
+        name: str, run: Callable[[DreamBoothClient, argparse.Namespace], int], summary: str
+    ) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, parents=[remote], help=summary)
+        command.set_defaults(run=_remote(run))
+        return command
+
+    submit = add("submit", _submit, "queue a training job on the controller; prints its id")
+    submit.add_argument("spec", type=Path, help="job spec, YAML or JSON")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs")
+    submit.add_argument("--watch", action="store_true", help="then follow it, like `dreambooth watch`")
+    submit.add_argument(
+        "--no-upload", action="store_true", help="send the photos' paths, not their bytes (storage shared with it)"
+    )
+    jobs = add("jobs", _jobs, "list jobs, newest first")
+    jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable), e.g. TRAINING")
+    add("watch", _watch, "follow a job until it ends").add_argument("job_id")
+    add("cancel", _cancel, "stop a queued or running job").add_argument("job_id")
+    add("logs", _logs, "print a job's training log").add_argument("job_id")
+    add("models", _models, "list the trained models")
+
+
+# gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
+_USER_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"})
+_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `command` with a client for the controller; gRPC errors become `error: CODE: message`."""
+
+    def run(args: argparse.Namespace) -> int:
+        from dreambooth.client import DEFAULT_TARGET, ClientError, DreamBoothClient
+
+        env = os.environ.get
+        target = args.controller or env("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
+        try:
+            client = DreamBoothClient(
+                target, args.token or env("DREAMBOOTH_TOKEN"), tls_ca=args.tls_ca or env("DREAMBOOTH_TLS_CA")
+            )
+            with client:
+                return command(client, args)
+        except ClientError as e:
+            print(f"error: {e.code}: {e.message}", file=sys.stderr)
+            return 2 if e.code in _USER_ERRORS else 1
+        except OSError as e:  # an unreadable file: --tls-ca, a photo
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # Ctrl-C while watching: stop quietly (the job goes on)
+            return 130
+
+    return run
+
+
+def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload)
+    print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
+    return _follow(client, job.job_id) if args.watch else 0
+
+
+def _jobs(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    from dreambooth.proto_convert import state_name
+
+    rows = []
+    for job in client.list(states=args.state):
+        p = job.progress
+        rows.append(
+            (
+                job.job_id,
+                state_name(job.state),
+                f"{p.step}/{p.total_steps}" if p.total_steps else "-",
+                f"{p.loss:.4f}" if p.step else "-",
+                _age(job.create_time.ToSeconds()),
+            )
+        )
+    _print_table(("ID", "STATE", "STEP", "LOSS", "AGE"), rows)
+    return 0
+
+
+def _watch(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    return _follow(client, args.job_id)
+
+
+def _cancel(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    from dreambooth.proto_convert import state_name
+
+    job = client.cancel(args.job_id)
+    print(f"{job.job_id} {state_name(job.state)}")
+    return 0
+
+
+def _logs(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    text = client.logs(args.job_id)
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return 0
+
+
+def _models(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    rows = [
+        (m.model_id, m.job_id, "yes" if m.deployed else "no", m.endpoint or "-", _age(m.create_time.ToSeconds()))
+        for m in client.models()
+    ]
+    _print_table(("ID", "JOB", "DEPLOYED", "ENDPOINT", "AGE"), rows)
+    return 0
+
+
+def _follow(client: DreamBoothClient, job_id: str) -> int:
+    """Progress bars (class images, then training steps with loss and the server's ETA) and a line per state
+    change, until the job ends. 0 when it SUCCEEDED, 1 otherwise."""
+    from tqdm import tqdm
+
+    from dreambooth.proto_convert import state_name
+
+    bars: dict[str, tqdm] = {}
+    job: jobs_pb2.Job | None = None
+    try:
+        for update in client.watch(job_id):
+            previous, job = job, update.job
+            if previous is None or previous.state != job.state:
+                tqdm.write(f"[{state_name(job.state)}]", file=sys.stderr)
+            _show_progress(bars, job)
+            change = update.WhichOneof("change")
+            if change in ("checkpoint", "validation"):
+                event = getattr(update, change)
+                tqdm.write(f"{change} at step {event.step}: {event.path}", file=sys.stderr)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if job is None or state_name(job.state) not in _TERMINAL:  # the stream ended early: ask where it stands
+        job = client.get(job_id)
+    state = state_name(job.state)
+    if state == "SUCCEEDED":
+        print(f"{job.job_id} SUCCEEDED: model {job.model_id}")
+        return 0
+    failure = f": {job.failure.reason}: {job.failure.message}" if job.HasField("failure") else ""
+    print(f"{job.job_id} {state}{failure}" + ("" if state in _TERMINAL else " (watch ended before the job did)"))
+    return 1
+
+
+def _show_progress(bars: dict[str, tqdm], job: jobs_pb2.Job) -> None:
+    from tqdm import tqdm
+
+    def bar(name: str, total: int, unit: str) -> tqdm:
+        if name not in bars:
+            # The server's ETA, not tqdm's (which would only know the rate since this watch started).
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+            bars[name] = tqdm(total=total, desc=name, unit=unit, bar_format=fmt, dynamic_ncols=True, file=sys.stderr)
+        return bars[name]
+
+    p = job.progress
+    if p.class_images_total:
+        b = bar("class images", p.class_images_total, "img")
+        b.n = p.class_images_done
+        b.refresh()
+    if p.total_steps:
+        b = bar("training", p.total_steps, "step")
+        b.n = p.step
+        eta = f", eta {_duration(p.eta.ToSeconds())}" if p.HasField("eta") else ""
+        b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
+        b.refresh()
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _age(epoch_seconds: int) -> str:
+    return _duration(time.time() - epoch_seconds) if epoch_seconds else "-"
+
+
+def _duration(seconds: float) -> str:
+    """Compact, like kubectl: 45s, 12m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _tiny_model(args) -> int:
@@ -142,6 +349,9 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
             )
     for b in bars.values():
         b.close()
+
+
+_LOCAL = {"tiny-model": _tiny_model, "train": _train, "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def free_port() -> int:
 class RayCluster:
     address: str
     num_nodes: int
+    dashboard_url: str
+    """The dashboard (Jobs API, state API) on 127.0.0.1, e.g. "http://127.0.0.1:PORT"."""
 
 
 @pytest.fixture(scope="session")
@@ -52,15 +54,14 @@ def ray_cluster(tmp_path_factory):
     if not multi_node:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-machine mode: loopback listeners only
     env = dict(os.environ)
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     logs = tmp_path_factory.mktemp("ray-logs")
     common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    procs = [
-        _start_node(
-            ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *common], logs / "head.log", env
-        )
-    ]
+    # The dashboard serves the Jobs API; it is told to listen on loopback only.
+    dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    procs = [_start_node(["--head", f"--port={port}", "--num-cpus=2", *dashboard, *common], logs / "head.log", env)]
     try:
         _wait_for_head(address, procs, env)
         if multi_node:
@@ -70,7 +71,8 @@ def ray_cluster(tmp_path_factory):
         while len([n for n in ray.nodes() if n["Alive"]]) < len(procs):
             assert time.monotonic() < deadline, f"Ray nodes did not join; see {logs}"
             time.sleep(0.2)
-        yield RayCluster(address=address, num_nodes=len(procs))
+        _wait_for_jobs_api(dashboard_url, procs, logs)
+        yield RayCluster(address=address, num_nodes=len(procs), dashboard_url=dashboard_url)
     finally:
         ray.shutdown()
         for proc in reversed(procs):
@@ -120,6 +122,21 @@ def _wait_for_head(address: str, procs, env) -> None:
             return
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
             raise RuntimeError(f"Ray head did not start: {result.stderr[-2000:]}")
+        time.sleep(0.5)
+
+
+def _wait_for_jobs_api(url: str, procs, logs: Path) -> None:
+    """The dashboard starts a few seconds after `ray status` answers; wait until the Jobs API lists jobs."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            JobSubmissionClient(url).list_jobs()  # also proves the token auth works for clients of this process
+            return
+        except Exception as e:  # connection refused while it starts; anything else is reported at the deadline
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray's Jobs API at {url} did not answer: {e!r}; see {logs}") from e
         time.sleep(0.5)
 
 

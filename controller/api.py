@@ -1,0 +1,245 @@
+"""gRPC handlers: thin. Authenticate, convert proto <-> service types, map domain errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+
+import grpc
+from google.protobuf import any_pb2, struct_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from controller import metrics
+from controller.errors import FailedPrecondition, NotFound, QuotaExceeded, Unauthenticated
+from controller.service import ImageInput, JobService
+from controller.store import JobRecord, ModelRecord
+from dreambooth.errors import InputError
+from dreambooth.proto_convert import proto_to_spec_fields, spec_to_proto, state_name, state_value, timestamp
+from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class Authenticator:
+    """Bearer token -> tenant. With no tenants configured, everyone is tenant "default" (local use)."""
+
+    def __init__(self, service: JobService, open_access: bool):
+        self._tokens = [(token, t.name) for t in service.tenants.values() for token in t.tokens]
+        self._open = open_access
+
+    def tenant(self, context: grpc.ServicerContext) -> str:
+        if self._open:
+            return "default"
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("send `authorization: Bearer <token>` metadata")
+        for known, tenant in self._tokens:
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return tenant
+        raise Unauthenticated("unknown token")
+
+
+def _status(code: grpc.StatusCode, message: str, field: str | None = None):
+    details = []
+    if field is not None:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        details.append(detail)
+    text = f"{field}: {message}" if field else message
+    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=text, details=details))
+
+
+def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.Status]:
+    if isinstance(error, InputError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        return code, _status(code, error.message, error.field)
+    if type(error) in _CODES:
+        code = _CODES[type(error)]
+        return code, _status(code, str(error))
+    log.exception("%s failed", method)
+    code = grpc.StatusCode.INTERNAL
+    return code, _status(code, f"internal error ({type(error).__name__}); see the controller log")
+
+
+def rpc(handler):
+    """Authentication, error mapping and the latency metric, once for every unary handler."""
+
+    @functools.wraps(handler)
+    def wrapper(self, request, context):
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            try:
+                return handler(self, request, context, self.auth.tenant(context))
+            except Exception as e:
+                code, status = _error_status(e, handler.__name__)
+            context.abort_with_status(status)  # raises: how a grpc handler ends a call with an error
+        finally:
+            metrics.RPC_DURATION.labels(method=handler.__name__, code=code.name).observe(time.perf_counter() - start)
+
+    return wrapper
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, service: JobService, auth: Authenticator):
+        self.service = service
+        self.auth = auth
+
+    @rpc
+    def SubmitJob(self, request, context, tenant):
+        images = [
+            ImageInput(filename=i.filename, data=i.data if i.WhichOneof("source") == "data" else None, uri=i.uri)
+            for i in request.instance_images
+        ]
+        try:
+            job = self.service.submit(
+                tenant, proto_to_spec_fields(request.spec), images, request.request_id, request.priority
+            )
+        except Exception:
+            metrics.SUBMISSIONS.labels(outcome="rejected").inc()
+            raise
+        metrics.SUBMISSIONS.labels(outcome="accepted").inc()
+        return jobs_pb2.SubmitJobResponse(job=job_proto(job))
+
+    @rpc
+    def GetJob(self, request, context, tenant):
+        return jobs_pb2.GetJobResponse(job=job_proto(self.service.get(tenant, request.job_id)))
+
+    @rpc
+    def ListJobs(self, request, context, tenant):
+        jobs, token = self.service.list(
+            tenant, request.page_size, request.page_token, [state_name(s) for s in request.states]
+        )
+        return jobs_pb2.ListJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token or "")
+
+    @rpc
+    def CancelJob(self, request, context, tenant):
+        return jobs_pb2.CancelJobResponse(job=job_proto(self.service.cancel(tenant, request.job_id)))
+
+    @rpc
+    def DeleteJob(self, request, context, tenant):
+        self.service.delete(tenant, request.job_id)
+        return jobs_pb2.DeleteJobResponse()
+
+    @rpc
+    def GetJobLogs(self, request, context, tenant):
+        return jobs_pb2.GetJobLogsResponse(text=self.service.logs(tenant, request.job_id))
+
+    def WatchJob(self, request, context):
+        try:
+            tenant = self.auth.tenant(context)
+            for job, change in self.service.watch(tenant, request.job_id, is_active=context.is_active):
+                yield watch_proto(job, change)
+            return
+        except Exception as e:
+            _, status = _error_status(e, "WatchJob")
+        context.abort_with_status(status)
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, service: JobService, auth: Authenticator):
+        self.service = service
+        self.auth = auth
+
+    @rpc
+    def ListModels(self, request, context, tenant):
+        models, token = self.service.list_models(tenant, request.page_size, request.page_token)
+        return models_pb2.ListModelsResponse(models=[model_proto(m) for m in models], next_page_token=token or "")
+
+    @rpc
+    def GetModel(self, request, context, tenant):
+        return models_pb2.GetModelResponse(model=model_proto(self.service.get_model(tenant, request.model_id)))
+
+    @rpc
+    def DeployModel(self, request, context, tenant):
+        self.service.get_model(tenant, request.model_id)
+        raise FailedPrecondition("serving is not configured on this controller yet")
+
+    @rpc
+    def UndeployModel(self, request, context, tenant):
+        self.service.get_model(tenant, request.model_id)
+        raise FailedPrecondition("serving is not configured on this controller yet")
+
+
+# --- conversions ---------------------------------------------------------------------------------------
+
+
+def job_proto(job: JobRecord) -> jobs_pb2.Job:
+    progress = job.progress or {}
+    message = jobs_pb2.Job(
+        job_id=job.job_id,
+        tenant=job.tenant,
+        state=state_value(job.state),
+        priority=job.priority,
+        spec=spec_to_proto(job.spec),
+        progress=jobs_pb2.Progress(
+            step=progress.get("step") or 0,
+            total_steps=progress.get("total_steps") or job.spec.get("max_steps", 0),
+            loss=progress.get("loss") or 0.0,
+            prior_loss=progress.get("prior_loss") or 0.0,
+            learning_rate=progress.get("lr") or 0.0,
+            steps_per_second=progress.get("steps_per_s") or 0.0,
+            class_images_done=progress.get("class_images_done") or 0,
+            class_images_total=progress.get("class_images_total") or 0,
+        ),
+        model_id=job.model_id or "",
+        last_checkpoint_step=job.last_checkpoint_step or 0,
+        attempts=job.attempts,
+        request_id=job.request_id or "",
+    )
+    if progress.get("eta_s") is not None:
+        message.progress.eta.FromMilliseconds(int(progress["eta_s"] * 1000))
+    if job.failure_reason:
+        message.failure.reason = job.failure_reason
+        message.failure.message = job.failure_message or ""
+    for name in ("create_time", "start_time", "end_time", "update_time"):
+        if getattr(job, name):
+            getattr(message, name).CopyFrom(timestamp(getattr(job, name)))
+    return message
+
+
+def watch_proto(job: JobRecord, change) -> jobs_pb2.WatchJobResponse:
+    message = jobs_pb2.WatchJobResponse(job=job_proto(job))
+    message.time.GetCurrentTime()
+    if change is None or change.kind == "state":
+        message.state = message.job.state
+    elif change.kind == "progress":
+        message.progress.CopyFrom(message.job.progress)
+    elif change.kind == "checkpoint":
+        message.checkpoint.step = change.data["step"]
+        message.checkpoint.path = change.data.get("path", "")
+        message.checkpoint.stall_seconds = change.data.get("stall_s") or 0.0
+    elif change.kind == "validation":
+        message.validation.step = change.data["step"]
+        message.validation.path = change.data.get("path", "")
+    return message
+
+
+def model_proto(model: ModelRecord) -> models_pb2.Model:
+    metadata = struct_pb2.Struct()
+    metadata.update(model.metadata or {})
+    message = models_pb2.Model(
+        model_id=model.model_id,
+        tenant=model.tenant,
+        job_id=model.job_id,
+        path=model.path,
+        metadata=metadata,
+        deployed=bool(model.deployed),
+        endpoint=model.endpoint or "",
+    )
+    if model.create_time:
+        message.create_time.CopyFrom(timestamp(model.create_time))
+    return message

@@ -1,0 +1,67 @@
+"""The controller's configuration: one typed dataclass, loadable from YAML, with tenants and their tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dreambooth.errors import InputError
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    tokens: tuple[str, ...]
+    max_running_jobs: int = 2
+    """Jobs of this tenant running on the cluster at once; more wait in the queue."""
+    max_queued_jobs: int = 1000
+    """Jobs of this tenant not yet ended; a submission beyond it is RESOURCE_EXHAUSTED."""
+
+
+@dataclass
+class ControllerConfig:
+    storage: Path
+    """Storage root shared with every Ray node (jobs/, models/, cache/): see trainer/storage.py."""
+    listen: str = "127.0.0.1:50051"
+    database_url: str = ""
+    """SQLAlchemy URL; default: SQLite at <storage>/controller.db. PostgreSQL: postgresql+psycopg://..."""
+    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    """Ray's dashboard, for the Jobs API (one Ray job per training attempt)."""
+    tenants: tuple[Tenant, ...] = ()
+    """Bearer tokens by tenant. None configured: no authentication, one tenant "default" (local use only)."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """Prometheus /metrics; empty string: off."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    reconcile_interval_s: float = 0.5
+    max_attempts: int = 3
+    """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint."""
+    max_request_bytes: int = 80 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_images_bytes: int = 64 * 1024 * 1024
+    capacity_cpus: float | None = None
+    """Override the cluster's CPUs/GPUs the scheduler may hand out (default: the alive nodes' totals)."""
+    capacity_gpus: float | None = None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.storage).resolve() / 'controller.db'}"
+
+    @classmethod
+    def load(cls, path: str | Path) -> ControllerConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        tenants = tuple(
+            Tenant(name=name, tokens=tuple(t.get("tokens", ())), **{k: v for k, v in t.items() if k != "tokens"})
+            for name, t in (data.pop("tenants", None) or {}).items()
+        )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(unknown[0], f"unknown controller setting(s) {unknown}")
+        for key in ("storage", "tls_cert", "tls_key"):
+            if data.get(key):
+                data[key] = (Path(path).parent / data[key]).resolve()
+        return cls(tenants=tenants, **data)

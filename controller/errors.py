@@ -1,0 +1,17 @@
+"""The controller's domain errors; the API layer maps each to its gRPC status code (InputError: INVALID_ARGUMENT)."""
+
+
+class NotFound(Exception):
+    """NOT_FOUND: no such job or model for this tenant (another tenant's is not found either)."""
+
+
+class FailedPrecondition(Exception):
+    """FAILED_PRECONDITION: the job or model is not in a state that allows it (e.g. cancelling a finished job)."""
+
+
+class QuotaExceeded(Exception):
+    """RESOURCE_EXHAUSTED: the tenant has too many unfinished jobs."""
+
+
+class Unauthenticated(Exception):
+    """UNAUTHENTICATED: missing or unknown bearer token."""

@@ -1,0 +1,37 @@
+"""The controller's Prometheus metrics (served on its own /metrics; names per Prometheus conventions)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=REGISTRY)
+SUBMISSIONS = Counter("dreambooth_job_submissions_total", "SubmitJob calls by outcome.", ["outcome"], registry=REGISTRY)
+RPC_DURATION = Histogram(
+    "dreambooth_rpc_duration_seconds",
+    "gRPC handling time by method and status code.",
+    ["method", "code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+QUEUE_WAIT = Histogram(
+    "dreambooth_job_queue_wait_seconds",
+    "Time from submission to start.",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+FAILURES = Counter("dreambooth_job_failures_total", "Failed jobs by reason.", ["reason"], registry=REGISTRY)
+
+_STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
+
+
+def set_jobs_by_state(counts: dict[str, int]) -> None:
+    for state in _STATES:
+        JOBS.labels(state=state).set(counts.get(state, 0))
+
+
+def serve(listen: str):
+    """Start the /metrics HTTP server on host:port; returns (server, thread)."""
+    host, _, port = listen.rpartition(":")
+    return start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)

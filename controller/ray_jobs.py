@@ -1,0 +1,148 @@
+"""Training attempts as Ray jobs, through Ray's Jobs API (the dashboard's HTTP endpoint).
+
+One Ray job per training attempt, never a thread of the controller: the job's driver (`python -m trainer.run`)
+runs on the cluster, so training goes on while the controller restarts, and a restarted controller finds the
+attempt again by its submission id, f"{job_id}-a{attempt}".
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_nodes
+from ray.util.state.exception import RayStateApiException
+
+from trainer.storage import check_job_id
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What a failing request to the dashboard raises: the SDK's RuntimeError for HTTP errors, OSError (requests'
+# errors included) when it cannot be reached or times out, AuthenticationError for a missing/wrong token.
+_RAY_ERRORS = (RuntimeError, OSError, AuthenticationError, RayStateApiException)
+
+
+class RayJobsError(Exception):
+    """Ray's Jobs API failed (unreachable, refused, ...); the message says what and where."""
+
+
+class RayJobStatus(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    # Ray does not know the id: the head was restarted (without GCS fault tolerance job records die with it).
+    LOST = "LOST"
+
+    @property
+    def ended(self) -> bool:
+        return self not in (RayJobStatus.PENDING, RayJobStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+class _Client(JobSubmissionClient):
+    # The SDK sends its requests without a timeout: a dashboard that accepts connections but never answers
+    # (a hung or unreachable head) would block the controller forever. _do_request passes kwargs to requests.
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        super().__init__(address)
+
+    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout_s)
+        return super()._do_request(method, endpoint, **kwargs)
+
+
+def _not_found(e: Exception) -> bool:
+    # The SDK turns HTTP errors into RuntimeError("Request failed with status code 404: Job X does not exist.")
+    return isinstance(e, RuntimeError) and "status code 404" in str(e)
+
+
+class RayJobs:
+    def __init__(
+        self, dashboard_url: str, *, storage_root: str, runtime_env: dict | None = None, timeout_s: float = 30
+    ) -> None:
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.storage_root = str(Path(storage_root).resolve())  # the driver's working directory is Ray's, not ours
+        self.runtime_env = runtime_env or {}
+        self.timeout_s = timeout_s
+        self._client_: _Client | None = None
+
+    @property
+    def _client(self) -> _Client:
+        # Connected on first use (the constructor checks the connection): a controller may start before Ray.
+        if self._client_ is None:
+            self._client_ = _Client(self.dashboard_url, self.timeout_s)
+        return self._client_
+
+    def _error(self, what: str, e: Exception) -> RayJobsError:
+        return RayJobsError(f"Ray Jobs API at {self.dashboard_url}: {what} failed: {type(e).__name__}: {e}")
+
+    def submit(self, job_id: str, attempt: int, *, entrypoint_num_cpus: float = 0) -> str:
+        """Start attempt `attempt` of job `job_id`; returns its submission id. Submitting an attempt that Ray
+        already has returns its id and starts nothing: a controller that crashed between submitting and
+        recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
+        submission_id = f"{check_job_id(job_id)}-a{attempt}"
+        command = [sys.executable, "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
+        # No working_dir (it would upload the project on every submit): the nodes have the project at the same
+        # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
+        env_vars = {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1", **self.runtime_env.get("env_vars", {})}
+        try:
+            return self._client.submit_job(
+                entrypoint=shlex.join(command),
+                submission_id=submission_id,
+                runtime_env={**self.runtime_env, "env_vars": env_vars},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
+        except _RAY_ERRORS as e:
+            # Ray refuses a known id (HTTP 500 wrapping "Job with submission_id X already exists").
+            if isinstance(e, RuntimeError) and f"submission_id {submission_id} already exists" in str(e):
+                return submission_id
+            raise self._error(f"submitting {submission_id}", e) from e
+
+    def status(self, submission_id: str) -> RayJobStatus:
+        try:
+            return RayJobStatus(self._client.get_job_status(submission_id).value)
+        except _RAY_ERRORS as e:
+            if _not_found(e):
+                return RayJobStatus.LOST
+            raise self._error(f"status of {submission_id}", e) from e
+
+    def stop(self, submission_id: str) -> None:
+        """Ask Ray to stop the job (SIGTERM to the driver, SIGKILL a few seconds later; Ray then ends the job's
+        actors: the Train controller and its workers). Stopping an ended or unknown job does nothing."""
+        try:
+            self._client.stop_job(submission_id)
+        except _RAY_ERRORS as e:
+            if not _not_found(e):
+                raise self._error(f"stopping {submission_id}", e) from e
+
+    def logs(self, submission_id: str) -> str:
+        """The driver's output (the workers' output stays in Ray's log files: the driver does not forward it)."""
+        try:
+            return self._client.get_job_logs(submission_id)
+        except _RAY_ERRORS as e:
+            raise self._error(f"logs of {submission_id}", e) from e
+
+    def cluster_capacity(self) -> Capacity:
+        """Total CPUs and GPUs of the alive nodes (the state API, served by the same dashboard)."""
+        try:
+            nodes = list_nodes(
+                address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=int(self.timeout_s)
+            )
+        except _RAY_ERRORS as e:
+            raise self._error("listing nodes", e) from e
+        cpus = sum(n.resources_total.get("CPU", 0.0) for n in nodes)
+        gpus = sum(n.resources_total.get("GPU", 0.0) for n in nodes)
+        return Capacity(nodes=len(nodes), cpus=cpus, gpus=gpus)

@@ -1,0 +1,222 @@
+"""The controller's one background loop: start queued jobs, follow running ones, finish them.
+
+Every pass is idempotent and reads all it needs from the store, Ray and the jobs' events files, so a
+controller killed at any point and started again simply carries on: running Ray jobs are re-attached (their
+events are read from the stored offset), a Ray job that died is resubmitted and resumes from its last
+checkpoint, queued jobs stay queued. A Ray submission id is derived from (job, attempt) and recorded before
+submitting, and Ray refuses a second submission with the same id, so no attempt ever runs twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from controller import metrics
+from controller.config import ControllerConfig
+from controller.feed import ChangeFeed
+from controller.ray_jobs import RayJobs, RayJobStatus
+from controller.scheduler import Resources, jobs_to_start
+from controller.service import TERMINAL, JobService
+from controller.store import JobRecord, ModelRecord, Store
+from trainer.storage import job_paths
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATES = {"PREPARING", "TRAINING", "EXPORTING"}
+
+
+class Reconciler:
+    def __init__(
+        self, config: ControllerConfig, store: Store, ray_jobs: RayJobs, feed: ChangeFeed, service: JobService
+    ):
+        self.config = config
+        self.store = store
+        self.ray_jobs = ray_jobs
+        self.feed = feed
+        self.service = service
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._capacity: tuple[float, Resources] | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            seen = self.feed.seq
+            try:
+                self.reconcile_once()
+            except Exception:
+                log.exception("reconcile pass failed; retrying")
+            # The next pass comes after the interval, or at once when something changed (a submission, a cancel).
+            self.feed.wait(seen, timeout_s=self.config.reconcile_interval_s)
+
+    def reconcile_once(self) -> None:
+        for job in self.store.active_jobs():
+            self._follow(job)
+        self._schedule()
+        metrics.set_jobs_by_state(self.store.count_jobs_by_state())
+
+    # --- starting ------------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        queued = self.store.queued_jobs()
+        if not queued:
+            return
+        limits = {name: tenant.max_running_jobs for name, tenant in self.service.tenants.items()}
+        for job in jobs_to_start(queued, self.store.active_jobs(), self._cluster_capacity(), limits):
+            started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time())
+            if started is not None:
+                metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
+                self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
+                self._submit(started)
+
+    def _submit(self, job: JobRecord) -> None:
+        attempt = job.attempts + 1
+        submission_id = f"{job.job_id}-a{attempt}"
+        # Recorded first: a controller dying right after Ray accepted the job finds it on restart by this id.
+        job = self.store.update_job(job.job_id, attempts=attempt, ray_submission_id=submission_id)
+        self.ray_jobs.submit(job.job_id, attempt)
+        log.info("job %s: submitted Ray job %s", job.job_id, submission_id)
+
+    def _cluster_capacity(self) -> Resources:
+        if self.config.capacity_cpus is not None or self.config.capacity_gpus is not None:
+            return Resources(self.config.capacity_cpus or 0.0, self.config.capacity_gpus or 0.0)
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity[0] > 10:
+            capacity = self.ray_jobs.cluster_capacity()
+            self._capacity = (now, Resources(capacity.cpus, capacity.gpus))
+        return self._capacity[1]
+
+    # --- following -----------------------------------------------------------------------------------
+
+    def _follow(self, job: JobRecord) -> None:
+        job = self._apply_events(job)
+        if job.state in TERMINAL or not job.ray_submission_id:
+            return
+        status = self.ray_jobs.status(job.ray_submission_id)
+        if status in (RayJobStatus.PENDING, RayJobStatus.RUNNING):
+            if job.state == "CANCELLING":
+                self.ray_jobs.stop(job.ray_submission_id)  # idempotent; covers a crash right after CANCELLING
+            return
+        job = self._apply_events(job)  # what the driver wrote just before it ended
+        if job.state in TERMINAL:
+            return
+        if job.state == "CANCELLING":
+            self._finish(job, "CANCELLED")
+        elif status == RayJobStatus.SUCCEEDED:
+            self._finish(job, "FAILED", "NO_RESULT", "the training driver ended without a model")
+        elif status == RayJobStatus.STOPPED:
+            self._finish(job, "FAILED", "STOPPED", "the Ray job was stopped outside the controller")
+        elif job.attempts < self.config.max_attempts:
+            # The driver itself died (node lost, Ray head restarted, killed): run it again; it resumes from
+            # the job's latest checkpoint.
+            log.warning("job %s: Ray job %s ended %s; resubmitting", job.job_id, job.ray_submission_id, status)
+            self._submit(job)
+        else:
+            tail = self.ray_jobs.logs(job.ray_submission_id)[-2000:] if status != RayJobStatus.LOST else ""
+            self._finish(
+                job, "FAILED", "RAY_JOB_FAILED", f"the Ray job failed {job.attempts} times; last log lines:\n{tail}"
+            )
+
+    def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
+        fields = {"end_time": time.time()}
+        if reason:
+            fields.update(failure_reason=reason, failure_message=message)
+        done = self.store.transition(job.job_id, {"QUEUED", *TRAINER_STATES, "CANCELLING"}, state, **fields)
+        if done is not None:
+            if state == "FAILED":
+                metrics.FAILURES.labels(reason=reason).inc()
+            self.feed.publish(job.job_id, "state", {"state": state})
+
+    def _apply_events(self, job: JobRecord) -> JobRecord:
+        """Apply the trainer's events appended since the stored offset, in order. The offset and the progress
+        are stored together, and the changes published after that, so a watcher always reads what it is told."""
+        path = job_paths(self.config.storage, job.job_id).events_file
+        if not path.exists():
+            return job
+        with path.open("rb") as f:
+            f.seek(job.events_offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        if not complete:
+            return job
+        progress = dict(job.progress or {})
+        changes: list[tuple[str, dict]] = []
+        for line in complete.splitlines():
+            if line.strip():
+                job = self._apply(job, json.loads(line), progress, changes)
+        job = self.store.update_job(job.job_id, events_offset=job.events_offset + len(complete), progress=progress)
+        for kind, data in changes:
+            self.feed.publish(job.job_id, kind, data)
+        return job
+
+    def _apply(self, job: JobRecord, event: dict, progress: dict, changes: list) -> JobRecord:
+        kind = event["type"]
+        if kind == "state":
+            job = self._apply_state(job, event, changes)
+        elif kind == "class_images":
+            progress.update(class_images_done=event["done"], class_images_total=event["total"])
+            changes.append(("progress", dict(progress)))
+        elif kind == "progress":
+            progress.update(
+                {k: event.get(k) for k in ("step", "total_steps", "loss", "prior_loss", "lr", "steps_per_s", "eta_s")}
+            )
+            changes.append(("progress", dict(progress)))
+        elif kind == "checkpoint":
+            job = self.store.update_job(job.job_id, last_checkpoint_step=event["step"])
+            changes.append(("checkpoint", event))
+        elif kind == "validation":
+            changes.append(("validation", event))
+        elif kind == "model":
+            model_id = f"model-{job.job_id.removeprefix('job-')}"
+            if self.store.get_model(model_id) is None:
+                self.store.insert_model(
+                    ModelRecord(
+                        model_id=model_id,
+                        tenant=job.tenant,
+                        job_id=job.job_id,
+                        path=event["path"],
+                        metadata=event.get("metadata", {}),
+                    )
+                )
+            job = self.store.update_job(job.job_id, model_id=model_id)
+        return job
+
+    def _apply_state(self, job: JobRecord, event: dict, changes: list) -> JobRecord:
+        state = event["state"]
+        if state in TRAINER_STATES:
+            moved = self.store.transition(job.job_id, TRAINER_STATES, state)
+            if moved is not None and moved.state != job.state:
+                changes.append(("state", {"state": state}))
+            return moved or job
+        if state == "SUCCEEDED":  # wins over a late cancel: the model exists
+            done = self.store.transition(job.job_id, {*TRAINER_STATES, "CANCELLING"}, "SUCCEEDED", end_time=time.time())
+        elif job.state == "CANCELLING":
+            # The driver failing while it is being stopped is the cancel working; CANCELLED comes once Ray
+            # reports the job ended (see _follow), so that a CANCELLED job never has workers left.
+            return job
+        else:  # FAILED: the trainer's own verdict (bad input, training failed after its retries) is final
+            done = self.store.transition(
+                job.job_id,
+                TRAINER_STATES,
+                "FAILED",
+                end_time=time.time(),
+                failure_reason=event.get("reason", "TRAINING_FAILED"),
+                failure_message=event.get("message", ""),
+            )
+            if done is not None:
+                metrics.FAILURES.labels(reason=done.failure_reason).inc()
+        if done is None:
+            return job
+        changes.append(("state", {"state": done.state}))
+        return done

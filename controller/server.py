@@ -1,0 +1,133 @@
+"""The controller process: gRPC server (jobs, models, health, reflection) + the reconciler + /metrics.
+
+python -m controller.server --config controller.yaml
+python -m controller.server --storage DIR [--listen 127.0.0.1:50051] [--ray-dashboard http://127.0.0.1:8265]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller import metrics
+from controller.api import Authenticator, JobServicer, ModelServicer
+from controller.config import ControllerConfig
+from controller.feed import ChangeFeed
+from controller.ray_jobs import RayJobs
+from controller.reconciler import Reconciler
+from controller.service import JobService
+from controller.store import Store
+from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+
+@dataclass
+class Controller:
+    server: grpc.Server
+    port: int
+    reconciler: Reconciler
+    health: health.HealthServicer
+    service: JobService
+    metrics_server: object | None
+
+    def stop(self, grace_s: float = 10) -> None:
+        """Graceful: refuse new calls, let running ones finish (up to grace_s), then stop the loop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.reconciler.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+def start(config: ControllerConfig) -> Controller:
+    Path(config.storage).mkdir(parents=True, exist_ok=True)
+    store = Store(config.effective_database_url)
+    feed = ChangeFeed()
+    ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
+    service = JobService(config, store, ray_jobs, feed)
+    reconciler = Reconciler(config, store, ray_jobs, feed, service)
+    if not config.tenants:
+        log.warning("no tenants configured: authentication is OFF (everyone is tenant 'default')")
+    auth = Authenticator(service, open_access=not config.tenants)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ],
+        maximum_concurrent_rpcs=512,
+    )
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(service, auth), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (*SERVICE_NAMES, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    if config.tls_cert and config.tls_key:
+        credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    metrics_server = metrics.serve(config.metrics_listen)[0] if config.metrics_listen else None
+    reconciler.start()
+    server.start()
+    log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
+    return Controller(server, port, reconciler, health_servicer, service, metrics_server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.server", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, help="controller YAML (see controller/config.py)")
+    parser.add_argument("--storage", type=Path)
+    parser.add_argument("--listen")
+    parser.add_argument("--ray-dashboard")
+    parser.add_argument("--metrics-listen")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.config:
+        config = ControllerConfig.load(args.config)
+    elif args.storage:
+        config = ControllerConfig(storage=args.storage)
+    else:
+        parser.error("give --config or --storage")
+    for flag, field in (
+        ("listen", "listen"),
+        ("ray_dashboard", "ray_dashboard_url"),
+        ("metrics_listen", "metrics_listen"),
+        ("storage", "storage"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(config, field, getattr(args, flag))
+    controller = start(config)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    print(f"controller ready on port {controller.port}", flush=True)
+    stopping.wait()
+    controller.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The job lifecycle behind the RPCs: submit, get, list, cancel, delete, watch, logs; models.
+
+    QUEUED -> PREPARING -> TRAINING -> EXPORTING -> SUCCEEDED
+       |          \\____________\\___________\\-----> FAILED
+       |           \\____________\\___________\\----> CANCELLING -> CANCELLED
+       \\-----------------------------------------> CANCELLED
+
+Everything here is one store transaction or a compare-and-set on the job's state, so concurrent calls and
+the reconciler (which drives running jobs, see controller.reconciler) cannot both win a transition.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from controller.config import ControllerConfig, Tenant
+from controller.errors import FailedPrecondition, NotFound, QuotaExceeded
+from controller.feed import Change, ChangeFeed
+from controller.ray_jobs import RayJobs
+from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store
+from dreambooth.errors import InputError
+from dreambooth.sd_model import check_base_model
+from trainer.images import check_instance_images
+from trainer.spec import JobSpec
+from trainer.storage import job_paths
+
+TERMINAL = TERMINAL_STATES
+RUNNING = frozenset({"PREPARING", "TRAINING", "EXPORTING"})
+UNFINISHED = frozenset(STATES) - TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One instance image of a submission: uploaded bytes, or a path/file:// URI on shared storage."""
+
+    filename: str = ""
+    data: bytes | None = None
+    uri: str = ""
+
+
+class JobService:
+    def __init__(self, config: ControllerConfig, store: Store, ray_jobs: RayJobs, feed: ChangeFeed):
+        self.config = config
+        self.store = store
+        self.ray_jobs = ray_jobs
+        self.feed = feed
+        self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": Tenant("default", ())}
+
+    # --- jobs ------------------------------------------------------------------------------------------
+
+    def submit(
+        self, tenant: str, spec_fields: dict, images: list[ImageInput], request_id: str = "", priority: int = 0
+    ) -> JobRecord:
+        if len(request_id) > 128:
+            raise InputError("request_id", "at most 128 characters")
+        if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
+            return existing
+        unfinished = self.store.running_count(tenant, states=UNFINISHED)
+        if unfinished >= self.tenants[tenant].max_queued_jobs:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {unfinished} unfinished jobs (limit "
+                f"{self.tenants[tenant].max_queued_jobs}); wait for some to end or cancel them"
+            )
+        if not -1000 <= priority <= 1000:
+            raise InputError("priority", "must be in [-1000, 1000]")
+
+        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        paths = job_paths(self.config.storage, job_id)
+        try:
+            image_paths = self._stage_images(images, paths.job_dir / "instance_images")
+            spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
+            # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
+            check_base_model(spec.base_model)
+            check_instance_images(spec.instance_images, spec.resolution)
+            paths.spec_file.write_text(spec_json(spec))
+            job = self.store.insert_job(
+                JobRecord(
+                    job_id=job_id,
+                    tenant=tenant,
+                    request_id=request_id or None,
+                    state="QUEUED",
+                    priority=priority,
+                    spec=spec.to_dict(),
+                )
+            )
+        except BaseException:
+            shutil.rmtree(paths.job_dir, ignore_errors=True)
+            raise
+        if job.job_id != job_id:  # lost a race with the same request_id: keep the first, drop ours
+            shutil.rmtree(paths.job_dir, ignore_errors=True)
+        else:
+            self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
+        return job
+
+    def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
+        if not images:
+            raise InputError("instance_images", "give 1 or more images of the subject (3-5 work best)")
+        if len(images) > 64:
+            raise InputError("instance_images", f"at most 64 images, got {len(images)}")
+        total = sum(len(i.data or b"") for i in images)
+        if total > self.config.max_images_bytes:
+            raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
+        paths = []
+        for index, image in enumerate(images):
+            if image.data is not None:
+                if len(image.data) > self.config.max_image_bytes:
+                    raise InputError(
+                        "instance_images",
+                        f"image {index} ({image.filename or 'unnamed'}) is "
+                        f"{len(image.data)} bytes; at most {self.config.max_image_bytes}",
+                    )
+                name = _safe_filename(image.filename, index)
+                upload_dir.mkdir(parents=True, exist_ok=True)
+                (upload_dir / name).write_bytes(image.data)
+                paths.append(str(upload_dir / name))
+            elif image.uri:
+                parsed = urlparse(image.uri)
+                if parsed.scheme not in ("", "file"):
+                    raise InputError("instance_images", f"{image.uri}: only paths or file:// URIs on shared storage")
+                path = Path(parsed.path if parsed.scheme else image.uri)
+                if not path.is_absolute():
+                    raise InputError("instance_images", f"{image.uri}: must be an absolute path on shared storage")
+                paths.append(str(path))
+            else:
+                raise InputError("instance_images", f"image {index} has neither data nor uri")
+        return paths
+
+    def get(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id, tenant=tenant)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    def list(self, tenant: str, page_size: int, page_token: str, states: list[str] | None):
+        if not 0 <= page_size <= 1000:
+            raise InputError("page_size", "must be in [1, 1000] (0: the default, 50)")
+        try:
+            return self.store.list_jobs(tenant, page_size or 50, page_token, states=states or None)
+        except ValueError as e:
+            raise InputError("page_token", "not a token from a previous ListJobs response") from e
+
+    def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.get(tenant, job_id)
+        if job.state in TERMINAL:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
+        if job.state == "CANCELLING":
+            return job
+        queued = self.store.transition(job_id, {"QUEUED"}, "CANCELLED", end_time=time.time())
+        if queued is not None:
+            self.feed.publish(job_id, "state", {"state": "CANCELLED"})
+            return queued
+        cancelling = self.store.transition(job_id, RUNNING, "CANCELLING")
+        if cancelling is None:  # it ended meanwhile
+            return self.cancel(tenant, job_id)
+        self.feed.publish(job_id, "state", {"state": "CANCELLING"})
+        if cancelling.ray_submission_id:
+            self.ray_jobs.stop(cancelling.ray_submission_id)  # the reconciler sees it STOPPED -> CANCELLED
+        return cancelling
+
+    def delete(self, tenant: str, job_id: str) -> None:
+        job = self.get(tenant, job_id)
+        if job.state not in TERMINAL:
+            raise FailedPrecondition(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
+        self.store.delete_job(job_id)
+        shutil.rmtree(job_paths(self.config.storage, job_id).job_dir, ignore_errors=True)
+
+    def watch(self, tenant: str, job_id: str, is_active=lambda: True) -> Iterator[tuple[JobRecord, Change | None]]:
+        """The job now, then (job, change) for every change, until the job ends or `is_active()` is false."""
+        seq = self.feed.seq
+        job = self.get(tenant, job_id)
+        yield job, None
+        while job.state not in TERMINAL and is_active():
+            changes = [c for c in self.feed.wait(seq, timeout_s=1.0) if c.job_id == job_id]
+            seq = max([seq, *(c.seq for c in changes)]) if changes else self.feed.seq
+            for change in changes:
+                job = self.get(tenant, job_id)
+                yield job, change
+
+    def logs(self, tenant: str, job_id: str) -> str:
+        job = self.get(tenant, job_id)
+        return self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
+
+    # --- models ----------------------------------------------------------------------------------------
+
+    def get_model(self, tenant: str, model_id: str) -> ModelRecord:
+        model = self.store.get_model(model_id, tenant=tenant)
+        if model is None:
+            raise NotFound(f"model {model_id!r} not found")
+        return model
+
+    def list_models(self, tenant: str, page_size: int, page_token: str):
+        try:
+            return self.store.list_models(tenant, page_size or 50, page_token)
+        except ValueError as e:
+            raise InputError("page_token", "not a token from a previous ListModels response") from e
+
+
+def spec_json(spec: JobSpec) -> str:
+    import json
+
+    return json.dumps(spec.to_dict(), indent=2)
+
+
+def _safe_filename(name: str, index: int) -> str:
+    """Uploaded names never choose where a file goes: keep a harmless basename, prefixed to be unique."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "").name)[-80:].lstrip(".") or "image"
+    return f"{index:03d}_{base}"

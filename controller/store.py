@@ -1,0 +1,357 @@
+"""The controller's durable state: jobs and models in SQLite (default, a file) or PostgreSQL, via SQLAlchemy Core.
+
+Every method is one short transaction on its own pooled connection, so the Store is thread-safe and the state
+survives `kill -9` of the controller at any point: a mutation is either committed whole or not at all. Writes
+are single conditional statements (UPDATE ... WHERE ... RETURNING) rather than read-modify-write, which keeps
+them atomic on both backends without explicit locking. Times are epoch seconds (floats), the same everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
+ACTIVE_STATES = frozenset({"PREPARING", "TRAINING", "EXPORTING", "CANCELLING"})
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+def new_job_id() -> str:
+    return "job-" + secrets.token_hex(6)
+
+
+class JSONText(sa.TypeDecorator):
+    """A dict stored as JSON text: portable, and readable with the sqlite3 shell."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(value, sort_keys=True)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+meta = sa.MetaData()
+Time = sa.Double  # epoch seconds; DOUBLE PRECISION round-trips a float exactly, which keyset tokens rely on
+
+jobs = sa.Table(
+    "jobs",
+    meta,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("spec", JSONText, nullable=False),
+    sa.Column("progress", JSONText, nullable=False),
+    sa.Column("failure_reason", sa.String(64)),
+    sa.Column("failure_message", sa.Text),
+    sa.Column("model_id", sa.String(64)),
+    sa.Column("last_checkpoint_step", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("ray_submission_id", sa.String(128)),
+    sa.Column("events_offset", sa.BigInteger, nullable=False),
+    sa.Column("create_time", Time, nullable=False),
+    sa.Column("start_time", Time),
+    sa.Column("end_time", Time),
+    sa.Column("update_time", Time, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    # NULLs are distinct in a UNIQUE constraint on both backends: jobs without a request_id never collide.
+    sa.UniqueConstraint("tenant", "request_id", name="uq_jobs_tenant_request"),
+)
+sa.Index("ix_jobs_list", jobs.c.tenant, jobs.c.create_time.desc(), jobs.c.job_id.desc())
+sa.Index("ix_jobs_sched", jobs.c.state, jobs.c.priority.desc(), jobs.c.create_time, jobs.c.job_id)
+
+models = sa.Table(
+    "models",
+    meta,
+    sa.Column("model_id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("job_id", sa.String(64), nullable=False),  # no foreign key: deleting a job keeps its model
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("metadata", JSONText, nullable=False),
+    sa.Column("deployed", sa.Boolean, nullable=False),
+    sa.Column("endpoint", sa.Text, nullable=False),
+    sa.Column("create_time", Time, nullable=False),
+)
+sa.Index("ix_models_list", models.c.tenant, models.c.create_time.desc(), models.c.model_id.desc())
+
+# One row holding the last seq. Its row lock (PostgreSQL) / the write lock (SQLite) makes seq strictly
+# increasing in commit order, and unlike max(jobs.seq) it does not go backwards when a job is deleted.
+counters = sa.Table(
+    "counters", meta, sa.Column("name", sa.String(32), primary_key=True), sa.Column("value", sa.BigInteger)
+)
+
+
+@dataclass
+class JobRecord:
+    tenant: str
+    spec: dict[str, Any]
+    job_id: str = field(default_factory=new_job_id)
+    request_id: str | None = None
+    state: str = "QUEUED"
+    priority: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    failure_reason: str | None = None
+    failure_message: str | None = None
+    model_id: str | None = None
+    last_checkpoint_step: int = 0
+    attempts: int = 0
+    ray_submission_id: str | None = None
+    events_offset: int = 0
+    create_time: float = field(default_factory=time.time)
+    start_time: float | None = None
+    end_time: float | None = None
+    update_time: float = 0.0
+    seq: int = 0
+
+
+@dataclass
+class ModelRecord:
+    model_id: str
+    tenant: str
+    job_id: str
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    deployed: bool = False
+    endpoint: str = ""
+    create_time: float = field(default_factory=time.time)
+
+
+_JOB_FIELDS = {f.name for f in dataclasses.fields(JobRecord)} - {"job_id", "seq"}
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelRecord)} - {"model_id"}
+
+
+class Store:
+    def __init__(self, url: str, busy_timeout_ms: int = 30_000):
+        sqlite = url.startswith("sqlite")
+        self.engine: Engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        if sqlite:
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+                # WAL: readers never block the writer nor each other; busy_timeout: a writer waits for the
+                # lock instead of failing at once. synchronous stays FULL (durable across power loss too).
+                cursor = dbapi_connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                cursor.close()
+
+        self.create_all()
+
+    def create_all(self) -> None:
+        meta.create_all(self.engine)
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(sa.select(counters.c.value).where(counters.c.name == "seq")).first() is None:
+                    conn.execute(counters.insert().values(name="seq", value=0))
+        except sa.exc.IntegrityError:
+            pass  # another process seeded it first
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    def insert_job(self, record: JobRecord) -> JobRecord:
+        """Insert a job; if its (tenant, request_id) exists already, return that job instead (idempotent)."""
+        row = dataclasses.asdict(record)
+        row["request_id"] = row["request_id"] or None  # proto3's "" means no idempotency key
+        _check_state(row["state"])
+        try:
+            with self.engine.begin() as conn:
+                row["seq"] = _bump_seq(conn)
+                row["update_time"] = row["update_time"] or row["create_time"]
+                return _job(conn.execute(jobs.insert().values(**row).returning(*jobs.c)).one())
+        except sa.exc.IntegrityError:
+            # Lost the race to a concurrent submit with the same key (or this is a retry): theirs wins.
+            existing = self.find_by_request_id(record.tenant, row["request_id"]) if row["request_id"] else None
+            if existing is None:
+                raise  # not the idempotency key: a job_id collision, say
+            return existing
+
+    def find_by_request_id(self, tenant: str, request_id: str) -> JobRecord | None:
+        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.request_id == request_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _job(row)
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        query = sa.select(jobs).where(jobs.c.job_id == job_id)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _job(row)
+
+    def list_jobs(
+        self, tenant: str, page_size: int, page_token: str = "", states: set[str] | None = None
+    ) -> tuple[list[JobRecord], str]:
+        """Newest first. Keyset pagination on (create_time, job_id): one range scan of ix_jobs_list at any
+        depth, and stable while jobs are added or removed (each job appears at most once)."""
+        query = sa.select(jobs).where(jobs.c.tenant == tenant)
+        if states:
+            query = query.where(jobs.c.state.in_(sorted(states)))
+        rows, token = self._page(query, jobs.c.create_time, jobs.c.job_id, page_size, page_token, "j")
+        return [_job(r) for r in rows], token
+
+    def update_job(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set some fields of a job (KeyError if there is no such job)."""
+        record = self._update(job_id, None, fields)
+        if record is None:
+            raise KeyError(job_id)
+        return record
+
+    def transition(self, job_id: str, from_states: set[str], to_state: str, **fields: Any) -> JobRecord | None:
+        """Compare-and-set on state: None (and nothing written) unless the job is in one of from_states, so of
+        two racing transitions out of the same state (cancel vs. completion) exactly one wins."""
+        return self._update(job_id, set(from_states), {**fields, "state": to_state})
+
+    def delete_job(self, job_id: str) -> bool:
+        with self.engine.begin() as conn:
+            deleted = conn.execute(jobs.delete().where(jobs.c.job_id == job_id)).rowcount > 0
+            if not deleted:
+                conn.rollback()  # don't bump seq for nothing
+                return False
+            _bump_seq(conn)
+        return True
+
+    def queued_jobs(self) -> list[JobRecord]:
+        query = sa.select(jobs).where(jobs.c.state == "QUEUED")
+        return self._jobs(query.order_by(jobs.c.priority.desc(), jobs.c.create_time, jobs.c.job_id))
+
+    def active_jobs(self) -> list[JobRecord]:
+        query = sa.select(jobs).where(jobs.c.state.in_(sorted(ACTIVE_STATES)))
+        return self._jobs(query.order_by(jobs.c.create_time, jobs.c.job_id))
+
+    def unfinished_jobs(self, tenant: str) -> list[JobRecord]:
+        """The tenant's jobs that have not ended (queued or running), oldest first."""
+        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.state.not_in(sorted(TERMINAL_STATES)))
+        return self._jobs(query.order_by(jobs.c.create_time, jobs.c.job_id))
+
+    def count_jobs_by_state(self) -> dict[str, int]:
+        """Every state, zeros included (a metrics gauge must drop to 0, not vanish)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        return {state: 0 for state in STATES} | {state: n for state, n in rows}
+
+    def running_count(self, tenant: str, states: frozenset[str] = ACTIVE_STATES) -> int:
+        """The tenant's jobs in `states` (default: running on the cluster)."""
+        query = sa.select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.state.in_(sorted(states)))
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one()
+
+    def max_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(counters.c.value).where(counters.c.name == "seq")).scalar_one()
+
+    # --- models -----------------------------------------------------------------------------------------
+
+    def insert_model(self, record: ModelRecord) -> ModelRecord:
+        with self.engine.begin() as conn:
+            row = conn.execute(models.insert().values(**dataclasses.asdict(record)).returning(*models.c)).one()
+        return ModelRecord(**row._mapping)
+
+    def get_model(self, model_id: str, tenant: str | None = None) -> ModelRecord | None:
+        query = sa.select(models).where(models.c.model_id == model_id)
+        if tenant is not None:
+            query = query.where(models.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else ModelRecord(**row._mapping)
+
+    def list_models(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[ModelRecord], str]:
+        query = sa.select(models).where(models.c.tenant == tenant)
+        rows, token = self._page(query, models.c.create_time, models.c.model_id, page_size, page_token, "m")
+        return [ModelRecord(**r._mapping) for r in rows], token
+
+    def update_model(self, model_id: str, **fields: Any) -> ModelRecord:
+        _check_fields(fields, _MODEL_FIELDS)
+        with self.engine.begin() as conn:
+            stmt = models.update().where(models.c.model_id == model_id).values(**fields).returning(*models.c)
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise KeyError(model_id)
+        return ModelRecord(**row._mapping)
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _update(self, job_id: str, from_states: set[str] | None, fields: dict[str, Any]) -> JobRecord | None:
+        _check_fields(fields, _JOB_FIELDS)
+        if "state" in fields:
+            _check_state(fields["state"])
+        stmt = jobs.update().where(jobs.c.job_id == job_id)
+        if from_states is not None:
+            stmt = stmt.where(jobs.c.state.in_(sorted(from_states)))
+        with self.engine.begin() as conn:
+            seq = _bump_seq(conn)
+            row = conn.execute(stmt.values(**fields, update_time=time.time(), seq=seq).returning(*jobs.c)).first()
+            if row is None:
+                conn.rollback()  # no such job, or the CAS lost: leave seq alone
+                return None
+        return _job(row)
+
+    def _jobs(self, query: sa.Select) -> list[JobRecord]:
+        with self.engine.connect() as conn:
+            return [_job(r) for r in conn.execute(query)]
+
+    def _page(
+        self, query: sa.Select, time_col: Any, id_col: Any, page_size: int, token: str, kind: str
+    ) -> tuple[list[sa.Row], str]:
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        if token:
+            after_time, after_id = _decode_token(token, kind)
+            # A row-value comparison, which both SQLite and PostgreSQL turn into an index range bound.
+            query = query.where(sa.tuple_(time_col, id_col) < sa.tuple_(after_time, after_id))
+        query = query.order_by(time_col.desc(), id_col.desc()).limit(page_size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if len(rows) <= page_size:  # the extra row tells whether there is a next page, without a COUNT
+            return rows, ""
+        last = rows[page_size - 1]
+        return rows[:page_size], _encode_token(kind, last._mapping[time_col.name], last._mapping[id_col.name])
+
+
+def _bump_seq(conn: Connection) -> int:
+    stmt = counters.update().where(counters.c.name == "seq").values(value=counters.c.value + 1)
+    return conn.execute(stmt.returning(counters.c.value)).scalar_one()
+
+
+def _job(row: sa.Row) -> JobRecord:
+    return JobRecord(**row._mapping)
+
+
+def _check_fields(fields: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise TypeError(f"cannot update field(s) {unknown}")
+
+
+def _check_state(state: str) -> None:
+    if state not in STATES:
+        raise ValueError(f"unknown job state {state!r}; one of {STATES}")
+
+
+def _encode_token(kind: str, create_time: float, key: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([kind, create_time, key]).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, kind: str) -> tuple[float, str]:
+    try:
+        got_kind, create_time, key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if got_kind != kind or not isinstance(create_time, (int, float)) or not isinstance(key, str):
+            raise ValueError
+    except (ValueError, TypeError) as e:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise ValueError(f"invalid page token {token[:40]!r}") from e
+    return float(create_time), key

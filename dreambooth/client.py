@@ -1,0 +1,246 @@
+"""The Python SDK of the control plane: submit DreamBooth jobs to the controller over gRPC and follow them.
+
+    with DreamBoothClient("controller:50051", token="...") as client:
+        job = client.submit("job.yaml", priority=5)
+        for update in client.watch(job.job_id):
+            print(update.job.state, update.job.progress.step)
+
+Calls return the generated messages (dreambooth.v1.jobs_pb2.Job, models_pb2.Model); every gRPC error surfaces
+as a ClientError carrying the status code's name and the server's message. The spec is checked here with the
+trainer's own JobSpec before anything is sent, so a typo fails without a round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from dreambooth.errors import InputError
+from dreambooth.proto_convert import spec_to_proto, state_value
+from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from trainer.spec import JobSpec
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# The same suffixes as trainer.images.IMAGE_SUFFIXES (a test keeps them equal); not imported from there
+# because that module pulls in torch, which an SDK must not need.
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# The server's limits (jobs.proto, InstanceImage): checked here to name the file instead of failing the call.
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+_MESSAGE_LIMIT = MAX_UPLOAD_BYTES + 1024 * 1024  # the images plus the rest of the request
+
+# Connection failures (UNAVAILABLE) are retried by gRPC itself with backoff. Safe for SubmitJob because every
+# attempt carries the same request_id, so the server returns the job the first attempt created.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "dreambooth.v1.JobService"}, {"service": "dreambooth.v1.ModelService"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the gRPC status code's name (e.g. "NOT_FOUND"), `message` the server's."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> ClientError:
+        # Errors raised by a call are also grpc.Call objects carrying the status (grpc's documented contract).
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        return cls(code.name if code else "UNKNOWN", details or "")
+
+
+class DreamBoothClient:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        token: str | None = None,
+        *,
+        tls_ca: str | os.PathLike | None = None,
+        timeout_s: float = 30,
+    ):
+        options = [
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+            ("grpc.max_receive_message_length", _MESSAGE_LIMIT),  # logs can be long
+            ("grpc.per_rpc_retry_buffer_size", _MESSAGE_LIMIT),  # else an upload is too big to be retried
+        ]
+        if tls_ca is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout_s = timeout_s
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DreamBoothClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        spec: Mapping[str, Any] | JobSpec | str | os.PathLike,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        upload: bool = True,
+    ) -> jobs_pb2.Job:
+        """Queue a job. `spec`: a JobSpec, a dict of its fields, or a YAML/JSON file (relative paths in it are
+        relative to the file). The instance images are read here and sent as bytes; with upload=False only
+        their absolute paths are sent, for a cluster that shares this machine's storage."""
+        fields = _spec_fields(spec)
+        images = [_instance_image(path, upload) for path in _find_images(fields["instance_images"])]
+        if upload and (total := sum(len(image.data) for image in images)) > MAX_UPLOAD_BYTES:
+            raise InputError(
+                "instance_images",
+                f"{total / 2**20:.0f} MiB of images, over the {MAX_UPLOAD_BYTES // 2**20} MiB a request carries: "
+                "put them on shared storage and submit with upload=False",
+            )
+        request = jobs_pb2.SubmitJobRequest(
+            spec=spec_to_proto(fields),
+            instance_images=images,
+            request_id=request_id or str(uuid.uuid4()),
+            priority=priority,
+        )
+        return self._call(self._jobs.SubmitJob, request).job
+
+    def get(self, job_id: str) -> jobs_pb2.Job:
+        return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
+
+    def list(
+        self, states: Iterable[str | int] | str | int | None = None, page_size: int = 50
+    ) -> Iterator[jobs_pb2.Job]:
+        """Every job (newest first), or those in `states` ("QUEUED" or jobs_pb2.STATE_QUEUED); pages lazily."""
+        if isinstance(states, (str, int)):  # one state, not an iterable of its characters
+            states = [states]
+        numbers = [s if isinstance(s, int) else state_value(s) for s in states or ()]
+        request = jobs_pb2.ListJobsRequest(page_size=page_size, states=numbers)
+        while True:
+            response = self._call(self._jobs.ListJobs, request)
+            yield from response.jobs
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def cancel(self, job_id: str) -> jobs_pb2.Job:
+        return self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id)).job
+
+    def delete(self, job_id: str) -> None:
+        self._call(self._jobs.DeleteJob, jobs_pb2.DeleteJobRequest(job_id=job_id))
+
+    def watch(self, job_id: str) -> Iterator[jobs_pb2.WatchJobResponse]:
+        """The job as it is, then every change, until it ends. No deadline: training takes hours."""
+        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from e
+        finally:
+            call.cancel()  # the caller stopped iterating early: let the server stop streaming (no-op when done)
+
+    def logs(self, job_id: str) -> str:
+        return self._call(self._jobs.GetJobLogs, jobs_pb2.GetJobLogsRequest(job_id=job_id)).text
+
+    # --- models -----------------------------------------------------------------------------------------
+
+    def models(self, page_size: int = 50) -> Iterator[models_pb2.Model]:
+        request = models_pb2.ListModelsRequest(page_size=page_size)
+        while True:
+            response = self._call(self._models.ListModels, request)
+            yield from response.models
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def model(self, model_id: str) -> models_pb2.Model:
+        return self._call(self._models.GetModel, models_pb2.GetModelRequest(model_id=model_id)).model
+
+    def deploy(self, model_id: str) -> models_pb2.Model:
+        return self._call(self._models.DeployModel, models_pb2.DeployModelRequest(model_id=model_id)).model
+
+    def undeploy(self, model_id: str) -> models_pb2.Model:
+        return self._call(self._models.UndeployModel, models_pb2.UndeployModelRequest(model_id=model_id)).model
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=self._timeout_s)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from e
+
+
+def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[str, Any]:
+    """The fields to send: only those the user wrote (so the server's defaults apply to the rest), after
+    checking them all with JobSpec (InputError naming the field, before any I/O on images)."""
+    if isinstance(spec, JobSpec):
+        spec.validate()
+        return spec.to_dict()
+    if isinstance(spec, Mapping):
+        fields = dict(spec)
+        JobSpec.from_dict(fields)
+        if isinstance(fields["instance_images"], str):
+            fields["instance_images"] = [fields["instance_images"]]
+        return fields
+    path = Path(spec)
+    loaded = JobSpec.load(path)  # validates, and resolves relative paths against the file's directory
+    text = path.read_text()
+    written = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return {name: getattr(loaded, name) for name in written}
+
+
+def _find_images(paths: Iterable[str]) -> list[Path]:
+    """Files as named, directories expanded to their image files (sorted, non-recursive, no hidden files),
+    like the trainer does; what the files contain is the server's preflight to check."""
+    paths = [str(p) for p in paths]
+    found: dict[Path, None] = {}
+    for entry in (Path(p).expanduser().resolve() for p in paths):
+        if entry.is_dir():
+            children = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+            found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif entry.is_file():
+            found[entry] = None
+        else:
+            raise InputError("instance_images", f"{entry}: no such file or directory")
+    if not found:
+        raise InputError(
+            "instance_images", f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(paths)}"
+        )
+    return list(found)
+
+
+def _instance_image(path: Path, upload: bool) -> jobs_pb2.InstanceImage:
+    if not upload:
+        return jobs_pb2.InstanceImage(uri=str(path), filename=path.name)
+    if (size := path.stat().st_size) > MAX_IMAGE_BYTES:
+        raise InputError("instance_images", f"{path}: {size / 2**20:.1f} MiB, over the 16 MiB limit per image")
+    return jobs_pb2.InstanceImage(data=path.read_bytes(), filename=path.name)

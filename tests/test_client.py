@@ -1,0 +1,419 @@
+"""The SDK and the CLI's controller commands against a real gRPC server on 127.0.0.1.
+
+The server is a minimal servicer of the generated JobService/ModelService with canned jobs: it checks the
+bearer token like the controller will, so this tests the client's wiring (channel, metadata, paging,
+streaming, error mapping) for real, without the controller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from PIL import Image
+
+from dreambooth.cli import main
+from dreambooth.client import IMAGE_SUFFIXES, ClientError, DreamBoothClient
+from dreambooth.errors import InputError
+from dreambooth.proto_convert import timestamp
+from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+
+TOKEN = "t0ken"
+S = jobs_pb2  # states and messages, shorter
+ENDED = (S.STATE_SUCCEEDED, S.STATE_FAILED, S.STATE_CANCELLED)
+
+
+def _job(job_id: str, state: int, step: int = 0, **kwargs) -> jobs_pb2.Job:
+    return S.Job(
+        job_id=job_id,
+        tenant="acme",
+        state=state,
+        progress=S.Progress(step=step, total_steps=10 if step else 0, loss=0.125),
+        create_time=timestamp(1_700_000_000),
+        **kwargs,
+    )
+
+
+class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServiceServicer):
+    def __init__(self) -> None:
+        self.jobs = {
+            "job-5": _job("job-5", S.STATE_QUEUED),
+            "job-4": _job("job-4", S.STATE_TRAINING, step=3),
+            "job-3": _job("job-3", S.STATE_SUCCEEDED, step=10, model_id="model-3"),
+            "job-2": _job("job-2", S.STATE_FAILED, failure=S.Failure(reason="TRAINING_FAILED", message="NaN loss")),
+            "job-1": _job("job-1", S.STATE_CANCELLED),
+        }
+        self.model = models_pb2.Model(model_id="model-3", tenant="acme", job_id="job-3", path="/storage/models/job-3")
+        self.requests: list[object] = []
+        self.lock = threading.Lock()
+
+    def _auth(self, request: object, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            self.requests.append(request)
+        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+
+    def _find(self, job_id: str, context: grpc.ServicerContext) -> jobs_pb2.Job:
+        if job_id not in self.jobs:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} not found")
+        return self.jobs[job_id]
+
+    def SubmitJob(self, request, context):
+        self._auth(request, context)
+        for job in self.jobs.values():  # idempotency: a retry gets the first call's job
+            if job.request_id == request.request_id:
+                return S.SubmitJobResponse(job=job)
+        job = _job(f"job-{len(self.jobs) + 1}", S.STATE_QUEUED, spec=request.spec, request_id=request.request_id)
+        job.priority = request.priority
+        self.jobs[job.job_id] = job
+        return S.SubmitJobResponse(job=job)
+
+    def GetJob(self, request, context):
+        self._auth(request, context)
+        return S.GetJobResponse(job=self._find(request.job_id, context))
+
+    def ListJobs(self, request, context):
+        self._auth(request, context)
+        jobs = [j for j in self.jobs.values() if not request.states or j.state in request.states]
+        start = int(request.page_token or 0)
+        end = start + (request.page_size or 50)
+        return S.ListJobsResponse(jobs=jobs[start:end], next_page_token=str(end) if end < len(jobs) else "")
+
+    def CancelJob(self, request, context):
+        self._auth(request, context)
+        job = self._find(request.job_id, context)
+        if job.state in ENDED:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {job.job_id} already ended")
+        job.state = S.STATE_CANCELLING
+        return S.CancelJobResponse(job=job)
+
+    def DeleteJob(self, request, context):
+        self._auth(request, context)
+        del self.jobs[self._find(request.job_id, context).job_id]
+        return S.DeleteJobResponse()
+
+    def WatchJob(self, request, context):
+        """Three updates: TRAINING, a progress step, then the end (job-2 fails, every other job succeeds)."""
+        self._auth(request, context)
+        job = S.Job()
+        job.CopyFrom(self._find(request.job_id, context))
+        job.state = S.STATE_TRAINING
+        yield S.WatchJobResponse(job=job, time=timestamp(1), state=S.STATE_TRAINING)
+        progress = S.Progress(step=5, total_steps=10, loss=0.5, steps_per_second=2)
+        progress.eta.FromSeconds(3)
+        job.progress.CopyFrom(progress)
+        yield S.WatchJobResponse(job=job, time=timestamp(2), progress=progress)
+        job.state = S.STATE_FAILED if job.job_id == "job-2" else S.STATE_SUCCEEDED
+        yield S.WatchJobResponse(job=job, time=timestamp(3), state=job.state)
+
+    def GetJobLogs(self, request, context):
+        self._auth(request, context)
+        return S.GetJobLogsResponse(text=f"training {self._find(request.job_id, context).job_id}\nstep 1")
+
+    def ListModels(self, request, context):
+        self._auth(request, context)
+        return models_pb2.ListModelsResponse(models=[self.model])
+
+    def GetModel(self, request, context):
+        self._auth(request, context)
+        if request.model_id != self.model.model_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_id!r} not found")
+        return models_pb2.GetModelResponse(model=self.model)
+
+    def DeployModel(self, request, context):
+        self._auth(request, context)
+        self.model.deployed, self.model.endpoint = True, "http://127.0.0.1:8000/model-3"
+        return models_pb2.DeployModelResponse(model=self.model)
+
+    def UndeployModel(self, request, context):
+        self._auth(request, context)
+        self.model.deployed, self.model.endpoint = False, ""
+        return models_pb2.UndeployModelResponse(model=self.model)
+
+
+def _serve(controller: FakeController, credentials: grpc.ServerCredentials | None = None):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(controller, server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(controller, server)
+    address = "127.0.0.1:0"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def controller():
+    fake = FakeController()
+    server, target = _serve(fake)
+    fake.target = target
+    yield fake
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def client(controller):
+    with DreamBoothClient(controller.target, TOKEN, timeout_s=10) as c:
+        yield c
+
+
+@pytest.fixture
+def job_yaml(tmp_path) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 72), (40 * i, 100, 200)).save(photos / f"{i}.jpg")
+    (photos / "README.txt").write_text("not a photo")
+    (photos / ".hidden.jpg").write_bytes(b"skipped")
+    spec = {
+        "base_model": "models/sd",
+        "instance_images": ["photos"],
+        "instance_prompt": "a photo of sks dog",
+        "num_class_images": 0,
+        "max_steps": 20,
+        "precision": "bf16",
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# --- SDK ------------------------------------------------------------------------------------------------
+
+
+def test_submit_uploads_the_photos_and_only_the_fields_written(client, controller, job_yaml):
+    job = client.submit(job_yaml, priority=7)
+    request = controller.requests[-1]
+    assert isinstance(request, S.SubmitJobRequest)
+    assert [i.filename for i in request.instance_images] == ["0.jpg", "1.jpg", "2.jpg"]
+    photos = job_yaml.parent / "photos"
+    assert [i.data for i in request.instance_images] == [(photos / f"{i}.jpg").read_bytes() for i in range(3)]
+    assert request.priority == 7 and uuid.UUID(request.request_id)
+    spec = request.spec
+    assert spec.base_model == str(job_yaml.parent / "models" / "sd")  # relative to the YAML file, like `train`
+    assert spec.max_steps == 20 and spec.precision == S.PRECISION_BF16 and spec.num_class_images == 0
+    assert not spec.HasField("resolution") and not spec.HasField("learning_rate")  # the server's defaults apply
+    assert job.job_id == "job-6" and job.state == S.STATE_QUEUED and job.priority == 7
+
+
+def test_submit_without_upload_sends_absolute_paths(client, controller, job_yaml, monkeypatch):
+    monkeypatch.chdir(job_yaml.parent)
+    spec = {**yaml.safe_load(job_yaml.read_text()), "instance_images": ["photos/1.jpg", "photos"]}
+    client.submit(spec, upload=False)
+    images = controller.requests[-1].instance_images
+    photos = job_yaml.parent / "photos"
+    assert [i.uri for i in images] == [str(photos / n) for n in ("1.jpg", "0.jpg", "2.jpg")]  # no duplicates
+    assert not any(i.HasField("data") for i in images)
+    assert controller.requests[-1].spec.base_model == "models/sd"  # a dict is sent as written
+
+
+def test_submit_with_the_same_request_id_is_idempotent(client, job_yaml):
+    first = client.submit(job_yaml, request_id="retry-me")
+    assert client.submit(job_yaml, request_id="retry-me").job_id == first.job_id
+    assert client.submit(job_yaml).job_id != first.job_id  # a fresh default id each call
+
+
+def test_bad_spec_or_photos_fail_before_any_call(client, controller, job_yaml, tmp_path):
+    with pytest.raises(InputError, match="resolution"):
+        client.submit({**yaml.safe_load(job_yaml.read_text()), "resolution": 100})
+    with pytest.raises(InputError, match=r"nope\.jpg: no such file"):
+        client.submit({**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "nope.jpg")]})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        client.submit({**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "empty")]})
+    assert controller.requests == []
+
+
+def test_get_list_cancel_delete(client):
+    assert client.get("job-4").state == S.STATE_TRAINING
+    with pytest.raises(ClientError) as error:
+        client.get("job-99")
+    assert (error.value.code, error.value.message) == ("NOT_FOUND", "job 'job-99' not found")
+    assert [j.job_id for j in client.list(page_size=2)] == ["job-5", "job-4", "job-3", "job-2", "job-1"]
+    assert [j.job_id for j in client.list(states=["failed", S.STATE_CANCELLED])] == ["job-2", "job-1"]
+    assert [j.job_id for j in client.list(states="QUEUED")] == ["job-5"]
+    assert client.cancel("job-4").state == S.STATE_CANCELLING
+    with pytest.raises(ClientError, match="FAILED_PRECONDITION: job job-3 already ended"):
+        client.cancel("job-3")
+    client.delete("job-1")
+    with pytest.raises(ClientError, match="NOT_FOUND"):
+        client.get("job-1")
+
+
+def test_list_pages_lazily(client, controller):
+    jobs = client.list(page_size=2)
+    assert next(jobs).job_id == "job-5"
+    assert len(controller.requests) == 1
+    assert len(list(jobs)) == 4 and len(controller.requests) == 3
+
+
+def test_watch_streams_every_update(client):
+    updates = list(client.watch("job-4"))
+    assert [u.WhichOneof("change") for u in updates] == ["state", "progress", "state"]
+    assert updates[1].progress.step == 5 and updates[-1].job.state == S.STATE_SUCCEEDED
+    with pytest.raises(ClientError, match="NOT_FOUND"):
+        list(client.watch("job-99"))
+
+
+def test_logs_and_models(client):
+    assert client.logs("job-3") == "training job-3\nstep 1"
+    assert [m.model_id for m in client.models()] == ["model-3"]
+    assert client.model("model-3").job_id == "job-3"
+    assert client.deploy("model-3").endpoint.startswith("http://")
+    assert not client.undeploy("model-3").deployed
+    with pytest.raises(ClientError, match="NOT_FOUND"):
+        client.model("model-9")
+
+
+def test_the_token_is_sent_on_every_call(controller):
+    with DreamBoothClient(controller.target, "wrong") as wrong, DreamBoothClient(controller.target) as anonymous:
+        for c in (wrong, anonymous):
+            with pytest.raises(ClientError) as error:
+                c.get("job-4")
+            assert error.value.code == "UNAUTHENTICATED"
+            with pytest.raises(ClientError, match="UNAUTHENTICATED"):
+                list(c.watch("job-4"))
+
+
+def test_unreachable_controller(tmp_path):
+    from tests.conftest import free_port
+
+    with DreamBoothClient(f"127.0.0.1:{free_port()}", TOKEN, timeout_s=5) as c, pytest.raises(ClientError) as error:
+        c.get("job-4")
+    assert error.value.code == "UNAVAILABLE"
+
+
+def test_tls(tmp_path):
+    cert, key = _self_signed_certificate()
+    fake = FakeController()
+    server, target = _serve(fake, grpc.ssl_server_credentials([(key, cert)]))
+    try:
+        (tmp_path / "ca.pem").write_bytes(cert)
+        with DreamBoothClient(target, TOKEN, tls_ca=tmp_path / "ca.pem") as c:
+            assert c.get("job-4").job_id == "job-4"
+        with DreamBoothClient(target, TOKEN, timeout_s=5) as plain, pytest.raises(ClientError):
+            plain.get("job-4")  # a plaintext client cannot talk to a TLS server
+    finally:
+        server.stop(grace=None)
+
+
+def test_image_suffixes_match_the_trainer():
+    from trainer.images import IMAGE_SUFFIXES as TRAINER_SUFFIXES
+
+    assert IMAGE_SUFFIXES == TRAINER_SUFFIXES
+
+
+def _self_signed_certificate() -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 (an IP SAN, which is what gRPC checks the target against) and its key."""
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "dreambooth-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(controller, monkeypatch, capsys):
+    """Run `dreambooth ARGS` against the fake controller (found through the environment, like a user's)."""
+    monkeypatch.setenv("DREAMBOOTH_CONTROLLER", controller.target)
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_cli_submit_and_watch(cli, job_yaml, controller):
+    code, out, err = cli("submit", str(job_yaml), "--priority", "3", "--watch")
+    assert code == 0
+    assert out.splitlines()[0] == "job-6"
+    assert "job-6 SUCCEEDED: model" in out
+    assert "[QUEUED]" not in err and "[TRAINING]" in err and "[SUCCEEDED]" in err
+    assert "loss 0.5000, eta 3s" in err
+    assert controller.requests[0].priority == 3
+    code, out, _ = cli("submit", str(job_yaml), "--no-upload")
+    assert code == 0 and out.strip() == "job-7" and controller.requests[-1].instance_images[0].uri
+
+
+def test_cli_watch_exit_codes(cli):
+    assert cli("watch", "job-4")[0] == 0
+    code, out, err = cli("watch", "job-2")
+    assert code == 1 and "[FAILED]" in err and "job-2 FAILED: TRAINING_FAILED: NaN loss" in out
+
+
+def test_cli_jobs_table(cli):
+    code, out, _ = cli("jobs")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["ID", "STATE", "STEP", "LOSS", "AGE"]
+    assert lines[2].split()[:4] == ["job-4", "TRAINING", "3/10", "0.1250"]
+    assert lines[1].split()[1:4] == ["QUEUED", "-", "-"]
+    assert lines[1].split()[4].endswith("d")  # created in 2023
+    code, out, _ = cli("jobs", "--state", "SUCCEEDED", "--state", "failed")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["job-3", "job-2"]
+    code, _, err = cli("jobs", "--state", "RUNNING")
+    assert code == 2 and "error: state: unknown state 'RUNNING'" in err
+
+
+def test_cli_cancel_models_logs(cli):
+    assert cli("cancel", "job-4")[:2] == (0, "job-4 CANCELLING\n")
+    assert cli("logs", "job-3")[:2] == (0, "training job-3\nstep 1\n")
+    code, out, _ = cli("models")
+    assert code == 0 and out.splitlines()[1].split()[:4] == ["model-3", "job-3", "no", "-"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["cancel", "job-3"], 2, "error: FAILED_PRECONDITION: job job-3 already ended"),
+        (["watch", "job-99"], 2, "error: NOT_FOUND: job 'job-99' not found"),
+        (["logs", "job-4", "--token", "wrong"], 1, "error: UNAUTHENTICATED: missing or unknown bearer token"),
+    ],
+)
+def test_cli_errors(cli, args, code, message):
+    result, _, err = cli(*args)
+    assert (result, err.strip()) == (code, message)
+
+
+def test_cli_options_override_the_environment(cli, controller, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_CONTROLLER", "127.0.0.1:1")
+    monkeypatch.delenv("DREAMBOOTH_TOKEN")
+    assert cli("cancel", "job-5", "--controller", controller.target, "--token", TOKEN)[0] == 0
+    code, _, err = cli("jobs")
+    assert code == 1 and err.startswith("error: UNAVAILABLE: ")
+
+
+def test_cli_bad_spec_is_a_local_error(cli, job_yaml, controller):
+    job_yaml.write_text(job_yaml.read_text().replace("max_steps: 20", "max_steps: 0"))
+    code, _, err = cli("submit", str(job_yaml))
+    assert code == 2 and err.startswith("error: max_steps: ") and controller.requests == []

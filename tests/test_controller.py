@@ -1,0 +1,249 @@
+"""The gRPC controller for real: a real server on 127.0.0.1, real Ray jobs through the Jobs API, the tiny model.
+
+Each training job is a Ray job of its own (~30-40 s on two CPU cores), so the module keeps them few: one that
+succeeds (and is watched), one cancelled mid-training, one that survives `kill -9` of the controller.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from controller.config import ControllerConfig, Tenant
+from controller.server import start
+from dreambooth.client import ClientError, DreamBoothClient
+from dreambooth.errors import InputError
+from dreambooth.v1 import jobs_pb2
+
+TENANTS = (
+    Tenant("alice", ("alice-token",), max_running_jobs=2, max_queued_jobs=5),
+    Tenant("bob", ("bob-token",), max_running_jobs=1, max_queued_jobs=1),
+)
+
+
+def job_spec(tiny_model: Path, images: Path, **overrides) -> dict:
+    spec = {
+        "base_model": str(tiny_model),
+        "instance_images": [str(images)],
+        "instance_prompt": "a photo of sks dog",
+        "num_class_images": 0,
+        "resolution": 64,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "precision": "fp32",
+        "gpus_per_worker": 0,
+        "num_workers": 1,
+        "checkpoint_interval": 2,
+        "max_failures": 0,
+    }
+    return {**spec, **overrides}
+
+
+@pytest.fixture(scope="module")
+def controller(ray_cluster, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("controller-storage")
+    config = ControllerConfig(
+        storage=storage,
+        listen="127.0.0.1:0",
+        ray_dashboard_url=ray_cluster.dashboard_url,
+        tenants=TENANTS,
+        metrics_listen="127.0.0.1:0",
+        reconcile_interval_s=0.3,
+    )
+    running = start(config)
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture
+def alice(controller):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", "alice-token") as client:
+        yield client
+
+
+@pytest.fixture
+def bob(controller):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", "bob-token") as client:
+        yield client
+
+
+def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, tiny_model, dog_images):
+    spec = job_spec(tiny_model, dog_images)
+    job = alice.submit(spec, request_id="first-dog")
+    assert job.state == jobs_pb2.STATE_QUEUED and job.job_id.startswith("job-")
+    assert alice.submit(spec, request_id="first-dog").job_id == job.job_id  # a retry, not a second job
+
+    states, steps, checkpoints = [], [], []
+    for message in alice.watch(job.job_id):
+        change = message.WhichOneof("change")
+        if change == "state":
+            states.append(jobs_pb2.State.Name(message.state))
+        elif change == "progress" and message.progress.step:
+            steps.append((message.progress.step, message.progress.loss))
+        elif change == "checkpoint":
+            checkpoints.append(message.checkpoint.step)
+    # The stream starts with the job as it is (the scheduler may have started it already), then every change.
+    assert states[0] in ("STATE_QUEUED", "STATE_PREPARING") and states[-1] == "STATE_SUCCEEDED", states
+    assert {"STATE_PREPARING", "STATE_TRAINING", "STATE_EXPORTING"} <= set(states)
+    assert steps and steps[-1][0] == 4 and all(loss > 0 for _, loss in steps)
+    assert checkpoints == [2, 4]
+
+    done = alice.get(job.job_id)
+    assert done.state == jobs_pb2.STATE_SUCCEEDED and done.attempts == 1 and done.model_id
+    model = alice.model(done.model_id)
+    assert model.job_id == job.job_id and Path(model.path, "model_index.json").exists()
+    assert model.metadata["steps"] == 4
+    assert [j.job_id for j in alice.list()] == [job.job_id]
+    assert "model" in alice.logs(job.job_id).lower()
+    with pytest.raises(ClientError) as error:
+        alice.cancel(job.job_id)
+    assert error.value.code == "FAILED_PRECONDITION"
+
+
+def test_cancel_mid_training_stops_the_ray_job(alice, controller, tiny_model, dog_images):
+    job = alice.submit(job_spec(tiny_model, dog_images, max_steps=100_000, checkpoint_interval=1000))
+    for message in alice.watch(job.job_id):
+        if message.WhichOneof("change") == "progress" and message.progress.step >= 1:
+            break
+    cancelling = alice.cancel(job.job_id)
+    assert cancelling.state in (jobs_pb2.STATE_CANCELLING, jobs_pb2.STATE_CANCELLED)
+    final = [m for m in alice.watch(job.job_id)][-1].job
+    assert final.state == jobs_pb2.STATE_CANCELLED
+    status = controller.service.ray_jobs.status(final_submission(controller, job.job_id))
+    assert status.value == "STOPPED"
+
+
+def final_submission(controller, job_id: str) -> str:
+    return controller.service.store.get_job(job_id).ray_submission_id
+
+
+def test_bad_requests_get_their_status_codes(alice, bob, controller, tiny_model, dog_images, tmp_path):
+    def code_of(call, *args, **kwargs) -> tuple[str, str]:
+        with pytest.raises(ClientError) as error:
+            call(*args, **kwargs)
+        return error.value.code, error.value.message
+
+    # The SDK checks the spec before sending anything; the server checks it again (see the next test).
+    with pytest.raises(InputError, match="resolution: must be a multiple of 8"):
+        alice.submit(job_spec(tiny_model, dog_images, resolution=100))
+    broken = tmp_path / "photos"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg at all")
+    code, message = code_of(alice.submit, job_spec(tiny_model, broken))
+    assert code == "INVALID_ARGUMENT" and "a.jpg" in message
+    code, message = code_of(alice.submit, job_spec(tmp_path / "no-model", dog_images))
+    assert code == "INVALID_ARGUMENT" and "base_model" in message
+    assert code_of(alice.get, "job-doesnotexist")[0] == "NOT_FOUND"
+    assert code_of(alice.model, "model-nope")[0] == "NOT_FOUND"
+
+    # Another tenant's job is not found, not forbidden: its existence is not disclosed.
+    mine = alice.submit(job_spec(tiny_model, dog_images, max_steps=100_000))
+    assert code_of(bob.get, mine.job_id)[0] == "NOT_FOUND"
+    assert code_of(bob.cancel, mine.job_id)[0] == "NOT_FOUND"
+    assert mine.job_id not in [j.job_id for j in bob.list()]
+    assert code_of(alice.delete, mine.job_id)[0] == "FAILED_PRECONDITION"
+    alice.cancel(mine.job_id)
+
+    # Quota: bob may have one unfinished job.
+    held = bob.submit(job_spec(tiny_model, dog_images, max_steps=100_000))
+    assert code_of(bob.submit, job_spec(tiny_model, dog_images))[0] == "RESOURCE_EXHAUSTED"
+    bob.cancel(held.job_id)
+
+    # Authentication.
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", None) as anonymous:
+        assert code_of(lambda: list(anonymous.list()))[0] == "UNAUTHENTICATED"
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", "stolen") as stranger:
+        assert code_of(stranger.get, mine.job_id)[0] == "UNAUTHENTICATED"
+
+
+def test_invalid_argument_carries_the_field_in_bad_request_details(controller, tiny_model):
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+        from dreambooth.v1 import jobs_pb2_grpc
+
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        request = jobs_pb2.SubmitJobRequest(
+            spec=jobs_pb2.TrainingSpec(
+                base_model=str(tiny_model), instance_prompt="a photo of sks dog", num_class_images=0, max_steps=-3
+            ),
+            instance_images=[jobs_pb2.InstanceImage(uri="/nonexistent.png")],
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            stub.SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
+    status = rpc_status.from_call(error.value)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    from google.rpc import error_details_pb2
+
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "max_steps"
+
+
+def test_health_reflection_and_metrics(controller):
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="dreambooth.v1.JobService"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(answers).list_services_response.service}
+        assert {"dreambooth.v1.JobService", "dreambooth.v1.ModelService", "grpc.health.v1.Health"} <= names
+    port = controller.metrics_server.server_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for name in ("dreambooth_jobs{", "dreambooth_rpc_duration_seconds_bucket", "dreambooth_job_submissions_total"):
+        assert name in text, name
+
+
+def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_images, tmp_path):
+    """The controller dies hard while a job trains; a new one re-attaches: the job succeeds exactly once."""
+    config = tmp_path / "controller.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": str(tmp_path / "storage"),
+        "listen": "127.0.0.1:0",
+        "ray_dashboard_url": ray_cluster.dashboard_url,
+        "metrics_listen": "",
+        "reconcile_interval_s": 0.3,
+        "tenants": {"alice": {"tokens": ["alice-token"]}},
+    }))
+
+    def start_controller() -> tuple[subprocess.Popen, int]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.server", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for line in proc.stdout:
+            if line.startswith("controller ready on port"):
+                return proc, int(line.split()[-1])
+        raise AssertionError(f"controller did not start (exit {proc.wait()})")
+
+    proc, port = start_controller()
+    with DreamBoothClient(f"127.0.0.1:{port}", "alice-token") as client:
+        job = client.submit(job_spec(tiny_model, dog_images, max_steps=12, checkpoint_interval=4))
+        for message in client.watch(job.job_id):
+            if message.job.state == jobs_pb2.STATE_TRAINING:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    proc, port = start_controller()
+    try:
+        with DreamBoothClient(f"127.0.0.1:{port}", "alice-token") as client:
+            final = [m for m in client.watch(job.job_id)][-1].job
+            assert final.state == jobs_pb2.STATE_SUCCEEDED, final
+            assert final.attempts == 1, "the running Ray job is re-attached, not run again"
+            assert len(list(client.models())) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
