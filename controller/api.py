@@ -28,6 +28,7 @@ _CODES = {
     QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
+_MAX_MESSAGE_BYTES = 1000
 
 
 class Authenticator:
@@ -51,6 +52,10 @@ class Authenticator:
 
 
 def _status(code: grpc.StatusCode, message: str, field: str | None = None):
+    # The message travels twice in the trailers (grpc-message, percent-encoded, and grpc-status-details-bin),
+    # and clients drop trailers over 8 KiB: a message echoing a huge input would turn into RESOURCE_EXHAUSTED.
+    if len(message.encode()) > _MAX_MESSAGE_BYTES:
+        message = message.encode()[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
     details = []
     if field is not None:
         bad_request = error_details_pb2.BadRequest(

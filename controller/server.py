@@ -97,7 +97,7 @@ def start(config: ControllerConfig) -> Controller:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="dreambooth controller", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="controller YAML (see controller/config.py)")
     parser.add_argument("--storage", type=Path)
     parser.add_argument("--listen")

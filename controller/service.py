@@ -11,6 +11,7 @@ the reconciler (which drives running jobs, see controller.reconciler) cannot bot
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -77,9 +78,18 @@ class JobService:
             image_paths = self._stage_images(images, paths.job_dir / "instance_images")
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
-            check_base_model(spec.base_model)
-            check_instance_images(spec.instance_images, spec.resolution)
-            paths.spec_file.write_text(spec_json(spec))
+            # OSError (a name too long, say) and RuntimeError (expanduser of "~nosuchuser") come from the caller's
+            # paths too: the caller's to fix, not an internal error.
+            try:
+                check_base_model(spec.base_model)
+            except (OSError, RuntimeError) as e:
+                raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
+            try:
+                check_instance_images(spec.instance_images, spec.resolution)
+            except OSError as e:
+                raise InputError("instance_images", f"cannot read the images: {e}") from e
+            paths.job_dir.mkdir(parents=True, exist_ok=True)  # uri-only submissions upload nothing to create it
+            paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
             job = self.store.insert_job(
                 JobRecord(
                     job_id=job_id,
@@ -121,7 +131,10 @@ class JobService:
                 (upload_dir / name).write_bytes(image.data)
                 paths.append(str(upload_dir / name))
             elif image.uri:
-                parsed = urlparse(image.uri)
+                try:
+                    parsed = urlparse(image.uri)
+                except ValueError as e:  # "Invalid IPv6 URL" for file://[ and the like
+                    raise InputError("instance_images", f"{image.uri}: not a path or URI ({e})") from e
                 if parsed.scheme not in ("", "file"):
                     raise InputError("instance_images", f"{image.uri}: only paths or file:// URIs on shared storage")
                 path = Path(parsed.path if parsed.scheme else image.uri)
@@ -196,16 +209,12 @@ class JobService:
         return model
 
     def list_models(self, tenant: str, page_size: int, page_token: str):
+        if not 0 <= page_size <= 1000:
+            raise InputError("page_size", "must be in [1, 1000] (0: the default, 50)")
         try:
             return self.store.list_models(tenant, page_size or 50, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
-
-
-def spec_json(spec: JobSpec) -> str:
-    import json
-
-    return json.dumps(spec.to_dict(), indent=2)
 
 
 def _safe_filename(name: str, index: int) -> str:

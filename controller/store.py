@@ -352,6 +352,8 @@ def _decode_token(token: str, kind: str) -> tuple[float, str]:
         got_kind, create_time, key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if got_kind != kind or not isinstance(create_time, (int, float)) or not isinstance(key, str):
             raise ValueError
-    except (ValueError, TypeError) as e:  # binascii.Error and JSONDecodeError are ValueErrors
+        create_time = float(create_time)  # OverflowError for an int beyond a float's range
+    # binascii.Error and JSONDecodeError are ValueErrors; RecursionError: JSON nested too deep
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"invalid page token {token[:40]!r}") from e
-    return float(create_time), key
+    return create_time, key

@@ -53,9 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         "--base-model", type=Path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
     )
 
+    # Its options are the controller's own (controller/server.py), passed through as they are.
+    commands.add_parser(
+        "controller", help="run the gRPC controller (see `dreambooth controller --help`)", add_help=False
+    )
+
     _add_remote_commands(commands)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "controller":
+        from controller.server import main as controller_main
+
+        return controller_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args) if hasattr(args, "run") else _LOCAL[args.command](args)
     except InputError as e:
