@@ -325,19 +325,21 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
 def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """The trainer's figures from its events file.
 
-    A progress event covers the window since the previous one; windows that start before step `warmup`
-    (and the first, which starts at the reporter's creation) or overlap a checkpoint save are left out.
+    A progress event at step S covers the steps since the previous event's step P. Left out: the first
+    window (it starts at the reporter's creation), windows with P < `warmup`, and windows holding a
+    checkpoint save. A save at step N runs right after step N's progress report, so it lies in the window
+    with P <= N < S (by steps, not times: a "checkpoint" event is written when Ray commits it, later).
     """
     progress = [e for e in events if e["type"] == "progress"]
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
-    saves = [(e["time"] - e["stall_s"], e["time"]) for e in checkpoints]
+    saved_at = [e["step"] for e in checkpoints]
 
     steady, after_warmup = [], []
     for previous, event in itertools.pairwise(progress):
         if previous["step"] < warmup:
             continue
         after_warmup.append(event["steps_per_s"])
-        if not any(begin < event["time"] and end > previous["time"] for begin, end in saves):
+        if not any(previous["step"] <= n < event["step"] for n in saved_at):
             steady.append(event["steps_per_s"])
     rates = steady or after_warmup or [e["steps_per_s"] for e in progress[1:]] or [e["steps_per_s"] for e in progress]
 
@@ -347,7 +349,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     states = [e for e in events if e["type"] == "state"]
     phases = {a["state"]: b["time"] - a["time"] for a, b in itertools.pairwise(states)}
     training_start = next((e["time"] for e in states if e["state"] == "TRAINING"), None)
-    first_progress = progress[0]["time"] - training_start if progress and training_start else float("nan")
+    first_progress = progress[0]["time"] - training_start if progress and training_start is not None else float("nan")
     return {
         "steps_per_s": statistics.median(rates) if rates else None,
         "windows": len(progress),
