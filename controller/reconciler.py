@@ -18,7 +18,7 @@ from controller import metrics
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
-from controller.scheduler import Resources, jobs_to_start
+from controller.scheduler import Resources, demand, jobs_to_start
 from controller.service import TERMINAL, JobService
 from controller.store import JobRecord, ModelRecord, Store
 from trainer.storage import job_paths
@@ -26,6 +26,7 @@ from trainer.storage import job_paths
 log = logging.getLogger(__name__)
 
 TRAINER_STATES = {"PREPARING", "TRAINING", "EXPORTING"}
+MAX_PASSES_PER_S = 5
 
 
 class Reconciler:
@@ -57,7 +58,10 @@ class Reconciler:
                 self.reconcile_once()
             except Exception:
                 log.exception("reconcile pass failed; retrying")
-            # The next pass comes after the interval, or at once when something changed (a submission, a cancel).
+            # The next pass comes after the interval, or sooner when something changed (a submission, a cancel);
+            # but never more than MAX_PASSES_PER_S: under a burst of submissions, passes would eat the CPU that
+            # serves the RPCs (bench/controller_load.py).
+            self._stop.wait(1 / MAX_PASSES_PER_S)
             self.feed.wait(seen, timeout_s=self.config.reconcile_interval_s)
 
     def reconcile_once(self) -> None:
@@ -69,11 +73,14 @@ class Reconciler:
     # --- starting ------------------------------------------------------------------------------------
 
     def _schedule(self) -> None:
+        active, capacity = self.store.active_jobs(), self._cluster_capacity()
+        if capacity.cpus - sum(demand(job.spec).cpus for job in active) <= 0:
+            return  # every job needs CPUs: nothing can start, so don't read the queue
         queued = self.store.queued_jobs()
         if not queued:
             return
         limits = {name: tenant.max_running_jobs for name, tenant in self.service.tenants.items()}
-        for job in jobs_to_start(queued, self.store.active_jobs(), self._cluster_capacity(), limits):
+        for job in jobs_to_start(queued, active, capacity, limits):
             started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time())
             if started is not None:
                 metrics.QUEUE_WAIT.observe(time.time() - started.create_time)

@@ -9,10 +9,13 @@ them atomic on both backends without explicit locking. Times are epoch seconds (
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +74,7 @@ jobs = sa.Table(
 )
 sa.Index("ix_jobs_list", jobs.c.tenant, jobs.c.create_time.desc(), jobs.c.job_id.desc())
 sa.Index("ix_jobs_sched", jobs.c.state, jobs.c.priority.desc(), jobs.c.create_time, jobs.c.job_id)
+sa.Index("ix_jobs_tenant_state", jobs.c.tenant, jobs.c.state)  # per-tenant quota counts stay O(unfinished jobs)
 
 models = sa.Table(
     "models",
@@ -136,6 +140,11 @@ class Store:
     def __init__(self, url: str, busy_timeout_ms: int = 30_000):
         sqlite = url.startswith("sqlite")
         self.engine: Engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        # SQLite has one writer at a time, and a writer that finds the lock taken polls for it in sleeps of up
+        # to 100 ms (its busy handler) while holding a pooled connection: under concurrent submissions, writers
+        # starve each other and readers wait for connections. This process's writers queue here instead (no
+        # connection held, woken at once); busy_timeout still covers other processes on the same file.
+        self._write_lock: Any = threading.Lock() if sqlite else contextlib.nullcontext()
         if sqlite:
 
             @sa.event.listens_for(self.engine, "connect")
@@ -148,6 +157,12 @@ class Store:
                 cursor.close()
 
         self.create_all()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction (on SQLite, one of this process's at a time)."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     def create_all(self) -> None:
         meta.create_all(self.engine)
@@ -169,7 +184,7 @@ class Store:
         row["request_id"] = row["request_id"] or None  # proto3's "" means no idempotency key
         _check_state(row["state"])
         try:
-            with self.engine.begin() as conn:
+            with self._writing() as conn:
                 row["seq"] = _bump_seq(conn)
                 row["update_time"] = row["update_time"] or row["create_time"]
                 return _job(conn.execute(jobs.insert().values(**row).returning(*jobs.c)).one())
@@ -218,7 +233,7 @@ class Store:
         return self._update(job_id, set(from_states), {**fields, "state": to_state})
 
     def delete_job(self, job_id: str) -> bool:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             deleted = conn.execute(jobs.delete().where(jobs.c.job_id == job_id)).rowcount > 0
             if not deleted:
                 conn.rollback()  # don't bump seq for nothing
@@ -258,7 +273,7 @@ class Store:
     # --- models -----------------------------------------------------------------------------------------
 
     def insert_model(self, record: ModelRecord) -> ModelRecord:
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             row = conn.execute(models.insert().values(**dataclasses.asdict(record)).returning(*models.c)).one()
         return ModelRecord(**row._mapping)
 
@@ -277,7 +292,7 @@ class Store:
 
     def update_model(self, model_id: str, **fields: Any) -> ModelRecord:
         _check_fields(fields, _MODEL_FIELDS)
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             stmt = models.update().where(models.c.model_id == model_id).values(**fields).returning(*models.c)
             row = conn.execute(stmt).first()
         if row is None:
@@ -293,7 +308,7 @@ class Store:
         stmt = jobs.update().where(jobs.c.job_id == job_id)
         if from_states is not None:
             stmt = stmt.where(jobs.c.state.in_(sorted(from_states)))
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             seq = _bump_seq(conn)
             row = conn.execute(stmt.values(**fields, update_time=time.time(), seq=seq).returning(*jobs.c)).first()
             if row is None:

@@ -65,6 +65,8 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"instance_images": []}, "instance_images", "at least one"),
         ({"instance_images": [3]}, "instance_images", "list of strings"),
         ({"num_workers": 0}, "num_workers", "[1, 1024]"),
+        ({"cpus_per_worker": 1e-300}, "cpus_per_worker", "[0.0001, 256]"),
+        ({"gpus_per_worker": 1e-9}, "gpus_per_worker", "0 or in [0.0001, 16]"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
         ({"colour": "blue"}, "colour", "unknown field"),
     ],

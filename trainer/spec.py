@@ -209,8 +209,13 @@ class JobSpec:
         require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
         require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
         require(1 <= self.num_workers <= 1024, "num_workers", "must be in [1, 1024]")
-        require(0 <= self.gpus_per_worker <= 16, "gpus_per_worker", "must be in [0, 16]")
-        require(0 < self.cpus_per_worker <= 256, "cpus_per_worker", "must be in (0, 256]")
+        # Ray's smallest resource unit is 0.0001.
+        require(
+            self.gpus_per_worker == 0 or 0.0001 <= self.gpus_per_worker <= 16,
+            "gpus_per_worker",
+            "must be 0 or in [0.0001, 16]",
+        )
+        require(0.0001 <= self.cpus_per_worker <= 256, "cpus_per_worker", "must be in [0.0001, 256]")
         require(
             self.use_gpu or self.precision != "fp16",
             "precision",

@@ -1,0 +1,225 @@
+"""The scheduler's pure logic: which queued jobs start now, given priorities, tenants' limits and free capacity."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.scheduler import Resources, demand, jobs_to_start
+from controller.store import JobRecord, Store
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)  # identity: two jobs with the same spec are still two jobs
+class Job:
+    tenant: str
+    spec: dict
+    name: str = field(default_factory=lambda: f"j{next(_ids)}")
+
+
+def job(tenant: str = "a", cpus: float = 1.0, gpus: float = 0.0, workers: int = 1, name: str | None = None) -> Job:
+    spec = {"num_workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus}
+    return Job(tenant, spec, name) if name else Job(tenant, spec)
+
+
+def names(jobs) -> list[str]:
+    return [j.name for j in jobs]
+
+
+CPUS = Resources(cpus=8, gpus=0)
+NO_LIMITS = {"a": 100, "b": 100, "c": 100}
+
+
+# --- demand ----------------------------------------------------------------------------------------------
+
+
+def test_demand_is_workers_times_per_worker_with_the_trainers_defaults():
+    assert demand({}) == Resources(1.0, 1.0)  # JobSpec's defaults: one worker, one CPU, one GPU
+    assert demand({"num_workers": 4, "cpus_per_worker": 2.5, "gpus_per_worker": 0.5}) == Resources(10.0, 2.0)
+    assert demand({"num_workers": 2, "gpus_per_worker": 0}) == Resources(2.0, 0.0)
+
+
+def test_resources_fit_with_float_tolerance():
+    assert Resources(0.1 + 0.2, 0).fits_in(Resources(0.3, 0))  # 0.30000000000000004
+    assert Resources(3, 1).fits_in(Resources(3, 1))
+    assert not Resources(3.01, 0).fits_in(Resources(3, 0))
+    assert not Resources(0, 1).fits_in(Resources(100, 0))
+    assert Resources(1, 2) + Resources(3, 4) == Resources(4, 6)
+    assert Resources(1, 2) - Resources(3, 4) == Resources(-2, -2)
+
+
+# --- order, capacity -------------------------------------------------------------------------------------
+
+
+def test_jobs_start_in_queue_order_while_they_fit():
+    queue = [job(cpus=3, name="first"), job(cpus=3, name="second"), job(cpus=3, name="third")]
+    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["first", "second"]
+
+
+def test_nothing_queued_or_no_capacity_starts_nothing():
+    assert jobs_to_start([], [], CPUS, NO_LIMITS) == []
+    assert jobs_to_start([job()], [], Resources(0, 0), NO_LIMITS) == []
+
+
+def test_a_big_job_that_does_not_fit_now_is_not_overtaken_by_smaller_ones():
+    """Strict order: no backfilling past the first job that fits the cluster but not the free capacity."""
+    running = [job(tenant="b", cpus=6)]
+    queue = [job(cpus=4, name="big"), job(cpus=1, name="small"), job(cpus=1, name="tiny")]
+    assert jobs_to_start(queue, running, CPUS, NO_LIMITS) == []
+    # Once the running job is gone the big one goes first, and the small one fits beside it.
+    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["big", "small", "tiny"]
+
+
+def test_a_job_bigger_than_the_whole_cluster_waits_aside_without_blocking():
+    queue = [
+        job(cpus=4, workers=3, name="too-big"),  # 12 CPUs on an 8-CPU cluster
+        job(cpus=2, gpus=1, name="needs-a-gpu"),  # a CPU-only cluster never fits it either
+        job(cpus=2, name="fits"),
+    ]
+    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["fits"]
+    # The cluster grows: the big job starts, first in line again.
+    assert names(jobs_to_start(queue, [], Resources(16, 1), NO_LIMITS)) == ["too-big", "needs-a-gpu", "fits"]
+
+
+def test_gpus_and_cpus_are_accounted_separately():
+    cluster = Resources(cpus=16, gpus=2)
+    queue = [job(cpus=1, gpus=1, name="g1"), job(cpus=1, gpus=1, name="g2"), job(cpus=1, gpus=1, name="g3")]
+    # Plenty of CPUs, but two GPUs: the third GPU job waits, and blocks the CPU-only job behind it.
+    cpu_only = job(cpus=1, gpus=0, name="cpu-only")
+    assert names(jobs_to_start([*queue, cpu_only], [], cluster, NO_LIMITS)) == ["g1", "g2"]
+    # Plenty of GPUs, but the CPUs run out first.
+    assert names(jobs_to_start([job(cpus=8, gpus=1, name="x"), job(cpus=9, gpus=0)], [], cluster, NO_LIMITS)) == ["x"]
+    # Fractional GPUs add up.
+    halves = [job(cpus=1, gpus=0.5, workers=2, name=f"h{i}") for i in range(3)]
+    assert names(jobs_to_start(halves, [], cluster, NO_LIMITS)) == ["h0", "h1"]
+
+
+def test_active_jobs_hold_their_capacity():
+    cluster = Resources(cpus=8, gpus=2)
+    active = [job(tenant="b", cpus=2, gpus=1, workers=2)]  # 4 CPUs, 2 GPUs
+    queue = [job(cpus=1, gpus=1, name="gpu"), job(cpus=4, name="cpu")]
+    # No GPU is free: the GPU job fits the cluster, so it waits in line and holds up the CPU job behind it.
+    assert jobs_to_start(queue, active, cluster, NO_LIMITS) == []
+    assert names(jobs_to_start(queue[1:], active, cluster, NO_LIMITS)) == ["cpu"]
+    assert jobs_to_start([job(cpus=5)], active, cluster, NO_LIMITS) == []
+
+
+def test_a_cluster_that_shrank_below_its_active_jobs_starts_nothing():
+    active = [job(tenant="b", cpus=8)]
+    assert jobs_to_start([job(cpus=1), job(cpus=0.5)], active, Resources(4, 0), NO_LIMITS) == []
+
+
+# --- tenants' limits -------------------------------------------------------------------------------------
+
+
+def test_a_tenant_at_its_limit_waits_without_holding_up_other_tenants():
+    active = [job(tenant="a"), job(tenant="a")]
+    queue = [job(tenant="a", name="a3"), job(tenant="b", name="b1"), job(tenant="a", name="a4")]
+    assert names(jobs_to_start(queue, active, CPUS, {"a": 2, "b": 2})) == ["b1"]
+    assert names(jobs_to_start(queue, active, CPUS, {"a": 3, "b": 2})) == ["a3", "b1"]
+
+
+def test_the_limit_counts_jobs_starting_in_the_same_pass():
+    queue = [job(tenant="a", name=f"a{i}") for i in range(4)] + [job(tenant="b", name="b0")]
+    assert names(jobs_to_start(queue, [], CPUS, {"a": 2, "b": 5})) == ["a0", "a1", "b0"]
+
+
+def test_a_skipped_tenants_job_does_not_block_the_queue_even_when_it_would_not_fit():
+    """A job skipped for its tenant's limit is not 'the first that does not fit': jobs behind it start."""
+    active = [job(tenant="a", cpus=4)]
+    queue = [job(tenant="a", cpus=8, name="a-big"), job(tenant="b", cpus=4, name="b")]
+    assert names(jobs_to_start(queue, active, CPUS, {"a": 1, "b": 1})) == ["b"]
+
+
+def test_a_tenant_without_a_configured_limit_runs_one_job_at_a_time():
+    queue = [job(tenant="stranger", name="s1"), job(tenant="stranger", name="s2")]
+    assert names(jobs_to_start(queue, [], CPUS, {})) == ["s1"]
+    assert jobs_to_start(queue, [job(tenant="stranger")], CPUS, {}) == []
+
+
+def test_a_limit_of_zero_never_starts_the_tenants_jobs():
+    assert names(jobs_to_start([job(tenant="a"), job(tenant="b", name="b")], [], CPUS, {"a": 0, "b": 1})) == ["b"]
+
+
+# --- priorities, through the store's queue order ---------------------------------------------------------
+
+
+def test_higher_priority_starts_first_then_oldest_first(tmp_path):
+    """The store hands the scheduler its queue in priority order (then submission order); the scheduler keeps it."""
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        spec = {"num_workers": 1, "cpus_per_worker": 2.0, "gpus_per_worker": 0.0}
+        for i, priority in enumerate([0, 10, -5, 10, 0]):
+            store.insert_job(
+                JobRecord(tenant="a", spec=spec, job_id=f"job-{i}", priority=priority, create_time=1000.0 + i)
+            )
+        queued = store.queued_jobs()
+        assert [j.job_id for j in queued] == ["job-1", "job-3", "job-0", "job-4", "job-2"]
+        started = jobs_to_start(queued, [], Resources(cpus=6, gpus=0), {"a": 10})
+        assert [j.job_id for j in started] == ["job-1", "job-3", "job-0"]
+        # A high-priority job too big for the free capacity holds up the lower-priority ones (no starvation).
+        store.insert_job(JobRecord(tenant="a", spec={**spec, "cpus_per_worker": 6.0}, job_id="job-urgent", priority=99))
+        started = jobs_to_start(store.queued_jobs(), [JobRecord(tenant="b", spec=spec)], Resources(6, 0), {"a": 10})
+        assert started == []
+    finally:
+        store.close()
+
+
+# --- properties ------------------------------------------------------------------------------------------
+
+TENANTS = ("a", "b", "c")
+_jobs = st.builds(
+    job,
+    tenant=st.sampled_from(TENANTS),
+    cpus=st.sampled_from([0.5, 1.0, 1.5, 2.0, 4.0]),
+    gpus=st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0]),
+    workers=st.integers(1, 4),
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    queued=st.lists(_jobs, max_size=12),
+    active=st.lists(_jobs, max_size=5),
+    capacity=st.builds(Resources, cpus=st.integers(0, 24).map(float), gpus=st.integers(0, 6).map(float)),
+    limits=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 4)),
+)
+def test_property_never_overcommits_never_exceeds_limits_and_keeps_queue_order(queued, active, capacity, limits):
+    started = jobs_to_start(queued, active, capacity, limits)
+
+    # A subsequence of the queue, each job at most once.
+    positions = [next(i for i, q in enumerate(queued) if q is s) for s in started]
+    assert positions == sorted(set(positions))
+
+    # Never more than the free capacity (none at all when the active jobs already overcommit a dimension).
+    free = capacity
+    for a in active:
+        free = free - demand(a.spec)
+    total = Resources(0.0, 0.0)
+    for s in started:
+        total = total + demand(s.spec)
+    assert total.cpus <= max(free.cpus, 0.0) + 1e-9 and total.gpus <= max(free.gpus, 0.0) + 1e-9
+
+    # Never past a tenant's limit (1 where none is configured); a tenant already over it starts nothing.
+    running, starting = Counter(a.tenant for a in active), Counter(s.tenant for s in started)
+    for tenant, count in starting.items():
+        assert running[tenant] + count <= limits.get(tenant, 1), (tenant, running[tenant], count)
+
+    # No backfilling: walk the queue; the first eligible job (tenant under its limit, fits the whole cluster)
+    # that was not started must not have fitted the capacity left, and nothing after it starts.
+    left, counts, chosen = free, Counter(running), {id(s) for s in started}
+    for index, q in enumerate(queued):
+        need = demand(q.spec)
+        eligible = counts[q.tenant] < limits.get(q.tenant, 1) and need.fits_in(capacity)
+        if id(q) in chosen:
+            assert eligible and need.fits_in(left)
+            left, counts[q.tenant] = left - need, counts[q.tenant] + 1
+        elif eligible:
+            assert not need.fits_in(left), f"job {index} fits but was not started"
+            assert not any(id(later) in chosen for later in queued[index + 1 :]), "a later job overtook it"
+            break
