@@ -322,7 +322,7 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     print(
         f"model: {result.model_dir}  ({result.steps} steps, loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s)"
     )
-    return 0
+    return result
 
 
 def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> None:
