@@ -48,10 +48,11 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def follow_events(path: str | Path, stop: threading.Event, poll_s: float = 0.2) -> Iterator[dict[str, Any]]:
-    """Yield events as they are appended, until `stop` is set (then drain what is left and return)."""
+def follow_events(
+    path: str | Path, stop: threading.Event, poll_s: float = 0.2, offset: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Yield events appended after byte `offset`, until `stop` is set (then drain what is left and return)."""
     path = Path(path)
-    offset = 0
     partial = b""
     while True:
         stopping = stop.is_set()
