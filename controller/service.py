@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import FailedPrecondition, NotFound, QuotaExceeded
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs
-from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store
+from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
@@ -72,7 +71,7 @@ class JobService:
         if not -1000 <= priority <= 1000:
             raise InputError("priority", "must be in [-1000, 1000]")
 
-        job_id = f"job-{uuid.uuid4().hex[:12]}"
+        job_id = new_job_id()
         paths = job_paths(self.config.storage, job_id)
         try:
             image_paths = self._stage_images(images, paths.job_dir / "instance_images")
