@@ -19,13 +19,12 @@ from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import Resources, demand, jobs_to_start
-from controller.service import TERMINAL, JobService
-from controller.store import JobRecord, ModelRecord, Store
+from controller.service import JobService
+from controller.store import RUNNING_STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATES = {"PREPARING", "TRAINING", "EXPORTING"}
 MAX_PASSES_PER_S = 5
 
 
@@ -108,7 +107,7 @@ class Reconciler:
 
     def _follow(self, job: JobRecord) -> None:
         job = self._apply_events(job)
-        if job.state in TERMINAL or not job.ray_submission_id:
+        if job.state in TERMINAL_STATES or not job.ray_submission_id:
             return
         status = self.ray_jobs.status(job.ray_submission_id)
         if status in (RayJobStatus.PENDING, RayJobStatus.RUNNING):
@@ -116,7 +115,7 @@ class Reconciler:
                 self.ray_jobs.stop(job.ray_submission_id)  # idempotent; covers a crash right after CANCELLING
             return
         job = self._apply_events(job)  # what the driver wrote just before it ended
-        if job.state in TERMINAL:
+        if job.state in TERMINAL_STATES:
             return
         if job.state == "CANCELLING":
             self._finish(job, "CANCELLED")
@@ -139,7 +138,7 @@ class Reconciler:
         fields = {"end_time": time.time()}
         if reason:
             fields.update(failure_reason=reason, failure_message=message)
-        done = self.store.transition(job.job_id, {"QUEUED", *TRAINER_STATES, "CANCELLING"}, state, **fields)
+        done = self.store.transition(job.job_id, {"QUEUED", *RUNNING_STATES, "CANCELLING"}, state, **fields)
         if done is not None:
             if state == "FAILED":
                 metrics.FAILURES.labels(reason=reason).inc()
@@ -201,13 +200,13 @@ class Reconciler:
 
     def _apply_state(self, job: JobRecord, event: dict, changes: list) -> JobRecord:
         state = event["state"]
-        if state in TRAINER_STATES:
-            moved = self.store.transition(job.job_id, TRAINER_STATES, state)
+        if state in RUNNING_STATES:
+            moved = self.store.transition(job.job_id, RUNNING_STATES, state)
             if moved is not None and moved.state != job.state:
                 changes.append(("state", {"state": state}))
             return moved or job
         if state == "SUCCEEDED":  # wins over a late cancel: the model exists
-            done = self.store.transition(job.job_id, {*TRAINER_STATES, "CANCELLING"}, "SUCCEEDED", end_time=time.time())
+            done = self.store.transition(job.job_id, {*RUNNING_STATES, "CANCELLING"}, "SUCCEEDED", end_time=time.time())
         elif job.state == "CANCELLING":
             # The driver failing while it is being stopped is the cancel working; CANCELLED comes once Ray
             # reports the job ended (see _follow), so that a CANCELLED job never has workers left.
@@ -215,7 +214,7 @@ class Reconciler:
         else:  # FAILED: the trainer's own verdict (bad input, training failed after its retries) is final
             done = self.store.transition(
                 job.job_id,
-                TRAINER_STATES,
+                RUNNING_STATES,
                 "FAILED",
                 end_time=time.time(),
                 failure_reason=event.get("reason", "TRAINING_FAILED"),

@@ -24,15 +24,13 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import FailedPrecondition, NotFound, QuotaExceeded
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs
-from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
+from controller.store import RUNNING_STATES, STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
-TERMINAL = TERMINAL_STATES
-RUNNING = frozenset({"PREPARING", "TRAINING", "EXPORTING"})
 UNFINISHED = frozenset(STATES) - TERMINAL_STATES
 
 
@@ -160,7 +158,7 @@ class JobService:
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
         job = self.get(tenant, job_id)
-        if job.state in TERMINAL:
+        if job.state in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
         if job.state == "CANCELLING":
             return job
@@ -168,7 +166,7 @@ class JobService:
         if queued is not None:
             self.feed.publish(job_id, "state", {"state": "CANCELLED"})
             return queued
-        cancelling = self.store.transition(job_id, RUNNING, "CANCELLING")
+        cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")
         if cancelling is None:  # it ended meanwhile
             return self.cancel(tenant, job_id)
         self.feed.publish(job_id, "state", {"state": "CANCELLING"})
@@ -178,7 +176,7 @@ class JobService:
 
     def delete(self, tenant: str, job_id: str) -> None:
         job = self.get(tenant, job_id)
-        if job.state not in TERMINAL:
+        if job.state not in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
         self.store.delete_job(job_id)
         shutil.rmtree(job_paths(self.config.storage, job_id).job_dir, ignore_errors=True)
@@ -188,7 +186,7 @@ class JobService:
         seq = self.feed.seq
         job = self.get(tenant, job_id)
         yield job, None
-        while job.state not in TERMINAL and is_active():
+        while job.state not in TERMINAL_STATES and is_active():
             changes = [c for c in self.feed.wait(seq, timeout_s=1.0) if c.job_id == job_id]
             seq = max([seq, *(c.seq for c in changes)]) if changes else self.feed.seq
             for change in changes:

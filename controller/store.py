@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
-ACTIVE_STATES = frozenset({"PREPARING", "TRAINING", "EXPORTING", "CANCELLING"})
+RUNNING_STATES = frozenset({"PREPARING", "TRAINING", "EXPORTING"})  # the trainer reports these
+ACTIVE_STATES = RUNNING_STATES | {"CANCELLING"}  # holding cluster resources
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
@@ -247,11 +248,6 @@ class Store:
 
     def active_jobs(self) -> list[JobRecord]:
         query = sa.select(jobs).where(jobs.c.state.in_(sorted(ACTIVE_STATES)))
-        return self._jobs(query.order_by(jobs.c.create_time, jobs.c.job_id))
-
-    def unfinished_jobs(self, tenant: str) -> list[JobRecord]:
-        """The tenant's jobs that have not ended (queued or running), oldest first."""
-        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.state.not_in(sorted(TERMINAL_STATES)))
         return self._jobs(query.order_by(jobs.c.create_time, jobs.c.job_id))
 
     def count_jobs_by_state(self) -> dict[str, int]:

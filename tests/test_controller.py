@@ -208,19 +208,26 @@ def test_health_reflection_and_metrics(controller):
 def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_images, tmp_path):
     """The controller dies hard while a job trains; a new one re-attaches: the job succeeds exactly once."""
     config = tmp_path / "controller.yaml"
-    config.write_text(yaml.safe_dump({
-        "storage": str(tmp_path / "storage"),
-        "listen": "127.0.0.1:0",
-        "ray_dashboard_url": ray_cluster.dashboard_url,
-        "metrics_listen": "",
-        "reconcile_interval_s": 0.3,
-        "tenants": {"alice": {"tokens": ["alice-token"]}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": str(tmp_path / "storage"),
+                "listen": "127.0.0.1:0",
+                "ray_dashboard_url": ray_cluster.dashboard_url,
+                "metrics_listen": "",
+                "reconcile_interval_s": 0.3,
+                "tenants": {"alice": {"tokens": ["alice-token"]}},
+            }
+        )
+    )
 
     def start_controller() -> tuple[subprocess.Popen, int]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "controller.server", "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=Path(__file__).parents[1],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         for line in proc.stdout:

@@ -47,14 +47,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     frozen_dtype = dtype if spec.use_gpu else torch.float32
 
     # 1. Base model: frozen parts in the compute dtype, trainable parts in fp32 (DeepSpeed keeps fp32 masters).
-    frozen = load_base_model(
-        spec.base_model,
-        dtype=frozen_dtype,
-        device=device,
-        components=("vae", "tokenizer", "scheduler", "text_encoder"),
-    )
+    # A trained text encoder lives in the DeepSpeed engine only; a frozen one is loaded here, once.
+    frozen_parts = ("vae", "tokenizer", "scheduler") + (() if spec.train_text_encoder else ("text_encoder",))
+    frozen = load_base_model(spec.base_model, dtype=frozen_dtype, device=device, components=frozen_parts)
     frozen.vae.requires_grad_(False).eval()
-    frozen.text_encoder.requires_grad_(False).eval()
+    if frozen.text_encoder is not None:
+        frozen.text_encoder.requires_grad_(False).eval()
     trainable = load_base_model(
         spec.base_model,
         dtype=torch.float32,
