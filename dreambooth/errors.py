@@ -12,3 +12,7 @@ class InputError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+    def __reduce__(self):
+        # Crosses process boundaries (a Serve replica's error reaches the ingress pickled).
+        return (self.__class__, (self.field, self.message))

@@ -141,6 +141,12 @@ def _wait_for_jobs_api(url: str, procs, logs: Path) -> None:
 
 
 @pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Ray Serve's HTTP port on 127.0.0.1: one per cluster, shared by every Serve application in the session."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from dreambooth.tiny_model import build_tiny_model
 
@@ -165,3 +171,37 @@ def storage(tmp_path) -> Path:
     path = tmp_path / "storage"
     path.mkdir()
     return path
+
+
+def write_subject_model(base: Path, out: Path, *, seed: int, train_text_encoder: bool = False) -> Path:
+    """A stand-in for a trained export (trainer/export.py's layout): the base model with its UNet weights
+    perturbed, plus metadata.json. Real exports come from the training tests; this one costs no training."""
+    import json
+
+    import torch
+
+    from dreambooth.sd_model import fingerprint, load_pipeline
+
+    pipe = load_pipeline(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in pipe.unet.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    pipe.save_pretrained(out, safe_serialization=True)
+    metadata = {
+        "job_id": out.name,
+        "base_model": str(base),
+        "base_model_fingerprint": fingerprint(base),
+        "instance_prompt": "a photo of sks dog",
+        "class_prompt": "a photo of dog",
+        "hyperparameters": {"train_text_encoder": train_text_encoder, "resolution": 64},
+    }
+    (out / "metadata.json").write_text(json.dumps(metadata))
+    return out
+
+
+@pytest.fixture(scope="session")
+def subject_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Two subject models of the tiny base, as a model store would hold them: {model_id: path}."""
+    root = tmp_path_factory.mktemp("subject-models")
+    return {name: write_subject_model(tiny_model, root / name, seed=seed) for seed, name in enumerate(("rex", "fido"))}

@@ -22,7 +22,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dreambooth.errors import InputError
-from dreambooth.sd_model import check_base_model
+from dreambooth.sd_model import check_base_model, fingerprint
 from trainer.checkpoint import STATE_FILE
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
@@ -86,6 +86,8 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
         metadata = {
             "job_id": paths.job_id,
             "base_model": spec.base_model,
+            # Serving shares the frozen VAE (and an untrained text encoder) between subjects of one base model.
+            "base_model_fingerprint": fingerprint(spec.base_model),
             "identifier": spec.identifier,
             "instance_prompt": spec.instance_prompt,
             "class_prompt": spec.class_prompt,

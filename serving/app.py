@@ -1,0 +1,253 @@
+"""The Ray Serve application: a thin FastAPI ingress in front of generator replicas running the sampling engine.
+
+    HTTP ─► Ingress (validates, routes by model id, renders PNG/JSON)
+               └─► Generator replicas (multiplexed subject models, @serve.batch, SamplingEngine)
+
+Which models are served is the deployments' `user_config` ({"models": {model_id: path}}), so deploying or
+undeploying a model reconfigures the running replicas without restarting them (serving/deployer.py writes it).
+
+No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time, from the
+globals that Serve pickled with the class, so they must be real objects.
+"""
+
+
+import asyncio
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from dreambooth.errors import InputError
+from serving.config import ServeConfig
+from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, SubjectModel, read_metadata
+from serving.http_api import (
+    GenerateBody,
+    GenerateResponse,
+    ServedModel,
+    json_response,
+    png_bytes,
+    to_generation_request,
+)
+from serving.metrics import GeneratorMetrics, IngressMetrics
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelNotServed(LookupError):
+    """The model id is not (or no longer) deployed."""
+
+
+@dataclass
+class _Pending:
+    model: SubjectModel
+    request: GenerationRequest
+    enqueued: float
+
+
+@serve.deployment
+class Generator:
+    """Samples batches of requests; keeps the least recently used subject models loaded."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = ServeConfig.from_dict(config)
+        self.engine = SamplingEngine(device=None if self.config.device == "auto" else self.config.device)
+        self.paths: dict[str, str] = {}
+        self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
+        self.metrics = GeneratorMetrics()
+        # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
+        # around plain functions, because Serve keeps its state in attributes of the decorated callable.
+
+        async def load(model_id: str) -> SubjectModel:
+            return await self._load(model_id)
+
+        async def sample(items: list[_Pending]) -> list[GenerationResult | BaseException]:
+            return await self._sample_batch(items)
+
+        self.model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
+        self.sample = serve.batch(
+            max_batch_size=self.config.max_batch_size,
+            batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+            batch_size_fn=lambda items: sum(item.request.num_images for item in items),
+        )(sample)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.paths = dict(user_config.get("models", {}))
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        model_id = serve.get_multiplexed_model_id()
+        if model_id not in self.paths:
+            raise ModelNotServed(model_id)
+        model = await self.model(model_id)
+        model.check_prompt("prompt", request.prompt)
+        model.check_prompt("negative_prompt", request.negative_prompt)
+        result = await self.sample(_Pending(model, request, time.monotonic()))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def _load(self, model_id: str) -> SubjectModel:
+        model = await asyncio.to_thread(self.engine.load, model_id, self.paths[model_id])
+        self.loaded.add(model)
+        self.metrics.model_load.observe(model.load_seconds)
+        self.metrics.loaded_models.set(len(self.loaded))
+        return model
+
+    async def _sample_batch(self, items: list[_Pending]) -> list[GenerationResult | BaseException]:
+        """One @serve.batch call: requests grouped by (model, shape), each group sampled in one engine call."""
+        start = time.monotonic()
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.model.model_id, item.request.shape_key), []).append(index)
+        results: list[GenerationResult | BaseException] = [RuntimeError("not sampled")] * len(items)
+        for indices in groups.values():
+            model = items[indices[0]].model
+            try:
+                # In a thread: the replica keeps accepting requests, so the next batch fills meanwhile.
+                outputs = await asyncio.to_thread(self.engine.generate, model, [items[i].request for i in indices])
+            except Exception as e:  # one group's failure is its requests' error, not the whole batch's
+                logger.exception("sampling failed for model %s", model.model_id)
+                outputs = [e] * len(indices)
+            self.metrics.batch_size.observe(len(indices))
+            for index, output in zip(indices, outputs, strict=True):
+                if isinstance(output, GenerationResult):
+                    output.queue_wait_seconds = start - items[index].enqueued
+                    self.metrics.queue_wait.observe(output.queue_wait_seconds)
+                results[index] = output
+        self.metrics.loaded_models.set(len(self.loaded))
+        return results
+
+
+def render(model_id: str, result: GenerationResult, output_format: str) -> Response:
+    headers = {"X-Batch-Size": str(result.batch_size), "X-Seed": str(result.seeds[0])}
+    if output_format == "png":
+        return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
+    return JSONResponse(json_response(model_id, result).model_dump(), headers=headers)
+
+
+def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
+    metadata = read_metadata(path)
+    return ServedModel(
+        model_id=model_id,
+        endpoint=config.endpoint(model_id),
+        model_class=str(metadata.get("class_prompt") or "unknown"),
+        instance_prompt=metadata.get("instance_prompt"),
+        resolution=int(metadata.get("hyperparameters", {}).get("resolution") or 512),
+        metadata=metadata,
+    )
+
+
+# serve.ingress serializes the class when it decorates it: whatever the handlers use is defined above.
+api = FastAPI(
+    title="dreambooth-cluster serving",
+    description="Generate images of personalised subjects (DreamBooth models trained by the controller).",
+    version="1",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def unprocessable(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's default handler fails (500) on a body that is not UTF-8: it echoes the raw bytes back as JSON.
+    readable = {bytes: lambda raw: raw.decode("utf-8", errors="replace")}
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder=readable)})
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
+        self.config = ServeConfig.from_dict(config)
+        self.generator = generator
+        self.models: dict[str, ServedModel] = {}
+        self.metrics = IngressMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.models = {
+            model_id: served_model(model_id, Path(path), self.config)
+            for model_id, path in user_config.get("models", {}).items()
+        }
+
+    @api.get("/healthz")
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": len(self.models)}
+
+    @api.get("/v1/models")
+    def list_models(self) -> dict[str, list[ServedModel]]:
+        return {"models": sorted(self.models.values(), key=lambda m: m.model_id)}
+
+    @api.get("/v1/models/{model_id}")
+    def get_model(self, model_id: str) -> ServedModel:
+        return self._served(model_id)
+
+    @api.post(
+        "/v1/models/{model_id}/generate",
+        response_model=GenerateResponse,
+        responses={200: {"content": {"image/png": {}}, "description": "PNG (output_format png) or JSON"}},
+    )
+    async def generate(self, model_id: str, body: GenerateBody):
+        start = time.perf_counter()
+        model = self.models.get(model_id)
+        model_class = model.model_class if model else "unknown"
+        outcome, images = "error", 0
+        try:
+            if model is None:
+                outcome = "not_found"
+                raise ModelNotServed(model_id)
+            request = to_generation_request(body, self.config.limits, default_size=model.resolution)
+            result = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+            outcome, images = "ok", len(result.images)
+        except InputError as e:
+            outcome = "bad_request"
+            raise HTTPException(400, detail={"field": e.field, "message": e.message}) from e
+        except ModelNotServed as e:
+            outcome = "not_found"
+            raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them") from e
+        except BackPressureError as e:
+            outcome = "overloaded"
+            raise HTTPException(
+                503, detail="overloaded; retry later", headers={"Retry-After": str(self.config.retry_after_s)}
+            ) from e
+        finally:
+            self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
+        return render(model_id, result, body.output_format)
+
+    def _served(self, model_id: str) -> ServedModel:
+        if model_id not in self.models:
+            raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them")
+        return self.models[model_id]
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder (`import_path: serving.app:build_app`); `args` is a ServeConfig dict."""
+    config = ServeConfig.from_dict(args)
+    replicas: dict[str, Any] = {"num_replicas": config.min_replicas}
+    if config.max_replicas > config.min_replicas:
+        replicas = {
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests,
+            },
+        }
+    generator = Generator.options(
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        **replicas,
+    ).bind(config.to_dict())
+    # The ingress only awaits the generators: cheap, so it admits everything they may queue.
+    admitted = config.max_queued_requests + config.max_ongoing_requests * config.max_replicas
+    return Ingress.options(
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(100, 2 * admitted),
+    ).bind(generator, config.to_dict())

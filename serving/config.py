@@ -1,0 +1,107 @@
+"""The serving configuration: one typed dataclass for the Serve application, its replicas and request limits.
+
+The controller holds one (the `serving:` section of its YAML) and turns it into a Ray Serve application config
+(serving/deployer.py); the replicas get it back as `build_app`'s arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dreambooth.errors import InputError
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one HTTP request; anything outside gets a 400 saying which bound."""
+
+    max_steps: int = 100
+    max_images: int = 4
+    """Images per request; at most `max_batch_size` (a request is never split across batches)."""
+    max_side: int = 1024
+    """Width and height in pixels, each; both must also be multiples of 8."""
+    min_side: int = 64
+    max_prompt_chars: int = 2000
+    """Checked before tokenizing; the text encoder's 77-token context is checked after."""
+    max_guidance_scale: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    app_name: str = "dreambooth"
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    proxy_location: str = "HeadOnly"
+    """Where Serve runs HTTP proxies: HeadOnly (one machine, tests) or EveryNode (behind a load balancer)."""
+    public_url: str = ""
+    """Base URL clients reach the HTTP API at (behind a load balancer, say); default http://http_host:http_port."""
+    device: str = "auto"
+    """auto: cuda when the replica has a GPU (fp16 there), else cpu (fp32)."""
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target per generator replica (used when max_replicas > min_replicas)."""
+    max_models_per_replica: int = 4
+    """Subject models each replica keeps loaded (least recently used evicted); base components are shared."""
+    max_batch_size: int = 8
+    """Images sampled together in one batch (requests for one model and shape are batched)."""
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 16
+    """Requests in flight per generator replica (>= max_batch_size, or batches cannot fill)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica, per caller; beyond it: 503 with Retry-After."""
+    retry_after_s: int = 2
+    limits: RequestLimits = RequestLimits()
+
+    def __post_init__(self):
+        checks = [
+            ("http_port", 0 < self.http_port < 65536, "must be a TCP port (1-65535)"),
+            ("route_prefix", self.route_prefix.startswith("/"), "must start with '/'"),
+            ("proxy_location", self.proxy_location in ("HeadOnly", "EveryNode"), "must be HeadOnly or EveryNode"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("gpus_per_replica", self.gpus_per_replica >= 0, "must be >= 0"),
+            ("cpus_per_replica", self.cpus_per_replica >= 0, "must be >= 0"),
+            ("min_replicas", self.min_replicas >= 1, "must be >= 1"),
+            ("max_replicas", self.max_replicas >= self.min_replicas, "must be >= min_replicas"),
+            ("max_models_per_replica", self.max_models_per_replica >= 1, "must be >= 1"),
+            ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
+            ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, "must be >= 0"),
+            ("max_ongoing_requests", self.max_ongoing_requests >= self.max_batch_size, "must be >= max_batch_size"),
+            ("max_queued_requests", self.max_queued_requests >= 1, "must be >= 1"),
+            ("limits.max_images", 1 <= self.limits.max_images <= self.max_batch_size, "must be 1..max_batch_size"),
+            ("limits.max_steps", self.limits.max_steps >= 1, "must be >= 1"),
+            ("limits.min_side", 8 <= self.limits.min_side <= self.limits.max_side, "must be 8..max_side"),
+        ]
+        for field, ok, message in checks:
+            if not ok:
+                raise InputError(f"serving.{field}", message)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
+
+    def endpoint(self, model_id: str) -> str:
+        """The URL that generates images of `model_id` (POST)."""
+        return f"{self.base_url}{self.route_prefix.rstrip('/')}/v1/models/{model_id}/generate"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"serving.{unknown[0]}", f"unknown serving setting(s) {unknown}")
+        limits = data.pop("limits", None) or {}
+        known_limits = {f.name for f in dataclasses.fields(RequestLimits)}
+        unknown = sorted(set(limits) - known_limits)
+        if unknown:
+            raise InputError(f"serving.limits.{unknown[0]}", f"unknown limit(s) {unknown}")
+        return cls(limits=RequestLimits(**limits), **data)

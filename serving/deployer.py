@@ -1,0 +1,73 @@
+"""Puts the Serve application on a Ray cluster through the dashboard's declarative REST API (what `serve deploy`
+uses), so the controller needs no Ray driver of its own.
+
+The served models are the deployments' user_config: changing them reconfigures the running replicas in place.
+Other Serve applications on the cluster are kept as they are (the REST API replaces the whole set).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.config import ServeConfig
+
+IMPORT_PATH = "serving.app:build_app"
+DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names in serving/app.py
+
+
+class ServeDeployer:
+    def __init__(self, dashboard_url: str, config: ServeConfig):
+        self.dashboard_url = dashboard_url
+        self.config = config
+
+    def application(self, models: dict[str, str]) -> dict[str, Any]:
+        """This application's declarative config serving `models` ({model_id: model directory})."""
+        user_config = {"models": dict(sorted(models.items()))}
+        return {
+            "name": self.config.app_name,
+            "route_prefix": self.config.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": self.config.to_dict(),
+            # Replicas never reach a model hub: every model is a local directory.
+            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            "deployments": [{"name": name, "user_config": user_config} for name in DEPLOYMENTS],
+        }
+
+    def apply(self, models: dict[str, str]) -> None:
+        """Deploys (or reconfigures) the application so that exactly `models` are served."""
+        client = self._client()
+        details = client.get_serve_details()
+        others = [
+            app["deployed_app_config"]
+            for name, app in (details.get("applications") or {}).items()
+            if name != self.config.app_name and app.get("deployed_app_config")
+        ]
+        client.deploy_applications(
+            {
+                "proxy_location": self.config.proxy_location,
+                "http_options": {"host": self.config.http_host, "port": self.config.http_port},
+                "applications": [*others, self.application(models)],
+            }
+        )
+
+    def status(self) -> str:
+        """The application's Serve status (RUNNING, DEPLOYING, DEPLOY_FAILED, ...), or NOT_DEPLOYED."""
+        app = self._details()
+        return app["status"] if app else "NOT_DEPLOYED"
+
+    def message(self) -> str:
+        """Why the application is not running, as Serve reports it per deployment."""
+        app = self._details() or {}
+        lines = [app.get("message") or ""]
+        for name, deployment in (app.get("deployments") or {}).items():
+            if deployment.get("message"):
+                lines.append(f"{name}: {deployment['status']}: {deployment['message']}")
+        return "\n".join(line for line in lines if line)
+
+    def _details(self) -> dict[str, Any] | None:
+        return (self._client().get_serve_details().get("applications") or {}).get(self.config.app_name)
+
+    def _client(self):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        return ServeSubmissionClient(self.dashboard_url)

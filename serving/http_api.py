@@ -1,0 +1,116 @@
+"""The HTTP contract of the serving API: request and response bodies, bounds checks, image encoding.
+
+Pure functions and pydantic models, so the ingress handlers stay thin and this is testable without Serve.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from dreambooth.errors import InputError
+from serving.config import RequestLimits
+from serving.engine import GenerationRequest, GenerationResult
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerateBody(BaseModel):
+    """POST /v1/models/{model_id}/generate."""
+
+    prompt: str = Field(
+        description='What to draw; use the subject\'s identifier, e.g. "a photo of sks dog on a beach".'
+    )
+    negative_prompt: str = Field("", description="What to steer away from.")
+    num_images: int = Field(1, description="Images to generate; image i uses seed + i.")
+    steps: int = Field(25, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, description="Classifier-free guidance scale (1 = none).")
+    seed: int | None = Field(None, description="Makes the result reproducible; omitted: chosen and returned.")
+    width: int | None = Field(None, description="Pixels, a multiple of 8; default: the model's training resolution.")
+    height: int | None = Field(None, description="Pixels, a multiple of 8; default: the model's training resolution.")
+    output_format: Literal["png", "json"] = Field(
+        "png", description="png: the image itself (one image only); json: base64 PNGs and metadata."
+    )
+
+
+class GeneratedImage(BaseModel):
+    seed: int
+    png_base64: str
+
+
+class GenerateResponse(BaseModel):
+    model_id: str
+    images: list[GeneratedImage]
+    batch_size: int = Field(description="Requests sampled in the same batch as this one.")
+    queue_wait_s: float
+    inference_s: float
+
+
+class ServedModel(BaseModel):
+    model_id: str
+    endpoint: str
+    model_class: str
+    instance_prompt: str | None = None
+    resolution: int
+    metadata: dict[str, Any]
+
+
+def to_generation_request(body: GenerateBody, limits: RequestLimits, default_size: int) -> GenerationRequest:
+    """Checks `body` against `limits`; raises InputError naming the field and the bound."""
+    width = body.width if body.width is not None else default_size
+    height = body.height if body.height is not None else default_size
+    for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise InputError(name, f"{len(text)} characters; at most {limits.max_prompt_chars}")
+    if not body.prompt.strip():
+        raise InputError("prompt", "must not be empty")
+    if not 1 <= body.num_images <= limits.max_images:
+        raise InputError("num_images", f"must be 1..{limits.max_images}, got {body.num_images}")
+    if body.output_format == "png" and body.num_images != 1:
+        raise InputError("output_format", 'png returns one image; use "json" for several')
+    if not 1 <= body.steps <= limits.max_steps:
+        raise InputError("steps", f"must be 1..{limits.max_steps}, got {body.steps}")
+    if not 0 <= body.guidance_scale <= limits.max_guidance_scale:
+        raise InputError("guidance_scale", f"must be 0..{limits.max_guidance_scale}, got {body.guidance_scale}")
+    for name, size in (("width", width), ("height", height)):
+        if not limits.min_side <= size <= limits.max_side:
+            raise InputError(name, f"must be {limits.min_side}..{limits.max_side} pixels, got {size}")
+        if size % 8:
+            raise InputError(name, f"must be a multiple of 8, got {size}")
+    if body.seed is not None and not 0 <= body.seed <= MAX_SEED - limits.max_images:
+        raise InputError("seed", f"must be 0..{MAX_SEED - limits.max_images}, got {body.seed}")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_images=body.num_images,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        width=width,
+        height=height,
+    )
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def json_response(model_id: str, result: GenerationResult) -> GenerateResponse:
+    images = [
+        GeneratedImage(seed=seed, png_base64=base64.b64encode(png_bytes(image)).decode())
+        for seed, image in zip(result.seeds, result.images, strict=True)
+    ]
+    return GenerateResponse(
+        model_id=model_id,
+        images=images,
+        batch_size=result.batch_size,
+        queue_wait_s=result.queue_wait_seconds,
+        inference_s=result.inference_seconds,
+    )

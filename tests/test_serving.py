@@ -1,0 +1,148 @@
+"""Serving on a real Ray Serve (the session's Ray cluster), over real HTTP on 127.0.0.1, tiny subject models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from serving.config import RequestLimits, ServeConfig
+from serving.deployer import ServeDeployer
+
+STEPS = 3
+
+
+def wait_for_models(deployer: ServeDeployer, model_ids: set[str], timeout_s: float = 180) -> None:
+    base_url = deployer.config.base_url
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = deployer.status()
+        assert status != "DEPLOY_FAILED", deployer.message()
+        try:
+            response = requests.get(f"{base_url}/v1/models", timeout=5)
+            if response.ok and model_ids <= {m["model_id"] for m in response.json()["models"]}:
+                return
+        except requests.RequestException:  # refused or held while Serve starts
+            pass
+        assert time.monotonic() < deadline, f"{model_ids} not served at {base_url} within {timeout_s} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, subject_models, serve_port) -> ServeConfig:
+    config = ServeConfig(
+        app_name="serving-test",
+        route_prefix="/",
+        http_port=serve_port,
+        cpus_per_replica=0,  # leave the test cluster's CPUs to the training tests
+        max_batch_size=4,
+        batch_wait_timeout_s=0.3,
+        max_ongoing_requests=4,
+        max_queued_requests=4,
+        retry_after_s=3,
+        limits=RequestLimits(max_images=4, max_steps=60),
+    )
+    deployer = ServeDeployer(ray_cluster.dashboard_url, config)
+    deployer.apply({k: str(v) for k, v in subject_models.items()})
+    wait_for_models(deployer, set(subject_models))
+    return config
+
+
+def generate(config: ServeConfig, model_id: str, **body) -> requests.Response:
+    fields = {"prompt": "a photo of sks dog", "steps": STEPS, "seed": 5} | body
+    return requests.post(config.endpoint(model_id), json=fields, timeout=120)
+
+
+def image(response: requests.Response, index: int = 0) -> np.ndarray:
+    if response.headers["content-type"] == "image/png":
+        data = response.content
+    else:
+        data = base64.b64decode(response.json()["images"][index]["png_base64"])
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 255
+
+
+def test_lists_models_and_documents_the_api(service, subject_models):
+    models = requests.get(f"{service.base_url}/v1/models", timeout=10).json()["models"]
+    assert [m["model_id"] for m in models] == sorted(subject_models)
+    assert models[0]["endpoint"] == service.endpoint(models[0]["model_id"])
+    assert models[0]["model_class"] == "a photo of dog"
+    assert requests.get(f"{service.base_url}/healthz", timeout=10).json()["status"] == "ok"
+    openapi = requests.get(f"{service.base_url}/openapi.json", timeout=10)
+    assert openapi.ok, openapi.text
+    paths = openapi.json()["paths"]
+    assert "/v1/models/{model_id}/generate" in paths
+
+
+def test_concurrent_requests_share_batches_and_seeds_hold(service):
+    alone = generate(service, "rex", seed=11, guidance_scale=4.0)
+    assert alone.status_code == 200, alone.text
+    assert alone.headers["content-type"] == "image/png" and alone.headers["x-seed"] == "11"
+
+    bodies = [
+        {"seed": 11, "guidance_scale": 4.0},
+        {"seed": 12, "guidance_scale": 9.0, "output_format": "json", "num_images": 2},
+        {"seed": 13, "negative_prompt": "blurry", "output_format": "json"},
+        {"seed": 14, "prompt": "sks dog swimming", "output_format": "json"},
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: generate(service, "rex", **body), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    batch_sizes = [int(r.headers["x-batch-size"]) for r in responses]
+    assert max(batch_sizes) > 1, batch_sizes
+    # The seeded request gives the same image alone and batched (at most one 8-bit level of float noise).
+    assert np.abs(image(alone) - image(responses[0])).max() <= 1 / 255 + 1e-6
+    two = responses[1].json()
+    assert [i["seed"] for i in two["images"]] == [12, 13] and two["batch_size"] == batch_sizes[1]
+    assert np.abs(image(responses[1], 1) - image(responses[2])).mean() > 0  # seed 13 with another guidance
+
+
+def test_two_subjects_from_one_replica_draw_differently(service):
+    rex, fido = generate(service, "rex", seed=21), generate(service, "fido", seed=21)
+    assert rex.status_code == fido.status_code == 200
+    assert np.abs(image(rex) - image(fido)).mean() > 0.01
+    again = generate(service, "rex", seed=21)
+    assert np.array_equal(image(again), image(rex))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"width": 68}, "width"),
+        ({"height": 4096}, "height"),
+        ({"steps": 1000}, "steps"),
+        ({"num_images": 5, "output_format": "json"}, "num_images"),
+        ({"num_images": 2}, "output_format"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"seed": -3}, "seed"),
+        ({"prompt": "  "}, "prompt"),
+        ({"prompt": "dog " * 100}, "prompt"),  # over the text encoder's 77 tokens: refused, not cut
+        ({"negative_prompt": "x" * 3000}, "negative_prompt"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(service, body, field):
+    response = generate(service, "rex", **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"]["field"] == field
+
+
+def test_malformed_and_unknown(service):
+    assert requests.post(service.endpoint("rex"), json={"steps": 2}, timeout=10).status_code == 422  # no prompt
+    assert requests.post(service.endpoint("rex"), data=b"\xff{", timeout=10).status_code == 422
+    response = generate(service, "no-such-model")
+    assert response.status_code == 404 and "not deployed" in response.json()["detail"]
+    assert requests.get(f"{service.base_url}/v1/models/no-such-model", timeout=10).status_code == 404
+
+
+def test_overload_answers_503_with_retry_after(service):
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda i: generate(service, "rex", seed=i, steps=60), range(24)))
+    codes = sorted({r.status_code for r in responses})
+    assert codes == [200, 503], codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "3"

@@ -1,0 +1,127 @@
+"""The sampling engine without Ray Serve: batched classifier-free guidance, seeds, shared components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreambooth.errors import InputError
+from dreambooth.sd_model import load_pipeline
+from serving.engine import GenerationRequest, SamplingEngine
+
+SIZE = 64  # the tiny model's native size
+STEPS = 4
+
+
+def request(**overrides) -> GenerationRequest:
+    fields = {"prompt": "a photo of sks dog", "steps": STEPS, "width": SIZE, "height": SIZE, "seed": 7}
+    return GenerationRequest(**(fields | overrides))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def engine() -> SamplingEngine:
+    return SamplingEngine(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rex(engine, subject_models):
+    return engine.load("rex", subject_models["rex"])
+
+
+def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex):
+    alone = request(num_images=2, guidance_scale=5.0)
+    [solo] = engine.generate(rex, [alone])
+    others = [
+        request(prompt="a photo of sks dog on the beach", seed=1, guidance_scale=9.0),
+        request(negative_prompt="blurry", seed=2, num_images=3, guidance_scale=1.5),
+    ]
+    batched = engine.generate(rex, [others[0], alone, others[1]])
+    assert [r.batch_size for r in batched] == [3, 3, 3] and batched[1].batch_images == 6
+    assert batched[1].seeds == solo.seeds == [7, 8]
+    for a, b in zip(solo.images, batched[1].images, strict=True):
+        # Different batch sizes may round differently in the last float bits: at most one 8-bit level.
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1 / 255 + 1e-6
+    # Image i of a request is image 0 of the same request seeded seed + i.
+    [second] = engine.generate(rex, [request(seed=8, guidance_scale=5.0)])
+    assert np.abs(pixels(second.images[0]) - pixels(solo.images[1])).max() <= 1 / 255 + 1e-6
+    # ... and different seeds give different images.
+    assert np.abs(pixels(solo.images[0]) - pixels(solo.images[1])).mean() > 0.01
+
+
+def test_batched_guidance_matches_a_two_pass_reference(engine, rex, subject_models):
+    """One UNet forward over both halves with per-sample scales == the textbook two forwards per request."""
+    requests = [request(seed=3, guidance_scale=2.0), request(prompt="sks dog in snow", seed=4, guidance_scale=8.0)]
+    batched = engine.generate(rex, requests)
+
+    pipe = load_pipeline(subject_models["rex"])
+    for req, result in zip(requests, batched, strict=True):
+        generator = torch.Generator().manual_seed(req.seed)
+        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(req.steps)
+        with torch.no_grad():
+            cond = pipe.encode_prompt(req.prompt, "cpu", 1, False)[0]
+            uncond = pipe.encode_prompt(req.negative_prompt, "cpu", 1, False)[0]
+            size = SIZE // pipe.vae_scale_factor
+            latents = torch.randn((1, 4, size, size), generator=generator) * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                x = scheduler.scale_model_input(latents, t)
+                noise_uncond = pipe.unet(x, t, encoder_hidden_states=uncond).sample
+                noise_cond = pipe.unet(x, t, encoder_hidden_states=cond).sample
+                noise = noise_uncond + req.guidance_scale * (noise_cond - noise_uncond)
+                latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        expected = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        assert np.abs(pixels(result.images[0]) - expected).max() <= 1 / 255
+
+
+def test_matches_diffusers_pipeline_with_the_same_generators(engine, rex, subject_models):
+    pipe = load_pipeline(subject_models["rex"])
+    req = request(num_images=2, guidance_scale=6.0, negative_prompt="low quality")
+    [result] = engine.generate(rex, [req])
+    expected = pipe(
+        req.prompt,
+        negative_prompt=req.negative_prompt,
+        num_images_per_prompt=2,
+        num_inference_steps=STEPS,
+        guidance_scale=req.guidance_scale,
+        height=SIZE,
+        width=SIZE,
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+        output_type="np",
+    ).images
+    for image, reference in zip(result.images, expected, strict=True):
+        assert np.abs(pixels(image) - reference).max() <= 1 / 255
+
+
+def test_two_subjects_share_the_base_components_but_draw_differently(engine, rex, subject_models):
+    fido = engine.load("fido", subject_models["fido"])
+    assert fido.vae is rex.vae and fido.tokenizer is rex.tokenizer
+    assert fido.text_encoder is rex.text_encoder  # not trained: the base's, shared
+    assert fido.unet is not rex.unet
+    [a] = engine.generate(rex, [request()])
+    [b] = engine.generate(fido, [request()])
+    assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).mean() > 0.01
+    assert rex.subject_class == "a photo of dog"
+
+
+def test_a_trained_text_encoder_is_not_shared(engine, rex, tiny_model, tmp_path):
+    from tests.conftest import write_subject_model
+
+    path = write_subject_model(tiny_model, tmp_path / "max", seed=5, train_text_encoder=True)
+    subject = engine.load("max", path)
+    assert subject.vae is rex.vae
+    assert subject.text_encoder is not rex.text_encoder
+
+
+def test_bad_batches_and_prompts_are_refused(engine, rex):
+    with pytest.raises(ValueError, match="one batch holds one"):
+        engine.generate(rex, [request(), request(steps=STEPS + 1)])
+    rex.check_prompt("prompt", "a photo of sks dog")
+    with pytest.raises(InputError, match="tokens; at most 77") as error:
+        rex.check_prompt("negative_prompt", "dog " * 100)
+    assert error.value.field == "negative_prompt"
