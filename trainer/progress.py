@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.events import EventLog
+from trainer.metrics import TrainMetrics
 
 
 class ProgressReporter:
@@ -21,6 +22,7 @@ class ProgressReporter:
         total_steps: int,
         start_step: int,
         interval_s: float = 1.0,
+        metrics: TrainMetrics | None = None,
     ):
         from tensorboardX import SummaryWriter
 
@@ -28,6 +30,7 @@ class ProgressReporter:
         self.writer = SummaryWriter(str(tensorboard_dir))
         self.total_steps = total_steps
         self.interval_s = interval_s
+        self.metrics = metrics
         self._window_start_time = time.perf_counter()
         self._window_start_step = start_step
         self._sums: torch.Tensor | None = None
@@ -69,6 +72,8 @@ class ProgressReporter:
         self.events.emit("progress", **fields)
         for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
             self.writer.add_scalar(f"train/{name}", fields[name], step)
+        if self.metrics is not None:
+            self.metrics.record_progress(step - self._window_start_step, loss_avg, steps_per_s)
         self._sums, self._count = None, 0
         self._window_start_time, self._window_start_step = now, step
 

@@ -23,6 +23,7 @@ from trainer.data import EncodedImages, derive_seed, encode_images, sample_indic
 from trainer.deepspeed_setup import compute_dtype, initialize
 from trainer.events import EventLog
 from trainer.images import find_instance_images
+from trainer.metrics import TrainMetrics
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.progress import ProgressReporter
 from trainer.spec import JobSpec
@@ -101,7 +102,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=str(device),
         start_step=start_step,
     )
-    reporter = ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step) if rank == 0 else None
+    # Prometheus metrics (through Ray's metrics agent) come from rank 0, like the events.
+    metrics = TrainMetrics(config["job_id"]) if rank == 0 else None
+    reporter = (
+        ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step, metrics=metrics)
+        if rank == 0
+        else None
+    )
     # Under ZeRO-3 every forward pass gathers the partitioned weights from all ranks, so every rank samples the
     # validation images with rank 0; under ZeRO-2 rank 0 holds all the weights and samples alone.
     validator = None
@@ -125,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     if rank == 0 and start_step > 0:
         events.emit("resumed", step=start_step)
+        metrics.record_restart()
 
     # 4. The loop. Each step's randomness is a function of (seed, step, micro-step, rank): see trainer.data.
     bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
@@ -169,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done % spec.checkpoint_interval == 0 or last:
             if pending_commit is not None:
                 pending_commit.join()
-            pending_commit, _ = save_and_report(
+            pending_commit, stall_s = save_and_report(
                 engine,
                 done,
                 {"loss": float(loss)},
@@ -177,6 +185,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "checkpoint", step=step, path=str(path), stall_s=stall_s
                 ),
             )
+            if metrics is not None:
+                metrics.record_checkpoint_stall(stall_s)
         if validator is not None and (last or (spec.validation_interval and done % spec.validation_interval == 0)):
             grid = validator.run(done, save=rank == 0)
             if rank == 0:

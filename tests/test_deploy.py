@@ -1,0 +1,490 @@
+"""Operations (deploy/): every file parses, the Kubernetes manifests and the cluster launcher config pass their
+schemas, the manifests agree with each other, the dashboards are current and query only metrics that exist,
+Prometheus' own tools accept the scrape configs and every dashboard query, and the trainer records its metrics.
+No Ray cluster is started; Prometheus comes from scripts/fetch-prometheus (fetched by scripts/bootstrap)."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from deploy.grafana import dashboards
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+PYPROJECT = (ROOT / "pyproject.toml").read_text()  # (tomllib would need Python 3.11; the project supports 3.10)
+VERSION = re.search(r'^version = "([^"]+)"$', PYPROJECT, re.M).group(1)
+IMAGE = f"ghcr.io/dreambooth-cluster/dreambooth-cluster:{VERSION}"
+# The oldest Kubernetes the manifests are for (gRPC probes are GA since 1.27), and the newest schemas we have.
+KUBERNETES_VERSIONS = ("1.30", "latest")
+
+
+def _yaml_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    """(file name, object) for every Kubernetes object under deploy/kubernetes/ (schemas/ excluded)."""
+    return [
+        (path.name, doc)
+        for path in sorted(KUBERNETES.glob("*.yaml"))
+        for doc in _yaml_documents(path)
+        if doc.get("kind") != "Kustomization"
+    ]
+
+
+def _objects(kind: str) -> list[dict]:
+    return [doc for _, doc in _manifests() if doc["kind"] == kind]
+
+
+# --- every file parses --------------------------------------------------------------------------------------------
+
+
+def test_every_yaml_and_json_file_under_deploy_parses():
+    files = [Path(p) for p in glob.glob(str(DEPLOY / "**" / "*"), recursive=True)]
+    checked = 0
+    for path in files:
+        if path.suffix in (".yaml", ".yml"):
+            assert _yaml_documents(path), f"{path} is empty"
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            continue
+        checked += 1
+    assert checked >= 12
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------------
+
+
+def _validate_builtin(obj: dict, version: str) -> None:
+    from kubernetes_validate import utils
+
+    utils.validate(obj, utils.latest_version() if version == "latest" else version, strict=True)
+
+
+def _validate_raycluster(obj: dict, version: str) -> None:
+    schema = yaml.safe_load((KUBERNETES / "schemas" / "raycluster-v1.openapi.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(obj)
+    # The schema leaves the pod templates open; they are Kubernetes PodTemplateSpecs, checked as such.
+    spec = obj["spec"]
+    for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        _validate_builtin(pod_template, version)
+
+
+def _validate(obj: dict, version: str) -> None:
+    if obj["kind"] == "RayCluster":
+        _validate_raycluster(obj, version)
+    else:
+        _validate_builtin(obj, version)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("name, obj", _manifests(), ids=lambda v: v if isinstance(v, str) else v.get("kind"))
+def test_kubernetes_manifest_passes_its_schema(name, obj, version):
+    _validate(obj, version)
+
+
+@pytest.mark.parametrize(
+    "kind, mutate",
+    [
+        ("Deployment", lambda d: d["spec"].update(replica=1)),  # misspelt field
+        ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(ports=[{"port": 1}])),
+        ("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplica=0)),
+        ("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName")),
+        ("RayCluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"].update(container=[])),
+        ("RayCluster", lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast")),
+    ],
+)
+def test_schema_validation_catches_mistakes(kind, mutate):
+    """The validation is real: a broken copy of a manifest is refused."""
+    obj = copy.deepcopy(_objects(kind)[0])
+    mutate(obj)
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(obj, "1.30")
+
+
+def test_manifests_refer_to_each_other_consistently():
+    claims = {o["metadata"]["name"] for o in _objects("PersistentVolumeClaim")}
+    config_maps = {o["metadata"]["name"] for o in _objects("ConfigMap")}
+    secrets = {o["metadata"]["name"]: o for o in _objects("Secret")}  # from secrets.example.yaml
+    (cluster,) = _objects("RayCluster")
+    pod_specs = [o["spec"]["template"]["spec"] for o in _objects("Deployment")]
+    pod_specs += [cluster["spec"]["headGroupSpec"]["template"]["spec"]]
+    pod_specs += [g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for pod in pod_specs:
+        for volume in pod.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets
+        for container in pod["containers"]:
+            assert container["image"] == IMAGE
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets[ref["name"]]["stringData"]
+            # Storage shared by all nodes: the same claim at the same path in every pod.
+            shared = [m for m in container["volumeMounts"] if m["name"] == "shared"]
+            assert shared == [{"name": "shared", "mountPath": "/shared"}]
+    assert all(o["metadata"]["namespace"] == "dreambooth" for _, o in _manifests() if o["kind"] != "Namespace")
+    (shared_claim,) = [o for o in _objects("PersistentVolumeClaim") if o["metadata"]["name"] == "dreambooth-shared"]
+    assert shared_claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Serve's Service selects the RayCluster's head pod (KubeRay's labels).
+    (serve,) = [o for o in _objects("Service") if o["metadata"]["name"] == "dreambooth-serve"]
+    assert serve["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    assert serve["spec"]["ports"][0]["port"] == 8000
+    # Every manifest file is applied by the kustomization (except the example Secrets).
+    (kustomization,) = _yaml_documents(KUBERNETES / "kustomization.yaml")
+    files = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml", "secrets.example.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def _controller_config(tmp_path: Path):
+    """The controller's config as its pod assembles it: the Deployment's own start command, run with the
+    ConfigMap's and the example Secret's files, loaded by the controller's config loader."""
+    from controller.config import ControllerConfig
+
+    (deployment,) = _objects("Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    (config_map,) = _objects("ConfigMap")
+    secret = next(o for o in _objects("Secret") if o["metadata"]["name"] == "dreambooth-controller")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    files = {mounts["config"]: config_map["data"], mounts["secret"]: secret["stringData"], mounts["run"]: {}}
+    command = container["args"][0]
+    for mount, contents in files.items():
+        local = tmp_path / mount.strip("/")
+        local.mkdir(parents=True)
+        for name, text in contents.items():
+            (local / name).write_text(text)
+        command = command.replace(mount + "/", f"{local}/")
+    command = command.replace("python -c", f"{sys.executable} -c").replace("exec dreambooth controller --config", "cat")
+    merged = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=True).stdout
+    path = tmp_path / "controller.yaml"
+    path.write_text(merged)
+    return ControllerConfig.load(path), deployment
+
+
+def test_controller_pod_config_merges_configmap_and_secret(tmp_path):
+    config, deployment = _controller_config(tmp_path)
+    assert [t.name for t in config.tenants] == ["alice"]  # from the Secret
+    assert str(config.storage).startswith("/shared/")  # on the shared volume, like the Ray pods'
+    (cluster,) = _objects("RayCluster")
+    assert config.ray_dashboard_url == f"http://{cluster['metadata']['name']}-head-svc:8265"
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert int(config.listen.rpartition(":")[2]) == ports["grpc"] == 50051
+    assert int(config.metrics_listen.rpartition(":")[2]) == ports["metrics"] == 9464
+    db_mount = next(
+        m["mountPath"]
+        for m in deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        if m["name"] == "db"
+    )
+    assert config.effective_database_url == f"sqlite:///{db_mount}/controller.db"
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two controllers at once
+
+
+# --- Ray cluster launcher, image ----------------------------------------------------------------------------------
+
+
+def test_cluster_launcher_config_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's schema (ray-schema.json) and its own checks
+    assert config["docker"]["image"] == IMAGE
+    assert "-v /shared:/shared" in config["docker"]["run_options"]
+    head = config["available_node_types"][config["head_node_type"]]
+    assert "InstanceType" in head["node_config"]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # GPU types
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert "--metrics-export-port=8080" in command
+    assert ".venv" in config["rsync_exclude"]
+
+
+def _constraint(name: str) -> str:
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(f"{name}=="):
+            return line.split("==", 1)[1]
+    raise AssertionError(f"{name} is not pinned in constraints.txt")
+
+
+def test_dockerfile_copies_what_exists_on_the_tested_stack():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert base == f"rayproject/ray:{_constraint('ray')}-py311-gpu"  # the Ray of constraints.txt, Python 3.11
+    assert re.search(rf"^ARG TORCH_SPEC=torch=={re.escape(_constraint('torch'))}$", text, re.M)
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()}
+    sources = [src for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M) for src in line.split()[:-1]]
+    assert "constraints.txt" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+        assert source.strip("/") not in ignored, f"{source} is excluded by .dockerignore"
+    include = re.search(r"^include = \[(.*)\]$", PYPROJECT, re.M).group(1)
+    for pattern in re.findall(r'"([^"]+)"', include):  # every package pyproject installs is in the build context
+        assert f"{pattern.rstrip('*')}/" in sources
+
+
+# --- Grafana ------------------------------------------------------------------------------------------------------
+
+
+def test_committed_dashboards_are_what_the_code_generates():
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.grafana.dashboards", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_notices_a_stale_dashboard(tmp_path, capsys):
+    assert dashboards.main(["--out-dir", str(tmp_path)]) == 0
+    assert dashboards.main(["--check", "--out-dir", str(tmp_path)]) == 0
+    path = tmp_path / "serving.json"
+    path.write_text(path.read_text().replace("Healthy replicas", "Replicas"))
+    assert dashboards.main(["--check", "--out-dir", str(tmp_path)]) == 1
+    assert "serving.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(dashboards.DASHBOARDS))
+def test_dashboard_structure(name):
+    data = json.loads((DEPLOY / "grafana" / "dashboards" / f"{name}.json").read_text())
+    assert data["uid"] == f"dreambooth-{name}"
+    panels = data["panels"] + [p for row in data["panels"] for p in row.get("panels", [])]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    graphs = [p for p in panels if p["type"] != "row"]
+    assert len(graphs) >= 10
+    for panel in graphs:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(set(ref_ids)) == len(ref_ids) and all(ref_ids), panel["title"]
+        for target in panel["targets"]:
+            # Rates over Grafana's own window (or a fixed long one for rare events), never a bare counter.
+            for window in re.findall(r"\[([^\]]+)\]", target["expr"]):
+                assert window in ("$__rate_interval", dashboards.SPARSE), target["expr"]
+    variables = {v["name"] for v in data["templating"]["list"]}
+    assert "datasource" in variables
+
+
+def test_dashboards_cover_the_issue():
+    titles = {
+        name: [
+            p["title"] for p in json.loads((DEPLOY / "grafana" / "dashboards" / f"{name}.json").read_text())["panels"]
+        ]
+        for name in dashboards.DASHBOARDS
+    }
+    text = {name: " ".join(t).lower() for name, t in titles.items()}
+    for words in (
+        "jobs by state",
+        "queue wait",
+        "steps per second",
+        "loss",
+        "checkpoint stall",
+        "failures",
+        "restarts",
+    ):
+        assert words in text["training"], words
+    for words in ("requests", "errors", "latency", "batch size", "queue depth", "replicas", "loaded models", "gpu"):
+        assert words in text["serving"], words
+    expressions = " ".join(dashboards.all_promql_expressions())
+    for quantile in ("histogram_quantile(0.5,", "histogram_quantile(0.99,"):
+        assert quantile in expressions
+
+
+def test_all_promql_expressions_fill_in_every_variable():
+    expressions = dashboards.all_promql_expressions()
+    assert len(expressions) >= 30
+    assert not [e for e in expressions if "$" in e]
+    assert any("[1m]" in e for e in expressions) and any('job_id=~".*"' in e for e in expressions)
+    with pytest.raises(ValueError, match="no value for a variable"):
+        dashboards.all_promql_expressions({"$__rate_interval": "1m"})
+
+
+def _metric_names(expression: str) -> set[str]:
+    # Label names never start with these prefixes; metric names of this project and its exporters do.
+    return set(re.findall(r"\b((?:dreambooth_|ray_|DCGM_)[A-Za-z0-9_]+)\b", expression))
+
+
+def _base_name(name: str) -> str:
+    """A metric family's name as defined in code: without Ray's `ray_` prefix and histogram suffixes."""
+    name = re.sub(r"_(bucket|count|sum)$", "", name)
+    return name.removeprefix("ray_")
+
+
+def _string_literals(paths: list[Path]) -> set[str]:
+    return {m for path in paths for m in re.findall(r"""["']([a-z_]+)["']""", path.read_text(errors="replace"))}
+
+
+def test_dashboards_query_only_metrics_that_exist():
+    """Every metric the dashboards query is defined: by the controller (its registry), the trainer
+    (trainer/metrics.py), serving (serving/*.py), Ray itself (its sources), or the DCGM exporter."""
+    from controller.metrics import REGISTRY
+    from trainer.metrics import TrainMetrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    controller = {f.name + suffix for f in REGISTRY.collect() for suffix in suffixes[f.type]}
+    trainer = {m._name for m in vars(TrainMetrics("job")).values()}
+    serving_files = sorted((ROOT / "serving").glob("*.py"))
+    serving = _string_literals(serving_files)
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    ray_sources = [p for d in ("serve", "dashboard", "_private") for p in (ray_dir / d).rglob("*.py")]
+    ray_literals = _string_literals(ray_sources)
+    # Names Ray builds with an f-string (serve_num_{protocol}_requests in request_ingress_metrics.py).
+    ray_literals |= {"serve_num_http_requests"}
+    missing = []
+    for expression in dashboards.all_promql_expressions():
+        for name in _metric_names(expression):
+            base = _base_name(name)
+            if name.startswith("DCGM_FI_DEV_"):
+                continue  # NVIDIA's exporter; its names are documented, not in this repository
+            if name.startswith("dreambooth_"):
+                found = name in controller
+            elif base.startswith("dreambooth_train_"):
+                found = base.removesuffix("_total") in trainer
+            elif base.startswith("dreambooth_serve_"):
+                if not any("dreambooth_serve_" in p.read_text() for p in serving_files):
+                    pytest.skip("serving/ defines no metrics yet")
+                found = base in serving or base.removesuffix("_total") in serving
+            else:
+                found = base in ray_literals or base.removesuffix("_total") in ray_literals
+            if not found:
+                missing.append(name)
+    assert not missing, f"the dashboards query metrics nothing defines: {sorted(set(missing))}"
+
+
+# --- Prometheus ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    """Prometheus' binaries, from the cache scripts/fetch-prometheus fills (scripts/bootstrap runs it: the tests
+    themselves run without a network)."""
+    result = subprocess.run([ROOT / "scripts" / "fetch-prometheus"], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        if shutil.which("apt-get") is None:
+            pytest.skip("no apt-get here: scripts/fetch-prometheus takes Prometheus from Debian's packages")
+        pytest.fail(f"scripts/fetch-prometheus failed (run it once with a network):\n{result.stderr}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def _promtool(prometheus_bin: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([prometheus_bin / "promtool", *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def test_fetched_prometheus_runs(prometheus_bin):
+    for binary in ("prometheus", "promtool"):
+        result = subprocess.run([prometheus_bin / binary, "--version"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and "version" in (result.stdout + result.stderr)
+
+
+def test_promtool_accepts_the_scrape_config(prometheus_bin):
+    result = _promtool(prometheus_bin, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scrape_config_targets_match_the_components():
+    import ray._private.ray_constants as ray_constants
+
+    from controller.config import ControllerConfig
+
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    default_metrics = ControllerConfig(storage=Path("/x")).metrics_listen
+    assert jobs["dreambooth-controller"]["static_configs"][0]["targets"] == [default_metrics]
+    (files,) = [sd["files"] for sd in jobs["ray"]["file_sd_configs"]]
+    assert files == [f"/tmp/ray/{ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+
+
+def test_promtool_accepts_the_kubernetes_scrape_config(prometheus_bin, tmp_path):
+    """Debian builds Prometheus without Kubernetes discovery, so the pods are swapped for a static target and
+    promtool checks the rest (relabelling included)."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+        job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = _promtool(prometheus_bin, "check", "config", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_parses_every_dashboard_query(prometheus_bin, tmp_path):
+    """Each query becomes a recording rule, which promtool parses and type-checks with Prometheus' own PromQL."""
+    rules = [{"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(dashboards.all_promql_expressions())]
+    path = tmp_path / "dashboards.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = _promtool(prometheus_bin, "check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(rules)} rules found" in result.stdout
+
+
+# --- trainer metrics ----------------------------------------------------------------------------------------------
+
+
+class _RecordingMetrics:
+    def __init__(self):
+        self.progress: list[tuple] = []
+
+    def record_progress(self, steps_done, loss, steps_per_second):
+        self.progress.append((steps_done, loss, steps_per_second))
+
+
+def test_progress_reporter_records_metrics_each_window(tmp_path):
+    import torch
+
+    from trainer.events import EventLog
+    from trainer.progress import ProgressReporter
+
+    metrics = _RecordingMetrics()
+    reporter = ProgressReporter(
+        EventLog(tmp_path / "events.jsonl"),
+        tmp_path / "tb",
+        total_steps=10,
+        start_step=4,
+        interval_s=3600,
+        metrics=metrics,
+    )
+    for step, loss in ((5, 1.0), (6, 3.0)):
+        value = torch.tensor(loss)
+        reporter.step(step, value, value, value, lr=1e-5)
+    reporter.step(7, torch.tensor(5.0), torch.tensor(5.0), torch.tensor(5.0), lr=1e-5, force=True)
+    reporter.close()
+    ((steps_done, loss, steps_per_second),) = metrics.progress  # one window: steps 5-7, resumed at 4
+    assert steps_done == 3 and loss == pytest.approx(3.0) and steps_per_second > 0
+
+
+def test_train_metrics_record_without_a_ray_cluster():
+    """The trainer's metrics are plain ray.util.metrics: recording is safe wherever the loop runs."""
+    from trainer.metrics import TrainMetrics
+
+    metrics = TrainMetrics("job-1")
+    metrics.record_progress(0, 0.5, 0.0)  # an empty window: Ray's Counter refuses inc(0), so it is skipped
+    metrics.record_progress(3, 0.5, 1.5)
+    metrics.record_checkpoint_stall(2.0)
+    metrics.record_restart()
+    names = sorted(m._name for m in vars(metrics).values())
+    assert names == [
+        "dreambooth_train_checkpoint_stall_seconds",
+        "dreambooth_train_loss",
+        "dreambooth_train_restarts",
+        "dreambooth_train_steps",
+        "dreambooth_train_steps_per_second",
+    ]
