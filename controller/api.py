@@ -170,13 +170,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     @rpc
     def DeployModel(self, request, context, tenant):
-        self.service.get_model(tenant, request.model_id)
-        raise FailedPrecondition("serving is not configured on this controller yet")
+        return models_pb2.DeployModelResponse(model=model_proto(self.service.deploy_model(tenant, request.model_id)))
 
     @rpc
     def UndeployModel(self, request, context, tenant):
-        self.service.get_model(tenant, request.model_id)
-        raise FailedPrecondition("serving is not configured on this controller yet")
+        model = self.service.undeploy_model(tenant, request.model_id)
+        return models_pb2.UndeployModelResponse(model=model_proto(model))
 
 
 # --- conversions ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from dreambooth.errors import InputError
+from serving.config import ServeConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ControllerConfig:
     capacity_cpus: float | None = None
     """Override the cluster's CPUs/GPUs the scheduler may hand out (default: the alive nodes' totals)."""
     capacity_gpus: float | None = None
+    serving: ServeConfig | None = None
+    """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,
+    DeployModel answers FAILED_PRECONDITION."""
 
     @property
     def effective_database_url(self) -> str:
@@ -61,6 +65,8 @@ class ControllerConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(unknown[0], f"unknown controller setting(s) {unknown}")
+        if "serving" in data:
+            data["serving"] = ServeConfig.from_dict(data["serving"] or {})
         for key in ("storage", "tls_cert", "tls_key"):
             if data.get(key):
                 data[key] = (Path(path).parent / data[key]).resolve()

@@ -67,6 +67,8 @@ class Reconciler:
         for job in self.store.active_jobs():
             self._follow(job)
         self._schedule()
+        if self.service.serving is not None:
+            self.service.serving.reconcile()
         metrics.set_jobs_by_state(self.store.count_jobs_by_state())
 
     # --- starting ------------------------------------------------------------------------------------

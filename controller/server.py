@@ -26,8 +26,10 @@ from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
 from controller.reconciler import Reconciler
 from controller.service import JobService
+from controller.serving import ServingSync
 from controller.store import Store
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from serving.deployer import ServeDeployer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ def start(config: ControllerConfig) -> Controller:
     store = Store(config.effective_database_url)
     feed = ChangeFeed()
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
-    service = JobService(config, store, ray_jobs, feed)
+    serving = ServingSync(store, ServeDeployer(config.ray_dashboard_url, config.serving)) if config.serving else None
+    service = JobService(config, store, ray_jobs, feed, serving)
     reconciler = Reconciler(config, store, ray_jobs, feed, service)
     if not config.tenants:
         log.warning("no tenants configured: authentication is OFF (everyone is tenant 'default')")

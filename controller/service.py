@@ -24,6 +24,7 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import FailedPrecondition, NotFound, QuotaExceeded
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs
+from controller.serving import ServingSync
 from controller.store import RUNNING_STATES, STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
@@ -44,11 +45,19 @@ class ImageInput:
 
 
 class JobService:
-    def __init__(self, config: ControllerConfig, store: Store, ray_jobs: RayJobs, feed: ChangeFeed):
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: Store,
+        ray_jobs: RayJobs,
+        feed: ChangeFeed,
+        serving: ServingSync | None = None,
+    ):
         self.config = config
         self.store = store
         self.ray_jobs = ray_jobs
         self.feed = feed
+        self.serving = serving
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": Tenant("default", ())}
 
     # --- jobs ------------------------------------------------------------------------------------------
@@ -204,6 +213,28 @@ class JobService:
         if model is None:
             raise NotFound(f"model {model_id!r} not found")
         return model
+
+    def deploy_model(self, tenant: str, model_id: str) -> ModelRecord:
+        """Marks the model served (durably) and applies that to Ray Serve; idempotent."""
+        self.get_model(tenant, model_id)
+        serving = self._serving()
+        model = self.store.update_model(model_id, deployed=True, endpoint=self.config.serving.endpoint(model_id))
+        serving.apply()
+        return model
+
+    def undeploy_model(self, tenant: str, model_id: str) -> ModelRecord:
+        self.get_model(tenant, model_id)
+        serving = self._serving()
+        model = self.store.update_model(model_id, deployed=False, endpoint="")
+        serving.apply()
+        return model
+
+    def _serving(self) -> ServingSync:
+        if self.serving is None:
+            raise FailedPrecondition(
+                "serving is not configured on this controller: add a `serving:` section to its config"
+            )
+        return self.serving
 
     def list_models(self, tenant: str, page_size: int, page_token: str):
         if not 0 <= page_size <= 1000:

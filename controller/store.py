@@ -286,6 +286,12 @@ class Store:
         rows, token = self._page(query, models.c.create_time, models.c.model_id, page_size, page_token, "m")
         return [ModelRecord(**r._mapping) for r in rows], token
 
+    def deployed_models(self) -> list[ModelRecord]:
+        """Every tenant's models marked for serving."""
+        query = sa.select(models).where(models.c.deployed.is_(True)).order_by(models.c.model_id)
+        with self.engine.connect() as conn:
+            return [ModelRecord(**r._mapping) for r in conn.execute(query)]
+
     def update_model(self, model_id: str, **fields: Any) -> ModelRecord:
         _check_fields(fields, _MODEL_FIELDS)
         with self._writing() as conn:

@@ -8,7 +8,7 @@ On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLL
 dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
 dreambooth jobs [--state S]            the jobs, newest first
 dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled
-dreambooth cancel JOB | logs JOB | models
+dreambooth cancel JOB | logs JOB | models | deploy MODEL | undeploy MODEL | generate MODEL PROMPT
 """
 
 from __future__ import annotations
@@ -102,6 +102,19 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     add("cancel", _cancel, "stop a queued or running job").add_argument("job_id")
     add("logs", _logs, "print a job's training log").add_argument("job_id")
     add("models", _models, "list the trained models")
+    deploy = add("deploy", _deploy, "serve a trained model over HTTP; prints its endpoint")
+    deploy.add_argument("model_id")
+    deploy.add_argument("--no-wait", action="store_true", help="return before the replicas serve it")
+    add("undeploy", _undeploy, "stop serving a model").add_argument("model_id")
+    generate = add("generate", _generate, "generate images of a deployed model into PNG files")
+    generate.add_argument("model_id")
+    generate.add_argument("prompt", help='use the identifier, e.g. "a photo of sks dog on the beach"')
+    generate.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs (default: .)")
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance-scale", type=float, default=7.5)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--negative-prompt", default="")
 
 
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
@@ -184,6 +197,48 @@ def _models(client: DreamBoothClient, args: argparse.Namespace) -> int:
         for m in client.models()
     ]
     _print_table(("ID", "JOB", "DEPLOYED", "ENDPOINT", "AGE"), rows)
+    return 0
+
+
+def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    from dreambooth.serving_client import wait_until_served
+
+    model = client.deploy(args.model_id)
+    if not args.no_wait:
+        wait_until_served(model.endpoint)
+    print(model.endpoint)
+    return 0
+
+
+def _undeploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    client.undeploy(args.model_id)
+    return 0
+
+
+def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    from dreambooth.serving_client import ServingError, generate
+
+    model = client.model(args.model_id)
+    if not model.deployed:
+        print(f"error: model {args.model_id} is not deployed: run `dreambooth deploy {args.model_id}`", file=sys.stderr)
+        return 2
+    options = {
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "negative_prompt": args.negative_prompt,
+    }
+    try:
+        images = generate(model.endpoint, args.prompt, **options)
+    except ServingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if 400 <= e.status < 500 else 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(images):
+        path = args.out / f"{args.model_id}-{args.seed + i}.png"
+        path.write_bytes(png)
+        print(path)
     return 0
 
 

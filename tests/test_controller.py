@@ -6,10 +6,12 @@ succeeds (and is watched), one cancelled mid-training, one that survives `kill -
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,12 +20,15 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from PIL import Image
 
 from controller.config import ControllerConfig, Tenant
 from controller.server import start
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
+from dreambooth.serving_client import ServingError, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2
+from serving.config import ServeConfig
 
 TENANTS = (
     Tenant("alice", ("alice-token",), max_running_jobs=2, max_queued_jobs=5),
@@ -50,7 +55,7 @@ def job_spec(tiny_model: Path, images: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def controller(ray_cluster, tmp_path_factory):
+def controller(ray_cluster, tmp_path_factory, serve_port):
     storage = tmp_path_factory.mktemp("controller-storage")
     config = ControllerConfig(
         storage=storage,
@@ -59,6 +64,8 @@ def controller(ray_cluster, tmp_path_factory):
         tenants=TENANTS,
         metrics_listen="127.0.0.1:0",
         reconcile_interval_s=0.3,
+        # Its own Serve application next to other tests' (one Serve HTTP port per cluster).
+        serving=ServeConfig(app_name="controller-test", route_prefix="/ctl", http_port=serve_port, cpus_per_replica=0),
     )
     running = start(config)
     yield running
@@ -77,7 +84,7 @@ def bob(controller):
         yield client
 
 
-def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, tiny_model, dog_images):
+def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, bob, tiny_model, dog_images):
     spec = job_spec(tiny_model, dog_images)
     job = alice.submit(spec, request_id="first-dog")
     assert job.state == jobs_pb2.STATE_QUEUED and job.job_id.startswith("job-")
@@ -108,6 +115,31 @@ def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, ti
     with pytest.raises(ClientError) as error:
         alice.cancel(job.job_id)
     assert error.value.code == "FAILED_PRECONDITION"
+    deploy_generate_undeploy(alice, bob, done.model_id)
+
+
+def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, model_id: str) -> None:
+    """The trained model, deployed through the controller, answers over HTTP; undeployed, it is gone."""
+    with pytest.raises(ClientError) as error:
+        bob.deploy(model_id)  # another tenant's model
+    assert error.value.code == "NOT_FOUND"
+    model = alice.deploy(model_id)
+    assert model.deployed and model.endpoint.endswith(f"/ctl/v1/models/{model_id}/generate")
+    assert alice.model(model_id).endpoint == model.endpoint
+    wait_until_served(model.endpoint)
+    [png] = generate(model.endpoint, "a photo of sks dog on the moon", steps=2, seed=1)
+    assert Image.open(io.BytesIO(png)).size == (64, 64)  # the job's resolution
+
+    assert not alice.undeploy(model_id).deployed
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the replicas are reconfigured a moment after the RPC returns
+        try:
+            generate(model.endpoint, "a photo of sks dog", steps=2)
+        except ServingError as e:
+            assert e.status == 404, e
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{model.endpoint} still serves {model_id} a minute after UndeployModel")
 
 
 def test_cancel_mid_training_stops_the_ray_job(alice, controller, tiny_model, dog_images):

@@ -670,3 +670,15 @@ def test_the_server_still_serves_after_the_fuzzing(channel, controller):
     code, _, _ = call(channel, method("ListJobs"), jobs_pb2.ListJobsRequest(page_size=5).SerializeToString())
     assert code == S.OK
     assert os.path.isdir(controller.service.config.storage)
+
+
+def test_deploy_without_serving_configured_is_a_failed_precondition(controller, channel):
+    from controller.store import ModelRecord
+    from dreambooth.v1 import models_pb2
+
+    controller.service.store.insert_model(ModelRecord("model-x", "fuzzer", "job-x", "/nowhere"))
+    request = models_pb2.DeployModelRequest(model_id="model-x").SerializeToString()
+    code, details, _ = call(channel, "/dreambooth.v1.ModelService/DeployModel", request)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "serving:" in details
+    code, _, _ = call(channel, "/dreambooth.v1.ModelService/DeployModel", request, metadata=OTHER_AUTH)
+    assert code == grpc.StatusCode.NOT_FOUND

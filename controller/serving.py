@@ -1,0 +1,58 @@
+"""Keeps Ray Serve serving exactly the models the store marks deployed.
+
+The store is the truth (a Deploy is one committed update); this applies it to the Serve application through
+the dashboard's REST API (serving/deployer.py). A Deploy applies at once; the reconciler applies again after a
+failure (Ray unreachable) and when the application has vanished (a restarted Ray cluster), so serving converges
+on what the store says however the controller, Ray or Serve come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from controller.store import Store
+from serving.deployer import ServeDeployer
+
+log = logging.getLogger(__name__)
+
+VERIFY_INTERVAL_S = 30.0  # how often the reconciler checks that the application still exists
+RETRY_INTERVAL_S = 5.0
+
+
+class ServingSync:
+    def __init__(self, store: Store, deployer: ServeDeployer):
+        self.store = store
+        self.deployer = deployer
+        self._lock = threading.Lock()
+        self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
+        self._next_check = 0.0
+
+    def apply(self) -> None:
+        """Applies the store's deployed set now; on failure, leaves it to the reconciler."""
+        with self._lock:
+            models = {model.model_id: model.path for model in self.store.deployed_models()}
+            try:
+                self.deployer.apply(models)
+            except Exception as e:
+                self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
+                log.warning("could not apply %d deployed model(s) to Ray Serve (retrying): %s", len(models), e)
+                return
+            self._dirty, self._next_check = False, time.monotonic() + VERIFY_INTERVAL_S
+
+    def reconcile(self) -> None:
+        """One reconciler pass: re-apply when a previous apply failed or the application is gone."""
+        if time.monotonic() < self._next_check:
+            return
+        if not self._dirty:
+            try:
+                missing = self.deployer.status() == "NOT_DEPLOYED"
+            except Exception as e:
+                log.warning("could not read Ray Serve's status (retrying): %s", e)
+                self._next_check = time.monotonic() + RETRY_INTERVAL_S
+                return
+            if not missing:
+                self._next_check = time.monotonic() + VERIFY_INTERVAL_S
+                return
+        self.apply()

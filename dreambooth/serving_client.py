@@ -1,0 +1,61 @@
+"""A small HTTP client of the serving API (serving/http_api.py), standard library only.
+
+    model = client.deploy(model_id)                    # the gRPC SDK: returns the model's endpoint
+    wait_until_served(model.endpoint)
+    png = generate(model.endpoint, "a photo of sks dog on the beach", seed=3)[0]
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class ServingError(Exception):
+    """An HTTP error from the serving API: `status` and the server's detail."""
+
+    def __init__(self, status: int, detail: Any, retry_after_s: float | None = None):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+def generate(endpoint: str, prompt: str, timeout_s: float = 600, **options: Any) -> list[bytes]:
+    """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
+    width, height (see GenerateBody)."""
+    body = {"prompt": prompt, **options, "output_format": "json"}
+    reply = _request(endpoint, json.dumps(body).encode(), timeout_s)
+    return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
+
+
+def wait_until_served(endpoint: str, timeout_s: float = 300) -> None:
+    """Blocks until the serving API lists the model of `endpoint` (replicas reconfigure a moment after Deploy)."""
+    model_url = endpoint.removesuffix("/generate")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _request(model_url, None, timeout_s=10)
+            return
+        except (ServingError, OSError) as e:  # 404 until reconfigured; refused/reset while Serve starts
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model_url} not served after {timeout_s:.0f} s: {e}") from e
+        time.sleep(0.5)
+
+
+def _request(url: str, data: bytes | None, timeout_s: float) -> Any:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail")
+        except ValueError:
+            detail = e.reason
+        retry_after = e.headers.get("Retry-After")
+        raise ServingError(e.code, detail, float(retry_after) if retry_after else None) from e
