@@ -1,0 +1,240 @@
+"""Serving throughput: the sampling engine with request batching against diffusers' pipeline per request.
+
+Both sides run in one invocation on the same model, prompt, steps, size and guidance scale, with 1, 4 and 16
+concurrent closed-loop clients (each sends its next request when the previous one answers):
+
+1. baseline: diffusers' StableDiffusionPipeline called once per request (one request at a time: a pipeline
+   is not safe to call from several threads, and one GPU runs one such call at a time anyway).
+2. engine: serving.engine.SamplingEngine behind a micro-batcher that does what `@serve.batch` does in the Ray
+   Serve replica (serving/app.py): it waits up to --batch-wait-s for up to --max-batch-size images and samples
+   them in one call, both guidance halves of every request in one UNet forward. Serve itself is not here
+   (its HTTP dependencies are missing on the GPU machine), so this measures the engine and batching, not HTTP.
+
+    .venv/bin/python bench/serve_throughput.py                     # CPU: tiny model, 64 px, fp32
+    python bench/serve_throughput.py --model sd15                  # GPU: random SD-1.5-sized, 512 px, 25 steps, fp16
+
+Target (GPU, sd15, 512 px, 25 steps): at 16 clients, >= 3x the baseline's images/s with p99 latency <= 4x a
+lone request's (the engine's p50 at 1 client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dreambooth.sd_model import load_pipeline
+from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
+from serving.engine import GenerationRequest, SamplingEngine, default_dtype
+
+BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
+DEFAULT_SIZE = {"tiny": 64, "sd15": 512}
+PROMPT = "a photo of sks dog on the beach"
+
+
+@dataclass
+class Row:
+    what: str
+    clients: int
+    images_per_s: float
+    p50_s: float
+    p99_s: float
+    mean_batch: float
+    peak_memory_gib: float | None
+
+
+class MicroBatcher:
+    """Collects concurrent requests into batches of up to `max_images` images, like @serve.batch."""
+
+    def __init__(self, engine: SamplingEngine, model, max_images: int, wait_s: float):
+        self.engine, self.model, self.max_images, self.wait_s = engine, model, max_images, wait_s
+        self.pending: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
+        self.batch_sizes: list[int] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest):
+        future: Future = Future()
+        self.pending.put((request, future))
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            deadline = time.monotonic() + self.wait_s
+            while sum(r.num_images for r, _ in batch) < self.max_images:
+                try:
+                    batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            self.batch_sizes.append(len(batch))
+            results = self.engine.generate(self.model, [request for request, _ in batch])
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
+
+
+def closed_loop(call, clients: int, requests_per_client: int, seed0: int) -> tuple[float, list[float]]:
+    """Images/s and per-request latencies of `clients` threads each sending `requests_per_client` requests."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        for i in range(requests_per_client):
+            start = time.perf_counter()
+            call(seed0 + index * 1000 + i)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return clients * requests_per_client / (time.perf_counter() - start), latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="sd15" if cuda else "tiny")
+    parser.add_argument("--model-dir", help="default: ~/.cache/dreambooth-cluster/models/<model>")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, help="pixels (default: 64 tiny, 512 sd15)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument("--only", choices=("engine", "baseline"))
+    parser.add_argument("--clip-bpe", help=f"CLIP's vocabulary file where open_clip_torch is missing (${CLIP_BPE_ENV})")
+    parser.add_argument("--out", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.clip_bpe:
+        os.environ[CLIP_BPE_ENV] = str(Path(args.clip_bpe).resolve())
+    size = args.size or DEFAULT_SIZE[args.model]
+    levels = [int(c) for c in args.clients.split(",")]
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = default_dtype(device)
+    model_dir = BUILDERS[args.model](
+        Path(args.model_dir or f"~/.cache/dreambooth-cluster/models/{args.model}").expanduser()
+    )
+    print(f"model {args.model} ({model_dir}), {size} px, {args.steps} steps, {dtype}, {device}", flush=True)
+
+    def request(seed: int) -> GenerationRequest:
+        return GenerationRequest(PROMPT, "", 1, args.steps, args.guidance_scale, seed, size, size)
+
+    rows: list[Row] = []
+    if args.only != "engine":
+        pipe = load_pipeline(model_dir, dtype=dtype, device=device)
+        lock = threading.Lock()
+
+        def baseline(seed: int) -> None:
+            with lock:
+                pipe(
+                    PROMPT,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale,
+                    height=size,
+                    width=size,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pil",
+                )
+
+        baseline(0)  # warm-up (CUDA kernels, allocator)
+        peak_memory_gib(device)
+        for clients in levels:
+            rate, latencies = closed_loop(baseline, clients, args.requests_per_client, seed0=1)
+            rows.append(
+                Row(
+                    "diffusers pipeline per request",
+                    clients,
+                    rate,
+                    percentile(latencies, 50),
+                    percentile(latencies, 99),
+                    1.0,
+                    peak_memory_gib(device),
+                )
+            )
+            print(rows[-1], flush=True)
+        del pipe
+        if cuda:
+            torch.cuda.empty_cache()
+
+    if args.only != "baseline":
+        engine = SamplingEngine(device=device, dtype=dtype)
+        model = engine.load("bench", model_dir)
+        engine.generate(model, [request(0)])  # warm-up
+        for clients in levels:
+            batcher = MicroBatcher(engine, model, args.max_batch_size, args.batch_wait_s)
+            peak_memory_gib(device)
+            rate, latencies = closed_loop(
+                lambda seed, b=batcher: b.submit(request(seed)), clients, args.requests_per_client, seed0=1
+            )
+            rows.append(
+                Row(
+                    "engine + batching (this service)",
+                    clients,
+                    rate,
+                    percentile(latencies, 50),
+                    percentile(latencies, 99),
+                    statistics.mean(batcher.batch_sizes),
+                    peak_memory_gib(device),
+                )
+            )
+            print(rows[-1], flush=True)
+
+    print(render(rows, levels))
+    if args.out:
+        Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+def render(rows: list[Row], levels: list[int]) -> str:
+    lines = [
+        "",
+        "| side | clients | images/s | p50 s | p99 s | mean batch | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        memory = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
+        lines.append(
+            f"| {r.what} | {r.clients} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.mean_batch:.1f} | "
+            f"{memory} |"
+        )
+    by = {(r.what.split()[0], r.clients): r for r in rows}
+    most = max(levels)
+    if ("engine", most) in by and ("diffusers", most) in by and ("engine", 1) in by:
+        speedup = by[("engine", most)].images_per_s / by[("diffusers", most)].images_per_s
+        tail = by[("engine", most)].p99_s / by[("engine", 1)].p50_s
+        verdict = "PASS" if speedup >= 3 and tail <= 4 else "MISS"
+        lines.append(
+            f"\nat {most} clients: {speedup:.2f}x the baseline's images/s (target >= 3x); p99 = {tail:.2f}x a lone "
+            f"request's latency (target <= 4x): {verdict}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
