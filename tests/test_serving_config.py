@@ -1,0 +1,102 @@
+"""Serving's configuration, request bounds and the Serve config it produces: pure logic, no cluster."""
+
+from __future__ import annotations
+
+import pytest
+from ray.serve.schema import ServeDeploySchema
+
+from dreambooth.errors import InputError
+from serving.app import build_app
+from serving.config import RequestLimits, ServeConfig
+from serving.deployer import ServeDeployer
+from serving.http_api import GenerateBody, to_generation_request
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"http_port": 0}, "serving.http_port"),
+        ({"route_prefix": "v1"}, "serving.route_prefix"),
+        ({"device": "tpu"}, "serving.device"),
+        ({"min_replicas": 2, "max_replicas": 1}, "serving.max_replicas"),
+        ({"max_batch_size": 8, "max_ongoing_requests": 4}, "serving.max_ongoing_requests"),
+        ({"max_batch_size": 2, "limits": {"max_images": 4}}, "serving.limits.max_images"),
+        ({"proxy_location": "Everywhere"}, "serving.proxy_location"),
+        ({"batch_size": 8}, "serving.batch_size"),  # a typo of max_batch_size
+        ({"limits": {"max_step": 9}}, "serving.limits.max_step"),
+    ],
+)
+def test_bad_settings_name_the_setting(settings, field):
+    with pytest.raises(InputError) as error:
+        ServeConfig.from_dict(settings)
+    assert error.value.field == field
+
+
+def test_endpoint_and_round_trip():
+    config = ServeConfig(http_port=9000, route_prefix="/img/")
+    assert config.endpoint("m1") == "http://127.0.0.1:9000/img/v1/models/m1/generate"
+    assert (
+        ServeConfig(public_url="https://dreams.example/").endpoint("m1")
+        == "https://dreams.example/v1/models/m1/generate"
+    )
+    assert ServeConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_deployed_config_is_valid_for_serve_and_carries_the_models():
+    deployer = ServeDeployer("http://127.0.0.1:8265", ServeConfig())
+    app = deployer.application({"b": "/models/b", "a": "/models/a"})
+    schema = ServeDeploySchema.model_validate(
+        {"proxy_location": "HeadOnly", "http_options": {"port": 8000}, "applications": [app]}
+    )
+    [parsed] = schema.applications
+    assert parsed.import_path == "serving.app:build_app"
+    assert {d.name: d.user_config for d in parsed.deployments} == {
+        "Generator": {"models": {"a": "/models/a", "b": "/models/b"}},
+        "Ingress": {"models": {"a": "/models/a", "b": "/models/b"}},
+    }
+
+
+def test_build_app_turns_settings_into_deployment_options():
+    ingress = build_app(
+        ServeConfig(min_replicas=1, max_replicas=3, gpus_per_replica=1, max_queued_requests=7).to_dict()
+    )
+    generator = ingress._bound_deployment.init_args[0]._bound_deployment
+    options = generator._deployment_config
+    assert options.autoscaling_config.min_replicas == 1 and options.autoscaling_config.max_replicas == 3
+    assert options.max_queued_requests == 7
+    assert generator.ray_actor_options["num_gpus"] == 1
+    fixed = build_app(ServeConfig(min_replicas=2, max_replicas=2).to_dict())
+    assert fixed._bound_deployment.init_args[0]._bound_deployment._deployment_config.num_replicas == 2
+
+
+LIMITS = RequestLimits(max_steps=50, max_images=4, max_side=768, min_side=64)
+
+
+def test_a_request_gets_the_models_size_and_a_seed_when_omitted():
+    request = to_generation_request(GenerateBody(prompt="sks dog"), LIMITS, default_size=512)
+    assert (request.width, request.height, request.num_images, request.steps) == (512, 512, 1, 25)
+    assert 0 <= request.seed < 2**31
+    seeded = to_generation_request(GenerateBody(prompt="sks dog", seed=9, width=256), LIMITS, default_size=512)
+    assert (seeded.seed, seeded.width, seeded.height) == (9, 256, 512)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"steps": 51}, "steps", "1..50"),
+        ({"steps": 0}, "steps", "1..50"),
+        ({"width": 800}, "width", "64..768"),
+        ({"height": 100}, "height", "multiple of 8"),
+        ({"num_images": 5, "output_format": "json"}, "num_images", "1..4"),
+        ({"num_images": 3}, "output_format", "json"),
+        ({"guidance_scale": 31}, "guidance_scale", "0..30"),
+        ({"seed": 2**63}, "seed", "must be 0.."),
+        ({"prompt": ""}, "prompt", "empty"),
+        ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+    ],
+)
+def test_out_of_bounds_requests_name_the_field_and_the_bound(fields, field, message):
+    body = GenerateBody(**({"prompt": "sks dog"} | fields))
+    with pytest.raises(InputError, match=message) as error:
+        to_generation_request(body, LIMITS, default_size=512)
+    assert error.value.field == field
