@@ -47,6 +47,25 @@ class ModelNotServed(LookupError):
     """The model id is not (or no longer) deployed."""
 
 
+def keep_replica_grpc_on_loopback() -> None:
+    """Ray Serve 2.60 replicas open their inter-deployment gRPC server on every interface ("[::]:0", no setting).
+    On a one-machine cluster (node address 127.0.0.1: tests, `dreambooth up`) nothing may listen beyond loopback,
+    so there the replica binds it to 127.0.0.1, the address it advertises anyway. Called in the replica's
+    constructor, which runs before Serve starts that server."""
+    import ray
+    from ray.serve._private import replica
+
+    if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(replica.add_port_to_grpc_server, "loopback", False):
+        return
+    add_port = replica.add_port_to_grpc_server
+
+    def add_loopback_port(server, address: str) -> int:
+        return add_port(server, address.replace("[::]", "127.0.0.1"))
+
+    add_loopback_port.loopback = True
+    replica.add_port_to_grpc_server = add_loopback_port
+
+
 @dataclass
 class _Pending:
     model: SubjectModel
@@ -59,6 +78,7 @@ class Generator:
     """Samples batches of requests; keeps the least recently used subject models loaded."""
 
     def __init__(self, config: dict[str, Any]):
+        keep_replica_grpc_on_loopback()
         self.config = ServeConfig.from_dict(config)
         self.engine = SamplingEngine(device=None if self.config.device == "auto" else self.config.device)
         self.paths: dict[str, str] = {}
@@ -165,6 +185,7 @@ async def unprocessable(request: Request, error: RequestValidationError) -> JSON
 @serve.ingress(api)
 class Ingress:
     def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
+        keep_replica_grpc_on_loopback()
         self.config = ServeConfig.from_dict(config)
         self.generator = generator
         self.models: dict[str, ServedModel] = {}
