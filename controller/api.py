@@ -13,7 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from controller import metrics
-from controller.errors import FailedPrecondition, NotFound, QuotaExceeded, Unauthenticated
+from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded, Unauthenticated
 from controller.service import ImageInput, JobService
 from controller.store import JobRecord, ModelRecord
 from dreambooth.errors import InputError
@@ -26,6 +26,7 @@ _CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 _MAX_MESSAGE_BYTES = 1000

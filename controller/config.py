@@ -33,6 +33,10 @@ class ControllerConfig:
     """Ray's dashboard, for the Jobs API (one Ray job per training attempt)."""
     tenants: tuple[Tenant, ...] = ()
     """Bearer tokens by tenant. None configured: no authentication, one tenant "default" (local use only)."""
+    readable_paths: tuple[Path, ...] = ()
+    """With tenants: the directories whose files a job spec may name (base models, photos on shared storage).
+    Anything else is PERMISSION_DENIED, so that no tenant reads another's uploads or the controller's files.
+    Without tenants (local use) any path may be named."""
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics; empty string: off."""
     tls_cert: Path | None = None
@@ -67,6 +71,8 @@ class ControllerConfig:
             raise InputError(unknown[0], f"unknown controller setting(s) {unknown}")
         if "serving" in data:
             data["serving"] = ServeConfig.from_dict(data["serving"] or {})
+        if "readable_paths" in data:
+            data["readable_paths"] = tuple((Path(path).parent / p).resolve() for p in data["readable_paths"] or ())
         for key in ("storage", "tls_cert", "tls_key"):
             if data.get(key):
                 data[key] = (Path(path).parent / data[key]).resolve()

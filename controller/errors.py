@@ -9,6 +9,10 @@ class FailedPrecondition(Exception):
     """FAILED_PRECONDITION: the job or model is not in a state that allows it (e.g. cancelling a finished job)."""
 
 
+class PermissionDenied(Exception):
+    """PERMISSION_DENIED: the request names a file outside what this tenant may read."""
+
+
 class QuotaExceeded(Exception):
     """RESOURCE_EXHAUSTED: the tenant has too many unfinished jobs."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from controller.config import ControllerConfig, Tenant
-from controller.errors import FailedPrecondition, NotFound, QuotaExceeded
+from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs
 from controller.serving import ServingSync
@@ -59,6 +59,7 @@ class JobService:
         self.feed = feed
         self.serving = serving
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": Tenant("default", ())}
+        self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
 
     # --- jobs ------------------------------------------------------------------------------------------
 
@@ -86,6 +87,7 @@ class JobService:
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
             # OSError (a name too long, say) and RuntimeError (expanduser of "~nosuchuser") come from the caller's
             # paths too: the caller's to fix, not an internal error.
+            self._check_readable("base_model", spec.base_model)
             try:
                 check_base_model(spec.base_model)
             except (OSError, RuntimeError) as e:
@@ -146,10 +148,32 @@ class JobService:
                 path = Path(parsed.path if parsed.scheme else image.uri)
                 if not path.is_absolute():
                     raise InputError("instance_images", f"{image.uri}: must be an absolute path on shared storage")
+                self._check_readable("instance_images", path)
                 paths.append(str(path))
             else:
                 raise InputError("instance_images", f"image {index} has neither data nor uri")
         return paths
+
+    def _check_readable(self, field: str, path: str | Path) -> None:
+        """With tenants, a named file (or every file of a named directory) must resolve, symlinks followed, into
+        `readable_paths`: a tenant may not train on another tenant's uploads or on the controller's own files.
+        Checked before anything is read, so a refusal does not tell whether the path exists."""
+        if not self.config.tenants:
+            return  # local use: one user, any path
+
+        def readable(file: Path) -> bool:
+            return any(file.resolve().is_relative_to(root) for root in self._readable_roots)
+
+        try:
+            named = Path(path).expanduser()
+            allowed = readable(named) and (not named.is_dir() or all(readable(f) for f in named.iterdir()))
+        except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, "~nosuchuser", too long, a NUL byte
+            raise InputError(field, f"cannot read {str(path)!r}: {e}") from e
+        if not allowed:
+            raise PermissionDenied(
+                f"{field}: {path} is outside the directories this controller lets clients read; upload the photos "
+                "instead, or ask the operator to add its directory to readable_paths"
+            )
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id, tenant=tenant)

@@ -55,13 +55,14 @@ def job_spec(tiny_model: Path, images: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def controller(ray_cluster, tmp_path_factory, serve_port):
+def controller(ray_cluster, tmp_path_factory, serve_port, tiny_model):
     storage = tmp_path_factory.mktemp("controller-storage")
     config = ControllerConfig(
         storage=storage,
         listen="127.0.0.1:0",
         ray_dashboard_url=ray_cluster.dashboard_url,
         tenants=TENANTS,
+        readable_paths=(tiny_model.parent,),  # the base models; photos are uploaded
         metrics_listen="127.0.0.1:0",
         reconcile_interval_s=0.3,
         # Its own Serve application next to other tests' (one Serve HTTP port per cluster).
@@ -173,8 +174,12 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, tiny_model,
     (broken / "a.jpg").write_bytes(b"not a jpeg at all")
     code, message = code_of(alice.submit, job_spec(tiny_model, broken))
     assert code == "INVALID_ARGUMENT" and "a.jpg" in message
-    code, message = code_of(alice.submit, job_spec(tmp_path / "no-model", dog_images))
+    code, message = code_of(alice.submit, job_spec(tiny_model.parent / "no-model", dog_images))
     assert code == "INVALID_ARGUMENT" and "base_model" in message
+    # Files outside the controller's readable_paths are refused, existing or not.
+    for outside in (tmp_path / "no-model", tiny_model.parent.parent):
+        code, message = code_of(alice.submit, job_spec(outside, dog_images))
+        assert code == "PERMISSION_DENIED" and "readable_paths" in message
     assert code_of(alice.get, "job-doesnotexist")[0] == "NOT_FOUND"
     assert code_of(alice.model, "model-nope")[0] == "NOT_FOUND"
 
@@ -183,6 +188,10 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, tiny_model,
     assert code_of(bob.get, mine.job_id)[0] == "NOT_FOUND"
     assert code_of(bob.cancel, mine.job_id)[0] == "NOT_FOUND"
     assert mine.job_id not in [j.job_id for j in bob.list()]
+    # ... and its uploaded photos cannot be named in a spec.
+    uploaded = controller.service.store.get_job(mine.job_id).spec["instance_images"]
+    code, _ = code_of(bob.submit, job_spec(tiny_model, Path(uploaded[0]).parent), upload=False)
+    assert code == "PERMISSION_DENIED"
     assert code_of(alice.delete, mine.job_id)[0] == "FAILED_PRECONDITION"
     alice.cancel(mine.job_id)
 
@@ -207,7 +216,7 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
             spec=jobs_pb2.TrainingSpec(
                 base_model=str(tiny_model), instance_prompt="a photo of sks dog", num_class_images=0, max_steps=-3
             ),
-            instance_images=[jobs_pb2.InstanceImage(uri="/nonexistent.png")],
+            instance_images=[jobs_pb2.InstanceImage(uri=str(tiny_model.parent / "nonexistent.png"))],
         )
         with pytest.raises(grpc.RpcError) as error:
             stub.SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
@@ -249,6 +258,7 @@ def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_imag
                 "metrics_listen": "",
                 "reconcile_interval_s": 0.3,
                 "tenants": {"alice": {"tokens": ["alice-token"]}},
+                "readable_paths": [str(tiny_model.parent)],
             }
         )
     )

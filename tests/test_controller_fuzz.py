@@ -56,7 +56,14 @@ def method(name: str) -> str:
 
 S = grpc.StatusCode
 # What a well-formed request may get: success or the caller's fault. Never INTERNAL, UNKNOWN, DEADLINE_EXCEEDED.
-CALLERS_FAULT = {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED}
+CALLERS_FAULT = {
+    S.OK,
+    S.INVALID_ARGUMENT,
+    S.NOT_FOUND,
+    S.FAILED_PRECONDITION,
+    S.RESOURCE_EXHAUSTED,
+    S.PERMISSION_DENIED,
+}
 DESERIALIZING = "Exception deserializing request!"  # grpc's own INTERNAL for bytes the request type cannot parse
 
 FUZZ = settings(
@@ -142,6 +149,7 @@ def controller(sandbox):
         storage=sandbox.storage,
         listen="127.0.0.1:0",
         ray_dashboard_url=f"http://127.0.0.1:{_free_port()}",  # nothing listens there, and nothing calls it
+        readable_paths=(sandbox.root / "inputs",),
         tenants=(
             # max_running_jobs=0 as well as no capacity: a spec asking for 1e-300 CPUs fits in none (the
             # scheduler's float tolerance), and nothing may start here.
@@ -468,8 +476,9 @@ def test_submit_job_with_hostile_fields(channel, sandbox, request):
     images=st.lists(st.tuples(hostile_text, st.one_of(st.just(PHOTO), hostile_text)), min_size=1, max_size=3),
 )
 # Regressions, always tried: each was INTERNAL once (RuntimeError from expanduser, OSError ENAMETOOLONG from
-# stat, ValueError "Invalid IPv6 URL" from urlparse).
+# stat, ValueError "Invalid IPv6 URL" from urlparse, ValueError "embedded null byte" from resolve).
 @example(base_model="~nosuchuser/model", images=[("dog.png", PHOTO)])
+@example(base_model="\x00" * 129, images=[("", PHOTO)])
 @example(base_model="/" + "a" * 300, images=[("dog.png", PHOTO)])
 @example(base_model=MODEL, images=[("dog.png", "/" + "a" * 300)])
 @example(base_model=MODEL, images=[("dog.png", "file://[")])
