@@ -2,7 +2,8 @@
 
 dreambooth tiny-model OUT_DIR          write the tiny random Stable Diffusion model (offline)
 dreambooth train JOB.yaml              run a training job on a local Ray (or --address) with progress bars
-dreambooth demo                        train on a made-up subject, offline
+dreambooth demo                        the whole system on a made-up subject, offline: train, deploy, generate
+dreambooth up | down | status          the local stack: Ray, the controller and Serve, in the background
 
 On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN):
 dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dreambooth import stack
 from dreambooth.errors import InputError
 
 if TYPE_CHECKING:
@@ -47,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--job-id", help="default: the spec file's name; the same id resumes from its last checkpoint")
     train.add_argument("--address", help="Ray cluster to join (e.g. 'auto'); default: start a private local one")
 
-    demo = commands.add_parser("demo", help="train on a made-up subject, offline, on a private local Ray")
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
-    demo.add_argument(
-        "--base-model", type=Path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
-    )
+    _add_stack_commands(commands)
 
     # Its options are the controller's own (controller/server.py), passed through as they are.
     commands.add_parser(
@@ -72,6 +70,47 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         return 2
+
+
+def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
+    # How to start a stack: `up`'s options, and the demo's, which starts one when none is running.
+    starting = argparse.ArgumentParser(add_help=False)
+    for name, use in stack.PORT_USES.items():
+        default = getattr(stack.Ports(), name)
+        starting.add_argument(
+            f"--{name.replace('_', '-')}-port",
+            type=int,
+            default=default,
+            metavar="PORT",
+            help=f"{use} (default: {default}; 0: a free one)",
+        )
+    starting.add_argument("--storage", type=Path, help="storage root (default: DIR/storage)")
+    starting.add_argument("--num-cpus", type=int, help="CPUs Ray hands out (default: this machine's)")
+
+    def stack_dir(command: argparse.ArgumentParser, option: str) -> None:
+        command.add_argument(
+            option,
+            dest="stack_dir",
+            type=Path,
+            default=stack.DEFAULT_DIR,
+            metavar="DIR",
+            help="the stack's directory (default: %(default)s)",
+        )
+
+    up = commands.add_parser("up", parents=[starting], help="start the local stack: Ray, the controller, Serve")
+    stack_dir(up, "--dir")
+    stack_dir(commands.add_parser("down", help="stop the local stack (its storage stays)"), "--dir")
+    stack_dir(commands.add_parser("status", help="each component of the local stack, up or down"), "--dir")
+
+    demo = commands.add_parser(
+        "demo", parents=[starting], help="the whole system on a made-up subject, offline: train, deploy, generate"
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
+    demo.add_argument(
+        "--base-model", type=Path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
+    )
+    stack_dir(demo, "--stack-dir")
+    demo.add_argument("--keep-running", action="store_true", help="leave the stack up when done")
 
 
 def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
@@ -333,27 +372,65 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    import yaml
+    from dreambooth import demo
 
-    from dreambooth.demo import demo_spec, draw_subject_images
-    from dreambooth.tiny_model import build_tiny_model
+    options = {"base_model": args.base_model, "stack_dir": args.stack_dir, "keep_running": args.keep_running}
+    try:
+        return demo.run(args.out, **options, start=_start_options(args), follow=_follow)
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
-    out = args.out.resolve()
-    tiny = args.base_model is None
-    base_model = build_tiny_model(out / "tiny-sd") if tiny else args.base_model.resolve()
-    if tiny:
-        print("Using the tiny random model: the pipeline is real, the images it draws are noise.", file=sys.stderr)
-    images = draw_subject_images(out / "subject", size=128 if tiny else 512)
-    spec = demo_spec(base_model, images, tiny=tiny)
-    (out / "job.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    result = _run_with_progress(spec, out / "storage", "demo", address=None)
-    grids = sorted((out / "storage" / "jobs" / "demo" / "validation").glob("*.png"))
+
+def _up(args) -> int:
+    from dreambooth.client import DEFAULT_TARGET
+
+    try:
+        started = stack.up(args.stack_dir, **_start_options(args), say=lambda m: print(m, file=sys.stderr, flush=True))
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"the stack is up in {started.dir}:")
+    _print_table(("COMPONENT", "ADDRESS"), started.addresses())
+    where = "" if args.stack_dir == stack.DEFAULT_DIR else f" --dir {args.stack_dir}"
+    controller = "" if started.controller == DEFAULT_TARGET else f" --controller {started.controller}"
+    prometheus = Path(started.dir) / "prometheus.yml"
     print(
-        f"subject photos: {images}\nvalidation grids: {grids[-1].parent if grids else 'none'}\n"
-        f"model: {result.model_dir}",
-        file=sys.stderr,
+        f"\nsubmit jobs:  dreambooth submit job.yaml --watch{controller}  (also: jobs, deploy, generate ...)\n"
+        f"metrics:      prometheus --config.file={prometheus}  (scrapes the controller and Ray)\n"
+        f"dashboards:   Grafana with deploy/grafana/ on that Prometheus (see deploy/README.md)\n"
+        f"status, stop: dreambooth status{where}, dreambooth down{where}"
     )
     return 0
+
+
+def _start_options(args) -> dict:
+    ports = stack.Ports(**{name: getattr(args, f"{name}_port") for name in stack.PORT_USES})
+    return {"ports": ports, "storage": args.storage, "num_cpus": args.num_cpus}
+
+
+def _down(args) -> int:
+    stopped = stack.down(args.stack_dir)
+    print(
+        f"stopped the stack in {stopped.dir}; its storage stays in {stopped.storage}"
+        if stopped
+        else f"no stack in {args.stack_dir}"
+    )
+    return 0
+
+
+def _status(args) -> int:
+    current = stack.load(args.stack_dir)
+    if current is None:
+        print(f"no stack in {args.stack_dir}: start one with `dreambooth up`")
+        return 1
+    components = stack.health(current)
+    _print_table(
+        ("COMPONENT", "STATE", "ADDRESS", "DETAIL"),
+        [(c.name, "up" if c.up else "DOWN", c.address, c.detail) for c in components],
+    )
+    print(f"started {_age(current.started_at)} ago; storage {current.storage}; logs {Path(current.dir) / 'logs'}")
+    return 0 if all(c.up for c in components) else 1
 
 
 def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
@@ -417,7 +494,7 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
         b.close()
 
 
-_LOCAL = {"tiny-model": _tiny_model, "train": _train, "demo": _demo}
+_LOCAL = {"tiny-model": _tiny_model, "train": _train, "demo": _demo, "up": _up, "down": _down, "status": _status}
 
 
 if __name__ == "__main__":

@@ -1,18 +1,39 @@
-"""The local demo: a whole DreamBooth job on this machine, offline, with nothing to download.
+"""The demo: the whole system on this machine, offline, with nothing to download.
 
 It writes the tiny random base model (or uses --base-model, real Stable Diffusion weights in diffusers format),
-draws a small subject image set (a toy robot on different backgrounds), and trains on a private local Ray.
+draws a small subject image set (a toy robot on different backgrounds), brings up the local stack (Ray, the
+controller, Serve: dreambooth/stack.py) unless one is running, submits the job over gRPC and follows it,
+deploys the trained model, generates images over HTTP and writes an HTML page of it all (dreambooth/demo_page.py).
 The tiny model is random: its images are noise. The pipeline around it is the real one.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
+from dreambooth import stack
+from dreambooth.errors import InputError
 from trainer.spec import JobSpec
+
+if TYPE_CHECKING:
+    from dreambooth.client import DreamBoothClient
+
+# What the deployed model is asked to draw: the subject in places none of its photos show.
+PROMPTS = ("a photo of sks robot on the beach", "a sks robot in the snow", "a sks robot on a wooden table")
+IMAGES_PER_PROMPT = 2
+TINY_NOTE = (
+    "The base model is the tiny random one: every image it draws is noise. The training, checkpoints, export, "
+    "deployment and serving around it are the real ones; run with --base-model for real images."
+)
 
 
 def draw_subject_images(out_dir: Path, count: int = 4, size: int = 128) -> Path:
@@ -61,3 +82,143 @@ def demo_spec(base_model: Path, images: Path, *, tiny: bool) -> JobSpec:
         validation_inference_steps=4 if tiny else 25,
         num_workers=1,
     )
+
+
+def run(
+    out: Path,
+    *,
+    base_model: Path | None,
+    stack_dir: Path,
+    keep_running: bool,
+    start: Mapping[str, Any],
+    follow: Callable[[DreamBoothClient, str], int],
+) -> int:
+    """The demo, start to end; 0 when it all worked. `start`: stack.up's options, for when no stack is running in
+    `stack_dir`; `follow` renders a job's progress until it ends (0: it succeeded)."""
+    from dreambooth.client import DreamBoothClient
+    from dreambooth.tiny_model import build_tiny_model
+
+    started = time.monotonic()
+    out = out.resolve()
+    tiny = base_model is None
+    _say("== 1/4 the subject photos and the base model")
+    if not tiny and not _has_gpu():
+        raise InputError("base_model", "real weights are trained in fp16 on a GPU, and this machine has none")
+    base = build_tiny_model(out / "tiny-sd") if tiny else base_model.resolve()
+    if tiny:
+        _say("Using the tiny random model: the pipeline is real, the images it draws are noise.")
+    images = draw_subject_images(out / "subject", size=128 if tiny else 512)
+    spec = demo_spec(base, images, tiny=tiny)
+    (out / "job.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))  # to submit again, or edit
+
+    _say(f"== 2/4 the local stack ({stack_dir})")
+    running = stack.running(stack_dir)
+    if running is not None:
+        _say("using the stack that is already running there (it stays up)")
+    local = running or stack.up(stack_dir, **start, say=_say)
+    try:
+        with DreamBoothClient(local.controller) as client:
+            job = client.submit(spec)
+            _say(f"== 3/4 training: job {job.job_id}, submitted to the controller at {local.controller}")
+            if follow(client, job.job_id) != 0:
+                _say(f"the job did not succeed; the end of its log:\n{client.logs(job.job_id)[-3000:]}")
+                return 1
+            job = client.get(job.job_id)
+            _say(f"== 4/4 serving: deploying model {job.model_id}, generating images over HTTP")
+            model = client.deploy(job.model_id)
+            generated = _generate(model.endpoint, out / "generated", steps=25)
+        page = _write_page(out, spec, job, local, model.endpoint, generated, tiny=tiny)
+    finally:
+        if running is None and not keep_running:
+            _say("stopping the local stack (--keep-running leaves it up)")
+            stack.down(stack_dir)
+    where = f" --dir {stack_dir}"
+    stays = running is not None or keep_running
+    _say(
+        f"\ndone in {time.monotonic() - started:.0f} s\n"
+        f"  page:             {page}\n"
+        f"  job spec:         {out / 'job.yaml'}\n"
+        f"  subject photos:   {images}\n"
+        f"  validation grids: {out / 'validation'}\n"
+        f"  generated images: {out / 'generated'}\n"
+        f"  model:            {model.path}\n"
+        + (
+            f"  endpoint:         {model.endpoint}\n"
+            f"the stack is still up: `dreambooth status{where}`, `dreambooth down{where}`"
+            if stays
+            else f"the stack is stopped; `dreambooth up{where}` starts it again on the same storage"
+        )
+    )
+    return 0
+
+
+def _generate(endpoint: str, out_dir: Path, steps: int) -> list[tuple[Path, str]]:
+    """Images of each prompt from the served model, as (PNG file, caption)."""
+    from dreambooth.serving_client import generate, wait_until_served
+
+    wait_until_served(endpoint)
+    _fresh(out_dir)
+    results = []
+    for number, prompt in enumerate(PROMPTS):
+        seed = number * IMAGES_PER_PROMPT
+        pngs = generate(endpoint, prompt, num_images=IMAGES_PER_PROMPT, steps=steps, seed=seed)
+        for offset, png in enumerate(pngs):
+            path = out_dir / f"{number}-{seed + offset}.png"
+            path.write_bytes(png)
+            results.append((path, f"{prompt} (seed {seed + offset})"))
+    _say(f"{len(results)} images from {endpoint}")
+    return results
+
+
+def _write_page(out: Path, spec: JobSpec, job, local: stack.Stack, endpoint: str, generated, *, tiny: bool) -> Path:
+    from dreambooth.demo_page import write_page
+    from trainer.events import read_events
+    from trainer.storage import job_paths
+
+    paths = job_paths(local.storage, job.job_id)
+    _fresh(out / "validation")
+    grids = []
+    for grid in sorted(paths.validation_dir.glob("step_*.png")):
+        copy = Path(shutil.copy2(grid, out / "validation" / grid.name))
+        step = int(grid.stem.removeprefix("step_"))
+        grids.append((copy, f"step {step}; one row per prompt: " + "; ".join(spec.validation_prompts)))
+    losses = [(e["step"], e["loss"]) for e in read_events(paths.events_file) if e["type"] == "progress"]
+    subject = [(p, p.name) for p in sorted(Path(spec.instance_images[0]).glob("*.png"))]
+    wall = job.end_time.ToSeconds() - job.start_time.ToSeconds()
+    facts = [
+        ("job", job.job_id),
+        ("base model", spec.base_model),
+        ("instance prompt", spec.instance_prompt),
+        ("training", f"{job.progress.step} steps, final loss {job.progress.loss:.4f}, {wall} s"),
+        ("model", job.model_id),
+        ("endpoint", endpoint),
+        *[(name, address) for name, address in local.addresses()],
+    ]
+    return write_page(
+        out,
+        title="DreamBooth demo: sks robot",
+        note=TINY_NOTE if tiny else "",
+        facts=facts,
+        galleries=[
+            ("Subject photos (the training set)", subject),
+            ("Validation grids during training", grids),
+            ("Generated by the deployed model", generated),
+        ],
+        loss_points=losses,
+    )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fresh(directory: Path) -> None:
+    """An empty directory: images of an earlier run must not show on this run's page."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -205,3 +205,86 @@ def subject_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Two subject models of the tiny base, as a model store would hold them: {model_id: path}."""
     root = tmp_path_factory.mktemp("subject-models")
     return {name: write_subject_model(tiny_model, root / name, seed=seed) for seed, name in enumerate(("rex", "fido"))}
+
+
+# --- the README's main job on the local stack, watched by Prometheus (test_demo, test_observability) ---------------
+
+
+@dataclass
+class DemoRun:
+    out: Path
+    stack_dir: Path
+    exit_code: int
+    output: str
+    """What the demo printed (stdout and stderr)."""
+    prometheus_url: str | None
+    """Prometheus, scraping the stack every second since before it started; None where there is none."""
+    prometheus_since: float
+    prometheus_problem: str = ""
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`dreambooth demo --keep-running` once per session: it brings the local stack up itself, trains, deploys and
+    generates; a real Prometheus scrapes that stack from before it starts. The stack stays up for the tests that
+    look at it and goes down (`dreambooth down`) at the end of the session."""
+    import io
+    import shutil
+    from unittest import mock
+
+    import yaml
+
+    from dreambooth import stack
+    from dreambooth.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    stack_dir = root / "stack"
+    ports = {name: free_port() for name in stack.PORT_USES}
+    config = stack.prometheus_config(
+        f"127.0.0.1:{ports['controller_metrics']}", stack.ray_targets_file(stack_dir), scrape_interval="1s"
+    )
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus, url, problem = _start_prometheus(root)
+    since = time.time()
+    args = ["demo", "--out", str(root / "out"), "--stack-dir", str(stack_dir), "--keep-running"]
+    args += [f"--{name.replace('_', '-')}-port={port}" for name, port in ports.items()]
+    output = io.StringIO()
+    try:
+        # Ray's processes inherit this: they export metrics every second instead of every ten.
+        with (
+            mock.patch.dict(os.environ, {"RAY_metrics_report_interval_ms": "1000"}),
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(output),
+        ):
+            code = main(args)
+        yield DemoRun(root / "out", stack_dir, code, output.getvalue(), url, since, problem)
+    finally:
+        main(["down", "--dir", str(stack_dir)])
+        shutil.rmtree(stack.ray_temp_dir(stack_dir), ignore_errors=True)  # Ray's logs, outside tmp_path
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+        assert stack.running(stack_dir) is None
+
+
+def _start_prometheus(directory: Path) -> tuple[subprocess.Popen | None, str | None, str]:
+    """Prometheus on directory/prometheus.yml, from the cache scripts/fetch-prometheus fills (scripts/bootstrap
+    runs it: the tests run without a network): (process, URL, "") or (None, None, why not)."""
+    fetch = Path(__file__).resolve().parents[1] / "scripts" / "fetch-prometheus"
+    result = subprocess.run([fetch], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        return None, None, f"scripts/fetch-prometheus failed (run it once with a network):\n{result.stderr}"
+    binary = Path(result.stdout.strip().splitlines()[-1]) / "prometheus"
+    port = free_port()
+    with open(directory / "prometheus.log", "w") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return process, f"http://127.0.0.1:{port}", ""

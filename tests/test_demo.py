@@ -1,22 +1,76 @@
-"""The README's main job: `dreambooth demo` trains a made-up subject end to end (on the session's Ray cluster)."""
+"""The README's main job: `dreambooth demo` brings the local stack up, trains a made-up subject through the
+controller, deploys the model, generates images over HTTP and writes a page of it all; `up`/`status`/`down`."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from PIL import Image
 
+from dreambooth import stack
 from dreambooth.cli import main
 
 
-def test_demo_trains_and_exports(ray_cluster, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    err = capsys.readouterr().err
-    assert "tiny random model" in err and "model:" in err
-    assert "training: 100%" in err and "20/20" in err  # the progress bar followed the job to its end
-    assert len(list((tmp_path / "subject").glob("*.png"))) == 4
-    grids = sorted((tmp_path / "storage" / "jobs" / "demo" / "validation").glob("*.png"))
+def test_demo_trains_deploys_generates_and_writes_the_page(demo_run):
+    assert demo_run.exit_code == 0, demo_run.output
+    out, output = demo_run.out, demo_run.output
+    assert "tiny random model" in output and "SUCCEEDED" in output
+    assert "training: 100%" in output and "20/20" in output  # the progress bar followed the job to its end
+    assert str(out / "index.html") in output
+
+    assert len(list((out / "subject").glob("*.png"))) == 4
+    grids = sorted((out / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step_0000010.png", "step_0000020.png"]
     assert Image.open(grids[-1]).size == (128, 128)  # 2 prompts x 2 images of 64 px
-    metadata = json.loads((tmp_path / "storage" / "models" / "demo" / "metadata.json").read_text())
+    generated = sorted((out / "generated").glob("*.png"))
+    assert len(generated) == 6 and {Image.open(p).size for p in generated} == {(64, 64)}  # the job's resolution
+
+    page = (out / "index.html").read_text()
+    linked = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(linked) == sorted(str(p.relative_to(out)) for p in [*grids, *generated, *(out / "subject").iterdir()])
+    assert "every image it draws is noise" in page
+    points = re.search(r'<polyline points="([^"]+)"', page).group(1).split()
+    assert len(points) >= 2  # the loss curve, from the job's progress events
+
+    (model_dir,) = (Path(stack.load(demo_run.stack_dir).storage) / "models").iterdir()
+    metadata = json.loads((model_dir / "metadata.json").read_text())
     assert metadata["steps"] == 20 and metadata["instance_prompt"] == "a photo of sks robot"
+
+
+def test_stack_status_and_a_second_up_refused(demo_run, capsys):
+    """--keep-running left the stack up: every component answers, and another `up` in its directory is refused."""
+    # From a fresh process, with none of the Ray settings the test session has (its token mode, say).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "dreambooth.cli", "status", "--dir", str(demo_run.stack_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = result.stdout
+    for component in ("Ray", "Ray metrics", "controller", "controller metrics", "Serve application"):
+        assert re.search(rf"^{component} +up ", status, re.M), status
+    assert "RUNNING" in status
+
+    assert main(["up", "--dir", str(demo_run.stack_dir), "--controller-port", "0"]) == 1
+    assert "already running" in capsys.readouterr().err
+    assert main(["status", "--dir", str(demo_run.stack_dir / "nothing-here")]) == 1
+
+
+def test_up_refuses_a_port_in_use(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        others = [f"--{name.replace('_', '-')}-port=0" for name in stack.PORT_USES if name != "serve"]
+        assert main(["up", "--dir", str(tmp_path), *others, "--serve-port", str(port)]) == 1
+    assert f"port {port} for Ray Serve's HTTP API is in use" in capsys.readouterr().err
+    assert stack.load(tmp_path) is None  # nothing was started

@@ -37,20 +37,30 @@ SPARSE = "30m"
 # What all_promql_expressions() puts in place of each variable the queries use.
 VARIABLE_VALUES = {"$__rate_interval": "1m", "$job_id": ".*", "$model_class": ".*"}
 
+# Metrics that have no series until something happens that a healthy run on a CPU machine never does, with what
+# it takes. Every other query has data once a job has trained and its model has served a few requests
+# (tests/test_observability.py checks that on a real stack).
+EMPTY_UNLESS = {
+    "DCGM_FI_DEV_GPU_UTIL": "NVIDIA's DCGM exporter on GPU nodes, scraped by Prometheus (the dcgm job)",
+    "DCGM_FI_DEV_FB_USED": "NVIDIA's DCGM exporter on GPU nodes, scraped by Prometheus (the dcgm job)",
+    "ray_node_gpus_utilization": "a Ray node with GPUs",
+    "ray_node_gram_used": "a Ray node with GPUs",
+    "ray_dreambooth_train_restarts_total": "a training run that resumed from a checkpoint",
+}
+
 
 # --- building blocks ----------------------------------------------------------------------------------------------
 
 
-def quantiles(histogram: str, by: str = "", selector: str = "", window: str = RATE) -> list[tuple[str, str]]:
-    """p50 and p99 of a Prometheus histogram (`histogram` without `_bucket`), optionally per label `by`."""
+def quantiles(histogram: str, by: str = "", selector: str = "", window: str | None = RATE) -> list[tuple[str, str]]:
+    """p50 and p99 of a Prometheus histogram (`histogram` without `_bucket`), optionally per label `by`: over the
+    `window`, or with window=None over everything the exporting processes observed since they started."""
     group = f"le, {by}" if by else "le"
     legend = f"{{{{{by}}}}} " if by else ""
+    buckets = f"{histogram}_bucket{selector}"
+    counts = f"rate({buckets}[{window}])" if window else buckets
     return [
-        (
-            f"histogram_quantile({q}, sum by ({group}) (rate({histogram}_bucket{selector}[{window}])))",
-            f"{legend}p{round(q * 100)}",
-        )
-        for q in (0.5, 0.99)
+        (f"histogram_quantile({q}, sum by ({group}) ({counts}))", f"{legend}p{round(q * 100)}") for q in (0.5, 0.99)
     ]
 
 
@@ -316,9 +326,10 @@ def serving() -> builders.Dashboard:
     model_class = '{model_class=~"$model_class"}'
 
     def share(outcomes: str) -> str:
-        """The fraction of requests whose outcome matches the regex `outcomes`."""
+        """The fraction of requests whose outcome matches the regex `outcomes`: 0 (not "No data") while there is
+        traffic but none of those outcomes."""
         matching = f'{{outcome=~"{outcomes}", model_class=~"$model_class"}}'
-        return f"sum(rate({requests}{matching}[{RATE}])) / sum(rate({requests}{model_class}[{RATE}]))"
+        return f"(sum(rate({requests}{matching}[{RATE}])) or vector(0)) / sum(rate({requests}{model_class}[{RATE}]))"
 
     dashboard = (
         _dashboard(
@@ -427,10 +438,13 @@ def serving() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Model load time",
-                quantiles("ray_dreambooth_serve_model_load_seconds", window=SPARSE),
+                quantiles("ray_dreambooth_serve_model_load_seconds", window=None),
                 unit="s",
                 width=8,
-                description=f"Loading a subject model into a replica (a cache miss). Over a {SPARSE} window.",
+                # A replica often loads a model once: no rate() sees that load (its series starts at 1, with
+                # nothing to increase from), so this counts every load of the running replicas instead.
+                description="Loading a subject model into a replica (a cache miss), over every load since the "
+                "replicas started.",
             )
         )
         .with_panel(
@@ -489,6 +503,13 @@ def all_promql_expressions(values: dict[str, str] | None = None) -> list[str]:
                 raise ValueError(f"{name}: no value for a variable in {concrete!r}; add it to VARIABLE_VALUES")
             result.append(concrete)
     return list(dict.fromkeys(result))  # the GPU row is on both dashboards
+
+
+def empty_unless(expression: str) -> str | None:
+    """What it takes for `expression` to have data when that is more than a job trained and served (see
+    EMPTY_UNLESS), or None."""
+    reasons = [reason for metric, reason in EMPTY_UNLESS.items() if re.search(rf"\b{metric}\b", expression)]
+    return "; ".join(reasons) or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,491 @@
+"""The local stack: a Ray head, the controller and the Serve application on this machine, started in the
+background by `dreambooth up`, stopped by `dreambooth down`, inspected by `dreambooth status`.
+
+    dreambooth-stack/                the stack's directory (--dir)
+      state.json                     what `down` and `status` read: process ids and addresses
+      controller.yaml                the controller's config: storage, Ray's dashboard, the `serving:` section
+      prometheus.yml                 deploy/prometheus/prometheus.yml pointed at this stack
+      logs/ray.log, logs/controller.log
+      storage/                       the storage root: jobs/, models/, cache/, controller.db
+
+Every listener is on 127.0.0.1. Each component runs in a process session of its own, so that stopping it
+reaches every process it started (Ray's GCS, raylet, agents and workers) and nothing else: `ray stop` would
+stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_YML = PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DEFAULT_DIR = Path("dreambooth-stack")
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 300  # Ray, the controller and Serve's first replicas: about 40 s on 2 busy CPU cores
+# On one machine the Serve replicas share the CPUs and GPUs with training instead of reserving them, so that a
+# training job never waits for them. A replica that reserves no GPU still sees every GPU (Ray 2.60 leaves
+# CUDA_VISIBLE_DEVICES alone for it), so with real weights it samples on a GPU.
+SERVING = {"cpus_per_replica": 0, "gpus_per_replica": 0}
+
+
+class StackError(Exception):
+    """The stack cannot start (or is already running); the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """TCP ports on 127.0.0.1; 0 picks a free one."""
+
+    controller: int = 50051
+    controller_metrics: int = 9464
+    dashboard: int = 8265
+    ray_metrics: int = 8080
+    serve: int = 8000
+
+
+PORT_USES = {
+    "controller": "the controller's gRPC API",
+    "controller_metrics": "the controller's /metrics",
+    "dashboard": "Ray's dashboard and Jobs API",
+    "ray_metrics": "Ray's /metrics",
+    "serve": "Ray Serve's HTTP API",
+}
+
+
+@dataclass
+class Stack:
+    """A started stack, as state.json records it."""
+
+    dir: str
+    storage: str
+    ray_temp_dir: str
+    ray_address: str
+    """Ray's GCS (`ray status --address ...`)."""
+    dashboard_url: str
+    ray_metrics: str
+    controller: str
+    """The controller's gRPC address, host:port."""
+    controller_metrics: str
+    serve_url: str
+    serving: dict[str, Any]
+    """The controller's `serving:` section."""
+    processes: dict[str, tuple[int, int]]
+    """Component name -> (pid, start time in clock ticks): a session leader, told apart from a reused pid."""
+    started_at: float
+
+    @property
+    def serve_config(self):
+        from serving.config import ServeConfig
+
+        return ServeConfig.from_dict(self.serving)
+
+    def addresses(self) -> list[tuple[str, str]]:
+        return [
+            ("controller (gRPC)", self.controller),
+            ("controller metrics", f"http://{self.controller_metrics}/metrics"),
+            ("Ray dashboard", self.dashboard_url),
+            ("Ray metrics", f"http://{self.ray_metrics}/metrics"),
+            ("Serve HTTP API", f"{self.serve_url}/v1/models"),
+            ("storage", self.storage),
+            ("logs", str(Path(self.dir) / "logs")),
+            ("Ray's logs", str(Path(self.ray_temp_dir) / "session_latest" / "logs")),
+        ]
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    address: str
+    up: bool
+    detail: str = ""
+
+
+def _state_file(state_dir: Path) -> Path:
+    return Path(state_dir) / "state.json"
+
+
+def load(state_dir: Path) -> Stack | None:
+    """The stack recorded in `state_dir`, running or not; None when there is none."""
+    path = _state_file(state_dir)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    data["processes"] = {name: tuple(p) for name, p in data["processes"].items()}
+    return Stack(**data)
+
+
+def running(state_dir: Path) -> Stack | None:
+    """The stack of `state_dir` when any of its processes is alive."""
+    stack = load(state_dir)
+    return stack if stack is not None and any(_alive(*p) for p in stack.processes.values()) else None
+
+
+def up(
+    state_dir: Path = DEFAULT_DIR,
+    *,
+    ports: Ports = Ports(),
+    storage: Path | None = None,
+    num_cpus: int | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> Stack:
+    """Starts Ray, then the controller (which deploys the Serve application), and returns once the controller
+    answers and the application is RUNNING; `say` hears what it is waiting for. Raises StackError when a stack
+    already runs in `state_dir` or a component does not come up (the others are stopped again)."""
+    state_dir = Path(state_dir).resolve()
+    if (current := running(state_dir)) is not None:
+        raise StackError(
+            f"a stack is already running in {state_dir} (controller {current.controller}): "
+            f"stop it first with `dreambooth down --dir {state_dir}`"
+        )
+    chosen = _choose_ports(ports)
+    storage = Path(storage).resolve() if storage else state_dir / "storage"
+    logs = state_dir / "logs"
+    for directory in (storage, logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    serving = {"http_host": HOST, "http_port": chosen.serve, **SERVING}
+    stack = Stack(
+        dir=str(state_dir),
+        storage=str(storage),
+        ray_temp_dir=str(ray_temp_dir(state_dir)),
+        ray_address=f"{HOST}:{_free_port()}",
+        dashboard_url=f"http://{HOST}:{chosen.dashboard}",
+        ray_metrics=f"{HOST}:{chosen.ray_metrics}",
+        controller=f"{HOST}:{chosen.controller}",
+        controller_metrics=f"{HOST}:{chosen.controller_metrics}",
+        serve_url=f"http://{HOST}:{chosen.serve}",
+        serving=serving,
+        processes={},
+        started_at=time.time(),
+    )
+    process_env = _process_env()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        say(f"starting Ray (dashboard {stack.dashboard_url}) ...")
+        stack.processes["ray"] = _spawn(_ray_command(stack, chosen, num_cpus), logs / "ray.log", process_env)
+        _save(stack)  # from here on, `down` finds what was started, even if this process is killed
+        _wait_until("Ray's Jobs API", lambda: _jobs_api_answers(stack), stack, deadline)
+
+        config = state_dir / "controller.yaml"
+        config.write_text(yaml.safe_dump(_controller_config(stack), sort_keys=False))
+        say(f"starting the controller ({stack.controller}) ...")
+        command = [sys.executable, "-m", "dreambooth.cli", "controller", "--config", str(config)]
+        stack.processes["controller"] = _spawn(command, logs / "controller.log", process_env)
+        _save(stack)
+        _wait_until("the controller", lambda: _controller_serving(stack.controller), stack, deadline)
+
+        say(f"deploying the Serve application ({stack.serve_url}) ...")
+        _wait_until("the Serve application", lambda: _serve_running(stack), stack, deadline)
+        if PROMETHEUS_YML.exists():
+            scrape = prometheus_config(stack.controller_metrics, ray_targets_file(state_dir))
+            (state_dir / "prometheus.yml").write_text(yaml.safe_dump(scrape, sort_keys=False))
+    except BaseException:
+        _stop(stack)
+        _state_file(state_dir).unlink(missing_ok=True)
+        raise
+    return stack
+
+
+def down(state_dir: Path = DEFAULT_DIR) -> Stack | None:
+    """Stops every process of the stack in `state_dir`; returns it, or None when there was none."""
+    stack = load(Path(state_dir).resolve())
+    if stack is None:
+        return None
+    _stop(stack)
+    _state_file(stack.dir).unlink(missing_ok=True)
+    return stack
+
+
+def health(stack: Stack) -> list[Component]:
+    """Each component, up or down, with its address."""
+    ray_up = _alive(*stack.processes["ray"]) and _answers(lambda: _jobs_api_answers(stack))
+    controller_up = _alive(*stack.processes.get("controller", (0, 0))) and _answers(
+        lambda: _controller_serving(stack.controller)
+    )
+    serve_status = ""
+    if ray_up:
+        with contextlib.suppress(Exception):  # the dashboard failing here is reported as "down"
+            serve_status = _deployer(stack).status()
+    return [
+        Component("Ray", stack.dashboard_url, ray_up, f"GCS {stack.ray_address}"),
+        Component("Ray metrics", f"http://{stack.ray_metrics}/metrics", _answers(lambda: _get(stack.ray_metrics))),
+        Component("controller", stack.controller, controller_up),
+        Component(
+            "controller metrics",
+            f"http://{stack.controller_metrics}/metrics",
+            _answers(lambda: _get(stack.controller_metrics)),
+        ),
+        Component("Serve application", stack.serve_url, serve_status == "RUNNING", serve_status or "unknown"),
+    ]
+
+
+def prometheus_config(controller_metrics: str, ray_targets: Path, scrape_interval: str | None = None) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml pointed at a stack: its controller's /metrics (host:port) and the file
+    where its Ray lists its metrics endpoints (ray_targets_file)."""
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    if scrape_interval:
+        config["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "dreambooth-controller":
+            job["static_configs"] = [{"targets": [controller_metrics]}]
+        elif job["job_name"] == "ray":
+            for discovery in job["file_sd_configs"]:
+                discovery["files"] = [str(ray_targets)]
+    return config
+
+
+def ray_temp_dir(state_dir: Path) -> Path:
+    """Ray's own directory (sessions, logs, sockets) for the stack of `state_dir`. Not /tmp/ray, which every
+    other Ray on the machine shares; short, because Ray's Unix socket paths under it must fit in 107 bytes."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"dreambooth-ray-{digest}"
+
+
+def ray_targets_file(state_dir: Path) -> Path:
+    """Where the stack's Ray keeps the list of its nodes' metrics endpoints, for Prometheus' file discovery
+    (Ray links it to the current session's copy)."""
+    return ray_temp_dir(state_dir) / "prom_metrics_service_discovery.json"
+
+
+# --- starting -------------------------------------------------------------------------------------------------
+
+
+def _ray_command(stack: Stack, ports: Ports, num_cpus: int | None) -> list[str]:
+    ray = str(Path(sys.executable).with_name("ray"))
+    command = [
+        ray,
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={HOST}",
+        f"--port={stack.ray_address.rpartition(':')[2]}",
+        "--include-dashboard=true",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={ports.dashboard}",
+        f"--metrics-export-port={ports.ray_metrics}",
+        f"--temp-dir={stack.ray_temp_dir}",
+        # Free ports for what would otherwise take fixed defaults (10001, 52365), so that two stacks coexist.
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+    ]
+    return [*command, f"--num-cpus={num_cpus}"] if num_cpus else command
+
+
+def _process_env() -> dict[str, str]:
+    from dreambooth.local_ray import WORKER_ENV
+
+    # Ray's single-machine mode (every Ray listener on 127.0.0.1, see dreambooth/local_ray.py), and Ray's token
+    # authentication on, which every client of the dashboard (the controller, `up`, `status`) must then use.
+    ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    return {**os.environ, **WORKER_ENV, **ray_env}
+
+
+def _controller_config(stack: Stack) -> dict[str, Any]:
+    return {
+        "storage": stack.storage,
+        "listen": stack.controller,
+        "ray_dashboard_url": stack.dashboard_url,
+        "metrics_listen": stack.controller_metrics,
+        "serving": stack.serving,
+    }
+
+
+def _choose_ports(ports: Ports) -> Ports:
+    chosen = {}
+    for name, port in dataclasses.asdict(ports).items():
+        if port == 0:
+            chosen[name] = _free_port()
+        elif not _port_free(port):
+            raise StackError(f"port {port} for {PORT_USES[name]} is in use: choose another (0 picks a free one)")
+        else:
+            chosen[name] = port
+    return Ports(**chosen)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _spawn(command: list[str], log: Path, env: Mapping[str, str]) -> tuple[int, int]:
+    # A session of its own: the process and everything it starts can be found, and stopped, by session id.
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return process.pid, _start_ticks(process.pid)
+
+
+def _save(stack: Stack) -> None:
+    path = _state_file(stack.dir)
+    path.write_text(json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
+
+
+def _wait_until(what: str, ready: Callable[[], bool], stack: Stack, deadline: float) -> None:
+    while True:
+        try:
+            if ready():
+                return
+            problem = "not ready"
+        except StackError:
+            raise
+        except Exception as e:  # refused, reset or an error page while the component starts
+            problem = f"{type(e).__name__}: {e}"
+        for name, process in stack.processes.items():
+            if not _alive(*process):
+                raise StackError(f"{name} exited while starting; the end of its log:\n{_log_tail(stack, name)}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} was not ready in time ({problem}); logs in {Path(stack.dir) / 'logs'}")
+        time.sleep(0.5)
+
+
+def _log_tail(stack: Stack, name: str, size: int = 3000) -> str:
+    log = Path(stack.dir) / "logs" / f"{name}.log"
+    return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
+
+
+# --- probes ---------------------------------------------------------------------------------------------------
+
+
+def _use_ray_token() -> None:
+    """The stack's Ray runs with token authentication, so this process's dashboard clients must send the token.
+    Ray reads the mode once, when first imported: set it, then have Ray read its configuration again."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+
+
+def _jobs_api_answers(stack: Stack) -> bool:
+    from ray.job_submission import JobSubmissionClient
+
+    _use_ray_token()
+    JobSubmissionClient(stack.dashboard_url).list_jobs()
+    return True
+
+
+def _controller_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _deployer(stack: Stack):
+    from serving.deployer import ServeDeployer
+
+    _use_ray_token()
+    return ServeDeployer(stack.dashboard_url, stack.serve_config)
+
+
+def _serve_running(stack: Stack) -> bool:
+    deployer = _deployer(stack)
+    status = deployer.status()
+    if status == "DEPLOY_FAILED":
+        raise StackError(f"the Serve application failed to deploy: {deployer.message()}")
+    return status == "RUNNING"
+
+
+def _get(address: str) -> bool:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=3) as response:
+        return response.status == 200
+
+
+def _answers(probe: Callable[[], bool]) -> bool:
+    try:
+        return probe()
+    except Exception:  # any failure to answer is "down"; `status` reports, it does not diagnose
+        return False
+
+
+# --- processes ------------------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int:
+    """The process's start time (clock ticks since boot): with the pid, it names one process, never its reuse."""
+    return int(_stat(pid)[19])
+
+
+def _alive(pid: int, ticks: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == ticks
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] != "Z":
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+    return pids
+
+
+def _stop(stack: Stack) -> None:
+    # The controller first, so that it never sees Ray vanish under a running job (a later `up` on the same
+    # storage re-attaches to its jobs: those whose Ray job is gone are resubmitted and resume). It stops
+    # gracefully in a few seconds. Ray's GCS and `ray start` drain for up to 30 s on SIGTERM, which a stack
+    # that is going away altogether has no use for.
+    for name, grace_s in (("controller", 15), ("ray", 3)):
+        if name in stack.processes:
+            _stop_session(*stack.processes[name], grace_s=grace_s)
+
+
+def _stop_session(pid: int, ticks: int, grace_s: float) -> None:
+    """SIGTERM every process of the session `pid` leads, then SIGKILL what is left after `grace_s`. Only while
+    the leader is ours or gone: a reused pid leads someone else's session."""
+    fields = _stat(pid)
+    if fields is not None and int(fields[19]) != ticks:
+        return  # the pid was reused: the session is someone else's (ours ended when its last member did)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for member in _session_members(pid):
+            with contextlib.suppress(OSError):
+                os.kill(member, sig)
+        deadline = time.monotonic() + grace_s
+        while _session_members(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    with contextlib.suppress(ChildProcessError):  # reap it when this process started it (the demo does)
+        os.waitpid(pid, os.WNOHANG)
