@@ -333,7 +333,8 @@ def _show_progress(bars: dict[str, tqdm], job: jobs_pb2.Job) -> None:
         b = bar("training", p.total_steps, "step")
         b.n = p.step
         eta = f", eta {_duration(p.eta.ToSeconds())}" if p.HasField("eta") else ""
-        b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
+        if p.step:  # no loss before the first progress report
+            b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
         b.refresh()
 
 

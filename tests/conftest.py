@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,7 +230,6 @@ def demo_run(tmp_path_factory):
     generates; a real Prometheus scrapes that stack from before it starts. The stack stays up for the tests that
     look at it and goes down (`dreambooth down`) at the end of the session."""
     import io
-    import shutil
     from unittest import mock
 
     import yaml
@@ -267,14 +267,32 @@ def demo_run(tmp_path_factory):
         assert stack.running(stack_dir) is None
 
 
-def _start_prometheus(directory: Path) -> tuple[subprocess.Popen | None, str | None, str]:
-    """Prometheus on directory/prometheus.yml, from the cache scripts/fetch-prometheus fills (scripts/bootstrap
-    runs it: the tests run without a network): (process, URL, "") or (None, None, why not)."""
+def fetch_prometheus() -> Path:
+    """The directory of Prometheus' binaries, from the cache scripts/fetch-prometheus fills (scripts/bootstrap runs
+    it: the tests themselves run without a network). Raises RuntimeError saying why not."""
     fetch = Path(__file__).resolve().parents[1] / "scripts" / "fetch-prometheus"
     result = subprocess.run([fetch], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        return None, None, f"scripts/fetch-prometheus failed (run it once with a network):\n{result.stderr}"
-    binary = Path(result.stdout.strip().splitlines()[-1]) / "prometheus"
+        raise RuntimeError(f"scripts/fetch-prometheus failed (run it once with a network):\n{result.stderr}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    try:
+        return fetch_prometheus()
+    except RuntimeError as e:
+        if shutil.which("apt-get") is None:
+            pytest.skip("no apt-get here: scripts/fetch-prometheus takes Prometheus from Debian's packages")
+        pytest.fail(str(e))
+
+
+def _start_prometheus(directory: Path) -> tuple[subprocess.Popen | None, str | None, str]:
+    """Prometheus on directory/prometheus.yml: (process, URL, "") or (None, None, why not)."""
+    try:
+        binary = fetch_prometheus() / "prometheus"
+    except RuntimeError as e:
+        return None, None, str(e)
     port = free_port()
     with open(directory / "prometheus.log", "w") as log:
         process = subprocess.Popen(

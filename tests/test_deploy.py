@@ -10,7 +10,6 @@ import glob
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -369,18 +368,6 @@ def test_dashboards_query_only_metrics_that_exist():
 
 
 # --- Prometheus ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def prometheus_bin() -> Path:
-    """Prometheus' binaries, from the cache scripts/fetch-prometheus fills (scripts/bootstrap runs it: the tests
-    themselves run without a network)."""
-    result = subprocess.run([ROOT / "scripts" / "fetch-prometheus"], capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        if shutil.which("apt-get") is None:
-            pytest.skip("no apt-get here: scripts/fetch-prometheus takes Prometheus from Debian's packages")
-        pytest.fail(f"scripts/fetch-prometheus failed (run it once with a network):\n{result.stderr}")
-    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def _promtool(prometheus_bin: Path, *args) -> subprocess.CompletedProcess:

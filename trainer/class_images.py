@@ -100,7 +100,8 @@ def ensure_class_images(
     if not todo:
         return directory
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    # The resources of one training worker: they are free, since training starts after these actors end.
+    options = {"num_gpus": spec.gpus_per_worker, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
     actors = [
         ClassImageGenerator.options(**options).remote(spec.base_model, use_gpu)
         for _ in range(max(1, min(num_actors, len(batches))))
