@@ -161,8 +161,8 @@ def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
         endpoint=config.endpoint(model_id),
         model_class=str(metadata.get("class_prompt") or "unknown"),
         instance_prompt=metadata.get("instance_prompt"),
+        # Not the rest of metadata.json: it names paths on the cluster's storage, which HTTP clients have no use for.
         resolution=int(metadata.get("hyperparameters", {}).get("resolution") or 512),
-        metadata=metadata,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import secrets
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -56,7 +56,7 @@ class ServedModel(BaseModel):
     model_class: str
     instance_prompt: str | None = None
     resolution: int
-    metadata: dict[str, Any]
+    """Default width and height: the size the subject was trained at."""
 
 
 def to_generation_request(body: GenerateBody, limits: RequestLimits, default_size: int) -> GenerationRequest:
