@@ -62,7 +62,10 @@ def start(config: ControllerConfig) -> Controller:
     store = Store(config.effective_database_url)
     feed = ChangeFeed()
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
-    serving = ServingSync(store, ServeDeployer(config.ray_dashboard_url, config.serving)) if config.serving else None
+    serving = None
+    if config.serving:
+        deployer = ServeDeployer(config.ray_dashboard_url, config.serving)
+        serving = ServingSync(store, deployer, {tenant.name: tenant.tokens for tenant in config.tenants})
     service = JobService(config, store, ray_jobs, feed, serving)
     reconciler = Reconciler(config, store, ray_jobs, feed, service)
     if not config.tenants:

@@ -22,9 +22,10 @@ RETRY_INTERVAL_S = 5.0
 
 
 class ServingSync:
-    def __init__(self, store: Store, deployer: ServeDeployer):
+    def __init__(self, store: Store, deployer: ServeDeployer, tenant_tokens: dict[str, tuple[str, ...]]):
         self.store = store
         self.deployer = deployer
+        self.tenant_tokens = tenant_tokens  # the controller's; none: serving is open, like the controller
         self._lock = threading.Lock()
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
@@ -32,9 +33,10 @@ class ServingSync:
     def apply(self) -> None:
         """Applies the store's deployed set now; on failure, leaves it to the reconciler."""
         with self._lock:
-            models = {model.model_id: model.path for model in self.store.deployed_models()}
+            deployed = self.store.deployed_models()
+            models = {model.model_id: model.path for model in deployed}
             try:
-                self.deployer.apply(models)
+                self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
             except Exception as e:
                 self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
                 log.warning("could not apply %d deployed model(s) to Ray Serve (retrying): %s", len(models), e)

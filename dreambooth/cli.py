@@ -170,9 +170,7 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
         env = os.environ.get
         target = args.controller or env("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         try:
-            client = DreamBoothClient(
-                target, args.token or env("DREAMBOOTH_TOKEN"), tls_ca=args.tls_ca or env("DREAMBOOTH_TLS_CA")
-            )
+            client = DreamBoothClient(target, _token(args), tls_ca=args.tls_ca or env("DREAMBOOTH_TLS_CA"))
             with client:
                 return command(client, args)
         except ClientError as e:
@@ -239,12 +237,17 @@ def _models(client: DreamBoothClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The tenant's bearer token: the controller's and the serving API's."""
+    return args.token or os.environ.get("DREAMBOOTH_TOKEN")
+
+
 def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.serving_client import wait_until_served
 
     model = client.deploy(args.model_id)
     if not args.no_wait:
-        wait_until_served(model.endpoint)
+        wait_until_served(model.endpoint, token=_token(args))
     print(model.endpoint)
     return 0
 
@@ -269,7 +272,7 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
     }
     try:
-        images = generate(model.endpoint, args.prompt, **options)
+        images = generate(model.endpoint, args.prompt, token=_token(args), **options)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if 400 <= e.status < 500 else 1

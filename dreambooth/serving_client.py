@@ -1,8 +1,10 @@
 """A small HTTP client of the serving API (serving/http_api.py), standard library only.
 
     model = client.deploy(model_id)                    # the gRPC SDK: returns the model's endpoint
-    wait_until_served(model.endpoint)
-    png = generate(model.endpoint, "a photo of sks dog on the beach", seed=3)[0]
+    wait_until_served(model.endpoint, token=TOKEN)
+    png = generate(model.endpoint, "a photo of sks dog on the beach", token=TOKEN, seed=3)[0]
+
+`token`: the tenant's bearer token, the same as the controller's (None where no tenants are configured).
 """
 
 from __future__ import annotations
@@ -25,21 +27,23 @@ class ServingError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def generate(endpoint: str, prompt: str, timeout_s: float = 600, **options: Any) -> list[bytes]:
+def generate(
+    endpoint: str, prompt: str, token: str | None = None, timeout_s: float = 600, **options: Any
+) -> list[bytes]:
     """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
     width, height (see GenerateBody)."""
     body = {"prompt": prompt, **options, "output_format": "json"}
-    reply = _request(endpoint, json.dumps(body).encode(), timeout_s)
+    reply = _request(endpoint, json.dumps(body).encode(), token, timeout_s)
     return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
 
 
-def wait_until_served(endpoint: str, timeout_s: float = 300) -> None:
+def wait_until_served(endpoint: str, token: str | None = None, timeout_s: float = 300) -> None:
     """Blocks until the serving API lists the model of `endpoint` (replicas reconfigure a moment after Deploy)."""
     model_url = endpoint.removesuffix("/generate")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            _request(model_url, None, timeout_s=10)
+            _request(model_url, None, token, timeout_s=10)
             return
         except (ServingError, OSError) as e:  # 404 until reconfigured; refused/reset while Serve starts
             if time.monotonic() > deadline:
@@ -47,8 +51,9 @@ def wait_until_served(endpoint: str, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-def _request(url: str, data: bytes | None, timeout_s: float) -> Any:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) -> Any:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())

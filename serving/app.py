@@ -10,7 +10,6 @@ No `from __future__ import annotations` here: FastAPI reads the handlers' annota
 globals that Serve pickled with the class, so they must be real objects.
 """
 
-
 import asyncio
 import logging
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +27,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from dreambooth.errors import InputError
+from serving.access import Access, Unauthenticated
 from serving.config import ServeConfig
 from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
@@ -166,6 +166,10 @@ def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
     )
 
 
+def _unauthenticated(error: Unauthenticated) -> HTTPException:
+    return HTTPException(401, detail=str(error), headers={"WWW-Authenticate": "Bearer"})
+
+
 # serve.ingress serializes the class when it decorates it: whatever the handlers use is defined above.
 api = FastAPI(
     title="dreambooth-cluster serving",
@@ -189,6 +193,7 @@ class Ingress:
         self.config = ServeConfig.from_dict(config)
         self.generator = generator
         self.models: dict[str, ServedModel] = {}
+        self.access = Access()
         self.metrics = IngressMetrics()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -196,36 +201,41 @@ class Ingress:
             model_id: served_model(model_id, Path(path), self.config)
             for model_id, path in user_config.get("models", {}).items()
         }
+        self.access = Access.from_user_config(user_config)
 
     @api.get("/healthz")
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "models": len(self.models)}
 
     @api.get("/v1/models")
-    def list_models(self) -> dict[str, list[ServedModel]]:
-        return {"models": sorted(self.models.values(), key=lambda m: m.model_id)}
+    def list_models(self, authorization: str | None = Header(None)) -> dict[str, list[ServedModel]]:
+        tenant = self._tenant(authorization)
+        mine = [m for m in self.models.values() if self.access.visible(tenant, m.model_id)]
+        return {"models": sorted(mine, key=lambda m: m.model_id)}
 
     @api.get("/v1/models/{model_id}")
-    def get_model(self, model_id: str) -> ServedModel:
-        return self._served(model_id)
+    def get_model(self, model_id: str, authorization: str | None = Header(None)) -> ServedModel:
+        return self._served(model_id, self._tenant(authorization))
 
     @api.post(
         "/v1/models/{model_id}/generate",
         response_model=GenerateResponse,
         responses={200: {"content": {"image/png": {}}, "description": "PNG (output_format png) or JSON"}},
     )
-    async def generate(self, model_id: str, body: GenerateBody):
+    async def generate(self, model_id: str, body: GenerateBody, authorization: str | None = Header(None)):
         start = time.perf_counter()
         model = self.models.get(model_id)
         model_class = model.model_class if model else "unknown"
         outcome, images = "error", 0
         try:
-            if model is None:
-                outcome = "not_found"
+            if model is None or not self.access.visible(self.access.tenant(authorization), model_id):
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
             result = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
             outcome, images = "ok", len(result.images)
+        except Unauthenticated as e:
+            outcome = "unauthenticated"
+            raise _unauthenticated(e) from e
         except InputError as e:
             outcome = "bad_request"
             raise HTTPException(400, detail={"field": e.field, "message": e.message}) from e
@@ -241,8 +251,14 @@ class Ingress:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, result, body.output_format)
 
-    def _served(self, model_id: str) -> ServedModel:
-        if model_id not in self.models:
+    def _tenant(self, authorization: str | None) -> str | None:
+        try:
+            return self.access.tenant(authorization)
+        except Unauthenticated as e:
+            raise _unauthenticated(e) from e
+
+    def _served(self, model_id: str, tenant: str | None) -> ServedModel:
+        if model_id not in self.models or not self.access.visible(tenant, model_id):
             raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them")
         return self.models[model_id]
 

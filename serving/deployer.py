@@ -7,8 +7,10 @@ Other Serve applications on the cluster are kept as they are (the REST API repla
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from serving import access
 from serving.config import ServeConfig
 
 IMPORT_PATH = "serving.app:build_app"
@@ -20,9 +22,15 @@ class ServeDeployer:
         self.dashboard_url = dashboard_url
         self.config = config
 
-    def application(self, models: dict[str, str]) -> dict[str, Any]:
-        """This application's declarative config serving `models` ({model_id: model directory})."""
-        user_config = {"models": dict(sorted(models.items()))}
+    def application(
+        self,
+        models: Mapping[str, str],
+        owners: Mapping[str, str] | None = None,
+        tenant_tokens: Mapping[str, Iterable[str]] | None = None,
+    ) -> dict[str, Any]:
+        """This application's declarative config serving `models` ({model_id: model directory}); with
+        `tenant_tokens` ({tenant: bearer tokens}), each model only to its tenant in `owners`."""
+        user_config = access.user_config(models, owners or {}, tenant_tokens or {})
         return {
             "name": self.config.app_name,
             "route_prefix": self.config.route_prefix,
@@ -33,8 +41,13 @@ class ServeDeployer:
             "deployments": [{"name": name, "user_config": user_config} for name in DEPLOYMENTS],
         }
 
-    def apply(self, models: dict[str, str]) -> None:
-        """Deploys (or reconfigures) the application so that exactly `models` are served."""
+    def apply(
+        self,
+        models: Mapping[str, str],
+        owners: Mapping[str, str] | None = None,
+        tenant_tokens: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        """Deploys (or reconfigures) the application so that exactly `models` are served (see `application`)."""
         client = self._client()
         details = client.get_serve_details()
         others = [
@@ -46,7 +59,7 @@ class ServeDeployer:
             {
                 "proxy_location": self.config.proxy_location,
                 "http_options": {"host": self.config.http_host, "port": self.config.http_port},
-                "applications": [*others, self.application(models)],
+                "applications": [*others, self.application(models, owners, tenant_tokens)],
             }
         )
 

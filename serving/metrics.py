@@ -10,7 +10,6 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
-OUTCOMES = ("ok", "bad_request", "not_found", "overloaded", "error")
 
 
 class IngressMetrics:
@@ -19,8 +18,8 @@ class IngressMetrics:
     def __init__(self):
         self.requests = Counter(
             "dreambooth_serve_requests_total",
-            description="Generate requests by subject class and outcome (ok, bad_request, not_found, overloaded, "
-            "error).",
+            description="Generate requests by subject class and outcome (ok, bad_request, unauthenticated, not_found, "
+            "overloaded, error).",
             tag_keys=("model_class", "outcome"),
         )
         self.images = Counter(

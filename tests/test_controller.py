@@ -127,15 +127,20 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
     model = alice.deploy(model_id)
     assert model.deployed and model.endpoint.endswith(f"/ctl/v1/models/{model_id}/generate")
     assert alice.model(model_id).endpoint == model.endpoint
-    wait_until_served(model.endpoint)
-    [png] = generate(model.endpoint, "a photo of sks dog on the moon", steps=2, seed=1)
+    wait_until_served(model.endpoint, token="alice-token")
+    [png] = generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1)
     assert Image.open(io.BytesIO(png)).size == (64, 64)  # the job's resolution
+    # Serving knows the controller's tenants: no token, 401; another tenant's model is not found there either.
+    for token, status in ((None, 401), ("bob-token", 404)):
+        with pytest.raises(ServingError) as error:
+            generate(model.endpoint, "a photo of sks dog", token=token, steps=2)
+        assert error.value.status == status
 
     assert not alice.undeploy(model_id).deployed
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the replicas are reconfigured a moment after the RPC returns
         try:
-            generate(model.endpoint, "a photo of sks dog", steps=2)
+            generate(model.endpoint, "a photo of sks dog", token="alice-token", steps=2)
         except ServingError as e:
             assert e.status == 404, e
             return

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
+from serving.access import Access, Unauthenticated, user_config
 from serving.app import build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
@@ -50,10 +53,8 @@ def test_the_deployed_config_is_valid_for_serve_and_carries_the_models():
     )
     [parsed] = schema.applications
     assert parsed.import_path == "serving.app:build_app"
-    assert {d.name: d.user_config for d in parsed.deployments} == {
-        "Generator": {"models": {"a": "/models/a", "b": "/models/b"}},
-        "Ingress": {"models": {"a": "/models/a", "b": "/models/b"}},
-    }
+    expected = {"models": {"a": "/models/a", "b": "/models/b"}, "owners": {}, "tokens": {}}
+    assert {d.name: d.user_config for d in parsed.deployments} == {"Generator": expected, "Ingress": expected}
 
 
 def test_build_app_turns_settings_into_deployment_options():
@@ -100,3 +101,18 @@ def test_out_of_bounds_requests_name_the_field_and_the_bound(fields, field, mess
     with pytest.raises(InputError, match=message) as error:
         to_generation_request(body, LIMITS, default_size=512)
     assert error.value.field == field
+
+
+def test_serving_access_follows_the_controllers_tenants_without_holding_their_tokens():
+    config = user_config({"m1": "/s/m1", "m2": "/s/m2"}, {"m1": "alice", "m2": "bob"}, {"alice": ("a-1", "a-2")})
+    assert "a-1" not in json.dumps(config)  # digests only: the Serve config is readable in Ray's dashboard
+    access = Access.from_user_config(config)
+    assert access.tenant("Bearer a-2") == "alice" and access.tenant("bearer  a-1") == "alice"
+    for header in (None, "", "Bearer nope", "Basic a-1", "a-1"):
+        with pytest.raises(Unauthenticated):
+            access.tenant(header)
+    assert access.visible("alice", "m1") and not access.visible("alice", "m2")
+    assert not access.visible("alice", "unknown")
+
+    open_access = Access.from_user_config(user_config({"m1": "/s/m1"}, {}, {}))
+    assert open_access.tenant(None) is None and open_access.visible(None, "m1")

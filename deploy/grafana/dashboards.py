@@ -353,7 +353,7 @@ def serving() -> builders.Dashboard:
                 "Errors",
                 [
                     (share("error|overloaded"), "server errors (error, overloaded)"),
-                    (share("bad_request|not_found"), "client errors (bad_request, not_found)"),
+                    (share("bad_request|unauthenticated|not_found"), "client errors (4xx)"),
                 ],
                 unit="percentunit",
                 width=8,
