@@ -20,19 +20,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dreambooth import process_sessions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_YML = PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -134,7 +134,7 @@ def load(state_dir: Path) -> Stack | None:
 def running(state_dir: Path) -> Stack | None:
     """The stack of `state_dir` when any of its processes is alive."""
     stack = load(state_dir)
-    return stack if stack is not None and any(_alive(*p) for p in stack.processes.values()) else None
+    return stack if stack is not None and any(process_sessions.alive(*p) for p in stack.processes.values()) else None
 
 
 def up(
@@ -178,7 +178,9 @@ def up(
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         say(f"starting Ray (dashboard {stack.dashboard_url}) ...")
-        stack.processes["ray"] = _spawn(_ray_command(stack, chosen, num_cpus), logs / "ray.log", process_env)
+        stack.processes["ray"] = process_sessions.spawn(
+            _ray_command(stack, chosen, num_cpus), logs / "ray.log", process_env
+        )
         _save(stack)  # from here on, `down` finds what was started, even if this process is killed
         _wait_until("Ray's Jobs API", lambda: _jobs_api_answers(stack), stack, deadline)
 
@@ -186,7 +188,7 @@ def up(
         config.write_text(yaml.safe_dump(_controller_config(stack), sort_keys=False))
         say(f"starting the controller ({stack.controller}) ...")
         command = [sys.executable, "-m", "dreambooth.cli", "controller", "--config", str(config)]
-        stack.processes["controller"] = _spawn(command, logs / "controller.log", process_env)
+        stack.processes["controller"] = process_sessions.spawn(command, logs / "controller.log", process_env)
         _save(stack)
         _wait_until("the controller", lambda: _controller_serving(stack.controller), stack, deadline)
 
@@ -214,8 +216,8 @@ def down(state_dir: Path = DEFAULT_DIR) -> Stack | None:
 
 def health(stack: Stack) -> list[Component]:
     """Each component, up or down, with its address."""
-    ray_up = _alive(*stack.processes["ray"]) and _answers(lambda: _jobs_api_answers(stack))
-    controller_up = _alive(*stack.processes.get("controller", (0, 0))) and _answers(
+    ray_up = process_sessions.alive(*stack.processes["ray"]) and _answers(lambda: _jobs_api_answers(stack))
+    controller_up = process_sessions.alive(*stack.processes.get("controller", (0, 0))) and _answers(
         lambda: _controller_serving(stack.controller)
     )
     serve_status = ""
@@ -334,20 +336,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(command: list[str], log: Path, env: Mapping[str, str]) -> tuple[int, int]:
-    # A session of its own: the process and everything it starts can be found, and stopped, by session id.
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            command,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return process.pid, _start_ticks(process.pid)
-
-
 def _save(stack: Stack) -> None:
     path = _state_file(stack.dir)
     path.write_text(json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
@@ -364,7 +352,7 @@ def _wait_until(what: str, ready: Callable[[], bool], stack: Stack, deadline: fl
         except Exception as e:  # refused, reset or an error page while the component starts
             problem = f"{type(e).__name__}: {e}"
         for name, process in stack.processes.items():
-            if not _alive(*process):
+            if not process_sessions.alive(*process):
                 raise StackError(f"{name} exited while starting; the end of its log:\n{_log_tail(stack, name)}")
         if time.monotonic() > deadline:
             raise StackError(f"{what} was not ready in time ({problem}); logs in {Path(stack.dir) / 'logs'}")
@@ -433,37 +421,6 @@ def _answers(probe: Callable[[], bool]) -> bool:
         return False
 
 
-# --- processes ------------------------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name (state first), or None when there is no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> int:
-    """The process's start time (clock ticks since boot): with the pid, it names one process, never its reuse."""
-    return int(_stat(pid)[19])
-
-
-def _alive(pid: int, ticks: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z" and int(fields[19]) == ticks
-
-
-def _session_members(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None and fields[0] != "Z":
-            with contextlib.suppress(OSError):  # gone meanwhile
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-    return pids
-
-
 def _stop(stack: Stack) -> None:
     # The controller first, so that it never sees Ray vanish under a running job (a later `up` on the same
     # storage re-attaches to its jobs: those whose Ray job is gone are resubmitted and resume). It stops
@@ -471,21 +428,4 @@ def _stop(stack: Stack) -> None:
     # that is going away altogether has no use for.
     for name, grace_s in (("controller", 15), ("ray", 3)):
         if name in stack.processes:
-            _stop_session(*stack.processes[name], grace_s=grace_s)
-
-
-def _stop_session(pid: int, ticks: int, grace_s: float) -> None:
-    """SIGTERM every process of the session `pid` leads, then SIGKILL what is left after `grace_s`. Only while
-    the leader is ours or gone: a reused pid leads someone else's session."""
-    fields = _stat(pid)
-    if fields is not None and int(fields[19]) != ticks:
-        return  # the pid was reused: the session is someone else's (ours ended when its last member did)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for member in _session_members(pid):
-            with contextlib.suppress(OSError):
-                os.kill(member, sig)
-        deadline = time.monotonic() + grace_s
-        while _session_members(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    with contextlib.suppress(ChildProcessError):  # reap it when this process started it (the demo does)
-        os.waitpid(pid, os.WNOHANG)
+            process_sessions.stop_session(*stack.processes[name], grace_s=grace_s)

@@ -67,11 +67,6 @@ class SubjectModel:
         """Image pixels per latent pixel (8 for Stable Diffusion; the tiny test model's VAE has fewer levels)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def subject_class(self) -> str:
-        """What kind of subject this is (the class prompt), a bounded label for metrics."""
-        return str(self.metadata.get("class_prompt") or "unknown")
-
     def check_prompt(self, name: str, text: str) -> None:
         """Refuses a prompt longer than the text encoder's context instead of silently cutting it."""
         tokens = len(self.tokenizer(text, truncation=False).input_ids)

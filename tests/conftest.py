@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -89,29 +88,12 @@ def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 def _stop_session(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """Stop a node started by _start_node: SIGTERM every process of its session, SIGKILL what is left.
-    (`ray start --block` does not stop its children on a signal, and `ray stop` would stop every Ray on the
-    machine.)"""
+    """Stop a node started by _start_node: every process of its session (`ray start --block` does not stop its
+    children on a signal, and `ray stop` would stop every Ray on the machine)."""
+    from dreambooth import process_sessions
 
-    def members() -> list[int]:
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    alive = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-                    if alive and os.getsid(int(entry)) == proc.pid:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members():
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while members() and time.monotonic() < deadline:
-            time.sleep(0.2)
+    # Our own child, not yet reaped: its pid cannot have been reused.
+    process_sessions.stop_session(proc.pid, process_sessions.start_ticks(proc.pid), grace_s=grace_s)
     proc.wait(timeout=5)
 
 
