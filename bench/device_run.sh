@@ -1,26 +1,63 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script for the lent device machine (see ../shared/notes/device.md):
-# DeepSpeed fp16 training throughput (issue: trainer) and batched serving throughput (issue: serving), each
-# against its plain diffusers baseline, on the random SD-1.5-sized model. Tables go to stdout, JSON to $OUT.
+# batched serving throughput (issue: serving) and DeepSpeed fp16 training throughput (issue: trainer), each
+# against its plain diffusers baseline, on the random SD-1.5-sized model. Tables go to stdout, JSON and logs
+# to $OUT, each as soon as its part ends, so a run cut short still returns what it measured.
 #
 #   here:   ../shared/tools/device-bundle.sh .gpu && cp .venv/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz .gpu/
 #           echo /.gpu/ >> .git/info/exclude
 #   device: run(command="bash bench/device_run.sh", carry=[".gpu"], timeout_s=600)
 #
-# About 8 minutes on an H200: model build ~1 min, serving ~2 min, training ~4-5 min. `ONLY=serve|train` runs one.
-set -euo pipefail
+# Parts, in order, each started only while enough of the DEADLINE_S budget (default 570 s) is left:
+#   serve          serve_throughput.py (engine + batching vs pipeline per request)        ~2.5 min
+#   train          train_throughput.py --compile (baseline + the trainer, torch.compile)   ~5 min
+#   train-eager    train_throughput.py --only trainer (the trainer without compile)        ~2.5 min
+#   profile        train_step_profile.py --profile (the DeepSpeed step by phase, ZeRO settings) ~2 min
+#   serve-cudnn    serve_throughput.py engine only, 1 and 16 clients, cuDNN autotuning       ~0.5 min
+# `ONLY=serve,profile` runs the parts named; SERVE_ARGS adds arguments to the serve part.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash .gpu/install.sh >/dev/null
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+start=$SECONDS
+deadline=${DEADLINE_S:-570}
+bash .gpu/install.sh || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 vocab=(--clip-bpe .gpu/bpe_simple_vocab_16e6.txt.gz)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+df -h /tmp | tail -1
 only=${ONLY:-all}
-if [ "$only" = all ] || [ "$only" = serve ]; then
-  python bench/serve_throughput.py --model sd15 "${vocab[@]}" --out "$OUT/serve_throughput.json" 2>&1 | grep -v "it/s]"
-fi
-if [ "$only" = all ] || [ "$only" = train ]; then
-  python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" --out "$OUT/train_throughput.json" 2>&1 |
-    grep -v "it/s]"
-fi
+
+# part NAME NEEDED_S COMMAND...: runs COMMAND (output to $OUT/NAME.log) if NEEDED_S are left, cut at the deadline.
+part() {
+  local name=$1 needed=$2
+  shift 2
+  [ "$only" = all ] || [[ ",$only," == *",$name,"* ]] || return 0
+  local left=$((deadline - (SECONDS - start)))
+  if [ "$left" -lt "$needed" ]; then
+    echo "== $name: skipped, ${left} s left of the budget, ${needed} s needed"
+    return 0
+  fi
+  echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
+  timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|- |peak|Traceback|[A-Za-z]*Error)"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+export DREAMBOOTH_CLIP_BPE=$PWD/.gpu/bpe_simple_vocab_16e6.txt.gz
+python -c "
+import time; from dreambooth.tiny_model import build_random_sd15_model
+t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models/sd15'); print(f'model built in {time.time() - t:.0f} s')
+" || true
+
+# shellcheck disable=SC2086
+part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:-} "${vocab[@]}" \
+  --out "$OUT/serve_throughput.json"
+part train 240 python bench/train_throughput.py --model sd15 --precision fp16 --compile "${vocab[@]}" \
+  --out "$OUT/train_throughput_compiled.json"
+part train-eager 150 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer "${vocab[@]}" \
+  --out "$OUT/train_throughput_eager.json"
+part profile 120 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
+part serve-cudnn 45 python bench/serve_throughput.py --model sd15 --only engine --clients 1,16 --requests-per-client 3 \
+  --cudnn-benchmark "${vocab[@]}" --out "$OUT/serve_throughput_cudnn.json"
+echo "== done after $((SECONDS - start)) s"

@@ -269,6 +269,7 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         learning_rate=args.lr,
         batch_size=1,
         train_text_encoder=args.train_text_encoder,
+        torch_compile=args.compile,
         precision=args.precision,
         zero_stage=args.zero_stage,
         checkpoint_interval=args.checkpoint_interval,
@@ -312,7 +313,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
     )
     steps_per_s = summary["steps_per_s"]
     return Row(
-        what=f"this trainer: run_training, Ray Train (1 worker) + DeepSpeed ZeRO-{args.zero_stage}, {args.precision}",
+        what=f"this trainer: run_training, Ray Train (1 worker) + DeepSpeed ZeRO-{args.zero_stage}, {args.precision}"
+        + (", torch.compile" if args.compile else ""),
         steps_per_s=steps_per_s,
         ms_per_step=1000 / steps_per_s if steps_per_s else None,
         peak_memory_gib=summary["peak_memory_gib"],
@@ -403,6 +405,7 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp16" if cuda else "bf16")
     parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2)
     parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="the trainer's torch_compile (the baseline stays eager)")
     parser.add_argument("--steps", type=int, help="optimizer steps per side (default: 50 on CUDA, 60 on CPU)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of steps/s (default: 5)")
     parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 512 (sd15)")

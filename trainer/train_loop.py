@@ -87,6 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
+    if spec.torch_compile:
+        # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
+        unet.compile()
+        if text_encoder is not None:
+            text_encoder.compile()
     model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
     engine = initialize(model, spec, world_size)
     if spec.async_checkpointing:
@@ -188,7 +193,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if metrics is not None:
                 metrics.record_checkpoint_stall(stall_s)
         if validator is not None and (last or (spec.validation_interval and done % spec.validation_interval == 0)):
-            grid = validator.run(done, save=rank == 0)
+            # Sampling runs other shapes without grad: eager, rather than compiling the networks a second time.
+            with torch.compiler.set_stance("force_eager"):
+                grid = validator.run(done, save=rank == 0)
             if rank == 0:
                 events.emit("validation", step=done, path=str(grid))
         _maybe_inject_failure(config, done, rank, paths, pending_commit)
