@@ -4,7 +4,8 @@ One process, no Ray: the engine is built as the trainer builds it (`trainer.deep
 `trainer.model.DreamBoothModel`, UNet trained, text encoder frozen), fed fixed latents and prompt embeddings
 (batch 1 instance + 1 class sample), and timed per phase (forward, backward, optimizer step; synchronised
 after each, so the phases add up to more than an unsynchronised step) and per whole step (synchronised only
-at the end of the timed steps). Variants change one DeepSpeed setting at a time; the first is the trainer's.
+at the end of the timed steps). Variants change one setting at a time; the first is the
+trainer's (flat parameters under ZeRO-2: trainer/flat_parameters.py), the second what it did before.
 
     python bench/train_step_profile.py --model sd15            # GPU
     .venv/bin/python bench/train_step_profile.py --model tiny --precision bf16 --steps 10
@@ -37,23 +38,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreambooth.sd_model import load_base_model
 from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
 from trainer import deepspeed_setup
+from trainer.flat_parameters import flatten_parameters
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.spec import JobSpec
 
 BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
 RESOLUTION = {"tiny": 64, "sd15": 512}
 
-# name -> (spec changes, ZeRO config changes)
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "trainer's config": ({}, {}),
-    "overlap_comm off": ({}, {"overlap_comm": False}),
-    "overlap_comm + contiguous_gradients off": ({}, {"overlap_comm": False, "contiguous_gradients": False}),
-    "bf16": ({"precision": "bf16"}, {}),
+# name -> (spec changes, ZeRO config changes, flat parameters as the trainer makes them under ZeRO-2)
+VARIANTS: dict[str, tuple[dict, dict, bool]] = {
+    "trainer's config": ({}, {}, True),
+    "per-tensor parameters": ({}, {}, False),
+    "per-tensor, overlap_comm + contiguous_gradients off": (
+        {},
+        {"overlap_comm": False, "contiguous_gradients": False},
+        False,
+    ),
+    "bf16": ({"precision": "bf16"}, {}, True),
 }
 
 
-def build_engine(spec: JobSpec, zero_changes: dict, model_dir: Path, device: torch.device):
+def build_engine(spec: JobSpec, zero_changes: dict, flat: bool, model_dir: Path, device: torch.device):
     unet = load_base_model(model_dir, dtype=torch.float32, device=device, components=("unet",)).unet
+    if flat:
+        flatten_parameters(unet)
     trainer_config = deepspeed_setup.deepspeed_config
 
     def config(spec_, world_size):
@@ -68,12 +76,12 @@ def build_engine(spec: JobSpec, zero_changes: dict, model_dir: Path, device: tor
         deepspeed_setup.deepspeed_config = trainer_config
 
 
-def run_variant(name: str, spec: JobSpec, zero_changes: dict, args, model_dir: Path, device) -> dict:
+def run_variant(name: str, spec: JobSpec, zero_changes: dict, flat: bool, args, model_dir: Path, device) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = build_engine(spec, zero_changes, model_dir, device)
+    engine = build_engine(spec, zero_changes, flat, model_dir, device)
     init_s = time.perf_counter() - t0
     dtype = deepspeed_setup.compute_dtype(spec)
     generator = torch.Generator(device).manual_seed(0)
@@ -119,7 +127,7 @@ def run_variant(name: str, spec: JobSpec, zero_changes: dict, args, model_dir: P
         step(phases)
 
     profile = None
-    if args.profile and name == next(iter(VARIANTS)):
+    if args.profile and name in list(VARIANTS)[:2]:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = []
     for name in names:
-        spec_changes, zero_changes = VARIANTS[name]
+        spec_changes, zero_changes, flat = VARIANTS[name]
         spec = JobSpec(
             base_model=str(model_dir),
             instance_images=["unused"],
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for key, value in spec_changes.items():
             setattr(spec, key, value)
-        rows.append(run_variant(name, spec, zero_changes, args, model_dir, device))
+        rows.append(run_variant(name, spec, zero_changes, flat, args, model_dir, device))
         gc.collect()  # the variant's engine, before the next one is built
         if cuda:
             torch.cuda.empty_cache()

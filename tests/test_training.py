@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 import ray.train
 import torch
+from safetensors.torch import load_file
 
+from dreambooth.sd_model import load_base_model
 from trainer.class_images import cache_key, ensure_class_images
 from trainer.data import encode_images
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
+from trainer.flat_parameters import unflatten_state_dict
 from trainer.images import find_instance_images
 from trainer.run import run_training
 from trainer.spec import JobSpec
@@ -46,8 +48,6 @@ def make_spec(tiny_model: Path, images: Path, **overrides) -> JobSpec:
 def denoising_loss(model_dir: Path, spec: JobSpec) -> float:
     """The UNet's noise-prediction error on the instance images under fixed noise and timesteps: what
     DreamBooth minimises, measured the same way before and after training."""
-    from dreambooth.sd_model import load_base_model
-
     model = load_base_model(model_dir, dtype=torch.float32)
     encoded = encode_images(model.vae, find_instance_images(spec.instance_images), spec.resolution, torch.device("cpu"))
     ids = model.tokenizer(
@@ -151,7 +151,8 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
 
 
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
-    spec = make_spec(tiny_model, dog_images)  # ZeRO-2, fp32, 2 workers, checkpoints every 2 of 6 steps
+    # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too.
+    spec = make_spec(tiny_model, dog_images, train_text_encoder=True)
     uninterrupted = run_training(spec, job_paths(storage, "straight"))
 
     # A worker process dies at step 3; Ray Train restarts the workers from the step-2 checkpoint.
@@ -176,4 +177,11 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         assert worst <= 1e-6, f"{job}: resumed weights differ from the uninterrupted run by {worst}"
     assert uninterrupted.steps == 6
-    assert os.path.exists(uninterrupted.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    # The export holds the final checkpoint's weights under the networks' own names.
+    base = load_base_model(tiny_model, dtype=torch.float32, components=("unet", "text_encoder"))
+    for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        exported = load_file(uninterrupted.model_dir / name / file)
+        own = {k[len(name) + 1 :]: v for k, v in reference.items() if k.startswith(f"{name}.")}
+        expected = unflatten_state_dict(getattr(base, name), own)
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[k], expected[k]) for k in expected), name

@@ -17,6 +17,7 @@ import torch
 
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
+from trainer.flat_parameters import unflatten_state_dict
 from trainer.spec import JobSpec
 
 METADATA_FILE = "metadata.json"
@@ -37,7 +38,8 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     for name in components:
         module = getattr(trained, name)
         prefix = f"{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(unflatten_state_dict(module, own), strict=True)
     # fp32 throughout: diffusers and transformers disagree on the default dtype when loading a half-precision
     # checkpoint (one keeps the stored dtype, the other upcasts), so a bf16/fp16 export would not sample with a
     # plain from_pretrained. Serving casts to fp16 on load.

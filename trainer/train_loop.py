@@ -22,6 +22,7 @@ from trainer.checkpoint import restore_latest, save_and_report
 from trainer.data import EncodedImages, derive_seed, encode_images, sample_indices
 from trainer.deepspeed_setup import compute_dtype, initialize
 from trainer.events import EventLog
+from trainer.flat_parameters import flatten_parameters
 from trainer.images import find_instance_images
 from trainer.metrics import TrainMetrics
 from trainer.model import DreamBoothModel, prior_preservation_loss
@@ -87,6 +88,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         unet.enable_gradient_checkpointing()
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
+    if spec.zero_stage == 2:
+        # A dozen flat tensors instead of hundreds: ZeRO-2's per-tensor work no longer sets the step time.
+        flatten_parameters(unet)
+        if text_encoder is not None:
+            flatten_parameters(text_encoder)
     if spec.torch_compile:
         # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
         unet.compile()
