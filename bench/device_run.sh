@@ -9,11 +9,11 @@
 #   device: run(command="bash bench/device_run.sh", carry=[".gpu"], timeout_s=600)
 #
 # Parts, in order, each started only while enough of the DEADLINE_S budget (default 570 s) is left:
-#   serve          serve_throughput.py (engine + batching vs pipeline per request)        ~2.5 min
-#   train          train_throughput.py --compile (baseline + the trainer, torch.compile)   ~5 min
-#   train-eager    train_throughput.py --only trainer (the trainer without compile)        ~2.5 min
-#   profile        train_step_profile.py --profile (the DeepSpeed step by phase, ZeRO settings) ~2 min
-#   serve-cudnn    serve_throughput.py engine only, 1 and 16 clients, cuDNN autotuning       ~0.5 min
+#   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3 min
+#   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
+#   serve          serve_throughput.py (engine + batching vs pipeline per request)           ~2.5 min
+#   train-memory   the trainer training the text encoder too, with gradient checkpointing (memory target) ~3 min
+#   train-compile  train_throughput.py --compile --only trainer (torch_compile: ~2.5 min of compile) ~4 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS adds arguments to the serve part.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,14 +50,14 @@ import time; from dreambooth.tiny_model import build_random_sd15_model
 t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models/sd15'); print(f'model built in {time.time() - t:.0f} s')
 " || true
 
+part train 200 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
+  --out "$OUT/train_throughput.json"
+part profile 100 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
 # shellcheck disable=SC2086
 part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:-} "${vocab[@]}" \
   --out "$OUT/serve_throughput.json"
-part train 240 python bench/train_throughput.py --model sd15 --precision fp16 --compile "${vocab[@]}" \
-  --out "$OUT/train_throughput_compiled.json"
-part train-eager 150 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer "${vocab[@]}" \
-  --out "$OUT/train_throughput_eager.json"
-part profile 120 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
-part serve-cudnn 45 python bench/serve_throughput.py --model sd15 --only engine --clients 1,16 --requests-per-client 3 \
-  --cudnn-benchmark "${vocab[@]}" --out "$OUT/serve_throughput_cudnn.json"
+part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
+  --train-text-encoder --gradient-checkpointing "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
+part train-compile 240 python bench/train_throughput.py --model sd15 --precision fp16 --compile --only trainer \
+  "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"
 echo "== done after $((SECONDS - start)) s"

@@ -146,9 +146,13 @@ def run_baseline(args, model_dir: Path, instance_files: list[Path], class_files:
     vae.requires_grad_(False)
     unet.train()
     trained = [unet]
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if args.train_text_encoder:
         text_encoder.train()
         trained.append(text_encoder)
+        if args.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
     else:
         text_encoder.requires_grad_(False)
     params = [p for module in trained for p in module.parameters()]
@@ -269,6 +273,7 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         learning_rate=args.lr,
         batch_size=1,
         train_text_encoder=args.train_text_encoder,
+        gradient_checkpointing=args.gradient_checkpointing,
         torch_compile=args.compile,
         precision=args.precision,
         zero_stage=args.zero_stage,
@@ -309,7 +314,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"run_training {wall_s:.0f} s: preparing {summary['phases'].get('PREPARING', 0):.0f} s, training "
         f"{summary['phases'].get('TRAINING', 0):.0f} s (first progress event after "
         f"{summary['first_progress_after_s']:.0f} s), export {summary['phases'].get('EXPORTING', 0):.0f} s; "
-        f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}"
+        f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
+        f"checkpoint stalls {summary['checkpoint_stalls_s']} s"
     )
     steps_per_s = summary["steps_per_s"]
     return Row(
@@ -358,6 +364,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         "windows_used": len(steady) if steady else len(rates),
         "peak_memory_gib": max(memory) if memory else None,
         "checkpoint_stall_s": statistics.median(e["stall_s"] for e in checkpoints) if checkpoints else None,
+        "checkpoint_stalls_s": [round(e["stall_s"], 2) for e in checkpoints],
         "checkpoints": len(checkpoints),
         "phases": phases,
         "first_progress_after_s": first_progress,
@@ -405,6 +412,7 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp16" if cuda else "bf16")
     parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2)
     parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
     parser.add_argument("--compile", action="store_true", help="the trainer's torch_compile (the baseline stays eager)")
     parser.add_argument("--steps", type=int, help="optimizer steps per side (default: 50 on CUDA, 60 on CPU)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of steps/s (default: 5)")
@@ -486,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = (
         f"device: {where} | model: {args.model} ({params} params) | resolution {args.resolution} | "
         f"precision {args.precision} | ZeRO-{args.zero_stage} | batch 1 instance + 1 class image | "
-        f"text encoder {'trained' if args.train_text_encoder else 'frozen'} | lr {args.lr:g} | {args.steps} steps "
+        f"text encoder {'trained' if args.train_text_encoder else 'frozen'} | "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} | lr {args.lr:g} | "
+        f"{args.steps} steps "
         f"(warm-up {args.warmup}), checkpoints at steps {checkpoint_steps(args.steps, args.checkpoint_interval)}"
     )
     trainer_row = next((r for r in rows if r.what.startswith("this trainer")), None)
@@ -515,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
             "zero_stage": args.zero_stage,
             "train_text_encoder": args.train_text_encoder,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "steps": args.steps,
             "warmup": args.warmup,
             "checkpoint_interval": args.checkpoint_interval,
