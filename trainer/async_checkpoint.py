@@ -2,22 +2,30 @@
 
 DeepSpeed's default engine `torch.save`s every shard synchronously: for SD 1.5 under ZeRO-2 that is 11 GiB
 per save, and training stood still for 16-18 s on an H200 (../shared/notes/device.md). Here `save()` only
-copies the state into host memory (into pinned buffers reused from one checkpoint to the next, so on a GPU
-the copy runs at PCIe speed) and a background thread writes it. `wait()` returns once everything queued
-is on storage; the checkpoint is reported to Ray Train only after that (see trainer.checkpoint).
+copies the state into host memory and a background thread writes it. `wait()` returns once everything
+queued is on storage; the checkpoint is reported to Ray Train only after that (see trainer.checkpoint).
 
 The copy, not a reference, is what makes this safe: the optimizer updates its states in place on the
-next step, while the write is still going on.
+next step, while the write is still going on. The host buffers are pinned on GPUs (so the copy runs at
+PCIe speed) and reused from one checkpoint to the next; `reserve_after_first_update()` allocates them in
+the background early in training, because pinning 11 GiB takes seconds that the first checkpoint would
+otherwise stall for.
+A checkpoint starts with DeepSpeed's `create()`, which waits for the previous one's writes: only then may
+its buffers be overwritten. The files of one checkpoint use distinct buffers and do not wait for each other.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+# A host buffer fits a tensor of this dtype and shape, pinned or not.
+BufferKey = tuple[torch.dtype, torch.Size, bool]
 
 
 class AsyncCheckpointEngine(TorchCheckpointEngine):
@@ -27,17 +35,42 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._buffers: dict[BufferKey, list[torch.Tensor]] = collections.defaultdict(list)
+        self._in_use: collections.Counter[BufferKey] = collections.Counter()  # by the checkpoint being saved
+        self._reserving: threading.Thread | None = None
+        self._reserved = False
 
     def preserves_storage_sharing(self) -> bool:
         # DeepSpeed would otherwise clone the module state to CPU itself, synchronously; save() copies anyway.
         return False
 
+    def reserve_after_first_update(self, engine) -> None:
+        """Call after every optimizer step. Once the optimizer has updated the weights (its moments exist
+        from then on; fp16 overflow skips the first updates), allocate host buffers for a checkpoint of
+        `engine` in a background thread, once. The first checkpoint waits for it if it is not done by then."""
+        if self._reserved or engine.global_steps <= engine.skipped_steps:
+            return
+        self._reserved = True
+        wanted = collections.Counter(_key(t) for t in _checkpointed_tensors(engine))
+
+        def allocate() -> None:
+            for (dtype, shape, pinned), count in wanted.items():
+                buffers = self._buffers[(dtype, shape, pinned)]
+                while len(buffers) < count:
+                    buffers.append(torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned))
+
+        self._reserving = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
+        self._reserving.start()
+
+    def create(self, info) -> None:
+        super().create(info)
+        self._join_reservation()
+        self.wait()  # the previous checkpoint's buffers must be on storage before they are overwritten
+        self._in_use.clear()
+
     def save(self, state_dict: Any, path: str) -> None:
-        self.wait()  # the host buffers of the previous checkpoint must be written before they are reused
-        counter = iter(range(1 << 62))
-        file_key = path.rsplit("/", 1)[-1]
-        snapshot = _map_tensors(state_dict, lambda t: self._to_host(t, (file_key, next(counter))))
+        self._join_reservation()
+        snapshot = _map_tensors(state_dict, self._to_host)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         with self._lock:
@@ -53,14 +86,36 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()]
 
-    def _to_host(self, tensor: torch.Tensor, key: tuple[str, int]) -> torch.Tensor:
+    def buffer_count(self) -> int:
+        return sum(len(buffers) for buffers in self._buffers.values())
+
+    def _join_reservation(self) -> None:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
-            self._buffers[key] = buffer
+        key = _key(tensor)
+        buffers, index = self._buffers[key], self._in_use[key]
+        if index == len(buffers):
+            buffers.append(torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda))
+        self._in_use[key] += 1
+        buffer = buffers[index]
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)
         return buffer
+
+
+def _key(tensor: torch.Tensor) -> BufferKey:
+    return tensor.dtype, tensor.shape, tensor.is_cuda
+
+
+def _checkpointed_tensors(engine) -> list[torch.Tensor]:
+    """The tensors a DeepSpeed checkpoint of `engine` holds: its module's and its ZeRO optimizer's state."""
+    tensors: list[torch.Tensor] = []
+    for state in (engine.module_state_dict(), engine.optimizer.state_dict()):
+        _map_tensors(state, lambda t: tensors.append(t) or t)
+    return tensors
 
 
 def _map_tensors(item: Any, fn) -> Any:

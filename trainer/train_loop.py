@@ -180,6 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, bs, spec.prior_loss_weight)
             engine.backward(loss)
             engine.step()
+        if spec.async_checkpointing:
+            engine.checkpoint_engine.reserve_after_first_update(engine)
 
         done = step + 1
         last = done == spec.max_steps
