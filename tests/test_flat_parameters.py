@@ -87,3 +87,24 @@ def test_refuses_what_it_cannot_flatten():
         flatten_parameters(frozen)
     with pytest.raises(ValueError, match="of its own"):
         flatten_parameters(nn.Linear(2, 2))
+
+
+def test_compiles_without_recompiling_as_the_storage_changes(networks):
+    """torch_compile traces the views' hooks into the graph; the flat tensors' storage being swapped (ZeRO-2
+    moves them into its own buffer, casts replace them) must not make it compile again."""
+    import torch._dynamo
+
+    flat = copy.deepcopy(networks[0])
+    flatten_parameters(flat)
+    eager = flat(*unet_inputs(flat)).sample
+    flat.compile(backend="eager")  # dynamo's tracing and guards, without inductor's code generation
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        for parameter in flat.parameters():
+            parameter.data = parameter.data.clone()
+        out = flat(*unet_inputs(flat)).sample
+        out.square().mean().backward()
+    assert torch.allclose(out, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert all(p.grad is not None for p in flat.parameters())
