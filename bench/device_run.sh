@@ -8,13 +8,14 @@
 #           echo /.gpu/ >> .git/info/exclude
 #   device: run(command="bash bench/device_run.sh", carry=[".gpu"], timeout_s=600)
 #
-# Parts, in order, each started only while enough of the DEADLINE_S budget (default 570 s) is left:
-#   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3 min
+# Parts, in order of what the open targets need, each started only while enough of the DEADLINE_S budget
+# (default 570 s) is left; the bundle's install and the model build take ~1 min first:
+#   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3.5 min
+#   serve          serve_throughput.py, 1 and 16 clients (engine + batching vs pipeline)       ~2 min
+#   train-memory   the trainer training the text encoder too, with gradient checkpointing     ~3 min
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
-#   serve          serve_throughput.py (engine + batching vs pipeline per request)           ~2.5 min
-#   train-memory   the trainer training the text encoder too, with gradient checkpointing (memory target) ~3 min
-#   train-compile  train_throughput.py --compile --only trainer (torch_compile: ~2.5 min of compile) ~4 min
-# `ONLY=serve,profile` runs the parts named; SERVE_ARGS adds arguments to the serve part.
+#   train-compile  train_throughput.py --compile --only trainer (~2.5 min of compiling)        ~4 min
+# `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--clients 1,16`.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -52,12 +53,12 @@ t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models
 
 part train 200 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --out "$OUT/train_throughput.json"
-part profile 100 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
 # shellcheck disable=SC2086
-part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:-} "${vocab[@]}" \
-  --out "$OUT/serve_throughput.json"
+part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16} \
+  "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
   --train-text-encoder --gradient-checkpointing "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
+part profile 100 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
 part train-compile 240 python bench/train_throughput.py --model sd15 --precision fp16 --compile --only trainer \
   "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"
 echo "== done after $((SECONDS - start)) s"
