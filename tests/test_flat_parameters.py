@@ -45,6 +45,27 @@ def test_unet_computes_and_learns_as_before(networks):
         assert torch.equal(grads[name], parameter.grad), name
 
 
+def test_gradient_checkpointing_learns_as_before(networks):
+    """Recomputation in backward reads the views the forward installed: same gradients, one per flat tensor."""
+    unet, text_encoder = networks
+    for reference, run in (
+        (unet, lambda m: m(*unet_inputs(m)).sample),
+        (text_encoder, lambda m: m(torch.arange(77)[None] % 100)[0]),
+    ):
+        reference = copy.deepcopy(reference).train()
+        flat = copy.deepcopy(reference)
+        flatten_parameters(flat)
+        for network in (reference, flat):
+            if hasattr(network, "enable_gradient_checkpointing"):
+                network.enable_gradient_checkpointing()
+            else:
+                network.gradient_checkpointing_enable()
+            run(network).square().mean().backward()
+        grads = unflatten_state_dict(reference, {name: p.grad for name, p in flat.named_parameters()})
+        for name, parameter in reference.named_parameters():
+            assert torch.allclose(grads[name], parameter.grad, rtol=1e-5, atol=1e-7), name
+
+
 def test_text_encoder_computes_as_before(networks):
     reference = copy.deepcopy(networks[1])
     flat = copy.deepcopy(networks[1])
