@@ -7,6 +7,7 @@
     <root>/jobs/<job_id>/tensorboard/       TensorBoard scalars
     <root>/models/<job_id>/                 the exported diffusers-format model + metadata.json
     <root>/cache/class_images/<key>/        class-prior images, shared by every job with the same key
+    <root>/cache/torch_compile/             torch.compile's artefacts (inductor, Triton), shared by every job
 
 Everything a job needs to resume lives here, so any node (and a restarted controller) can pick it up.
 """
@@ -69,6 +70,10 @@ class JobPaths:
     @property
     def class_image_cache(self) -> Path:
         return self.root / "cache" / "class_images"
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.root / "cache" / "torch_compile"
 
 
 def job_paths(root: str | Path, job_id: str) -> JobPaths:

@@ -94,6 +94,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if text_encoder is not None:
             flatten_parameters(text_encoder)
     if spec.torch_compile:
+        # Compiled code is cached on the shared storage: the next job of the same shapes, on any node, compiles
+        # in a fraction of the time. Read when compiling starts (the first step). Assigned, not defaulted: torch
+        # writes its per-machine default into the environment once anything asks for the directory.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(paths.compile_cache / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(paths.compile_cache / "triton")
         # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
         unet.compile()
         if text_encoder is not None:
