@@ -106,6 +106,8 @@ def test_refuses_what_it_cannot_flatten():
     frozen = nn.Sequential(nn.Linear(2, 2).requires_grad_(False))
     with pytest.raises(ValueError, match="frozen"):
         flatten_parameters(frozen)
+    with pytest.raises(ValueError, match="mixes dtypes"):
+        flatten_parameters(nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).half())))
     with pytest.raises(ValueError, match="of its own"):
         flatten_parameters(nn.Linear(2, 2))
 

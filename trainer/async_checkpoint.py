@@ -9,9 +9,9 @@ The copy, not a reference, is what makes this safe: the optimizer updates its st
 next step, while the write is still going on. The host buffers are pinned on GPUs (so the copy runs at
 PCIe speed) and reused from one checkpoint to the next; `reserve_after_first_update()` allocates them in
 the background early in training, because pinning 11 GiB takes seconds that the first checkpoint would
-otherwise stall for.
-A checkpoint starts with DeepSpeed's `create()`, which waits for the previous one's writes: only then may
-its buffers be overwritten. The files of one checkpoint use distinct buffers and do not wait for each other.
+otherwise stall for. A checkpoint starts with DeepSpeed's `create()`, which waits for the previous one's
+writes: only then may its buffers be overwritten. The files of one checkpoint use distinct buffers and do
+not wait for each other.
 """
 
 from __future__ import annotations
@@ -113,8 +113,13 @@ def _key(tensor: torch.Tensor) -> BufferKey:
 def _checkpointed_tensors(engine) -> list[torch.Tensor]:
     """The tensors a DeepSpeed checkpoint of `engine` holds: its module's and its ZeRO optimizer's state."""
     tensors: list[torch.Tensor] = []
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:
+        tensors.append(tensor)
+        return tensor
+
     for state in (engine.module_state_dict(), engine.optimizer.state_dict()):
-        _map_tensors(state, lambda t: tensors.append(t) or t)
+        _map_tensors(state, collect)
     return tensors
 
 

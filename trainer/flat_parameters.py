@@ -59,6 +59,8 @@ def flatten_parameters(module: nn.Module) -> list[str]:
             raise ValueError(f"{group_name} shares parameters between modules: cannot flatten it")
         if not all(p.requires_grad for _, p in named):
             raise ValueError(f"{group_name} has frozen parameters: flatten only what is trained")
+        if len({(p.dtype, p.device) for _, p in named}) != 1:
+            raise ValueError(f"{group_name} mixes dtypes or devices: cast it to one first")
         slots = []
         for name, parameter in named:
             owner_name, _, attribute = name.rpartition(".")

@@ -57,7 +57,8 @@ class JobSpec:
     train_text_encoder: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
-    """torch.compile the trained networks: faster steps on GPUs once compiled (minutes, the first step)."""
+    """torch.compile the trained networks: faster GPU steps. The first job of a model and resolution compiles for
+    minutes; later ones load the compiled code from the storage's cache/torch_compile."""
     precision: Precision = "fp16"
     """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs."""
     seed: int = 0

@@ -3,7 +3,8 @@
 Read top to bottom: load the base model; encode the instance and class images (and, with a frozen text
 encoder, the two prompts) once; build one DeepSpeed engine over UNet (+ text encoder); resume from the
 latest checkpoint if there is one; then the loop: sample latents and noise, predict, prior-preservation
-loss, backward, step; checkpoint, validate and report progress at their intervals.
+loss, backward, step; checkpoint, validate and report progress at their intervals. What the trained
+networks need before DeepSpeed wraps them (flat parameters, compilation) is in `trained_model`.
 """
 
 from __future__ import annotations
@@ -82,28 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prompt_embeds = frozen.text_encoder(prompt_ids)[0].to(dtype)
 
     # 3. One DeepSpeed engine over everything trained.
-    unet = trainable.unet
-    text_encoder = trainable.text_encoder
-    if spec.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
-    if spec.zero_stage == 2:
-        # A dozen flat tensors instead of hundreds: ZeRO-2's per-tensor work no longer sets the step time.
-        flatten_parameters(unet)
-        if text_encoder is not None:
-            flatten_parameters(text_encoder)
-    if spec.torch_compile:
-        # Compiled code is cached on the shared storage: the next job of the same shapes, on any node, compiles
-        # in a fraction of the time. Read when compiling starts (the first step). Assigned, not defaulted: torch
-        # writes its per-machine default into the environment once anything asks for the directory.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(paths.compile_cache / "inductor")
-        os.environ["TRITON_CACHE_DIR"] = str(paths.compile_cache / "triton")
-        # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
-        unet.compile()
-        if text_encoder is not None:
-            text_encoder.compile()
-    model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
+    model = trained_model(spec, paths, trainable.unet, trainable.text_encoder)
     engine = initialize(model, spec, world_size)
     if spec.async_checkpointing:
         engine.checkpoint_engine = AsyncCheckpointEngine()
@@ -217,6 +197,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pending_commit.join()
     if reporter is not None:
         reporter.close()
+
+
+def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBoothModel:
+    """The networks DeepSpeed will train, made ready for it: gradient checkpointing, flat parameters under
+    ZeRO-2, torch.compile."""
+    networks = [unet] if text_encoder is None else [unet, text_encoder]
+    if spec.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+    if spec.zero_stage == 2:
+        # A dozen flat tensors instead of hundreds: ZeRO-2's per-tensor work no longer sets the step time.
+        for network in networks:
+            flatten_parameters(network)
+    if spec.torch_compile:
+        # Compiled code is cached on the shared storage: the next job of the same shapes, on any node, compiles
+        # in a fraction of the time. Read when compiling starts (the first step). Assigned, not defaulted: torch
+        # writes its per-machine default into the environment once anything asks for the directory.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(paths.compile_cache / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(paths.compile_cache / "triton")
+        for network in networks:
+            # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
+            network.compile()
+    return DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
 
 
 def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths, pending_commit) -> None:
