@@ -5,6 +5,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers read it: nothing may be downloaded
 
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -215,3 +217,15 @@ def test_fingerprint(tiny_copy):
 
     (tiny_copy / "vae" / "extra.txt").write_text("x")
     assert fingerprint(tiny_copy) not in (first, touched)
+
+
+def test_importing_the_model_code_prints_no_torchvision_noise():
+    """transformers' 'requires torchvision' warning is filtered (dreambooth/__init__.py): nothing here uses it."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import dreambooth.sd_model, serving.engine"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert "torchvision" not in result.stderr + result.stdout
