@@ -332,12 +332,13 @@ def _show_progress(bars: dict[str, tqdm], job: jobs_pb2.Job) -> None:
         b = bar("class images", p.class_images_total, "img")
         b.n = p.class_images_done
         b.refresh()
-    if p.total_steps:
+        if p.class_images_done >= p.class_images_total:
+            b.close()  # its last line stays; the training bar below is then the only live one (closed: no redraws)
+    if p.total_steps and (p.step or "training" in bars):  # from the first progress report (loss, ETA) on
         b = bar("training", p.total_steps, "step")
         b.n = p.step
         eta = f", eta {_duration(p.eta.ToSeconds())}" if p.HasField("eta") else ""
-        if p.step:  # no loss before the first progress report
-            b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
+        b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
         b.refresh()
 
 
@@ -480,6 +481,8 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
             b = bar("class images", event["total"], "img")
             b.n = event["done"]
             b.refresh()
+            if event["done"] >= event["total"]:
+                b.close()  # its last line stays; the training bar below is then the only live one
         elif kind == "progress":
             b = bar("training", event["total_steps"], "step")
             b.n = event["step"]
