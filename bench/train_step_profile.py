@@ -26,6 +26,7 @@ os.environ.setdefault("WORLD_SIZE", "1")
 import argparse
 import copy
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -95,7 +96,7 @@ def run_variant(name: str, spec: JobSpec, zero_changes: dict, flat: bool, args, 
         if cuda:
             torch.cuda.synchronize()
 
-    def step(phases: dict[str, list[float]] | None):
+    def step(phases: dict[str, list[float]] | None) -> None:
         marks = [time.perf_counter()]
         pred = engine(latents, timesteps, encoder_hidden_states=states)
         loss, _, _ = prior_preservation_loss(pred, target, 1, 1.0)
@@ -110,9 +111,8 @@ def run_variant(name: str, spec: JobSpec, zero_changes: dict, flat: bool, args, 
         if phases is not None:
             sync()
             marks.append(time.perf_counter())
-            for phase, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:], strict=False):
+            for phase, (a, b) in zip(("forward", "backward", "optimizer"), itertools.pairwise(marks), strict=True):
                 phases[phase].append(1000 * (b - a))
-        return loss
 
     for _ in range(args.warmup):
         step(None)
