@@ -16,7 +16,8 @@ validation pipeline see those), and `unflatten_state_dict` turns a flat state di
 own names for export.
 
 Only for ZeRO-2: ZeRO-3 gathers a module's parameters when it runs, and a group's flat tensor would be
-gathered whole, defeating parameter partitioning.
+gathered whole, defeating parameter partitioning. A flattened module cannot be deep-copied (the views it
+holds belong to the autograd graph; torch refuses, loudly): copy before flattening.
 """
 
 from __future__ import annotations
