@@ -65,35 +65,50 @@ def test_files_of_one_checkpoint_use_their_own_buffers(tmp_path):
     assert engine.buffer_count() == 2
 
 
-class SteppedEngine:
-    """The part of a DeepSpeed engine that reserve_after_first_update reads."""
+def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, monkeypatch):
+    """A real DeepSpeed ZeRO-2 engine (CPU, gloo, one process): no reservation before the first update; after it,
+    the background reservation holds every buffer the checkpoint then needs."""
+    import deepspeed
+    import torch.distributed as dist
 
-    def __init__(self, global_steps: int, skipped_steps: int):
-        self.global_steps, self.skipped_steps = global_steps, skipped_steps
-        self.weights = torch.zeros(10, 10)
-        self.moments = {"exp_avg": torch.zeros(100), "exp_avg_sq": torch.zeros(100), "step": torch.tensor(1.0)}
+    from trainer.deepspeed_setup import initialize
+    from trainer.spec import JobSpec
 
-    def module_state_dict(self):
-        return {"w": self.weights}
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        spec = JobSpec(
+            base_model="unused",
+            instance_images=["unused"],
+            instance_prompt="a photo of sks dog",
+            class_prompt="a photo of dog",
+            precision="fp32",
+            gpus_per_worker=0,
+        )
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        engine = initialize(model, spec, world_size=1)
+        writer = engine.checkpoint_engine = AsyncCheckpointEngine()
 
-    @property
-    def optimizer(self):
-        return self
+        writer.reserve_after_first_update(engine)  # before any update: the optimizer has no moments yet
+        assert writer.buffer_count() == 0
 
-    def state_dict(self):
-        return {"base_optimizer_state": {"state": {0: self.moments}}, "loss_scale": 1.0}
-
-
-def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path):
-    engine = AsyncCheckpointEngine()
-    engine.reserve_after_first_update(SteppedEngine(global_steps=2, skipped_steps=2))  # fp16 overflow: no update
-    assert engine.buffer_count() == 0
-
-    stepped = SteppedEngine(global_steps=3, skipped_steps=2)
-    engine.reserve_after_first_update(stepped)
-    engine.reserve_after_first_update(stepped)  # once only
-    begin(engine, "a", tmp_path)  # waits for the background allocation
-    assert engine.buffer_count() == 4
-    engine.save({"module": stepped.module_state_dict()}, str(tmp_path / "model.pt"))
-    engine.save({"optimizer": stepped.state_dict()}, str(tmp_path / "optim.pt"))
-    assert engine.buffer_count() == 4  # the checkpoint found every buffer it needed
+        loss = engine(torch.randn(4, 32)).square().mean()
+        engine.backward(loss)
+        engine.step()
+        writer.reserve_after_first_update(engine)
+        writer.reserve_after_first_update(engine)  # once only
+        reserved = writer.buffer_count()
+        assert reserved > 0
+        engine.save_checkpoint(str(tmp_path), tag="a")
+        writer.wait()
+        assert writer.buffer_count() == reserved  # the checkpoint found every buffer it needed
+        engine.save_checkpoint(str(tmp_path), tag="b")
+        writer.wait()
+        assert writer.buffer_count() == reserved  # and the next one reuses them
+        _, client_state = engine.load_checkpoint(str(tmp_path), tag="b")
+        assert client_state is not None
+    finally:
+        dist.destroy_process_group()

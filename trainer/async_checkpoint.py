@@ -87,6 +87,8 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
             self._pending = [f for f in self._pending if not f.done()]
 
     def buffer_count(self) -> int:
+        """Host buffers held, once a reservation under way has finished."""
+        self._join_reservation()
         return sum(len(buffers) for buffers in self._buffers.values())
 
     def _join_reservation(self) -> None:
