@@ -29,6 +29,7 @@ import gc
 import itertools
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreambooth.sd_model import load_base_model
 from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
 from trainer import deepspeed_setup
-from trainer.flat_parameters import flatten_parameters
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.spec import JobSpec
+from trainer.storage import job_paths
+from trainer.train_loop import trained_model
 
 BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
 RESOLUTION = {"tiny": 64, "sd15": 512}
 
-# name -> (spec changes, ZeRO config changes, flat parameters as the trainer makes them under ZeRO-2)
+# name -> (spec changes, ZeRO config changes, networks prepared as the trainer prepares them)
 VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "trainer's config": ({}, {}, True),
     "per-tensor parameters": ({}, {}, False),
@@ -59,10 +61,12 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
 }
 
 
-def build_engine(spec: JobSpec, zero_changes: dict, flat: bool, model_dir: Path, device: torch.device):
+def build_engine(spec: JobSpec, zero_changes: dict, as_trainer: bool, model_dir: Path, device: torch.device):
     unet = load_base_model(model_dir, dtype=torch.float32, device=device, components=("unet",)).unet
-    if flat:
-        flatten_parameters(unet)
+    if as_trainer:  # flat parameters under ZeRO-2 (and whatever else the trainer does to the networks)
+        model = trained_model(spec, job_paths(tempfile.gettempdir(), "train-step-profile"), unet, None)
+    else:
+        model = DreamBoothModel(unet.train())
     trainer_config = deepspeed_setup.deepspeed_config
 
     def config(spec_, world_size):
@@ -72,17 +76,17 @@ def build_engine(spec: JobSpec, zero_changes: dict, flat: bool, model_dir: Path,
 
     deepspeed_setup.deepspeed_config = config
     try:
-        return deepspeed_setup.initialize(DreamBoothModel(unet.train()), spec, world_size=1)
+        return deepspeed_setup.initialize(model, spec, world_size=1)
     finally:
         deepspeed_setup.deepspeed_config = trainer_config
 
 
-def run_variant(name: str, spec: JobSpec, zero_changes: dict, flat: bool, args, model_dir: Path, device) -> dict:
+def run_variant(name: str, spec: JobSpec, zero_changes: dict, as_trainer: bool, args, model_dir: Path, device) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    engine = build_engine(spec, zero_changes, flat, model_dir, device)
+    engine = build_engine(spec, zero_changes, as_trainer, model_dir, device)
     init_s = time.perf_counter() - t0
     dtype = deepspeed_setup.compute_dtype(spec)
     generator = torch.Generator(device).manual_seed(0)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = []
     for name in names:
-        spec_changes, zero_changes, flat = VARIANTS[name]
+        spec_changes, zero_changes, as_trainer = VARIANTS[name]
         spec = JobSpec(
             base_model=str(model_dir),
             instance_images=["unused"],
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for key, value in spec_changes.items():
             setattr(spec, key, value)
-        rows.append(run_variant(name, spec, zero_changes, flat, args, model_dir, device))
+        rows.append(run_variant(name, spec, zero_changes, as_trainer, args, model_dir, device))
         gc.collect()  # the variant's engine, before the next one is built
         if cuda:
             torch.cuda.empty_cache()
