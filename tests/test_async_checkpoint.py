@@ -74,11 +74,12 @@ def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, monk
     from trainer.deepspeed_setup import initialize
     from trainer.spec import JobSpec
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    # A file rendezvous and gloo on loopback: nothing listens off 127.0.0.1, nothing outlives the test.
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    deepspeed.init_distributed(dist_backend="gloo")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
     try:
         spec = JobSpec(
             base_model="unused",
