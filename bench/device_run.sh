@@ -11,6 +11,8 @@
 # Parts, in order of what the open targets need, each started only while enough of the DEADLINE_S budget
 # (default 570 s) is left; the bundle's install and the model build take ~1 min first:
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3.5 min
+#   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
+#                  without gradient checkpointing, and before its optimizer groups               ~2 min
 #   serve          serve_throughput.py, 1 and 16 clients (engine + batching vs pipeline)       ~2 min
 #   train-memory   the trainer training the text encoder too, with gradient checkpointing     ~3 min
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
@@ -53,6 +55,9 @@ t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models
 
 part train 200 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --out "$OUT/train_throughput.json"
+part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
+  --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
+  "${vocab[@]}"
 # shellcheck disable=SC2086
 part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"

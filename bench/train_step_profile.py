@@ -1,14 +1,18 @@
-"""Where a training step's time goes: the trainer's DeepSpeed engine, step by phase, under a few ZeRO settings.
+"""Where a training step's time and memory go: the trainer's DeepSpeed engine, step by phase, under a few settings.
 
 One process, no Ray: the engine is built as the trainer builds it (`trainer.deepspeed_setup.initialize` over
-`trainer.model.DreamBoothModel`, UNet trained, text encoder frozen), fed fixed latents and prompt embeddings
-(batch 1 instance + 1 class sample), and timed per phase (forward, backward, optimizer step; synchronised
-after each, so the phases add up to more than an unsynchronised step) and per whole step (synchronised only
-at the end of the timed steps). Variants change one setting at a time; the first is the
-trainer's (flat parameters under ZeRO-2: trainer/flat_parameters.py), the second what it did before.
+`trainer.model.DreamBoothModel`, UNet trained, text encoder frozen or, with --train-text-encoder, trained), fed
+fixed latents and prompts (batch 1 instance + 1 class sample), and timed per phase (forward, backward, optimizer
+step; synchronised after each, so the phases add up to more than an unsynchronised step) and per whole step
+(synchronised only at the end of the timed steps). Peak memory is over the steps (after the engine is built):
+CUDA's allocator peak on a GPU, the process's peak RSS above its RSS before the variant on a CPU (sampled every
+millisecond; tensors this large are mmap'ed, so their memory comes and goes with them). Variants change one
+thing at a time; the first is the trainer's config.
 
     python bench/train_step_profile.py --model sd15            # GPU
     .venv/bin/python bench/train_step_profile.py --model tiny --precision bf16 --steps 10
+    .venv/bin/python bench/train_step_profile.py --model sd15-narrow --train-text-encoder --steps 3 --warmup 1 \
+        --variants "trainer's config,before: whole blocks in one optimizer group + 5e8 buckets"  # CPU memory
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
 
 import argparse
+import contextlib
 import copy
+import functools
 import gc
 import itertools
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,62 +47,128 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreambooth.sd_model import load_base_model
 from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
-from trainer import deepspeed_setup
+from trainer import deepspeed_setup, train_loop
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
-from trainer.train_loop import trained_model
 
-BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
-RESOLUTION = {"tiny": 64, "sd15": 512}
+BUILDERS = {
+    "tiny": build_tiny_model,
+    "sd15": build_random_sd15_model,
+    # SD 1.5's layout at half the UNet's width (215M parameters; text encoder and VAE as SD 1.5's): ZeRO's
+    # buffers at a size that dominates a CPU process's memory, within a small machine's RAM.
+    "sd15-narrow": functools.partial(build_random_sd15_model, unet_channels=(160, 320, 640, 640)),
+}
+RESOLUTION = {"tiny": 64, "sd15": 512, "sd15-narrow": 64}
 
-# name -> (spec changes, ZeRO config changes, networks prepared as the trainer prepares them)
-VARIANTS: dict[str, tuple[dict, dict, bool]] = {
-    "trainer's config": ({}, {}, True),
-    "per-tensor parameters": ({}, {}, False),
-    "per-tensor, overlap_comm + contiguous_gradients off": (
-        {},
-        {"overlap_comm": False, "contiguous_gradients": False},
-        False,
+
+@dataclass(frozen=True)
+class Variant:
+    spec: dict = field(default_factory=dict)  # JobSpec fields changed
+    zero: dict = field(default_factory=dict)  # ZeRO config entries changed
+    as_trainer: bool = True  # networks prepared by trainer.train_loop.trained_model (flat parameters, ...)
+    split_above: int | None = None  # flat parameters' block split threshold, if not the trainer's
+    one_optimizer_group: bool = False  # all trained parameters in one optimizer group
+
+
+VARIANTS: dict[str, Variant] = {
+    "trainer's config": Variant(),
+    # The trainer before its memory changes: ZeRO-2's step copied the whole model's gradients to fp32 at once.
+    "before: whole blocks in one optimizer group + 5e8 buckets": Variant(
+        zero={"reduce_bucket_size": 5e8}, split_above=2**62, one_optimizer_group=True
     ),
-    "bf16": ({"precision": "bf16"}, {}, True),
+    "gradient checkpointing": Variant(spec={"gradient_checkpointing": True}),
+    "per-tensor parameters": Variant(as_trainer=False),
+    "per-tensor without overlap_comm + contiguous_gradients": Variant(
+        zero={"overlap_comm": False, "contiguous_gradients": False}, as_trainer=False
+    ),
+    "bf16": Variant(spec={"precision": "bf16"}),
 }
 
 
-def build_engine(spec: JobSpec, zero_changes: dict, as_trainer: bool, model_dir: Path, device: torch.device):
-    unet = load_base_model(model_dir, dtype=torch.float32, device=device, components=("unet",)).unet
-    if as_trainer:  # flat parameters under ZeRO-2 (and whatever else the trainer does to the networks)
-        model = trained_model(spec, job_paths(tempfile.gettempdir(), "train-step-profile"), unet, None)
-    else:
-        model = DreamBoothModel(unet.train())
+@contextlib.contextmanager
+def replaced(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch.device):
+    components = ("unet", "text_encoder") if spec.train_text_encoder else ("unet",)
+    networks = load_base_model(model_dir, dtype=torch.float32, device=device, components=components)
+    unet, text_encoder = networks.unet, networks.text_encoder if spec.train_text_encoder else None
     trainer_config = deepspeed_setup.deepspeed_config
 
     def config(spec_, world_size):
         result = copy.deepcopy(trainer_config(spec_, world_size))
-        result["zero_optimization"].update(zero_changes)
+        result["zero_optimization"].update(variant.zero)
         return result
 
-    deepspeed_setup.deepspeed_config = config
-    try:
+    with contextlib.ExitStack() as changes:
+        changes.enter_context(replaced(deepspeed_setup, "deepspeed_config", config))
+        if variant.split_above is not None:
+            flatten = functools.partial(train_loop.flatten_parameters, split_above=variant.split_above)
+            changes.enter_context(replaced(train_loop, "flatten_parameters", flatten))
+        if variant.one_optimizer_group:
+            one_group = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+            changes.enter_context(replaced(deepspeed_setup, "optimizer_groups", one_group))
+        if variant.as_trainer:
+            paths = job_paths(tempfile.gettempdir(), "train-step-profile")
+            model = train_loop.trained_model(spec, paths, unet, text_encoder)
+        else:
+            model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
         return deepspeed_setup.initialize(model, spec, world_size=1)
-    finally:
-        deepspeed_setup.deepspeed_config = trainer_config
 
 
-def run_variant(name: str, spec: JobSpec, zero_changes: dict, as_trainer: bool, args, model_dir: Path, device) -> dict:
+class PeakRSS:
+    """The process's peak resident memory while running, above what it was at the start (CPU runs)."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s = interval_s
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> float:
+        """GiB above the start."""
+        self._stop.set()
+        self._thread.join()
+        return (max(self.peak, self._rss()) - self.start) / 2**30
+
+
+def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Path, device) -> dict:
     cuda = device.type == "cuda"
+    rss = None if cuda else PeakRSS()
+    t0 = time.perf_counter()
+    engine = build_engine(spec, variant, model_dir, device)
+    init_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    engine = build_engine(spec, zero_changes, as_trainer, model_dir, device)
-    init_s = time.perf_counter() - t0
+    engine_gib = torch.cuda.memory_allocated() / 2**30 if cuda else (PeakRSS._rss() - rss.start) / 2**30
     dtype = deepspeed_setup.compute_dtype(spec)
     generator = torch.Generator(device).manual_seed(0)
     side = args.resolution // 8
     latents = torch.randn(2, 4, side, side, generator=generator, device=device).to(dtype)
-    states = torch.randn(2, 77, args.context_dim, generator=generator, device=device).to(dtype)
     target = torch.randn(2, 4, side, side, generator=generator, device=device)
     timesteps = torch.tensor([500, 250], device=device)
+    if spec.train_text_encoder:
+        prompt = {"input_ids": torch.randint(0, 49408, (2, 77), generator=generator, device=device)}
+    else:
+        prompt = {"encoder_hidden_states": torch.randn(2, 77, args.context_dim, generator=generator, device=device)}
+        prompt["encoder_hidden_states"] = prompt["encoder_hidden_states"].to(dtype)
 
     def sync():
         if cuda:
@@ -102,7 +176,7 @@ def run_variant(name: str, spec: JobSpec, zero_changes: dict, as_trainer: bool, 
 
     def step(phases: dict[str, list[float]] | None) -> None:
         marks = [time.perf_counter()]
-        pred = engine(latents, timesteps, encoder_hidden_states=states)
+        pred = engine(latents, timesteps, **prompt)
         loss, _, _ = prior_preservation_loss(pred, target, 1, 1.0)
         if phases is not None:
             sync()
@@ -149,7 +223,9 @@ def run_variant(name: str, spec: JobSpec, zero_changes: dict, as_trainer: bool, 
         "init_s": init_s,
         "step_ms": step_ms,
         **{f"{phase}_ms": statistics.median(values) for phase, values in phases.items()},
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "engine_gib": engine_gib,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else rss.stop(),
+        "optimizer_groups": len(engine.optimizer.param_groups),
         "profile": profile,
     }
     return row
@@ -163,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--train-text-encoder", action="store_true", help="the text encoder trains too")
+    parser.add_argument("--resolution", type=int, help="pixels (default: 64 tiny and sd15-narrow, 512 sd15)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the trainer's config")
     parser.add_argument("--clip-bpe", help=f"CLIP's vocabulary file where open_clip_torch is missing (${CLIP_BPE_ENV})")
     args = parser.parse_args(argv)
@@ -171,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     device = torch.device("cuda" if cuda else "cpu")
     model_dir = BUILDERS[args.model](Path(f"~/.cache/dreambooth-cluster/models/{args.model}").expanduser())
-    args.resolution = RESOLUTION[args.model]
+    args.resolution = args.resolution or RESOLUTION[args.model]
     args.context_dim = load_base_model(model_dir, components=("unet",)).unet.config.cross_attention_dim
 
     import deepspeed
@@ -180,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = []
     for name in names:
-        spec_changes, zero_changes, as_trainer = VARIANTS[name]
+        variant = VARIANTS[name]
         spec = JobSpec(
             base_model=str(model_dir),
             instance_images=["unused"],
@@ -190,25 +268,31 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             gpus_per_worker=1.0 if cuda else 0.0,
             max_steps=10_000,
+            train_text_encoder=args.train_text_encoder,
         )
-        for key, value in spec_changes.items():
+        for key, value in variant.spec.items():
             setattr(spec, key, value)
-        rows.append(run_variant(name, spec, zero_changes, as_trainer, args, model_dir, device))
+        rows.append(run_variant(name, spec, variant, args, model_dir, device))
         gc.collect()  # the variant's engine, before the next one is built
         if cuda:
             torch.cuda.empty_cache()
         r = rows[-1]
-        print(f"{name}: step {r['step_ms']:.1f} ms, init {r['init_s']:.1f} s", flush=True)
+        print(f"{name}: step {r['step_ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB, init {r['init_s']:.1f} s", flush=True)
 
     where = torch.cuda.get_device_name(0) if cuda else "CPU"
-    print(f"\n{where} | {args.model} {args.resolution} px | {args.precision} base | ZeRO-2, 1 process")
-    print("| variant | step ms | steps/s | forward ms | backward ms | optimizer step ms | peak GiB | init s |")
-    print("|---|---|---|---|---|---|---|---|")
+    trained = "UNet + text encoder" if args.train_text_encoder else "UNet"
+    memory = "GiB allocated" if cuda else "GiB RSS above start"
+    print(f"\n{where} | {args.model} {args.resolution} px | {trained} | {args.precision} base | ZeRO-2, 1 process")
+    print(
+        f"| variant | step ms | steps/s | forward ms | backward ms | optimizer step ms | engine built, {memory} "
+        f"| peak over steps, {memory} | optimizer groups | init s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
         print(
             f"| {r['variant']} | {r['step_ms']:.1f} | {1000 / r['step_ms']:.2f} | {r['forward_ms']:.1f} | "
-            f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {peak} | {r['init_s']:.1f} |"
+            f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['engine_gib']:.2f} | {r['peak_gib']:.2f} | "
+            f"{r['optimizer_groups']} | {r['init_s']:.1f} |"
         )
     for r in rows:
         if r["profile"]:

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -182,12 +182,15 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
 # --- Stable Diffusion 1.5's architecture (the configs of runwayml/stable-diffusion-v1-5), random weights ---
 
 
-def _sd15_unet() -> UNet2DConditionModel:
+SD15_UNET_CHANNELS = (320, 640, 1280, 1280)
+
+
+def _sd15_unet(block_out_channels: tuple[int, ...] = SD15_UNET_CHANNELS) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=64,  # 512x512 images, VAE factor 8
         in_channels=4,
         out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
+        block_out_channels=block_out_channels,
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -230,9 +233,12 @@ def _sd15_text_encoder() -> CLIPTextModel:
     )
 
 
-def build_random_sd15_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+def build_random_sd15_model(
+    out_dir: str | os.PathLike, *, seed: int = 0, unet_channels: tuple[int, ...] = SD15_UNET_CHANNELS
+) -> Path:
     """Writes a randomly initialised model with SD 1.5's exact architecture to `out_dir` (unless a complete
     model is already there); returns it. Weights are saved in fp16 (~2 GB; loaders cast them up as asked).
+    `unet_channels` other than SD 1.5's keeps the layout at another width (benchmarks on small machines).
 
     Same guarantees as build_tiny_model: deterministic for a seed, atomic, safe for concurrent callers.
     Building takes ~1 minute of CPU time (initialising ~1.07B parameters).
@@ -240,7 +246,7 @@ def build_random_sd15_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Pat
     return _build_random_model(
         out_dir,
         seed=seed,
-        unet=_sd15_unet,
+        unet=partial(_sd15_unet, tuple(unet_channels)),
         vae=_sd15_vae,
         text_encoder=_sd15_text_encoder,
         save_dtype=torch.float16,

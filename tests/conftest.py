@@ -149,6 +149,25 @@ def dog_images(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def deepspeed_world(tmp_path_factory):
+    """This process as a one-rank torch.distributed world for real DeepSpeed engines (CPU, gloo): a file
+    rendezvous and gloo on loopback, so nothing listens off 127.0.0.1. One per session: DeepSpeed keeps the
+    first process group it adopts for the life of the process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DS_ACCELERATOR", "cpu")
+        env.setenv("GLOO_SOCKET_IFNAME", "lo")
+        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+        rendezvous = tmp_path_factory.mktemp("deepspeed") / "rendezvous"
+        dist.init_process_group("gloo", store=dist.FileStore(str(rendezvous), 1), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
+        yield
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def storage(tmp_path) -> Path:
     path = tmp_path / "storage"

@@ -65,51 +65,39 @@ def test_files_of_one_checkpoint_use_their_own_buffers(tmp_path):
     assert engine.buffer_count() == 2
 
 
-def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, monkeypatch):
+def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, deepspeed_world):
     """A real DeepSpeed ZeRO-2 engine (CPU, gloo, one process): no reservation before the first update; after it,
     the background reservation holds every buffer the checkpoint then needs."""
-    import deepspeed
-    import torch.distributed as dist
-
     from trainer.deepspeed_setup import initialize
     from trainer.spec import JobSpec
 
-    # A file rendezvous and gloo on loopback: nothing listens off 127.0.0.1, nothing outlives the test.
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
-    try:
-        spec = JobSpec(
-            base_model="unused",
-            instance_images=["unused"],
-            instance_prompt="a photo of sks dog",
-            class_prompt="a photo of dog",
-            precision="fp32",
-            gpus_per_worker=0,
-        )
-        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-        engine = initialize(model, spec, world_size=1)
-        writer = engine.checkpoint_engine = AsyncCheckpointEngine()
+    spec = JobSpec(
+        base_model="unused",
+        instance_images=["unused"],
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        precision="fp32",
+        gpus_per_worker=0,
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    engine = initialize(model, spec, world_size=1)
+    writer = engine.checkpoint_engine = AsyncCheckpointEngine()
 
-        writer.reserve_after_first_update(engine)  # before any update: the optimizer has no moments yet
-        assert writer.buffer_count() == 0
+    writer.reserve_after_first_update(engine)  # before any update: the optimizer has no moments yet
+    assert writer.buffer_count() == 0
 
-        loss = engine(torch.randn(4, 32)).square().mean()
-        engine.backward(loss)
-        engine.step()
-        writer.reserve_after_first_update(engine)
-        writer.reserve_after_first_update(engine)  # once only
-        reserved = writer.buffer_count()
-        assert reserved > 0
-        engine.save_checkpoint(str(tmp_path), tag="a")
-        writer.wait()
-        assert writer.buffer_count() == reserved  # the checkpoint found every buffer it needed
-        engine.save_checkpoint(str(tmp_path), tag="b")
-        writer.wait()
-        assert writer.buffer_count() == reserved  # and the next one reuses them
-        _, client_state = engine.load_checkpoint(str(tmp_path), tag="b")
-        assert client_state is not None
-    finally:
-        dist.destroy_process_group()
+    loss = engine(torch.randn(4, 32)).square().mean()
+    engine.backward(loss)
+    engine.step()
+    writer.reserve_after_first_update(engine)
+    writer.reserve_after_first_update(engine)  # once only
+    reserved = writer.buffer_count()
+    assert reserved > 0
+    engine.save_checkpoint(str(tmp_path), tag="a")
+    writer.wait()
+    assert writer.buffer_count() == reserved  # the checkpoint found every buffer it needed
+    engine.save_checkpoint(str(tmp_path), tag="b")
+    writer.wait()
+    assert writer.buffer_count() == reserved  # and the next one reuses them
+    _, client_state = engine.load_checkpoint(str(tmp_path), tag="b")
+    assert client_state is not None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dreambooth.sd_model import load_base_model
-from trainer.flat_parameters import FLAT, flat_groups, flatten_parameters, unflatten_state_dict
+from trainer.flat_parameters import FLAT, SPLIT_ABOVE, flat_groups, flatten_parameters, unflatten_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,21 @@ def unet_inputs(unet):
     return latents, torch.tensor([10, 700]), states
 
 
-def test_unet_computes_and_learns_as_before(networks):
+# The tiny model's blocks are far below SPLIT_ABOVE; 0 splits every block down to the modules holding parameters.
+SPLITS = pytest.mark.parametrize("split_above", [SPLIT_ABOVE, 0], ids=["blocks", "split"])
+
+
+@SPLITS
+def test_unet_computes_and_learns_as_before(networks, split_above):
     reference = copy.deepcopy(networks[0])
     flat = copy.deepcopy(networks[0])
-    groups = flatten_parameters(flat)
+    groups = flatten_parameters(flat, split_above)
 
-    assert groups == flat_groups(reference)
-    assert "down_blocks.0" in groups and "down_blocks" not in groups  # a ModuleList has no forward: expanded
+    assert groups == flat_groups(reference, split_above)
+    if split_above:
+        assert "down_blocks.0" in groups and "down_blocks" not in groups  # a ModuleList has no forward: expanded
+    else:
+        assert "down_blocks.0.resnets.0.conv1" in groups and "down_blocks.0" not in groups
     assert [name for name, _ in flat.named_parameters()] == [f"{g}.{FLAT}" for g in groups]
     assert sum(p.numel() for p in flat.parameters()) == sum(p.numel() for p in reference.parameters())
 
@@ -45,8 +53,10 @@ def test_unet_computes_and_learns_as_before(networks):
         assert torch.equal(grads[name], parameter.grad), name
 
 
-def test_gradient_checkpointing_learns_as_before(networks):
-    """Recomputation in backward reads the views the forward installed: same gradients, one per flat tensor."""
+@SPLITS
+def test_gradient_checkpointing_learns_as_before(networks, split_above):
+    """Recomputation in backward reads the views the forward installed (or, for groups inside a checkpointed
+    block, installs them again): same gradients, one per flat tensor."""
     unet, text_encoder = networks
     for reference, run in (
         (unet, lambda m: m(*unet_inputs(m)).sample),
@@ -54,7 +64,7 @@ def test_gradient_checkpointing_learns_as_before(networks):
     ):
         reference = copy.deepcopy(reference).train()
         flat = copy.deepcopy(reference)
-        flatten_parameters(flat)
+        flatten_parameters(flat, split_above)
         for network in (reference, flat):
             if hasattr(network, "enable_gradient_checkpointing"):
                 network.enable_gradient_checkpointing()
@@ -75,10 +85,11 @@ def test_text_encoder_computes_as_before(networks):
     assert torch.equal(reference(ids)[0], flat(ids)[0])
 
 
-def test_state_dict_round_trip(networks):
+@SPLITS
+def test_state_dict_round_trip(networks, split_above):
     reference = networks[0]
     flat = copy.deepcopy(reference)
-    flatten_parameters(flat)
+    flatten_parameters(flat, split_above)
     restored = unflatten_state_dict(reference, flat.state_dict())
     assert restored.keys() == reference.state_dict().keys()
     assert all(torch.equal(restored[k], v) for k, v in reference.state_dict().items())
@@ -131,3 +142,63 @@ def test_compiles_without_recompiling_as_the_storage_changes(networks):
     assert torch.allclose(out, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert all(p.grad is not None for p in flat.parameters())
+
+
+def test_flat_parameters_are_packed_into_bounded_optimizer_groups():
+    from trainer.deepspeed_setup import optimizer_groups
+
+    network = nn.Sequential(*(nn.Sequential(nn.Linear(size, 1, bias=False)) for size in (6, 3, 2, 8, 1, 2)))
+    flatten_parameters(network)
+    network.extend([nn.Linear(2, 1, bias=False), nn.Linear(3, 1, bias=False)])  # not flat: a group of their own
+    network.append(nn.Linear(4, 1).requires_grad_(False))  # frozen: in no group
+    groups = optimizer_groups(network, max_group_size=5)
+    sizes = [[p.numel() for p in group["params"]] for group in groups]
+    assert sizes == [[6], [3, 2], [8], [1, 2], [2, 3]]
+
+
+def test_zero2_steps_flat_parameters_in_groups_as_adamw_would(deepspeed_world, monkeypatch, tmp_path):
+    """The trainer's DeepSpeed engine over flattened networks, its flat parameters in several optimizer groups
+    (ZeRO-2 then copies one group's gradients to fp32 at a time): the weights move exactly as with torch's
+    AdamW and gradient clipping over the original parameters, and the export's consolidation of its
+    checkpoint gives them back."""
+    import functools
+
+    from trainer import deepspeed_setup
+    from trainer.checkpoint import TAG
+    from trainer.export import consolidated_state_dict
+    from trainer.spec import JobSpec
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 4)))
+    flat = copy.deepcopy(reference)
+    flatten_parameters(flat)  # 144 and 68 parameters
+    grouping = functools.partial(deepspeed_setup.optimizer_groups, max_group_size=100)
+    monkeypatch.setattr(deepspeed_setup, "optimizer_groups", grouping)
+    spec = JobSpec(
+        base_model="unused",
+        instance_images=["unused"],
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        precision="fp32",
+        gpus_per_worker=0,
+        learning_rate=1e-3,
+        max_grad_norm=0.05,  # small enough that clipping takes part
+    )
+    engine = deepspeed_setup.initialize(flat, spec, world_size=1)
+    assert len(engine.optimizer.bit16_groups) == 2
+    optimizer = torch.optim.AdamW(
+        reference.parameters(), lr=spec.learning_rate, eps=1e-8, weight_decay=spec.adam_weight_decay
+    )
+    inputs = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1))
+    for x in inputs:
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        reference(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), spec.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.save_checkpoint(str(tmp_path), tag=TAG)
+    for state in (engine.module.state_dict(), consolidated_state_dict(tmp_path)):
+        trained = unflatten_state_dict(reference, state)
+        for name, parameter in reference.named_parameters():
+            assert torch.allclose(trained[name], parameter.detach(), rtol=1e-5, atol=1e-6), name

@@ -1,4 +1,4 @@
-"""A network's hundreds of parameter tensors as a dozen flat ones, so that DeepSpeed ZeRO-2's per-parameter
+"""A network's hundreds of parameter tensors as a few dozen flat ones, so that DeepSpeed ZeRO-2's per-parameter
 work stops setting the step time.
 
 ZeRO-2 does Python work for every parameter tensor on every step: a gradient hook that copies the gradient
@@ -7,7 +7,8 @@ UNet has 686 tensors; on an H100 that work kept the GPU idle for most of a step 
 ~120 ms of gradient hooks alone in a 337 ms step whose kernels took ~90 ms).
 
 `flatten_parameters(module)` gives each *group* (a direct child of the module that it calls, a ModuleList
-expanded into its members: the UNet's down/up blocks, its mid block, ...) one flat nn.Parameter,
+expanded into its members: the UNet's down/up blocks, its mid block, ...; a child larger than `SPLIT_ABOVE`
+parameters split into its own children the same way) one flat nn.Parameter,
 `flat_parameters`, holding all of the group's parameters; the original tensors are dropped. A forward
 pre-hook on the group splits it into views and sets them where the parameters were, so the network computes
 exactly as before, and autograd gathers the views' gradients into the flat gradient with one kernel per
@@ -28,17 +29,28 @@ from torch import nn
 FLAT = "flat_parameters"
 
 
-def flat_groups(module: nn.Module) -> list[str]:
+# A group's gradient exists whole twice per step beyond ZeRO-2's own buffers: as autograd's fp16 gradient
+# before the hook copies it away, and as the fp32 copy ZeRO-2's step makes of each optimizer group (one group
+# per flat parameter, trainer/deepspeed_setup.py). Bounding groups bounds those transients: SD 1.5's largest
+# block (up_blocks.1, 258M parameters) would need 1 GiB for its fp32 copy alone; split, the largest group is
+# 62M (down_blocks.3), and the UNet and text encoder are 34 + 14 tensors instead of 686 + 196.
+SPLIT_ABOVE = 64 * 2**20  # parameters
+
+
+def flat_groups(module: nn.Module, split_above: int = SPLIT_ABOVE) -> list[str]:
     """The names of the submodules that get one flat parameter each: the module's children that hold
-    parameters, containers (ModuleList/ModuleDict, which have no forward of their own) expanded."""
+    parameters, containers (ModuleList/ModuleDict, which have no forward of their own) expanded, and so are
+    children of more than `split_above` parameters that hold none themselves."""
     if any(True for _ in module.parameters(recurse=False)):
         raise ValueError(f"{type(module).__name__} holds parameters of its own; only its children's can be flattened")
     groups = []
 
     def visit(prefix: str, child: nn.Module) -> None:
-        if not any(True for _ in child.parameters()):
+        size = sum(p.numel() for p in child.parameters())
+        if size == 0:
             return
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        splittable = size > split_above and not any(True for _ in child.parameters(recurse=False))
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or splittable:
             for name, grandchild in child.named_children():
                 visit(f"{prefix}.{name}", grandchild)
         else:
@@ -49,10 +61,10 @@ def flat_groups(module: nn.Module) -> list[str]:
     return groups
 
 
-def flatten_parameters(module: nn.Module) -> list[str]:
+def flatten_parameters(module: nn.Module, split_above: int = SPLIT_ABOVE) -> list[str]:
     """Replace the parameters of each group of `module` by one flat parameter (see the module docstring).
     Returns the group names. Every parameter must require grad and share one dtype and device."""
-    groups = flat_groups(module)
+    groups = flat_groups(module, split_above)
     for group_name in groups:
         group = module.get_submodule(group_name)
         named = list(group.named_parameters(remove_duplicate=False))
@@ -95,10 +107,9 @@ def unflatten_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> d
     it holds, named as in `module`, an unflattened instance of the same architecture. Other entries pass as
     they are, so a state dict that was never flattened comes back unchanged."""
     result = dict(state)
-    for group_name in flat_groups(module):
-        flat = result.pop(f"{group_name}.{FLAT}", None)
-        if flat is None:
-            continue
+    for key in [key for key in state if key.endswith(f".{FLAT}")]:
+        group_name = key.removesuffix(f".{FLAT}")
+        flat = result.pop(key)
         named = list(module.get_submodule(group_name).named_parameters())
         for (name, parameter), piece in zip(named, flat.split([p.numel() for _, p in named]), strict=True):
             result[f"{group_name}.{name}"] = piece.view(parameter.shape).clone()

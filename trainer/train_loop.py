@@ -208,7 +208,7 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
     if spec.zero_stage == 2:
-        # A dozen flat tensors instead of hundreds: ZeRO-2's per-tensor work no longer sets the step time.
+        # A few dozen flat tensors instead of hundreds: ZeRO-2's per-tensor work no longer sets the step time.
         for network in networks:
             flatten_parameters(network)
     if spec.torch_compile:
