@@ -13,11 +13,12 @@
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3.5 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups               ~2 min
-#   serve          serve_throughput.py, 1 and 16 clients (engine + batching vs pipeline)       ~2 min
+#   serve          serve_throughput.py, 1 and 16 clients: pipeline, engine + batching, and
+#                  the engine with its UNet compiled (serving's compile_unet)                   ~5 min
 #   train-memory   the trainer training the text encoder too, with gradient checkpointing     ~3 min
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
 #   train-compile  train_throughput.py --compile --only trainer (~2.5 min of compiling)        ~4 min
-# `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--clients 1,16`.
+# `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--clients 1,16 --compile`.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -43,7 +44,7 @@ part() {
   fi
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
-    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|- |peak|Traceback|[A-Za-z]*Error)"
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z]*Error)"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
@@ -59,7 +60,7 @@ part memory 120 python bench/train_step_profile.py --model sd15 --train-text-enc
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
 # shellcheck disable=SC2086
-part serve 100 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16} \
+part serve 150 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
   --train-text-encoder --gradient-checkpointing "${vocab[@]}" --out "$OUT/train_throughput_memory.json"

@@ -80,7 +80,10 @@ class Generator:
     def __init__(self, config: dict[str, Any]):
         keep_replica_grpc_on_loopback()
         self.config = ServeConfig.from_dict(config)
-        self.engine = SamplingEngine(device=None if self.config.device == "auto" else self.config.device)
+        self.engine = SamplingEngine(
+            device=None if self.config.device == "auto" else self.config.device,
+            compile_unet=self.config.compile_unet,
+        )
         self.paths: dict[str, str] = {}
         self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
         self.metrics = GeneratorMetrics()
@@ -117,6 +120,7 @@ class Generator:
 
     async def _load(self, model_id: str) -> SubjectModel:
         model = await asyncio.to_thread(self.engine.load, model_id, self.paths[model_id])
+        await asyncio.to_thread(self.engine.warm_up, model, self.config.max_batch_size)
         self.loaded.add(model)
         self.metrics.model_load.observe(model.load_seconds)
         self.metrics.loaded_models.set(len(self.loaded))

@@ -61,6 +61,13 @@ class SubjectModel:
     vae: torch.nn.Module
     scheduler: SchedulerMixin  # a template: each batch gets a fresh copy (schedulers keep per-run state)
     load_seconds: float = 0.0
+    compiled_unet: torch.nn.Module | None = None  # the UNet through torch.compile, for the native size
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the UNet was trained at (512x512 for SD 1.5)."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
 
     @property
     def vae_scale_factor(self) -> int:
@@ -95,11 +102,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class SamplingEngine:
-    """Loads subject models and samples batches of requests for them."""
+    """Loads subject models and samples batches of requests for them.
 
-    def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    `compile_unet=True` also runs each loaded UNet through torch.compile, for requests at the model's native
+    size (other sizes sample eagerly: each new image size would cost minutes of compiling). The batch dimension
+    is symbolic, so a couple of graphs serve every batch size (torch splits the range where some operator's
+    choice depends on it: at 16 rows on a CPU), and, parameters being graph inputs, every subject of one
+    architecture shares them. `warm_up` compiles them when a replica's first model loads (minutes for SD 1.5
+    on a GPU; torch caches the code on disk); later models reuse them.
+    """
+
+    def __init__(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile_unet: bool = False
+    ):
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
+        self.compile_unet = compile_unet
         # Components shared between subjects of one base model, alive while some loaded subject uses them.
         self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
@@ -135,6 +153,7 @@ class SamplingEngine:
             modules[kind].eval().requires_grad_(False)
         if self.device.type == "cuda":  # NHWC convolutions: the faster layout for the UNet on tensor cores
             modules["unet"].to(memory_format=torch.channels_last)
+        compiled_unet = torch.compile(modules["unet"]) if self.compile_unet else None
         return SubjectModel(
             model_id=model_id,
             path=path,
@@ -145,7 +164,17 @@ class SamplingEngine:
             vae=modules["vae"],
             scheduler=_sampling_scheduler(path),
             load_seconds=time.perf_counter() - start,
+            compiled_unet=compiled_unet,
         )
+
+    def warm_up(self, model: SubjectModel, max_images: int) -> None:
+        """One-step batches of 1 and `max_images` images at the native size: compiles what `compile_unet`
+        needs (a no-op's worth of work otherwise), so that requests do not wait for it."""
+        if model.compiled_unet is None:
+            return
+        height, width = model.native_size
+        for images in sorted({1, max_images}):
+            self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
 
     @torch.inference_mode()
     def generate(self, model: SubjectModel, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -177,9 +206,15 @@ class SamplingEngine:
         latents = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
         step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
 
+        unet = model.unet
+        if model.compiled_unet is not None and (height, width) == model.native_size:
+            unet = model.compiled_unet
+            torch._dynamo.maybe_mark_dynamic(text_states, 0)  # a symbolic batch size, not one graph per size
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = model.unet(model_input, t, encoder_hidden_states=text_states, return_dict=False)[0]
+            if unet is model.compiled_unet:
+                torch._dynamo.maybe_mark_dynamic(model_input, 0)
+            noise = unet(model_input, t, encoder_hidden_states=text_states, return_dict=False)[0]
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]

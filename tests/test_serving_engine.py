@@ -125,3 +125,26 @@ def test_bad_batches_and_prompts_are_refused(engine, rex):
     with pytest.raises(InputError, match="tokens; at most 77") as error:
         rex.check_prompt("negative_prompt", "dog " * 100)
     assert error.value.field == "negative_prompt"
+
+
+def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models):
+    """compile_unet: after warm_up, requests at the native size run the compiled graphs (no compiling left for
+    other batch sizes or other subjects) and give the eager engine's images; other sizes run eagerly."""
+    import torch._dynamo
+
+    compiled = SamplingEngine(device="cpu", compile_unet=True)
+    model = compiled.load("rex", subject_models["rex"])
+    assert model.native_size == (SIZE, SIZE)
+    torch._dynamo.utils.counters.clear()
+    compiled.warm_up(model, max_images=3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+
+    other = compiled.load("other", subject_models["rex"])
+    batch = [request(seed=3, num_images=2, guidance_scale=4.0), request(prompt="sks dog in snow", seed=5)]
+    for subject in (model, other):
+        for expected, got in zip(engine.generate(rex, batch), compiled.generate(subject, batch), strict=True):
+            for a, b in zip(expected.images, got.images, strict=True):
+                assert np.abs(pixels(a) - pixels(b)).max() <= 2 / 255 + 1e-6
+    compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
