@@ -151,8 +151,9 @@ class SamplingEngine:
                 self._shared[(kind, base)] = module
         for kind in ("unet", "vae", "text_encoder"):
             modules[kind].eval().requires_grad_(False)
-        if self.device.type == "cuda":  # NHWC convolutions: the faster layout for the UNet on tensor cores
-            modules["unet"].to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":  # NHWC convolutions: the faster layout on tensor cores
+            for kind in ("unet", "vae"):
+                modules[kind].to(memory_format=torch.channels_last)
         compiled_unet = torch.compile(modules["unet"]) if self.compile_unet else None
         return SubjectModel(
             model_id=model_id,

@@ -29,11 +29,11 @@ from torch import nn
 FLAT = "flat_parameters"
 
 
-# A group's gradient exists whole twice per step beyond ZeRO-2's own buffers: as autograd's fp16 gradient
-# before the hook copies it away, and as the fp32 copy ZeRO-2's step makes of each optimizer group (one group
-# per flat parameter, trainer/deepspeed_setup.py). Bounding groups bounds those transients: SD 1.5's largest
-# block (up_blocks.1, 258M parameters) would need 1 GiB for its fp32 copy alone; split, the largest group is
-# 62M (down_blocks.3), and the UNet and text encoder are 34 + 14 tensors instead of 686 + 196.
+# The largest flat parameter bounds two transients of a step beyond ZeRO-2's own buffers: autograd's fp16
+# gradient of a whole group, before ZeRO's hook copies it away, and the fp32 copy ZeRO-2's step makes of each
+# optimizer group (flat parameters packed into groups of at most this size: trainer/deepspeed_setup.py). SD
+# 1.5's largest block (up_blocks.1, 258M parameters) would need 1 GiB for that copy alone; split, the largest
+# group is 62M (down_blocks.3), and the UNet and text encoder are 34 + 14 tensors instead of 686 + 196.
 SPLIT_ABOVE = 64 * 2**20  # parameters
 
 
