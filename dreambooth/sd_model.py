@@ -175,13 +175,15 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     unet: UNet2DConditionModel | None = None,
     text_encoder: CLIPTextModel | None = None,
+    vae: AutoencoderKL | None = None,
 ) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline for sampling (class images, validation images), no safety checker.
 
-    `unet` / `text_encoder` replace the stored ones (e.g. the modules being trained); they are used as
-    given, and moved to `device` by the pipeline's `.to()` (a no-op when they are already there).
+    `unet` / `text_encoder` / `vae` replace the stored ones (e.g. the modules being trained, or ones already
+    loaded); they are used as given, and moved to `device` by the pipeline's `.to()` (a no-op when they are
+    already there).
     """
-    overrides = {"unet": unet, "text_encoder": text_encoder}
+    overrides = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
     wanted = ("unet", "vae", "text_encoder", "tokenizer")
     needed = [name for name in wanted if overrides.get(name) is None]
     root = check_base_model(path)

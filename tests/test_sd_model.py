@@ -142,10 +142,11 @@ def test_load_base_model_all(tiny):
     assert hidden.shape == (1, 77, 32)
 
 
-def test_load_pipeline_with_overridden_unet(tiny):
+def test_load_pipeline_with_overridden_modules(tiny):
     unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet", local_files_only=True)
-    pipe = load_pipeline(tiny, unet=unet)
-    assert pipe.unet is unet
+    vae = load_base_model(tiny, components=("vae",)).vae
+    pipe = load_pipeline(tiny, unet=unet, vae=vae)
+    assert pipe.unet is unet and pipe.vae is vae
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     image = pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert image.images[0].size == (64, 64)  # default size: unet sample_size x VAE factor

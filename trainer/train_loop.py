@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
             unet=engine.module.unet,
             text_encoder=engine.module.text_encoder or frozen.text_encoder,
+            vae=frozen.vae,  # the one that encoded the images: not a second copy on the device
         )
         validator = Validator(
             pipeline,
