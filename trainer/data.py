@@ -31,6 +31,9 @@ class EncodedImages:
         return self.mean.shape[0]
 
     def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # Indexing a GPU tensor with CPU indices copies them over and waits for the GPU to drain (a blocking
+        # copy syncs the stream): the CPU would stop queueing the step's kernels until the last step finished.
+        indices = indices.to(self.mean.device, non_blocking=True)
         mean, std = self.mean[indices], self.std[indices]
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * noise
