@@ -123,13 +123,14 @@ def test_refuses_what_it_cannot_flatten():
         flatten_parameters(nn.Linear(2, 2))
 
 
-def test_compiles_without_recompiling_as_the_storage_changes(networks):
+@SPLITS
+def test_compiles_without_recompiling_as_the_storage_changes(networks, split_above):
     """torch_compile traces the views' hooks into the graph; the flat tensors' storage being swapped (ZeRO-2
     moves them into its own buffer, casts replace them) must not make it compile again."""
     import torch._dynamo
 
     flat = copy.deepcopy(networks[0])
-    flatten_parameters(flat)
+    flatten_parameters(flat, split_above)
     eager = flat(*unet_inputs(flat)).sample
     flat.compile(backend="eager")  # dynamo's tracing and guards, without inductor's code generation
     torch._dynamo.reset()
