@@ -19,6 +19,8 @@
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
 #   train-compile  train_throughput.py --compile --only trainer (~2.5 min of compiling)        ~4 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--clients 1,16 --compile`.
+# All of it is ~20 min, more than one call (570 s) or one session's device time (15 min): the first call gets
+# train, memory and whatever else fits (~6 min); a second `ONLY=serve,train-compile` call the rest that matters.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -60,7 +62,7 @@ part memory 120 python bench/train_step_profile.py --model sd15 --train-text-enc
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
 # shellcheck disable=SC2086
-part serve 150 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16 --compile} \
+part serve 300 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
   --train-text-encoder --gradient-checkpointing "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
