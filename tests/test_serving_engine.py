@@ -130,6 +130,9 @@ def test_bad_batches_and_prompts_are_refused(engine, rex):
 def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models):
     """compile_unet: after warm_up, requests at the native size run the compiled graphs (no compiling left for
     other batch sizes or other subjects) and give the eager engine's images; other sizes run eagerly."""
+    import gc
+    import weakref
+
     import torch._dynamo
 
     compiled = SamplingEngine(device="cpu", compile_unet=True)
@@ -148,3 +151,8 @@ def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, s
                 assert np.abs(pixels(a) - pixels(b)).max() <= 2 / 255 + 1e-6
     compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    # An evicted subject's weights are freed: the shared graphs take parameters as inputs, they do not hold them.
+    evicted = weakref.ref(other.unet)
+    del other, subject
+    gc.collect()
+    assert evicted() is None
