@@ -55,6 +55,7 @@ class Row:
     p99_s: float
     mean_batch: float
     peak_memory_gib: float | None
+    batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
 
 
 class MicroBatcher:
@@ -64,6 +65,7 @@ class MicroBatcher:
         self.engine, self.model, self.max_images, self.wait_s = engine, model, max_images, wait_s
         self.pending: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
         self.batch_sizes: list[int] = []
+        self.batch_seconds: list[float] = []  # per engine call: where a latency tail comes from
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -82,7 +84,9 @@ class MicroBatcher:
                 except queue.Empty:
                     break
             self.batch_sizes.append(len(batch))
+            start = time.perf_counter()
             results = self.engine.generate(self.model, [request for request, _ in batch])
+            self.batch_seconds.append(time.perf_counter() - start)
             for (_, future), result in zip(batch, results, strict=True):
                 future.set_result(result)
 
@@ -219,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                         percentile(latencies, 99),
                         statistics.mean(batcher.batch_sizes),
                         peak_memory_gib(device),
+                        batch_s=(
+                            min(batcher.batch_seconds),
+                            statistics.median(batcher.batch_seconds),
+                            max(batcher.batch_seconds),
+                        ),
                     )
                 )
                 print(rows[-1], flush=True)
@@ -235,14 +244,15 @@ def main(argv: list[str] | None = None) -> int:
 def render(rows: list[Row], levels: list[int]) -> str:
     lines = [
         "",
-        "| side | clients | images/s | p50 s | p99 s | mean batch | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| side | clients | images/s | p50 s | p99 s | mean batch | batch call s, min / median / max | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         memory = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
+        batch = " / ".join(f"{s:.3f}" for s in r.batch_s) if r.batch_s else "-"
         lines.append(
             f"| {r.what} | {r.clients} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.mean_batch:.1f} | "
-            f"{memory} |"
+            f"{batch} | {memory} |"
         )
     most = max(levels)
     baseline = next((r for r in rows if r.what.startswith("diffusers") and r.clients == most), None)
