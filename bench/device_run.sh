@@ -15,7 +15,8 @@
 #                  without gradient checkpointing, and before its optimizer groups               ~2 min
 #   serve          serve_throughput.py, 1 and 16 clients: pipeline, engine + batching, and
 #                  the engine with its UNet compiled (serving's compile_unet)                   ~5 min
-#   train-memory   the trainer training the text encoder too, with gradient checkpointing     ~3 min
+#   train-memory   the trainer training the text encoder too, with gradient checkpointing and
+#                  a validation at the end (its peak counts)                                      ~3 min
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min
 #   train-compile  train_throughput.py --compile --only trainer (~2.5 min of compiling)        ~4 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--clients 1,16 --compile`.
@@ -65,7 +66,7 @@ part memory 120 python bench/train_step_profile.py --model sd15 --train-text-enc
 part serve 300 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
-  --train-text-encoder --gradient-checkpointing "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
+  --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
 part profile 100 python bench/train_step_profile.py --model sd15 --profile "${vocab[@]}"
 part train-compile 240 python bench/train_throughput.py --model sd15 --precision fp16 --compile --only trainer \
   "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"

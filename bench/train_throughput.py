@@ -284,6 +284,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         cpus_per_worker=float(cpus),
         max_failures=0,
         seed=args.seed,
+        # At the end only: its peak memory counts (sampling beside the optimizer's states), its time does not.
+        validation_prompts=[args.validation_prompt] if args.validation_prompt else [],
     )
     paths = job_paths(Path(args.work_dir) / "storage", "bench")
     # Pre-fill the class-image cache: run_training finds the images there and generates none.
@@ -351,8 +353,9 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
             steady.append(event["steps_per_s"])
     rates = steady or after_warmup or [e["steps_per_s"] for e in progress[1:]] or [e["steps_per_s"] for e in progress]
 
-    memory = [e.get("peak_memory_gib", e.get("peak_rss_gib")) for e in progress]
-    memory = [m for m in memory if m is not None]
+    # Progress and validation events carry the peak so far (validation samples beside the optimizer's states).
+    reports = [e for e in events if e["type"] in ("progress", "validation")]
+    memory = [m for e in reports if (m := e.get("peak_memory_gib", e.get("peak_rss_gib"))) is not None]
 
     states = [e for e in events if e["type"] == "state"]
     phases = {a["state"]: b["time"] - a["time"] for a, b in itertools.pairwise(states)}
@@ -421,6 +424,7 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instance-images", help="a directory of real photos (default: synthetic images)")
+    parser.add_argument("--validation-prompt", help="the trainer samples it (2 images) after its last step")
     parser.add_argument("--only", choices=("trainer", "baseline"), help="run one side only")
     parser.add_argument("--work-dir", help="scratch space (default: a temp dir, removed after; a given one is kept)")
     parser.add_argument(

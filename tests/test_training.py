@@ -105,6 +105,8 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
 
     (validation,) = [e for e in events if e["type"] == "validation"]
     assert Image.open(validation["path"]).size == (128, 64)
+    # The peak memory so far, after sampling beside the optimizer's states (RSS on these CPU workers).
+    assert validation["peak_rss_gib"] >= progress[-1]["peak_rss_gib"] > 0
     assert list(paths.tensorboard_dir.glob("events.out.tfevents.*"))
 
     # The export is a diffusers model: it loads and samples; both trained components changed.

@@ -65,10 +65,7 @@ class ProgressReporter:
             "steps_per_s": steps_per_s,
             "eta_s": eta_s,
         }
-        if torch.cuda.is_available():
-            fields["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            fields["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        fields.update(peak_memory())
         self.events.emit("progress", **fields)
         for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
             self.writer.add_scalar(f"train/{name}", fields[name], step)
@@ -79,3 +76,11 @@ class ProgressReporter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak memory so far, as an event field: `peak_memory_gib` (CUDA's allocator) on a GPU,
+    `peak_rss_gib` on a CPU."""
+    if torch.cuda.is_available():
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux

@@ -27,7 +27,7 @@ from trainer.flat_parameters import flatten_parameters
 from trainer.images import find_instance_images
 from trainer.metrics import TrainMetrics
 from trainer.model import DreamBoothModel, prior_preservation_loss
-from trainer.progress import ProgressReporter
+from trainer.progress import ProgressReporter, peak_memory
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths
 from trainer.validation import Validator
@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.compiler.set_stance("force_eager"):
                 grid = validator.run(done, save=rank == 0)
             if rank == 0:
-                events.emit("validation", step=done, path=str(grid))
+                events.emit("validation", step=done, path=str(grid), **peak_memory())
         _maybe_inject_failure(config, done, rank, paths, pending_commit)
 
     if pending_commit is not None:
