@@ -85,6 +85,7 @@ class Generator:
             compile_unet=self.config.compile_unet,
         )
         self.paths: dict[str, str] = {}
+        self._compiled = False  # compile_unet: warmed up before taking requests (reconfigure)
         self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
         self.metrics = GeneratorMetrics()
         # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
@@ -105,6 +106,13 @@ class Generator:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.paths = dict(user_config.get("models", {}))
+        if self.config.compile_unet and self.paths and not self._compiled:
+            # Compile now rather than in a request: Serve routes requests to a replica once its first
+            # reconfigure returns, and the graphs serve every subject of the architecture (the model used for
+            # it is dropped; the multiplexer loads models as requests ask).
+            model_id, path = next(iter(self.paths.items()))
+            self.engine.warm_up(self.engine.load(model_id, path), self.config.max_batch_size)
+            self._compiled = True
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         model_id = serve.get_multiplexed_model_id()

@@ -90,6 +90,7 @@ class GenerationResult:
     batch_images: int  # images sampled together in this call
     inference_seconds: float
     queue_wait_seconds: float = 0.0  # before the batch started; set by the serving replica
+    compiled_unet: bool = False  # sampled with the torch.compile'd UNet
 
 
 def default_device() -> torch.device:
@@ -235,6 +236,7 @@ class SamplingEngine:
                     batch_size=len(requests),
                     batch_images=len(images),
                     inference_seconds=elapsed,
+                    compiled_unet=unet is model.compiled_unet,
                 )
             )
             offset += count

@@ -48,6 +48,7 @@ class GenerateResponse(BaseModel):
     batch_size: int = Field(description="Requests sampled in the same batch as this one.")
     queue_wait_s: float
     inference_s: float
+    compiled_unet: bool = Field(description="The batch ran the UNet compiled by torch.compile (compile_unet).")
 
 
 class ServedModel(BaseModel):
@@ -113,4 +114,5 @@ def json_response(model_id: str, result: GenerationResult) -> GenerateResponse:
         batch_size=result.batch_size,
         queue_wait_s=result.queue_wait_seconds,
         inference_s=result.inference_seconds,
+        compiled_unet=result.compiled_unet,
     )

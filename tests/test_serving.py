@@ -47,6 +47,9 @@ def service(ray_cluster, subject_models, serve_port) -> ServeConfig:
         max_queued_requests=4,
         retry_after_s=3,
         limits=RequestLimits(max_images=4, max_steps=60),
+        # Requests at the models' native size (the default) run the compiled UNet, compiled when the replica
+        # starts; the demo's test runs the eager one through Serve.
+        compile_unet=True,
     )
     deployer = ServeDeployer(ray_cluster.dashboard_url, config)
     deployer.apply({k: str(v) for k, v in subject_models.items()})
@@ -101,6 +104,7 @@ def test_concurrent_requests_share_batches_and_seeds_hold(service):
     assert np.abs(image(alone) - image(responses[0])).max() <= 1 / 255 + 1e-6
     two = responses[1].json()
     assert [i["seed"] for i in two["images"]] == [12, 13] and two["batch_size"] == batch_sizes[1]
+    assert two["compiled_unet"]  # the replica compiled its UNet when it started (compile_unet)
     assert np.abs(image(responses[1], 1) - image(responses[2])).mean() > 0  # seed 13 with another guidance
 
 

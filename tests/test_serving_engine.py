@@ -147,9 +147,11 @@ def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, s
     batch = [request(seed=3, num_images=2, guidance_scale=4.0), request(prompt="sks dog in snow", seed=5)]
     for subject in (model, other):
         for expected, got in zip(engine.generate(rex, batch), compiled.generate(subject, batch), strict=True):
+            assert got.compiled_unet and not expected.compiled_unet
             for a, b in zip(expected.images, got.images, strict=True):
                 assert np.abs(pixels(a) - pixels(b)).max() <= 2 / 255 + 1e-6
-    compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
+    [eager] = compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
+    assert not eager.compiled_unet
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     # An evicted subject's weights are freed: the shared graphs take parameters as inputs, they do not hold them.
     evicted = weakref.ref(other.unet)
