@@ -169,6 +169,26 @@ def deepspeed_world(tmp_path_factory):
 
 
 @pytest.fixture
+def engine_spec(deepspeed_world):
+    """A factory of JobSpecs for DeepSpeed engines built in this process (CPU, fp32; keyword arguments change
+    fields), with the process's DeepSpeed world set up."""
+    from trainer.spec import JobSpec
+
+    def make(**changes) -> JobSpec:
+        fields = {
+            "base_model": "unused",
+            "instance_images": ["unused"],
+            "instance_prompt": "a photo of sks dog",
+            "class_prompt": "a photo of dog",
+            "precision": "fp32",
+            "gpus_per_worker": 0,
+        }
+        return JobSpec(**(fields | changes))
+
+    return make
+
+
+@pytest.fixture
 def storage(tmp_path) -> Path:
     path = tmp_path / "storage"
     path.mkdir()

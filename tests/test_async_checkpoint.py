@@ -65,20 +65,12 @@ def test_files_of_one_checkpoint_use_their_own_buffers(tmp_path):
     assert engine.buffer_count() == 2
 
 
-def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, deepspeed_world):
+def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, engine_spec):
     """A real DeepSpeed ZeRO-2 engine (CPU, gloo, one process): no reservation before the first update; after it,
     the background reservation holds every buffer the checkpoint then needs."""
     from trainer.deepspeed_setup import initialize
-    from trainer.spec import JobSpec
 
-    spec = JobSpec(
-        base_model="unused",
-        instance_images=["unused"],
-        instance_prompt="a photo of sks dog",
-        class_prompt="a photo of dog",
-        precision="fp32",
-        gpus_per_worker=0,
-    )
+    spec = engine_spec()
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     engine = initialize(model, spec, world_size=1)
     writer = engine.checkpoint_engine = AsyncCheckpointEngine()

@@ -157,7 +157,7 @@ def test_flat_parameters_are_packed_into_bounded_optimizer_groups():
     assert sizes == [[6], [3, 2], [8], [1, 2], [2, 3]]
 
 
-def test_zero2_steps_flat_parameters_in_groups_as_adamw_would(deepspeed_world, monkeypatch, tmp_path):
+def test_zero2_steps_flat_parameters_in_groups_as_adamw_would(engine_spec, monkeypatch, tmp_path):
     """The trainer's DeepSpeed engine over flattened networks, its flat parameters in several optimizer groups
     (ZeRO-2 then copies one group's gradients to fp32 at a time): the weights move exactly as with torch's
     AdamW and gradient clipping over the original parameters, and the export's consolidation of its
@@ -167,7 +167,6 @@ def test_zero2_steps_flat_parameters_in_groups_as_adamw_would(deepspeed_world, m
     from trainer import deepspeed_setup
     from trainer.checkpoint import TAG
     from trainer.export import consolidated_state_dict
-    from trainer.spec import JobSpec
 
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 4)))
@@ -175,16 +174,7 @@ def test_zero2_steps_flat_parameters_in_groups_as_adamw_would(deepspeed_world, m
     flatten_parameters(flat)  # 144 and 68 parameters
     grouping = functools.partial(deepspeed_setup.optimizer_groups, max_group_size=100)
     monkeypatch.setattr(deepspeed_setup, "optimizer_groups", grouping)
-    spec = JobSpec(
-        base_model="unused",
-        instance_images=["unused"],
-        instance_prompt="a photo of sks dog",
-        class_prompt="a photo of dog",
-        precision="fp32",
-        gpus_per_worker=0,
-        learning_rate=1e-3,
-        max_grad_norm=0.05,  # small enough that clipping takes part
-    )
+    spec = engine_spec(learning_rate=1e-3, max_grad_norm=0.05)  # clipping small enough to take part
     engine = deepspeed_setup.initialize(flat, spec, world_size=1)
     assert len(engine.optimizer.bit16_groups) == 2
     optimizer = torch.optim.AdamW(
