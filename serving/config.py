@@ -53,7 +53,8 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.05
     compile_unet: bool = False
     """torch.compile the UNet for requests at the model's native size (512x512 for SD 1.5): faster batches, but
-    a replica's first model load waits for the compilation (minutes for SD 1.5 on a GPU)."""
+    a replica compiles before it takes requests (minutes for SD 1.5 on a GPU), and so does the first load of a
+    model of another architecture."""
     max_ongoing_requests: int = 16
     """Requests in flight per generator replica (>= max_batch_size, or batches cannot fill)."""
     max_queued_requests: int = 64

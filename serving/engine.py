@@ -109,8 +109,9 @@ class SamplingEngine:
     size (other sizes sample eagerly: each new image size would cost minutes of compiling). The batch dimension
     is symbolic, so a couple of graphs serve every batch size (torch splits the range where some operator's
     choice depends on it: at 16 rows on a CPU), and, parameters being graph inputs, every subject of one
-    architecture shares them. `warm_up` compiles them when a replica's first model loads (minutes for SD 1.5
-    on a GPU; torch caches the code on disk); later models reuse them.
+    architecture shares them. `warm_up` compiles them (minutes for SD 1.5 on a GPU; torch caches the code on
+    disk): a Serve replica calls it when it starts and after each model load, where it costs two one-step
+    batches once the graphs exist.
     """
 
     def __init__(
