@@ -18,7 +18,9 @@ from serving.deployer import ServeDeployer
 STEPS = 3
 
 
-def wait_for_models(deployer: ServeDeployer, model_ids: set[str], timeout_s: float = 180) -> None:
+def wait_for_models(deployer: ServeDeployer, model_ids: set[str], timeout_s: float = 300) -> None:
+    """Until the ingress lists the models and every replica has started (with compile_unet, a generator
+    replica compiles its UNet before it starts: a minute or more on a slow CPU with a cold inductor cache)."""
     base_url = deployer.config.base_url
     deadline = time.monotonic() + timeout_s
     while True:
@@ -26,7 +28,8 @@ def wait_for_models(deployer: ServeDeployer, model_ids: set[str], timeout_s: flo
         assert status != "DEPLOY_FAILED", deployer.message()
         try:
             response = requests.get(f"{base_url}/v1/models", timeout=5)
-            if response.ok and model_ids <= {m["model_id"] for m in response.json()["models"]}:
+            listed = response.ok and model_ids <= {m["model_id"] for m in response.json()["models"]}
+            if listed and status == "RUNNING":
                 return
         except requests.RequestException:  # refused or held while Serve starts
             pass
