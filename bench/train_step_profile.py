@@ -127,30 +127,31 @@ def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch
         return deepspeed_setup.initialize(model, spec, world_size=1)
 
 
+def rss_bytes() -> int:
+    """The process's resident memory now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakRSS:
     """The process's peak resident memory while running, above what it was at the start (CPU runs)."""
 
     def __init__(self, interval_s: float = 0.001):
         self.interval_s = interval_s
-        self.start = self.peak = self._rss()
+        self.start = self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, rss_bytes())
 
     def stop(self) -> float:
         """GiB above the start."""
         self._stop.set()
         self._thread.join()
-        return (max(self.peak, self._rss()) - self.start) / 2**30
+        return (max(self.peak, rss_bytes()) - self.start) / 2**30
 
 
 def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Path, device) -> dict:
@@ -161,7 +162,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     init_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    engine_gib = torch.cuda.memory_allocated() / 2**30 if cuda else (PeakRSS._rss() - rss.start) / 2**30
+    engine_gib = torch.cuda.memory_allocated() / 2**30 if cuda else (rss_bytes() - rss.start) / 2**30
     dtype = deepspeed_setup.compute_dtype(spec)
     generator = torch.Generator(device).manual_seed(0)
     side = args.resolution // 8

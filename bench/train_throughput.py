@@ -40,7 +40,6 @@ import gc
 import itertools
 import json
 import math
-import resource
 import shutil
 import statistics
 import sys
@@ -62,6 +61,7 @@ from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_t
 from trainer.class_images import cache_key, image_path
 from trainer.events import read_events
 from trainer.images import load_image, preprocess
+from trainer.progress import peak_memory
 from trainer.run import run_training
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
@@ -115,10 +115,6 @@ def param_counts(model_dir: Path) -> dict[str, int]:
                 total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
         counts[name] = total
     return counts
-
-
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def checkpoint_steps(steps: int, interval: int) -> list[int]:
@@ -231,7 +227,7 @@ def run_baseline(args, model_dir: Path, instance_files: list[Path], class_files:
             for old in ckpt_dir.glob("checkpoint-*.pt"):  # keep the newest only: disk, not timed
                 if old != target_file:
                     old.unlink()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gib()
+    (peak,) = peak_memory().values()  # measured as the trainer measures its own (CUDA allocator or peak RSS)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     del frozen, trainable, tokenizer, text_encoder, vae, unet, optimizer, params, trained, instance_pixels, class_pixels
     gc.collect()
