@@ -57,7 +57,7 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
             for (dtype, shape, pinned), count in wanted.items():
                 buffers = self._buffers[(dtype, shape, pinned)]
                 while len(buffers) < count:
-                    buffers.append(torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned))
+                    buffers.append(_new_buffer((dtype, shape, pinned)))
 
         self._reserving = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
         self._reserving.start()
@@ -101,7 +101,7 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         key = _key(tensor)
         buffers, index = self._buffers[key], self._in_use[key]
         if index == len(buffers):
-            buffers.append(torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda))
+            buffers.append(_new_buffer(key))
         self._in_use[key] += 1
         buffer = buffers[index]
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)
@@ -123,6 +123,11 @@ def _checkpointed_tensors(engine) -> list[torch.Tensor]:
     for state in (engine.module_state_dict(), engine.optimizer.state_dict()):
         _map_tensors(state, collect)
     return tensors
+
+
+def _new_buffer(key: BufferKey) -> torch.Tensor:
+    dtype, shape, pinned = key
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
 
 
 def _map_tensors(item: Any, fn) -> Any:
