@@ -1,16 +1,22 @@
 """Serving throughput: the sampling engine with request batching against diffusers' pipeline per request.
 
-Both sides run in one invocation on the same model, prompt, steps, size and guidance scale, with 1, 4 and 16
-concurrent closed-loop clients (each sends its next request when the previous one answers):
+All sides run in one invocation on the same model, prompt, steps, size and guidance scale, with 1, 4 and 16
+concurrent closed-loop clients (each sends its next request when the previous one answers), then with requests
+arriving at random (Poisson) at --poisson-load times the whole-batch engine's images/s at the most clients:
 
 1. baseline: diffusers' StableDiffusionPipeline called once per request (one request at a time: a pipeline
    is not safe to call from several threads, and one GPU runs one such call at a time anyway).
-2. engine: serving.engine.SamplingEngine behind a micro-batcher that does what `@serve.batch` does in the Ray
-   Serve replica (serving/app.py): it waits up to --batch-wait-s for up to --max-batch-size images and samples
-   them in one call, both guidance halves of every request in one UNet forward. Serve itself is not here
-   (its HTTP dependencies are missing on the GPU machine), so this measures the engine and batching, not HTTP.
-3. with --compile, the same engine with `compile_unet` (serving's `compile_unet` setting), after its warm-up
-   (the compile time is printed).
+2. engine, whole batches: serving.engine.SamplingEngine behind a micro-batcher that does what `@serve.batch`
+   does (waits up to --batch-wait-s for up to --max-batch-size images) and samples each batch to the end before
+   the next starts: both guidance halves of every request in one UNet forward. (The service before step-level
+   batching.)
+3. engine + step-level batching (this service): the same micro-batcher hands each batch to
+   serving.step_batching.StepBatcher without waiting, as the Serve replica does, so a batch that forms while
+   another samples joins it at the next denoising step.
+4. with --compile, 3 with `compile_unet` (serving's setting), after its warm-up (the compile time is printed).
+
+Serve itself is not here (its HTTP dependencies are missing on the GPU machine): this measures the engine and
+batching, not HTTP.
 
     .venv/bin/python bench/serve_throughput.py                     # CPU: tiny model, 64 px, fp32
     python bench/serve_throughput.py --model sd15                  # GPU: random SD-1.5-sized, 512 px, 25 steps, fp16
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import queue
+import random
 import statistics
 import sys
 import threading
@@ -39,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreambooth.sd_model import load_pipeline
 from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
-from serving.engine import GenerationRequest, SamplingEngine, default_dtype
+from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, default_dtype
+from serving.step_batching import StepBatcher
 
 BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
 DEFAULT_SIZE = {"tiny": 64, "sd15": 512}
@@ -49,30 +57,43 @@ PROMPT = "a photo of sks dog on the beach"
 @dataclass
 class Row:
     what: str
-    clients: int
+    clients: int  # closed-loop clients; 0 for Poisson arrivals at `arrivals_per_s`
     images_per_s: float
     p50_s: float
     p99_s: float
     mean_batch: float
     peak_memory_gib: float | None
     batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
+    arrivals_per_s: float | None = None
+
+    @property
+    def load(self) -> str:
+        return f"{self.clients} clients" if self.clients else f"Poisson {self.arrivals_per_s:.2f}/s"
 
 
 class MicroBatcher:
-    """Collects concurrent requests into batches of up to `max_images` images, like @serve.batch."""
+    """Collects concurrent requests into batches of up to `max_images` images, like @serve.batch, and samples
+    each to the end (`step_level=False`) or hands it to a StepBatcher, as the Serve replica does."""
 
-    def __init__(self, engine: SamplingEngine, model, max_images: int, wait_s: float):
+    def __init__(self, engine: SamplingEngine, model, max_images: int, wait_s: float, step_level: bool):
         self.engine, self.model, self.max_images, self.wait_s = engine, model, max_images, wait_s
+        self.step_batcher = StepBatcher(engine, max_images) if step_level else None
         self.pending: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
-        self.batch_sizes: list[int] = []
-        self.batch_seconds: list[float] = []  # per engine call: where a latency tail comes from
+        self.batch_sizes: list[int] = []  # per request: requests it shared UNet forwards with
+        self.batch_seconds: list[float] = []  # per whole-batch call: where a latency tail comes from
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def submit(self, request: GenerationRequest):
+    def submit(self, request: GenerationRequest) -> GenerationResult:
         future: Future = Future()
         self.pending.put((request, future))
-        return future.result()
+        result = future.result()
+        self.batch_sizes.append(result.batch_size)
+        return result
+
+    def close(self) -> None:
+        if self.step_batcher is not None:
+            self.step_batcher.close()
 
     def _run(self) -> None:
         while True:
@@ -83,9 +104,13 @@ class MicroBatcher:
                     batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            self.batch_sizes.append(len(batch))
+            requests = [request for request, _ in batch]
+            if self.step_batcher is not None:
+                for (_, future), submitted in zip(batch, self.step_batcher.submit(self.model, requests), strict=True):
+                    submitted.add_done_callback(lambda done, future=future: future.set_result(done.result()))
+                continue
             start = time.perf_counter()
-            results = self.engine.generate(self.model, [request for request, _ in batch])
+            results = self.engine.generate(self.model, requests)
             self.batch_seconds.append(time.perf_counter() - start)
             for (_, future), result in zip(batch, results, strict=True):
                 future.set_result(result)
@@ -107,6 +132,30 @@ def closed_loop(call, clients: int, requests_per_client: int, seed0: int) -> tup
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     return clients * requests_per_client / (time.perf_counter() - start), latencies
+
+
+def poisson_arrivals(call, rate: float, count: int, seed0: int) -> tuple[float, list[float]]:
+    """Images/s and latencies of `count` requests arriving at random at `rate` per second (an open loop: arrivals
+    do not wait for answers, as with many independent users)."""
+    gaps = random.Random(seed0)
+    latencies: list[float] = []
+
+    def timed(seed: int) -> None:
+        start = time.perf_counter()
+        call(seed)
+        latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    arrival = start
+    with ThreadPoolExecutor(count) as pool:
+        sent = []
+        for i in range(count):
+            arrival += gaps.expovariate(rate)
+            time.sleep(max(0.0, arrival - time.perf_counter()))
+            sent.append(pool.submit(timed, seed0 + i))
+        for future in sent:
+            future.result()  # raises what a request raised
+    return count / (time.perf_counter() - start), latencies
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument(
+        "--poisson-load",
+        type=float,
+        default=0.7,
+        help="random arrivals at this fraction of the whole-batch engine's images/s at the most clients (0: none)",
+    )
     parser.add_argument("--only", choices=("engine", "baseline"))
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--compile", action="store_true", help="also the engine with a compiled UNet")
@@ -143,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[CLIP_BPE_ENV] = str(Path(args.clip_bpe).resolve())
     size = args.size or DEFAULT_SIZE[args.model]
     levels = [int(c) for c in args.clients.split(",")]
+    most = max(levels)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = default_dtype(device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -192,28 +248,32 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     if args.only != "baseline":
-        for compile_unet in (False, True) if args.compile else (False,):
-            what = "engine + batching, compiled UNet" if compile_unet else "engine + batching (this service)"
-            engine = SamplingEngine(device=device, dtype=dtype, compile_unet=compile_unet)
-            model = engine.load("bench", model_dir)
-            start = time.perf_counter()
-            engine.warm_up(model, args.max_batch_size)
-            if compile_unet:
-                print(
-                    f"compiled UNet warm-up (batches of 1 and {args.max_batch_size} images): "
-                    f"{time.perf_counter() - start:.0f} s",
-                    flush=True,
+        sides = [("engine, whole batches", False, False), ("engine + step-level batching (this service)", False, True)]
+        if args.compile:
+            sides.append(("engine + step-level batching, compiled UNet", True, True))
+        arrivals_per_s = None  # set from the first engine side's images/s at the most clients
+        loaded: dict[bool, tuple[SamplingEngine, object]] = {}
+        for what, compile_unet, step_level in sides:
+            if compile_unet not in loaded:
+                loaded.clear()
+                if cuda:
+                    torch.cuda.empty_cache()
+                loaded[compile_unet] = warmed_up_engine(
+                    model_dir, device, dtype, compile_unet, request, args.max_batch_size
                 )
-            # Warm-up at the largest batch too: its first run sizes the allocator's pools (and, with
-            # --cudnn-benchmark, times cuDNN's algorithms), which is not what a steady service pays per batch.
-            engine.generate(model, [request(0)])
-            engine.generate(model, [request(i) for i in range(args.max_batch_size)])
-            for clients in levels:
-                batcher = MicroBatcher(engine, model, args.max_batch_size, args.batch_wait_s)
+            engine, model = loaded[compile_unet]
+            for clients in [*levels, 0]:
+                if clients == 0 and not arrivals_per_s:
+                    continue
+                batcher = MicroBatcher(engine, model, args.max_batch_size, args.batch_wait_s, step_level)
                 peak_memory_gib(device)
-                rate, latencies = closed_loop(
-                    lambda seed, b=batcher: b.submit(request(seed)), clients, args.requests_per_client, seed0=1
-                )
+                call = lambda seed, b=batcher: b.submit(request(seed))  # noqa: E731
+                if clients:
+                    rate, latencies = closed_loop(call, clients, args.requests_per_client, seed0=1)
+                else:
+                    rate, latencies = poisson_arrivals(call, arrivals_per_s, most * args.requests_per_client, seed0=1)
+                batcher.close()
+                seconds = batcher.batch_seconds
                 rows.append(
                     Row(
                         what,
@@ -223,17 +283,13 @@ def main(argv: list[str] | None = None) -> int:
                         percentile(latencies, 99),
                         statistics.mean(batcher.batch_sizes),
                         peak_memory_gib(device),
-                        batch_s=(
-                            min(batcher.batch_seconds),
-                            statistics.median(batcher.batch_seconds),
-                            max(batcher.batch_seconds),
-                        ),
+                        batch_s=(min(seconds), statistics.median(seconds), max(seconds)) if seconds else None,
+                        arrivals_per_s=arrivals_per_s if not clients else None,
                     )
                 )
                 print(rows[-1], flush=True)
-            del engine, model
-            if cuda:
-                torch.cuda.empty_cache()
+                if clients == most and arrivals_per_s is None:
+                    arrivals_per_s = args.poisson_load * rate
 
     print(render(rows, levels))
     if args.out:
@@ -241,17 +297,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def warmed_up_engine(model_dir: Path, device, dtype, compile_unet: bool, request, max_images: int) -> tuple:
+    engine = SamplingEngine(device=device, dtype=dtype, compile_unet=compile_unet)
+    model = engine.load("bench", model_dir)
+    start = time.perf_counter()
+    engine.warm_up(model, max_images)
+    if compile_unet:
+        print(
+            f"compiled UNet warm-up (batches of 1 and {max_images} images): {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+    # Warm-up at the largest batch too: its first run sizes the allocator's pools (and, with
+    # --cudnn-benchmark, times cuDNN's algorithms), which is not what a steady service pays per batch.
+    engine.generate(model, [request(0)])
+    engine.generate(model, [request(i) for i in range(max_images)])
+    return engine, model
+
+
 def render(rows: list[Row], levels: list[int]) -> str:
     lines = [
         "",
-        "| side | clients | images/s | p50 s | p99 s | mean batch | batch call s, min / median / max | peak GiB |",
+        "| side | load | images/s | p50 s | p99 s | mean batch | batch call s, min / median / max | peak GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         memory = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
         batch = " / ".join(f"{s:.3f}" for s in r.batch_s) if r.batch_s else "-"
         lines.append(
-            f"| {r.what} | {r.clients} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.mean_batch:.1f} | "
+            f"| {r.what} | {r.load} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.mean_batch:.1f} | "
             f"{batch} | {memory} |"
         )
     most = max(levels)

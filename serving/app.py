@@ -1,7 +1,7 @@
 """The Ray Serve application: a thin FastAPI ingress in front of generator replicas running the sampling engine.
 
     HTTP ─► Ingress (validates, routes by model id, renders PNG/JSON)
-               └─► Generator replicas (multiplexed subject models, @serve.batch, SamplingEngine)
+               └─► Generator replicas (multiplexed subject models, @serve.batch, StepBatcher, SamplingEngine)
 
 Which models are served is the deployments' `user_config` ({"models": {model_id: path}}), so deploying or
 undeploying a model reconfigures the running replicas without restarting them (serving/deployer.py writes it).
@@ -11,7 +11,7 @@ globals that Serve pickled with the class, so they must be real objects.
 """
 
 import asyncio
-import logging
+import concurrent.futures
 import time
 import weakref
 from dataclasses import dataclass
@@ -39,8 +39,7 @@ from serving.http_api import (
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics
-
-logger = logging.getLogger("ray.serve")
+from serving.step_batching import StepBatcher
 
 
 class ModelNotServed(LookupError):
@@ -75,7 +74,11 @@ class _Pending:
 
 @serve.deployment
 class Generator:
-    """Samples batches of requests; keeps the least recently used subject models loaded."""
+    """Samples requests; keeps the least recently used subject models loaded.
+
+    `@serve.batch` groups the requests that arrive together by model and shape and hands each group to the step
+    batcher as one cohort, without waiting for it: the batcher merges cohorts into the running batch between
+    denoising steps, so a group that forms while another samples joins it at the next step."""
 
     def __init__(self, config: dict[str, Any]):
         keep_replica_grpc_on_loopback()
@@ -88,14 +91,15 @@ class Generator:
         self._compiled = False  # compile_unet: warmed up before taking requests (reconfigure)
         self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
         self.metrics = GeneratorMetrics()
+        self.batcher = StepBatcher(self.engine, max_images=self.config.max_batch_size)
         # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 
         async def load(model_id: str) -> SubjectModel:
             return await self._load(model_id)
 
-        async def sample(items: list[_Pending]) -> list[GenerationResult | BaseException]:
-            return await self._sample_batch(items)
+        async def sample(items: list[_Pending]) -> list[concurrent.futures.Future]:
+            return self._submit_batch(items)
 
         self.model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
         self.sample = serve.batch(
@@ -121,9 +125,10 @@ class Generator:
         model = await self.model(model_id)
         model.check_prompt("prompt", request.prompt)
         model.check_prompt("negative_prompt", request.negative_prompt)
-        result = await self.sample(_Pending(model, request, time.monotonic()))
-        if isinstance(result, BaseException):
-            raise result
+        submitted = await self.sample(_Pending(model, request, time.monotonic()))
+        result = await asyncio.wrap_future(submitted)
+        self.metrics.batch_size.observe(result.batch_size)
+        self.metrics.queue_wait.observe(result.queue_wait_seconds)
         return result
 
     async def _load(self, model_id: str) -> SubjectModel:
@@ -134,29 +139,19 @@ class Generator:
         self.metrics.loaded_models.set(len(self.loaded))
         return model
 
-    async def _sample_batch(self, items: list[_Pending]) -> list[GenerationResult | BaseException]:
-        """One @serve.batch call: requests grouped by (model, shape), each group sampled in one engine call."""
-        start = time.monotonic()
+    def _submit_batch(self, items: list[_Pending]) -> list[concurrent.futures.Future]:
+        """One @serve.batch call: a cohort per (model, shape) group, submitted to the step batcher."""
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
             groups.setdefault((item.model.model_id, item.request.shape_key), []).append(index)
-        results: list[GenerationResult | BaseException] = [RuntimeError("not sampled")] * len(items)
+        futures: dict[int, concurrent.futures.Future] = {}
         for indices in groups.values():
-            model = items[indices[0]].model
-            try:
-                # In a thread: the replica keeps accepting requests, so the next batch fills meanwhile.
-                outputs = await asyncio.to_thread(self.engine.generate, model, [items[i].request for i in indices])
-            except Exception as e:  # one group's failure is its requests' error, not the whole batch's
-                logger.exception("sampling failed for model %s", model.model_id)
-                outputs = [e] * len(indices)
-            self.metrics.batch_size.observe(len(indices))
-            for index, output in zip(indices, outputs, strict=True):
-                if isinstance(output, GenerationResult):
-                    output.queue_wait_seconds = start - items[index].enqueued
-                    self.metrics.queue_wait.observe(output.queue_wait_seconds)
-                results[index] = output
+            submitted = self.batcher.submit(
+                items[indices[0]].model, [items[i].request for i in indices], [items[i].enqueued for i in indices]
+            )
+            futures.update(zip(indices, submitted, strict=True))
         self.metrics.loaded_models.set(len(self.loaded))
-        return results
+        return [futures[index] for index in range(len(items))]
 
 
 def render(model_id: str, result: GenerationResult, output_format: str) -> Response:

@@ -49,8 +49,10 @@ class ServeConfig:
     max_models_per_replica: int = 4
     """Subject models each replica keeps loaded (least recently used evicted); base components are shared."""
     max_batch_size: int = 8
-    """Images sampled together in one batch (requests for one model and shape are batched)."""
+    """Images sampled together in one UNet forward (requests for one model and image size share it; a request
+    that finds it full waits for room, checked between denoising steps)."""
     batch_wait_timeout_s: float = 0.05
+    """How long `@serve.batch` waits for more requests before handing a group to the running batch."""
     compile_unet: bool = False
     """torch.compile the UNet for requests at the model's native size (512x512 for SD 1.5): faster batches, but
     a replica compiles before it takes requests (minutes for SD 1.5 on a GPU), and so does the first load of a

@@ -1,11 +1,13 @@
 """The sampling engine: batched classifier-free guidance over subject models, plain Python + torch.
 
-Ray Serve replicas call it (serving/app.py), and so does the benchmark on machines without Serve. One call
-samples a batch of requests for one model and one shape: every step runs a single UNet forward over the
-unconditional and conditional halves of every request, and each sample gets its own guidance scale, so requests
-with different scales share the batch. Image i of a request is drawn from its own generator seeded `seed + i`
-(the latents and any scheduler noise), which makes a request's images the same whether it ran alone or in a batch,
-and the same as diffusers' StableDiffusionPipeline given the same per-image generators.
+Ray Serve replicas call it (serving/app.py, through serving/step_batching.py), and so does the benchmark on
+machines without Serve. Requests that start together form a `Cohort`: one scheduler run over their latents. Every
+denoising step runs a single UNet forward over the unconditional and conditional halves of every request of one or
+more cohorts (of one model and image size; each sample carries its own timestep, so a cohort can join others
+part-way through), and each sample gets its own guidance scale, so requests with different scales share it.
+Image i of a request is drawn from its own generator seeded `seed + i` (the latents and any scheduler noise), which
+makes a request's images the same whether it ran alone or in a batch, and the same as diffusers'
+StableDiffusionPipeline given the same per-image generators.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class SubjectModel:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     vae: torch.nn.Module
-    scheduler: SchedulerMixin  # a template: each batch gets a fresh copy (schedulers keep per-run state)
+    scheduler: SchedulerMixin  # a template: each cohort gets a fresh copy (schedulers keep per-run state)
     load_seconds: float = 0.0
     compiled_unet: torch.nn.Module | None = None  # the UNet through torch.compile, for the native size
 
@@ -86,11 +88,44 @@ class SubjectModel:
 class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
-    batch_size: int  # requests sampled together in this call
-    batch_images: int  # images sampled together in this call
+    batch_size: int  # the most requests that shared a UNet forward with this one (itself included)
+    batch_images: int  # the most images that shared a UNet forward with this request's
     inference_seconds: float
-    queue_wait_seconds: float = 0.0  # before the batch started; set by the serving replica
+    queue_wait_seconds: float = 0.0  # before its first denoising step; set by the step batcher
     compiled_unet: bool = False  # sampled with the torch.compile'd UNet
+
+
+@dataclass(eq=False)
+class Cohort:
+    """Requests that started sampling together: one scheduler run over their latents, stepped by
+    `SamplingEngine.denoise` (alone, or with other cohorts of the same model and image size)."""
+
+    model: SubjectModel
+    requests: list[GenerationRequest]
+    seeds: list[int]  # one per image
+    generators: list[torch.Generator]  # one per image
+    guidance: torch.Tensor  # (images, 1, 1, 1)
+    text_states: torch.Tensor  # negative prompts' states, then positive ones: (2 * images, tokens, width)
+    latents: torch.Tensor
+    scheduler: SchedulerMixin  # this cohort's own: schedulers keep per-run state
+    started: float  # time.perf_counter()
+    step: int = 0  # denoising steps done
+    peak_requests: int = 0  # the most requests that shared one of its UNet forwards
+    peak_images: int = 0
+    compiled_unet: bool = False
+
+    @property
+    def images(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.requests[0].height, self.requests[0].width
+
+    @property
+    def done(self) -> bool:
+        return self.step == len(self.scheduler.timesteps)
 
 
 def default_device() -> torch.device:
@@ -179,14 +214,21 @@ class SamplingEngine:
         for images in sorted({1, max_images}):
             self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
 
-    @torch.inference_mode()
     def generate(self, model: SubjectModel, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Samples every request in one batch; all must share one `shape_key`."""
+        """Samples every request in one batch, alone; all must share one `shape_key`."""
+        cohort = self.start(model, requests)
+        while not cohort.done:
+            self.denoise([cohort])
+        return self.finish(cohort)
+
+    @torch.inference_mode()
+    def start(self, model: SubjectModel, requests: list[GenerationRequest]) -> Cohort:
+        """Encodes the prompts and draws the initial latents of requests that share one `shape_key`."""
         keys = {request.shape_key for request in requests}
         if len(keys) != 1:
             raise ValueError(f"one batch holds one (steps, height, width); got {sorted(keys)}")
         steps, height, width = keys.pop()
-        start = time.perf_counter()
+        started = time.perf_counter()
 
         # One generator per image, used for its initial latents and for any noise the scheduler adds.
         seeds = [request.seed + i for request in requests for i in range(request.num_images)]
@@ -199,45 +241,79 @@ class SamplingEngine:
 
         positive = self._encode(model, [r.prompt for r in requests for _ in range(r.num_images)])
         negative = self._encode(model, [r.negative_prompt for r in requests for _ in range(r.num_images)])
-        text_states = torch.cat([negative, positive])
 
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
         factor = model.vae_scale_factor
         latent_shape = (model.unet.config.in_channels, height // factor, width // factor)
         latents = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])
-        latents = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+        return Cohort(
+            model=model,
+            requests=list(requests),
+            seeds=seeds,
+            generators=generators,
+            guidance=guidance,
+            text_states=torch.cat([negative, positive]),
+            latents=latents.to(self.device, self.dtype) * scheduler.init_noise_sigma,
+            scheduler=scheduler,
+            started=started,
+        )
+
+    @torch.inference_mode()
+    def denoise(self, cohorts: list[Cohort]) -> None:
+        """One denoising step of every cohort, in one UNet forward; all of one model and one image size."""
+        model = cohorts[0].model
+        if {(c.model, c.size) for c in cohorts} != {(model, cohorts[0].size)}:
+            raise ValueError("cohorts denoised together share one model and one image size")
+        # Rows: per cohort its unconditional half, then its conditional half (what `text_states` holds).
+        inputs, timesteps = [], []
+        for cohort in cohorts:
+            t = cohort.scheduler.timesteps[cohort.step]
+            inputs.append(cohort.scheduler.scale_model_input(torch.cat([cohort.latents, cohort.latents]), t))
+            timesteps.append(t.expand(2 * cohort.images))
+        model_input, timestep = torch.cat(inputs), torch.cat(timesteps)
+        text_states = torch.cat([cohort.text_states for cohort in cohorts])
 
         unet = model.unet
-        if model.compiled_unet is not None and (height, width) == model.native_size:
+        if model.compiled_unet is not None and cohorts[0].size == model.native_size:
             unet = model.compiled_unet
-            torch._dynamo.maybe_mark_dynamic(text_states, 0)  # a symbolic batch size, not one graph per size
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            if unet is model.compiled_unet:
-                torch._dynamo.maybe_mark_dynamic(model_input, 0)
-            noise = unet(model_input, t, encoder_hidden_states=text_states, return_dict=False)[0]
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
-            latents = scheduler.step(noise, t, latents, return_dict=False, **step_kwargs)[0]
+            for tensor in (model_input, timestep, text_states):  # a symbolic batch size, not one graph per size
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        noise = unet(model_input, timestep, encoder_hidden_states=text_states, return_dict=False)[0]
 
-        pixels = model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        requests = sum(len(cohort.requests) for cohort in cohorts)
+        images = sum(cohort.images for cohort in cohorts)
+        for cohort, rows in zip(cohorts, noise.split([2 * c.images for c in cohorts]), strict=True):
+            noise_uncond, noise_cond = rows.chunk(2)
+            guided = noise_uncond + cohort.guidance * (noise_cond - noise_uncond)
+            t = cohort.scheduler.timesteps[cohort.step]
+            step_kwargs = {"generator": cohort.generators} if _accepts(cohort.scheduler.step, "generator") else {}
+            cohort.latents = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **step_kwargs)[0]
+            cohort.step += 1
+            cohort.peak_requests = max(cohort.peak_requests, requests)
+            cohort.peak_images = max(cohort.peak_images, images)
+            cohort.compiled_unet |= unet is model.compiled_unet
+
+    @torch.inference_mode()
+    def finish(self, cohort: Cohort) -> list[GenerationResult]:
+        """Decodes a denoised cohort into one result per request."""
+        model = cohort.model
+        pixels = model.vae.decode(cohort.latents / model.vae.config.scaling_factor, return_dict=False)[0]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - cohort.started
 
         results, offset = [], 0
-        for request in requests:
+        for request in cohort.requests:
             count = request.num_images
             results.append(
                 GenerationResult(
                     images=images[offset : offset + count],
-                    seeds=seeds[offset : offset + count],
-                    batch_size=len(requests),
-                    batch_images=len(images),
+                    seeds=cohort.seeds[offset : offset + count],
+                    batch_size=cohort.peak_requests,
+                    batch_images=cohort.peak_images,
                     inference_seconds=elapsed,
-                    compiled_unet=unet is model.compiled_unet,
+                    compiled_unet=cohort.compiled_unet,
                 )
             )
             offset += count

@@ -42,17 +42,17 @@ class IngressMetrics:
 
 
 class GeneratorMetrics:
-    """Per batch and per model load, in the generator replicas."""
+    """Per request and per model load, in the generator replicas."""
 
     def __init__(self):
         self.batch_size = Histogram(
             "dreambooth_serve_batch_size",
-            description="Requests sampled together in one batch.",
+            description="Requests sampled together with a request (the most that shared one of its UNet forwards).",
             boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
         )
         self.queue_wait = Histogram(
             "dreambooth_serve_queue_wait_seconds",
-            description="Time a request waited in its replica before its batch started.",
+            description="Time a request waited in its replica before its first denoising step.",
             boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
         )
         self.model_load = Histogram(

@@ -111,6 +111,24 @@ def test_concurrent_requests_share_batches_and_seeds_hold(service):
     assert np.abs(image(responses[1], 1) - image(responses[2])).mean() > 0  # seed 13 with another guidance
 
 
+def test_a_short_request_shares_steps_with_a_long_one_and_answers_first(service):
+    """Step-level batching: requests with different step counts share UNet forwards, and each answers as soon as
+    its own steps are done (whole-batch sampling answered both when the long one finished)."""
+    answered: list[int] = []
+
+    def send(steps: int, seed: int) -> requests.Response:
+        response = generate(service, "rex", steps=steps, seed=seed, output_format="json")
+        answered.append(steps)
+        return response
+
+    with ThreadPoolExecutor(2) as pool:
+        long, short = pool.submit(send, 60, 31), pool.submit(send, 3, 32)
+        long, short = long.result(), short.result()
+    assert long.status_code == short.status_code == 200, (long.text, short.text)
+    assert answered == [3, 60]
+    assert short.json()["batch_size"] == long.json()["batch_size"] == 2
+
+
 def test_two_subjects_from_one_replica_draw_differently(service):
     rex, fido = generate(service, "rex", seed=21), generate(service, "fido", seed=21)
     assert rex.status_code == fido.status_code == 200

@@ -1,0 +1,169 @@
+"""Step-level batching: cohorts join and leave the running batch between denoising steps.
+
+With whole-batch sampling a request that arrives while a batch runs waits for all of it (25 steps) before its own
+starts, and a batch that started with a few requests runs its 25 steps half empty. Here one thread owns the device
+and runs denoising steps; before each step it admits the cohorts submitted meanwhile into the running batch of
+their model and image size (each sample carries its own timestep, so cohorts at different steps share a UNet
+forward), and a cohort leaves as soon as its last step is done. This is iteration-level scheduling, what LLM servers
+do with tokens. At most `max_images` images share a forward; a cohort that does not fit waits for room, and later
+cohorts of its model and size wait behind it (no starvation). Several models or sizes with work take turns, one
+step each.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from serving.engine import Cohort, GenerationRequest, SamplingEngine, SubjectModel
+
+logger = logging.getLogger(__name__)
+
+Lane = tuple[SubjectModel, int, int]  # the cohorts of one model and (height, width) that share UNet forwards
+
+
+@dataclass
+class _Submission:
+    model: SubjectModel
+    requests: list[GenerationRequest]
+    enqueued: list[float]  # time.monotonic() per request: its queue wait starts there
+    futures: list[Future]  # one per request
+    started: float = 0.0  # time.monotonic() when its cohort started
+
+    @property
+    def lane(self) -> Lane:
+        return (self.model, self.requests[0].height, self.requests[0].width)
+
+    @property
+    def images(self) -> int:
+        return sum(request.num_images for request in self.requests)
+
+
+class StepBatcher:
+    """Runs `engine`'s denoising steps on its own thread for everything submitted to it."""
+
+    def __init__(self, engine: SamplingEngine, max_images: int):
+        self.engine = engine
+        self.max_images = max_images
+        self._pending: deque[_Submission] = deque()
+        self._running: dict[Lane, list[tuple[Cohort, _Submission]]] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="step-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, model: SubjectModel, requests: list[GenerationRequest], enqueued: list[float] | None = None
+    ) -> list[Future]:
+        """Queues requests that share one `shape_key` as one cohort; a future of a `GenerationResult` per request."""
+        now = time.monotonic()
+        submission = _Submission(
+            model, list(requests), list(enqueued or [now] * len(requests)), [Future() for _ in requests]
+        )
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the step batcher is closed")
+            self._pending.append(submission)
+            self._wake.notify()
+        return submission.futures
+
+    def close(self) -> None:
+        """Stops after the current step; whatever has not finished fails."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed or self._pending or self._running)
+                if self._closed:
+                    self._fail_all(RuntimeError("the step batcher closed"))
+                    return
+                admitted = self._admit()
+            for submission in admitted:
+                self._start(submission)
+            if self._running:
+                # The lane stepped longest ago: a stepped lane goes back in at the end (`_step`), a new one too.
+                self._step(next(iter(self._running)))
+
+    def _admit(self) -> list[_Submission]:
+        """Takes the pending submissions that fit their lane's running batch, in order within each lane."""
+        admitted, blocked, waiting = [], set(), deque()
+        images = {lane: sum(c.images for c, _ in cohorts) for lane, cohorts in self._running.items()}
+        for submission in self._pending:
+            lane = submission.lane
+            used = images.get(lane, 0)
+            # A cohort larger than max_images (not from Serve: it caps batches) runs when its lane is empty.
+            fits = used == 0 or used + submission.images <= self.max_images
+            if lane in blocked or not fits:
+                blocked.add(lane)
+                waiting.append(submission)
+            else:
+                images[lane] = used + submission.images
+                admitted.append(submission)
+        self._pending = waiting
+        return admitted
+
+    def _start(self, submission: _Submission) -> None:
+        # From here on a future cannot be cancelled (its caller gave up before: the result is dropped).
+        if not [future.set_running_or_notify_cancel() for future in submission.futures].count(True):
+            return
+        submission.started = time.monotonic()
+        try:
+            cohort = self.engine.start(submission.model, submission.requests)
+        except Exception as e:
+            logger.exception("starting a cohort failed for model %s", submission.model.model_id)
+            _fail(submission, e)
+            return
+        self._running.setdefault(submission.lane, []).append((cohort, submission))
+
+    def _step(self, lane: Lane) -> None:
+        running = self._running.pop(lane)
+        try:
+            self.engine.denoise([cohort for cohort, _ in running])
+        except Exception as e:
+            logger.exception("a denoising step failed for model %s", lane[0].model_id)
+            for _, submission in running:
+                _fail(submission, e)
+            return
+        still = []
+        for cohort, submission in running:
+            if cohort.done:
+                self._finish(cohort, submission)
+            else:
+                still.append((cohort, submission))
+        if still:
+            self._running[lane] = still
+
+    def _finish(self, cohort: Cohort, submission: _Submission) -> None:
+        try:
+            results = self.engine.finish(cohort)
+        except Exception as e:
+            logger.exception("decoding failed for model %s", cohort.model.model_id)
+            _fail(submission, e)
+            return
+        for future, result, enqueued in zip(submission.futures, results, submission.enqueued, strict=True):
+            result.queue_wait_seconds = max(0.0, submission.started - enqueued)
+            if not future.cancelled():
+                future.set_result(result)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for submission in self._pending:
+            _fail(submission, error)
+        for running in self._running.values():
+            for _, submission in running:
+                _fail(submission, error)
+        self._pending.clear()
+        self._running.clear()
+
+
+def _fail(submission: _Submission, error: BaseException) -> None:
+    for future in submission.futures:
+        if not future.done():
+            future.set_exception(error)

@@ -1,0 +1,146 @@
+"""Step-level batching: cohorts that share UNet forwards part-way through give the images they give alone."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from serving.engine import GenerationRequest, SamplingEngine
+from serving.step_batching import StepBatcher
+
+SIZE = 64  # the tiny model's native size
+LEVEL = 1 / 255 + 1e-6  # batch composition may round the last float bits differently: at most one 8-bit level
+
+
+def request(**overrides) -> GenerationRequest:
+    fields = {"prompt": "a photo of sks dog", "steps": 6, "width": SIZE, "height": SIZE, "seed": 7}
+    return GenerationRequest(**(fields | overrides))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def assert_same_images(a, b) -> None:
+    assert a.seeds == b.seeds
+    for x, y in zip(a.images, b.images, strict=True):
+        assert np.abs(pixels(x) - pixels(y)).max() <= LEVEL
+
+
+@pytest.fixture(scope="module")
+def engine() -> SamplingEngine:
+    return SamplingEngine(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def models(engine, subject_models):
+    return {name: engine.load(name, path) for name, path in subject_models.items()}
+
+
+def test_a_cohort_joining_part_way_through_draws_what_it_draws_alone(engine, models):
+    rex = models["rex"]
+    first, joiner = request(num_images=2, guidance_scale=5.0), request(seed=3, steps=3, prompt="sks dog in snow")
+    [first_alone] = engine.generate(rex, [first])
+    [joiner_alone] = engine.generate(rex, [joiner])
+
+    a = engine.start(rex, [first])
+    engine.denoise([a])
+    engine.denoise([a])
+    b = engine.start(rex, [joiner])  # joins at a's third step: the two sample different timesteps together
+    while not b.done:
+        engine.denoise([a, b])
+    assert a.step == 2 + len(b.scheduler.timesteps) < len(a.scheduler.timesteps)  # b left; a goes on alone
+    while not a.done:
+        engine.denoise([a])
+    [first_shared], [joiner_shared] = engine.finish(a), engine.finish(b)
+
+    assert_same_images(first_alone, first_shared)
+    assert_same_images(joiner_alone, joiner_shared)
+    assert (first_shared.batch_size, first_shared.batch_images) == (2, 3)
+    assert (first_alone.batch_size, first_alone.batch_images) == (1, 2)
+
+
+def test_cohorts_of_two_models_are_not_denoised_together(engine, models):
+    a, b = engine.start(models["rex"], [request()]), engine.start(models["fido"], [request()])
+    with pytest.raises(ValueError, match="one model and one image size"):
+        engine.denoise([a, b])
+
+
+def test_the_batcher_merges_concurrent_cohorts_and_keeps_their_images(engine, models):
+    """Cohorts of two models, two step counts and two sizes, all submitted at once: each request gets the images
+    it gets alone; cohorts of one model and size share forwards, up to max_images."""
+    submissions = [
+        ("rex", [request(seed=1, num_images=2)]),
+        ("rex", [request(seed=2, steps=3), request(seed=4, steps=3, guidance_scale=2.0)]),
+        ("fido", [request(seed=5)]),
+        ("rex", [request(seed=6, width=SIZE + 8)]),  # another size: its own lane
+        ("rex", [request(seed=8, num_images=2)]),  # no room beside the first two (max 4 images): waits
+    ]
+    expected = [engine.generate(models[name], requests) for name, requests in submissions]
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        futures = [batcher.submit(models[name], requests) for name, requests in submissions]
+        results = [[future.result(timeout=120) for future in group] for group in futures]
+    finally:
+        batcher.close()
+    for alone, batched in zip(expected, results, strict=True):
+        for a, b in zip(alone, batched, strict=True):
+            assert_same_images(a, b)
+    assert [r.batch_images for r in results[0]] == [4] and results[1][0].batch_size == 3  # shared forwards
+    assert results[2][0].batch_size == 1 and results[3][0].batch_size == 1  # alone in their lanes
+    assert max(r.batch_images for group in results for r in group) <= 4
+    # The last rex cohort started once the 3-step one had left: it waited, and then shared with the first.
+    assert results[4][0].queue_wait_seconds > results[0][0].queue_wait_seconds
+    assert results[4][0].batch_images == 4
+
+
+def test_bad_cohorts_fail_alone_and_close_fails_what_is_left(engine, models):
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        [bad, _] = batcher.submit(models["rex"], [request(), request(steps=5)])  # two step counts: one cohort
+        [good] = batcher.submit(models["rex"], [request()])
+        with pytest.raises(ValueError, match="one batch holds one"):
+            bad.result(timeout=60)
+        assert good.result(timeout=60).images
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(models["rex"], [request()])
+
+
+def test_a_cancelled_request_is_dropped_before_it_starts(engine, models):
+    batcher = StepBatcher(engine, max_images=1)
+    try:
+        [running] = batcher.submit(models["rex"], [request(steps=20)])
+        [cancelled] = batcher.submit(models["rex"], [request(seed=9)])  # no room: waits for the first
+        assert cancelled.cancel()
+        [after] = batcher.submit(models["rex"], [request(seed=10)])
+        assert running.result(timeout=120).images and after.result(timeout=120).images
+        assert cancelled.cancelled()
+    finally:
+        batcher.close()
+
+
+def test_submissions_from_many_threads(engine, models):
+    batcher = StepBatcher(engine, max_images=8)
+    futures: list[Future] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        [future] = batcher.submit(models["rex"], [request(seed=seed, steps=3)])
+        with lock:
+            futures.append(future)
+
+    try:
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results = [future.result(timeout=120) for future in futures]
+    finally:
+        batcher.close()
+    assert sorted(r.seeds[0] for r in results) == list(range(8))
