@@ -91,7 +91,9 @@ class Generator:
         self._compiled = False  # compile_unet: warmed up before taking requests (reconfigure)
         self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
         self.metrics = GeneratorMetrics()
-        self.batcher = StepBatcher(self.engine, max_images=self.config.max_batch_size)
+        self.batcher = StepBatcher(
+            self.engine, max_images=self.config.max_batch_size, on_step=self.metrics.step_images.observe
+        )
         # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 

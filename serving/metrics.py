@@ -42,13 +42,18 @@ class IngressMetrics:
 
 
 class GeneratorMetrics:
-    """Per request and per model load, in the generator replicas."""
+    """Per request, per denoising step and per model load, in the generator replicas."""
 
     def __init__(self):
         self.batch_size = Histogram(
             "dreambooth_serve_batch_size",
             description="Requests sampled together with a request (the most that shared one of its UNet forwards).",
             boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+        )
+        self.step_images = Histogram(
+            "dreambooth_serve_step_images",
+            description="Images in one UNet forward (a denoising step of every request sampling together), per step.",
+            boundaries=[1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64],
         )
         self.queue_wait = Histogram(
             "dreambooth_serve_queue_wait_seconds",

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -44,11 +45,13 @@ class _Submission:
 
 
 class StepBatcher:
-    """Runs `engine`'s denoising steps on its own thread for everything submitted to it."""
+    """Runs `engine`'s denoising steps on its own thread for everything submitted to it; `on_step` is told the
+    images of each UNet forward (the replica's metric of how full the batches run)."""
 
-    def __init__(self, engine: SamplingEngine, max_images: int):
+    def __init__(self, engine: SamplingEngine, max_images: int, on_step: Callable[[int], None] | None = None):
         self.engine = engine
         self.max_images = max_images
+        self.on_step = on_step
         self._pending: deque[_Submission] = deque()
         self._running: dict[Lane, list[tuple[Cohort, _Submission]]] = {}
         self._wake = threading.Condition()
@@ -132,6 +135,8 @@ class StepBatcher:
             for _, submission in running:
                 _fail(submission, e)
             return
+        if self.on_step is not None:
+            self.on_step(sum(cohort.images for cohort, _ in running))
         still = []
         for cohort, submission in running:
             if cohort.done:

@@ -80,7 +80,8 @@ def test_the_batcher_merges_concurrent_cohorts_and_keeps_their_images(engine, mo
         ("rex", [request(seed=8, num_images=2)]),  # no room beside the first two (max 4 images): waits
     ]
     expected = [engine.generate(models[name], requests) for name, requests in submissions]
-    batcher = StepBatcher(engine, max_images=4)
+    forwards: list[int] = []  # images per UNet forward
+    batcher = StepBatcher(engine, max_images=4, on_step=forwards.append)
     try:
         futures = [batcher.submit(models[name], requests) for name, requests in submissions]
         results = [[future.result(timeout=120) for future in group] for group in futures]
@@ -92,6 +93,7 @@ def test_the_batcher_merges_concurrent_cohorts_and_keeps_their_images(engine, mo
     assert [r.batch_images for r in results[0]] == [4] and results[1][0].batch_size == 3  # shared forwards
     assert results[2][0].batch_size == 1 and results[3][0].batch_size == 1  # alone in their lanes
     assert max(r.batch_images for group in results for r in group) <= 4
+    assert max(forwards) == 4 and min(forwards) >= 1
     # The last rex cohort started once the 3-step one had left: it waited, and then shared with the first.
     assert results[4][0].queue_wait_seconds > results[0][0].queue_wait_seconds
     assert results[4][0].batch_images == 4

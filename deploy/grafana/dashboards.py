@@ -386,7 +386,7 @@ def serving() -> builders.Dashboard:
         )
         .with_panel(
             graph(
-                "Queue wait (request → batch)",
+                "Queue wait (request → its first denoising step)",
                 quantiles("ray_dreambooth_serve_queue_wait_seconds"),
                 unit="s",
                 width=8,
@@ -408,7 +408,24 @@ def serving() -> builders.Dashboard:
             )
         )
         .with_row(builders.Row("Batching and capacity"))
-        .with_panel(graph("Batch size", quantiles("ray_dreambooth_serve_batch_size"), unit="none", width=8))
+        .with_panel(
+            graph(
+                "Batch size (requests)",
+                quantiles("ray_dreambooth_serve_batch_size"),
+                unit="none",
+                width=8,
+                description="Per request, the most requests that shared one of its UNet forwards.",
+            )
+        )
+        .with_panel(
+            graph(
+                "Images per UNet forward",
+                quantiles("ray_dreambooth_serve_step_images"),
+                unit="none",
+                width=8,
+                description="Per denoising step: how full the batches run (at most the max_batch_size setting).",
+            )
+        )
         .with_panel(
             graph(
                 "Queue depth",
