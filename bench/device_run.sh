@@ -13,8 +13,9 @@
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)        ~3.5 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups               ~2 min
-#   serve          serve_throughput.py, 1 and 16 clients: pipeline, engine + batching, and
-#                  the engine with its UNet compiled (serving's compile_unet)                   ~5 min
+#   serve          serve_throughput.py, 1 and 16 clients and Poisson arrivals: pipeline, engine
+#                  with whole batches, with step-level batching, and step-level with its UNet
+#                  compiled (serving's compile_unet)                                            ~6 min
 #   train-memory   the trainer training the text encoder too, with gradient checkpointing and
 #                  a validation at the end (its peak counts)                                      ~3 min
 #   profile        train_step_profile.py --profile (the DeepSpeed step by phase, variants)     ~2 min

@@ -135,7 +135,8 @@ class Generator:
 
     async def _load(self, model_id: str) -> SubjectModel:
         model = await asyncio.to_thread(self.engine.load, model_id, self.paths[model_id])
-        await asyncio.to_thread(self.engine.warm_up, model, self.config.max_batch_size)
+        # On the batcher's thread: a model of another architecture compiles, not beside requests sampling.
+        await asyncio.wrap_future(self.batcher.call(lambda: self.engine.warm_up(model, self.config.max_batch_size)))
         self.loaded.add(model)
         self.metrics.model_load.observe(model.load_seconds)
         self.metrics.loaded_models.set(len(self.loaded))

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from serving.engine import Cohort, GenerationRequest, SamplingEngine, SubjectModel
 
@@ -54,6 +55,7 @@ class StepBatcher:
         self.on_step = on_step
         self._pending: deque[_Submission] = deque()
         self._running: dict[Lane, list[tuple[Cohort, _Submission]]] = {}
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="step-batcher", daemon=True)
@@ -74,6 +76,17 @@ class StepBatcher:
             self._wake.notify()
         return submission.futures
 
+    def call(self, function: Callable[[], Any]) -> Future:
+        """Runs `function` on the batcher's thread between two steps (a future of what it returns), so that one
+        thread does all the device work: e.g. a model's warm-up, which may compile while requests sample."""
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the step batcher is closed")
+            self._calls.append((function, future))
+            self._wake.notify()
+        return future
+
     def close(self) -> None:
         """Stops after the current step; whatever has not finished fails."""
         with self._wake:
@@ -84,11 +97,18 @@ class StepBatcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._closed or self._pending or self._running)
+                self._wake.wait_for(lambda: self._closed or self._calls or self._pending or self._running)
                 if self._closed:
                     self._fail_all(RuntimeError("the step batcher closed"))
                     return
+                calls, self._calls = self._calls, deque()
                 admitted = self._admit()
+            for function, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(function())
+                    except Exception as e:
+                        future.set_exception(e)
             for submission in admitted:
                 self._start(submission)
             if self._running:
@@ -159,6 +179,9 @@ class StepBatcher:
                 future.set_result(result)
 
     def _fail_all(self, error: BaseException) -> None:
+        for _, future in self._calls:
+            future.set_exception(error)
+        self._calls.clear()
         for submission in self._pending:
             _fail(submission, error)
         for running in self._running.values():

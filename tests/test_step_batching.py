@@ -146,3 +146,16 @@ def test_submissions_from_many_threads(engine, models):
     finally:
         batcher.close()
     assert sorted(r.seeds[0] for r in results) == list(range(8))
+
+
+def test_calls_run_on_the_batchers_thread_between_steps(engine, models):
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        [running] = batcher.submit(models["rex"], [request(steps=20)])
+        thread, running_done = batcher.call(lambda: (threading.current_thread(), running.done())).result(timeout=60)
+        assert thread is batcher._thread and not running_done  # between two of the 20 steps
+        with pytest.raises(ZeroDivisionError):
+            batcher.call(lambda: 1 / 0).result(timeout=60)
+        assert running.result(timeout=120).images  # a failed call fails alone
+    finally:
+        batcher.close()
