@@ -51,8 +51,9 @@ class ServeConfig:
     max_batch_size: int = 8
     """Images sampled together in one UNet forward (requests for one model and image size share it; a request
     that finds it full waits for room, checked between denoising steps)."""
-    batch_wait_timeout_s: float = 0.05
-    """How long `@serve.batch` waits for more requests before handing a group to the running batch."""
+    batch_wait_timeout_s: float = 0.01
+    """How long `@serve.batch` waits for more requests before handing a group to the running batch. Short: a lone
+    request waits this long before it starts, and one that misses a group joins it at the next denoising step."""
     compile_unet: bool = False
     """torch.compile the UNet for requests at the model's native size (512x512 for SD 1.5): faster batches, but
     a replica compiles before it takes requests (minutes for SD 1.5 on a GPU), and so does the first load of a
