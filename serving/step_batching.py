@@ -103,17 +103,25 @@ class StepBatcher:
                     return
                 calls, self._calls = self._calls, deque()
                 admitted = self._admit()
-            for function, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(function())
-                    except Exception as e:
-                        future.set_exception(e)
-            for submission in admitted:
-                self._start(submission)
-            if self._running:
-                # The lane stepped longest ago: a stepped lane goes back in at the end (`_step`), a new one too.
-                self._step(next(iter(self._running)))
+            try:
+                self._work(calls, admitted)
+            except Exception as e:  # a bug here must not leave callers waiting forever
+                logger.exception("the step batcher failed; failing the requests it held")
+                with self._wake:
+                    self._fail_all(e)
+
+    def _work(self, calls: deque[tuple[Callable[[], Any], Future]], admitted: list[_Submission]) -> None:
+        for function, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except Exception as e:
+                    future.set_exception(e)
+        for submission in admitted:
+            self._start(submission)
+        if self._running:
+            # The lane stepped longest ago: `_step` puts a lane back in at the end, and a new one comes in there.
+            self._step(next(iter(self._running)))
 
     def _admit(self) -> list[_Submission]:
         """Takes the pending submissions that fit their lane's running batch, in order within each lane."""
@@ -134,8 +142,9 @@ class StepBatcher:
         return admitted
 
     def _start(self, submission: _Submission) -> None:
-        # From here on a future cannot be cancelled (its caller gave up before: the result is dropped).
-        if not [future.set_running_or_notify_cancel() for future in submission.futures].count(True):
+        # From here on a future cannot be cancelled; one cancelled before is dropped, with its cohort if all were.
+        wanted = [future.set_running_or_notify_cancel() for future in submission.futures]
+        if not any(wanted):
             return
         submission.started = time.monotonic()
         try:
@@ -147,24 +156,24 @@ class StepBatcher:
         self._running.setdefault(submission.lane, []).append((cohort, submission))
 
     def _step(self, lane: Lane) -> None:
-        running = self._running.pop(lane)
+        running = self._running[lane]  # stays there until this step is through: `_fail_all` finds it
         try:
             self.engine.denoise([cohort for cohort, _ in running])
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:
                 _fail(submission, e)
+            del self._running[lane]
             return
         if self.on_step is not None:
             self.on_step(sum(cohort.images for cohort, _ in running))
-        still = []
+        del self._running[lane]
+        still = [(cohort, submission) for cohort, submission in running if not cohort.done]
+        if still:
+            self._running[lane] = still  # at the end: the lanes take turns
         for cohort, submission in running:
             if cohort.done:
                 self._finish(cohort, submission)
-            else:
-                still.append((cohort, submission))
-        if still:
-            self._running[lane] = still
 
     def _finish(self, cohort: Cohort, submission: _Submission) -> None:
         try:
@@ -180,7 +189,8 @@ class StepBatcher:
 
     def _fail_all(self, error: BaseException) -> None:
         for _, future in self._calls:
-            future.set_exception(error)
+            if not future.done():
+                future.set_exception(error)
         self._calls.clear()
         for submission in self._pending:
             _fail(submission, error)

@@ -159,3 +159,19 @@ def test_calls_run_on_the_batchers_thread_between_steps(engine, models):
         assert running.result(timeout=120).images  # a failed call fails alone
     finally:
         batcher.close()
+
+
+def test_an_unexpected_error_fails_the_requests_held_not_the_batcher(engine, models):
+    def broken(images: int) -> None:
+        raise RuntimeError("the metrics broke")
+
+    batcher = StepBatcher(engine, max_images=4, on_step=broken)
+    try:
+        [doomed] = batcher.submit(models["rex"], [request()])
+        with pytest.raises(RuntimeError, match="the metrics broke"):
+            doomed.result(timeout=60)
+        batcher.on_step = None
+        [fine] = batcher.submit(models["rex"], [request()])
+        assert fine.result(timeout=60).images
+    finally:
+        batcher.close()
