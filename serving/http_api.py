@@ -45,10 +45,10 @@ class GeneratedImage(BaseModel):
 class GenerateResponse(BaseModel):
     model_id: str
     images: list[GeneratedImage]
-    batch_size: int = Field(description="Requests sampled in the same batch as this one.")
-    queue_wait_s: float
-    inference_s: float
-    compiled_unet: bool = Field(description="The batch ran the UNet compiled by torch.compile (compile_unet).")
+    batch_size: int = Field(description="The most requests that shared one of this request's UNet forwards.")
+    queue_wait_s: float = Field(description="Seconds in the replica before its first denoising step.")
+    inference_s: float = Field(description="Seconds from its first denoising step to its images.")
+    compiled_unet: bool = Field(description="It ran the UNet compiled by torch.compile (compile_unet).")
 
 
 class ServedModel(BaseModel):
