@@ -90,7 +90,7 @@ class GenerationResult:
     seeds: list[int]
     batch_size: int  # the most requests that shared a UNet forward with this one (itself included)
     batch_images: int  # the most images that shared a UNet forward with this request's
-    inference_seconds: float
+    inference_seconds: float  # from its first denoising step to its images
     queue_wait_seconds: float = 0.0  # before its first denoising step; set by the step batcher
     compiled_unet: bool = False  # sampled with the torch.compile'd UNet
 
@@ -108,8 +108,8 @@ class Cohort:
     text_states: torch.Tensor  # negative prompts' states, then positive ones: (2 * images, tokens, width)
     latents: torch.Tensor
     scheduler: SchedulerMixin  # this cohort's own: schedulers keep per-run state
-    started: float  # time.perf_counter()
     step: int = 0  # denoising steps done
+    first_step: float = 0.0  # time.monotonic() when its first denoising step began
     peak_requests: int = 0  # the most requests that shared one of its UNet forwards
     peak_images: int = 0
     compiled_unet: bool = False
@@ -228,7 +228,6 @@ class SamplingEngine:
         if len(keys) != 1:
             raise ValueError(f"one batch holds one (steps, height, width); got {sorted(keys)}")
         steps, height, width = keys.pop()
-        started = time.perf_counter()
 
         # One generator per image, used for its initial latents and for any noise the scheduler adds.
         seeds = [request.seed + i for request in requests for i in range(request.num_images)]
@@ -256,7 +255,6 @@ class SamplingEngine:
             text_states=torch.cat([negative, positive]),
             latents=latents.to(self.device, self.dtype) * scheduler.init_noise_sigma,
             scheduler=scheduler,
-            started=started,
         )
 
     @torch.inference_mode()
@@ -267,7 +265,10 @@ class SamplingEngine:
             raise ValueError("cohorts denoised together share one model and one image size")
         # Rows: per cohort its unconditional half, then its conditional half (what `text_states` holds).
         inputs, timesteps = [], []
+        now = time.monotonic()
         for cohort in cohorts:
+            if cohort.step == 0:
+                cohort.first_step = now
             t = cohort.scheduler.timesteps[cohort.step]
             inputs.append(cohort.scheduler.scale_model_input(torch.cat([cohort.latents, cohort.latents]), t))
             timesteps.append(t.expand(2 * cohort.images))
@@ -301,7 +302,7 @@ class SamplingEngine:
         pixels = model.vae.decode(cohort.latents / model.vae.config.scaling_factor, return_dict=False)[0]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
-        elapsed = time.perf_counter() - cohort.started
+        elapsed = time.monotonic() - cohort.first_step
 
         results, offset = [], 0
         for request in cohort.requests:

@@ -6,8 +6,9 @@ and runs denoising steps; before each step it admits the cohorts submitted meanw
 their model and image size (each sample carries its own timestep, so cohorts at different steps share a UNet
 forward), and a cohort leaves as soon as its last step is done. This is iteration-level scheduling, what LLM servers
 do with tokens. At most `max_images` images share a forward; a cohort that does not fit waits for room, and later
-cohorts of its model and size wait behind it (no starvation). Several models or sizes with work take turns, one
-step each.
+cohorts of its model and size wait behind it (no starvation). Cohorts of different models or sizes cannot share a
+forward: the batch holding the oldest cohort steps first (first come, first served, as whole batches were: taking
+turns step by step would make every one of them as slow as all of them together).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class _Submission:
     requests: list[GenerationRequest]
     enqueued: list[float]  # time.monotonic() per request: its queue wait starts there
     futures: list[Future]  # one per request
-    started: float = 0.0  # time.monotonic() when its cohort started
 
     @property
     def lane(self) -> Lane:
@@ -43,6 +43,10 @@ class _Submission:
     @property
     def images(self) -> int:
         return sum(request.num_images for request in self.requests)
+
+    @property
+    def arrived(self) -> float:
+        return min(self.enqueued)
 
 
 class StepBatcher:
@@ -120,8 +124,8 @@ class StepBatcher:
         for submission in admitted:
             self._start(submission)
         if self._running:
-            # The lane stepped longest ago: `_step` puts a lane back in at the end, and a new one comes in there.
-            self._step(next(iter(self._running)))
+            # A lane's cohorts are in the order they arrived: its first is its oldest.
+            self._step(min(self._running, key=lambda lane: self._running[lane][0][1].arrived))
 
     def _admit(self) -> list[_Submission]:
         """Takes the pending submissions that fit their lane's running batch, in order within each lane."""
@@ -146,7 +150,6 @@ class StepBatcher:
         wanted = [future.set_running_or_notify_cancel() for future in submission.futures]
         if not any(wanted):
             return
-        submission.started = time.monotonic()
         try:
             cohort = self.engine.start(submission.model, submission.requests)
         except Exception as e:
@@ -167,10 +170,11 @@ class StepBatcher:
             return
         if self.on_step is not None:
             self.on_step(sum(cohort.images for cohort, _ in running))
-        del self._running[lane]
         still = [(cohort, submission) for cohort, submission in running if not cohort.done]
         if still:
-            self._running[lane] = still  # at the end: the lanes take turns
+            self._running[lane] = still
+        else:
+            del self._running[lane]
         for cohort, submission in running:
             if cohort.done:
                 self._finish(cohort, submission)
@@ -183,7 +187,7 @@ class StepBatcher:
             _fail(submission, e)
             return
         for future, result, enqueued in zip(submission.futures, results, submission.enqueued, strict=True):
-            result.queue_wait_seconds = max(0.0, submission.started - enqueued)
+            result.queue_wait_seconds = max(0.0, cohort.first_step - enqueued)
             if not future.cancelled():
                 future.set_result(result)
 

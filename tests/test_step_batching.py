@@ -175,3 +175,22 @@ def test_an_unexpected_error_fails_the_requests_held_not_the_batcher(engine, mod
         assert fine.result(timeout=60).images
     finally:
         batcher.close()
+
+
+def test_models_that_cannot_share_a_forward_go_first_come_first_served(engine, models):
+    """rex's 6 steps, submitted first, run before fido's 3 (taking turns, fido would finish first)."""
+    batcher = StepBatcher(engine, max_images=4)
+    finished: list[str] = []
+    try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # holds the batcher until both are submitted and watched
+        [first] = batcher.submit(models["rex"], [request(steps=6)])
+        [second] = batcher.submit(models["fido"], [request(steps=3)])
+        for name, future in (("rex", first), ("fido", second)):
+            future.add_done_callback(lambda _, name=name: finished.append(name))
+        gate.set()
+        first.result(timeout=60), second.result(timeout=60)
+    finally:
+        batcher.close()
+    assert finished == ["rex", "fido"]
+    assert second.result().queue_wait_seconds > 0  # it waited for rex's steps
