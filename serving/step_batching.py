@@ -8,7 +8,8 @@ forward), and a cohort leaves as soon as its last step is done. This is iteratio
 do with tokens. At most `max_images` images share a forward; a cohort that does not fit waits for room, and later
 cohorts of its model and size wait behind it (no starvation). Cohorts of different models or sizes cannot share a
 forward: the batch holding the oldest cohort steps first (first come, first served, as whole batches were: taking
-turns step by step would make every one of them as slow as all of them together).
+turns step by step would make every one of them as slow as all of them together). A cohort whose callers all
+cancelled (in Serve: their HTTP clients went away) leaves at the next step, making room for those waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,11 @@ class _Submission:
     @property
     def arrived(self) -> float:
         return min(self.enqueued)
+
+    @property
+    def abandoned(self) -> bool:
+        """Every caller cancelled (an HTTP client went away, say): the cohort's work would be thrown away."""
+        return all(future.cancelled() for future in self.futures)
 
 
 class StepBatcher:
@@ -146,9 +152,7 @@ class StepBatcher:
         return admitted
 
     def _start(self, submission: _Submission) -> None:
-        # From here on a future cannot be cancelled; one cancelled before is dropped, with its cohort if all were.
-        wanted = [future.set_running_or_notify_cancel() for future in submission.futures]
-        if not any(wanted):
+        if submission.abandoned:
             return
         try:
             cohort = self.engine.start(submission.model, submission.requests)
@@ -159,7 +163,12 @@ class StepBatcher:
         self._running.setdefault(submission.lane, []).append((cohort, submission))
 
     def _step(self, lane: Lane) -> None:
-        running = self._running[lane]  # stays there until this step is through: `_fail_all` finds it
+        # Futures stay cancellable while their cohort samples; one whose callers all gave up leaves the batch.
+        running = self._running[lane] = [(c, s) for c, s in self._running[lane] if not s.abandoned]
+        if not running:
+            del self._running[lane]
+            return
+        # The lane stays in `_running` until this step is through, where `_fail_all` finds it.
         try:
             self.engine.denoise([cohort for cohort, _ in running])
         except Exception as e:
@@ -188,13 +197,11 @@ class StepBatcher:
             return
         for future, result, enqueued in zip(submission.futures, results, submission.enqueued, strict=True):
             result.queue_wait_seconds = max(0.0, cohort.first_step - enqueued)
-            if not future.cancelled():
-                future.set_result(result)
+            _settle(future, result=result)
 
     def _fail_all(self, error: BaseException) -> None:
         for _, future in self._calls:
-            if not future.done():
-                future.set_exception(error)
+            _settle(future, error=error)
         self._calls.clear()
         for submission in self._pending:
             _fail(submission, error)
@@ -207,5 +214,15 @@ class StepBatcher:
 
 def _fail(submission: _Submission, error: BaseException) -> None:
     for future in submission.futures:
-        if not future.done():
+        _settle(future, error=error)
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Sets a request's outcome unless its caller cancelled it (which it may do up to the last moment)."""
+    try:
+        if error is not None:
             future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

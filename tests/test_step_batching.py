@@ -194,3 +194,23 @@ def test_models_that_cannot_share_a_forward_go_first_come_first_served(engine, m
         batcher.close()
     assert finished == ["rex", "fido"]
     assert second.result().queue_wait_seconds > 0  # it waited for rex's steps
+
+
+def test_a_request_cancelled_while_sampling_leaves_the_batch(engine, models):
+    forwards: list[int] = []
+    stepping = threading.Event()
+
+    def on_step(images: int) -> None:
+        forwards.append(images)
+        stepping.set()
+
+    batcher = StepBatcher(engine, max_images=1, on_step=on_step)
+    try:
+        [long] = batcher.submit(models["rex"], [request(steps=50)])
+        assert stepping.wait(timeout=60)
+        [waiting] = batcher.submit(models["rex"], [request(seed=9, steps=3)])  # no room beside the long one
+        assert long.cancel()  # its HTTP client went away, say
+        assert waiting.result(timeout=60).images
+    finally:
+        batcher.close()
+    assert len(forwards) < 50  # the long one left long before its 50 steps
