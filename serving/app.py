@@ -146,7 +146,7 @@ class Generator:
         """One @serve.batch call: a cohort per (model, shape) group, submitted to the step batcher."""
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault((item.model.model_id, item.request.shape_key), []).append(index)
+            groups.setdefault((item.model, item.request.shape_key), []).append(index)
         futures: dict[int, concurrent.futures.Future] = {}
         for indices in groups.values():
             submitted = self.batcher.submit(
