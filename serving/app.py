@@ -29,13 +29,13 @@ from ray.serve.handle import DeploymentHandle
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
 from serving.config import ServeConfig
-from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, SubjectModel, read_metadata
+from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
+    EncodedResult,
     GenerateBody,
     GenerateResponse,
     ServedModel,
     json_response,
-    png_bytes,
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics
@@ -120,7 +120,7 @@ class Generator:
             self.engine.warm_up(self.engine.load(model_id, path), self.config.max_batch_size)
             self._compiled = True
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def generate(self, request: GenerationRequest) -> EncodedResult:
         model_id = serve.get_multiplexed_model_id()
         if model_id not in self.paths:
             raise ModelNotServed(model_id)
@@ -131,7 +131,7 @@ class Generator:
         result = await asyncio.wrap_future(submitted)
         self.metrics.batch_size.observe(result.batch_size)
         self.metrics.queue_wait.observe(result.queue_wait_seconds)
-        return result
+        return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
 
     async def _load(self, model_id: str) -> SubjectModel:
         model = await asyncio.to_thread(self.engine.load, model_id, self.paths[model_id])
@@ -157,11 +157,11 @@ class Generator:
         return [futures[index] for index in range(len(items))]
 
 
-def render(model_id: str, result: GenerationResult, output_format: str) -> Response:
-    headers = {"X-Batch-Size": str(result.batch_size), "X-Seed": str(result.seeds[0])}
+def render(model_id: str, encoded: EncodedResult, output_format: str) -> Response:
+    headers = {"X-Batch-Size": str(encoded.result.batch_size), "X-Seed": str(encoded.result.seeds[0])}
     if output_format == "png":
-        return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
-    return JSONResponse(json_response(model_id, result).model_dump(), headers=headers)
+        return Response(encoded.png[0], media_type="image/png", headers=headers)
+    return JSONResponse(json_response(model_id, encoded).model_dump(), headers=headers)
 
 
 def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
@@ -241,8 +241,8 @@ class Ingress:
             if model is None or not self.access.visible(self.access.tenant(authorization), model_id):
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
-            result = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
-            outcome, images = "ok", len(result.images)
+            encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+            outcome, images = "ok", len(encoded.png)
         except Unauthenticated as e:
             outcome = "unauthenticated"
             raise _unauthenticated(e) from e
@@ -259,7 +259,7 @@ class Ingress:
             ) from e
         finally:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
-        return render(model_id, result, body.output_format)
+        return render(model_id, encoded, body.output_format)
 
     def _tenant(self, authorization: str | None) -> str | None:
         try:

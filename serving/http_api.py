@@ -6,8 +6,10 @@ Pure functions and pydantic models, so the ingress handlers stay thin and this i
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import secrets
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -97,16 +99,32 @@ def to_generation_request(body: GenerateBody, limits: RequestLimits, default_siz
     )
 
 
+@dataclass
+class EncodedResult:
+    """What a generator replica hands the ingress: a result whose images are PNG files. The replica encodes them
+    (tens of ms per 512 px image), off its sampling thread and spread over the replicas, rather than the ingress's
+    one event loop; PNG is also fewer bytes to ship than raw pixels."""
+
+    result: GenerationResult  # its `images` emptied
+    png: list[bytes]
+
+    @classmethod
+    def encode(cls, result: GenerationResult) -> EncodedResult:
+        return cls(dataclasses.replace(result, images=[]), [png_bytes(image) for image in result.images])
+
+
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    # Lossless at any level; level 1 encodes ~1.5x faster than the default 6 for ~10 % more bytes (512 px).
+    image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def json_response(model_id: str, result: GenerationResult) -> GenerateResponse:
+def json_response(model_id: str, encoded: EncodedResult) -> GenerateResponse:
+    result = encoded.result
     images = [
-        GeneratedImage(seed=seed, png_base64=base64.b64encode(png_bytes(image)).decode())
-        for seed, image in zip(result.seeds, result.images, strict=True)
+        GeneratedImage(seed=seed, png_base64=base64.b64encode(png).decode())
+        for seed, png in zip(result.seeds, encoded.png, strict=True)
     ]
     return GenerateResponse(
         model_id=model_id,

@@ -12,7 +12,8 @@ from serving.access import Access, Unauthenticated, user_config
 from serving.app import build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
-from serving.http_api import GenerateBody, to_generation_request
+from serving.engine import GenerationResult
+from serving.http_api import EncodedResult, GenerateBody, json_response, to_generation_request
 
 
 @pytest.mark.parametrize(
@@ -79,6 +80,24 @@ def test_a_request_gets_the_models_size_and_a_seed_when_omitted():
     assert 0 <= request.seed < 2**31
     seeded = to_generation_request(GenerateBody(prompt="sks dog", seed=9, width=256), LIMITS, default_size=512)
     assert (seeded.seed, seeded.width, seeded.height) == (9, 256, 512)
+
+
+def test_a_result_is_encoded_as_lossless_pngs_for_the_ingress():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 24, 3), dtype=np.uint8)
+    result = GenerationResult([Image.fromarray(p) for p in pixels], [5, 6], 3, 4, 1.5, queue_wait_seconds=0.2)
+    encoded = EncodedResult.encode(result)
+    assert encoded.result.images == [] and encoded.result.seeds == [5, 6]  # no raw pixels shipped besides the PNGs
+    for png, expected in zip(encoded.png, pixels, strict=True):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
+    body = json_response("rex", encoded)
+    assert [i.seed for i in body.images] == [5, 6] and (body.batch_size, body.queue_wait_s) == (3, 0.2)
+    assert base64.b64decode(body.images[1].png_base64) == encoded.png[1]
 
 
 @pytest.mark.parametrize(
