@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import SchedulerMixin
 from PIL import Image
@@ -300,8 +299,9 @@ class SamplingEngine:
         """Decodes a denoised cohort into one result per request."""
         model = cohort.model
         pixels = model.vae.decode(cohort.latents / model.vae.config.scaling_factor, return_dict=False)[0]
-        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        images = [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
+        # To 8 bits on the device: a quarter of the bytes to copy, and no numpy pass over them on this thread.
+        pixels = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+        images = [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
         elapsed = time.monotonic() - cohort.first_step
 
         results, offset = [], 0
