@@ -127,6 +127,38 @@ class Cohort:
         return self.step == len(self.scheduler.timesteps)
 
 
+@dataclass
+class DecodedCohort:
+    """A cohort's images on their way to the host (`SamplingEngine.decode`)."""
+
+    cohort: Cohort
+    pixels: torch.Tensor  # uint8 (images, height, width, 3) on the host, complete once `copied` has happened
+    copied: torch.cuda.Event | None = None
+
+    def results(self) -> list[GenerationResult]:
+        """One result per request of the cohort, once its images are on the host."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        images = [Image.fromarray(array) for array in self.pixels.numpy()]
+        cohort = self.cohort
+        elapsed = time.monotonic() - cohort.first_step
+        results, offset = [], 0
+        for request in cohort.requests:
+            count = request.num_images
+            results.append(
+                GenerationResult(
+                    images=images[offset : offset + count],
+                    seeds=cohort.seeds[offset : offset + count],
+                    batch_size=cohort.peak_requests,
+                    batch_images=cohort.peak_images,
+                    inference_seconds=elapsed,
+                    compiled_unet=cohort.compiled_unet,
+                )
+            )
+            offset += count
+        return results
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -294,31 +326,27 @@ class SamplingEngine:
             cohort.peak_images = max(cohort.peak_images, images)
             cohort.compiled_unet |= unet is model.compiled_unet
 
-    @torch.inference_mode()
     def finish(self, cohort: Cohort) -> list[GenerationResult]:
         """Decodes a denoised cohort into one result per request."""
+        return self.decode(cohort).results()
+
+    @torch.inference_mode()
+    def decode(self, cohort: Cohort) -> DecodedCohort:
+        """Starts decoding a denoised cohort. On a GPU it returns once the work is queued, so the caller can queue
+        other cohorts' next step meanwhile; `results()` waits for it (from any thread)."""
         model = cohort.model
         pixels = model.vae.decode(cohort.latents / model.vae.config.scaling_factor, return_dict=False)[0]
-        # To 8 bits on the device: a quarter of the bytes to copy, and no numpy pass over them on this thread.
+        # To 8 bits on the device: a quarter of the bytes to copy, and no numpy pass over them on the host.
         pixels = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-        images = [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
-        elapsed = time.monotonic() - cohort.first_step
-
-        results, offset = [], 0
-        for request in cohort.requests:
-            count = request.num_images
-            results.append(
-                GenerationResult(
-                    images=images[offset : offset + count],
-                    seeds=cohort.seeds[offset : offset + count],
-                    batch_size=cohort.peak_requests,
-                    batch_images=cohort.peak_images,
-                    inference_seconds=elapsed,
-                    compiled_unet=cohort.compiled_unet,
-                )
-            )
-            offset += count
-        return results
+        pixels = pixels.permute(0, 2, 3, 1).contiguous()  # (images, height, width, 3), as PIL takes them
+        if pixels.device.type != "cuda":
+            return DecodedCohort(cohort, pixels)
+        # Pinned host memory (torch caches it), so the copy is asynchronous, in stream order after the decode.
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return DecodedCohort(cohort, host, copied)
 
     def _encode(self, model: SubjectModel, texts: list[str]) -> torch.Tensor:
         tokens = model.tokenizer(

@@ -19,11 +19,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from serving.engine import Cohort, GenerationRequest, SamplingEngine, SubjectModel
+from serving.engine import Cohort, DecodedCohort, GenerationRequest, SamplingEngine, SubjectModel
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class StepBatcher:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._delivery = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-batcher-delivery")
         self._thread = threading.Thread(target=self._run, name="step-batcher", daemon=True)
         self._thread.start()
 
@@ -98,11 +99,12 @@ class StepBatcher:
         return future
 
     def close(self) -> None:
-        """Stops after the current step; whatever has not finished fails."""
+        """Stops after the current step: what is still sampling or waiting fails, what finished is delivered."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+        self._delivery.shutdown()  # what finished sampling is delivered
 
     def _run(self) -> None:
         while True:
@@ -190,14 +192,14 @@ class StepBatcher:
 
     def _finish(self, cohort: Cohort, submission: _Submission) -> None:
         try:
-            results = self.engine.finish(cohort)
+            decoded = self.engine.decode(cohort)
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)
             _fail(submission, e)
             return
-        for future, result, enqueued in zip(submission.futures, results, submission.enqueued, strict=True):
-            result.queue_wait_seconds = max(0.0, cohort.first_step - enqueued)
-            _settle(future, result=result)
+        # On a GPU the decode is only queued: the delivery thread waits for the images while this one queues
+        # the next step, so the GPU goes from the decode straight to that step.
+        self._delivery.submit(_deliver, decoded, submission)
 
     def _fail_all(self, error: BaseException) -> None:
         for _, future in self._calls:
@@ -210,6 +212,18 @@ class StepBatcher:
                 _fail(submission, error)
         self._pending.clear()
         self._running.clear()
+
+
+def _deliver(decoded: DecodedCohort, submission: _Submission) -> None:
+    try:
+        results = decoded.results()
+    except Exception as e:
+        logger.exception("copying images failed for model %s", decoded.cohort.model.model_id)
+        _fail(submission, e)
+        return
+    for future, result, enqueued in zip(submission.futures, results, submission.enqueued, strict=True):
+        result.queue_wait_seconds = max(0.0, decoded.cohort.first_step - enqueued)
+        _settle(future, result=result)
 
 
 def _fail(submission: _Submission, error: BaseException) -> None:
