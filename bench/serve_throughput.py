@@ -107,13 +107,21 @@ class MicroBatcher:
             requests = [request for request, _ in batch]
             if self.step_batcher is not None:
                 for (_, future), submitted in zip(batch, self.step_batcher.submit(self.model, requests), strict=True):
-                    submitted.add_done_callback(lambda done, future=future: future.set_result(done.result()))
+                    submitted.add_done_callback(lambda done, future=future: relay(done, future))
                 continue
             start = time.perf_counter()
             results = self.engine.generate(self.model, requests)
             self.batch_seconds.append(time.perf_counter() - start)
             for (_, future), result in zip(batch, results, strict=True):
                 future.set_result(result)
+
+
+def relay(done: Future, to: Future) -> None:
+    error = done.exception()
+    if error is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(done.result())
 
 
 def closed_loop(call, clients: int, requests_per_client: int, seed0: int) -> tuple[float, list[float]]:
