@@ -152,6 +152,10 @@ def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, s
                 assert np.abs(pixels(a) - pixels(b)).max() <= 2 / 255 + 1e-6
     [eager] = compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
     assert not eager.compiled_unet
+    # Step-level batching runs forwards of any size up to the batch limit, cohorts at different timesteps.
+    joined = [compiled.start(model, [request(seed=s, num_images=images)]) for s, images in ((1, 1), (2, 1))]
+    compiled.denoise(joined[:1])
+    compiled.denoise(joined)  # 2 images, two timesteps
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     # An evicted subject's weights are freed: the shared graphs take parameters as inputs, they do not hold them.
     evicted = weakref.ref(other.unet)
