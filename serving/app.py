@@ -12,6 +12,7 @@ globals that Serve pickled with the class, so they must be real objects.
 
 import asyncio
 import concurrent.futures
+import functools
 import time
 import weakref
 from dataclasses import dataclass
@@ -117,7 +118,11 @@ class Generator:
             # reconfigure returns, and the graphs serve every subject of the architecture (the model used for
             # it is dropped; the multiplexer loads models as requests ask).
             model_id, path = next(iter(self.paths.items()))
-            self.engine.warm_up(self.engine.load(model_id, path), self.config.max_batch_size)
+
+            def compile_graphs() -> None:
+                self.engine.warm_up(self.engine.load(model_id, path), self.config.max_batch_size)
+
+            self.batcher.call(compile_graphs).result()  # on the device thread, as the rest of the torch work
             self._compiled = True
 
     async def generate(self, request: GenerationRequest) -> EncodedResult:
@@ -134,7 +139,14 @@ class Generator:
         return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
 
     async def _load(self, model_id: str) -> SubjectModel:
-        model = await asyncio.to_thread(self.engine.load, model_id, self.paths[model_id])
+        load = functools.partial(self.engine.load, model_id, self.paths[model_id])
+        if self.engine.device.type == "cuda":
+            model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
+        else:
+            # On a CPU loading competes with sampling for the cores anyway, and torch work from a second thread
+            # stops OpenMP from spinning for the whole process (more threads than cores): sampling ran ~1.5x
+            # slower for good after one load in another thread. So the device thread loads too.
+            model = await asyncio.wrap_future(self.batcher.call(load))
         # On the batcher's thread: a model of another architecture compiles, not beside requests sampling.
         await asyncio.wrap_future(self.batcher.call(lambda: self.engine.warm_up(model, self.config.max_batch_size)))
         self.loaded.add(model)
