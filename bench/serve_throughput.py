@@ -78,7 +78,7 @@ class MicroBatcher:
     def __init__(self, engine: SamplingEngine, model, max_images: int, wait_s: float, step_level: bool):
         self.engine, self.model, self.max_images, self.wait_s = engine, model, max_images, wait_s
         self.step_batcher = StepBatcher(engine, max_images) if step_level else None
-        self.pending: queue.Queue[tuple[GenerationRequest, Future]] = queue.Queue()
+        self.pending: queue.Queue[tuple[GenerationRequest, Future] | None] = queue.Queue()  # None: stop
         self.batch_sizes: list[int] = []  # per request: requests it shared UNet forwards with
         self.batch_seconds: list[float] = []  # per whole-batch call: where a latency tail comes from
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -92,12 +92,19 @@ class MicroBatcher:
         return result
 
     def close(self) -> None:
+        # Its thread ends (on a CPU every thread that ran torch ops keeps an OpenMP pool, and more pools than
+        # cores slow every later side: see serving/app.py's Generator._load).
+        self.pending.put(None)
+        self._thread.join()
         if self.step_batcher is not None:
             self.step_batcher.close()
 
     def _run(self) -> None:
         while True:
-            batch = [self.pending.get()]
+            first = self.pending.get()
+            if first is None:
+                return
+            batch = [first]
             deadline = time.monotonic() + self.wait_s
             while sum(r.num_images for r, _ in batch) < self.max_images:
                 try:
