@@ -102,11 +102,11 @@ class Cohort:
     model: SubjectModel
     requests: list[GenerationRequest]
     seeds: list[int]  # one per image
-    generators: list[torch.Generator]  # one per image
     guidance: torch.Tensor  # (images, 1, 1, 1)
     text_states: torch.Tensor  # negative prompts' states, then positive ones: (2 * images, tokens, width)
     latents: torch.Tensor
     scheduler: SchedulerMixin  # this cohort's own: schedulers keep per-run state
+    step_kwargs: dict[str, Any]  # for its scheduler's step: the per-image generators, where it draws noise
     step: int = 0  # denoising steps done
     first_step: float = 0.0  # time.monotonic() when its first denoising step began
     peak_requests: int = 0  # the most requests that shared one of its UNet forwards
@@ -281,11 +281,11 @@ class SamplingEngine:
             model=model,
             requests=list(requests),
             seeds=seeds,
-            generators=generators,
             guidance=guidance,
             text_states=torch.cat([negative, positive]),
             latents=latents.to(self.device, self.dtype) * scheduler.init_noise_sigma,
             scheduler=scheduler,
+            step_kwargs={"generator": generators} if _accepts(scheduler.step, "generator") else {},
         )
 
     @torch.inference_mode()
@@ -295,12 +295,12 @@ class SamplingEngine:
         if {(c.model, c.size) for c in cohorts} != {(model, cohorts[0].size)}:
             raise ValueError("cohorts denoised together share one model and one image size")
         # Rows: per cohort its unconditional half, then its conditional half (what `text_states` holds).
+        ts = [cohort.scheduler.timesteps[cohort.step] for cohort in cohorts]
         inputs, timesteps = [], []
         now = time.monotonic()
-        for cohort in cohorts:
+        for cohort, t in zip(cohorts, ts, strict=True):
             if cohort.step == 0:
                 cohort.first_step = now
-            t = cohort.scheduler.timesteps[cohort.step]
             inputs.append(cohort.scheduler.scale_model_input(torch.cat([cohort.latents, cohort.latents]), t))
             timesteps.append(t.expand(2 * cohort.images))
         model_input, timestep = torch.cat(inputs), torch.cat(timesteps)
@@ -315,12 +315,11 @@ class SamplingEngine:
 
         requests = sum(len(cohort.requests) for cohort in cohorts)
         images = sum(cohort.images for cohort in cohorts)
-        for cohort, rows in zip(cohorts, noise.split([2 * c.images for c in cohorts]), strict=True):
+        for cohort, t, rows in zip(cohorts, ts, noise.split([2 * c.images for c in cohorts]), strict=True):
             noise_uncond, noise_cond = rows.chunk(2)
             guided = noise_uncond + cohort.guidance * (noise_cond - noise_uncond)
-            t = cohort.scheduler.timesteps[cohort.step]
-            step_kwargs = {"generator": cohort.generators} if _accepts(cohort.scheduler.step, "generator") else {}
-            cohort.latents = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **step_kwargs)[0]
+            step = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **cohort.step_kwargs)
+            cohort.latents = step[0]
             cohort.step += 1
             cohort.peak_requests = max(cohort.peak_requests, requests)
             cohort.peak_images = max(cohort.peak_images, images)
