@@ -114,7 +114,8 @@ def test_bad_cohorts_fail_alone_and_close_fails_what_is_left(engine, models):
 
 
 def test_a_cancelled_request_is_dropped_before_it_starts(engine, models):
-    batcher = StepBatcher(engine, max_images=1)
+    forwards: list[int] = []
+    batcher = StepBatcher(engine, max_images=1, on_step=forwards.append)
     try:
         [running] = batcher.submit(models["rex"], [request(steps=20)])
         [cancelled] = batcher.submit(models["rex"], [request(seed=9)])  # no room: waits for the first
@@ -124,6 +125,9 @@ def test_a_cancelled_request_is_dropped_before_it_starts(engine, models):
         assert cancelled.cancelled()
     finally:
         batcher.close()
+    # Only the two others were sampled: the cancelled one never took a step.
+    steps = [len(engine.start(models["rex"], [r]).scheduler.timesteps) for r in (request(steps=20), request())]
+    assert len(forwards) == sum(steps)
 
 
 def test_submissions_from_many_threads(engine, models):
