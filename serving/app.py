@@ -269,6 +269,9 @@ class Ingress:
             raise HTTPException(
                 503, detail="overloaded; retry later", headers={"Retry-After": str(self.config.retry_after_s)}
             ) from e
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the client went away (Serve cancels its request): not a server error
+            raise
         finally:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)

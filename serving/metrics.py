@@ -19,7 +19,7 @@ class IngressMetrics:
         self.requests = Counter(
             "dreambooth_serve_requests_total",
             description="Generate requests by subject class and outcome (ok, bad_request, unauthenticated, not_found, "
-            "overloaded, error).",
+            "overloaded, cancelled: the client went away, error).",
             tag_keys=("model_class", "outcome"),
         )
         self.images = Counter(

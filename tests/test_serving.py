@@ -129,6 +129,32 @@ def test_a_short_request_shares_steps_with_a_long_one_and_answers_first(service)
     assert short.json()["batch_size"] == long.json()["batch_size"] == 2
 
 
+def test_a_request_whose_client_went_away_stops_sampling(service):
+    """Serve cancels a request whose HTTP client disconnects; the cancellation reaches the step batcher, which
+    drops the request at its next step instead of sampling it to the end. Seen from outside: a probe of the same
+    model and size shares UNet forwards with a request still sampling (batch_size 2, as in the test above), so a
+    probe answering batch_size 1 long before the abandoned request could have finished shows it was dropped."""
+    size = {"width": 128, "height": 128}  # 4x the models' 64 px: slower steps, and the eager UNet
+    alone = generate(service, "rex", steps=3, seed=41, output_format="json", **size)
+    assert alone.status_code == 200, alone.text
+    step_s = alone.json()["inference_s"] / 3  # decode included: an overestimate, which only makes this laxer
+
+    started = time.monotonic()
+    with pytest.raises(requests.ReadTimeout):  # requests closes the connection: the client is gone
+        requests.post(
+            service.endpoint("rex"), json={"prompt": "a photo of sks dog", "steps": 60, "seed": 42, **size}, timeout=0.5
+        )
+    # Sampled to the end, alone, it would answer at `started` + 60 steps; beside probes it would take longer.
+    would_finish = started + 60 * step_s
+    while True:
+        probe = generate(service, "rex", steps=3, seed=43, output_format="json", **size)
+        assert probe.status_code == 200, probe.text
+        if probe.json()["batch_size"] == 1:
+            break
+        assert time.monotonic() < would_finish, "the abandoned 60-step request kept sampling beside the probes"
+    assert time.monotonic() < would_finish, f"dropped only after {time.monotonic() - started:.1f} s"
+
+
 def test_two_subjects_from_one_replica_draw_differently(service):
     rex, fido = generate(service, "rex", seed=21), generate(service, "fido", seed=21)
     assert rex.status_code == fido.status_code == 200
