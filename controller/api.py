@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import threading
 import time
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_status import rpc_status
 
 from controller import metrics
 from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded, Unauthenticated
+from controller.ray_jobs import RayJobsError
 from controller.service import ImageInput, JobService
 from controller.store import JobRecord, ModelRecord
 from dreambooth.errors import InputError
@@ -28,6 +30,7 @@ _CODES = {
     QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    RayJobsError: grpc.StatusCode.UNAVAILABLE,  # Ray's Jobs API unreachable or failing: worth a retry later
 }
 _MAX_MESSAGE_BYTES = 1000
 
@@ -100,9 +103,12 @@ def rpc(handler):
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, service: JobService, auth: Authenticator):
+    def __init__(self, service: JobService, auth: Authenticator, max_watches: int):
         self.service = service
         self.auth = auth
+        # Each open WatchJob stream holds one of the server's threads for as long as its job runs (hours).
+        self._watch_slots = threading.BoundedSemaphore(max_watches)
+        self._max_watches = max_watches
 
     @rpc
     def SubmitJob(self, request, context, tenant):
@@ -145,6 +151,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return jobs_pb2.GetJobLogsResponse(text=self.service.logs(tenant, request.job_id))
 
     def WatchJob(self, request, context):
+        if not self._watch_slots.acquire(blocking=False):
+            message = f"{self._max_watches} WatchJob streams are open (max_watches): retry later, or poll GetJob"
+            context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
         try:
             tenant = self.auth.tenant(context)
             for job, change in self.service.watch(tenant, request.job_id, is_active=context.is_active):
@@ -152,6 +161,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             return
         except Exception as e:
             _, status = _error_status(e, "WatchJob")
+        finally:
+            self._watch_slots.release()
         context.abort_with_status(status)
 
 

@@ -11,6 +11,8 @@ import yaml
 from dreambooth.errors import InputError
 from serving.config import ServeConfig
 
+MIN_TOKEN_CHARS = 8
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -20,6 +22,16 @@ class Tenant:
     """Jobs of this tenant running on the cluster at once; more wait in the queue."""
     max_queued_jobs: int = 1000
     """Jobs of this tenant not yet ended; a submission beyond it is RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self):
+        # A YAML string instead of a list would iterate into one-character tokens, each authenticating as the tenant.
+        field = f"tenants.{self.name}.tokens"
+        if not isinstance(self.tokens, list | tuple):
+            raise InputError(field, f"must be a list of tokens, e.g. [{'x' * MIN_TOKEN_CHARS}], not {self.tokens!r}")
+        for token in self.tokens:
+            if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or token.split() != [token]:
+                raise InputError(field, f"each token must be a string of {MIN_TOKEN_CHARS}+ characters, no spaces")
+        object.__setattr__(self, "tokens", tuple(self.tokens))
 
 
 @dataclass
@@ -45,6 +57,9 @@ class ControllerConfig:
     max_attempts: int = 3
     """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint."""
     max_request_bytes: int = 80 * 1024 * 1024
+    max_watches: int = 256
+    """WatchJob streams open at once (each holds a server thread while its job runs); more: RESOURCE_EXHAUSTED.
+    The server's other calls have threads of their own, so open watches never starve them (or health checks)."""
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_bytes: int = 64 * 1024 * 1024
     capacity_cpus: float | None = None
@@ -61,10 +76,7 @@ class ControllerConfig:
     @classmethod
     def load(cls, path: str | Path) -> ControllerConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        tenants = tuple(
-            Tenant(name=name, tokens=tuple(t.get("tokens", ())), **{k: v for k, v in t.items() if k != "tokens"})
-            for name, t in (data.pop("tenants", None) or {}).items()
-        )
+        tenants = tuple(_tenant(name, fields) for name, fields in (data.pop("tenants", None) or {}).items())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -77,3 +89,14 @@ class ControllerConfig:
             if data.get(key):
                 data[key] = (Path(path).parent / data[key]).resolve()
         return cls(tenants=tenants, **data)
+
+
+def _tenant(name: str, fields: dict | None) -> Tenant:
+    fields = dict(fields or {})
+    known = {f.name for f in dataclasses.fields(Tenant)} - {"name"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InputError(f"tenants.{name}", f"unknown setting(s) {unknown}; known: {sorted(known)}")
+    if not fields.get("tokens"):
+        raise InputError(f"tenants.{name}.tokens", "missing: a tenant needs at least one bearer token")
+    return Tenant(name=str(name), **fields)

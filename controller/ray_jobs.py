@@ -129,10 +129,13 @@ class RayJobs:
                 raise self._error(f"stopping {submission_id}", e) from e
 
     def logs(self, submission_id: str) -> str:
-        """The driver's output (the workers' output stays in Ray's log files: the driver does not forward it)."""
+        """The driver's output (the workers' output stays in Ray's log files: the driver does not forward it);
+        empty when Ray no longer knows the job (its head restarted)."""
         try:
             return self._client.get_job_logs(submission_id)
         except _RAY_ERRORS as e:
+            if _not_found(e):
+                return ""
             raise self._error(f"logs of {submission_id}", e) from e
 
     def cluster_capacity(self) -> Capacity:

@@ -82,19 +82,25 @@ class Reconciler:
             return
         limits = {name: tenant.max_running_jobs for name, tenant in self.service.tenants.items()}
         for job in jobs_to_start(queued, active, capacity, limits):
-            started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time())
+            # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
+            # submission id to follow, even if the controller dies before submitting it (it is then LOST and
+            # submitted again as the next attempt).
+            started = self.store.transition(
+                job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time(), **_next_attempt(job)
+            )
             if started is not None:
                 metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
                 self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
                 self._submit(started)
 
+    def _resubmit(self, job: JobRecord) -> None:
+        self._submit(self.store.update_job(job.job_id, **_next_attempt(job)))
+
     def _submit(self, job: JobRecord) -> None:
-        attempt = job.attempts + 1
-        submission_id = f"{job.job_id}-a{attempt}"
-        # Recorded first: a controller dying right after Ray accepted the job finds it on restart by this id.
-        job = self.store.update_job(job.job_id, attempts=attempt, ray_submission_id=submission_id)
-        self.ray_jobs.submit(job.job_id, attempt)
-        log.info("job %s: submitted Ray job %s", job.job_id, submission_id)
+        """Submits the job's recorded attempt (recorded first: a controller dying right after Ray accepted the
+        job finds it on restart by its submission id)."""
+        self.ray_jobs.submit(job.job_id, job.attempts)
+        log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def _cluster_capacity(self) -> Resources:
         if self.config.capacity_cpus is not None or self.config.capacity_gpus is not None:
@@ -129,7 +135,7 @@ class Reconciler:
             # The driver itself died (node lost, Ray head restarted, killed): run it again; it resumes from
             # the job's latest checkpoint.
             log.warning("job %s: Ray job %s ended %s; resubmitting", job.job_id, job.ray_submission_id, status)
-            self._submit(job)
+            self._resubmit(job)
         else:
             tail = self.ray_jobs.logs(job.ray_submission_id)[-2000:] if status != RayJobStatus.LOST else ""
             self._finish(
@@ -228,3 +234,8 @@ class Reconciler:
             return job
         changes.append(("state", {"state": done.state}))
         return done
+
+
+def _next_attempt(job: JobRecord) -> dict:
+    attempt = job.attempts + 1
+    return {"attempts": attempt, "ray_submission_id": f"{job.job_id}-a{attempt}"}

@@ -33,6 +33,9 @@ from serving.deployer import ServeDeployer
 
 log = logging.getLogger(__name__)
 
+UNARY_THREADS = 64
+UNARY_BACKLOG = 256  # unary calls in flight (running or waiting for a thread); beyond: RESOURCE_EXHAUSTED
+
 SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
@@ -73,14 +76,15 @@ def start(config: ControllerConfig) -> Controller:
     auth = Authenticator(service, open_access=not config.tenants)
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+        # Unary calls keep UNARY_THREADS of their own however many watches are open (each holds a thread).
+        futures.ThreadPoolExecutor(max_workers=config.max_watches + UNARY_THREADS, thread_name_prefix="rpc"),
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ],
-        maximum_concurrent_rpcs=512,
+        maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
     )
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(service, auth), server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(service, auth, config.max_watches), server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,7 @@ the reconciler (which drives running jobs, see controller.reconciler) cannot bot
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -23,7 +24,7 @@ from urllib.parse import urlparse
 from controller.config import ControllerConfig, Tenant
 from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
 from controller.feed import Change, ChangeFeed
-from controller.ray_jobs import RayJobs
+from controller.ray_jobs import RayJobs, RayJobsError
 from controller.serving import ServingSync
 from controller.store import RUNNING_STATES, STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
 from dreambooth.errors import InputError
@@ -31,6 +32,8 @@ from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
+
+log = logging.getLogger(__name__)
 
 UNFINISHED = frozenset(STATES) - TERMINAL_STATES
 
@@ -184,6 +187,9 @@ class JobService:
     def list(self, tenant: str, page_size: int, page_token: str, states: list[str] | None):
         if not 0 <= page_size <= 1000:
             raise InputError("page_size", "must be in [1, 1000] (0: the default, 50)")
+        unknown = [state for state in states or () if state not in STATES]
+        if unknown:  # STATE_UNSPECIFIED, or a number this server does not know: it would match nothing
+            raise InputError("states", f"not a job state: {', '.join(unknown)}; filter by any of {list(STATES)}")
         try:
             return self.store.list_jobs(tenant, page_size or 50, page_token, states=states or None)
         except ValueError as e:
@@ -204,7 +210,11 @@ class JobService:
             return self.cancel(tenant, job_id)
         self.feed.publish(job_id, "state", {"state": "CANCELLING"})
         if cancelling.ray_submission_id:
-            self.ray_jobs.stop(cancelling.ray_submission_id)  # the reconciler sees it STOPPED -> CANCELLED
+            try:
+                self.ray_jobs.stop(cancelling.ray_submission_id)  # the reconciler sees it STOPPED -> CANCELLED
+            except RayJobsError as e:
+                # The cancel is recorded; the reconciler stops the Ray job of a CANCELLING job on every pass.
+                log.warning("job %s: stopping its Ray job failed, the reconciler retries: %s", job_id, e)
         return cancelling
 
     def delete(self, tenant: str, job_id: str) -> None:
@@ -220,11 +230,20 @@ class JobService:
         job = self.get(tenant, job_id)
         yield job, None
         while job.state not in TERMINAL_STATES and is_active():
-            changes = [c for c in self.feed.wait(seq, timeout_s=1.0) if c.job_id == job_id]
-            seq = max([seq, *(c.seq for c in changes)]) if changes else self.feed.seq
+            published = self.feed.wait(seq, timeout_s=1.0)
+            # Past everything read, other jobs' changes included; never past what was not read.
+            seq = max((c.seq for c in published), default=seq)
+            changes = [c for c in published if c.job_id == job_id]
             for change in changes:
                 job = self.get(tenant, job_id)
                 yield job, change
+            if not published:
+                # A quiet second: read the job anyway, so that a change the feed no longer holds (a follower more
+                # than its capacity behind) still ends the stream when it was the last.
+                now = self.get(tenant, job_id)
+                if now.state != job.state:
+                    yield now, None
+                job = now
 
     def logs(self, tenant: str, job_id: str) -> str:
         job = self.get(tenant, job_id)

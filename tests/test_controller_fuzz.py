@@ -504,10 +504,13 @@ def test_list_with_hostile_page_sizes_and_states(channel, page_size, states, mod
     else:
         request = jobs_pb2.ListJobsRequest(page_size=page_size, states=states)
         code, details, _ = check_callers_fault(channel, method("ListJobs"), request)
-    if 0 <= page_size <= 1000:
-        assert code == S.OK, details
-    else:
+    if not 0 <= page_size <= 1000:
         assert code == S.INVALID_ARGUMENT and details.startswith("page_size:"), (code, details)
+    elif not models and not set(states) <= set(jobs_pb2.State.values()) - {jobs_pb2.STATE_UNSPECIFIED}:
+        # Unspecified or unknown: it would match no job, and an empty list would hide the mistake.
+        assert code == S.INVALID_ARGUMENT and details.startswith("states:"), (code, details)
+    else:
+        assert code == S.OK, details
 
 
 @settings(FUZZ, max_examples=150)

@@ -1,0 +1,154 @@
+"""The controller when things around it fail: Ray unreachable, many open watches, a careless config, a change
+published while a watch looks the other way. A real gRPC server on 127.0.0.1 and a real SQLite store; Ray's
+Jobs API address is a closed port, so every call to it fails for real (no Ray cluster is needed)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controller.config import ControllerConfig, Tenant
+from controller.feed import ChangeFeed
+from controller.ray_jobs import RayJobs
+from controller.server import start
+from controller.service import JobService
+from controller.store import JobRecord, Store
+from dreambooth.client import ClientError, DreamBoothClient
+from dreambooth.errors import InputError
+from dreambooth.v1 import jobs_pb2
+from tests.conftest import free_port
+from tests.test_controller import job_spec
+
+TOKEN, QUEUED_ONLY_TOKEN = "failures-token", "queued-only-token"
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model, dog_images) -> ControllerConfig:
+    return ControllerConfig(
+        storage=tmp_path / "storage",
+        listen="127.0.0.1:0",
+        ray_dashboard_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: Ray is "down"
+        tenants=(
+            Tenant("alice", (TOKEN,), max_running_jobs=2),
+            Tenant("bob", (QUEUED_ONLY_TOKEN,), max_running_jobs=0),  # bob's jobs stay QUEUED
+        ),
+        readable_paths=(tiny_model, dog_images),
+        metrics_listen="",
+        reconcile_interval_s=0.2,
+        capacity_cpus=8,
+        capacity_gpus=0,
+        max_watches=2,
+    )
+
+
+@pytest.fixture
+def controller(config):
+    running = start(config)
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture
+def client(controller):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=10) as c:
+        yield c
+
+
+def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(controller, client, tiny_model, dog_images):
+    job = client.submit(job_spec(tiny_model, dog_images))
+    # The reconciler starts the job, then fails to submit it to Ray (and keeps failing: Ray stays down).
+    assert any(update.job.state == jobs_pb2.STATE_PREPARING for update in client.watch(job.job_id))
+    record = controller.service.store.get_job(job.job_id)
+    # Recorded with the state change, so the job is followed (found LOST, resubmitted) instead of stuck.
+    assert (record.state, record.attempts, record.ray_submission_id) == ("PREPARING", 1, f"{job.job_id}-a1")
+
+    with pytest.raises(ClientError) as logs:
+        client.logs(job.job_id)
+    assert logs.value.code == "UNAVAILABLE" and "Ray Jobs API" in logs.value.message
+    # The cancel is recorded though Ray cannot be told yet; the reconciler stops the Ray job once it can.
+    assert client.cancel(job.job_id).state == jobs_pb2.STATE_CANCELLING
+
+
+def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_model, dog_images):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as client:
+        check_bounded_watches(controller, client, client.submit(job_spec(tiny_model, dog_images)))  # stays QUEUED
+
+
+def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Job) -> None:
+    watches = [client.watch(job.job_id) for _ in range(2)]  # max_watches
+    assert [next(w).job.state for w in watches] == [jobs_pb2.STATE_QUEUED] * 2
+    with pytest.raises(ClientError) as third:
+        next(client.watch(job.job_id))
+    assert third.value.code == "RESOURCE_EXHAUSTED" and "max_watches" in third.value.message
+
+    assert client.get(job.job_id).state == jobs_pb2.STATE_QUEUED
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    client.cancel(job.job_id)
+    for watch in watches:
+        assert list(watch)[-1].job.state == jobs_pb2.STATE_CANCELLED
+    assert next(client.watch(job.job_id)).job.state == jobs_pb2.STATE_CANCELLED  # their slots are free again
+
+
+def test_list_by_an_unspecified_state_is_invalid(client):
+    with pytest.raises(ClientError) as error:
+        list(client.list(states=[jobs_pb2.STATE_UNSPECIFIED]))
+    assert error.value.code == "INVALID_ARGUMENT" and "states" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("tenants", "field"),
+    [
+        ("alice: {tokens: alice-secret-token}", "tenants.alice.tokens"),  # a string, not a list
+        ("alice: {tokens: [short]}", "tenants.alice.tokens"),
+        ("alice: {max_running_jobs: 1}", "tenants.alice.tokens"),
+        ("alice: {tokens: [alice-secret-token], max_jobs: 1}", "tenants.alice"),
+    ],
+)
+def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
+    path = tmp_path / "controller.yaml"
+    path.write_text(f"storage: storage\ntenants:\n  {tenants}\n")
+    with pytest.raises(InputError) as error:
+        ControllerConfig.load(path)
+    assert error.value.field == field
+
+
+class _FeedPublishingBehindTheWatch(ChangeFeed):
+    """Publishes `change` right after a wait returned, as a reconciler thread can between a watch's two reads."""
+
+    def __init__(self, change: callable):
+        super().__init__()
+        self.change = change
+
+    def wait(self, after: int, timeout_s: float):
+        published = super().wait(after, timeout_s)
+        if published and self.change is not None:
+            change, self.change = self.change, None
+            change()
+        return published
+
+
+def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    mine, other = store.insert_job(JobRecord("alice", {})), store.insert_job(JobRecord("alice", {}))
+
+    def cancel_mine() -> None:
+        store.transition(mine.job_id, {"QUEUED"}, "CANCELLED")
+        feed.publish(mine.job_id, "state", {"state": "CANCELLED"})
+
+    feed = _FeedPublishingBehindTheWatch(cancel_mine)
+    config = ControllerConfig(storage=tmp_path, tenants=(Tenant("alice", (TOKEN,)),))
+    service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed)
+    watch = service.watch("alice", mine.job_id)
+    assert next(watch)[0].state == "QUEUED"
+    threading.Timer(0.05, feed.publish, (other.job_id, "progress")).start()
+    job, change = next(watch)
+    # Delivered as the change it was (not found later by re-reading the job), so nothing between was skipped.
+    assert job.state == "CANCELLED" and change is not None and change.kind == "state"
+    assert list(watch) == []
