@@ -165,12 +165,11 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
     """Run `command` with a client for the controller; gRPC errors become `error: CODE: message`."""
 
     def run(args: argparse.Namespace) -> int:
-        from dreambooth.client import DEFAULT_TARGET, ClientError, DreamBoothClient
+        from dreambooth.client import ClientError, DreamBoothClient
 
-        env = os.environ.get
-        target = args.controller or env("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         try:
-            client = DreamBoothClient(target, _token(args), tls_ca=args.tls_ca or env("DREAMBOOTH_TLS_CA"))
+            # The client falls back to $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN and $DREAMBOOTH_TLS_CA.
+            client = DreamBoothClient(args.controller, args.token, tls_ca=args.tls_ca)
             with client:
                 return command(client, args)
         except ClientError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -56,6 +57,12 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
+ENDED_STATES = frozenset({jobs_pb2.STATE_SUCCEEDED, jobs_pb2.STATE_FAILED, jobs_pb2.STATE_CANCELLED})
+# A watch stream ends with these when the controller goes away under it (stopped: CANCELLED; gone: UNAVAILABLE).
+_STREAM_BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+_RECONNECT_BACKOFF_S = (0.25, 5.0)  # first, most
+
+
 class ClientError(Exception):
     """A failed call: `code` is the gRPC status code's name (e.g. "NOT_FOUND"), `message` the server's."""
 
@@ -75,12 +82,17 @@ class ClientError(Exception):
 class DreamBoothClient:
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         token: str | None = None,
         *,
         tls_ca: str | os.PathLike | None = None,
         timeout_s: float = 30,
     ):
+        """Defaults, as the CLI's: $DREAMBOOTH_CONTROLLER (else 127.0.0.1:50051), $DREAMBOOTH_TOKEN and
+        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext)."""
+        target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
+        token = token or os.environ.get("DREAMBOOTH_TOKEN")
+        tls_ca = tls_ca or os.environ.get("DREAMBOOTH_TLS_CA") or None
         options = [
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -159,15 +171,35 @@ class DreamBoothClient:
     def delete(self, job_id: str) -> None:
         self._call(self._jobs.DeleteJob, jobs_pb2.DeleteJobRequest(job_id=job_id))
 
-    def watch(self, job_id: str) -> Iterator[jobs_pb2.WatchJobResponse]:
-        """The job as it is, then every change, until it ends. No deadline: training takes hours."""
-        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata)
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from e
-        finally:
-            call.cancel()  # the caller stopped iterating early: let the server stop streaming (no-op when done)
+    def watch(self, job_id: str, *, reconnect_for_s: float = 300) -> Iterator[jobs_pb2.WatchJobResponse]:
+        """The job as it is, then every change, until it ends. No deadline: training takes hours.
+
+        A stream that breaks before the job ends (the controller restarting, say) is opened again, with backoff,
+        for up to `reconnect_for_s` seconds without an answer (then ClientError UNAVAILABLE). A reopened stream
+        starts with the job as it is then: what changed meanwhile is in it, not replayed one by one."""
+        broken_since: float | None = None
+        backoff_s = _RECONNECT_BACKOFF_S[0]
+        while True:
+            call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata)
+            try:
+                for update in call:
+                    broken_since, backoff_s = None, _RECONNECT_BACKOFF_S[0]
+                    yield update
+                    if update.job.state in ENDED_STATES:
+                        return
+            except grpc.RpcError as e:
+                if not isinstance(e, grpc.Call) or e.code() not in _STREAM_BROKEN:
+                    raise ClientError.from_rpc(e) from e
+            finally:
+                call.cancel()  # the caller stopped iterating early: let the server stop streaming (no-op when done)
+            now = time.monotonic()
+            broken_since = broken_since or now
+            if now - broken_since >= reconnect_for_s:
+                raise ClientError(
+                    "UNAVAILABLE", f"watching {job_id}: no answer from the controller for {reconnect_for_s:.0f} s"
+                )
+            time.sleep(backoff_s)
+            backoff_s = min(2 * backoff_s, _RECONNECT_BACKOFF_S[1])
 
     def logs(self, job_id: str) -> str:
         return self._call(self._jobs.GetJobLogs, jobs_pb2.GetJobLogsRequest(job_id=job_id)).text

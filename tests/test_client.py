@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 import uuid
 from concurrent import futures
 from pathlib import Path
@@ -258,6 +259,54 @@ def test_watch_streams_every_update(client):
     assert updates[1].progress.step == 5 and updates[-1].job.state == S.STATE_SUCCEEDED
     with pytest.raises(ClientError, match="NOT_FOUND"):
         list(client.watch("job-99"))
+
+
+class _StreamUntilStopped(FakeController):
+    """Streams a job's first update, then holds the stream open until its server stops."""
+
+    def WatchJob(self, request, context):
+        self._auth(request, context)
+        yield S.WatchJobResponse(job=_job(request.job_id, S.STATE_TRAINING, step=1), state=S.STATE_TRAINING)
+        while context.is_active():
+            time.sleep(0.01)
+
+
+def test_watch_goes_on_across_a_controller_restart():
+    first, target = _serve(_StreamUntilStopped())
+    restarted: list[grpc.Server] = []
+    try:
+        with DreamBoothClient(target, TOKEN) as client:
+            updates = client.watch("job-4", reconnect_for_s=30)
+            assert next(updates).job.state == S.STATE_TRAINING
+            first.stop(grace=None)  # the stream breaks; the controller comes back on the same port a bit later
+            second = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            jobs_pb2_grpc.add_JobServiceServicer_to_server(FakeController(), second)
+            second.add_insecure_port(target)
+            threading.Timer(0.5, second.start).start()
+            restarted.append(second)
+            states = [update.job.state for update in updates]
+        assert states == [S.STATE_TRAINING, S.STATE_TRAINING, S.STATE_SUCCEEDED]  # the new stream, from its start
+    finally:
+        for server in restarted:
+            server.stop(grace=None)
+
+
+def test_watch_gives_up_when_the_controller_stays_away():
+    server, target = _serve(_StreamUntilStopped())
+    with DreamBoothClient(target, TOKEN) as client:
+        updates = client.watch("job-4", reconnect_for_s=1)
+        next(updates)
+        server.stop(grace=None)
+        with pytest.raises(ClientError) as error:
+            next(updates)
+    assert error.value.code == "UNAVAILABLE" and "no answer from the controller for 1 s" in error.value.message
+
+
+def test_the_sdk_reads_the_environment_as_the_cli_does(controller, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_CONTROLLER", controller.target)
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+    with DreamBoothClient() as client:
+        assert client.get("job-4").job_id == "job-4"
 
 
 def test_logs_and_models(client):
