@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dreambooth.errors import InputError
-from trainer.deepspeed_setup import deepspeed_config
+from trainer.checkpoint import checkpoint_dir_name
+from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
+from trainer.run import check_rerun
 from trainer.spec import JobSpec
+from trainer.storage import job_paths
 
 VALID = {
     "base_model": "/models/sd15",
@@ -66,7 +70,10 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"instance_images": [3]}, "instance_images", "list of strings"),
         ({"num_workers": 0}, "num_workers", "[1, 1024]"),
         ({"cpus_per_worker": 1e-300}, "cpus_per_worker", "[0.0001, 256]"),
-        ({"gpus_per_worker": 1e-9}, "gpus_per_worker", "0 or in [0.0001, 16]"),
+        ({"gpus_per_worker": 1e-9}, "gpus_per_worker", "0 (CPUs) or in [0.0001, 1]"),
+        ({"gpus_per_worker": 2.0}, "gpus_per_worker", "a worker trains on one GPU"),
+        ({"gpus_per_worker": 0.5, "num_workers": 2}, "gpus_per_worker", "two ranks on one GPU"),
+        ({"class_prompt": "a photo of sks, a dog"}, "class_prompt", "without the identifier 'sks'"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
         ({"colour": "blue"}, "colour", "unknown field"),
     ],
@@ -111,3 +118,36 @@ def test_deepspeed_config_follows_the_spec():
     cpu = JobSpec.from_dict({**VALID, "precision": "bf16", "gpus_per_worker": 0})
     config = deepspeed_config(cpu, world_size=2)
     assert config["bf16"]["enabled"] and "optimizer" not in config
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_every_schedule_warms_up(schedule):
+    spec = JobSpec.from_dict({**VALID, "lr_schedule": schedule, "lr_warmup_steps": 4, "max_steps": 8})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.learning_rate)
+    schedule_ = lr_scheduler(spec, optimizer)
+    rates = []
+    for _ in range(5):
+        rates.append(schedule_.get_last_lr()[0])
+        optimizer.step()
+        schedule_.step()
+    assert rates == pytest.approx([0, 1.25e-6, 2.5e-6, 3.75e-6, 5e-6])
+
+
+def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
+    paths = job_paths(tmp_path, "dog")
+    first = JobSpec.from_dict({**VALID, "max_steps": 10})
+    check_rerun(first, paths)  # nothing there yet
+    paths.job_dir.mkdir(parents=True)
+    paths.spec_file.write_text(json.dumps(first.to_dict()))
+    check_rerun(JobSpec.from_dict({**VALID, "learning_rate": 1e-6}), paths)  # no checkpoint: starts over anyway
+    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+
+    check_rerun(JobSpec.from_dict({**VALID, "max_steps": 20, "validation_prompts": ["sks dog, snow"]}), paths)
+    for change, field in [
+        ({"learning_rate": 1e-6}, "learning_rate"),
+        ({"instance_prompt": "a photo of sks cat", "class_prompt": "a photo of cat"}, "class_prompt"),
+        ({"max_steps": 5}, "max_steps"),  # below the checkpoint at step 6
+    ]:
+        with pytest.raises(InputError) as error:
+            check_rerun(JobSpec.from_dict({**VALID, "max_steps": 10, **change}), paths)
+        assert error.value.field == field and "another job id (--job-id)" in error.value.message

@@ -29,8 +29,16 @@ TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
 STATE_FILE = "trainer_state.json"
 
 
+_DIR_PREFIX = "checkpoint_step_"
+
+
 def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_step_{step:07d}"
+    return f"{_DIR_PREFIX}{step:07d}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints in a Ray Train run directory (those Ray keeps)."""
+    return sorted(int(p.name.removeprefix(_DIR_PREFIX)) for p in run_dir.glob(f"{_DIR_PREFIX}*"))
 
 
 def save_and_report(

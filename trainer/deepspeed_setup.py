@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -53,11 +54,19 @@ def _adamw_params(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def lr_scheduler(spec: JobSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' schedule the spec names, over max_steps, after lr_warmup_steps of linear warm-up."""
+    from diffusers.optimization import get_scheduler
+
+    # diffusers' "constant" ignores num_warmup_steps; its warm-up variant is another name.
+    name = "constant_with_warmup" if spec.lr_schedule == "constant" and spec.lr_warmup_steps else spec.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=spec.lr_warmup_steps, num_training_steps=spec.max_steps)
+
+
 def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
     """Build the DeepSpeed engine: ZeRO-partitioned AdamW and diffusers' LR schedule, stepped by DeepSpeed
     at gradient-accumulation boundaries and saved in its checkpoints."""
     import deepspeed
-    from diffusers.optimization import get_scheduler
 
     config = deepspeed_config(spec, world_size)
     optimizer = None
@@ -66,16 +75,11 @@ def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
         def optimizer(params):
             return torch.optim.AdamW(params, fused=spec.use_gpu, **_adamw_params(spec))
 
-    def lr_scheduler(opt):
-        return get_scheduler(
-            spec.lr_schedule, opt, num_warmup_steps=spec.lr_warmup_steps, num_training_steps=spec.max_steps
-        )
-
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=optimizer_groups(model),
         optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        lr_scheduler=functools.partial(lr_scheduler, spec),
         config=config,
     )
     return engine

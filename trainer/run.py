@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model, fingerprint
-from trainer.checkpoint import STATE_FILE
+from trainer.checkpoint import STATE_FILE, checkpoint_steps
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
@@ -41,6 +41,43 @@ class TrainingResult:
     wall_time_s: float
 
 
+# What a rerun of a job may change: how it runs and reports, not what its checkpoints were trained with.
+RERUN_MAY_CHANGE = frozenset(
+    {
+        "max_steps",  # to train on (never below a checkpoint already taken)
+        "checkpoint_interval",
+        "checkpoints_to_keep",
+        "async_checkpointing",
+        "validation_prompts",
+        "validation_interval",
+        "validation_inference_steps",
+        "validation_images_per_prompt",
+        "gradient_checkpointing",
+        "torch_compile",
+        "cpus_per_worker",
+        "placement_strategy",
+        "max_failures",
+    }
+)
+
+
+def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
+    """Running a job id again resumes its checkpoints: refuse a spec that changed what they were trained with (a
+    new learning rate would be ignored, other photos or prompts would be labelled with the old run's weights)."""
+    steps = checkpoint_steps(paths.checkpoints_dir)
+    if not steps or not paths.spec_file.exists():
+        return
+    before, now = json.loads(paths.spec_file.read_text()), json.loads(json.dumps(spec.to_dict()))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RERUN_MAY_CHANGE)
+    start_over = f"use another job id (--job-id), or delete {paths.job_dir} to start over"
+    if changed:
+        raise InputError(
+            changed[0], f"job {paths.job_id} has checkpoints trained with other {', '.join(changed)}: {start_over}"
+        )
+    if spec.max_steps < max(steps):
+        raise InputError("max_steps", f"job {paths.job_id} has a checkpoint at step {max(steps)}: {start_over}")
+
+
 def preflight(spec: JobSpec) -> None:
     """Everything that can be checked before a worker starts: fields, base model files, every image."""
     spec.validate()
@@ -54,6 +91,7 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
     events = EventLog(paths.events_file)
     try:
         preflight(spec)
+        check_rerun(spec, paths)
     except InputError as e:
         events.emit("state", state="FAILED", reason="INVALID_INPUT", field=e.field, message=e.message)
         raise

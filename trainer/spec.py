@@ -2,7 +2,7 @@
 
 Loaded from YAML or JSON by the CLI, built from a gRPC request by the controller, passed to the Ray job and
 its workers as a plain dict. `validate()` checks every field's own constraints (cheap, no I/O); the checks
-that read files (images, base model) live in `trainer.preflight`.
+that read files (images, base model) live in `trainer.run.preflight`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class JobSpec:
     learning_rate: float = 5e-6
     lr_schedule: LrSchedule = "constant"
     lr_warmup_steps: int = 0
+    """Steps of linear warm-up from 0, with any schedule (constant: constant after the warm-up)."""
     batch_size: int = 1
     """Instance images per worker per micro-step (as many class images are added when prior is on)."""
     gradient_accumulation_steps: int = 1
@@ -84,7 +85,8 @@ class JobSpec:
     # Resources.
     num_workers: int = 1
     gpus_per_worker: float = 1.0
-    """0 trains on CPUs (bf16 or fp32)."""
+    """0 trains on CPUs (bf16 or fp32). A worker trains on one GPU: 1, or a fraction of one for a single worker
+    (sharing the GPU with other work); two ranks on one GPU would fail in NCCL, so with several workers, 1."""
     cpus_per_worker: float = 1.0
     placement_strategy: PlacementStrategy = "PACK"
     max_failures: int = 3
@@ -148,6 +150,10 @@ class JobSpec:
 
     # --- validation ---------------------------------------------------------------------------------------
 
+    def _names_identifier(self, prompt: str) -> bool:
+        """Whether `prompt` has the identifier as a word ("sks dog", "sks, a dog"; not "sksdog")."""
+        return re.search(rf"(?<!\w){re.escape(self.identifier)}(?!\w)", prompt) is not None
+
     def validate(self) -> None:
         """Raise InputError naming the first field that is wrong and what to fix."""
         for f in dataclasses.fields(self):
@@ -165,7 +171,7 @@ class JobSpec:
             "must be one alphanumeric word, e.g. 'sks'",
         )
         require(
-            re.search(rf"(?<![\w]){re.escape(self.identifier)}(?![\w])", self.instance_prompt) is not None,
+            self._names_identifier(self.instance_prompt),
             "instance_prompt",
             f"must contain the identifier {self.identifier!r} as a word, e.g. 'a photo of {self.identifier} dog'",
         )
@@ -173,9 +179,9 @@ class JobSpec:
         if self.with_prior_preservation:
             require(bool(self.class_prompt.strip()), "class_prompt", "required when num_class_images > 0")
             require(
-                self.identifier not in self.class_prompt.split(),
+                not self._names_identifier(self.class_prompt),
                 "class_prompt",
-                "must describe the class without the identifier",
+                f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
             )
         require(0 <= self.prior_loss_weight <= 100, "prior_loss_weight", "must be in [0, 100]")
         require(
@@ -214,9 +220,14 @@ class JobSpec:
         require(1 <= self.num_workers <= 1024, "num_workers", "must be in [1, 1024]")
         # Ray's smallest resource unit is 0.0001.
         require(
-            self.gpus_per_worker == 0 or 0.0001 <= self.gpus_per_worker <= 16,
+            self.gpus_per_worker == 0 or 0.0001 <= self.gpus_per_worker <= 1,
             "gpus_per_worker",
-            "must be 0 or in [0.0001, 16]",
+            "must be 0 (CPUs) or in [0.0001, 1]: a worker trains on one GPU (more workers: more GPUs)",
+        )
+        require(
+            self.num_workers == 1 or self.gpus_per_worker in (0, 1),
+            "gpus_per_worker",
+            "must be 0 or 1 with several workers: a fraction would put two ranks on one GPU, which NCCL refuses",
         )
         require(0.0001 <= self.cpus_per_worker <= 256, "cpus_per_worker", "must be in [0.0001, 256]")
         require(
