@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import threading
 
 import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
 from trainer.async_checkpoint import AsyncCheckpointEngine
 
@@ -43,6 +45,25 @@ def test_written_state_is_the_snapshot_not_the_live_tensors(tmp_path):
     engine.wait()
     assert torch.equal(torch.load(tmp_path / "b.pt")["module"]["w"], weights)
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=False)["module"]["w"], weights - 1)
+
+
+def test_the_fp16_loss_scaler_is_saved_as_it_was(tmp_path):
+    """ZeRO's optimizer state holds the live loss scaler object: an overflow on the next step (while the write
+    goes on) must not reach the checkpoint, or a resumed run would scale, and skip, differently."""
+    scaler = DynamicLossScaler(
+        init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=1, consecutive_hysteresis=False
+    )
+    engine = AsyncCheckpointEngine()
+    begin(engine, "a", tmp_path)
+    written = threading.Event()
+    engine._writer.submit(written.wait)  # an earlier file of the checkpoint, still being written
+    engine.save({"loss_scaler": scaler, "fp32": torch.ones(4)}, str(tmp_path / "a.pt"))
+    scaler.cur_scale, scaler.last_overflow_iter = scaler.cur_scale / 2, scaler.cur_iter  # the next step overflows
+    scaler.cur_iter += 1
+    written.set()
+    engine.wait()
+    saved = torch.load(tmp_path / "a.pt", weights_only=False)["loss_scaler"]
+    assert (saved.cur_scale, saved.cur_iter) == (2**16, 0) and scaler.cur_scale == 2**15
 
 
 def test_a_failed_write_is_raised_by_wait(tmp_path):

@@ -17,6 +17,7 @@ not wait for each other.
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -71,6 +72,11 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
     def save(self, state_dict: Any, path: str) -> None:
         self._join_reservation()
         snapshot = _map_tensors(state_dict, self._to_host)
+        # The rest is copied too, here: ZeRO's state holds live objects (the fp16 loss scaler), which the next
+        # steps change while the write goes on. The tensors (host buffers by now) are kept as they are.
+        tensors: dict[int, torch.Tensor] = {}
+        _map_tensors(snapshot, lambda tensor: tensors.setdefault(id(tensor), tensor))
+        snapshot = copy.deepcopy(snapshot, memo=tensors)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         with self._lock:
