@@ -150,6 +150,8 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
     # A different class prompt is a different cache entry.
     assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
+    # So are images sampled in fp16 on GPUs.
+    assert cache_key(dataclasses.replace(spec, gpus_per_worker=1, precision="fp16")) != cache_key(spec)
 
 
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):

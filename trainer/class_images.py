@@ -2,8 +2,9 @@
 
 Image i of a class is always generated from the same seed, so it is the same image whichever actor made
 it and however many were asked for. The cache key is everything that decides the pixels (base model,
-class prompt, resolution, sampler settings), not the count: a job asking for 200 images of a class that
-already has 100 generates only the missing 100, and a second subject of the same class generates none.
+class prompt, resolution, sampler settings, precision: fp16 on GPUs, fp32 on CPUs), not the count: a job
+asking for 200 images of a class that already has 100 generates only the missing 100, and a second subject
+of the same class generates none.
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ def cache_key(spec: JobSpec) -> str:
         "resolution": spec.resolution,
         "inference_steps": spec.class_image_inference_steps,
         "guidance_scale": spec.class_image_guidance_scale,
+        "dtype": str(_dtype(spec.use_gpu)),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _dtype(use_gpu: bool):
+    import torch
+
+    return torch.float16 if use_gpu else torch.float32
 
 
 def image_path(directory: Path, index: int) -> Path:
@@ -53,7 +61,7 @@ class ClassImageGenerator:
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.pipeline = load_pipeline(base_model, dtype=torch.float16 if use_gpu else torch.float32, device=self.device)
+        self.pipeline = load_pipeline(base_model, dtype=_dtype(use_gpu), device=self.device)
 
     def generate(
         self, indices: list[int], prompt: str, resolution: int, steps: int, guidance: float, directory: str
@@ -100,13 +108,14 @@ def ensure_class_images(
     if not todo:
         return directory
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    # The resources of one training worker: they are free, since training starts after these actors end.
-    options = {"num_gpus": spec.gpus_per_worker, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    # Each actor takes the resources of one training worker: the job was admitted for num_workers of them, and
+    # they are free, since training starts after these actors end. (An actor asking for more could wait for
+    # ever, and the pool would wait for the batch handed to it.)
+    options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if use_gpu else 0}
     actors = [
         ClassImageGenerator.options(**options).remote(spec.base_model, use_gpu)
         for _ in range(max(1, min(num_actors, len(batches))))
     ]
-    pool = ray.util.ActorPool(actors)
     args = (
         spec.class_prompt,
         spec.resolution,
@@ -114,10 +123,13 @@ def ensure_class_images(
         spec.class_image_guidance_scale,
         str(directory),
     )
-    for count in pool.map_unordered(lambda actor, batch: actor.generate.remote(batch, *args), batches):
-        done += count
-        if on_progress:
-            on_progress(done, total)
-    for actor in actors:
-        ray.kill(actor)
+    try:
+        pool = ray.util.ActorPool(actors)
+        for count in pool.map_unordered(lambda actor, batch: actor.generate.remote(batch, *args), batches):
+            done += count
+            if on_progress:
+                on_progress(done, total)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     return directory
