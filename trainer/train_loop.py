@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
     pending_commit = None  # rank 0's wait for Ray to commit the latest checkpoint
     for step in range(start_step, spec.max_steps):
+        micro_losses = []
         for micro in range(accumulation):
             generator = torch.Generator(device).manual_seed(derive_seed(spec.seed, step, micro, rank))
             first = ((step * accumulation + micro) * world_size + rank) * bs
@@ -166,6 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss, instance_loss, prior_loss = prior_preservation_loss(pred, target, bs, spec.prior_loss_weight)
             engine.backward(loss)
             engine.step()
+            micro_losses.append(torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]))
+        # What the step reports: its losses over all its micro-steps (this rank's), not the last one's.
+        loss, instance_loss, prior_loss = torch.stack(micro_losses).mean(0).unbind()
         if spec.async_checkpointing:
             engine.checkpoint_engine.reserve_after_first_update(engine)
 
