@@ -12,9 +12,12 @@ globals that Serve pickled with the class, so they must be real objects.
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
+import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,40 @@ def keep_replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = add_loopback_port
 
 
+class ResidentModel:
+    """A subject model as a replica's multiplexer holds it, counting the requests using it.
+
+    When a load needs room, Serve evicts the least recently used model by calling its `__del__` (in an executor
+    thread, awaited, under the multiplexer's load lock): here that waits until no request uses the model any
+    more. Evicting a model that requests still sample would leave it in memory beside its replacement (and a new
+    request for it would load a second copy): `max_models_per_replica` would no longer bound a replica's memory.
+    The cost is that the load waits for them, as a load on a full GPU must."""
+
+    def __init__(self, model: SubjectModel):
+        self.model = model
+        self._users = 0
+        self._lock = threading.Lock()
+        self._unused = threading.Event()
+        self._unused.set()
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[SubjectModel]:
+        with self._lock:
+            self._users += 1
+            self._unused.clear()
+        try:
+            yield self.model
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._unused.set()
+
+    def __del__(self) -> None:
+        # Called by Serve on eviction, and by the garbage collector once nothing refers to it (unused by then).
+        self._unused.wait()
+
+
 @dataclass
 class _Pending:
     model: SubjectModel
@@ -98,8 +135,8 @@ class Generator:
         # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 
-        async def load(model_id: str) -> SubjectModel:
-            return await self._load(model_id)
+        async def load(model_id: str) -> ResidentModel:
+            return ResidentModel(await self._load(model_id))
 
         async def sample(items: list[_Pending]) -> list[concurrent.futures.Future]:
             return self._submit_batch(items)
@@ -126,19 +163,23 @@ class Generator:
             self._compiled = True
 
     async def generate(self, request: GenerationRequest) -> EncodedResult:
+        arrived = time.monotonic()  # its queue wait includes waiting for its model to load
         model_id = serve.get_multiplexed_model_id()
         if model_id not in self.paths:
             raise ModelNotServed(model_id)
-        model = await self.model(model_id)
-        model.check_prompt("prompt", request.prompt)
-        model.check_prompt("negative_prompt", request.negative_prompt)
-        submitted = await self.sample(_Pending(model, request, time.monotonic()))
-        result = await asyncio.wrap_future(submitted)
+        resident = await self.model(model_id)
+        with resident.in_use() as model:  # until its images are out: the model is not evicted meanwhile
+            model.check_prompt("prompt", request.prompt)
+            model.check_prompt("negative_prompt", request.negative_prompt)
+            submitted = await self.sample(_Pending(model, request, arrived))
+            result = await asyncio.wrap_future(submitted)
         self.metrics.batch_size.observe(result.batch_size)
         self.metrics.queue_wait.observe(result.queue_wait_seconds)
         return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
 
     async def _load(self, model_id: str) -> SubjectModel:
+        if model_id not in self.paths:  # undeployed while the request waited for another model's load
+            raise ModelNotServed(model_id)
         load = functools.partial(self.engine.load, model_id, self.paths[model_id])
         if self.engine.device.type == "cuda":
             model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
@@ -250,7 +291,8 @@ class Ingress:
         model_class = model.model_class if model else "unknown"
         outcome, images = "error", 0
         try:
-            if model is None or not self.access.visible(self.access.tenant(authorization), model_id):
+            tenant = self.access.tenant(authorization)  # first: without a token, no answer says which ids exist
+            if model is None or not self.access.visible(tenant, model_id):
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
             encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)

@@ -135,6 +135,9 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
         with pytest.raises(ServingError) as error:
             generate(model.endpoint, "a photo of sks dog", token=token, steps=2)
         assert error.value.status == status
+    with pytest.raises(ServingError) as error:  # without a token, an unknown id is no different from a known one
+        generate(model.endpoint.replace(model_id, "model-nonexistent"), "a photo of sks dog", steps=2)
+    assert error.value.status == 401
 
     assert not alice.undeploy(model_id).deployed
     deadline = time.monotonic() + 60

@@ -171,7 +171,7 @@ def gpu_row(dashboard: builders.Dashboard) -> builders.Dashboard:
             graph(
                 "GPU memory used (Ray)",
                 [("sum by (ip, GpuIndex) (ray_node_gram_used)", "{{ip}} GPU {{GpuIndex}}")],
-                unit="bytes",
+                unit="mbytes",  # Ray reports it in MiB (its own dashboard multiplies by 1024 * 1024)
             )
         )
     )
