@@ -50,6 +50,7 @@ def service(ray_cluster, subject_models, serve_port) -> ServeConfig:
         max_queued_requests=4,
         retry_after_s=3,
         limits=RequestLimits(max_images=4, max_steps=60),
+        max_models_per_replica=1,  # rex and fido take turns: every switch evicts the other
         # Requests at the models' native size (the default) run the compiled UNet, compiled when the replica
         # starts; the demo's test runs the eager one through Serve.
         compile_unet=True,
@@ -161,6 +162,16 @@ def test_two_subjects_from_one_replica_draw_differently(service):
     assert np.abs(image(rex) - image(fido)).mean() > 0.01
     again = generate(service, "rex", seed=21)
     assert np.array_equal(image(again), image(rex))
+
+    # Both at once, with one model slot: a model is evicted only once the requests using it are done (the
+    # other's load waits for them), and every request draws with its own subject.
+    subjects = ["rex", "fido", "rex", "fido"]
+    with ThreadPoolExecutor(len(subjects)) as pool:
+        mixed = list(pool.map(lambda model_id: generate(service, model_id, seed=21), subjects))
+    assert all(r.status_code == 200 for r in mixed), [r.text for r in mixed]
+    for response, model_id in zip(mixed, subjects, strict=True):
+        alone = {"rex": rex, "fido": fido}[model_id]
+        assert np.abs(image(response) - image(alone)).max() <= 1 / 255 + 1e-6, model_id
 
 
 @pytest.mark.parametrize(

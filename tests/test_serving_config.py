@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated, user_config
-from serving.app import build_app
+from serving.app import ResidentModel, build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 from serving.engine import GenerationResult
@@ -135,3 +136,17 @@ def test_serving_access_follows_the_controllers_tenants_without_holding_their_to
 
     open_access = Access.from_user_config(user_config({"m1": "/s/m1"}, {}, {}))
     assert open_access.tenant(None) is None and open_access.visible(None, "m1")
+
+
+def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
+    """Serve evicts a multiplexed model by calling its __del__ in a thread and awaiting it before loading the
+    next: that must wait for the requests still using the model."""
+    resident = ResidentModel(model=object())
+    resident.__del__()  # unused: returns at once
+    evicted = threading.Thread(target=resident.__del__)
+    with resident.in_use(), resident.in_use():
+        evicted.start()
+        evicted.join(0.2)
+        assert evicted.is_alive()
+    evicted.join(10)
+    assert not evicted.is_alive()
