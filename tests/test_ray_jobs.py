@@ -105,8 +105,7 @@ def test_failing_driver_and_unknown_ids(ray_cluster, storage):
 
     assert jobs.status("never-submitted-a1") == RayJobStatus.LOST
     jobs.stop("never-submitted-a1")
-    with pytest.raises(RayJobsError, match="never-submitted-a1"):
-        jobs.logs("never-submitted-a1")
+    assert jobs.logs("never-submitted-a1") == ""  # a job Ray forgot (its head restarted) has no logs, no error
 
 
 def test_cluster_capacity(ray_cluster, storage):
