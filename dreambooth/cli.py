@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or directory the command was pointed at (exists, unreadable, ...)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # what was started has been stopped by then (the commands clean up in finally)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
@@ -379,9 +385,12 @@ def _demo(args) -> int:
     from dreambooth import demo
 
     options = {"base_model": args.base_model, "stack_dir": args.stack_dir, "keep_running": args.keep_running}
+    from dreambooth.client import ClientError
+    from dreambooth.serving_client import ServingError
+
     try:
         return demo.run(args.out, **options, start=_start_options(args), follow=_follow)
-    except stack.StackError as e:
+    except (stack.StackError, ClientError, ServingError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

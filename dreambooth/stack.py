@@ -323,6 +323,9 @@ def _choose_ports(ports: Ports) -> Ports:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT (a stack just stopped) is free;
+        # one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -338,7 +341,9 @@ def _free_port() -> int:
 
 def _save(stack: Stack) -> None:
     path = _state_file(stack.dir)
-    path.write_text(json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
+    os.replace(partial, path)  # `status` or `down` running meanwhile never reads half a file
 
 
 def _wait_until(what: str, ready: Callable[[], bool], stack: Stack, deadline: float) -> None:
