@@ -63,7 +63,7 @@ class ControllerConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_bytes: int = 64 * 1024 * 1024
     capacity_cpus: float | None = None
-    """Override the cluster's CPUs/GPUs the scheduler may hand out (default: the alive nodes' totals)."""
+    """The CPUs/GPUs the scheduler may hand out, each instead of the alive nodes' total (default: that total)."""
     capacity_gpus: float | None = None
     serving: ServeConfig | None = None
     """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,

@@ -74,7 +74,7 @@ class Reconciler:
     # --- starting ------------------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        active, capacity = self.store.active_jobs(), self._cluster_capacity()
+        active, capacity = self.store.active_jobs(), self.capacity()
         if capacity.cpus - sum(demand(job.spec).cpus for job in active) <= 0:
             return  # every job needs CPUs: nothing can start, so don't read the queue
         queued = self.store.queued_jobs()
@@ -102,14 +102,17 @@ class Reconciler:
         self.ray_jobs.submit(job.job_id, job.attempts)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
-    def _cluster_capacity(self) -> Resources:
-        if self.config.capacity_cpus is not None or self.config.capacity_gpus is not None:
-            return Resources(self.config.capacity_cpus or 0.0, self.config.capacity_gpus or 0.0)
-        now = time.monotonic()
-        if self._capacity is None or now - self._capacity[0] > 10:
-            capacity = self.ray_jobs.cluster_capacity()
-            self._capacity = (now, Resources(capacity.cpus, capacity.gpus))
-        return self._capacity[1]
+    def capacity(self) -> Resources:
+        """The alive nodes' totals (asked at most every 10 s), each replaced by its setting where one is given."""
+        cpus, gpus = self.config.capacity_cpus, self.config.capacity_gpus
+        if cpus is None or gpus is None:
+            now = time.monotonic()
+            if self._capacity is None or now - self._capacity[0] > 10:
+                capacity = self.ray_jobs.cluster_capacity()
+                self._capacity = (now, Resources(capacity.cpus, capacity.gpus))
+            cpus = self._capacity[1].cpus if cpus is None else cpus
+            gpus = self._capacity[1].gpus if gpus is None else gpus
+        return Resources(cpus, gpus)
 
     # --- following -----------------------------------------------------------------------------------
 

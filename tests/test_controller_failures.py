@@ -4,6 +4,7 @@ Jobs API address is a closed port, so every call to it fails for real (no Ray cl
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.config import ControllerConfig, Tenant
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs
+from controller.ray_jobs import RayJobs, RayJobsError
 from controller.server import start
 from controller.service import JobService
 from controller.store import JobRecord, Store
@@ -152,3 +153,19 @@ def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Pa
     # Delivered as the change it was (not found later by re-reading the job), so nothing between was skipped.
     assert job.state == "CANCELLED" and change is not None and change.kind == "state"
     assert list(watch) == []
+
+
+def test_one_capacity_setting_replaces_only_its_own_total(config):
+    from controller.reconciler import Reconciler
+
+    config = dataclasses.replace(config, capacity_cpus=None, capacity_gpus=4)
+    controller = start(config)
+    try:
+        service = controller.service
+        reconciler = Reconciler(config, service.store, service.ray_jobs, service.feed, service)
+        # The CPUs come from the cluster (unreachable here: the error says so), not 0: with only capacity_gpus
+        # set, no job could ever have started.
+        with pytest.raises(RayJobsError, match="listing nodes"):
+            reconciler.capacity()
+    finally:
+        controller.stop(grace_s=1)

@@ -195,6 +195,11 @@ def test_controller_pod_config_merges_configmap_and_secret(tmp_path):
     )
     assert config.effective_database_url == f"sqlite:///{db_mount}/controller.db"
     assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two controllers at once
+    # Jobs are started up to what the autoscaler may grow the GPU group to, so that waiting jobs grow it.
+    (gpu_group,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    limits = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert config.capacity_gpus == gpu_group["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert config.capacity_cpus == gpu_group["maxReplicas"] * int(limits["cpu"])
 
 
 # --- Ray cluster launcher, image ----------------------------------------------------------------------------------
