@@ -4,8 +4,8 @@ Both field lists are derived, not written down here: JobSpec's dataclass fields 
 descriptor on the other (tests assert they name the same fields, so they cannot drift apart). Enum values
 map by name: JobSpec's Literal choice "fp16" of type `Precision` is the proto's `PRECISION_FP16`.
 
-Only the fields a client set travel, in both directions, so the trainer's defaults apply to the rest (and a
-later change of a default reaches jobs that never chose a value).
+A client sends only the fields it set; the controller fills in the trainer's defaults when it accepts a job and
+stores the whole spec, which `Job.spec` then carries back (so a job keeps the defaults it was submitted with).
 """
 
 from __future__ import annotations
