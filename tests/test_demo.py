@@ -65,6 +65,21 @@ def test_stack_status_and_a_second_up_refused(demo_run, capsys):
     assert main(["status", "--dir", str(demo_run.stack_dir / "nothing-here")]) == 1
 
 
+def test_a_port_just_released_counts_as_free():
+    """A server that stopped after answering (a stack just brought down) leaves its side of the connection in
+    TIME_WAIT for a minute; its port is free to listen on again, as the servers bind it."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the stack's servers (uvicorn, gRPC, ...)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: TIME_WAIT on its side
+            client.recv(1)
+    assert stack._port_free(port)
+
+
 def test_up_refuses_a_port_in_use(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
