@@ -8,6 +8,7 @@ touches the network: every `from_pretrained` call passes `local_files_only=True`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,37 @@ def check_base_model(path: str | os.PathLike) -> Path:
             "base_model",
             f"{str(root)!r} is not a complete diffusers-format Stable Diffusion model; missing: " + ", ".join(missing),
         )
+    problems = _architecture_problems(root)
+    if problems:
+        raise InputError(
+            "base_model", f"{str(root)!r} is not a text-to-image Stable Diffusion model: " + "; ".join(problems)
+        )
     return root
+
+
+def _architecture_problems(root: Path) -> list[str]:
+    """What makes a complete-looking model one this project cannot train or serve (SDXL, an inpainting UNet, ...),
+    found in its JSON files: told before any worker starts rather than as a shape error in the first step."""
+    configs = {}
+    for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
+        try:
+            configs[name] = json.loads((root / name).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return [f"{name} is not valid JSON ({e})"]
+    pipeline = configs["model_index.json"].get("_class_name")
+    unet, text_encoder = configs["unet/config.json"], configs["text_encoder/config.json"]
+    problems = []
+    if pipeline != "StableDiffusionPipeline":
+        problems.append(f"model_index.json names a {pipeline}, not a StableDiffusionPipeline (SD 1.x/2.x)")
+    channels = (unet.get("in_channels"), unet.get("out_channels"))
+    if channels != (4, 4):
+        problems.append(f"its UNet takes/gives {channels[0]}/{channels[1]} channels, not 4/4 (an inpainting model?)")
+    if unet.get("cross_attention_dim") != text_encoder.get("hidden_size"):
+        problems.append(
+            f"its UNet attends to {unet.get('cross_attention_dim')}-wide text states, its text encoder gives "
+            f"{text_encoder.get('hidden_size')}"
+        )
+    return problems
 
 
 @dataclass

@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers read it: nothing may be downloaded
 
+import json
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,22 @@ def test_importing_the_model_code_prints_no_torchvision_noise():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert "torchvision" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "says"),
+    [
+        ("model_index.json", {"_class_name": "StableDiffusionXLPipeline"}, "StableDiffusionXLPipeline"),
+        ("unet/config.json", {"in_channels": 9}, "9/4 channels, not 4/4"),
+        ("text_encoder/config.json", {"hidden_size": 48}, "48"),
+        ("unet/config.json", None, "unet/config.json is not valid JSON"),
+    ],
+)
+def test_check_base_model_refuses_what_it_cannot_train(tiny_copy, file, change, says):
+    """Complete-looking models of another kind (SDXL, inpainting, mismatched parts) are refused by name, before
+    any worker would fail on them."""
+    path = tiny_copy / file
+    path.write_text("{" if change is None else json.dumps(json.loads(path.read_text()) | change))
+    with pytest.raises(InputError) as error:
+        check_base_model(tiny_copy)
+    assert says in error.value.message and "not a text-to-image Stable Diffusion model" in error.value.message
