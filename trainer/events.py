@@ -5,10 +5,12 @@ either side, and any node can write it. One event per line, each with a `type` a
 
     {"type": "state", "state": "PREPARING" | "TRAINING" | "EXPORTING" | "SUCCEEDED" | "FAILED", ...}
     {"type": "class_images", "done": 12, "total": 100}
+    {"type": "worker", "rank": 0, "world_size": 2, "node_id": "...", "device": "cuda:0", "start_step": 0}
+    {"type": "resumed", "step": 200}   (a run restarted from its checkpoint at that step)
     {"type": "progress", "step": 40, "total_steps": 400, "loss": 0.12, "prior_loss": 0.1, "lr": 5e-6,
      "steps_per_s": 3.1, "eta_s": 116.0, "peak_memory_gib": 15.2}   (peak_rss_gib on CPU workers)
     {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2}
-    {"type": "validation", "step": 100, "path": ".../validation/step_000100.png", "peak_memory_gib": 15.4}
+    {"type": "validation", "step": 100, "path": ".../validation/step_0000100.png", "peak_memory_gib": 15.4}
     {"type": "model", "path": "...", "metadata": {...}}
 """
 
