@@ -164,7 +164,6 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
 
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
 _USER_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"})
-_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
 
 def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -311,14 +310,12 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    if job is None or state_name(job.state) not in _TERMINAL:  # the stream ended early: ask where it stands
-        job = client.get(job_id)
-    state = state_name(job.state)
+    state = state_name(job.state)  # an ended state: the client's watch goes on (reconnecting) until then
     if state == "SUCCEEDED":
         print(f"{job.job_id} SUCCEEDED: model {job.model_id}")
         return 0
     failure = f": {job.failure.reason}: {job.failure.message}" if job.HasField("failure") else ""
-    print(f"{job.job_id} {state}{failure}" + ("" if state in _TERMINAL else " (watch ended before the job did)"))
+    print(f"{job.job_id} {state}{failure}")
     return 1
 
 
@@ -383,11 +380,10 @@ def _train(args) -> int:
 
 def _demo(args) -> int:
     from dreambooth import demo
-
-    options = {"base_model": args.base_model, "stack_dir": args.stack_dir, "keep_running": args.keep_running}
     from dreambooth.client import ClientError
     from dreambooth.serving_client import ServingError
 
+    options = {"base_model": args.base_model, "stack_dir": args.stack_dir, "keep_running": args.keep_running}
     try:
         return demo.run(args.out, **options, start=_start_options(args), follow=_follow)
     except (stack.StackError, ClientError, ServingError, TimeoutError) as e:

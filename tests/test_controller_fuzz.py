@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import operator
 import os
 import re
@@ -98,21 +99,22 @@ PNG = _png()
 
 
 def _fake_model(root: Path) -> Path:
-    """Passes check_base_model (file names only, no weights): submissions get past it to the image checks."""
-    files = [
-        "model_index.json",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "scheduler/scheduler_config.json",
-    ]
-    for name in files:
+    """Passes check_base_model (its files and the JSON it reads, no weights): submissions get past it to the
+    image checks."""
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+        "unet/config.json": {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 768},
+        "unet/diffusion_pytorch_model.safetensors": {},
+        "vae/config.json": {},
+        "vae/diffusion_pytorch_model.safetensors": {},
+        "text_encoder/config.json": {"hidden_size": 768},
+        "text_encoder/model.safetensors": {},
+        "tokenizer/tokenizer.json": {},
+        "scheduler/scheduler_config.json": {},
+    }
+    for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text("{}")
+        (root / name).write_text(json.dumps(content))
     return root
 
 
