@@ -231,15 +231,16 @@ class JobService:
         yield job, None
         while job.state not in TERMINAL_STATES and is_active():
             published = self.feed.wait(seq, timeout_s=1.0)
+            # The feed no longer held some changes (this follower fell more than its capacity behind), or a quiet
+            # second passed: read the job anyway, so that a change never delivered still ends the stream.
+            missed = not published or published[0].seq > seq + 1
             # Past everything read, other jobs' changes included; never past what was not read.
             seq = max((c.seq for c in published), default=seq)
             changes = [c for c in published if c.job_id == job_id]
             for change in changes:
                 job = self.get(tenant, job_id)
                 yield job, change
-            if not published:
-                # A quiet second: read the job anyway, so that a change the feed no longer holds (a follower more
-                # than its capacity behind) still ends the stream when it was the last.
+            if missed:
                 now = self.get(tenant, job_id)
                 if now.state != job.state:
                     yield now, None

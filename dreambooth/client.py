@@ -176,19 +176,21 @@ class DreamBoothClient:
 
         A stream that breaks before the job ends (the controller restarting, say) is opened again, with backoff,
         for up to `reconnect_for_s` seconds without an answer (then ClientError UNAVAILABLE). A reopened stream
-        starts with the job as it is then: what changed meanwhile is in it, not replayed one by one."""
+        starts with the job as it is then: what changed meanwhile is in it, not replayed one by one. A first stream
+        that never opens (a wrong address, a wrong CA) fails at once, as any call."""
         broken_since: float | None = None
         backoff_s = _RECONNECT_BACKOFF_S[0]
+        opened = False
         while True:
             call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata)
             try:
                 for update in call:
-                    broken_since, backoff_s = None, _RECONNECT_BACKOFF_S[0]
+                    opened, broken_since, backoff_s = True, None, _RECONNECT_BACKOFF_S[0]
                     yield update
                     if update.job.state in ENDED_STATES:
                         return
             except grpc.RpcError as e:
-                if not isinstance(e, grpc.Call) or e.code() not in _STREAM_BROKEN:
+                if not opened or not isinstance(e, grpc.Call) or e.code() not in _STREAM_BROKEN:
                     raise ClientError.from_rpc(e) from e
             finally:
                 call.cancel()  # the caller stopped iterating early: let the server stop streaming (no-op when done)

@@ -332,9 +332,13 @@ def test_the_token_is_sent_on_every_call(controller):
 def test_unreachable_controller(tmp_path):
     from tests.conftest import free_port
 
-    with DreamBoothClient(f"127.0.0.1:{free_port()}", TOKEN, timeout_s=5) as c, pytest.raises(ClientError) as error:
-        c.get("job-4")
-    assert error.value.code == "UNAVAILABLE"
+    with DreamBoothClient(f"127.0.0.1:{free_port()}", TOKEN, timeout_s=5) as c:
+        with pytest.raises(ClientError) as error:
+            c.get("job-4")
+        assert error.value.code == "UNAVAILABLE"
+        with pytest.raises(ClientError) as error:  # a watch that never opened is not reconnected for minutes
+            next(c.watch("job-4", reconnect_for_s=300))
+        assert error.value.code == "UNAVAILABLE"
 
 
 def test_tls(tmp_path):

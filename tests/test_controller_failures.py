@@ -169,3 +169,38 @@ def test_one_capacity_setting_replaces_only_its_own_total(config):
             reconciler.capacity()
     finally:
         controller.stop(grace_s=1)
+
+
+class _BusyFeed(ChangeFeed):
+    """A busy controller: between any two waits, other jobs publish more changes than the feed holds, so a
+    follower never sees a quiet second; the first time, right after `first` (this job's cancel)."""
+
+    def __init__(self, first: callable):
+        super().__init__(capacity=3)
+        self.first = first
+        self.waits = 0
+
+    def wait(self, after: int, timeout_s: float):
+        self.waits += 1
+        assert self.waits < 10, "the watch kept waiting: it never noticed that the feed dropped its job's change"
+        if self.first is not None:
+            first, self.first = self.first, None
+            first()
+        for _ in range(4):
+            self.publish("job-other", "progress")
+        return super().wait(after, timeout_s)
+
+
+def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    mine = store.insert_job(JobRecord("alice", {}))
+
+    def cancel_mine() -> None:
+        store.transition(mine.job_id, {"QUEUED"}, "CANCELLED")
+        feed.publish(mine.job_id, "state", {"state": "CANCELLED"})
+
+    feed = _BusyFeed(cancel_mine)
+    config = ControllerConfig(storage=tmp_path, tenants=(Tenant("alice", (TOKEN,)),))
+    service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed)
+    states = [job.state for job, _ in service.watch("alice", mine.job_id)]
+    assert states == ["QUEUED", "CANCELLED"]

@@ -114,13 +114,16 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """The job as it is, then every change as it happens, until the job ends (or the client goes away).
+        RESOURCE_EXHAUSTED when the server has max_watches streams open: retry later, or poll GetJob. A stream the
+        controller's restart breaks may be opened again: it starts with the job as it is then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJobLogs(self, request, context):
-        """The training driver's log (the Ray job's output).
+        """The training driver's log (the Ray job's output); empty before the job's first attempt starts, and when Ray
+        no longer knows it (its head restarted). UNAVAILABLE while Ray cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
