@@ -28,6 +28,7 @@ lone request's (the engine's p50 at 1 client).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
@@ -63,6 +64,7 @@ class Row:
     p99_s: float
     mean_batch: float
     peak_memory_gib: float | None
+    requests: int  # latencies the percentiles come from (under ~100, the p99 is about the slowest)
     batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
     arrivals_per_s: float | None = None
 
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument(
+        "--lone-requests", type=int, default=10, help="requests at 1 client: the latency every ratio is taken to"
+    )
     parser.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument(
@@ -225,7 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     def request(seed: int) -> GenerationRequest:
         return GenerationRequest(PROMPT, "", 1, args.steps, args.guidance_scale, seed, size, size)
 
+    def per_client(clients: int) -> int:
+        return max(args.requests_per_client, args.lone_requests) if clients == 1 else args.requests_per_client
+
     rows: list[Row] = []
+
+    def record(row: Row) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        if args.out:  # after every row: a run cut short (device_run.sh's deadline) keeps what it measured
+            Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
     if args.only != "engine":
         pipe = load_pipeline(model_dir, dtype=dtype, device=device)
         lock = threading.Lock()
@@ -245,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline(0)  # warm-up (CUDA kernels, allocator)
         peak_memory_gib(device)
         for clients in levels:
-            rate, latencies = closed_loop(baseline, clients, args.requests_per_client, seed0=1)
-            rows.append(
+            rate, latencies = closed_loop(baseline, clients, per_client(clients), seed0=1)
+            record(
                 Row(
                     "diffusers pipeline per request",
                     clients,
@@ -255,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     percentile(latencies, 99),
                     1.0,
                     peak_memory_gib(device),
+                    len(latencies),
                 )
             )
-            print(rows[-1], flush=True)
         del pipe
         if cuda:
             torch.cuda.empty_cache()
@@ -270,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded: dict[bool, tuple[SamplingEngine, object]] = {}
         for what, compile_unet, step_level in sides:
             if compile_unet not in loaded:
+                # The previous engine's model is freed first: the next side's peak is its own.
+                engine = model = batcher = call = None
                 loaded.clear()
+                gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
                 loaded[compile_unet] = warmed_up_engine(
@@ -284,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
                 peak_memory_gib(device)
                 call = lambda seed, b=batcher: b.submit(request(seed))  # noqa: E731
                 if clients:
-                    rate, latencies = closed_loop(call, clients, args.requests_per_client, seed0=1)
+                    rate, latencies = closed_loop(call, clients, per_client(clients), seed0=1)
                 else:
                     rate, latencies = poisson_arrivals(call, arrivals_per_s, most * args.requests_per_client, seed0=1)
                 batcher.close()
                 seconds = batcher.batch_seconds
-                rows.append(
+                record(
                     Row(
                         what,
                         clients,
@@ -298,17 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                         percentile(latencies, 99),
                         statistics.mean(batcher.batch_sizes),
                         peak_memory_gib(device),
+                        len(latencies),
                         batch_s=(min(seconds), statistics.median(seconds), max(seconds)) if seconds else None,
                         arrivals_per_s=arrivals_per_s if not clients else None,
                     )
                 )
-                print(rows[-1], flush=True)
                 if clients == most and arrivals_per_s is None:
                     arrivals_per_s = args.poisson_load * rate
 
     print(render(rows, levels))
-    if args.out:
-        Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0
 
 
@@ -332,29 +348,32 @@ def warmed_up_engine(model_dir: Path, device, dtype, compile_unet: bool, request
 def render(rows: list[Row], levels: list[int]) -> str:
     lines = [
         "",
-        "| side | load | images/s | p50 s | p99 s | mean batch | batch call s, min / median / max | peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| side | load | requests | images/s | p50 s | p99 s | mean batch | batch call s, min / median / max "
+        "| peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         memory = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
         batch = " / ".join(f"{s:.3f}" for s in r.batch_s) if r.batch_s else "-"
         lines.append(
-            f"| {r.what} | {r.load} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | {r.mean_batch:.1f} | "
+            f"| {r.what} | {r.load} | {r.requests} | {r.images_per_s:.2f} | {r.p50_s:.3f} | {r.p99_s:.3f} | "
+            f"{r.mean_batch:.1f} | "
             f"{batch} | {memory} |"
         )
     most = max(levels)
     baseline = next((r for r in rows if r.what.startswith("diffusers") and r.clients == most), None)
     for what in dict.fromkeys(r.what for r in rows if r.what.startswith("engine")):
         by = {r.clients: r for r in rows if r.what == what}
-        if baseline is None or most not in by or 1 not in by:
+        if most not in by or 1 not in by:
             continue
-        speedup = by[most].images_per_s / baseline.images_per_s
         tail = by[most].p99_s / by[1].p50_s
-        verdict = "PASS" if speedup >= 3 and tail <= 4 else "MISS"
-        lines.append(
-            f"\n{what}, {most} clients: {speedup:.2f}x the baseline's images/s (target >= 3x); p99 = {tail:.2f}x "
-            f"a lone request's latency (target <= 4x): {verdict}"
-        )
+        verdicts = [f"p99 = {tail:.2f}x a lone request's latency (target <= 4x)"]
+        passed = tail <= 4
+        if baseline is not None:  # absent with --only engine: the latency verdict alone
+            speedup = by[most].images_per_s / baseline.images_per_s
+            verdicts.insert(0, f"{speedup:.2f}x the baseline's images/s (target >= 3x)")
+            passed = passed and speedup >= 3
+        lines.append(f"\n{what}, {most} clients: {'; '.join(verdicts)}: {'PASS' if passed else 'MISS'}")
     return "\n".join(lines)
 
 

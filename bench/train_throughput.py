@@ -334,20 +334,25 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     A progress event at step S covers the steps since the previous event's step P. Left out: the first
     window (it starts at the reporter's creation), windows with P < `warmup`, and windows holding a
     checkpoint save. A save at step N runs right after step N's progress report, so it lies in the window
-    with P <= N < S (by steps, not times: a "checkpoint" event is written when Ray commits it, later).
+    with P <= N < S (by steps, not times: a "checkpoint" event is written when Ray commits it, later). The rate
+    is the windows' steps over their seconds, as the baseline's (a median of windows would drop slow ones).
     """
     progress = [e for e in events if e["type"] == "progress"]
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
     saved_at = [e["step"] for e in checkpoints]
 
+    def window(previous: dict, event: dict) -> tuple[int, float]:
+        steps = event["step"] - previous["step"]
+        return steps, steps / event["steps_per_s"]
+
     steady, after_warmup = [], []
     for previous, event in itertools.pairwise(progress):
         if previous["step"] < warmup:
             continue
-        after_warmup.append(event["steps_per_s"])
+        after_warmup.append(window(previous, event))
         if not any(previous["step"] <= n < event["step"] for n in saved_at):
-            steady.append(event["steps_per_s"])
-    rates = steady or after_warmup or [e["steps_per_s"] for e in progress[1:]] or [e["steps_per_s"] for e in progress]
+            steady.append(window(previous, event))
+    windows = steady or after_warmup or [window(a, b) for a, b in itertools.pairwise(progress)]
 
     # Progress and validation events carry the peak so far (validation samples beside the optimizer's states).
     reports = [e for e in events if e["type"] in ("progress", "validation")]
@@ -358,9 +363,9 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     training_start = next((e["time"] for e in states if e["state"] == "TRAINING"), None)
     first_progress = progress[0]["time"] - training_start if progress and training_start is not None else float("nan")
     return {
-        "steps_per_s": statistics.median(rates) if rates else None,
+        "steps_per_s": sum(s for s, _ in windows) / sum(t for _, t in windows) if windows else None,
         "windows": len(progress),
-        "windows_used": len(steady) if steady else len(rates),
+        "windows_used": len(windows),
         "peak_memory_gib": max(memory) if memory else None,
         "checkpoint_stall_s": statistics.median(e["stall_s"] for e in checkpoints) if checkpoints else None,
         "checkpoint_stalls_s": [round(e["stall_s"], 2) for e in checkpoints],

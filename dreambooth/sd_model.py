@@ -122,6 +122,10 @@ def check_base_model(path: str | os.PathLike) -> Path:
     return root
 
 
+# Pipelines of SD 1.x/2.x's components (the img2img one is saved with the same folders and weights).
+_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+
+
 def _architecture_problems(root: Path) -> list[str]:
     """What makes a complete-looking model one this project cannot train or serve (SDXL, an inpainting UNet, ...),
     found in its JSON files: told before any worker starts rather than as a shape error in the first step."""
@@ -129,20 +133,23 @@ def _architecture_problems(root: Path) -> list[str]:
     for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
         try:
             configs[name] = json.loads((root / name).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             return [f"{name} is not valid JSON ({e})"]
+        if not isinstance(configs[name], dict):
+            return [f"{name} holds a {type(configs[name]).__name__}, not a JSON object"]
     pipeline = configs["model_index.json"].get("_class_name")
     unet, text_encoder = configs["unet/config.json"], configs["text_encoder/config.json"]
     problems = []
-    if pipeline != "StableDiffusionPipeline":
+    if pipeline not in _PIPELINES:
         problems.append(f"model_index.json names a {pipeline}, not a StableDiffusionPipeline (SD 1.x/2.x)")
     channels = (unet.get("in_channels"), unet.get("out_channels"))
     if channels != (4, 4):
         problems.append(f"its UNet takes/gives {channels[0]}/{channels[1]} channels, not 4/4 (an inpainting model?)")
-    if unet.get("cross_attention_dim") != text_encoder.get("hidden_size"):
+    width = unet.get("cross_attention_dim")
+    widths = set(width) if isinstance(width, list) else {width}  # one per block in some configs
+    if widths != {text_encoder.get("hidden_size")}:
         problems.append(
-            f"its UNet attends to {unet.get('cross_attention_dim')}-wide text states, its text encoder gives "
-            f"{text_encoder.get('hidden_size')}"
+            f"its UNet attends to {width}-wide text states, its text encoder gives {text_encoder.get('hidden_size')}"
         )
     return problems
 

@@ -14,7 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import threading
+import logging
 import time
 import weakref
 from collections.abc import Iterator
@@ -45,6 +45,10 @@ from serving.http_api import (
 from serving.metrics import GeneratorMetrics, IngressMetrics
 from serving.step_batching import StepBatcher
 
+logger = logging.getLogger(__name__)
+
+EVICTION_WAIT_S = 300
+
 
 class ModelNotServed(LookupError):
     """The model id is not (or no longer) deployed."""
@@ -72,35 +76,38 @@ def keep_replica_grpc_on_loopback() -> None:
 class ResidentModel:
     """A subject model as a replica's multiplexer holds it, counting the requests using it.
 
-    When a load needs room, Serve evicts the least recently used model by calling its `__del__` (in an executor
-    thread, awaited, under the multiplexer's load lock): here that waits until no request uses the model any
-    more. Evicting a model that requests still sample would leave it in memory beside its replacement (and a new
-    request for it would load a second copy): `max_models_per_replica` would no longer bound a replica's memory.
-    The cost is that the load waits for them, as a load on a full GPU must."""
+    When a load needs room, Serve evicts the least recently used model and awaits its `__del__` (under the
+    multiplexer's load lock): here that waits until no request uses the model any more, up to
+    EVICTION_WAIT_S. Evicting a model that requests still sample would leave it in memory beside its replacement
+    (and a new request for it would load a second copy): `max_models_per_replica` would no longer bound a
+    replica's memory. The cost is that the load waits for them, as a load on a full GPU must. Requests enter and
+    leave on the replica's event loop, where Serve awaits the eviction too."""
 
     def __init__(self, model: SubjectModel):
         self.model = model
         self._users = 0
-        self._lock = threading.Lock()
-        self._unused = threading.Event()
+        self._unused = asyncio.Event()
         self._unused.set()
+        # An attribute, not a method: what Serve calls (and awaits, a coroutine function) on eviction, while the
+        # garbage collector, which looks __del__ up on the class, finds none to run.
+        self.__del__ = self._until_unused
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[SubjectModel]:
-        with self._lock:
-            self._users += 1
-            self._unused.clear()
+        self._users += 1
+        self._unused.clear()
         try:
             yield self.model
         finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._unused.set()
+            self._users -= 1
+            if self._users == 0:
+                self._unused.set()
 
-    def __del__(self) -> None:
-        # Called by Serve on eviction, and by the garbage collector once nothing refers to it (unused by then).
-        self._unused.wait()
+    async def _until_unused(self) -> None:
+        try:
+            await asyncio.wait_for(self._unused.wait(), EVICTION_WAIT_S)
+        except TimeoutError:  # a request stuck for minutes must not stop every other model's load
+            logger.warning("evicting model %s while %d requests still use it", self.model.model_id, self._users)
 
 
 @dataclass

@@ -240,13 +240,26 @@ def test_importing_the_model_code_prints_no_torchvision_noise():
         ("unet/config.json", {"in_channels": 9}, "9/4 channels, not 4/4"),
         ("text_encoder/config.json", {"hidden_size": 48}, "48"),
         ("unet/config.json", None, "unet/config.json is not valid JSON"),
+        ("text_encoder/config.json", [], "holds a list, not a JSON object"),
     ],
 )
 def test_check_base_model_refuses_what_it_cannot_train(tiny_copy, file, change, says):
     """Complete-looking models of another kind (SDXL, inpainting, mismatched parts) are refused by name, before
     any worker would fail on them."""
     path = tiny_copy / file
-    path.write_text("{" if change is None else json.dumps(json.loads(path.read_text()) | change))
+    if change is None:
+        path.write_text("{")
+    elif isinstance(change, list):
+        path.write_text(json.dumps(change))
+    else:
+        path.write_text(json.dumps(json.loads(path.read_text()) | change))
     with pytest.raises(InputError) as error:
         check_base_model(tiny_copy)
     assert says in error.value.message and "not a text-to-image Stable Diffusion model" in error.value.message
+
+
+def test_check_base_model_accepts_per_block_cross_attention_widths(tiny_copy):
+    config = tiny_copy / "unet" / "config.json"
+    unet = json.loads(config.read_text())
+    config.write_text(json.dumps(unet | {"cross_attention_dim": [unet["cross_attention_dim"]] * 4}))
+    assert check_base_model(tiny_copy) == tiny_copy.resolve()

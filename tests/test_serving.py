@@ -163,8 +163,8 @@ def test_two_subjects_from_one_replica_draw_differently(service):
     again = generate(service, "rex", seed=21)
     assert np.array_equal(image(again), image(rex))
 
-    # Both at once, with one model slot: a model is evicted only once the requests using it are done (the
-    # other's load waits for them), and every request draws with its own subject.
+    # Both at once, with one model slot: every switch evicts (waiting for the requests using the model: the unit
+    # test in test_serving_config shows the wait), without deadlock, and every request draws with its subject.
     subjects = ["rex", "fido", "rex", "fido"]
     with ThreadPoolExecutor(len(subjects)) as pool:
         mixed = list(pool.map(lambda model_id: generate(service, model_id, seed=21), subjects))

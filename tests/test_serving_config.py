@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
-import threading
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
@@ -139,14 +140,19 @@ def test_serving_access_follows_the_controllers_tenants_without_holding_their_to
 
 
 def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
-    """Serve evicts a multiplexed model by calling its __del__ in a thread and awaiting it before loading the
-    next: that must wait for the requests still using the model."""
-    resident = ResidentModel(model=object())
-    resident.__del__()  # unused: returns at once
-    evicted = threading.Thread(target=resident.__del__)
-    with resident.in_use(), resident.in_use():
-        evicted.start()
-        evicted.join(0.2)
-        assert evicted.is_alive()
-    evicted.join(10)
-    assert not evicted.is_alive()
+    """Serve evicts a multiplexed model by awaiting its __del__ (a coroutine function: ray/serve/multiplex.py
+    unload_model_lru) before loading the next: that must wait for the requests still using the model. The
+    garbage collector must find no __del__ to run (it would not await it)."""
+    assert not hasattr(ResidentModel, "__del__")
+
+    async def evict_while_in_use() -> None:
+        resident = ResidentModel(model=object())
+        assert inspect.iscoroutinefunction(resident.__del__)
+        await asyncio.wait_for(resident.__del__(), 1)  # unused: at once
+        with resident.in_use(), resident.in_use():
+            evicting = asyncio.ensure_future(resident.__del__())
+            await asyncio.sleep(0.2)
+            assert not evicting.done()
+        await asyncio.wait_for(evicting, 10)
+
+    asyncio.run(evict_while_in_use())

@@ -143,6 +143,10 @@ def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
     (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
 
     check_rerun(JobSpec.from_dict({**VALID, "max_steps": 20, "validation_prompts": ["sks dog, snow"]}), paths)
+    older = {k: v for k, v in first.to_dict().items() if k != "prior_loss_weight"}  # a field a later version added
+    paths.spec_file.write_text(json.dumps(older))
+    check_rerun(first, paths)
+    paths.spec_file.write_text(json.dumps(first.to_dict()))
     for change, field in [
         ({"learning_rate": 1e-6}, "learning_rate"),
         ({"instance_prompt": "a photo of sks cat", "class_prompt": "a photo of cat"}, "class_prompt"),

@@ -141,10 +141,10 @@ def _map_tensors(item: Any, fn) -> Any:
     if torch.is_tensor(item):
         return fn(item)
     if isinstance(item, dict):
-        copy = item.copy()  # keeps the mapping's type (OrderedDict, defaultdict)
-        for key, value in copy.items():
-            copy[key] = _map_tensors(value, fn)
-        return copy
+        mapped = item.copy()  # keeps the mapping's type (OrderedDict, defaultdict)
+        for key, value in mapped.items():
+            mapped[key] = _map_tensors(value, fn)
+        return mapped
     if isinstance(item, (list, tuple)):
         values = [_map_tensors(v, fn) for v in item]
         if all(new is old for new, old in zip(values, item, strict=True)):

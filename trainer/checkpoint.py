@@ -37,7 +37,8 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    """The steps of the checkpoints in a Ray Train run directory (those Ray keeps)."""
+    """The steps of the checkpoint directories in a Ray Train run directory (the newest may be one whose save
+    did not finish or that Ray never committed)."""
     return sorted(int(p.name.removeprefix(_DIR_PREFIX)) for p in run_dir.glob(f"{_DIR_PREFIX}*"))
 
 

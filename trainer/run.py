@@ -68,7 +68,8 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
     if not steps or not paths.spec_file.exists():
         return
     before, now = json.loads(paths.spec_file.read_text()), json.loads(json.dumps(spec.to_dict()))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RERUN_MAY_CHANGE)
+    # Fields in both: one that a later version added (or removed) has its default, not a change of the user's.
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in RERUN_MAY_CHANGE)
     start_over = f"use another job id (--job-id), or delete {paths.job_dir} to start over"
     if changed:
         raise InputError(
