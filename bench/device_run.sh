@@ -23,7 +23,8 @@
 #   profile        train_step_profile.py --profile, the two profiled variants                 ~2 min
 #   train-compile  train_throughput.py --compile --only trainer (~2.5 min of compiling)        ~4 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
-# --compile`. A part starts only if its estimate is left; each writes its JSON row by row, so a cut keeps rows.
+# --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
+# its JSON row by row, the train parts print each side's row as it ends).
 # All of it is ~20 min, more than one call (570 s) or one session's device time (15 min): the first call gets
 # train, memory and whatever else fits (~6 min); a second `ONLY=serve,train-compile` call the rest that matters.
 set -uo pipefail
