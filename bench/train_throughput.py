@@ -315,6 +315,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
         f"checkpoint stalls {summary['checkpoint_stalls_s']} s"
     )
+    if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
+        notes += f", {summary['skipped_steps']} optimizer steps of the timed windows skipped on fp16 overflow"
     steps_per_s = summary["steps_per_s"]
     return Row(
         what=f"this trainer: run_training, Ray Train (1 worker) + DeepSpeed ZeRO-{args.zero_stage}, {args.precision}"
@@ -341,9 +343,10 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
     saved_at = [e["step"] for e in checkpoints]
 
-    def window(previous: dict, event: dict) -> tuple[int, float]:
+    def window(previous: dict, event: dict) -> tuple[int, float, int]:
         steps = event["step"] - previous["step"]
-        return steps, steps / event["steps_per_s"]
+        skipped = event.get("skipped_steps", 0) - previous.get("skipped_steps", 0)  # on fp16 overflow
+        return steps, steps / event["steps_per_s"], skipped
 
     steady, after_warmup = [], []
     for previous, event in itertools.pairwise(progress):
@@ -363,7 +366,8 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     training_start = next((e["time"] for e in states if e["state"] == "TRAINING"), None)
     first_progress = progress[0]["time"] - training_start if progress and training_start is not None else float("nan")
     return {
-        "steps_per_s": sum(s for s, _ in windows) / sum(t for _, t in windows) if windows else None,
+        "steps_per_s": sum(s for s, _, _ in windows) / sum(t for _, t, _ in windows) if windows else None,
+        "skipped_steps": sum(k for _, _, k in windows),
         "windows": len(progress),
         "windows_used": len(windows),
         "peak_memory_gib": max(memory) if memory else None,

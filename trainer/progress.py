@@ -44,8 +44,10 @@ class ProgressReporter:
         prior_loss: torch.Tensor,
         lr: float,
         force: bool = False,
+        skipped_steps: int = 0,
     ) -> None:
-        """Record the losses of optimizer step `step` (1-based); publish if the interval has passed."""
+        """Record the losses of optimizer step `step` (1-based); publish if the interval has passed.
+        `skipped_steps`: optimizer steps skipped so far on fp16 overflow (DeepSpeed's loss scaler)."""
         values = torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]).float()
         self._sums = values if self._sums is None else self._sums + values
         self._count += 1
@@ -64,6 +66,7 @@ class ProgressReporter:
             "lr": lr,
             "steps_per_s": steps_per_s,
             "eta_s": eta_s,
+            "skipped_steps": skipped_steps,
         }
         fields.update(peak_memory())
         self.events.emit("progress", **fields)

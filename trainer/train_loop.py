@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done = step + 1
         last = done == spec.max_steps
         if reporter is not None:
-            reporter.step(done, loss, instance_loss, prior_loss, engine.get_lr()[0], force=last)
+            lr, skipped = engine.get_lr()[0], engine.skipped_steps
+            reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
         if done % spec.checkpoint_interval == 0 or last:
             if pending_commit is not None:
                 pending_commit.join()
