@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import sqlalchemy as sa
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -79,6 +80,10 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
     if type(error) in _CODES:
         code = _CODES[type(error)]
         return code, _status(code, str(error))
+    if isinstance(error, sa.exc.OperationalError):  # the database is down, restarting or locked: worth a retry
+        log.warning("%s: the database is unavailable: %s", method, error)
+        code = grpc.StatusCode.UNAVAILABLE
+        return code, _status(code, "the controller's database is unavailable; retry in a moment")
     log.exception("%s failed", method)
     code = grpc.StatusCode.INTERNAL
     return code, _status(code, f"internal error ({type(error).__name__}); see the controller log")

@@ -24,6 +24,8 @@ class Tenant:
     """Jobs of this tenant not yet ended; a submission beyond it is RESOURCE_EXHAUSTED."""
 
     def __post_init__(self):
+        if not 0 < len(self.name) <= 128:  # the store's tenant columns
+            raise InputError(f"tenants.{self.name[:40]}", "a tenant's name must be 1-128 characters")
         # A YAML string instead of a list would iterate into one-character tokens, each authenticating as the tenant.
         field = f"tenants.{self.name}.tokens"
         if not isinstance(self.tokens, list | tuple):
@@ -68,6 +70,16 @@ class ControllerConfig:
     serving: ServeConfig | None = None
     """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,
     DeployModel answers FAILED_PRECONDITION."""
+
+    def __post_init__(self):
+        # The controller takes a token's first tenant, serving its last: one token naming two would be two people.
+        owner: dict[str, str] = {}
+        for tenant in self.tenants:
+            for token in tenant.tokens:
+                if owner.setdefault(token, tenant.name) != tenant.name:
+                    raise InputError(
+                        f"tenants.{tenant.name}.tokens", f"a token of {owner[token]!r} too: one tenant each"
+                    )
 
     @property
     def effective_database_url(self) -> str:

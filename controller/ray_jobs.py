@@ -12,13 +12,13 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
+from dreambooth.ray_dashboard import RequestTimeout
 from trainer.storage import check_job_id
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +52,10 @@ class Capacity:
     gpus: float
 
 
-class _Client(JobSubmissionClient):
-    # The SDK sends its requests without a timeout: a dashboard that accepts connections but never answers
-    # (a hung or unreachable head) would block the controller forever. _do_request passes kwargs to requests.
+class _Client(RequestTimeout, JobSubmissionClient):
     def __init__(self, address: str, timeout_s: float) -> None:
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         super().__init__(address)
-
-    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", self._timeout_s)
-        return super()._do_request(method, endpoint, **kwargs)
 
 
 def _not_found(e: Exception) -> bool:

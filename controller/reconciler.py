@@ -64,11 +64,13 @@ class Reconciler:
             self.feed.wait(seen, timeout_s=self.config.reconcile_interval_s)
 
     def reconcile_once(self) -> None:
+        """One pass. Its parts fail alone (logged, retried next pass): a job that cannot be followed, or Ray down
+        for scheduling, must not hold the other jobs or serving's catch-up."""
         for job in self.store.active_jobs():
-            self._follow(job)
-        self._schedule()
+            _logged(f"following job {job.job_id}", self._follow, job)
+        _logged("scheduling", self._schedule)
         if self.service.serving is not None:
-            self.service.serving.reconcile()
+            _logged("serving", self.service.serving.reconcile)
         metrics.set_jobs_by_state(self.store.count_jobs_by_state())
 
     # --- starting ------------------------------------------------------------------------------------
@@ -242,3 +244,10 @@ class Reconciler:
 def _next_attempt(job: JobRecord) -> dict:
     attempt = job.attempts + 1
     return {"attempts": attempt, "ray_submission_id": f"{job.job_id}-a{attempt}"}
+
+
+def _logged(what: str, part, *args) -> None:
+    try:
+        part(*args)
+    except Exception:
+        log.exception("reconcile pass: %s failed; retrying next pass", what)

@@ -69,8 +69,8 @@ class JobService:
     def submit(
         self, tenant: str, spec_fields: dict, images: list[ImageInput], request_id: str = "", priority: int = 0
     ) -> JobRecord:
-        if len(request_id) > 128:
-            raise InputError("request_id", "at most 128 characters")
+        if len(request_id) > 128 or "\x00" in request_id:
+            raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
             return existing
         unfinished = self.store.running_count(tenant, states=UNFINISHED)

@@ -55,6 +55,8 @@ class ServingSync:
                 self._next_check = time.monotonic() + RETRY_INTERVAL_S
                 return
             if not missing:
-                self._next_check = time.monotonic() + VERIFY_INTERVAL_S
+                with self._lock:
+                    if not self._dirty:  # else an apply failed meanwhile, and its retry comes sooner
+                        self._next_check = time.monotonic() + VERIFY_INTERVAL_S
                 return
         self.apply()

@@ -140,7 +140,10 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelRecord)} - {"model_id"}
 class Store:
     def __init__(self, url: str, busy_timeout_ms: int = 30_000):
         sqlite = url.startswith("sqlite")
-        self.engine: Engine = sa.create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        # pool_pre_ping: after a PostgreSQL restart, a pooled connection is found dead and replaced, not used.
+        self.engine: Engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False} if sqlite else {}, pool_pre_ping=not sqlite
+        )
         # SQLite has one writer at a time, and a writer that finds the lock taken polls for it in sleeps of up
         # to 100 ms (its busy handler) while holding a pooled connection: under concurrent submissions, writers
         # starve each other and readers wait for connections. This process's writers queue here instead (no
@@ -197,12 +200,16 @@ class Store:
             return existing
 
     def find_by_request_id(self, tenant: str, request_id: str) -> JobRecord | None:
+        if not _storable(request_id):
+            return None
         query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.request_id == request_id)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else _job(row)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        if not _storable(job_id):
+            return None
         query = sa.select(jobs).where(jobs.c.job_id == job_id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
@@ -274,6 +281,8 @@ class Store:
         return ModelRecord(**row._mapping)
 
     def get_model(self, model_id: str, tenant: str | None = None) -> ModelRecord | None:
+        if not _storable(model_id):
+            return None
         query = sa.select(models).where(models.c.model_id == model_id)
         if tenant is not None:
             query = query.where(models.c.tenant == tenant)
@@ -364,10 +373,18 @@ def _encode_token(kind: str, create_time: float, key: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([kind, create_time, key]).encode()).decode().rstrip("=")
 
 
+def _storable(text: str) -> bool:
+    """Whether a key could be stored: PostgreSQL's text holds no NUL character (asking for one fails there, where
+    SQLite would answer "none"), so nothing stored has one, and a lookup of one finds nothing on both."""
+    return "\x00" not in text
+
+
 def _decode_token(token: str, kind: str) -> tuple[float, str]:
     try:
         got_kind, create_time, key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if got_kind != kind or not isinstance(create_time, (int, float)) or not isinstance(key, str):
+            raise ValueError
+        if not _storable(key):
             raise ValueError
         create_time = float(create_time)  # OverflowError for an int beyond a float's range
     # binascii.Error and JSONDecodeError are ValueErrors; RecursionError: JSON nested too deep

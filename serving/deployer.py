@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dreambooth.ray_dashboard import RequestTimeout
 from serving import access
 from serving.config import ServeConfig
 
@@ -18,9 +19,10 @@ DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names in serving/app.py
 
 
 class ServeDeployer:
-    def __init__(self, dashboard_url: str, config: ServeConfig):
+    def __init__(self, dashboard_url: str, config: ServeConfig, timeout_s: float = 30):
         self.dashboard_url = dashboard_url
         self.config = config
+        self.timeout_s = timeout_s  # per REST call: a hung dashboard must not hold the controller's deploys
 
     def application(
         self,
@@ -83,4 +85,7 @@ class ServeDeployer:
     def _client(self):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-        return ServeSubmissionClient(self.dashboard_url)
+        class Client(RequestTimeout, ServeSubmissionClient):
+            timeout_s = self.timeout_s
+
+        return Client(self.dashboard_url)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.config import ControllerConfig, Tenant
@@ -110,6 +111,8 @@ def test_list_by_an_unspecified_state_is_invalid(client):
         ("alice: {tokens: [short]}", "tenants.alice.tokens"),
         ("alice: {max_running_jobs: 1}", "tenants.alice.tokens"),
         ("alice: {tokens: [alice-secret-token], max_jobs: 1}", "tenants.alice"),
+        ("alice: {tokens: [shared-secret-token]}\n  bob: {tokens: [shared-secret-token]}", "tenants.bob.tokens"),
+        (f"{'x' * 129}: {{tokens: [long-name-token]}}", f"tenants.{'x' * 40}"),
     ],
 )
 def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
@@ -204,3 +207,11 @@ def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path
     service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed)
     states = [job.state for job, _ in service.watch("alice", mine.job_id)]
     assert states == ["QUEUED", "CANCELLED"]
+
+
+def test_a_database_outage_is_unavailable_not_internal():
+    """What a client should retry: the database down, restarting or locked past its busy timeout."""
+    from controller.api import _error_status
+
+    code, status = _error_status(sa.exc.OperationalError("SELECT 1", {}, Exception("server closed")), "GetJob")
+    assert code == grpc.StatusCode.UNAVAILABLE and "retry" in status.details

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import socket
+import time
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
@@ -156,3 +158,16 @@ def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
         await asyncio.wait_for(evicting, 10)
 
     asyncio.run(evict_while_in_use())
+
+
+def test_a_silent_dashboard_times_out_instead_of_holding_the_deploys():
+    """The controller applies deployments under a lock, from its RPC threads and its reconciler: a dashboard that
+    accepts connections but never answers must end a call in its timeout, not hold them all."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        deployer = ServeDeployer(f"http://127.0.0.1:{silent.getsockname()[1]}", ServeConfig(), timeout_s=1)
+        start = time.monotonic()
+        with pytest.raises(Exception, match=r"(?i)timed? ?out"):
+            deployer.status()
+        assert time.monotonic() - start < 10

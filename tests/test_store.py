@@ -188,12 +188,22 @@ def test_bad_page_token(store):
         base64.urlsafe_b64encode(b'["j", "yesterday", "job-1"]').decode(),
         "é",
         model_token,  # a models token is not a jobs token
+        base64.urlsafe_b64encode(b'["j", 1.0, "job-\\u0000"]').decode(),  # a key no store can hold (PostgreSQL)
     ]
     for token in bad:
         with pytest.raises(ValueError):
             store.list_jobs("acme", 1, token)
     with pytest.raises(ValueError):
         store.list_jobs("acme", 0)
+
+
+def test_keys_with_nul_find_nothing(store):
+    """Clients may send NUL in proto3 strings; PostgreSQL's text cannot hold one (a query with it fails there):
+    such a key finds nothing, on both databases, rather than failing the call."""
+    inserted = store.insert_job(job(request_id="r-1"))
+    assert store.get_job(inserted.job_id + "\x00") is None
+    assert store.find_by_request_id("acme", "r-1\x00") is None
+    assert store.get_model("model-1\x00") is None
 
 
 def _models_with_token(store) -> tuple[list[ModelRecord], str]:
