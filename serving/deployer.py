@@ -19,10 +19,11 @@ DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names in serving/app.py
 
 
 class ServeDeployer:
-    def __init__(self, dashboard_url: str, config: ServeConfig, timeout_s: float = 30):
+    def __init__(self, dashboard_url: str, config: ServeConfig, timeout_s: float = 60):
         self.dashboard_url = dashboard_url
         self.config = config
-        self.timeout_s = timeout_s  # per REST call: a hung dashboard must not hold the controller's deploys
+        # Per REST call (the first PUT starts Serve: seconds); a hung dashboard must not hold the deploys for ever.
+        self.timeout_s = timeout_s
 
     def application(
         self,
