@@ -138,20 +138,26 @@ class _FeedPublishingBehindTheWatch(ChangeFeed):
         return published
 
 
-def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Path):
+def _watched_job(tmp_path: Path, make_feed) -> tuple[JobService, JobRecord]:
+    """A real store holding one QUEUED job of alice's, and a JobService over the feed `make_feed(cancel)` makes;
+    `cancel()` cancels the job as the service does (the transition, then its change published)."""
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    mine, other = store.insert_job(JobRecord("alice", {})), store.insert_job(JobRecord("alice", {}))
+    job = store.insert_job(JobRecord("alice", {}))
 
-    def cancel_mine() -> None:
-        store.transition(mine.job_id, {"QUEUED"}, "CANCELLED")
-        feed.publish(mine.job_id, "state", {"state": "CANCELLED"})
+    def cancel() -> None:
+        store.transition(job.job_id, {"QUEUED"}, "CANCELLED")
+        feed.publish(job.job_id, "state", {"state": "CANCELLED"})
 
-    feed = _FeedPublishingBehindTheWatch(cancel_mine)
+    feed = make_feed(cancel)
     config = ControllerConfig(storage=tmp_path, tenants=(Tenant("alice", (TOKEN,)),))
-    service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed)
+    return JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed), job
+
+
+def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Path):
+    service, mine = _watched_job(tmp_path, _FeedPublishingBehindTheWatch)
     watch = service.watch("alice", mine.job_id)
     assert next(watch)[0].state == "QUEUED"
-    threading.Timer(0.05, feed.publish, (other.job_id, "progress")).start()
+    threading.Timer(0.05, service.feed.publish, ("job-other", "progress")).start()
     job, change = next(watch)
     # Delivered as the change it was (not found later by re-reading the job), so nothing between was skipped.
     assert job.state == "CANCELLED" and change is not None and change.kind == "state"
@@ -195,16 +201,7 @@ class _BusyFeed(ChangeFeed):
 
 
 def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path):
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    mine = store.insert_job(JobRecord("alice", {}))
-
-    def cancel_mine() -> None:
-        store.transition(mine.job_id, {"QUEUED"}, "CANCELLED")
-        feed.publish(mine.job_id, "state", {"state": "CANCELLED"})
-
-    feed = _BusyFeed(cancel_mine)
-    config = ControllerConfig(storage=tmp_path, tenants=(Tenant("alice", (TOKEN,)),))
-    service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed)
+    service, mine = _watched_job(tmp_path, _BusyFeed)
     states = [job.state for job, _ in service.watch("alice", mine.job_id)]
     assert states == ["QUEUED", "CANCELLED"]
 
