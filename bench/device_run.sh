@@ -25,8 +25,10 @@
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends).
-# All of it is ~20 min, more than one call (570 s) or one session's device time (15 min): the first call gets
-# train, memory and whatever else fits (~6 min); a second `ONLY=serve,train-compile` call the rest that matters.
+# All of it is ~20 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# included). Within 15 min: `DEADLINE_S=420 bash bench/device_run.sh` (install, train, memory: ~6.5 min), then
+# on the still-warm machine `ONLY=serve bash bench/device_run.sh` (~5.5 min); train-memory, profile and
+# train-compile when a session has more device time.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
