@@ -26,7 +26,17 @@ from controller.errors import FailedPrecondition, NotFound, PermissionDenied, Qu
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
 from controller.serving import ServingSync
-from controller.store import RUNNING_STATES, STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store, new_job_id
+from controller.store import (
+    RUNNING_STATES,
+    STATES,
+    TERMINAL_STATES,
+    UNFINISHED_STATES,
+    JobRecord,
+    ModelRecord,
+    Store,
+    TenantFull,
+    new_job_id,
+)
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
@@ -34,8 +44,6 @@ from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
-
-UNFINISHED = frozenset(STATES) - TERMINAL_STATES
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,10 @@ class JobService:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
             return existing
-        unfinished = self.store.running_count(tenant, states=UNFINISHED)
-        if unfinished >= self.tenants[tenant].max_queued_jobs:
-            raise QuotaExceeded(
-                f"tenant {tenant!r} has {unfinished} unfinished jobs (limit "
-                f"{self.tenants[tenant].max_queued_jobs}); wait for some to end or cancel them"
-            )
+        limit = self.tenants[tenant].max_queued_jobs
+        # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
+        if (unfinished := self.store.running_count(tenant, states=UNFINISHED_STATES)) >= limit:
+            raise _tenant_full(tenant, unfinished, limit)
         if not -1000 <= priority <= 1000:
             raise InputError("priority", "must be in [-1000, 1000]")
 
@@ -101,16 +107,18 @@ class JobService:
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
             paths.job_dir.mkdir(parents=True, exist_ok=True)  # uri-only submissions upload nothing to create it
             paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
-            job = self.store.insert_job(
-                JobRecord(
-                    job_id=job_id,
-                    tenant=tenant,
-                    request_id=request_id or None,
-                    state="QUEUED",
-                    priority=priority,
-                    spec=spec.to_dict(),
-                )
+            record = JobRecord(
+                job_id=job_id,
+                tenant=tenant,
+                request_id=request_id or None,
+                state="QUEUED",
+                priority=priority,
+                spec=spec.to_dict(),
             )
+            try:
+                job = self.store.insert_job(record, max_unfinished=limit)
+            except TenantFull as e:
+                raise _tenant_full(tenant, e.unfinished, limit) from e
         except BaseException:
             shutil.rmtree(paths.job_dir, ignore_errors=True)
             raise
@@ -287,6 +295,12 @@ class JobService:
             return self.store.list_models(tenant, page_size or 50, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
+
+
+def _tenant_full(tenant: str, unfinished: int, limit: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"tenant {tenant!r} has {unfinished} unfinished jobs (limit {limit}); wait for some to end or cancel them"
+    )
 
 
 def _safe_filename(name: str, index: int) -> str:

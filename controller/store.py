@@ -26,6 +26,15 @@ STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED",
 RUNNING_STATES = frozenset({"PREPARING", "TRAINING", "EXPORTING"})  # the trainer reports these
 ACTIVE_STATES = RUNNING_STATES | {"CANCELLING"}  # holding cluster resources
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+UNFINISHED_STATES = frozenset(STATES) - TERMINAL_STATES
+
+
+class TenantFull(Exception):
+    """insert_job's `max_unfinished` reached; `unfinished` is how many the tenant has."""
+
+    def __init__(self, unfinished: int):
+        super().__init__(f"{unfinished} unfinished jobs")
+        self.unfinished = unfinished
 
 
 def new_job_id() -> str:
@@ -182,14 +191,30 @@ class Store:
 
     # --- jobs -------------------------------------------------------------------------------------------
 
-    def insert_job(self, record: JobRecord) -> JobRecord:
-        """Insert a job; if its (tenant, request_id) exists already, return that job instead (idempotent)."""
+    def insert_job(self, record: JobRecord, max_unfinished: int | None = None) -> JobRecord:
+        """Insert a job; if its (tenant, request_id) exists already, return that job instead (idempotent).
+
+        With `max_unfinished`, TenantFull if the tenant has that many jobs not ended: counted in the insert's own
+        transaction once it holds the writers' lock (SQLite: this process's; PostgreSQL: the seq counter's row),
+        so concurrent submissions cannot all slip under the limit."""
         row = dataclasses.asdict(record)
         row["request_id"] = row["request_id"] or None  # proto3's "" means no idempotency key
         _check_state(row["state"])
         try:
             with self._writing() as conn:
-                row["seq"] = _bump_seq(conn)
+                row["seq"] = _bump_seq(conn)  # first: it takes the lock
+                if row["request_id"] is not None:
+                    same = jobs.c.tenant == record.tenant, jobs.c.request_id == row["request_id"]
+                    existing = conn.execute(sa.select(jobs).where(*same)).first()
+                    if existing is not None:  # a retry: the first job, whether or not the tenant is full now
+                        conn.rollback()
+                        return _job(existing)
+                if max_unfinished is not None:
+                    unfinished = sa.select(sa.func.count()).where(
+                        jobs.c.tenant == record.tenant, jobs.c.state.in_(sorted(UNFINISHED_STATES))
+                    )
+                    if (count := conn.execute(unfinished).scalar_one()) >= max_unfinished:
+                        raise TenantFull(count)
                 row["update_time"] = row["update_time"] or row["create_time"]
                 return _job(conn.execute(jobs.insert().values(**row).returning(*jobs.c)).one())
         except sa.exc.IntegrityError:

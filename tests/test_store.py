@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from controller.store import STATES, JobRecord, ModelRecord, Store, jobs
+from controller.store import STATES, JobRecord, ModelRecord, Store, TenantFull, jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +140,32 @@ def test_idempotent_insert_race(store):
             w.join()
         assert len(results) == threads and len(set(results)) == 1
     assert sum(store.count_jobs_by_state().values()) == 10
+
+
+def test_a_tenants_limit_holds_under_concurrent_inserts(store):
+    """The unfinished-jobs limit is counted in the insert's own transaction: threads submitting at once cannot
+    all see room (count-then-insert let each of them in)."""
+    threads, limit = 8, 3
+    store.insert_job(job(state="SUCCEEDED"))  # ended jobs do not count
+    barrier = threading.Barrier(threads)
+    accepted, full = [], []
+
+    def submit(index: int) -> None:
+        barrier.wait()
+        try:
+            accepted.append(store.insert_job(job(request_id=f"r{index}"), max_unfinished=limit).job_id)
+        except TenantFull as e:
+            full.append(e.unfinished)
+
+    workers = [threading.Thread(target=submit, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(accepted) == limit and full == [limit] * (threads - limit)
+    # At the limit, a retry of an accepted submission still gets its job (idempotency comes first).
+    retried = store.get_job(accepted[0])
+    assert store.insert_job(job(request_id=retried.request_id), max_unfinished=limit) == retried
 
 
 def test_tenant_scoping(store):
