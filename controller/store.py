@@ -204,16 +204,13 @@ class Store:
             with self._writing() as conn:
                 row["seq"] = _bump_seq(conn)  # first: it takes the lock
                 if row["request_id"] is not None:
-                    same = jobs.c.tenant == record.tenant, jobs.c.request_id == row["request_id"]
-                    existing = conn.execute(sa.select(jobs).where(*same)).first()
+                    existing = conn.execute(_by_request_id(record.tenant, row["request_id"])).first()
                     if existing is not None:  # a retry: the first job, whether or not the tenant is full now
                         conn.rollback()
                         return _job(existing)
                 if max_unfinished is not None:
-                    unfinished = sa.select(sa.func.count()).where(
-                        jobs.c.tenant == record.tenant, jobs.c.state.in_(sorted(UNFINISHED_STATES))
-                    )
-                    if (count := conn.execute(unfinished).scalar_one()) >= max_unfinished:
+                    count = conn.execute(_count_in(record.tenant, UNFINISHED_STATES)).scalar_one()
+                    if count >= max_unfinished:
                         raise TenantFull(count)
                 row["update_time"] = row["update_time"] or row["create_time"]
                 return _job(conn.execute(jobs.insert().values(**row).returning(*jobs.c)).one())
@@ -227,9 +224,8 @@ class Store:
     def find_by_request_id(self, tenant: str, request_id: str) -> JobRecord | None:
         if not _storable(request_id):
             return None
-        query = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.request_id == request_id)
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_by_request_id(tenant, request_id)).first()
         return None if row is None else _job(row)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
@@ -290,9 +286,8 @@ class Store:
 
     def running_count(self, tenant: str, states: frozenset[str] = ACTIVE_STATES) -> int:
         """The tenant's jobs in `states` (default: running on the cluster)."""
-        query = sa.select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.state.in_(sorted(states)))
         with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one()
+            return conn.execute(_count_in(tenant, states)).scalar_one()
 
     def max_seq(self) -> int:
         with self.engine.connect() as conn:
@@ -372,6 +367,14 @@ class Store:
             return rows, ""
         last = rows[page_size - 1]
         return rows[:page_size], _encode_token(kind, last._mapping[time_col.name], last._mapping[id_col.name])
+
+
+def _by_request_id(tenant: str, request_id: str) -> sa.Select:
+    return sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.request_id == request_id)
+
+
+def _count_in(tenant: str, states: frozenset[str]) -> sa.Select:
+    return sa.select(sa.func.count()).where(jobs.c.tenant == tenant, jobs.c.state.in_(sorted(states)))
 
 
 def _bump_seq(conn: Connection) -> int:
