@@ -57,7 +57,8 @@ class ControllerConfig:
     tls_key: Path | None = None
     reconcile_interval_s: float = 0.5
     max_attempts: int = 3
-    """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint."""
+    """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint.
+    A submission that failed (Ray unreachable) is repeated as the same attempt: it does not count."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_watches: int = 256
     """WatchJob streams open at once (each holds a server thread while its job runs); more: RESOURCE_EXHAUSTED.

@@ -4,7 +4,8 @@ Every pass is idempotent and reads all it needs from the store, Ray and the jobs
 controller killed at any point and started again simply carries on: running Ray jobs are re-attached (their
 events are read from the stored offset), a Ray job that died is resubmitted and resumes from its last
 checkpoint, queued jobs stay queued. A Ray submission id is derived from (job, attempt) and recorded before
-submitting, and Ray refuses a second submission with the same id, so no attempt ever runs twice.
+submitting, and Ray refuses a second submission with the same id, so no attempt ever runs twice. An attempt
+whose submission failed (Ray unreachable) is submitted again as the same attempt: it costs none of max_attempts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from controller import metrics
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources, demand, jobs_to_start
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store
@@ -40,6 +41,9 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._capacity: tuple[float, Resources] | None = None
+        # Submission ids whose submit failed in this process: Ray not knowing one means it never ran. (After a
+        # restart this is empty, and such an attempt counts as one that ran: the safe side.)
+        self._unsent: set[str] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
@@ -101,7 +105,12 @@ class Reconciler:
     def _submit(self, job: JobRecord) -> None:
         """Submits the job's recorded attempt (recorded first: a controller dying right after Ray accepted the
         job finds it on restart by its submission id)."""
-        self.ray_jobs.submit(job.job_id, job.attempts)
+        try:
+            self.ray_jobs.submit(job.job_id, job.attempts)
+        except RayJobsError:
+            self._unsent.add(job.ray_submission_id)
+            raise
+        self._unsent.discard(job.ray_submission_id)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def capacity(self) -> Resources:
@@ -136,6 +145,9 @@ class Reconciler:
             self._finish(job, "FAILED", "NO_RESULT", "the training driver ended without a model")
         elif status == RayJobStatus.STOPPED:
             self._finish(job, "FAILED", "STOPPED", "the Ray job was stopped outside the controller")
+        elif status == RayJobStatus.LOST and job.ray_submission_id in self._unsent:
+            log.warning("job %s: submitting %s again (its submission failed)", job.job_id, job.ray_submission_id)
+            self._submit(job)
         elif job.attempts < self.config.max_attempts:
             # The driver itself died (node lost, Ray head restarted, killed): run it again; it resumes from
             # the job's latest checkpoint.
@@ -148,6 +160,7 @@ class Reconciler:
             )
 
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
+        self._unsent.discard(job.ray_submission_id)
         fields = {"end_time": time.time()}
         if reason:
             fields.update(failure_reason=reason, failure_message=message)

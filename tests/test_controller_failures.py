@@ -1,11 +1,15 @@
 """The controller when things around it fail: Ray unreachable, many open watches, a careless config, a change
 published while a watch looks the other way. A real gRPC server on 127.0.0.1 and a real SQLite store; Ray's
-Jobs API address is a closed port, so every call to it fails for real (no Ray cluster is needed)."""
+Jobs API address is a closed port, so every call to it fails for real (one test then opens that port onto the
+session's Ray cluster: Ray is back)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -73,6 +77,56 @@ def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(controller, c
     assert logs.value.code == "UNAVAILABLE" and "Ray Jobs API" in logs.value.message
     # The cancel is recorded though Ray cannot be told yet; the reconciler stops the Ray job once it can.
     assert client.cancel(job.job_id).state == jobs_pb2.STATE_CANCELLING
+
+
+def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
+    ray_cluster, config, controller, client, tiny_model, dog_images
+):
+    job = client.submit(job_spec(tiny_model, dog_images))
+    assert any(update.job.state == jobs_pb2.STATE_PREPARING for update in client.watch(job.job_id))
+    # Ray comes back: its Jobs API answers at the address the controller was given.
+    with forwarding(urllib.parse.urlsplit(config.ray_dashboard_url).port, ray_cluster.dashboard_url):
+        final = list(client.watch(job.job_id))[-1].job
+    assert final.state == jobs_pb2.STATE_SUCCEEDED, final.failure_message
+    record = controller.service.store.get_job(job.job_id)
+    # The failed submission was repeated as attempt 1; counting it would have made this attempt 2.
+    assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
+
+
+@contextlib.contextmanager
+def forwarding(port: int, target_url: str):
+    """While the block runs, 127.0.0.1:`port` forwards TCP connections to `target_url`'s host and port."""
+    target = urllib.parse.urlsplit(target_url)
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                incoming, _ = listener.accept()
+            except TimeoutError:
+                continue
+            incoming.settimeout(None)
+            outgoing = socket.create_connection((target.hostname, target.port))
+            threading.Thread(target=pump, args=(incoming, outgoing), daemon=True).start()
+            threading.Thread(target=pump, args=(outgoing, incoming), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        acceptor.join()
+        listener.close()
 
 
 def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_model, dog_images):
