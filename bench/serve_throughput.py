@@ -67,10 +67,40 @@ class Row:
     requests: int  # latencies the percentiles come from (under ~100, the p99 is about the slowest)
     batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
     arrivals_per_s: float | None = None
+    # Step-level sides: per number of cohorts in a denoising step ("1", "2-7", "8+"), the steps counted and their
+    # median images and wall ms: whether a step of many one-request cohorts costs more than one cohort's.
+    denoise_ms: dict[str, tuple[int, float, float]] | None = None
 
     @property
     def load(self) -> str:
         return f"{self.clients} clients" if self.clients else f"Poisson {self.arrivals_per_s:.2f}/s"
+
+
+class TimedDenoise:
+    """The engine, recording each denoising step's cohorts, images and wall time (the step-level sides). The
+    call's wall time: the scheduler's step syncs with the device where it reads a schedule table on the host
+    with a device timestep (DDPM, PNDM), so on a GPU it holds the UNet forward too."""
+
+    def __init__(self, engine: SamplingEngine):
+        self.engine = engine
+        self.steps: list[tuple[int, int, float]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def denoise(self, cohorts) -> None:
+        start = time.perf_counter()
+        self.engine.denoise(cohorts)
+        self.steps.append((len(cohorts), sum(cohort.images for cohort in cohorts), time.perf_counter() - start))
+
+    def summary(self) -> dict[str, tuple[int, float, float]]:
+        buckets: dict[str, list[tuple[int, int, float]]] = {}
+        for step in self.steps:
+            buckets.setdefault("1" if step[0] == 1 else "2-7" if step[0] < 8 else "8+", []).append(step)
+        return {
+            name: (len(steps), statistics.median(s[1] for s in steps), 1000 * statistics.median(s[2] for s in steps))
+            for name, steps in buckets.items()
+        }
 
 
 class MicroBatcher:
@@ -79,7 +109,8 @@ class MicroBatcher:
 
     def __init__(self, engine: SamplingEngine, model, max_images: int, wait_s: float, step_level: bool):
         self.engine, self.model, self.max_images, self.wait_s = engine, model, max_images, wait_s
-        self.step_batcher = StepBatcher(engine, max_images) if step_level else None
+        self.timed = TimedDenoise(engine) if step_level else None
+        self.step_batcher = StepBatcher(self.timed, max_images) if step_level else None
         self.pending: queue.Queue[tuple[GenerationRequest, Future] | None] = queue.Queue()  # None: stop
         self.batch_sizes: list[int] = []  # per request: requests it shared UNet forwards with
         self.batch_seconds: list[float] = []  # per whole-batch call: where a latency tail comes from
@@ -319,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         len(latencies),
                         batch_s=(min(seconds), statistics.median(seconds), max(seconds)) if seconds else None,
                         arrivals_per_s=arrivals_per_s if not clients else None,
+                        denoise_ms=batcher.timed.summary() if batcher.timed is not None else None,
                     )
                 )
                 if clients == most and arrivals_per_s is None:
@@ -360,6 +392,13 @@ def render(rows: list[Row], levels: list[int]) -> str:
             f"{r.mean_batch:.1f} | "
             f"{batch} | {memory} |"
         )
+    for r in rows:
+        if r.denoise_ms:
+            parts = [
+                f"{name} cohorts: {n} steps, {images:g} images, {ms:.1f} ms"
+                for name, (n, images, ms) in r.denoise_ms.items()
+            ]
+            lines.append(f"- {r.what}, {r.load}, denoising steps by cohorts (medians): {'; '.join(parts)}")
     most = max(levels)
     baseline = next((r for r in rows if r.what.startswith("diffusers") and r.clients == most), None)
     for what in dict.fromkeys(r.what for r in rows if r.what.startswith("engine")):
