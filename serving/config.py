@@ -55,9 +55,10 @@ class ServeConfig:
     """How long `@serve.batch` waits for more requests before handing a group to the running batch. Short: a lone
     request waits this long before it starts, and one that misses a group joins it at the next denoising step."""
     compile_unet: bool = False
-    """torch.compile the UNet for requests at the model's native size (512x512 for SD 1.5): faster batches, but
-    a replica compiles before it takes requests (minutes for SD 1.5 on a GPU), and so does the first load of a
-    model of another architecture."""
+    """torch.compile the UNet for requests at the model's native size (512x512 for SD 1.5): faster batches (on
+    an H100, 1.4x the images/s at 16 concurrent requests and a lone request 30 % faster), but a replica compiles
+    before it takes requests (~2 minutes for SD 1.5 on an H100), and so does the first load of a model of another
+    architecture."""
     max_ongoing_requests: int = 16
     """Requests in flight per generator replica (>= max_batch_size, or batches cannot fill)."""
     max_queued_requests: int = 64
