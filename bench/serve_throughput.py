@@ -184,8 +184,13 @@ def closed_loop(call, clients: int, requests_per_client: int, seed0: int) -> tup
 
 def poisson_arrivals(call, rate: float, count: int, seed0: int) -> tuple[float, list[float]]:
     """Images/s and latencies of `count` requests arriving at random at `rate` per second (an open loop: arrivals
-    do not wait for answers, as with many independent users)."""
-    gaps = random.Random(seed0)
+    do not wait for answers, as with many independent users). The exponential gaps are scaled to add up to
+    count / rate: a few dozen draws miss their mean by ~15 % (a seeded 48 made 3.07/s of a nominal 2.83), and
+    near saturation that much more load changes the latencies more than the sides differ."""
+    draws = random.Random(seed0)
+    gaps = [draws.expovariate(rate) for _ in range(count)]
+    scale = count / rate / sum(gaps)
+    gaps = [gap * scale for gap in gaps]
     latencies: list[float] = []
 
     def timed(seed: int) -> None:
@@ -197,8 +202,8 @@ def poisson_arrivals(call, rate: float, count: int, seed0: int) -> tuple[float, 
     arrival = start
     with ThreadPoolExecutor(count) as pool:
         sent = []
-        for i in range(count):
-            arrival += gaps.expovariate(rate)
+        for i, gap in enumerate(gaps):
+            arrival += gap
             time.sleep(max(0.0, arrival - time.perf_counter()))
             sent.append(pool.submit(timed, seed0 + i))
         for future in sent:
