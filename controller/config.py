@@ -58,7 +58,8 @@ class ControllerConfig:
     reconcile_interval_s: float = 0.5
     max_attempts: int = 3
     """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint.
-    A submission that failed (Ray unreachable) is repeated as the same attempt: it does not count."""
+    A submission that failed (Ray unreachable) is repeated as the same attempt and does not count, unless the
+    controller restarted in between (it then counts: the safe side)."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_watches: int = 256
     """WatchJob streams open at once (each holds a server thread while its job runs); more: RESOURCE_EXHAUSTED.

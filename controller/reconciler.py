@@ -100,7 +100,10 @@ class Reconciler:
                 self._submit(started)
 
     def _resubmit(self, job: JobRecord) -> None:
-        self._submit(self.store.update_job(job.job_id, **_next_attempt(job)))
+        # Compare-and-set on the state this pass read: a job cancelled since then is not started again.
+        resubmitted = self.store.transition(job.job_id, {job.state}, job.state, **_next_attempt(job))
+        if resubmitted is not None:
+            self._submit(resubmitted)
 
     def _submit(self, job: JobRecord) -> None:
         """Submits the job's recorded attempt (recorded first: a controller dying right after Ray accepted the
@@ -164,7 +167,10 @@ class Reconciler:
         fields = {"end_time": time.time()}
         if reason:
             fields.update(failure_reason=reason, failure_message=message)
-        done = self.store.transition(job.job_id, {"QUEUED", *RUNNING_STATES, "CANCELLING"}, state, **fields)
+        # A cancelled job ends CANCELLED whatever Ray said: this pass may have read the job before the cancel, and
+        # then a Ray job the cancel stopped looks "stopped outside the controller".
+        from_states = {"CANCELLING"} if state == "CANCELLED" else RUNNING_STATES
+        done = self.store.transition(job.job_id, from_states, state, **fields)
         if done is not None:
             if state == "FAILED":
                 metrics.FAILURES.labels(reason=reason).inc()

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import socket
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray.job_submission import JobSubmissionClient
 
 from controller.config import ControllerConfig, Tenant
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobsError
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.server import start
 from controller.service import JobService
 from controller.store import JobRecord, Store
@@ -91,6 +93,46 @@ def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
     record = controller.service.store.get_job(job.job_id)
     # The failed submission was repeated as attempt 1; counting it would have made this attempt 2.
     assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
+
+
+@pytest.mark.parametrize("driver", ["sleep 600", "false"])  # stopped by the cancel / failed on its own
+def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_cancelled(ray_cluster, tmp_path, driver):
+    """A reconcile pass reads a job, then asks Ray about it; a cancel in between must not turn into FAILED
+    ("stopped outside the controller") or a fresh attempt. Real store, Ray and Jobs API; the pass is run by
+    hand on the job as it read it, the interleaving a busy controller meets."""
+    from controller.reconciler import Reconciler
+
+    config = ControllerConfig(
+        storage=tmp_path, ray_dashboard_url=ray_cluster.dashboard_url, tenants=(Tenant("alice", (TOKEN,)),)
+    )
+    store = Store(config.effective_database_url)
+    ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path))
+    service = JobService(config, store, ray_jobs, ChangeFeed())
+    reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
+    job = store.insert_job(JobRecord("alice", {}))
+    submission = f"{job.job_id}-a1"
+    store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=submission)
+    JobSubmissionClient(config.ray_dashboard_url).submit_job(entrypoint=driver, submission_id=submission)
+
+    if driver == "false":
+        assert _ended(ray_jobs, submission) == RayJobStatus.FAILED  # before the cancel: a failed attempt
+    read_by_the_pass = store.get_job(job.job_id)
+    assert service.cancel("alice", job.job_id).state == "CANCELLING"
+    assert _ended(ray_jobs, submission) in (RayJobStatus.STOPPED, RayJobStatus.FAILED)
+    reconciler._follow(read_by_the_pass)
+    assert store.get_job(job.job_id).state == "CANCELLING"  # neither FAILED nor resubmitted
+    reconciler._follow(store.get_job(job.job_id))
+    final = store.get_job(job.job_id)
+    assert (final.state, final.failure_reason, final.attempts) == ("CANCELLED", None, 1)
+
+
+def _ended(ray_jobs: RayJobs, submission: str, timeout_s: float = 60) -> RayJobStatus:
+    """The Ray job's status once it has ended (Ray's Jobs API has no wait: polled)."""
+    deadline = time.monotonic() + timeout_s
+    while not (status := ray_jobs.status(submission)).ended:
+        assert time.monotonic() < deadline, f"Ray job {submission} still {status.value} after {timeout_s} s"
+        time.sleep(0.2)
+    return status
 
 
 @contextlib.contextmanager
