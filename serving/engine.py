@@ -263,8 +263,10 @@ class SamplingEngine:
         # One generator per image, used for its initial latents and for any noise the scheduler adds.
         seeds = [request.seed + i for request in requests for i in range(request.num_images)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        # A scale up to 1 is no guidance, the prompt's prediction alone, as in diffusers' pipelines (below 1 the
+        # formula would lean towards the negative prompt, down to ignoring the prompt at 0).
         guidance = torch.tensor(
-            [request.guidance_scale for request in requests for _ in range(request.num_images)],
+            [max(request.guidance_scale, 1.0) for request in requests for _ in range(request.num_images)],
             device=self.device,
             dtype=self.dtype,
         ).view(-1, 1, 1, 1)

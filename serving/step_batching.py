@@ -76,6 +76,8 @@ class StepBatcher:
         self, model: SubjectModel, requests: list[GenerationRequest], enqueued: list[float] | None = None
     ) -> list[Future]:
         """Queues requests that share one `shape_key` as one cohort; a future of a `GenerationResult` per request."""
+        if not requests:
+            raise ValueError("a cohort holds at least one request")
         now = time.monotonic()
         submission = _Submission(
             model, list(requests), list(enqueued or [now] * len(requests)), [Future() for _ in requests]
@@ -108,18 +110,21 @@ class StepBatcher:
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                self._wake.wait_for(lambda: self._closed or self._calls or self._pending or self._running)
-                if self._closed:
-                    self._fail_all(RuntimeError("the step batcher closed"))
-                    return
-                calls, self._calls = self._calls, deque()
-                admitted = self._admit()
+            calls: deque[tuple[Callable[[], Any], Future]] = deque()
             try:
+                with self._wake:
+                    self._wake.wait_for(lambda: self._closed or self._calls or self._pending or self._running)
+                    if self._closed:
+                        self._fail_all(RuntimeError("the step batcher closed"))
+                        return
+                    calls, self._calls = self._calls, deque()
+                    admitted = self._admit()
                 self._work(calls, admitted)
             except Exception as e:  # a bug here must not leave callers waiting forever
                 logger.exception("the step batcher failed; failing the requests it held")
                 with self._wake:
+                    for _, future in calls:  # those that ran keep their outcome
+                        _settle(future, error=e)
                     self._fail_all(e)
 
     def _work(self, calls: deque[tuple[Callable[[], Any], Future]], admitted: list[_Submission]) -> None:
@@ -140,6 +145,8 @@ class StepBatcher:
         admitted, blocked, waiting = [], set(), deque()
         images = {lane: sum(c.images for c, _ in cohorts) for lane, cohorts in self._running.items()}
         for submission in self._pending:
+            if submission.abandoned:
+                continue  # its callers are gone: it must not hold up those behind it
             lane = submission.lane
             used = images.get(lane, 0)
             # A cohort larger than max_images (not from Serve: it caps batches) runs when its lane is empty.

@@ -79,9 +79,10 @@ def test_batched_guidance_matches_a_two_pass_reference(engine, rex, subject_mode
         assert np.abs(pixels(result.images[0]) - expected).max() <= 1 / 255
 
 
-def test_matches_diffusers_pipeline_with_the_same_generators(engine, rex, subject_models):
+@pytest.mark.parametrize("guidance_scale", [6.0, 0.0])  # up to 1, no guidance: the prompt alone, as diffusers
+def test_matches_diffusers_pipeline_with_the_same_generators(engine, rex, subject_models, guidance_scale):
     pipe = load_pipeline(subject_models["rex"])
-    req = request(num_images=2, guidance_scale=6.0, negative_prompt="low quality")
+    req = request(num_images=2, guidance_scale=guidance_scale, negative_prompt="low quality")
     [result] = engine.generate(rex, [req])
     expected = pipe(
         req.prompt,

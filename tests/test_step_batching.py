@@ -130,6 +130,34 @@ def test_a_cancelled_request_is_dropped_before_it_starts(engine, models):
     assert len(forwards) == sum(steps)
 
 
+def test_a_cancelled_request_waiting_for_room_does_not_hold_up_those_behind_it(engine, models):
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # holds the batcher until all three are queued
+        [running] = batcher.submit(models["rex"], [request(steps=20, num_images=2)])
+        [cancelled] = batcher.submit(models["rex"], [request(seed=9, num_images=3)])  # no room beside the first
+        [behind] = batcher.submit(models["rex"], [request(seed=10)])  # room, but queued behind the cancelled one
+        assert cancelled.cancel()
+        gate.set()
+        result = behind.result(timeout=120)
+        assert running.result(timeout=120).images
+    finally:
+        batcher.close()
+    assert result.batch_size == 2  # it sampled beside the running request instead of waiting for its 20 steps
+
+
+def test_an_empty_cohort_is_refused_and_the_batcher_goes_on(engine, models):
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        with pytest.raises(ValueError, match="at least one request"):
+            batcher.submit(models["rex"], [])
+        [fine] = batcher.submit(models["rex"], [request()])
+        assert fine.result(timeout=60).images
+    finally:
+        batcher.close()
+
+
 def test_submissions_from_many_threads(engine, models):
     batcher = StepBatcher(engine, max_images=8)
     futures: list[Future] = []
