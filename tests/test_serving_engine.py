@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from diffusers import LMSDiscreteScheduler
 
 from dreambooth.errors import InputError
 from dreambooth.sd_model import load_pipeline
@@ -81,9 +85,26 @@ def test_batched_guidance_matches_a_two_pass_reference(engine, rex, subject_mode
 
 @pytest.mark.parametrize("guidance_scale", [6.0, 0.0])  # up to 1, no guidance: the prompt alone, as diffusers
 def test_matches_diffusers_pipeline_with_the_same_generators(engine, rex, subject_models, guidance_scale):
-    pipe = load_pipeline(subject_models["rex"])
+    check_matches_the_pipeline(engine, rex, subject_models["rex"], guidance_scale)
+
+
+def test_a_model_that_ships_the_lms_scheduler_is_served(engine, subject_models, tmp_path):
+    """diffusers' LMS scheduler needs scipy (a dependency for this): without it such a model failed to load."""
+    model_dir = tmp_path / "lms"
+    shutil.copytree(subject_models["rex"], model_dir)
+    LMSDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler").save_pretrained(model_dir / "scheduler")
+    index_file = model_dir / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(index | {"scheduler": ["diffusers", "LMSDiscreteScheduler"]}))
+    model = engine.load("rex-lms", model_dir)
+    assert isinstance(model.scheduler, LMSDiscreteScheduler)
+    check_matches_the_pipeline(engine, model, model_dir, guidance_scale=6.0)
+
+
+def check_matches_the_pipeline(engine, model, model_dir, guidance_scale: float) -> None:
+    pipe = load_pipeline(model_dir)
     req = request(num_images=2, guidance_scale=guidance_scale, negative_prompt="low quality")
-    [result] = engine.generate(rex, [req])
+    [result] = engine.generate(model, [req])
     expected = pipe(
         req.prompt,
         negative_prompt=req.negative_prompt,
