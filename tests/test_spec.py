@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from dreambooth.errors import InputError
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
-from trainer.run import check_rerun
+from trainer.run import check_rerun, photo_hashes
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
@@ -131,6 +132,40 @@ def test_every_schedule_warms_up(schedule):
         optimizer.step()
         schedule_.step()
     assert rates == pytest.approx([0, 1.25e-6, 2.5e-6, 3.75e-6, 5e-6])
+
+
+def test_a_rerun_may_not_train_longer_on_a_decaying_schedule(tmp_path):
+    """A linear or cosine rate decays over max_steps; the checkpoint holds its position, not its length."""
+    paths = job_paths(tmp_path, "dog")
+    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    for schedule, allowed in [("constant", True), ("linear", False), ("cosine", False)]:
+        first = JobSpec.from_dict({**VALID, "max_steps": 10, "lr_schedule": schedule})
+        paths.spec_file.write_text(json.dumps(first.to_dict()))
+        longer = JobSpec.from_dict({**VALID, "max_steps": 20, "lr_schedule": schedule})
+        if allowed:
+            check_rerun(longer, paths)
+        else:
+            with pytest.raises(InputError) as error:
+                check_rerun(longer, paths)
+            assert error.value.field == "max_steps" and schedule in error.value.message
+            check_rerun(first, paths)  # the same max_steps resumes
+
+
+def test_a_rerun_is_refused_when_the_photos_behind_its_paths_changed(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(photos / f"{i}.png")
+    spec = JobSpec.from_dict({**VALID, "instance_images": [str(photos)]})
+    paths = job_paths(tmp_path, "dog")
+    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    paths.spec_file.write_text(json.dumps(spec.to_dict()))
+    paths.photos_file.write_text(json.dumps(photo_hashes(spec)))
+    check_rerun(spec, paths)
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(photos / "2.png")  # the same folder, one photo more
+    with pytest.raises(InputError) as error:
+        check_rerun(spec, paths)
+    assert error.value.field == "instance_images" and "other instance images" in error.value.message
 
 
 def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):

@@ -11,6 +11,7 @@ resumes from its latest checkpoint; Ray Train restarts failed workers from it on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ from trainer.checkpoint import STATE_FILE, checkpoint_steps
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
-from trainer.images import check_instance_images
+from trainer.images import check_instance_images, find_instance_images
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths, job_paths
 from trainer.train_loop import train_loop_per_worker
@@ -77,6 +78,23 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
         )
     if spec.max_steps < max(steps):
         raise InputError("max_steps", f"job {paths.job_id} has a checkpoint at step {max(steps)}: {start_over}")
+    if spec.max_steps != before.get("max_steps", spec.max_steps) and spec.lr_schedule != "constant":
+        # The checkpoint holds the schedule's position, not its length: a rerun would jump along the new curve.
+        raise InputError(
+            "max_steps",
+            f"job {paths.job_id}'s {spec.lr_schedule} learning rate decays over its max_steps "
+            f"({before['max_steps']}), which its checkpoints were trained with: {start_over}",
+        )
+    # The same paths may hold other photos now (one added to the folder, say): compare what is in them.
+    if paths.photos_file.exists() and json.loads(paths.photos_file.read_text()) != photo_hashes(spec):
+        raise InputError(
+            "instance_images", f"job {paths.job_id} has checkpoints trained on other instance images: {start_over}"
+        )
+
+
+def photo_hashes(spec: JobSpec) -> list[str]:
+    """The instance images' content hashes, in the order training indexes them."""
+    return [hashlib.sha256(file.read_bytes()).hexdigest() for file in find_instance_images(spec.instance_images)]
 
 
 def preflight(spec: JobSpec) -> None:
@@ -98,6 +116,7 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
         raise
     paths.job_dir.mkdir(parents=True, exist_ok=True)
     paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
+    paths.photos_file.write_text(json.dumps(photo_hashes(spec)))
 
     try:
         events.emit("state", state="PREPARING")

@@ -43,6 +43,11 @@ class JobPaths:
         return self.job_dir / "spec.json"
 
     @property
+    def photos_file(self) -> Path:
+        """The content hashes of the instance images the job's checkpoints were trained on (trainer.run)."""
+        return self.job_dir / "photos.json"
+
+    @property
     def events_file(self) -> Path:
         return self.job_dir / "events.jsonl"
 
