@@ -21,12 +21,14 @@ from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources, demand, jobs_to_start
 from controller.service import JobService
-from controller.store import RUNNING_STATES, TERMINAL_STATES, JobRecord, ModelRecord, Store
+from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
 
 MAX_PASSES_PER_S = 5
+# The finished jobs' counts (a metric) come from a query over all history: refreshed this often, not every pass.
+FINISHED_COUNTS_EVERY_S = 30
 
 
 class Reconciler:
@@ -41,6 +43,7 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._capacity: tuple[float, Resources] | None = None
+        self._finished_counts: tuple[float, dict[str, int]] | None = None
         # Submission ids whose submit failed in this process: Ray not knowing one means it never ran. (After a
         # restart this is empty, and such an attempt counts as one that ran: the safe side.)
         self._unsent: set[str] = set()
@@ -75,7 +78,13 @@ class Reconciler:
         _logged("scheduling", self._schedule)
         if self.service.serving is not None:
             _logged("serving", self.service.serving.reconcile)
-        metrics.set_jobs_by_state(self.store.count_jobs_by_state())
+        _logged("job counts", self._count_jobs)
+
+    def _count_jobs(self) -> None:
+        now = time.monotonic()
+        if self._finished_counts is None or now - self._finished_counts[0] > FINISHED_COUNTS_EVERY_S:
+            self._finished_counts = (now, self.store.count_jobs_by_state(TERMINAL_STATES))
+        metrics.set_jobs_by_state(self.store.count_jobs_by_state(UNFINISHED_STATES) | self._finished_counts[1])
 
     # --- starting ------------------------------------------------------------------------------------
 

@@ -84,7 +84,8 @@ jobs = sa.Table(
 )
 sa.Index("ix_jobs_list", jobs.c.tenant, jobs.c.create_time.desc(), jobs.c.job_id.desc())
 sa.Index("ix_jobs_sched", jobs.c.state, jobs.c.priority.desc(), jobs.c.create_time, jobs.c.job_id)
-sa.Index("ix_jobs_tenant_state", jobs.c.tenant, jobs.c.state)  # per-tenant quota counts stay O(unfinished jobs)
+# Per-tenant quota counts stay O(unfinished jobs); a list filtered by state reads a range per state.
+sa.Index("ix_jobs_list_by_state", jobs.c.tenant, jobs.c.state, jobs.c.create_time.desc(), jobs.c.job_id.desc())
 
 models = sa.Table(
     "models",
@@ -179,6 +180,11 @@ class Store:
 
     def create_all(self) -> None:
         meta.create_all(self.engine)
+        # create_all skips the tables that exist, with their indexes: a database from an older version gets the
+        # indexes added since.
+        for table in meta.sorted_tables:
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
         try:
             with self.engine.begin() as conn:
                 if conn.execute(sa.select(counters.c.value).where(counters.c.name == "seq")).first() is None:
@@ -242,11 +248,12 @@ class Store:
         self, tenant: str, page_size: int, page_token: str = "", states: set[str] | None = None
     ) -> tuple[list[JobRecord], str]:
         """Newest first. Keyset pagination on (create_time, job_id): one range scan of ix_jobs_list at any
-        depth, and stable while jobs are added or removed (each job appears at most once)."""
+        depth, and stable while jobs are added or removed (each job appears at most once). Filtered by state,
+        one range scan of ix_jobs_list_by_state per state, merged: a state that few of a tenant's jobs are in is
+        found without reading the others (a filter on ix_jobs_list would read the tenant's whole history)."""
         query = sa.select(jobs).where(jobs.c.tenant == tenant)
-        if states:
-            query = query.where(jobs.c.state.in_(sorted(states)))
-        rows, token = self._page(query, jobs.c.create_time, jobs.c.job_id, page_size, page_token, "j")
+        queries = [query.where(jobs.c.state == state) for state in sorted(states)] if states else [query]
+        rows, token = self._page(queries, jobs.c.create_time, jobs.c.job_id, page_size, page_token, "j")
         return [_job(r) for r in rows], token
 
     def update_job(self, job_id: str, **fields: Any) -> JobRecord:
@@ -278,11 +285,13 @@ class Store:
         query = sa.select(jobs).where(jobs.c.state.in_(sorted(ACTIVE_STATES)))
         return self._jobs(query.order_by(jobs.c.create_time, jobs.c.job_id))
 
-    def count_jobs_by_state(self) -> dict[str, int]:
-        """Every state, zeros included (a metrics gauge must drop to 0, not vanish)."""
+    def count_jobs_by_state(self, states: frozenset[str] = frozenset(STATES)) -> dict[str, int]:
+        """The jobs in each of `states`, zeros included (a metrics gauge must drop to 0, not vanish). Counting
+        the unfinished states reads only their jobs (ix_jobs_sched); the finished ones grow with all history."""
+        query = sa.select(jobs.c.state, sa.func.count()).where(jobs.c.state.in_(sorted(states))).group_by(jobs.c.state)
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
-        return {state: 0 for state in STATES} | {state: n for state, n in rows}
+            rows = conn.execute(query).all()
+        return {state: 0 for state in states} | {state: n for state, n in rows}
 
     def running_count(self, tenant: str, states: frozenset[str] = ACTIVE_STATES) -> int:
         """The tenant's jobs in `states` (default: running on the cluster)."""
@@ -312,7 +321,7 @@ class Store:
 
     def list_models(self, tenant: str, page_size: int, page_token: str = "") -> tuple[list[ModelRecord], str]:
         query = sa.select(models).where(models.c.tenant == tenant)
-        rows, token = self._page(query, models.c.create_time, models.c.model_id, page_size, page_token, "m")
+        rows, token = self._page([query], models.c.create_time, models.c.model_id, page_size, page_token, "m")
         return [ModelRecord(**r._mapping) for r in rows], token
 
     def deployed_models(self) -> list[ModelRecord]:
@@ -352,21 +361,30 @@ class Store:
             return [_job(r) for r in conn.execute(query)]
 
     def _page(
-        self, query: sa.Select, time_col: Any, id_col: Any, page_size: int, token: str, kind: str
+        self, queries: list[sa.Select], time_col: Any, id_col: Any, page_size: int, token: str, kind: str
     ) -> tuple[list[sa.Row], str]:
+        """A page of the rows `queries` select together (disjoint sets, each read in index order)."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         if token:
             after_time, after_id = _decode_token(token, kind)
             # A row-value comparison, which both SQLite and PostgreSQL turn into an index range bound.
-            query = query.where(sa.tuple_(time_col, id_col) < sa.tuple_(after_time, after_id))
-        query = query.order_by(time_col.desc(), id_col.desc()).limit(page_size + 1)
+            queries = [query.where(sa.tuple_(time_col, id_col) < sa.tuple_(after_time, after_id)) for query in queries]
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = [
+                row
+                for query in queries
+                for row in conn.execute(query.order_by(time_col.desc(), id_col.desc()).limit(page_size + 1))
+            ]
+
+        def key(row: sa.Row) -> tuple:
+            return row._mapping[time_col.name], row._mapping[id_col.name]
+
+        if len(queries) > 1:
+            rows = sorted(rows, key=key, reverse=True)[: page_size + 1]
         if len(rows) <= page_size:  # the extra row tells whether there is a next page, without a COUNT
             return rows, ""
-        last = rows[page_size - 1]
-        return rows[:page_size], _encode_token(kind, last._mapping[time_col.name], last._mapping[id_col.name])
+        return rows[:page_size], _encode_token(kind, *key(rows[page_size - 1]))
 
 
 def _by_request_id(tenant: str, request_id: str) -> sa.Select:

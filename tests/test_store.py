@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from controller.store import STATES, JobRecord, ModelRecord, Store, TenantFull, jobs
+from controller.store import STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store, TenantFull, jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,6 +305,32 @@ def test_scheduler_queries(store):
     assert (counts["QUEUED"], counts["TRAINING"], counts["SUCCEEDED"], counts["FAILED"]) == (3, 1, 1, 0)
     assert store.running_count("acme") == 1
     assert store.running_count("acme", states=frozenset({"QUEUED", "TRAINING"})) == 3
+
+
+def test_hot_queries_read_only_the_jobs_they_find(tmp_path):
+    """The reconciler's per-pass count of unfinished jobs and a list filtered by state (say, a tenant's few
+    running jobs among thousands of finished ones) read index ranges of those states, not every job ever kept:
+    SQLite's query plans for the statements the store runs."""
+    store = Store(f"sqlite:///{tmp_path / 'controller.db'}")
+    statements: list[tuple[str, tuple]] = []
+
+    def record(conn, cursor, sql, params, *_):
+        statements.append((sql, params))
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+
+    def plans(call) -> list[str]:
+        statements.clear()
+        call()
+        ran = list(statements)  # not the EXPLAINs below
+        with store.engine.connect() as conn:
+            return [row[-1] for sql, params in ran for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+    counting = plans(lambda: store.count_jobs_by_state(UNFINISHED_STATES))
+    assert counting and all(line.startswith("SEARCH") and "(state=?)" in line for line in counting), counting
+    listing = plans(lambda: store.list_jobs("acme", 50, states={"TRAINING", "QUEUED"}))
+    assert len(listing) == 2 and all("(tenant=? AND state=?)" in line for line in listing), listing
+    store.close()
 
 
 # --- models -----------------------------------------------------------------------------------------------
