@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ from serving.step_batching import StepBatcher
 logger = logging.getLogger(__name__)
 
 EVICTION_WAIT_S = 300
+# A model whose load no request is waiting for any more (its clients went away) is kept this long for the next.
+LOAD_KEPT_S = 60
 
 
 class ModelNotServed(LookupError):
@@ -108,6 +110,49 @@ class ResidentModel:
             await asyncio.wait_for(self._unused.wait(), EVICTION_WAIT_S)
         except TimeoutError:  # a request stuck for minutes must not stop every other model's load
             logger.warning("evicting model %s while %d requests still use it", self.model.model_id, self._users)
+        finally:
+            # The attribute refers to this object: drop it, so that the model goes when its last user lets go, not
+            # at the next garbage collection (Serve replaces it after the wait, but not when the request whose load
+            # evicts this model is cancelled meanwhile).
+            self.__dict__.pop("__del__", None)
+
+
+class SharedLoads:
+    """One load of a model at a time, whichever request waits for it.
+
+    Serve runs a model's load in the task of the request that needs it: when that request is cancelled (its client
+    went away) the load would be abandoned half way, its thread still reading weights, and the next request for
+    the model would start a second copy beside it. Here the load runs in a task of its own that the waiting
+    request only awaits: a request cancelled meanwhile leaves it running, and the next request takes it over.
+    A finished load that nobody takes over is dropped after `keep_s`; a failed one at once (the next request
+    tries again)."""
+
+    def __init__(self, load: Callable[[str], Awaitable[Any]], keep_s: float):
+        self.load = load
+        self.keep_s = keep_s
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def get(self, model_id: str) -> Any:
+        task = self._tasks.get(model_id)
+        if task is None:
+            task = self._tasks[model_id] = asyncio.ensure_future(self.load(model_id))
+            task.add_done_callback(self._finished)
+        model = await asyncio.shield(task)  # raises what the load raised: _finished forgot that one already
+        self._forget(model_id, task)  # taken over by this request: nothing left for a later one
+        return model
+
+    def _finished(self, task: asyncio.Task) -> None:
+        model_id = next((key for key, value in self._tasks.items() if value is task), None)
+        if model_id is None:
+            return
+        if task.cancelled() or task.exception() is not None:
+            self._forget(model_id, task)
+        else:
+            asyncio.get_running_loop().call_later(self.keep_s, self._forget, model_id, task)
+
+    def _forget(self, model_id: str, task: asyncio.Task) -> None:
+        if self._tasks.get(model_id) is task:
+            del self._tasks[model_id]
 
 
 @dataclass
@@ -135,6 +180,7 @@ class Generator:
         self.paths: dict[str, str] = {}
         self._compiled = False  # compile_unet: warmed up before taking requests (reconfigure)
         self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
+        self._loads = SharedLoads(self._load, keep_s=LOAD_KEPT_S)
         self.metrics = GeneratorMetrics()
         self.batcher = StepBatcher(
             self.engine, max_images=self.config.max_batch_size, on_step=self.metrics.step_images.observe
@@ -143,7 +189,7 @@ class Generator:
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 
         async def load(model_id: str) -> ResidentModel:
-            return ResidentModel(await self._load(model_id))
+            return ResidentModel(await self._loads.get(model_id))
 
         async def sample(items: list[_Pending]) -> list[concurrent.futures.Future]:
             return self._submit_batch(items)

@@ -70,12 +70,20 @@ class ServeConfig:
         checks = [
             ("http_port", 0 < self.http_port < 65536, "must be a TCP port (1-65535)"),
             ("route_prefix", self.route_prefix.startswith("/"), "must start with '/'"),
+            # Serve refuses the application at deploy time otherwise (DEPLOY_FAILED), long after this check.
+            ("route_prefix", self.route_prefix == "/" or not self.route_prefix.endswith("/"), "must not end with '/'"),
+            (
+                "public_url",
+                bool(self.public_url) or self.http_host not in ("0.0.0.0", "::", ""),
+                f"must be set when http_host is {self.http_host!r}: no client can reach the endpoints it would name",
+            ),
             ("proxy_location", self.proxy_location in ("HeadOnly", "EveryNode"), "must be HeadOnly or EveryNode"),
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
             ("gpus_per_replica", self.gpus_per_replica >= 0, "must be >= 0"),
             ("cpus_per_replica", self.cpus_per_replica >= 0, "must be >= 0"),
             ("min_replicas", self.min_replicas >= 1, "must be >= 1"),
             ("max_replicas", self.max_replicas >= self.min_replicas, "must be >= min_replicas"),
+            ("target_ongoing_requests", self.target_ongoing_requests > 0, "must be > 0"),
             ("max_models_per_replica", self.max_models_per_replica >= 1, "must be >= 1"),
             ("max_batch_size", self.max_batch_size >= 1, "must be >= 1"),
             ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, "must be >= 0"),

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dreambooth.errors import InputError
 from serving.config import RequestLimits
@@ -23,6 +23,9 @@ MAX_SEED = 2**63 - 1
 
 class GenerateBody(BaseModel):
     """POST /v1/models/{model_id}/generate."""
+
+    # A misspelt field ("num_image") is a 422 naming it, not a request quietly served with the default.
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(
         description='What to draw; use the subject\'s identifier, e.g. "a photo of sks dog on a beach".'

@@ -1,15 +1,31 @@
 """Serving metrics (Prometheus conventions, seconds), recorded in the Serve replicas.
 
 They go through Ray's metrics agent, which prefixes `ray_` and adds the deployment, replica and application tags:
-e.g. `ray_dreambooth_serve_requests_total{model_class="a photo of dog", outcome="ok"}`. Model ids are not a label
-(one series per subject would grow without bound); the subject's class is.
+e.g. `ray_dreambooth_serve_requests_total{model_class="dog", outcome="ok"}`. Model ids are not a label (one series
+per subject would grow without bound); the subject's class is, bounded (`class_label`).
 """
 
 from __future__ import annotations
 
+import re
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
+MAX_MODEL_CLASSES = 50  # distinct model_class values an ingress replica labels; the rest are "other"
+
+
+def class_label(class_prompt: str, seen: set[str]) -> str:
+    """The model_class label of a subject: its class prompt's last word ("a photo of dog" -> "dog"), lowercase
+    letters, digits, "_" and "-" only, at most 32 characters. Class prompts are tenants' free text: as labels
+    they would grow the series without bound, so past MAX_MODEL_CLASSES distinct ones (`seen`) it is "other"."""
+    words = class_prompt.lower().split()
+    label = re.sub(r"[^a-z0-9_-]", "", words[-1] if words else "")[:32] or "unknown"
+    if label not in seen:
+        if len(seen) >= MAX_MODEL_CLASSES:
+            return "other"
+        seen.add(label)
+    return label
 
 
 class IngressMetrics:
@@ -29,16 +45,20 @@ class IngressMetrics:
         )
         self.duration = Histogram(
             "dreambooth_serve_request_duration_seconds",
-            description="Generate request latency in the ingress, queueing included.",
+            description="Latency of generate requests answered with images (outcome ok) in the ingress, queueing "
+            "included; refusals, which answer in milliseconds, would pull its percentiles down under overload.",
             boundaries=LATENCY_BUCKETS,
             tag_keys=("model_class",),
         )
+        self._classes: set[str] = set()
 
-    def record(self, model_class: str, outcome: str, seconds: float, images: int) -> None:
-        self.requests.inc(tags={"model_class": model_class, "outcome": outcome})
-        self.duration.observe(seconds, tags={"model_class": model_class})
+    def record(self, class_prompt: str, outcome: str, seconds: float, images: int) -> None:
+        tags = {"model_class": class_label(class_prompt, self._classes)}
+        self.requests.inc(tags={**tags, "outcome": outcome})
+        if outcome == "ok":
+            self.duration.observe(seconds, tags=tags)
         if images:
-            self.images.inc(images, tags={"model_class": model_class})
+            self.images.inc(images, tags=tags)
 
 
 class GeneratorMetrics:

@@ -198,6 +198,8 @@ def test_bad_requests_get_400_naming_the_field(service, body, field):
 def test_malformed_and_unknown(service):
     assert requests.post(service.endpoint("rex"), json={"steps": 2}, timeout=10).status_code == 422  # no prompt
     assert requests.post(service.endpoint("rex"), data=b"\xff{", timeout=10).status_code == 422
+    misspelt = requests.post(service.endpoint("rex"), json={"prompt": "sks dog", "num_image": 3}, timeout=10)
+    assert misspelt.status_code == 422 and "num_image" in misspelt.text  # not served with the default quietly
     response = generate(service, "no-such-model")
     assert response.status_code == 404 and "not deployed" in response.json()["detail"]
     assert requests.get(f"{service.base_url}/v1/models/no-such-model", timeout=10).status_code == 404

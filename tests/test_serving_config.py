@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import socket
@@ -13,11 +14,12 @@ from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated, user_config
-from serving.app import ResidentModel, build_app
+from serving.app import ResidentModel, SharedLoads, build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 from serving.engine import GenerationResult
 from serving.http_api import EncodedResult, GenerateBody, json_response, to_generation_request
+from serving.metrics import MAX_MODEL_CLASSES, class_label
 
 
 @pytest.mark.parametrize(
@@ -25,6 +27,9 @@ from serving.http_api import EncodedResult, GenerateBody, json_response, to_gene
     [
         ({"http_port": 0}, "serving.http_port"),
         ({"route_prefix": "v1"}, "serving.route_prefix"),
+        ({"route_prefix": "/img/"}, "serving.route_prefix"),  # Serve refuses it only at deploy time
+        ({"http_host": "0.0.0.0"}, "serving.public_url"),  # endpoints would say http://0.0.0.0:8000/...
+        ({"max_replicas": 2, "target_ongoing_requests": 0}, "serving.target_ongoing_requests"),
         ({"device": "tpu"}, "serving.device"),
         ({"min_replicas": 2, "max_replicas": 1}, "serving.max_replicas"),
         ({"max_batch_size": 8, "max_ongoing_requests": 4}, "serving.max_ongoing_requests"),
@@ -41,7 +46,7 @@ def test_bad_settings_name_the_setting(settings, field):
 
 
 def test_endpoint_and_round_trip():
-    config = ServeConfig(http_port=9000, route_prefix="/img/")
+    config = ServeConfig(http_port=9000, route_prefix="/img")
     assert config.endpoint("m1") == "http://127.0.0.1:9000/img/v1/models/m1/generate"
     assert (
         ServeConfig(public_url="https://dreams.example/").endpoint("m1")
@@ -126,6 +131,17 @@ def test_out_of_bounds_requests_name_the_field_and_the_bound(fields, field, mess
     assert error.value.field == field
 
 
+def test_the_model_class_label_is_bounded():
+    """Class prompts are tenants' free text: the metric label is a short word, and a bounded set of them."""
+    seen: set[str] = set()
+    assert class_label("a photo of dog", seen) == "dog" and class_label("A photo of a Dog!", seen) == "dog"
+    assert class_label("", seen) == "unknown" and class_label("x" * 100, seen) == "x" * 32
+    for i in range(MAX_MODEL_CLASSES):
+        class_label(f"a photo of thing{i}", seen)
+    assert len(seen) == MAX_MODEL_CLASSES and class_label("a photo of cat", seen) == "other"
+    assert class_label("a photo of dog", seen) == "dog"  # one seen before keeps its label
+
+
 def test_serving_access_follows_the_controllers_tenants_without_holding_their_tokens():
     config = user_config({"m1": "/s/m1", "m2": "/s/m2"}, {"m1": "alice", "m2": "bob"}, {"alice": ("a-1", "a-2")})
     assert "a-1" not in json.dumps(config)  # digests only: the Serve config is readable in Ray's dashboard
@@ -151,13 +167,70 @@ def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
         resident = ResidentModel(model=object())
         assert inspect.iscoroutinefunction(resident.__del__)
         await asyncio.wait_for(resident.__del__(), 1)  # unused: at once
+        resident = ResidentModel(model=object())
         with resident.in_use(), resident.in_use():
             evicting = asyncio.ensure_future(resident.__del__())
             await asyncio.sleep(0.2)
             assert not evicting.done()
         await asyncio.wait_for(evicting, 10)
 
+        # The request whose load evicts the model goes away mid-wait: the model must still go once unused, by
+        # reference counting, not wait for a garbage collection (the __del__ attribute refers to the model).
+        resident = ResidentModel(model=object())
+        with resident.in_use():
+            evicting = asyncio.ensure_future(resident.__del__())
+            await asyncio.sleep(0.05)
+            evicting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await evicting
+        assert "__del__" not in vars(resident)
+
     asyncio.run(evict_while_in_use())
+
+
+def test_a_models_load_outlives_a_cancelled_request_and_serves_the_next():
+    """Serve loads a model in the task of the request that needs it; a client going away mid-load must not
+    abandon the load, nor make the next request load a second copy beside it."""
+    loads_started: list[str] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def load(model_id: str) -> str:
+            loads_started.append(model_id)
+            await release.wait()
+            if model_id == "broken":
+                raise OSError("unreadable weights")
+            return f"weights of {model_id}"
+
+        loads = SharedLoads(load, keep_s=0.2)
+        first = asyncio.ensure_future(loads.get("m"))
+        await asyncio.sleep(0)  # its load starts
+        first.cancel()  # its client went away
+        second = asyncio.ensure_future(loads.get("m"))
+        await asyncio.sleep(0)
+        release.set()
+        assert await second == "weights of m" and loads_started == ["m"]  # one load, taken over
+        assert first.cancelled()
+
+        with pytest.raises(OSError):
+            await loads.get("broken")
+        with pytest.raises(OSError):
+            await loads.get("broken")  # tried again, not the first failure kept
+        assert loads_started.count("broken") == 2
+
+        orphan = asyncio.ensure_future(loads.get("n"))
+        await asyncio.sleep(0)
+        orphan.cancel()
+        await asyncio.sleep(0.05)  # the load finishes with nobody waiting
+        assert await loads.get("n") == "weights of n" and loads_started.count("n") == 1  # kept for the next
+        orphan = asyncio.ensure_future(loads.get("n"))
+        await asyncio.sleep(0)
+        orphan.cancel()
+        await asyncio.sleep(0.3)  # past keep_s
+        assert await loads.get("n") == "weights of n" and loads_started.count("n") == 3  # dropped, loaded again
+
+    asyncio.run(scenario())
 
 
 def test_a_silent_dashboard_times_out_instead_of_holding_the_deploys():
