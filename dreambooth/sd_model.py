@@ -246,14 +246,17 @@ def fingerprint(path: str | os.PathLike) -> str:
     """A short, stable hex id of a model directory for cache keys.
 
     Hashes (relative path, size, mtime_ns) of every file rather than the contents, so it stays cheap for
-    gigabytes of weights; any rewrite of a file changes it. Symlinked files (the Hugging Face cache layout)
-    are followed to their targets.
+    gigabytes of weights; any rewrite of a file changes it. Symlinks, to files (the Hugging Face cache layout)
+    or to component folders, are followed to their targets. Hidden files and folders (.git, editors' files) are
+    not the model: a `git fetch` in a cloned model must not change it.
     """
     root = Path(path)
     entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         for name in filenames:
+            if name.startswith("."):
+                continue
             file = Path(dirpath) / name
             stat = file.stat()
             entries.append(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n")

@@ -221,6 +221,20 @@ def test_fingerprint(tiny_copy):
     assert fingerprint(tiny_copy) not in (first, touched)
 
 
+def test_fingerprint_follows_linked_components_and_skips_hidden_files(tiny_copy, tmp_path):
+    shutil.move(tiny_copy / "unet", tmp_path / "unet")
+    (tiny_copy / "unet").symlink_to(tmp_path / "unet", target_is_directory=True)  # a component shared by link
+    linked = fingerprint(tiny_copy)
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    assert fingerprint(tiny_copy) != linked  # the linked folder's files count
+
+    rewritten = fingerprint(tiny_copy)
+    (tiny_copy / ".git").mkdir()
+    (tiny_copy / ".git" / "FETCH_HEAD").write_text("abc")  # a git fetch in a cloned model
+    (tiny_copy / "vae" / ".config.json.swp").write_text("x")
+    assert fingerprint(tiny_copy) == rewritten
+
+
 def test_importing_the_model_code_prints_no_torchvision_noise():
     """transformers' 'requires torchvision' warning is filtered (dreambooth/__init__.py): nothing here uses it."""
     result = subprocess.run(

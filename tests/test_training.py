@@ -181,6 +181,10 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         assert worst <= 1e-6, f"{job}: resumed weights differ from the uninterrupted run by {worst}"
     assert uninterrupted.steps == 6
+    # Running the finished job again exports it again, the first export replaced whole, no scratch left beside it.
+    again = run_training(spec, job_paths(storage, "straight"))
+    assert (again.model_dir, again.steps) == (uninterrupted.model_dir, 6)
+    assert [p.name for p in again.model_dir.parent.iterdir() if p.name.startswith(".")] == []
     # The export holds the final checkpoint's weights under the networks' own names.
     base = load_base_model(tiny_model, dtype=torch.float32, components=("unet", "text_encoder"))
     for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):

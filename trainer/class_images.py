@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,7 +80,8 @@ class ClassImageGenerator:
         ).images
         for index, image in zip(indices, images, strict=True):
             final = image_path(Path(directory), index)
-            partial = final.with_suffix(f".{os.getpid()}.tmp")
+            # A name of its own: jobs of one class may fill the cache at once, from pods whose pids coincide.
+            partial = final.with_suffix(f".{uuid.uuid4().hex}.tmp")
             image.save(partial, format="PNG")
             os.replace(partial, final)  # readers never see half-written files
         return len(indices)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,17 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     # checkpoint (one keeps the stored dtype, the other upcasts), so a bf16/fp16 export would not sample with a
     # plain from_pretrained. Serving casts to fp16 on load.
     pipeline = load_pipeline(spec.base_model, unet=trained.unet, text_encoder=trained.text_encoder)
-    # Write next to the destination and rename: a model directory is either complete or absent.
-    partial = model_dir.with_name(model_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Written next to the destination and renamed into place; a model an earlier export left there is renamed
+    # aside first: the path holds a complete model or none, never half of one. Scratch names start with a dot,
+    # which no job id (hence no model directory) does, so they cannot be another job's model.
+    for leftover in model_dir.parent.glob(f".{model_dir.name}.*"):  # of an export that crashed
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.partial")
     pipeline.save_pretrained(partial, safe_serialization=True)
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-    shutil.rmtree(model_dir, ignore_errors=True)
+    replaced = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.replaced")
+    if model_dir.exists():
+        os.replace(model_dir, replaced)
     os.replace(partial, model_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
     return model_dir
