@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 EVICTION_WAIT_S = 300
 # A model whose load no request is waiting for any more (its clients went away) is kept this long for the next.
 LOAD_KEPT_S = 60
+GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
 
 
 class ModelNotServed(LookupError):
@@ -398,6 +399,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         }
     generator = Generator.options(
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        # A replica going away (downscaling) first finishes its requests: Serve's default gives them 20 s, less
+        # than a request at the limits takes.
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         **replicas,

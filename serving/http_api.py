@@ -84,9 +84,10 @@ def to_generation_request(body: GenerateBody, limits: RequestLimits, default_siz
         raise InputError("steps", f"must be 1..{limits.max_steps}, got {body.steps}")
     if not 0 <= body.guidance_scale <= limits.max_guidance_scale:
         raise InputError("guidance_scale", f"must be 0..{limits.max_guidance_scale}, got {body.guidance_scale}")
-    for name, size in (("width", width), ("height", height)):
+    for name, size, given in (("width", width, body.width), ("height", height, body.height)):
         if not limits.min_side <= size <= limits.max_side:
-            raise InputError(name, f"must be {limits.min_side}..{limits.max_side} pixels, got {size}")
+            default = "" if given is not None else f" (the model's resolution, the default: pass {name})"
+            raise InputError(name, f"must be {limits.min_side}..{limits.max_side} pixels, got {size}{default}")
         if size % 8:
             raise InputError(name, f"must be a multiple of 8, got {size}")
     if body.seed is not None and not 0 <= body.seed <= MAX_SEED - limits.max_images:

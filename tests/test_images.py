@@ -257,6 +257,13 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert (rgb(path)[..., 0] == [[255, 128], [1, 0]]).all()
 
 
+def test_16bit_grayscale_png_keeps_its_transparent_value(tmp_path):
+    values = np.array([[0, 32896], [0, 65535]], dtype=np.uint16)
+    path = save(tmp_path / "deep-transparent.png", Image.fromarray(values), transparency=0)
+    assert Image.open(path).info["transparency"] == 0
+    assert (rgb(path)[..., 0] == [[255, 128], [255, 255]]).all()  # transparent: white, as on a print
+
+
 @pytest.mark.parametrize(("mode", "value", "expected"), [("I", 32896, 128), ("F", 0.5, 128), ("F", 200.0, 200)])
 def test_32bit_and_float_modes_are_scaled(tmp_path, mode, value, expected):
     path = save(tmp_path / "deep.tif", Image.new(mode, (4, 4), value))

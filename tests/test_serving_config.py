@@ -75,6 +75,7 @@ def test_build_app_turns_settings_into_deployment_options():
     options = generator._deployment_config
     assert options.autoscaling_config.min_replicas == 1 and options.autoscaling_config.max_replicas == 3
     assert options.max_queued_requests == 7
+    assert options.graceful_shutdown_timeout_s == 300  # downscaling lets long requests finish (Serve's default: 20)
     assert generator.ray_actor_options["num_gpus"] == 1
     fixed = build_app(ServeConfig(min_replicas=2, max_replicas=2).to_dict())
     assert fixed._bound_deployment.init_args[0]._bound_deployment._deployment_config.num_replicas == 2
@@ -129,6 +130,14 @@ def test_out_of_bounds_requests_name_the_field_and_the_bound(fields, field, mess
     with pytest.raises(InputError, match=message) as error:
         to_generation_request(body, LIMITS, default_size=512)
     assert error.value.field == field
+
+
+def test_a_model_trained_larger_than_the_limits_says_to_pass_a_size():
+    with pytest.raises(InputError, match="the model's resolution, the default: pass width") as error:
+        to_generation_request(GenerateBody(prompt="sks dog"), LIMITS, default_size=1536)
+    assert error.value.field == "width"
+    request = to_generation_request(GenerateBody(prompt="sks dog", width=512, height=512), LIMITS, default_size=1536)
+    assert (request.width, request.height) == (512, 512)
 
 
 def test_the_model_class_label_is_bounded():

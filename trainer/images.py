@@ -125,7 +125,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB from any mode; transparent areas become white, as on a print."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("F", "I") or image.mode.startswith("I;16"):
+        key = image.info.get("transparency")  # a grayscale PNG's transparent value, at its own bit depth
+        opaque = None if not isinstance(key, int) else np.asarray(image) != key
         image = _to_8bit(image)
+        if opaque is not None:
+            image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255, mode="L"))
     if image.has_transparency_data:
         rgba = image.convert("RGBA")  # also resolves a palette's or a grayscale's transparent colour
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
