@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -48,8 +49,10 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     # Written next to the destination and renamed into place; a model an earlier export left there is renamed
     # aside first: the path holds a complete model or none, never half of one. Scratch names start with a dot,
     # which no job id (hence no model directory) does, so they cannot be another job's model.
-    for leftover in model_dir.parent.glob(f".{model_dir.name}.*"):  # of an export that crashed
-        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = re.compile(rf"\.{re.escape(model_dir.name)}\.[0-9a-f]{{32}}\.(partial|replaced)")
+    for leftover in model_dir.parent.glob(f".{model_dir.name}.*"):  # of an export of this job that crashed
+        if scratch.fullmatch(leftover.name):  # not job "<name>.x"'s: its scratch names start alike
+            shutil.rmtree(leftover, ignore_errors=True)
     partial = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.partial")
     pipeline.save_pretrained(partial, safe_serialization=True)
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
