@@ -25,10 +25,12 @@
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
+#   profile-compile  train_step_profile.py, the trainer's config eager and with torch.compile: what
+#                  compiling leaves to DeepSpeed's hooks and optimizer step, phase by phase            ~5 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends).
-# All of it is ~23 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# All of it is ~28 min, more than one call (570 s) or one session's device time (15 min, the machine's start
 # included). Within 15 min: `DEADLINE_S=450 bash bench/device_run.sh` (install, train-compile: ~7.5 min), then at
 # once (the machine goes back after 30 s idle) `ONLY=profile,train-memory DEADLINE_S=330 bash bench/device_run.sh`
 # (~5.5 min); serve, train and memory when a session has more device time.
@@ -80,4 +82,6 @@ part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "$
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
+part profile-compile 300 python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
+  --steps 10 --warmup 2 "${vocab[@]}"
 echo "== done after $((SECONDS - start)) s"

@@ -83,6 +83,9 @@ VARIANTS: dict[str, Variant] = {
         zero={"overlap_comm": False, "contiguous_gradients": False}, as_trainer=False
     ),
     "bf16": Variant(spec={"precision": "bf16"}),
+    # The trainer's torch_compile: its first (warm-up) step compiles, minutes for SD 1.5; the phases show what
+    # compiling the networks leaves to DeepSpeed's hooks and optimizer step.
+    "torch.compile": Variant(spec={"torch_compile": True}),
 }
 
 
