@@ -151,6 +151,26 @@ def test_a_rerun_may_not_train_longer_on_a_decaying_schedule(tmp_path):
             check_rerun(first, paths)  # the same max_steps resumes
 
 
+def test_a_rerun_may_change_what_trains_nothing(tmp_path):
+    """Without prior preservation the class-image fields train nothing; one worker's GPU share only schedules."""
+    paths = job_paths(tmp_path, "dog")
+    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    first = {**VALID, "num_class_images": 0, "gpus_per_worker": 0.5, "max_steps": 10}
+    paths.spec_file.write_text(json.dumps(JobSpec.from_dict(first).to_dict()))
+    check_rerun(
+        JobSpec.from_dict({**first, "class_prompt": "a photo of a dog", "class_image_guidance_scale": 5}), paths
+    )
+    check_rerun(JobSpec.from_dict({**first, "gpus_per_worker": 1}), paths)
+    for change, field in [
+        ({"num_class_images": 50}, "num_class_images"),  # now the class images train
+        ({"gpus_per_worker": 0, "precision": "bf16"}, "gpus_per_worker"),  # from a GPU to the CPU
+        ({"gpus_per_worker": 1, "num_workers": 2}, "gpus_per_worker"),  # several workers: not one worker's share
+    ]:
+        with pytest.raises(InputError) as error:
+            check_rerun(JobSpec.from_dict({**first, **change}), paths)
+        assert error.value.field == field
+
+
 def test_a_rerun_is_refused_when_the_photos_behind_its_paths_changed(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

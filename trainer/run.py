@@ -62,6 +62,12 @@ RERUN_MAY_CHANGE = frozenset(
 )
 
 
+# Without prior preservation (before and now) these train nothing.
+PRIOR_PRESERVATION_FIELDS = frozenset(
+    {"class_prompt", "prior_loss_weight", "class_image_inference_steps", "class_image_guidance_scale"}
+)
+
+
 def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
     """Running a job id again resumes its checkpoints: refuse a spec that changed what they were trained with (a
     new learning rate would be ignored, other photos or prompts would be labelled with the old run's weights)."""
@@ -69,8 +75,13 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
     if not steps or not paths.spec_file.exists():
         return
     before, now = json.loads(paths.spec_file.read_text()), json.loads(json.dumps(spec.to_dict()))
+    may_change = set(RERUN_MAY_CHANGE)
+    if not before.get("num_class_images") and not spec.with_prior_preservation:
+        may_change |= PRIOR_PRESERVATION_FIELDS
+    if spec.num_workers == 1 and before.get("gpus_per_worker", 0) > 0 and spec.gpus_per_worker > 0:
+        may_change.add("gpus_per_worker")  # one worker on a GPU either way: only its scheduling changes
     # Fields in both: one that a later version added (or removed) has its default, not a change of the user's.
-    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in RERUN_MAY_CHANGE)
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in may_change)
     start_over = f"use another job id (--job-id), or delete {paths.job_dir} to start over"
     if changed:
         raise InputError(
