@@ -18,7 +18,7 @@ from controller import metrics
 from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded, Unauthenticated
 from controller.ray_jobs import RayJobsError
 from controller.service import ImageInput, JobService
-from controller.store import JobRecord, ModelRecord
+from controller.store import TERMINAL_STATES, JobRecord, ModelRecord
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import proto_to_spec_fields, spec_to_proto, state_name, state_value, timestamp
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
@@ -159,15 +159,27 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not self._watch_slots.acquire(blocking=False):
             message = f"{self._max_watches} WatchJob streams are open (max_watches): retry later, or poll GetJob"
             context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._watch_slots.release()
+
         try:
             tenant = self.auth.tenant(context)
             for job, change in self.service.watch(tenant, request.job_id, is_active=context.is_active):
+                if job.state in TERMINAL_STATES:
+                    # The stream's last update: free its slot first, so that a client which has it and opens its
+                    # next watch at once is not refused for a stream that is over.
+                    release()
                 yield watch_proto(job, change)
             return
         except Exception as e:
             _, status = _error_status(e, "WatchJob")
         finally:
-            self._watch_slots.release()
+            release()
         context.abort_with_status(status)
 
 
