@@ -137,15 +137,12 @@ class SharedLoads:
         task = self._tasks.get(model_id)
         if task is None:
             task = self._tasks[model_id] = asyncio.ensure_future(self.load(model_id))
-            task.add_done_callback(self._finished)
+            task.add_done_callback(functools.partial(self._finished, model_id))
         model = await asyncio.shield(task)  # raises what the load raised: _finished forgot that one already
         self._forget(model_id, task)  # taken over by this request: nothing left for a later one
         return model
 
-    def _finished(self, task: asyncio.Task) -> None:
-        model_id = next((key for key, value in self._tasks.items() if value is task), None)
-        if model_id is None:
-            return
+    def _finished(self, model_id: str, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:
             self._forget(model_id, task)
         else:
