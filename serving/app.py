@@ -27,7 +27,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from dreambooth.errors import InputError
@@ -51,6 +52,10 @@ EVICTION_WAIT_S = 300
 # A model whose load no request is waiting for any more (its clients went away) is kept this long for the next.
 LOAD_KEPT_S = 60
 GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
+
+
+# What a generate call raises when no replica can finish it now: the one it ran on died, or none is reachable.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class ModelNotServed(LookupError):
@@ -359,15 +364,21 @@ class Ingress:
             raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them") from e
         except BackPressureError as e:
             outcome = "overloaded"
-            raise HTTPException(
-                503, detail="overloaded; retry later", headers={"Retry-After": str(self.config.retry_after_s)}
-            ) from e
+            raise self._retry_later("overloaded") from e
+        except REPLICA_LOST as e:
+            # Its replica died under it (out of memory, node lost) or none is up yet: Serve starts another, so the
+            # same request can succeed in a moment; a 500 would tell clients not to retry.
+            outcome = "unavailable"
+            raise self._retry_later("the replica serving this request went away") from e
         except asyncio.CancelledError:
             outcome = "cancelled"  # the client went away (Serve cancels its request): not a server error
             raise
         finally:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)
+
+    def _retry_later(self, why: str) -> HTTPException:
+        return HTTPException(503, detail=f"{why}; retry later", headers={"Retry-After": str(self.config.retry_after_s)})
 
     def _tenant(self, authorization: str | None) -> str | None:
         try:

@@ -35,7 +35,7 @@ class IngressMetrics:
         self.requests = Counter(
             "dreambooth_serve_requests_total",
             description="Generate requests by subject class and outcome (ok, bad_request, unauthenticated, not_found, "
-            "overloaded, cancelled: the client went away, error).",
+            "overloaded, unavailable: its replica went away, cancelled: the client went away, error).",
             tag_keys=("model_class", "outcome"),
         )
         self.images = Counter(

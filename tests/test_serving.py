@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import ray
 import requests
 from PIL import Image
 
@@ -212,3 +213,34 @@ def test_overload_answers_503_with_retry_after(service):
     assert codes == [200, 503], codes
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "3"
+
+
+def test_a_request_whose_replica_dies_answers_503_and_its_retry_succeeds(service):
+    """A generator replica dying mid-request (out of memory, a node lost) answers 503 with Retry-After, as
+    overload does, rather than a 500 that tells clients not to retry; Serve starts another replica, and a client
+    that retries gets its image. (Last in this module: the new replica compiles its UNet again.)"""
+    size = {"width": 128, "height": 128}
+    with ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(generate, service, "rex", steps=60, seed=51, output_format="json", **size)
+        while True:  # until a probe shares a UNet forward with it: then it is sampling in the replica
+            probe = generate(service, "rex", steps=3, seed=52, output_format="json", **size)
+            assert probe.status_code == 200, probe.text
+            if probe.json()["batch_size"] == 2:
+                break
+            assert not doomed.done(), "the 60-step request answered before a probe shared a step with it"
+        # The probe's 3 steps were shared: the doomed request has 57 left, far longer than this takes.
+        (replica,) = [
+            actor
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(f"SERVE_REPLICA::{service.app_name}#Generator#")
+        ]
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        lost = doomed.result()
+    assert lost.status_code == 503, lost.text
+    assert lost.headers["retry-after"] == str(service.retry_after_s)
+
+    deadline = time.monotonic() + 300
+    while (retry := generate(service, "rex", seed=51)).status_code == 503:  # a client honouring Retry-After
+        assert time.monotonic() < deadline, "no generator replica came back"
+        time.sleep(int(retry.headers["retry-after"]))
+    assert retry.status_code == 200, retry.text

@@ -352,7 +352,7 @@ def serving() -> builders.Dashboard:
             graph(
                 "Errors",
                 [
-                    (share("error|overloaded"), "server errors (error, overloaded)"),
+                    (share("error|overloaded|unavailable"), "server errors (error, overloaded, unavailable)"),
                     (share("bad_request|unauthenticated|not_found"), "client errors (4xx)"),
                 ],
                 unit="percentunit",
