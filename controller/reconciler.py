@@ -10,8 +10,8 @@ whose submission failed (Ray unreachable) is submitted again as the same attempt
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import threading
 import time
 
@@ -22,6 +22,7 @@ from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources, demand, jobs_to_start
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
+from trainer.events import parse_event
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,15 @@ class Reconciler:
         path = job_paths(self.config.storage, job.job_id).events_file
         if not path.exists():
             return job
+        start = job.events_offset
         with path.open("rb") as f:
-            f.seek(job.events_offset)
+            if start > os.fstat(f.fileno()).st_size:
+                # The file lost the tail that the stored offset counts (a power loss before it reached the disk):
+                # read it again from the start, or new events would be read from mid-line. Applying an event
+                # twice changes nothing (state moves compare-and-set, the model is recorded once).
+                log.warning("job %s: events file shorter than its offset; reading it from the start", job.job_id)
+                start = 0
+            f.seek(start)
             chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
         if not complete:
@@ -200,9 +208,9 @@ class Reconciler:
         progress = dict(job.progress or {})
         changes: list[tuple[str, dict]] = []
         for line in complete.splitlines():
-            if line.strip():
-                job = self._apply(job, json.loads(line), progress, changes)
-        job = self.store.update_job(job.job_id, events_offset=job.events_offset + len(complete), progress=progress)
+            if line.strip() and (event := parse_event(line)) is not None:
+                job = self._apply(job, event, progress, changes)
+        job = self.store.update_job(job.job_id, events_offset=start + len(complete), progress=progress)
         for kind, data in changes:
             self.feed.publish(job.job_id, kind, data)
         return job

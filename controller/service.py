@@ -37,6 +37,7 @@ from controller.store import (
     TenantFull,
     new_job_id,
 )
+from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
@@ -106,7 +107,10 @@ class JobService:
             except OSError as e:
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
             paths.job_dir.mkdir(parents=True, exist_ok=True)  # uri-only submissions upload nothing to create it
-            paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
+            # On disk before the row commits and the client is told: a power loss must not leave a job whose
+            # spec or photos are empty files, which every attempt would fail on.
+            write_file(paths.spec_file, json.dumps(spec.to_dict(), indent=2))
+            sync_dir(paths.job_dir.parent)
             record = JobRecord(
                 job_id=job_id,
                 tenant=tenant,
@@ -120,13 +124,25 @@ class JobService:
             except TenantFull as e:
                 raise _tenant_full(tenant, e.unfinished, limit) from e
         except BaseException:
-            shutil.rmtree(paths.job_dir, ignore_errors=True)
+            self._discard_staged(job_id)
             raise
         if job.job_id != job_id:  # lost a race with the same request_id: keep the first, drop ours
             shutil.rmtree(paths.job_dir, ignore_errors=True)
         else:
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
         return job
+
+    def _discard_staged(self, job_id: str) -> None:
+        """Remove a failed submission's files, unless its row did commit: an insert whose acknowledgement was lost
+        (PostgreSQL's connection dropped at COMMIT) made a job that the client's retry, with its request id, gets,
+        and that job needs them. Unknown (the database unreachable): kept; an orphan folder only costs space."""
+        try:
+            committed = self.store.get_job(job_id) is not None
+        except Exception:
+            log.warning("submission %s failed and the database cannot say whether it committed: files kept", job_id)
+            return
+        if not committed:
+            shutil.rmtree(job_paths(self.config.storage, job_id).job_dir, ignore_errors=True)
 
     def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
         if not images:
@@ -147,7 +163,7 @@ class JobService:
                     )
                 name = _safe_filename(image.filename, index)
                 upload_dir.mkdir(parents=True, exist_ok=True)
-                (upload_dir / name).write_bytes(image.data)
+                write_file(upload_dir / name, image.data)
                 paths.append(str(upload_dir / name))
             elif image.uri:
                 try:

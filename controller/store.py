@@ -164,9 +164,11 @@ class Store:
             @sa.event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_connection: Any, _record: Any) -> None:
                 # WAL: readers never block the writer nor each other; busy_timeout: a writer waits for the
-                # lock instead of failing at once. synchronous stays FULL (durable across power loss too).
+                # lock instead of failing at once; synchronous FULL: a commit survives a power loss too (a
+                # build's default may be NORMAL, which can lose the last commits, acknowledged submissions).
                 cursor = dbapi_connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 cursor.close()
 

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from dreambooth import process_sessions
+from dreambooth.durable import write_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_YML = PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -340,10 +341,9 @@ def _free_port() -> int:
 
 
 def _save(stack: Stack) -> None:
-    path = _state_file(stack.dir)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
-    os.replace(partial, path)  # `status` or `down` running meanwhile never reads half a file
+    # Whole (`status` or `down` running meanwhile never reads half a file) and durable: `down` needs it to find
+    # the processes to stop.
+    write_file(_state_file(stack.dir), json.dumps(dataclasses.asdict(stack), indent=2) + "\n")
 
 
 def _wait_until(what: str, ready: Callable[[], bool], stack: Stack, deadline: float) -> None:

@@ -30,6 +30,8 @@ from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from tests.conftest import free_port
 from tests.test_controller import job_spec
+from trainer.events import EventLog
+from trainer.storage import job_paths
 
 TOKEN, QUEUED_ONLY_TOKEN = "failures-token", "queued-only-token"
 
@@ -95,11 +97,9 @@ def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
     assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
 
 
-@pytest.mark.parametrize("driver", ["sleep 600", "false"])  # stopped by the cancel / failed on its own
-def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_cancelled(ray_cluster, tmp_path, driver):
-    """A reconcile pass reads a job, then asks Ray about it; a cancel in between must not turn into FAILED
-    ("stopped outside the controller") or a fresh attempt. Real store, Ray and Jobs API; the pass is run by
-    hand on the job as it read it, the interleaving a busy controller meets."""
+@pytest.fixture
+def by_hand(ray_cluster, tmp_path):
+    """A reconciler whose passes the test runs itself, on a real store and the session's Ray Jobs API."""
     from controller.reconciler import Reconciler
 
     config = ControllerConfig(
@@ -108,11 +108,27 @@ def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_canc
     store = Store(config.effective_database_url)
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path))
     service = JobService(config, store, ray_jobs, ChangeFeed())
-    reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
-    job = store.insert_job(JobRecord("alice", {}))
+    yield Reconciler(config, store, ray_jobs, service.feed, service)
+    store.close()
+
+
+def training_under(reconciler, driver: str) -> JobRecord:
+    """A TRAINING job whose attempt 1 is `driver` (a shell command) on Ray, as if the reconciler had submitted it."""
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
     submission = f"{job.job_id}-a1"
-    store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=submission)
-    JobSubmissionClient(config.ray_dashboard_url).submit_job(entrypoint=driver, submission_id=submission)
+    job = reconciler.store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=submission)
+    JobSubmissionClient(reconciler.config.ray_dashboard_url).submit_job(entrypoint=driver, submission_id=submission)
+    return job
+
+
+@pytest.mark.parametrize("driver", ["sleep 600", "false"])  # stopped by the cancel / failed on its own
+def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_cancelled(by_hand, driver):
+    """A reconcile pass reads a job, then asks Ray about it; a cancel in between must not turn into FAILED
+    ("stopped outside the controller") or a fresh attempt. Real store, Ray and Jobs API; the pass is run by
+    hand on the job as it read it, the interleaving a busy controller meets."""
+    reconciler, store, ray_jobs, service = by_hand, by_hand.store, by_hand.ray_jobs, by_hand.service
+    job = training_under(reconciler, driver)
+    submission = job.ray_submission_id
 
     if driver == "false":
         assert _ended(ray_jobs, submission) == RayJobStatus.FAILED  # before the cancel: a failed attempt
@@ -124,6 +140,75 @@ def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_canc
     reconciler._follow(store.get_job(job.job_id))
     final = store.get_job(job.job_id)
     assert (final.state, final.failure_reason, final.attempts) == ("CANCELLED", None, 1)
+
+
+def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
+    """The controller's fault tolerance: a Ray job that ended without the trainer's verdict (its driver killed,
+    its node lost) is submitted again as the next attempt, which resumes from the job's checkpoint, up to
+    max_attempts; then the job fails with the last attempt's log. Attempt 1 fails on its own here; attempts 2
+    and 3 are the real trainer driver, submitted by the reconciler, which finds no spec in this job's folder."""
+    reconciler = by_hand
+    job = training_under(reconciler, "false")
+    for attempt in range(1, reconciler.config.max_attempts + 1):
+        assert _ended(reconciler.ray_jobs, f"{job.job_id}-a{attempt}") == RayJobStatus.FAILED
+        reconciler._follow(reconciler.store.get_job(job.job_id))
+        job = reconciler.store.get_job(job.job_id)
+        if attempt < reconciler.config.max_attempts:
+            assert (job.state, job.attempts, job.ray_submission_id) == (
+                "TRAINING",
+                attempt + 1,
+                f"{job.job_id}-a{attempt + 1}",
+            )
+    assert (job.state, job.failure_reason, job.attempts) == ("FAILED", "RAY_JOB_FAILED", 3)
+    assert "spec" in job.failure_message and "spec.json" in job.failure_message, job.failure_message
+
+
+@pytest.mark.parametrize(
+    ("driver", "reason"),
+    [("true", "NO_RESULT"), ("sleep 600", "STOPPED")],  # ended "successfully" without a model / stopped by hand
+)
+def test_a_ray_job_that_ended_without_the_trainers_verdict_fails_with_why(by_hand, driver, reason):
+    reconciler = by_hand
+    job = training_under(reconciler, driver)
+    if driver.startswith("sleep"):
+        JobSubmissionClient(reconciler.config.ray_dashboard_url).stop_job(job.ray_submission_id)  # not a cancel
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    final = reconciler.store.get_job(job.job_id)
+    assert (final.state, final.failure_reason, final.attempts) == ("FAILED", reason, 1)
+
+
+def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(config):
+    """The trainer's events file is the controller's only news of a job: a line torn by a full disk or a power
+    loss (or NUL-filled) must not stop the job being followed for good, and neither may a file that lost the tail
+    its stored offset counted (a power loss before it reached the disk)."""
+    from controller.reconciler import Reconciler
+
+    config.storage.mkdir(parents=True)
+    store = Store(config.effective_database_url)
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+    )
+    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)  # Ray is never asked here
+    job = store.insert_job(JobRecord("alice", {}))
+    job = store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    events = job_paths(config.storage, job.job_id).events_file
+    events.parent.mkdir(parents=True)
+    log = EventLog(events)
+    log.emit("progress", step=3, total_steps=10, loss=0.5)
+    with events.open("ab") as f:
+        f.write(b'{"type": "progress", "st\n\x00\x00\x00\n[1, 2]\n')
+    log.emit("progress", step=4, total_steps=10, loss=0.4)
+    log.emit("state", state="EXPORTING")
+    job = reconciler._apply_events(job)
+    assert (job.state, job.progress["step"], job.events_offset) == ("EXPORTING", 4, events.stat().st_size)
+
+    events.write_bytes(b"")  # the tail is lost; the trainer goes on appending
+    log.emit("progress", step=9, total_steps=10, loss=0.2)
+    log.emit("state", state="SUCCEEDED")
+    job = reconciler._apply_events(store.get_job(job.job_id))
+    assert (job.state, job.progress["step"], job.events_offset) == ("SUCCEEDED", 9, events.stat().st_size)
+    store.close()
 
 
 def _ended(ray_jobs: RayJobs, submission: str, timeout_s: float = 60) -> RayJobStatus:

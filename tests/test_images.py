@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageFile, features
 
 from dreambooth.errors import InputError
+from tests.conftest import SHARED_DATA
 from trainer.images import (
     IMAGE_SUFFIXES,
     MAX_ASPECT_RATIO,
@@ -26,7 +27,7 @@ from trainer.images import (
     preprocess,
 )
 
-DOG = Path("/work/shared/data/dreambooth/dog")
+DOG = SHARED_DATA / "dog"
 
 
 def save(path: Path, image: Image.Image, **params) -> Path:

@@ -3,7 +3,8 @@
 DeepSpeed's default engine `torch.save`s every shard synchronously: for SD 1.5 under ZeRO-2 that is 11 GiB
 per save, and training stood still for 16-18 s on an H200 (../shared/notes/device.md). Here `save()` only
 copies the state into host memory and a background thread writes it. `wait()` returns once everything
-queued is on storage; the checkpoint is reported to Ray Train only after that (see trainer.checkpoint).
+queued is on storage (fsynced: it survives a power loss); the checkpoint is reported to Ray Train only after
+that (see trainer.checkpoint).
 
 The copy, not a reference, is what makes this safe: the optimizer updates its states in place on the
 next step, while the write is still going on. The host buffers are pinned on GPUs (so the copy runs at
@@ -20,10 +21,13 @@ import collections
 import copy
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from dreambooth.durable import sync_file
 
 # A host buffer fits a tensor of this dtype and shape, pinned or not.
 BufferKey = tuple[torch.dtype, torch.Size, bool]
@@ -80,7 +84,7 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         with self._lock:
-            self._pending.append(self._writer.submit(torch.save, snapshot, path))
+            self._pending.append(self._writer.submit(_save_durably, snapshot, path))
 
     def wait(self) -> None:
         """Block until every write queued so far is on storage; re-raise a failed write. Thread-safe: Ray's
@@ -112,6 +116,12 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         buffer = buffers[index]
         buffer.copy_(tensor, non_blocking=tensor.is_cuda)
         return buffer
+
+
+def _save_durably(snapshot: Any, path: str) -> None:
+    # On disk, not only in the page cache, before Ray may commit the checkpoint and delete the one before it.
+    torch.save(snapshot, path)
+    sync_file(Path(path))
 
 
 def _key(tensor: torch.Tensor) -> BufferKey:

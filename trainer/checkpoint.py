@@ -10,7 +10,8 @@ is started again.
 A report only counts once Ray Train's controller has collected it from every rank (it polls the workers
 every 2 s); a worker dying before that takes the newest checkpoint with it. Rank 0 waits for that commit in
 a background thread, off the training path, and only then announces the checkpoint, so a "checkpoint" event
-in the job's events means: this is where a restart resumes.
+in the job's events means: this is where a restart resumes. What Ray commits is on disk (fsynced) first: Ray
+deletes the checkpoints it no longer keeps at once, so a power loss must not find the newest one in the page cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import ray.train
 
+from dreambooth.durable import sync_dir, sync_tree, write_file
 from trainer.async_checkpoint import AsyncCheckpointEngine
 
 TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
@@ -52,7 +54,7 @@ def save_and_report(
     directory = experiment_dir / checkpoint_dir_name(step)
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step})
     if ray.train.get_context().get_world_rank() == 0:
-        (directory / STATE_FILE).write_text(json.dumps({"step": step, **metrics}))
+        write_file(directory / STATE_FILE, json.dumps({"step": step, **metrics}))
     report = {
         "metrics": {"step": step, **metrics},
         "checkpoint": ray.train.Checkpoint(str(directory)),
@@ -60,14 +62,22 @@ def save_and_report(
     }
     writer = engine.checkpoint_engine
     if isinstance(writer, AsyncCheckpointEngine):
+
+        def on_storage(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            writer.wait()  # this rank's files, each fsynced by the writer
+            _sync_entries(directory)
+            return checkpoint
+
         # Ray's upload thread waits for our writes to land; nothing is copied, the files are already in place.
         ray.train.report(
             **report,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-            checkpoint_upload_fn=lambda checkpoint, _name: (writer.wait(), checkpoint)[1],
+            checkpoint_upload_fn=on_storage,
             delete_local_checkpoint_after_upload=False,
         )
     else:
+        sync_tree(directory)  # DeepSpeed's own engine leaves its files in the page cache
+        _sync_entries(directory)
         ray.train.report(**report, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
     stall_s = time.perf_counter() - start
     if ray.train.get_context().get_world_rank() != 0:
@@ -81,6 +91,13 @@ def save_and_report(
     thread = threading.Thread(target=wait_for_commit, name=f"commit-{directory.name}", daemon=True)
     thread.start()
     return thread, stall_s
+
+
+def _sync_entries(directory: Path) -> None:
+    """The checkpoint's directory entries on disk too: once Ray commits it, it deletes the checkpoint before, and
+    after a power loss the newest must not be a directory whose files' names were lost."""
+    for path in (directory / TAG, directory, directory.parent):
+        sync_dir(path)
 
 
 def restore_latest(engine) -> int:

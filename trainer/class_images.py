@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from dreambooth.durable import sync_dir, sync_file, write_file
 from dreambooth.sd_model import fingerprint
 from trainer.data import derive_seed
 from trainer.spec import JobSpec
@@ -48,7 +49,16 @@ def image_path(directory: Path, index: int) -> Path:
 
 
 def missing_indices(directory: Path, count: int) -> list[int]:
-    return [i for i in range(count) if not image_path(directory, i).exists()]
+    """The images still to generate. An empty file is one a power loss cut off before this cache fsynced its
+    writes: generated again rather than failing every job of the class at decoding."""
+    return [i for i in range(count) if not _has_content(image_path(directory, i))]
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 @ray.remote
@@ -83,7 +93,9 @@ class ClassImageGenerator:
             # A name of its own: jobs of one class may fill the cache at once, from pods whose pids coincide.
             partial = final.with_suffix(f".{uuid.uuid4().hex}.tmp")
             image.save(partial, format="PNG")
+            sync_file(partial)  # a power loss after the rename must not leave an empty image under the final name
             os.replace(partial, final)  # readers never see half-written files
+        sync_dir(Path(directory))
         return len(indices)
 
 
@@ -99,8 +111,9 @@ def ensure_class_images(
     """Make sure the cache holds spec.num_class_images images for the spec's class; return its directory."""
     directory = cache_root / cache_key(spec)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "key.json").write_text(
-        json.dumps({"base_model": spec.base_model, "class_prompt": spec.class_prompt, "resolution": spec.resolution})
+    write_file(
+        directory / "key.json",
+        json.dumps({"base_model": spec.base_model, "class_prompt": spec.class_prompt, "resolution": spec.resolution}),
     )
     total = spec.num_class_images
     todo = missing_indices(directory, total)

@@ -17,13 +17,17 @@ either side, and any node can write it. One event per line, each with a `type` a
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class EventLog:
@@ -38,17 +42,33 @@ class EventLog:
         line = (json.dumps(event, default=str) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            if os.write(fd, line) < len(line):  # the disk filled up mid-line
+                os.write(fd, b"\n")  # ends the torn line, which readers skip, rather than glue the next one to it
+                raise OSError(errno.ENOSPC, f"{self.path}: event cut short", str(self.path))
         finally:
             os.close(fd)
         return event
+
+
+def parse_event(line: bytes | str) -> dict[str, Any] | None:
+    """One line's event, or None (logged) for a line that is not one: torn by a full disk or a power loss, or
+    interleaved by two nodes appending at once over NFS. Readers skip it rather than stop at it for good."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if isinstance(event, dict) and isinstance(event.get("type"), str):
+        return event
+    log.warning("skipped an unreadable event line: %r", line[:200])
+    return None
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = (parse_event(line) for line in path.read_bytes().splitlines() if line.strip())
+    return [event for event in events if event is not None]
 
 
 def follow_events(
@@ -67,8 +87,8 @@ def follow_events(
             partial += chunk
             *lines, partial = partial.split(b"\n")
             for line in lines:
-                if line.strip():
-                    yield json.loads(line)
+                if line.strip() and (event := parse_event(line)) is not None:
+                    yield event
         if stopping:
             return
         stop.wait(poll_s)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dreambooth.durable import sync_dir, sync_tree
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
 from trainer.flat_parameters import unflatten_state_dict
@@ -46,19 +47,31 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     # checkpoint (one keeps the stored dtype, the other upcasts), so a bf16/fp16 export would not sample with a
     # plain from_pretrained. Serving casts to fp16 on load.
     pipeline = load_pipeline(spec.base_model, unet=trained.unet, text_encoder=trained.text_encoder)
-    # Written next to the destination and renamed into place; a model an earlier export left there is renamed
-    # aside first: the path holds a complete model or none, never half of one. Scratch names start with a dot,
-    # which no job id (hence no model directory) does, so they cannot be another job's model.
-    scratch = re.compile(rf"\.{re.escape(model_dir.name)}\.[0-9a-f]{{32}}\.(partial|replaced)")
-    for leftover in model_dir.parent.glob(f".{model_dir.name}.*"):  # of an export of this job that crashed
-        if scratch.fullmatch(leftover.name):  # not job "<name>.x"'s: its scratch names start alike
-            shutil.rmtree(leftover, ignore_errors=True)
+    # Written next to the destination, on disk (fsynced), and renamed into place; a model an earlier export left
+    # there is renamed aside first: the path holds a complete model or none, never half of one.
+    _clean_scratch(model_dir)
     partial = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.partial")
     pipeline.save_pretrained(partial, safe_serialization=True)
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    sync_tree(partial)
     replaced = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.replaced")
     if model_dir.exists():
         os.replace(model_dir, replaced)
     os.replace(partial, model_dir)
+    sync_dir(model_dir.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     return model_dir
+
+
+def _clean_scratch(model_dir: Path) -> None:
+    """Remove what an export of this job that crashed left. Scratch names start with a dot, which no job id (hence
+    no model directory) does, so they cannot be another job's model; the pattern keeps job "<name>.x"'s apart."""
+    scratch = re.compile(rf"\.{re.escape(model_dir.name)}\.[0-9a-f]{{32}}\.(partial|replaced)")
+    leftovers = [p for p in model_dir.parent.glob(f".{model_dir.name}.*") if scratch.fullmatch(p.name)]
+    replaced = [p for p in leftovers if p.name.endswith(".replaced")]
+    if replaced and not model_dir.exists():
+        # It crashed between its two renames: the model served until then is put back, in case this export fails.
+        os.replace(replaced[0], model_dir)
+        leftovers.remove(replaced[0])
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)

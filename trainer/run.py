@@ -22,6 +22,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from dreambooth.durable import write_file
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model, fingerprint
 from trainer.checkpoint import STATE_FILE, checkpoint_steps
@@ -126,8 +127,14 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
         events.emit("state", state="FAILED", reason="INVALID_INPUT", field=e.field, message=e.message)
         raise
     paths.job_dir.mkdir(parents=True, exist_ok=True)
-    paths.spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
-    paths.photos_file.write_text(json.dumps(photo_hashes(spec)))
+    # What the next attempt's rerun check compares with: replaced whole (a crash mid-write must not leave the
+    # job's only spec empty), and only when it changed.
+    for file, text in (
+        (paths.spec_file, json.dumps(spec.to_dict(), indent=2)),
+        (paths.photos_file, json.dumps(photo_hashes(spec))),
+    ):
+        if not file.exists() or file.read_text() != text:
+            write_file(file, text)
 
     try:
         events.emit("state", state="PREPARING")

@@ -1,0 +1,83 @@
+"""Files a later run trusts: replaced whole, and what a crash left behind put right (pure file logic, real files)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from dreambooth.durable import sync_tree, write_file
+from trainer.class_images import image_path, missing_indices
+from trainer.events import EventLog, follow_events, read_events
+from trainer.export import _clean_scratch
+
+
+def test_write_file_replaces_whole_and_leaves_nothing_when_it_fails(tmp_path):
+    target = tmp_path / "spec.json"
+    write_file(target, "first")
+    write_file(target, b"second")
+    assert target.read_text() == "second"
+
+    class Unwritable:  # fails inside the write, after the temporary file exists
+        pass
+
+    with pytest.raises(TypeError):
+        write_file(target, Unwritable())  # type: ignore[arg-type]
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
+
+
+def test_sync_tree_walks_a_model_directory(tmp_path):
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "unet" / "weights.safetensors").write_bytes(b"w")
+    (tmp_path / "model" / "metadata.json").write_text("{}")
+    sync_tree(tmp_path / "model")  # fsyncs every file and directory; raises if it cannot open one
+
+
+def scratch(models, name: str, kind: str):
+    path = models / f".{name}.{uuid.uuid4().hex}.{kind}"
+    path.mkdir()
+    (path / "metadata.json").write_text(kind)
+    return path
+
+
+def test_an_export_that_crashed_between_its_renames_gets_its_model_back(tmp_path):
+    """The old model had been renamed aside and the new one not yet into place: the next export puts the old one
+    back first (should that export fail too, the job's model is still served), and removes the rest."""
+    models = tmp_path / "models"
+    models.mkdir()
+    scratch(models, "dog", "replaced")
+    scratch(models, "dog", "partial")
+    others = scratch(models, "dog.partial", "partial")  # job "dog.partial"'s: not this job's
+    _clean_scratch(models / "dog")
+    assert (models / "dog" / "metadata.json").read_text() == "replaced"
+    assert sorted(p.name for p in models.iterdir()) == sorted(["dog", others.name])
+
+
+def test_an_export_that_crashed_before_its_renames_keeps_the_served_model(tmp_path):
+    models = tmp_path / "models"
+    (models / "dog").mkdir(parents=True)
+    (models / "dog" / "metadata.json").write_text("served")
+    scratch(models, "dog", "partial")
+    _clean_scratch(models / "dog")
+    assert (models / "dog" / "metadata.json").read_text() == "served"
+    assert [p.name for p in models.iterdir()] == ["dog"]
+
+
+def test_an_empty_cached_class_image_is_generated_again(tmp_path):
+    image_path(tmp_path, 0).write_bytes(b"\x89PNG...")
+    image_path(tmp_path, 1).write_bytes(b"")  # a power loss cut it off
+    assert missing_indices(tmp_path, 3) == [1, 2]
+
+
+def test_event_readers_skip_lines_that_are_not_events(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl")
+    log.emit("state", state="PREPARING")
+    with log.path.open("ab") as f:
+        f.write(b'{"type": "prog\n\x00\x00\n"just a string"\n{"no": "type"}\n')
+    log.emit("state", state="TRAINING")
+    assert [e["state"] for e in read_events(log.path)] == ["PREPARING", "TRAINING"]
+    stop = threading.Event()
+    stop.set()  # drain what is there and return
+    assert [e["state"] for e in follow_events(log.path, stop)] == ["PREPARING", "TRAINING"]
