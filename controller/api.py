@@ -157,15 +157,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def WatchJob(self, request, context):
         if not self._watch_slots.acquire(blocking=False):
+            metrics.WATCHES_ENDED.labels(code="RESOURCE_EXHAUSTED").inc()
             message = f"{self._max_watches} WatchJob streams are open (max_watches): retry later, or poll GetJob"
             context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
-        held = True
+        metrics.WATCHES_OPEN.inc()
+        held, code = True, grpc.StatusCode.CANCELLED  # until it ends otherwise: the client went away
 
         def release() -> None:
             nonlocal held
             if held:
                 held = False
                 self._watch_slots.release()
+                metrics.WATCHES_OPEN.dec()
 
         try:
             tenant = self.auth.tenant(context)
@@ -174,12 +177,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                     # The stream's last update: free its slot first, so that a client which has it and opens its
                     # next watch at once is not refused for a stream that is over.
                     release()
+                    code = grpc.StatusCode.OK
                 yield watch_proto(job, change)
             return
         except Exception as e:
-            _, status = _error_status(e, "WatchJob")
+            code, status = _error_status(e, "WatchJob")
         finally:
             release()
+            metrics.WATCHES_ENDED.labels(code=code.name).inc()
         context.abort_with_status(status)
 
 

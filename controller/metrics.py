@@ -10,7 +10,8 @@ JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=R
 SUBMISSIONS = Counter("dreambooth_job_submissions_total", "SubmitJob calls by outcome.", ["outcome"], registry=REGISTRY)
 RPC_DURATION = Histogram(
     "dreambooth_rpc_duration_seconds",
-    "gRPC handling time by method and status code.",
+    "Unary gRPC calls' handling time by method and status code "
+    "(WatchJob streams: dreambooth_open_watch_streams, dreambooth_watch_streams_total).",
     ["method", "code"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
@@ -19,6 +20,14 @@ QUEUE_WAIT = Histogram(
     "dreambooth_job_queue_wait_seconds",
     "Time from submission to start.",
     buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+WATCHES_OPEN = Gauge("dreambooth_open_watch_streams", "Open WatchJob streams (at most max_watches).", registry=REGISTRY)
+WATCHES_ENDED = Counter(
+    "dreambooth_watch_streams_total",
+    "WatchJob streams by the status they ended with (OK: the job ended; CANCELLED: the client went away; "
+    "RESOURCE_EXHAUSTED: refused, max_watches open).",
+    ["code"],
     registry=REGISTRY,
 )
 FAILURES = Counter("dreambooth_job_failures_total", "Failed jobs by reason.", ["reason"], registry=REGISTRY)

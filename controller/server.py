@@ -81,6 +81,14 @@ def start(config: ControllerConfig) -> Controller:
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            # Clients' watches ping every 30 s (the SDK's keepalive); gRPC's default would take pings more often
+            # than every 5 min on a quiet stream as abuse and drop the connection.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # And the server pings quiet watchers: a client gone without a word (its host crashed) frees its watch
+            # slot, of max_watches, within minutes rather than holding it for good.
+            ("grpc.keepalive_time_ms", 120_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),  # else it stops after 2 pings on a quiet stream
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
     )

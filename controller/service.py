@@ -39,6 +39,7 @@ from controller.store import (
 )
 from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
+from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
@@ -86,8 +87,8 @@ class JobService:
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
         if (unfinished := self.store.running_count(tenant, states=UNFINISHED_STATES)) >= limit:
             raise _tenant_full(tenant, unfinished, limit)
-        if not -1000 <= priority <= 1000:
-            raise InputError("priority", "must be in [-1000, 1000]")
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
 
         job_id = new_job_id()
         paths = job_paths(self.config.storage, job_id)

@@ -9,16 +9,19 @@ On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLL
 dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
 dreambooth jobs [--state S]            the jobs, newest first
 dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled
-dreambooth cancel JOB | logs JOB | models | deploy MODEL | undeploy MODEL | generate MODEL PROMPT
+dreambooth cancel JOB | delete JOB | logs JOB | models | deploy MODEL | undeploy MODEL | generate MODEL PROMPT
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import threading
 import time
+import urllib.error
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,7 +88,7 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
         default = getattr(stack.Ports(), name)
         starting.add_argument(
             f"--{name.replace('_', '-')}-port",
-            type=int,
+            type=_port,
             default=default,
             metavar="PORT",
             help=f"{use} (default: {default}; 0: a free one)",
@@ -119,6 +122,13 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up when done")
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     # Options of every command that talks to a controller. Their env/default fallbacks are applied in _remote,
     # so that only these commands import the gRPC client.
@@ -136,7 +146,12 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
 
     submit = add("submit", _submit, "queue a training job on the controller; prints its id")
     submit.add_argument("spec", type=Path, help="job spec, YAML or JSON")
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs, -1000..1000")
+    submit.add_argument(
+        "--request-id",
+        help="idempotency key: submitting again with the same one (after a timeout, say) returns the job the first "
+        "submission queued instead of queueing another (default: a new one each time)",
+    )
     submit.add_argument("--watch", action="store_true", help="then follow it, like `dreambooth watch`")
     submit.add_argument(
         "--no-upload", action="store_true", help="send the photos' paths, not their bytes (storage shared with it)"
@@ -145,6 +160,9 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable), e.g. TRAINING")
     add("watch", _watch, "follow a job until it ends").add_argument("job_id")
     add("cancel", _cancel, "stop a queued or running job").add_argument("job_id")
+    add("delete", _delete, "delete an ended job and its files (checkpoints, photos); its model stays").add_argument(
+        "job_id"
+    )
     add("logs", _logs, "print a job's training log").add_argument("job_id")
     add("models", _models, "list the trained models")
     deploy = add("deploy", _deploy, "serve a trained model over HTTP; prints its endpoint")
@@ -163,7 +181,9 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
 
 
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
-_USER_ERRORS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"})
+_USER_ERRORS = frozenset(
+    {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED"}
+)
 
 
 def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -180,6 +200,9 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
         except ClientError as e:
             print(f"error: {e.code}: {e.message}", file=sys.stderr)
             return 2 if e.code in _USER_ERRORS else 1
+        except (TimeoutError, urllib.error.URLError) as e:  # the serving API unreachable or not serving: a failure
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         except OSError as e:  # an unreadable file: --tls-ca, a photo
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -190,7 +213,7 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
 
 
 def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
-    job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload)
+    job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=args.request_id)
     print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
     return _follow(client, job.job_id) if args.watch else 0
 
@@ -223,6 +246,12 @@ def _cancel(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
     job = client.cancel(args.job_id)
     print(f"{job.job_id} {state_name(job.state)}")
+    return 0
+
+
+def _delete(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    client.delete(args.job_id)
+    print(f"{args.job_id} deleted")
     return 0
 
 
@@ -281,8 +310,11 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if 400 <= e.status < 500 else 1
     args.out.mkdir(parents=True, exist_ok=True)
+    # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
+    # request draws the same image, so it may.
+    request = hashlib.sha256(json.dumps([args.prompt, options], sort_keys=True).encode()).hexdigest()[:8]
     for i, png in enumerate(images):
-        path = args.out / f"{args.model_id}-{args.seed + i}.png"
+        path = args.out / f"{args.model_id}-{request}-{args.seed + i}.png"
         path.write_bytes(png)
         print(path)
     return 0
@@ -374,7 +406,13 @@ def _train(args) -> int:
     from trainer.spec import JobSpec
 
     spec = JobSpec.load(args.spec)
-    _run_with_progress(spec, args.storage, args.job_id or args.spec.stem, args.address)
+    try:
+        _run_with_progress(spec, args.storage, args.job_id or args.spec.stem, args.address)
+    except (InputError, OSError, KeyboardInterrupt):
+        raise  # main tells these
+    except Exception as e:  # training failed, after Ray Train's retries: what failed, not a page of traceback
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -419,7 +457,11 @@ def _start_options(args) -> dict:
 
 
 def _down(args) -> int:
-    stopped = stack.down(args.stack_dir)
+    try:
+        stopped = stack.down(args.stack_dir)
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(
         f"stopped the stack in {stopped.dir}; its storage stays in {stopped.storage}"
         if stopped
@@ -429,7 +471,11 @@ def _down(args) -> int:
 
 
 def _status(args) -> int:
-    current = stack.load(args.stack_dir)
+    try:
+        current = stack.load(args.stack_dir)
+    except stack.StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if current is None:
         print(f"no stack in {args.stack_dir}: start one with `dreambooth up`")
         return 1

@@ -24,9 +24,9 @@ import grpc
 import yaml
 
 from dreambooth.errors import InputError
-from dreambooth.proto_convert import spec_to_proto, state_value
+from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, absolute_path
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # The same suffixes as trainer.images.IMAGE_SUFFIXES (a test keeps them equal); not imported from there
@@ -58,8 +58,9 @@ _SERVICE_CONFIG = json.dumps(
 
 
 ENDED_STATES = frozenset({jobs_pb2.STATE_SUCCEEDED, jobs_pb2.STATE_FAILED, jobs_pb2.STATE_CANCELLED})
-# A watch stream ends with these when the controller goes away under it (stopped: CANCELLED; gone: UNAVAILABLE).
-_STREAM_BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# A watch stream ends with these when the controller goes away under it (stopped: CANCELLED; gone: UNAVAILABLE);
+# a reopened one is refused RESOURCE_EXHAUSTED while the watches of every client reconnecting at once fill it.
+_STREAM_BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 _RECONNECT_BACKOFF_S = (0.25, 5.0)  # first, most
 
 
@@ -87,9 +88,11 @@ class DreamBoothClient:
         *,
         tls_ca: str | os.PathLike | None = None,
         timeout_s: float = 30,
+        keepalive_s: float = 30,
     ):
         """Defaults, as the CLI's: $DREAMBOOTH_CONTROLLER (else 127.0.0.1:50051), $DREAMBOOTH_TOKEN and
-        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext)."""
+        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext). `timeout_s`: each call but watch's;
+        `keepalive_s`: how often an open watch pings a controller that has been quiet (see watch)."""
         target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         token = token or os.environ.get("DREAMBOOTH_TOKEN")
         tls_ca = tls_ca or os.environ.get("DREAMBOOTH_TLS_CA") or None
@@ -98,6 +101,15 @@ class DreamBoothClient:
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", _MESSAGE_LIMIT),  # logs can be long
             ("grpc.per_rpc_retry_buffer_size", _MESSAGE_LIMIT),  # else an upload is too big to be retried
+            # A watch of a queued job can go hours without a word: pings find a connection that died silently
+            # (a crashed host, a load balancer dropping idle streams), which would otherwise block it for good.
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(min(keepalive_s, 10) * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),  # gRPC's default stops pinging after 2 without data
+            # gRPC waits up to 120 s between its own reconnection attempts: a watch would see the controller's
+            # restart minutes late, or give up (reconnect_for_s) while it was back.
+            ("grpc.initial_reconnect_backoff_ms", int(_RECONNECT_BACKOFF_S[0] * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(_RECONNECT_BACKOFF_S[1] * 1000)),
         ]
         if tls_ca is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -130,7 +142,10 @@ class DreamBoothClient:
     ) -> jobs_pb2.Job:
         """Queue a job. `spec`: a JobSpec, a dict of its fields, or a YAML/JSON file (relative paths in it are
         relative to the file). The instance images are read here and sent as bytes; with upload=False only
-        their absolute paths are sent, for a cluster that shares this machine's storage."""
+        their absolute paths are sent, for a cluster that shares this machine's storage. `request_id`: a retry
+        with the same id (after a timeout, say) returns the job the first call queued instead of a second one."""
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:  # before reading the photos
+            raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
         fields = _spec_fields(spec)
         images = [_instance_image(path, upload) for path in _find_images(fields["instance_images"])]
         if upload and (total := sum(len(image.data) for image in images)) > MAX_UPLOAD_BYTES:
@@ -174,8 +189,9 @@ class DreamBoothClient:
     def watch(self, job_id: str, *, reconnect_for_s: float = 300) -> Iterator[jobs_pb2.WatchJobResponse]:
         """The job as it is, then every change, until it ends. No deadline: training takes hours.
 
-        A stream that breaks before the job ends (the controller restarting, say) is opened again, with backoff,
-        for up to `reconnect_for_s` seconds without an answer (then ClientError UNAVAILABLE). A reopened stream
+        A stream that breaks before the job ends (the controller restarting, say; a connection that died silently
+        is found by keepalive pings) is opened again, with backoff, for up to `reconnect_for_s` seconds without an
+        answer (then ClientError UNAVAILABLE). A reopened stream
         starts with the job as it is then: what changed meanwhile is in it, not replayed one by one. A first stream
         that never opens (a wrong address, a wrong CA) fails at once, as any call."""
         broken_since: float | None = None
@@ -238,12 +254,13 @@ def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[
     checking them all with JobSpec (InputError naming the field, before any I/O on images)."""
     if isinstance(spec, JobSpec):
         spec.validate()
-        return spec.to_dict()
+        return spec.resolve_paths(Path.cwd()).to_dict()
     if isinstance(spec, Mapping):
         fields = dict(spec)
         JobSpec.from_dict(fields)
         if isinstance(fields["instance_images"], str):
             fields["instance_images"] = [fields["instance_images"]]
+        fields["base_model"] = absolute_path(fields["base_model"])  # the server's working directory is not ours
         return fields
     path = Path(spec)
     loaded = JobSpec.load(path)  # validates, and resolves relative paths against the file's directory
@@ -257,7 +274,7 @@ def _find_images(paths: Iterable[str]) -> list[Path]:
     like the trainer does; what the files contain is the server's preflight to check."""
     paths = [str(p) for p in paths]
     found: dict[Path, None] = {}
-    for entry in (Path(p).expanduser().resolve() for p in paths):
+    for entry in (Path(absolute_path(p)) for p in paths):
         if entry.is_dir():
             children = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
             found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # What the deployed model is asked to draw: the subject in places none of its photos show.
 PROMPTS = ("a photo of sks robot on the beach", "a sks robot in the snow", "a sks robot on a wooden table")
 IMAGES_PER_PROMPT = 2
+OUT_MARKER = ".dreambooth-demo"  # in the output folder: the demo's own, which a rerun may rewrite
 TINY_NOTE = (
     "The base model is the tiny random one: every image it draws is noise. The training, checkpoints, export, "
     "deployment and serving around it are the real ones; run with --base-model for real images."
@@ -101,6 +102,7 @@ def run(
 
     started = time.monotonic()
     out = out.resolve()
+    _claim(out)
     tiny = base_model is None
     _say("== 1/4 the subject photos and the base model")
     if not tiny and not _has_gpu():
@@ -215,6 +217,17 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _claim(out: Path) -> None:
+    """The demo rewrites its own earlier output in `out` (its folders emptied, its files replaced); a folder that
+    holds anything else is refused, not clobbered (`--out .` in a project with its own job.yaml, say)."""
+    marker = out / OUT_MARKER
+    earlier = all((out / name).exists() for name in ("index.html", "job.yaml", "subject"))  # before the marker
+    if out.exists() and any(out.iterdir()) and not marker.exists() and not earlier:
+        raise InputError("out", f"{out} holds files the demo did not write: give an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `dreambooth demo`, which rewrites this folder when run again with it\n")
 
 
 def _fresh(directory: Path) -> None:

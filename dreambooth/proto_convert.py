@@ -24,6 +24,9 @@ from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from trainer.spec import JobSpec
 
+# SubmitJobRequest.priority's bounds (jobs.proto): the controller refuses others, the SDK before reading photos.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
 # Images travel as InstanceImage messages beside the spec (bytes or a URI), never inside it.
 NOT_IN_PROTO: frozenset[str] = frozenset({"instance_images"})
 

@@ -45,7 +45,9 @@ def wait_until_served(endpoint: str, token: str | None = None, timeout_s: float 
         try:
             _request(model_url, None, token, timeout_s=10)
             return
-        except (ServingError, OSError) as e:  # 404 until reconfigured; refused/reset while Serve starts
+        except (ServingError, OSError) as e:  # 404 until reconfigured; 503 or refused/reset while Serve starts
+            if isinstance(e, ServingError) and e.status not in (404, 502, 503, 504):
+                raise  # a wrong token (401), refused (403): waiting changes nothing
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{model_url} not served after {timeout_s:.0f} s: {e}") from e
         time.sleep(0.5)
@@ -56,11 +58,15 @@ def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) 
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
+            body = response.read()
     except urllib.error.HTTPError as e:
         try:
-            detail = json.loads(e.read()).get("detail")
-        except ValueError:
+            detail = json.loads(e.read())["detail"]
+        except (ValueError, KeyError, TypeError):  # not the serving API's JSON (a proxy's page, say)
             detail = e.reason
         retry_after = e.headers.get("Retry-After")
         raise ServingError(e.code, detail, float(retry_after) if retry_after else None) from e
+    try:
+        return json.loads(body)
+    except ValueError as e:  # something else answers at that address
+        raise ServingError(response.status, f"not the serving API's JSON: {body[:200]!r}") from e

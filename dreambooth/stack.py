@@ -127,9 +127,15 @@ def load(state_dir: Path) -> Stack | None:
     path = _state_file(state_dir)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    data["processes"] = {name: tuple(p) for name, p in data["processes"].items()}
-    return Stack(**data)
+    try:
+        data = json.loads(path.read_text())
+        data["processes"] = {name: tuple(p) for name, p in data["processes"].items()}
+        return Stack(**data)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, or written by another version
+        raise StackError(
+            f"{path} is unreadable ({type(e).__name__}: {e}), so the stack's processes cannot be found from it: "
+            f"stop any that run (their logs are in {Path(state_dir) / 'logs'}) and delete the file"
+        ) from e
 
 
 def running(state_dir: Path) -> Stack | None:

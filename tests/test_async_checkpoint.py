@@ -27,8 +27,11 @@ def test_written_state_is_the_snapshot_not_the_live_tensors(tmp_path):
     }
     engine = AsyncCheckpointEngine()
     begin(engine, "a", tmp_path)
+    writing = threading.Event()
+    engine._writer.submit(writing.wait)  # the write waits until the weights have changed: a reference would show it
     engine.save(state, str(tmp_path / "a.pt"))
-    weights.add_(1)  # the next optimizer step, while the write may still be going on
+    weights.add_(1)  # the next optimizer step, while the write is still to come
+    writing.set()
     engine.wait()
     saved = torch.load(tmp_path / "a.pt", weights_only=False)
     assert torch.equal(saved["module"]["w"], torch.arange(1_000_000, dtype=torch.float32))

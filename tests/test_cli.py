@@ -46,7 +46,7 @@ def test_missing_image_file_is_named(job, capsys):
         capsys, "train", str(write(instance_images=["photos/0.jpg", "photos/nope.jpg"])), "--storage", str(tmp / "s")
     )
     assert code == 2 and "instance_images" in err and "nope.jpg" in err
-    assert not (tmp / "s" / "jobs" / "job" / "checkpoints").exists()
+    assert not (tmp / "s").exists()  # refused before anything was made: no storage, no job, no Ray
 
 
 def test_corrupt_and_too_small_images_are_all_reported(job, capsys):

@@ -7,7 +7,10 @@ streaming, error mapping) for real, without the controller.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import http.server
+import json
 import threading
 import time
 import uuid
@@ -23,6 +26,7 @@ from dreambooth.cli import main
 from dreambooth.client import IMAGE_SUFFIXES, ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
+from dreambooth.serving_client import ServingError, wait_until_served
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
 TOKEN = "t0ken"
@@ -210,13 +214,35 @@ def test_submit_without_upload_sends_absolute_paths(client, controller, job_yaml
     photos = job_yaml.parent / "photos"
     assert [i.uri for i in images] == [str(photos / n) for n in ("1.jpg", "0.jpg", "2.jpg")]  # no duplicates
     assert not any(i.HasField("data") for i in images)
-    assert controller.requests[-1].spec.base_model == "models/sd"  # a dict is sent as written
+    # Relative to this process's directory, as the images: the server's working directory is not ours.
+    assert controller.requests[-1].spec.base_model == str(job_yaml.parent / "models" / "sd")
 
 
-def test_submit_with_the_same_request_id_is_idempotent(client, job_yaml):
-    first = client.submit(job_yaml, request_id="retry-me")
-    assert client.submit(job_yaml, request_id="retry-me").job_id == first.job_id
-    assert client.submit(job_yaml).job_id != first.job_id  # a fresh default id each call
+def test_paths_through_a_symbolic_link_are_sent_as_written(client, controller, job_yaml, tmp_path):
+    """A client reaching shared storage through a link (/shared -> /mnt/efs-1) sends the name the cluster knows."""
+    (tmp_path / "shared").symlink_to(job_yaml.parent)
+    spec = {**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "shared" / "photos")]}
+    client.submit({**spec, "base_model": str(tmp_path / "shared" / "models" / "sd")}, upload=False)
+    request = controller.requests[-1]
+    assert request.spec.base_model == str(tmp_path / "shared" / "models" / "sd")
+    assert request.instance_images[0].uri == str(tmp_path / "shared" / "photos" / "0.jpg")
+
+
+def test_submit_sends_the_request_id_it_is_given_and_a_fresh_one_otherwise(client, controller, job_yaml):
+    """What the SDK puts on the wire (the controller's idempotency itself is tested in test_controller)."""
+    client.submit(job_yaml, request_id="retry-me")
+    client.submit(job_yaml, request_id="retry-me")
+    client.submit(job_yaml)
+    client.submit(job_yaml)
+    ids = [request.request_id for request in controller.requests]
+    assert ids[:2] == ["retry-me", "retry-me"]
+    assert ids[2] != ids[3] and all(uuid.UUID(i) for i in ids[2:])
+
+
+def test_a_priority_out_of_bounds_fails_before_any_call(client, controller, job_yaml):
+    with pytest.raises(InputError, match=r"priority.*-1000, 1000"):
+        client.submit(job_yaml, priority=3_000_000_000)
+    assert controller.requests == []
 
 
 def test_bad_spec_or_photos_fail_before_any_call(client, controller, job_yaml, tmp_path):
@@ -438,8 +464,9 @@ def test_cli_jobs_table(cli):
     assert code == 2 and "error: state: unknown state 'RUNNING'" in err
 
 
-def test_cli_cancel_models_logs(cli):
+def test_cli_cancel_delete_models_logs(cli, controller):
     assert cli("cancel", "job-4")[:2] == (0, "job-4 CANCELLING\n")
+    assert cli("delete", "job-1")[:2] == (0, "job-1 deleted\n") and "job-1" not in controller.jobs
     assert cli("logs", "job-3")[:2] == (0, "training job-3\nstep 1\n")
     code, out, _ = cli("models")
     assert code == 0 and out.splitlines()[1].split()[:4] == ["model-3", "job-3", "no", "-"]
@@ -450,7 +477,7 @@ def test_cli_cancel_models_logs(cli):
     [
         (["cancel", "job-3"], 2, "error: FAILED_PRECONDITION: job job-3 already ended"),
         (["watch", "job-99"], 2, "error: NOT_FOUND: job 'job-99' not found"),
-        (["logs", "job-4", "--token", "wrong"], 1, "error: UNAUTHENTICATED: missing or unknown bearer token"),
+        (["logs", "job-4", "--token", "wrong"], 2, "error: UNAUTHENTICATED: missing or unknown bearer token"),
     ],
 )
 def test_cli_errors(cli, args, code, message):
@@ -470,3 +497,83 @@ def test_cli_bad_spec_is_a_local_error(cli, job_yaml, controller):
     job_yaml.write_text(job_yaml.read_text().replace("max_steps: 20", "max_steps: 0"))
     code, _, err = cli("submit", str(job_yaml))
     assert code == 2 and err.startswith("error: max_steps: ") and controller.requests == []
+
+
+def test_cli_mistakes_are_named_not_tracebacks(cli, job_yaml, controller, tmp_path):
+    code, _, err = cli("submit", str(job_yaml.parent / "photos" / "0.jpg"))  # a photo as the spec
+    assert code == 2 and "not a YAML or JSON text file" in err
+    job_yaml.write_text(job_yaml.read_text() + "yes: 1\nfoo: 2\n")  # YAML reads `yes` as a boolean
+    code, _, err = cli("submit", str(job_yaml))
+    assert code == 2 and "unknown field(s) ['True', 'foo']" in err
+    job_yaml.write_text(job_yaml.read_text().replace("yes: 1\nfoo: 2\n", ""))
+    code, _, err = cli("submit", str(job_yaml), "--priority", "3000000000")
+    assert code == 2 and "error: priority: " in err
+    with pytest.raises(SystemExit) as usage:
+        main(["up", "--controller-port", "70000"])
+    assert usage.value.code == 2
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "state.json").write_text('{"dir": "trunc')
+    code, _, err = cli("status", "--dir", str(tmp_path / "stack"))
+    assert code == 1 and "state.json is unreadable" in err
+    code, _, err = cli("down", "--dir", str(tmp_path / "stack"))
+    assert code == 1 and "state.json is unreadable" in err
+    assert controller.requests == []
+
+
+def test_cli_demo_refuses_a_folder_it_did_not_write(cli, job_yaml):
+    code, _, err = cli("demo", "--out", str(job_yaml.parent))  # a project: its job.yaml would be overwritten
+    assert code == 2 and "holds files the demo did not write" in err
+    assert sorted(p.name for p in job_yaml.parent.iterdir()) == ["job.yaml", "photos"]
+
+
+@pytest.fixture
+def serving_api():
+    """A stand-in for the serving API's HTTP (serving/http_api.py) on 127.0.0.1: generate answers each image's PNG
+    as the request's prompt; GET answers `statuses` in turn, then 200."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            png = base64.b64encode(body["prompt"].encode()).decode()
+            images = [{"seed": body["seed"] + i, "png_base64": png} for i in range(body["num_images"])]
+            self._answer(200, {"images": images})
+
+        def do_GET(self):
+            status = api.statuses.pop(0) if api.statuses else 200
+            self._answer(status, {"detail": "no" if status != 200 else None, "model_id": "model-3"})
+
+        def _answer(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    api.statuses = []
+    api.endpoint = f"http://127.0.0.1:{api.server_port}/v1/models/model-3/generate"
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    yield api
+    api.shutdown()
+
+
+def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, controller, serving_api, tmp_path):
+    controller.model.deployed, controller.model.endpoint = True, serving_api.endpoint
+    prompts = ["a photo of sks dog", "a photo of sks dog in the snow"]
+    for prompt in prompts:  # the same default seed
+        code, _, err = cli("generate", "model-3", prompt, "--out", str(tmp_path / "images"))
+        assert code == 0, err
+    assert sorted(p.read_bytes() for p in (tmp_path / "images").iterdir()) == [p.encode() for p in prompts]
+
+
+def test_waiting_for_a_deployment_goes_on_through_404_and_stops_at_a_refusal(serving_api):
+    serving_api.statuses = [404, 503, 404]  # not reconfigured yet, Serve starting
+    wait_until_served(serving_api.endpoint, timeout_s=60)
+    serving_api.statuses = [401]  # a wrong token: waiting would change nothing
+    with pytest.raises(ServingError) as refused:
+        wait_until_served(serving_api.endpoint, timeout_s=60)
+    assert refused.value.status == 401

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
@@ -21,15 +23,18 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from PIL import Image
+from ray import serve
 
 from controller.config import ControllerConfig, Tenant
 from controller.server import start
+from controller.serving import VERIFY_INTERVAL_S
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.serving_client import ServingError, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 
+APP_NAME = "controller-test"  # its own Serve application next to other tests'
 TENANTS = (
     Tenant("alice", ("alice-token",), max_running_jobs=2, max_queued_jobs=5),
     Tenant("bob", ("bob-token",), max_running_jobs=1, max_queued_jobs=1),
@@ -66,7 +71,7 @@ def controller(ray_cluster, tmp_path_factory, serve_port, tiny_model):
         metrics_listen="127.0.0.1:0",
         reconcile_interval_s=0.3,
         # Its own Serve application next to other tests' (one Serve HTTP port per cluster).
-        serving=ServeConfig(app_name="controller-test", route_prefix="/ctl", http_port=serve_port, cpus_per_replica=0),
+        serving=ServeConfig(app_name=APP_NAME, route_prefix="/ctl", http_port=serve_port, cpus_per_replica=0),
     )
     running = start(config)
     yield running
@@ -139,6 +144,15 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
         generate(model.endpoint.replace(model_id, "model-nonexistent"), "a photo of sks dog", steps=2)
     assert error.value.status == 401
 
+    # Ray Serve loses the application (its Ray cluster restarted, say): the controller, which checks every
+    # VERIFY_INTERVAL_S, deploys what the store says again, by itself.
+    serve.delete(APP_NAME)
+    with pytest.raises(ServingError) as error:
+        generate(model.endpoint, "a photo of sks dog", token="alice-token", steps=2)
+    assert error.value.status == 404  # the proxy has no application at that prefix any more
+    wait_until_served(model.endpoint, token="alice-token", timeout_s=VERIFY_INTERVAL_S + 150)
+    assert generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1) == [png]
+
     assert not alice.undeploy(model_id).deployed
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the replicas are reconfigured a moment after the RPC returns
@@ -200,6 +214,15 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, tiny_model,
     uploaded = controller.service.store.get_job(mine.job_id).spec["instance_images"]
     code, _ = code_of(bob.submit, job_spec(tiny_model, Path(uploaded[0]).parent), upload=False)
     assert code == "PERMISSION_DENIED"
+    # Nor reached through a symbolic link put inside a readable directory: a link to it, or a folder holding one.
+    links = tiny_model.parent / f"links-{uuid.uuid4().hex[:8]}"
+    links.mkdir()
+    try:
+        (links / "borrowed.jpg").symlink_to(uploaded[0])
+        for named in (links, links / "borrowed.jpg"):
+            assert code_of(bob.submit, job_spec(tiny_model, named), upload=False)[0] == "PERMISSION_DENIED"
+    finally:
+        shutil.rmtree(links)
     assert code_of(alice.delete, mine.job_id)[0] == "FAILED_PRECONDITION"
     alice.cancel(mine.job_id)
 

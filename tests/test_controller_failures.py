@@ -19,9 +19,10 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.job_submission import JobSubmissionClient
 
+from controller import metrics
 from controller.config import ControllerConfig, Tenant
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.server import start
 from controller.service import JobService
 from controller.store import JobRecord, Store
@@ -68,7 +69,9 @@ def client(controller):
         yield c
 
 
-def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(controller, client, tiny_model, dog_images):
+def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(
+    ray_cluster, config, controller, client, tiny_model, dog_images
+):
     job = client.submit(job_spec(tiny_model, dog_images))
     # The reconciler starts the job, then fails to submit it to Ray (and keeps failing: Ray stays down).
     assert any(update.job.state == jobs_pb2.STATE_PREPARING for update in client.watch(job.job_id))
@@ -79,8 +82,13 @@ def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(controller, c
     with pytest.raises(ClientError) as logs:
         client.logs(job.job_id)
     assert logs.value.code == "UNAVAILABLE" and "Ray Jobs API" in logs.value.message
-    # The cancel is recorded though Ray cannot be told yet; the reconciler stops the Ray job once it can.
+    # The cancel is recorded though Ray cannot be told yet; the job ends CANCELLED once Ray answers again, and
+    # the attempt that Ray never received is not run then.
     assert client.cancel(job.job_id).state == jobs_pb2.STATE_CANCELLING
+    with forwarding(urllib.parse.urlsplit(config.ray_dashboard_url).port, ray_cluster.dashboard_url):
+        final = list(client.watch(job.job_id))[-1].job
+        assert controller.service.ray_jobs.status(f"{job.job_id}-a1") == RayJobStatus.LOST
+    assert (final.state, final.attempts) == (jobs_pb2.STATE_CANCELLED, 1)
 
 
 def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
@@ -221,17 +229,20 @@ def _ended(ray_jobs: RayJobs, submission: str, timeout_s: float = 60) -> RayJobS
 
 
 @contextlib.contextmanager
-def forwarding(port: int, target_url: str):
-    """While the block runs, 127.0.0.1:`port` forwards TCP connections to `target_url`'s host and port."""
+def forwarding(port: int, target_url: str, silenced: threading.Event | None = None):
+    """While the block runs, 127.0.0.1:`port` forwards TCP connections to `target_url`'s host and port. Once
+    `silenced` is set it forwards nothing more but closes nothing either: a peer gone without a word."""
     target = urllib.parse.urlsplit(target_url)
     listener = socket.create_server(("127.0.0.1", port))
     listener.settimeout(0.1)
     stop = threading.Event()
+    silenced = silenced or threading.Event()
 
     def pump(source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(1 << 16):
-                sink.sendall(data)
+                if not silenced.is_set():
+                    sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -256,9 +267,43 @@ def forwarding(port: int, target_url: str):
         listener.close()
 
 
+def test_a_watch_whose_connection_went_silent_gives_up_instead_of_hanging(controller, tiny_model, dog_images):
+    """A controller host that crashed, or a load balancer dropping an idle stream, sends nothing more: no close,
+    no error. Keepalive pings find the dead connection; the watch reconnects, then gives up after reconnect_for_s,
+    rather than block for good on a job that may stay QUEUED for hours (bob's do: he may run none)."""
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN) as bob:
+        job = bob.submit(job_spec(tiny_model, dog_images))
+    port, silenced = free_port(), threading.Event()
+    with (
+        forwarding(port, f"http://127.0.0.1:{controller.port}", silenced),
+        DreamBoothClient(f"127.0.0.1:{port}", QUEUED_ONLY_TOKEN, keepalive_s=1) as watcher,
+    ):
+        updates = watcher.watch(job.job_id, reconnect_for_s=3)
+        assert next(updates).job.state == jobs_pb2.STATE_QUEUED
+        silenced.set()
+        ended: list[BaseException] = []
+
+        def wait_for_the_next() -> None:
+            try:
+                ended.append(AssertionError(f"an update came through a silent connection: {next(updates)}"))
+            except Exception as e:
+                ended.append(e)
+
+        waiting = threading.Thread(target=wait_for_the_next, daemon=True)
+        waiting.start()
+        waiting.join(timeout=120)  # bounds a hang; keepalive (1 + 1 s), reconnecting (3 s), connect timeouts
+        assert ended, "the watch still blocks on a connection that went silent"
+        assert isinstance(ended[0], ClientError) and ended[0].code == "UNAVAILABLE", ended[0]
+
+
 def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_model, dog_images):
+    def refused() -> float:
+        return metrics.REGISTRY.get_sample_value("dreambooth_watch_streams_total", {"code": "RESOURCE_EXHAUSTED"}) or 0
+
+    before = refused()
     with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as client:
         check_bounded_watches(controller, client, client.submit(job_spec(tiny_model, dog_images)))  # stays QUEUED
+    assert refused() == before + 1  # counted before the refusal is sent
 
 
 def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Job) -> None:
@@ -345,20 +390,14 @@ def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Pa
     assert list(watch) == []
 
 
-def test_one_capacity_setting_replaces_only_its_own_total(config):
-    from controller.reconciler import Reconciler
-
-    config = dataclasses.replace(config, capacity_cpus=None, capacity_gpus=4)
-    controller = start(config)
-    try:
-        service = controller.service
-        reconciler = Reconciler(config, service.store, service.ray_jobs, service.feed, service)
-        # The CPUs come from the cluster (unreachable here: the error says so), not 0: with only capacity_gpus
-        # set, no job could ever have started.
-        with pytest.raises(RayJobsError, match="listing nodes"):
-            reconciler.capacity()
-    finally:
-        controller.stop(grace_s=1)
+@pytest.mark.parametrize(("cpus", "gpus"), [(None, 4), (5, None)])
+def test_one_capacity_setting_replaces_only_its_own_total(by_hand, cpus, gpus):
+    """The other total comes from the cluster, not 0 (with only capacity_gpus set, no job could ever start)."""
+    cluster = by_hand.ray_jobs.cluster_capacity()
+    by_hand.config = dataclasses.replace(by_hand.config, capacity_cpus=cpus, capacity_gpus=gpus)
+    expected = (cluster.cpus if cpus is None else cpus, cluster.gpus if gpus is None else gpus)
+    assert cluster.cpus > 0
+    assert (by_hand.capacity().cpus, by_hand.capacity().gpus) == expected
 
 
 class _BusyFeed(ChangeFeed):

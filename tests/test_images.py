@@ -6,7 +6,6 @@ Every image is made with PIL in tmp_path at test time; nothing binary is committ
 from __future__ import annotations
 
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -148,9 +147,7 @@ def test_decompression_bomb_refused_from_header_without_decoding(tmp_path, monke
         raise AssertionError("the bomb was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    start = time.perf_counter()
     message = error([bomb])
-    assert time.perf_counter() - start < 1.0
     assert f"{bomb}: " in message
     assert "decompression bomb" in message
     assert "corrupt" not in message  # the patched load() was never reached

@@ -83,7 +83,10 @@ def test_the_batcher_merges_concurrent_cohorts_and_keeps_their_images(engine, mo
     forwards: list[int] = []  # images per UNet forward
     batcher = StepBatcher(engine, max_images=4, on_step=forwards.append)
     try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # "at once": all queued before the first step, however slowly this thread runs
         futures = [batcher.submit(models[name], requests) for name, requests in submissions]
+        gate.set()
         results = [[future.result(timeout=120) for future in group] for group in futures]
     finally:
         batcher.close()

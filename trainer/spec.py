@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ class JobSpec:
         if not isinstance(data, dict):
             raise InputError("spec", f"expected a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))  # YAML reads a key `yes` or `no` as a boolean
         if unknown:
             raise InputError(unknown[0], f"unknown field(s) {unknown}; known fields: {sorted(known)}")
         missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in data]
@@ -128,6 +129,8 @@ class JobSpec:
             text = path.read_text()
         except OSError as e:
             raise InputError("spec", f"cannot read {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:  # a photo given as the spec, a UTF-16 file
+            raise InputError("spec", f"{path} is not a YAML or JSON text file (not UTF-8: {e.reason})") from e
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -136,13 +139,11 @@ class JobSpec:
         return spec.resolve_paths(path.parent)
 
     def resolve_paths(self, base: Path) -> JobSpec:
-        def resolve(p: str) -> str:
-            return str((base / Path(p).expanduser()).resolve())
-
+        """Relative paths made absolute against `base`."""
         return dataclasses.replace(
             self,
-            base_model=resolve(self.base_model),
-            instance_images=[resolve(p) for p in self.instance_images],
+            base_model=absolute_path(self.base_model, base),
+            instance_images=[absolute_path(p, base) for p in self.instance_images],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,3 +261,10 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         expected = f"one of {list(choices)}"
     if not ok:
         raise InputError(name, f"must be {expected}, got {value!r}")
+
+
+def absolute_path(path: str | Path, base: Path | None = None) -> str:
+    """`path` (~ expanded) made absolute against `base` (default: the working directory), with symbolic links
+    kept as written: a client reaching shared storage through a link (/shared -> /mnt/efs-1) must send the name
+    the cluster knows, not where the link points on its own machine."""
+    return os.path.abspath(Path(base or Path.cwd()) / Path(path).expanduser())

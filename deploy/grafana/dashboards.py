@@ -251,7 +251,17 @@ def training() -> builders.Dashboard:
                 ],
                 unit="reqps",
                 width=8,
-                description="RPCs answered with a status other than OK (INVALID_ARGUMENT, NOT_FOUND, ...).",
+                description="Unary RPCs answered with a status other than OK (INVALID_ARGUMENT, NOT_FOUND, ...).",
+            )
+        )
+        .with_panel(
+            graph(
+                "Open watch streams",
+                [("sum(dreambooth_open_watch_streams)", "open")],
+                unit="none",
+                width=8,
+                description="WatchJob streams open (each holds a controller thread; more than max_watches are "
+                'refused: dreambooth_watch_streams_total{code="RESOURCE_EXHAUSTED"}).',
             )
         )
         .with_row(builders.Row("Training (rank 0 of each job)"))
@@ -353,11 +363,11 @@ def serving() -> builders.Dashboard:
                 "Errors",
                 [
                     (share("error|overloaded|unavailable"), "server errors (error, overloaded, unavailable)"),
-                    (share("bad_request|unauthenticated|not_found"), "client errors (4xx)"),
+                    (share("bad_request|unauthenticated|not_found"), "client errors (400, 401, 404)"),
                 ],
                 unit="percentunit",
                 width=8,
-                description="Share of requests that failed.",
+                description="Share of generate requests that failed (malformed bodies, 422: HTTP status codes).",
             )
         )
         .with_panel(
