@@ -42,7 +42,8 @@ class ControllerConfig:
     """Storage root shared with every Ray node (jobs/, models/, cache/): see trainer/storage.py."""
     listen: str = "127.0.0.1:50051"
     database_url: str = ""
-    """SQLAlchemy URL; default: SQLite at <storage>/controller.db. PostgreSQL: postgresql+psycopg://..."""
+    """SQLAlchemy URL; default: SQLite at <storage>/controller.db. PostgreSQL: postgresql+psycopg://... SQLite needs
+    a local disk: with storage on a network file system, name a local path (the controller warns otherwise)."""
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     """Ray's dashboard, for the Jobs API (one Ray job per training attempt)."""
     tenants: tuple[Tenant, ...] = ()
@@ -72,6 +73,9 @@ class ControllerConfig:
     serving: ServeConfig | None = None
     """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,
     DeployModel answers FAILED_PRECONDITION."""
+    serving_check_interval_s: float = 30.0
+    """How often the controller checks that the Serve application exists, and deploys the deployed models again
+    when Ray lost it (a restarted Ray cluster)."""
 
     def __post_init__(self):
         # The controller takes a token's first tenant, serving its last: one token naming two would be two people.

@@ -196,8 +196,9 @@ class Reconciler:
         with path.open("rb") as f:
             if start > os.fstat(f.fileno()).st_size:
                 # The file lost the tail that the stored offset counts (a power loss before it reached the disk):
-                # read it again from the start, or new events would be read from mid-line. Applying an event
-                # twice changes nothing (state moves compare-and-set, the model is recorded once).
+                # read it again from the start, or new events would be read from mid-line. Its events apply again
+                # in order, so the job ends where the file's last event puts it (state moves are compare-and-set
+                # among the running states, a model is recorded once).
                 log.warning("job %s: events file shorter than its offset; reading it from the start", job.job_id)
                 start = 0
             f.seek(start)

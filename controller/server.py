@@ -68,7 +68,8 @@ def start(config: ControllerConfig) -> Controller:
     serving = None
     if config.serving:
         deployer = ServeDeployer(config.ray_dashboard_url, config.serving)
-        serving = ServingSync(store, deployer, {tenant.name: tenant.tokens for tenant in config.tenants})
+        tokens = {tenant.name: tenant.tokens for tenant in config.tenants}
+        serving = ServingSync(store, deployer, tokens, check_interval_s=config.serving_check_interval_s)
     service = JobService(config, store, ray_jobs, feed, serving)
     reconciler = Reconciler(config, store, ray_jobs, feed, service)
     if not config.tenants:
@@ -88,6 +89,7 @@ def start(config: ControllerConfig) -> Controller:
             # slot, of max_watches, within minutes rather than holding it for good.
             ("grpc.keepalive_time_ms", 120_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.ping_timeout_ms", 20_000),  # what this gRPC waits for the answer (default 60 s)
             ("grpc.http2.max_pings_without_data", 0),  # else it stops after 2 pings on a quiet stream
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,

@@ -17,15 +17,21 @@ from serving.deployer import ServeDeployer
 
 log = logging.getLogger(__name__)
 
-VERIFY_INTERVAL_S = 30.0  # how often the reconciler checks that the application still exists
 RETRY_INTERVAL_S = 5.0
 
 
 class ServingSync:
-    def __init__(self, store: Store, deployer: ServeDeployer, tenant_tokens: dict[str, tuple[str, ...]]):
+    def __init__(
+        self,
+        store: Store,
+        deployer: ServeDeployer,
+        tenant_tokens: dict[str, tuple[str, ...]],
+        check_interval_s: float = 30.0,
+    ):
         self.store = store
         self.deployer = deployer
         self.tenant_tokens = tenant_tokens  # the controller's; none: serving is open, like the controller
+        self.check_interval_s = check_interval_s  # how often the reconciler checks that the application exists
         self._lock = threading.Lock()
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
@@ -41,7 +47,7 @@ class ServingSync:
                 self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
                 log.warning("could not apply %d deployed model(s) to Ray Serve (retrying): %s", len(models), e)
                 return
-            self._dirty, self._next_check = False, time.monotonic() + VERIFY_INTERVAL_S
+            self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 
     def reconcile(self) -> None:
         """One reconciler pass: re-apply when a previous apply failed or the application is gone."""
@@ -57,6 +63,6 @@ class ServingSync:
             if not missing:
                 with self._lock:
                     if not self._dirty:  # else an apply failed meanwhile, and its retry comes sooner
-                        self._next_check = time.monotonic() + VERIFY_INTERVAL_S
+                        self._next_check = time.monotonic() + self.check_interval_s
                 return
         self.apply()

@@ -12,15 +12,20 @@ import base64
 import contextlib
 import dataclasses
 import json
+import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
 
 STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
 RUNNING_STATES = frozenset({"PREPARING", "TRAINING", "EXPORTING"})  # the trainer reports these
@@ -171,6 +176,17 @@ class Store:
                 cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 cursor.close()
+
+            database = self.engine.url.database
+            if database and database != ":memory:":
+                kind = filesystem_type(Path(database).parent)
+                if kind is not None and is_network_filesystem(kind):
+                    log.warning(
+                        "the SQLite database %s is on a network file system (%s): SQLite's locking and WAL need a "
+                        "local disk (corruption, lost commits); set database_url to a local path or PostgreSQL",
+                        database,
+                        kind,
+                    )
 
         self.create_all()
 
@@ -439,3 +455,32 @@ def _decode_token(token: str, kind: str) -> tuple[float, str]:
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise ValueError(f"invalid page token {token[:40]!r}") from e
     return create_time, key
+
+
+_NETWORK_FILESYSTEMS = ("nfs", "cifs", "smb", "ceph", "lustre", "gluster", "beegfs", "gpfs", "9p", "fuse.")
+
+
+def is_network_filesystem(kind: str) -> bool:
+    """NFS (AWS EFS, GCP Filestore), SMB (Azure Files), CephFS, Lustre, and FUSE mounts of object stores."""
+    return kind.startswith(_NETWORK_FILESYSTEMS)
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system holding `path` (the longest mount point above it in /proc/self/mounts, or in
+    `mounts`, text in that format); None where that table cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best_point, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")  # the table escapes spaces
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best_point):
+            best_point, kind = point, fields[2]
+    return kind

@@ -105,6 +105,7 @@ class DreamBoothClient:
             # (a crashed host, a load balancer dropping idle streams), which would otherwise block it for good.
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(min(keepalive_s, 10) * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(min(keepalive_s, 10) * 1000)),  # what this gRPC waits (default 60 s)
             ("grpc.http2.max_pings_without_data", 0),  # gRPC's default stops pinging after 2 without data
             # gRPC waits up to 120 s between its own reconnection attempts: a watch would see the controller's
             # restart minutes late, or give up (reconnect_for_s) while it was back.

@@ -27,7 +27,6 @@ from ray import serve
 
 from controller.config import ControllerConfig, Tenant
 from controller.server import start
-from controller.serving import VERIFY_INTERVAL_S
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.serving_client import ServingError, generate, wait_until_served
@@ -72,6 +71,7 @@ def controller(ray_cluster, tmp_path_factory, serve_port, tiny_model):
         reconcile_interval_s=0.3,
         # Its own Serve application next to other tests' (one Serve HTTP port per cluster).
         serving=ServeConfig(app_name=APP_NAME, route_prefix="/ctl", http_port=serve_port, cpus_per_replica=0),
+        serving_check_interval_s=1,
     )
     running = start(config)
     yield running
@@ -145,12 +145,14 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
     assert error.value.status == 401
 
     # Ray Serve loses the application (its Ray cluster restarted, say): the controller, which checks every
-    # VERIFY_INTERVAL_S, deploys what the store says again, by itself.
-    serve.delete(APP_NAME)
-    with pytest.raises(ServingError) as error:
-        generate(model.endpoint, "a photo of sks dog", token="alice-token", steps=2)
-    assert error.value.status == 404  # the proxy has no application at that prefix any more
-    wait_until_served(model.endpoint, token="alice-token", timeout_s=VERIFY_INTERVAL_S + 150)
+    # serving_check_interval_s, deploys what the store says again, by itself.
+    deployed_at = serve.status().applications[APP_NAME].last_deployed_time_s
+    serve.delete(APP_NAME, _blocking=False)  # blocking would wait for it to be gone, which it is only for a moment
+    deadline = time.monotonic() + 180
+    while (app := serve.status().applications.get(APP_NAME)) is None or app.last_deployed_time_s == deployed_at:
+        assert time.monotonic() < deadline, f"{APP_NAME} was not deployed again after Ray Serve lost it"
+        time.sleep(0.5)
+    wait_until_served(model.endpoint, token="alice-token", timeout_s=180)
     assert generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1) == [png]
 
     assert not alice.undeploy(model_id).deployed

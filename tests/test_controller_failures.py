@@ -231,7 +231,8 @@ def _ended(ray_jobs: RayJobs, submission: str, timeout_s: float = 60) -> RayJobS
 @contextlib.contextmanager
 def forwarding(port: int, target_url: str, silenced: threading.Event | None = None):
     """While the block runs, 127.0.0.1:`port` forwards TCP connections to `target_url`'s host and port. Once
-    `silenced` is set it forwards nothing more but closes nothing either: a peer gone without a word."""
+    `silenced` is set, the open connections forward nothing more but are not closed either (a peer gone without a
+    word) and new ones are closed at once."""
     target = urllib.parse.urlsplit(target_url)
     listener = socket.create_server(("127.0.0.1", port))
     listener.settimeout(0.1)
@@ -251,6 +252,9 @@ def forwarding(port: int, target_url: str, silenced: threading.Event | None = No
             try:
                 incoming, _ = listener.accept()
             except TimeoutError:
+                continue
+            if silenced.is_set():  # the host is gone: a new connection gets no further
+                incoming.close()
                 continue
             incoming.settimeout(None)
             outgoing = socket.create_connection((target.hostname, target.port))

@@ -22,7 +22,17 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from controller.store import STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store, TenantFull, jobs
+from controller.store import (
+    STATES,
+    UNFINISHED_STATES,
+    JobRecord,
+    ModelRecord,
+    Store,
+    TenantFull,
+    filesystem_type,
+    is_network_filesystem,
+    jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -481,3 +491,25 @@ def test_deep_page_of_100k_jobs(tmp_path, capsys):
             f"(median of 20), with a 2-state filter: {filtered_ms:.2f} ms"
         )
     store.close()
+
+
+MOUNTS = """\
+/dev/nvme0n1p1 / ext4 rw,relatime 0 0
+fs-1.efs.eu-west-1.amazonaws.com:/ /shared nfs4 rw,vers=4.1 0 0
+/dev/nvme1n1 /shared/local\\040disk xfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "network"),
+    [
+        ("/var/lib/dreambooth", "ext4", False),
+        ("/shared/dreambooth", "nfs4", True),  # the README's storage: the default database would land here
+        ("/shared", "nfs4", True),
+        ("/shared/local disk/db", "xfs", False),  # a mount inside the shared one
+        ("/sharedother", "ext4", False),  # a name that starts alike is not inside /shared
+    ],
+)
+def test_a_database_on_a_network_file_system_is_recognised(path, kind, network):
+    assert filesystem_type(Path(path), MOUNTS) == kind
+    assert is_network_filesystem(kind) is network
