@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from dreambooth.durable import sync_tree, write_file
+from trainer.checkpoint import RAY_RUN_STATE, set_aside_unreadable_run_state
 from trainer.class_images import image_path, missing_indices
 from trainer.events import EventLog, follow_events, read_events
 from trainer.export import _clean_scratch
@@ -81,3 +82,14 @@ def test_event_readers_skip_lines_that_are_not_events(tmp_path):
     stop = threading.Event()
     stop.set()  # drain what is there and return
     assert [e["state"] for e in follow_events(log.path, stop)] == ["PREPARING", "TRAINING"]
+
+
+def test_an_unreadable_record_of_rays_checkpoints_is_set_aside(tmp_path):
+    """Ray would fail on it at every start of the run (a driver killed while Ray rewrote it in place)."""
+    record = tmp_path / RAY_RUN_STATE
+    assert set_aside_unreadable_run_state(tmp_path) is None  # none yet
+    record.write_text('{"checkpoint_results": []}')
+    assert set_aside_unreadable_run_state(tmp_path) is None and record.exists()  # readable: Ray's to use
+    record.write_text('{"checkpoint_res')
+    aside = set_aside_unreadable_run_state(tmp_path)
+    assert not record.exists() and aside.read_text() == '{"checkpoint_res'

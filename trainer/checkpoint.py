@@ -17,8 +17,10 @@ deletes the checkpoints it no longer keeps at once, so a power loss must not fin
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from trainer.async_checkpoint import AsyncCheckpointEngine
 
 TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
 STATE_FILE = "trainer_state.json"
+RAY_RUN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints, in the run directory
 
 
 _DIR_PREFIX = "checkpoint_step_"
@@ -98,6 +101,22 @@ def _sync_entries(directory: Path) -> None:
     after a power loss the newest must not be a directory whose files' names were lost."""
     for path in (directory / TAG, directory, directory.parent):
         sync_dir(path)
+
+
+def set_aside_unreadable_run_state(run_dir: Path) -> Path | None:
+    """Ray Train rewrites its record of a run's checkpoints in place: a driver killed mid-write leaves one that
+    Ray fails on at every later start of the run, so the job could never run again. Such a record is renamed
+    aside, and the run starts over from step 0 (slower, not stuck). Returns where it went, or None."""
+    record = run_dir / RAY_RUN_STATE
+    try:
+        json.loads(record.read_bytes())
+        return None
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not JSON, not UTF-8
+        aside = record.with_name(f"{record.name}.unreadable-{uuid.uuid4().hex[:8]}")
+        os.replace(record, aside)
+        return aside
 
 
 def restore_latest(engine) -> int:

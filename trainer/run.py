@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from dreambooth.durable import write_file
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model, fingerprint
-from trainer.checkpoint import STATE_FILE, checkpoint_steps
+from trainer.checkpoint import STATE_FILE, checkpoint_steps, set_aside_unreadable_run_state
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
@@ -152,6 +152,8 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
         if fail_once_at_step is not None:
             config["fail_once_at_step"] = fail_once_at_step
 
+        if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
+            print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): starting over")
         events.emit("state", state="TRAINING")
         result = _trainer(spec, paths, config).fit()
         checkpoint_dir = Path(result.checkpoint.path)
