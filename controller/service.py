@@ -42,7 +42,7 @@ from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
-from trainer.spec import JobSpec
+from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ class JobService:
         """With tenants, a named file (or every file of a named directory) must resolve, symlinks followed, into
         `readable_paths`: a tenant may not train on another tenant's uploads or on the controller's own files.
         Checked before anything is read, so a refusal does not tell whether the path exists."""
+        if len(str(path)) > MAX_PATH_CHARS:  # resolving a megabyte of "../" takes seconds
+            raise InputError(field, f"a path of {len(str(path))} characters; at most {MAX_PATH_CHARS}")
         if not self.config.tenants:
             return  # local use: one user, any path
 

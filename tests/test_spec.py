@@ -46,6 +46,8 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
     "change, field, says",
     [
         ({"resolution": 100}, "resolution", "multiple of 8"),
+        ({"base_model": "../" * 2000}, "base_model", "a path of 6000 characters; at most 4096"),
+        ({"instance_images": ["a.png", "x" * 5000]}, "instance_images", "at most 4096"),
         ({"resolution": 4096}, "resolution", "between 64 and 2048"),
         ({"max_steps": 0}, "max_steps", "[1, 1000000]"),
         ({"max_steps": True}, "max_steps", "must be a int"),

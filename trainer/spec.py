@@ -23,6 +23,8 @@ Precision = Literal["fp16", "bf16", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
+MAX_PATH_CHARS = 4096
+
 
 @dataclass
 class JobSpec:
@@ -166,6 +168,10 @@ class JobSpec:
 
         require(bool(self.base_model.strip()), "base_model", "must be a path to a diffusers-format model")
         require(len(self.instance_images) > 0, "instance_images", "give at least one image file or directory")
+        # No path is longer (Linux's PATH_MAX); a megabyte of "../" took the controller 15 s to resolve.
+        for name, paths in (("base_model", [self.base_model]), ("instance_images", self.instance_images)):
+            longest = max(len(p) for p in paths)
+            require(longest <= MAX_PATH_CHARS, name, f"a path of {longest} characters; at most {MAX_PATH_CHARS}")
         require(
             re.fullmatch(r"[A-Za-z0-9]+", self.identifier) is not None,
             "identifier",
