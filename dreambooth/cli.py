@@ -408,7 +408,7 @@ def _train(args) -> int:
     spec = JobSpec.load(args.spec)
     try:
         _run_with_progress(spec, args.storage, args.job_id or args.spec.stem, args.address)
-    except (InputError, OSError, KeyboardInterrupt):
+    except (InputError, OSError):
         raise  # main tells these
     except Exception as e:  # training failed, after Ray Train's retries: what failed, not a page of traceback
         print(f"error: training failed: {e}", file=sys.stderr)

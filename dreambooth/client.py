@@ -96,6 +96,7 @@ class DreamBoothClient:
         target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         token = token or os.environ.get("DREAMBOOTH_TOKEN")
         tls_ca = tls_ca or os.environ.get("DREAMBOOTH_TLS_CA") or None
+        answer_ms = int(min(keepalive_s, 10) * 1000)  # a ping not answered by then: the connection is dead
         options = [
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -104,8 +105,8 @@ class DreamBoothClient:
             # A watch of a queued job can go hours without a word: pings find a connection that died silently
             # (a crashed host, a load balancer dropping idle streams), which would otherwise block it for good.
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(min(keepalive_s, 10) * 1000)),
-            ("grpc.http2.ping_timeout_ms", int(min(keepalive_s, 10) * 1000)),  # what this gRPC waits (default 60 s)
+            ("grpc.keepalive_timeout_ms", answer_ms),
+            ("grpc.http2.ping_timeout_ms", answer_ms),  # what this gRPC waits for the answer (default 60 s)
             ("grpc.http2.max_pings_without_data", 0),  # gRPC's default stops pinging after 2 without data
             # gRPC waits up to 120 s between its own reconnection attempts: a watch would see the controller's
             # restart minutes late, or give up (reconnect_for_s) while it was back.

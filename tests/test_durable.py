@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from dreambooth.durable import sync_tree, write_file
+from dreambooth.durable import write_file
 from trainer.checkpoint import RAY_RUN_STATE, set_aside_unreadable_run_state
 from trainer.class_images import image_path, missing_indices
 from trainer.events import EventLog, follow_events, read_events
@@ -27,13 +27,6 @@ def test_write_file_replaces_whole_and_leaves_nothing_when_it_fails(tmp_path):
         write_file(target, Unwritable())  # type: ignore[arg-type]
     assert target.read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
-
-
-def test_sync_tree_walks_a_model_directory(tmp_path):
-    (tmp_path / "model" / "unet").mkdir(parents=True)
-    (tmp_path / "model" / "unet" / "weights.safetensors").write_bytes(b"w")
-    (tmp_path / "model" / "metadata.json").write_text("{}")
-    sync_tree(tmp_path / "model")  # fsyncs every file and directory; raises if it cannot open one
 
 
 def scratch(models, name: str, kind: str):
