@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
 from serving.config import ServeConfig
-from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, read_metadata
+from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, check_prompt, read_metadata
 from serving.http_api import (
     EncodedResult,
     GenerateBody,
@@ -44,7 +45,7 @@ from serving.http_api import (
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics
-from serving.step_batching import StepBatcher
+from serving.step_batching import OutOfDeviceMemory, StepBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class ResidentModel:
     leave on the replica's event loop, where Serve awaits the eviction too."""
 
     def __init__(self, model: SubjectModel):
-        self.model = model
+        self.model: SubjectModel | None = model
+        """None once released: its model was undeployed (or deployed from another directory)."""
         self._users = 0
         self._unused = asyncio.Event()
         self._unused.set()
@@ -137,6 +139,9 @@ class SharedLoads:
         self.load = load
         self.keep_s = keep_s
         self._tasks: dict[str, asyncio.Task] = {}
+        # The keep_s timer of a finished load still in _tasks: cancelled when the load is taken over, since the
+        # timer holds the task, hence the model, which would stay in memory after the multiplexer evicted it.
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
 
     async def get(self, model_id: str) -> Any:
         task = self._tasks.get(model_id)
@@ -147,15 +152,22 @@ class SharedLoads:
         self._forget(model_id, task)  # taken over by this request: nothing left for a later one
         return model
 
+    def drop(self, model_id: str) -> None:
+        """Forgets `model_id`'s load (the requests awaiting it still get it): the next request loads it anew."""
+        if (task := self._tasks.get(model_id)) is not None:
+            self._forget(model_id, task)
+
     def _finished(self, model_id: str, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:
             self._forget(model_id, task)
-        else:
-            asyncio.get_running_loop().call_later(self.keep_s, self._forget, model_id, task)
+        elif self._tasks.get(model_id) is task:
+            self._expiries[model_id] = asyncio.get_running_loop().call_later(self.keep_s, self._forget, model_id, task)
 
     def _forget(self, model_id: str, task: asyncio.Task) -> None:
         if self._tasks.get(model_id) is task:
             del self._tasks[model_id]
+            if (expiry := self._expiries.pop(model_id, None)) is not None:
+                expiry.cancel()  # drops its reference to the task
 
 
 @dataclass
@@ -163,6 +175,7 @@ class _Pending:
     model: SubjectModel
     request: GenerationRequest
     enqueued: float
+    submitted: concurrent.futures.Future | None = None  # once its batch handed it to the step batcher
 
 
 @serve.deployment
@@ -182,9 +195,12 @@ class Generator:
         )
         self.paths: dict[str, str] = {}
         self._compiled = False  # compile_unet: warmed up before taking requests (reconfigure)
-        self.loaded: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
+        # What the multiplexer holds, by model id: the models an undeploy must let go of.
+        self._residents: weakref.WeakValueDictionary[str, ResidentModel] = weakref.WeakValueDictionary()
         self._loads = SharedLoads(self._load, keep_s=LOAD_KEPT_S)
         self.metrics = GeneratorMetrics()
+        self._loaded_models = 0  # in memory, until the last request sampling one lets it go
+        self._loaded_lock = threading.Lock()  # models die on whichever thread drops them last
         self.batcher = StepBatcher(
             self.engine, max_images=self.config.max_batch_size, on_step=self.metrics.step_images.observe
         )
@@ -192,10 +208,12 @@ class Generator:
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 
         async def load(model_id: str) -> ResidentModel:
-            return ResidentModel(await self._loads.get(model_id))
+            resident = self._residents[model_id] = ResidentModel(await self._loads.get(model_id))
+            return resident
 
-        async def sample(items: list[_Pending]) -> list[concurrent.futures.Future]:
-            return self._submit_batch(items)
+        async def sample(items: list[_Pending]) -> list[None]:
+            self._submit_batch(items)
+            return [None] * len(items)
 
         self.model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
         self.sample = serve.batch(
@@ -205,30 +223,53 @@ class Generator:
         )(sample)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.paths = dict(user_config.get("models", {}))
+        before, self.paths = self.paths, dict(user_config.get("models", {}))
+        for model_id in [m for m, path in before.items() if self.paths.get(m) != path]:
+            # Undeployed or moved: its memory goes when the requests still sampling it finish, not when the
+            # multiplexer next evicts it (its slot stays taken until then; a request for it, if it is deployed
+            # again, loads it anew).
+            self._loads.drop(model_id)
+            if (resident := self._residents.get(model_id)) is not None:
+                resident.model = None
         if self.config.compile_unet and self.paths and not self._compiled:
             # Compile now rather than in a request: Serve routes requests to a replica once its first
             # reconfigure returns, and the graphs serve every subject of the architecture (the model used for
             # it is dropped; the multiplexer loads models as requests ask).
-            model_id, path = next(iter(self.paths.items()))
-
-            def compile_graphs() -> None:
+            def compile_graphs(model_id: str, path: str) -> None:
                 self.engine.warm_up(self.engine.load(model_id, path), self.config.max_batch_size)
 
-            self.batcher.call(compile_graphs).result()  # on the device thread, as the rest of the torch work
-            self._compiled = True
+            for model_id, path in self.paths.items():
+                try:  # on the device thread, as the rest of the torch work
+                    self.batcher.call(functools.partial(compile_graphs, model_id, path)).result()
+                except Exception:
+                    # One unreadable model must not keep the replica (and every other model) from starting: its
+                    # requests fail at its load; the graphs come from the next model, or the first load.
+                    logger.exception("compiling the UNet with model %s failed; trying the next", model_id)
+                    continue
+                self._compiled = True
+                break
 
     async def generate(self, request: GenerationRequest) -> EncodedResult:
         arrived = time.monotonic()  # its queue wait includes waiting for its model to load
         model_id = serve.get_multiplexed_model_id()
         if model_id not in self.paths:
             raise ModelNotServed(model_id)
+        # Before its model loads (which may evict another's): a prompt the text encoder cannot take is refused.
+        tokenizer = await asyncio.to_thread(self.engine.tokenizer, self.paths[model_id])
+        check_prompt(tokenizer, "prompt", request.prompt)
+        check_prompt(tokenizer, "negative_prompt", request.negative_prompt)
         resident = await self.model(model_id)
+        if resident.model is None:  # released by an undeploy or a move, deployed since
+            resident.model = await self._loads.get(model_id)
         with resident.in_use() as model:  # until its images are out: the model is not evicted meanwhile
-            model.check_prompt("prompt", request.prompt)
-            model.check_prompt("negative_prompt", request.negative_prompt)
-            submitted = await self.sample(_Pending(model, request, arrived))
-            result = await asyncio.wrap_future(submitted)
+            pending = _Pending(model, request, arrived)
+            try:
+                await self.sample(pending)
+            except asyncio.CancelledError:
+                if pending.submitted is not None:  # its batch took it just as its client went away
+                    pending.submitted.cancel()
+                raise
+            result = await asyncio.wrap_future(pending.submitted)
         self.metrics.batch_size.observe(result.batch_size)
         self.metrics.queue_wait.observe(result.queue_wait_seconds)
         return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
@@ -246,24 +287,25 @@ class Generator:
             model = await asyncio.wrap_future(self.batcher.call(load))
         # On the batcher's thread: a model of another architecture compiles, not beside requests sampling.
         await asyncio.wrap_future(self.batcher.call(lambda: self.engine.warm_up(model, self.config.max_batch_size)))
-        self.loaded.add(model)
         self.metrics.model_load.observe(model.load_seconds)
-        self.metrics.loaded_models.set(len(self.loaded))
+        self._count_loaded(+1)
+        weakref.finalize(model, self._count_loaded, -1)
         return model
 
-    def _submit_batch(self, items: list[_Pending]) -> list[concurrent.futures.Future]:
+    def _count_loaded(self, change: int) -> None:
+        with self._loaded_lock:
+            self._loaded_models += change
+            self.metrics.loaded_models.set(self._loaded_models)
+
+    def _submit_batch(self, items: list[_Pending]) -> None:
         """One @serve.batch call: a cohort per (model, shape) group, submitted to the step batcher."""
-        groups: dict[tuple, list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault((item.model, item.request.shape_key), []).append(index)
-        futures: dict[int, concurrent.futures.Future] = {}
-        for indices in groups.values():
-            submitted = self.batcher.submit(
-                items[indices[0]].model, [items[i].request for i in indices], [items[i].enqueued for i in indices]
-            )
-            futures.update(zip(indices, submitted, strict=True))
-        self.metrics.loaded_models.set(len(self.loaded))
-        return [futures[index] for index in range(len(items))]
+        groups: dict[tuple, list[_Pending]] = {}
+        for item in items:
+            groups.setdefault((item.model, item.request.shape_key), []).append(item)
+        for group in groups.values():
+            submitted = self.batcher.submit(group[0].model, [i.request for i in group], [i.enqueued for i in group])
+            for item, future in zip(group, submitted, strict=True):
+                item.submitted = future
 
 
 def render(model_id: str, encoded: EncodedResult, output_format: str) -> Response:
@@ -365,6 +407,9 @@ class Ingress:
         except BackPressureError as e:
             outcome = "overloaded"
             raise self._retry_later("overloaded") from e
+        except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it fits
+            outcome = "overloaded"
+            raise self._retry_later("the device ran out of memory for this request's batch") from e
         except REPLICA_LOST as e:
             # Its replica died under it (out of memory, node lost) or none is up yet: Serve starts another, so the
             # same request can succeed in a moment; a 500 would tell clients not to retry.

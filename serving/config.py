@@ -90,8 +90,14 @@ class ServeConfig:
             ("max_ongoing_requests", self.max_ongoing_requests >= self.max_batch_size, "must be >= max_batch_size"),
             ("max_queued_requests", self.max_queued_requests >= 1, "must be >= 1"),
             ("limits.max_images", 1 <= self.limits.max_images <= self.max_batch_size, "must be 1..max_batch_size"),
-            ("limits.max_steps", self.limits.max_steps >= 1, "must be >= 1"),
+            ("retry_after_s", self.retry_after_s >= 0, "must be >= 0 (seconds, the Retry-After header)"),
+            # Schedulers refuse more inference steps than their 1000 training timesteps (a 500 at request time).
+            ("limits.max_steps", 1 <= self.limits.max_steps <= 1000, "must be 1..1000"),
             ("limits.min_side", 8 <= self.limits.min_side <= self.limits.max_side, "must be 8..max_side"),
+            ("limits.min_side", self.limits.min_side % 8 == 0, "must be a multiple of 8"),
+            ("limits.max_side", self.limits.max_side % 8 == 0, "must be a multiple of 8"),
+            ("limits.max_prompt_chars", self.limits.max_prompt_chars >= 1, "must be >= 1"),
+            ("limits.max_guidance_scale", self.limits.max_guidance_scale >= 0, "must be >= 0"),
         ]
         for field, ok, message in checks:
             if not ok:

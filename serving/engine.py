@@ -75,12 +75,13 @@ class SubjectModel:
         """Image pixels per latent pixel (8 for Stable Diffusion; the tiny test model's VAE has fewer levels)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def check_prompt(self, name: str, text: str) -> None:
-        """Refuses a prompt longer than the text encoder's context instead of silently cutting it."""
-        tokens = len(self.tokenizer(text, truncation=False).input_ids)
-        limit = self.tokenizer.model_max_length
-        if tokens > limit:
-            raise InputError(name, f"{tokens} tokens; at most {limit} (including start/end tokens), shorten it")
+
+def check_prompt(tokenizer, name: str, text: str) -> None:
+    """Refuses a prompt longer than the text encoder's context instead of silently cutting it."""
+    tokens = len(tokenizer(text, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    if tokens > limit:
+        raise InputError(name, f"{tokens} tokens; at most {limit} (including start/end tokens), shorten it")
 
 
 @dataclass
@@ -188,6 +189,23 @@ class SamplingEngine:
         self.compile_unet = compile_unet
         # Components shared between subjects of one base model, alive while some loaded subject uses them.
         self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # Tokenizers (a few MB) are kept: by model directory, one object per base model.
+        self._tokenizers: dict[str, Any] = {}
+        self._base_tokenizers: dict[str, Any] = {}
+
+    def tokenizer(self, path: str | Path):
+        """The tokenizer of the model at `path`, loaded once per base model and kept: what a request's prompts are
+        checked with before its model loads."""
+        tokenizer = self._tokenizers.get(str(path))
+        if tokenizer is None:
+            base = read_metadata(Path(path)).get("base_model_fingerprint")
+            tokenizer = self._base_tokenizers.get(base) if base else None
+            if tokenizer is None:
+                tokenizer = load_base_model(path, components=["tokenizer"]).tokenizer
+                if base:
+                    self._base_tokenizers[base] = tokenizer
+            self._tokenizers[str(path)] = tokenizer
+        return tokenizer
 
     def load(self, model_id: str, path: str | Path) -> SubjectModel:
         """Loads the exported model at `path`.
@@ -201,11 +219,11 @@ class SamplingEngine:
         metadata = read_metadata(path)
         base = metadata.get("base_model_fingerprint")
         text_encoder_trained = bool(metadata.get("hyperparameters", {}).get("train_text_encoder", True))
-        shared_kinds = {"vae", "tokenizer"} | (set() if text_encoder_trained else {"text_encoder"})
+        shared_kinds = {"vae"} | (set() if text_encoder_trained else {"text_encoder"})
 
-        modules: dict[str, Any] = {}
+        modules: dict[str, Any] = {"tokenizer": self.tokenizer(path)}
         to_load = ["unet"]
-        for kind in ("vae", "tokenizer", "text_encoder"):
+        for kind in ("vae", "text_encoder"):
             cached = self._shared.get((kind, base)) if base and kind in shared_kinds else None
             if cached is None:
                 to_load.append(kind)

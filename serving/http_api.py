@@ -25,7 +25,8 @@ class GenerateBody(BaseModel):
     """POST /v1/models/{model_id}/generate."""
 
     # A misspelt field ("num_image") is a 422 naming it, not a request quietly served with the default.
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON's true is not 1 step, nor "2" 2 images (422s naming the field, as for a wrong type).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(
         description='What to draw; use the subject\'s identifier, e.g. "a photo of sks dog on a beach".'

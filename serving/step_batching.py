@@ -9,7 +9,9 @@ do with tokens. At most `max_images` images share a forward; a cohort that does 
 cohorts of its model and size wait behind it (no starvation). Cohorts of different models or sizes cannot share a
 forward: the batch holding the oldest cohort steps first (first come, first served, as whole batches were: taking
 turns step by step would make every one of them as slow as all of them together). A cohort whose callers all
-cancelled (in Serve: their HTTP clients went away) leaves at the next step, making room for those waiting.
+cancelled (in Serve: their HTTP clients went away) leaves at the next step, making room for those waiting. A step
+that runs out of device memory fails the cohort that joined last (OutOfDeviceMemory: the service answers 503, retry
+later) and the others step again without it, rather than all failing with it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from serving.engine import Cohort, DecodedCohort, GenerationRequest, SamplingEngine, SubjectModel
 
 logger = logging.getLogger(__name__)
 
 Lane = tuple[SubjectModel, int, int]  # the cohorts of one model and (height, width) that share UNet forwards
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """A request's batch did not fit in the device's memory: it may fit later, beside fewer others."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the device ran out of memory {what}; retry later, or ask for fewer or smaller images")
 
 
 @dataclass
@@ -180,6 +191,15 @@ class StepBatcher:
         # The lane stays in `_running` until this step is through, where `_fail_all` finds it.
         try:
             self.engine.denoise([cohort for cohort, _ in running])
+        except torch.OutOfMemoryError:
+            # Raised before any cohort's state moved (in the UNet forward): the others can step again.
+            images = sum(cohort.images for cohort, _ in running)
+            cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
+            logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
+            _fail(submission, OutOfDeviceMemory(f"sampling {cohort.images} images beside {len(running)} requests"))
+            if not running:
+                del self._running[lane]
+            return
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:
@@ -200,6 +220,9 @@ class StepBatcher:
     def _finish(self, cohort: Cohort, submission: _Submission) -> None:
         try:
             decoded = self.engine.decode(cohort)
+        except torch.OutOfMemoryError:
+            _fail(submission, OutOfDeviceMemory(f"decoding {cohort.images} images"))
+            return
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)
             _fail(submission, e)

@@ -175,6 +175,33 @@ def test_two_subjects_from_one_replica_draw_differently(service):
         assert np.abs(image(response) - image(alone)).max() <= 1 / 255 + 1e-6, model_id
 
 
+def draws_like(config: ServeConfig, model_id: str, reference: np.ndarray, timeout_s: float = 120) -> None:
+    """Until `model_id` draws `reference` (seed 21): a reconfigured replica answers with the new models at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = generate(config, model_id, seed=21)
+        if response.ok and np.abs(image(response) - reference).max() <= 1 / 255 + 1e-6:
+            return
+        assert time.monotonic() < deadline, f"{model_id} never drew with its new weights: {response.status_code}"
+        time.sleep(0.5)
+
+
+def test_a_model_deployed_from_another_directory_draws_from_it(service, subject_models, ray_cluster):
+    """An undeploy or a move releases the model its replica holds (the multiplexer would keep it, memory and
+    weights, until the model is evicted by others' loads): a model id now served from another directory draws
+    with the weights there, not with those still loaded."""
+    deployer = ServeDeployer(ray_cluster.dashboard_url, service)
+    fido = image(generate(service, "fido", seed=21))
+    rex = image(generate(service, "rex", seed=21))  # rex is loaded now, in the replica's one slot
+    assert np.abs(rex - fido).mean() > 0.01
+    deployer.apply({"rex": str(subject_models["fido"]), "fido": str(subject_models["fido"])})
+    try:
+        draws_like(service, "rex", fido)
+    finally:
+        deployer.apply({k: str(v) for k, v in subject_models.items()})
+        draws_like(service, "rex", rex)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

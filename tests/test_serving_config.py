@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import json
 import socket
+import weakref
 
 import pytest
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
@@ -36,6 +39,11 @@ from serving.metrics import MAX_MODEL_CLASSES, class_label
         ({"proxy_location": "Everywhere"}, "serving.proxy_location"),
         ({"batch_size": 8}, "serving.batch_size"),  # a typo of max_batch_size
         ({"limits": {"max_step": 9}}, "serving.limits.max_step"),
+        ({"retry_after_s": -1}, "serving.retry_after_s"),
+        ({"limits": {"max_steps": 1001}}, "serving.limits.max_steps"),  # DDIM raises past its 1000 timesteps
+        ({"limits": {"max_side": 1020}}, "serving.limits.max_side"),
+        ({"limits": {"max_prompt_chars": 0}}, "serving.limits.max_prompt_chars"),
+        ({"limits": {"max_guidance_scale": -1}}, "serving.limits.max_guidance_scale"),
     ],
 )
 def test_bad_settings_name_the_setting(settings, field):
@@ -107,6 +115,15 @@ def test_a_result_is_encoded_as_lossless_pngs_for_the_ingress():
     body = json_response("rex", encoded)
     assert [i.seed for i in body.images] == [5, 6] and (body.batch_size, body.queue_wait_s) == (3, 0.2)
     assert base64.b64decode(body.images[1].png_base64) == encoded.png[1]
+
+
+@pytest.mark.parametrize(
+    "fields", [{"steps": True}, {"num_images": 1.0}, {"seed": True}, {"width": "512"}, {"guidance_scale": False}]
+)
+def test_numbers_are_not_coerced(fields):
+    # JSON's true is not 1 step (pydantic's lax mode took it): a 422 naming the field.
+    with pytest.raises(ValidationError, match=next(iter(fields))):
+        GenerateBody.model_validate_json(json.dumps({"prompt": "sks dog"} | fields))
 
 
 @pytest.mark.parametrize(
@@ -236,6 +253,26 @@ def test_a_models_load_outlives_a_cancelled_request_and_serves_the_next():
             await asyncio.sleep(0.05)  # the load finishes with nobody waiting (then keep_s 0 forgets it at once)
             assert await loads.get("n") == "weights of n"
             assert loads_started.count("n") == loads_so_far
+
+        # A load once taken over is not held by its keep_s timer: the model goes when its last user lets it go (the
+        # multiplexer evicted it), whether its request waited for the load or came after it finished.
+        class Weights:
+            pass
+
+        async def load_weights(model_id: str) -> Weights:
+            await asyncio.sleep(0)
+            return Weights()
+
+        loads = SharedLoads(load_weights, keep_s=3600)
+        orphan = asyncio.ensure_future(loads.get("late"))
+        await asyncio.sleep(0)
+        orphan.cancel()
+        await asyncio.sleep(0.05)
+        del orphan  # its CancelledError's traceback holds the load; Serve drops a cancelled request's task
+        taken = [weakref.ref(await loads.get(model_id)) for model_id in ("waited", "late")]
+        await asyncio.sleep(0.01)  # callbacks still queued in the loop (the shield's wake-up) hold the result
+        gc.collect()
+        assert [ref() for ref in taken] == [None, None]
 
     asyncio.run(scenario())
 

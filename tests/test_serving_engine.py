@@ -12,7 +12,7 @@ from diffusers import LMSDiscreteScheduler
 
 from dreambooth.errors import InputError
 from dreambooth.sd_model import load_pipeline
-from serving.engine import GenerationRequest, SamplingEngine
+from serving.engine import GenerationRequest, SamplingEngine, check_prompt
 
 SIZE = 64  # the tiny model's native size
 STEPS = 4
@@ -138,14 +138,16 @@ def test_a_trained_text_encoder_is_not_shared(engine, rex, tiny_model, tmp_path)
     subject = engine.load("max", path)
     assert subject.vae is rex.vae
     assert subject.text_encoder is not rex.text_encoder
+    # One tokenizer per base model, also what a request's prompts are checked with before its model loads.
+    assert subject.tokenizer is rex.tokenizer is engine.tokenizer(path)
 
 
 def test_bad_batches_and_prompts_are_refused(engine, rex):
     with pytest.raises(ValueError, match="one batch holds one"):
         engine.generate(rex, [request(), request(steps=STEPS + 1)])
-    rex.check_prompt("prompt", "a photo of sks dog")
+    check_prompt(rex.tokenizer, "prompt", "a photo of sks dog")
     with pytest.raises(InputError, match="tokens; at most 77") as error:
-        rex.check_prompt("negative_prompt", "dog " * 100)
+        check_prompt(rex.tokenizer, "negative_prompt", "dog " * 100)
     assert error.value.field == "negative_prompt"
 
 

@@ -7,9 +7,10 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
+import torch
 
 from serving.engine import GenerationRequest, SamplingEngine
-from serving.step_batching import StepBatcher
+from serving.step_batching import OutOfDeviceMemory, StepBatcher
 
 SIZE = 64  # the tiny model's native size
 LEVEL = 1 / 255 + 1e-6  # batch composition may round the last float bits differently: at most one 8-bit level
@@ -148,6 +149,37 @@ def test_a_cancelled_request_waiting_for_room_does_not_hold_up_those_behind_it(e
     finally:
         batcher.close()
     assert result.batch_size == 2  # it sampled beside the running request instead of waiting for its 20 steps
+
+
+class SmallDevice(SamplingEngine):
+    """Room for `room` images in a UNet forward; more raise what torch raises when CUDA runs out of memory."""
+
+    room = 3
+
+    def denoise(self, cohorts) -> None:
+        if sum(cohort.images for cohort in cohorts) > self.room:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        super().denoise(cohorts)
+
+
+def test_a_step_out_of_device_memory_fails_the_last_cohort_and_the_others_go_on(engine, models):
+    small = SmallDevice(device="cpu")
+    batcher = StepBatcher(small, max_images=4)
+    try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # both start together: their first step holds 4 images, one more than fits
+        [first] = batcher.submit(models["rex"], [request(num_images=2)])
+        [joiner] = batcher.submit(models["rex"], [request(seed=3, num_images=2)])
+        gate.set()
+        with pytest.raises(OutOfDeviceMemory, match="retry later"):
+            joiner.result(timeout=60)
+        shared = first.result(timeout=60)
+        [retried] = batcher.submit(models["rex"], [request(seed=3, num_images=2)])  # alone, it fits
+        assert retried.result(timeout=60).images
+    finally:
+        batcher.close()
+    [alone] = engine.generate(models["rex"], [request(num_images=2)])
+    assert_same_images(alone, shared)  # the failed step changed nothing of the cohort that went on
 
 
 def test_an_empty_cohort_is_refused_and_the_batcher_goes_on(engine, models):
