@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from PIL import Image
 from dreambooth.errors import InputError
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
-from trainer.run import check_rerun, photo_hashes
+from trainer.run import check_rerun, photo_hashes, preflight
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
@@ -67,7 +68,10 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"identifier": "two words"}, "identifier", "one alphanumeric word"),
         ({"class_prompt": ""}, "class_prompt", "required when num_class_images > 0"),
         ({"class_prompt": "a photo of sks dog"}, "class_prompt", "without the identifier"),
-        ({"num_class_images": -1}, "num_class_images", ">= 0"),
+        ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
+        ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files
+        ({"validation_prompts": ["a photo of sks dog"] * 33}, "validation_prompts", "at most 32"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm", "> 0"),
         ({"prior_loss_weight": -1.0}, "prior_loss_weight", "[0, 100]"),
         ({"instance_images": []}, "instance_images", "at least one"),
         ({"instance_images": [3]}, "instance_images", "list of strings"),
@@ -212,3 +216,18 @@ def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
         with pytest.raises(InputError) as error:
             check_rerun(JobSpec.from_dict({**VALID, "max_steps": 10, **change}), paths)
         assert error.value.field == field and "another job id (--job-id)" in error.value.message
+
+
+def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tiny_model, dog_images, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config = model / "scheduler" / "scheduler_config.json"
+    fields = {"base_model": str(model), "instance_images": [str(dog_images)], "resolution": 64}
+    spec = JobSpec.from_dict(VALID | fields)
+    for kind in ("epsilon", "v_prediction", "sample"):
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": kind}))
+        if kind == "sample":  # the UNet predicts the clean image: the loss would train it to predict the noise
+            with pytest.raises(InputError, match="prediction_type is 'sample'") as error:
+                preflight(spec)
+            assert error.value.field == "base_model"
+        else:
+            preflight(spec)

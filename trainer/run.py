@@ -109,14 +109,26 @@ def photo_hashes(spec: JobSpec) -> list[str]:
     return [hashlib.sha256(file.read_bytes()).hexdigest() for file in find_instance_images(spec.instance_images)]
 
 
+# What the UNet may predict: the noise, or v (SD 2.x 768 px models). The loss has no target for the others.
+TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def preflight(spec: JobSpec) -> None:
     """Everything that can be checked before a worker starts: fields, base model files, every image."""
     spec.validate()
-    check_base_model(spec.base_model)
+    root = check_base_model(spec.base_model)
+    try:
+        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except ValueError as e:
+        raise InputError("base_model", f"{root}/scheduler/scheduler_config.json is not JSON: {e}") from e
+    if (kind := scheduler.get("prediction_type", "epsilon")) not in TRAINABLE_PREDICTION_TYPES:
+        raise InputError(
+            "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
+        )
     check_instance_images(spec.instance_images, spec.resolution)
 
 
-def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | None = None) -> TrainingResult:
+def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[int, ...] = ()) -> TrainingResult:
     """Run (or resume) the job; raises InputError for bad input, ray.train.TrainingFailedError if training fails."""
     start = time.time()
     events = EventLog(paths.events_file)
@@ -149,8 +161,8 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_step: int | Non
                     on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
                 )
             )
-        if fail_once_at_step is not None:
-            config["fail_once_at_step"] = fail_once_at_step
+        if fail_once_at_steps:
+            config["fail_once_at_steps"] = list(fail_once_at_steps)
 
         if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
             print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): starting over")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ LrSchedule = Literal["constant", "linear", "cosine"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 MAX_PATH_CHARS = 4096
+# Bounds on work one spec can ask for: the driver lists every class image, and every validation prompt is sampled
+# at every validation (on the GPUs the job holds).
+MAX_CLASS_IMAGES = 10_000
+MAX_VALIDATION_PROMPTS = 32
 
 
 @dataclass
@@ -182,7 +187,11 @@ class JobSpec:
             "instance_prompt",
             f"must contain the identifier {self.identifier!r} as a word, e.g. 'a photo of {self.identifier} dog'",
         )
-        require(self.num_class_images >= 0, "num_class_images", "must be >= 0 (0 turns prior preservation off)")
+        require(
+            0 <= self.num_class_images <= MAX_CLASS_IMAGES,
+            "num_class_images",
+            f"must be in [0, {MAX_CLASS_IMAGES}] (0 turns prior preservation off; the paper uses 100-200)",
+        )
         if self.with_prior_preservation:
             require(bool(self.class_prompt.strip()), "class_prompt", "required when num_class_images > 0")
             require(
@@ -211,7 +220,7 @@ class JobSpec:
             "gradient_accumulation_steps",
             "must be in [1, 1024]",
         )
-        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        require(0 < self.max_grad_norm < math.inf, "max_grad_norm", "must be a number > 0 (1.0 is usual)")
         require(0 <= self.adam_weight_decay < 1, "adam_weight_decay", "must be in [0, 1)")
         require(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
         require(
@@ -224,6 +233,11 @@ class JobSpec:
         require(self.validation_interval >= 0, "validation_interval", "must be >= 0 (0: only at the end)")
         require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
         require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
+        require(
+            len(self.validation_prompts) <= MAX_VALIDATION_PROMPTS,
+            "validation_prompts",
+            f"{len(self.validation_prompts)} prompts; at most {MAX_VALIDATION_PROMPTS} (each is a row of every grid)",
+        )
         require(1 <= self.num_workers <= 1024, "num_workers", "must be in [1, 1024]")
         # Ray's smallest resource unit is 0.0001.
         require(

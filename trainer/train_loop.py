@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             noisy_latents = scheduler.add_noise(latents, noise, timesteps)
             if scheduler.config.prediction_type == "v_prediction":
                 target = scheduler.get_velocity(latents, noise, timesteps)
-            else:
+            else:  # epsilon: preflight refused the other prediction types
                 target = noise
 
             if prompt_embeds is not None:
@@ -230,10 +230,9 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
 
 
 def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths, pending_commit) -> None:
-    """Chaos testing: kill one worker's process once, at a given step, as a crashed node would; after the
-    latest checkpoint was committed, so that the test knows where the restart must resume."""
-    fail_at = config.get("fail_once_at_step")
-    if fail_at is None or step != fail_at:
+    """Chaos testing: kill one worker's process once at each of the given steps, as a crashed node would; after
+    the latest checkpoint was committed, so that the test knows where the restart must resume."""
+    if step not in config.get("fail_once_at_steps", ()):
         return
     if pending_commit is not None:
         pending_commit.join()
