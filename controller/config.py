@@ -68,7 +68,8 @@ class ControllerConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_bytes: int = 64 * 1024 * 1024
     capacity_cpus: float | None = None
-    """The CPUs/GPUs the scheduler may hand out, each instead of the alive nodes' total (default: that total)."""
+    """The cluster's CPUs/GPUs, each instead of the alive nodes' total (default: that total); on an autoscaling
+    cluster, what it may grow to. Training gets them less what serving's max_replicas may hold."""
     capacity_gpus: float | None = None
     serving: ServeConfig | None = None
     """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,

@@ -32,6 +32,14 @@ WATCHES_ENDED = Counter(
 )
 FAILURES = Counter("dreambooth_job_failures_total", "Failed jobs by reason.", ["reason"], registry=REGISTRY)
 
+# Every known label value starts at 0: a series that first appears at 1 is an event increase() cannot see.
+for _outcome in ("accepted", "rejected"):
+    SUBMISSIONS.labels(outcome=_outcome)
+for _reason in ("INVALID_INPUT", "TRAINING_FAILED", "RAY_JOB_FAILED", "NO_RESULT", "STOPPED"):
+    FAILURES.labels(reason=_reason)
+for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+    WATCHES_ENDED.labels(code=_code)
+
 _STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
 
 

@@ -127,7 +127,9 @@ class Reconciler:
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def capacity(self) -> Resources:
-        """The alive nodes' totals (asked at most every 10 s), each replaced by its setting where one is given."""
+        """What training may hold: the alive nodes' totals (asked at most every 10 s), each replaced by its setting
+        where one is given, less what serving's replicas may grow to (they share the cluster's GPUs: jobs started
+        into them would wait in Ray, holding their tenant's slots, and keep Serve from scaling up)."""
         cpus, gpus = self.config.capacity_cpus, self.config.capacity_gpus
         if cpus is None or gpus is None:
             now = time.monotonic()
@@ -136,7 +138,10 @@ class Reconciler:
                 self._capacity = (now, Resources(capacity.cpus, capacity.gpus))
             cpus = self._capacity[1].cpus if cpus is None else cpus
             gpus = self._capacity[1].gpus if gpus is None else gpus
-        return Resources(cpus, gpus)
+        if (serving := self.config.serving) is not None:
+            cpus -= serving.max_replicas * serving.cpus_per_replica
+            gpus -= serving.max_replicas * serving.gpus_per_replica
+        return Resources(max(cpus, 0.0), max(gpus, 0.0))
 
     # --- following -----------------------------------------------------------------------------------
 

@@ -23,12 +23,14 @@ from controller import metrics
 from controller.config import ControllerConfig, Tenant
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
+from controller.scheduler import Resources
 from controller.server import start
 from controller.service import JobService
 from controller.store import JobRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
+from serving.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_controller import job_spec
 from trainer.events import EventLog
@@ -402,6 +404,14 @@ def test_one_capacity_setting_replaces_only_its_own_total(by_hand, cpus, gpus):
     expected = (cluster.cpus if cpus is None else cpus, cluster.gpus if gpus is None else gpus)
     assert cluster.cpus > 0
     assert (by_hand.capacity().cpus, by_hand.capacity().gpus) == expected
+
+
+def test_training_capacity_leaves_serving_what_its_replicas_may_grow_to(by_hand):
+    serving = ServeConfig(min_replicas=1, max_replicas=4, gpus_per_replica=1, cpus_per_replica=2)
+    by_hand.config = dataclasses.replace(by_hand.config, capacity_cpus=64, capacity_gpus=8, serving=serving)
+    assert by_hand.capacity() == Resources(cpus=56, gpus=4)
+    by_hand.config = dataclasses.replace(by_hand.config, capacity_cpus=4, capacity_gpus=2)
+    assert by_hand.capacity() == Resources(cpus=0, gpus=0)  # all serving's: no job starts, none goes below 0
 
 
 class _BusyFeed(ChangeFeed):

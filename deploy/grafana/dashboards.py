@@ -64,6 +64,15 @@ def quantiles(histogram: str, by: str = "", selector: str = "", window: str | No
     ]
 
 
+def events_in_window(counter: str, by: str = "", selector: str = "") -> str:
+    """How many times `counter` counted over the last SPARSE window, for events minutes apart. A labelled counter
+    (and every Ray metric) has no series until its first event, which then appears at 1: increase() has nothing to
+    increase from and says 0. A series younger than the window counts whole instead."""
+    series = f"{counter}{selector}"
+    group = f" by ({by})" if by else ""
+    return f"sum{group} (({series} unless {series} offset {SPARSE}) or increase({series}[{SPARSE}]))"
+
+
 def _targets(queries: list[tuple[str, str]]) -> list[prometheus.Dataquery]:
     return [
         prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(chr(ord("A") + i))
@@ -219,7 +228,7 @@ def training() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Job failures by reason",
-                [(f"sum by (reason) (increase(dreambooth_job_failures_total[{SPARSE}]))", "{{reason}}")],
+                [(events_in_window("dreambooth_job_failures_total", by="reason"), "{{reason}}")],
                 bars=True,
                 width=8,
                 description=f"Failed jobs in the last {SPARSE}, by the reason the controller recorded.",
@@ -284,11 +293,13 @@ def training() -> builders.Dashboard:
         )
         .with_panel(
             graph(
-                "Optimizer steps",
-                [(f"sum by (job_id) (increase(ray_dreambooth_train_steps_total{job}[{RATE}]))", "{{job_id}}")],
-                bars=True,
+                "Optimizer steps per second (counted)",
+                [(f"sum by (job_id) (rate(ray_dreambooth_train_steps_total{job}[{RATE}]))", "{{job_id}}")],
+                unit="short",
                 width=8,
-                description="Steps done per interval; a gap is a stalled or restarting job.",
+                # Not increase() per bar: Grafana's rate window spans several bars, each would count it again.
+                description="Steps per second from the step counter, over Grafana's rate window; a gap is a "
+                "stalled or restarting job.",
             )
         )
         .with_panel(
@@ -306,8 +317,7 @@ def training() -> builders.Dashboard:
                 "Checkpoints saved",
                 [
                     (
-                        "sum by (job_id)"
-                        f" (increase(ray_dreambooth_train_checkpoint_stall_seconds_count{job}[{SPARSE}]))",
+                        events_in_window("ray_dreambooth_train_checkpoint_stall_seconds_count", "job_id", job),
                         "{{job_id}}",
                     )
                 ],
@@ -319,7 +329,7 @@ def training() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Restarts (resumed from a checkpoint)",
-                [(f"sum by (job_id) (increase(ray_dreambooth_train_restarts_total{job}[{SPARSE}]))", "{{job_id}}")],
+                [(events_in_window("ray_dreambooth_train_restarts_total", "job_id", job), "{{job_id}}")],
                 bars=True,
                 width=8,
                 description="Runs that started from a checkpoint: after a worker failure, a resubmitted attempt, "
@@ -477,7 +487,7 @@ def serving() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Model loads",
-                [(f"sum(increase(ray_dreambooth_serve_model_load_seconds_count[{SPARSE}]))", "loads")],
+                [(events_in_window("ray_dreambooth_serve_model_load_seconds_count"), "loads")],
                 bars=True,
                 width=8,
                 description=f"Cache misses in the last {SPARSE}; many means the cache is too small for the traffic.",
