@@ -93,6 +93,7 @@ class ResidentModel:
     leave on the replica's event loop, where Serve awaits the eviction too."""
 
     def __init__(self, model: SubjectModel):
+        self.model_id = model.model_id
         self.model: SubjectModel | None = model
         """None once released: its model was undeployed (or deployed from another directory)."""
         self._users = 0
@@ -117,7 +118,7 @@ class ResidentModel:
         try:
             await asyncio.wait_for(self._unused.wait(), EVICTION_WAIT_S)
         except TimeoutError:  # a request stuck for minutes must not stop every other model's load
-            logger.warning("evicting model %s while %d requests still use it", self.model.model_id, self._users)
+            logger.warning("evicting model %s while %d requests still use it", self.model_id, self._users)
         finally:
             # The attribute refers to this object: drop it, so that the model goes when its last user lets go, not
             # at the next garbage collection (Serve replaces it after the wait, but not when the request whose load

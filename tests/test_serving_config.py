@@ -9,6 +9,7 @@ import inspect
 import json
 import socket
 import weakref
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -189,10 +190,10 @@ def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
     assert not hasattr(ResidentModel, "__del__")
 
     async def evict_while_in_use() -> None:
-        resident = ResidentModel(model=object())
+        resident = ResidentModel(model=SimpleNamespace(model_id="m"))
         assert inspect.iscoroutinefunction(resident.__del__)
         await asyncio.wait_for(resident.__del__(), 1)  # unused: at once
-        resident = ResidentModel(model=object())
+        resident = ResidentModel(model=SimpleNamespace(model_id="m"))
         with resident.in_use(), resident.in_use():
             evicting = asyncio.ensure_future(resident.__del__())
             await asyncio.sleep(0.2)
@@ -201,7 +202,7 @@ def test_a_resident_model_is_evicted_only_once_no_request_uses_it():
 
         # The request whose load evicts the model goes away mid-wait: the model must still go once unused, by
         # reference counting, not wait for a garbage collection (the __del__ attribute refers to the model).
-        resident = ResidentModel(model=object())
+        resident = ResidentModel(model=SimpleNamespace(model_id="m"))
         with resident.in_use():
             evicting = asyncio.ensure_future(resident.__del__())
             await asyncio.sleep(0.05)
