@@ -80,7 +80,8 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
     if type(error) in _CODES:
         code = _CODES[type(error)]
         return code, _status(code, str(error))
-    if isinstance(error, sa.exc.OperationalError):  # the database is down, restarting or locked: worth a retry
+    # The database is down, restarting or locked, or every pooled connection is busy: worth a retry.
+    if isinstance(error, sa.exc.OperationalError | sa.exc.TimeoutError | sa.exc.DisconnectionError):
         log.warning("%s: the database is unavailable: %s", method, error)
         code = grpc.StatusCode.UNAVAILABLE
         return code, _status(code, "the controller's database is unavailable; retry in a moment")

@@ -11,6 +11,7 @@ the reconciler (which drives running jobs, see controller.reconciler) cannot bot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -257,17 +258,19 @@ class JobService:
         job = self.get(tenant, job_id)
         yield job, None
         while job.state not in TERMINAL_STATES and is_active():
-            published = self.feed.wait(seq, timeout_s=1.0)
-            # The feed no longer held some changes (this follower fell more than its capacity behind), or a quiet
-            # second passed: read the job anyway, so that a change never delivered still ends the stream.
-            missed = not published or published[0].seq > seq + 1
-            # Past everything read, other jobs' changes included; never past what was not read.
-            seq = max((c.seq for c in published), default=seq)
-            changes = [c for c in published if c.job_id == job_id]
+            seq, changes, missed = self.feed.follow(job_id, seq, timeout_s=1.0)
+            if changes:
+                now = self.get(tenant, job_id)
             for change in changes:
-                job = self.get(tenant, job_id)
+                # One reconcile pass can publish several changes, and the record is past all but its last: each
+                # is told with the job's state and progress as of that change (the rest of the record as it is now).
+                state = change.data["state"] if change.kind == "state" else job.state
+                progress = change.data if change.kind == "progress" else job.progress
+                job = dataclasses.replace(now, state=state, progress=progress)
                 yield job, change
-            if missed:
+            if missed or not changes:
+                # The feed no longer held some changes (this follower fell more than its capacity behind), or a quiet
+                # second passed: read the job anyway, so that a change never delivered still ends the stream.
                 now = self.get(tenant, job_id)
                 if now.state != job.state:
                     yield now, None

@@ -356,18 +356,19 @@ def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
 
 
 class _FeedPublishingBehindTheWatch(ChangeFeed):
-    """Publishes `change` right after a wait returned, as a reconciler thread can between a watch's two reads."""
+    """Publishes `change` right after a follow returned one of the job's changes, as a reconciler thread can
+    between a watch's two reads."""
 
     def __init__(self, change: callable):
         super().__init__()
         self.change = change
 
-    def wait(self, after: int, timeout_s: float):
-        published = super().wait(after, timeout_s)
-        if published and self.change is not None:
+    def follow(self, job_id: str, after: int, timeout_s: float):
+        followed = super().follow(job_id, after, timeout_s)
+        if followed[1] and self.change is not None:
             change, self.change = self.change, None
             change()
-        return published
+        return followed
 
 
 def _watched_job(tmp_path: Path, make_feed) -> tuple[JobService, JobRecord]:
@@ -385,15 +386,50 @@ def _watched_job(tmp_path: Path, make_feed) -> tuple[JobService, JobRecord]:
     return JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed), job
 
 
-def test_a_watch_sees_a_change_published_while_it_read_another_jobs(tmp_path: Path):
+def test_a_watch_sees_a_change_published_while_it_told_the_one_before(tmp_path: Path):
     service, mine = _watched_job(tmp_path, _FeedPublishingBehindTheWatch)
     watch = service.watch("alice", mine.job_id)
     assert next(watch)[0].state == "QUEUED"
-    threading.Timer(0.05, service.feed.publish, ("job-other", "progress")).start()
+    threading.Timer(0.05, service.feed.publish, ("job-other", "progress")).start()  # wakes no follower of mine
+    threading.Timer(0.1, service.feed.publish, (mine.job_id, "progress", {"step": 1})).start()
+    job, change = next(watch)
+    assert change.kind == "progress" and job.state == "QUEUED"  # as of that change: the cancel came after it
     job, change = next(watch)
     # Delivered as the change it was (not found later by re-reading the job), so nothing between was skipped.
     assert job.state == "CANCELLED" and change is not None and change.kind == "state"
     assert list(watch) == []
+
+
+def test_a_watch_tells_each_change_as_it_was_when_one_pass_published_several(tmp_path: Path):
+    """A reconcile pass applies all the events the trainer wrote since the last (a fast job, a controller catching
+    up after a restart), and then publishes them: each message says the job's state and progress as of its change,
+    not the record's end state (which made the SDK stop at the first message and see no TRAINING)."""
+    service, mine = _watched_job(tmp_path, lambda cancel: ChangeFeed())
+    watch = service.watch("alice", mine.job_id)
+    assert next(watch)[0].state == "QUEUED"
+    store = service.store
+    store.transition(mine.job_id, {"QUEUED"}, "SUCCEEDED")
+    store.update_job(mine.job_id, progress={"step": 10, "total_steps": 10})
+    for kind, data in [
+        ("state", {"state": "PREPARING"}),
+        ("state", {"state": "TRAINING"}),
+        ("progress", {"step": 1, "total_steps": 10}),
+        ("progress", {"step": 10, "total_steps": 10}),
+        ("checkpoint", {"step": 10}),
+        ("state", {"state": "EXPORTING"}),
+        ("state", {"state": "SUCCEEDED"}),
+    ]:
+        service.feed.publish(mine.job_id, kind, data)
+    told = [(job.state, job.progress.get("step"), change.kind) for job, change in watch]
+    assert told == [
+        ("PREPARING", None, "state"),
+        ("TRAINING", None, "state"),
+        ("TRAINING", 1, "progress"),
+        ("TRAINING", 10, "progress"),
+        ("TRAINING", 10, "checkpoint"),
+        ("EXPORTING", 10, "state"),
+        ("SUCCEEDED", 10, "state"),
+    ]
 
 
 @pytest.mark.parametrize(("cpus", "gpus"), [(None, 4), (5, None)])
@@ -423,7 +459,7 @@ class _BusyFeed(ChangeFeed):
         self.first = first
         self.waits = 0
 
-    def wait(self, after: int, timeout_s: float):
+    def follow(self, job_id: str, after: int, timeout_s: float):
         self.waits += 1
         assert self.waits < 10, "the watch kept waiting: it never noticed that the feed dropped its job's change"
         if self.first is not None:
@@ -431,7 +467,7 @@ class _BusyFeed(ChangeFeed):
             first()
         for _ in range(4):
             self.publish("job-other", "progress")
-        return super().wait(after, timeout_s)
+        return super().follow(job_id, after, timeout_s)
 
 
 def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path):
@@ -446,3 +482,6 @@ def test_a_database_outage_is_unavailable_not_internal():
 
     code, status = _error_status(sa.exc.OperationalError("SELECT 1", {}, Exception("server closed")), "GetJob")
     assert code == grpc.StatusCode.UNAVAILABLE and "retry" in status.details
+    # Every pooled connection busy (QueuePool's timeout): INTERNAL ended SDK watches for good.
+    code, _ = _error_status(sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "GetJob")
+    assert code == grpc.StatusCode.UNAVAILABLE
