@@ -77,9 +77,10 @@ class Row:
 
 
 class TimedDenoise:
-    """The engine, recording each denoising step's cohorts, images and wall time (the step-level sides). The
-    call's wall time: the scheduler's step syncs with the device where it reads a schedule table on the host
-    with a device timestep (DDPM, PNDM), so on a GPU it holds the UNet forward too."""
+    """The engine, recording each denoising step's cohorts, images and wall time (the step-level sides): from a
+    device sync (on a GPU, what the batcher queued before the step, joiners' prompt encodings and leavers' decodes,
+    is not counted in it) to the end of the call, where the scheduler's step has synced with the device (it reads
+    a schedule table on the host with a device timestep: DDPM, PNDM), so the time holds the UNet forward."""
 
     def __init__(self, engine: SamplingEngine):
         self.engine = engine
@@ -89,6 +90,8 @@ class TimedDenoise:
         return getattr(self.engine, name)
 
     def denoise(self, cohorts) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         self.engine.denoise(cohorts)
         self.steps.append((len(cohorts), sum(cohort.images for cohort in cohorts), time.perf_counter() - start))
@@ -236,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lone-requests", type=int, default=10, help="requests at 1 client: the latency every ratio is taken to"
     )
-    parser.add_argument("--max-batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="images per batch (16: one batch holds 16 clients' requests; the service's default max_batch_size is 8, "
+        "so the rows are the service set to 16)",
+    )
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument(
         "--poisson-load",

@@ -12,8 +12,8 @@ learning rate and number of steps, and checkpoint at the same steps:
    one worker; its figures come from the job's events file.
 
 steps/s excludes warm-up and checkpoint stalls on both sides (checkpoints have their own column):
-  trainer:  median of the progress events' steps_per_s over the windows that start after the warm-up steps
-            and do not overlap a checkpoint save;
+  trainer:  the steps of the progress events' windows that start after the warm-up steps and do not overlap a
+            checkpoint save, over those windows' seconds;
   baseline: timed steps / their total time (each step synchronised, as diffusers' loop does with loss.item()).
 peak memory: CUDA max_memory_allocated (trainer: of the worker); on CPU, peak RSS of the process (the
 trainer's worker reports its own).
@@ -229,6 +229,8 @@ def run_baseline(args, model_dir: Path, instance_files: list[Path], class_files:
                     old.unlink()
     (peak,) = peak_memory().values()  # measured as the trainer measures its own (CUDA allocator or peak RSS)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # The last step's tensors too: their autograd graph holds the UNet (and its fp32 weights) alive otherwise.
+    del pred, pred_prior, loss, hidden, latents, noise, noisy
     del frozen, trainable, tokenizer, text_encoder, vae, unet, optimizer, params, trained, instance_pixels, class_pixels
     gc.collect()
     if cuda:

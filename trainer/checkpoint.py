@@ -48,11 +48,20 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def save_and_report(
-    engine, step: int, metrics: dict, on_committed: Callable[[Path, float], None] | None = None
+    engine,
+    step: int,
+    metrics: dict,
+    previous: threading.Thread | None = None,
+    on_committed: Callable[[Path, float], None] | None = None,
 ) -> tuple[threading.Thread | None, float]:
     """Save on every rank (collective) and report to Ray Train. On rank 0, `on_committed(directory, stall_s)` runs in a
-    background thread once Ray has committed the checkpoint. Returns (that thread, seconds training stalled)."""
+    background thread once Ray has committed the checkpoint. Returns (that thread, seconds training stalled).
+
+    `previous` (that thread of the last save) is waited for first, and counted in the stall: a save that comes
+    before the last one's write and commit are through holds training for the rest of them."""
     start = time.perf_counter()
+    if previous is not None:
+        previous.join()
     experiment_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
     directory = experiment_dir / checkpoint_dir_name(step)
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step})

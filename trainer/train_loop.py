@@ -179,12 +179,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr, skipped = engine.get_lr()[0], engine.skipped_steps
             reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
         if done % spec.checkpoint_interval == 0 or last:
-            if pending_commit is not None:
-                pending_commit.join()
             pending_commit, stall_s = save_and_report(
                 engine,
                 done,
                 {"loss": float(loss)},
+                previous=pending_commit,
                 on_committed=lambda path, stall_s, step=done: events.emit(
                     "checkpoint", step=step, path=str(path), stall_s=stall_s
                 ),
