@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 MAX_PASSES_PER_S = 5
 # The finished jobs' counts (a metric) come from a query over all history: refreshed this often, not every pass.
 FINISHED_COUNTS_EVERY_S = 30
+# A Ray job that Ray does not know (LOST) whose events file changed this recently may be running on a cluster this
+# controller no longer asks (its ray_dashboard_url pointed at another): it is not run a second time beside itself.
+LOST_QUIET_S = 120
 
 
 class Reconciler:
@@ -166,6 +169,15 @@ class Reconciler:
         elif status == RayJobStatus.LOST and job.ray_submission_id in self._unsent:
             log.warning("job %s: submitting %s again (its submission failed)", job.job_id, job.ray_submission_id)
             self._submit(job)
+        elif status == RayJobStatus.LOST and (quiet_s := self._events_quiet_s(job)) < LOST_QUIET_S:
+            log.warning(
+                "job %s: Ray does not know %s, but its events changed %.0f s ago: waiting until they are %d s quiet "
+                "(is it running on another Ray cluster?)",
+                job.job_id,
+                job.ray_submission_id,
+                quiet_s,
+                LOST_QUIET_S,
+            )
         elif job.attempts < self.config.max_attempts:
             # The driver itself died (node lost, Ray head restarted, killed): run it again; it resumes from
             # the job's latest checkpoint.
@@ -176,6 +188,13 @@ class Reconciler:
             self._finish(
                 job, "FAILED", "RAY_JOB_FAILED", f"the Ray job failed {job.attempts} times; last log lines:\n{tail}"
             )
+
+    def _events_quiet_s(self, job: JobRecord) -> float:
+        """Seconds since the job's events file last changed (inf if it has none)."""
+        try:
+            return time.time() - job_paths(self.config.storage, job.job_id).events_file.stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
 
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
         self._unsent.discard(job.ray_submission_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import socket
 import threading
 import time
@@ -171,6 +172,27 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
             )
     assert (job.state, job.failure_reason, job.attempts) == ("FAILED", "RAY_JOB_FAILED", 3)
     assert "spec" in job.failure_message and "spec.json" in job.failure_message, job.failure_message
+
+
+def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(by_hand):
+    """A controller pointed at another Ray cluster (a Ray upgrade, a mistaken ray_dashboard_url) finds its running
+    jobs LOST: one whose events file still changes runs elsewhere and must not run twice beside itself (both would
+    write its checkpoints and model); once its events are quiet it was lost (a restarted Ray head): run again."""
+    from controller.reconciler import LOST_QUIET_S
+
+    reconciler = by_hand
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
+    reconciler.store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    events = job_paths(reconciler.config.storage, job.job_id).events_file
+    EventLog(events).emit("progress", step=1, total_steps=10)
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    assert reconciler.store.get_job(job.job_id).attempts == 1
+    assert reconciler.ray_jobs.status(f"{job.job_id}-a2") == RayJobStatus.LOST  # nothing submitted
+    quiet = time.time() - LOST_QUIET_S - 1
+    os.utime(events, (quiet, quiet))
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    job = reconciler.store.get_job(job.job_id)
+    assert (job.state, job.attempts, job.ray_submission_id) == ("TRAINING", 2, f"{job.job_id}-a2")
 
 
 @pytest.mark.parametrize(
