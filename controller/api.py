@@ -15,7 +15,14 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from controller import metrics
-from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded, Unauthenticated
+from controller.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unauthenticated,
+)
 from controller.ray_jobs import RayJobsError
 from controller.service import ImageInput, JobService
 from controller.store import TERMINAL_STATES, JobRecord, ModelRecord
@@ -31,6 +38,7 @@ _CODES = {
     QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     RayJobsError: grpc.StatusCode.UNAVAILABLE,  # Ray's Jobs API unreachable or failing: worth a retry later
 }
 _MAX_MESSAGE_BYTES = 1000
@@ -124,7 +132,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         ]
         try:
             job = self.service.submit(
-                tenant, proto_to_spec_fields(request.spec), images, request.request_id, request.priority
+                tenant,
+                proto_to_spec_fields(request.spec),
+                images,
+                request.request_id,
+                request.priority,
+                waited_for=lambda: (left := context.time_remaining()) is None or left > 0,
             )
         except Exception:
             metrics.SUBMISSIONS.labels(outcome="rejected").inc()

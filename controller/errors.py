@@ -19,3 +19,7 @@ class QuotaExceeded(Exception):
 
 class Unauthenticated(Exception):
     """UNAUTHENTICATED: missing or unknown bearer token."""
+
+
+class DeadlineExceeded(Exception):
+    """DEADLINE_EXCEEDED: the caller stopped waiting before the request was done; nothing was recorded."""

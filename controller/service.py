@@ -17,13 +17,13 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from controller.config import ControllerConfig, Tenant
-from controller.errors import FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
+from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
 from controller.serving import ServingSync
@@ -78,8 +78,17 @@ class JobService:
     # --- jobs ------------------------------------------------------------------------------------------
 
     def submit(
-        self, tenant: str, spec_fields: dict, images: list[ImageInput], request_id: str = "", priority: int = 0
+        self,
+        tenant: str,
+        spec_fields: dict,
+        images: list[ImageInput],
+        request_id: str = "",
+        priority: int = 0,
+        waited_for: Callable[[], bool] = lambda: True,
     ) -> JobRecord:
+        """Checks, stages the photos and records a QUEUED job. `waited_for()` false (the caller's deadline passed
+        while its photos were checked) records nothing: a client told DEADLINE_EXCEEDED that submits again must not
+        find its first job queued too."""
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
@@ -113,6 +122,8 @@ class JobService:
             # spec or photos are empty files, which every attempt would fail on.
             write_file(paths.spec_file, json.dumps(spec.to_dict(), indent=2))
             sync_dir(paths.job_dir.parent)
+            if not waited_for():
+                raise DeadlineExceeded(f"the caller's deadline passed before job {job_id} was recorded: nothing queued")
             record = JobRecord(
                 job_id=job_id,
                 tenant=tenant,

@@ -22,11 +22,12 @@ from ray.job_submission import JobSubmissionClient
 
 from controller import metrics
 from controller.config import ControllerConfig, Tenant
+from controller.errors import DeadlineExceeded
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
-from controller.service import JobService
+from controller.service import ImageInput, JobService
 from controller.store import JobRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
@@ -496,6 +497,19 @@ def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path
     service, mine = _watched_job(tmp_path, _BusyFeed)
     states = [job.state for job, _ in service.watch("alice", mine.job_id)]
     assert states == ["QUEUED", "CANCELLED"]
+
+
+def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, tiny_model, dog_images):
+    """Checking 64 MiB of photos can outlast the client's deadline: a job recorded after it would be queued twice
+    when the client, told DEADLINE_EXCEEDED, submits again (under a new request id)."""
+    service = controller.service
+    before = service.store.list_jobs("alice", page_size=100)[0]
+    with pytest.raises(DeadlineExceeded, match="nothing queued"):
+        photos = [ImageInput(filename=f.name, data=f.read_bytes(), uri="") for f in sorted(dog_images.iterdir())]
+        service.submit("alice", job_spec(tiny_model, dog_images), photos, waited_for=lambda: False)
+    assert service.store.list_jobs("alice", page_size=100)[0] == before
+    jobs_dir = service.config.storage / "jobs"
+    assert not jobs_dir.exists() or not any(jobs_dir.iterdir())  # nothing staged left behind
 
 
 def test_a_database_outage_is_unavailable_not_internal():
