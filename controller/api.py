@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import hmac
 import logging
@@ -117,12 +118,15 @@ def rpc(handler):
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, service: JobService, auth: Authenticator, max_watches: int):
+    def __init__(self, service: JobService, auth: Authenticator, max_watches: int, max_watches_per_tenant: int):
         self.service = service
         self.auth = auth
         # Each open WatchJob stream holds one of the server's threads for as long as its job runs (hours).
         self._watch_slots = threading.BoundedSemaphore(max_watches)
         self._max_watches = max_watches
+        self._max_watches_per_tenant = max_watches_per_tenant
+        self._watches_by_tenant: collections.Counter[str] = collections.Counter()
+        self._watches_lock = threading.Lock()
 
     @rpc
     def SubmitJob(self, request, context, tenant):
@@ -176,6 +180,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
         metrics.WATCHES_OPEN.inc()
         held, code = True, grpc.StatusCode.CANCELLED  # until it ends otherwise: the client went away
+        tenant = None
 
         def release() -> None:
             nonlocal held
@@ -183,9 +188,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 held = False
                 self._watch_slots.release()
                 metrics.WATCHES_OPEN.dec()
+                if tenant is not None:  # it took its tenant's slot too
+                    with self._watches_lock:
+                        self._watches_by_tenant[tenant] -= 1
 
         try:
-            tenant = self.auth.tenant(context)
+            tenant = self._take_tenant_slot(self.auth.tenant(context))
             for job, change in self.service.watch(tenant, request.job_id, is_active=context.is_active):
                 if job.state in TERMINAL_STATES:
                     # The stream's last update: free its slot first, so that a client which has it and opens its
@@ -200,6 +208,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             release()
             metrics.WATCHES_ENDED.labels(code=code.name).inc()
         context.abort_with_status(status)
+
+    def _take_tenant_slot(self, tenant: str) -> str:
+        with self._watches_lock:
+            if self._watches_by_tenant[tenant] >= self._max_watches_per_tenant:
+                raise QuotaExceeded(
+                    f"tenant {tenant!r} has {self._max_watches_per_tenant} WatchJob streams open "
+                    "(max_watches_per_tenant): close one, or poll GetJob"
+                )
+            self._watches_by_tenant[tenant] += 1
+        return tenant
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):

@@ -94,7 +94,8 @@ def start(config: ControllerConfig) -> Controller:
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
     )
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(service, auth, config.max_watches), server)
+    jobs = JobServicer(service, auth, config.max_watches, config.max_watches_per_tenant)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -335,6 +335,31 @@ def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_
     assert refused() == before + 1  # counted before the refusal is sent
 
 
+def test_one_tenant_cannot_hold_every_watch(config, tiny_model, dog_images):
+    controller = start(dataclasses.replace(config, max_watches=3, max_watches_per_tenant=2))
+    try:
+        address = f"127.0.0.1:{controller.port}"
+        with (
+            DreamBoothClient(address, QUEUED_ONLY_TOKEN, timeout_s=10) as bob,
+            DreamBoothClient(address, TOKEN, timeout_s=10) as alice,
+        ):
+            queued = bob.submit(job_spec(tiny_model, dog_images))  # bob's jobs stay QUEUED
+            watches = [bob.watch(queued.job_id) for _ in range(2)]
+            assert [next(w).job.state for w in watches] == [jobs_pb2.STATE_QUEUED] * 2
+            with pytest.raises(ClientError) as third:
+                next(bob.watch(queued.job_id))
+            assert third.value.code == "RESOURCE_EXHAUSTED" and "max_watches_per_tenant" in third.value.message
+            mine = alice.submit(job_spec(tiny_model, dog_images))
+            assert next(alice.watch(mine.job_id)).job.job_id == mine.job_id  # the last slot is still someone's
+            bob.cancel(queued.job_id)
+            for watch in watches:
+                assert list(watch)[-1].job.state == jobs_pb2.STATE_CANCELLED
+            again = bob.submit(job_spec(tiny_model, dog_images))
+            assert next(bob.watch(again.job_id)).job.state == jobs_pb2.STATE_QUEUED  # bob's slots are free again
+    finally:
+        controller.stop()
+
+
 def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Job) -> None:
     watches = [client.watch(job.job_id) for _ in range(2)]  # max_watches
     assert [next(w).job.state for w in watches] == [jobs_pb2.STATE_QUEUED] * 2
