@@ -7,6 +7,7 @@ python -m controller.server --storage DIR [--listen 127.0.0.1:50051] [--ray-dash
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -27,7 +28,7 @@ from controller.ray_jobs import RayJobs
 from controller.reconciler import Reconciler
 from controller.service import JobService
 from controller.serving import ServingSync
-from controller.store import Store
+from controller.store import ControllerRunning, Store
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer
 
@@ -50,6 +51,7 @@ class Controller:
     health: health.HealthServicer
     service: JobService
     metrics_server: object | None
+    database_hold: contextlib.ExitStack  # this controller's claim on its database
 
     def stop(self, grace_s: float = 10) -> None:
         """Graceful: refuse new calls, let running ones finish (up to grace_s), then stop the loop."""
@@ -58,11 +60,23 @@ class Controller:
         self.reconciler.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        self.database_hold.close()
 
 
 def start(config: ControllerConfig) -> Controller:
     Path(config.storage).mkdir(parents=True, exist_ok=True)
     store = Store(config.effective_database_url)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(store.hold_for_one_controller())
+        return _start(config, store, held)
+    except BaseException:
+        held.close()
+        store.close()
+        raise
+
+
+def _start(config: ControllerConfig, store: Store, held: contextlib.ExitStack) -> Controller:
     feed = ChangeFeed()
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
     serving = None
@@ -114,7 +128,7 @@ def start(config: ControllerConfig) -> Controller:
     reconciler.start()
     server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
-    return Controller(server, port, reconciler, health_servicer, service, metrics_server)
+    return Controller(server, port, reconciler, health_servicer, service, metrics_server, held)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, flag) is not None:
             setattr(config, field, getattr(args, flag))
-    controller = start(config)
+    try:
+        controller = start(config)
+    except ControllerRunning as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

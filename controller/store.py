@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -40,6 +41,35 @@ class TenantFull(Exception):
     def __init__(self, unfinished: int):
         super().__init__(f"{unfinished} unfinished jobs")
         self.unfinished = unfinished
+
+
+class ControllerRunning(RuntimeError):
+    """Another controller holds this database."""
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ControllerRunning(f"another controller runs on this database ({path} is locked)") from None
+        yield
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: Engine) -> Iterator[None]:
+    with engine.connect() as connection:
+        if not connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": _CONTROLLER_LOCK}).scalar():
+            raise ControllerRunning("another controller runs on this database (its advisory lock is held)")
+        try:
+            yield
+        finally:  # explicitly: the pool keeps the session (and a session lock) open after the connection's close
+            with contextlib.suppress(sa.exc.DBAPIError):
+                connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _CONTROLLER_LOCK})
+
+
+_CONTROLLER_LOCK = 0x44425F4354524C  # "DB_CTRL": the session advisory lock's key
 
 
 def new_job_id() -> str:
@@ -212,6 +242,18 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def hold_for_one_controller(self) -> contextlib.AbstractContextManager:
+        """Held while a controller runs on this database; a second one is refused (ControllerRunning): two would
+        start jobs past the tenants' limits and the capacity, resubmit each other's attempts, and each tell only
+        its own watchers. SQLite: a lock on a file beside the database (the kernel lets go when the process dies);
+        PostgreSQL: a session advisory lock on a connection held meanwhile."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite":
+            if not url.database or url.database == ":memory:":
+                return contextlib.nullcontext()
+            return _file_lock(Path(f"{url.database}.controller-lock"))
+        return _advisory_lock(self.engine)
 
     # --- jobs -------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
 from controller.service import ImageInput, JobService
-from controller.store import JobRecord, Store
+from controller.store import ControllerRunning, JobRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
@@ -333,6 +333,17 @@ def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_
     with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as client:
         check_bounded_watches(controller, client, client.submit(job_spec(tiny_model, dog_images)))  # stays QUEUED
     assert refused() == before + 1  # counted before the refusal is sent
+
+
+def test_a_second_controller_on_the_same_database_is_refused(config):
+    """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
+    first = start(config)
+    try:
+        with pytest.raises(ControllerRunning, match="another controller"):
+            start(config)
+    finally:
+        first.stop()
+    start(config).stop()  # free once the first stopped
 
 
 def test_one_tenant_cannot_hold_every_watch(config, tiny_model, dog_images):

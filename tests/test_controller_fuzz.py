@@ -661,7 +661,7 @@ def test_nothing_was_written_outside_storage(sandbox, controller):
     # Inside storage, only the layout the controller means to write: the database, and per job its spec and
     # its uploaded images under safe names.
     allowed = [
-        r"controller\.db(-wal|-shm|-journal)?",
+        r"controller\.db(-wal|-shm|-journal|\.controller-lock)?",
         r"jobs",
         r"jobs/job-[0-9a-f]{12}",
         r"jobs/job-[0-9a-f]{12}/spec\.json",

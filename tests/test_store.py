@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from controller.store import (
     STATES,
     UNFINISHED_STATES,
+    ControllerRunning,
     JobRecord,
     ModelRecord,
     Store,
@@ -513,3 +514,19 @@ fs-1.efs.eu-west-1.amazonaws.com:/ /shared nfs4 rw,vers=4.1 0 0
 def test_a_database_on_a_network_file_system_is_recognised(path, kind, network):
     assert filesystem_type(Path(path), MOUNTS) == kind
     assert is_network_filesystem(kind) is network
+
+
+def test_one_controller_holds_a_database_at_a_time(url):
+    first, second = Store(url), Store(url)
+    try:
+        with (
+            first.hold_for_one_controller(),
+            pytest.raises(ControllerRunning, match="another controller"),
+            second.hold_for_one_controller(),
+        ):
+            pass
+        with second.hold_for_one_controller():  # released with the first
+            pass
+    finally:
+        first.close()
+        second.close()
