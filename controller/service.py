@@ -48,6 +48,8 @@ from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
 
+UPLOADS_DIR = "instance_images"  # in a job's folder: the photos its submission uploaded
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -103,7 +105,7 @@ class JobService:
         job_id = new_job_id()
         paths = job_paths(self.config.storage, job_id)
         try:
-            image_paths = self._stage_images(images, paths.job_dir / "instance_images")
+            image_paths = self._stage_images(images, paths.job_dir / UPLOADS_DIR)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
             # OSError (a name too long, say) and RuntimeError (expanduser of "~nosuchuser") come from the caller's
@@ -242,6 +244,9 @@ class JobService:
             return job
         queued = self.store.transition(job_id, {"QUEUED"}, "CANCELLED", end_time=time.time())
         if queued is not None:
+            # It never ran and never will: its uploaded photos go now (a tenant submitting and cancelling over and
+            # over filled the shared storage with them); its record and spec stay.
+            shutil.rmtree(job_paths(self.config.storage, job_id).job_dir / UPLOADS_DIR, ignore_errors=True)
             self.feed.publish(job_id, "state", {"state": "CANCELLED"})
             return queued
         cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")

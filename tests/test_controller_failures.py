@@ -335,6 +335,16 @@ def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_
     assert refused() == before + 1  # counted before the refusal is sent
 
 
+def test_a_queued_job_cancelled_lets_its_uploaded_photos_go(controller, tiny_model, dog_images):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        job = bob.submit(job_spec(tiny_model, dog_images))  # stays QUEUED; its photos are uploaded
+        uploads = controller.service.config.storage / "jobs" / job.job_id / "instance_images"
+        assert len(list(uploads.iterdir())) == len(list(dog_images.iterdir()))
+        bob.cancel(job.job_id)
+        assert not uploads.exists() and (uploads.parent / "spec.json").exists()
+        assert bob.get(job.job_id).state == jobs_pb2.STATE_CANCELLED
+
+
 def test_a_second_controller_on_the_same_database_is_refused(config):
     """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
     first = start(config)
