@@ -37,8 +37,11 @@ Lane = tuple[SubjectModel, int, int]  # the cohorts of one model and (height, wi
 class OutOfDeviceMemory(RuntimeError):
     """A request's batch did not fit in the device's memory: it may fit later, beside fewer others."""
 
-    def __init__(self, what: str):
-        super().__init__(f"the device ran out of memory {what}; retry later, or ask for fewer or smaller images")
+
+def _out_of_memory(what: str) -> OutOfDeviceMemory:
+    # The message is built here, not in an __init__ of the class: Ray pickles the error to the ingress, and an
+    # exception is rebuilt from its args.
+    return OutOfDeviceMemory(f"the device ran out of memory {what}; retry later, or ask for fewer or smaller images")
 
 
 @dataclass
@@ -196,7 +199,7 @@ class StepBatcher:
             images = sum(cohort.images for cohort, _ in running)
             cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
             logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
-            _fail(submission, OutOfDeviceMemory(f"sampling {cohort.images} images beside {len(running)} requests"))
+            _fail(submission, _out_of_memory(f"sampling {cohort.images} images beside {len(running)} requests"))
             if not running:
                 del self._running[lane]
             return
@@ -221,7 +224,7 @@ class StepBatcher:
         try:
             decoded = self.engine.decode(cohort)
         except torch.OutOfMemoryError:
-            _fail(submission, OutOfDeviceMemory(f"decoding {cohort.images} images"))
+            _fail(submission, _out_of_memory(f"decoding {cohort.images} images"))
             return
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)
