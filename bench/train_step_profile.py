@@ -162,11 +162,11 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     rss = None if cuda else PeakRSS()
     # What an earlier variant left allocated (nothing, if its engine was destroyed) is not this one's.
     before = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:  # the peak includes the engine's build, where DeepSpeed holds copies while it flattens
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     engine = build_engine(spec, variant, model_dir, device)
     init_s = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     engine_gib = (torch.cuda.memory_allocated() - before) / 2**30 if cuda else (rss_bytes() - rss.start) / 2**30
     dtype = deepspeed_setup.compute_dtype(spec)
     generator = torch.Generator(device).manual_seed(0)
@@ -205,6 +205,9 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     for _ in range(args.warmup):
         step(None)
     sync()
+    # fp16: a step the loss scaler skips (an overflow; random data from a scale of 2^16) does no optimizer work and
+    # allocates no fp32 gradient copy: counted, so that a fast or small step is not taken for a real one.
+    skipped_before = engine.skipped_steps
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step(None)
@@ -235,6 +238,9 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
         **{f"{phase}_ms": statistics.median(values) for phase, values in phases.items()},
         "engine_gib": engine_gib,
         "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else rss.stop(),
+        # What the caching allocator held at its peak (what the GPU must have, beside the CUDA context).
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "skipped_steps": engine.skipped_steps - skipped_before,
         "optimizer_groups": len(engine.optimizer.param_groups),
         "profile": profile,
     }
@@ -302,14 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{where} | {args.model} {args.resolution} px | {trained} | {args.precision} base | ZeRO-2, 1 process")
     print(
         f"| variant | step ms | steps/s | forward ms | backward ms | optimizer step ms | engine built, {memory} "
-        f"| peak over steps, {memory} | optimizer groups | init s |"
+        f"| peak (build and steps), {memory} | peak reserved GiB | timed steps skipped (fp16 overflow) "
+        "| optimizer groups | init s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        reserved = f"{r['reserved_gib']:.2f}" if r["reserved_gib"] is not None else "-"
         print(
             f"| {r['variant']} | {r['step_ms']:.1f} | {1000 / r['step_ms']:.2f} | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['engine_gib']:.2f} | {r['peak_gib']:.2f} | "
-            f"{r['optimizer_groups']} | {r['init_s']:.1f} |"
+            f"{reserved} | {r['skipped_steps']} | {r['optimizer_groups']} | {r['init_s']:.1f} |"
         )
     for r in rows:
         if r["profile"]:
