@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,15 @@ class Change:
     data: dict[str, Any]
 
 
+@dataclass
+class _Followers:
+    """The streams following one job: woken by its changes only."""
+
+    woken: threading.Condition
+    count: int = 0
+    last_change: int = 0  # seq of the job's latest change
+
+
 class ChangeFeed:
     """The last `capacity` changes. A follower of one job is woken by that job's changes only: hundreds of watch
     streams on other jobs must not each wake, and read the feed, at every change (that took ~77 ms of CPU per
@@ -27,9 +36,7 @@ class ChangeFeed:
         self._seq = 0
         self._lock = threading.Lock()
         self._any = threading.Condition(self._lock)
-        self._followed: dict[str, threading.Condition] = {}
-        self._followers: Counter[str] = Counter()
-        self._last_change: dict[str, int] = {}  # seq of each followed job's latest change
+        self._followed: dict[str, _Followers] = {}
 
     @property
     def seq(self) -> int:
@@ -42,8 +49,8 @@ class ChangeFeed:
             self._changes.append(Change(self._seq, job_id, kind, data or {}))
             self._any.notify_all()
             if (followers := self._followed.get(job_id)) is not None:
-                self._last_change[job_id] = self._seq
-                followers.notify_all()
+                followers.last_change = self._seq
+                followers.woken.notify_all()
 
     def wait(self, after: int, timeout_s: float) -> None:
         """Until some change is published after seq `after`, or `timeout_s` passed."""
@@ -55,20 +62,21 @@ class ChangeFeed:
         to, the job's changes after `after`, and whether the feed no longer held some of them (a follower that fell
         more than `capacity` behind: it should read the job itself)."""
         with self._lock:
-            if job_id not in self._followed:
-                self._followed[job_id] = threading.Condition(self._lock)
+            followers = self._followed.get(job_id)
+            if followers is None:
                 latest = [c.seq for c in self._since(after) if c.job_id == job_id]
-                self._last_change[job_id] = max(latest, default=0)
-            self._followers[job_id] += 1
+                followers = _Followers(threading.Condition(self._lock), last_change=max(latest, default=0))
+                self._followed[job_id] = followers
+            followers.count += 1
             try:
-                self._followed[job_id].wait_for(lambda: self._last_change[job_id] > after, timeout=timeout_s)
+                followers.woken.wait_for(lambda: followers.last_change > after, timeout=timeout_s)
                 since = self._since(after)
                 missed = self._seq > after and (not since or since[0].seq > after + 1)
                 return self._seq, [c for c in since if c.job_id == job_id], missed
             finally:
-                self._followers[job_id] -= 1
-                if not self._followers[job_id]:
-                    del self._followers[job_id], self._followed[job_id], self._last_change[job_id]
+                followers.count -= 1
+                if not followers.count:
+                    del self._followed[job_id]
 
     def _since(self, after: int) -> list[Change]:
         """The held changes after seq `after`, reading only those (the newest end of the deque)."""
