@@ -543,6 +543,10 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
                 f"[{event['state']}]" + (f" {event.get('message', '')}" if event["state"] == "FAILED" else ""),
                 file=sys.stderr,
             )
+        elif kind == "compiled":
+            tqdm.write(
+                f"torch.compile: first step {event['seconds']:.1f} s ({event['graphs']} graphs)", file=sys.stderr
+            )
         elif kind in ("checkpoint", "validation", "resumed"):
             tqdm.write(
                 f"{kind} at step {event['step']}" + (f": {event['path']}" if "path" in event else ""), file=sys.stderr

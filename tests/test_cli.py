@@ -81,3 +81,33 @@ def test_bad_hyperparameters(job, capsys):
 def test_tiny_model_command(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").exists()
+
+
+def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
+    """What `dreambooth train` prints while its job runs, from the job's events file."""
+    import threading
+
+    from dreambooth.cli import show_progress
+    from trainer.events import EventLog
+
+    events = EventLog(tmp_path / "events.jsonl")
+    events.emit("state", state="PREPARING")
+    events.emit("class_images", done=2, total=2)
+    events.emit("state", state="TRAINING")
+    events.emit("progress", step=1, total_steps=4, loss=0.5, lr=1e-5)
+    events.emit("compiled", step=1, seconds=12.34, graphs=2)
+    events.emit("checkpoint", step=2, path="/s/checkpoint_step_0000002", stall_s=0.1)
+    events.emit("state", state="FAILED", reason="INVALID_INPUT", message="resolution: too small")
+    stop = threading.Event()
+    stop.set()  # what is written is read, then it returns
+    show_progress(tmp_path / "events.jsonl", stop)
+    err = capsys.readouterr().err
+    for line in (
+        "[PREPARING]",
+        "[TRAINING]",
+        "torch.compile: first step 12.3 s (2 graphs)",
+        "checkpoint at step 2: /s/checkpoint_step_0000002",
+        "[FAILED] resolution: too small",
+    ):
+        assert line in err
+    assert "class images" in err and "training" in err  # the two bars

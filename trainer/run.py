@@ -56,6 +56,7 @@ RERUN_MAY_CHANGE = frozenset(
         "validation_images_per_prompt",
         "gradient_checkpointing",
         "torch_compile",
+        "compile_backend",
         "cpus_per_worker",
         "placement_strategy",
         "max_failures",

@@ -23,6 +23,7 @@ from dreambooth.errors import InputError
 Precision = Literal["fp16", "bf16", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+CompileBackend = Literal["inductor", "aot_eager"]
 
 MAX_PATH_CHARS = 4096
 # Bounds on work one spec can ask for: the driver lists every class image, and every validation prompt is sampled
@@ -68,6 +69,9 @@ class JobSpec:
     torch_compile: bool = False
     """torch.compile the trained networks: faster GPU steps. The first job of a model and resolution compiles for
     minutes; later ones load the compiled code from the storage's cache/torch_compile."""
+    compile_backend: CompileBackend = "inductor"
+    """torch.compile's backend: inductor generates the fast kernels; aot_eager traces the same graphs (forward and
+    backward) and runs them eagerly, in seconds and without generated code: to tell an inductor problem apart."""
     precision: Precision = "fp16"
     """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs."""
     seed: int = 0

@@ -10,6 +10,7 @@ networks need before DeepSpeed wraps them (flat parameters, compilation) is in `
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 4. The loop. Each step's randomness is a function of (seed, step, micro-step, rank): see trainer.data.
     bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
     pending_commit = None  # rank 0's wait for Ray to commit the latest checkpoint
+    loop_start = time.perf_counter()
     for step in range(start_step, spec.max_steps):
         micro_losses = []
         for micro in range(accumulation):
@@ -178,6 +180,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if reporter is not None:
             lr, skipped = engine.get_lr()[0], engine.skipped_steps
             reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
+            if spec.torch_compile and step == start_step:
+                # This run's first step compiled (minutes for SD 1.5, seconds from the storage's cache): say how long.
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                events.emit("compiled", step=done, seconds=time.perf_counter() - loop_start, graphs=graphs)
         if done % spec.checkpoint_interval == 0 or last:
             pending_commit, stall_s = save_and_report(
                 engine,
@@ -224,7 +230,7 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
         os.environ["TRITON_CACHE_DIR"] = str(paths.compile_cache / "triton")
         for network in networks:
             # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
-            network.compile()
+            network.compile(backend=spec.compile_backend)
     return DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
 
 

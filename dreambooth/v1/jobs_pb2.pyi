@@ -44,6 +44,12 @@ class PlacementStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLACEMENT_STRATEGY_SPREAD: _ClassVar[PlacementStrategy]
     PLACEMENT_STRATEGY_STRICT_PACK: _ClassVar[PlacementStrategy]
     PLACEMENT_STRATEGY_STRICT_SPREAD: _ClassVar[PlacementStrategy]
+
+class CompileBackend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPILE_BACKEND_UNSPECIFIED: _ClassVar[CompileBackend]
+    COMPILE_BACKEND_INDUCTOR: _ClassVar[CompileBackend]
+    COMPILE_BACKEND_AOT_EAGER: _ClassVar[CompileBackend]
 STATE_UNSPECIFIED: State
 STATE_QUEUED: State
 STATE_PREPARING: State
@@ -66,9 +72,12 @@ PLACEMENT_STRATEGY_PACK: PlacementStrategy
 PLACEMENT_STRATEGY_SPREAD: PlacementStrategy
 PLACEMENT_STRATEGY_STRICT_PACK: PlacementStrategy
 PLACEMENT_STRATEGY_STRICT_SPREAD: PlacementStrategy
+COMPILE_BACKEND_UNSPECIFIED: CompileBackend
+COMPILE_BACKEND_INDUCTOR: CompileBackend
+COMPILE_BACKEND_AOT_EAGER: CompileBackend
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("base_model", "instance_prompt", "identifier", "class_prompt", "num_class_images", "prior_loss_weight", "class_image_inference_steps", "class_image_guidance_scale", "resolution", "max_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "adam_weight_decay", "train_text_encoder", "gradient_checkpointing", "precision", "seed", "zero_stage", "offload_optimizer", "offload_params", "checkpoint_interval", "checkpoints_to_keep", "async_checkpointing", "validation_prompts", "validation_interval", "validation_inference_steps", "validation_images_per_prompt", "num_workers", "gpus_per_worker", "cpus_per_worker", "placement_strategy", "max_failures", "torch_compile")
+    __slots__ = ("base_model", "instance_prompt", "identifier", "class_prompt", "num_class_images", "prior_loss_weight", "class_image_inference_steps", "class_image_guidance_scale", "resolution", "max_steps", "learning_rate", "lr_schedule", "lr_warmup_steps", "batch_size", "gradient_accumulation_steps", "max_grad_norm", "adam_weight_decay", "train_text_encoder", "gradient_checkpointing", "precision", "seed", "zero_stage", "offload_optimizer", "offload_params", "checkpoint_interval", "checkpoints_to_keep", "async_checkpointing", "validation_prompts", "validation_interval", "validation_inference_steps", "validation_images_per_prompt", "num_workers", "gpus_per_worker", "cpus_per_worker", "placement_strategy", "max_failures", "torch_compile", "compile_backend")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +115,7 @@ class TrainingSpec(_message.Message):
     PLACEMENT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TORCH_COMPILE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_BACKEND_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     instance_prompt: str
     identifier: str
@@ -143,7 +153,8 @@ class TrainingSpec(_message.Message):
     placement_strategy: PlacementStrategy
     max_failures: int
     torch_compile: bool
-    def __init__(self, base_model: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., identifier: _Optional[str] = ..., class_prompt: _Optional[str] = ..., num_class_images: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ..., class_image_inference_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ..., resolution: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., adam_weight_decay: _Optional[float] = ..., train_text_encoder: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., checkpoint_interval: _Optional[int] = ..., checkpoints_to_keep: _Optional[int] = ..., async_checkpointing: _Optional[bool] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., validation_interval: _Optional[int] = ..., validation_inference_steps: _Optional[int] = ..., validation_images_per_prompt: _Optional[int] = ..., num_workers: _Optional[int] = ..., gpus_per_worker: _Optional[float] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[_Union[PlacementStrategy, str]] = ..., max_failures: _Optional[int] = ..., torch_compile: _Optional[bool] = ...) -> None: ...
+    compile_backend: CompileBackend
+    def __init__(self, base_model: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., identifier: _Optional[str] = ..., class_prompt: _Optional[str] = ..., num_class_images: _Optional[int] = ..., prior_loss_weight: _Optional[float] = ..., class_image_inference_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ..., resolution: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., adam_weight_decay: _Optional[float] = ..., train_text_encoder: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., seed: _Optional[int] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., checkpoint_interval: _Optional[int] = ..., checkpoints_to_keep: _Optional[int] = ..., async_checkpointing: _Optional[bool] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., validation_interval: _Optional[int] = ..., validation_inference_steps: _Optional[int] = ..., validation_images_per_prompt: _Optional[int] = ..., num_workers: _Optional[int] = ..., gpus_per_worker: _Optional[float] = ..., cpus_per_worker: _Optional[float] = ..., placement_strategy: _Optional[_Union[PlacementStrategy, str]] = ..., max_failures: _Optional[int] = ..., torch_compile: _Optional[bool] = ..., compile_backend: _Optional[_Union[CompileBackend, str]] = ...) -> None: ...
 
 class InstanceImage(_message.Message):
     __slots__ = ("data", "uri", "filename")
