@@ -76,7 +76,7 @@ def ray_cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         for proc in reversed(procs):
-            _stop_session(proc)
+            _stop_session(proc, grace_s=3)  # a test cluster's state is thrown away: no need to wait long
 
 
 def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:

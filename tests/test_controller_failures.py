@@ -98,15 +98,17 @@ def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(
 def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
     ray_cluster, config, controller, client, tiny_model, dog_images
 ):
-    job = client.submit(job_spec(tiny_model, dog_images))
+    job = client.submit(job_spec(tiny_model, dog_images, max_steps=100_000, checkpoint_interval=100_000))
     assert any(update.job.state == jobs_pb2.STATE_PREPARING for update in client.watch(job.job_id))
     # Ray comes back: its Jobs API answers at the address the controller was given.
     with forwarding(urllib.parse.urlsplit(config.ray_dashboard_url).port, ray_cluster.dashboard_url):
-        final = list(client.watch(job.job_id))[-1].job
-    assert final.state == jobs_pb2.STATE_SUCCEEDED, final.failure_message
-    record = controller.service.store.get_job(job.job_id)
-    # The failed submission was repeated as attempt 1; counting it would have made this attempt 2.
-    assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
+        # TRAINING comes from the driver's own events: Ray ran the submission.
+        assert any(update.job.state == jobs_pb2.STATE_TRAINING for update in client.watch(job.job_id))
+        record = controller.service.store.get_job(job.job_id)
+        # The failed submission was repeated as attempt 1; counting it would have made this attempt 2.
+        assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
+        client.cancel(job.job_id)
+        assert list(client.watch(job.job_id))[-1].job.state == jobs_pb2.STATE_CANCELLED
 
 
 @pytest.fixture
