@@ -185,8 +185,11 @@ def up(
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         say(f"starting Ray (dashboard {stack.dashboard_url}) ...")
+        # Ray's processes find the State API through /tmp/ray's record of the last `ray start`, not the stack's
+        # own --temp-dir: Ray Train's placement-group cleaner asked a dead cluster and held every job's end 12 s.
+        ray_env = {**process_env, "RAY_API_SERVER_ADDRESS": stack.dashboard_url}
         stack.processes["ray"] = process_sessions.spawn(
-            _ray_command(stack, chosen, num_cpus), logs / "ray.log", process_env
+            _ray_command(stack, chosen, num_cpus), logs / "ray.log", ray_env
         )
         _save(stack)  # from here on, `down` finds what was started, even if this process is killed
         _wait_until("Ray's Jobs API", lambda: _jobs_api_answers(stack), stack, deadline)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -63,6 +65,29 @@ def test_stack_status_and_a_second_up_refused(demo_run, capsys):
     assert main(["up", "--dir", str(demo_run.stack_dir), "--controller-port", "0"]) == 1
     assert "already running" in capsys.readouterr().err
     assert main(["status", "--dir", str(demo_run.stack_dir / "nothing-here")]) == 1
+
+
+def test_the_stacks_ray_workers_ask_its_own_state_api(demo_run):
+    """Ray's workers find the State API (Ray Train's placement-group cleaner asks it whether the run's controller
+    lives) through /tmp/ray's record of the last `ray start`, which is never the stack's (it has a --temp-dir of
+    its own): here the session's test cluster, elsewhere often a dead one. The stack points them at its own."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard_url = stack.load(demo_run.stack_dir).dashboard_url
+    client = JobSubmissionClient(dashboard_url)
+    task = (
+        "import ray; ray.init(); "
+        "from ray.dashboard.utils import get_address_for_submission_client as api; "
+        "print('state api:', ray.get(ray.remote(num_cpus=0)(lambda: api(None)).remote()))"
+    )
+    job = client.submit_job(entrypoint=f"{sys.executable} -c {shlex.quote(task)}")
+    deadline = time.monotonic() + 120
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, "the probe job did not end"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs
+    assert f"state api: {dashboard_url}" in logs
 
 
 def test_a_port_just_released_counts_as_free():
