@@ -188,10 +188,18 @@ def engine_spec(deepspeed_world):
     return make
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("storage-cache")
+
+
 @pytest.fixture
-def storage(tmp_path) -> Path:
+def storage(tmp_path, shared_cache) -> Path:
+    """A job storage root of the test's own whose cache (class images, compiled code) is the session's, as a
+    cluster's jobs share theirs: the tests' jobs generate the tiny model's class images once."""
     path = tmp_path / "storage"
     path.mkdir()
+    (path / "cache").symlink_to(shared_cache, target_is_directory=True)
     return path
 
 

@@ -126,9 +126,9 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
     assert denoising_loss(result.model_dir, spec) < denoising_loss(tiny_model, spec)
 
 
-def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_images, storage):
+def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_images, tmp_path):
     spec = make_spec(tiny_model, dog_images, num_class_images=3)
-    cache = storage / "cache"
+    cache = tmp_path / "class-images"  # not the session's: the other tests' jobs generated these already
     seen = []
     directory = ensure_class_images(
         spec, cache, num_actors=2, use_gpu=False, batch_size=2, on_progress=lambda d, t: seen.append((d, t))
@@ -178,9 +178,15 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     assert uninterrupted.steps == 6
-    # Running the finished job again exports it again, the first export replaced whole, no scratch left beside it.
-    again = run_training(spec, job_paths(storage, "straight"))
+    # Running the finished job again exports it again, without starting workers (its training had ended), the first
+    # export replaced whole, no scratch left beside it.
+    straight = job_paths(storage, "straight")
+    started = len([e for e in read_events(straight.events_file) if e["type"] == "worker"])
+    again = run_training(spec, straight)
     assert (again.model_dir, again.steps) == (uninterrupted.model_dir, 6)
+    events = read_events(straight.events_file)
+    assert len([e for e in events if e["type"] == "worker"]) == started
+    assert states(events)[-3:] == ["PREPARING", "EXPORTING", "SUCCEEDED"]
     assert [p.name for p in again.model_dir.parent.iterdir() if p.name.startswith(".")] == []
     # The export holds the final checkpoint's weights under the networks' own names.
     base = load_base_model(tiny_model, dtype=torch.float32, components=("unet", "text_encoder"))

@@ -28,6 +28,7 @@ import ray.train
 
 from dreambooth.durable import sync_dir, sync_tree, write_file
 from trainer.async_checkpoint import AsyncCheckpointEngine
+from trainer.events import read_events
 
 TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
 STATE_FILE = "trainer_state.json"
@@ -126,6 +127,16 @@ def set_aside_unreadable_run_state(run_dir: Path) -> Path | None:
         aside = record.with_name(f"{record.name}.unreadable-{uuid.uuid4().hex[:8]}")
         os.replace(record, aside)
         return aside
+
+
+def final_checkpoint(events_file: Path, max_steps: int) -> Path | None:
+    """The checkpoint of step `max_steps`, when an earlier run of the job had it committed (its "checkpoint" event
+    says so) and it is still there; else None."""
+    for event in reversed(read_events(events_file)):
+        if event["type"] == "checkpoint" and event.get("step") == max_steps:
+            directory = Path(event["path"])
+            return directory if (directory / STATE_FILE).exists() else None
+    return None
 
 
 def restore_latest(engine) -> int:

@@ -10,7 +10,8 @@ either side, and any node can write it. One event per line, each with a `type` a
     {"type": "progress", "step": 40, "total_steps": 400, "loss": 0.12, "prior_loss": 0.1, "lr": 5e-6,
      "steps_per_s": 3.1, "eta_s": 116.0, "skipped_steps": 0, "peak_memory_gib": 15.2}   (peak_rss_gib on CPU
      workers; skipped_steps: optimizer steps skipped so far on fp16 overflow)
-    {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2}
+    {"type": "compiled", "step": 1, "seconds": 184.2, "graphs": 2}   (torch_compile: a run's first step, compiling)
+    {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2}   (committed: where a restart resumes)
     {"type": "validation", "step": 100, "path": ".../validation/step_0000100.png", "peak_memory_gib": 15.4}
     {"type": "model", "path": "...", "metadata": {...}}
 """

@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from dreambooth.durable import write_file
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model, fingerprint
-from trainer.checkpoint import STATE_FILE, checkpoint_steps, set_aside_unreadable_run_state
+from trainer.checkpoint import STATE_FILE, checkpoint_steps, final_checkpoint, set_aside_unreadable_run_state
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
@@ -151,25 +151,10 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
 
     try:
         events.emit("state", state="PREPARING")
-        config = {"spec": spec.to_dict(), "storage_root": str(paths.root), "job_id": paths.job_id}
-        if spec.with_prior_preservation:
-            config["class_images_dir"] = str(
-                ensure_class_images(
-                    spec,
-                    paths.class_image_cache,
-                    num_actors=spec.num_workers,
-                    use_gpu=spec.use_gpu,
-                    on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
-                )
-            )
-        if fail_once_at_steps:
-            config["fail_once_at_steps"] = list(fail_once_at_steps)
-
-        if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
-            print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): starting over")
-        events.emit("state", state="TRAINING")
-        result = _trainer(spec, paths, config).fit()
-        checkpoint_dir = Path(result.checkpoint.path)
+        # A job that trained to the end before (its driver died exporting, say) has only the export left: it
+        # needs no workers, nor their GPUs.
+        if (checkpoint_dir := final_checkpoint(paths.events_file, spec.max_steps)) is None:
+            checkpoint_dir = _train(spec, paths, events, fail_once_at_steps)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
         events.emit("state", state="EXPORTING")
@@ -194,6 +179,29 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
     except BaseException as e:
         events.emit("state", state="FAILED", reason=type(e).__name__, message=str(e)[:2000])
         raise
+
+
+def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps: tuple[int, ...]) -> Path:
+    """Class-prior images, then the workers' training to the end. Returns the final checkpoint's directory."""
+    config = {"spec": spec.to_dict(), "storage_root": str(paths.root), "job_id": paths.job_id}
+    if spec.with_prior_preservation:
+        config["class_images_dir"] = str(
+            ensure_class_images(
+                spec,
+                paths.class_image_cache,
+                num_actors=spec.num_workers,
+                use_gpu=spec.use_gpu,
+                on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
+            )
+        )
+    if fail_once_at_steps:
+        config["fail_once_at_steps"] = list(fail_once_at_steps)
+
+    if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
+        print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): starting over")
+    events.emit("state", state="TRAINING")
+    result = _trainer(spec, paths, config).fit()
+    return Path(result.checkpoint.path)
 
 
 def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
