@@ -27,11 +27,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # With the dashboard comes the State API, which Ray Train's placement-group cleaner asks whether the run's
+    # controller lives. Ray's processes would look for it through /tmp/ray's record of the last `ray start` (a
+    # dead cluster, or another one), and every fit() would end 12 s late: they inherit its address from here.
+    from dreambooth.stack import free_port
+
+    dashboard_port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         address="local",  # a new cluster, even if `ray start` left one's address on this machine
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
         runtime_env=runtime_env,
         log_to_driver=False,
     )

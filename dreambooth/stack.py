@@ -171,7 +171,7 @@ def up(
         dir=str(state_dir),
         storage=str(storage),
         ray_temp_dir=str(ray_temp_dir(state_dir)),
-        ray_address=f"{HOST}:{_free_port()}",
+        ray_address=f"{HOST}:{free_port()}",
         dashboard_url=f"http://{HOST}:{chosen.dashboard}",
         ray_metrics=f"{HOST}:{chosen.ray_metrics}",
         controller=f"{HOST}:{chosen.controller}",
@@ -294,8 +294,8 @@ def _ray_command(stack: Stack, ports: Ports, num_cpus: int | None) -> list[str]:
         f"--metrics-export-port={ports.ray_metrics}",
         f"--temp-dir={stack.ray_temp_dir}",
         # Free ports for what would otherwise take fixed defaults (10001, 52365), so that two stacks coexist.
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
     ]
     return [*command, f"--num-cpus={num_cpus}"] if num_cpus else command
 
@@ -323,7 +323,7 @@ def _choose_ports(ports: Ports) -> Ports:
     chosen = {}
     for name, port in dataclasses.asdict(ports).items():
         if port == 0:
-            chosen[name] = _free_port()
+            chosen[name] = free_port()
         elif not _port_free(port):
             raise StackError(f"port {port} for {PORT_USES[name]} is in use: choose another (0 picks a free one)")
         else:
@@ -343,7 +343,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]

@@ -111,3 +111,25 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
     ):
         assert line in err
     assert "class images" in err and "training" in err  # the two bars
+
+
+def test_the_private_local_ray_asks_its_own_state_api():
+    """`dreambooth train` without --address starts a private Ray. Its processes find the State API (Ray Train's
+    placement-group cleaner asks it whether the run's controller lives) where the private Ray says, not through
+    /tmp/ray's record of the last `ray start`: a dead cluster there held every fit() 12 s, another one answered."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import ray\n"
+        "from ray.dashboard.utils import get_address_for_submission_client as api\n"
+        "from ray.util.state import list_nodes\n"
+        "from dreambooth.local_ray import init_ray\n"
+        "init_ray()\n"
+        "url = ray.get(ray.remote(num_cpus=0)(lambda: api(None)).remote())\n"
+        "print(url, [n.node_id for n in list_nodes(address=url)] == [ray.get_runtime_context().get_node_id()])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    url, its_own = result.stdout.split()
+    assert url.startswith("http://127.0.0.1:") and its_own == "True", result.stdout
