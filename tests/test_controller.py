@@ -79,6 +79,7 @@ def controller(ray_cluster, tmp_path_factory, serve_port, tiny_model):
     running = start(config)
     yield running
     running.stop(grace_s=1)
+    serve.delete(APP_NAME, _blocking=False)  # its replicas would take CPU from the tests after this module
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import ray
 import requests
 from PIL import Image
+from ray import serve
 
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
@@ -39,7 +41,7 @@ def wait_for_models(deployer: ServeDeployer, model_ids: set[str], timeout_s: flo
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, subject_models, serve_port) -> ServeConfig:
+def service(ray_cluster, subject_models, serve_port) -> Iterator[ServeConfig]:
     config = ServeConfig(
         app_name="serving-test",
         route_prefix="/",
@@ -59,7 +61,8 @@ def service(ray_cluster, subject_models, serve_port) -> ServeConfig:
     deployer = ServeDeployer(ray_cluster.dashboard_url, config)
     deployer.apply({k: str(v) for k, v in subject_models.items()})
     wait_for_models(deployer, set(subject_models))
-    return config
+    yield config
+    serve.delete(config.app_name, _blocking=False)  # its replicas would take CPU from the tests after this module
 
 
 def generate(config: ServeConfig, model_id: str, **body) -> requests.Response:
