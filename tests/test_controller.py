@@ -178,23 +178,28 @@ def test_cancel_mid_training_stops_the_ray_job_and_its_workers(alice, controller
         if message.WhichOneof("change") == "progress" and message.progress.step >= 1:
             break
     submission = final_submission(controller, job.job_id)
-    ray_job_id = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission).job_id
-
-    def alive_actors() -> set[str]:
-        actors = list_actors(address=ray_cluster.dashboard_url, filters=[("job_id", "=", ray_job_id)])
-        # Ray Data's AutoscalingCoordinator (0 CPUs), which Ray Train starts, is a detached cluster-wide
-        # singleton: it outlives the job by design.
-        return {a.class_name for a in actors if a.state != "DEAD" and a.name != "AutoscalingCoordinator"}
-
-    assert {"TrainController", "RayTrainWorker"} <= alive_actors()
+    assert {"TrainController", "RayTrainWorker"} <= ray_job_actors(ray_cluster.dashboard_url, submission)
     cancelling = alice.cancel(job.job_id)
     assert cancelling.state in (jobs_pb2.STATE_CANCELLING, jobs_pb2.STATE_CANCELLED)
     final = [m for m in alice.watch(job.job_id)][-1].job
     assert final.state == jobs_pb2.STATE_CANCELLED
     assert controller.service.ray_jobs.status(submission).value == "STOPPED"
-    deadline = time.monotonic() + 30
-    while alive := alive_actors():
-        assert time.monotonic() < deadline, f"the cancelled job's Ray Train actors still live: {alive}"
+    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, submission)
+
+
+def ray_job_actors(dashboard_url: str, submission_id: str) -> set[str]:
+    """The classes of the Ray job's live actors."""
+    ray_job_id = JobSubmissionClient(dashboard_url).get_job_info(submission_id).job_id
+    actors = list_actors(address=dashboard_url, filters=[("job_id", "=", ray_job_id)])
+    # Ray Data's AutoscalingCoordinator (0 CPUs), which Ray Train starts, is a detached cluster-wide singleton: it
+    # outlives the job by design.
+    return {a.class_name for a in actors if a.state != "DEAD" and a.name != "AutoscalingCoordinator"}
+
+
+def wait_until_ray_job_actors_end(dashboard_url: str, submission_id: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive := ray_job_actors(dashboard_url, submission_id):
+        assert time.monotonic() < deadline, f"the stopped Ray job's actors still live: {alive}"
         time.sleep(0.2)
 
 

@@ -34,7 +34,7 @@ from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 from tests.conftest import free_port
-from tests.test_controller import job_spec
+from tests.test_controller import job_spec, wait_until_ray_job_actors_end
 from trainer.events import EventLog
 from trainer.storage import job_paths
 
@@ -109,6 +109,8 @@ def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
         assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
         client.cancel(job.job_id)
         assert list(client.watch(job.job_id))[-1].job.state == jobs_pb2.STATE_CANCELLED
+    # Stopped while its workers started: none is left behind (their TCP store listens on every interface).
+    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, record.ray_submission_id)
 
 
 @pytest.fixture

@@ -71,7 +71,9 @@ def test_unreachable_or_silent_dashboard_is_a_clear_error(storage):
 def test_nothing_listens_off_loopback(ray_cluster):
     if not in_isolated_network() or not shutil.which("ss"):
         pytest.skip("needs the suite's own network namespace (scripts/test), where only the cluster listens")
-    lines = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    local = [line.split()[3] for line in lines]
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    local = {line.split()[3]: line for line in lines}
     assert local and any(a.endswith(ray_cluster.dashboard_url.rsplit(":", 1)[1]) for a in local)
-    assert [a for a in local if not a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))] == []
+    assert [
+        line for a, line in local.items() if not a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))
+    ] == []
