@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         address="local",  # a new cluster, even if `ray start` left one's address on this machine
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        include_dashboard=True,
+        include_dashboard=None,  # where its packages are (ray[default]); a bare Ray (the GPU bench bundle) refuses True
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
         runtime_env=runtime_env,
