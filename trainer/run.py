@@ -3,7 +3,8 @@
     preflight checks -> class-prior images -> TorchTrainer(N workers).fit() -> export -> model
 
 Every step reports to the job's events file. Running the same job again (same storage root and job id)
-resumes from its latest checkpoint; Ray Train restarts failed workers from it on its own.
+resumes from its latest checkpoint (or, when its final one was committed, only exports it); Ray Train restarts
+failed workers from it on its own.
 
     python -m trainer.run --storage DIR --job-id ID [--spec spec.json]
 """
