@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
 
 import ray
 
 # Environment for every Ray worker: model files are local paths, never fetched from a hub.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ensure_ray_token() -> None:
+    """Ray's token authentication is on (RAY_AUTH_MODE=token): `ray start --head` refuses to start without a
+    token, where `ray.init()` would make one. Make it where Ray looks by default (~/.ray/auth_token), as
+    `ray get-auth-token --generate` would, unless a token is given through Ray's environment variables.
+
+    Created whole or not at all (written aside, then linked into place), readable by its owner only: a `ray
+    start` beside this one (another stack, the tests) reads either no token or the one that won, never half."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draft = path.with_name(f".auth_token.{os.getpid()}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+        os.link(draft, path)
+    except FileExistsError:
+        pass  # another process made it first: that one is the token
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:

@@ -155,6 +155,8 @@ def up(
     """Starts Ray, then the controller (which deploys the Serve application), and returns once the controller
     answers and the application is RUNNING; `say` hears what it is waiting for. Raises StackError when a stack
     already runs in `state_dir` or a component does not come up (the others are stopped again)."""
+    from dreambooth.local_ray import ensure_ray_token
+
     state_dir = Path(state_dir).resolve()
     if (current := running(state_dir)) is not None:
         raise StackError(
@@ -185,6 +187,7 @@ def up(
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         say(f"starting Ray (dashboard {stack.dashboard_url}) ...")
+        ensure_ray_token()
         # Ray's processes find the State API through /tmp/ray's record of the last `ray start`, not the stack's
         # own --temp-dir: Ray Train's placement-group cleaner asked a dead cluster and held every job's end 12 s.
         ray_env = {**process_env, "RAY_API_SERVER_ADDRESS": stack.dashboard_url}

@@ -56,6 +56,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def ray_cluster(tmp_path_factory):
     import ray
 
+    from dreambooth.local_ray import ensure_ray_token
+
     multi_node = in_isolated_network()
     if not multi_node:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-machine mode: loopback listeners only
@@ -67,6 +69,7 @@ def ray_cluster(tmp_path_factory):
     common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     # The dashboard serves the Jobs API; it is told to listen on loopback only.
     dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    ensure_ray_token()  # `ray start` needs one; on a fresh machine only ray.init() would have made it
     procs = [_start_node(["--head", f"--port={port}", "--num-cpus=2", *dashboard, *common], logs / "head.log", env)]
     try:
         _wait_for_head(address, procs, env)
@@ -87,10 +90,16 @@ def ray_cluster(tmp_path_factory):
 
 def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     # Its own session, so that teardown finds every process of the node (gcs, raylet, agents, workers).
+    from dreambooth import process_sessions
+
     with open(log, "w") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [RAY, "start", *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    # Taken now: a node that fails to start is reaped by the wait for it, and its (pid, start) is needed to stop
+    # what it left in its session.
+    proc.start_ticks = process_sessions.start_ticks(proc.pid)
+    return proc
 
 
 def _stop_session(proc: subprocess.Popen, grace_s: float = 10) -> None:
@@ -98,8 +107,7 @@ def _stop_session(proc: subprocess.Popen, grace_s: float = 10) -> None:
     children on a signal, and `ray stop` would stop every Ray on the machine)."""
     from dreambooth import process_sessions
 
-    # Our own child, not yet reaped: its pid cannot have been reused.
-    process_sessions.stop_session(proc.pid, process_sessions.start_ticks(proc.pid), grace_s=grace_s)
+    process_sessions.stop_session(proc.pid, proc.start_ticks, grace_s=grace_s)
     proc.wait(timeout=5)
 
 

@@ -114,3 +114,35 @@ def test_up_refuses_a_port_in_use(tmp_path, capsys):
         assert main(["up", "--dir", str(tmp_path), *others, "--serve-port", str(port)]) == 1
     assert f"port {port} for Ray Serve's HTTP API is in use" in capsys.readouterr().err
     assert stack.load(tmp_path) is None  # nothing was started
+
+
+def test_a_fresh_machine_gets_a_ray_token_that_ray_finds(tmp_path, monkeypatch):
+    """`ray start --head` with token authentication refuses to start where no token was ever made (a fresh
+    machine: the demo failed there). The stack (and the tests' cluster) make one first, where Ray looks."""
+    from dreambooth.local_ray import ensure_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    ensure_ray_token()
+    token_file = tmp_path / ".ray" / "auth_token"
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in token_file.parent.iterdir()] == ["auth_token"]  # no draft left beside it
+    ensure_ray_token()
+    assert token_file.read_text() == token  # an existing token is kept: running clusters use it
+
+    # Ray's own loader, in a process of its own with this HOME, finds it.
+    probe = (
+        "from ray._raylet import AuthenticationTokenLoader; "
+        "print(AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == token
+
+    other_home = tmp_path / "other"
+    monkeypatch.setenv("HOME", str(other_home))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
+    ensure_ray_token()
+    assert not other_home.exists()  # a token given through Ray's environment is used as it is
