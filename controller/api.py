@@ -22,6 +22,7 @@ from controller.errors import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    StorageFailed,
     Unauthenticated,
 )
 from controller.ray_jobs import RayJobsError
@@ -37,6 +38,7 @@ _CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StorageFailed: grpc.StatusCode.INTERNAL,  # its message says what failed and that a retry is safe
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

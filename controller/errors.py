@@ -23,3 +23,7 @@ class Unauthenticated(Exception):
 
 class DeadlineExceeded(Exception):
     """DEADLINE_EXCEEDED: the caller stopped waiting before the request was done; nothing was recorded."""
+
+
+class StorageFailed(Exception):
+    """INTERNAL: the controller could not change its shared storage (the message says what, and what was kept)."""

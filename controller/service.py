@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from controller.config import ControllerConfig, Tenant
-from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
+from controller.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    StorageFailed,
+)
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
 from controller.serving import ServingSync
@@ -49,6 +57,10 @@ from trainer.storage import job_paths
 log = logging.getLogger(__name__)
 
 UPLOADS_DIR = "instance_images"  # in a job's folder: the photos its submission uploaded
+# Submissions whose photos are decoded at once. A photo at the pixel limit (64 megapixels) takes up to ~0.6 GiB
+# while it is checked, and every RPC thread may be submitting: more at once would not go faster on a few cores,
+# only hold more memory (the controller's pod has 4 GiB).
+IMAGE_CHECKS_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class JobService:
         self.serving = serving
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": Tenant("default", ())}
         self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
+        self._image_checks = threading.BoundedSemaphore(IMAGE_CHECKS_AT_ONCE)
 
     # --- jobs ------------------------------------------------------------------------------------------
 
@@ -110,13 +123,16 @@ class JobService:
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
             # OSError (a name too long, say) and RuntimeError (expanduser of "~nosuchuser") come from the caller's
             # paths too: the caller's to fix, not an internal error.
+            if not Path(spec.base_model).is_absolute():  # the trainer would read it relative to the job's folder
+                raise InputError("base_model", f"{spec.base_model}: must be an absolute path on shared storage")
             self._check_readable("base_model", spec.base_model)
             try:
                 check_base_model(spec.base_model)
             except (OSError, RuntimeError) as e:
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
             try:
-                check_instance_images(spec.instance_images, spec.resolution)
+                with self._image_checks:
+                    check_instance_images(spec.instance_images, spec.resolution)
             except OSError as e:
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
             paths.job_dir.mkdir(parents=True, exist_ok=True)  # uri-only submissions upload nothing to create it
@@ -265,8 +281,17 @@ class JobService:
         job = self.get(tenant, job_id)
         if job.state not in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
+        # The files first: a failure (or a crash) between the two leaves the job listed, and DeleteJob can be retried;
+        # the other order left tens of GiB of checkpoints behind a row that was gone.
+        job_dir = job_paths(self.config.storage, job_id).job_dir
+        try:
+            shutil.rmtree(job_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("deleting job %s: cannot remove %s: %s", job_id, job_dir, e)
+            raise StorageFailed(f"cannot remove job {job_id}'s files ({e}); the job is kept: retry DeleteJob") from e
         self.store.delete_job(job_id)
-        shutil.rmtree(job_paths(self.config.storage, job_id).job_dir, ignore_errors=True)
 
     def watch(self, tenant: str, job_id: str, is_active=lambda: True) -> Iterator[tuple[JobRecord, Change | None]]:
         """The job now, then (job, change) for every change, until the job ends or `is_active()` is false."""

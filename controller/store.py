@@ -18,7 +18,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,14 +305,14 @@ class Store:
         return None if row is None else _job(row)
 
     def list_jobs(
-        self, tenant: str, page_size: int, page_token: str = "", states: set[str] | None = None
+        self, tenant: str, page_size: int, page_token: str = "", states: Collection[str] | None = None
     ) -> tuple[list[JobRecord], str]:
         """Newest first. Keyset pagination on (create_time, job_id): one range scan of ix_jobs_list at any
         depth, and stable while jobs are added or removed (each job appears at most once). Filtered by state,
         one range scan of ix_jobs_list_by_state per state, merged: a state that few of a tenant's jobs are in is
         found without reading the others (a filter on ix_jobs_list would read the tenant's whole history)."""
         query = sa.select(jobs).where(jobs.c.tenant == tenant)
-        queries = [query.where(jobs.c.state == state) for state in sorted(states)] if states else [query]
+        queries = [query.where(jobs.c.state == state) for state in sorted(set(states))] if states else [query]
         rows, token = self._page(queries, jobs.c.create_time, jobs.c.job_id, page_size, page_token, "j")
         return [_job(r) for r in rows], token
 

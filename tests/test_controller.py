@@ -263,26 +263,30 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, tiny_model,
         assert code_of(stranger.get, mine.job_id)[0] == "UNAUTHENTICATED"
 
 
-def test_invalid_argument_carries_the_field_in_bad_request_details(controller, tiny_model):
-    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
-        from dreambooth.v1 import jobs_pb2_grpc
-
-        stub = jobs_pb2_grpc.JobServiceStub(channel)
-        request = jobs_pb2.SubmitJobRequest(
-            spec=jobs_pb2.TrainingSpec(
-                base_model=str(tiny_model), instance_prompt="a photo of sks dog", num_class_images=0, max_steps=-3
-            ),
-            instance_images=[jobs_pb2.InstanceImage(uri=str(tiny_model.parent / "nonexistent.png"))],
-        )
-        with pytest.raises(grpc.RpcError) as error:
-            stub.SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
-    status = rpc_status.from_call(error.value)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+def test_invalid_argument_carries_the_field_in_bad_request_details(controller, tiny_model, dog_images):
     from google.rpc import error_details_pb2
 
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
-    assert bad_request.field_violations[0].field == "max_steps"
+    from dreambooth.v1 import jobs_pb2_grpc
+
+    def field_refused(spec: jobs_pb2.TrainingSpec, image: jobs_pb2.InstanceImage) -> str:
+        request = jobs_pb2.SubmitJobRequest(spec=spec, instance_images=[image])
+        with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as error:
+            jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+        bad_request = error_details_pb2.BadRequest()
+        assert rpc_status.from_call(error.value).details[0].Unpack(bad_request)
+        return bad_request.field_violations[0].field
+
+    spec = dict(base_model=str(tiny_model), instance_prompt="a photo of sks dog", num_class_images=0)
+    nowhere = jobs_pb2.InstanceImage(uri=str(tiny_model.parent / "nonexistent.png"))
+    assert field_refused(jobs_pb2.TrainingSpec(**spec, max_steps=-3), nowhere) == "max_steps"
+    # A relative base_model (grpcurl, buf curl: the SDK sends absolute paths) is refused, though it names the model
+    # from the controller's working directory: the trainer would look for it in the job's folder.
+    relative = os.path.relpath(tiny_model)
+    assert (Path.cwd() / relative).is_dir()
+    photo = next(p for p in sorted(Path(dog_images).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    uploaded = jobs_pb2.InstanceImage(filename=photo.name, data=photo.read_bytes())
+    assert field_refused(jobs_pb2.TrainingSpec(**{**spec, "base_model": relative}), uploaded) == "base_model"
 
 
 def test_health_reflection_and_metrics(controller):

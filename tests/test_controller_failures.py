@@ -349,6 +349,60 @@ def test_a_queued_job_cancelled_lets_its_uploaded_photos_go(controller, tiny_mod
         assert bob.get(job.job_id).state == jobs_pb2.STATE_CANCELLED
 
 
+def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(controller, tiny_model, dog_images, monkeypatch):
+    """Decoding a photo at the pixel limit takes up to ~0.6 GiB: every RPC thread doing it at once would take the
+    controller's memory. Submissions beyond IMAGE_CHECKS_AT_ONCE wait for their turn (and are all accepted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from controller import service
+
+    decoding, most = 0, 0
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        nonlocal decoding, most
+        with lock:
+            decoding += 1
+            most = max(most, decoding)
+        try:
+            threading.Event().wait(0.05)  # a photo's decode; long enough for the others to arrive meanwhile
+            return check_instance_images(*args, **kwargs)
+        finally:
+            with lock:
+                decoding -= 1
+
+    check_instance_images = service.check_instance_images
+    monkeypatch.setattr(service, "check_instance_images", counted)
+    with (
+        DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=30) as bob,
+        ThreadPoolExecutor(12) as pool,
+    ):
+        jobs = list(pool.map(lambda _: bob.submit(job_spec(tiny_model, dog_images)), range(12)))
+    assert len({job.job_id for job in jobs}) == 12
+    assert most == service.IMAGE_CHECKS_AT_ONCE
+
+
+def test_a_job_whose_files_cannot_be_removed_is_kept_for_a_retry(controller, tiny_model, dog_images, tmp_path):
+    """DeleteJob removes the files before the record: when they cannot go, the job stays (a retry can finish it)
+    rather than its checkpoints staying behind a record that is gone."""
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        job = bob.submit(job_spec(tiny_model, dog_images))
+        bob.cancel(job.job_id)
+        job_dir = controller.service.config.storage / "jobs" / job.job_id
+        # Moved away by hand and linked back: rmtree refuses a symbolic link (as root, permissions stop nothing).
+        moved = job_dir.rename(tmp_path / "moved")
+        job_dir.symlink_to(moved)
+        with pytest.raises(ClientError) as error:
+            bob.delete(job.job_id)
+        assert error.value.code == "INTERNAL" and "retry DeleteJob" in error.value.message
+        assert bob.get(job.job_id).state == jobs_pb2.STATE_CANCELLED
+        job_dir.unlink()  # the operator's fix
+        bob.delete(job.job_id)
+        with pytest.raises(ClientError) as error:
+            bob.get(job.job_id)
+        assert error.value.code == "NOT_FOUND"
+
+
 def test_a_second_controller_on_the_same_database_is_refused(config):
     """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
     first = start(config)

@@ -196,7 +196,8 @@ def test_keyset_pagination_with_state_filter(store):
         state = STATES[i % len(STATES)]
         records.append(store.insert_job(job("acme" if i % 5 else "globex", state=state, create_time=1000.0 + i // 3)))
     newest_first = sorted(records, key=lambda r: (r.create_time, r.job_id), reverse=True)
-    for states in (None, {"QUEUED", "FAILED"}, {"SUCCEEDED"}):
+    # A state named twice in the filter (`dreambooth jobs --state queued --state QUEUED`) lists its jobs once.
+    for states in (None, {"QUEUED", "FAILED"}, {"SUCCEEDED"}, ["QUEUED", "FAILED", "QUEUED"]):
         expected = [r.job_id for r in newest_first if r.tenant == "acme" and (not states or r.state in states)]
         for page_size in (1, 7, len(expected), 1000):
             seen, token, pages = [], "", 0
