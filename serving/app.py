@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
 from serving.config import ServeConfig
-from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, check_prompt, read_metadata
+from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
     EncodedResult,
     GenerateBody,
@@ -223,7 +223,9 @@ class Generator:
             batch_size_fn=lambda items: sum(item.request.num_images for item in items),
         )(sample)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        # A coroutine, so that Serve runs it on the replica's event loop, between requests' steps, as the state it
+        # changes expects (a plain method runs on a thread of Serve's pool, beside requests reading that state).
         before, self.paths = self.paths, dict(user_config.get("models", {}))
         for model_id in [m for m, path in before.items() if self.paths.get(m) != path]:
             # Undeployed or moved: its memory goes when the requests still sampling it finish, not when the
@@ -241,7 +243,7 @@ class Generator:
 
             for model_id, path in self.paths.items():
                 try:  # on the device thread, as the rest of the torch work
-                    self.batcher.call(functools.partial(compile_graphs, model_id, path)).result()
+                    await asyncio.wrap_future(self.batcher.call(functools.partial(compile_graphs, model_id, path)))
                 except Exception:
                     # One unreadable model must not keep the replica (and every other model) from starting: its
                     # requests fail at its load; the graphs come from the next model, or the first load.
@@ -253,12 +255,11 @@ class Generator:
     async def generate(self, request: GenerationRequest) -> EncodedResult:
         arrived = time.monotonic()  # its queue wait includes waiting for its model to load
         model_id = serve.get_multiplexed_model_id()
-        if model_id not in self.paths:
+        if (path := self.paths.get(model_id)) is None:
             raise ModelNotServed(model_id)
         # Before its model loads (which may evict another's): a prompt the text encoder cannot take is refused.
-        tokenizer = await asyncio.to_thread(self.engine.tokenizer, self.paths[model_id])
-        check_prompt(tokenizer, "prompt", request.prompt)
-        check_prompt(tokenizer, "negative_prompt", request.negative_prompt)
+        prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+        await asyncio.to_thread(self.engine.check_prompts, path, prompts)
         resident = await self.model(model_id)
         if resident.model is None:  # released by an undeploy or a move, deployed since
             resident.model = await self._loads.get(model_id)
@@ -464,5 +465,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     admitted = config.max_queued_requests + config.max_ongoing_requests * config.max_replicas
     return Ingress.options(
         ray_actor_options={"num_cpus": 0},
+        # It holds each HTTP request for the whole of its generation: replaced (a redeploy with new settings), it
+        # waits for them as long as a generator would.
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_ongoing_requests=max(100, 2 * admitted),
     ).bind(generator, config.to_dict())

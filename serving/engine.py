@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -192,6 +193,9 @@ class SamplingEngine:
         # Tokenizers (a few MB) are kept: by model directory, one object per base model.
         self._tokenizers: dict[str, Any] = {}
         self._base_tokenizers: dict[str, Any] = {}
+        # A fast tokenizer sets its truncation and padding on its shared Rust object at each call, then encodes: the
+        # prompt checks (a replica's request threads) and the batches' encoding (its device thread) take turns.
+        self._tokenizing = threading.Lock()
 
     def tokenizer(self, path: str | Path):
         """The tokenizer of the model at `path`, loaded once per base model and kept: what a request's prompts are
@@ -206,6 +210,13 @@ class SamplingEngine:
                     self._base_tokenizers[base] = tokenizer
             self._tokenizers[str(path)] = tokenizer
         return tokenizer
+
+    def check_prompts(self, path: str | Path, prompts: dict[str, str]) -> None:
+        """Refuses (InputError naming it) a prompt that the text encoder of the model at `path` cannot take whole."""
+        tokenizer = self.tokenizer(path)
+        with self._tokenizing:
+            for name, text in prompts.items():
+                check_prompt(tokenizer, name, text)
 
     def load(self, model_id: str, path: str | Path) -> SubjectModel:
         """Loads the exported model at `path`.
@@ -368,13 +379,14 @@ class SamplingEngine:
         return DecodedCohort(cohort, host, copied)
 
     def _encode(self, model: SubjectModel, texts: list[str]) -> torch.Tensor:
-        tokens = model.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=model.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        with self._tokenizing:
+            tokens = model.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=model.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
         # Encode each distinct text once: a batch often repeats one prompt (several images, an empty negative).
         unique, index = torch.unique(tokens.input_ids, dim=0, return_inverse=True)
         states = model.text_encoder(unique.to(self.device), return_dict=False)[0]

@@ -75,6 +75,10 @@ def to_generation_request(body: GenerateBody, limits: RequestLimits, default_siz
     for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
         if len(text) > limits.max_prompt_chars:
             raise InputError(name, f"{len(text)} characters; at most {limits.max_prompt_chars}")
+        try:  # JSON may escape half of a surrogate pair ("\ud83d": an emoji cut in two), which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(name, f"not valid Unicode: an unpaired surrogate at character {e.start}") from e
     if not body.prompt.strip():
         raise InputError("prompt", "must not be empty")
     if not 1 <= body.num_images <= limits.max_images:

@@ -218,6 +218,7 @@ def test_a_model_deployed_from_another_directory_draws_from_it(service, subject_
         ({"prompt": "  "}, "prompt"),
         ({"prompt": "dog " * 100}, "prompt"),  # over the text encoder's 77 tokens: refused, not cut
         ({"negative_prompt": "x" * 3000}, "negative_prompt"),
+        ({"prompt": "a photo of sks dog \ud83d"}, "prompt"),  # valid JSON ("\\ud83d"), but no text: not a 500
     ],
 )
 def test_bad_requests_get_400_naming_the_field(service, body, field):

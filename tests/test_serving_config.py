@@ -84,6 +84,8 @@ def test_build_app_turns_settings_into_deployment_options():
     assert options.autoscaling_config.min_replicas == 1 and options.autoscaling_config.max_replicas == 3
     assert options.max_queued_requests == 7
     assert options.graceful_shutdown_timeout_s == 300  # downscaling lets long requests finish (Serve's default: 20)
+    # The ingress holds each request as long: a redeploy that replaces it does not cut them off after 20 s.
+    assert ingress._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 300
     assert generator.ray_actor_options["num_gpus"] == 1
     fixed = build_app(ServeConfig(min_replicas=2, max_replicas=2).to_dict())
     assert fixed._bound_deployment.init_args[0]._bound_deployment._deployment_config.num_replicas == 2
@@ -140,6 +142,8 @@ def test_numbers_are_not_coerced(fields):
         ({"seed": 2**63}, "seed", "must be 0.."),
         ({"prompt": ""}, "prompt", "empty"),
         ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+        ({"prompt": "sks dog \ud83d"}, "prompt", "unpaired surrogate at character 8"),  # an emoji cut in two
+        ({"negative_prompt": "\udc00"}, "negative_prompt", "unpaired surrogate"),
     ],
 )
 def test_out_of_bounds_requests_name_the_field_and_the_bound(fields, field, message):

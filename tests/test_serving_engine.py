@@ -151,6 +151,25 @@ def test_bad_batches_and_prompts_are_refused(engine, rex):
     assert error.value.field == "negative_prompt"
 
 
+def test_prompt_checks_and_batch_encoding_take_turns_with_the_tokenizer(engine, rex, subject_models):
+    """A replica checks prompts on request threads while its device thread encodes batches, with one tokenizer
+    whose calls set its truncation and padding before encoding: a check in between let a too-long prompt through
+    (truncated) or left a batch unpadded. Each waits while the other holds the tokenizer."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        with engine._tokenizing:  # as a batch encoding its prompts would
+            checked = pool.submit(engine.check_prompts, subject_models["rex"], {"prompt": "dog " * 100})
+            encoded = pool.submit(engine.generate, rex, [request(steps=1)])
+            assert not checked.done() and not encoded.done()
+            threading.Event().wait(0.2)  # time to run past the tokenizer, if they did not wait for it
+            assert not checked.done() and not encoded.done()
+        with pytest.raises(InputError, match="tokens; at most 77"):
+            checked.result(timeout=60)
+        assert len(encoded.result(timeout=60)[0].images) == 1
+
+
 def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models):
     """compile_unet: after warm_up, requests at the native size run the compiled graphs (no compiling left for
     other batch sizes or other subjects) and give the eager engine's images; other sizes run eagerly."""
