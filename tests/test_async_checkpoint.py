@@ -89,14 +89,18 @@ def test_files_of_one_checkpoint_use_their_own_buffers(tmp_path):
     assert engine.buffer_count() == 2
 
 
-def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, engine_spec):
+@pytest.mark.parametrize("saves_module", [True, False], ids=["rank 0", "other ranks"])
+def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, engine_spec, saves_module):
     """A real DeepSpeed ZeRO-2 engine (CPU, gloo, one process): no reservation before the first update; after it,
-    the background reservation holds every buffer the checkpoint then needs."""
+    the background reservation holds every buffer the checkpoint then needs. A rank that does not write the
+    module's state (every rank but the first, under ZeRO-2) reserves buffers for its optimizer state only."""
+    from trainer.async_checkpoint import _map_tensors
     from trainer.deepspeed_setup import initialize
 
     spec = engine_spec()
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     engine = initialize(model, spec, world_size=1)
+    engine.save_non_zero_checkpoint = saves_module  # as DeepSpeed sets it on rank 0 / the others
     writer = engine.checkpoint_engine = AsyncCheckpointEngine()
 
     writer.reserve_after_first_update(engine)  # before any update: the optimizer has no moments yet
@@ -108,12 +112,16 @@ def test_host_buffers_are_reserved_once_the_optimizer_has_updated(tmp_path, engi
     writer.reserve_after_first_update(engine)
     writer.reserve_after_first_update(engine)  # once only
     reserved = writer.buffer_count()
-    assert reserved > 0
+    optimizer_tensors = []
+    _map_tensors(engine.optimizer.state_dict(), optimizer_tensors.append)
+    module_tensors = len(engine.module_state_dict()) if saves_module else 0
+    assert reserved == len(optimizer_tensors) + module_tensors > 0
     engine.save_checkpoint(str(tmp_path), tag="a")
     writer.wait()
     assert writer.buffer_count() == reserved  # the checkpoint found every buffer it needed
     engine.save_checkpoint(str(tmp_path), tag="b")
     writer.wait()
     assert writer.buffer_count() == reserved  # and the next one reuses them
-    _, client_state = engine.load_checkpoint(str(tmp_path), tag="b")
-    assert client_state is not None
+    if saves_module:
+        _, client_state = engine.load_checkpoint(str(tmp_path), tag="b")
+        assert client_state is not None
