@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="run a training job on Ray and wait for its model")
     train.add_argument("spec", type=Path, help="job spec, YAML or JSON")
     train.add_argument(
-        "--storage", type=Path, default=Path("dreambooth-data"), help="storage root (default: %(default)s)"
+        "--storage",
+        type=Path,
+        default=Path("dreambooth-data"),
+        help="storage root, on a cluster one file system at the same path on every node (default: %(default)s)",
     )
     train.add_argument("--job-id", help="default: the spec file's name; the same id resumes from its last checkpoint")
     train.add_argument("--address", help="Ray cluster to join (e.g. 'auto'); default: start a private local one")

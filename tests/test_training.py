@@ -156,6 +156,22 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert cache_key(dataclasses.replace(spec, gpus_per_worker=1, precision="fp16")) != cache_key(spec)
 
 
+def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ray_cluster, tiny_model, tmp_path):
+    """Workers and class-image actors check that they see the driver's storage (its mark) and the base model: a
+    storage path local to each node would otherwise fail only after training, at the export."""
+    from trainer.storage import StorageNotShared, check_shared, mark_shared
+
+    mark = mark_shared(tmp_path)
+    check = ray.remote(check_shared)
+    ray.get(check.remote(str(mark), str(tiny_model)))  # this machine's nodes share its file system
+    mark.unlink()  # as on a node whose `storage` is a directory of its own
+    with pytest.raises(StorageNotShared, match=rf"node 127\.0\.0\.1 does not see the job's storage: {tmp_path} has"):
+        ray.get(check.remote(str(mark), str(tiny_model)))
+    with pytest.raises(StorageNotShared, match="does not see base_model /models/sd15; storage must be one file system"):
+        ray.get(check.remote(str(mark_shared(tmp_path)), "/models/sd15"))
+    assert mark_shared(tmp_path) != mark  # a new name each time: NFS clients cache what a name held
+
+
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
     # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too.
     spec = make_spec(tiny_model, dog_images, train_text_encoder=True)

@@ -22,6 +22,7 @@ from dreambooth.durable import sync_dir, sync_file, write_file
 from dreambooth.sd_model import fingerprint
 from trainer.data import derive_seed
 from trainer.spec import JobSpec
+from trainer.storage import check_shared, mark_shared
 
 CLASS_IMAGE_SEED = 1234  # fixed, not the job's seed, so that jobs of the same class share the cache
 
@@ -65,11 +66,12 @@ def _has_content(path: Path) -> bool:
 class ClassImageGenerator:
     """Holds one copy of the base pipeline and generates batches of seeded class images into the cache."""
 
-    def __init__(self, base_model: str, use_gpu: bool):
+    def __init__(self, base_model: str, use_gpu: bool, storage_mark: str):
         import torch
 
         from dreambooth.sd_model import load_pipeline
 
+        check_shared(storage_mark, base_model)  # what it writes must reach the driver's cache, not this node's
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.pipeline = load_pipeline(base_model, dtype=_dtype(use_gpu), device=self.device)
@@ -127,8 +129,9 @@ def ensure_class_images(
     # they are free, since training starts after these actors end. (An actor asking for more could wait for
     # ever, and the pool would wait for the batch handed to it.)
     options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if use_gpu else 0}
+    mark = mark_shared(directory)
     actors = [
-        ClassImageGenerator.options(**options).remote(spec.base_model, use_gpu)
+        ClassImageGenerator.options(**options).remote(spec.base_model, use_gpu, str(mark))
         for _ in range(max(1, min(num_actors, len(batches))))
     ]
     args = (
@@ -147,4 +150,5 @@ def ensure_class_images(
     finally:
         for actor in actors:
             ray.kill(actor)
+        mark.unlink(missing_ok=True)  # its own only: other jobs' actors may be checking theirs in this directory
     return directory

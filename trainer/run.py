@@ -32,7 +32,7 @@ from trainer.events import EventLog
 from trainer.export import export_model
 from trainer.images import check_instance_images, find_instance_images
 from trainer.spec import JobSpec
-from trainer.storage import JobPaths, job_paths
+from trainer.storage import JobPaths, job_paths, mark_shared
 from trainer.train_loop import train_loop_per_worker
 
 
@@ -184,7 +184,14 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
 
 def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps: tuple[int, ...]) -> Path:
     """Class-prior images, then the workers' training to the end. Returns the final checkpoint's directory."""
-    config = {"spec": spec.to_dict(), "storage_root": str(paths.root), "job_id": paths.job_id}
+    for old_mark in paths.job_dir.glob(".shared-storage-*"):  # an earlier run's
+        old_mark.unlink(missing_ok=True)
+    config = {
+        "spec": spec.to_dict(),
+        "storage_root": str(paths.root),
+        "job_id": paths.job_id,
+        "storage_mark": str(mark_shared(paths.job_dir)),  # each worker checks that it sees this storage
+    }
     if spec.with_prior_preservation:
         config["class_images_dir"] = str(
             ensure_class_images(

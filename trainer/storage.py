@@ -15,8 +15,11 @@ Everything a job needs to resume lives here, so any node (and a restarted contro
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from dreambooth.durable import write_file
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -83,3 +86,35 @@ class JobPaths:
 
 def job_paths(root: str | Path, job_id: str) -> JobPaths:
     return JobPaths(Path(root).resolve(), check_job_id(job_id))
+
+
+class StorageNotShared(RuntimeError):
+    """A Ray node does not see the job's storage (or its base model) at the paths the driver used."""
+
+
+def mark_shared(directory: Path) -> Path:
+    """An empty file, durable, under a name never used before, in `directory` on the job's storage: a process on
+    another node that finds it (check_shared) reads the same storage as the one that made it. A new name each
+    time rather than new contents, as NFS clients cache what they found under a name."""
+    mark = directory / f".shared-storage-{secrets.token_hex(8)}"
+    write_file(mark, b"")
+    return mark
+
+
+def check_shared(mark: str | Path, base_model: str | Path) -> None:
+    """Raises StorageNotShared on a node where the storage the driver marked, or the base model, is not there.
+
+    A storage path that is a local directory on each node (the default, relative, one of `dreambooth train`
+    on a cluster, say) would otherwise fail at the end: checkpoints and class images each on their own node,
+    an export that cannot find the other ranks' shards."""
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    where = "storage must be one file system mounted at the same path on every Ray node (NFS, a shared volume)"
+    if not Path(mark).exists():
+        raise StorageNotShared(
+            f"node {node} does not see the job's storage: {Path(mark).parent} has no {Path(mark).name}, which "
+            f"the job's driver wrote there; {where}"
+        )
+    if not Path(base_model).is_dir():
+        raise StorageNotShared(f"node {node} does not see base_model {base_model}; {where}")

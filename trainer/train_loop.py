@@ -30,7 +30,7 @@ from trainer.metrics import TrainMetrics
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.progress import ProgressReporter, peak_memory
 from trainer.spec import JobSpec
-from trainer.storage import JobPaths
+from trainer.storage import JobPaths, check_shared
 from trainer.validation import Validator
 
 INSTANCE_STREAM, CLASS_STREAM = 0, 1
@@ -39,6 +39,7 @@ INSTANCE_STREAM, CLASS_STREAM = 0, 1
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.from_dict(config["spec"])
     paths = JobPaths(Path(config["storage_root"]), config["job_id"])
+    check_shared(config["storage_mark"], spec.base_model)
     # DeepSpeed picks its accelerator when first imported; on CPU workers it must not probe for CUDA.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
