@@ -188,8 +188,11 @@ class SamplingEngine:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.compile_unet = compile_unet
-        # Components shared between subjects of one base model, alive while some loaded subject uses them.
+        # Components shared between subjects of one base model, alive while some loaded subject uses them; those of
+        # the base loaded last are kept anyway: a replica holding one model at a time (max_models_per_replica: 1)
+        # would otherwise load the same VAE again with every subject it swaps in.
         self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._last_base_shared: dict[tuple[str, str], torch.nn.Module] = {}
         # Tokenizers (a few MB) are kept: by model directory, one object per base model.
         self._tokenizers: dict[str, Any] = {}
         self._base_tokenizers: dict[str, Any] = {}
@@ -222,8 +225,9 @@ class SamplingEngine:
         """Loads the exported model at `path`.
 
         The VAE is frozen during DreamBooth training, so every subject of one base model carries the same VAE;
-        it is loaded once per engine (keyed by the base model's fingerprint in metadata.json). So are the
-        tokenizer and, when it was not trained, the text encoder.
+        it is loaded once per engine (keyed by the base model's fingerprint in metadata.json), and kept while a
+        subject of its base is loaded or its base was the last one loaded. So are the tokenizer and, when it was not
+        trained, the text encoder.
         """
         start = time.perf_counter()
         path = Path(path)
@@ -246,6 +250,8 @@ class SamplingEngine:
             modules[kind] = module
             if base and kind in shared_kinds:
                 self._shared[(kind, base)] = module
+        if base:
+            self._last_base_shared = {(kind, base): modules[kind] for kind in shared_kinds}
         for kind in ("unet", "vae", "text_encoder"):
             modules[kind].eval().requires_grad_(False)
         if self.device.type == "cuda":  # NHWC convolutions: the faster layout on tensor cores

@@ -131,6 +131,21 @@ def test_two_subjects_share_the_base_components_but_draw_differently(engine, rex
     assert rex.metadata["class_prompt"] == "a photo of dog"
 
 
+def test_the_base_models_vae_outlives_the_subject_swapped_out(subject_models):
+    """A replica that holds one model at a time (max_models_per_replica: 1) lets each subject go before it loads
+    the next: the next one of the same base still finds the VAE (and untrained text encoder) loaded."""
+    import gc
+    import weakref
+
+    engine = SamplingEngine(device="cpu")  # its own: the module's engine has other subjects of the base loaded
+    first = engine.load("first", subject_models["fido"])
+    vae, text_encoder = weakref.ref(first.vae), weakref.ref(first.text_encoder)
+    del first
+    gc.collect()
+    second = engine.load("second", subject_models["rex"])
+    assert second.vae is vae() and second.text_encoder is text_encoder()
+
+
 def test_a_trained_text_encoder_is_not_shared(engine, rex, tiny_model, tmp_path):
     from tests.conftest import write_subject_model
 
