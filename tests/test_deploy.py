@@ -220,6 +220,13 @@ def test_cluster_launcher_config_passes_rays_validation():
         if "ray start" in command:
             assert "--metrics-export-port=8080" in command
     assert ".venv" in config["rsync_exclude"]
+    # Every host directory mounted into the container is made and given to its user (uid 1000) first: one that
+    # Docker creates is root's, and Ray in the container could not write its session files there.
+    owned = " ".join(c for c in config["initialization_commands"] if "chown 1000" in c)
+    for option in config["docker"]["run_options"] + config["docker"]["head_run_options"]:
+        if option.startswith("-v "):
+            host_dir = option[3:].split(":")[0]
+            assert host_dir in owned.split(), f"{host_dir} is mounted but not made the container user's"
 
 
 def _constraint(name: str) -> str:
