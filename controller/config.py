@@ -96,7 +96,12 @@ class ControllerConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ControllerConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError("config", f"{path} is not YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
         tenants = tuple(_tenant(name, fields) for name, fields in (data.pop("tenants", None) or {}).items())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

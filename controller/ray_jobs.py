@@ -52,7 +52,9 @@ class Capacity:
     gpus: float
 
 
-class _Client(RequestTimeout, JobSubmissionClient):
+class JobsClient(RequestTimeout, JobSubmissionClient):
+    """Ray's Jobs API client, each request bounded by `timeout_s`."""
+
     def __init__(self, address: str, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         super().__init__(address)
@@ -71,13 +73,13 @@ class RayJobs:
         self.storage_root = str(Path(storage_root).resolve())  # the driver's working directory is Ray's, not ours
         self.runtime_env = runtime_env or {}
         self.timeout_s = timeout_s
-        self._client_: _Client | None = None
+        self._client_: JobsClient | None = None
 
     @property
-    def _client(self) -> _Client:
+    def _client(self) -> JobsClient:
         # Connected on first use (the constructor checks the connection): a controller may start before Ray.
         if self._client_ is None:
-            self._client_ = _Client(self.dashboard_url, self.timeout_s)
+            self._client_ = JobsClient(self.dashboard_url, self.timeout_s)
         return self._client_
 
     def _error(self, what: str, e: Exception) -> RayJobsError:

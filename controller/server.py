@@ -29,6 +29,7 @@ from controller.reconciler import Reconciler
 from controller.service import JobService
 from controller.serving import ServingSync
 from controller.store import ControllerRunning, Store
+from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer
 
@@ -105,6 +106,9 @@ def _start(config: ControllerConfig, store: Store, held: contextlib.ExitStack) -
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.ping_timeout_ms", 20_000),  # what this gRPC waits for the answer (default 60 s)
             ("grpc.http2.max_pings_without_data", 0),  # else it stops after 2 pings on a quiet stream
+            # gRPC sets SO_REUSEPORT by default: a second controller (another database) would share the port with
+            # this one, each getting some of the clients. Refused instead.
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
     )
@@ -117,14 +121,20 @@ def _start(config: ControllerConfig, store: Store, held: contextlib.ExitStack) -
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
-    if config.tls_cert and config.tls_key:
-        credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
+    try:
+        if config.tls_cert and config.tls_key:
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except RuntimeError:  # gRPC's "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {config.listen}")
-    metrics_server = metrics.serve(config.metrics_listen)[0] if config.metrics_listen else None
+        raise OSError(f"listen: cannot listen on {config.listen} (in use, or not an address of this machine)")
+    try:
+        metrics_server = metrics.serve(config.metrics_listen)[0] if config.metrics_listen else None
+    except OSError as e:
+        raise OSError(f"metrics_listen: cannot listen on {config.metrics_listen}: {e.strerror or e}") from e
     reconciler.start()
     server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
@@ -140,22 +150,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-listen")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.config:
-        config = ControllerConfig.load(args.config)
-    elif args.storage:
-        config = ControllerConfig(storage=args.storage)
-    else:
+    if not args.config and not args.storage:
         parser.error("give --config or --storage")
-    for flag, field in (
-        ("listen", "listen"),
-        ("ray_dashboard", "ray_dashboard_url"),
-        ("metrics_listen", "metrics_listen"),
-        ("storage", "storage"),
-    ):
-        if getattr(args, flag) is not None:
-            setattr(config, field, getattr(args, flag))
     try:
+        config = ControllerConfig.load(args.config) if args.config else ControllerConfig(storage=args.storage)
+        for flag, field in (
+            ("listen", "listen"),
+            ("ray_dashboard", "ray_dashboard_url"),
+            ("metrics_listen", "metrics_listen"),
+            ("storage", "storage"),
+        ):
+            if getattr(args, flag) is not None:
+                setattr(config, field, getattr(args, flag))
         controller = start(config)
+    except InputError as e:  # a setting to fix, named
+        print(f"error: {e.field}: {e.message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the config file missing, a port taken, storage unwritable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ControllerRunning as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -194,6 +194,7 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
 
     def run(args: argparse.Namespace) -> int:
         from dreambooth.client import ClientError, DreamBoothClient
+        from dreambooth.serving_client import ServingError
 
         try:
             # The client falls back to $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN and $DREAMBOOTH_TLS_CA.
@@ -203,6 +204,9 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
         except ClientError as e:
             print(f"error: {e.code}: {e.message}", file=sys.stderr)
             return 2 if e.code in _USER_ERRORS else 1
+        except ServingError as e:  # the serving API answered no (generate; deploy's wait for the model)
+            print(f"error: {e}", file=sys.stderr)
+            return 2 if 400 <= e.status < 500 else 1
         except (TimeoutError, urllib.error.URLError) as e:  # the serving API unreachable or not serving: a failure
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -294,7 +298,7 @@ def _undeploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
 
 def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
-    from dreambooth.serving_client import ServingError, generate
+    from dreambooth.serving_client import generate
 
     model = client.model(args.model_id)
     if not model.deployed:
@@ -307,11 +311,7 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
         "seed": args.seed,
         "negative_prompt": args.negative_prompt,
     }
-    try:
-        images = generate(model.endpoint, args.prompt, token=_token(args), **options)
-    except ServingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if 400 <= e.status < 500 else 1
+    images = generate(model.endpoint, args.prompt, token=_token(args), **options)
     args.out.mkdir(parents=True, exist_ok=True)
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
     # request draws the same image, so it may.

@@ -36,6 +36,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 _MESSAGE_LIMIT = MAX_UPLOAD_BYTES + 1024 * 1024  # the images plus the rest of the request
+# A submission's deadline grows with its photos at this rate (2 Mbit/s, a slow uplink): the upload is part of the
+# call, and 64 MiB of photos would not go up in 30 s below 18 Mbit/s.
+UPLOAD_BYTES_PER_S = 256 * 1024
 
 # Connection failures (UNAVAILABLE) are retried by gRPC itself with backoff. Safe for SubmitJob because every
 # attempt carries the same request_id, so the server returns the job the first attempt created.
@@ -91,7 +94,8 @@ class DreamBoothClient:
         keepalive_s: float = 30,
     ):
         """Defaults, as the CLI's: $DREAMBOOTH_CONTROLLER (else 127.0.0.1:50051), $DREAMBOOTH_TOKEN and
-        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext). `timeout_s`: each call but watch's;
+        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext). `timeout_s`: each call but watch's (a
+        submission's grows by a second per 256 KiB of photos it uploads);
         `keepalive_s`: how often an open watch pings a controller that has been quiet (see watch)."""
         target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         token = token or os.environ.get("DREAMBOOTH_TOKEN")
@@ -162,7 +166,8 @@ class DreamBoothClient:
             request_id=request_id or str(uuid.uuid4()),
             priority=priority,
         )
-        return self._call(self._jobs.SubmitJob, request).job
+        upload_s = sum(len(image.data) for image in images) / UPLOAD_BYTES_PER_S
+        return self._call(self._jobs.SubmitJob, request, timeout_s=self._timeout_s + upload_s).job
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
@@ -244,9 +249,9 @@ class DreamBoothClient:
     def undeploy(self, model_id: str) -> models_pb2.Model:
         return self._call(self._models.UndeployModel, models_pb2.UndeployModelRequest(model_id=model_id)).model
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any) -> Any:
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return method(request, metadata=self._metadata, timeout=self._timeout_s)
+            return method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as e:
             raise ClientError.from_rpc(e) from e
 

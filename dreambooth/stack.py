@@ -40,6 +40,7 @@ PROMETHEUS_YML = PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DEFAULT_DIR = Path("dreambooth-stack")
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 300  # Ray, the controller and Serve's first replicas: about 40 s on 2 busy CPU cores
+PROBE_TIMEOUT_S = 5  # one request to the dashboard when asking whether a component is up
 # On one machine the Serve replicas share the CPUs and GPUs with training instead of reserving them, so that a
 # training job never waits for them. A replica that reserves no GPU still sees every GPU (Ray 2.60 leaves
 # CUDA_VISIBLE_DEVICES alone for it), so with real weights it samples on a GPU.
@@ -395,10 +396,11 @@ def _use_ray_token() -> None:
 
 
 def _jobs_api_answers(stack: Stack) -> bool:
-    from ray.job_submission import JobSubmissionClient
+    from controller.ray_jobs import JobsClient
 
     _use_ray_token()
-    JobSubmissionClient(stack.dashboard_url).list_jobs()
+    # Bounded: a dashboard that takes connections but never answers (a wedged head) must not hang `status`.
+    JobsClient(stack.dashboard_url, timeout_s=PROBE_TIMEOUT_S).list_jobs()
     return True
 
 
@@ -415,7 +417,7 @@ def _deployer(stack: Stack):
     from serving.deployer import ServeDeployer
 
     _use_ray_token()
-    return ServeDeployer(stack.dashboard_url, stack.serve_config)
+    return ServeDeployer(stack.dashboard_url, stack.serve_config, timeout_s=PROBE_TIMEOUT_S)
 
 
 def _serve_running(stack: Stack) -> bool:

@@ -11,6 +11,7 @@ import base64
 import datetime
 import http.server
 import json
+import os
 import threading
 import time
 import uuid
@@ -56,11 +57,13 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
         }
         self.model = models_pb2.Model(model_id="model-3", tenant="acme", job_id="job-3", path="/storage/models/job-3")
         self.requests: list[object] = []
+        self.deadlines_s: list[float | None] = []  # what each call had left when it arrived
         self.lock = threading.Lock()
 
     def _auth(self, request: object, context: grpc.ServicerContext) -> None:
         with self.lock:
             self.requests.append(request)
+            self.deadlines_s.append(context.time_remaining())
         if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
 
@@ -133,7 +136,8 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
 
     def DeployModel(self, request, context):
         self._auth(request, context)
-        self.model.deployed, self.model.endpoint = True, "http://127.0.0.1:8000/model-3"
+        self.model.deployed = True
+        self.model.endpoint = self.model.endpoint or "http://127.0.0.1:8000/model-3"
         return models_pb2.DeployModelResponse(model=self.model)
 
     def UndeployModel(self, request, context):
@@ -204,6 +208,19 @@ def test_submit_uploads_the_photos_and_only_the_fields_written(client, controlle
     assert spec.max_steps == 20 and spec.precision == S.PRECISION_BF16 and spec.num_class_images == 0
     assert not spec.HasField("resolution") and not spec.HasField("learning_rate")  # the server's defaults apply
     assert job.job_id == "job-6" and job.state == S.STATE_QUEUED and job.priority == 7
+
+
+def test_a_submissions_deadline_leaves_time_to_upload_its_photos(client, controller, job_yaml):
+    """The upload is part of the call: 64 MiB of photos in 30 s would have needed 18 Mbit/s. A second more per 256
+    KiB of photos."""
+    big = job_yaml.parent / "photos" / "big.png"
+    big.write_bytes(os.urandom(3 * 2**20))  # what the file holds is the server's to check (this one takes 4 MiB)
+    client.submit(job_yaml)
+    assert 10 + 3 * 4 - 5 < controller.deadlines_s[-1] <= 10 + 3 * 4 + 1  # the client's 10 s, and 4 s per MiB
+    client.get("job-4")
+    assert controller.deadlines_s[-1] <= 10.5  # other calls keep theirs (gRPC rounds deadlines up a little)
+    client.submit(job_yaml, upload=False)
+    assert controller.deadlines_s[-1] <= 10.5  # paths only: nothing to upload
 
 
 def test_submit_without_upload_sends_absolute_paths(client, controller, job_yaml, monkeypatch):
@@ -568,6 +585,16 @@ def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, control
         code, _, err = cli("generate", "model-3", prompt, "--out", str(tmp_path / "images"))
         assert code == 0, err
     assert sorted(p.read_bytes() for p in (tmp_path / "images").iterdir()) == [p.encode() for p in prompts]
+
+
+def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):
+    controller.model.endpoint = serving_api.endpoint
+    serving_api.statuses = [401]  # the serving API's token check, say: deploy's wait stops there
+    code, out, err = cli("deploy", "model-3")
+    assert (code, out) == (2, "") and err.startswith("error: HTTP 401: ") and "Traceback" not in err
+    serving_api.statuses = [500]
+    assert cli("deploy", "model-3")[0] == 1  # the server's fault, not the user's
+    assert cli("deploy", "model-3")[:2] == (0, serving_api.endpoint + "\n")
 
 
 def test_waiting_for_a_deployment_goes_on_through_404_and_stops_at_a_refusal(serving_api):

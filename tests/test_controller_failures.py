@@ -403,6 +403,35 @@ def test_a_job_whose_files_cannot_be_removed_is_kept_for_a_retry(controller, tin
         assert error.value.code == "NOT_FOUND"
 
 
+def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
+    from controller.server import main as controller_main
+
+    unknown, broken = tmp_path / "unknown.yaml", tmp_path / "broken.yaml"
+    unknown.write_text(f"storage: {tmp_path}\nfoo: 1\n")
+    broken.write_text("storage: [unclosed\n")
+    for config_file in (tmp_path / "missing.yaml", unknown, broken):
+        assert controller_main(["--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.yaml" in err and "foo" in err and "broken.yaml" in err
+    assert err.count("error: ") == 3 and "Traceback" not in err
+
+
+def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path):
+    """gRPC servers set SO_REUSEPORT by default: a second controller (another database, say) on the port of a
+    running one would take some of its clients. It is refused instead, naming the setting."""
+    from concurrent import futures
+
+    other = grpc.server(futures.ThreadPoolExecutor(1))
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        config.listen, config.storage = f"127.0.0.1:{port}", tmp_path / "another"
+        with pytest.raises(OSError, match=rf"listen: cannot listen on 127\.0\.0\.1:{port} \(in use"):
+            start(config)
+    finally:
+        other.stop(None)
+
+
 def test_a_second_controller_on_the_same_database_is_refused(config):
     """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
     first = start(config)

@@ -146,3 +146,22 @@ def test_a_fresh_machine_gets_a_ray_token_that_ray_finds(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
     ensure_ray_token()
     assert not other_home.exists()  # a token given through Ray's environment is used as it is
+
+
+def test_a_dashboard_that_takes_connections_but_never_answers_is_down_not_a_hang(tmp_path, monkeypatch):
+    """`dreambooth status` on a wedged Ray head: the stack's probes of its dashboard give up after a few seconds
+    (Ray's SDK sets no timeout of its own)."""
+    monkeypatch.setattr(stack, "PROBE_TIMEOUT_S", 1)
+    with socket.socket() as wedged:
+        wedged.bind(("127.0.0.1", 0))
+        wedged.listen()  # the kernel accepts connections into its backlog; nothing ever answers them
+        url = f"http://127.0.0.1:{wedged.getsockname()[1]}"
+        fake = stack.Stack(
+            dir=str(tmp_path), storage=str(tmp_path), ray_temp_dir=str(tmp_path), ray_address="127.0.0.1:1",
+            dashboard_url=url, ray_metrics="127.0.0.1:1", controller="127.0.0.1:1", controller_metrics="127.0.0.1:1",
+            serve_url="http://127.0.0.1:1", serving={}, processes={}, started_at=0.0,
+        )  # fmt: skip
+        for probe in (stack._jobs_api_answers, lambda s: stack._deployer(s).status()):
+            start = time.monotonic()
+            assert not stack._answers(lambda probe=probe: probe(fake))
+            assert time.monotonic() - start < 3 * stack.PROBE_TIMEOUT_S
