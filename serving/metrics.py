@@ -11,7 +11,11 @@ import re
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
+# Up to what a request may take (serving.app.GRACEFUL_SHUTDOWN_S: 300 s) and its queue wait, which includes its
+# model's load: beyond the last bucket a quantile only says "more than that" (the panel flat-lines).
+LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 180, 300]
+QUEUE_WAIT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300]
+MODEL_LOAD_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300]
 MAX_MODEL_CLASSES = 50  # distinct model_class values an ingress replica labels; the rest are "other"
 
 
@@ -79,12 +83,12 @@ class GeneratorMetrics:
         self.queue_wait = Histogram(
             "dreambooth_serve_queue_wait_seconds",
             description="Time a request waited in its replica before its first denoising step.",
-            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10],
+            boundaries=QUEUE_WAIT_BUCKETS,
         )
         self.model_load = Histogram(
             "dreambooth_serve_model_load_seconds",
             description="Time to load a subject model into a replica.",
-            boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80],
+            boundaries=MODEL_LOAD_BUCKETS,
         )
         self.loaded_models = Gauge(
             "dreambooth_serve_loaded_models", description="Subject models loaded in the replica."

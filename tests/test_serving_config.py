@@ -91,6 +91,14 @@ def test_build_app_turns_settings_into_deployment_options():
     assert fixed._bound_deployment.init_args[0]._bound_deployment._deployment_config.num_replicas == 2
 
 
+def test_latency_buckets_reach_the_longest_a_request_may_take():
+    from serving.app import GRACEFUL_SHUTDOWN_S
+    from serving.metrics import LATENCY_BUCKETS, MODEL_LOAD_BUCKETS, QUEUE_WAIT_BUCKETS
+
+    assert LATENCY_BUCKETS[-1] >= GRACEFUL_SHUTDOWN_S
+    assert QUEUE_WAIT_BUCKETS[-1] >= MODEL_LOAD_BUCKETS[-1] >= GRACEFUL_SHUTDOWN_S  # a wait includes its model's load
+
+
 LIMITS = RequestLimits(max_steps=50, max_images=4, max_side=768, min_side=64)
 
 
