@@ -71,7 +71,9 @@ class ControllerConfig:
     max_images_bytes: int = 64 * 1024 * 1024
     capacity_cpus: float | None = None
     """The cluster's CPUs/GPUs, each instead of the alive nodes' total (default: that total); on an autoscaling
-    cluster, what it may grow to. Training gets them less what serving's max_replicas may hold."""
+    cluster, what it may grow to. Training gets them less what serving's max_replicas may hold. Where set, a job
+    that needs more than that is refused at submission (INVALID_ARGUMENT) rather than queued for ever;
+    `capacity_cpus: 0` pauses training (jobs queue, none starts)."""
     capacity_gpus: float | None = None
     serving: ServeConfig | None = None
     """Ray Serve for deployed models (the `serving:` section, every setting: serving/config.py); None: no serving,

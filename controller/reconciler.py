@@ -19,7 +19,7 @@ from controller import metrics
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
-from controller.scheduler import Resources, demand, jobs_to_start
+from controller.scheduler import Resources, demand, jobs_to_start, training_share
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
@@ -141,10 +141,7 @@ class Reconciler:
                 self._capacity = (now, Resources(capacity.cpus, capacity.gpus))
             cpus = self._capacity[1].cpus if cpus is None else cpus
             gpus = self._capacity[1].gpus if gpus is None else gpus
-        if (serving := self.config.serving) is not None:
-            cpus -= serving.max_replicas * serving.cpus_per_replica
-            gpus -= serving.max_replicas * serving.gpus_per_replica
-        return Resources(max(cpus, 0.0), max(gpus, 0.0))
+        return training_share(Resources(cpus, gpus), self.config.serving)
 
     # --- following -----------------------------------------------------------------------------------
 

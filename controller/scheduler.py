@@ -29,6 +29,16 @@ def demand(spec: dict[str, Any]) -> Resources:
     return Resources(workers * spec.get("cpus_per_worker", 1.0), workers * spec.get("gpus_per_worker", 1.0))
 
 
+def training_share(total: Resources, serving: Any | None) -> Resources:
+    """What training may hold of `total`: less what serving's replicas may grow to (`serving`: a ServeConfig or
+    None), as they share the cluster's CPUs and GPUs."""
+    if serving is not None:
+        total = total - Resources(
+            serving.max_replicas * serving.cpus_per_replica, serving.max_replicas * serving.gpus_per_replica
+        )
+    return Resources(max(total.cpus, 0.0), max(total.gpus, 0.0))
+
+
 def jobs_to_start(queued: list, active: list, capacity: Resources, running_limits: dict[str, int]) -> list:
     """Queued jobs (already in priority order) that start now.
 

@@ -34,6 +34,7 @@ from controller.errors import (
 )
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
+from controller.scheduler import Resources, demand, training_share
 from controller.serving import ServingSync
 from controller.store import (
     RUNNING_STATES,
@@ -120,6 +121,7 @@ class JobService:
         try:
             image_paths = self._stage_images(images, paths.job_dir / UPLOADS_DIR)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
+            self._check_fits(spec)
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
             # OSError (a name too long, say) and RuntimeError (expanduser of "~nosuchuser") come from the caller's
             # paths too: the caller's to fix, not an internal error.
@@ -162,6 +164,27 @@ class JobService:
         else:
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
         return job
+
+    def _check_fits(self, spec: JobSpec) -> None:
+        """Refuses a job bigger than training's share of a cluster whose size is configured (`capacity_cpus`,
+        `capacity_gpus`: what it has, or may grow to): queued, it would wait for ever, and say nothing. Not while
+        training is paused (`capacity_cpus: 0`: every job needs CPUs, so none starts; they queue)."""
+        config, need = self.config, demand(spec.to_dict())
+        if config.capacity_cpus == 0:
+            return
+        size = [float("inf") if n is None else n for n in (config.capacity_cpus, config.capacity_gpus)]
+        most = training_share(Resources(*size), config.serving)
+        for field, needed, available, unit, size in (
+            ("gpus_per_worker", need.gpus, most.gpus, "GPUs", config.capacity_gpus),
+            ("cpus_per_worker", need.cpus, most.cpus, "CPUs", config.capacity_cpus),
+        ):
+            if size is not None and needed > available + 1e-9:
+                raise InputError(
+                    field,
+                    f"the job needs {needed:g} {unit} (num_workers x {field}) and training here has at most "
+                    f"{available:g} (the cluster's {size:g}, less what serving may take)"
+                    + (": gpus_per_worker: 0 trains on CPUs" if unit == "GPUs" and available == 0 else ""),
+                )
 
     def _discard_staged(self, job_id: str) -> None:
         """Remove a failed submission's files, unless its row did commit: an insert whose acknowledgement was lost

@@ -336,7 +336,7 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
         for update in client.watch(job_id):
             previous, job = job, update.job
             if previous is None or previous.state != job.state:
-                tqdm.write(f"[{state_name(job.state)}]", file=sys.stderr)
+                tqdm.write(_state_line(job), file=sys.stderr)
             _show_progress(bars, job)
             change = update.WhichOneof("change")
             if change in ("checkpoint", "validation"):
@@ -352,6 +352,21 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
     failure = f": {job.failure.reason}: {job.failure.message}" if job.HasField("failure") else ""
     print(f"{job.job_id} {state}{failure}")
     return 1
+
+
+def _state_line(job: jobs_pb2.Job) -> str:
+    """A job's new state, and while it is queued what it waits for (a job the cluster cannot fit waits on)."""
+    from dreambooth.proto_convert import state_name
+    from dreambooth.v1 import jobs_pb2
+
+    line = f"[{state_name(job.state)}]"
+    if job.state == jobs_pb2.STATE_QUEUED:
+        workers, spec = job.spec.num_workers or 1, job.spec
+        needs = f"{workers * spec.cpus_per_worker:g} CPUs" + (
+            f" and {workers * spec.gpus_per_worker:g} GPUs" if spec.gpus_per_worker else ""
+        )
+        line += f" until {needs} are free for its {workers} worker{'s' if workers > 1 else ''}"
+    return line
 
 
 def _show_progress(bars: dict[str, tqdm], job: jobs_pb2.Job) -> None:

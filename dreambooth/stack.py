@@ -198,8 +198,9 @@ def up(
         _save(stack)  # from here on, `down` finds what was started, even if this process is killed
         _wait_until("Ray's Jobs API", lambda: _jobs_api_answers(stack), stack, deadline)
 
+        capacity = _wait_for_capacity(stack, deadline)
         config = state_dir / "controller.yaml"
-        config.write_text(yaml.safe_dump(_controller_config(stack), sort_keys=False))
+        config.write_text(yaml.safe_dump(_controller_config(stack, capacity), sort_keys=False))
         say(f"starting the controller ({stack.controller}) ...")
         command = [sys.executable, "-m", "dreambooth.cli", "controller", "--config", str(config)]
         stack.processes["controller"] = process_sessions.spawn(command, logs / "controller.log", process_env)
@@ -313,14 +314,35 @@ def _process_env() -> dict[str, str]:
     return {**os.environ, **WORKER_ENV, **ray_env}
 
 
-def _controller_config(stack: Stack) -> dict[str, Any]:
+def _controller_config(stack: Stack, capacity) -> dict[str, Any]:
     return {
         "storage": stack.storage,
         "listen": stack.controller,
         "ray_dashboard_url": stack.dashboard_url,
         "metrics_listen": stack.controller_metrics,
         "serving": stack.serving,
+        # One machine, which never grows: a job that needs more (a GPU on a machine without one) is refused at
+        # submission instead of queued for ever.
+        "capacity_cpus": capacity.cpus,
+        "capacity_gpus": capacity.gpus,
     }
+
+
+def _wait_for_capacity(stack: Stack, deadline: float):
+    """The machine's CPUs and GPUs as its Ray node reports them: none for a moment after the Jobs API answers,
+    until the node has registered (written as 0, they would pause training)."""
+    from controller.ray_jobs import RayJobs
+
+    _use_ray_token()
+    ray_jobs = RayJobs(stack.dashboard_url, storage_root=stack.storage, timeout_s=PROBE_TIMEOUT_S)
+    reported = []
+
+    def registered() -> bool:
+        reported.append(ray_jobs.cluster_capacity())
+        return reported[-1].cpus > 0
+
+    _wait_until("Ray's node resources", registered, stack, deadline)
+    return reported[-1]
 
 
 def _choose_ports(ports: Ports) -> Ports:

@@ -462,6 +462,16 @@ def test_cli_submit_and_watch(cli, job_yaml, controller):
     assert code == 0 and out.strip() == "job-7" and controller.requests[-1].instance_images[0].uri
 
 
+def test_a_queued_job_says_what_it_waits_for():
+    from dreambooth.cli import _state_line
+
+    queued = _job("job-9", S.STATE_QUEUED, spec=S.TrainingSpec(num_workers=2, cpus_per_worker=4, gpus_per_worker=1))
+    assert _state_line(queued) == "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers"
+    queued.spec.num_workers, queued.spec.gpus_per_worker = 1, 0
+    assert _state_line(queued) == "[QUEUED] until 4 CPUs are free for its 1 worker"
+    assert _state_line(_job("job-9", S.STATE_TRAINING)) == "[TRAINING]"
+
+
 def test_cli_watch_exit_codes(cli):
     assert cli("watch", "job-4")[0] == 0
     code, out, err = cli("watch", "job-2")

@@ -382,6 +382,19 @@ def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(controller
     assert most == service.IMAGE_CHECKS_AT_ONCE
 
 
+def test_a_job_bigger_than_the_configured_cluster_is_refused_not_queued_for_ever(client, tiny_model, dog_images):
+    # capacity_cpus 8, capacity_gpus 0: a CPU cluster that never grows.
+    for fields, field, hint in (
+        ({"gpus_per_worker": 1, "precision": "fp16"}, "gpus_per_worker", "gpus_per_worker: 0 trains on CPUs"),
+        ({"num_workers": 3, "cpus_per_worker": 4}, "cpus_per_worker", "needs 12 CPUs"),
+    ):
+        with pytest.raises(ClientError) as refused:
+            client.submit(job_spec(tiny_model, dog_images, **fields))
+        assert refused.value.code == "INVALID_ARGUMENT" and refused.value.message.startswith(f"{field}: ")
+        assert hint in refused.value.message
+    assert client.submit(job_spec(tiny_model, dog_images, num_workers=2, cpus_per_worker=4)).job_id  # fits: 8
+
+
 def test_a_job_whose_files_cannot_be_removed_is_kept_for_a_retry(controller, tiny_model, dog_images, tmp_path):
     """DeleteJob removes the files before the record: when they cannot go, the job stays (a retry can finish it)
     rather than its checkpoints staying behind a record that is gone."""

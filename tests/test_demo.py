@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
 from PIL import Image
 
 from dreambooth import stack
@@ -65,6 +67,27 @@ def test_stack_status_and_a_second_up_refused(demo_run, capsys):
     assert main(["up", "--dir", str(demo_run.stack_dir), "--controller-port", "0"]) == 1
     assert "already running" in capsys.readouterr().err
     assert main(["status", "--dir", str(demo_run.stack_dir / "nothing-here")]) == 1
+
+
+def test_the_stack_refuses_a_job_its_machine_can_never_run(demo_run, tiny_model, tmp_path):
+    """One machine never grows: a job asking for a GPU it lacks (or more CPUs than it has) is refused when
+    submitted, naming the field, rather than queued for ever."""
+    from dreambooth.client import ClientError, DreamBoothClient
+
+    config = yaml.safe_load((demo_run.stack_dir / "controller.yaml").read_text())
+    assert config["capacity_cpus"] >= 1 and config["capacity_gpus"] == 0  # this machine's, from its Ray
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(photo)
+    spec = {"base_model": str(tiny_model), "instance_images": [str(photo)], "instance_prompt": "a photo of sks dog"}
+    spec |= {"precision": "fp32", "num_class_images": 0}
+    with DreamBoothClient(stack.load(demo_run.stack_dir).controller) as client:
+        for fields, field in (
+            ({"gpus_per_worker": 1}, "gpus_per_worker"),
+            ({"gpus_per_worker": 0, "num_workers": 2, "cpus_per_worker": config["capacity_cpus"]}, "cpus_per_worker"),
+        ):
+            with pytest.raises(ClientError) as refused:
+                client.submit({**spec, **fields})
+            assert refused.value.code == "INVALID_ARGUMENT" and refused.value.message.startswith(f"{field}: ")
 
 
 def test_the_stacks_ray_workers_ask_its_own_state_api(demo_run):
