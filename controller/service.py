@@ -172,8 +172,8 @@ class JobService:
         config, need = self.config, demand(spec.to_dict())
         if config.capacity_cpus == 0:
             return
-        size = [float("inf") if n is None else n for n in (config.capacity_cpus, config.capacity_gpus)]
-        most = training_share(Resources(*size), config.serving)
+        totals = [float("inf") if n is None else n for n in (config.capacity_cpus, config.capacity_gpus)]
+        most = training_share(Resources(*totals), config.serving)
         for field, needed, available, unit, size in (
             ("gpus_per_worker", need.gpus, most.gpus, "GPUs", config.capacity_gpus),
             ("cpus_per_worker", need.cpus, most.cpus, "CPUs", config.capacity_cpus),
