@@ -121,6 +121,12 @@ class Reconciler:
     def _submit(self, job: JobRecord) -> None:
         """Submits the job's recorded attempt (recorded first: a controller dying right after Ray accepted the
         job finds it on restart by its submission id)."""
+        # A submission that times out may still reach Ray and start later: until then Ray does not know it (LOST),
+        # and LOST counts as dead only once the job's events have been quiet for LOST_QUIET_S, from now on. Else a
+        # restarted controller would run the next attempt beside it, and a cancel would end the job that then runs.
+        events = job_paths(self.config.storage, job.job_id).events_file
+        events.parent.mkdir(parents=True, exist_ok=True)
+        events.touch()
         try:
             self.ray_jobs.submit(job.job_id, job.attempts)
         except RayJobsError:
@@ -158,6 +164,11 @@ class Reconciler:
         if job.state in TERMINAL_STATES:
             return
         if job.state == "CANCELLING":
+            if status == RayJobStatus.LOST and self._events_quiet_s(job) < LOST_QUIET_S:
+                # Not known to Ray yet, but maybe on its way: a submission that timed out may still start (a slow
+                # head holds it). Stopped once Ray knows it; ended when nothing has been heard for LOST_QUIET_S.
+                self.ray_jobs.stop(job.ray_submission_id)
+                return
             self._finish(job, "CANCELLED")
         elif status == RayJobStatus.SUCCEEDED:
             self._finish(job, "FAILED", "NO_RESULT", "the training driver ended without a model")
@@ -181,7 +192,12 @@ class Reconciler:
             log.warning("job %s: Ray job %s ended %s; resubmitting", job.job_id, job.ray_submission_id, status)
             self._resubmit(job)
         else:
-            tail = self.ray_jobs.logs(job.ray_submission_id)[-2000:] if status != RayJobStatus.LOST else ""
+            tail = ""
+            if status != RayJobStatus.LOST:
+                try:  # what helps a reader, not what decides: the job ends even if its logs cannot be had
+                    tail = self.ray_jobs.logs(job.ray_submission_id)[-2000:]
+                except RayJobsError as e:
+                    tail = f"(unavailable: {e})"
             self._finish(
                 job, "FAILED", "RAY_JOB_FAILED", f"the Ray job failed {job.attempts} times; last log lines:\n{tail}"
             )

@@ -24,7 +24,7 @@ from controller import metrics
 from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
 from controller.service import ImageInput, JobService
@@ -177,6 +177,46 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
             )
     assert (job.state, job.failure_reason, job.attempts) == ("FAILED", "RAY_JOB_FAILED", 3)
     assert "spec" in job.failure_message and "spec.json" in job.failure_message, job.failure_message
+    # Each submission touched the job's events: a LOST attempt counts as live for LOST_QUIET_S after it.
+    assert time.time() - job_paths(reconciler.config.storage, job.job_id).events_file.stat().st_mtime < 60
+
+
+def test_a_job_whose_last_attempts_logs_cannot_be_had_still_fails(by_hand, monkeypatch):
+    """The log tail is for the reader: a head that cannot serve it (the driver's node gone) must not keep the job
+    TRAINING, and its slot held, for ever."""
+    reconciler = by_hand
+    job = training_under(reconciler, "false")
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    reconciler.store.update_job(job.job_id, attempts=reconciler.config.max_attempts)
+
+    def unavailable(submission_id):
+        raise RayJobsError(f"logs of {submission_id} failed: HTTP 500")
+
+    monkeypatch.setattr(reconciler.ray_jobs, "logs", unavailable)
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    final = reconciler.store.get_job(job.job_id)
+    assert (final.state, final.failure_reason) == ("FAILED", "RAY_JOB_FAILED")
+    assert "(unavailable: logs of" in final.failure_message
+
+
+def test_a_cancelled_job_whose_submission_ray_may_still_start_waits_for_it(by_hand):
+    """A submission that timed out may reach Ray later (a slow head): while Ray does not know it yet, a cancel
+    keeps stopping it rather than ending the job, which would then train on as CANCELLED. Ended once nothing
+    was heard of it for LOST_QUIET_S."""
+    from controller.reconciler import LOST_QUIET_S
+
+    reconciler = by_hand
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
+    job = reconciler.store.transition(job.job_id, {"QUEUED"}, "CANCELLING", attempts=1, ray_submission_id="x-a1")
+    events = job_paths(reconciler.config.storage, job.job_id).events_file
+    events.parent.mkdir(parents=True)
+    events.touch()  # as its submission left it, a moment ago
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    assert reconciler.store.get_job(job.job_id).state == "CANCELLING"
+    quiet = time.time() - LOST_QUIET_S - 1
+    os.utime(events, (quiet, quiet))
+    reconciler._follow(reconciler.store.get_job(job.job_id))
+    assert reconciler.store.get_job(job.job_id).state == "CANCELLED"
 
 
 def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(by_hand):

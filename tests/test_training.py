@@ -172,6 +172,22 @@ def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ra
     assert mark_shared(tmp_path) != mark  # a new name each time: NFS clients cache what a name held
 
 
+def test_a_driver_stopped_from_outside_writes_no_verdict(tiny_model, dog_images, storage, monkeypatch):
+    """ray.init makes SIGTERM a SystemExit (a head shutting down, `ray job stop`): the job was stopped, not found
+    failing, so its events say nothing final and the controller runs it again (or ends it as stopped)."""
+    from trainer import run
+
+    def stopped(*args, **kwargs):
+        raise SystemExit(15)
+
+    monkeypatch.setattr(run, "_train", stopped)
+    paths = job_paths(storage, "stopped-from-outside")
+    with pytest.raises(SystemExit):
+        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
+    states = [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"]
+    assert states == ["PREPARING"]
+
+
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
     # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too.
     spec = make_spec(tiny_model, dog_images, train_text_encoder=True)

@@ -177,6 +177,10 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
         events.emit("model", path=str(model_dir), metadata=metadata)
         events.emit("state", state="SUCCEEDED")
         return TrainingResult(model_dir, state["step"], state.get("loss"), wall_time_s)
+    except (SystemExit, KeyboardInterrupt):
+        # Stopped from outside (ray.init turns SIGTERM into SystemExit: a head shutting down, `ray job stop`), not a
+        # verdict on the job: whoever runs it decides (the controller runs it again, or ends it as stopped).
+        raise
     except BaseException as e:
         events.emit("state", state="FAILED", reason=type(e).__name__, message=str(e)[:2000])
         raise
