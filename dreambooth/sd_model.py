@@ -151,7 +151,32 @@ def _architecture_problems(root: Path) -> list[str]:
         problems.append(
             f"its UNet attends to {width}-wide text states, its text encoder gives {text_encoder.get('hidden_size')}"
         )
+    if (problem := _sampling_scheduler_problem(root, configs["model_index.json"].get("scheduler"))) is not None:
+        problems.append(problem)
     return problems
+
+
+# Schedulers that draw their noise from a source of their own rather than the caller's generators: a seeded
+# request's images would change from one call to the next, and with its batch-mates.
+_UNSEEDABLE_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})
+
+
+def _sampling_scheduler_problem(root: Path, entry) -> str | None:
+    """Validation, class images, the export and serving sample with the scheduler model_index.json names (training
+    uses its config with DDPM): one that this diffusers cannot build would fail them at the end, after training."""
+    import diffusers
+
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    scheduler = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
+    if scheduler is None:
+        return f"model_index.json names scheduler {name!r}, which diffusers {diffusers.__version__} does not have"
+    if name in _UNSEEDABLE_SCHEDULERS:
+        return f"its scheduler {name} draws noise that seeds do not reproduce; name another in model_index.json"
+    try:
+        scheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    except Exception as e:  # a missing optional package (ImportError), a config it refuses (ValueError, ...)
+        return f"its scheduler {name} cannot be built here ({type(e).__name__}: {e})"
+    return None
 
 
 @dataclass

@@ -102,7 +102,7 @@ def _fake_model(root: Path) -> Path:
     """Passes check_base_model (its files and the JSON it reads, no weights): submissions get past it to the
     image checks."""
     files = {
-        "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+        "model_index.json": {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"]},
         "unet/config.json": {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 768},
         "unet/diffusion_pytorch_model.safetensors": {},
         "vae/config.json": {},

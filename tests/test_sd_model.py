@@ -255,6 +255,10 @@ def test_importing_the_model_code_prints_no_torchvision_noise():
         ("text_encoder/config.json", {"hidden_size": 48}, "48"),
         ("unet/config.json", None, "unet/config.json is not valid JSON"),
         ("text_encoder/config.json", [], "holds a list, not a JSON object"),
+        # What samples after training (validation, the export, serving) must be buildable and seedable.
+        ("model_index.json", {"scheduler": ["diffusers", "NoSuchScheduler"]}, "which diffusers"),
+        ("model_index.json", {"scheduler": ["diffusers", "DPMSolverSDEScheduler"]}, "seeds do not reproduce"),
+        ("scheduler/scheduler_config.json", {"beta_schedule": "no-such-schedule"}, "cannot be built here"),
     ],
 )
 def test_check_base_model_refuses_what_it_cannot_train(tiny_copy, file, change, says):
