@@ -352,10 +352,18 @@ class SamplingEngine:
 
         requests = sum(len(cohort.requests) for cohort in cohorts)
         images = sum(cohort.images for cohort in cohorts)
-        for cohort, t, rows in zip(cohorts, ts, noise.split([2 * c.images for c in cohorts]), strict=True):
+        for index, (cohort, t, rows) in enumerate(
+            zip(cohorts, ts, noise.split([2 * c.images for c in cohorts]), strict=True)
+        ):
             noise_uncond, noise_cond = rows.chunk(2)
             guided = noise_uncond + cohort.guidance * (noise_cond - noise_uncond)
-            step = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **cohort.step_kwargs)
+            try:
+                step = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **cohort.step_kwargs)
+            except torch.OutOfMemoryError as e:
+                # This cohort's scheduler may have moved on (its history of outputs, noise drawn): it cannot step
+                # again. Those before it have stepped, those after it have not: the caller fails this one only.
+                e.cohort_index = index
+                raise
             cohort.latents = step[0]
             cohort.step += 1
             cohort.peak_requests = max(cohort.peak_requests, requests)

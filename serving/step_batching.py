@@ -194,15 +194,21 @@ class StepBatcher:
         # The lane stays in `_running` until this step is through, where `_fail_all` finds it.
         try:
             self.engine.denoise([cohort for cohort, _ in running])
-        except torch.OutOfMemoryError:
-            # Raised before any cohort's state moved (in the UNet forward): the others can step again.
+        except torch.OutOfMemoryError as e:
             images = sum(cohort.images for cohort, _ in running)
-            cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
-            logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
-            _fail(submission, _out_of_memory(f"sampling {cohort.images} images beside {len(running)} requests"))
-            if not running:
-                del self._running[lane]
-            return
+            if (index := getattr(e, "cohort_index", None)) is None:
+                # Raised before any cohort's state moved (in the UNet forward): the others can step again.
+                cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
+                logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
+                _fail(submission, _out_of_memory(f"sampling {cohort.images} images beside {len(running)} requests"))
+                if not running:
+                    del self._running[lane]
+                return
+            # Raised in one cohort's scheduler step, after the forward: that cohort cannot go on. Those before it
+            # have stepped and those after it have not: each goes on from its own state.
+            cohort, submission = running.pop(index)
+            logger.warning("out of device memory at %d images, in a scheduler step: failing that cohort", images)
+            _fail(submission, _out_of_memory(f"stepping {cohort.images} images beside {len(running)} requests"))
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:

@@ -182,6 +182,44 @@ def test_a_step_out_of_device_memory_fails_the_last_cohort_and_the_others_go_on(
     assert_same_images(alone, shared)  # the failed step changed nothing of the cohort that went on
 
 
+class SchedulerOutOfMemory(SamplingEngine):
+    """The cohort of seed `fail_seed` runs out of device memory in its scheduler's third step, after the step has
+    moved the scheduler's state (as an allocation late in a DPM-Solver update would)."""
+
+    fail_seed = 3
+
+    def start(self, model, requests):
+        cohort = super().start(model, requests)
+        if requests[0].seed == self.fail_seed:
+            step, calls = cohort.scheduler.step, []
+
+            def failing(*args, **kwargs):
+                calls.append(step(*args, **kwargs))
+                if len(calls) == 3:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+                return calls[-1]
+
+            cohort.scheduler.step = failing
+        return cohort
+
+
+def test_a_scheduler_step_out_of_device_memory_fails_its_own_cohort_only(engine, models):
+    batcher = StepBatcher(SchedulerOutOfMemory(device="cpu"), max_images=4)
+    try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # they sample together from their first step
+        [broken] = batcher.submit(models["rex"], [request(seed=3)])
+        [joiner] = batcher.submit(models["rex"], [request(seed=9)])
+        gate.set()
+        with pytest.raises(OutOfDeviceMemory, match="retry later"):
+            broken.result(timeout=60)
+        shared = joiner.result(timeout=60)
+    finally:
+        batcher.close()
+    [alone] = engine.generate(models["rex"], [request(seed=9)])
+    assert_same_images(alone, shared)
+
+
 def test_an_empty_cohort_is_refused_and_the_batcher_goes_on(engine, models):
     batcher = StepBatcher(engine, max_images=4)
     try:
