@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from controller import metrics
 from controller.config import ControllerConfig
@@ -33,13 +34,24 @@ FINISHED_COUNTS_EVERY_S = 30
 # A Ray job that Ray does not know (LOST) whose events file changed this recently may be running on a cluster this
 # controller no longer asks (its ray_dashboard_url pointed at another): it is not run a second time beside itself.
 LOST_QUIET_S = 120
+HOLD_CHECK_S = 10  # how often the reconciler checks that this controller still holds its database
 
 
 class Reconciler:
     def __init__(
-        self, config: ControllerConfig, store: Store, ray_jobs: RayJobs, feed: ChangeFeed, service: JobService
+        self,
+        config: ControllerConfig,
+        store: Store,
+        ray_jobs: RayJobs,
+        feed: ChangeFeed,
+        service: JobService,
+        still_holds_database: Callable[[], bool] = lambda: True,
     ):
         self.config = config
+        self._still_holds_database = still_holds_database
+        # Set when this controller lost its hold on the database (Store.hold_for_one_controller): it reconciles no
+        # more, since another controller may now, and whoever runs it stops it.
+        self.database_lost = threading.Event()
         self.store = store
         self.ray_jobs = ray_jobs
         self.feed = feed
@@ -62,7 +74,14 @@ class Reconciler:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        checked = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - checked >= HOLD_CHECK_S:
+                checked = time.monotonic()
+                if not self._still_holds_database():
+                    log.critical("this controller lost its hold on the database (a restart or failover?): stopping")
+                    self.database_lost.set()
+                    return
             seen = self.feed.seq
             try:
                 self.reconcile_once()

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +70,17 @@ def start(config: ControllerConfig) -> Controller:
     store = Store(config.effective_database_url)
     held = contextlib.ExitStack()
     try:
-        held.enter_context(store.hold_for_one_controller())
-        return _start(config, store, held)
+        still_holds_database = held.enter_context(store.hold_for_one_controller())
+        return _start(config, store, held, still_holds_database)
     except BaseException:
         held.close()
         store.close()
         raise
 
 
-def _start(config: ControllerConfig, store: Store, held: contextlib.ExitStack) -> Controller:
+def _start(
+    config: ControllerConfig, store: Store, held: contextlib.ExitStack, still_holds_database: Callable[[], bool]
+) -> Controller:
     feed = ChangeFeed()
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
     serving = None
@@ -86,7 +89,7 @@ def _start(config: ControllerConfig, store: Store, held: contextlib.ExitStack) -
         tokens = {tenant.name: tenant.tokens for tenant in config.tenants}
         serving = ServingSync(store, deployer, tokens, check_interval_s=config.serving_check_interval_s)
     service = JobService(config, store, ray_jobs, feed, serving)
-    reconciler = Reconciler(config, store, ray_jobs, feed, service)
+    reconciler = Reconciler(config, store, ray_jobs, feed, service, still_holds_database)
     if not config.tenants:
         log.warning("no tenants configured: authentication is OFF (everyone is tenant 'default')")
     auth = Authenticator(service, open_access=not config.tenants)
@@ -176,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     print(f"controller ready on port {controller.port}", flush=True)
-    stopping.wait()
+    while not stopping.wait(1):
+        if controller.reconciler.database_lost.is_set():
+            # Another controller may hold the database now: stop, and let whatever runs this one start it again
+            # (it then waits its turn for the database, or finds it free).
+            print("error: this controller lost its hold on the database; stopping", file=sys.stderr)
+            controller.stop()
+            return 1
     controller.stop()
     return 0
 

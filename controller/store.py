@@ -18,7 +18,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,25 +47,41 @@ class ControllerRunning(RuntimeError):
     """Another controller holds this database."""
 
 
+def _always_held() -> bool:
+    return True
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def _file_lock(path: Path) -> Iterator[Callable[[], bool]]:
     with path.open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ControllerRunning(f"another controller runs on this database ({path} is locked)") from None
-        yield
+        yield _always_held  # the kernel holds it for as long as this process lives
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine: Engine) -> Iterator[None]:
+def _advisory_lock(engine: Engine) -> Iterator[Callable[[], bool]]:
     with engine.connect() as connection:
         if not connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": _CONTROLLER_LOCK}).scalar():
             raise ControllerRunning("another controller runs on this database (its advisory lock is held)")
+        connection.commit()  # a session lock outlives the transaction, which must not stay open for days
+
+        def still_held() -> bool:
+            """False once the session that holds the lock has ended (the database restarted or failed over, the
+            connection was cut): the lock went with it, and a second controller could take it now."""
+            try:
+                connection.execute(sa.text("SELECT 1"))
+                connection.commit()
+            except sa.exc.SQLAlchemyError:  # the connection's error, then "rollback first" on later calls
+                return False
+            return True
+
         try:
-            yield
+            yield still_held
         finally:  # explicitly: the pool keeps the session (and a session lock) open after the connection's close
-            with contextlib.suppress(sa.exc.DBAPIError):
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # a session that ended took its lock with it
                 connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": _CONTROLLER_LOCK})
 
 
@@ -247,11 +263,12 @@ class Store:
         """Held while a controller runs on this database; a second one is refused (ControllerRunning): two would
         start jobs past the tenants' limits and the capacity, resubmit each other's attempts, and each tell only
         its own watchers. SQLite: a lock on a file beside the database (the kernel lets go when the process dies);
-        PostgreSQL: a session advisory lock on a connection held meanwhile."""
+        PostgreSQL: a session advisory lock on a connection held meanwhile. Gives a function that says whether
+        the hold still stands (PostgreSQL's ends with its session: a restart or failover of the database)."""
         url = self.engine.url
         if url.get_backend_name() == "sqlite":
             if not url.database or url.database == ":memory:":
-                return contextlib.nullcontext()
+                return contextlib.nullcontext(_always_held)
             return _file_lock(Path(f"{url.database}.controller-lock"))
         return _advisory_lock(self.engine)
 

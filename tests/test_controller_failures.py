@@ -485,6 +485,28 @@ def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path
         other.stop(None)
 
 
+def test_a_controller_that_lost_its_hold_on_the_database_stops_reconciling(config, monkeypatch):
+    from controller import reconciler as reconciler_module
+    from controller.reconciler import Reconciler
+
+    monkeypatch.setattr(reconciler_module, "HOLD_CHECK_S", 0.1)
+    Path(config.storage).mkdir(parents=True)
+    store = Store(config.effective_database_url)
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+    )
+    holds = iter([True, False])
+    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service, lambda: next(holds))
+    reconciler.start()
+    try:
+        assert reconciler.database_lost.wait(timeout=10)
+        reconciler._thread.join(timeout=10)
+        assert not reconciler._thread.is_alive()  # no more passes: another controller may reconcile now
+    finally:
+        reconciler.stop()
+        store.close()
+
+
 def test_a_second_controller_on_the_same_database_is_refused(config):
     """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
     first = start(config)

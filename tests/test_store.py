@@ -530,4 +530,28 @@ def test_one_controller_holds_a_database_at_a_time(url):
             pass
     finally:
         first.close()
+
+
+def test_a_hold_on_the_database_that_ended_with_its_session_is_seen(url):
+    """PostgreSQL's session lock ends with its session (a database restart or failover, a cut connection): the
+    controller that held it must learn it, as a second controller could now take the database."""
+    first, second = Store(url), Store(url)
+    try:
+        with first.hold_for_one_controller() as still_held:
+            assert still_held() and still_held()
+            if first.engine.url.get_backend_name() != "postgresql":
+                return  # SQLite's file lock lasts as long as the process
+            with second.engine.connect() as admin:  # as a failover would: every session of the lock's ends
+                admin.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND pid <> pg_backend_pid()"
+                    )
+                )
+            assert not still_held()
+            with second.hold_for_one_controller():  # what the first must no longer act as if it held
+                pass
+    finally:
+        first.close()
+        second.close()
         second.close()
