@@ -83,7 +83,7 @@ def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
     # each weight, on average as much change as ten AdamW steps at DreamBooth's lr of 5e-6, measured on the tiny
     # model). They get the full-precision weights back below.
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    full_precision = [p.detach().to("cpu", copy=True) for p in trained] if spec.precision != "fp32" else []
+    full_precision = [p.detach().to("cpu", copy=True) for p in trained] if spec.precision != "fp32" else None
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=optimizer_groups(model),
@@ -91,8 +91,9 @@ def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
         lr_scheduler=functools.partial(lr_scheduler, spec),
         config=config,
     )
-    for parameter, value in zip(trained if full_precision else [], full_precision, strict=True):
-        set_fp32_master(engine, parameter, value)
+    if full_precision is not None:
+        for parameter, value in zip(trained, full_precision, strict=True):
+            set_fp32_master(engine, parameter, value)
     return engine
 
 
