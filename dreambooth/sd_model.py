@@ -156,6 +156,14 @@ def _architecture_problems(root: Path) -> list[str]:
     return problems
 
 
+def sampling_scheduler(path: str | os.PathLike):
+    """The scheduler named in model_index.json (what StableDiffusionPipeline samples with, e.g. PNDM for SD 1.5)."""
+    import diffusers
+
+    _, class_name = json.loads((Path(path) / "model_index.json").read_text())["scheduler"]
+    return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
+
+
 # Schedulers that draw their noise from a source of their own rather than the caller's generators: a seeded
 # request's images would change from one call to the next, and with its batch-mates.
 _UNSEEDABLE_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})
@@ -173,7 +181,7 @@ def _sampling_scheduler_problem(root: Path, entry) -> str | None:
     if name in _UNSEEDABLE_SCHEDULERS:
         return f"its scheduler {name} draws noise that seeds do not reproduce; name another in model_index.json"
     try:
-        scheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        sampling_scheduler(root)
     except Exception as e:  # a missing optional package (ImportError), a config it refuses (ValueError, ...)
         return f"its scheduler {name} cannot be built here ({type(e).__name__}: {e})"
     return None

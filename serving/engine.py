@@ -26,7 +26,7 @@ from diffusers import SchedulerMixin
 from PIL import Image
 
 from dreambooth.errors import InputError
-from dreambooth.sd_model import load_base_model
+from dreambooth.sd_model import load_base_model, sampling_scheduler
 
 METADATA_FILE = "metadata.json"  # written by trainer/export.py next to the diffusers files
 
@@ -192,7 +192,7 @@ class SamplingEngine:
         # the base loaded last are kept anyway: a replica holding one model at a time (max_models_per_replica: 1)
         # would otherwise load the same VAE again with every subject it swaps in.
         self._shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._last_base_shared: dict[tuple[str, str], torch.nn.Module] = {}
+        self._last_base_shared: list[torch.nn.Module] = []
         # Tokenizers (a few MB) are kept: by model directory, one object per base model.
         self._tokenizers: dict[str, Any] = {}
         self._base_tokenizers: dict[str, Any] = {}
@@ -251,7 +251,7 @@ class SamplingEngine:
             if base and kind in shared_kinds:
                 self._shared[(kind, base)] = module
         if base:
-            self._last_base_shared = {(kind, base): modules[kind] for kind in shared_kinds}
+            self._last_base_shared = [modules[kind] for kind in shared_kinds]
         for kind in ("unet", "vae", "text_encoder"):
             modules[kind].eval().requires_grad_(False)
         if self.device.type == "cuda":  # NHWC convolutions: the faster layout on tensor cores
@@ -266,7 +266,7 @@ class SamplingEngine:
             text_encoder=modules["text_encoder"],
             unet=modules["unet"],
             vae=modules["vae"],
-            scheduler=_sampling_scheduler(path),
+            scheduler=sampling_scheduler(path),
             load_seconds=time.perf_counter() - start,
             compiled_unet=compiled_unet,
         )
@@ -410,14 +410,6 @@ class SamplingEngine:
 def read_metadata(path: Path) -> dict[str, Any]:
     file = path / METADATA_FILE
     return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def _sampling_scheduler(path: Path) -> SchedulerMixin:
-    """The scheduler named in model_index.json (what StableDiffusionPipeline samples with, e.g. PNDM for SD 1.5)."""
-    import diffusers
-
-    _, class_name = json.loads((path / "model_index.json").read_text())["scheduler"]
-    return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
 def _accepts(function, name: str) -> bool:

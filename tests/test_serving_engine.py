@@ -176,13 +176,13 @@ def test_prompt_checks_and_batch_encoding_take_turns_with_the_tokenizer(engine, 
     with ThreadPoolExecutor(2) as pool:
         with engine._tokenizing:  # as a batch encoding its prompts would
             checked = pool.submit(engine.check_prompts, subject_models["rex"], {"prompt": "dog " * 100})
-            encoded = pool.submit(engine.generate, rex, [request(steps=1)])
+            encoded = pool.submit(engine.start, rex, [request(steps=1)])  # milliseconds, when not held up
             assert not checked.done() and not encoded.done()
             threading.Event().wait(0.2)  # time to run past the tokenizer, if they did not wait for it
             assert not checked.done() and not encoded.done()
         with pytest.raises(InputError, match="tokens; at most 77"):
             checked.result(timeout=60)
-        assert len(encoded.result(timeout=60)[0].images) == 1
+        assert encoded.result(timeout=60).text_states.shape[1] == rex.tokenizer.model_max_length
 
 
 def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models):
