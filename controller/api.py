@@ -55,9 +55,12 @@ class Authenticator:
         self._open = open_access
 
     def tenant(self, context: grpc.ServicerContext) -> str:
+        return self.tenant_of(context.invocation_metadata())
+
+    def tenant_of(self, metadata) -> str:
         if self._open:
             return "default"
-        header = dict(context.invocation_metadata()).get("authorization", "")
+        header = dict(metadata or ()).get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("send `authorization: Bearer <token>` metadata")
@@ -65,6 +68,42 @@ class Authenticator:
             if hmac.compare_digest(known.encode(), token.encode()):
                 return tenant
         raise Unauthenticated("unknown token")
+
+
+class RefuseUnauthenticated(grpc.ServerInterceptor):
+    """Ends a call to `services` whose token is missing or unknown before its request is read.
+
+    A handler sees its request only after gRPC has received and parsed it, up to max_request_bytes (64 MiB of
+    photos): every RPC thread could hold that much for callers without a token. The refusal's handler takes the
+    request as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window.
+    """
+
+    def __init__(self, auth: Authenticator, services: tuple[str, ...]):
+        self._auth = auth
+        self._prefixes = tuple(f"/{service}/" for service in services)
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if not method.startswith(self._prefixes):
+            return continuation(handler_call_details)  # health, reflection: open, as probes need them
+        try:
+            self._auth.tenant_of(handler_call_details.invocation_metadata)
+        except Unauthenticated as e:
+            return self._refusal(method.rpartition("/")[2], str(e))
+        return continuation(handler_call_details)
+
+    @staticmethod
+    def _refusal(name: str, message: str):
+        status = _status(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        def refuse(request_stream, context):
+            if name == "WatchJob":
+                metrics.WATCHES_ENDED.labels(code="UNAUTHENTICATED").inc()
+            else:
+                metrics.RPC_DURATION.labels(method=name, code="UNAUTHENTICATED").observe(0)
+            context.abort_with_status(status)
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 def _status(code: grpc.StatusCode, message: str, field: str | None = None):

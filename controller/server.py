@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller import metrics
-from controller.api import Authenticator, JobServicer, ModelServicer
+from controller.api import Authenticator, JobServicer, ModelServicer, RefuseUnauthenticated
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
@@ -114,6 +114,7 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
+        interceptors=[RefuseUnauthenticated(auth, SERVICE_NAMES)] if config.tenants else [],
     )
     jobs = JobServicer(service, auth, config.max_watches, config.max_watches_per_tenant)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)

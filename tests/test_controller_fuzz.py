@@ -20,6 +20,7 @@ import operator
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 import grpc
@@ -649,6 +650,28 @@ def test_bad_or_missing_credentials_are_unauthenticated(channel, sandbox, path, 
         request.spec.base_model = str(sandbox.model)
     code, details, _ = call(channel, path, request.SerializeToString(), metadata)
     assert code == S.UNAUTHENTICATED, (path, metadata, code, details)
+
+
+@pytest.mark.parametrize("name", ["SubmitJob", "WatchJob"])
+def test_a_call_without_a_known_token_is_refused_before_its_request_arrives(channel, name):
+    # A request that never comes: a server that reads requests before checking the token waits for it until the
+    # call's deadline. It would take a caller with no token up to max_request_bytes of memory per RPC thread.
+    never = threading.Event()
+
+    def request_that_never_comes():
+        never.wait(CALL_TIMEOUT_S)
+        return
+        yield
+
+    stub = channel.stream_stream(method(name)) if method(name) in STREAMING else channel.stream_unary(method(name))
+    for metadata in ((), (("authorization", "Bearer stolen"),)):
+        with pytest.raises(grpc.RpcError) as refused:
+            reply = stub(request_that_never_comes(), metadata=metadata, timeout=CALL_TIMEOUT_S)
+            list(reply) if method(name) in STREAMING else None
+        assert refused.value.code() == S.UNAUTHENTICATED, refused.value.details()
+    never.set()
+    # Undecodable bytes too: the token is checked first.
+    assert call(channel, method(name), b"\xff\xff", metadata=())[0] == S.UNAUTHENTICATED
 
 
 # --- afterwards -----------------------------------------------------------------------------------------------
