@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
-from serving.config import ServeConfig
+from serving.config import MAX_BODY_BYTES, ServeConfig
 from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
     EncodedResult,
@@ -338,6 +338,7 @@ api = FastAPI(
     title="dreambooth-cluster serving",
     description="Generate images of personalised subjects (DreamBooth models trained by the controller).",
     version="1",
+    max_body_size=MAX_BODY_BYTES,
 )
 
 

@@ -12,6 +12,12 @@ from typing import Any
 
 from dreambooth.errors import InputError
 
+PROMPT_CHARS_CAP = 10_000
+"""The most `limits.max_prompt_chars` may be: CLIP's 77 tokens are far fewer characters, refused after tokenizing."""
+MAX_BODY_BYTES = 2 * 12 * PROMPT_CHARS_CAP + 16 * 1024
+"""The cap on a request's body (413 beyond), checked as it arrives: FastAPI reads a body whole before its handler
+checks the token. It holds two prompts at the cap, each character JSON-escaped as a surrogate pair (12 bytes)."""
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -96,7 +102,11 @@ class ServeConfig:
             ("limits.min_side", 8 <= self.limits.min_side <= self.limits.max_side, "must be 8..max_side"),
             ("limits.min_side", self.limits.min_side % 8 == 0, "must be a multiple of 8"),
             ("limits.max_side", self.limits.max_side % 8 == 0, "must be a multiple of 8"),
-            ("limits.max_prompt_chars", self.limits.max_prompt_chars >= 1, "must be >= 1"),
+            (
+                "limits.max_prompt_chars",
+                1 <= self.limits.max_prompt_chars <= PROMPT_CHARS_CAP,
+                f"must be 1..{PROMPT_CHARS_CAP}",
+            ),
             ("limits.max_guidance_scale", self.limits.max_guidance_scale >= 0, "must be >= 0"),
         ]
         for field, ok, message in checks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ import requests
 from PIL import Image
 from ray import serve
 
-from serving.config import RequestLimits, ServeConfig
+from serving.config import MAX_BODY_BYTES, RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 
 STEPS = 3
@@ -235,6 +236,18 @@ def test_malformed_and_unknown(service):
     response = generate(service, "no-such-model")
     assert response.status_code == 404 and "not deployed" in response.json()["detail"]
     assert requests.get(f"{service.base_url}/v1/models/no-such-model", timeout=10).status_code == 404
+
+
+def test_a_body_over_the_cap_is_413_whether_its_length_is_announced_or_not(service):
+    # Valid JSON but for its size: FastAPI would read it whole before the handler checks anything.
+    body = json.dumps({"prompt": "a photo of sks dog", "steps": 2}).encode() + b" " * MAX_BODY_BYTES
+    json_type = {"content-type": "application/json"}
+    announced = requests.post(service.endpoint("rex"), data=body, headers=json_type, timeout=30)
+    assert announced.status_code == 413, announced.text
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+    chunked = requests.post(service.endpoint("rex"), data=chunks, headers=json_type, timeout=30)
+    assert chunked.status_code == 413, chunked.text
+    assert generate(service, "rex", steps=2).status_code == 200  # and the ingress still serves
 
 
 def test_overload_answers_503_with_retry_after(service):
