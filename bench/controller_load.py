@@ -97,7 +97,7 @@ def serve(params: dict[str, Any]) -> int:
         ray_dashboard_url="http://127.0.0.1:9",  # never contacted: nothing is ever started
         tenants=tuple(Tenant(name, (token,), max_queued_jobs=10**9) for name, token in TENANTS),
         # The model, and the work dir holding the photos that `--images uri` names.
-        readable_paths=(Path(params["model_dir"]), Path(params["storage"]).parent),
+        readable_paths=(Path(params["model_dir"]), Path(params["storage"]).parent / "inputs"),
         metrics_listen="",
         capacity_cpus=0.0,
         capacity_gpus=0.0,

@@ -91,6 +91,15 @@ class ControllerConfig:
                     raise InputError(
                         f"tenants.{tenant.name}.tokens", f"a token of {owner[token]!r} too: one tenant each"
                     )
+        storage = Path(self.storage).resolve()
+        for readable in self.readable_paths if self.tenants else ():
+            readable = Path(readable).resolve()
+            if storage.is_relative_to(readable) or readable.is_relative_to(storage):
+                raise InputError(
+                    "readable_paths",
+                    f"{readable} holds or is inside storage ({storage}): tenants could train on each other's photos "
+                    "and models; name the base models' directory",
+                )
 
     @property
     def effective_database_url(self) -> str:

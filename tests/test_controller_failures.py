@@ -586,6 +586,19 @@ def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
     assert error.value.field == field
 
 
+@pytest.mark.parametrize("readable", [".", "storage", "storage/jobs"])
+def test_readable_paths_that_reach_into_storage_are_refused(tmp_path, readable):
+    # Tenants' uploads and exported models live in storage: a spec could name another tenant's.
+    path = tmp_path / "controller.yaml"
+    tenants = "tenants: {alice: {tokens: [alice-secret-token]}}"
+    path.write_text(f"storage: storage\nreadable_paths: [base-models, {readable}]\n{tenants}\n")
+    with pytest.raises(InputError) as error:
+        ControllerConfig.load(path)
+    assert error.value.field == "readable_paths" and "storage" in error.value.message
+    path.write_text(f"storage: storage\nreadable_paths: [base-models, storage-like]\n{tenants}\n")
+    assert ControllerConfig.load(path).readable_paths[1] == tmp_path / "storage-like"
+
+
 class _FeedPublishingBehindTheWatch(ChangeFeed):
     """Publishes `change` right after a follow returned one of the job's changes, as a reconciler thread can
     between a watch's two reads."""

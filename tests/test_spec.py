@@ -71,6 +71,9 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
         ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files
         ({"validation_prompts": ["a photo of sks dog"] * 33}, "validation_prompts", "at most 32"),
+        ({"instance_prompt": "a photo of sks dog" + " x" * 1000}, "instance_prompt", "at most 2000"),
+        ({"class_prompt": "a photo of a dog" + "!" * 2000}, "class_prompt", "at most 2000"),
+        ({"validation_prompts": ["sks dog", "sks" * 700]}, "validation_prompts", "at most 2000"),
         ({"max_grad_norm": float("inf")}, "max_grad_norm", "> 0"),
         ({"prior_loss_weight": -1.0}, "prior_loss_weight", "[0, 100]"),
         ({"instance_images": []}, "instance_images", "at least one"),

@@ -30,6 +30,9 @@ MAX_PATH_CHARS = 4096
 # at every validation (on the GPUs the job holds).
 MAX_CLASS_IMAGES = 10_000
 MAX_VALIDATION_PROMPTS = 32
+# CLIP reads 77 tokens of a prompt; the rest is cut. Far longer prompts are a mistake, and would be stored with
+# the job, read on every scheduling pass and copied into the model's metadata.
+MAX_PROMPT_CHARS = 2000
 
 
 @dataclass
@@ -186,6 +189,9 @@ class JobSpec:
             "identifier",
             "must be one alphanumeric word, e.g. 'sks'",
         )
+        prompts = [("instance_prompt", self.instance_prompt), ("class_prompt", self.class_prompt)]
+        for name, prompt in [*prompts, *(("validation_prompts", p) for p in self.validation_prompts)]:
+            require(len(prompt) <= MAX_PROMPT_CHARS, name, f"{len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         require(
             self._names_identifier(self.instance_prompt),
             "instance_prompt",
