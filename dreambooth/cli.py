@@ -170,7 +170,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     add("models", _models, "list the trained models")
     deploy = add("deploy", _deploy, "serve a trained model over HTTP; prints its endpoint")
     deploy.add_argument("model_id")
-    deploy.add_argument("--no-wait", action="store_true", help="return before the replicas serve it")
+    deploy.add_argument("--no-wait", action="store_true", help="return at once, before the HTTP API lists it")
     add("undeploy", _undeploy, "stop serving a model").add_argument("model_id")
     generate = add("generate", _generate, "generate images of a deployed model into PNG files")
     generate.add_argument("model_id")
