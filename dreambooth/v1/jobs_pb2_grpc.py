@@ -114,7 +114,8 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """The job as it is, then every change as it happens, until the job ends (or the client goes away).
-        RESOURCE_EXHAUSTED when the server has max_watches streams open: retry later, or poll GetJob. A stream the
+        RESOURCE_EXHAUSTED when the server has max_watches streams open, or the tenant max_watches_per_tenant: retry
+        later, or poll GetJob. A stream the
         controller's restart breaks may be opened again: it starts with the job as it is then.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
