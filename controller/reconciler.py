@@ -63,6 +63,9 @@ class Reconciler:
         # Submission ids whose submit failed in this process: Ray not knowing one means it never ran. (After a
         # restart this is empty, and such an attempt counts as one that ran: the safe side.)
         self._unsent: set[str] = set()
+        # When each tenant last had a job started: whose turn it is among tenants holding as little (the scheduler).
+        # Jobs still running tell it after a restart too; ended ones are forgotten then, a brief unfairness.
+        self._last_started: dict[str, float] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
@@ -119,7 +122,10 @@ class Reconciler:
         if not queued:
             return
         limits = {name: tenant.max_running_jobs for name, tenant in self.service.tenants.items()}
-        for job in jobs_to_start(queued, active, capacity, limits):
+        last_started = dict(self._last_started)
+        for job in active:
+            last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
+        for job in jobs_to_start(queued, active, capacity, limits, last_started):
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
             # submitted again as the next attempt).
@@ -127,6 +133,7 @@ class Reconciler:
                 job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time(), **_next_attempt(job)
             )
             if started is not None:
+                self._last_started[job.tenant] = started.start_time
                 metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
                 self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
                 self._submit(started)

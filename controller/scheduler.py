@@ -1,8 +1,9 @@
-"""Which queued jobs start now: priorities, per-tenant limits and the cluster's free CPUs/GPUs. Pure logic."""
+"""Which queued jobs start now: tenants' turns, priorities, per-tenant limits and free CPUs/GPUs. Pure logic."""
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +40,58 @@ def training_share(total: Resources, serving: Any | None) -> Resources:
     return Resources(max(total.cpus, 0.0), max(total.gpus, 0.0))
 
 
-def jobs_to_start(queued: list, active: list, capacity: Resources, running_limits: dict[str, int]) -> list:
-    """Queued jobs (already in priority order) that start now.
+def jobs_to_start(
+    queued: list,
+    active: list,
+    capacity: Resources,
+    running_limits: dict[str, int],
+    last_started: dict[str, float] | None = None,
+) -> list:
+    """Queued jobs that start now. `queued`: each tenant's jobs in its order (priority, then submission).
 
-    A tenant at its limit of running jobs waits without holding anyone up. Otherwise jobs start strictly in
-    order: the first that does not fit in the free capacity stops the pass, so a big job is not starved by
-    smaller ones behind it. A job bigger than the whole cluster waits for the cluster to grow, aside.
+    Tenants take turns: the next job is the first of the tenant holding the least of the cluster (its dominant
+    share: the larger of its fractions of the CPUs and of the GPUs); among equals, the tenant that started a job
+    least recently (`last_started`: tenant -> time), then queue order. A tenant's priorities order its own jobs
+    only, and one with a long queue of big jobs takes turns with the others instead of holding the cluster.
+
+    A tenant at its limit of running jobs waits without holding anyone up. Otherwise the job whose turn it is
+    stops the pass when it does not fit in the free capacity, so a big job is not starved by smaller ones. A job
+    bigger than the whole cluster waits for the cluster to grow, aside.
     """
     free = capacity
-    running = Counter(job.tenant for job in active)
+    held: dict[str, Resources] = defaultdict(lambda: Resources(0.0, 0.0))
+    running: Counter[str] = Counter()
     for job in active:
         free = free - demand(job.spec)
+        held[job.tenant] = held[job.tenant] + demand(job.spec)
+        running[job.tenant] += 1
+    lines: dict[str, deque] = defaultdict(deque)  # tenant -> its jobs that fit the cluster, (queue position, job)
+    for position, job in enumerate(queued):
+        if demand(job.spec).fits_in(capacity):
+            lines[job.tenant].append((position, job))
+    last = dict(last_started or {})
+
+    def turn(tenant: str) -> tuple:  # the smallest goes next
+        return (_dominant_share(held[tenant], capacity), last.get(tenant, -math.inf), lines[tenant][0][0])
+
     starting = []
-    for job in queued:
+    while waiting := [t for t, line in lines.items() if line and running[t] < running_limits.get(t, 1)]:
+        tenant = min(waiting, key=turn)
+        job = lines[tenant][0][1]
         need = demand(job.spec)
-        if running[job.tenant] >= running_limits.get(job.tenant, 1):
-            continue
-        if not need.fits_in(capacity):
-            continue
         if not need.fits_in(free):
             break
+        lines[tenant].popleft()
         starting.append(job)
         free = free - need
-        running[job.tenant] += 1
+        held[tenant] = held[tenant] + need
+        running[tenant] += 1
+        last[tenant] = math.inf  # started now: after every tenant that did not
     return starting
+
+
+def _dominant_share(held: Resources, capacity: Resources) -> float:
+    return max(
+        held.cpus / capacity.cpus if capacity.cpus > 0 else 0.0,
+        held.gpus / capacity.gpus if capacity.gpus > 0 else 0.0,
+    )

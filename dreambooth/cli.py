@@ -149,7 +149,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
 
     submit = add("submit", _submit, "queue a training job on the controller; prints its id")
     submit.add_argument("spec", type=Path, help="job spec, YAML or JSON")
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first among queued jobs, -1000..1000")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first among your queued jobs, -1000..1000")
     submit.add_argument(
         "--request-id",
         help="idempotency key: submitting again with the same one (after a timeout, say) returns the job the first "

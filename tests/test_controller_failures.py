@@ -288,6 +288,32 @@ def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(c
     store.close()
 
 
+def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
+    """alice queues top-priority jobs that each take the whole cluster; bob's job starts when alice's first ends."""
+    from controller.reconciler import Reconciler
+
+    config = dataclasses.replace(config, tenants=(Tenant("alice", (TOKEN,)), Tenant("bob", (QUEUED_ONLY_TOKEN,))))
+    config.storage.mkdir(parents=True)
+    store = Store(config.effective_database_url)
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+    )
+    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)
+    whole_cluster = {"num_workers": 1, "cpus_per_worker": config.capacity_cpus, "gpus_per_worker": 0}
+    alices = [store.insert_job(JobRecord("alice", whole_cluster, priority=1000, create_time=i)) for i in (1, 2)]
+    bobs = store.insert_job(JobRecord("bob", whole_cluster, create_time=3))
+    try:
+        with pytest.raises(RayJobsError):  # Ray is down: the started job's submission fails (it is retried later)
+            reconciler._schedule()
+        assert [store.get_job(j.job_id).state for j in (*alices, bobs)] == ["PREPARING", "QUEUED", "QUEUED"]
+        store.transition(alices[0].job_id, {"PREPARING"}, "SUCCEEDED")
+        with pytest.raises(RayJobsError):
+            reconciler._schedule()
+        assert [store.get_job(j.job_id).state for j in (alices[1], bobs)] == ["QUEUED", "PREPARING"]
+    finally:
+        store.close()
+
+
 def _ended(ray_jobs: RayJobs, submission: str, timeout_s: float = 60) -> RayJobStatus:
     """The Ray job's status once it has ended (Ray's Jobs API has no wait: polled)."""
     deadline = time.monotonic() + timeout_s

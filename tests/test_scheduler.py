@@ -1,4 +1,5 @@
-"""The scheduler's pure logic: which queued jobs start now, given priorities, tenants' limits and free capacity."""
+"""The scheduler's pure logic: which queued jobs start now, given tenants' turns, priorities, tenants' limits and
+free capacity."""
 
 from __future__ import annotations
 
@@ -121,12 +122,12 @@ def test_a_tenant_at_its_limit_waits_without_holding_up_other_tenants():
     active = [job(tenant="a"), job(tenant="a")]
     queue = [job(tenant="a", name="a3"), job(tenant="b", name="b1"), job(tenant="a", name="a4")]
     assert names(jobs_to_start(queue, active, CPUS, {"a": 2, "b": 2})) == ["b1"]
-    assert names(jobs_to_start(queue, active, CPUS, {"a": 3, "b": 2})) == ["a3", "b1"]
+    assert names(jobs_to_start(queue, active, CPUS, {"a": 3, "b": 2})) == ["b1", "a3"]  # b holds less: first
 
 
 def test_the_limit_counts_jobs_starting_in_the_same_pass():
     queue = [job(tenant="a", name=f"a{i}") for i in range(4)] + [job(tenant="b", name="b0")]
-    assert names(jobs_to_start(queue, [], CPUS, {"a": 2, "b": 5})) == ["a0", "a1", "b0"]
+    assert names(jobs_to_start(queue, [], CPUS, {"a": 2, "b": 5})) == ["a0", "b0", "a1"]
 
 
 def test_a_skipped_tenants_job_does_not_block_the_queue_even_when_it_would_not_fit():
@@ -144,6 +145,34 @@ def test_a_tenant_without_a_configured_limit_runs_one_job_at_a_time():
 
 def test_a_limit_of_zero_never_starts_the_tenants_jobs():
     assert names(jobs_to_start([job(tenant="a"), job(tenant="b", name="b")], [], CPUS, {"a": 0, "b": 1})) == ["b"]
+
+
+# --- tenants' turns -------------------------------------------------------------------------------------
+
+
+def test_the_tenant_holding_the_least_of_the_cluster_goes_next():
+    active = [job(tenant="a", cpus=4), job(tenant="b", cpus=1)]
+    queue = [job(tenant="a", name="a1"), job(tenant="a", name="a2"), job(tenant="b", name="b1"), job(tenant="b", name="b2")]
+    # b holds 1 CPU of 8, a 4: b's two jobs go first (b then holds 3), a's one fits after them.
+    assert names(jobs_to_start(queue, active, CPUS, NO_LIMITS)) == ["b1", "b2", "a1"]
+    # The share is the larger of a tenant's CPU and GPU fractions: one GPU of two outweighs 3 CPUs of 16.
+    cluster = Resources(cpus=16, gpus=2)
+    active = [job(tenant="a", cpus=1, gpus=1), job(tenant="b", cpus=3)]
+    queue = [job(tenant="a", name="a1"), job(tenant="b", name="b1")]
+    assert names(jobs_to_start(queue, active, cluster, NO_LIMITS))[0] == "b1"
+
+
+def test_a_tenants_priorities_and_big_jobs_do_not_keep_others_waiting():
+    """Tenant a queues whole-cluster jobs at the top priority; b's one-GPU job still gets its turn."""
+    cluster = Resources(cpus=16, gpus=4)
+    queue = [*(job(tenant="a", cpus=1, gpus=1, workers=4, name=f"a{i}") for i in range(3)), job(tenant="b", gpus=1, name="b1")]
+    # a's first job holds every GPU: nothing starts beside it.
+    assert jobs_to_start(queue[1:], [queue[0]], cluster, NO_LIMITS) == []
+    # It ended: both hold nothing now, and b, which has not started a job since, goes first. a's next job does not
+    # fit beside it and waits (it is next once b's job is done), rather than letting a hold the cluster again.
+    assert names(jobs_to_start(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0})) == ["b1"]
+    # Had b started more recently than a, a would have gone first.
+    assert names(jobs_to_start(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0, "b": 200.0})) == ["a1"]
 
 
 # --- priorities, through the store's queue order ---------------------------------------------------------
@@ -189,12 +218,17 @@ _jobs = st.builds(
     capacity=st.builds(Resources, cpus=st.integers(0, 24).map(float), gpus=st.integers(0, 6).map(float)),
     limits=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 4)),
 )
-def test_property_never_overcommits_never_exceeds_limits_and_keeps_queue_order(queued, active, capacity, limits):
+def test_property_never_overcommits_never_exceeds_limits_and_keeps_each_tenants_order(
+    queued, active, capacity, limits
+):
     started = jobs_to_start(queued, active, capacity, limits)
 
-    # A subsequence of the queue, each job at most once.
-    positions = [next(i for i, q in enumerate(queued) if q is s) for s in started]
-    assert positions == sorted(set(positions))
+    # Each job at most once; each tenant's started jobs are the first of its jobs that fit the cluster at all.
+    assert len({id(s) for s in started}) == len(started)
+    for tenant in TENANTS:
+        line = [q for q in queued if q.tenant == tenant and demand(q.spec).fits_in(capacity)]
+        mine = [s for s in started if s.tenant == tenant]
+        assert [id(s) for s in mine] == [id(q) for q in line[: len(mine)]]
 
     # Never more than the free capacity (none at all when the active jobs already overcommit a dimension).
     free = capacity
@@ -210,16 +244,14 @@ def test_property_never_overcommits_never_exceeds_limits_and_keeps_queue_order(q
     for tenant, count in starting.items():
         assert running[tenant] + count <= limits.get(tenant, 1), (tenant, running[tenant], count)
 
-    # No backfilling: walk the queue; the first eligible job (tenant under its limit, fits the whole cluster)
-    # that was not started must not have fitted the capacity left, and nothing after it starts.
-    left, counts, chosen = free, Counter(running), {id(s) for s in started}
-    for index, q in enumerate(queued):
-        need = demand(q.spec)
-        eligible = counts[q.tenant] < limits.get(q.tenant, 1) and need.fits_in(capacity)
-        if id(q) in chosen:
-            assert eligible and need.fits_in(left)
-            left, counts[q.tenant] = left - need, counts[q.tenant] + 1
-        elif eligible:
-            assert not need.fits_in(left), f"job {index} fits but was not started"
-            assert not any(id(later) in chosen for later in queued[index + 1 :]), "a later job overtook it"
-            break
+    # The pass ends only at a job that does not fit: a tenant still under its limit with a job that fits the
+    # cluster is left waiting only if some such tenant's next job does not fit what is left (no backfilling).
+    left = free - total
+    counts = running + starting
+    next_jobs = []
+    for tenant in TENANTS:
+        line = [q for q in queued if q.tenant == tenant and demand(q.spec).fits_in(capacity)]
+        if counts[tenant] < limits.get(tenant, 1) and len(line) > starting[tenant]:
+            next_jobs.append(line[starting[tenant]])
+    if next_jobs:
+        assert any(not demand(q.spec).fits_in(left) for q in next_jobs), "a job that fits was left waiting"
