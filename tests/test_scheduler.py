@@ -152,7 +152,12 @@ def test_a_limit_of_zero_never_starts_the_tenants_jobs():
 
 def test_the_tenant_holding_the_least_of_the_cluster_goes_next():
     active = [job(tenant="a", cpus=4), job(tenant="b", cpus=1)]
-    queue = [job(tenant="a", name="a1"), job(tenant="a", name="a2"), job(tenant="b", name="b1"), job(tenant="b", name="b2")]
+    queue = [
+        job(tenant="a", name="a1"),
+        job(tenant="a", name="a2"),
+        job(tenant="b", name="b1"),
+        job(tenant="b", name="b2"),
+    ]
     # b holds 1 CPU of 8, a 4: b's two jobs go first (b then holds 3), a's one fits after them.
     assert names(jobs_to_start(queue, active, CPUS, NO_LIMITS)) == ["b1", "b2", "a1"]
     # The share is the larger of a tenant's CPU and GPU fractions: one GPU of two outweighs 3 CPUs of 16.
@@ -165,7 +170,10 @@ def test_the_tenant_holding_the_least_of_the_cluster_goes_next():
 def test_a_tenants_priorities_and_big_jobs_do_not_keep_others_waiting():
     """Tenant a queues whole-cluster jobs at the top priority; b's one-GPU job still gets its turn."""
     cluster = Resources(cpus=16, gpus=4)
-    queue = [*(job(tenant="a", cpus=1, gpus=1, workers=4, name=f"a{i}") for i in range(3)), job(tenant="b", gpus=1, name="b1")]
+    queue = [
+        *(job(tenant="a", cpus=1, gpus=1, workers=4, name=f"a{i}") for i in range(3)),
+        job(tenant="b", gpus=1, name="b1"),
+    ]
     # a's first job holds every GPU: nothing starts beside it.
     assert jobs_to_start(queue[1:], [queue[0]], cluster, NO_LIMITS) == []
     # It ended: both hold nothing now, and b, which has not started a job since, goes first. a's next job does not
@@ -218,9 +226,7 @@ _jobs = st.builds(
     capacity=st.builds(Resources, cpus=st.integers(0, 24).map(float), gpus=st.integers(0, 6).map(float)),
     limits=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 4)),
 )
-def test_property_never_overcommits_never_exceeds_limits_and_keeps_each_tenants_order(
-    queued, active, capacity, limits
-):
+def test_property_never_overcommits_never_exceeds_limits_and_keeps_each_tenants_order(queued, active, capacity, limits):
     started = jobs_to_start(queued, active, capacity, limits)
 
     # Each job at most once; each tenant's started jobs are the first of its jobs that fit the cluster at all.
