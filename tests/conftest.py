@@ -302,11 +302,13 @@ def demo_run(tmp_path_factory):
             code = main(args)
         yield DemoRun(root / "out", stack_dir, code, output.getvalue(), url, since, problem)
     finally:
-        main(["down", "--dir", str(stack_dir)])
-        shutil.rmtree(stack.ray_temp_dir(stack_dir), ignore_errors=True)  # Ray's logs, outside tmp_path
-        if prometheus is not None:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
+        try:
+            main(["down", "--dir", str(stack_dir)])
+            shutil.rmtree(stack.ray_temp_dir(stack_dir), ignore_errors=True)  # Ray's logs, outside tmp_path
+        finally:
+            if prometheus is not None:
+                prometheus.terminate()
+                prometheus.wait(timeout=30)
         assert stack.running(stack_dir) is None
 
 

@@ -9,6 +9,7 @@ import copy
 import glob
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -473,19 +474,30 @@ def test_progress_reporter_records_metrics_each_window(tmp_path):
 
 
 def test_train_metrics_record_without_a_ray_cluster():
-    """The trainer's metrics are plain ray.util.metrics: recording is safe wherever the loop runs."""
-    from trainer.metrics import TrainMetrics
+    """The trainer's metrics are plain ray.util.metrics: recording is safe wherever the loop runs. In a process of
+    its own, as this session's pytest is connected to the tests' cluster."""
+    code = """if True:
+        import ray
+        from trainer.metrics import TrainMetrics
 
-    metrics = TrainMetrics("job-1")
-    metrics.record_progress(0, 0.5, 0.0)  # an empty window: Ray's Counter refuses inc(0), so it is skipped
-    metrics.record_progress(3, 0.5, 1.5)
-    metrics.record_checkpoint_stall(2.0)
-    metrics.record_restart()
-    names = sorted(m._name for m in vars(metrics).values())
-    assert names == [
-        "dreambooth_train_checkpoint_stall_seconds",
-        "dreambooth_train_loss",
-        "dreambooth_train_restarts",
-        "dreambooth_train_steps",
-        "dreambooth_train_steps_per_second",
-    ]
+        metrics = TrainMetrics("job-1")
+        metrics.record_progress(0, 0.5, 0.0)  # an empty window: Ray's Counter refuses inc(0), so it is skipped
+        metrics.record_progress(3, 0.5, 1.5)
+        metrics.record_checkpoint_stall(2.0)
+        metrics.record_restart()
+        assert not ray.is_initialized()
+        print(sorted(m._name for m in vars(metrics).values()))
+    """
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RAY_ADDRESS")}
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(
+        [
+            "dreambooth_train_checkpoint_stall_seconds",
+            "dreambooth_train_loss",
+            "dreambooth_train_restarts",
+            "dreambooth_train_steps",
+            "dreambooth_train_steps_per_second",
+        ]
+    )

@@ -254,10 +254,13 @@ def test_submissions_from_many_threads(engine, models):
 
 
 def test_calls_run_on_the_batchers_thread_between_steps(engine, models):
-    batcher = StepBatcher(engine, max_images=4)
+    called = threading.Event()  # the steps wait for it: the call is queued before the 20 steps can end
+    batcher = StepBatcher(engine, max_images=4, on_step=lambda images: called.wait(timeout=60))
     try:
         [running] = batcher.submit(models["rex"], [request(steps=20)])
-        thread, running_done = batcher.call(lambda: (threading.current_thread(), running.done())).result(timeout=60)
+        call = batcher.call(lambda: (threading.current_thread(), running.done()))
+        called.set()
+        thread, running_done = call.result(timeout=60)
         assert thread.name == "step-batcher" and not running_done  # between two of the 20 steps
         with pytest.raises(ZeroDivisionError):
             batcher.call(lambda: 1 / 0).result(timeout=60)
@@ -298,16 +301,20 @@ def test_models_that_cannot_share_a_forward_go_first_come_first_served(engine, m
     finally:
         batcher.close()
     assert finished == ["rex", "fido"]
-    assert second.result().queue_wait_seconds > 0  # it waited for rex's steps
+    # Both waited for the gate; fido waited for rex's steps as well.
+    assert second.result().queue_wait_seconds > first.result().queue_wait_seconds
 
 
 def test_a_request_cancelled_while_sampling_leaves_the_batch(engine, models):
     forwards: list[int] = []
     stepping = threading.Event()
 
+    cancelled = threading.Event()
+
     def on_step(images: int) -> None:
         forwards.append(images)
         stepping.set()
+        cancelled.wait(timeout=60)  # the long one's steps wait for the test to cancel it
 
     batcher = StepBatcher(engine, max_images=1, on_step=on_step)
     try:
@@ -315,6 +322,7 @@ def test_a_request_cancelled_while_sampling_leaves_the_batch(engine, models):
         assert stepping.wait(timeout=60)
         [waiting] = batcher.submit(models["rex"], [request(seed=9, steps=3)])  # no room beside the long one
         assert long.cancel()  # its HTTP client went away, say
+        cancelled.set()
         assert waiting.result(timeout=60).images
     finally:
         batcher.close()

@@ -530,6 +530,7 @@ def test_one_controller_holds_a_database_at_a_time(url):
             pass
     finally:
         first.close()
+        second.close()
 
 
 def test_a_hold_on_the_database_that_ended_with_its_session_is_seen(url):
@@ -553,5 +554,4 @@ def test_a_hold_on_the_database_that_ended_with_its_session_is_seen(url):
                 pass
     finally:
         first.close()
-        second.close()
         second.close()

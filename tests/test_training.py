@@ -261,7 +261,10 @@ def test_compiled_code_is_cached_on_the_shared_storage(tiny_model, storage, monk
     """Inductor and Triton read their cache directories from the environment when compiling starts: the trained
     networks point them at the storage, which every node shares, so the next job of the same shapes reuses them."""
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+        # Set first, so that the undo is recorded: delenv of an unset name records nothing, and the values the
+        # trainer writes would outlive the test (later compiles and subprocesses would cache in its tmp folder).
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     spec = make_spec(tiny_model, storage, torch_compile=True)
     paths = job_paths(storage, "compiled")
     unet = load_base_model(tiny_model, dtype=torch.float32, components=("unet",)).unet
