@@ -33,7 +33,9 @@
 # All of it is ~28 min, more than one call (570 s) or one session's device time (15 min, the machine's start
 # included). Within 15 min: `DEADLINE_S=450 bash bench/device_run.sh` (install, train-compile: ~7.5 min), then at
 # once (the machine goes back after 30 s idle) `ONLY=profile,train-memory DEADLINE_S=330 bash bench/device_run.sh`
-# (~5.5 min); serve, train and memory when a session has more device time.
+# (~5.5 min); serve, train and memory when a session has more device time. Give each call timeout_s = DEADLINE_S
+# + 30, and before the second, set its DEADLINE_S to status's budget_left_s less ~40 s: the tool cuts a call at the
+# budget left, and a part cut that way loses its row (one cut by DEADLINE_S prints what its events hold).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -59,8 +61,15 @@ part() {
   fi
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
-    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z]*Error)"
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+  # A part killed at the deadline leaves its scratch behind (~22 GiB of ZeRO checkpoints on a 64 GiB disk), and in
+  # it the trainer's events: what it measured before it was cut.
+  for events in "${TMPDIR:-/tmp}"/bench-train-*/storage/jobs/bench/events.jsonl; do
+    [ -f "$events" ] && python -c "import json, sys; from bench.train_throughput import read_events, summarise_events
+print('trainer (killed):', json.dumps(summarise_events(read_events(sys.argv[1]), 5)))" "$events" | tee -a "$OUT/$name.log"
+  done
+  rm -rf "${TMPDIR:-/tmp}"/bench-train-*
 }
 
 export DREAMBOOTH_CLIP_BPE=$PWD/.gpu/bpe_simple_vocab_16e6.txt.gz

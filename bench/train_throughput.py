@@ -300,6 +300,10 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
     start = time.perf_counter()
     try:
         result = run_training(spec, paths)
+    except BaseException:  # cut at a deadline (Ray Train turns SIGINT into its own abort): what it measured counts
+        summary = summarise_events(read_events(paths.events_file), args.warmup)
+        print(f"trainer (cut short after {time.perf_counter() - start:.0f} s): {json.dumps(summary)}", flush=True)
+        raise
     finally:
         ray.shutdown()
     wall_s = time.perf_counter() - start
