@@ -96,6 +96,7 @@ def serve(params: dict[str, Any]) -> int:
         listen="127.0.0.1:0",
         ray_dashboard_url="http://127.0.0.1:9",  # never contacted: nothing is ever started
         tenants=tuple(Tenant(name, (token,), max_queued_jobs=10**9) for name, token in TENANTS),
+        max_submits_per_tenant=10**9,  # the load levels' clients are two tenants': measured, not refused
         # The model, and the work dir holding the photos that `--images uri` names.
         readable_paths=(Path(params["model_dir"]), Path(params["storage"]).parent / "inputs"),
         metrics_listen="",

@@ -42,7 +42,6 @@ _CODES = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    RayJobsError: grpc.StatusCode.UNAVAILABLE,  # Ray's Jobs API unreachable or failing: worth a retry later
 }
 _MAX_MESSAGE_BYTES = 1000
 
@@ -70,40 +69,74 @@ class Authenticator:
         raise Unauthenticated("unknown token")
 
 
-class RefuseUnauthenticated(grpc.ServerInterceptor):
-    """Ends a call to `services` whose token is missing or unknown before its request is read.
+class RequestGate(grpc.ServerInterceptor):
+    """Refuses, from a call's metadata and before gRPC reads its request, a call to `services` whose token is
+    missing or unknown (UNAUTHENTICATED), and a tenant's SubmitJob beyond its `max_submits` in progress
+    (RESOURCE_EXHAUSTED).
 
     A handler sees its request only after gRPC has received and parsed it, up to max_request_bytes (64 MiB of
-    photos): every RPC thread could hold that much for callers without a token. The refusal's handler takes the
-    request as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window.
+    photos): without the gate, every RPC thread could hold that much for callers without a token, and one tenant
+    uploading at once on all of them could take the controller's memory. A refusal's handler takes the request
+    as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window.
     """
 
-    def __init__(self, auth: Authenticator, services: tuple[str, ...]):
+    def __init__(self, auth: Authenticator, services: tuple[str, ...], submit_method: str, max_submits: int):
         self._auth = auth
         self._prefixes = tuple(f"/{service}/" for service in services)
+        self._submit_method = submit_method
+        self._max_submits = max_submits
+        self._submits_by_tenant: collections.Counter[str] = collections.Counter()
+        self._submits_lock = threading.Lock()
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if not method.startswith(self._prefixes):
             return continuation(handler_call_details)  # health, reflection: open, as probes need them
         try:
-            self._auth.tenant_of(handler_call_details.invocation_metadata)
+            tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
-            return self._refusal(method.rpartition("/")[2], str(e))
-        return continuation(handler_call_details)
+            return _refusal(method.rpartition("/")[2], grpc.StatusCode.UNAUTHENTICATED, str(e))
+        handler = continuation(handler_call_details)
+        if method != self._submit_method or handler is None:
+            return handler
+        return grpc.stream_unary_rpc_method_handler(
+            functools.partial(self._submit_in_turn, handler.unary_unary, tenant),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
-    @staticmethod
-    def _refusal(name: str, message: str):
-        status = _status(grpc.StatusCode.UNAUTHENTICATED, message)
+    def _submit_in_turn(self, submit, tenant: str, request_stream, context):
+        with self._submits_lock:
+            admitted = self._submits_by_tenant[tenant] < self._max_submits
+            if admitted:
+                self._submits_by_tenant[tenant] += 1
+        if not admitted:
+            message = (
+                f"tenant {tenant!r} has {self._max_submits} SubmitJob calls in progress "
+                "(max_submits_per_tenant): retry once one has answered"
+            )
+            _refuse("SubmitJob", grpc.StatusCode.RESOURCE_EXHAUSTED, message, context)
+        try:
+            request = next(request_stream, None)  # read only now, holding one of the tenant's turns
+            if request is None:
+                _refuse("SubmitJob", grpc.StatusCode.INVALID_ARGUMENT, "SubmitJob takes one request message", context)
+            return submit(request, context)
+        finally:
+            with self._submits_lock:
+                self._submits_by_tenant[tenant] -= 1
 
-        def refuse(request_stream, context):
-            if name == "WatchJob":
-                metrics.WATCHES_ENDED.labels(code="UNAUTHENTICATED").inc()
-            else:
-                metrics.RPC_DURATION.labels(method=name, code="UNAUTHENTICATED").observe(0)
-            context.abort_with_status(status)
 
-        return grpc.stream_stream_rpc_method_handler(refuse)
+def _refusal(name: str, code: grpc.StatusCode, message: str):
+    """A handler that ends its call with `code` without reading the request."""
+    return grpc.stream_stream_rpc_method_handler(lambda request_stream, context: _refuse(name, code, message, context))
+
+
+def _refuse(name: str, code: grpc.StatusCode, message: str, context: grpc.ServicerContext) -> None:
+    if name == "WatchJob":
+        metrics.WATCHES_ENDED.labels(code=code.name).inc()
+    else:
+        metrics.RPC_DURATION.labels(method=name, code=code.name).observe(0)
+    context.abort_with_status(_status(code, message))  # raises
 
 
 def _status(code: grpc.StatusCode, message: str, field: str | None = None):
@@ -130,6 +163,10 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
     if type(error) in _CODES:
         code = _CODES[type(error)]
         return code, _status(code, str(error))
+    if isinstance(error, RayJobsError):  # its text names the cluster's internal address: for the log only
+        log.warning("%s: %s", method, error)
+        code = grpc.StatusCode.UNAVAILABLE
+        return code, _status(code, "the cluster's Ray Jobs API is unavailable; retry in a moment")
     # The database is down, restarting or locked, or every pooled connection is busy: worth a retry.
     if isinstance(error, sa.exc.OperationalError | sa.exc.TimeoutError | sa.exc.DisconnectionError):
         log.warning("%s: the database is unavailable: %s", method, error)

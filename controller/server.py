@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller import metrics
-from controller.api import Authenticator, JobServicer, ModelServicer, RefuseUnauthenticated
+from controller.api import Authenticator, JobServicer, ModelServicer, RequestGate
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
@@ -43,6 +43,7 @@ SERVICE_NAMES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
+SUBMIT_METHOD = f"/{SERVICE_NAMES[0]}/SubmitJob"
 
 
 @dataclass
@@ -114,7 +115,9 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
-        interceptors=[RefuseUnauthenticated(auth, SERVICE_NAMES)] if config.tenants else [],
+        interceptors=[RequestGate(auth, SERVICE_NAMES, SUBMIT_METHOD, config.max_submits_per_tenant)]
+        if config.tenants
+        else [],
     )
     jobs = JobServicer(service, auth, config.max_watches, config.max_watches_per_tenant)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)

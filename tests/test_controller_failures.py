@@ -86,6 +86,7 @@ def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(
     with pytest.raises(ClientError) as logs:
         client.logs(job.job_id)
     assert logs.value.code == "UNAVAILABLE" and "Ray Jobs API" in logs.value.message
+    assert config.ray_dashboard_url not in logs.value.message  # the cluster's internal address, for the log only
     # The cancel is recorded though Ray cannot be told yet; the job ends CANCELLED once Ray answers again, and
     # the attempt that Ray never received is not run then.
     assert client.cancel(job.job_id).state == jobs_pb2.STATE_CANCELLING
@@ -418,7 +419,7 @@ def test_a_queued_job_cancelled_lets_its_uploaded_photos_go(controller, tiny_mod
         assert bob.get(job.job_id).state == jobs_pb2.STATE_CANCELLED
 
 
-def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(controller, tiny_model, dog_images, monkeypatch):
+def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(config, tiny_model, dog_images, monkeypatch):
     """Decoding a photo at the pixel limit takes up to ~0.6 GiB: every RPC thread doing it at once would take the
     controller's memory. Submissions beyond IMAGE_CHECKS_AT_ONCE wait for their turn (and are all accepted)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -442,11 +443,15 @@ def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(controller
 
     check_instance_images = service.check_instance_images
     monkeypatch.setattr(service, "check_instance_images", counted)
-    with (
-        DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=30) as bob,
-        ThreadPoolExecutor(12) as pool,
-    ):
-        jobs = list(pool.map(lambda _: bob.submit(job_spec(tiny_model, dog_images)), range(12)))
+    controller = start(dataclasses.replace(config, max_submits_per_tenant=12))  # 12 of one tenant's at once
+    try:
+        with (
+            DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=30) as bob,
+            ThreadPoolExecutor(12) as pool,
+        ):
+            jobs = list(pool.map(lambda _: bob.submit(job_spec(tiny_model, dog_images)), range(12)))
+    finally:
+        controller.stop(grace_s=1)
     assert len({job.job_id for job in jobs}) == 12
     assert most == service.IMAGE_CHECKS_AT_ONCE
 

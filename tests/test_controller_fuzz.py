@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -672,6 +673,29 @@ def test_a_call_without_a_known_token_is_refused_before_its_request_arrives(chan
     never.set()
     # Undecodable bytes too: the token is checked first.
     assert call(channel, method(name), b"\xff\xff", metadata=())[0] == S.UNAUTHENTICATED
+
+
+def test_a_tenants_submissions_beyond_its_turns_are_refused_before_their_photos_are_read(channel, controller):
+    turns = controller.service.config.max_submits_per_tenant
+    uploaded = threading.Event()
+
+    def photos_still_uploading():
+        uploaded.wait(CALL_TIMEOUT_S)
+        return
+        yield
+
+    submit = channel.stream_unary(method("SubmitJob"))
+    uploading = [submit.future(photos_still_uploading(), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
+    one_more = jobs_pb2.SubmitJobRequest().SerializeToString()
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while (refused := call(channel, method("SubmitJob"), one_more))[0] != S.RESOURCE_EXHAUSTED:
+        assert time.monotonic() < deadline, f"never refused beside {turns} uploads: {refused}"  # they start apart
+    assert "max_submits_per_tenant" in refused[1]
+    # Another tenant's turns are its own.
+    assert call(channel, method("SubmitJob"), one_more, metadata=OTHER_AUTH)[0] == S.INVALID_ARGUMENT
+    uploaded.set()  # the uploads end without a request: each is refused, and gives its turn back
+    assert {f.exception().code() for f in uploading} == {S.INVALID_ARGUMENT}
+    assert call(channel, method("SubmitJob"), one_more)[0] == S.INVALID_ARGUMENT
 
 
 # --- afterwards -----------------------------------------------------------------------------------------------
