@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -172,20 +174,33 @@ def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ra
     assert mark_shared(tmp_path) != mark  # a new name each time: NFS clients cache what a name held
 
 
-def test_a_driver_stopped_from_outside_writes_no_verdict(tiny_model, dog_images, storage, monkeypatch):
+def test_a_driver_stopped_from_outside_writes_no_verdict(ray_cluster, tiny_model, dog_images, storage):
     """ray.init makes SIGTERM a SystemExit (a head shutting down, `ray job stop`): the job was stopped, not found
-    failing, so its events say nothing final and the controller runs it again (or ends it as stopped)."""
-    from trainer import run
+    failing, so its events say nothing final and the controller runs it again (or ends it as stopped). The real
+    driver, submitted as the controller submits it, stopped by Ray while its worker trains."""
+    from controller.ray_jobs import RayJobs, RayJobStatus
+    from tests.test_controller import wait_until_ray_job_actors_end
 
-    def stopped(*args, **kwargs):
-        raise SystemExit(15)
-
-    monkeypatch.setattr(run, "_train", stopped)
     paths = job_paths(storage, "stopped-from-outside")
-    with pytest.raises(SystemExit):
-        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
+    spec = make_spec(tiny_model, dog_images, num_class_images=0, num_workers=1, max_steps=100_000)
+    paths.spec_file.parent.mkdir(parents=True)
+    paths.spec_file.write_text(json.dumps(spec.to_dict()))
+    ray_jobs = RayJobs(ray_cluster.dashboard_url, storage_root=str(storage))
+    submission = ray_jobs.submit(paths.job_id, 1)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(e["type"] == "progress" for e in read_events(paths.events_file)):  # its worker trains
+            assert not ray_jobs.status(submission).ended, ray_jobs.logs(submission)[-3000:]
+            assert time.monotonic() < deadline, "no training step within 3 minutes"
+            time.sleep(0.5)
+    finally:
+        ray_jobs.stop(submission)  # SIGTERM to the driver
+    while not (status := ray_jobs.status(submission)).ended:
+        time.sleep(0.5)
+    assert status == RayJobStatus.STOPPED, ray_jobs.logs(submission)[-3000:]
     states = [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"]
-    assert states == ["PREPARING"]
+    assert states == ["PREPARING", "TRAINING"], states
+    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, submission)
 
 
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
