@@ -8,6 +8,8 @@ from pathlib import Path
 
 import ray
 
+from dreambooth.durable import sync_dir
+
 # Environment for every Ray worker: model files are local paths, never fetched from a hub.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -30,7 +32,10 @@ def ensure_ray_token() -> None:
     try:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+            out.flush()
+            os.fsync(out.fileno())  # an empty token after a power loss would be trusted for good
         os.link(draft, path)
+        sync_dir(path.parent)
     except FileExistsError:
         pass  # another process made it first: that one is the token
     finally:

@@ -29,6 +29,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreambooth.durable import sync_dir, sync_tree
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model
 
@@ -314,9 +315,11 @@ def _write_model_atomically(out_dir: str | os.PathLike, write: Callable[[Path], 
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private (0700); the model is meant to be shared read-only
         write(tmp)
+        sync_tree(tmp)  # else a power loss could leave the renamed model's files empty, and it looks complete
         try:
             # Atomic; replaces `out` only if it is missing or an empty directory.
             os.replace(tmp, out)
+            sync_dir(out.parent)
         except OSError:
             if not _is_complete(out):  # not a concurrent builder that finished first
                 raise

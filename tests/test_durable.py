@@ -77,6 +77,17 @@ def test_event_readers_skip_lines_that_are_not_events(tmp_path):
     assert [e["state"] for e in follow_events(log.path, stop)] == ["PREPARING", "TRAINING"]
 
 
+def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path):
+    log = EventLog(tmp_path / "events.jsonl")
+    log.emit("state", state="PREPARING")
+    with log.path.open("ab") as f:
+        f.write(b'{"type": "progress", "st')  # the power went in the middle of this line
+    log.emit("state", state="FAILED", reason="InputError")  # the next run's verdict, not glued to the torn line
+    assert [e["state"] for e in read_events(log.path)] == ["PREPARING", "FAILED"]
+    log.emit("state", state="TRAINING")  # and whole lines are not followed by empty ones
+    assert b"\n\n" not in log.path.read_bytes()
+
+
 def test_an_unreadable_record_of_rays_checkpoints_is_set_aside(tmp_path):
     """Ray would fail on it at every start of the run (a driver killed while Ray rewrote it in place)."""
     record = tmp_path / RAY_RUN_STATE

@@ -116,7 +116,8 @@ def _sync_entries(directory: Path) -> None:
 def set_aside_unreadable_run_state(run_dir: Path) -> Path | None:
     """Ray Train rewrites its record of a run's checkpoints in place: a driver killed mid-write leaves one that
     Ray fails on at every later start of the run, so the job could never run again. Such a record is renamed
-    aside, and the run starts over from step 0 (slower, not stuck). Returns where it went, or None."""
+    aside (the run then resumes from `committed_checkpoint`, as Ray no longer knows any). Returns where it went,
+    or None."""
     record = run_dir / RAY_RUN_STATE
     try:
         json.loads(record.read_bytes())
@@ -129,19 +130,25 @@ def set_aside_unreadable_run_state(run_dir: Path) -> Path | None:
         return aside
 
 
-def final_checkpoint(events_file: Path, max_steps: int) -> Path | None:
-    """The checkpoint of step `max_steps`, when an earlier run of the job had it committed (its "checkpoint" event
-    says so) and it is still there; else None."""
+def committed_checkpoint(events_file: Path, step: int | None = None) -> Path | None:
+    """The newest checkpoint (or that of `step`) an earlier run of the job had committed, as its "checkpoint"
+    event says, and that is still there; else None."""
     for event in reversed(read_events(events_file)):
-        if event["type"] == "checkpoint" and event.get("step") == max_steps:
+        if event["type"] == "checkpoint" and step in (None, event.get("step")):
             directory = Path(event["path"])
-            return directory if (directory / STATE_FILE).exists() else None
+            if (directory / STATE_FILE).exists():
+                return directory
+            if step is not None:
+                return None
     return None
 
 
-def restore_latest(engine) -> int:
-    """Load the run's latest reported checkpoint, if any, into `engine`. Returns the step to start from."""
+def restore_latest(engine, fallback: str | None = None) -> int:
+    """Load the run's latest reported checkpoint into `engine`; where Ray knows none, `fallback` (a checkpoint
+    directory), if given. Returns the step to start from."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and fallback is not None:
+        checkpoint = ray.train.Checkpoint(fallback)
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as directory:

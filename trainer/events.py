@@ -41,8 +41,11 @@ class EventLog:
     def emit(self, type: str, **fields: Any) -> dict[str, Any]:
         event = {"type": type, "time": time.time(), **fields}
         line = (json.dumps(event, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: this one must not join it
+                line = b"\n" + line
             if os.write(fd, line) < len(line):  # the disk filled up mid-line
                 os.write(fd, b"\n")  # ends the torn line, which readers skip, rather than glue the next one to it
                 raise OSError(errno.ENOSPC, f"{self.path}: event cut short", str(self.path))

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from dreambooth.durable import write_file
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_base_model, fingerprint
-from trainer.checkpoint import STATE_FILE, checkpoint_steps, final_checkpoint, set_aside_unreadable_run_state
+from trainer.checkpoint import STATE_FILE, checkpoint_steps, committed_checkpoint, set_aside_unreadable_run_state
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
@@ -154,7 +154,7 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
         events.emit("state", state="PREPARING")
         # A job that trained to the end before (its driver died exporting, say) has only the export left: it
         # needs no workers, nor their GPUs.
-        if (checkpoint_dir := final_checkpoint(paths.events_file, spec.max_steps)) is None:
+        if (checkpoint_dir := committed_checkpoint(paths.events_file, spec.max_steps)) is None:
             checkpoint_dir = _train(spec, paths, events, fail_once_at_steps)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
@@ -210,7 +210,10 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
         config["fail_once_at_steps"] = list(fail_once_at_steps)
 
     if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
-        print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): starting over")
+        # The record is lost, not the checkpoints: the job's events name the newest one Ray committed.
+        resume_from = committed_checkpoint(paths.events_file)
+        config["resume_from"] = str(resume_from) if resume_from else None
+        print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): resuming from {resume_from}")
     events.emit("state", state="TRAINING")
     result = _trainer(spec, paths, config).fit()
     return Path(result.checkpoint.path)

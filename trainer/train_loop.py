@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = initialize(model, spec, world_size)
     if spec.async_checkpointing:
         engine.checkpoint_engine = AsyncCheckpointEngine()
-    start_step = restore_latest(engine)
+    start_step = restore_latest(engine, fallback=config.get("resume_from"))
 
     events = EventLog(paths.events_file)
     events.emit(

@@ -5,6 +5,7 @@ The same seeds at every step make grids comparable across steps: what changes is
 
 from __future__ import annotations
 
+import io
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from dreambooth.durable import write_file
 from trainer.data import derive_seed
 
 
@@ -72,8 +74,11 @@ class Validator:
         self.pipeline.unet.train(was_training)
         path = self.out_dir / f"step_{step:07d}.png"
         if save:
+            # Whole or not at all: a run resumed after a crash here does not draw this step's grid again.
             path.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(rows).save(path)
+            png = io.BytesIO()
+            image_grid(rows).save(png, format="PNG")
+            write_file(path, png.getvalue())
         return path
 
 
