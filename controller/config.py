@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from dreambooth.errors import InputError
+from dreambooth.yaml_load import load_yaml
 from serving.config import ServeConfig
 
 MIN_TOKEN_CHARS = 8
@@ -113,7 +114,7 @@ class ControllerConfig:
     @classmethod
     def load(cls, path: str | Path) -> ControllerConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as e:
             raise InputError("config", f"{path} is not YAML: {e}") from e
         if not isinstance(data, dict):

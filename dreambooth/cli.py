@@ -176,11 +176,13 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("model_id")
     generate.add_argument("prompt", help='use the identifier, e.g. "a photo of sks dog on the beach"')
     generate.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs (default: .)")
-    generate.add_argument("--num-images", type=int, default=1)
-    generate.add_argument("--steps", type=int, default=25)
-    generate.add_argument("--guidance-scale", type=float, default=7.5)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--num-images", type=int, default=1, help="image i is drawn from seed + i (default: 1)")
+    generate.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    generate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    generate.add_argument("--seed", type=int, default=0, help="the same seed draws the same image (default: 0)")
+    generate.add_argument("--negative-prompt", default="", help="what to steer away from")
+    generate.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the size it was trained at)")
+    generate.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the size it was trained at)")
 
 
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
@@ -194,7 +196,7 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
 
     def run(args: argparse.Namespace) -> int:
         from dreambooth.client import ClientError, DreamBoothClient
-        from dreambooth.serving_client import ServingError
+        from dreambooth.serving_client import ServingError, ServingUnreachable
 
         try:
             # The client falls back to $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN and $DREAMBOOTH_TLS_CA.
@@ -202,18 +204,26 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             with client:
                 return command(client, args)
         except ClientError as e:
+            if e.code == "UNAVAILABLE" and "failed to connect" in e.message:
+                print(
+                    f"error: no controller answers at {client.target}: start one with `dreambooth up`, or name it "
+                    f"with --controller HOST:PORT or $DREAMBOOTH_CONTROLLER ({e.message})",
+                    file=sys.stderr,
+                )
+                return 1
             print(f"error: {e.code}: {e.message}", file=sys.stderr)
             return 2 if e.code in _USER_ERRORS else 1
         except ServingError as e:  # the serving API answered no (generate; deploy's wait for the model)
             print(f"error: {e}", file=sys.stderr)
             return 2 if 400 <= e.status < 500 else 1
-        except (TimeoutError, urllib.error.URLError) as e:  # the serving API unreachable or not serving: a failure
+        except (TimeoutError, urllib.error.URLError, ServingUnreachable) as e:  # not reached, or not serving
             print(f"error: {e}", file=sys.stderr)
             return 1
         except OSError as e:  # an unreadable file: --tls-ca, a photo
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # Ctrl-C while watching: stop quietly (the job goes on)
+        except KeyboardInterrupt:  # Ctrl-C while watching, say: what the controller was asked stands
+            print("interrupted (jobs go on: `dreambooth watch JOB` follows one again)", file=sys.stderr)
             return 130
 
     return run
@@ -287,6 +297,7 @@ def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
     model = client.deploy(args.model_id)
     if not args.no_wait:
+        print(f"waiting for the serving API to list {model.model_id} at {model.endpoint} ...", file=sys.stderr)
         wait_until_served(model.endpoint, token=_token(args))
     print(model.endpoint)
     return 0
@@ -311,6 +322,7 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
         "seed": args.seed,
         "negative_prompt": args.negative_prompt,
     }
+    options |= {name: getattr(args, name) for name in ("width", "height") if getattr(args, name) is not None}
     images = generate(model.endpoint, args.prompt, token=_token(args), **options)
     args.out.mkdir(parents=True, exist_ok=True)
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
@@ -515,6 +527,7 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     preflight(spec)  # fail in a second, before Ray starts
     print(f"job {paths.job_id}: {paths.job_dir}", file=sys.stderr)
     init_ray(address)
+    _check_cluster_fits(spec, started_here=address is None)
     stop = threading.Event()
     start_offset = paths.events_file.stat().st_size if paths.events_file.exists() else 0
     viewer = threading.Thread(target=show_progress, args=(paths.events_file, stop, start_offset), daemon=True)
@@ -528,6 +541,25 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
         f"model: {result.model_dir}  ({result.steps} steps, loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s)"
     )
     return result
+
+
+def _check_cluster_fits(spec, started_here: bool) -> None:
+    """Ray holds a job whose workers need more than the cluster has until it grows, saying nothing here. The Ray
+    this command started never grows: refused. Another may (an autoscaler): warned."""
+    import ray
+
+    from controller.scheduler import demand
+
+    need, has = demand(spec.to_dict()), ray.cluster_resources()
+    for field, needed, unit in (("gpus_per_worker", need.gpus, "GPU"), ("cpus_per_worker", need.cpus, "CPU")):
+        if needed > (available := has.get(unit, 0.0)) + 1e-9:
+            units = unit if needed == 1 else f"{unit}s"
+            message = f"the job needs {needed:g} {units} (num_workers x {field}) and the Ray cluster has {available:g}"
+            if unit == "GPU" and not available:
+                message += ": gpus_per_worker: 0 trains on CPUs"
+            if started_here:
+                raise InputError(field, message)
+            print(f"warning: {field}: {message}; the job waits until the cluster has them", file=sys.stderr)
 
 
 def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> None:

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from trainer.spec import JobSpec, absolute_path
+from trainer.spec import JobSpec, absolute_path, read_spec_file
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 # The same suffixes as trainer.images.IMAGE_SUFFIXES (a test keeps them equal); not imported from there
@@ -98,6 +97,9 @@ class DreamBoothClient:
         submission's grows by a second per 256 KiB of photos it uploads);
         `keepalive_s`: how often an open watch pings a controller that has been quiet (see watch)."""
         target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
+        if "://" in target:  # gRPC would answer "Misformatted domain name"
+            raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
+        self.target = target
         token = token or os.environ.get("DREAMBOOTH_TOKEN")
         tls_ca = tls_ca or os.environ.get("DREAMBOOTH_TLS_CA") or None
         answer_ms = int(min(keepalive_s, 10) * 1000)  # a ping not answered by then: the connection is dead
@@ -263,17 +265,23 @@ def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[
         spec.validate()
         return spec.resolve_paths(Path.cwd()).to_dict()
     if isinstance(spec, Mapping):
-        fields = dict(spec)
+        fields = {name: _plain(value) for name, value in spec.items()}
         JobSpec.from_dict(fields)
         if isinstance(fields["instance_images"], str):
             fields["instance_images"] = [fields["instance_images"]]
         fields["base_model"] = absolute_path(fields["base_model"])  # the server's working directory is not ours
         return fields
-    path = Path(spec)
-    loaded = JobSpec.load(path)  # validates, and resolves relative paths against the file's directory
-    text = path.read_text()
-    written = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return {name: getattr(loaded, name) for name in written}
+    loaded = JobSpec.load(spec)  # validates, and resolves relative paths against the file's directory
+    return {name: getattr(loaded, name) for name in read_spec_file(spec)}
+
+
+def _plain(value: Any) -> Any:
+    """Paths (pathlib's, os.PathLike) as the strings a spec holds."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _find_images(paths: Iterable[str]) -> list[Path]:

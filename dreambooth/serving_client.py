@@ -17,6 +17,10 @@ import urllib.request
 from typing import Any
 
 
+class ServingUnreachable(OSError):
+    """No answer from the serving API's address (nothing listens, refused, timed out)."""
+
+
 class ServingError(Exception):
     """An HTTP error from the serving API: `status` and the server's detail."""
 
@@ -66,6 +70,9 @@ def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) 
             detail = e.reason
         retry_after = e.headers.get("Retry-After")
         raise ServingError(e.code, detail, float(retry_after) if retry_after else None) from e
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: no answer at all
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise ServingUnreachable(f"no answer from the serving API at {url}: {reason}") from e
     try:
         return json.loads(body)
     except ValueError as e:  # something else answers at that address

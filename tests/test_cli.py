@@ -78,6 +78,21 @@ def test_bad_hyperparameters(job, capsys):
     assert code == 2 and "cannot read" in err
 
 
+def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
+    """The README's example spec asks for a GPU: on a laptop, Ray would hold the job for ever without a word."""
+    import subprocess
+    import sys
+
+    write, tmp = job
+    spec = write(gpus_per_worker=1)
+    # A process of its own: the command starts a private Ray, and this one is connected to the tests' cluster.
+    command = [sys.executable, "-m", "dreambooth.cli", "train", str(spec), "--storage", str(tmp / "s")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: gpus_per_worker: the job needs 1 GPU (num_workers x gpus_per_worker)" in result.stderr
+    assert "gpus_per_worker: 0 trains on CPUs" in result.stderr
+
+
 def test_tiny_model_command(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").exists()

@@ -27,7 +27,7 @@ from dreambooth.cli import main
 from dreambooth.client import IMAGE_SUFFIXES, ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
-from dreambooth.serving_client import ServingError, wait_until_served
+from dreambooth.serving_client import ServingError, ServingUnreachable, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 
 TOKEN = "t0ken"
@@ -244,6 +244,16 @@ def test_paths_through_a_symbolic_link_are_sent_as_written(client, controller, j
     request = controller.requests[-1]
     assert request.spec.base_model == str(tmp_path / "shared" / "models" / "sd")
     assert request.instance_images[0].uri == str(tmp_path / "shared" / "photos" / "0.jpg")
+    # pathlib's paths are paths too.
+    client.submit(
+        {
+            **spec,
+            "base_model": tmp_path / "shared" / "models" / "sd",
+            "instance_images": [tmp_path / "shared" / "photos"],
+        },
+        upload=False,
+    )
+    assert controller.requests[-1].spec.base_model == request.spec.base_model
 
 
 def test_submit_sends_the_request_id_it_is_given_and_a_fresh_one_otherwise(client, controller, job_yaml):
@@ -518,7 +528,9 @@ def test_cli_options_override_the_environment(cli, controller, monkeypatch):
     monkeypatch.delenv("DREAMBOOTH_TOKEN")
     assert cli("cancel", "job-5", "--controller", controller.target, "--token", TOKEN)[0] == 0
     code, _, err = cli("jobs")
-    assert code == 1 and err.startswith("error: UNAVAILABLE: ")
+    assert code == 1 and err.startswith("error: no controller answers at 127.0.0.1:1: start one with `dreambooth up`")
+    code, _, err = cli("jobs", "--controller", f"http://{controller.target}")
+    assert code == 2 and "give HOST:PORT, without a scheme" in err
 
 
 def test_cli_bad_spec_is_a_local_error(cli, job_yaml, controller):
@@ -602,10 +614,19 @@ def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_a
     controller.model.endpoint = serving_api.endpoint
     serving_api.statuses = [401]  # the serving API's token check, say: deploy's wait stops there
     code, out, err = cli("deploy", "model-3")
-    assert (code, out) == (2, "") and err.startswith("error: HTTP 401: ") and "Traceback" not in err
+    assert (code, out) == (2, "") and "Traceback" not in err
+    assert err.splitlines() == [
+        f"waiting for the serving API to list model-3 at {serving_api.endpoint} ...",
+        "error: HTTP 401: no",
+    ]
     serving_api.statuses = [500]
     assert cli("deploy", "model-3")[0] == 1  # the server's fault, not the user's
     assert cli("deploy", "model-3")[:2] == (0, serving_api.endpoint + "\n")
+
+
+def test_a_serving_api_that_does_not_answer_is_named():
+    with pytest.raises(ServingUnreachable, match=r"no answer from the serving API at http://127\.0\.0\.1:1/v1/"):
+        generate("http://127.0.0.1:1/v1/models/model-3/generate", "a photo of sks dog", timeout_s=5)
 
 
 def test_waiting_for_a_deployment_goes_on_through_404_and_stops_at_a_refusal(serving_api):

@@ -34,8 +34,10 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
     (tmp_path / "job.yaml").write_text(
         "base_model: models/tiny\ninstance_images: photos\ninstance_prompt: a photo of sks dog\n"
         "class_prompt: a photo of dog\nmax_steps: 10\nprecision: bf16\ngpus_per_worker: 0\n"
+        "learning_rate: 5e-6\n"  # a number, though YAML 1.1 (PyYAML's) wants 5.0e-6
     )
     spec = JobSpec.load(tmp_path / "job.yaml")
+    assert spec.learning_rate == 5e-6
     assert spec.base_model == str(tmp_path / "models" / "tiny")
     assert spec.instance_images == [str(tmp_path / "photos")]
     assert spec.max_steps == 10
@@ -51,7 +53,7 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"instance_images": ["a.png", "x" * 5000]}, "instance_images", "at most 4096"),
         ({"resolution": 4096}, "resolution", "between 64 and 2048"),
         ({"max_steps": 0}, "max_steps", "[1, 1000000]"),
-        ({"max_steps": True}, "max_steps", "must be a int"),
+        ({"max_steps": True}, "max_steps", "must be an integer"),
         ({"learning_rate": -1e-5}, "learning_rate", "(0, 0.01]"),
         ({"learning_rate": 1.0}, "learning_rate", "(0, 0.01]"),
         ({"learning_rate": "fast"}, "learning_rate", "must be a number"),
@@ -86,6 +88,7 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"class_prompt": "a photo of sks, a dog"}, "class_prompt", "without the identifier 'sks'"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
         ({"colour": "blue"}, "colour", "unknown field"),
+        ({"learning_rte": 1e-5}, "learning_rte", "did you mean 'learning_rate'?"),
     ],
 )
 def test_nonsense_is_refused_with_the_field_and_what_to_fix(change, field, says):

@@ -8,6 +8,7 @@ that read files (images, base model) live in `trainer.run.preflight`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from dreambooth.errors import InputError
+from dreambooth.yaml_load import load_yaml
 
 Precision = Literal["fp16", "bf16", "fp32"]
 LrSchedule = Literal["constant", "linear", "cosine"]
@@ -124,6 +126,8 @@ class JobSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(map(str, set(data) - known))  # YAML reads a key `yes` or `no` as a boolean
         if unknown:
+            if close := difflib.get_close_matches(unknown[0], known, n=1):
+                raise InputError(unknown[0], f"unknown field(s) {unknown}: did you mean {close[0]!r}?")
             raise InputError(unknown[0], f"unknown field(s) {unknown}; known fields: {sorted(known)}")
         missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in data]
         if missing:
@@ -138,19 +142,7 @@ class JobSpec:
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:
         """Load a YAML or JSON file; relative paths in it are resolved against the file's directory."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise InputError("spec", f"cannot read {path}: {e.strerror}") from e
-        except UnicodeDecodeError as e:  # a photo given as the spec, a UTF-16 file
-            raise InputError("spec", f"{path} is not a YAML or JSON text file (not UTF-8: {e.reason})") from e
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise InputError("spec", f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
-        spec = cls.from_dict(data)
-        return spec.resolve_paths(path.parent)
+        return cls.from_dict(read_spec_file(path)).resolve_paths(Path(path).parent)
 
     def resolve_paths(self, base: Path) -> JobSpec:
         """Relative paths made absolute against `base`."""
@@ -273,7 +265,23 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
+def read_spec_file(path: str | Path) -> Any:
+    """What a YAML or JSON spec file holds, as written (no checks of its fields)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError("spec", f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:  # a photo given as the spec, a UTF-16 file
+        raise InputError("spec", f"{path} is not a YAML or JSON text file (not UTF-8: {e.reason})") from e
+    try:
+        return json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise InputError("spec", f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+
+
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool}
+_EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -284,7 +292,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     elif annotation in _SCALARS:
         # bool is an int in Python; a YAML `true` must not pass as a step count.
         ok = isinstance(value, _SCALARS[annotation]) and (annotation == "bool" or not isinstance(value, bool))
-        expected = {"float": "a number"}.get(annotation, f"a {annotation}")
+        expected = _EXPECTED[annotation]
     else:
         choices = get_args(globals()[annotation])
         ok = value in choices
