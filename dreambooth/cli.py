@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_remote_commands(commands)
 
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "controller":
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["controller"]:  # its own options, its own usage
         from controller.server import main as controller_main
 
-        return controller_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return controller_main(argv[1:])
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # a misspelt option: its command's usage, not the list of every command
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args) if hasattr(args, "run") else _LOCAL[args.command](args)
     except InputError as e:
@@ -99,9 +100,9 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
     starting.add_argument("--storage", type=Path, help="storage root (default: DIR/storage)")
     starting.add_argument("--num-cpus", type=int, help="CPUs Ray hands out (default: this machine's)")
 
-    def stack_dir(command: argparse.ArgumentParser, option: str) -> None:
+    def stack_dir(command: argparse.ArgumentParser, *options: str) -> None:
         command.add_argument(
-            option,
+            *options,
             dest="stack_dir",
             type=Path,
             default=stack.DEFAULT_DIR,
@@ -121,12 +122,15 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--base-model", type=Path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
     )
-    stack_dir(demo, "--stack-dir")
+    stack_dir(demo, "--dir", "--stack-dir")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up when done")
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
     return port

@@ -289,7 +289,7 @@ def demo_run(tmp_path_factory):
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     prometheus, url, problem = _start_prometheus(root)
     since = time.time()
-    args = ["demo", "--out", str(root / "out"), "--stack-dir", str(stack_dir), "--keep-running"]
+    args = ["demo", "--out", str(root / "out"), "--dir", str(stack_dir), "--keep-running"]
     args += [f"--{name.replace('_', '-')}-port={port}" for name, port in ports.items()]
     output = io.StringIO()
     try:

@@ -93,6 +93,17 @@ def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
     assert "gpus_per_worker: 0 trains on CPUs" in result.stderr
 
 
+def test_a_misspelt_option_gets_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "job.yaml", "--storge", "x"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("usage: dreambooth train ")
+    assert "dreambooth train: error: unrecognized arguments: --storge x" in err
+    with pytest.raises(SystemExit):
+        main(["up", "--serve-port", "abc"])
+    assert "argument --serve-port: 'abc' is not a port number" in capsys.readouterr().err
+
+
 def test_tiny_model_command(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").exists()
