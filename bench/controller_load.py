@@ -96,7 +96,8 @@ def serve(params: dict[str, Any]) -> int:
         listen="127.0.0.1:0",
         ray_dashboard_url="http://127.0.0.1:9",  # never contacted: nothing is ever started
         tenants=tuple(Tenant(name, (token,), max_queued_jobs=10**9) for name, token in TENANTS),
-        max_submits_per_tenant=10**9,  # the load levels' clients are two tenants': measured, not refused
+        # The load levels' clients are two tenants': measured, not refused (bench/upload_memory.py sets it).
+        max_submits_per_tenant=params.get("max_submits_per_tenant", 10**9),
         # The model, and the work dir holding the photos that `--images uri` names.
         readable_paths=(Path(params["model_dir"]), Path(params["storage"]).parent / "inputs"),
         metrics_listen="",
@@ -111,8 +112,8 @@ def serve(params: dict[str, Any]) -> int:
 
 
 class Server:
-    def __init__(self, storage: Path, model_dir: Path, log_path: Path):
-        params = json.dumps({"storage": str(storage), "model_dir": str(model_dir)})
+    def __init__(self, storage: Path, model_dir: Path, log_path: Path, **settings: Any):
+        params = json.dumps({"storage": str(storage), "model_dir": str(model_dir), **settings})
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.setdefault("HF_HUB_OFFLINE", "1")
         self.log_path = log_path
