@@ -165,13 +165,15 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     )
     jobs = add("jobs", _jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", help="only jobs in this state (repeatable), e.g. TRAINING")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per job and line (the API's Job)")
     add("watch", _watch, "follow a job until it ends").add_argument("job_id")
     add("cancel", _cancel, "stop a queued or running job").add_argument("job_id")
     add("delete", _delete, "delete an ended job and its files (checkpoints, photos); its model stays").add_argument(
         "job_id"
     )
     add("logs", _logs, "print a job's training log").add_argument("job_id")
-    add("models", _models, "list the trained models")
+    models = add("models", _models, "list the trained models")
+    models.add_argument("--json", action="store_true", help="one JSON object per model and line (the API's Model)")
     deploy = add("deploy", _deploy, "serve a trained model over HTTP; prints its endpoint")
     deploy.add_argument("model_id")
     deploy.add_argument("--no-wait", action="store_true", help="return at once, before the HTTP API lists it")
@@ -242,6 +244,8 @@ def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
 def _jobs(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.proto_convert import state_name
 
+    if args.json:
+        return _print_json_lines(client.list(states=args.state))
     rows = []
     for job in client.list(states=args.state):
         p = job.progress
@@ -283,11 +287,22 @@ def _logs(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
 
 def _models(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    if args.json:
+        return _print_json_lines(client.models())
     rows = [
         (m.model_id, m.job_id, "yes" if m.deployed else "no", m.endpoint or "-", _age(m.create_time.ToSeconds()))
         for m in client.models()
     ]
     _print_table(("ID", "JOB", "DEPLOYED", "ENDPOINT", "AGE"), rows)
+    return 0
+
+
+def _print_json_lines(messages) -> int:
+    """For scripts: each message as the API's JSON (proto3's mapping, field names as in the .proto)."""
+    from google.protobuf.json_format import MessageToJson
+
+    for message in messages:
+        print(MessageToJson(message, preserving_proto_field_name=True, indent=None))
     return 0
 
 

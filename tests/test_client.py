@@ -502,6 +502,16 @@ def test_cli_jobs_table(cli):
     assert code == 2 and "error: state: unknown state 'RUNNING'" in err
 
 
+def test_cli_lists_as_json_lines_for_scripts(cli):
+    code, out, _ = cli("jobs", "--json")
+    jobs = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and jobs[1]["job_id"] == "job-4" and jobs[1]["state"] == "STATE_TRAINING"
+    assert jobs[1]["progress"]["step"] == 3 and jobs[1]["progress"]["total_steps"] == 10
+    code, out, _ = cli("models", "--json")
+    [model] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and (model["model_id"], model["job_id"]) == ("model-3", "job-3")
+
+
 def test_cli_cancel_delete_models_logs(cli, controller):
     assert cli("cancel", "job-4")[:2] == (0, "job-4 CANCELLING\n")
     assert cli("delete", "job-1")[:2] == (0, "job-1 deleted\n") and "job-1" not in controller.jobs
