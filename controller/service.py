@@ -49,8 +49,8 @@ from controller.store import (
 )
 from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
+from dreambooth.model_files import check_base_model
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
-from dreambooth.sd_model import check_base_model
 from trainer.images import check_instance_images
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import job_paths

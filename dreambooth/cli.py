@@ -538,12 +538,15 @@ def _status(args) -> int:
 
 
 def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
-    from dreambooth.local_ray import init_ray
-    from trainer.run import preflight, run_training
+    from trainer.preflight import preflight
     from trainer.storage import job_paths
 
     paths = job_paths(storage, job_id)
-    preflight(spec)  # fail in a second, before Ray starts
+    preflight(spec)  # before Ray, DeepSpeed and the rest of training load
+
+    from dreambooth.local_ray import init_ray
+    from trainer.run import run_training
+
     print(f"job {paths.job_id}: {paths.job_dir}", file=sys.stderr)
     init_ray(address)
     _check_cluster_fits(spec, started_here=address is None)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dreambooth import stack
 from dreambooth.errors import InputError
-from dreambooth.sd_model import check_base_model
+from dreambooth.model_files import check_base_model
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:

@@ -1,190 +1,21 @@
 """Loading a Stable Diffusion base model (diffusers format) from a local directory.
 
-This is the one place that reads a base model from disk. Real runs point it at e.g. SD 1.5 saved with
+This is the one place that loads a base model (what is checked before: dreambooth.model_files). Real runs point
+it at e.g. SD 1.5 saved with
 `save_pretrained`; tests point it at the tiny random model from `dreambooth.tiny_model`. Nothing here
 touches the network: every `from_pretrained` call passes `local_files_only=True`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from dreambooth.errors import InputError
-
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-# The config file each component folder must hold.
-_CONFIG_FILES = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "scheduler": "scheduler_config.json",
-}
-
-# Weight file name stems: diffusers models vs. transformers models ("pytorch_model" is transformers' older
-# .bin name, still what many SD 1.5 copies carry next to model.safetensors).
-_WEIGHT_STEMS = {
-    "unet": ("diffusion_pytorch_model",),
-    "vae": ("diffusion_pytorch_model",),
-    "text_encoder": ("model", "pytorch_model"),
-}
-
-_SINGLE_FILE_HINT = (
-    "it must be a Stable Diffusion model in diffusers format (a directory with model_index.json and "
-    "unet/, vae/, text_encoder/, tokenizer/, scheduler/ folders, as written by "
-    "StableDiffusionPipeline.save_pretrained); single-file .ckpt/.safetensors checkpoints are not supported, "
-    "convert them with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR) first"
-)
-
-
-def _weight_files(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
-    """Weight files (single or sharded, .safetensors or .bin) for one variant (None: the default one)."""
-    infix = "" if variant is None else f".{variant}"
-    found = []
-    for stem in stems:
-        for ext in ("safetensors", "bin"):
-            found += folder.glob(f"{stem}{infix}.{ext}")  # single file
-            found += folder.glob(f"{stem}-*-of-*{infix}.{ext}")  # shard
-            found += folder.glob(f"{stem}.{ext}.index{infix}.json")  # shard index
-    return found
-
-
-def _variant(folder: Path, component: str) -> str | None:
-    """The weights variant to load: the default files if present, else the fp16 ones (some published
-    copies ship only `*.fp16.safetensors`). check_base_model has made sure one of the two exists."""
-    stems = _WEIGHT_STEMS[component]
-    if not _weight_files(folder, stems, None) and _weight_files(folder, stems, "fp16"):
-        return "fp16"
-    return None
-
-
-def _tokenizer_problem(folder: Path) -> str | None:
-    # A tokenizers-backed save writes tokenizer.json; older (slow tokenizer) saves, like SD 1.5's, have
-    # vocab.json + merges.txt. Either loads.
-    if (folder / "tokenizer.json").is_file():
-        return None
-    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
-    if missing:
-        return "tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)"
-    return None
-
-
-def check_base_model(path: str | os.PathLike) -> Path:
-    """Checks that `path` is a complete diffusers-format Stable Diffusion model, without loading weights.
-
-    Raises InputError(field="base_model") naming every missing piece at once; returns the resolved path.
-    """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise InputError("base_model", f"{str(path)!r} does not exist; {_SINGLE_FILE_HINT}")
-    if not root.is_dir():
-        raise InputError("base_model", f"{str(path)!r} is not a directory; {_SINGLE_FILE_HINT}")
-    root = root.resolve()
-    if not (root / "model_index.json").is_file():
-        raise InputError("base_model", f"{str(root)!r} has no model_index.json; {_SINGLE_FILE_HINT}")
-
-    missing = []
-    for component in REQUIRED_COMPONENTS:
-        folder = root / component
-        if not folder.is_dir():
-            missing.append(f"{component}/ folder")
-            continue
-        if component == "tokenizer":
-            problem = _tokenizer_problem(folder)
-            if problem:
-                missing.append(problem)
-            continue
-        config = _CONFIG_FILES[component]
-        if not (folder / config).is_file():
-            missing.append(f"{component}/{config}")
-        if component in _WEIGHT_STEMS:
-            stems = _WEIGHT_STEMS[component]
-            if not (_weight_files(folder, stems, None) or _weight_files(folder, stems, "fp16")):
-                missing.append(f"{component} weights ({component}/{stems[0]}*.safetensors or .bin)")
-    if missing:
-        raise InputError(
-            "base_model",
-            f"{str(root)!r} is not a complete diffusers-format Stable Diffusion model; missing: " + ", ".join(missing),
-        )
-    problems = _architecture_problems(root)
-    if problems:
-        raise InputError(
-            "base_model", f"{str(root)!r} is not a text-to-image Stable Diffusion model: " + "; ".join(problems)
-        )
-    return root
-
-
-# Pipelines of SD 1.x/2.x's components (the img2img one is saved with the same folders and weights).
-_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
-
-
-def _architecture_problems(root: Path) -> list[str]:
-    """What makes a complete-looking model one this project cannot train or serve (SDXL, an inpainting UNet, ...),
-    found in its JSON files: told before any worker starts rather than as a shape error in the first step."""
-    configs = {}
-    for name in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
-        try:
-            configs[name] = json.loads((root / name).read_text())
-        except ValueError as e:  # not JSON, or not UTF-8
-            return [f"{name} is not valid JSON ({e})"]
-        if not isinstance(configs[name], dict):
-            return [f"{name} holds a {type(configs[name]).__name__}, not a JSON object"]
-    pipeline = configs["model_index.json"].get("_class_name")
-    unet, text_encoder = configs["unet/config.json"], configs["text_encoder/config.json"]
-    problems = []
-    if pipeline not in _PIPELINES:
-        problems.append(f"model_index.json names a {pipeline}, not a StableDiffusionPipeline (SD 1.x/2.x)")
-    channels = (unet.get("in_channels"), unet.get("out_channels"))
-    if channels != (4, 4):
-        problems.append(f"its UNet takes/gives {channels[0]}/{channels[1]} channels, not 4/4 (an inpainting model?)")
-    width = unet.get("cross_attention_dim")
-    widths = set(width) if isinstance(width, list) else {width}  # one per block in some configs
-    if widths != {text_encoder.get("hidden_size")}:
-        problems.append(
-            f"its UNet attends to {width}-wide text states, its text encoder gives {text_encoder.get('hidden_size')}"
-        )
-    if (problem := _sampling_scheduler_problem(root, configs["model_index.json"].get("scheduler"))) is not None:
-        problems.append(problem)
-    return problems
-
-
-def sampling_scheduler(path: str | os.PathLike):
-    """The scheduler named in model_index.json (what StableDiffusionPipeline samples with, e.g. PNDM for SD 1.5)."""
-    import diffusers
-
-    _, class_name = json.loads((Path(path) / "model_index.json").read_text())["scheduler"]
-    return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
-
-
-# Schedulers that draw their noise from a source of their own rather than the caller's generators: a seeded
-# request's images would change from one call to the next, and with its batch-mates.
-_UNSEEDABLE_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})
-
-
-def _sampling_scheduler_problem(root: Path, entry) -> str | None:
-    """Validation, class images, the export and serving sample with the scheduler model_index.json names (training
-    uses its config with DDPM): one that this diffusers cannot build would fail them at the end, after training."""
-    import diffusers
-
-    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-    scheduler = getattr(diffusers, name, None) if isinstance(name, str) and name.endswith("Scheduler") else None
-    if scheduler is None:
-        return f"model_index.json names scheduler {name!r}, which diffusers {diffusers.__version__} does not have"
-    if name in _UNSEEDABLE_SCHEDULERS:
-        return f"its scheduler {name} draws noise that seeds do not reproduce; name another in model_index.json"
-    try:
-        sampling_scheduler(root)
-    except Exception as e:  # a missing optional package (ImportError), a config it refuses (ValueError, ...)
-        return f"its scheduler {name} cannot be built here ({type(e).__name__}: {e})"
-    return None
+from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, weights_variant
 
 
 @dataclass
@@ -221,7 +52,7 @@ def load_base_model(
             subfolder="text_encoder",
             local_files_only=True,
             dtype=dtype,
-            variant=_variant(root / "text_encoder", "text_encoder"),
+            variant=weights_variant(root / "text_encoder", "text_encoder"),
         ).to(device)
     for name, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
         if name in components:
@@ -230,7 +61,7 @@ def load_base_model(
                 subfolder=name,
                 local_files_only=True,
                 torch_dtype=dtype,
-                variant=_variant(root / name, name),
+                variant=weights_variant(root / name, name),
             )
             setattr(model, name, module.to(device))
     if "scheduler" in components:
@@ -273,25 +104,3 @@ def load_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short, stable hex id of a model directory for cache keys.
-
-    Hashes (relative path, size, mtime_ns) of every file rather than the contents, so it stays cheap for
-    gigabytes of weights; any rewrite of a file changes it. Symlinks, to files (the Hugging Face cache layout)
-    or to component folders, are followed to their targets. Hidden files and folders (.git, editors' files) are
-    not the model: a `git fetch` in a cloned model must not change it.
-    """
-    root = Path(path)
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            file = Path(dirpath) / name
-            stat = file.stat()
-            entries.append(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
-    digest = hashlib.sha256("".join(sorted(entries)).encode())
-    return digest.hexdigest()[:16]

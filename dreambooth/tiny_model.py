@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth.durable import sync_dir, sync_tree
 from dreambooth.errors import InputError
-from dreambooth.sd_model import check_base_model
+from dreambooth.model_files import check_base_model
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _BOS_ID, _EOS_ID = 49406, 49407  # the last two entries of the CLIP vocabulary

@@ -224,7 +224,8 @@ def write_subject_model(base: Path, out: Path, *, seed: int, train_text_encoder:
 
     import torch
 
-    from dreambooth.sd_model import fingerprint, load_pipeline
+    from dreambooth.model_files import fingerprint
+    from dreambooth.sd_model import load_pipeline
 
     pipe = load_pipeline(base)
     generator = torch.Generator().manual_seed(seed)

@@ -93,6 +93,24 @@ def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
     assert "gpus_per_worker: 0 trains on CPUs" in result.stderr
 
 
+def test_bad_input_is_refused_before_the_training_libraries_load(job):
+    """What `dreambooth train` checks first imports none of Ray, DeepSpeed or diffusers (seconds to load): a missing
+    base model or photo is told in about a second."""
+    import subprocess
+    import sys
+
+    write, tmp = job
+    probe = (
+        "import sys\n"
+        "from dreambooth.cli import main\n"
+        f"code = main(['train', {str(write(base_model=str(tmp / 'nowhere')))!r}, '--storage', {str(tmp / 's')!r}])\n"
+        "print(code, sorted(m for m in ('ray', 'deepspeed', 'diffusers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[-2] == "2 []", result.stdout + result.stderr[-2000:]
+    assert "base_model" in result.stderr and "does not exist" in result.stderr
+
+
 def test_a_misspelt_option_gets_its_commands_usage(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["train", "job.yaml", "--storge", "x"])

@@ -18,13 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.errors import InputError
-from dreambooth.sd_model import (
-    BaseModel,
-    check_base_model,
-    fingerprint,
-    load_base_model,
-    load_pipeline,
-)
+from dreambooth.model_files import check_base_model, fingerprint
+from dreambooth.sd_model import BaseModel, load_base_model, load_pipeline
 from dreambooth.tiny_model import build_tiny_model
 
 WEIGHT_FILES = (

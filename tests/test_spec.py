@@ -12,7 +12,8 @@ from PIL import Image
 from dreambooth.errors import InputError
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
-from trainer.run import check_rerun, photo_hashes, preflight
+from trainer.preflight import preflight
+from trainer.run import check_rerun, photo_hashes
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
 

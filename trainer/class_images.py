@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from dreambooth.durable import sync_dir, sync_file, write_file
-from dreambooth.sd_model import fingerprint
+from dreambooth.model_files import fingerprint
 from trainer.data import derive_seed
 from trainer.spec import JobSpec
 from trainer.storage import check_shared, mark_shared

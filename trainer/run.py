@@ -25,12 +25,13 @@ from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
 from dreambooth.errors import InputError
-from dreambooth.sd_model import check_base_model, fingerprint
+from dreambooth.model_files import fingerprint
 from trainer.checkpoint import STATE_FILE, checkpoint_steps, committed_checkpoint, set_aside_unreadable_run_state
 from trainer.class_images import ensure_class_images
 from trainer.events import EventLog
 from trainer.export import export_model
-from trainer.images import check_instance_images, find_instance_images
+from trainer.images import find_instance_images
+from trainer.preflight import preflight
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths, job_paths, mark_shared
 from trainer.train_loop import train_loop_per_worker
@@ -109,25 +110,6 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
 def photo_hashes(spec: JobSpec) -> list[str]:
     """The instance images' content hashes, in the order training indexes them."""
     return [hashlib.sha256(file.read_bytes()).hexdigest() for file in find_instance_images(spec.instance_images)]
-
-
-# What the UNet may predict: the noise, or v (SD 2.x 768 px models). The loss has no target for the others.
-TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def preflight(spec: JobSpec) -> None:
-    """Everything that can be checked before a worker starts: fields, base model files, every image."""
-    spec.validate()
-    root = check_base_model(spec.base_model)
-    try:
-        scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    except ValueError as e:
-        raise InputError("base_model", f"{root}/scheduler/scheduler_config.json is not JSON: {e}") from e
-    if (kind := scheduler.get("prediction_type", "epsilon")) not in TRAINABLE_PREDICTION_TYPES:
-        raise InputError(
-            "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
-        )
-    check_instance_images(spec.instance_images, spec.resolution)
 
 
 def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[int, ...] = ()) -> TrainingResult:

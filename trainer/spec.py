@@ -2,7 +2,7 @@
 
 Loaded from YAML or JSON by the CLI, built from a gRPC request by the controller, passed to the Ray job and
 its workers as a plain dict. `validate()` checks every field's own constraints (cheap, no I/O); the checks
-that read files (images, base model) live in `trainer.run.preflight`.
+that read files (images, base model) live in `trainer.preflight`.
 """
 
 from __future__ import annotations
