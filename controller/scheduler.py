@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,28 @@ def demand(spec: dict[str, Any]) -> Resources:
     same slots before them, and the driver reserves nothing)."""
     workers = spec.get("num_workers", 1)
     return Resources(workers * spec.get("cpus_per_worker", 1.0), workers * spec.get("gpus_per_worker", 1.0))
+
+
+class Shortfall(NamedTuple):
+    field: str  # the spec field that sizes it
+    needs: str  # e.g. "2 GPUs (num_workers x gpus_per_worker)"
+    available: float
+    hint: str  # what to change, where there is an obvious answer; else ""
+
+
+def shortfalls(need: Resources, available: Resources) -> list[Shortfall]:
+    """What `need` wants more of than `available`, GPUs first (a job too big for its cluster is refused, not left
+    waiting: the controller against its configured size, `dreambooth train` against its own Ray)."""
+    found = []
+    for field, needed, there, unit in (
+        ("gpus_per_worker", need.gpus, available.gpus, "GPU"),
+        ("cpus_per_worker", need.cpus, available.cpus, "CPU"),
+    ):
+        if needed > there + 1e-9:
+            needs = f"{needed:g} {unit}{'' if needed == 1 else 's'} (num_workers x {field})"
+            hint = ": gpus_per_worker: 0 trains on CPUs" if unit == "GPU" and not there else ""
+            found.append(Shortfall(field, needs, there, hint))
+    return found
 
 
 def training_share(total: Resources, serving: Any | None) -> Resources:

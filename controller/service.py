@@ -34,7 +34,7 @@ from controller.errors import (
 )
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
-from controller.scheduler import Resources, demand, training_share
+from controller.scheduler import Resources, demand, shortfalls, training_share
 from controller.serving import ServingSync
 from controller.store import (
     RUNNING_STATES,
@@ -173,18 +173,13 @@ class JobService:
         if config.capacity_cpus == 0:
             return
         totals = [float("inf") if n is None else n for n in (config.capacity_cpus, config.capacity_gpus)]
-        most = training_share(Resources(*totals), config.serving)
-        for field, needed, available, unit, size in (
-            ("gpus_per_worker", need.gpus, most.gpus, "GPUs", config.capacity_gpus),
-            ("cpus_per_worker", need.cpus, most.cpus, "CPUs", config.capacity_cpus),
-        ):
-            if size is not None and needed > available + 1e-9:
-                raise InputError(
-                    field,
-                    f"the job needs {needed:g} {unit} (num_workers x {field}) and training here has at most "
-                    f"{available:g} (the cluster's {size:g}, less what serving may take)"
-                    + (": gpus_per_worker: 0 trains on CPUs" if unit == "GPUs" and available == 0 else ""),
-                )
+        for short in shortfalls(need, training_share(Resources(*totals), config.serving)):  # an unset size: inf
+            size = config.capacity_gpus if short.field == "gpus_per_worker" else config.capacity_cpus
+            raise InputError(
+                short.field,
+                f"the job needs {short.needs} and training here has at most {short.available:g} (the cluster's "
+                f"{size:g}, less what serving may take){short.hint}",
+            )
 
     def _discard_staged(self, job_id: str) -> None:
         """Remove a failed submission's files, unless its row did commit: an insert whose acknowledgement was lost

@@ -570,18 +570,14 @@ def _check_cluster_fits(spec, started_here: bool) -> None:
     this command started never grows: refused. Another may (an autoscaler): warned."""
     import ray
 
-    from controller.scheduler import demand
+    from controller.scheduler import Resources, demand, shortfalls
 
-    need, has = demand(spec.to_dict()), ray.cluster_resources()
-    for field, needed, unit in (("gpus_per_worker", need.gpus, "GPU"), ("cpus_per_worker", need.cpus, "CPU")):
-        if needed > (available := has.get(unit, 0.0)) + 1e-9:
-            units = unit if needed == 1 else f"{unit}s"
-            message = f"the job needs {needed:g} {units} (num_workers x {field}) and the Ray cluster has {available:g}"
-            if unit == "GPU" and not available:
-                message += ": gpus_per_worker: 0 trains on CPUs"
-            if started_here:
-                raise InputError(field, message)
-            print(f"warning: {field}: {message}; the job waits until the cluster has them", file=sys.stderr)
+    has = ray.cluster_resources()
+    for short in shortfalls(demand(spec.to_dict()), Resources(has.get("CPU", 0.0), has.get("GPU", 0.0))):
+        message = f"the job needs {short.needs} and the Ray cluster has {short.available:g}{short.hint}"
+        if started_here:
+            raise InputError(short.field, message)
+        print(f"warning: {short.field}: {message}; the job waits until the cluster has them", file=sys.stderr)
 
 
 def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""What can be checked of a job before anything starts: its fields, its base model's files, every photo.
+"""What can be checked of a job before anything starts: its fields, every photo, its base model's files.
 
 Light to import (no Ray, no DeepSpeed), so that `dreambooth train` refuses bad input before loading the
 training libraries.
