@@ -220,7 +220,8 @@ def test_cluster_launcher_config_passes_rays_validation():
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert "--metrics-export-port=8080" in command
-    assert ".venv" in config["rsync_exclude"]
+    # `ray up` syncs nothing git ignores (.venv, local models: GiBs), nor .git.
+    assert ".gitignore" in config["rsync_filter"] and ".git" in config["rsync_exclude"]
     # Every host directory mounted into the container is made and given to its user (uid 1000) first: one that
     # Docker creates is root's, and Ray in the container could not write its session files there.
     owned = " ".join(c for c in config["initialization_commands"] if "chown 1000" in c)

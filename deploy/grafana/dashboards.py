@@ -305,11 +305,13 @@ def training() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Checkpoint stall",
-                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", by="job_id", selector=job, window=SPARSE),
+                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", by="job_id", selector=job, window=None),
                 unit="s",
                 width=8,
+                # As for "Model load time": a job's series starts at its first save (count 1, nothing to increase
+                # from), which no rate() sees; so this counts every save of the running jobs instead.
                 description="How long training was blocked per checkpoint save (host copy with async "
-                f"checkpointing, the whole write without). Over a {SPARSE} window.",
+                "checkpointing, the whole write without), over every save since the job's training workers started.",
             )
         )
         .with_panel(
