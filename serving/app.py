@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
 from serving.config import MAX_BODY_BYTES, ServeConfig
-from serving.engine import GenerationRequest, SamplingEngine, SubjectModel, read_metadata
+from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
     EncodedResult,
     GenerateBody,
@@ -45,13 +46,15 @@ from serving.http_api import (
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics
-from serving.step_batching import OutOfDeviceMemory, StepBatcher
+from serving.step_batching import OutOfDeviceMemory, StepBatcher, out_of_device_memory
 
 logger = logging.getLogger(__name__)
 
 EVICTION_WAIT_S = 300
 # A model whose load no request is waiting for any more (its clients went away) is kept this long for the next.
 LOAD_KEPT_S = 60
+# A model whose load failed is not tried again for this long: each try would evict a loaded model first.
+LOAD_RETRY_S = 15
 GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
 
 
@@ -133,13 +136,15 @@ class SharedLoads:
     went away) the load would be abandoned half way, its thread still reading weights, and the next request for
     the model would start a second copy beside it. Here the load runs in a task of its own that the waiting
     request only awaits: a request cancelled meanwhile leaves it running, and the next request takes it over.
-    A finished load that nobody takes over is dropped after `keep_s`; a failed one at once (the next request
-    tries again)."""
+    A finished load that nobody takes over is dropped after `keep_s`; a failed one at once, and `check` refuses
+    the model for `retry_s` after it (the multiplexer evicts a loaded model before it calls a load)."""
 
-    def __init__(self, load: Callable[[str], Awaitable[Any]], keep_s: float):
+    def __init__(self, load: Callable[[str], Awaitable[Any]], keep_s: float, retry_s: float = LOAD_RETRY_S):
         self.load = load
         self.keep_s = keep_s
+        self.retry_s = retry_s
         self._tasks: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # model id: (when its last load failed, why)
         # The keep_s timer of a finished load still in _tasks: cancelled when the load is taken over, since the
         # timer holds the task, hence the model, which would stay in memory after the multiplexer evicted it.
         self._expiries: dict[str, asyncio.TimerHandle] = {}
@@ -153,12 +158,22 @@ class SharedLoads:
         self._forget(model_id, task)  # taken over by this request: nothing left for a later one
         return model
 
+    def check(self, model_id: str) -> None:
+        """Raises ModelUnavailable while `model_id`'s last load failed less than retry_s ago."""
+        failed_at, why = self._failed.get(model_id, (-float("inf"), ""))
+        if time.monotonic() - failed_at < self.retry_s:
+            raise ModelUnavailable(f"model {model_id}'s load failed {time.monotonic() - failed_at:.0f} s ago: {why}")
+
     def drop(self, model_id: str) -> None:
-        """Forgets `model_id`'s load (the requests awaiting it still get it): the next request loads it anew."""
+        """Forgets `model_id`'s load (the requests awaiting it still get it) and its failure: the next request loads
+        it anew."""
+        self._failed.pop(model_id, None)
         if (task := self._tasks.get(model_id)) is not None:
             self._forget(model_id, task)
 
     def _finished(self, model_id: str, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failed[model_id] = (time.monotonic(), str(task.exception()))
         if task.cancelled() or task.exception() is not None:
             self._forget(model_id, task)
         elif self._tasks.get(model_id) is task:
@@ -257,11 +272,14 @@ class Generator:
         model_id = serve.get_multiplexed_model_id()
         if (path := self.paths.get(model_id)) is None:
             raise ModelNotServed(model_id)
-        # Before its model loads (which may evict another's): a prompt the text encoder cannot take is refused.
+        # Before its model loads (which may evict another's): a model that just failed to load, and a prompt the
+        # text encoder cannot take, are refused.
+        self._loads.check(model_id)
         prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         await asyncio.to_thread(self.engine.check_prompts, path, prompts)
         resident = await self.model(model_id)
-        if resident.model is None:  # released by an undeploy or a move, deployed since
+        if resident.model is None or resident.model.path != Path(path):
+            # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from its path now.
             resident.model = await self._loads.get(model_id)
         with resident.in_use() as model:  # until its images are out: the model is not evicted meanwhile
             pending = _Pending(model, request, arrived)
@@ -280,15 +298,22 @@ class Generator:
         if model_id not in self.paths:  # undeployed while the request waited for another model's load
             raise ModelNotServed(model_id)
         load = functools.partial(self.engine.load, model_id, self.paths[model_id])
-        if self.engine.device.type == "cuda":
-            model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
-        else:
-            # On a CPU loading competes with sampling for the cores anyway, and torch work from a second thread
-            # stops OpenMP from spinning for the whole process (more threads than cores): sampling ran ~1.5x
-            # slower for good after one load in another thread. So the device thread loads too.
-            model = await asyncio.wrap_future(self.batcher.call(load))
-        # On the batcher's thread: a model of another architecture compiles, not beside requests sampling.
-        await asyncio.wrap_future(self.batcher.call(lambda: self.engine.warm_up(model, self.config.max_batch_size)))
+        try:
+            if self.engine.device.type == "cuda":
+                model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
+            else:
+                # On a CPU loading competes with sampling for the cores anyway, and torch work from a second thread
+                # stops OpenMP from spinning for the whole process (more threads than cores): sampling ran ~1.5x
+                # slower for good after one load in another thread. So the device thread loads too.
+                model = await asyncio.wrap_future(self.batcher.call(load))
+            # On the batcher's thread: a model of another architecture compiles, not beside requests sampling.
+            warm_up = functools.partial(self.engine.warm_up, model, self.config.max_batch_size)
+            await asyncio.wrap_future(self.batcher.call(warm_up))
+        except ModelUnavailable:
+            logger.exception("model %s cannot be loaded; refused for %d s", model_id, LOAD_RETRY_S)
+            raise
+        except torch.OutOfMemoryError as e:
+            raise out_of_device_memory(f"loading model {model_id}") from e
         self.metrics.model_load.observe(model.load_seconds)
         self._count_loaded(+1)
         weakref.finalize(model, self._count_loaded, -1)
@@ -318,14 +343,20 @@ def render(model_id: str, encoded: EncodedResult, output_format: str) -> Respons
 
 
 def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
-    metadata = read_metadata(path)
+    try:
+        metadata = read_metadata(path)
+    except (OSError, ValueError):
+        # Listed all the same: one model's unreadable file must not fail the ingress's reconfigure, which Serve
+        # answers by stopping the replica, for every model. Its requests get 503 when it does not load.
+        logger.exception("model %s: cannot read the metadata in %s; listed with defaults", model_id, path)
+        metadata = {}
     return ServedModel(
         model_id=model_id,
         endpoint=config.endpoint(model_id),
         model_class=str(metadata.get("class_prompt") or "unknown"),
         instance_prompt=metadata.get("instance_prompt"),
         # Not the rest of metadata.json: it names paths on the cluster's storage, which HTTP clients have no use for.
-        resolution=int(metadata.get("hyperparameters", {}).get("resolution") or 512),
+        resolution=int((metadata.get("hyperparameters") or {}).get("resolution") or 512),
     )
 
 
@@ -410,6 +441,9 @@ class Ingress:
         except BackPressureError as e:
             outcome = "overloaded"
             raise self._retry_later("overloaded") from e
+        except ModelUnavailable as e:  # its files: the operator's to fix (the replica logged why; no paths here)
+            outcome = "unavailable"
+            raise self._retry_later(f"model {model_id!r} cannot be loaded now") from e
         except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it fits
             outcome = "overloaded"
             raise self._retry_later("the device ran out of memory for this request's batch") from e

@@ -12,11 +12,13 @@ StableDiffusionPipeline given the same per-image generators.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,21 @@ class SubjectModel:
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel (8 for Stable Diffusion; the tiny test model's VAE has fewer levels)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+class ModelUnavailable(RuntimeError):
+    """A deployed model's files cannot be read or loaded (gone, incomplete, corrupt): the operator's to fix, not the
+    client's. Its message names the model's path: for the replica's log, not for HTTP clients."""
+
+
+@contextlib.contextmanager
+def _loading(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError:  # the device's state, not the model's: the caller's to answer
+        raise
+    except Exception as e:  # whatever the files do to the loaders (missing, truncated safetensors, a bad config)
+        raise ModelUnavailable(f"the model at {path} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def check_prompt(tokenizer, name: str, text: str) -> None:
@@ -206,12 +223,13 @@ class SamplingEngine:
         checked with before its model loads."""
         tokenizer = self._tokenizers.get(str(path))
         if tokenizer is None:
-            base = read_metadata(Path(path)).get("base_model_fingerprint")
-            tokenizer = self._base_tokenizers.get(base) if base else None
-            if tokenizer is None:
-                tokenizer = load_base_model(path, components=["tokenizer"]).tokenizer
-                if base:
-                    self._base_tokenizers[base] = tokenizer
+            with _loading(path):
+                base = read_metadata(Path(path)).get("base_model_fingerprint")
+                tokenizer = self._base_tokenizers.get(base) if base else None
+                if tokenizer is None:
+                    tokenizer = load_base_model(path, components=["tokenizer"]).tokenizer
+                    if base:
+                        self._base_tokenizers[base] = tokenizer
             self._tokenizers[str(path)] = tokenizer
         return tokenizer
 
@@ -228,13 +246,16 @@ class SamplingEngine:
         The VAE is frozen during DreamBooth training, so every subject of one base model carries the same VAE;
         it is loaded once per engine (keyed by the base model's fingerprint in metadata.json), and kept while a
         subject of its base is loaded or its base was the last one loaded. So are the tokenizer and, when it was not
-        trained, the text encoder.
+        trained, the text encoder. Raises ModelUnavailable when its files cannot be loaded.
         """
+        with _loading(path):
+            return self._load(model_id, Path(path))
+
+    def _load(self, model_id: str, path: Path) -> SubjectModel:
         start = time.perf_counter()
-        path = Path(path)
         metadata = read_metadata(path)
         base = metadata.get("base_model_fingerprint")
-        text_encoder_trained = bool(metadata.get("hyperparameters", {}).get("train_text_encoder", True))
+        text_encoder_trained = bool((metadata.get("hyperparameters") or {}).get("train_text_encoder", True))
         shared_kinds = {"vae"} | (set() if text_encoder_trained else {"text_encoder"})
 
         modules: dict[str, Any] = {"tokenizer": self.tokenizer(path)}
@@ -409,8 +430,12 @@ class SamplingEngine:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
+    """The model's metadata.json ({} without one); ValueError if it is not a JSON object."""
     file = path / METADATA_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    metadata = json.loads(file.read_text()) if file.is_file() else {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{file} holds a JSON {type(metadata).__name__}, not an object")
+    return metadata
 
 
 def _accepts(function, name: str) -> bool:

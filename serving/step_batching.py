@@ -38,7 +38,7 @@ class OutOfDeviceMemory(RuntimeError):
     """A request's batch did not fit in the device's memory: it may fit later, beside fewer others."""
 
 
-def _out_of_memory(what: str) -> OutOfDeviceMemory:
+def out_of_device_memory(what: str) -> OutOfDeviceMemory:
     # The message is built here, not in an __init__ of the class: Ray pickles the error to the ingress, and an
     # exception is rebuilt from its args.
     return OutOfDeviceMemory(f"the device ran out of memory {what}; retry later, or ask for fewer or smaller images")
@@ -179,6 +179,9 @@ class StepBatcher:
             return
         try:
             cohort = self.engine.start(submission.model, submission.requests)
+        except torch.OutOfMemoryError:  # encoding its prompts, or its first latents
+            _fail(submission, out_of_device_memory(f"starting {submission.images} images"))
+            return
         except Exception as e:
             logger.exception("starting a cohort failed for model %s", submission.model.model_id)
             _fail(submission, e)
@@ -200,7 +203,9 @@ class StepBatcher:
                 # Raised before any cohort's state moved (in the UNet forward): the others can step again.
                 cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
                 logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
-                _fail(submission, _out_of_memory(f"sampling {cohort.images} images beside {len(running)} requests"))
+                _fail(
+                    submission, out_of_device_memory(f"sampling {cohort.images} images beside {len(running)} requests")
+                )
                 if not running:
                     del self._running[lane]
                 return
@@ -208,7 +213,7 @@ class StepBatcher:
             # have stepped and those after it have not: each goes on from its own state.
             cohort, submission = running.pop(index)
             logger.warning("out of device memory at %d images, in a scheduler step: failing that cohort", images)
-            _fail(submission, _out_of_memory(f"stepping {cohort.images} images beside {len(running)} requests"))
+            _fail(submission, out_of_device_memory(f"stepping {cohort.images} images beside {len(running)} requests"))
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:
@@ -230,7 +235,7 @@ class StepBatcher:
         try:
             decoded = self.engine.decode(cohort)
         except torch.OutOfMemoryError:
-            _fail(submission, _out_of_memory(f"decoding {cohort.images} images"))
+            _fail(submission, out_of_device_memory(f"decoding {cohort.images} images"))
             return
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)

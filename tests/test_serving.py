@@ -218,6 +218,33 @@ def test_a_model_deployed_from_another_directory_draws_from_it(service, subject_
         draws_like(service, "rex", rex)
 
 
+def test_a_model_that_cannot_load_answers_503_and_the_others_serve_on(service, subject_models, ray_cluster, tmp_path):
+    """A deployed model whose files are gone, truncated or hold unreadable metadata is the operator's to fix: 503
+    without the storage path (it was a 400 naming base_model), and the other models serve on (one unreadable
+    metadata.json failed the ingress's reconfigure, and Serve stopped it for every model)."""
+    import shutil
+
+    truncated = shutil.copytree(subject_models["fido"], tmp_path / "truncated")
+    weights = next((truncated / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    unreadable = shutil.copytree(subject_models["fido"], tmp_path / "unreadable")
+    (unreadable / "metadata.json").write_text('{"hyperparameters": ')
+    broken = {"gone": tmp_path / "gone", "truncated": truncated, "unreadable": unreadable}
+    deployer = ServeDeployer(ray_cluster.dashboard_url, service)
+    deployer.apply({k: str(v) for k, v in (subject_models | broken).items()})
+    try:
+        wait_for_models(deployer, set(subject_models) | set(broken))
+        for model_id in broken:
+            response = generate(service, model_id)
+            assert response.status_code == 503, (model_id, response.text)
+            assert response.headers["retry-after"] == str(service.retry_after_s)
+            assert "cannot be loaded" in response.text and str(tmp_path) not in response.text
+        assert generate(service, "rex").status_code == 200
+    finally:
+        deployer.apply({k: str(v) for k, v in subject_models.items()})
+        wait_for_models(deployer, set(subject_models))
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

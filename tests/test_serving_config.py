@@ -20,7 +20,7 @@ from serving.access import Access, Unauthenticated, user_config
 from serving.app import ResidentModel, SharedLoads, build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
-from serving.engine import GenerationResult
+from serving.engine import GenerationResult, ModelUnavailable
 from serving.http_api import EncodedResult, GenerateBody, json_response, to_generation_request
 from serving.metrics import MAX_MODEL_CLASSES, class_label
 
@@ -286,6 +286,34 @@ def test_a_models_load_outlives_a_cancelled_request_and_serves_the_next():
         await asyncio.sleep(0.01)  # callbacks still queued in the loop (the shield's wake-up) hold the result
         gc.collect()
         assert [ref() for ref in taken] == [None, None]
+
+    asyncio.run(scenario())
+
+
+def test_a_model_whose_load_failed_is_refused_for_a_while_then_tried_again():
+    """The multiplexer evicts a loaded model before it calls a load: a model that cannot load, asked for again and
+    again, would empty the replica of healthy models and read its broken files each time."""
+    attempts: list[str] = []
+
+    async def scenario() -> None:
+        async def load(model_id: str) -> str:
+            attempts.append(model_id)
+            raise OSError("truncated unet weights")
+
+        loads = SharedLoads(load, keep_s=3600, retry_s=0.2)
+        loads.check("broken")  # never loaded: nothing to refuse
+        with pytest.raises(OSError):
+            await loads.get("broken")
+        with pytest.raises(ModelUnavailable, match="truncated unet weights"):
+            loads.check("broken")
+        loads.check("healthy")
+        await asyncio.sleep(0.25)
+        loads.check("broken")  # retry_s later: its next request tries again
+        with pytest.raises(OSError):
+            await loads.get("broken")
+        loads.drop("broken")  # deployed again (a fixed model, a new path): tried at once
+        loads.check("broken")
+        assert attempts == ["broken", "broken"]
 
     asyncio.run(scenario())
 
