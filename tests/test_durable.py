@@ -11,7 +11,8 @@ from dreambooth.durable import write_file
 from trainer.checkpoint import RAY_RUN_STATE, set_aside_unreadable_run_state
 from trainer.class_images import image_path, missing_indices
 from trainer.events import EventLog, follow_events, read_events
-from trainer.export import _clean_scratch
+from trainer.export import _clean_scratch, write_into_place
+from trainer.storage import job_paths
 
 
 def test_write_file_replaces_whole_and_leaves_nothing_when_it_fails(tmp_path):
@@ -44,7 +45,7 @@ def test_an_export_that_crashed_between_its_renames_gets_its_model_back(tmp_path
     scratch(models, "dog", "replaced")
     scratch(models, "dog", "partial")
     others = scratch(models, "dog.partial", "partial")  # job "dog.partial"'s: not this job's
-    _clean_scratch(models / "dog")
+    _clean_scratch(job_paths(tmp_path, "dog"))
     assert (models / "dog" / "metadata.json").read_text() == "replaced"
     assert sorted(p.name for p in models.iterdir()) == sorted(["dog", others.name])
 
@@ -54,9 +55,29 @@ def test_an_export_that_crashed_before_its_renames_keeps_the_served_model(tmp_pa
     (models / "dog").mkdir(parents=True)
     (models / "dog" / "metadata.json").write_text("served")
     scratch(models, "dog", "partial")
-    _clean_scratch(models / "dog")
+    _clean_scratch(job_paths(tmp_path, "dog"))
     assert (models / "dog" / "metadata.json").read_text() == "served"
     assert [p.name for p in models.iterdir()] == ["dog"]
+
+
+@pytest.mark.parametrize("stopped_by", [SystemExit, OSError])  # the job cancelled mid-export; a full disk
+def test_an_export_that_stops_halfway_leaves_no_half_model(tmp_path, stopped_by):
+    """A cancelled or failed job never exports again, so nothing else would remove its half-written model (GiBs)."""
+    paths = job_paths(tmp_path, "dog")
+    paths.model_dir.mkdir(parents=True)
+    (paths.model_dir / "metadata.json").write_text("served")
+
+    def write(directory):
+        directory.mkdir()
+        (directory / "unet.safetensors").write_bytes(b"half")
+        raise stopped_by()
+
+    with pytest.raises(stopped_by):
+        write_into_place(paths, write)
+    assert [p.name for p in paths.model_dir.parent.iterdir()] == ["dog"]
+    assert (paths.model_dir / "metadata.json").read_text() == "served"
+    assert write_into_place(paths, lambda d: (d.mkdir(), (d / "metadata.json").write_text("new"))) == paths.model_dir
+    assert (paths.model_dir / "metadata.json").read_text() == "new" and paths.model_scratch() == []
 
 
 def test_an_empty_cached_class_image_is_generated_again(tmp_path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,19 @@ from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
 from trainer.flat_parameters import unflatten_state_dict
 from trainer.spec import JobSpec
+from trainer.storage import JobPaths
 
 METADATA_FILE = "metadata.json"
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of the trained module, gathered from every rank's ZeRO shards."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
 
 
-def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata: dict[str, Any]) -> Path:
+def export_model(spec: JobSpec, checkpoint_dir: Path, paths: JobPaths, metadata: dict[str, Any]) -> Path:
     state = consolidated_state_dict(checkpoint_dir)
     components = ("unet", "text_encoder") if spec.train_text_encoder else ("unet",)
     trained = load_base_model(spec.base_model, dtype=torch.float32, components=components)
@@ -47,13 +47,27 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     # checkpoint (one keeps the stored dtype, the other upcasts), so a bf16/fp16 export would not sample with a
     # plain from_pretrained. Serving casts to fp16 on load.
     pipeline = load_pipeline(spec.base_model, unet=trained.unet, text_encoder=trained.text_encoder)
-    # Written next to the destination, on disk (fsynced), and renamed into place; a model an earlier export left
-    # there is renamed aside first: the path holds a complete model or none, never half of one.
-    _clean_scratch(model_dir)
+
+    def write(directory: Path) -> None:
+        pipeline.save_pretrained(directory, safe_serialization=True)
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+
+    return write_into_place(paths, write)
+
+
+def write_into_place(paths: JobPaths, write: Callable[[Path], None]) -> Path:
+    """The job's model directory, as `write(directory)` fills it. Written next to the destination, on disk (fsynced),
+    and renamed into place; a model an earlier export left there is renamed aside first: the path holds a complete
+    model or none, never half of one."""
+    model_dir = paths.model_dir
+    _clean_scratch(paths)
     partial = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.partial")
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-    sync_tree(partial)
+    try:
+        write(partial)
+        sync_tree(partial)
+    except BaseException:  # a full disk, or the job stopped (SystemExit): a cancelled job has no export to come back
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     replaced = model_dir.with_name(f".{model_dir.name}.{uuid.uuid4().hex}.replaced")
     if model_dir.exists():
         os.replace(model_dir, replaced)
@@ -63,11 +77,9 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, model_dir: Path, metadata:
     return model_dir
 
 
-def _clean_scratch(model_dir: Path) -> None:
-    """Remove what an export of this job that crashed left. Scratch names start with a dot, which no job id (hence
-    no model directory) does, so they cannot be another job's model; the pattern keeps job "<name>.x"'s apart."""
-    scratch = re.compile(rf"\.{re.escape(model_dir.name)}\.[0-9a-f]{{32}}\.(partial|replaced)")
-    leftovers = [p for p in model_dir.parent.glob(f".{model_dir.name}.*") if scratch.fullmatch(p.name)]
+def _clean_scratch(paths: JobPaths) -> None:
+    """Remove what an export of this job that crashed (SIGKILL, a lost node) left."""
+    leftovers, model_dir = paths.model_scratch(), paths.model_dir
     replaced = [p for p in leftovers if p.name.endswith(".replaced")]
     if replaced and not model_dir.exists():
         # It crashed between its two renames: the model served until then is put back, in case this export fails.

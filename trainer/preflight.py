@@ -7,6 +7,7 @@ training libraries.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dreambooth.errors import InputError
 from dreambooth.model_files import check_base_model
@@ -22,7 +23,12 @@ def preflight(spec: JobSpec) -> None:
     photos come before the base model, whose check builds its sampling scheduler (diffusers loads: seconds)."""
     spec.validate()
     check_instance_images(spec.instance_images, spec.resolution)
-    root = check_base_model(spec.base_model)
+    check_trainable_base_model(spec.base_model)
+
+
+def check_trainable_base_model(path: str | Path) -> Path:
+    """check_base_model, and that training has a loss target for what its UNet predicts. Returns its directory."""
+    root = check_base_model(path)
     try:
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     except ValueError as e:
@@ -31,3 +37,4 @@ def preflight(spec: JobSpec) -> None:
         raise InputError(
             "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
         )
+    return root

@@ -155,7 +155,7 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
             "wall_time_s": wall_time_s,
             "hyperparameters": spec.to_dict(),
         }
-        model_dir = export_model(spec, checkpoint_dir, paths.model_dir, metadata)
+        model_dir = export_model(spec, checkpoint_dir, paths, metadata)
         events.emit("model", path=str(model_dir), metadata=metadata)
         events.emit("state", state="SUCCEEDED")
         return TrainingResult(model_dir, state["step"], state.get("loss"), wall_time_s)
@@ -201,6 +201,10 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
     return Path(result.checkpoint.path)
 
 
+def worker_env(spec: JobSpec) -> dict[str, str]:
+    return {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu", "HF_HUB_OFFLINE": "1"}
+
+
 def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
@@ -219,6 +223,9 @@ def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
             storage_path=str(paths.job_dir),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+            # Set before a worker imports this package: DeepSpeed picks its accelerator when first imported, and a
+            # CPU job on a node with GPUs would otherwise move its model onto a GPU that Ray never gave it.
+            worker_runtime_env={"env_vars": worker_env(spec)},
         ),
     )
 

@@ -75,6 +75,14 @@ class JobPaths:
     def model_dir(self) -> Path:
         return self.root / "models" / self.job_id
 
+    def model_scratch(self) -> list[Path]:
+        """What exports of this job left beside model_dir: a model half written (.partial) or one set aside
+        (.replaced). Scratch names start with a dot, which no job id (hence no model directory) does, so they
+        cannot be another job's model; the pattern keeps job "<name>.x"'s apart."""
+        name = self.model_dir.name
+        scratch = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{32}}\.(partial|replaced)")
+        return sorted(p for p in self.model_dir.parent.glob(f".{name}.*") if scratch.fullmatch(p.name))
+
     @property
     def class_image_cache(self) -> Path:
         return self.root / "cache" / "class_images"

@@ -40,9 +40,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.from_dict(config["spec"])
     paths = JobPaths(Path(config["storage_root"]), config["job_id"])
     check_shared(config["storage_mark"], spec.base_model)
-    # DeepSpeed picks its accelerator when first imported; on CPU workers it must not probe for CUDA.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
