@@ -219,7 +219,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 images,
                 request.request_id,
                 request.priority,
-                waited_for=lambda: (left := context.time_remaining()) is None or left > 0,
+                # A caller gone (cancelled, Ctrl-C) or out of time is told nothing: it may submit again.
+                waited_for=lambda: context.is_active() and ((left := context.time_remaining()) is None or left > 0),
             )
         except Exception:
             metrics.SUBMISSIONS.labels(outcome="rejected").inc()

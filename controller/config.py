@@ -62,6 +62,10 @@ class ControllerConfig:
     """Ray job submissions per training job: a driver that dies is resubmitted and resumes from its checkpoint.
     A submission that failed (Ray unreachable) is repeated as the same attempt and does not count, unless the
     controller restarted in between (it then counts: the safe side)."""
+    max_job_run_s: float | None = 24 * 3600.0
+    """A job still running this long after it started (time in the queue not counted, every attempt counted) is
+    stopped and ends FAILED (RUN_TIME_EXCEEDED), its checkpoints kept: a hung worker (a stuck collective, a
+    deadlocked data loader) would otherwise hold its GPUs and its tenant's slot for ever. None: no limit."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_submits_per_tenant: int = 16
     """With tenants: SubmitJob calls of one tenant in progress at once, each holding its photos in memory (up to
@@ -89,6 +93,10 @@ class ControllerConfig:
     when Ray lost it (a restarted Ray cluster)."""
 
     def __post_init__(self):
+        if self.max_job_run_s is not None and not self.max_job_run_s > 0:
+            raise InputError(
+                "max_job_run_s", f"must be a number of seconds > 0, or null for no limit, not {self.max_job_run_s!r}"
+            )
         # The controller takes a token's first tenant, serving its last: one token naming two would be two people.
         owner: dict[str, str] = {}
         for tenant in self.tenants:

@@ -17,6 +17,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
+from urllib3.exceptions import NewConnectionError
 
 from dreambooth.ray_dashboard import RequestTimeout
 from trainer.storage import check_job_id
@@ -28,7 +29,12 @@ _RAY_ERRORS = (RuntimeError, OSError, AuthenticationError, RayStateApiException)
 
 
 class RayJobsError(Exception):
-    """Ray's Jobs API failed (unreachable, refused, ...); the message says what and where."""
+    """Ray's Jobs API failed (unreachable, refused, ...); the message says what and where. `reached_ray` is false
+    where no connection to it was ever made, so the request surely did not arrive (one that timed out may have)."""
+
+    def __init__(self, message: str, reached_ray: bool = True):
+        super().__init__(message)
+        self.reached_ray = reached_ray
 
 
 class RayJobStatus(str, Enum):
@@ -65,6 +71,18 @@ def _not_found(e: Exception) -> bool:
     return isinstance(e, RuntimeError) and "status code 404" in str(e)
 
 
+def _never_connected(e: BaseException | None) -> bool:
+    """Whether `e` comes from a connection to the dashboard that was never made (refused, no route): then no
+    request reached it. requests wraps urllib3's NewConnectionError in a MaxRetryError (its `reason`); Ray's client
+    wraps that in a ConnectionError of its own when it cannot connect at all."""
+    while e is not None:
+        for error in (e, getattr(e, "reason", None), *e.args):
+            if isinstance(error, NewConnectionError) or isinstance(getattr(error, "reason", None), NewConnectionError):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class RayJobs:
     def __init__(
         self, dashboard_url: str, *, storage_root: str, runtime_env: dict | None = None, timeout_s: float = 30
@@ -83,7 +101,8 @@ class RayJobs:
         return self._client_
 
     def _error(self, what: str, e: Exception) -> RayJobsError:
-        return RayJobsError(f"Ray Jobs API at {self.dashboard_url}: {what} failed: {type(e).__name__}: {e}")
+        message = f"Ray Jobs API at {self.dashboard_url}: {what} failed: {type(e).__name__}: {e}"
+        return RayJobsError(message, reached_ray=not _never_connected(e))
 
     def submit(self, job_id: str, attempt: int, *, entrypoint_num_cpus: float = 0) -> str:
         """Start attempt `attempt` of job `job_id`; returns its submission id. Submitting an attempt that Ray

@@ -61,8 +61,9 @@ class Reconciler:
         self._capacity: tuple[float, Resources] | None = None
         self._finished_counts: tuple[float, dict[str, int]] | None = None
         # Submission ids whose submit failed in this process: Ray not knowing one means it never ran. (After a
-        # restart this is empty, and such an attempt counts as one that ran: the safe side.)
-        self._unsent: set[str] = set()
+        # restart this is empty, and such an attempt counts as one that ran: the safe side.) True where no connection
+        # was made, so it cannot start later either; a submission that timed out may (see _submit).
+        self._unsent: dict[str, bool] = {}
         # When each tenant last had a job started: whose turn it is among tenants holding as little (the scheduler).
         # Jobs still running tell it after a restart too; ended ones are forgotten then, a brief unfairness.
         self._last_started: dict[str, float] = {}
@@ -155,10 +156,10 @@ class Reconciler:
         events.touch()
         try:
             self.ray_jobs.submit(job.job_id, job.attempts)
-        except RayJobsError:
-            self._unsent.add(job.ray_submission_id)
+        except RayJobsError as e:
+            self._unsent[job.ray_submission_id] = not e.reached_ray
             raise
-        self._unsent.discard(job.ray_submission_id)
+        self._unsent.pop(job.ray_submission_id, None)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def capacity(self) -> Resources:
@@ -183,6 +184,8 @@ class Reconciler:
             return
         status = self.ray_jobs.status(job.ray_submission_id)
         if status in (RayJobStatus.PENDING, RayJobStatus.RUNNING):
+            if job.state != "CANCELLING" and self._past_run_time(job):
+                job = self._stop_for_run_time(job)
             if job.state == "CANCELLING":
                 self.ray_jobs.stop(job.ray_submission_id)  # idempotent; covers a crash right after CANCELLING
             return
@@ -190,12 +193,16 @@ class Reconciler:
         if job.state in TERMINAL_STATES:
             return
         if job.state == "CANCELLING":
-            if status == RayJobStatus.LOST and self._events_quiet_s(job) < LOST_QUIET_S:
+            maybe_on_its_way = not self._unsent.get(job.ray_submission_id, False)
+            if status == RayJobStatus.LOST and maybe_on_its_way and self._events_quiet_s(job) < LOST_QUIET_S:
                 # Not known to Ray yet, but maybe on its way: a submission that timed out may still start (a slow
                 # head holds it). Stopped once Ray knows it; ended when nothing has been heard for LOST_QUIET_S.
                 self.ray_jobs.stop(job.ray_submission_id)
                 return
-            self._finish(job, "CANCELLED")
+            if job.failure_reason:  # stopped by the controller (RUN_TIME_EXCEEDED), not by its tenant: it failed
+                self._finish(job, "FAILED", job.failure_reason, job.failure_message)
+            else:
+                self._finish(job, "CANCELLED")
         elif status == RayJobStatus.SUCCEEDED:
             self._finish(job, "FAILED", "NO_RESULT", "the training driver ended without a model")
         elif status == RayJobStatus.STOPPED:
@@ -228,6 +235,28 @@ class Reconciler:
                 job, "FAILED", "RAY_JOB_FAILED", f"the Ray job failed {job.attempts} times; last log lines:\n{tail}"
             )
 
+    def _past_run_time(self, job: JobRecord) -> bool:
+        limit = self.config.max_job_run_s
+        return limit is not None and job.start_time is not None and time.time() - job.start_time > limit
+
+    def _stop_for_run_time(self, job: JobRecord) -> JobRecord:
+        """Stops a job that ran past max_job_run_s as a cancel does (CANCELLING until Ray reports its workers gone),
+        with the failure it ends with recorded now: a restarted controller ends it FAILED too."""
+        hours = self.config.max_job_run_s / 3600
+        stopping = self.store.transition(
+            job.job_id,
+            RUNNING_STATES,
+            "CANCELLING",
+            failure_reason="RUN_TIME_EXCEEDED",
+            failure_message=f"still running {hours:g} h after it started: stopped at the controller's limit "
+            f"(max_job_run_s); its checkpoints are kept",
+        )
+        if stopping is None:  # cancelled or ended meanwhile
+            return job
+        log.warning("job %s: ran past max_job_run_s (%g h); stopping it", job.job_id, hours)
+        self.feed.publish(job.job_id, "state", {"state": "CANCELLING"})
+        return stopping
+
     def _events_quiet_s(self, job: JobRecord) -> float:
         """Seconds since the job's events file last changed (inf if it has none)."""
         try:
@@ -236,13 +265,13 @@ class Reconciler:
             return float("inf")
 
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
-        self._unsent.discard(job.ray_submission_id)
+        self._unsent.pop(job.ray_submission_id, None)
         fields = {"end_time": time.time()}
         if reason:
             fields.update(failure_reason=reason, failure_message=message)
-        # A cancelled job ends CANCELLED whatever Ray said: this pass may have read the job before the cancel, and
-        # then a Ray job the cancel stopped looks "stopped outside the controller".
-        from_states = {"CANCELLING"} if state == "CANCELLED" else RUNNING_STATES
+        # A job being cancelled ends as its cancel says whatever Ray said: this pass may have read the job before the
+        # cancel, and then a Ray job the cancel stopped looks "stopped outside the controller".
+        from_states = {"CANCELLING"} if job.state == "CANCELLING" else RUNNING_STATES
         done = self.store.transition(job.job_id, from_states, state, **fields)
         if done is not None:
             if state == "FAILED":
@@ -318,8 +347,15 @@ class Reconciler:
             if moved is not None and moved.state != job.state:
                 changes.append(("state", {"state": state}))
             return moved or job
-        if state == "SUCCEEDED":  # wins over a late cancel: the model exists
-            done = self.store.transition(job.job_id, {*RUNNING_STATES, "CANCELLING"}, "SUCCEEDED", end_time=time.time())
+        if state == "SUCCEEDED":  # wins over a late cancel or the run-time limit: the model exists
+            done = self.store.transition(
+                job.job_id,
+                {*RUNNING_STATES, "CANCELLING"},
+                "SUCCEEDED",
+                end_time=time.time(),
+                failure_reason=None,
+                failure_message=None,
+            )
         elif job.state == "CANCELLING":
             # The driver failing while it is being stopped is the cancel working; CANCELLED comes once Ray
             # reports the job ended (see _follow), so that a CANCELLED job never has workers left.

@@ -49,11 +49,11 @@ from controller.store import (
 )
 from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from trainer.images import check_instance_images
+from trainer.preflight import check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
-from trainer.storage import job_paths
+from trainer.storage import JobPaths, job_paths
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class JobService:
         waited_for: Callable[[], bool] = lambda: True,
     ) -> JobRecord:
         """Checks, stages the photos and records a QUEUED job. `waited_for()` false (the caller's deadline passed
-        while its photos were checked) records nothing: a client told DEADLINE_EXCEEDED that submits again must not
-        find its first job queued too."""
+        while its photos were checked, or it went away) records nothing: a client told DEADLINE_EXCEEDED, or whose
+        user pressed Ctrl-C, that submits again must not find its first job queued too."""
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
@@ -116,8 +116,8 @@ class JobService:
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
 
-        job_id = new_job_id()
-        paths = job_paths(self.config.storage, job_id)
+        paths = self._new_job_dir()
+        job_id = paths.job_id
         try:
             image_paths = self._stage_images(images, paths.job_dir / UPLOADS_DIR)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
@@ -129,7 +129,7 @@ class JobService:
                 raise InputError("base_model", f"{spec.base_model}: must be an absolute path on shared storage")
             self._check_readable("base_model", spec.base_model)
             try:
-                check_base_model(spec.base_model)
+                check_trainable_base_model(spec.base_model)
             except (OSError, RuntimeError) as e:
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
             try:
@@ -137,7 +137,6 @@ class JobService:
                     check_instance_images(spec.instance_images, spec.resolution)
             except OSError as e:
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
-            paths.job_dir.mkdir(parents=True, exist_ok=True)  # uri-only submissions upload nothing to create it
             # On disk before the row commits and the client is told: a power loss must not leave a job whose
             # spec or photos are empty files, which every attempt would fail on.
             write_file(paths.spec_file, json.dumps(spec.to_dict(), indent=2))
@@ -164,6 +163,18 @@ class JobService:
         else:
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
         return job
+
+    def _new_job_dir(self) -> JobPaths:
+        """A new job's paths, its folder made by this call. Job ids are random: one already taken on storage (another
+        job's, or a folder a crash left) is drawn again, never written into."""
+        while True:
+            paths = job_paths(self.config.storage, new_job_id())
+            paths.job_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                paths.job_dir.mkdir()
+                return paths
+            except FileExistsError:
+                log.warning("job id %s is taken on storage; drawing another", paths.job_id)
 
     def _check_fits(self, spec: JobSpec) -> None:
         """Refuses a job bigger than training's share of a cluster whose size is configured (`capacity_cpus`,
@@ -300,15 +311,19 @@ class JobService:
         if job.state not in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
         # The files first: a failure (or a crash) between the two leaves the job listed, and DeleteJob can be retried;
-        # the other order left tens of GiB of checkpoints behind a row that was gone.
-        job_dir = job_paths(self.config.storage, job_id).job_dir
-        try:
-            shutil.rmtree(job_dir)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("deleting job %s: cannot remove %s: %s", job_id, job_dir, e)
-            raise StorageFailed(f"cannot remove job {job_id}'s files ({e}); the job is kept: retry DeleteJob") from e
+        # the other order left tens of GiB of checkpoints behind a row that was gone. What its exports left half done
+        # goes too, and so does its model directory where no model was recorded (cancelled or failed while it
+        # exported): nothing else would ever remove them.
+        paths = job_paths(self.config.storage, job_id)
+        doomed = [paths.job_dir, *paths.model_scratch()] + ([] if job.model_id else [paths.model_dir])
+        for path in doomed:
+            try:
+                _remove_tree(path)
+            except OSError as e:
+                log.warning("deleting job %s: cannot remove %s: %s", job_id, path, e)
+                raise StorageFailed(
+                    f"cannot remove job {job_id}'s files ({e}); the job is kept: retry DeleteJob"
+                ) from e
         self.store.delete_job(job_id)
 
     def watch(self, tenant: str, job_id: str, is_active=lambda: True) -> Iterator[tuple[JobRecord, Change | None]]:
@@ -388,3 +403,11 @@ def _safe_filename(name: str, index: int) -> str:
     """Uploaded names never choose where a file goes: keep a harmless basename, prefixed to be unique."""
     base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "").name)[-80:].lstrip(".") or "image"
     return f"{index:03d}_{base}"
+
+
+def _remove_tree(path: Path) -> None:
+    """Removes `path` and all it holds, or raises the OSError that kept it. Entries already gone are no error: a
+    retried DeleteJob may run beside the first, and rmtree raises FileNotFoundError when one vanishes under it."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        shutil.rmtree(path)  # again, to raise what kept it (permissions, a busy mount)

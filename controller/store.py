@@ -440,7 +440,8 @@ class Store:
     def _page(
         self, queries: list[sa.Select], time_col: Any, id_col: Any, page_size: int, token: str, kind: str
     ) -> tuple[list[sa.Row], str]:
-        """A page of the rows `queries` select together (disjoint sets, each read in index order)."""
+        """A page of the rows `queries` select together (each read in index order; one row that two of them read,
+        a job that changed state between the reads, counts once)."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         if token:
@@ -458,7 +459,9 @@ class Store:
             return row._mapping[time_col.name], row._mapping[id_col.name]
 
         if len(queries) > 1:
-            rows = sorted(rows, key=key, reverse=True)[: page_size + 1]
+            # A job whose state changed between two of the queries is in both: listed once, as the later one read it.
+            latest = {row._mapping[id_col.name]: row for row in rows}
+            rows = sorted(latest.values(), key=key, reverse=True)[: page_size + 1]
         if len(rows) <= page_size:  # the extra row tells whether there is a next page, without a COUNT
             return rows, ""
         return rows[:page_size], _encode_token(kind, *key(rows[page_size - 1]))

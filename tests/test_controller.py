@@ -36,6 +36,8 @@ from dreambooth.errors import InputError
 from dreambooth.serving_client import ServingError, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
+from trainer.events import read_events
+from trainer.storage import job_paths
 
 APP_NAME = "controller-test"  # its own Serve application next to other tests'
 TENANTS = (
@@ -185,6 +187,10 @@ def test_cancel_mid_training_stops_the_ray_job_and_its_workers(alice, controller
     final = [m for m in alice.watch(job.job_id)][-1].job
     assert final.state == jobs_pb2.STATE_CANCELLED
     assert controller.service.ray_jobs.status(submission).value == "STOPPED"
+    # ray.init makes the stop's SIGTERM a SystemExit in the driver: stopped, not found failing, so it wrote no
+    # verdict (a controller that restarted, or a stop from outside, would have read FAILED: not run again).
+    events = job_paths(controller.service.config.storage, job.job_id).events_file
+    assert [e["state"] for e in read_events(events) if e["type"] == "state"] == ["PREPARING", "TRAINING"]
     wait_until_ray_job_actors_end(ray_cluster.dashboard_url, submission)
 
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 
 import grpc
@@ -120,7 +121,10 @@ def by_hand(ray_cluster, tmp_path):
     from controller.reconciler import Reconciler
 
     config = ControllerConfig(
-        storage=tmp_path, ray_dashboard_url=ray_cluster.dashboard_url, tenants=(Tenant("alice", (TOKEN,)),)
+        storage=tmp_path,
+        ray_dashboard_url=ray_cluster.dashboard_url,
+        tenants=(Tenant("alice", (TOKEN,)),),
+        max_attempts=2,  # each attempt after the first a real driver: one shows the rerun
     )
     store = Store(config.effective_database_url)
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path))
@@ -162,8 +166,8 @@ def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_canc
 def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
     """The controller's fault tolerance: a Ray job that ended without the trainer's verdict (its driver killed,
     its node lost) is submitted again as the next attempt, which resumes from the job's checkpoint, up to
-    max_attempts; then the job fails with the last attempt's log. Attempt 1 fails on its own here; attempts 2
-    and 3 are the real trainer driver, submitted by the reconciler, which finds no spec in this job's folder."""
+    max_attempts; then the job fails with the last attempt's log. Attempt 1 fails on its own here; attempt 2 is
+    the real trainer driver, submitted by the reconciler, which finds no spec in this job's folder."""
     reconciler = by_hand
     job = training_under(reconciler, "false")
     for attempt in range(1, reconciler.config.max_attempts + 1):
@@ -178,11 +182,38 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
                 attempt + 1,
                 f"{job.job_id}-a{attempt + 1}",
             )
-    assert (job.state, job.failure_reason, job.attempts) == ("FAILED", "RAY_JOB_FAILED", 3)
+    assert (job.state, job.failure_reason, job.attempts) == ("FAILED", "RAY_JOB_FAILED", 2)
     assert "spec" in job.failure_message and "spec.json" in job.failure_message, job.failure_message
     # Each submission touched the job's events: a LOST attempt counts as live for LOST_QUIET_S after it.
     events = job_paths(reconciler.config.storage, job.job_id).events_file
     assert events.stat().st_mtime >= last_submission_after
+
+
+@pytest.mark.parametrize("trainer_then", ["hangs", "succeeds"])
+def test_a_job_running_past_max_job_run_s_is_stopped_and_fails(by_hand, trainer_then):
+    """A hung job (a stuck collective holds its workers) is stopped at the controller's limit as a cancel is:
+    CANCELLING until Ray reports its driver ended, then FAILED (RUN_TIME_EXCEEDED), its attempts not spent on a rerun.
+    A model finished meanwhile wins, as over a late cancel, and the job carries no failure then."""
+    reconciler, store = by_hand, by_hand.store
+    job = training_under(reconciler, "sleep 600")
+    store.update_job(job.job_id, start_time=time.time() - reconciler.config.max_job_run_s + 60)
+    reconciler._follow(store.get_job(job.job_id))
+    assert store.get_job(job.job_id).state == "TRAINING"  # a minute inside the limit
+
+    store.update_job(job.job_id, start_time=time.time() - reconciler.config.max_job_run_s - 1)
+    reconciler._follow(store.get_job(job.job_id))
+    stopping = store.get_job(job.job_id)
+    assert (stopping.state, stopping.failure_reason) == ("CANCELLING", "RUN_TIME_EXCEEDED")
+    assert _ended(reconciler.ray_jobs, job.ray_submission_id) == RayJobStatus.STOPPED
+    if trainer_then == "succeeds":
+        EventLog(job_paths(reconciler.config.storage, job.job_id).events_file).emit("state", state="SUCCEEDED")
+    reconciler._follow(store.get_job(job.job_id))
+    final = store.get_job(job.job_id)
+    if trainer_then == "succeeds":
+        assert (final.state, final.failure_reason, final.failure_message) == ("SUCCEEDED", None, None)
+    else:
+        assert (final.state, final.failure_reason, final.attempts) == ("FAILED", "RUN_TIME_EXCEEDED", 1)
+        assert "24 h after it started" in final.failure_message and "max_job_run_s" in final.failure_message
 
 
 def test_a_job_whose_last_attempts_logs_cannot_be_had_still_fails(by_hand, monkeypatch):
@@ -419,6 +450,65 @@ def test_a_queued_job_cancelled_lets_its_uploaded_photos_go(controller, tiny_mod
         assert bob.get(job.job_id).state == jobs_pb2.STATE_CANCELLED
 
 
+def test_a_job_id_taken_on_storage_is_drawn_again_not_written_into(controller, tiny_model, dog_images, monkeypatch):
+    """Job ids are random: one whose folder exists (another tenant's job, a crash's leftover) must not get a second
+    job's photos and spec, which the first job's next attempt would train on."""
+    from controller import service
+
+    taken = controller.service.config.storage / "jobs" / "job-000000000000"
+    taken.mkdir(parents=True)
+    (taken / "spec.json").write_text("theirs")
+    ids = iter(["job-000000000000", "job-000000000001"])
+    monkeypatch.setattr(service, "new_job_id", lambda: next(ids))
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        assert bob.submit(job_spec(tiny_model, dog_images)).job_id == "job-000000000001"
+    assert [p.name for p in taken.iterdir()] == ["spec.json"] and (taken / "spec.json").read_text() == "theirs"
+
+
+def test_a_base_model_training_has_no_loss_for_is_refused_at_submission(tmp_path, tiny_model, dog_images):
+    """As `dreambooth train` refuses it, before it queues: it had waited its turn and started a Ray job to fail."""
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_model, tmp_path / "sample-predicting")
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "sample"}))
+    settings = ControllerConfig(storage=tmp_path, ray_dashboard_url=f"http://127.0.0.1:{free_port()}")
+    store = Store(settings.effective_database_url)
+    service = JobService(settings, store, RayJobs(settings.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed())
+    try:
+        with pytest.raises(InputError, match="prediction_type is 'sample'") as error:
+            photos = [ImageInput(uri=str(photo)) for photo in sorted(dog_images.iterdir())]
+            service.submit("default", job_spec(model, dog_images), photos)
+        assert error.value.field == "base_model" and store.count_jobs_by_state()["QUEUED"] == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("recorded_model", [False, True])
+def test_deleting_a_job_takes_along_an_export_no_model_record_points_at(
+    controller, tiny_model, dog_images, recorded_model
+):
+    """A job cancelled or failed while it exported leaves a model directory (GiBs) that no model record names, which
+    no call could remove. A recorded model outlives its job."""
+    storage, store = controller.service.config.storage, controller.service.store
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        job = bob.submit(job_spec(tiny_model, dog_images))
+        bob.cancel(job.job_id)
+        paths = job_paths(storage, job.job_id)
+        for leftover in (paths.model_dir, paths.model_dir.with_name(f".{job.job_id}.{uuid.uuid4().hex}.partial")):
+            leftover.mkdir(parents=True)
+            (leftover / "unet.safetensors").write_bytes(b"weights")
+        other_jobs = storage / "models" / f"{job.job_id}.x"  # another job's model, whose name starts alike
+        other_jobs.mkdir()
+        if recorded_model:
+            store.update_job(job.job_id, model_id="model-x")
+        bob.delete(job.job_id)
+    kept = sorted(p.name for p in (storage / "models").iterdir())
+    assert kept == sorted([other_jobs.name] + ([job.job_id] if recorded_model else []))
+    assert not paths.job_dir.exists()
+
+
 def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(config, tiny_model, dog_images, monkeypatch):
     """Decoding a photo at the pixel limit takes up to ~0.6 GiB: every RPC thread doing it at once would take the
     controller's memory. Submissions beyond IMAGE_CHECKS_AT_ONCE wait for their turn (and are all accepted)."""
@@ -599,6 +689,17 @@ def test_list_by_an_unspecified_state_is_invalid(client):
     with pytest.raises(ClientError) as error:
         list(client.list(states=[jobs_pb2.STATE_UNSPECIFIED]))
     assert error.value.code == "INVALID_ARGUMENT" and "states" in error.value.message
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_a_run_time_limit_that_is_not_positive_is_refused(tmp_path, limit):
+    path = tmp_path / "controller.yaml"
+    path.write_text(f"storage: storage\nmax_job_run_s: {limit}\n")
+    with pytest.raises(InputError) as error:
+        ControllerConfig.load(path)
+    assert error.value.field == "max_job_run_s"
+    path.write_text("storage: storage\nmax_job_run_s: null\n")
+    assert ControllerConfig.load(path).max_job_run_s is None
 
 
 @pytest.mark.parametrize(

@@ -77,3 +77,18 @@ def test_nothing_listens_off_loopback(ray_cluster):
     assert [
         line for a, line in local.items() if not a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))
     ] == []
+
+
+def test_a_submission_that_never_connected_is_told_from_one_that_may_have_arrived(storage):
+    """A refused connection sent nothing: a job cancelled meanwhile can end at once. A submission that timed out may
+    still reach Ray and start (a slow head), so it is watched for a while before it counts as never run."""
+    with pytest.raises(RayJobsError) as refused:
+        RayJobs(f"http://127.0.0.1:{free_port()}", storage_root=str(storage)).submit("job-1", 1)
+    assert not refused.value.reached_ray
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(RayJobsError) as timed_out:
+            RayJobs(url, storage_root=str(storage), timeout_s=1).submit("job-1", 1)
+    assert timed_out.value.reached_ray

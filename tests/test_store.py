@@ -122,6 +122,26 @@ def test_insert_get_roundtrip(store):
     assert store.get_job("job-nope") is None
 
 
+def test_a_job_that_moves_between_the_state_queries_of_a_listing_is_listed_once(store):
+    """A listing by several states reads each state apart; the reconciler may move a job between two reads (from
+    EXPORTING, read first, to SUCCEEDED, read next): it was listed twice in one page."""
+    moving = store.insert_job(job(state="EXPORTING"))
+    reads = 0
+
+    def between_reads(*_) -> None:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the EXPORTING query has read it
+            store.transition(moving.job_id, {"EXPORTING"}, "SUCCEEDED")
+
+    sa.event.listen(store.engine, "after_execute", between_reads)
+    try:
+        listed, _ = store.list_jobs("acme", 10, states=["SUCCEEDED", "EXPORTING"])
+    finally:
+        sa.event.remove(store.engine, "after_execute", between_reads)
+    assert [(j.job_id, j.state) for j in listed] == [(moving.job_id, "SUCCEEDED")]
+
+
 def test_idempotent_insert(store):
     first = store.insert_job(job(request_id="r1"))
     again = store.insert_job(job(request_id="r1", priority=9))
