@@ -6,9 +6,11 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray.train
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.sd_model import load_base_model
@@ -141,7 +143,7 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
 
 
 def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_images, tmp_path):
-    spec = make_spec(tiny_model, dog_images, num_class_images=3)
+    spec = make_spec(tiny_model, dog_images, num_class_images=3, resolution=32)
     cache = tmp_path / "class-images"  # not the session's: the other tests' jobs generated these already
     seen = []
     directory = ensure_class_images(
@@ -149,6 +151,9 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     )
     files = sorted(directory.glob("*.png"))
     assert len(files) == 3 and seen[0] == (0, 3) and seen[-1] == (3, 3)
+    # At the base model's native size, where its prior is what it learnt; training resizes them.
+    assert {Image.open(f).size for f in files} == {(64, 64)}
+    assert cache_key(dataclasses.replace(spec, resolution=64)) == cache_key(spec)
     mtimes = {f: f.stat().st_mtime_ns for f in files}
 
     # A second subject of the same class: nothing generated.
@@ -187,8 +192,16 @@ def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ra
 
 
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
-    # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too.
-    spec = make_spec(tiny_model, dog_images, train_text_encoder=True)
+    # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too; each
+    # worker samples its share of the validation images (2 and 1 of 3), rank 0 draws the grid.
+    spec = make_spec(
+        tiny_model,
+        dog_images,
+        train_text_encoder=True,
+        validation_prompts=["a photo of sks dog"],
+        validation_images_per_prompt=3,
+        validation_inference_steps=2,
+    )
     uninterrupted = run_training(spec, job_paths(storage, "straight"))
 
     # A worker process dies at step 3: Ray Train restarts the workers from the step-2 checkpoint. One dies again at
@@ -212,6 +225,12 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     assert uninterrupted.steps == 6
+    # The two runs' grids: every image gathered from its rank, each from its own seed whatever its batch.
+    grids = [
+        np.asarray(Image.open(storage / "jobs" / job / "validation" / "step_0000006.png"))
+        for job in ("straight", "crash")
+    ]
+    assert grids[0].shape == (64, 192, 3) and np.abs(grids[0].astype(int) - grids[1]).max() <= 1
     # Running the finished job again exports it again, without starting workers (its training had ended), the first
     # export replaced whole, no scratch left beside it.
     straight = job_paths(storage, "straight")

@@ -104,10 +104,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
-    # Under ZeRO-3 every forward pass gathers the partitioned weights from all ranks, so every rank samples the
-    # validation images with rank 0; under ZeRO-2 rank 0 holds all the weights and samples alone.
+    # Validation images: under ZeRO-3 every forward pass gathers the partitioned weights from all ranks, so every
+    # rank samples every image, in step; under ZeRO-2 every rank holds all the weights and samples its share, and
+    # rank 0 gathers them. (Rank 0 sampling alone left the others waiting in the next step's gradient reduction, for
+    # as long as validation took: past the process group's timeout, 30 min, the job failed over a preview.)
     validator = None
-    if spec.validation_prompts and (rank == 0 or spec.zero_stage == 3):
+    if spec.validation_prompts:
         pipeline = load_pipeline(
             spec.base_model,
             dtype=frozen_dtype,
@@ -197,7 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if validator is not None and (last or (spec.validation_interval and done % spec.validation_interval == 0)):
             # Sampling runs other shapes without grad: eager, rather than compiling the networks a second time.
             with torch.compiler.set_stance("force_eager"):
-                grid = validator.run(done, save=rank == 0)
+                shared = spec.zero_stage == 2
+                grid = validator.run(done, rank if shared else 0, world_size if shared else 1, save=rank == 0)
             if rank == 0:
                 events.emit("validation", step=done, path=str(grid), **peak_memory())
         _maybe_inject_failure(config, done, rank, paths, pending_commit)

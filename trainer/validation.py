@@ -6,6 +6,7 @@ The same seeds at every step make grids comparable across steps: what changes is
 from __future__ import annotations
 
 import io
+import itertools
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -46,7 +47,9 @@ class Validator:
         self.compute_dtype = compute_dtype
 
     @torch.no_grad()
-    def run(self, step: int, save: bool = True) -> Path:
+    def run(self, step: int, rank: int = 0, world_size: int = 1, save: bool = True) -> Path:
+        """Samples the grid of this step and, on rank 0 with `save`, writes it. With `world_size` > 1 each rank
+        samples its share of the images (every world_size-th) and rank 0 gathers them: every rank must call this."""
         device = self.pipeline.unet.device
         # Frozen parts may be kept in fp32 (CPU) while the trained UNet is bf16/fp16: autocast reconciles them.
         autocast = (
@@ -56,25 +59,28 @@ class Validator:
         )
         was_training = self.pipeline.unet.training
         self.pipeline.unet.eval()
-        rows = []
+        cells = [(p, i) for p in range(len(self.prompts)) for i in range(self.images_per_prompt)]
+        images: dict[tuple[int, int], Image.Image] = {}
         with autocast:
-            for p, prompt in enumerate(self.prompts):
-                generators = [
-                    torch.Generator(device).manual_seed(derive_seed(self.seed, p, i))
-                    for i in range(self.images_per_prompt)
-                ]
+            for p, share in itertools.groupby(cells[rank::world_size], key=lambda cell: cell[0]):
+                indices = [i for _, i in share]
                 result = self.pipeline(
-                    [prompt] * self.images_per_prompt,
+                    [self.prompts[p]] * len(indices),
                     num_inference_steps=self.inference_steps,
                     height=self.resolution,
                     width=self.resolution,
-                    generator=generators,
+                    generator=[torch.Generator(device).manual_seed(derive_seed(self.seed, p, i)) for i in indices],
                 )
-                rows.append(result.images)
+                images.update(zip([(p, i) for i in indices], result.images, strict=True))
         self.pipeline.unet.train(was_training)
+        if world_size > 1:
+            shares = [None] * world_size if rank == 0 else None
+            torch.distributed.gather_object(images, shares, dst=0)
+            images = {cell: image for share in shares or [] for cell, image in share.items()}
         path = self.out_dir / f"step_{step:07d}.png"
-        if save:
+        if save and rank == 0:
             # Whole or not at all: a run resumed after a crash here does not draw this step's grid again.
+            rows = [[images[(p, i)] for i in range(self.images_per_prompt)] for p in range(len(self.prompts))]
             path.parent.mkdir(parents=True, exist_ok=True)
             png = io.BytesIO()
             image_grid(rows).save(png, format="PNG")
