@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from controller.store import STATES
+
 REGISTRY = CollectorRegistry()
 
 JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=REGISTRY)
@@ -35,16 +37,14 @@ FAILURES = Counter("dreambooth_job_failures_total", "Failed jobs by reason.", ["
 # Every known label value starts at 0: a series that first appears at 1 is an event increase() cannot see.
 for _outcome in ("accepted", "rejected"):
     SUBMISSIONS.labels(outcome=_outcome)
-for _reason in ("INVALID_INPUT", "TRAINING_FAILED", "RAY_JOB_FAILED", "NO_RESULT", "STOPPED"):
+for _reason in ("INVALID_INPUT", "TRAINING_FAILED", "RAY_JOB_FAILED", "NO_RESULT", "STOPPED", "RUN_TIME_EXCEEDED"):
     FAILURES.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)
 
-_STATES = ("QUEUED", "PREPARING", "TRAINING", "EXPORTING", "SUCCEEDED", "FAILED", "CANCELLING", "CANCELLED")
-
 
 def set_jobs_by_state(counts: dict[str, int]) -> None:
-    for state in _STATES:
+    for state in STATES:
         JOBS.labels(state=state).set(counts.get(state, 0))
 
 

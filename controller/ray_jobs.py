@@ -104,7 +104,7 @@ class RayJobs:
         message = f"Ray Jobs API at {self.dashboard_url}: {what} failed: {type(e).__name__}: {e}"
         return RayJobsError(message, reached_ray=not _never_connected(e))
 
-    def submit(self, job_id: str, attempt: int, *, entrypoint_num_cpus: float = 0) -> str:
+    def submit(self, job_id: str, attempt: int) -> str:
         """Start attempt `attempt` of job `job_id`; returns its submission id. Submitting an attempt that Ray
         already has returns its id and starts nothing: a controller that crashed between submitting and
         recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
@@ -118,7 +118,6 @@ class RayJobs:
                 entrypoint=shlex.join(command),
                 submission_id=submission_id,
                 runtime_env={**self.runtime_env, "env_vars": env_vars},
-                entrypoint_num_cpus=entrypoint_num_cpus,
             )
         except _RAY_ERRORS as e:
             # Ray refuses a known id (HTTP 500 wrapping "Job with submission_id X already exists").

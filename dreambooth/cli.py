@@ -183,8 +183,8 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("prompt", help='use the identifier, e.g. "a photo of sks dog on the beach"')
     generate.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs (default: .)")
     generate.add_argument("--num-images", type=int, default=1, help="image i is drawn from seed + i (default: 1)")
-    generate.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    generate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the serving API's)")
+    generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the serving API's)")
     generate.add_argument("--seed", type=int, default=0, help="the same seed draws the same image (default: 0)")
     generate.add_argument("--negative-prompt", default="", help="what to steer away from")
     generate.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the size it was trained at)")
@@ -334,14 +334,10 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     if not model.deployed:
         print(f"error: model {args.model_id} is not deployed: run `dreambooth deploy {args.model_id}`", file=sys.stderr)
         return 2
-    options = {
-        "num_images": args.num_images,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-        "negative_prompt": args.negative_prompt,
-    }
-    options |= {name: getattr(args, name) for name in ("width", "height") if getattr(args, name) is not None}
+    options = {"num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative_prompt}
+    # Unset, the serving API's defaults apply (one place for them: serving/http_api.GenerateBody).
+    optional = ("steps", "guidance_scale", "width", "height")
+    options |= {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
     images = generate(model.endpoint, args.prompt, token=_token(args), **options)
     args.out.mkdir(parents=True, exist_ok=True)
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
@@ -361,21 +357,24 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
 
     from dreambooth.proto_convert import state_name
 
-    bars: dict[str, tqdm] = {}
+    bars = _ProgressBars()
     job: jobs_pb2.Job | None = None
     try:
         for update in client.watch(job_id):
             previous, job = job, update.job
             if previous is None or previous.state != job.state:
                 tqdm.write(_state_line(job), file=sys.stderr)
-            _show_progress(bars, job)
+            p = job.progress
+            if p.class_images_total:
+                bars.class_images(p.class_images_done, p.class_images_total)
+            if p.total_steps and (p.step or bars.training_started):  # from the first progress report (loss, ETA) on
+                bars.training(p.step, p.total_steps, p.loss, p.eta.ToSeconds() if p.HasField("eta") else None)
             change = update.WhichOneof("change")
             if change in ("checkpoint", "validation"):
                 event = getattr(update, change)
                 tqdm.write(f"{change} at step {event.step}: {event.path}", file=sys.stderr)
     finally:
-        for bar in bars.values():
-            bar.close()
+        bars.close()
     state = state_name(job.state)  # an ended state: the client's watch goes on (reconnecting) until then
     if state == "SUCCEEDED":
         print(f"{job.job_id} SUCCEEDED: model {job.model_id}")
@@ -400,29 +399,46 @@ def _state_line(job: jobs_pb2.Job) -> str:
     return line
 
 
-def _show_progress(bars: dict[str, tqdm], job: jobs_pb2.Job) -> None:
-    from tqdm import tqdm
+class _ProgressBars:
+    """A job's progress bars on stderr: class images, then training steps with the loss and the trainer's ETA (not
+    tqdm's, which would only know the rate since this watch started). Fed by the controller's Job messages (watch)
+    or by the trainer's events (train)."""
 
-    def bar(name: str, total: int, unit: str) -> tqdm:
-        if name not in bars:
-            # The server's ETA, not tqdm's (which would only know the rate since this watch started).
-            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
-            bars[name] = tqdm(total=total, desc=name, unit=unit, bar_format=fmt, dynamic_ncols=True, file=sys.stderr)
-        return bars[name]
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
-    p = job.progress
-    if p.class_images_total:
-        b = bar("class images", p.class_images_total, "img")
-        b.n = p.class_images_done
-        b.refresh()
-        if p.class_images_done >= p.class_images_total:
-            b.close()  # its last line stays; the training bar below is then the only live one (closed: no redraws)
-    if p.total_steps and (p.step or "training" in bars):  # from the first progress report (loss, ETA) on
-        b = bar("training", p.total_steps, "step")
-        b.n = p.step
-        eta = f", eta {_duration(p.eta.ToSeconds())}" if p.HasField("eta") else ""
-        b.set_postfix_str(f"loss {p.loss:.4f}{eta}", refresh=False)
-        b.refresh()
+    def __init__(self):
+        self.bars: dict[str, tqdm] = {}
+
+    @property
+    def training_started(self) -> bool:
+        return "training" in self.bars
+
+    def class_images(self, done: int, total: int) -> None:
+        bar = self._bar("class images", total, "img")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()  # its last line stays; the training bar below is then the only live one (closed: no redraws)
+
+    def training(self, step: int, total: int, loss: float, eta_s: float | None) -> None:
+        bar = self._bar("training", total, "step")
+        bar.n = step
+        eta = f", eta {_duration(eta_s)}" if eta_s is not None else ""
+        bar.set_postfix_str(f"loss {loss:.4f}{eta}", refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    def _bar(self, name: str, total: int, unit: str) -> tqdm:
+        from tqdm import tqdm
+
+        if name not in self.bars:
+            self.bars[name] = tqdm(
+                total=total, desc=name, unit=unit, bar_format=self.FORMAT, dynamic_ncols=True, file=sys.stderr
+            )
+        return self.bars[name]
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -586,26 +602,13 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
 
     from trainer.events import follow_events
 
-    bars: dict[str, tqdm] = {}
-
-    def bar(name: str, total: int, unit: str) -> tqdm:
-        if name not in bars:
-            bars[name] = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True, file=sys.stderr)
-        return bars[name]
-
+    bars = _ProgressBars()
     for event in follow_events(events_file, stop, offset=offset):
         kind = event["type"]
         if kind == "class_images":
-            b = bar("class images", event["total"], "img")
-            b.n = event["done"]
-            b.refresh()
-            if event["done"] >= event["total"]:
-                b.close()  # its last line stays; the training bar below is then the only live one
+            bars.class_images(event["done"], event["total"])
         elif kind == "progress":
-            b = bar("training", event["total_steps"], "step")
-            b.n = event["step"]
-            b.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
-            b.refresh()
+            bars.training(event["step"], event["total_steps"], event["loss"], event.get("eta_s"))
         elif kind == "state":
             tqdm.write(
                 f"[{event['state']}]" + (f" {event.get('message', '')}" if event["state"] == "FAILED" else ""),
@@ -619,8 +622,7 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
             tqdm.write(
                 f"{kind} at step {event['step']}" + (f": {event['path']}" if "path" in event else ""), file=sys.stderr
             )
-    for b in bars.values():
-        b.close()
+    bars.close()
 
 
 _LOCAL = {"tiny-model": _tiny_model, "train": _train, "demo": _demo, "up": _up, "down": _down, "status": _status}

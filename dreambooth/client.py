@@ -25,12 +25,10 @@ import grpc
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from trainer.images import find_instance_images
 from trainer.spec import JobSpec, absolute_path, read_spec_file
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-# The same suffixes as trainer.images.IMAGE_SUFFIXES (a test keeps them equal); not imported from there
-# because that module pulls in torch, which an SDK must not need.
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 # The server's limits (jobs.proto, InstanceImage): checked here to name the file instead of failing the call.
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -155,7 +153,10 @@ class DreamBoothClient:
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:  # before reading the photos
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
         fields = _spec_fields(spec)
-        images = [_instance_image(path, upload) for path in _find_images(fields["instance_images"])]
+        images = [
+            _instance_image(path, upload)
+            for path in find_instance_images([absolute_path(p) for p in fields["instance_images"]])
+        ]
         if upload and (total := sum(len(image.data) for image in images)) > MAX_UPLOAD_BYTES:
             raise InputError(
                 "instance_images",
@@ -282,26 +283,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _find_images(paths: Iterable[str]) -> list[Path]:
-    """Files as named, directories expanded to their image files (sorted, non-recursive, no hidden files),
-    like the trainer does; what the files contain is the server's preflight to check."""
-    paths = [str(p) for p in paths]
-    found: dict[Path, None] = {}
-    for entry in (Path(absolute_path(p)) for p in paths):
-        if entry.is_dir():
-            children = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
-            found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif entry.is_file():
-            found[entry] = None
-        else:
-            raise InputError("instance_images", f"{entry}: no such file or directory")
-    if not found:
-        raise InputError(
-            "instance_images", f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(paths)}"
-        )
-    return list(found)
 
 
 def _instance_image(path: Path, upload: bool) -> jobs_pb2.InstanceImage:

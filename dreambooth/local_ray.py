@@ -42,7 +42,7 @@ def ensure_ray_token() -> None:
         draft.unlink(missing_ok=True)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` ("auto" for the one started on this machine by `ray start`), or start a
     private single-machine one whose listeners are all on 127.0.0.1 when `address` is None."""
     if ray.is_initialized():
@@ -69,7 +69,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     ray.init(
         address="local",  # a new cluster, even if `ray start` left one's address on this machine
         num_cpus=num_cpus,
-        num_gpus=num_gpus,
         include_dashboard=None,  # where its packages are (ray[default]); a bare Ray (the GPU bench bundle) refuses True
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,

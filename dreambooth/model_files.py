@@ -15,6 +15,8 @@ from pathlib import Path
 from dreambooth.errors import InputError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# An exported subject model's own file beside the diffusers ones: its base model, prompts, hyper-parameters.
+METADATA_FILE = "metadata.json"
 
 # The config file each component folder must hold.
 _CONFIG_FILES = {

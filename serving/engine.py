@@ -28,10 +28,8 @@ from diffusers import SchedulerMixin
 from PIL import Image
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import sampling_scheduler
+from dreambooth.model_files import METADATA_FILE, sampling_scheduler
 from dreambooth.sd_model import load_base_model
-
-METADATA_FILE = "metadata.json"  # written by trainer/export.py next to the diffusers files
 
 
 @dataclass(frozen=True)

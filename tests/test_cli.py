@@ -138,7 +138,7 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
     events.emit("state", state="PREPARING")
     events.emit("class_images", done=2, total=2)
     events.emit("state", state="TRAINING")
-    events.emit("progress", step=1, total_steps=4, loss=0.5, lr=1e-5)
+    events.emit("progress", step=1, total_steps=4, loss=0.5, lr=1e-5, eta_s=3.2)
     events.emit("compiled", step=1, seconds=12.34, graphs=2)
     events.emit("checkpoint", step=2, path="/s/checkpoint_step_0000002", stall_s=0.1)
     events.emit("state", state="FAILED", reason="INVALID_INPUT", message="resolution: too small")
@@ -155,6 +155,7 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
     ):
         assert line in err
     assert "class images" in err and "training" in err  # the two bars
+    assert "loss 0.5000, eta 3s" in err  # as `watch` shows a job the controller runs (one renderer for both)
 
 
 def test_the_private_local_ray_asks_its_own_state_api():

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 from dreambooth.cli import main
-from dreambooth.client import IMAGE_SUFFIXES, ClientError, DreamBoothClient
+from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
 from dreambooth.serving_client import ServingError, ServingUnreachable, generate, wait_until_served
@@ -278,6 +278,9 @@ def test_bad_spec_or_photos_fail_before_any_call(client, controller, job_yaml, t
         client.submit({**yaml.safe_load(job_yaml.read_text()), "resolution": 100})
     with pytest.raises(InputError, match=r"nope\.jpg: no such file"):
         client.submit({**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "nope.jpg")]})
+    (tmp_path / "notes.txt").write_text("my dog's photos are in photos/")
+    with pytest.raises(InputError, match=r"notes\.txt: not an image"):  # as the trainer finds them: not uploaded
+        client.submit({**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "notes.txt")]})
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):
         client.submit({**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(tmp_path / "empty")]})
@@ -407,12 +410,6 @@ def test_tls(tmp_path):
             plain.get("job-4")  # a plaintext client cannot talk to a TLS server
     finally:
         server.stop(grace=None)
-
-
-def test_image_suffixes_match_the_trainer():
-    from trainer.images import IMAGE_SUFFIXES as TRAINER_SUFFIXES
-
-    assert IMAGE_SUFFIXES == TRAINER_SUFFIXES
 
 
 def _self_signed_certificate() -> tuple[bytes, bytes]:
@@ -584,6 +581,7 @@ def serving_api():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            api.bodies.append(body)
             png = base64.b64encode(body["prompt"].encode()).decode()
             images = [{"seed": body["seed"] + i, "png_base64": png} for i in range(body["num_images"])]
             self._answer(200, {"images": images})
@@ -604,7 +602,7 @@ def serving_api():
             pass
 
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    api.statuses = []
+    api.statuses, api.bodies = [], []
     api.endpoint = f"http://127.0.0.1:{api.server_port}/v1/models/model-3/generate"
     threading.Thread(target=api.serve_forever, daemon=True).start()
     yield api
@@ -618,6 +616,10 @@ def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, control
         code, _, err = cli("generate", "model-3", prompt, "--out", str(tmp_path / "images"))
         assert code == 0, err
     assert sorted(p.read_bytes() for p in (tmp_path / "images").iterdir()) == [p.encode() for p in prompts]
+    # What the user did not set is not sent: the serving API's defaults apply, not a copy of them.
+    assert not {"steps", "guidance_scale", "width", "height"} & set(serving_api.bodies[0])
+    assert cli("generate", "model-3", prompts[0], "--steps", "5", "--out", str(tmp_path / "images"))[0] == 0
+    assert serving_api.bodies[-1]["steps"] == 5
 
 
 def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):

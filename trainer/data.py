@@ -57,16 +57,14 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def sample_indices(
-    num_items: int, seed: int, stream: int, first: int, count: int, device: torch.device | None = None
-) -> torch.Tensor:
+def sample_indices(num_items: int, seed: int, stream: int, first: int, count: int) -> torch.Tensor:
     """Indices `first .. first+count-1` of an endless stream that visits every item once per epoch, each
     epoch in its own seeded random order. `stream` separates instance from class images."""
     out = []
     for position in range(first, first + count):
         epoch, offset = divmod(position, num_items)
         out.append(_epoch_order(num_items, seed, stream, epoch)[offset])
-    return torch.tensor(out, dtype=torch.long, device=device)
+    return torch.tensor(out, dtype=torch.long)
 
 
 @functools.lru_cache(maxsize=64)

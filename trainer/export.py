@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from dreambooth.durable import sync_dir, sync_tree
+from dreambooth.model_files import METADATA_FILE
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
 from trainer.flat_parameters import unflatten_state_dict
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths
-
-METADATA_FILE = "metadata.json"
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:

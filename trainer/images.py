@@ -2,6 +2,7 @@
 
 Everything here runs on the driver before any training worker starts, so that a bad photo costs the user
 seconds, not a cluster allocation: every problem is reported at once, each with the offending file's path.
+The SDK finds a submission's photos with `find_instance_images` too: torch loads only for `preprocess`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dreambooth.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 FIELD = "instance_images"
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -165,6 +169,8 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     The subject of a portrait photo is usually centred, and [-1, 1] is the range Stable Diffusion's VAE
     was trained on. PIL's Lanczos filter keeps the downscale sharp without needing torchvision.
     """
+    import torch
+
     if image.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image (use load_image), got mode {image.mode}")
     width, height = image.size
