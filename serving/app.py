@@ -55,6 +55,10 @@ EVICTION_WAIT_S = 300
 LOAD_KEPT_S = 60
 # A model whose load failed is not tried again for this long: each try would evict a loaded model first.
 LOAD_RETRY_S = 15
+# A request waits this long for its model's load (a GPU's seconds; a cold torch.compile of a new architecture's
+# UNet, minutes): Serve holds its replica's one model-loading lock through it, so a load hung on a file system that
+# stopped answering would keep every other model from loading on that replica, for ever.
+LOAD_TIMEOUT_S = 600
 GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
 
 
@@ -137,12 +141,20 @@ class SharedLoads:
     the model would start a second copy beside it. Here the load runs in a task of its own that the waiting
     request only awaits: a request cancelled meanwhile leaves it running, and the next request takes it over.
     A finished load that nobody takes over is dropped after `keep_s`; a failed one at once, and `check` refuses
-    the model for `retry_s` after it (the multiplexer evicts a loaded model before it calls a load)."""
+    the model for `retry_s` after it (the multiplexer evicts a loaded model before it calls a load). A request waits
+    `timeout_s` at most (ModelUnavailable), while the load goes on for the next."""
 
-    def __init__(self, load: Callable[[str], Awaitable[Any]], keep_s: float, retry_s: float = LOAD_RETRY_S):
+    def __init__(
+        self,
+        load: Callable[[str], Awaitable[Any]],
+        keep_s: float,
+        retry_s: float = LOAD_RETRY_S,
+        timeout_s: float = LOAD_TIMEOUT_S,
+    ):
         self.load = load
         self.keep_s = keep_s
         self.retry_s = retry_s
+        self.timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # model id: (when its last load failed, why)
         # The keep_s timer of a finished load still in _tasks: cancelled when the load is taken over, since the
@@ -154,7 +166,12 @@ class SharedLoads:
         if task is None:
             task = self._tasks[model_id] = asyncio.ensure_future(self.load(model_id))
             task.add_done_callback(functools.partial(self._finished, model_id))
-        model = await asyncio.shield(task)  # raises what the load raised: _finished forgot that one already
+        try:  # raises what the load raised: _finished forgot that one already
+            model = await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            raise ModelUnavailable(
+                f"model {model_id} still loading after {self.timeout_s:g} s; its load goes on"
+            ) from None
         self._forget(model_id, task)  # taken over by this request: nothing left for a later one
         return model
 

@@ -318,6 +318,30 @@ def test_a_model_whose_load_failed_is_refused_for_a_while_then_tried_again():
     asyncio.run(scenario())
 
 
+def test_a_load_that_hangs_lets_its_request_go_and_is_not_started_twice():
+    """Serve holds its replica's one model-loading lock through a load: one hung on a file system that stopped
+    answering kept every other model from loading there, and its requests waited for ever."""
+    started: list[str] = []
+
+    async def scenario() -> None:
+        answer = asyncio.Event()
+
+        async def load(model_id: str) -> str:
+            started.append(model_id)
+            await answer.wait()
+            return f"weights of {model_id}"
+
+        loads = SharedLoads(load, keep_s=3600, timeout_s=0.05)
+        for _ in range(2):  # the second request waits for the same load, and gives up too
+            with pytest.raises(ModelUnavailable, match="still loading after 0.05 s"):
+                await loads.get("slow")
+        answer.set()  # the file system answers again
+        await asyncio.sleep(0)
+        assert await loads.get("slow") == "weights of slow" and started == ["slow"]
+
+    asyncio.run(scenario())
+
+
 def test_a_silent_dashboard_times_out_instead_of_holding_the_deploys():
     """The controller applies deployments under a lock, from its RPC threads and its reconciler: a dashboard that
     accepts connections but never answers must end a call in its timeout, not hold them all."""
