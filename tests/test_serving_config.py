@@ -333,7 +333,7 @@ def test_a_load_that_hangs_lets_its_request_go_and_is_not_started_twice():
 
         loads = SharedLoads(load, keep_s=3600, timeout_s=0.05)
         for _ in range(2):  # the second request waits for the same load, and gives up too
-            with pytest.raises(ModelUnavailable, match="still loading after 0.05 s"):
+            with pytest.raises(ModelUnavailable, match=r"still loading after 0\.05 s"):
                 await loads.get("slow")
         answer.set()  # the file system answers again
         await asyncio.sleep(0)
