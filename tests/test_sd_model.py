@@ -216,6 +216,18 @@ def test_fingerprint(tiny_copy):
     assert fingerprint(tiny_copy) not in (first, touched)
 
 
+def test_fingerprints_of_same_sized_models_installed_with_the_same_mtimes_differ(tiny_model, tmp_path):
+    """Two fine-tunes of one architecture have files of the same sizes; installed with normalised mtimes (a
+    reproducible image build) they shared one fingerprint, hence class images and, in serving, a VAE."""
+    first, second = (shutil.copytree(tiny_model, tmp_path / name) for name in ("base-a", "base-b"))
+    weights = next((second / "vae").glob("*.safetensors"))
+    weights.write_bytes(bytes(b ^ 1 for b in weights.read_bytes()))  # other weights, the same size
+    for copy in (first, second):
+        for file in copy.rglob("*"):
+            os.utime(file, ns=(0, 0), follow_symlinks=False)
+    assert fingerprint(first) != fingerprint(second)
+
+
 def test_fingerprint_follows_linked_components_and_skips_hidden_files(tiny_copy, tmp_path):
     shutil.move(tiny_copy / "unet", tmp_path / "unet")
     (tiny_copy / "unet").symlink_to(tmp_path / "unet", target_is_directory=True)  # a component shared by link
