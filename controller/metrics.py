@@ -33,6 +33,22 @@ WATCHES_ENDED = Counter(
     registry=REGISTRY,
 )
 FAILURES = Counter("dreambooth_job_failures_total", "Failed jobs by reason.", ["reason"], registry=REGISTRY)
+# Each running job's training, from its trainer's progress events. Per job here, where a job's series are removed
+# when it ends; the trainers' own metrics (through Ray's metrics agent, which keeps every series it has seen for the
+# node's lifetime, and folds those past 2000 of a metric into one) carry no job id.
+JOB_STEP = Gauge("dreambooth_job_step", "Optimizer steps a running job has done.", ["job_id"], registry=REGISTRY)
+JOB_LOSS = Gauge(
+    "dreambooth_job_loss",
+    "A running job's training loss (over its last progress window).",
+    ["job_id"],
+    registry=REGISTRY,
+)
+JOB_STEPS_PER_SECOND = Gauge(
+    "dreambooth_job_steps_per_second",
+    "A running job's optimizer steps per second (over its last progress window).",
+    ["job_id"],
+    registry=REGISTRY,
+)
 
 # Every known label value starts at 0: a series that first appears at 1 is an event increase() cannot see.
 for _outcome in ("accepted", "rejected"):
@@ -41,6 +57,19 @@ for _reason in ("INVALID_INPUT", "TRAINING_FAILED", "RAY_JOB_FAILED", "NO_RESULT
     FAILURES.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)
+
+
+def record_job_progress(job_id: str, step: int | None, loss: float | None, steps_per_second: float | None) -> None:
+    """What a running job's trainer last reported (None: a field its progress event did not have)."""
+    for gauge, value in ((JOB_STEP, step), (JOB_LOSS, loss), (JOB_STEPS_PER_SECOND, steps_per_second)):
+        if value is not None:
+            gauge.labels(job_id=job_id).set(value)
+
+
+def forget_job(job_id: str) -> None:
+    """Drops an ended job's series: the exporter holds only running jobs', however many have run."""
+    for gauge in (JOB_STEP, JOB_LOSS, JOB_STEPS_PER_SECOND):
+        gauge.remove(job_id)  # none if it reported no progress: nothing to do
 
 
 def set_jobs_by_state(counts: dict[str, int]) -> None:

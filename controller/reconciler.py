@@ -274,6 +274,7 @@ class Reconciler:
         from_states = {"CANCELLING"} if job.state == "CANCELLING" else RUNNING_STATES
         done = self.store.transition(job.job_id, from_states, state, **fields)
         if done is not None:
+            metrics.forget_job(job.job_id)
             if state == "FAILED":
                 metrics.FAILURES.labels(reason=reason).inc()
             self.feed.publish(job.job_id, "state", {"state": state})
@@ -320,6 +321,8 @@ class Reconciler:
                 {k: event.get(k) for k in ("step", "total_steps", "loss", "prior_loss", "lr", "steps_per_s", "eta_s")}
             )
             changes.append(("progress", dict(progress)))
+            if job.state not in TERMINAL_STATES:  # events re-read after the end (a shortened file) add no series
+                metrics.record_job_progress(job.job_id, progress["step"], progress["loss"], progress["steps_per_s"])
         elif kind == "checkpoint":
             job = self.store.update_job(job.job_id, last_checkpoint_step=event["step"])
             changes.append(("checkpoint", event))
@@ -373,6 +376,7 @@ class Reconciler:
                 metrics.FAILURES.labels(reason=done.failure_reason).inc()
         if done is None:
             return job
+        metrics.forget_job(job.job_id)
         changes.append(("state", {"state": done.state}))
         return done
 

@@ -216,6 +216,29 @@ def test_a_job_running_past_max_job_run_s_is_stopped_and_fails(by_hand, trainer_
         assert "24 h after it started" in final.failure_message and "max_job_run_s" in final.failure_message
 
 
+def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
+    """Each running job's step, loss and throughput are the controller's gauges, by job id; an ended job's series
+    are removed, so that the exporter holds the running jobs' only, however many have run (the trainers' Ray metrics,
+    which Ray's agent keeps for the node's lifetime, carry no job id)."""
+    reconciler = by_hand
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
+    job = reconciler.store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id="x-a1")
+    events = EventLog(job_paths(reconciler.config.storage, job.job_id).events_file)
+    events.emit("progress", step=3, total_steps=10, loss=0.25, prior_loss=0.1, lr=1e-5, steps_per_s=1.5, eta_s=4.7)
+    job = reconciler._apply_events(job)
+
+    def sample(name: str) -> float | None:
+        return metrics.REGISTRY.get_sample_value(name, {"job_id": job.job_id})
+
+    assert (sample("dreambooth_job_step"), sample("dreambooth_job_loss")) == (3, 0.25)
+    assert sample("dreambooth_job_steps_per_second") == 1.5
+    events.emit("state", state="FAILED", reason="TrainingFailedError", message="diverged")
+    assert reconciler._apply_events(job).state == "FAILED"
+    assert [sample(n) for n in ("dreambooth_job_step", "dreambooth_job_loss", "dreambooth_job_steps_per_second")] == [
+        None
+    ] * 3
+
+
 def test_a_job_whose_last_attempts_logs_cannot_be_had_still_fails(by_hand, monkeypatch):
     """The log tail is for the reader: a head that cannot serve it (the driver's node gone) must not keep the job
     TRAINING, and its slot held, for ever."""

@@ -73,7 +73,7 @@ class ProgressReporter:
         for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
             self.writer.add_scalar(f"train/{name}", fields[name], step)
         if self.metrics is not None:
-            self.metrics.record_progress(step - self._window_start_step, loss_avg, steps_per_s)
+            self.metrics.record_steps(step - self._window_start_step)
         self._sums, self._count = None, 0
         self._window_start_time, self._window_start_step = now, step
 

@@ -98,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_step=start_step,
     )
     # Prometheus metrics (through Ray's metrics agent) come from rank 0, like the events.
-    metrics = TrainMetrics(config["job_id"]) if rank == 0 else None
+    metrics = TrainMetrics() if rank == 0 else None
     reporter = (
         ProgressReporter(events, paths.tensorboard_dir, spec.max_steps, start_step, metrics=metrics)
         if rank == 0

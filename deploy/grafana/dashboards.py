@@ -196,9 +196,10 @@ def training() -> builders.Dashboard:
         _dashboard(
             "DreamBooth / Training",
             "dreambooth-training",
-            "Jobs as the controller sees them, and each job's training as rank 0 reports it through Ray.",
+            "Jobs as the controller sees them, each running job's training as its trainer reports it, and the "
+            "trainers' own metrics over all jobs (through Ray).",
         )
-        .with_variable(_label_variable("job_id", "Job", "ray_dreambooth_train_steps_total"))
+        .with_variable(_label_variable("job_id", "Job", "dreambooth_job_step"))
         .with_row(builders.Row("Jobs (controller)"))
         .with_panel(
             graph(
@@ -273,19 +274,20 @@ def training() -> builders.Dashboard:
                 'refused: dreambooth_watch_streams_total{code="RESOURCE_EXHAUSTED"}).',
             )
         )
-        .with_row(builders.Row("Training (rank 0 of each job)"))
+        .with_row(builders.Row("Training (each running job, from its trainer's progress, through the controller)"))
         .with_panel(
             graph(
                 "Steps per second",
-                [(f"max by (job_id) (ray_dreambooth_train_steps_per_second{job})", "{{job_id}}")],
+                [(f"max by (job_id) (dreambooth_job_steps_per_second{job})", "{{job_id}}")],
                 unit="none",
                 width=8,
+                description="Over each progress window (about a second of steps).",
             )
         )
         .with_panel(
             graph(
                 "Loss",
-                [(f"max by (job_id) (ray_dreambooth_train_loss{job})", "{{job_id}}")],
+                [(f"max by (job_id) (dreambooth_job_loss{job})", "{{job_id}}")],
                 unit="none",
                 width=8,
                 description="Averaged over each progress window (about a second of steps).",
@@ -293,36 +295,42 @@ def training() -> builders.Dashboard:
         )
         .with_panel(
             graph(
+                "Steps done",
+                [(f"max by (job_id) (dreambooth_job_step{job})", "{{job_id}}")],
+                unit="none",
+                width=8,
+                description="A job's series ends with the job.",
+            )
+        )
+        .with_row(builders.Row("Trainers, all jobs (rank 0 of each, through Ray)"))
+        .with_panel(
+            graph(
                 "Optimizer steps per second (counted)",
-                [(f"sum by (job_id) (rate(ray_dreambooth_train_steps_total{job}[{RATE}]))", "{{job_id}}")],
+                [(f"sum (rate(ray_dreambooth_train_steps_total[{RATE}]))", "all jobs")],
                 unit="short",
                 width=8,
                 # Not increase() per bar: Grafana's rate window spans several bars, each would count it again.
-                description="Steps per second from the step counter, over Grafana's rate window; a gap is a "
-                "stalled or restarting job.",
+                description="Steps per second of every job, from the trainers' step counter, over Grafana's rate "
+                "window. No job id on the trainers' metrics: Ray's metrics agent keeps every series it has seen for "
+                "the node's lifetime.",
             )
         )
         .with_panel(
             graph(
                 "Checkpoint stall",
-                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", by="job_id", selector=job, window=None),
+                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", window=None),
                 unit="s",
                 width=8,
-                # As for "Model load time": a job's series starts at its first save (count 1, nothing to increase
-                # from), which no rate() sees; so this counts every save of the running jobs instead.
+                # A node's series starts at its first save (count 1, nothing to increase from), which no rate()
+                # sees; so this counts every save instead.
                 description="How long training was blocked per checkpoint save (host copy with async "
-                "checkpointing, the whole write without), over every save since the job's training workers started.",
+                "checkpointing, the whole write without), over every save since the nodes' Ray started.",
             )
         )
         .with_panel(
             graph(
                 "Checkpoints saved",
-                [
-                    (
-                        events_in_window("ray_dreambooth_train_checkpoint_stall_seconds_count", "job_id", job),
-                        "{{job_id}}",
-                    )
-                ],
+                [(events_in_window("ray_dreambooth_train_checkpoint_stall_seconds_count"), "all jobs")],
                 bars=True,
                 width=8,
                 description=f"Saves in the last {SPARSE}.",
@@ -331,7 +339,7 @@ def training() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Restarts (resumed from a checkpoint)",
-                [(events_in_window("ray_dreambooth_train_restarts_total", "job_id", job), "{{job_id}}")],
+                [(events_in_window("ray_dreambooth_train_restarts_total"), "all jobs")],
                 bars=True,
                 width=8,
                 description="Runs that started from a checkpoint: after a worker failure, a resubmitted attempt, "
