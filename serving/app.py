@@ -11,6 +11,7 @@ globals that Serve pickled with the class, so they must be real objects.
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -68,6 +69,10 @@ REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableErr
 
 class ModelNotServed(LookupError):
     """The model id is not (or no longer) deployed."""
+
+
+class TenantBusy(Exception):
+    """The caller's tenant has max_requests_per_tenant requests in the ingress already."""
 
 
 def keep_replica_grpc_on_loopback() -> None:
@@ -407,6 +412,7 @@ class Ingress:
         self.models: dict[str, ServedModel] = {}
         self.access = Access()
         self.metrics = IngressMetrics()
+        self._in_flight: collections.Counter[str] = collections.Counter()  # by tenant: its requests in this ingress
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.models = {
@@ -444,7 +450,8 @@ class Ingress:
             if model is None or not self.access.visible(tenant, model_id):
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
-            encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+            with self._turn_of(tenant):
+                encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
             outcome, images = "ok", len(encoded.png)
         except Unauthenticated as e:
             outcome = "unauthenticated"
@@ -455,6 +462,9 @@ class Ingress:
         except ModelNotServed as e:
             outcome = "not_found"
             raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them") from e
+        except TenantBusy as e:
+            outcome = "throttled"
+            raise self._retry_later(str(e), status=429) from e
         except BackPressureError as e:
             outcome = "overloaded"
             raise self._retry_later("overloaded") from e
@@ -476,8 +486,24 @@ class Ingress:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)
 
-    def _retry_later(self, why: str) -> HTTPException:
-        return HTTPException(503, detail=f"{why}; retry later", headers={"Retry-After": str(self.config.retry_after_s)})
+    def _retry_later(self, why: str, status: int = 503) -> HTTPException:
+        headers = {"Retry-After": str(self.config.retry_after_s)}
+        return HTTPException(status, detail=f"{why}; retry later", headers=headers)
+
+    @contextlib.contextmanager
+    def _turn_of(self, tenant: str | None) -> Iterator[None]:
+        """One of the tenant's max_requests_per_tenant turns while the block runs (TenantBusy if none is free); no
+        limit without tenants. The handlers run on one event loop: no lock."""
+        limit = self.config.max_requests_per_tenant
+        if tenant is not None and self._in_flight[tenant] >= limit:
+            raise TenantBusy(f"your tenant has {limit} requests in progress, the most it may (max_requests_per_tenant)")
+        self._in_flight[tenant] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[tenant] -= 1
+            if not self._in_flight[tenant]:
+                del self._in_flight[tenant]
 
     def _tenant(self, authorization: str | None) -> str | None:
         try:

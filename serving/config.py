@@ -69,6 +69,9 @@ class ServeConfig:
     """Requests in flight per generator replica (>= max_batch_size, or batches cannot fill)."""
     max_queued_requests: int = 64
     """Requests waiting for a replica, per caller; beyond it: 503 with Retry-After."""
+    max_requests_per_tenant: int = 32
+    """With tenants: generate requests one tenant may have in the ingress at once (sampling or waiting); more get 429
+    with Retry-After, so that one tenant's burst cannot fill the queue every tenant shares (max_queued_requests)."""
     retry_after_s: int = 2
     limits: RequestLimits = RequestLimits()
 
@@ -95,6 +98,7 @@ class ServeConfig:
             ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, "must be >= 0"),
             ("max_ongoing_requests", self.max_ongoing_requests >= self.max_batch_size, "must be >= max_batch_size"),
             ("max_queued_requests", self.max_queued_requests >= 1, "must be >= 1"),
+            ("max_requests_per_tenant", self.max_requests_per_tenant >= 1, "must be >= 1"),
             ("limits.max_images", 1 <= self.limits.max_images <= self.max_batch_size, "must be 1..max_batch_size"),
             ("retry_after_s", self.retry_after_s >= 0, "must be >= 0 (seconds, the Retry-After header)"),
             # Schedulers refuse more inference steps than their 1000 training timesteps (a 500 at request time).

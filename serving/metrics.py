@@ -39,7 +39,8 @@ class IngressMetrics:
         self.requests = Counter(
             "dreambooth_serve_requests_total",
             description="Generate requests by subject class and outcome (ok, bad_request, unauthenticated, not_found, "
-            "overloaded, unavailable: its replica went away, cancelled: the client went away, error). A body that does "
+            "throttled: its tenant's max_requests_per_tenant, overloaded, unavailable: its replica went away or its "
+            "model cannot be loaded, cancelled: the client went away, error). A body that does "
             "not parse is a 422 before it is a request: Serve's HTTP status codes count those.",
             tag_keys=("model_class", "outcome"),
         )

@@ -9,7 +9,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 import pytest
@@ -54,6 +54,7 @@ def service(ray_cluster, subject_models, serve_port) -> Iterator[ServeConfig]:
         batch_wait_timeout_s=0.3,
         max_ongoing_requests=4,
         max_queued_requests=4,
+        max_requests_per_tenant=3,  # with tenants only: one test deploys with them
         retry_after_s=3,
         limits=RequestLimits(max_images=4, max_steps=60),
         max_models_per_replica=1,  # rex and fido take turns: every switch evicts the other
@@ -68,9 +69,10 @@ def service(ray_cluster, subject_models, serve_port) -> Iterator[ServeConfig]:
     serve.delete(config.app_name, _blocking=False)  # its replicas would take CPU from the tests after this module
 
 
-def generate(config: ServeConfig, model_id: str, **body) -> requests.Response:
+def generate(config: ServeConfig, model_id: str, token: str | None = None, **body) -> requests.Response:
     fields = {"prompt": "a photo of sks dog", "steps": STEPS, "seed": 5} | body
-    return requests.post(config.endpoint(model_id), json=fields, timeout=120)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(config.endpoint(model_id), json=fields, headers=headers, timeout=120)
 
 
 def image(response: requests.Response, index: int = 0) -> np.ndarray:
@@ -243,6 +245,37 @@ def test_a_model_that_cannot_load_answers_503_and_the_others_serve_on(service, s
     finally:
         deployer.apply({k: str(v) for k, v in subject_models.items()})
         wait_for_models(deployer, set(subject_models))
+
+
+def test_one_tenants_burst_is_throttled_and_another_tenant_is_served(service, subject_models, ray_cluster):
+    """With tenants, a tenant's requests beyond max_requests_per_tenant (3 here) get 429 with Retry-After at once,
+    instead of filling the queue that every tenant shares; another tenant is not held to the first one's count."""
+    deployer = ServeDeployer(ray_cluster.dashboard_url, service)
+    models = {k: str(v) for k, v in subject_models.items()}
+    tokens = {"alice": ["alice-serving-token"], "bob": ["bob-serving-token"]}
+    deployer.apply(models, {"rex": "alice", "fido": "bob"}, tokens)
+    try:
+        deadline = time.monotonic() + 60
+        while requests.get(f"{service.base_url}/v1/models", timeout=10).status_code != 401:  # reconfigured
+            assert time.monotonic() < deadline, "the ingress never took the tenants' tokens"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(6) as pool:
+            burst = [pool.submit(generate, service, "rex", "alice-serving-token", steps=60, seed=i) for i in range(6)]
+            throttled = []
+            for answered in as_completed(burst):  # the refused ones answer at once, while the others sample
+                if answered.result().status_code != 429:
+                    break
+                throttled.append(answered.result())
+            assert len(throttled) == 3, [f.result().status_code for f in burst if f.done()]
+            assert throttled[0].headers["retry-after"] == "3" and "max_requests_per_tenant" in throttled[0].text
+            assert generate(service, "fido", "bob-serving-token").status_code == 200
+            assert sorted(f.result().status_code for f in burst) == [200, 200, 200, 429, 429, 429]
+    finally:
+        deployer.apply(models)
+        deadline = time.monotonic() + 60
+        while requests.get(f"{service.base_url}/v1/models", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the ingress kept the tenants' tokens"
+            time.sleep(0.2)
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from serving.metrics import MAX_MODEL_CLASSES, class_label
         ({"batch_size": 8}, "serving.batch_size"),  # a typo of max_batch_size
         ({"limits": {"max_step": 9}}, "serving.limits.max_step"),
         ({"retry_after_s": -1}, "serving.retry_after_s"),
+        ({"max_requests_per_tenant": 0}, "serving.max_requests_per_tenant"),
         ({"limits": {"max_steps": 1001}}, "serving.limits.max_steps"),  # DDIM raises past its 1000 timesteps
         ({"limits": {"max_side": 1020}}, "serving.limits.max_side"),
         ({"limits": {"max_prompt_chars": 0}}, "serving.limits.max_prompt_chars"),

@@ -383,7 +383,7 @@ def serving() -> builders.Dashboard:
                 "Errors",
                 [
                     (share("error|overloaded|unavailable"), "server errors (error, overloaded, unavailable)"),
-                    (share("bad_request|unauthenticated|not_found"), "client errors (400, 401, 404)"),
+                    (share("bad_request|unauthenticated|not_found|throttled"), "client errors (400, 401, 404, 429)"),
                 ],
                 unit="percentunit",
                 width=8,
