@@ -147,7 +147,8 @@ class SharedLoads:
     request only awaits: a request cancelled meanwhile leaves it running, and the next request takes it over.
     A finished load that nobody takes over is dropped after `keep_s`; a failed one at once, and `check` refuses
     the model for `retry_s` after it (the multiplexer evicts a loaded model before it calls a load). A request waits
-    `timeout_s` at most (ModelUnavailable), while the load goes on for the next."""
+    `timeout_s` at most (ModelUnavailable), and `check` then refuses the model until that load ends: each request
+    for it would otherwise take Serve's loading lock again, evicting a loaded model and holding up the others."""
 
     def __init__(
         self,
@@ -162,11 +163,14 @@ class SharedLoads:
         self.timeout_s = timeout_s
         self._tasks: dict[str, asyncio.Task] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # model id: (when its last load failed, why)
+        self._overdue: dict[str, asyncio.Task] = {}  # loads that outlasted timeout_s and still run
         # The keep_s timer of a finished load still in _tasks: cancelled when the load is taken over, since the
         # timer holds the task, hence the model, which would stay in memory after the multiplexer evicted it.
         self._expiries: dict[str, asyncio.TimerHandle] = {}
 
     async def get(self, model_id: str) -> Any:
+        # Again here: a request that passed `check` before a load failed or ran over waits on Serve's loading lock.
+        self.check(model_id)
         task = self._tasks.get(model_id)
         if task is None:
             task = self._tasks[model_id] = asyncio.ensure_future(self.load(model_id))
@@ -174,6 +178,8 @@ class SharedLoads:
         try:  # raises what the load raised: _finished forgot that one already
             model = await asyncio.wait_for(asyncio.shield(task), self.timeout_s)
         except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            if not task.done():
+                self._overdue[model_id] = task
             raise ModelUnavailable(
                 f"model {model_id} still loading after {self.timeout_s:g} s; its load goes on"
             ) from None
@@ -181,7 +187,10 @@ class SharedLoads:
         return model
 
     def check(self, model_id: str) -> None:
-        """Raises ModelUnavailable while `model_id`'s last load failed less than retry_s ago."""
+        """Raises ModelUnavailable while `model_id`'s last load failed less than retry_s ago, or while a load of it
+        that outlasted timeout_s still runs."""
+        if model_id in self._overdue:
+            raise ModelUnavailable(f"model {model_id}'s load has run over {self.timeout_s:g} s and goes on")
         failed_at, why = self._failed.get(model_id, (-float("inf"), ""))
         if time.monotonic() - failed_at < self.retry_s:
             raise ModelUnavailable(f"model {model_id}'s load failed {time.monotonic() - failed_at:.0f} s ago: {why}")
@@ -190,11 +199,14 @@ class SharedLoads:
         """Forgets `model_id`'s load (the requests awaiting it still get it) and its failure: the next request loads
         it anew."""
         self._failed.pop(model_id, None)
+        self._overdue.pop(model_id, None)
         if (task := self._tasks.get(model_id)) is not None:
             self._forget(model_id, task)
 
     def _finished(self, model_id: str, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if self._overdue.get(model_id) is task:
+            del self._overdue[model_id]
+        if not task.cancelled() and isinstance(task.exception(), ModelUnavailable):  # its files; not memory, not gone
             self._failed[model_id] = (time.monotonic(), str(task.exception()))
         if task.cancelled() or task.exception() is not None:
             self._forget(model_id, task)
@@ -264,10 +276,10 @@ class Generator:
         # A coroutine, so that Serve runs it on the replica's event loop, between requests' steps, as the state it
         # changes expects (a plain method runs on a thread of Serve's pool, beside requests reading that state).
         before, self.paths = self.paths, dict(user_config.get("models", {}))
-        for model_id in [m for m, path in before.items() if self.paths.get(m) != path]:
-            # Undeployed or moved: its memory goes when the requests still sampling it finish, not when the
-            # multiplexer next evicts it (its slot stays taken until then; a request for it, if it is deployed
-            # again, loads it anew).
+        for model_id in [m for m in before.keys() | self.paths.keys() if before.get(m) != self.paths.get(m)]:
+            # Undeployed, moved or deployed anew: a load or failure of what was there is forgotten; its memory goes
+            # when the requests still sampling it finish, not when the multiplexer next evicts it (its slot stays
+            # taken until then; a request for it, if it is deployed again, loads it anew).
             self._loads.drop(model_id)
             if (resident := self._residents.get(model_id)) is not None:
                 resident.model = None
@@ -367,19 +379,19 @@ def render(model_id: str, encoded: EncodedResult, output_format: str) -> Respons
 def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
     try:
         metadata = read_metadata(path)
-    except (OSError, ValueError):
-        # Listed all the same: one model's unreadable file must not fail the ingress's reconfigure, which Serve
-        # answers by stopping the replica, for every model. Its requests get 503 when it does not load.
+        return ServedModel(
+            model_id=model_id,
+            endpoint=config.endpoint(model_id),
+            model_class=str(metadata.get("class_prompt") or "unknown"),
+            instance_prompt=metadata.get("instance_prompt"),
+            # Not the rest of metadata.json: it names paths on the cluster's storage, which clients have no use for.
+            resolution=int((metadata.get("hyperparameters") or {}).get("resolution") or 512),
+        )
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable, not JSON, or not the shape it should be
+        # Listed all the same: one model's bad file must not fail the ingress's reconfigure, which Serve answers by
+        # stopping the replica, for every model. Its requests get 503 when it does not load.
         logger.exception("model %s: cannot read the metadata in %s; listed with defaults", model_id, path)
-        metadata = {}
-    return ServedModel(
-        model_id=model_id,
-        endpoint=config.endpoint(model_id),
-        model_class=str(metadata.get("class_prompt") or "unknown"),
-        instance_prompt=metadata.get("instance_prompt"),
-        # Not the rest of metadata.json: it names paths on the cluster's storage, which HTTP clients have no use for.
-        resolution=int((metadata.get("hyperparameters") or {}).get("resolution") or 512),
-    )
+        return ServedModel(model_id=model_id, endpoint=config.endpoint(model_id), model_class="unknown", resolution=512)
 
 
 def _unauthenticated(error: Unauthenticated) -> HTTPException:

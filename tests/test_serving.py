@@ -231,7 +231,9 @@ def test_a_model_that_cannot_load_answers_503_and_the_others_serve_on(service, s
     weights.write_bytes(weights.read_bytes()[:1000])
     unreadable = shutil.copytree(subject_models["fido"], tmp_path / "unreadable")
     (unreadable / "metadata.json").write_text('{"hyperparameters": ')
-    broken = {"gone": tmp_path / "gone", "truncated": truncated, "unreadable": unreadable}
+    misshapen = shutil.copytree(subject_models["fido"], tmp_path / "misshapen")
+    (misshapen / "metadata.json").write_text('{"hyperparameters": "x"}')  # JSON, not what an export writes
+    broken = {"gone": tmp_path / "gone", "truncated": truncated, "unreadable": unreadable, "misshapen": misshapen}
     deployer = ServeDeployer(ray_cluster.dashboard_url, service)
     deployer.apply({k: str(v) for k, v in (subject_models | broken).items()})
     try:

@@ -17,7 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated, user_config
-from serving.app import ResidentModel, SharedLoads, build_app
+from serving.app import ModelNotServed, ResidentModel, SharedLoads, build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 from serving.engine import GenerationResult, ModelUnavailable
@@ -293,28 +293,36 @@ def test_a_models_load_outlives_a_cancelled_request_and_serves_the_next():
 
 def test_a_model_whose_load_failed_is_refused_for_a_while_then_tried_again():
     """The multiplexer evicts a loaded model before it calls a load: a model that cannot load, asked for again and
-    again, would empty the replica of healthy models and read its broken files each time."""
+    again, would empty the replica of healthy models and read its broken files each time. A load that failed for
+    another reason (undeployed meanwhile, out of memory) is not the model's files: tried again at once."""
     attempts: list[str] = []
 
     async def scenario() -> None:
         async def load(model_id: str) -> str:
             attempts.append(model_id)
-            raise OSError("truncated unet weights")
+            if model_id == "undeployed":
+                raise ModelNotServed(model_id)
+            raise ModelUnavailable(f"the model at /models/{model_id} cannot be loaded: truncated unet weights")
 
         loads = SharedLoads(load, keep_s=3600, retry_s=0.2)
         loads.check("broken")  # never loaded: nothing to refuse
-        with pytest.raises(OSError):
+        with pytest.raises(ModelUnavailable):
             await loads.get("broken")
         with pytest.raises(ModelUnavailable, match="truncated unet weights"):
             loads.check("broken")
+        with pytest.raises(ModelUnavailable, match="truncated unet weights"):  # one past check, queued for the load
+            await loads.get("broken")
         loads.check("healthy")
         await asyncio.sleep(0.25)
         loads.check("broken")  # retry_s later: its next request tries again
-        with pytest.raises(OSError):
+        with pytest.raises(ModelUnavailable):
             await loads.get("broken")
         loads.drop("broken")  # deployed again (a fixed model, a new path): tried at once
         loads.check("broken")
-        assert attempts == ["broken", "broken"]
+        with pytest.raises(ModelNotServed):
+            await loads.get("undeployed")
+        loads.check("undeployed")
+        assert attempts == ["broken", "broken", "undeployed"]
 
     asyncio.run(scenario())
 
@@ -333,12 +341,22 @@ def test_a_load_that_hangs_lets_its_request_go_and_is_not_started_twice():
             return f"weights of {model_id}"
 
         loads = SharedLoads(load, keep_s=3600, timeout_s=0.05)
-        for _ in range(2):  # the second request waits for the same load, and gives up too
-            with pytest.raises(ModelUnavailable, match=r"still loading after 0\.05 s"):
-                await loads.get("slow")
-        answer.set()  # the file system answers again
-        await asyncio.sleep(0)
-        assert await loads.get("slow") == "weights of slow" and started == ["slow"]
+        with pytest.raises(ModelUnavailable, match=r"still loading after 0\.05 s"):
+            await loads.get("slow")
+        # Its next requests are refused before Serve's loading lock (which would evict a loaded model for it).
+        with pytest.raises(ModelUnavailable, match="has run over"):
+            loads.check("slow")
+        loads.check("healthy")
+        answer.set()  # the file system answers again: once the load ends, requests for the model go through
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            try:
+                loads.check("slow")
+                break
+            except ModelUnavailable:
+                assert asyncio.get_running_loop().time() < deadline, "still refused after its load ended"
+                await asyncio.sleep(0.01)
+        assert await loads.get("slow") == "weights of slow" and started == ["slow"]  # the same load, taken over
 
     asyncio.run(scenario())
 
