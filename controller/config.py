@@ -63,9 +63,10 @@ class ControllerConfig:
     A submission that failed (Ray unreachable) is repeated as the same attempt and does not count, unless the
     controller restarted in between (it then counts: the safe side)."""
     max_job_run_s: float | None = 24 * 3600.0
-    """A job still running this long after it started (time in the queue not counted, every attempt counted) is
-    stopped and ends FAILED (RUN_TIME_EXCEEDED), its checkpoints kept: a hung worker (a stuck collective, a
-    deadlocked data loader) would otherwise hold its GPUs and its tenant's slot for ever. None: no limit."""
+    """A job still running this long after it started is stopped and ends FAILED (RUN_TIME_EXCEEDED): a hung worker
+    (a stuck collective, a deadlocked data loader) would otherwise hold its GPUs and its tenant's slot for ever.
+    Counted from when it left the controller's queue, over every attempt, waiting on the cluster for its workers
+    included; an exporting job is let finish. None: no limit."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_submits_per_tenant: int = 16
     """With tenants: SubmitJob calls of one tenant in progress at once, each holding its photos in memory (up to

@@ -157,7 +157,9 @@ class Reconciler:
         try:
             self.ray_jobs.submit(job.job_id, job.attempts)
         except RayJobsError as e:
-            self._unsent[job.ray_submission_id] = not e.reached_ray
+            # Once a try may have reached Ray (it timed out), the submission may start later: a refused retry does
+            # not make it surely unsent.
+            self._unsent[job.ray_submission_id] = self._unsent.get(job.ray_submission_id, True) and not e.reached_ray
             raise
         self._unsent.pop(job.ray_submission_id, None)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
@@ -219,6 +221,8 @@ class Reconciler:
                 quiet_s,
                 LOST_QUIET_S,
             )
+        elif self._past_run_time(job):  # not run again past the limit, to be stopped on the next pass
+            self._finish(job, "FAILED", "RUN_TIME_EXCEEDED", self._run_time_message())
         elif job.attempts < self.config.max_attempts:
             # The driver itself died (node lost, Ray head restarted, killed): run it again; it resumes from
             # the job's latest checkpoint.
@@ -236,24 +240,29 @@ class Reconciler:
             )
 
     def _past_run_time(self, job: JobRecord) -> bool:
+        """Whether the job has run past max_job_run_s. An exporting job is let finish: its model is nearly there."""
         limit = self.config.max_job_run_s
-        return limit is not None and job.start_time is not None and time.time() - job.start_time > limit
+        if limit is None or job.start_time is None or job.state == "EXPORTING":
+            return False
+        return time.time() - job.start_time > limit
+
+    def _run_time_message(self) -> str:
+        hours = self.config.max_job_run_s / 3600
+        return f"still running {hours:g} h after it started: stopped at the controller's limit (max_job_run_s)"
 
     def _stop_for_run_time(self, job: JobRecord) -> JobRecord:
         """Stops a job that ran past max_job_run_s as a cancel does (CANCELLING until Ray reports its workers gone),
         with the failure it ends with recorded now: a restarted controller ends it FAILED too."""
-        hours = self.config.max_job_run_s / 3600
         stopping = self.store.transition(
             job.job_id,
-            RUNNING_STATES,
+            RUNNING_STATES - {"EXPORTING"},
             "CANCELLING",
             failure_reason="RUN_TIME_EXCEEDED",
-            failure_message=f"still running {hours:g} h after it started: stopped at the controller's limit "
-            f"(max_job_run_s); its checkpoints are kept",
+            failure_message=self._run_time_message(),
         )
-        if stopping is None:  # cancelled or ended meanwhile
+        if stopping is None:  # cancelled, exporting or ended meanwhile
             return job
-        log.warning("job %s: ran past max_job_run_s (%g h); stopping it", job.job_id, hours)
+        log.warning("job %s: ran past max_job_run_s; stopping it", job.job_id)
         self.feed.publish(job.job_id, "state", {"state": "CANCELLING"})
         return stopping
 

@@ -187,13 +187,14 @@ def _sampling_scheduler_problem(root: Path, entry) -> str | None:
 def fingerprint(path: str | os.PathLike) -> str:
     """A short, stable hex id of a model directory for cache keys.
 
-    Hashes (relative path, size, mtime_ns, inode, ctime_ns) of every file rather than the contents, so it stays
-    cheap for gigabytes of weights. Two fine-tunes of one architecture have files of the same sizes, and installed
-    with normalised mtimes (a reproducible image build, `tar --mtime`) they were told apart by nothing else, and
-    shared class images and a VAE: their files are other inodes. A file rewritten in place, its size and mtime
-    kept, has a new ctime, which no copy or archive sets. (A copy of a base model on each node's own disk has a
-    fingerprint per node: its cache entries are not shared, never wrong; on shared storage the inode and ctime are
-    the server's, the same from every node.) Symlinks, to files (the Hugging Face cache layout) or to
+    Hashes (relative path, size, mtime_ns, inode) of every file rather than the contents, so it stays cheap for
+    gigabytes of weights. Two fine-tunes of one architecture have files of the same sizes, and installed with
+    normalised mtimes (a reproducible image build, `tar --mtime`) they were told apart by nothing else, and shared
+    class images and a VAE: their files are other inodes. A copy (`cp -a`, a restore, a copy on each node's own
+    disk, a FUSE mount of an object store that numbers inodes per mount) is other inodes too: its class images are
+    generated again, the same ones, never wrong. Metadata changes
+    (chmod, chown) leave it as it is; so does a file rewritten in place keeping its size and mtime, which only a
+    deliberate `touch -d` after the write makes. Symlinks, to files (the Hugging Face cache layout) or to
     component folders, are followed to their targets. Hidden files and folders (.git, editors' files) are not the
     model: a `git fetch` in a cloned model must not change it.
     """
@@ -206,9 +207,6 @@ def fingerprint(path: str | os.PathLike) -> str:
                 continue
             file = Path(dirpath) / name
             stat = file.stat()
-            entries.append(
-                f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
-                f"\0{stat.st_ctime_ns}\n"
-            )
+            entries.append(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\n")
     digest = hashlib.sha256("".join(sorted(entries)).encode())
     return digest.hexdigest()[:16]

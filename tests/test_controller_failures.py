@@ -216,6 +216,26 @@ def test_a_job_running_past_max_job_run_s_is_stopped_and_fails(by_hand, trainer_
         assert "24 h after it started" in final.failure_message and "max_job_run_s" in final.failure_message
 
 
+def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run_again(by_hand):
+    """An exporting job is let finish (its model is nearly there; a stop would delete the half-written export), and
+    a job past the limit whose driver died is not submitted again only to be stopped on the next pass."""
+    reconciler, store = by_hand, by_hand.store
+    past = time.time() - reconciler.config.max_job_run_s - 1
+    exporting = training_under(reconciler, "sleep 600")
+    store.transition(exporting.job_id, {"TRAINING"}, "EXPORTING", start_time=past)
+    try:
+        reconciler._follow(store.get_job(exporting.job_id))
+        assert store.get_job(exporting.job_id).state == "EXPORTING"
+    finally:
+        reconciler.ray_jobs.stop(exporting.ray_submission_id)
+    died = training_under(reconciler, "false")
+    store.update_job(died.job_id, start_time=past)
+    assert _ended(reconciler.ray_jobs, died.ray_submission_id) == RayJobStatus.FAILED
+    reconciler._follow(store.get_job(died.job_id))
+    final = store.get_job(died.job_id)
+    assert (final.state, final.failure_reason, final.attempts) == ("FAILED", "RUN_TIME_EXCEEDED", 1)
+
+
 def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
     """Each running job's step, loss and throughput are the controller's gauges, by job id; an ended job's series
     are removed, so that the exporter holds the running jobs' only, however many have run (the trainers' Ray metrics,

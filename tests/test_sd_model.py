@@ -226,6 +226,11 @@ def test_fingerprints_of_same_sized_models_installed_with_the_same_mtimes_differ
         for file in copy.rglob("*"):
             os.utime(file, ns=(0, 0), follow_symlinks=False)
     assert fingerprint(first) != fingerprint(second)
+    same = fingerprint(second)
+    (second / "vae").chmod(0o750)  # metadata only: class images are not generated again for it
+    for file in (second / "vae").iterdir():
+        file.chmod(0o640)
+    assert fingerprint(second) == same
 
 
 def test_fingerprint_follows_linked_components_and_skips_hidden_files(tiny_copy, tmp_path):
