@@ -26,8 +26,8 @@ def preflight(spec: JobSpec) -> None:
     check_trainable_base_model(spec.base_model)
 
 
-def check_trainable_base_model(path: str | Path) -> Path:
-    """check_base_model, and that training has a loss target for what its UNet predicts. Returns its directory."""
+def check_trainable_base_model(path: str | Path) -> None:
+    """check_base_model, and that training has a loss target for what its UNet predicts."""
     root = check_base_model(path)
     try:
         scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -37,4 +37,3 @@ def check_trainable_base_model(path: str | Path) -> Path:
         raise InputError(
             "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
         )
-    return root

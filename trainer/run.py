@@ -201,10 +201,6 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
     return Path(result.checkpoint.path)
 
 
-def worker_env(spec: JobSpec) -> dict[str, str]:
-    return {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu", "HF_HUB_OFFLINE": "1"}
-
-
 def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
@@ -224,8 +220,10 @@ def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
             # Set before a worker imports this package: DeepSpeed picks its accelerator when first imported, and a
-            # CPU job on a node with GPUs would otherwise move its model onto a GPU that Ray never gave it.
-            worker_runtime_env={"env_vars": worker_env(spec)},
+            # CPU job on a node with GPUs would otherwise move its model onto a GPU that Ray never gave it. (The
+            # rest of the workers' environment, HF_HUB_OFFLINE included, is the Ray job's: controller.ray_jobs,
+            # dreambooth.local_ray.)
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.use_gpu else "cpu"}},
         ),
     )
 
