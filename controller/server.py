@@ -29,7 +29,7 @@ from controller.ray_jobs import RayJobs
 from controller.reconciler import Reconciler
 from controller.service import JobService
 from controller.serving import ServingSync
-from controller.store import ControllerRunning, Store
+from controller.store import ControllerRunning, SchemaMismatch, Store
 from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # a setting to fix, named
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         return 2
-    except OSError as e:  # the config file missing, a port taken, storage unwritable
+    except (OSError, SchemaMismatch) as e:  # config file missing, port taken, storage unwritable; a later database
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ControllerRunning as e:

@@ -47,6 +47,10 @@ class ControllerRunning(RuntimeError):
     """Another controller holds this database."""
 
 
+class SchemaMismatch(RuntimeError):
+    """The database was written by a later version of the controller, whose tables this one does not know."""
+
+
 def _always_held() -> bool:
     return True
 
@@ -152,6 +156,11 @@ models = sa.Table(
 )
 sa.Index("ix_models_list", models.c.tenant, models.c.create_time.desc(), models.c.model_id.desc())
 
+# The tables' shape above, stamped in the counters table. A change to them bumps it, and create_all then upgrades a
+# database with a lower stamp before anything else touches it. A controller never runs on a higher stamp: it would
+# write rows a later version's invariants do not expect (an operator rolling back after an upgrade).
+SCHEMA_VERSION = 1
+
 # One row holding the last seq. Its row lock (PostgreSQL) / the write lock (SQLite) makes seq strictly
 # increasing in commit order, and unlike max(jobs.seq) it does not go backwards when a job is deleted.
 counters = sa.Table(
@@ -243,18 +252,30 @@ class Store:
             yield conn
 
     def create_all(self) -> None:
+        """Creates the tables and indexes a database lacks, once its schema version is known to be this code's
+        or older (a database from before the version was stamped is version 1)."""
+        if sa.inspect(self.engine).has_table(counters.name):
+            with self.engine.connect() as conn:
+                found = conn.execute(sa.select(counters.c.value).where(counters.c.name == "schema_version")).scalar()
+            if found is not None and found > SCHEMA_VERSION:
+                raise SchemaMismatch(
+                    f"the database {self.engine.url} has schema version {found}, newer than this controller's "
+                    f"{SCHEMA_VERSION}: a later dreambooth-cluster wrote it. Run that version, or restore the backup "
+                    f"taken before the upgrade (a database is not downgraded)"
+                )
         meta.create_all(self.engine)
         # create_all skips the tables that exist, with their indexes: a database from an older version gets the
         # indexes added since.
         for table in meta.sorted_tables:
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)
-        try:
-            with self.engine.begin() as conn:
-                if conn.execute(sa.select(counters.c.value).where(counters.c.name == "seq")).first() is None:
-                    conn.execute(counters.insert().values(name="seq", value=0))
-        except sa.exc.IntegrityError:
-            pass  # another process seeded it first
+        for name, value in (("seq", 0), ("schema_version", SCHEMA_VERSION)):
+            try:
+                with self.engine.begin() as conn:
+                    if conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).first() is None:
+                        conn.execute(counters.insert().values(name=name, value=value))
+            except sa.exc.IntegrityError:
+                pass  # another process seeded it first
 
     def close(self) -> None:
         self.engine.dispose()

@@ -29,13 +29,14 @@ from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
 from controller.service import ImageInput, JobService
-from controller.store import ControllerRunning, JobRecord, Store
+from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_controller import job_spec, wait_until_ray_job_actors_end
+from tests.test_store import set_schema_version
 from trainer.events import EventLog
 from trainer.storage import job_paths
 
@@ -626,14 +627,19 @@ def test_a_job_whose_files_cannot_be_removed_is_kept_for_a_retry(controller, tin
 def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     from controller.server import main as controller_main
 
-    unknown, broken = tmp_path / "unknown.yaml", tmp_path / "broken.yaml"
+    unknown, broken, rolled_back = tmp_path / "unknown.yaml", tmp_path / "broken.yaml", tmp_path / "rolled-back.yaml"
     unknown.write_text(f"storage: {tmp_path}\nfoo: 1\n")
     broken.write_text("storage: [unclosed\n")
-    for config_file in (tmp_path / "missing.yaml", unknown, broken):
+    rolled_back.write_text(f"storage: {tmp_path / 'upgraded'}\n")
+    (tmp_path / "upgraded").mkdir()
+    upgraded = Store(ControllerConfig.load(rolled_back).effective_database_url)
+    set_schema_version(upgraded, SCHEMA_VERSION + 1)  # as a later controller leaves its database
+    upgraded.close()
+    for config_file in (tmp_path / "missing.yaml", unknown, broken, rolled_back):
         assert controller_main(["--config", str(config_file)]) == 2
     err = capsys.readouterr().err
-    assert "missing.yaml" in err and "foo" in err and "broken.yaml" in err
-    assert err.count("error: ") == 3 and "Traceback" not in err
+    assert "missing.yaml" in err and "foo" in err and "broken.yaml" in err and "newer than this controller" in err
+    assert err.count("error: ") == 4 and "Traceback" not in err
 
 
 def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path):

@@ -23,13 +23,16 @@ import pytest
 import sqlalchemy as sa
 
 from controller.store import (
+    SCHEMA_VERSION,
     STATES,
     UNFINISHED_STATES,
     ControllerRunning,
     JobRecord,
     ModelRecord,
+    SchemaMismatch,
     Store,
     TenantFull,
+    counters,
     filesystem_type,
     is_network_filesystem,
     jobs,
@@ -535,6 +538,35 @@ fs-1.efs.eu-west-1.amazonaws.com:/ /shared nfs4 rw,vers=4.1 0 0
 def test_a_database_on_a_network_file_system_is_recognised(path, kind, network):
     assert filesystem_type(Path(path), MOUNTS) == kind
     assert is_network_filesystem(kind) is network
+
+
+def set_schema_version(store: Store, version: int | None) -> None:
+    """Stamps the database as that version wrote it (None: as one from before the stamp existed)."""
+    stamp = counters.c.name == "schema_version"
+    with store.engine.begin() as conn:
+        conn.execute(counters.delete().where(stamp))
+        if version is not None:
+            conn.execute(counters.insert().values(name="schema_version", value=version))
+
+
+def schema_version(store: Store) -> int | None:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(counters.c.value).where(counters.c.name == "schema_version")).scalar()
+
+
+def test_a_database_a_later_version_wrote_is_refused(url):
+    """An operator rolling back after an upgrade: this controller would write rows the later version's invariants
+    do not expect. A database from before the stamp existed is this version's, and is stamped."""
+    store = Store(url)
+    assert schema_version(store) == SCHEMA_VERSION
+    set_schema_version(store, None)
+    store.close()
+    store = Store(url)
+    assert schema_version(store) == SCHEMA_VERSION
+    set_schema_version(store, SCHEMA_VERSION + 1)
+    store.close()
+    with pytest.raises(SchemaMismatch, match=f"version {SCHEMA_VERSION + 1}, newer than this controller's"):
+        Store(url)
 
 
 def test_one_controller_holds_a_database_at_a_time(url):
