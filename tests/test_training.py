@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,28 @@ def test_compiled_code_is_cached_on_the_shared_storage(tiny_model, storage, monk
     trained_model(spec, paths, unet, None)  # compiles lazily, at the first forward
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "triton")
+
+
+def test_the_reported_loss_is_the_mean_over_ranks(tmp_path):
+    """Each rank's loss is of its own share of the batch: what a step reports averages them (two real gloo ranks)."""
+    script = (
+        "import sys, torch, torch.distributed as dist\n"
+        "from trainer.progress import mean_over_ranks\n"
+        "rank = int(sys.argv[2])\n"
+        "dist.init_process_group('gloo', store=dist.FileStore(sys.argv[1], 2), rank=rank, world_size=2)\n"
+        "print(mean_over_ranks(torch.tensor([1.0, 10.0]) * (rank + 1)).tolist())\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "GLOO_SOCKET_IFNAME": "lo"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "rendezvous"), str(rank)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0]
+    assert outputs == ["[1.5, 15.0]\n"] * 2

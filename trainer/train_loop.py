@@ -28,7 +28,7 @@ from trainer.flat_parameters import flatten_parameters
 from trainer.images import find_instance_images
 from trainer.metrics import TrainMetrics
 from trainer.model import DreamBoothModel, prior_preservation_loss
-from trainer.progress import ProgressReporter, peak_memory
+from trainer.progress import ProgressReporter, mean_over_ranks, peak_memory
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths, check_shared
 from trainer.validation import Validator
@@ -170,8 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             micro_losses.append(torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]))
-        # What the step reports: its losses over all its micro-steps (this rank's), not the last one's.
-        loss, instance_loss, prior_loss = torch.stack(micro_losses).mean(0).unbind()
+        # What the step reports: its losses over all its micro-steps and all ranks, not the last one's of rank 0.
+        loss, instance_loss, prior_loss = mean_over_ranks(torch.stack(micro_losses).mean(0)).unbind()
         if spec.async_checkpointing:
             engine.checkpoint_engine.reserve_after_first_update(engine)
 
