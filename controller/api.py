@@ -90,14 +90,16 @@ class RequestGate(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if not method.startswith(self._prefixes):
-            return continuation(handler_call_details)  # health, reflection: open, as probes need them
+        handler = continuation(handler_call_details)
+        if not method.startswith(self._prefixes) or handler is None:
+            # Health: open, as probes need it. A method no service has: UNIMPLEMENTED, and no metric series named
+            # by the caller (one per made-up name, for ever).
+            return handler
         try:
             tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
             return _refusal(method.rpartition("/")[2], grpc.StatusCode.UNAUTHENTICATED, str(e))
-        handler = continuation(handler_call_details)
-        if method != self._submit_method or handler is None:
+        if method != self._submit_method:
             return handler
         return grpc.stream_unary_rpc_method_handler(
             functools.partial(self._submit_in_turn, handler.unary_unary, tenant),

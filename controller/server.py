@@ -115,7 +115,10 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
-        interceptors=[RequestGate(auth, SERVICE_NAMES, SUBMIT_METHOD, config.max_submits_per_tenant)]
+        # Reflection too: each of its streams holds an RPC thread for as long as the caller keeps it open.
+        interceptors=[
+            RequestGate(auth, (*SERVICE_NAMES, reflection.SERVICE_NAME), SUBMIT_METHOD, config.max_submits_per_tenant)
+        ]
         if config.tenants
         else [],
     )

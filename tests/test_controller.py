@@ -302,6 +302,8 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
 
 
 def test_health_reflection_and_metrics(controller):
+    """Health is open (probes); reflection takes a token, as each of its streams holds an RPC thread while open."""
+    made_up = "/dreambooth.v1.JobService/NoSuchMethod"
     with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service="dreambooth.v1.JobService"))
@@ -309,13 +311,28 @@ def test_health_reflection_and_metrics(controller):
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        list_services = [reflection_pb2.ServerReflectionRequest(list_services="")]
+        with pytest.raises(grpc.RpcError) as refused:
+            next(reflection.ServerReflectionInfo(iter(list_services)))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = reflection.ServerReflectionInfo(
+            iter(list_services), metadata=[("authorization", "Bearer alice-token")]
+        )
         names = {s.name for s in next(answers).list_services_response.service}
         assert {"dreambooth.v1.JobService", "dreambooth.v1.ModelService", "grpc.health.v1.Health"} <= names
+        with pytest.raises(grpc.RpcError) as unknown:  # without a token: the name is not the caller's to label with
+            channel.unary_unary(made_up)(b"")
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
     port = controller.metrics_server.server_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    deadline = time.monotonic() + 30
+    while True:  # the job counts come at the end of a reconcile pass: the controller's first may still be running
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "dreambooth_jobs{" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     for name in ("dreambooth_jobs{", "dreambooth_rpc_duration_seconds_bucket", "dreambooth_job_submissions_total"):
         assert name in text, name
+    assert "NoSuchMethod" not in text
 
 
 def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_images, tmp_path):
