@@ -27,10 +27,11 @@ from controller.errors import (
 )
 from controller.ray_jobs import RayJobsError
 from controller.service import ImageInput, JobService
-from controller.store import TERMINAL_STATES, JobRecord, ModelRecord
+from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import proto_to_spec_fields, spec_to_proto, state_name, state_value, timestamp
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from trainer.images import check_instance_image_count
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @rpc
     def SubmitJob(self, request, context, tenant):
+        # Before one object per entry is made: an empty entry is 2 bytes, and a request may be max_request_bytes.
+        check_instance_image_count(len(request.instance_images))
         images = [
             ImageInput(filename=i.filename, data=i.data if i.WhichOneof("source") == "data" else None, uri=i.uri)
             for i in request.instance_images
@@ -236,6 +239,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @rpc
     def ListJobs(self, request, context, tenant):
+        if len(request.states) > len(STATES):  # before a string is made for each: a request may hold millions
+            raise InputError("states", f"{len(request.states)} states; there are {len(STATES)}: name each once")
         jobs, token = self.service.list(
             tenant, request.page_size, request.page_token, [state_name(s) for s in request.states]
         )

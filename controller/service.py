@@ -51,7 +51,7 @@ from controller.store import (
 from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
-from trainer.images import check_instance_images
+from trainer.images import check_instance_image_count, check_instance_images
 from trainer.preflight import check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import JobPaths, job_paths
@@ -208,8 +208,7 @@ class JobService:
     def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
         if not images:
             raise InputError("instance_images", "give 1 or more images of the subject (3-5 work best)")
-        if len(images) > 64:
-            raise InputError("instance_images", f"at most 64 images, got {len(images)}")
+        check_instance_image_count(len(images))
         total = sum(len(i.data or b"") for i in images)
         if total > self.config.max_images_bytes:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")

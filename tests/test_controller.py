@@ -280,8 +280,8 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
 
     from dreambooth.v1 import jobs_pb2_grpc
 
-    def field_refused(spec: jobs_pb2.TrainingSpec, image: jobs_pb2.InstanceImage) -> str:
-        request = jobs_pb2.SubmitJobRequest(spec=spec, instance_images=[image])
+    def field_refused(spec: jobs_pb2.TrainingSpec, *images: jobs_pb2.InstanceImage) -> str:
+        request = jobs_pb2.SubmitJobRequest(spec=spec, instance_images=images)
         with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as error:
             jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
@@ -292,6 +292,8 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
     spec = dict(base_model=str(tiny_model), instance_prompt="a photo of sks dog", num_class_images=0)
     nowhere = jobs_pb2.InstanceImage(uri=str(tiny_model.parent / "nonexistent.png"))
     assert field_refused(jobs_pb2.TrainingSpec(**spec, max_steps=-3), nowhere) == "max_steps"
+    # Counted before anything is made of them: an empty entry is 2 bytes, and a request may hold millions.
+    assert field_refused(jobs_pb2.TrainingSpec(**spec), *[jobs_pb2.InstanceImage()] * 65) == "instance_images"
     # A relative base_model (grpcurl, buf curl: the SDK sends absolute paths) is refused, though it names the model
     # from the controller's working directory: the trainer would look for it in the job's folder.
     relative = os.path.relpath(tiny_model)

@@ -734,10 +734,11 @@ def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Jo
     assert next(client.watch(job.job_id)).job.state == jobs_pb2.STATE_CANCELLED  # their slots are free again
 
 
-def test_list_by_an_unspecified_state_is_invalid(client):
-    with pytest.raises(ClientError) as error:
-        list(client.list(states=[jobs_pb2.STATE_UNSPECIFIED]))
-    assert error.value.code == "INVALID_ARGUMENT" and "states" in error.value.message
+def test_list_by_an_unspecified_state_or_by_more_states_than_there_are_is_invalid(client):
+    for states in ([jobs_pb2.STATE_UNSPECIFIED], [jobs_pb2.STATE_QUEUED] * 9):
+        with pytest.raises(ClientError) as error:
+            list(client.list(states=states))
+        assert error.value.code == "INVALID_ARGUMENT" and "states" in error.value.message
 
 
 @pytest.mark.parametrize("limit", ["0", "-5"])

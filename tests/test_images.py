@@ -20,6 +20,7 @@ from trainer.images import (
     IMAGE_SUFFIXES,
     MAX_ASPECT_RATIO,
     MAX_IMAGE_PIXELS,
+    MAX_INSTANCE_IMAGES,
     check_instance_images,
     find_instance_images,
     load_image,
@@ -84,6 +85,16 @@ def test_directory_expands_to_sorted_images_skipping_hidden_and_non_images(tmp_p
     found = find_instance_images([tmp_path])
     assert [p.name for p in found] == ["a.JPG", "b.png", "c.webp"]
     assert check_instance_images([str(tmp_path)], 64) == found
+
+
+def test_a_directory_of_more_images_than_a_subject_needs_is_refused_before_any_is_read(tmp_path):
+    """However the photos are named: a directory on shared storage may hold a whole photo library."""
+    for index in range(MAX_INSTANCE_IMAGES + 1):
+        (tmp_path / f"{index}.png").write_bytes(b"")  # not decoded: the count comes first
+    with pytest.raises(InputError, match=rf"{MAX_INSTANCE_IMAGES + 1} images in {tmp_path}; at most"):
+        find_instance_images([tmp_path])
+    (tmp_path / "0.png").unlink()
+    assert len(find_instance_images([tmp_path])) == MAX_INSTANCE_IMAGES
 
 
 def test_explicit_file_is_judged_by_content_and_duplicates_collapse(tmp_path):

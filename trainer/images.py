@@ -27,6 +27,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".
 MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 # A 10000x50 strip is no photo of a subject; centre-cropping it would leave a sliver of it.
 MAX_ASPECT_RATIO: float = 8.0
+# DreamBooth learns a subject from 3-5 photos. The bound holds however they are named (a directory expands to all
+# of its images): each is decoded when checked, and every one trains as an instance of the subject.
+MAX_INSTANCE_IMAGES = 64
 _WHITE = (255, 255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
 
@@ -65,10 +68,18 @@ def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             problems.append(f"{entry}: not an image")
     if problems:
         raise InputError(FIELD, "\n".join(problems))
+    where = ", ".join(map(str, paths)) or "an empty list"
     if not found:
-        where = ", ".join(map(str, paths)) or "an empty list"
         raise InputError(FIELD, f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {where}")
+    check_instance_image_count(len(found), f" in {where}")
     return list(found)
+
+
+def check_instance_image_count(count: int, where: str = "") -> None:
+    if count > MAX_INSTANCE_IMAGES:
+        raise InputError(
+            FIELD, f"{count} images{where}; at most {MAX_INSTANCE_IMAGES} (3-5 photos of the subject work best)"
+        )
 
 
 def _problem(path: Path, resolution: int) -> str | None:
