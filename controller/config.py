@@ -48,7 +48,8 @@ class ControllerConfig:
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     """Ray's dashboard, for the Jobs API (one Ray job per training attempt)."""
     tenants: tuple[Tenant, ...] = ()
-    """Bearer tokens by tenant. None configured: no authentication, one tenant "default" (local use only)."""
+    """Bearer tokens by tenant. None configured: no authentication, one tenant "default" (local use only) whose
+    running jobs only the cluster's capacity bounds."""
     readable_paths: tuple[Path, ...] = ()
     """With tenants: the directories whose files a job spec may name (base models, photos on shared storage).
     Anything else is PERMISSION_DENIED, so that no tenant reads another's uploads or the controller's files.

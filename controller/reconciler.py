@@ -122,7 +122,7 @@ class Reconciler:
         queued = self.store.queued_jobs()
         if not queued:
             return
-        limits = {name: tenant.max_running_jobs for name, tenant in self.service.tenants.items()}
+        limits = self.service.running_limits()
         last_started = dict(self._last_started)
         for job in active:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,9 +89,16 @@ class JobService:
         self.ray_jobs = ray_jobs
         self.feed = feed
         self.serving = serving
-        self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": Tenant("default", ())}
+        # Without tenants, one user has the cluster: its running jobs are bounded by the capacity alone (an 8-GPU
+        # workstation ran two 1-GPU jobs at a time, the other GPUs idle).
+        local_user = Tenant("default", (), max_running_jobs=sys.maxsize)
+        self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": local_user}
         self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
         self._image_checks = threading.BoundedSemaphore(IMAGE_CHECKS_AT_ONCE)
+
+    def running_limits(self) -> dict[str, int]:
+        """Tenant -> how many of its jobs may run at once."""
+        return {name: tenant.max_running_jobs for name, tenant in self.tenants.items()}
 
     # --- jobs ------------------------------------------------------------------------------------------
 

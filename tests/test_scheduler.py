@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.config import ControllerConfig
+from controller.feed import ChangeFeed
+from controller.ray_jobs import RayJobs
 from controller.scheduler import Resources, demand, jobs_to_start
+from controller.service import JobService
 from controller.store import JobRecord, Store
 
 _ids = itertools.count()
@@ -203,6 +207,18 @@ def test_higher_priority_starts_first_then_oldest_first(tmp_path):
         store.insert_job(JobRecord(tenant="a", spec={**spec, "cpus_per_worker": 6.0}, job_id="job-urgent", priority=99))
         started = jobs_to_start(store.queued_jobs(), [JobRecord(tenant="b", spec=spec)], Resources(6, 0), {"a": 10})
         assert started == []
+    finally:
+        store.close()
+
+
+def test_without_tenants_the_local_user_runs_as_many_jobs_as_the_cluster_fits(tmp_path):
+    """An 8-GPU workstation with `dreambooth up`: four 1-GPU jobs all run (the tenants' default limit is 2)."""
+    config = ControllerConfig(storage=tmp_path)
+    store = Store(config.effective_database_url)
+    try:
+        service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed())
+        queued = [job("default", gpus=1.0) for _ in range(4)]
+        assert len(jobs_to_start(queued, [], Resources(cpus=32, gpus=8), service.running_limits())) == 4
     finally:
         store.close()
 
