@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -122,7 +123,9 @@ class ControllerConfig:
         return self.database_url or f"sqlite:///{Path(self.storage).resolve() / 'controller.db'}"
 
     @classmethod
-    def load(cls, path: str | Path) -> ControllerConfig:
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> ControllerConfig:
+        """The settings in the YAML file at `path` (its relative paths from its folder), then `overrides` (the
+        command line's)."""
         try:
             data = load_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as e:
@@ -141,6 +144,11 @@ class ControllerConfig:
         for key in ("storage", "tls_cert", "tls_key"):
             if data.get(key):
                 data[key] = (Path(path).parent / data[key]).resolve()
+        data.update(overrides or {})
+        if not data.get("storage"):
+            raise InputError(
+                "storage", f"{path} names no storage (the root every Ray node shares): add `storage: PATH`"
+            )
         return cls(tenants=tenants, **data)
 
 

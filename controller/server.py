@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -162,16 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.config and not args.storage:
         parser.error("give --config or --storage")
+    flags = {
+        "storage": "storage",
+        "listen": "listen",
+        "ray_dashboard": "ray_dashboard_url",
+        "metrics_listen": "metrics_listen",
+    }
+    overrides = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
     try:
-        config = ControllerConfig.load(args.config) if args.config else ControllerConfig(storage=args.storage)
-        for flag, field in (
-            ("listen", "listen"),
-            ("ray_dashboard", "ray_dashboard_url"),
-            ("metrics_listen", "metrics_listen"),
-            ("storage", "storage"),
-        ):
-            if getattr(args, flag) is not None:
-                setattr(config, field, getattr(args, flag))
+        config = ControllerConfig.load(args.config, overrides) if args.config else ControllerConfig(**overrides)
         controller = start(config)
     except InputError as e:  # a setting to fix, named
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ControllerRunning as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except sa.exc.OperationalError as e:  # the database down or unreachable, its file unwritable: worth a restart
+        print(f"error: database_url: the database is unavailable ({e.orig or e})", file=sys.stderr)
         return 1
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,8 @@
     QUEUED -> PREPARING -> TRAINING -> EXPORTING -> SUCCEEDED
        |          \\____________\\___________\\-----> FAILED
        |           \\____________\\___________\\----> CANCELLING -> CANCELLED
-       |                                                    \\---> FAILED (RUN_TIME_EXCEEDED, at max_job_run_s)
+       |                                                    |---> FAILED (RUN_TIME_EXCEEDED, at max_job_run_s)
+       |                                                    \\---> SUCCEEDED (its model was written first)
        \\-----------------------------------------> CANCELLED
 
 Everything here is one store transaction or a compare-and-set on the job's state, so concurrent calls and

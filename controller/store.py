@@ -234,6 +234,7 @@ class Store:
 
             database = self.engine.url.database
             if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
                 kind = filesystem_type(Path(database).parent)
                 if kind is not None and is_network_filesystem(kind):
                     log.warning(

@@ -635,11 +635,22 @@ def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     upgraded = Store(ControllerConfig.load(rolled_back).effective_database_url)
     set_schema_version(upgraded, SCHEMA_VERSION + 1)  # as a later controller leaves its database
     upgraded.close()
-    for config_file in (tmp_path / "missing.yaml", unknown, broken, rolled_back):
+    no_storage = tmp_path / "no-storage.yaml"
+    no_storage.write_text("listen: 127.0.0.1:0\n")
+    for config_file in (tmp_path / "missing.yaml", unknown, broken, rolled_back, no_storage):
         assert controller_main(["--config", str(config_file)]) == 2
     err = capsys.readouterr().err
     assert "missing.yaml" in err and "foo" in err and "broken.yaml" in err and "newer than this controller" in err
-    assert err.count("error: ") == 4 and "Traceback" not in err
+    assert "error: storage: " in err
+    assert err.count("error: ") == 5 and "Traceback" not in err
+    # A database that is down: a restart may find it up (exit 1), and the setting is named.
+    unreachable = tmp_path / "unreachable.yaml"
+    unreachable.write_text(
+        f"storage: {tmp_path}\ndatabase_url: postgresql+psycopg://dreambooth@127.0.0.1:{free_port()}/x\n"
+    )
+    assert controller_main(["--config", str(unreachable)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: database_url: the database is unavailable") and "Traceback" not in err
 
 
 def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path):

@@ -407,7 +407,7 @@ def test_models_crud(store):
 
 
 def test_survives_reopen(tmp_path):
-    url = f"sqlite:///{tmp_path / 'controller.db'}"
+    url = f"sqlite:///{tmp_path / 'var' / 'lib' / 'controller.db'}"  # a folder not made yet, as a new host has
     store = Store(url)
     stored = store.update_job(store.insert_job(job(request_id="r")).job_id, progress={"step": 7})
     store.close()

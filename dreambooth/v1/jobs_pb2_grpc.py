@@ -99,7 +99,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Stops a queued or running job (its Ray job and workers). FAILED_PRECONDITION if it already ended.
+        """Stops a queued or running job (its Ray job and workers). FAILED_PRECONDITION if it already ended. A job whose
+        model was written before the stop took effect ends SUCCEEDED with it, not CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
