@@ -329,6 +329,11 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         model = self.service.undeploy_model(tenant, request.model_id)
         return models_pb2.UndeployModelResponse(model=model_proto(model))
 
+    @rpc
+    def DeleteModel(self, request, context, tenant):
+        self.service.delete_model(tenant, request.model_id)
+        return models_pb2.DeleteModelResponse()
+
 
 # --- conversions ---------------------------------------------------------------------------------------
 

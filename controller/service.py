@@ -1,4 +1,4 @@
-"""The job lifecycle behind the RPCs: submit, get, list, cancel, delete, watch, logs; models.
+"""The job lifecycle behind the RPCs: submit, get, list, cancel, delete, watch, logs; models: deploy, undeploy, delete.
 
     QUEUED -> PREPARING -> TRAINING -> EXPORTING -> SUCCEEDED
        |          \\____________\\___________\\-----> FAILED
@@ -96,6 +96,9 @@ class JobService:
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": local_user}
         self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
         self._image_checks = threading.BoundedSemaphore(IMAGE_CHECKS_AT_ONCE)
+        # Deploys, undeploys and deletions of models, one at a time (see delete_model). They are rare, and a model's
+        # files (a few dozen) go in a moment.
+        self._model_changes = threading.Lock()
 
     def running_limits(self) -> dict[str, int]:
         """Tenant -> how many of its jobs may run at once."""
@@ -325,14 +328,7 @@ class JobService:
         # exported): nothing else would ever remove them.
         paths = job_paths(self.config.storage, job_id)
         doomed = [paths.job_dir, *paths.model_scratch()] + ([] if job.model_id else [paths.model_dir])
-        for path in doomed:
-            try:
-                _remove_tree(path)
-            except OSError as e:
-                log.warning("deleting job %s: cannot remove %s: %s", job_id, path, e)
-                raise StorageFailed(
-                    f"cannot remove job {job_id}'s files ({e}); the job is kept: retry DeleteJob"
-                ) from e
+        _remove_files("job", job_id, doomed)
         self.store.delete_job(job_id)
 
     def watch(self, tenant: str, job_id: str, is_active=lambda: True) -> Iterator[tuple[JobRecord, Change | None]]:
@@ -373,18 +369,40 @@ class JobService:
 
     def deploy_model(self, tenant: str, model_id: str) -> ModelRecord:
         """Marks the model served (durably) and applies that to Ray Serve; idempotent."""
-        self.get_model(tenant, model_id)
-        serving = self._serving()
-        model = self.store.update_model(model_id, deployed=True, endpoint=self.config.serving.endpoint(model_id))
+        with self._model_changes:
+            self.get_model(tenant, model_id)
+            serving = self._serving()
+            model = self.store.update_model(model_id, deployed=True, endpoint=self.config.serving.endpoint(model_id))
         serving.apply()
         return model
 
     def undeploy_model(self, tenant: str, model_id: str) -> ModelRecord:
-        self.get_model(tenant, model_id)
-        serving = self._serving()
-        model = self.store.update_model(model_id, deployed=False, endpoint="")
+        with self._model_changes:
+            self.get_model(tenant, model_id)
+            serving = self._serving()
+            model = self.store.update_model(model_id, deployed=False, endpoint="")
         serving.apply()
         return model
+
+    def delete_model(self, tenant: str, model_id: str) -> None:
+        """Removes the model's files, then its record (as DeleteJob does: a failure leaves it listed, and the call
+        can be retried); refused while it is deployed.
+
+        A deploy between the check and the removal would leave a deployed record whose files are gone (serving
+        answering 503 for it until it is undeployed). Holding _model_changes from the check to the record's deletion
+        orders the two: a deploy that came first makes this refuse, one that comes after finds no model (NOT_FOUND).
+        The store's deletion is conditional as well (not while deployed), against a writer this lock cannot see (a
+        second controller on the database in the moments before the first finds its hold lost): a model deployed
+        that way stays listed, for UndeployModel and a retried DeleteModel, rather than served with no record."""
+        with self._model_changes:
+            model = self.get_model(tenant, model_id)
+            if model.deployed:
+                raise FailedPrecondition(
+                    f"model {model_id} is deployed: undeploy it first (UndeployModel, `dreambooth undeploy {model_id}`)"
+                )
+            paths = job_paths(self.config.storage, model.job_id)
+            _remove_files("model", model_id, [paths.model_dir, *paths.model_scratch()])  # and what exports left
+            self.store.delete_model(model_id)
 
     def _serving(self) -> ServingSync:
         if self.serving is None:
@@ -412,6 +430,19 @@ def _safe_filename(name: str, index: int) -> str:
     """Uploaded names never choose where a file goes: keep a harmless basename, prefixed to be unique."""
     base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or "").name)[-80:].lstrip(".") or "image"
     return f"{index:03d}_{base}"
+
+
+def _remove_files(kind: str, key: str, paths: list[Path]) -> None:
+    """Removes a job's or a model's files, or raises StorageFailed saying that it is kept and that a retry of its
+    delete is safe (what went before is gone already)."""
+    for path in paths:
+        try:
+            _remove_tree(path)
+        except OSError as e:
+            log.warning("deleting %s %s: cannot remove %s: %s", kind, key, path, e)
+            raise StorageFailed(
+                f"cannot remove {kind} {key}'s files ({e}); the {kind} is kept: retry Delete{kind.capitalize()}"
+            ) from e
 
 
 def _remove_tree(path: Path) -> None:

@@ -438,6 +438,12 @@ class Store:
             raise KeyError(model_id)
         return ModelRecord(**row._mapping)
 
+    def delete_model(self, model_id: str) -> bool:
+        """Deletes the model's row unless it is deployed: False, and nothing deleted, when it is (or is gone)."""
+        with self._writing() as conn:
+            stmt = models.delete().where(models.c.model_id == model_id, models.c.deployed.is_(False))
+            return conn.execute(stmt).rowcount > 0
+
     # --- internals --------------------------------------------------------------------------------------
 
     def _update(self, job_id: str, from_states: set[str] | None, fields: dict[str, Any]) -> JobRecord | None:

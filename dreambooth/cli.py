@@ -9,7 +9,8 @@ On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLL
 dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
 dreambooth jobs [--state S]            the jobs, newest first
 dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled
-dreambooth cancel JOB | delete JOB | logs JOB | models | deploy MODEL | undeploy MODEL | generate MODEL PROMPT
+dreambooth cancel JOB | delete JOB | logs JOB
+dreambooth models | deploy MODEL | undeploy MODEL | delete-model MODEL | generate MODEL PROMPT
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("model_id")
     deploy.add_argument("--no-wait", action="store_true", help="return at once, before the HTTP API lists it")
     add("undeploy", _undeploy, "stop serving a model").add_argument("model_id")
+    add("delete-model", _delete_model, "delete a model and its files (undeploy it first)").add_argument("model_id")
     generate = add("generate", _generate, "generate images of a deployed model into PNG files")
     generate.add_argument("model_id")
     generate.add_argument("prompt", help='use the identifier, e.g. "a photo of sks dog on the beach"')
@@ -324,6 +326,12 @@ def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
 def _undeploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
     client.undeploy(args.model_id)
+    return 0
+
+
+def _delete_model(client: DreamBoothClient, args: argparse.Namespace) -> int:
+    client.delete_model(args.model_id)
+    print(f"{args.model_id} deleted")
     return 0
 
 

@@ -252,6 +252,10 @@ class DreamBoothClient:
     def undeploy(self, model_id: str) -> models_pb2.Model:
         return self._call(self._models.UndeployModel, models_pb2.UndeployModelRequest(model_id=model_id)).model
 
+    def delete_model(self, model_id: str) -> None:
+        """Deletes the model and its files (FAILED_PRECONDITION while it is deployed: undeploy it first)."""
+        self._call(self._models.DeleteModel, models_pb2.DeleteModelRequest(model_id=model_id))
+
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout_s: float | None = None) -> Any:
         try:
             return method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)

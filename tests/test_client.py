@@ -55,7 +55,9 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
             "job-2": _job("job-2", S.STATE_FAILED, failure=S.Failure(reason="TRAINING_FAILED", message="NaN loss")),
             "job-1": _job("job-1", S.STATE_CANCELLED),
         }
-        self.model = models_pb2.Model(model_id="model-3", tenant="acme", job_id="job-3", path="/storage/models/job-3")
+        self.models = {
+            "model-3": models_pb2.Model(model_id="model-3", tenant="acme", job_id="job-3", path="/storage/models/job-3")
+        }
         self.requests: list[object] = []
         self.deadlines_s: list[float | None] = []  # what each call had left when it arrived
         self.lock = threading.Lock()
@@ -71,6 +73,11 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
         if job_id not in self.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} not found")
         return self.jobs[job_id]
+
+    def _find_model(self, model_id: str, context: grpc.ServicerContext) -> models_pb2.Model:
+        if model_id not in self.models:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {model_id!r} not found")
+        return self.models[model_id]
 
     def SubmitJob(self, request, context):
         self._auth(request, context)
@@ -126,24 +133,33 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
 
     def ListModels(self, request, context):
         self._auth(request, context)
-        return models_pb2.ListModelsResponse(models=[self.model])
+        return models_pb2.ListModelsResponse(models=self.models.values())
 
     def GetModel(self, request, context):
         self._auth(request, context)
-        if request.model_id != self.model.model_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_id!r} not found")
-        return models_pb2.GetModelResponse(model=self.model)
+        return models_pb2.GetModelResponse(model=self._find_model(request.model_id, context))
 
     def DeployModel(self, request, context):
         self._auth(request, context)
-        self.model.deployed = True
-        self.model.endpoint = self.model.endpoint or "http://127.0.0.1:8000/model-3"
-        return models_pb2.DeployModelResponse(model=self.model)
+        model = self._find_model(request.model_id, context)
+        model.deployed = True
+        model.endpoint = model.endpoint or f"http://127.0.0.1:8000/{model.model_id}"
+        return models_pb2.DeployModelResponse(model=model)
 
     def UndeployModel(self, request, context):
         self._auth(request, context)
-        self.model.deployed, self.model.endpoint = False, ""
-        return models_pb2.UndeployModelResponse(model=self.model)
+        model = self._find_model(request.model_id, context)
+        model.deployed, model.endpoint = False, ""
+        return models_pb2.UndeployModelResponse(model=model)
+
+    def DeleteModel(self, request, context):
+        self._auth(request, context)
+        if self._find_model(request.model_id, context).deployed:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"model {request.model_id} is deployed: undeploy it first"
+            )
+        del self.models[request.model_id]
+        return models_pb2.DeleteModelResponse()
 
 
 def _serve(controller: FakeController, credentials: grpc.ServerCredentials | None = None):
@@ -521,6 +537,16 @@ def test_cli_cancel_delete_models_logs(cli, controller):
     assert code == 0 and out.splitlines()[1].split()[:4] == ["model-3", "job-3", "no", "-"]
 
 
+def test_cli_delete_model(cli, controller):
+    controller.models["model-3"].deployed = True
+    code, _, err = cli("delete-model", "model-3")
+    assert code == 2 and err == "error: FAILED_PRECONDITION: model model-3 is deployed: undeploy it first\n"
+    assert cli("undeploy", "model-3")[0] == 0
+    assert cli("delete-model", "model-3")[:2] == (0, "model-3 deleted\n") and not controller.models
+    code, _, err = cli("delete-model", "model-3")
+    assert code == 2 and err.startswith("error: NOT_FOUND: ")
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -614,7 +640,8 @@ def serving_api():
 
 
 def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, controller, serving_api, tmp_path):
-    controller.model.deployed, controller.model.endpoint = True, serving_api.endpoint
+    model = controller.models["model-3"]
+    model.deployed, model.endpoint = True, serving_api.endpoint
     prompts = ["a photo of sks dog", "a photo of sks dog in the snow"]
     for prompt in prompts:  # the same default seed
         code, _, err = cli("generate", "model-3", prompt, "--out", str(tmp_path / "images"))
@@ -627,7 +654,7 @@ def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, control
 
 
 def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):
-    controller.model.endpoint = serving_api.endpoint
+    controller.models["model-3"].endpoint = serving_api.endpoint
     serving_api.statuses = [401]  # the serving API's token check, say: deploy's wait stops there
     code, out, err = cli("deploy", "model-3")
     assert (code, out) == (2, "") and "Traceback" not in err

@@ -22,14 +22,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.job_submission import JobSubmissionClient
 
 from controller import metrics
+from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
-from controller.errors import DeadlineExceeded
+from controller.errors import DeadlineExceeded, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
 from controller.service import ImageInput, JobService
-from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, Store
+from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
@@ -622,6 +623,86 @@ def test_a_job_whose_files_cannot_be_removed_is_kept_for_a_retry(controller, tin
         with pytest.raises(ClientError) as error:
             bob.get(job.job_id)
         assert error.value.code == "NOT_FOUND"
+
+
+def finished_model(controller, model_id: str, job_id: str) -> Path:
+    """A model as a finished job leaves it (its directory, its record of alice's), without training one."""
+    model_dir = job_paths(controller.service.config.storage, job_id).model_dir
+    model_dir.mkdir(parents=True)
+    (model_dir / "model_index.json").write_text("{}")
+    controller.service.store.insert_model(ModelRecord(model_id, "alice", job_id, str(model_dir)))
+    return model_dir
+
+
+def test_a_model_is_deleted_with_its_files_once_undeployed(controller, tmp_path):
+    """DeleteModel takes a model's directory (GiBs), then its record. Refused with nothing removed while it is
+    deployed, and for another tenant; files that cannot be removed keep the record, and a retry finishes."""
+    store = controller.service.store
+    model_dir = finished_model(controller, "model-1", "job-1")
+    other_model_dir = finished_model(controller, "model-2", "job-2")
+    store.update_model("model-1", deployed=True, endpoint="http://serve/model-1")  # serving is not configured here
+    target = f"127.0.0.1:{controller.port}"
+    with DreamBoothClient(target, TOKEN, timeout_s=10) as alice, DreamBoothClient(target, QUEUED_ONLY_TOKEN) as bob:
+        with pytest.raises(ClientError) as error:
+            alice.delete_model("model-1")
+        assert error.value.code == "FAILED_PRECONDITION" and "undeploy it first" in error.value.message
+        assert alice.model("model-1").deployed and (model_dir / "model_index.json").exists()
+        store.update_model("model-1", deployed=False, endpoint="")
+        with pytest.raises(ClientError) as error:
+            bob.delete_model("model-1")
+        assert error.value.code == "NOT_FOUND" and (model_dir / "model_index.json").exists()
+
+        # Moved away by hand and linked back: rmtree refuses a symbolic link (as root, permissions stop nothing).
+        moved = model_dir.rename(tmp_path / "moved")
+        model_dir.symlink_to(moved)
+        with pytest.raises(ClientError) as error:
+            alice.delete_model("model-1")
+        assert error.value.code == "INTERNAL" and "retry DeleteModel" in error.value.message
+        assert alice.model("model-1").job_id == "job-1"
+        model_dir.unlink()  # the operator's fix
+        set_aside = model_dir.parent / f".{model_dir.name}.{'0' * 32}.replaced"  # an export's leftover
+        set_aside.mkdir()
+        alice.delete_model("model-1")
+        assert not model_dir.exists() and not set_aside.exists() and (other_model_dir / "model_index.json").exists()
+        assert [model.model_id for model in alice.models()] == ["model-2"]
+        with pytest.raises(ClientError) as error:
+            alice.delete_model("model-1")
+        assert error.value.code == "NOT_FOUND"
+
+
+def test_a_deploy_during_a_model_deletion_waits_for_it_and_finds_no_model(controller, monkeypatch):
+    """Had DeployModel marked the model deployed while DeleteModel removed its files, serving would be told to
+    serve files that are gone. It waits for the deletion instead, and then there is no model to deploy."""
+    model_dir = finished_model(controller, "model-1", "job-1")
+    removing, removal_may_go_on = threading.Event(), threading.Event()
+    remove_tree = service_module._remove_tree
+
+    def slow_remove_tree(path: Path) -> None:
+        removing.set()
+        removal_may_go_on.wait(10)
+        remove_tree(path)
+
+    monkeypatch.setattr(service_module, "_remove_tree", slow_remove_tree)
+    service, outcome = controller.service, {}
+
+    def deploy() -> None:
+        try:
+            service.deploy_model("alice", "model-1")
+        except Exception as e:
+            outcome["deploy"] = e
+
+    deleting = threading.Thread(target=service.delete_model, args=("alice", "model-1"))
+    deleting.start()
+    assert removing.wait(10)
+    deploying = threading.Thread(target=deploy)
+    deploying.start()
+    deploying.join(0.5)
+    assert deploying.is_alive()  # without the wait: FAILED_PRECONDITION at once (serving is not configured here)
+    removal_may_go_on.set()
+    deleting.join(10)
+    deploying.join(10)
+    assert isinstance(outcome["deploy"], NotFound) and not model_dir.exists()
+    assert service.store.get_model("model-1") is None
 
 
 def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):

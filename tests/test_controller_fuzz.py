@@ -539,7 +539,8 @@ ID_METHODS = {
     for name in ("GetJob", "CancelJob", "DeleteJob", "GetJobLogs", "WatchJob")
 }
 MODEL_METHODS = {
-    name: (method(name), REQUEST_CLASS[method(name)]) for name in ("GetModel", "DeployModel", "UndeployModel")
+    name: (method(name), REQUEST_CLASS[method(name)])
+    for name in ("GetModel", "DeployModel", "UndeployModel", "DeleteModel")
 }
 
 

@@ -403,6 +403,16 @@ def test_models_crud(store):
     assert seen == ["model-1"] + [f"model-{i}" for i in range(11, 1, -1)]
 
 
+def test_a_deployed_models_row_is_not_deleted(store):
+    """DeleteModel's last step: a model deployed since its caller checked keeps its row, which serving follows."""
+    store.insert_model(ModelRecord(model_id="model-1", tenant="acme", job_id="job-1", path="/m/1"))
+    deployed = store.update_model("model-1", deployed=True, endpoint="http://serve/model-1")
+    assert store.delete_model("model-1") is False and store.get_model("model-1") == deployed
+    store.update_model("model-1", deployed=False, endpoint="")
+    assert store.delete_model("model-1") is True and store.get_model("model-1") is None
+    assert store.delete_model("model-1") is False
+
+
 # --- durability (SQLite) ----------------------------------------------------------------------------------
 
 

@@ -107,8 +107,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Deletes an ended job's record and files (its model stays; what an export left without a model, cancelled or
-        failed while it exported, goes too). FAILED_PRECONDITION while it runs.
+        """Deletes an ended job's record and files (its model stays, until DeleteModel; what an export left without a
+        model, cancelled or failed while it exported, goes too). FAILED_PRECONDITION while it runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

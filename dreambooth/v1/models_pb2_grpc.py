@@ -55,6 +55,11 @@ class ModelServiceStub:
                 request_serializer=dreambooth_dot_v1_dot_models__pb2.UndeployModelRequest.SerializeToString,
                 response_deserializer=dreambooth_dot_v1_dot_models__pb2.UndeployModelResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/dreambooth.v1.ModelService/DeleteModel',
+                request_serializer=dreambooth_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -86,6 +91,14 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Deletes the model's record and files (its job's record stays). FAILED_PRECONDITION while it is deployed:
+        UndeployModel first. INTERNAL when its files cannot be removed: the model is kept, and a retry can finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.UndeployModel,
                     request_deserializer=dreambooth_dot_v1_dot_models__pb2.UndeployModelRequest.FromString,
                     response_serializer=dreambooth_dot_v1_dot_models__pb2.UndeployModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=dreambooth_dot_v1_dot_models__pb2.DeleteModelRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_models__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class ModelService:
             '/dreambooth.v1.ModelService/UndeployModel',
             dreambooth_dot_v1_dot_models__pb2.UndeployModelRequest.SerializeToString,
             dreambooth_dot_v1_dot_models__pb2.UndeployModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dreambooth.v1.ModelService/DeleteModel',
+            dreambooth_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
+            dreambooth_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
