@@ -15,8 +15,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from controller import metrics
+from controller.checkpoint_cleanup import CheckpointCleanup
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
@@ -67,6 +69,7 @@ class Reconciler:
         # When each tenant last had a job started: whose turn it is among tenants holding as little (the scheduler).
         # Jobs still running tell it after a restart too; ended ones are forgotten then, a brief unfairness.
         self._last_started: dict[str, float] = {}
+        self._checkpoint_cleanup = CheckpointCleanup(config.storage, ray_jobs)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
@@ -76,6 +79,7 @@ class Reconciler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._checkpoint_cleanup.stop()
 
     def _run(self) -> None:
         checked = time.monotonic()
@@ -267,11 +271,16 @@ class Reconciler:
         return stopping
 
     def _events_quiet_s(self, job: JobRecord) -> float:
-        """Seconds since the job's events file last changed (inf if it has none)."""
+        """Seconds since the job's events file last changed (inf if it has none), on the storage's clock: a network
+        file system's server stamps its files' times, and its clock may be minutes off this host's (a file written
+        a moment ago would look quiet, and its job run a second time beside itself)."""
         try:
-            return time.time() - job_paths(self.config.storage, job.job_id).events_file.stat().st_mtime
+            changed = job_paths(self.config.storage, job.job_id).events_file.stat().st_mtime
         except FileNotFoundError:
             return float("inf")
+        clock = Path(self.config.storage) / ".controller-clock"
+        clock.touch()  # its times set to now: on NFS, the server's now
+        return clock.stat().st_mtime - changed
 
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
         self._unsent.pop(job.ray_submission_id, None)
@@ -283,10 +292,15 @@ class Reconciler:
         from_states = {"CANCELLING"} if job.state == "CANCELLING" else RUNNING_STATES
         done = self.store.transition(job.job_id, from_states, state, **fields)
         if done is not None:
-            metrics.forget_job(job.job_id)
+            self._ended(done)
             if state == "FAILED":
                 metrics.FAILURES.labels(reason=reason).inc()
             self.feed.publish(job.job_id, "state", {"state": state})
+
+    def _ended(self, job: JobRecord) -> None:
+        """What follows a job's move to an end state, whichever way it ended."""
+        metrics.forget_job(job.job_id)
+        self._checkpoint_cleanup.job_ended(job)
 
     def _apply_events(self, job: JobRecord) -> JobRecord:
         """Apply the trainer's events appended since the stored offset, in order. The offset and the progress
@@ -385,7 +399,7 @@ class Reconciler:
                 metrics.FAILURES.labels(reason=done.failure_reason).inc()
         if done is None:
             return job
-        metrics.forget_job(job.job_id)
+        self._ended(done)
         changes.append(("state", {"state": done.state}))
         return done
 

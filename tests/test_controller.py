@@ -97,7 +97,7 @@ def bob(controller):
         yield client
 
 
-def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, bob, tiny_model, dog_images):
+def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, bob, controller, tiny_model, dog_images):
     spec = job_spec(tiny_model, dog_images)
     job = alice.submit(spec, request_id="first-dog")
     assert job.state == jobs_pb2.STATE_QUEUED and job.job_id.startswith("job-")
@@ -129,6 +129,13 @@ def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, bo
     with pytest.raises(ClientError) as error:
         alice.cancel(job.job_id)
     assert error.value.code == "FAILED_PRECONDITION"
+    # Its checkpoints go once its driver has ended (nothing runs an ended job again); the rest of its folder stays.
+    paths = job_paths(controller.service.config.storage, job.job_id)
+    deadline = time.monotonic() + 60
+    while paths.checkpoints_dir.exists():
+        assert time.monotonic() < deadline, "the checkpoints of a job that ended were kept"
+        time.sleep(0.2)
+    assert paths.events_file.exists() and paths.spec_file.exists()
     deploy_generate_undeploy(alice, bob, done.model_id)
 
 

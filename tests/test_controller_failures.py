@@ -131,7 +131,9 @@ def by_hand(ray_cluster, tmp_path):
     store = Store(config.effective_database_url)
     ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path))
     service = JobService(config, store, ray_jobs, ChangeFeed())
-    yield Reconciler(config, store, ray_jobs, service.feed, service)
+    reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
+    yield reconciler
+    reconciler.stop()
     store.close()
 
 
@@ -238,6 +240,26 @@ def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run
     assert (final.state, final.failure_reason, final.attempts) == ("FAILED", "RUN_TIME_EXCEEDED", 1)
 
 
+def test_an_ended_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
+    """~22 GiB per SD 1.5 job that nothing reads once it has ended. The trainer reports SUCCEEDED as its driver's last
+    act: the driver may still run in the job's folder then, so they go once Ray says it ended. The rest stays."""
+    reconciler = by_hand
+    reconciler._checkpoint_cleanup._poll_s = 0.1
+    job = training_under(reconciler, "sleep 600")
+    paths = job_paths(reconciler.config.storage, job.job_id)
+    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+    EventLog(paths.events_file).emit("state", state="SUCCEEDED")
+    assert reconciler._apply_events(job).state == "SUCCEEDED"
+    time.sleep(1)  # ten of the cleanup's looks at the driver
+    assert paths.checkpoints_dir.exists()
+    reconciler.ray_jobs.stop(job.ray_submission_id)
+    deadline = time.monotonic() + 60
+    while paths.checkpoints_dir.exists():
+        assert time.monotonic() < deadline, "an ended job's checkpoints were kept after its driver ended"
+        time.sleep(0.1)
+    assert paths.events_file.exists()
+
+
 def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
     """Each running job's step, loss and throughput are the controller's gauges, by job id; an ended job's series
     are removed, so that the exporter holds the running jobs' only, however many have run (the trainers' Ray metrics,
@@ -299,7 +321,7 @@ def test_a_cancelled_job_whose_submission_ray_may_still_start_waits_for_it(by_ha
     assert reconciler.store.get_job(job.job_id).state == "CANCELLED"
 
 
-def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(by_hand):
+def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(by_hand, monkeypatch):
     """A controller pointed at another Ray cluster (a Ray upgrade, a mistaken ray_dashboard_url) finds its running
     jobs LOST: one whose events file still changes runs elsewhere and must not run twice beside itself (both would
     write its checkpoints and model); once its events are quiet it was lost (a restarted Ray head): run again."""
@@ -313,6 +335,12 @@ def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(
     reconciler._follow(reconciler.store.get_job(job.job_id))
     assert reconciler.store.get_job(job.job_id).attempts == 1
     assert reconciler.ray_jobs.status(f"{job.job_id}-a2") == RayJobStatus.LOST  # nothing submitted
+    # This host's clock minutes ahead of the storage's (an NFS server stamps its files' times): still not quiet.
+    host_clock = time.time
+    with monkeypatch.context() as skewed:
+        skewed.setattr(time, "time", lambda: host_clock() + LOST_QUIET_S + 60)
+        reconciler._follow(reconciler.store.get_job(job.job_id))
+    assert reconciler.store.get_job(job.job_id).attempts == 1
     quiet = time.time() - LOST_QUIET_S - 1
     os.utime(events, (quiet, quiet))
     reconciler._follow(reconciler.store.get_job(job.job_id))
