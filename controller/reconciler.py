@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller import metrics
-from controller.checkpoint_cleanup import CheckpointCleanup
+from controller.checkpoint_cleanup import SWEEP_S, CheckpointCleanup
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
@@ -72,6 +72,10 @@ class Reconciler:
         self._checkpoint_cleanup = CheckpointCleanup(config.storage, ray_jobs)
 
     def start(self) -> None:
+        # What a controller stopped before its removals left (and what jobs that succeeded under a controller
+        # without them keep): looked at again.
+        for job_id, submission_id in self.store.succeeded_since(time.time() - SWEEP_S):
+            self._checkpoint_cleanup.job_succeeded(job_id, submission_id)
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
 
@@ -279,8 +283,13 @@ class Reconciler:
         except FileNotFoundError:
             return float("inf")
         clock = Path(self.config.storage) / ".controller-clock"
-        clock.touch()  # its times set to now: on NFS, the server's now
-        return clock.stat().st_mtime - changed
+        try:
+            clock.touch()  # its times set to now: on NFS, the server's now
+            now = clock.stat().st_mtime
+        except OSError as e:  # another user's file, a read-only mount: this host's clock rather than no answer
+            log.warning("cannot read the storage's clock from %s (%s): using this host's", clock, e)
+            now = time.time()
+        return now - changed
 
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
         self._unsent.pop(job.ray_submission_id, None)
@@ -300,7 +309,8 @@ class Reconciler:
     def _ended(self, job: JobRecord) -> None:
         """What follows a job's move to an end state, whichever way it ended."""
         metrics.forget_job(job.job_id)
-        self._checkpoint_cleanup.job_ended(job)
+        if job.state == "SUCCEEDED":
+            self._checkpoint_cleanup.job_succeeded(job.job_id, job.ray_submission_id)
 
     def _apply_events(self, job: JobRecord) -> JobRecord:
         """Apply the trainer's events appended since the stored offset, in order. The offset and the progress

@@ -240,24 +240,42 @@ def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run
     assert (final.state, final.failure_reason, final.attempts) == ("FAILED", "RUN_TIME_EXCEEDED", 1)
 
 
-def test_an_ended_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
-    """~22 GiB per SD 1.5 job that nothing reads once it has ended. The trainer reports SUCCEEDED as its driver's last
-    act: the driver may still run in the job's folder then, so they go once Ray says it ended. The rest stays."""
+def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
+    """~22 GiB per SD 1.5 job that nothing reads once its model is exported. The trainer reports SUCCEEDED as its
+    driver's last act: the driver may still run then, so they go once Ray says it ended. A failed job keeps its
+    (`dreambooth train --job-id` resumes it), and every job keeps the rest of its folder."""
     reconciler = by_hand
     reconciler._checkpoint_cleanup._poll_s = 0.1
-    job = training_under(reconciler, "sleep 600")
-    paths = job_paths(reconciler.config.storage, job.job_id)
-    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
-    EventLog(paths.events_file).emit("state", state="SUCCEEDED")
-    assert reconciler._apply_events(job).state == "SUCCEEDED"
+    jobs = {verdict: training_under(reconciler, "sleep 600") for verdict in ("SUCCEEDED", "FAILED")}
+    paths = {verdict: job_paths(reconciler.config.storage, job.job_id) for verdict, job in jobs.items()}
+    for verdict, job in jobs.items():
+        (paths[verdict].checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+        EventLog(paths[verdict].events_file).emit("state", state=verdict)
+        assert reconciler._apply_events(job).state == verdict
     time.sleep(1)  # ten of the cleanup's looks at the driver
-    assert paths.checkpoints_dir.exists()
-    reconciler.ray_jobs.stop(job.ray_submission_id)
+    assert paths["SUCCEEDED"].checkpoints_dir.exists()
+    for job in jobs.values():
+        reconciler.ray_jobs.stop(job.ray_submission_id)
     deadline = time.monotonic() + 60
-    while paths.checkpoints_dir.exists():
-        assert time.monotonic() < deadline, "an ended job's checkpoints were kept after its driver ended"
+    while paths["SUCCEEDED"].checkpoints_dir.exists():
+        assert time.monotonic() < deadline, "a successful job's checkpoints were kept after its driver ended"
         time.sleep(0.1)
-    assert paths.events_file.exists()
+    assert paths["SUCCEEDED"].events_file.exists() and paths["FAILED"].checkpoints_dir.exists()
+
+
+def test_a_controller_stopped_before_a_removal_leaves_it_to_the_next(by_hand):
+    """The removals wait in memory: a controller restarted meanwhile (every rollout) finds the job again."""
+    reconciler, store = by_hand, by_hand.store
+    job = training_under(reconciler, "true")
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    store.transition(job.job_id, {"TRAINING"}, "SUCCEEDED", end_time=time.time())  # by a controller now gone
+    checkpoints = job_paths(reconciler.config.storage, job.job_id).checkpoints_dir
+    (checkpoints / "checkpoint_step_0000002").mkdir(parents=True)
+    reconciler.start()
+    deadline = time.monotonic() + 60
+    while checkpoints.exists():
+        assert time.monotonic() < deadline, "the checkpoints a stopped controller left were kept"
+        time.sleep(0.1)
 
 
 def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
