@@ -13,6 +13,7 @@ the reconciler (which drives running jobs, see controller.reconciler) cannot bot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -146,8 +147,8 @@ class JobService:
             except (OSError, RuntimeError) as e:
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
             try:
-                with self._image_checks:
-                    check_instance_images(spec.instance_images, spec.resolution)
+                with self._image_check_slot(waited_for, job_id):
+                    check_instance_images(spec.instance_images, spec.resolution, bounded=True)
             except OSError as e:
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
             # On disk before the row commits and the client is told: a power loss must not leave a job whose
@@ -204,6 +205,22 @@ class JobService:
                 f"the job needs {short.needs} and training here has at most {short.available:g} (the cluster's "
                 f"{size:g}, less what serving may take){short.hint}",
             )
+
+    @contextlib.contextmanager
+    def _image_check_slot(self, waited_for: Callable[[], bool], job_id: str) -> Iterator[None]:
+        """One of the IMAGE_CHECKS_AT_ONCE slots, for a caller still waiting: under a burst of submissions, slots
+        spent decoding photos for callers gone (out of time while queued) would make the live ones behind them late
+        too."""
+        gone = f"the caller's deadline passed while job {job_id} waited for its photos' check: nothing queued"
+        while not self._image_checks.acquire(timeout=1.0):
+            if not waited_for():
+                raise DeadlineExceeded(gone)
+        try:
+            if not waited_for():
+                raise DeadlineExceeded(gone)
+            yield
+        finally:
+            self._image_checks.release()
 
     def _discard_staged(self, job_id: str) -> None:
         """Remove a failed submission's files, unless its row did commit: an insert whose acknowledgement was lost
@@ -402,7 +419,11 @@ class JobService:
                 )
             paths = job_paths(self.config.storage, model.job_id)
             _remove_files("model", model_id, [paths.model_dir, *paths.model_scratch()])  # and what exports left
-            self.store.delete_model(model_id)
+            if not self.store.delete_model(model_id) and self.store.get_model(model_id) is not None:
+                raise FailedPrecondition(
+                    f"model {model_id} was deployed while it was deleted, and its files are gone: undeploy it and "
+                    "retry DeleteModel"
+                )
 
     def _serving(self) -> ServingSync:
         if self.serving is None:

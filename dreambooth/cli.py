@@ -404,7 +404,7 @@ def _state_line(job: jobs_pb2.Job) -> str:
             f" and {workers * spec.gpus_per_worker:g} GPUs" if spec.gpus_per_worker else ""
         )
         line += f" until {needs} are free for its {workers} worker{'s' if workers > 1 else ''}"
-        line += " and its tenant is under max_running_jobs"
+        line += " and its tenant's running-job limit allows"
     return line
 
 

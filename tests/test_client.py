@@ -491,11 +491,11 @@ def test_a_queued_job_says_what_it_waits_for():
 
     queued = _job("job-9", S.STATE_QUEUED, spec=S.TrainingSpec(num_workers=2, cpus_per_worker=4, gpus_per_worker=1))
     assert _state_line(queued) == (
-        "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers and its tenant is under max_running_jobs"
+        "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers and its tenant's running-job limit allows"
     )
     queued.spec.num_workers, queued.spec.gpus_per_worker = 1, 0
     assert _state_line(queued) == (
-        "[QUEUED] until 4 CPUs are free for its 1 worker and its tenant is under max_running_jobs"
+        "[QUEUED] until 4 CPUs are free for its 1 worker and its tenant's running-job limit allows"
     )
     assert _state_line(_job("job-9", S.STATE_TRAINING)) == "[TRAINING]"
 

@@ -24,12 +24,12 @@ from ray.job_submission import JobSubmissionClient
 from controller import metrics
 from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
-from controller.errors import DeadlineExceeded, NotFound
+from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import Resources
 from controller.server import start
-from controller.service import ImageInput, JobService
+from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
@@ -751,6 +751,22 @@ def test_a_deploy_during_a_model_deletion_waits_for_it_and_finds_no_model(contro
     assert service.store.get_model("model-1") is None
 
 
+def test_a_model_deployed_behind_the_lock_during_its_deletion_is_not_reported_deleted(controller, monkeypatch):
+    """A writer the service's lock cannot see (a second controller, in the moments before the first finds its hold on
+    the database lost) deploys the model while its files go: the row stays, and the caller is told what to do."""
+    finished_model(controller, "model-1", "job-1")
+    store, remove_tree = controller.service.store, service_module._remove_tree
+
+    def remove_while_deployed_elsewhere(path: Path) -> None:
+        store.update_model("model-1", deployed=True, endpoint="http://serve/model-1")
+        remove_tree(path)
+
+    monkeypatch.setattr(service_module, "_remove_tree", remove_while_deployed_elsewhere)
+    with pytest.raises(FailedPrecondition, match="undeploy it and retry DeleteModel"):
+        controller.service.delete_model("alice", "model-1")
+    assert store.get_model("model-1").deployed
+
+
 def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     from controller.server import main as controller_main
 
@@ -1054,6 +1070,15 @@ def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, t
     assert service.store.list_jobs("alice", page_size=100)[0] == before
     jobs_dir = service.config.storage / "jobs"
     assert not jobs_dir.exists() or not any(jobs_dir.iterdir())  # nothing staged left behind
+    # Nor does it wait for ever for a slot to check its photos in, once its caller is gone (a burst of submissions).
+    for _ in range(IMAGE_CHECKS_AT_ONCE):
+        service._image_checks.acquire()
+    try:
+        with pytest.raises(DeadlineExceeded, match="waited for its photos' check"):
+            service.submit("alice", job_spec(tiny_model, dog_images), photos, waited_for=lambda: False)
+    finally:
+        for _ in range(IMAGE_CHECKS_AT_ONCE):
+            service._image_checks.release()
 
 
 def test_a_database_outage_is_unavailable_not_internal():

@@ -27,8 +27,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".
 MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 # A 10000x50 strip is no photo of a subject; centre-cropping it would leave a sliver of it.
 MAX_ASPECT_RATIO: float = 8.0
-# DreamBooth learns a subject from 3-5 photos. The bound holds however they are named (a directory expands to all
-# of its images): each is decoded when checked, and every one trains as an instance of the subject.
+# A controller's bound on a job's photos (DreamBooth learns a subject from 3-5), however they are named: a directory
+# on shared storage expands to all of its images, and each is decoded while it holds one of the controller's few
+# image-check slots. (`dreambooth train` alone has no such bound: its user's own machine.)
 MAX_INSTANCE_IMAGES = 64
 _WHITE = (255, 255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
@@ -68,18 +69,15 @@ def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             problems.append(f"{entry}: not an image")
     if problems:
         raise InputError(FIELD, "\n".join(problems))
-    where = ", ".join(map(str, paths)) or "an empty list"
     if not found:
+        where = ", ".join(map(str, paths)) or "an empty list"
         raise InputError(FIELD, f"no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in {where}")
-    check_instance_image_count(len(found), f" in {where}")
     return list(found)
 
 
-def check_instance_image_count(count: int, where: str = "") -> None:
+def check_instance_image_count(count: int) -> None:
     if count > MAX_INSTANCE_IMAGES:
-        raise InputError(
-            FIELD, f"{count} images{where}; at most {MAX_INSTANCE_IMAGES} (3-5 photos of the subject work best)"
-        )
+        raise InputError(FIELD, f"{count} images; at most {MAX_INSTANCE_IMAGES} (3-5 photos of the subject work best)")
 
 
 def _problem(path: Path, resolution: int) -> str | None:
@@ -125,12 +123,15 @@ def _reduced(image: Image.Image, resolution: int) -> Image.Image:
         return image
 
 
-def check_instance_images(paths: Sequence[str | os.PathLike], resolution: int) -> list[Path]:
+def check_instance_images(paths: Sequence[str | os.PathLike], resolution: int, bounded: bool = False) -> list[Path]:
     """Find the images and fully decode each one, raising one InputError that lists every bad file.
+    `bounded`: at most MAX_INSTANCE_IMAGES of them, counted before any is decoded.
 
     Listing all problems (one per line) lets the user fix everything in one go instead of one per retry.
     """
     files = find_instance_images(paths)
+    if bounded:
+        check_instance_image_count(len(files))
     problems = [f"{path}: {problem}" for path in files if (problem := _problem(path, resolution))]
     if problems:
         header = f"{len(problems)} of {len(files)} images cannot be used at resolution {resolution}:"
