@@ -69,10 +69,11 @@ class Controller:
 
 def start(config: ControllerConfig) -> Controller:
     Path(config.storage).mkdir(parents=True, exist_ok=True)
-    store = Store(config.effective_database_url)
+    store = Store(config.effective_database_url, create=False)
     held = contextlib.ExitStack()
     try:
         still_holds_database = held.enter_context(store.hold_for_one_controller())
+        store.create_all()
         return _start(config, store, held, still_holds_database)
     except BaseException:
         held.close()
@@ -182,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except ControllerRunning as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except sa.exc.OperationalError as e:  # the database down or unreachable, its file unwritable: worth a restart
-        print(f"error: database_url: the database is unavailable ({e.orig or e})", file=sys.stderr)
-        return 1
+    except sa.exc.DBAPIError as e:
+        # A database server down or unreachable is worth a restart; a SQLite file that cannot be opened, or a role
+        # without the rights to make the tables, a setting to fix.
+        unreachable = isinstance(e, sa.exc.OperationalError) and not config.effective_database_url.startswith("sqlite")
+        print(f"error: database_url: {'unavailable' if unreachable else 'unusable'}: {e.orig or e}", file=sys.stderr)
+        return 1 if unreachable else 2
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

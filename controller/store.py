@@ -208,7 +208,9 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelRecord)} - {"model_id"}
 
 
 class Store:
-    def __init__(self, url: str, busy_timeout_ms: int = 30_000):
+    def __init__(self, url: str, busy_timeout_ms: int = 30_000, create: bool = True):
+        """`create`: make the tables a database lacks now (create_all); a controller does so once it holds the
+        database, so that no other controller still writes to tables it upgrades."""
         sqlite = url.startswith("sqlite")
         # pool_pre_ping: after a PostgreSQL restart, a pooled connection is found dead and replaced, not used.
         self.engine: Engine = sa.create_engine(
@@ -244,7 +246,8 @@ class Store:
                         kind,
                     )
 
-        self.create_all()
+        if create:
+            self.create_all()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Connection]:

@@ -37,7 +37,7 @@ from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_controller import job_spec, wait_until_ray_job_actors_end
-from tests.test_store import set_schema_version
+from tests.test_store import schema_version, set_schema_version
 from trainer.events import EventLog
 from trainer.storage import job_paths
 
@@ -364,6 +364,15 @@ def test_a_job_ray_does_not_know_is_not_run_again_while_its_events_still_change(
     reconciler._follow(reconciler.store.get_job(job.job_id))
     job = reconciler.store.get_job(job.job_id)
     assert (job.state, job.attempts, job.ray_submission_id) == ("TRAINING", 2, f"{job.job_id}-a2")
+
+
+def test_a_storage_clock_that_cannot_be_read_falls_back_to_this_hosts(by_hand):
+    """Its file another user's, or the storage mounted read-only: a LOST job is still looked at, not failed on."""
+    reconciler = by_hand
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
+    EventLog(job_paths(reconciler.config.storage, job.job_id).events_file).emit("progress", step=1, total_steps=10)
+    (Path(reconciler.config.storage) / ".controller-clock").symlink_to(Path(reconciler.config.storage) / "no" / "dir")
+    assert 0 <= reconciler._events_quiet_s(job) < 60
 
 
 @pytest.mark.parametrize(
@@ -793,7 +802,14 @@ def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     )
     assert controller_main(["--config", str(unreachable)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: database_url: the database is unavailable") and "Traceback" not in err
+    assert err.startswith("error: database_url: unavailable: ") and "Traceback" not in err
+    # A SQLite file that cannot be opened (here: a folder by that name) is not: a setting to fix (exit 2).
+    unusable = tmp_path / "unusable.yaml"
+    (tmp_path / "taken").mkdir()
+    unusable.write_text(f"storage: {tmp_path}\ndatabase_url: sqlite:///{tmp_path / 'taken'}\n")
+    assert controller_main(["--config", str(unusable)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: database_url: unusable: ") and "Traceback" not in err
 
 
 def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path):
@@ -838,8 +854,11 @@ def test_a_second_controller_on_the_same_database_is_refused(config):
     """Two would start jobs past the tenants' limits and the capacity, and resubmit each other's attempts."""
     first = start(config)
     try:
+        set_schema_version(first.reconciler.store, None)
         with pytest.raises(ControllerRunning, match="another controller"):
             start(config)
+        # Refused before it touched the database: a newer one would have upgraded the tables the first writes to.
+        assert schema_version(first.reconciler.store) is None
     finally:
         first.stop()
     start(config).stop()  # free once the first stopped
