@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hmac
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import sqlalchemy as sa
@@ -72,22 +74,22 @@ class Authenticator:
 
 class RequestGate(grpc.ServerInterceptor):
     """Refuses, from a call's metadata and before gRPC reads its request, a call to `services` whose token is
-    missing or unknown (UNAUTHENTICATED), and a tenant's SubmitJob beyond its `max_submits` in progress
-    (RESOURCE_EXHAUSTED).
+    missing or unknown (UNAUTHENTICATED), and a tenant's call of a method in `limits` ({method path: (how many
+    of the tenant's may be in progress, the setting that says so)}) beyond its limit (RESOURCE_EXHAUSTED).
 
     A handler sees its request only after gRPC has received and parsed it, up to max_request_bytes (64 MiB of
     photos): without the gate, every RPC thread could hold that much for callers without a token, and one tenant
     uploading at once on all of them could take the controller's memory. A refusal's handler takes the request
-    as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window.
+    as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window. A stream (server
+    reflection) holds its thread for as long as its caller keeps it open: one tenant's must not take them all.
     """
 
-    def __init__(self, auth: Authenticator, services: tuple[str, ...], submit_method: str, max_submits: int):
+    def __init__(self, auth: Authenticator, services: tuple[str, ...], limits: dict[str, tuple[int, str]]):
         self._auth = auth
         self._prefixes = tuple(f"/{service}/" for service in services)
-        self._submit_method = submit_method
-        self._max_submits = max_submits
-        self._submits_by_tenant: collections.Counter[str] = collections.Counter()
-        self._submits_lock = threading.Lock()
+        self._limits = limits
+        self._in_progress: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, tenant) -> calls
+        self._in_progress_lock = threading.Lock()
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -100,33 +102,48 @@ class RequestGate(grpc.ServerInterceptor):
             tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
             return _refusal(method.rpartition("/")[2], grpc.StatusCode.UNAUTHENTICATED, str(e))
-        if method != self._submit_method:
+        if method not in self._limits:
             return handler
-        return grpc.stream_unary_rpc_method_handler(
-            functools.partial(self._submit_in_turn, handler.unary_unary, tenant),
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                functools.partial(self._unary_in_turn, handler.unary_unary, method, tenant),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            functools.partial(self._stream_in_turn, handler.stream_stream, method, tenant),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _submit_in_turn(self, submit, tenant: str, request_stream, context):
-        with self._submits_lock:
-            admitted = self._submits_by_tenant[tenant] < self._max_submits
-            if admitted:
-                self._submits_by_tenant[tenant] += 1
-        if not admitted:
-            message = (
-                f"tenant {tenant!r} has {self._max_submits} SubmitJob calls in progress "
-                "(max_submits_per_tenant): retry once one has answered"
-            )
-            _refuse("SubmitJob", grpc.StatusCode.RESOURCE_EXHAUSTED, message, context)
-        try:
+    def _unary_in_turn(self, call, method: str, tenant: str, request_stream, context):
+        with self._turn(method, tenant, context):
             request = next(request_stream, None)  # read only now, holding one of the tenant's turns
             if request is None:
-                _refuse("SubmitJob", grpc.StatusCode.INVALID_ARGUMENT, "SubmitJob takes one request message", context)
-            return submit(request, context)
+                name = method.rpartition("/")[2]
+                _refuse(name, grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message", context)
+            return call(request, context)
+
+    def _stream_in_turn(self, call, method: str, tenant: str, request_stream, context):
+        with self._turn(method, tenant, context):
+            yield from call(request_stream, context)
+
+    @contextlib.contextmanager
+    def _turn(self, method: str, tenant: str, context) -> Iterator[None]:
+        limit, setting = self._limits[method]
+        with self._in_progress_lock:
+            admitted = self._in_progress[method, tenant] < limit
+            if admitted:
+                self._in_progress[method, tenant] += 1
+        name = method.rpartition("/")[2]
+        if not admitted:
+            message = f"tenant {tenant!r} has {limit} {name} calls in progress ({setting}): retry once one has ended"
+            _refuse(name, grpc.StatusCode.RESOURCE_EXHAUSTED, message, context)
+        try:
+            yield
         finally:
-            with self._submits_lock:
-                self._submits_by_tenant[tenant] -= 1
+            with self._in_progress_lock:
+                self._in_progress[method, tenant] -= 1
 
 
 def _refusal(name: str, code: grpc.StatusCode, message: str):

@@ -45,6 +45,9 @@ SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 SUBMIT_METHOD = f"/{SERVICE_NAMES[0]}/SubmitJob"
+REFLECTION_METHOD = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
+# grpcurl and buf curl open one reflection stream per command; each holds an RPC thread while it is open.
+REFLECTION_STREAMS_PER_TENANT = 4
 
 
 @dataclass
@@ -65,6 +68,13 @@ class Controller:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.database_hold.close()
+
+
+def _per_tenant_limits(config: ControllerConfig) -> dict[str, tuple[int, str]]:
+    return {
+        SUBMIT_METHOD: (config.max_submits_per_tenant, "max_submits_per_tenant"),
+        REFLECTION_METHOD: (REFLECTION_STREAMS_PER_TENANT, "server reflection streams per tenant"),
+    }
 
 
 def start(config: ControllerConfig) -> Controller:
@@ -117,10 +127,7 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
-        # Reflection too: each of its streams holds an RPC thread for as long as the caller keeps it open.
-        interceptors=[
-            RequestGate(auth, (*SERVICE_NAMES, reflection.SERVICE_NAME), SUBMIT_METHOD, config.max_submits_per_tenant)
-        ]
+        interceptors=[RequestGate(auth, (*SERVICE_NAMES, reflection.SERVICE_NAME), _per_tenant_limits(config))]
         if config.tenants
         else [],
     )

@@ -30,7 +30,7 @@ from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors
 
 from controller.config import ControllerConfig, Tenant
-from controller.server import start
+from controller.server import REFLECTION_STREAMS_PER_TENANT, start
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.serving_client import ServingError, generate, wait_until_served
@@ -329,6 +329,31 @@ def test_health_reflection_and_metrics(controller):
         )
         names = {s.name for s in next(answers).list_services_response.service}
         assert {"dreambooth.v1.JobService", "dreambooth.v1.ModelService", "grpc.health.v1.Health"} <= names
+
+        # A tenant's streams left open are bounded: each holds an RPC thread.
+        done = threading.Event()
+
+        def held_open():
+            yield list_services[0]
+            done.wait(30)
+
+        def open_stream():
+            stream = reflection.ServerReflectionInfo(held_open(), metadata=[("authorization", "Bearer alice-token")])
+            next(stream)
+            return stream
+
+        try:
+            streams = [open_stream() for _ in range(REFLECTION_STREAMS_PER_TENANT)]
+            with pytest.raises(grpc.RpcError) as refused:
+                open_stream()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            done.set()
+        for stream in streams:
+            assert list(stream) == []  # ended by the client's half-close, which gives the tenant's turns back
+        assert next(answers, None) is None
+        again = reflection.ServerReflectionInfo(iter(list_services), metadata=[("authorization", "Bearer alice-token")])
+        assert next(again).list_services_response.service
         with pytest.raises(grpc.RpcError) as unknown:  # without a token: the name is not the caller's to label with
             channel.unary_unary(made_up)(b"")
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
