@@ -107,12 +107,10 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass. Its parts fail alone (logged, retried next pass): a job that cannot be followed, or Ray down
-        for scheduling, must not hold the other jobs or serving's catch-up."""
+        for scheduling, must not hold the other jobs. (Serving catches up on a thread of its own: ServingSync.)"""
         for job in self.store.active_jobs():
             _logged(f"following job {job.job_id}", self._follow, job)
         _logged("scheduling", self._schedule)
-        if self.service.serving is not None:
-            _logged("serving", self.service.serving.reconcile)
         _logged("job counts", self._count_jobs)
 
     def _count_jobs(self) -> None:

@@ -65,6 +65,8 @@ class Controller:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         self.reconciler.stop()
+        if self.service.serving is not None:
+            self.service.serving.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.database_hold.close()
@@ -155,6 +157,8 @@ def _start(
     except OSError as e:
         raise OSError(f"metrics_listen: cannot listen on {config.metrics_listen}: {e.strerror or e}") from e
     reconciler.start()
+    if serving is not None:
+        serving.start()
     server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
     return Controller(server, port, reconciler, health_servicer, service, metrics_server, held)

@@ -1,9 +1,11 @@
 """Keeps Ray Serve serving exactly the models the store marks deployed.
 
 The store is the truth (a Deploy is one committed update); this applies it to the Serve application through
-the dashboard's REST API (serving/deployer.py). A Deploy applies at once; the reconciler applies again after a
-failure (Ray unreachable) and when the application has vanished (a restarted Ray cluster), so serving converges
-on what the store says however the controller, Ray or Serve come and go.
+the dashboard's REST API (serving/deployer.py). A Deploy applies at once; a thread of its own applies again after
+a failure (Ray unreachable) and when the application has vanished (a restarted Ray cluster), so serving converges
+on what the store says however the controller, Ray or Serve come and go. Its own: Serve's REST API can take
+minutes to answer (its controller busy or restarting), and the reconciler's passes (jobs started, followed,
+cancelled) must not wait for it.
 """
 
 from __future__ import annotations
@@ -31,10 +33,30 @@ class ServingSync:
         self.store = store
         self.deployer = deployer
         self.tenant_tokens = tenant_tokens  # the controller's; none: serving is open, like the controller
-        self.check_interval_s = check_interval_s  # how often the reconciler checks that the application exists
+        self.check_interval_s = check_interval_s  # how often the application is checked to exist
         self._lock = threading.Lock()
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="serving-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("serving: catching up with the store failed; retrying")
+            if self._stopping.wait(1.0):
+                return
 
     def apply(self) -> None:
         """Applies the store's deployed set now; on failure, leaves it to the reconciler."""
@@ -50,7 +72,7 @@ class ServingSync:
             self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 
     def reconcile(self) -> None:
-        """One reconciler pass: re-apply when a previous apply failed or the application is gone."""
+        """Re-applies when a previous apply failed or the application is gone (at their intervals)."""
         if time.monotonic() < self._next_check:
             return
         if not self._dirty:

@@ -1109,3 +1109,31 @@ def test_a_database_outage_is_unavailable_not_internal():
     # Every pooled connection busy (QueuePool's timeout): INTERNAL ended SDK watches for good.
     code, _ = _error_status(sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "GetJob")
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_serve_api_that_does_not_answer_holds_no_reconcile_pass(tmp_path):
+    """A Deploy's apply waits on Serve's REST API (its controller busy or restarting: minutes); jobs must still be
+    started, followed and cancelled meanwhile, so serving catches up on a thread of its own."""
+    from controller.reconciler import Reconciler
+    from controller.serving import ServingSync
+    from serving.deployer import ServeDeployer
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    dashboard = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    config = ControllerConfig(storage=tmp_path, ray_dashboard_url=dashboard, capacity_cpus=8, capacity_gpus=0)
+    store = Store(config.effective_database_url)
+    serving = ServingSync(store, ServeDeployer(dashboard, ServeConfig(), timeout_s=30), {})
+    service = JobService(config, store, RayJobs(dashboard, storage_root=str(tmp_path)), ChangeFeed(), serving)
+    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)
+    deploying = threading.Thread(target=serving.apply, daemon=True)  # a DeployModel's, waiting on Serve
+    deploying.start()
+    try:
+        passing = threading.Thread(target=reconciler.reconcile_once, daemon=True)
+        passing.start()
+        passing.join(10)
+        assert not passing.is_alive() and deploying.is_alive()
+    finally:
+        silent.close()
+        store.close()
