@@ -37,6 +37,7 @@ FINISHED_COUNTS_EVERY_S = 30
 # controller no longer asks (its ray_dashboard_url pointed at another): it is not run a second time beside itself.
 LOST_QUIET_S = 120
 HOLD_CHECK_S = 10  # how often the reconciler checks that this controller still holds its database
+STOP_WAIT_S = 30  # what stop() waits for a pass to end
 
 
 class Reconciler:
@@ -79,11 +80,14 @@ class Reconciler:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stops the loop after its pass; False if that pass was still running after STOP_WAIT_S (a slow Ray or
+        database call): it may still start or resubmit a job, so whoever holds the database must keep it."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=STOP_WAIT_S)
         self._checkpoint_cleanup.stop()
+        return self._thread is None or not self._thread.is_alive()
 
     def _run(self) -> None:
         checked = time.monotonic()

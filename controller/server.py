@@ -64,12 +64,15 @@ class Controller:
         """Graceful: refuse new calls, let running ones finish (up to grace_s), then stop the loop."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
-        self.reconciler.stop()
+        reconciler_stopped = self.reconciler.stop()
         if self.service.serving is not None:
             self.service.serving.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        self.database_hold.close()
+        if reconciler_stopped:
+            self.database_hold.close()
+        else:  # a controller started next would reconcile beside the pass still running here
+            log.warning("a reconcile pass is still running: the database stays held until this process exits")
 
 
 def _per_tenant_limits(config: ControllerConfig) -> dict[str, tuple[int, str]]:

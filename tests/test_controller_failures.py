@@ -864,6 +864,30 @@ def test_a_second_controller_on_the_same_database_is_refused(config):
     start(config).stop()  # free once the first stopped
 
 
+def test_a_controller_stopped_mid_pass_keeps_the_database_until_the_pass_ends(config, monkeypatch):
+    """A pass stuck in a slow Ray call past the stop's wait may still start or resubmit a job: a controller started
+    next (a rolling update's) must not reconcile beside it."""
+    from controller import reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "STOP_WAIT_S", 0.5)
+    first = start(config)
+    in_pass, pass_may_end = threading.Event(), threading.Event()
+
+    def slow_pass() -> None:
+        in_pass.set()
+        pass_may_end.wait(30)
+
+    first.reconciler.reconcile_once = slow_pass
+    assert in_pass.wait(30)
+    first.stop(grace_s=0)
+    with pytest.raises(ControllerRunning):
+        start(config)
+    pass_may_end.set()
+    first.reconciler._thread.join(30)
+    first.database_hold.close()  # what this process's exit does
+    start(config).stop()
+
+
 def test_one_tenant_cannot_hold_every_watch(config, tiny_model, dog_images):
     controller = start(dataclasses.replace(config, max_watches=3, max_watches_per_tenant=2))
     try:
