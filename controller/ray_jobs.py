@@ -83,6 +83,12 @@ def _never_connected(e: BaseException | None) -> bool:
     return False
 
 
+def submission_id(job_id: str, attempt: int) -> str:
+    """Attempt `attempt`'s Ray submission id: derived, so that a controller that died between submitting and
+    recording finds it, and Ray refuses a second submission of it."""
+    return f"{job_id}-a{attempt}"
+
+
 class RayJobs:
     def __init__(
         self, dashboard_url: str, *, storage_root: str, runtime_env: dict | None = None, timeout_s: float = 30
@@ -108,7 +114,7 @@ class RayJobs:
         """Start attempt `attempt` of job `job_id`; returns its submission id. Submitting an attempt that Ray
         already has returns its id and starts nothing: a controller that crashed between submitting and
         recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
-        submission_id = f"{check_job_id(job_id)}-a{attempt}"
+        submission = submission_id(check_job_id(job_id), attempt)
         command = [sys.executable, "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
         # No working_dir (it would upload the project on every submit): the nodes have the project at the same
         # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
@@ -116,14 +122,14 @@ class RayJobs:
         try:
             return self._client.submit_job(
                 entrypoint=shlex.join(command),
-                submission_id=submission_id,
+                submission_id=submission,
                 runtime_env={**self.runtime_env, "env_vars": env_vars},
             )
         except _RAY_ERRORS as e:
             # Ray refuses a known id (HTTP 500 wrapping "Job with submission_id X already exists").
-            if isinstance(e, RuntimeError) and f"submission_id {submission_id} already exists" in str(e):
-                return submission_id
-            raise self._error(f"submitting {submission_id}", e) from e
+            if isinstance(e, RuntimeError) and f"submission_id {submission} already exists" in str(e):
+                return submission
+            raise self._error(f"submitting {submission}", e) from e
 
     def status(self, submission_id: str) -> RayJobStatus:
         try:
@@ -141,6 +147,15 @@ class RayJobs:
         except _RAY_ERRORS as e:
             if not _not_found(e):
                 raise self._error(f"stopping {submission_id}", e) from e
+
+    def delete(self, submission_id: str) -> None:
+        """Deletes Ray's record of an ended job (its info and status in the head's memory; not its log file on
+        the head's disk). Deleting an unknown job does nothing."""
+        try:
+            self._client.delete_job(submission_id)
+        except _RAY_ERRORS as e:
+            if not _not_found(e):
+                raise self._error(f"deleting {submission_id}", e) from e
 
     def logs(self, submission_id: str) -> str:
         """The driver's output (the workers' output stays in Ray's log files: the driver does not forward it);

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller import metrics
-from controller.checkpoint_cleanup import SWEEP_S, CheckpointCleanup
 from controller.config import ControllerConfig
+from controller.ended_jobs import SWEEP_S, EndedJob, EndedJobs
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus, submission_id
 from controller.scheduler import Resources, demand, jobs_to_start, training_share
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
@@ -70,13 +70,12 @@ class Reconciler:
         # When each tenant last had a job started: whose turn it is among tenants holding as little (the scheduler).
         # Jobs still running tell it after a restart too; ended ones are forgotten then, a brief unfairness.
         self._last_started: dict[str, float] = {}
-        self._checkpoint_cleanup = CheckpointCleanup(config.storage, ray_jobs)
+        self._ended_jobs = EndedJobs(config.storage, ray_jobs)
 
     def start(self) -> None:
-        # What a controller stopped before its removals left (and what jobs that succeeded under a controller
-        # without them keep): looked at again.
-        for job_id, submission_id in self.store.succeeded_since(time.time() - SWEEP_S):
-            self._checkpoint_cleanup.job_succeeded(job_id, submission_id)
+        # What a controller stopped before it tidied up after them left: looked at again.
+        for job_id, state, attempts in self.store.ended_since(time.time() - SWEEP_S):
+            self._ended_jobs.job_ended(EndedJob(job_id, state, attempts))
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
 
@@ -86,7 +85,7 @@ class Reconciler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=STOP_WAIT_S)
-        self._checkpoint_cleanup.stop()
+        self._ended_jobs.stop()
         return self._thread is None or not self._thread.is_alive()
 
     def _run(self) -> None:
@@ -311,8 +310,7 @@ class Reconciler:
     def _ended(self, job: JobRecord) -> None:
         """What follows a job's move to an end state, whichever way it ended."""
         metrics.forget_job(job.job_id)
-        if job.state == "SUCCEEDED":
-            self._checkpoint_cleanup.job_succeeded(job.job_id, job.ray_submission_id)
+        self._ended_jobs.job_ended(EndedJob(job.job_id, job.state, job.attempts))
 
     def _apply_events(self, job: JobRecord) -> JobRecord:
         """Apply the trainer's events appended since the stored offset, in order. The offset and the progress
@@ -418,7 +416,7 @@ class Reconciler:
 
 def _next_attempt(job: JobRecord) -> dict:
     attempt = job.attempts + 1
-    return {"attempts": attempt, "ray_submission_id": f"{job.job_id}-a{attempt}"}
+    return {"attempts": attempt, "ray_submission_id": submission_id(job.job_id, attempt)}
 
 
 def _logged(what: str, part, *args) -> None:

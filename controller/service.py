@@ -374,7 +374,10 @@ class JobService:
 
     def logs(self, tenant: str, job_id: str) -> str:
         job = self.get(tenant, job_id)
-        return self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
+        try:  # an ended job's, kept once its driver ended (controller.ended_jobs)
+            return job_paths(self.config.storage, job_id).driver_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
 
     # --- models ----------------------------------------------------------------------------------------
 

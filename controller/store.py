@@ -383,10 +383,10 @@ class Store:
         query = sa.select(jobs).where(jobs.c.state == "QUEUED")
         return self._jobs(query.order_by(jobs.c.priority.desc(), jobs.c.create_time, jobs.c.job_id))
 
-    def succeeded_since(self, since: float) -> list[tuple[str, str | None]]:
-        """(job id, Ray submission id) of the jobs that succeeded after `since`."""
-        query = sa.select(jobs.c.job_id, jobs.c.ray_submission_id).where(
-            jobs.c.state == "SUCCEEDED", jobs.c.end_time > since
+    def ended_since(self, since: float) -> list[tuple[str, str, int]]:
+        """(job id, state, attempts) of the jobs that ended after `since`."""
+        query = sa.select(jobs.c.job_id, jobs.c.state, jobs.c.attempts).where(
+            jobs.c.state.in_(TERMINAL_STATES), jobs.c.end_time > since
         )
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]

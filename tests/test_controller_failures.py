@@ -36,7 +36,7 @@ from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 from tests.conftest import free_port
-from tests.test_controller import job_spec, wait_until_ray_job_actors_end
+from tests.test_controller import job_spec, wait_until_training_actors_end
 from tests.test_store import schema_version, set_schema_version
 from trainer.events import EventLog
 from trainer.storage import job_paths
@@ -114,7 +114,7 @@ def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
         client.cancel(job.job_id)
         assert list(client.watch(job.job_id))[-1].job.state == jobs_pb2.STATE_CANCELLED
     # Stopped while its workers started: none is left behind (their TCP store listens on every interface).
-    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, record.ray_submission_id)
+    wait_until_training_actors_end(ray_cluster.dashboard_url)
 
 
 @pytest.fixture
@@ -245,7 +245,7 @@ def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
     driver's last act: the driver may still run then, so they go once Ray says it ended. A failed job keeps its
     (`dreambooth train --job-id` resumes it), and every job keeps the rest of its folder."""
     reconciler = by_hand
-    reconciler._checkpoint_cleanup._poll_s = 0.1
+    reconciler._ended_jobs._poll_s = 0.1
     jobs = {verdict: training_under(reconciler, "sleep 600") for verdict in ("SUCCEEDED", "FAILED")}
     paths = {verdict: job_paths(reconciler.config.storage, job.job_id) for verdict, job in jobs.items()}
     for verdict, job in jobs.items():
@@ -261,6 +261,22 @@ def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
         assert time.monotonic() < deadline, "a successful job's checkpoints were kept after its driver ended"
         time.sleep(0.1)
     assert paths["SUCCEEDED"].events_file.exists() and paths["FAILED"].checkpoints_dir.exists()
+
+
+def test_an_ended_jobs_driver_log_is_kept_and_rays_records_of_it_go(by_hand):
+    """Ray keeps an ended job's record in its head's memory until it is deleted (one per attempt ever run), and a
+    head restarted without fault tolerance lost them, and the logs with them: the log is kept in the job's folder,
+    which GetJobLogs reads from then on."""
+    reconciler = by_hand
+    job = training_under(reconciler, "echo the driver said this")
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    EventLog(job_paths(reconciler.config.storage, job.job_id).events_file).emit("state", state="FAILED")
+    assert reconciler._apply_events(job).state == "FAILED"
+    deadline = time.monotonic() + 60
+    while reconciler.ray_jobs.status(job.ray_submission_id) != RayJobStatus.LOST:
+        assert time.monotonic() < deadline, "Ray's record of an ended job was kept"
+        time.sleep(0.1)
+    assert "the driver said this" in reconciler.service.logs("alice", job.job_id)
 
 
 def test_a_controller_stopped_before_a_removal_leaves_it_to_the_next(by_hand):

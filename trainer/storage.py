@@ -55,6 +55,11 @@ class JobPaths:
         return self.job_dir / "events.jsonl"
 
     @property
+    def driver_log(self) -> Path:
+        """The driver's output, kept by the controller once the job has ended (controller.ended_jobs)."""
+        return self.job_dir / "driver.log"
+
+    @property
     def ray_run_name(self) -> str:
         # The Ray Train run directory is job_dir / ray_run_name.
         return "checkpoints"

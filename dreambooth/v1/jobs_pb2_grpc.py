@@ -125,8 +125,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobLogs(self, request, context):
-        """The training driver's log (the Ray job's output); empty before the job's first attempt starts, and when Ray
-        no longer knows it (its head restarted). UNAVAILABLE while Ray cannot be reached.
+        """The training driver's log (the Ray job's output, its last attempt's); kept in the job's folder once the job
+        and its driver have ended, when Ray's record of it is deleted. Empty before the job's first attempt starts,
+        and when Ray lost it first (its head restarted). UNAVAILABLE while Ray cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
