@@ -223,8 +223,9 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             return 2 if e.code in _USER_ERRORS else 1
         except ServingError as e:  # the serving API answered no (generate; deploy's wait for the model)
             print(f"error: {e}", file=sys.stderr)
-            return 2 if 400 <= e.status < 500 else 1
-        except (TimeoutError, urllib.error.URLError, ServingUnreachable) as e:  # not reached, or not serving
+            # A 429 is the tenant's requests in progress, not the input: the same command may succeed later.
+            return 2 if 400 <= e.status < 500 and e.status != 429 else 1
+        except (TimeoutError, urllib.error.URLError, ServingUnreachable) as e:  # not reached, not serving, or too slow
             print(f"error: {e}", file=sys.stderr)
             return 1
         except OSError as e:  # an unreadable file: --tls-ca, a photo

@@ -1,4 +1,5 @@
-"""A small HTTP client of the serving API (serving/http_api.py), standard library only.
+"""A small HTTP client of the serving API (serving/http_api.py): the standard library, and serving/config.py's
+constants.
 
     model = client.deploy(model_id)                    # the gRPC SDK: returns the model's endpoint
     wait_until_served(model.endpoint, token=TOKEN)
@@ -10,35 +11,71 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
+import itertools
 import json
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from serving.config import LOAD_TIMEOUT_S
+
+GENERATE_TIMEOUT_S = LOAD_TIMEOUT_S + 300
+"""generate's default: a request waits up to LOAD_TIMEOUT_S for its model's load (then the server answers 503),
+and may then sample for minutes (serving/app.py's GRACEFUL_SHUTDOWN_S, 300 s). At LOAD_TIMEOUT_S, the client gave
+up just before the server's answer."""
+RETRIES = 3
+"""generate's default: a 429 or 503 (throttled, overloaded, its model not loadable now) is sent again this many
+times, after its Retry-After: generating has no side effects."""
+MAX_RETRY_WAIT_S = 30.0
+"""The longest a retry waits, whatever Retry-After says (a load balancer's may say minutes)."""
+RETRY_WAIT_S = 1.0
+"""A retry's wait when the answer has no Retry-After (a proxy's 503, say)."""
+
 
 class ServingUnreachable(OSError):
-    """No answer from the serving API's address (nothing listens, refused, timed out)."""
+    """No answer from the serving API's address (nothing listens, refused, the connection timed out)."""
+
+
+class ServingTimeout(TimeoutError):
+    """The serving API took the request but did not answer within the client's timeout."""
 
 
 class ServingError(Exception):
-    """An HTTP error from the serving API: `status` and the server's detail."""
+    """An HTTP error from the serving API: `status`, the server's detail and its machine-readable `code`
+    (serving/http_api.ErrorCode; None from something else at that address, a proxy say)."""
 
-    def __init__(self, status: int, detail: Any, retry_after_s: float | None = None):
+    def __init__(self, status: int, detail: Any, retry_after_s: float | None = None, code: str | None = None):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.code = code
 
 
 def generate(
-    endpoint: str, prompt: str, token: str | None = None, timeout_s: float = 600, **options: Any
+    endpoint: str,
+    prompt: str,
+    token: str | None = None,
+    timeout_s: float = GENERATE_TIMEOUT_S,
+    retries: int = RETRIES,
+    **options: Any,
 ) -> list[bytes]:
     """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
-    width, height (see GenerateBody)."""
-    body = {"prompt": prompt, **options, "output_format": "json"}
-    reply = _request(endpoint, json.dumps(body).encode(), token, timeout_s)
-    return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
+    width, height (see GenerateBody). A 429 or 503 is retried up to `retries` times, each after its Retry-After
+    (at most MAX_RETRY_WAIT_S); the last one raises ServingError."""
+    data = json.dumps({"prompt": prompt, **options, "output_format": "json"}).encode()
+    for attempt in itertools.count(1):
+        try:
+            reply = _request(endpoint, data, token, timeout_s)
+        except ServingError as e:
+            if e.status not in (429, 503) or attempt > retries:
+                raise
+            time.sleep(min(RETRY_WAIT_S if e.retry_after_s is None else e.retry_after_s, MAX_RETRY_WAIT_S))
+            continue
+        return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
 
 
 def wait_until_served(endpoint: str, token: str | None = None, timeout_s: float = 300) -> None:
@@ -57,6 +94,23 @@ def wait_until_served(endpoint: str, token: str | None = None, timeout_s: float 
         time.sleep(0.5)
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds from now: RFC 9110 allows a number of seconds or an HTTP date (a load
+    balancer may send one). None when there is none, or it is neither."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # the obsolete asctime form, which has no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) -> Any:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(url, data=data, headers=headers)
@@ -65,12 +119,17 @@ def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) 
             body = response.read()
     except urllib.error.HTTPError as e:
         try:
-            detail = json.loads(e.read())["detail"]
+            answer = json.loads(e.read())
+            detail = answer["detail"]
         except (ValueError, KeyError, TypeError):  # not the serving API's JSON (a proxy's page, say)
-            detail = e.reason
-        retry_after = e.headers.get("Retry-After")
-        raise ServingError(e.code, detail, float(retry_after) if retry_after else None) from e
-    except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out: no answer at all
+            answer, detail = {}, e.reason
+        retry_after_s = retry_after_seconds(e.headers.get("Retry-After"))
+        raise ServingError(e.code, detail, retry_after_s, answer.get("code")) from e
+    except TimeoutError as e:  # connected and sent, but no answer in time (urllib wraps a connect timeout in URLError)
+        raise ServingTimeout(
+            f"the serving API at {url} took the request but did not answer within {timeout_s:g} s"
+        ) from e
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, the connection timed out: no answer at all
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise ServingUnreachable(f"no answer from the serving API at {url}: {reason}") from e
     try:

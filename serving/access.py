@@ -35,12 +35,12 @@ class Access:
     def from_user_config(cls, config: Mapping[str, Any]) -> Access:
         return cls(dict(config.get("owners", {})), dict(config.get("tokens", {})))
 
-    def tenant(self, authorization: str | None) -> str | None:
-        """The caller's tenant from an `Authorization: Bearer ...` header; None when no tenants are configured."""
+    def tenant(self, token: str | None) -> str | None:
+        """The caller's tenant from its bearer token (None: the request had none); None when no tenants are
+        configured."""
         if not self.tenants_by_digest:
             return None
-        scheme, _, token = (authorization or "").partition(" ")
-        tenant = self.tenants_by_digest.get(token_digest(token.strip())) if scheme.lower() == "bearer" else None
+        tenant = self.tenants_by_digest.get(token_digest(token)) if token else None
         if tenant is None:
             raise Unauthenticated("send `Authorization: Bearer <token>` with your controller token")
         return tenant

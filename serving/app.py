@@ -22,24 +22,29 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
-from serving.config import MAX_BODY_BYTES, ServeConfig
+from serving.config import LOAD_TIMEOUT_S, MAX_BODY_BYTES, ServeConfig
 from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
     EncodedResult,
+    ErrorBody,
+    ErrorCode,
     GenerateBody,
     GenerateResponse,
     ServedModel,
@@ -56,10 +61,6 @@ EVICTION_WAIT_S = 300
 LOAD_KEPT_S = 60
 # A model whose load failed is not tried again for this long: each try would evict a loaded model first.
 LOAD_RETRY_S = 15
-# A request waits this long for its model's load (a GPU's seconds; a cold torch.compile of a new architecture's
-# UNet, minutes): Serve holds its replica's one model-loading lock through it, so a load hung on a file system that
-# stopped answering would keep every other model from loading on that replica, for ever.
-LOAD_TIMEOUT_S = 600
 GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
 
 
@@ -394,24 +395,165 @@ def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
         return ServedModel(model_id=model_id, endpoint=config.endpoint(model_id), model_class="unknown", resolution=512)
 
 
-def _unauthenticated(error: Unauthenticated) -> HTTPException:
-    return HTTPException(401, detail=str(error), headers={"WWW-Authenticate": "Bearer"})
+class ApiError(HTTPException):
+    """An error answer of this API: its body carries a machine-readable `code` beside `detail` (ErrorBody)."""
 
+    def __init__(self, status_code: int, code: ErrorCode, detail: Any, headers: dict[str, str] | None = None):
+        super().__init__(status_code, detail=detail, headers=headers)
+        self.code = code
+
+
+def _unauthenticated(error: Unauthenticated) -> ApiError:
+    return ApiError(401, "unauthenticated", str(error), headers={"WWW-Authenticate": "Bearer"})
+
+
+def _not_found(model_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"model {model_id!r} is not deployed; GET /v1/models lists them")
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "too_large", f"the request body is over {MAX_BODY_BYTES} bytes, the most this API reads")
+
+
+def error_response(
+    status_code: int, code: ErrorCode, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
+
+
+def sent_as_json(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON: it validates any other as raw bytes."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def validation_problem(error: dict[str, Any]) -> dict[str, Any]:
+    # Not pydantic's `input`, which echoes the body back: JSON cannot encode a number parsed as NaN or infinity
+    # (1e400), and re-encoding a list nested a thousand deep overflows the stack (both were 500s).
+    problem = {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+    if error.get("ctx"):
+        problem["ctx"] = {key: str(value) for key, value in error["ctx"].items()}
+    return problem
+
+
+def unreadable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not read a JSON body: it says "There was an error parsing the body" whatever the cause."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "not UTF-8: send the JSON encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "nested too deep to parse"
+    return "not readable as JSON"
+
+
+# The errors that FastAPI and Starlette answer before a handler runs.
+FRAMEWORK_ERROR_CODES: dict[int, ErrorCode] = {
+    400: "invalid_argument",
+    404: "not_found",
+    405: "method_not_allowed",
+}
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "Tenants are configured and no valid bearer token came."}}
+NOT_FOUND = {404: {"model": ErrorBody, "description": "No such model is deployed (another tenant's is not found)."}}
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"image/png": {}},
+        "description": "PNG (output_format png) or JSON",
+        "headers": {
+            "X-Seed": {"description": "The first image's seed (image i: seed + i).", "schema": {"type": "integer"}},
+            "X-Batch-Size": {
+                "description": "The most requests that shared one of this request's UNet forwards.",
+                "schema": {"type": "integer"},
+            },
+        },
+    },
+    400: {"model": ErrorBody, "description": "A field out of bounds, or a body that is not UTF-8 JSON."},
+    **UNAUTHENTICATED,
+    **NOT_FOUND,
+    413: {"model": ErrorBody, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
+    422: {"model": ErrorBody, "description": "Not a GenerateBody: not JSON, or a field of the wrong type or name."},
+    429: {
+        "model": ErrorBody,
+        "description": "The tenant has max_requests_per_tenant requests in progress (code throttled).",
+        "headers": RETRY_AFTER,
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "Overloaded, the model cannot be loaded now, or the request's replica went away.",
+        "headers": RETRY_AFTER,
+    },
+}
 
 # serve.ingress serializes the class when it decorates it: whatever the handlers use is defined above.
 api = FastAPI(
     title="dreambooth-cluster serving",
     description="Generate images of personalised subjects (DreamBooth models trained by the controller).",
     version="1",
-    max_body_size=MAX_BODY_BYTES,
 )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if isinstance(error, ApiError):
+        return error_response(error.status_code, error.code, error.detail, error.headers)
+    detail = error.detail
+    if error.status_code == 400:  # a body FastAPI could not parse, said as the handler's 400s say a field's problem
+        detail = {"field": "body", "message": unreadable_body(error.__cause__)}
+    code = FRAMEWORK_ERROR_CODES.get(error.status_code, "error")
+    return error_response(error.status_code, code, detail, error.headers)
 
 
 @api.exception_handler(RequestValidationError)
 async def unprocessable(request: Request, error: RequestValidationError) -> JSONResponse:
-    # FastAPI's default handler fails (500) on a body that is not UTF-8: it echoes the raw bytes back as JSON.
-    readable = {bytes: lambda raw: raw.decode("utf-8", errors="replace")}
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors(), custom_encoder=readable)})
+    if sent_as_json(request.headers.get("content-type", "")):
+        problems = [validation_problem(e) for e in error.errors()]
+    else:  # curl -d sends a form's type: FastAPI said only "Input should be a valid dictionary" of the bytes
+        message = "send the body as JSON, with `Content-Type: application/json`"
+        problems = [{"type": "content_type", "loc": ["header", "content-type"], "msg": message}]
+    return error_response(422, "invalid_argument", problems)
+
+
+class BodyCap:
+    """413 for a body over MAX_BODY_BYTES, announced (Content-Length: refused unread) or counted as it arrives (FastAPI
+    reads a body whole before its handler checks the token). Not FastAPI's max_body_size: it answers an announced
+    one "Content Too Large" in plain text, over whatever the handlers said."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        announced = Headers(scope=scope).get("content-length", "")
+        if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+            response = await http_error(Request(scope), _too_large())
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_capped() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _too_large()  # through FastAPI's body parsing to http_error
+            return message
+
+        await self.app(scope, receive_capped, send)
+
+
+api.add_middleware(BodyCap)
+
+
+# A security scheme rather than a header parameter: OpenAPI leaves out header parameters named Authorization, so
+# the docs' "Try it out" never sent a token. auto_error=False: without tenants serving is open; Access answers 401s.
+bearer = HTTPBearer(auto_error=False, description="The tenant's controller token, where tenants are configured.")
+
+
+async def bearer_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str | None:
+    """None without an `Authorization: Bearer ...` header."""
+    return credentials.credentials if credentials else None
 
 
 @serve.deployment
@@ -434,31 +576,28 @@ class Ingress:
         self.access = Access.from_user_config(user_config)
 
     @api.get("/healthz")
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": len(self.models)}
+    def health(self) -> dict[str, str]:
+        # No more: its callers are not authenticated, and a count of the models would be over every tenant's.
+        return {"status": "ok"}
 
-    @api.get("/v1/models")
-    def list_models(self, authorization: str | None = Header(None)) -> dict[str, list[ServedModel]]:
-        tenant = self._tenant(authorization)
+    @api.get("/v1/models", responses=UNAUTHENTICATED)
+    def list_models(self, token: str | None = Depends(bearer_token)) -> dict[str, list[ServedModel]]:
+        tenant = self._tenant(token)
         mine = [m for m in self.models.values() if self.access.visible(tenant, m.model_id)]
         return {"models": sorted(mine, key=lambda m: m.model_id)}
 
-    @api.get("/v1/models/{model_id}")
-    def get_model(self, model_id: str, authorization: str | None = Header(None)) -> ServedModel:
-        return self._served(model_id, self._tenant(authorization))
+    @api.get("/v1/models/{model_id}", responses=UNAUTHENTICATED | NOT_FOUND)
+    def get_model(self, model_id: str, token: str | None = Depends(bearer_token)) -> ServedModel:
+        return self._served(model_id, self._tenant(token))
 
-    @api.post(
-        "/v1/models/{model_id}/generate",
-        response_model=GenerateResponse,
-        responses={200: {"content": {"image/png": {}}, "description": "PNG (output_format png) or JSON"}},
-    )
-    async def generate(self, model_id: str, body: GenerateBody, authorization: str | None = Header(None)):
+    @api.post("/v1/models/{model_id}/generate", response_model=GenerateResponse, responses=GENERATE_RESPONSES)
+    async def generate(self, model_id: str, body: GenerateBody, token: str | None = Depends(bearer_token)):
         start = time.perf_counter()
         model = self.models.get(model_id)
         model_class = model.model_class if model else "unknown"
         outcome, images = "error", 0
         try:
-            tenant = self.access.tenant(authorization)  # first: without a token, no answer says which ids exist
+            tenant = self.access.tenant(token)  # first: without a token, no answer says which ids exist
             if model is None or not self.access.visible(tenant, model_id):
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
@@ -470,27 +609,27 @@ class Ingress:
             raise _unauthenticated(e) from e
         except InputError as e:
             outcome = "bad_request"
-            raise HTTPException(400, detail={"field": e.field, "message": e.message}) from e
+            raise ApiError(400, "invalid_argument", {"field": e.field, "message": e.message}) from e
         except ModelNotServed as e:
             outcome = "not_found"
-            raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them") from e
+            raise _not_found(model_id) from e
         except TenantBusy as e:
             outcome = "throttled"
-            raise self._retry_later(str(e), status=429) from e
+            raise self._retry_later(429, "throttled", str(e)) from e
         except BackPressureError as e:
             outcome = "overloaded"
-            raise self._retry_later("overloaded") from e
+            raise self._retry_later(503, "overloaded", "overloaded") from e
         except ModelUnavailable as e:  # its files: the operator's to fix (the replica logged why; no paths here)
             outcome = "unavailable"
-            raise self._retry_later(f"model {model_id!r} cannot be loaded now") from e
+            raise self._retry_later(503, "model_unavailable", f"model {model_id!r} cannot be loaded now") from e
         except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it fits
             outcome = "overloaded"
-            raise self._retry_later("the device ran out of memory for this request's batch") from e
+            raise self._retry_later(503, "overloaded", "the device ran out of memory for this request's batch") from e
         except REPLICA_LOST as e:
             # Its replica died under it (out of memory, node lost) or none is up yet: Serve starts another, so the
             # same request can succeed in a moment; a 500 would tell clients not to retry.
             outcome = "unavailable"
-            raise self._retry_later("the replica serving this request went away") from e
+            raise self._retry_later(503, "unavailable", "the replica serving this request went away") from e
         except asyncio.CancelledError:
             outcome = "cancelled"  # the client went away (Serve cancels its request): not a server error
             raise
@@ -498,9 +637,9 @@ class Ingress:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)
 
-    def _retry_later(self, why: str, status: int = 503) -> HTTPException:
+    def _retry_later(self, status_code: int, code: ErrorCode, why: str) -> ApiError:
         headers = {"Retry-After": str(self.config.retry_after_s)}
-        return HTTPException(status, detail=f"{why}; retry later", headers=headers)
+        return ApiError(status_code, code, f"{why}; retry later", headers=headers)
 
     @contextlib.contextmanager
     def _turn_of(self, tenant: str | None) -> Iterator[None]:
@@ -517,15 +656,15 @@ class Ingress:
             if not self._in_flight[tenant]:
                 del self._in_flight[tenant]
 
-    def _tenant(self, authorization: str | None) -> str | None:
+    def _tenant(self, token: str | None) -> str | None:
         try:
-            return self.access.tenant(authorization)
+            return self.access.tenant(token)
         except Unauthenticated as e:
             raise _unauthenticated(e) from e
 
     def _served(self, model_id: str, tenant: str | None) -> ServedModel:
         if model_id not in self.models or not self.access.visible(tenant, model_id):
-            raise HTTPException(404, detail=f"model {model_id!r} is not deployed; GET /v1/models lists them")
+            raise _not_found(model_id)
         return self.models[model_id]
 
 

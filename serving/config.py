@@ -17,6 +17,11 @@ PROMPT_CHARS_CAP = 10_000
 MAX_BODY_BYTES = 2 * 12 * PROMPT_CHARS_CAP + 16 * 1024
 """The cap on a request's body (413 beyond), checked as it arrives: FastAPI reads a body whole before its handler
 checks the token. It holds two prompts at the cap, each character JSON-escaped as a surrogate pair (12 bytes)."""
+LOAD_TIMEOUT_S = 600
+"""A request waits this long for its model's load, then gets a 503 (a GPU's seconds; a cold torch.compile of a new
+architecture's UNet, minutes): Serve holds its replica's one model-loading lock through it, so a load hung on a file
+system that stopped answering would keep every other model from loading on that replica, for ever. Here, not in
+serving/app.py, so that the HTTP client (dreambooth/serving_client.py) waits longer without importing Serve."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import dataclasses
 import io
 import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,6 +66,35 @@ class ServedModel(BaseModel):
     instance_prompt: str | None = None
     resolution: int
     """Default width and height: the size the subject was trained at."""
+
+
+ErrorCode = Literal[
+    "invalid_argument",  # 400, 422: fix the request
+    "unauthenticated",  # 401
+    "not_found",  # 404: no such model (or another tenant's), or no such path
+    "method_not_allowed",  # 405
+    "too_large",  # 413
+    "throttled",  # 429: the tenant's max_requests_per_tenant; retry after Retry-After
+    "overloaded",  # 503: the queue is full, or the request's batch outgrew the GPU; retry after Retry-After
+    "model_unavailable",  # 503: its model cannot be loaded now; retry after Retry-After
+    "unavailable",  # 503: its replica went away (Serve starts another); retry after Retry-After
+    "error",  # any other status
+]
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer of the API."""
+
+    detail: FieldProblem | list[dict[str, Any]] | str = Field(
+        description="400: the field and what is wrong with it; 422: the body's problems, each with its type, loc "
+        "and msg; otherwise a message."
+    )
+    code: ErrorCode = Field(description="Machine-readable: what went wrong, whatever the message says.")
 
 
 def to_generation_request(body: GenerateBody, limits: RequestLimits, default_size: int) -> GenerationRequest:

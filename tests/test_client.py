@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.utils
 import http.server
+import inspect
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -23,12 +26,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from dreambooth import serving_client
 from dreambooth.cli import main
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
-from dreambooth.serving_client import ServingError, ServingUnreachable, generate, wait_until_served
+from dreambooth.serving_client import ServingError, ServingTimeout, ServingUnreachable, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
+from serving.config import LOAD_TIMEOUT_S
 
 TOKEN = "t0ken"
 S = jobs_pb2  # states and messages, shorter
@@ -605,13 +610,19 @@ def test_cli_demo_refuses_a_folder_it_did_not_write(cli, job_yaml):
 
 @pytest.fixture
 def serving_api():
-    """A stand-in for the serving API's HTTP (serving/http_api.py) on 127.0.0.1: generate answers each image's PNG
-    as the request's prompt; GET answers `statuses` in turn, then 200."""
+    """A stand-in for the serving API's HTTP (serving/http_api.py) on 127.0.0.1: generate answers `refusals`
+    ((status, Retry-After) pairs) in turn, then each image's PNG as the request's prompt; GET answers `statuses` in
+    turn, then 200."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             api.bodies.append(body)
+            if api.refusals:
+                status, retry_after = api.refusals.pop(0)
+                refusal = {"detail": "busy; retry later", "code": "overloaded"}
+                self._answer(status, refusal, {"Retry-After": retry_after})
+                return
             png = base64.b64encode(body["prompt"].encode()).decode()
             images = [{"seed": body["seed"] + i, "png_base64": png} for i in range(body["num_images"])]
             self._answer(200, {"images": images})
@@ -620,11 +631,13 @@ def serving_api():
             status = api.statuses.pop(0) if api.statuses else 200
             self._answer(status, {"detail": "no" if status != 200 else None, "model_id": "model-3"})
 
-        def _answer(self, status: int, payload: dict) -> None:
+        def _answer(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
@@ -632,7 +645,7 @@ def serving_api():
             pass
 
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    api.statuses, api.bodies = [], []
+    api.statuses, api.bodies, api.refusals = [], [], []
     api.endpoint = f"http://127.0.0.1:{api.server_port}/v1/models/model-3/generate"
     threading.Thread(target=api.serve_forever, daemon=True).start()
     yield api
@@ -670,6 +683,61 @@ def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_a
 def test_a_serving_api_that_does_not_answer_is_named():
     with pytest.raises(ServingUnreachable, match=r"no answer from the serving API at http://127\.0\.0\.1:1/v1/"):
         generate("http://127.0.0.1:1/v1/models/model-3/generate", "a photo of sks dog", timeout_s=5)
+
+
+def test_a_serving_api_that_takes_the_request_and_answers_too_late_is_a_timeout_not_unreachable():
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts the connection; nobody answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}/v1/models/model-3/generate"
+        with pytest.raises(ServingTimeout, match=r"took the request but did not answer within 0\.5 s"):
+            generate(endpoint, "a photo of sks dog", timeout_s=0.5)
+    # By default a request outwaits the server's wait for its model's load, which answers 503 at its end.
+    assert inspect.signature(generate).parameters["timeout_s"].default > LOAD_TIMEOUT_S
+
+
+def test_generate_retries_throttled_and_overloaded_requests_after_their_retry_after(serving_api, monkeypatch):
+    waits = []
+    monkeypatch.setattr(serving_client.time, "sleep", waits.append)
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=20)
+    # Retry-After as an HTTP date (a load balancer's, say), then as seconds beyond the most a retry waits.
+    serving_api.refusals = [(429, email.utils.format_datetime(soon, usegmt=True)), (503, "120")]
+    assert generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1) == [b"a photo of sks dog"]
+    assert len(serving_api.bodies) == 3
+    assert 15 < waits[0] <= 20 and waits[1] == serving_client.MAX_RETRY_WAIT_S
+
+    serving_api.refusals = [(503, "0")] * (serving_client.RETRIES + 1)
+    with pytest.raises(ServingError) as overloaded:
+        generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1)
+    assert (overloaded.value.status, overloaded.value.code, overloaded.value.retry_after_s) == (503, "overloaded", 0)
+    assert len(serving_api.bodies) == 3 + serving_client.RETRIES + 1
+    serving_api.refusals = [(400, "0")]  # the input's fault: sending it again changes nothing
+    with pytest.raises(ServingError):
+        generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1)
+    assert len(serving_api.bodies) == 3 + serving_client.RETRIES + 2
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("7", 7.0),
+        (" 7 ", 7.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # past
+        ("Sun Nov  6 08:49:37 1994", 0.0),  # the obsolete asctime form, zoneless
+        ("-1", None),
+        ("1.5", None),
+        ("soon", None),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date(header, seconds):
+    assert serving_client.retry_after_seconds(header) == seconds
+
+
+def test_cli_generate_throttled_exits_1_not_the_usage_code(cli, controller, serving_api, tmp_path):
+    model = controller.models["model-3"]
+    model.deployed, model.endpoint = True, serving_api.endpoint
+    serving_api.refusals = [(429, "0")] * (serving_client.RETRIES + 1)
+    code, _, err = cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path))
+    assert code == 1 and "HTTP 429: busy; retry later" in err
 
 
 def test_waiting_for_a_deployment_goes_on_through_404_and_stops_at_a_refusal(serving_api):

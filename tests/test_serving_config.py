@@ -185,10 +185,10 @@ def test_serving_access_follows_the_controllers_tenants_without_holding_their_to
     config = user_config({"m1": "/s/m1", "m2": "/s/m2"}, {"m1": "alice", "m2": "bob"}, {"alice": ("a-1", "a-2")})
     assert "a-1" not in json.dumps(config)  # digests only: the Serve config is readable in Ray's dashboard
     access = Access.from_user_config(config)
-    assert access.tenant("Bearer a-2") == "alice" and access.tenant("bearer  a-1") == "alice"
-    for header in (None, "", "Bearer nope", "Basic a-1", "a-1"):
+    assert access.tenant("a-2") == "alice" and access.tenant("a-1") == "alice"
+    for token in (None, "", "nope"):
         with pytest.raises(Unauthenticated):
-            access.tenant(header)
+            access.tenant(token)
     assert access.visible("alice", "m1") and not access.visible("alice", "m2")
     assert not access.visible("alice", "unknown")
 
