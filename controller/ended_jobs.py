@@ -12,12 +12,16 @@ Once an ended job's Ray job has ended too:
 
 The trainer reports its verdict as its driver's last act (training's workers ended before the export), so this
 waits for Ray to report the driver ended. A thread of its own: Ray's API may be slow and removing tens of GiB from
-a shared file system takes a while, and a reconcile pass must not wait for either. What a controller stopped
-meanwhile leaves, the next one's start finds again (jobs that ended within SWEEP_S).
+a shared file system takes a while, and a reconcile pass must not wait for either. What could not be done (Ray or
+the storage unreachable) is tried again a few times; what a controller stopped meanwhile leaves, the next one's
+start finds again (jobs that ended within SWEEP_S: Ray's records of jobs that ended before stay until its head
+restarts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import queue
 import shutil
@@ -26,14 +30,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.ray_jobs import RayJobs, RayJobsError, submission_id
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus, submission_id
 from dreambooth.durable import write_file
 from trainer.storage import job_paths
 
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # how often the driver's status is asked while it is still running
-DRIVER_EXIT_WAIT_S = 600  # a driver still running (or Ray unreachable) this long: left to the next start's sweep
+DRIVER_EXIT_WAIT_S = 600  # a driver still running (or Ray unreachable) this long: tried again later
+RETRY_S = 60.0  # a tidy that could not finish (Ray or the storage unreachable) is tried again after this
+TRIES = 5
 SWEEP_S = 7 * 24 * 3600  # at start: jobs that ended this recently are looked at again
 
 
@@ -42,6 +48,8 @@ class EndedJob:
     job_id: str
     state: str
     attempts: int  # Ray submissions <job_id>-a1 .. -a<attempts>; 0: never submitted
+    swept: bool = False  # found by a start's sweep: maybe tidied already, by the controller before
+    tries: int = 0
 
 
 class EndedJobs:
@@ -66,46 +74,65 @@ class EndedJobs:
     def _run(self) -> None:
         while (job := self._ended.get()) is not None and not self._stopping.is_set():
             try:
-                self._tidy(job)
-            except FileNotFoundError:
-                pass  # DeleteJob took the job meanwhile
-            except (OSError, RayJobsError) as e:
-                log.warning("job %s ended: tidying what it left failed (the next start retries): %s", job.job_id, e)
-            except Exception:
-                log.exception("job %s ended: tidying what it left failed", job.job_id)
+                done = self._tidy(job)
+            except Exception as e:
+                log.warning(
+                    "job %s ended: tidying what it left failed (try %d of %d): %s", job.job_id, job.tries + 1, TRIES, e
+                )
+                done = False
+            if not done and job.tries + 1 < TRIES:
+                retry = threading.Timer(RETRY_S, self._ended.put, [dataclasses.replace(job, tries=job.tries + 1)])
+                retry.daemon = True
+                retry.start()
 
-    def _tidy(self, job: EndedJob) -> None:
+    def _tidy(self, job: EndedJob) -> bool:
+        """Whether it is done: its driver ended, and what it left is kept or gone as it should be."""
         paths = job_paths(self._storage, job.job_id)
-        if job.attempts and not paths.driver_log.exists():  # the log kept says Ray's records went too
+        checkpoints_left = job.state == "SUCCEEDED" and paths.checkpoints_dir.exists()
+        if job.swept and (paths.driver_log.exists() or not job.attempts) and not checkpoints_left:
+            return True
+        ray_error: RayJobsError | None = None
+        if job.attempts:
             last = submission_id(job.job_id, job.attempts)
-            if not self._driver_ended(job.job_id, last):
-                return
-            write_file(paths.driver_log, self._ray_jobs.logs(last))  # first: deleted records take their logs
-            for attempt in range(1, job.attempts + 1):
-                self._ray_jobs.delete(submission_id(job.job_id, attempt))
-        if job.state == "SUCCEEDED" and paths.checkpoints_dir.exists():
-            shutil.rmtree(paths.checkpoints_dir)
-            log.info("job %s succeeded: removed its checkpoints", job.job_id)
+            status = self._driver_status(job.job_id, last)
+            if status is None:
+                return False
+            try:
+                # Ray knowing no such job (its head restarted; a dashboard URL of another cluster for a while) leaves
+                # nothing to keep: GetJobLogs asks Ray as before.
+                if status != RayJobStatus.LOST and not paths.driver_log.exists():
+                    text = self._ray_jobs.logs(last)
+                    with contextlib.suppress(FileNotFoundError):  # DeleteJob took its folder: Ray's records go too
+                        write_file(paths.driver_log, text)  # first: a deleted record takes its log with it
+                for attempt in range(1, job.attempts + 1):
+                    self._ray_jobs.delete(submission_id(job.job_id, attempt))
+            except RayJobsError as e:
+                ray_error = e
+        if checkpoints_left:
+            with contextlib.suppress(FileNotFoundError):  # DeleteJob took them meanwhile
+                shutil.rmtree(paths.checkpoints_dir)
+                log.info("job %s succeeded: removed its checkpoints", job.job_id)
+        if ray_error is not None:
+            raise ray_error
+        return True
 
-    def _driver_ended(self, job_id: str, submission: str) -> bool:
+    def _driver_status(self, job_id: str, submission: str) -> RayJobStatus | None:
+        """The status of its driver once it has ended; None if it still runs (or Ray cannot say) after a while."""
         deadline = time.monotonic() + DRIVER_EXIT_WAIT_S
         error: RayJobsError | None = None
         while not self._stopping.is_set():
             try:
-                if self._ray_jobs.status(submission).ended:
-                    return True
+                status = self._ray_jobs.status(submission)
+                if status.ended:
+                    return status
                 error = None
             except RayJobsError as e:  # Ray unreachable for a moment: asked again
                 error = e
             if time.monotonic() > deadline:
                 why = f"Ray cannot say whether it ended ({error})" if error else "it still runs"
                 log.warning(
-                    "job %s ended, but its Ray job %s: %s after %d s; what it left stays (the next start retries)",
-                    job_id,
-                    submission,
-                    why,
-                    DRIVER_EXIT_WAIT_S,
+                    "job %s ended, but its Ray job %s: %s after %d s", job_id, submission, why, DRIVER_EXIT_WAIT_S
                 )
-                return False
+                return None
             self._stopping.wait(self._poll_s)
-        return False
+        return None

@@ -75,7 +75,7 @@ class Reconciler:
     def start(self) -> None:
         # What a controller stopped before it tidied up after them left: looked at again.
         for job_id, state, attempts in self.store.ended_since(time.time() - SWEEP_S):
-            self._ended_jobs.job_ended(EndedJob(job_id, state, attempts))
+            self._ended_jobs.job_ended(EndedJob(job_id, state, attempts, swept=True))
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
 

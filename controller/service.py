@@ -374,10 +374,14 @@ class JobService:
 
     def logs(self, tenant: str, job_id: str) -> str:
         job = self.get(tenant, job_id)
-        try:  # an ended job's, kept once its driver ended (controller.ended_jobs)
-            return job_paths(self.config.storage, job_id).driver_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
+        kept = job_paths(self.config.storage, job_id).driver_log  # an ended job's, once its driver ended
+        with contextlib.suppress(FileNotFoundError):
+            return kept.read_text(errors="replace")
+        text = self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
+        if not text:  # kept, and Ray's record deleted, since the file was looked for (controller.ended_jobs)
+            with contextlib.suppress(FileNotFoundError):
+                return kept.read_text(errors="replace")
+        return text
 
     # --- models ----------------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class ServingSync:
                 return
 
     def apply(self) -> None:
-        """Applies the store's deployed set now; on failure, leaves it to the reconciler."""
+        """Applies the store's deployed set now; on failure, its thread tries again (RETRY_INTERVAL_S)."""
         with self._lock:
             deployed = self.store.deployed_models()
             models = {model.model_id: model.path for model in deployed}

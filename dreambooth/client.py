@@ -25,7 +25,7 @@ import grpc
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
-from trainer.images import find_instance_images
+from trainer.images import check_instance_image_count, find_instance_images
 from trainer.spec import JobSpec, absolute_path, read_spec_file
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -153,10 +153,9 @@ class DreamBoothClient:
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:  # before reading the photos
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
         fields = _spec_fields(spec)
-        images = [
-            _instance_image(path, upload)
-            for path in find_instance_images([absolute_path(p) for p in fields["instance_images"]])
-        ]
+        found = find_instance_images([absolute_path(p) for p in fields["instance_images"]])
+        check_instance_image_count(len(found))  # the controller's bound, before a photo is read
+        images = [_instance_image(path, upload) for path in found]
         if upload and (total := sum(len(image.data) for image in images)) > MAX_UPLOAD_BYTES:
             raise InputError(
                 "instance_images",

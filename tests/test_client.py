@@ -34,6 +34,7 @@ from dreambooth.proto_convert import timestamp
 from dreambooth.serving_client import ServingError, ServingTimeout, ServingUnreachable, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.config import LOAD_TIMEOUT_S
+from trainer.images import MAX_INSTANCE_IMAGES
 
 TOKEN = "t0ken"
 S = jobs_pb2  # states and messages, shorter
@@ -255,6 +256,18 @@ def test_submit_without_upload_sends_absolute_paths(client, controller, job_yaml
     assert not any(i.HasField("data") for i in images)
     # Relative to this process's directory, as the images: the server's working directory is not ours.
     assert controller.requests[-1].spec.base_model == str(job_yaml.parent / "models" / "sd")
+
+
+def test_more_photos_than_a_controller_takes_are_refused_before_any_is_read(client, controller, job_yaml, tmp_path):
+    library = tmp_path / "library"
+    library.mkdir()
+    for index in range(MAX_INSTANCE_IMAGES + 1):
+        (library / f"{index}.jpg").write_bytes(b"")
+    spec = {**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(library)]}
+    sent = len(controller.requests)
+    with pytest.raises(InputError, match=f"{MAX_INSTANCE_IMAGES + 1} images; at most"):
+        client.submit(spec)
+    assert len(controller.requests) == sent
 
 
 def test_paths_through_a_symbolic_link_are_sent_as_written(client, controller, job_yaml, tmp_path):

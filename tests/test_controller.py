@@ -188,7 +188,8 @@ def test_cancel_mid_training_stops_the_ray_job_and_its_workers(alice, controller
         if message.WhichOneof("change") == "progress" and message.progress.step >= 1:
             break
     submission = final_submission(controller, job.job_id)
-    assert {"TrainController", "RayTrainWorker"} <= ray_job_actors(ray_cluster.dashboard_url, submission)
+    ray_job = ray_job_id(ray_cluster.dashboard_url, submission)  # while Ray has its record: deleted once it ends
+    assert {"TrainController", "RayTrainWorker"} <= ray_job_actors(ray_cluster.dashboard_url, ray_job)
     cancelling = alice.cancel(job.job_id)
     assert cancelling.state in (jobs_pb2.STATE_CANCELLING, jobs_pb2.STATE_CANCELLED)
     final = [m for m in alice.watch(job.job_id)][-1].job
@@ -199,24 +200,36 @@ def test_cancel_mid_training_stops_the_ray_job_and_its_workers(alice, controller
     # verdict (a controller that restarted, or a stop from outside, would have read FAILED: not run again).
     events = job_paths(controller.service.config.storage, job.job_id).events_file
     assert [e["state"] for e in read_events(events) if e["type"] == "state"] == ["PREPARING", "TRAINING"]
-    wait_until_training_actors_end(ray_cluster.dashboard_url)
+    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, ray_job)
 
 
-def ray_job_actors(dashboard_url: str, submission_id: str) -> set[str]:
+def ray_job_id(dashboard_url: str, submission_id: str) -> str:
+    """The Ray job id its actors carry, while Ray has the submission's record (the controller deletes it once the
+    job and its driver have ended)."""
+    return JobSubmissionClient(dashboard_url).get_job_info(submission_id).job_id
+
+
+def ray_job_actors(dashboard_url: str, ray_job: str) -> set[str]:
     """The classes of the Ray job's live actors."""
-    ray_job_id = JobSubmissionClient(dashboard_url).get_job_info(submission_id).job_id
-    actors = list_actors(address=dashboard_url, filters=[("job_id", "=", ray_job_id)])
+    actors = list_actors(address=dashboard_url, filters=[("job_id", "=", ray_job)])
     # Ray Data's AutoscalingCoordinator (0 CPUs), which Ray Train starts, is a detached cluster-wide singleton: it
     # outlives the job by design.
     return {a.class_name for a in actors if a.state != "DEAD" and a.name != "AutoscalingCoordinator"}
+
+
+def wait_until_ray_job_actors_end(dashboard_url: str, ray_job: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive := ray_job_actors(dashboard_url, ray_job):
+        assert time.monotonic() < deadline, f"the stopped Ray job's actors still live: {alive}"
+        time.sleep(0.2)
 
 
 TRAINING_ACTORS = {"TrainController", "RayTrainWorker", "ClassImageGenerator"}
 
 
 def wait_until_training_actors_end(dashboard_url: str, timeout_s: float = 30) -> None:
-    """Until no training job's actors live on the cluster. (By class, not by job: once a job has ended, the controller
-    deletes Ray's record of it, which maps its submission id to the Ray job id its actors carry.)"""
+    """Until no training job's actors live on the cluster: for jobs cancelled before their Ray job's id could be had
+    (it is gone with Ray's record once they have ended)."""
     deadline = time.monotonic() + timeout_s
     while alive := {a.class_name for a in list_actors(address=dashboard_url) if a.state != "DEAD"} & TRAINING_ACTORS:
         assert time.monotonic() < deadline, f"stopped training jobs' actors still live: {alive}"

@@ -36,7 +36,7 @@ from dreambooth.errors import InputError
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
 from tests.conftest import free_port
-from tests.test_controller import job_spec, wait_until_training_actors_end
+from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actors_end
 from tests.test_store import schema_version, set_schema_version
 from trainer.events import EventLog
 from trainer.storage import job_paths
@@ -111,10 +111,11 @@ def test_an_attempt_ray_never_received_is_submitted_again_not_spent(
         record = controller.service.store.get_job(job.job_id)
         # The failed submission was repeated as attempt 1; counting it would have made this attempt 2.
         assert (record.attempts, record.ray_submission_id) == (1, f"{job.job_id}-a1")
+        ray_job = ray_job_id(ray_cluster.dashboard_url, record.ray_submission_id)
         client.cancel(job.job_id)
         assert list(client.watch(job.job_id))[-1].job.state == jobs_pb2.STATE_CANCELLED
     # Stopped while its workers started: none is left behind (their TCP store listens on every interface).
-    wait_until_training_actors_end(ray_cluster.dashboard_url)
+    wait_until_ray_job_actors_end(ray_cluster.dashboard_url, ray_job)
 
 
 @pytest.fixture
@@ -277,6 +278,26 @@ def test_an_ended_jobs_driver_log_is_kept_and_rays_records_of_it_go(by_hand):
         assert time.monotonic() < deadline, "Ray's record of an ended job was kept"
         time.sleep(0.1)
     assert "the driver said this" in reconciler.service.logs("alice", job.job_id)
+
+
+def test_rays_records_go_for_a_job_deleted_first_and_nothing_is_kept_of_one_ray_lost(by_hand):
+    """DeleteJob may take a job's folder before its driver's log is kept: Ray's records go all the same (no row is
+    left for a later sweep to find). A job Ray lost (its head restarted) gets no empty log that would hide Ray's,
+    were the dashboard URL only wrong for a while."""
+    from controller.ended_jobs import EndedJob
+
+    reconciler = by_hand
+    deleted = training_under(reconciler, "echo a job deleted at once")
+    _ended(reconciler.ray_jobs, deleted.ray_submission_id)
+    assert not job_paths(reconciler.config.storage, deleted.job_id).job_dir.exists()  # as DeleteJob leaves it
+    assert reconciler._ended_jobs._tidy(EndedJob(deleted.job_id, "SUCCEEDED", attempts=1))
+    assert reconciler.ray_jobs.status(deleted.ray_submission_id) == RayJobStatus.LOST
+
+    lost = reconciler.store.insert_job(JobRecord("alice", {}))  # attempt 1 never reached this Ray
+    paths = job_paths(reconciler.config.storage, lost.job_id)
+    paths.job_dir.mkdir(parents=True)
+    assert reconciler._ended_jobs._tidy(EndedJob(lost.job_id, "FAILED", attempts=1))
+    assert not paths.driver_log.exists()
 
 
 def test_a_controller_stopped_before_a_removal_leaves_it_to_the_next(by_hand):
