@@ -41,7 +41,7 @@ class Tenant:
 @dataclass
 class ControllerConfig:
     storage: Path
-    """Storage root shared with every Ray node (jobs/, models/, cache/): see trainer/storage.py."""
+    """Storage root shared with every Ray node (jobs/, models/, cache/, .controller-clock): see trainer/storage.py."""
     listen: str = "127.0.0.1:50051"
     database_url: str = ""
     """SQLAlchemy URL; default: SQLite at <storage>/controller.db. PostgreSQL: postgresql+psycopg://... SQLite needs

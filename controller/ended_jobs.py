@@ -81,7 +81,9 @@ class EndedJobs:
                 )
                 done = False
             if not done and job.tries + 1 < TRIES:
-                retry = threading.Timer(RETRY_S, self._ended.put, [dataclasses.replace(job, tries=job.tries + 1)])
+                # Not as swept: a swept job whose log was kept before Ray failed still has Ray's records to delete.
+                again = dataclasses.replace(job, tries=job.tries + 1, swept=False)
+                retry = threading.Timer(RETRY_S, self._ended.put, [again])
                 retry.daemon = True
                 retry.start()
 

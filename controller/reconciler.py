@@ -1,4 +1,5 @@
-"""The controller's one background loop: start queued jobs, follow running ones, finish them.
+"""The controller's scheduling loop: start queued jobs, follow running ones, finish them. (What ended jobs leave,
+and serving, have threads of their own: controller/ended_jobs.py, controller/serving.py.)
 
 Every pass is idempotent and reads all it needs from the store, Ray and the jobs' events files, so a
 controller killed at any point and started again simply carries on: running Ray jobs are re-attached (their

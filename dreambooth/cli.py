@@ -169,9 +169,9 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     jobs.add_argument("--json", action="store_true", help="one JSON object per job and line (the API's Job)")
     add("watch", _watch, "follow a job until it ends").add_argument("job_id")
     add("cancel", _cancel, "stop a queued or running job").add_argument("job_id")
-    add("delete", _delete, "delete an ended job and its files (checkpoints, photos); its model stays").add_argument(
-        "job_id"
-    )
+    add(
+        "delete", _delete, "delete an ended job and its files (checkpoints, photos); a model recorded stays"
+    ).add_argument("job_id")
     add("logs", _logs, "print a job's training log").add_argument("job_id")
     models = add("models", _models, "list the trained models")
     models.add_argument("--json", action="store_true", help="one JSON object per model and line (the API's Model)")
@@ -405,7 +405,7 @@ def _state_line(job: jobs_pb2.Job) -> str:
             f" and {workers * spec.gpus_per_worker:g} GPUs" if spec.gpus_per_worker else ""
         )
         line += f" until {needs} are free for its {workers} worker{'s' if workers > 1 else ''}"
-        line += " and its tenant's running-job limit allows"
+        line += " (and, where tenants are configured, its tenant's max_running_jobs allows)"
     return line
 
 

@@ -509,11 +509,13 @@ def test_a_queued_job_says_what_it_waits_for():
 
     queued = _job("job-9", S.STATE_QUEUED, spec=S.TrainingSpec(num_workers=2, cpus_per_worker=4, gpus_per_worker=1))
     assert _state_line(queued) == (
-        "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers and its tenant's running-job limit allows"
+        "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers"
+        " (and, where tenants are configured, its tenant's max_running_jobs allows)"
     )
     queued.spec.num_workers, queued.spec.gpus_per_worker = 1, 0
     assert _state_line(queued) == (
-        "[QUEUED] until 4 CPUs are free for its 1 worker and its tenant's running-job limit allows"
+        "[QUEUED] until 4 CPUs are free for its 1 worker"
+        " (and, where tenants are configured, its tenant's max_running_jobs allows)"
     )
     assert _state_line(_job("job-9", S.STATE_TRAINING)) == "[TRAINING]"
 

@@ -2,12 +2,16 @@
 
     <root>/jobs/<job_id>/spec.json          the job spec as submitted
     <root>/jobs/<job_id>/events.jsonl       progress events (trainer -> CLI / controller)
+    <root>/jobs/<job_id>/photos.json        the content hashes of the photos its checkpoints were trained on
+    <root>/jobs/<job_id>/instance_images/   the photos a controller's submission uploaded
+    <root>/jobs/<job_id>/driver.log         the driver's output, kept by the controller once the job ended
     <root>/jobs/<job_id>/checkpoints/       the Ray Train run: sharded DeepSpeed checkpoints
     <root>/jobs/<job_id>/validation/        validation image grids
     <root>/jobs/<job_id>/tensorboard/       TensorBoard scalars
     <root>/models/<job_id>/                 the exported diffusers-format model + metadata.json
     <root>/cache/class_images/<key>/        class-prior images, shared by every job with the same key
     <root>/cache/torch_compile/             torch.compile's artefacts (inductor, Triton), shared by every job
+    <root>/.controller-clock                touched by the controller to read the storage's clock
 
 Everything a job needs to resume lives here, so any node (and a restarted controller) can pick it up.
 """

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ModelServiceStub:
-    """Finished subject models (one per SUCCEEDED job) and their deployment to serving.
+    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving.
     """
 
     def __init__(self, channel):
@@ -63,7 +63,7 @@ class ModelServiceStub:
 
 
 class ModelServiceServicer:
-    """Finished subject models (one per SUCCEEDED job) and their deployment to serving.
+    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving.
     """
 
     def ListModels(self, request, context):
@@ -136,7 +136,7 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelService:
-    """Finished subject models (one per SUCCEEDED job) and their deployment to serving.
+    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving.
     """
 
     @staticmethod
