@@ -71,6 +71,7 @@ class Reconciler:
         # When each tenant last had a job started: whose turn it is among tenants holding as little (the scheduler).
         # Jobs still running tell it after a restart too; ended ones are forgotten then, a brief unfairness.
         self._last_started: dict[str, float] = {}
+        self._queued_specs: dict[str, dict] = {}  # the queue's specs, read once each (Store.queued_jobs)
         self._ended_jobs = EndedJobs(config.storage, ray_jobs)
 
     def start(self) -> None:
@@ -129,7 +130,7 @@ class Reconciler:
         active, capacity = self.store.active_jobs(), self.capacity()
         if capacity.cpus - sum(demand(job.spec).cpus for job in active) <= 0:
             return  # every job needs CPUs: nothing can start, so don't read the queue
-        queued = self.store.queued_jobs()
+        queued = self.store.queued_jobs(self._queued_specs)
         if not queued:
             return
         limits = self.service.running_limits()

@@ -341,6 +341,18 @@ def test_scheduler_queries(store):
     assert store.running_count("acme") == 1
     assert store.running_count("acme", states=frozenset({"QUEUED", "TRAINING"})) == 3
 
+    # A scheduling pass reads each queued job's spec once: the next passes read the queue without them.
+    specs: dict[str, dict] = {}
+    assert store.queued_jobs(specs) == store.queued_jobs()
+    assert specs == {j.job_id: j.spec for j in (low, high_late, high_early)}
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    assert [j.job_id for j in store.queued_jobs(specs)] == [high_early.job_id, high_late.job_id, low.job_id]
+    assert len(statements) == 1 and "spec" not in statements[0]
+    store.transition(low.job_id, {"QUEUED"}, "CANCELLED")
+    store.queued_jobs(specs)
+    assert set(specs) == {high_late.job_id, high_early.job_id}  # no longer queued: forgotten
+
 
 def test_hot_queries_read_only_the_jobs_they_find(tmp_path):
     """The reconciler's per-pass count of unfinished jobs and a list filtered by state (say, a tenant's few
