@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -47,6 +47,7 @@ from serving.http_api import (
     ErrorCode,
     GenerateBody,
     GenerateResponse,
+    ModelPage,
     ServedModel,
     json_response,
     to_generation_request,
@@ -581,10 +582,19 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/v1/models", responses=UNAUTHENTICATED)
-    def list_models(self, token: str | None = Depends(bearer_token)) -> dict[str, list[ServedModel]]:
+    def list_models(
+        self,
+        token: str | None = Depends(bearer_token),
+        page_size: int = Query(100, ge=1, le=1000),
+        page_token: str = "",
+    ) -> ModelPage:
+        """A page at a time: a replica may serve thousands of models, and one answer of them all was megabytes."""
         tenant = self._tenant(token)
-        mine = [m for m in self.models.values() if self.access.visible(tenant, m.model_id)]
-        return {"models": sorted(mine, key=lambda m: m.model_id)}
+        after = sorted(i for i in self.models if i > page_token and self.access.visible(tenant, i))
+        page = after[:page_size]
+        return ModelPage(
+            models=[self.models[i] for i in page], next_page_token=page[-1] if len(after) > page_size else ""
+        )
 
     @api.get("/v1/models/{model_id}", responses=UNAUTHENTICATED | NOT_FOUND)
     def get_model(self, model_id: str, token: str | None = Depends(bearer_token)) -> ServedModel:

@@ -68,6 +68,13 @@ class ServedModel(BaseModel):
     """Default width and height: the size the subject was trained at."""
 
 
+class ModelPage(BaseModel):
+    models: list[ServedModel]
+    """The caller's models, by id."""
+    next_page_token: str
+    """Where the next page starts (GET /v1/models?page_token=...); empty after the last page."""
+
+
 ErrorCode = Literal[
     "invalid_argument",  # 400, 422: fix the request
     "unauthenticated",  # 401

@@ -200,3 +200,23 @@ def test_the_openapi_document_has_the_bearer_scheme_the_errors_and_the_headers(h
     assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
     error_body = {"$ref": "#/components/schemas/ErrorBody"}
     assert all(responses[s]["content"]["application/json"]["schema"] == error_body for s in responses if s != "200")
+
+
+def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
+    """A replica may serve thousands of models: one answer with them all was megabytes. Each tenant's, by id."""
+    ids = [f"model-{i:02d}" for i in range(5)]
+    owners = {**dict.fromkeys(ids, "alice"), "model-03x": "bob"}
+    tokens = {"alice": [TOKEN], "bob": ["bob-serving-token"]}
+    serve.get_replica_context().servable_object.reconfigure(
+        user_config({i: str(tmp_path / i) for i in owners}, owners, tokens)
+    )
+    seen, token = [], ""
+    while True:
+        page = http.get("/v1/models", params={"page_size": 2, "page_token": token}).json()
+        assert len(page["models"]) <= 2
+        seen += [model["model_id"] for model in page["models"]]
+        if not (token := page["next_page_token"]):
+            break
+    assert seen == ids
+    refused = http.get("/v1/models", params={"page_size": 0})
+    assert refused.status_code == 422 and refused.json()["code"] == "invalid_argument"
