@@ -565,15 +565,22 @@ class Ingress:
         self.config = ServeConfig.from_dict(config)
         self.generator = generator
         self.models: dict[str, ServedModel] = {}
+        self.paths: dict[str, str] = {}  # model id -> the directory its listing was read from
         self.access = Access()
         self.metrics = IngressMetrics()
         self._in_flight: collections.Counter[str] = collections.Counter()  # by tenant: its requests in this ingress
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
+        # Only the models deployed anew or moved have their metadata read: every deploy and undeploy reconfigures,
+        # and reading thousands of models' files from the shared storage each time took seconds.
+        paths = dict(user_config.get("models", {}))
         self.models = {
-            model_id: served_model(model_id, Path(path), self.config)
-            for model_id, path in user_config.get("models", {}).items()
+            model_id: self.models[model_id]
+            if self.paths.get(model_id) == path
+            else served_model(model_id, Path(path), self.config)
+            for model_id, path in paths.items()
         }
+        self.paths = paths
         self.access = Access.from_user_config(user_config)
 
     @api.get("/healthz")

@@ -220,3 +220,18 @@ def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
     assert seen == ids
     refused = http.get("/v1/models", params={"page_size": 0})
     assert refused.status_code == 422 and refused.json()["code"] == "invalid_argument"
+
+
+def test_a_reconfigure_reads_the_metadata_of_the_models_it_changes_only(http, tmp_path, monkeypatch):
+    """Every deploy and undeploy reconfigures: reading thousands of deployed models' files each time took seconds."""
+    read = []
+    monkeypatch.setattr(app, "read_metadata", lambda path: read.append(path.name) or {"class_prompt": "dog"})
+    ingress = serve.get_replica_context().servable_object
+    owners = {"rex": "alice", "fido": "alice"}
+    ingress.reconfigure(user_config({m: str(tmp_path / m) for m in owners}, owners, {"alice": [TOKEN]}))
+    assert read == ["fido"]  # rex was deployed there already (the fixture's)
+    read.clear()
+    moved = {"rex": str(tmp_path / "rex"), "fido": str(tmp_path / "fido-2"), "max": str(tmp_path / "max")}
+    ingress.reconfigure(user_config(moved, {**owners, "max": "alice"}, {"alice": [TOKEN]}))
+    assert sorted(read) == ["fido-2", "max"]
+    assert [m["model_id"] for m in http.get("/v1/models").json()["models"]] == ["fido", "max", "rex"]
