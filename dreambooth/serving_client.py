@@ -20,11 +20,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from serving.config import LOAD_TIMEOUT_S
+from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
 
-GENERATE_TIMEOUT_S = LOAD_TIMEOUT_S + 300
+GENERATE_TIMEOUT_S = LOAD_TIMEOUT_S + SAMPLING_S
 """generate's default: a request waits up to LOAD_TIMEOUT_S for its model's load (then the server answers 503),
-and may then sample for minutes (serving/app.py's GRACEFUL_SHUTDOWN_S, 300 s). At LOAD_TIMEOUT_S, the client gave
+and may then sample for up to SAMPLING_S. At LOAD_TIMEOUT_S alone, the client gave
 up just before the server's answer."""
 RETRIES = 3
 """generate's default: a 429 or 503 (throttled, overloaded, its model not loadable now) is sent again this many

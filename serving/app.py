@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated
-from serving.config import LOAD_TIMEOUT_S, MAX_BODY_BYTES, ServeConfig
+from serving.config import LOAD_TIMEOUT_S, MAX_BODY_BYTES, SAMPLING_S, ServeConfig
 from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel, read_metadata
 from serving.http_api import (
     EncodedResult,
@@ -57,12 +57,12 @@ from serving.step_batching import OutOfDeviceMemory, StepBatcher, out_of_device_
 
 logger = logging.getLogger(__name__)
 
-EVICTION_WAIT_S = 300
+EVICTION_WAIT_S = SAMPLING_S
 # A model whose load no request is waiting for any more (its clients went away) is kept this long for the next.
 LOAD_KEPT_S = 60
 # A model whose load failed is not tried again for this long: each try would evict a loaded model first.
 LOAD_RETRY_S = 15
-GRACEFUL_SHUTDOWN_S = 300  # as EVICTION_WAIT_S: the longest a request is expected to sample
+GRACEFUL_SHUTDOWN_S = SAMPLING_S
 
 
 # What a generate call raises when no replica can finish it now: the one it ran on died, or none is reachable.

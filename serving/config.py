@@ -22,6 +22,9 @@ LOAD_TIMEOUT_S = 600
 architecture's UNet, minutes): Serve holds its replica's one model-loading lock through it, so a load hung on a file
 system that stopped answering would keep every other model from loading on that replica, for ever. Here, not in
 serving/app.py, so that the HTTP client (dreambooth/serving_client.py) waits longer without importing Serve."""
+SAMPLING_S = 300
+"""The longest a request is expected to sample once its model is loaded: what a replica's shutdown and a model's
+eviction wait for, and what the HTTP client waits beyond LOAD_TIMEOUT_S."""
 
 
 @dataclass(frozen=True)
