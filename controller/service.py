@@ -55,7 +55,7 @@ from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from trainer.images import check_instance_image_count, check_instance_images
-from trainer.preflight import check_trainable_base_model
+from trainer.preflight import check_prompt_lengths, check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import JobPaths, job_paths
 
@@ -144,6 +144,7 @@ class JobService:
             self._check_readable("base_model", spec.base_model)
             try:
                 check_trainable_base_model(spec.base_model)
+                check_prompt_lengths(spec)
             except (OSError, RuntimeError) as e:
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
             try:

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dreambooth.errors import InputError
 from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, weights_variant
 
 
@@ -68,6 +69,15 @@ def load_base_model(
         # Training always uses DDPM noise; SD 1.5 ships a PNDM config, whose betas DDPM reads the same way.
         model.noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     return model
+
+
+def check_prompt(tokenizer: CLIPTokenizer, name: str, text: str) -> None:
+    """Refuses a prompt longer than the text encoder's context: the tokenizer would cut it silently, and what it
+    cut (the identifier at a long prompt's end, say) would never reach the model."""
+    tokens = len(tokenizer(text, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    if tokens > limit:
+        raise InputError(name, f"{tokens} tokens; at most {limit} (including start/end tokens), shorten it")
 
 
 def load_pipeline(

@@ -27,9 +27,8 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
-from dreambooth.errors import InputError
 from dreambooth.model_files import METADATA_FILE, sampling_scheduler
-from dreambooth.sd_model import load_base_model
+from dreambooth.sd_model import check_prompt, load_base_model
 
 
 @dataclass(frozen=True)
@@ -91,14 +90,6 @@ def _loading(path: str | Path) -> Iterator[None]:
         raise
     except Exception as e:  # whatever the files do to the loaders (missing, truncated safetensors, a bad config)
         raise ModelUnavailable(f"the model at {path} cannot be loaded: {type(e).__name__}: {e}") from e
-
-
-def check_prompt(tokenizer, name: str, text: str) -> None:
-    """Refuses a prompt longer than the text encoder's context instead of silently cutting it."""
-    tokens = len(tokenizer(text, truncation=False).input_ids)
-    limit = tokenizer.model_max_length
-    if tokens > limit:
-        raise InputError(name, f"{tokens} tokens; at most {limit} (including start/end tokens), shorten it")
 
 
 @dataclass

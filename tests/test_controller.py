@@ -256,6 +256,9 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, ray_cluster
     assert code == "INVALID_ARGUMENT" and "a.jpg" in message
     code, message = code_of(alice.submit, job_spec(tiny_model.parent / "no-model", dog_images))
     assert code == "INVALID_ARGUMENT" and "base_model" in message
+    # Longer than the text encoder's context: the tokenizer would have cut it, the identifier with it.
+    code, message = code_of(alice.submit, job_spec(tiny_model, dog_images, validation_prompts=["a dog " * 40 + "sks"]))
+    assert code == "INVALID_ARGUMENT" and message.startswith("validation_prompts: 83 tokens; at most 77")
     # Files outside the controller's readable_paths are refused, existing or not.
     for outside in (tmp_path / "no-model", tiny_model.parent.parent):
         code, message = code_of(alice.submit, job_spec(outside, dog_images))

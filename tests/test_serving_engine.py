@@ -11,8 +11,8 @@ import torch
 from diffusers import LMSDiscreteScheduler
 
 from dreambooth.errors import InputError
-from dreambooth.sd_model import load_pipeline
-from serving.engine import GenerationRequest, SamplingEngine, check_prompt
+from dreambooth.sd_model import check_prompt, load_pipeline
+from serving.engine import GenerationRequest, SamplingEngine
 
 SIZE = 64  # the tiny model's native size
 STEPS = 4

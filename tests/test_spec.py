@@ -87,6 +87,9 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"gpus_per_worker": 2.0}, "gpus_per_worker", "a worker trains on one GPU"),
         ({"gpus_per_worker": 0.5, "num_workers": 2}, "gpus_per_worker", "two ranks on one GPU"),
         ({"class_prompt": "a photo of sks, a dog"}, "class_prompt", "without the identifier 'sks'"),
+        # CLIP's tokenizer lowercases: "Sks" is the identifier's token.
+        ({"class_prompt": "a photo of a Sks dog"}, "class_prompt", "without the identifier 'sks'"),
+        ({"prior_loss_weight": 0.0}, "prior_loss_weight", "set num_class_images to 0 instead"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
         ({"colour": "blue"}, "colour", "unknown field"),
         ({"learning_rte": 1e-5}, "learning_rte", "did you mean 'learning_rate'?"),
@@ -238,3 +241,21 @@ def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tin
             assert error.value.field == "base_model"
         else:
             preflight(spec)
+
+
+def test_preflight_refuses_a_prompt_the_text_encoder_would_cut(tiny_model, dog_images):
+    """CLIP reads 77 tokens: the identifier at the end of a long style prefix never reached the model, and the job
+    succeeded with a model that ignores it."""
+    prefix = "a highly detailed professional photograph, " * 14  # 84 tokens
+    fields = {"base_model": str(tiny_model), "instance_images": [str(dog_images)], "resolution": 64}
+    for change, field in [
+        ({"instance_prompt": prefix + "of sks dog"}, "instance_prompt"),
+        ({"class_prompt": prefix + "of a dog"}, "class_prompt"),
+        ({"validation_prompts": ["sks dog", prefix + "of sks dog"]}, "validation_prompts"),
+    ]:
+        with pytest.raises(InputError, match=r"\d+ tokens; at most 77") as error:
+            preflight(JobSpec.from_dict(VALID | fields | change))
+        assert error.value.field == field
+    # Without prior preservation the class prompt is never encoded; a prompt of 77 tokens fits.
+    preflight(JobSpec.from_dict(VALID | fields | {"class_prompt": prefix, "num_class_images": 0}))
+    preflight(JobSpec.from_dict(VALID | fields | {"instance_prompt": "sks " * 75}))

@@ -6,11 +6,13 @@ training libraries.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from pathlib import Path
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model
+from dreambooth.model_files import check_base_model, fingerprint
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
 
@@ -24,6 +26,7 @@ def preflight(spec: JobSpec) -> None:
     spec.validate()
     check_instance_images(spec.instance_images, spec.resolution)
     check_trainable_base_model(spec.base_model)
+    check_prompt_lengths(spec)
 
 
 def check_trainable_base_model(path: str | Path) -> None:
@@ -37,3 +40,32 @@ def check_trainable_base_model(path: str | Path) -> None:
         raise InputError(
             "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
         )
+
+
+def check_prompt_lengths(spec: JobSpec) -> None:
+    """Every prompt the job encodes fits its base model's text encoder whole (check_base_model came first)."""
+    from dreambooth.sd_model import check_prompt
+
+    root = Path(spec.base_model).resolve()
+    tokenizer = _tokenizer(str(root), fingerprint(root / "tokenizer"))
+    prompts = [("instance_prompt", spec.instance_prompt)]
+    if spec.with_prior_preservation:
+        prompts.append(("class_prompt", spec.class_prompt))
+    prompts += [("validation_prompts", prompt) for prompt in spec.validation_prompts]
+    # A fast tokenizer sets its truncation on its shared Rust object at each call, then encodes: the controller's
+    # RPC threads take turns.
+    with _tokenizing:
+        for name, text in prompts:
+            check_prompt(tokenizer, name, text)
+
+
+_tokenizing = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(root: str, files: str):
+    """The tokenizer at `root`, loaded once per version of its files (`files`, their fingerprint): a controller
+    checks every submission's prompts, mostly against the same few base models."""
+    from dreambooth.sd_model import load_base_model
+
+    return load_base_model(root, components=["tokenizer"]).tokenizer

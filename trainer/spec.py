@@ -158,8 +158,9 @@ class JobSpec:
     # --- validation ---------------------------------------------------------------------------------------
 
     def _names_identifier(self, prompt: str) -> bool:
-        """Whether `prompt` has the identifier as a word ("sks dog", "sks, a dog"; not "sksdog")."""
-        return re.search(rf"(?<!\w){re.escape(self.identifier)}(?!\w)", prompt) is not None
+        """Whether `prompt` has the identifier as a word ("sks dog", "Sks, a dog"; not "sksdog"), in any case: CLIP's
+        tokenizer lowercases, so "Sks" is the identifier's token."""
+        return re.search(rf"(?<!\w){re.escape(self.identifier)}(?!\w)", prompt, re.IGNORECASE) is not None
 
     def validate(self) -> None:
         """Raise InputError naming the first field that is wrong and what to fix."""
@@ -202,6 +203,11 @@ class JobSpec:
                 f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
             )
         require(0 <= self.prior_loss_weight <= 100, "prior_loss_weight", "must be in [0, 100]")
+        require(
+            self.prior_loss_weight > 0 or not self.with_prior_preservation,
+            "prior_loss_weight",
+            "0 would generate the class images and train on them for nothing: set num_class_images to 0 instead",
+        )
         require(
             1 <= self.class_image_inference_steps <= 1000,
             "class_image_inference_steps",
