@@ -474,6 +474,39 @@ def test_progress_reporter_records_metrics_each_window(tmp_path):
     assert event["skipped_steps"] == 2  # fp16 overflows so far: what the benchmark and a user watch for
 
 
+def test_a_resumed_runs_tensorboard_events_drop_the_steps_it_logs_again(tmp_path):
+    import struct
+
+    import torch
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    from trainer.events import EventLog
+    from trainer.progress import ProgressReporter
+
+    def run(start_step: int, steps: range) -> None:
+        reporter = ProgressReporter(EventLog(tmp_path / "events.jsonl"), tmp_path / "tb", 10, start_step, interval_s=0)
+        for step in steps:
+            reporter.step(step, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), lr=1e-5)
+        reporter.close()
+
+    def restarts(file: Path) -> list[int]:  # TFRecords: length, its CRC, the event, its CRC
+        data, at, steps = file.read_bytes(), 0, []
+        while at < len(data):
+            (length,) = struct.unpack_from("<Q", data, at)
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps.append(event.step)
+        return steps
+
+    run(0, range(1, 7))  # crashed after step 6; its checkpoint was at step 4
+    run(4, range(5, 11))
+    (first,) = (tmp_path / "tb").glob("events.out.tfevents.*.from-step-0")
+    (resumed,) = (tmp_path / "tb").glob("events.out.tfevents.*.from-step-4")
+    assert restarts(first) == []
+    assert restarts(resumed) == [5]  # TensorBoard drops the first run's steps 5 and 6
+
+
 def test_train_metrics_record_without_a_ray_cluster():
     """The trainer's metrics are plain ray.util.metrics: recording is safe wherever the loop runs. In a process of
     its own, as this session's pytest is connected to the tests' cluster."""
