@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
 import pytest
 
 from dreambooth.durable import write_file
-from trainer.checkpoint import RAY_RUN_STATE, set_aside_unreadable_run_state
+from trainer.checkpoint import (
+    RAY_RUN_STATE,
+    checkpoint_steps,
+    committed_steps,
+    remove_uncommitted_checkpoints,
+    set_aside_unusable_run_state,
+)
 from trainer.class_images import image_path, missing_indices
-from trainer.events import EventLog, follow_events, read_events
+from trainer.events import EventLog, follow_events, read_events, seconds_run
 from trainer.export import _clean_scratch, write_into_place
 from trainer.storage import job_paths
 
@@ -109,12 +116,52 @@ def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path
     assert b"\n\n" not in log.path.read_bytes()
 
 
-def test_an_unreadable_record_of_rays_checkpoints_is_set_aside(tmp_path):
-    """Ray would fail on it at every start of the run (a driver killed while Ray rewrote it in place)."""
+def test_a_record_of_rays_checkpoints_it_cannot_use_is_set_aside(tmp_path):
+    """Ray would fail on it at every start of the run: torn (a driver killed while Ray rewrote it in place), or
+    naming a checkpoint that is gone (an operator short of space removed the older ones)."""
     record = tmp_path / RAY_RUN_STATE
-    assert set_aside_unreadable_run_state(tmp_path) is None  # none yet
-    record.write_text('{"checkpoint_results": []}')
-    assert set_aside_unreadable_run_state(tmp_path) is None and record.exists()  # readable: Ray's to use
+    assert set_aside_unusable_run_state(tmp_path) is None  # none yet
+    (tmp_path / "checkpoint_step_0000004").mkdir()
+    record.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_step_0000004", "metrics": {}}]}')
+    assert set_aside_unusable_run_state(tmp_path) is None and record.exists()  # usable: Ray's to use
     record.write_text('{"checkpoint_res')
-    aside = set_aside_unreadable_run_state(tmp_path)
+    aside = set_aside_unusable_run_state(tmp_path)
     assert not record.exists() and aside.read_text() == '{"checkpoint_res'
+    names = ("checkpoint_step_0000002", "checkpoint_step_0000004")
+    record.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names]}))
+    assert set_aside_unusable_run_state(tmp_path) is not None and not record.exists()
+
+
+def test_checkpoints_never_committed_are_removed_and_committed_ones_kept(tmp_path):
+    """A save cut short (a crash, a full disk) left gigabytes that Ray, pruning only what it recorded, kept for good;
+    and a rerun with fewer max_steps was refused over a checkpoint that never counted."""
+    run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
+    for step in (2, 4, 6, 8):
+        (run_dir / f"checkpoint_step_{step:07d}" / "zero").mkdir(parents=True)
+    # Ray's record names 4 and 6 (it pruned 2's entry but died before deleting it); the events name 2 and 4.
+    entries = [{"checkpoint_dir_name": f"checkpoint_step_{s:07d}", "metrics": {}} for s in (4, 6)]
+    (run_dir / RAY_RUN_STATE).write_text(json.dumps({"checkpoint_results": entries}))
+    for step in (2, 4):
+        events.emit("checkpoint", step=step, path=str(run_dir / f"checkpoint_step_{step:07d}"))
+    assert committed_steps(run_dir, events.path) == [2, 4, 6]
+    assert remove_uncommitted_checkpoints(run_dir, events.path) == [8]
+    assert checkpoint_steps(run_dir) == [2, 4, 6]
+    # Ray's record torn: the events alone say what was committed.
+    (run_dir / RAY_RUN_STATE).write_text('{"checkpoint_res')
+    assert remove_uncommitted_checkpoints(run_dir, events.path) == [6]
+    assert checkpoint_steps(run_dir) == [2, 4]
+
+
+def test_a_jobs_wall_time_is_its_runs_not_the_gaps_between_them():
+    def state(time: float, state: str, **fields) -> dict:
+        return {"type": "state", "time": time, "state": state, **fields}
+
+    events = [
+        state(100.0, "PREPARING"),
+        {"type": "progress", "time": 160.0, "step": 10},  # then the driver died: its run lasted 60 s
+        state(5000.0, "FAILED", reason="INVALID_INPUT"),  # a rerun refused before it started
+        state(9000.0, "PREPARING"),
+        {"type": "checkpoint", "time": 9030.0, "step": 20},
+    ]
+    assert seconds_run(events, now=9040.0) == 60.0 + 40.0
+    assert seconds_run([], now=10.0) == 0.0

@@ -12,6 +12,7 @@ from PIL import Image
 from dreambooth.errors import InputError
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
+from trainer.events import EventLog
 from trainer.preflight import preflight
 from trainer.run import check_rerun, photo_hashes
 from trainer.spec import JobSpec
@@ -150,10 +151,17 @@ def test_every_schedule_warms_up(schedule):
     assert rates == pytest.approx([0, 1.25e-6, 2.5e-6, 3.75e-6, 5e-6])
 
 
+def committed_checkpoint_at(paths, step: int) -> None:
+    """A checkpoint directory, and the event that says Ray committed it."""
+    directory = paths.checkpoints_dir / checkpoint_dir_name(step)
+    directory.mkdir(parents=True)
+    EventLog(paths.events_file).emit("checkpoint", step=step, path=str(directory))
+
+
 def test_a_rerun_may_not_train_longer_on_a_decaying_schedule(tmp_path):
     """A linear or cosine rate decays over max_steps; the checkpoint holds its position, not its length."""
     paths = job_paths(tmp_path, "dog")
-    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    committed_checkpoint_at(paths, 6)
     for schedule, allowed in [("constant", True), ("linear", False), ("cosine", False)]:
         first = JobSpec.from_dict({**VALID, "max_steps": 10, "lr_schedule": schedule})
         paths.spec_file.write_text(json.dumps(first.to_dict()))
@@ -170,7 +178,7 @@ def test_a_rerun_may_not_train_longer_on_a_decaying_schedule(tmp_path):
 def test_a_rerun_may_change_what_trains_nothing(tmp_path):
     """Without prior preservation the class-image fields train nothing; one worker's GPU share only schedules."""
     paths = job_paths(tmp_path, "dog")
-    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    committed_checkpoint_at(paths, 6)
     first = {**VALID, "num_class_images": 0, "gpus_per_worker": 0.5, "max_steps": 10}
     paths.spec_file.write_text(json.dumps(JobSpec.from_dict(first).to_dict()))
     check_rerun(
@@ -194,7 +202,7 @@ def test_a_rerun_is_refused_when_the_photos_behind_its_paths_changed(tmp_path):
         Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(photos / f"{i}.png")
     spec = JobSpec.from_dict({**VALID, "instance_images": [str(photos)]})
     paths = job_paths(tmp_path, "dog")
-    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    committed_checkpoint_at(paths, 6)
     paths.spec_file.write_text(json.dumps(spec.to_dict()))
     paths.photos_file.write_text(json.dumps(photo_hashes(spec)))
     check_rerun(spec, paths)
@@ -211,7 +219,9 @@ def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
     paths.job_dir.mkdir(parents=True)
     paths.spec_file.write_text(json.dumps(first.to_dict()))
     check_rerun(JobSpec.from_dict({**VALID, "learning_rate": 1e-6}), paths)  # no checkpoint: starts over anyway
-    (paths.checkpoints_dir / checkpoint_dir_name(6)).mkdir(parents=True)
+    (paths.checkpoints_dir / checkpoint_dir_name(8)).mkdir(parents=True)  # a save cut short: never committed
+    check_rerun(JobSpec.from_dict({**VALID, "learning_rate": 1e-6, "max_steps": 7}), paths)  # starts over too
+    committed_checkpoint_at(paths, 6)
 
     check_rerun(JobSpec.from_dict({**VALID, "max_steps": 20, "validation_prompts": ["sks dog, snow"]}), paths)
     older = {k: v for k, v in first.to_dict().items() if k != "prior_loss_weight"}  # a field a later version added

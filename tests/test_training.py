@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,16 +211,26 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     # A worker process dies at step 3: Ray Train restarts the workers from the step-2 checkpoint. One dies again at
     # step 5, with no retries left: the run fails. Running the job again resumes from step 4.
     crashed = job_paths(storage, "crash")
+    first_run = time.monotonic()
     with pytest.raises(ray.train.TrainingFailedError):
         run_training(dataclasses.replace(spec, max_failures=1), crashed, fail_once_at_steps=(3, 5))
+    first_run = time.monotonic() - first_run
     assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [2]
     assert states(read_events(crashed.events_file))[-1] == "FAILED"
     # And the driver was killed while Ray rewrote its record of the run's checkpoints: the record is torn, the
     # checkpoints are whole. The job's events say which one Ray committed last.
     record = crashed.checkpoints_dir / RAY_RUN_STATE
     record.write_bytes(record.read_bytes()[: record.stat().st_size // 2])
-    run_training(spec, crashed)
+    # And a save the crash cut short, which Ray never committed: removed, not kept for good beside the others.
+    cut_short = crashed.checkpoints_dir / "checkpoint_step_0000005"
+    (cut_short / "zero").mkdir(parents=True)
+    second_run = time.monotonic()
+    resumed = run_training(spec, crashed)
+    second_run = time.monotonic() - second_run
     assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [2, 4]
+    assert not cut_short.exists()
+    # The model's wall time is both runs' (the second alone was what it said).
+    assert first_run < resumed.wall_time_s < first_run + second_run
 
     final = "checkpoints/checkpoint_step_0000006"
     reference = consolidated_state_dict(storage / "jobs" / "straight" / final)
@@ -243,6 +255,17 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     assert len([e for e in events if e["type"] == "worker"]) == started
     assert states(events)[-3:] == ["PREPARING", "EXPORTING", "SUCCEEDED"]
     assert [p.name for p in again.model_dir.parent.iterdir() if p.name.startswith(".")] == []
+    # A driver that died drawing the final grid, after the final checkpoint was committed: the next run draws it (not
+    # skipped unseen, nor an export without it), the same grid, and trains no step.
+    grid = straight.validation_grid(6)
+    drawn = grid.read_bytes()
+    grid.unlink()
+    run_training(spec, straight)
+    events = read_events(straight.events_file)
+    assert len([e for e in events if e["type"] == "worker"]) == started + 2
+    assert [e["step"] for e in events if e["type"] == "validation"] == [6, 6]
+    assert [e["step"] for e in events if e["type"] == "progress"][-1] == 6
+    assert np.abs(np.asarray(Image.open(grid)).astype(int) - np.asarray(Image.open(io.BytesIO(drawn)))).max() <= 1
     # The export holds the final checkpoint's weights under the networks' own names.
     base = load_base_model(tiny_model, dtype=torch.float32, components=("unet", "text_encoder"))
     for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -113,21 +114,49 @@ def _sync_entries(directory: Path) -> None:
         sync_dir(path)
 
 
-def set_aside_unreadable_run_state(run_dir: Path) -> Path | None:
-    """Ray Train rewrites its record of a run's checkpoints in place: a driver killed mid-write leaves one that
-    Ray fails on at every later start of the run, so the job could never run again. Such a record is renamed
-    aside (the run then resumes from `committed_checkpoint`, as Ray no longer knows any). Returns where it went,
-    or None."""
-    record = run_dir / RAY_RUN_STATE
+def _ray_recorded(run_dir: Path) -> list[str] | None:
+    """The checkpoint directory names in Ray Train's record of the run; None where it has none it can read."""
     try:
-        json.loads(record.read_bytes())
+        record = json.loads((run_dir / RAY_RUN_STATE).read_bytes())
+        return [result["checkpoint_dir_name"] for result in record["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError):  # none, torn (not JSON, not UTF-8), or not Ray's shape
         return None
-    except FileNotFoundError:
+
+
+def set_aside_unusable_run_state(run_dir: Path) -> Path | None:
+    """Ray Train fails at every later start of a run whose record of its checkpoints it cannot use, so the job could
+    never run again: a record torn by a driver killed while Ray rewrote it in place, or one naming a checkpoint
+    that is gone (an operator short of space removed the older ones). Such a record is renamed aside (the run then
+    resumes from `committed_checkpoint`, as Ray no longer knows any). Returns where it went, or None."""
+    record = run_dir / RAY_RUN_STATE
+    if not record.exists():
         return None
-    except ValueError:  # not JSON, not UTF-8
-        aside = record.with_name(f"{record.name}.unreadable-{uuid.uuid4().hex[:8]}")
-        os.replace(record, aside)
-        return aside
+    names = _ray_recorded(run_dir)
+    if names is not None and all((run_dir / name).is_dir() for name in names):
+        return None
+    aside = record.with_name(f"{record.name}.unusable-{uuid.uuid4().hex[:8]}")
+    os.replace(record, aside)
+    return aside
+
+
+def committed_steps(run_dir: Path, events_file: Path) -> list[int]:
+    """The steps of the run's checkpoints that were committed (Ray's record, where readable, or the job's events
+    name them) and are there."""
+    names = set(_ray_recorded(run_dir) or ())
+    names |= {Path(event["path"]).name for event in read_events(events_file) if event["type"] == "checkpoint"}
+    return [step for step in checkpoint_steps(run_dir) if checkpoint_dir_name(step) in names]
+
+
+def remove_uncommitted_checkpoints(run_dir: Path, events_file: Path) -> list[int]:
+    """Removes the checkpoint directories that were never committed (a save cut short by a crash or a full disk;
+    one Ray had not collected from every rank): no run resumes from them, and Ray, which prunes only those it
+    recorded, would keep them, gigabytes each, for good. Only while no worker of the run is saving. Returns
+    their steps."""
+    committed = set(committed_steps(run_dir, events_file))
+    removed = [step for step in checkpoint_steps(run_dir) if step not in committed]
+    for step in removed:
+        shutil.rmtree(run_dir / checkpoint_dir_name(step))
+    return removed
 
 
 def committed_checkpoint(events_file: Path, step: int | None = None) -> Path | None:

@@ -3,7 +3,8 @@
 A file on the job's shared storage is the "place to report to": it needs no server, survives restarts of
 either side, and any node can write it. One event per line, each with a `type` and a wall-clock `time`:
 
-    {"type": "state", "state": "PREPARING" | "TRAINING" | "EXPORTING" | "SUCCEEDED" | "FAILED", ...}
+    {"type": "state", "state": "PREPARING" | "TRAINING" | "EXPORTING" | "SUCCEEDED" | "FAILED", ...}   (each run of
+     the job starts with PREPARING, unless its input is refused first: FAILED, reason INVALID_INPUT)
     {"type": "class_images", "done": 12, "total": 100}
     {"type": "worker", "rank": 0, "world_size": 2, "node_id": "...", "device": "cuda:0", "start_step": 0}
     {"type": "resumed", "step": 200}   (a run restarted from its checkpoint at that step)
@@ -52,6 +53,21 @@ class EventLog:
         finally:
             os.close(fd)
         return event
+
+
+def seconds_run(events: list[dict[str, Any]], now: float) -> float:
+    """The wall time of all the job's runs so far: each from its start (PREPARING) to its last event, the current
+    one to `now`; a run refused before it started (INVALID_INPUT), and the time between runs, count nothing."""
+    total, run_start, last = 0.0, None, 0.0
+    for event in events:
+        if event["type"] == "state" and event.get("state") == "PREPARING":
+            if run_start is not None:
+                total += last - run_start
+            run_start = event["time"]
+        elif event["type"] == "state" and event.get("reason") == "INVALID_INPUT":
+            continue
+        last = event["time"]
+    return total + (now - run_start if run_start is not None else 0.0)
 
 
 def parse_event(line: bytes | str) -> dict[str, Any] | None:

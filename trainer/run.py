@@ -26,9 +26,15 @@ from ray.train.torch import TorchTrainer
 from dreambooth.durable import write_file
 from dreambooth.errors import InputError
 from dreambooth.model_files import fingerprint
-from trainer.checkpoint import STATE_FILE, checkpoint_steps, committed_checkpoint, set_aside_unreadable_run_state
+from trainer.checkpoint import (
+    STATE_FILE,
+    committed_checkpoint,
+    committed_steps,
+    remove_uncommitted_checkpoints,
+    set_aside_unusable_run_state,
+)
 from trainer.class_images import ensure_class_images
-from trainer.events import EventLog
+from trainer.events import EventLog, read_events, seconds_run
 from trainer.export import export_model
 from trainer.images import find_instance_images
 from trainer.preflight import preflight
@@ -75,7 +81,7 @@ PRIOR_PRESERVATION_FIELDS = frozenset(
 def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
     """Running a job id again resumes its checkpoints: refuse a spec that changed what they were trained with (a
     new learning rate would be ignored, other photos or prompts would be labelled with the old run's weights)."""
-    steps = checkpoint_steps(paths.checkpoints_dir)
+    steps = committed_steps(paths.checkpoints_dir, paths.events_file)
     if not steps or not paths.spec_file.exists():
         return
     before, now = json.loads(paths.spec_file.read_text()), json.loads(json.dumps(spec.to_dict()))
@@ -114,7 +120,6 @@ def photo_hashes(spec: JobSpec) -> list[str]:
 
 def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[int, ...] = ()) -> TrainingResult:
     """Run (or resume) the job; raises InputError for bad input, ray.train.TrainingFailedError if training fails."""
-    start = time.time()
     events = EventLog(paths.events_file)
     try:
         preflight(spec)
@@ -135,13 +140,16 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
     try:
         events.emit("state", state="PREPARING")
         # A job that trained to the end before (its driver died exporting, say) has only the export left: it
-        # needs no workers, nor their GPUs.
-        if (checkpoint_dir := committed_checkpoint(paths.events_file, spec.max_steps)) is None:
+        # needs no workers, nor their GPUs; unless the final grid is missing (it died drawing it).
+        checkpoint_dir = committed_checkpoint(paths.events_file, spec.max_steps)
+        if checkpoint_dir is None or (
+            spec.validates_at(spec.max_steps) and not paths.validation_grid(spec.max_steps).exists()
+        ):
             checkpoint_dir = _train(spec, paths, events, fail_once_at_steps)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
         events.emit("state", state="EXPORTING")
-        wall_time_s = time.time() - start
+        wall_time_s = seconds_run(read_events(paths.events_file), time.time())  # every run's, not only this one's
         metadata = {
             "job_id": paths.job_id,
             "base_model": spec.base_model,
@@ -191,14 +199,17 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
     if fail_once_at_steps:
         config["fail_once_at_steps"] = list(fail_once_at_steps)
 
-    if (aside := set_aside_unreadable_run_state(paths.checkpoints_dir)) is not None:
+    if (aside := set_aside_unusable_run_state(paths.checkpoints_dir)) is not None:
         # The record is lost, not the checkpoints: the job's events name the newest one Ray committed.
         resume_from = committed_checkpoint(paths.events_file)
         config["resume_from"] = str(resume_from) if resume_from else None
-        print(f"warning: Ray's record of this run's checkpoints was unreadable ({aside}): resuming from {resume_from}")
+        print(f"warning: Ray's record of this run's checkpoints was unusable ({aside}): resuming from {resume_from}")
+    if removed := remove_uncommitted_checkpoints(paths.checkpoints_dir, paths.events_file):
+        print(f"removed the checkpoints of steps {removed}, which were never committed")
     events.emit("state", state="TRAINING")
     result = _trainer(spec, paths, config).fit()
-    return Path(result.checkpoint.path)
+    # None where the run reported no checkpoint and Ray knew none before: it resumed from `resume_from` at the end.
+    return Path(result.checkpoint.path) if result.checkpoint is not None else Path(config["resume_from"])
 
 
 def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:

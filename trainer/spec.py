@@ -117,6 +117,11 @@ class JobSpec:
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
+    def validates_at(self, step: int) -> bool:
+        """Whether training draws the validation grid after optimizer step `step` (1-based)."""
+        interval = self.validation_interval
+        return bool(self.validation_prompts) and (step == self.max_steps or (interval > 0 and step % interval == 0))
+
     # --- construction -----------------------------------------------------------------------------------
 
     @classmethod

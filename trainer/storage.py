@@ -76,6 +76,9 @@ class JobPaths:
     def validation_dir(self) -> Path:
         return self.job_dir / "validation"
 
+    def validation_grid(self, step: int) -> Path:
+        return self.validation_dir / f"step_{step:07d}.png"
+
     @property
     def tensorboard_dir(self) -> Path:
         return self.job_dir / "tensorboard"

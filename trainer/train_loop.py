@@ -125,12 +125,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inference_steps=spec.validation_inference_steps,
             resolution=spec.resolution,
             seed=spec.seed,
-            out_dir=paths.validation_dir,
+            grid_path=paths.validation_grid,
             compute_dtype=dtype,
         )
     if rank == 0 and start_step > 0:
         events.emit("resumed", step=start_step)
         metrics.record_restart()
+
+    def validate(step: int) -> None:
+        # Sampling runs other shapes without grad: eager, rather than compiling the networks a second time.
+        with torch.compiler.set_stance("force_eager"):
+            shared = spec.zero_stage == 2
+            grid = validator.run(step, rank if shared else 0, world_size if shared else 1, save=rank == 0)
+        if rank == 0:
+            events.emit("validation", step=step, path=str(grid), **peak_memory())
+
+    if validator is not None and start_step > 0 and spec.validates_at(start_step):
+        # The run before died drawing this step's grid, after the step's checkpoint was committed (validation is a
+        # memory peak: an OOM there is likely). Drawn now, or the failure is met again: not skipped unseen. Rank 0
+        # looks, for all: validation is collective.
+        missing = [not paths.validation_grid(start_step).exists()]
+        torch.distributed.broadcast_object_list(missing, src=0)
+        if missing[0]:
+            validate(start_step)
 
     # 4. The loop. Each step's randomness is a function of (seed, step, micro-step, rank): see trainer.data.
     bs, accumulation = spec.batch_size, spec.gradient_accumulation_steps
@@ -196,13 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if metrics is not None:
                 metrics.record_checkpoint_stall(stall_s)
-        if validator is not None and (last or (spec.validation_interval and done % spec.validation_interval == 0)):
-            # Sampling runs other shapes without grad: eager, rather than compiling the networks a second time.
-            with torch.compiler.set_stance("force_eager"):
-                shared = spec.zero_stage == 2
-                grid = validator.run(done, rank if shared else 0, world_size if shared else 1, save=rank == 0)
-            if rank == 0:
-                events.emit("validation", step=done, path=str(grid), **peak_memory())
+        if validator is not None and spec.validates_at(done):
+            validate(done)
         _maybe_inject_failure(config, done, rank, paths, pending_commit)
 
     if pending_commit is not None:

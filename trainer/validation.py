@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Validator:
         inference_steps: int,
         resolution: int,
         seed: int,
-        out_dir: Path,
+        grid_path: Callable[[int], Path],
         compute_dtype: torch.dtype,
     ):
         self.pipeline = pipeline
@@ -43,7 +44,7 @@ class Validator:
         self.inference_steps = inference_steps
         self.resolution = resolution
         self.seed = seed
-        self.out_dir = out_dir
+        self.grid_path = grid_path  # where a step's grid goes
         self.compute_dtype = compute_dtype
 
     @torch.no_grad()
@@ -77,9 +78,9 @@ class Validator:
             shares = [None] * world_size if rank == 0 else None
             torch.distributed.gather_object(images, shares, dst=0)
             images = {cell: image for share in shares or [] for cell, image in share.items()}
-        path = self.out_dir / f"step_{step:07d}.png"
+        path = self.grid_path(step)
         if save and rank == 0:
-            # Whole or not at all: a run resumed after a crash here does not draw this step's grid again.
+            # Whole or not at all: a run resumed after a crash here draws it again only where it is missing.
             rows = [[images[(p, i)] for i in range(self.images_per_prompt)] for p in range(len(self.prompts))]
             path.parent.mkdir(parents=True, exist_ok=True)
             png = io.BytesIO()
