@@ -16,6 +16,7 @@ from pathlib import Path
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_nodes
+from ray.util.state.common import RAY_MAX_LIMIT_FROM_API_SERVER
 from ray.util.state.exception import RayStateApiException
 from urllib3.exceptions import NewConnectionError
 
@@ -170,8 +171,13 @@ class RayJobs:
     def cluster_capacity(self) -> Capacity:
         """Total CPUs and GPUs of the alive nodes (the state API, served by the same dashboard)."""
         try:
+            # The state API answers 100 nodes unless told more, and says nothing of the rest: a 150-node cluster's
+            # capacity read as 100 nodes'. Its server's cap, 10,000 by default, is the most it answers.
             nodes = list_nodes(
-                address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=int(self.timeout_s)
+                address=self.dashboard_url,
+                filters=[("state", "=", "ALIVE")],
+                limit=RAY_MAX_LIMIT_FROM_API_SERVER,
+                timeout=int(self.timeout_s),
             )
         except _RAY_ERRORS as e:
             raise self._error("listing nodes", e) from e
