@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from dreambooth.sd_model import load_base_model
 from trainer.checkpoint import RAY_RUN_STATE
-from trainer.class_images import cache_key, ensure_class_images
+from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path
 from trainer.data import encode_images
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
@@ -27,7 +27,7 @@ from trainer.flat_parameters import unflatten_state_dict
 from trainer.images import find_instance_images
 from trainer.run import run_training
 from trainer.spec import JobSpec
-from trainer.storage import job_paths
+from trainer.storage import job_paths, mark_shared
 from trainer.train_loop import trained_model
 
 
@@ -187,6 +187,17 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     more = dataclasses.replace(spec, num_class_images=5)
     ensure_class_images(more, cache, num_actors=1, use_gpu=False)
     assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # A batch whose images another job of the class wrote meanwhile: only the one still missing is generated.
+    generator = ClassImageGenerator.remote(spec.base_model, False, str(mark_shared(directory)))
+    lost = image_path(directory, 1)
+    drawn = lost.read_bytes()
+    lost.unlink()
+    args = (spec.class_prompt, spec.class_image_inference_steps, spec.class_image_guidance_scale, str(directory))
+    assert ray.get(generator.generate.remote([0, 1, 2], *args)) == 3
+    ray.kill(generator)
+    assert {f: f.stat().st_mtime_ns for f in files if f != lost} == {f: t for f, t in mtimes.items() if f != lost}
+    again = np.asarray(Image.open(lost)).astype(int)
+    assert np.abs(again - np.asarray(Image.open(io.BytesIO(drawn)))).max() <= 1  # its seed's image, in another batch
     # A different class prompt is a different cache entry.
     assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
     # So are images sampled in fp16 on GPUs.

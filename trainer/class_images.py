@@ -6,7 +6,8 @@ what it learnt (as diffusers' train_dreambooth.py does); training resizes them t
 photos. The cache key is everything that decides the pixels (base model, class prompt, sampler settings,
 precision: fp16 on GPUs, fp32 on CPUs), not the count nor the resolution: a job asking for 200 images of a
 class that already has 100 generates only the missing 100, and a second subject of the same class, at any
-resolution, generates none.
+resolution, generates none. Jobs of one class that fill the cache at once share the work: each takes the batches
+in an order of its own and skips the images already there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -77,9 +79,14 @@ class ClassImageGenerator:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.pipeline = load_pipeline(base_model, dtype=_dtype(use_gpu), device=self.device)
 
-    def generate(self, indices: list[int], prompt: str, steps: int, guidance: float, directory: str) -> int:
+    def generate(self, batch: list[int], prompt: str, steps: int, guidance: float, directory: str) -> int:
+        """Generates the images of `batch` that are not there yet (another job of the class may have written some
+        since the batch was made). Returns how many of the batch are there now: all."""
         import torch
 
+        indices = [i for i in batch if not _has_content(image_path(Path(directory), i))]
+        if not indices:
+            return len(batch)
         generators = [torch.Generator(self.device).manual_seed(derive_seed(CLASS_IMAGE_SEED, i)) for i in indices]
         images = self.pipeline(
             [prompt] * len(indices),
@@ -95,7 +102,7 @@ class ClassImageGenerator:
             sync_file(partial)  # a power loss after the rename must not leave an empty image under the final name
             os.replace(partial, final)  # readers never see half-written files
         sync_dir(Path(directory))
-        return len(indices)
+        return len(batch)
 
 
 def ensure_class_images(
@@ -122,6 +129,10 @@ def ensure_class_images(
     if not todo:
         return directory
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    # In an order of its own: jobs of one class started together (a tenant's subjects of one class, on a new base
+    # model) take the batches in different orders and skip the images the others wrote, instead of each walking
+    # them in step and generating every one.
+    random.shuffle(batches)
     # Each actor takes the resources of one training worker: the job was admitted for num_workers of them, and
     # they are free, since training starts after these actors end. (An actor asking for more could wait for
     # ever, and the pool would wait for the batch handed to it.)
