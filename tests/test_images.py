@@ -258,6 +258,56 @@ def test_cmyk_jpeg(tmp_path):
     assert (pixels[..., 0] > 230).all() and (pixels[..., 1:] < 25).all()  # red
 
 
+def linear_rgb_profile() -> bytes:
+    """An ICC v2 display profile with sRGB's primaries and a linear tone curve (gamma 1): its mid grey, 128, is
+    sRGB's 188 (1.055 * (128/255) ** (1/2.4) - 0.055 = 0.735). Written by hand: no profile ships on these machines."""
+
+    def s15(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    xyz = {  # sRGB's colorants adapted to D50, the connection space's white, as in sRGB profiles
+        b"wtpt": (0.9642, 1.0, 0.8249),
+        b"rXYZ": (0.4361, 0.2225, 0.0139),
+        b"gXYZ": (0.3851, 0.7169, 0.0971),
+        b"bXYZ": (0.1431, 0.0606, 0.7141),
+    }
+    tags = {sig: b"XYZ " + bytes(4) + s15(*v) for sig, v in xyz.items()}
+    linear = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0100) + bytes(2)  # one entry: gamma 1.0 (u8Fixed8)
+    tags |= {b"rTRC": linear, b"gTRC": linear, b"bTRC": linear}
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags.items():
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body + bytes(-len(body) % 4)
+    size = offset + len(data)
+    header = struct.pack(">I4sI4s4s4s", size, b"lcms", 0x02100000, b"mntr", b"RGB ", b"XYZ ") + bytes(12)
+    header += b"acsp" + bytes(28) + s15(0.9642, 1.0, 0.8249)
+    header += bytes(128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+@pytest.mark.skipif(not features.check("littlecms2"), reason="Pillow built without LittleCMS")
+def test_colours_tagged_with_a_profile_are_converted_to_srgb(tmp_path):
+    """A phone's Display P3 photo read as sRGB comes out desaturated; here a profile whose mid grey is sRGB's 188."""
+    from PIL import ImageCms
+
+    grey = Image.new("RGB", (8, 8), (128, 128, 128))
+    for name, params in [("linear.png", {}), ("linear.jpg", {"quality": 100})]:
+        pixels = rgb(save(tmp_path / name, grey, icc_profile=linear_rgb_profile(), **params))
+        assert (abs(pixels - 188) <= 2).all(), (name, pixels[0, 0])
+    # With its alpha kept: a half-transparent linear grey is sRGB's 188 before it is laid on white.
+    half = Image.new("RGBA", (8, 8), (128, 128, 128, 128))
+    pixels = rgb(save(tmp_path / "linear-rgba.png", half, icc_profile=linear_rgb_profile()))
+    assert (abs(pixels - (188 * 128 + 255 * 127) / 255) <= 2).all(), pixels[0, 0]
+    # sRGB's own profile changes nothing; nor does a profile that cannot be read, or one for other channels.
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, image, profile in [
+        ("srgb.png", grey, srgb),
+        ("garbage.png", grey, b"not a profile at all"),
+        ("gray-with-rgb-profile.png", grey.convert("L"), linear_rgb_profile()),
+    ]:
+        assert (abs(rgb(save(tmp_path / name, image, icc_profile=profile)) - 128) <= 1).all(), name
+
+
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
     values = np.array([[65535, 32896], [257, 0]], dtype=np.uint16)  # 255, 128, 1, 0 in 8 bits
     path = save(tmp_path / "deep.png", Image.fromarray(values))

@@ -7,6 +7,8 @@ The SDK finds a submission's photos with `find_instance_images` too: torch loads
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from dreambooth.errors import InputError
 
@@ -154,8 +156,33 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(values, out=values).astype(np.uint8), mode="L")
 
 
+def _to_srgb(image: Image.Image, icc_profile: bytes | None) -> Image.Image:
+    """The pixels in sRGB, what the models were trained on, where the photo's colour profile says they are in
+    another space: a phone's Display P3, Adobe RGB, a print's CMYK. Pillow's convert() ignores profiles, and read as
+    sRGB such colours come out desaturated or off, the subject's colour learnt wrong. A profile that cannot be used
+    (unreadable, or for other channels than the pixels have) leaves them as they are."""
+    if not icc_profile or image.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        return image
+    alpha = image.getchannel("A") if image.mode.endswith("A") else None
+    colours = image.convert(image.mode.removesuffix("A")) if alpha is not None else image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        converted = ImageCms.profileToProfile(colours, source, _srgb_profile(), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB from any mode; transparent areas become white, as on a print."""
+    """Upright 8-bit sRGB from any mode; transparent areas become white, as on a print."""
+    icc_profile = image.info.get("icc_profile")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("F", "I") or image.mode.startswith("I;16"):
         key = image.info.get("transparency")  # a grayscale PNG's transparent value, at its own bit depth
@@ -163,6 +190,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = _to_8bit(image)
         if opaque is not None:
             image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255, mode="L"))
+    image = _to_srgb(image, icc_profile)
     if image.has_transparency_data:
         rgba = image.convert("RGBA")  # also resolves a palette's or a grayscale's transparent colour
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
