@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth.errors import InputError
+from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError
 from dreambooth.yaml_load import load_yaml
 from serving.config import ServeConfig
 
@@ -69,6 +69,12 @@ class ControllerConfig:
     (a stuck collective, a deadlocked data loader) would otherwise hold its GPUs and its tenant's slot for ever.
     Counted from when it left the controller's queue, over every attempt, waiting on the cluster for its workers
     included; an exporting job is let finish. None: no limit."""
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S
+    """How long a started job's workers may wait for Ray to place them (its class-image actors, its training workers,
+    also when they restart after a failure) before it fails (PlacementTimeout): the scheduler counts the cluster's
+    totals, and a worker bigger than any node, a placement strategy the nodes cannot meet, or work outside this
+    controller holding the resources would keep it waiting, with no sign, until max_job_run_s. Long enough for an
+    autoscaler to add nodes."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_submits_per_tenant: int = 16
     """With tenants: SubmitJob calls of one tenant in progress at once, each holding its photos in memory (up to
@@ -96,6 +102,10 @@ class ControllerConfig:
     when Ray lost it (a restarted Ray cluster)."""
 
     def __post_init__(self):
+        if not self.placement_timeout_s > 0:
+            raise InputError(
+                "placement_timeout_s", f"must be a number of seconds > 0, not {self.placement_timeout_s!r}"
+            )
         if self.max_job_run_s is not None and not self.max_job_run_s > 0:
             raise InputError(
                 "max_job_run_s", f"must be a number of seconds > 0, or null for no limit, not {self.max_job_run_s!r}"

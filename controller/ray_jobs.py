@@ -20,6 +20,7 @@ from ray.util.state.common import RAY_MAX_LIMIT_FROM_API_SERVER
 from ray.util.state.exception import RayStateApiException
 from urllib3.exceptions import NewConnectionError
 
+from dreambooth.errors import PLACEMENT_TIMEOUT_S
 from dreambooth.ray_dashboard import RequestTimeout
 from trainer.storage import check_job_id
 
@@ -92,9 +93,16 @@ def submission_id(job_id: str, attempt: int) -> str:
 
 class RayJobs:
     def __init__(
-        self, dashboard_url: str, *, storage_root: str, runtime_env: dict | None = None, timeout_s: float = 30
+        self,
+        dashboard_url: str,
+        *,
+        storage_root: str,
+        runtime_env: dict | None = None,
+        timeout_s: float = 30,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ) -> None:
         self.dashboard_url = dashboard_url.rstrip("/")
+        self.placement_timeout_s = placement_timeout_s  # the trainer's: how long its workers may wait to be placed
         self.storage_root = str(Path(storage_root).resolve())  # the driver's working directory is Ray's, not ours
         self.runtime_env = runtime_env or {}
         self.timeout_s = timeout_s
@@ -117,6 +125,7 @@ class RayJobs:
         recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
         submission = submission_id(check_job_id(job_id), attempt)
         command = [sys.executable, "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
+        command += ["--placement-timeout-s", f"{self.placement_timeout_s:g}"]
         # No working_dir (it would upload the project on every submit): the nodes have the project at the same
         # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
         env_vars = {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1", **self.runtime_env.get("env_vars", {})}

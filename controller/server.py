@@ -100,7 +100,11 @@ def _start(
     config: ControllerConfig, store: Store, held: contextlib.ExitStack, still_holds_database: Callable[[], bool]
 ) -> Controller:
     feed = ChangeFeed()
-    ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(Path(config.storage).resolve()))
+    ray_jobs = RayJobs(
+        config.ray_dashboard_url,
+        storage_root=str(Path(config.storage).resolve()),
+        placement_timeout_s=config.placement_timeout_s,
+    )
     serving = None
     if config.serving:
         deployer = ServeDeployer(config.ray_dashboard_url, config.serving)

@@ -16,3 +16,14 @@ class InputError(ValueError):
     def __reduce__(self):
         # Crosses process boundaries (a Serve replica's error reaches the ingress pickled).
         return (self.__class__, (self.field, self.message))
+
+
+# How long a job's workers may wait for Ray to place them (class-image actors, then the training workers, also when
+# they restart after a failure) before the job fails: long enough for an autoscaler to add GPU nodes.
+PLACEMENT_TIMEOUT_S = 30 * 60.0
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not place a job's workers in time: no node has room for one, the placement strategy cannot be met,
+    or work outside the controller holds the resources. (Waiting on, the job would hold its share of the cluster
+    and its tenant's slot, showing no progress, until max_job_run_s.)"""

@@ -15,8 +15,10 @@ import pytest
 import ray.train
 import torch
 from PIL import Image
+from ray.util.state import list_actors, list_placement_groups
 from safetensors.torch import load_file
 
+from dreambooth.errors import PlacementTimeout
 from dreambooth.sd_model import load_base_model
 from trainer.checkpoint import RAY_RUN_STATE
 from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path
@@ -165,7 +167,13 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     cache = tmp_path / "class-images"  # not the session's: the other tests' jobs generated these already
     seen = []
     directory = ensure_class_images(
-        spec, cache, num_actors=2, use_gpu=False, batch_size=2, on_progress=lambda d, t: seen.append((d, t))
+        spec,
+        cache,
+        num_actors=2,
+        use_gpu=False,
+        placement_timeout_s=60,
+        batch_size=2,
+        on_progress=lambda d, t: seen.append((d, t)),
     )
     files = sorted(directory.glob("*.png"))
     assert len(files) == 3 and seen[0] == (0, 3) and seen[-1] == (3, 3)
@@ -178,14 +186,16 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     other = dataclasses.replace(spec, instance_prompt="a photo of zwx dog", identifier="zwx")
     seen.clear()
     assert (
-        ensure_class_images(other, cache, num_actors=2, use_gpu=False, on_progress=lambda d, t: seen.append(d))
+        ensure_class_images(
+            other, cache, num_actors=2, use_gpu=False, placement_timeout_s=60, on_progress=lambda d, t: seen.append(d)
+        )
         == directory
     )
     assert seen == [3] and {f: f.stat().st_mtime_ns for f in files} == mtimes
 
     # More images of the class: only the missing ones are generated; the first three are untouched.
     more = dataclasses.replace(spec, num_class_images=5)
-    ensure_class_images(more, cache, num_actors=1, use_gpu=False)
+    ensure_class_images(more, cache, num_actors=1, use_gpu=False, placement_timeout_s=60)
     assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
     # A batch whose images another job of the class wrote meanwhile: only the one still missing is generated.
     generator = ClassImageGenerator.remote(spec.base_model, False, str(mark_shared(directory)))
@@ -202,6 +212,28 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
     # So are images sampled in fp16 on GPUs.
     assert cache_key(dataclasses.replace(spec, gpus_per_worker=1, precision="fp16")) != cache_key(spec)
+
+
+def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(
+    ray_cluster, tiny_model, dog_images, storage
+):
+    """The scheduler counts the cluster's totals: a worker no node has room for (2.5 CPUs here, where the nodes have
+    2 and 1) waited, with no sign, until the controller's max_job_run_s. Its class-image actors, then its workers."""
+    for phase, fields in [("class images", {"class_prompt": "a photo of an unplaceable dog"}), ("training", {})]:
+        spec = make_spec(tiny_model, dog_images, num_workers=1, cpus_per_worker=2.5, **fields)
+        if phase == "training":
+            spec = dataclasses.replace(spec, num_class_images=0)
+        paths = job_paths(storage, f"unplaceable-{phase.replace(' ', '-')}")
+        with pytest.raises(PlacementTimeout, match=r"\(1 worker, 2\.5 CPUs each, PACK\),? within 3 s") as error:
+            run_training(spec, paths, placement_timeout_s=3)
+        assert ("class-image actors" in str(error.value)) == (phase == "class images")
+        failed = [e for e in read_events(paths.events_file) if e["type"] == "state"][-1]
+        assert (failed["state"], failed["reason"]) == ("FAILED", "PlacementTimeout")
+    # Nothing of theirs left waiting on the cluster, to take a node's CPUs once one frees them.
+    waiting = [a.class_name for a in list_actors(address=ray_cluster.dashboard_url) if a.state != "DEAD"]
+    assert not {"RayTrainWorker", "ClassImageGenerator"} & set(waiting), waiting
+    groups = list_placement_groups(address=ray_cluster.dashboard_url)
+    assert [g.placement_group_id for g in groups if g.state not in ("CREATED", "REMOVED")] == []
 
 
 def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ray_cluster, tiny_model, tmp_path):

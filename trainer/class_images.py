@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 
 from dreambooth.durable import sync_dir, sync_file, write_file
+from dreambooth.errors import PlacementTimeout
 from dreambooth.model_files import fingerprint
 from trainer.data import derive_seed
 from trainer.spec import JobSpec
@@ -111,10 +112,12 @@ def ensure_class_images(
     *,
     num_actors: int,
     use_gpu: bool,
+    placement_timeout_s: float,
     batch_size: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Make sure the cache holds spec.num_class_images images for the spec's class; return its directory."""
+    """Make sure the cache holds spec.num_class_images images for the spec's class; return its directory. Raises
+    PlacementTimeout when Ray has not placed every actor within `placement_timeout_s`."""
     directory = cache_root / cache_key(spec)
     directory.mkdir(parents=True, exist_ok=True)
     write_file(
@@ -149,6 +152,17 @@ def ensure_class_images(
         str(directory),
     )
     try:
+        # Placed (and their pipelines loaded) within the timeout, or the job fails saying why: an actor that no node
+        # has room for waits for ever, and the pool with it.
+        waiting = [actor.__ray_ready__.remote() for actor in actors]
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=placement_timeout_s)
+        if len(ready) < len(waiting):
+            raise PlacementTimeout(
+                f"Ray placed {len(ready)} of the job's {len(waiting)} class-image actors, each one worker's share "
+                f"({spec.describe_workers()}), within {placement_timeout_s:g} s: no node has room for one, or other "
+                "work holds the cluster's resources"
+            )
+        ray.get(ready)  # an actor that failed to start says why
         pool = ray.util.ActorPool(actors)
         for count in pool.map_unordered(lambda actor, batch: actor.generate.remote(batch, *args), batches):
             done += count

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
-from dreambooth.errors import InputError
+from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
 from dreambooth.model_files import fingerprint
 from trainer.checkpoint import (
     STATE_FILE,
@@ -118,8 +119,15 @@ def photo_hashes(spec: JobSpec) -> list[str]:
     return [hashlib.sha256(file.read_bytes()).hexdigest() for file in find_instance_images(spec.instance_images)]
 
 
-def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[int, ...] = ()) -> TrainingResult:
-    """Run (or resume) the job; raises InputError for bad input, ray.train.TrainingFailedError if training fails."""
+def run_training(
+    spec: JobSpec,
+    paths: JobPaths,
+    *,
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    fail_once_at_steps: tuple[int, ...] = (),
+) -> TrainingResult:
+    """Run (or resume) the job; raises InputError for bad input, PlacementTimeout when Ray cannot place its workers
+    within `placement_timeout_s`, ray.train.TrainingFailedError if training fails."""
     events = EventLog(paths.events_file)
     try:
         preflight(spec)
@@ -145,7 +153,7 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
         if checkpoint_dir is None or (
             spec.validates_at(spec.max_steps) and not paths.validation_grid(spec.max_steps).exists()
         ):
-            checkpoint_dir = _train(spec, paths, events, fail_once_at_steps)
+            checkpoint_dir = _train(spec, paths, events, placement_timeout_s, fail_once_at_steps)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
         events.emit("state", state="EXPORTING")
@@ -176,7 +184,9 @@ def run_training(spec: JobSpec, paths: JobPaths, *, fail_once_at_steps: tuple[in
         raise
 
 
-def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps: tuple[int, ...]) -> Path:
+def _train(
+    spec: JobSpec, paths: JobPaths, events: EventLog, placement_timeout_s: float, fail_once_at_steps: tuple[int, ...]
+) -> Path:
     """Class-prior images, then the workers' training to the end. Returns the final checkpoint's directory."""
     for old_mark in paths.job_dir.glob(".shared-storage-*"):  # an earlier run's
         old_mark.unlink(missing_ok=True)
@@ -193,6 +203,7 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
                 paths.class_image_cache,
                 num_actors=spec.num_workers,
                 use_gpu=spec.use_gpu,
+                placement_timeout_s=placement_timeout_s,
                 on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
             )
         )
@@ -207,7 +218,20 @@ def _train(spec: JobSpec, paths: JobPaths, events: EventLog, fail_once_at_steps:
     if removed := remove_uncommitted_checkpoints(paths.checkpoints_dir, paths.events_file):
         print(f"removed the checkpoints of steps {removed}, which were never committed")
     events.emit("state", state="TRAINING")
-    result = _trainer(spec, paths, config).fit()
+    # Ray Train waits this long for its workers' placement group each time it starts them, and (the failure limit
+    # below) fails the run the first time it times out, rather than retrying for ever. Read from the driver's
+    # environment when the run starts.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s)
+    try:
+        result = _trainer(spec, paths, config).fit()
+    except ray.train.ControllerError as e:
+        if type(e.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":  # the type is Ray's internal one
+            raise
+        raise PlacementTimeout(
+            f"Ray could not place the job's workers ({spec.describe_workers()}) within {placement_timeout_s:g} s: "
+            "no node has room for one, the placement strategy cannot be met, or other work holds the cluster's "
+            "resources"
+        ) from e
     # None where the run reported no checkpoint and Ray knew none before: it resumed from `resume_from` at the end.
     return Path(result.checkpoint.path) if result.checkpoint is not None else Path(config["resume_from"])
 
@@ -228,7 +252,7 @@ def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
         run_config=ray.train.RunConfig(
             name=paths.ray_run_name,
             storage_path=str(paths.job_dir),
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
             # Set before a worker imports this package: DeepSpeed picks its accelerator when first imported, and a
             # CPU job on a node with GPUs would otherwise move its model onto a GPU that Ray never gave it. (The
@@ -244,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", required=True, help="storage root shared by all nodes")
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--spec", help="job spec (YAML/JSON); default: <storage>/jobs/<job-id>/spec.json")
+    parser.add_argument(
+        "--placement-timeout-s",
+        type=float,
+        default=PLACEMENT_TIMEOUT_S,
+        help="how long the workers may wait for Ray to place them before the job fails",
+    )
     args = parser.parse_args(argv)
     try:
         paths = job_paths(args.storage, args.job_id)
@@ -253,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ray.init(address="auto", log_to_driver=False)
     try:
-        result = run_training(spec, paths)
+        result = run_training(spec, paths, placement_timeout_s=args.placement_timeout_s)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

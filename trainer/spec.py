@@ -117,6 +117,14 @@ class JobSpec:
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
+    def describe_workers(self) -> str:
+        """E.g. "2 workers, 8 CPUs and 1 GPU each, STRICT_PACK"."""
+        share = f"{self.cpus_per_worker:g} CPU{'' if self.cpus_per_worker == 1 else 's'}"
+        if self.use_gpu:
+            share += f" and {self.gpus_per_worker:g} GPU{'' if self.gpus_per_worker == 1 else 's'}"
+        count = f"{self.num_workers} worker{'' if self.num_workers == 1 else 's'}"
+        return f"{count}, {share} each, {self.placement_strategy}"
+
     def validates_at(self, step: int) -> bool:
         """Whether training draws the validation grid after optimizer step `step` (1-based)."""
         interval = self.validation_interval
