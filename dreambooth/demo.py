@@ -137,7 +137,7 @@ def run(
         if running is None and not keep_running:
             _say("stopping the local stack (--keep-running leaves it up)")
             stack.down(stack_dir)
-    where = f" --dir {stack_dir}"
+    where = f" --dir {stack_dir.resolve()}"  # to be run from anywhere: scripts/demo runs in the repository
     stays = running is not None or keep_running
     _say(
         f"\ndone in {time.monotonic() - started:.0f} s\n"
