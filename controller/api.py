@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 import sqlalchemy as sa
-from google.protobuf import any_pb2, struct_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -47,6 +47,7 @@ _CODES = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 _MAX_MESSAGE_BYTES = 1000
+ERROR_DOMAIN = "dreambooth.v1"  # of the ErrorInfo reasons this API sets
 
 
 class Authenticator:
@@ -121,7 +122,7 @@ class RequestGate(grpc.ServerInterceptor):
             request = next(request_stream, None)  # read only now, holding one of the tenant's turns
             if request is None:
                 name = method.rpartition("/")[2]
-                _refuse(name, grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message", context)
+                _refuse(name, _status(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message"), context)
             return call(request, context)
 
     def _stream_in_turn(self, call, method: str, tenant: str, request_stream, context):
@@ -138,7 +139,8 @@ class RequestGate(grpc.ServerInterceptor):
         name = method.rpartition("/")[2]
         if not admitted:
             message = f"tenant {tenant!r} has {limit} {name} calls in progress ({setting}): retry once one has ended"
-            _refuse(name, grpc.StatusCode.RESOURCE_EXHAUSTED, message, context)
+            status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="TENANT_CALLS_LIMIT", retry_after_s=1)
+            _refuse(name, status, context)
         try:
             yield
         finally:
@@ -148,32 +150,54 @@ class RequestGate(grpc.ServerInterceptor):
 
 def _refusal(name: str, code: grpc.StatusCode, message: str):
     """A handler that ends its call with `code` without reading the request."""
-    return grpc.stream_stream_rpc_method_handler(lambda request_stream, context: _refuse(name, code, message, context))
+    status = _status(code, message)
+    return grpc.stream_stream_rpc_method_handler(lambda request_stream, context: _refuse(name, status, context))
 
 
-def _refuse(name: str, code: grpc.StatusCode, message: str, context: grpc.ServicerContext) -> None:
+def _refuse(name: str, status: grpc.Status, context: grpc.ServicerContext) -> None:
     if name == "WatchJob":
-        metrics.WATCHES_ENDED.labels(code=code.name).inc()
+        metrics.WATCHES_ENDED.labels(code=status.code.name).inc()
     else:
-        metrics.RPC_DURATION.labels(method=name, code=code.name).observe(0)
-    context.abort_with_status(_status(code, message))  # raises
+        metrics.RPC_DURATION.labels(method=name, code=status.code.name).observe(0)
+    context.abort_with_status(status)  # raises
 
 
-def _status(code: grpc.StatusCode, message: str, field: str | None = None):
+def _status(
+    code: grpc.StatusCode,
+    message: str,
+    field: str | None = None,
+    *,
+    reason: str | None = None,
+    retry_after_s: float | None = None,
+):
+    """A status with what a client in any language acts on as details: the field to fix (BadRequest), the kind of
+    refusal (ErrorInfo's reason, in the dreambooth.v1 domain), how long to wait before a retry (RetryInfo)."""
     # The message travels twice in the trailers (grpc-message, percent-encoded, and grpc-status-details-bin),
     # and clients drop trailers over 8 KiB: a message echoing a huge input would turn into RESOURCE_EXHAUSTED.
     if len(message.encode()) > _MAX_MESSAGE_BYTES:
         message = message.encode()[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
     details = []
     if field is not None:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(bad_request)
-        details.append(detail)
+        details.append(error_details_pb2.BadRequest(field_violations=[_violation(field, message)]))
+    if reason is not None:
+        details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(retry_after_s * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details = [_packed(detail) for detail in details]
     text = f"{field}: {message}" if field else message
     return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=text, details=details))
+
+
+def _violation(field: str, description: str) -> error_details_pb2.BadRequest.FieldViolation:
+    return error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+
+
+def _packed(detail) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.Status]:
@@ -182,7 +206,8 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
         return code, _status(code, error.message, error.field)
     if type(error) in _CODES:
         code = _CODES[type(error)]
-        return code, _status(code, str(error))
+        reason, retry_after_s = getattr(error, "reason", None), getattr(error, "retry_after_s", None)
+        return code, _status(code, str(error), reason=reason, retry_after_s=retry_after_s)
     if isinstance(error, RayJobsError):  # its text names the cluster's internal address: for the log only
         log.warning("%s: %s", method, error)
         code = grpc.StatusCode.UNAVAILABLE
@@ -280,7 +305,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not self._watch_slots.acquire(blocking=False):
             metrics.WATCHES_ENDED.labels(code="RESOURCE_EXHAUSTED").inc()
             message = f"{self._max_watches} WatchJob streams are open (max_watches): retry later, or poll GetJob"
-            context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            context.abort_with_status(
+                _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="SERVER_WATCHES_LIMIT", retry_after_s=5)
+            )
         metrics.WATCHES_OPEN.inc()
         held, code = True, grpc.StatusCode.CANCELLED  # until it ends otherwise: the client went away
         tenant = None
@@ -317,7 +344,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             if self._watches_by_tenant[tenant] >= self._max_watches_per_tenant:
                 raise QuotaExceeded(
                     f"tenant {tenant!r} has {self._max_watches_per_tenant} WatchJob streams open "
-                    "(max_watches_per_tenant): close one, or poll GetJob"
+                    "(max_watches_per_tenant): close one, or poll GetJob",
+                    "TENANT_WATCHES_LIMIT",
                 )
             self._watches_by_tenant[tenant] += 1
         return tenant
@@ -362,14 +390,15 @@ def job_proto(job: JobRecord) -> jobs_pb2.Job:
         tenant=job.tenant,
         state=state_value(job.state),
         priority=job.priority,
-        spec=spec_to_proto(job.spec),
+        spec=spec_to_proto(job.spec, stored=True),
         progress=jobs_pb2.Progress(
             step=progress.get("step") or 0,
             total_steps=progress.get("total_steps") or job.spec.get("max_steps", 0),
-            loss=progress.get("loss") or 0.0,
-            prior_loss=progress.get("prior_loss") or 0.0,
-            learning_rate=progress.get("lr") or 0.0,
-            steps_per_second=progress.get("steps_per_s") or 0.0,
+            # Unset until the trainer reports them: a loss of 0 is a loss.
+            loss=progress.get("loss"),
+            prior_loss=progress.get("prior_loss"),
+            learning_rate=progress.get("lr"),
+            steps_per_second=progress.get("steps_per_s"),
             class_images_done=progress.get("class_images_done") or 0,
             class_images_total=progress.get("class_images_total") or 0,
         ),

@@ -71,7 +71,7 @@ class ControllerConfig:
     included; an exporting job is let finish. None: no limit."""
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S
     """How long a started job's workers may wait for Ray to place them (its class-image actors, its training workers,
-    also when they restart after a failure) before it fails (PlacementTimeout): the scheduler counts the cluster's
+    also when they restart after a failure) before it fails (PLACEMENT_TIMEOUT): the scheduler counts the cluster's
     totals, and a worker bigger than any node, a placement strategy the nodes cannot meet, or work outside this
     controller holding the resources would keep it waiting, with no sign, until max_job_run_s. Long enough for an
     autoscaler to add nodes."""

@@ -53,7 +53,16 @@ JOB_STEPS_PER_SECOND = Gauge(
 # Every known label value starts at 0: a series that first appears at 1 is an event increase() cannot see.
 for _outcome in ("accepted", "rejected"):
     SUBMISSIONS.labels(outcome=_outcome)
-for _reason in ("INVALID_INPUT", "TRAINING_FAILED", "RAY_JOB_FAILED", "NO_RESULT", "STOPPED", "RUN_TIME_EXCEEDED"):
+for _reason in (
+    "INVALID_INPUT",
+    "TRAINING_FAILED",
+    "PLACEMENT_TIMEOUT",
+    "EXPORT_FAILED",
+    "RAY_JOB_FAILED",
+    "NO_RESULT",
+    "STOPPED",
+    "RUN_TIME_EXCEEDED",
+):
     FAILURES.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)

@@ -405,7 +405,8 @@ class Reconciler:
                 "FAILED",
                 end_time=time.time(),
                 failure_reason=event.get("reason", "TRAINING_FAILED"),
-                failure_message=event.get("message", ""),
+                # INVALID_INPUT names its field as the API's INVALID_ARGUMENT does: "field: what to fix".
+                failure_message=": ".join(filter(None, (event.get("field"), event.get("message", "")))),
             )
             if done is not None:
                 metrics.FAILURES.labels(reason=done.failure_reason).inc()

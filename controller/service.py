@@ -301,22 +301,23 @@ class JobService:
         return job
 
     def list(self, tenant: str, page_size: int, page_token: str, states: list[str] | None):
-        if not 0 <= page_size <= 1000:
-            raise InputError("page_size", "must be in [1, 1000] (0: the default, 50)")
+        page_size = _page_size(page_size)
         unknown = [state for state in states or () if state not in STATES]
         if unknown:  # STATE_UNSPECIFIED, or a number this server does not know: it would match nothing
             raise InputError("states", f"not a job state: {', '.join(unknown)}; filter by any of {list(STATES)}")
         try:
-            return self.store.list_jobs(tenant, page_size or 50, page_token, states=states or None)
+            return self.store.list_jobs(tenant, page_size, page_token, states=states or None)
         except ValueError as e:
-            raise InputError("page_token", "not a token from a previous ListJobs response") from e
+            raise InputError(
+                "page_token", "not a token from a previous ListJobs response with the same states filter"
+            ) from e
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
         job = self.get(tenant, job_id)
-        if job.state in TERMINAL_STATES:
-            raise FailedPrecondition(f"job {job_id} already ended ({job.state})")
-        if job.state == "CANCELLING":
+        if job.state in ("CANCELLING", "CANCELLED"):  # a retry of a cancel whose answer was lost: it worked
             return job
+        if job.state in TERMINAL_STATES:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state})", "JOB_ENDED")
         queued = self.store.transition(job_id, {"QUEUED"}, "CANCELLED", end_time=time.time())
         if queued is not None:
             # It never ran and never will: its uploaded photos go now (a tenant submitting and cancelling over and
@@ -339,7 +340,9 @@ class JobService:
     def delete(self, tenant: str, job_id: str) -> None:
         job = self.get(tenant, job_id)
         if job.state not in TERMINAL_STATES:
-            raise FailedPrecondition(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
+            raise FailedPrecondition(
+                f"job {job_id} is {job.state}: cancel it first, or wait for it to end", "JOB_NOT_ENDED"
+            )
         # The files first: a failure (or a crash) between the two leaves the job listed, and DeleteJob can be retried;
         # the other order left tens of GiB of checkpoints behind a row that was gone. What its exports left half done
         # goes too, and so does its model directory where no model was recorded (cancelled or failed while it
@@ -423,35 +426,44 @@ class JobService:
             model = self.get_model(tenant, model_id)
             if model.deployed:
                 raise FailedPrecondition(
-                    f"model {model_id} is deployed: undeploy it first (UndeployModel, `dreambooth undeploy {model_id}`)"
+                    f"model {model_id} is deployed: undeploy it first (`dreambooth undeploy {model_id}`)",
+                    "MODEL_DEPLOYED",
                 )
             paths = job_paths(self.config.storage, model.job_id)
             _remove_files("model", model_id, [paths.model_dir, *paths.model_scratch()])  # and what exports left
             if not self.store.delete_model(model_id) and self.store.get_model(model_id) is not None:
                 raise FailedPrecondition(
                     f"model {model_id} was deployed while it was deleted, and its files are gone: undeploy it and "
-                    "retry DeleteModel"
+                    "retry DeleteModel",
+                    "MODEL_DEPLOYED",
                 )
 
     def _serving(self) -> ServingSync:
         if self.serving is None:
             raise FailedPrecondition(
-                "serving is not configured on this controller: add a `serving:` section to its config"
+                "serving is not configured on this controller: add a `serving:` section to its config",
+                "SERVING_NOT_CONFIGURED",
             )
         return self.serving
 
     def list_models(self, tenant: str, page_size: int, page_token: str):
-        if not 0 <= page_size <= 1000:
-            raise InputError("page_size", "must be in [1, 1000] (0: the default, 50)")
         try:
-            return self.store.list_models(tenant, page_size or 50, page_token)
+            return self.store.list_models(tenant, _page_size(page_size), page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
 
 
+def _page_size(asked: int) -> int:
+    """A List call's page size: 50 when unset (0), at most 1000 (more asks for as many as there may be)."""
+    if asked < 0:
+        raise InputError("page_size", "must be >= 0 (0: the default, 50; at most 1000 are answered)")
+    return min(asked or 50, 1000)
+
+
 def _tenant_full(tenant: str, unfinished: int, limit: int) -> QuotaExceeded:
     return QuotaExceeded(
-        f"tenant {tenant!r} has {unfinished} unfinished jobs (limit {limit}); wait for some to end or cancel them"
+        f"tenant {tenant!r} has {unfinished} unfinished jobs (limit {limit}); wait for some to end or cancel them",
+        "TENANT_JOBS_LIMIT",
     )
 
 

@@ -355,7 +355,9 @@ class Store:
         found without reading the others (a filter on ix_jobs_list would read the tenant's whole history)."""
         query = sa.select(jobs).where(jobs.c.tenant == tenant)
         queries = [query.where(jobs.c.state == state) for state in sorted(set(states))] if states else [query]
-        rows, token = self._page(queries, jobs.c.create_time, jobs.c.job_id, page_size, page_token, "j")
+        # A token carries its filter: one reused with another would page from the middle of a different list.
+        kind = "j" + "".join(f",{state}" for state in sorted(set(states or ())))
+        rows, token = self._page(queries, jobs.c.create_time, jobs.c.job_id, page_size, page_token, kind)
         return [_job(r) for r in rows], token
 
     def update_job(self, job_id: str, **fields: Any) -> JobRecord:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
@@ -57,7 +59,6 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-ENDED_STATES = frozenset({jobs_pb2.STATE_SUCCEEDED, jobs_pb2.STATE_FAILED, jobs_pb2.STATE_CANCELLED})
 # A watch stream ends with these when the controller goes away under it (stopped: CANCELLED; gone: UNAVAILABLE);
 # a reopened one is refused RESOURCE_EXHAUSTED while the watches of every client reconnecting at once fill it.
 _STREAM_BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -65,19 +66,52 @@ _RECONNECT_BACKOFF_S = (0.25, 5.0)  # first, most
 
 
 class ClientError(Exception):
-    """A failed call: `code` is the gRPC status code's name (e.g. "NOT_FOUND"), `message` the server's."""
+    """A failed call: `code` is the gRPC status code's name (e.g. "NOT_FOUND"), `message` the server's. From the
+    status's details: `field`, the request field to fix (INVALID_ARGUMENT); `reason`, the kind of refusal (e.g.
+    RESOURCE_EXHAUSTED's TENANT_JOBS_LIMIT: wait for jobs to end, or TENANT_CALLS_LIMIT: retry soon;
+    FAILED_PRECONDITION's MODEL_DEPLOYED); `retry_after_s`, where the server says how long to wait."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.field = field
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> ClientError:
         # Errors raised by a call are also grpc.Call objects carrying the status (grpc's documented contract).
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(code.name if code else "UNKNOWN", details or "")
+        if not isinstance(error, grpc.Call):
+            return cls("UNKNOWN", str(error))
+        code = error.code()
+        found: dict[str, Any] = {}
+        try:
+            status = rpc_status.from_call(error)
+        except ValueError:  # details that contradict the call's own code or message (a proxy's): none then
+            status = None
+        for detail in status.details if status is not None else ():
+            for kind in (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo):
+                if detail.Is(kind.DESCRIPTOR):
+                    unpacked = kind()
+                    detail.Unpack(unpacked)
+                    found[kind.DESCRIPTOR.name] = unpacked
+        violations = found["BadRequest"].field_violations if "BadRequest" in found else []
+        return cls(
+            code.name if code else "UNKNOWN",
+            error.details() or "",
+            field=violations[0].field if violations else None,
+            reason=found["ErrorInfo"].reason if "ErrorInfo" in found else None,
+            retry_after_s=found["RetryInfo"].retry_delay.ToMilliseconds() / 1000 if "RetryInfo" in found else None,
+        )
 
 
 class DreamBoothClient:
@@ -212,8 +246,7 @@ class DreamBoothClient:
                 for update in call:
                     opened, broken_since, backoff_s = True, None, _RECONNECT_BACKOFF_S[0]
                     yield update
-                    if update.job.state in ENDED_STATES:
-                        return
+                return  # a stream ends OK only once its job has ended, whatever end state a newer server has
             except grpc.RpcError as e:
                 if not opened or not isinstance(e, grpc.Call) or e.code() not in _STREAM_BROKEN:
                     raise ClientError.from_rpc(e) from e

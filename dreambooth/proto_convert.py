@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from google.protobuf import unknown_fields
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -46,28 +47,38 @@ def proto_fields() -> list[str]:
 # --- JobSpec <-> TrainingSpec ---------------------------------------------------------------------------
 
 
-def spec_to_proto(spec: Mapping[str, Any]) -> jobs_pb2.TrainingSpec:
+def spec_to_proto(spec: Mapping[str, Any], *, stored: bool = False) -> jobs_pb2.TrainingSpec:
     """A TrainingSpec with exactly the keys present in `spec` (JobSpec's YAML keys) set.
 
-    Raises InputError naming the field for an unknown key, an unknown enum choice or a value of the wrong type.
+    Raises InputError naming the field for an unknown key, an unknown enum choice or a value of the wrong type;
+    with `stored` (a job's spec, which an older version may have written) such a field is left out instead: one
+    retired since would otherwise fail every GetJob, ListJobs page and WatchJob of the jobs that have it.
     `instance_images` is skipped: images travel as InstanceImage messages.
     """
     msg = jobs_pb2.TrainingSpec()
     for name, value in spec.items():
         if name in NOT_IN_PROTO:
             continue
-        field = _TRAINING_SPEC.fields_by_name.get(name)
-        if field is None:
-            raise InputError(name, f"unknown field; known fields: {sorted([*spec_fields(), *NOT_IN_PROTO])}")
-        if field.enum_type is not None:
-            setattr(msg, name, _enum_number(name, field.enum_type, value))
-        elif field.is_repeated:
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise InputError(name, f"must be a list of strings, got {value!r}")
-            getattr(msg, name).extend(value)
-        else:
-            _set_scalar(msg, field, value)
+        try:
+            _set_field(msg, name, value)
+        except InputError:
+            if not stored:
+                raise
     return msg
+
+
+def _set_field(msg: jobs_pb2.TrainingSpec, name: str, value: Any) -> None:
+    field = _TRAINING_SPEC.fields_by_name.get(name)
+    if field is None:
+        raise InputError(name, f"unknown field; known fields: {sorted([*spec_fields(), *NOT_IN_PROTO])}")
+    if field.enum_type is not None:
+        setattr(msg, name, _enum_number(name, field.enum_type, value))
+    elif field.is_repeated:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise InputError(name, f"must be a list of strings, got {value!r}")
+        getattr(msg, name).extend(value)
+    else:
+        _set_scalar(msg, field, value)
 
 
 def proto_to_spec_fields(msg: jobs_pb2.TrainingSpec) -> dict[str, Any]:
@@ -75,8 +86,15 @@ def proto_to_spec_fields(msg: jobs_pb2.TrainingSpec) -> dict[str, Any]:
 
     "Set" means: present (optional scalars), not UNSPECIFIED (enums), not empty (repeated fields and the two
     required strings, which have no presence in proto3 and are therefore "set" when non-empty).
-    Raises InputError for an enum number this code does not know (a newer client's value).
+    Raises InputError for an enum number or a field this code does not know (a newer client's): the job would
+    otherwise train without what the client asked for.
     """
+    if unknown := sorted({field.field_number for field in unknown_fields.UnknownFieldSet(msg)}):
+        raise InputError(
+            "spec",
+            f"fields this controller does not know (numbers {unknown}): set by a newer client; leave them unset, or "
+            "upgrade the controller",
+        )
     fields: dict[str, Any] = {}
     for field in _TRAINING_SPEC.fields:
         name = field.name

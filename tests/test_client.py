@@ -352,6 +352,32 @@ def test_watch_streams_every_update(client):
         list(client.watch("job-99"))
 
 
+class _EndsInAStateOfALaterVersion(FakeController):
+    """A newer controller: its job ends in a state this SDK has no name for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches = 0
+
+    def WatchJob(self, request, context):
+        self.watches += 1
+        yield S.WatchJobResponse(job=_job(request.job_id, S.STATE_TRAINING, step=1), state=S.STATE_TRAINING)
+        yield S.WatchJobResponse(job=_job(request.job_id, 42), state=42)
+
+
+def test_a_watch_that_ends_ok_is_over_whatever_the_last_state():
+    """The stream ends OK only once its job has ended: an SDK that judged by the states it knows opened it again, and
+    again, for ever."""
+    fake = _EndsInAStateOfALaterVersion()
+    server, target = _serve(fake)
+    try:
+        with DreamBoothClient(target, TOKEN) as client:
+            assert [u.job.state for u in client.watch("job-4")] == [S.STATE_TRAINING, 42]
+        assert fake.watches == 1
+    finally:
+        server.stop(grace=None)
+
+
 class _StreamUntilStopped(FakeController):
     """Streams a job's first update, then holds the stream open until its server stops."""
 

@@ -241,10 +241,14 @@ def final_submission(controller, job_id: str) -> str:
 
 
 def test_bad_requests_get_their_status_codes(alice, bob, controller, ray_cluster, tiny_model, dog_images, tmp_path):
-    def code_of(call, *args, **kwargs) -> tuple[str, str]:
+    def refusal(call, *args, **kwargs) -> ClientError:
         with pytest.raises(ClientError) as error:
             call(*args, **kwargs)
-        return error.value.code, error.value.message
+        return error.value
+
+    def code_of(call, *args, **kwargs) -> tuple[str, str]:
+        error = refusal(call, *args, **kwargs)
+        return error.code, error.message
 
     # The SDK checks the spec before sending anything; the server checks it again (see the next test).
     with pytest.raises(InputError, match="resolution: must be a multiple of 8"):
@@ -254,8 +258,8 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, ray_cluster
     (broken / "a.jpg").write_bytes(b"not a jpeg at all")
     code, message = code_of(alice.submit, job_spec(tiny_model, broken))
     assert code == "INVALID_ARGUMENT" and "a.jpg" in message
-    code, message = code_of(alice.submit, job_spec(tiny_model.parent / "no-model", dog_images))
-    assert code == "INVALID_ARGUMENT" and "base_model" in message
+    refused = refusal(alice.submit, job_spec(tiny_model.parent / "no-model", dog_images))
+    assert (refused.code, refused.field) == ("INVALID_ARGUMENT", "base_model")  # BadRequest's field violation
     # Longer than the text encoder's context: the tokenizer would have cut it, the identifier with it.
     code, message = code_of(alice.submit, job_spec(tiny_model, dog_images, validation_prompts=["a dog " * 40 + "sks"]))
     assert code == "INVALID_ARGUMENT" and message.startswith("validation_prompts: 83 tokens; at most 77")
@@ -284,16 +288,19 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, ray_cluster
             assert code_of(bob.submit, job_spec(tiny_model, named), upload=False)[0] == "PERMISSION_DENIED"
     finally:
         shutil.rmtree(links)
-    assert code_of(alice.delete, mine.job_id)[0] == "FAILED_PRECONDITION"
+    refused = refusal(alice.delete, mine.job_id)
+    assert (refused.code, refused.reason) == ("FAILED_PRECONDITION", "JOB_NOT_ENDED")  # ErrorInfo: what to wait for
     alice.cancel(mine.job_id)
 
     # Quota: bob may have one unfinished job.
     held = bob.submit(job_spec(tiny_model, dog_images, max_steps=100_000))
-    assert code_of(bob.submit, job_spec(tiny_model, dog_images))[0] == "RESOURCE_EXHAUSTED"
+    refused = refusal(bob.submit, job_spec(tiny_model, dog_images))
+    assert (refused.code, refused.reason, refused.retry_after_s) == ("RESOURCE_EXHAUSTED", "TENANT_JOBS_LIMIT", None)
     bob.cancel(held.job_id)
     # Both ended, and their Ray jobs too: the tests after this one have the cluster's CPUs to themselves.
     for client, cancelled in ((alice, mine), (bob, held)):
         assert list(client.watch(cancelled.job_id))[-1].job.state == jobs_pb2.STATE_CANCELLED
+    assert alice.cancel(mine.job_id).state == jobs_pb2.STATE_CANCELLED  # a retried cancel: it worked, not an error
     wait_until_training_actors_end(ray_cluster.dashboard_url)
 
     # Authentication.

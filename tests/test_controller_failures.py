@@ -331,7 +331,7 @@ def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
 
     assert (sample("dreambooth_job_step"), sample("dreambooth_job_loss")) == (3, 0.25)
     assert sample("dreambooth_job_steps_per_second") == 1.5
-    events.emit("state", state="FAILED", reason="TrainingFailedError", message="diverged")
+    events.emit("state", state="FAILED", reason="TRAINING_FAILED", message="WorkerGroupError: diverged")
     assert reconciler._apply_events(job).state == "FAILED"
     assert [sample(n) for n in ("dreambooth_job_step", "dreambooth_job_loss", "dreambooth_job_steps_per_second")] == [
         None
@@ -939,6 +939,7 @@ def test_one_tenant_cannot_hold_every_watch(config, tiny_model, dog_images):
             with pytest.raises(ClientError) as third:
                 next(bob.watch(queued.job_id))
             assert third.value.code == "RESOURCE_EXHAUSTED" and "max_watches_per_tenant" in third.value.message
+            assert (third.value.reason, third.value.retry_after_s) == ("TENANT_WATCHES_LIMIT", None)  # close one
             mine = alice.submit(job_spec(tiny_model, dog_images))
             assert next(alice.watch(mine.job_id)).job.job_id == mine.job_id  # the last slot is still someone's
             bob.cancel(queued.job_id)
@@ -956,6 +957,7 @@ def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Jo
     with pytest.raises(ClientError) as third:
         next(client.watch(job.job_id))
     assert third.value.code == "RESOURCE_EXHAUSTED" and "max_watches" in third.value.message
+    assert (third.value.reason, third.value.retry_after_s) == ("SERVER_WATCHES_LIMIT", 5.0)  # the details say so
 
     assert client.get(job.job_id).state == jobs_pb2.STATE_QUEUED
     with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:

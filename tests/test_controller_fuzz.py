@@ -508,7 +508,7 @@ def test_list_with_hostile_page_sizes_and_states(channel, page_size, states, mod
     else:
         request = jobs_pb2.ListJobsRequest(page_size=page_size, states=states)
         code, details, _ = check_callers_fault(channel, method("ListJobs"), request)
-    if not 0 <= page_size <= 1000:
+    if page_size < 0:  # more than 1000 is taken as 1000
         assert code == S.INVALID_ARGUMENT and details.startswith("page_size:"), (code, details)
     elif not models and not set(states) <= set(jobs_pb2.State.values()) - {jobs_pb2.STATE_UNSPECIFIED}:
         # Unspecified or unknown: it would match no job, and an empty list would hide the mistake.

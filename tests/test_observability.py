@@ -87,6 +87,7 @@ def rare_events(demo_run, prometheus) -> None:
             pass
         failed = client.get(job.job_id)
         assert failed.state == jobs_pb2.STATE_FAILED and failed.failure.reason == "INVALID_INPUT", failed
+        assert failed.failure.message.startswith("base_model: "), failed  # its field first, as INVALID_ARGUMENT's
 
 
 @pytest.fixture(scope="module")

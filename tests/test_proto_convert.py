@@ -138,6 +138,36 @@ def test_unknown_enum_number_from_a_newer_client():
     assert error.value.field == "precision" and "99" in error.value.message
 
 
+def test_fields_unknown_to_this_controller_are_refused_not_dropped():
+    """A newer client's field, dropped, would train the job without what it asked for."""
+    newer = jobs_pb2.TrainingSpec(base_model="/m", instance_prompt="sks").SerializeToString()
+    newer += bytes([0xF8, 0x06, 0x05])  # field 111, varint 5: a field of a later TrainingSpec
+    with pytest.raises(InputError) as error:
+        proto_to_spec_fields(jobs_pb2.TrainingSpec.FromString(newer))
+    assert error.value.field == "spec" and "numbers [111]" in error.value.message
+
+
+def test_a_stored_spec_keeps_what_this_version_knows_and_leaves_out_the_rest():
+    """A job's spec that an older version stored, with a field or a choice since retired: GetJob, ListJobs and
+    WatchJob of it still answer (strictly, each failed INVALID_ARGUMENT for good)."""
+    stored = {**MINIMAL, "max_steps": 10, "colour": "blue", "precision": "fp4"}
+    with pytest.raises(InputError):
+        spec_to_proto(stored)
+    msg = spec_to_proto(stored, stored=True)
+    assert msg.max_steps == 10 and msg.precision == jobs_pb2.PRECISION_UNSPECIFIED
+    assert msg == spec_to_proto({k: v for k, v in stored.items() if k not in ("colour", "precision")})
+
+
+def test_a_jobs_progress_before_its_first_step_has_no_loss():
+    from controller.api import job_proto
+    from controller.store import JobRecord
+
+    before = job_proto(JobRecord(tenant="t", spec=dict(MINIMAL)))
+    assert not before.progress.HasField("loss") and not before.progress.HasField("steps_per_second")
+    zero = job_proto(JobRecord(tenant="t", spec=dict(MINIMAL), progress={"step": 1, "loss": 0.0, "lr": 1e-5}))
+    assert zero.progress.HasField("loss") and zero.progress.loss == 0.0 and zero.progress.learning_rate == 1e-5
+
+
 def test_instance_images_are_not_part_of_the_message():
     assert spec_to_proto(MINIMAL) == spec_to_proto({k: v for k, v in MINIMAL.items() if k != "instance_images"})
 

@@ -256,6 +256,14 @@ def test_bad_page_token(store):
             store.list_jobs("acme", 1, token)
     with pytest.raises(ValueError):
         store.list_jobs("acme", 0)
+    # A token carries its states filter: reused with another, it would page from the middle of a different list.
+    _, queued_token = store.list_jobs("acme", 1, states=["QUEUED"])
+    assert store.list_jobs("acme", 1, queued_token, states=["QUEUED"])[0]
+    for other in (None, ["FAILED"], ["QUEUED", "FAILED"]):
+        with pytest.raises(ValueError):
+            store.list_jobs("acme", 1, queued_token, states=other)
+    with pytest.raises(ValueError):
+        store.list_jobs("acme", 1, token, states=["QUEUED"])
 
 
 def test_keys_with_nul_find_nothing(store):
@@ -519,18 +527,26 @@ def test_deep_page_of_100k_jobs(tmp_path, capsys):
             break
     assert seen == expected
 
-    def timed(states=None) -> tuple[list[str], float]:
+    def timed(token: str, states=None) -> tuple[list[str], float]:
         times = []
         for _ in range(20):
             t0 = time.perf_counter()
-            page, _ = store.list_jobs("acme", 50, deep_token, states=states)
+            page, _ = store.list_jobs("acme", 50, token, states=states)
             times.append(time.perf_counter() - t0)
         return [j.job_id for j in page], statistics.median(times) * 1000
 
-    page, deep_ms = timed()
+    page, deep_ms = timed(deep_token)
     assert page == expected[80_000:80_050]
-    filtered, filtered_ms = timed({"FAILED", "CANCELLED"})
+    # The filtered list's token at the same place (a token carries its filter): after its jobs among the first 80,000.
     by_id = {r["job_id"]: r for r in rows}
+    before = sum(by_id[i]["state"] in {"FAILED", "CANCELLED"} for i in expected[:80_000])
+    filtered_token, walked = "", 0
+    while walked < before:
+        page, filtered_token = store.list_jobs(
+            "acme", min(1000, before - walked), filtered_token, {"FAILED", "CANCELLED"}
+        )
+        walked += len(page)
+    filtered, filtered_ms = timed(filtered_token, {"FAILED", "CANCELLED"})
     assert filtered == [i for i in expected[80_000:] if by_id[i]["state"] in {"FAILED", "CANCELLED"}][:50]
     with capsys.disabled():
         print(

@@ -228,7 +228,8 @@ def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting
             run_training(spec, paths, placement_timeout_s=3)
         assert ("class-image actors" in str(error.value)) == (phase == "class images")
         failed = [e for e in read_events(paths.events_file) if e["type"] == "state"][-1]
-        assert (failed["state"], failed["reason"]) == ("FAILED", "PlacementTimeout")
+        assert (failed["state"], failed["reason"]) == ("FAILED", "PLACEMENT_TIMEOUT")
+        assert failed["message"].startswith("PlacementTimeout: Ray ")
     # Nothing of theirs left waiting on the cluster, to take a node's CPUs once one frees them.
     waiting = [a.class_name for a in list_actors(address=ray_cluster.dashboard_url) if a.state != "DEAD"]
     assert not {"RayTrainWorker", "ClassImageGenerator"} & set(waiting), waiting
@@ -273,7 +274,8 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         run_training(dataclasses.replace(spec, max_failures=1), crashed, fail_once_at_steps=(3, 5))
     first_run = time.monotonic() - first_run
     assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [2]
-    assert states(read_events(crashed.events_file))[-1] == "FAILED"
+    (failed,) = [e for e in read_events(crashed.events_file) if e["type"] == "state" and e["state"] == "FAILED"]
+    assert failed["reason"] == "TRAINING_FAILED" and failed["message"].startswith("WorkerGroupError: "), failed
     # And the driver was killed while Ray rewrote its record of the run's checkpoints: the record is torn, the
     # checkpoints are whole. The job's events say which one Ray committed last.
     record = crashed.checkpoints_dir / RAY_RUN_STATE

@@ -145,6 +145,7 @@ def run_training(
         if not file.exists() or file.read_text() != text:
             write_file(file, text)
 
+    phase = "TRAINING_FAILED"  # what a failure is reported as: a closed set (the job's Failure.reason)
     try:
         events.emit("state", state="PREPARING")
         # A job that trained to the end before (its driver died exporting, say) has only the export left: it
@@ -157,6 +158,7 @@ def run_training(
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
         events.emit("state", state="EXPORTING")
+        phase = "EXPORT_FAILED"
         wall_time_s = seconds_run(read_events(paths.events_file), time.time())  # every run's, not only this one's
         metadata = {
             "job_id": paths.job_id,
@@ -180,7 +182,8 @@ def run_training(
         # verdict on the job: whoever runs it decides (the controller runs it again, or ends it as stopped).
         raise
     except BaseException as e:
-        events.emit("state", state="FAILED", reason=type(e).__name__, message=str(e)[:2000])
+        reason = "PLACEMENT_TIMEOUT" if isinstance(e, PlacementTimeout) else phase
+        events.emit("state", state="FAILED", reason=reason, message=f"{type(e).__name__}: {e}"[:2000])
         raise
 
 

@@ -28,6 +28,13 @@ if _version_not_supported:
 class JobServiceStub:
     """Training jobs: submit a DreamBooth job, follow it, cancel it. Every call is scoped to the caller's tenant
     (bearer token): another tenant's jobs are NOT_FOUND.
+
+    Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
+    BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
+    FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
 
     def __init__(self, channel):
@@ -76,6 +83,13 @@ class JobServiceStub:
 class JobServiceServicer:
     """Training jobs: submit a DreamBooth job, follow it, cancel it. Every call is scoped to the caller's tenant
     (bearer token): another tenant's jobs are NOT_FOUND.
+
+    Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
+    BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
+    FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
 
     def SubmitJob(self, request, context):
@@ -99,8 +113,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Stops a queued or running job (its Ray job and workers). FAILED_PRECONDITION if it already ended. A job whose
-        model was written before the stop took effect ends SUCCEEDED with it, not CANCELLED.
+        """Stops a queued or running job (its Ray job and workers). A cancelled (or cancelling) job is returned as it is,
+        so that a retry of a cancel whose answer was lost succeeds; FAILED_PRECONDITION if it ended otherwise. A job
+        whose model was written before the stop took effect ends SUCCEEDED with it, not CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +130,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """The job as it is, then every change as it happens, until the job ends (or the client goes away).
+        """The job as it is, then every change as it happens, until the job ends (or the client goes away). The stream
+        ends with OK only when the job has ended (its last message carries the end state, whatever the client knows of
+        the states); any other end is an error status.
         RESOURCE_EXHAUSTED when the server has max_watches streams open, or the tenant max_watches_per_tenant: retry
         later, or poll GetJob. A stream the
         controller's restart breaks may be opened again: it starts with the job as it is then.
@@ -182,6 +199,13 @@ def add_JobServiceServicer_to_server(servicer, server):
 class JobService:
     """Training jobs: submit a DreamBooth job, follow it, cancel it. Every call is scoped to the caller's tenant
     (bearer token): another tenant's jobs are NOT_FOUND.
+
+    Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
+    BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
+    FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
 
     @staticmethod
