@@ -447,8 +447,9 @@ class JobService:
         return self.serving
 
     def list_models(self, tenant: str, page_size: int, page_token: str):
+        page_size = _page_size(page_size)
         try:
-            return self.store.list_models(tenant, _page_size(page_size), page_token)
+            return self.store.list_models(tenant, page_size, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
 

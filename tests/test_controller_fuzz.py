@@ -19,6 +19,7 @@ import json
 import operator
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -100,9 +101,9 @@ def _png(size: int = 64, seed: int = 0) -> bytes:
 PNG = _png()
 
 
-def _fake_model(root: Path) -> Path:
-    """Passes check_base_model (its files and the JSON it reads, no weights): submissions get past it to the
-    image checks."""
+def _fake_model(root: Path, tiny_model: Path) -> Path:
+    """Passes check_base_model (its files and the JSON it reads, no weights) and the prompt checks (a real
+    tokenizer, the tiny model's): submissions get past them to the image checks."""
     files = {
         "model_index.json": {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "PNDMScheduler"]},
         "unet/config.json": {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 768},
@@ -111,12 +112,12 @@ def _fake_model(root: Path) -> Path:
         "vae/diffusion_pytorch_model.safetensors": {},
         "text_encoder/config.json": {"hidden_size": 768},
         "text_encoder/model.safetensors": {},
-        "tokenizer/tokenizer.json": {},
         "scheduler/scheduler_config.json": {},
     }
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(content))
+    shutil.copytree(tiny_model / "tokenizer", root / "tokenizer")
     return root
 
 
@@ -124,11 +125,11 @@ class Sandbox:
     """A directory holding the controller's storage five levels down, plus inputs beside it: a file that
     escaped storage by up to a few `..` lands in here, where the test looks for it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tiny_model: Path):
         self.root = root
         self.storage = root / "l1" / "l2" / "l3" / "l4" / "storage"
         self.storage.mkdir(parents=True)
-        self.model = _fake_model(root / "inputs" / "model")
+        self.model = _fake_model(root / "inputs" / "model", tiny_model)
         self.photos = root / "inputs" / "photos"
         self.photos.mkdir(parents=True)
         (self.photos / "dog.png").write_bytes(PNG)
@@ -143,8 +144,8 @@ class Sandbox:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory) -> Sandbox:
-    return Sandbox(tmp_path_factory.mktemp("fuzz-sandbox"))
+def sandbox(tmp_path_factory, tiny_model) -> Sandbox:
+    return Sandbox(tmp_path_factory.mktemp("fuzz-sandbox"), tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tin
             preflight(spec)
 
 
-def test_preflight_refuses_a_prompt_the_text_encoder_would_cut(tiny_model, dog_images):
+def test_preflight_refuses_a_prompt_the_text_encoder_would_cut(tiny_model, dog_images, tmp_path):
     """CLIP reads 77 tokens: the identifier at the end of a long style prefix never reached the model, and the job
     succeeded with a model that ignores it."""
     prefix = "a highly detailed professional photograph, " * 14  # 84 tokens
@@ -266,6 +266,12 @@ def test_preflight_refuses_a_prompt_the_text_encoder_would_cut(tiny_model, dog_i
         with pytest.raises(InputError, match=r"\d+ tokens; at most 77") as error:
             preflight(JobSpec.from_dict(VALID | fields | change))
         assert error.value.field == field
+    # A tokenizer that cannot be loaded is the base model's fault, named so (transformers raises KeyError for some).
+    broken = shutil.copytree(tiny_model, tmp_path / "broken-tokenizer")
+    (broken / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(InputError, match="its tokenizer cannot be loaded") as error:
+        preflight(JobSpec.from_dict(VALID | fields | {"base_model": str(broken)}))
+    assert error.value.field == "base_model"
     # Without prior preservation the class prompt is never encoded; a prompt of 77 tokens fits.
     preflight(JobSpec.from_dict(VALID | fields | {"class_prompt": prefix, "num_class_images": 0}))
     preflight(JobSpec.from_dict(VALID | fields | {"instance_prompt": "sks " * 75}))

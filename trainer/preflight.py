@@ -47,7 +47,12 @@ def check_prompt_lengths(spec: JobSpec) -> None:
     from dreambooth.sd_model import check_prompt
 
     root = Path(spec.base_model).resolve()
-    tokenizer = _tokenizer(str(root), fingerprint(root / "tokenizer"))
+    try:
+        tokenizer = _tokenizer(str(root), fingerprint(root / "tokenizer"))
+    except OSError:
+        raise
+    except Exception as e:  # whatever broken tokenizer files make transformers raise (KeyError, ValueError, ...)
+        raise InputError("base_model", f"its tokenizer cannot be loaded: {type(e).__name__}: {e}") from e
     prompts = [("instance_prompt", spec.instance_prompt)]
     if spec.with_prior_preservation:
         prompts.append(("class_prompt", spec.class_prompt))
