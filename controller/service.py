@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -122,6 +123,7 @@ class JobService:
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
+            _check_same_request(existing, spec_fields, images, priority)
             return existing
         limit = self.tenants[tenant].max_queued_jobs
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
@@ -256,13 +258,7 @@ class JobService:
                 write_file(upload_dir / name, image.data)
                 paths.append(str(upload_dir / name))
             elif image.uri:
-                try:
-                    parsed = urlparse(image.uri)
-                except ValueError as e:  # "Invalid IPv6 URL" for file://[ and the like
-                    raise InputError("instance_images", f"{image.uri}: not a path or URI ({e})") from e
-                if parsed.scheme not in ("", "file"):
-                    raise InputError("instance_images", f"{image.uri}: only paths or file:// URIs on shared storage")
-                path = Path(parsed.path if parsed.scheme else image.uri)
+                path = _shared_path(image.uri)
                 if not path.is_absolute():
                     raise InputError("instance_images", f"{image.uri}: must be an absolute path on shared storage")
                 self._check_readable("instance_images", path)
@@ -452,6 +448,53 @@ class JobService:
             return self.store.list_models(tenant, page_size, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
+
+
+def _shared_path(uri: str) -> Path:
+    """The path a photo's URI names: a path, or a file:// URI."""
+    try:
+        parsed = urlparse(uri)
+    except ValueError as e:  # "Invalid IPv6 URL" for file://[ and the like
+        raise InputError("instance_images", f"{uri}: not a path or URI ({e})") from e
+    if parsed.scheme not in ("", "file"):
+        raise InputError("instance_images", f"{uri}: only paths or file:// URIs on shared storage")
+    return Path(parsed.path if parsed.scheme else uri)
+
+
+def _check_same_request(job: JobRecord, spec_fields: dict, images: list[ImageInput], priority: int) -> None:
+    """A request_id names one request: its retry is answered with the job it created, and a different request
+    under the same id (two pipelines given one key) is refused rather than answered with the other's job. The
+    photos are compared where the job still has them (a cancelled queued job's uploads are gone)."""
+
+    def refuse(what: str) -> None:
+        raise InputError(
+            "request_id",
+            f"already used for job {job.job_id}, submitted with other {what}: a retry sends the same request; a new "
+            "job takes a new request_id",
+        )
+
+    stored = job.spec["instance_images"]
+    try:
+        asked = JobSpec.from_dict({**spec_fields, "instance_images": stored}).to_dict()
+    except InputError:
+        asked = None
+    if asked is None:
+        refuse("fields")
+    # Fields in both: one a later version added has its default in the retry, not a change of the caller's.
+    if changed := sorted(k for k in job.spec.keys() & asked.keys() if asked[k] != job.spec[k]):
+        refuse(", ".join(changed))
+    if priority != job.priority:
+        refuse("priority")
+    if len(images) != len(stored):
+        refuse("instance_images")
+    for image, path in zip(images, stored, strict=True):
+        if image.data is None:
+            if str(_shared_path(image.uri)) != path:
+                refuse("instance_images")
+        elif (file := Path(path)).exists() and hashlib.sha256(file.read_bytes()).digest() != hashlib.sha256(
+            image.data
+        ).digest():
+            refuse("instance_images")
 
 
 def _page_size(asked: int) -> int:

@@ -97,11 +97,28 @@ def bob(controller):
         yield client
 
 
-def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(alice, bob, controller, tiny_model, dog_images):
+def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(
+    alice, bob, controller, tiny_model, dog_images, tmp_path
+):
     spec = job_spec(tiny_model, dog_images)
     job = alice.submit(spec, request_id="first-dog")
     assert job.state == jobs_pb2.STATE_QUEUED and job.job_id.startswith("job-")
     assert alice.submit(spec, request_id="first-dog").job_id == job.job_id  # a retry, not a second job
+    # Another request under the same key (two pipelines given one): refused, not answered with the first's job.
+    photos = sorted(p for p in dog_images.iterdir() if p.suffix in (".jpg", ".png"))
+    (tmp_path / "one").mkdir()
+    shutil.copy(photos[0], tmp_path / "one")
+    retouched = shutil.copytree(dog_images, tmp_path / "retouched")  # as many photos, the last one flipped
+    Image.open(photos[-1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(retouched / photos[-1].name)
+    for other, what in [
+        (job_spec(tiny_model, dog_images, max_steps=5), "max_steps"),
+        (job_spec(tiny_model, tmp_path / "one"), "instance_images"),  # one of the photos only
+        (job_spec(tiny_model, retouched), "instance_images"),
+    ]:
+        with pytest.raises(ClientError) as reused:
+            alice.submit(other, request_id="first-dog")
+        assert reused.value.field == "request_id" and f"other {what}" in reused.value.message
+        assert job.job_id in reused.value.message
 
     states, steps, checkpoints = [], [], []
     for message in alice.watch(job.job_id):
