@@ -394,11 +394,10 @@ def job_proto(job: JobRecord) -> jobs_pb2.Job:
         progress=jobs_pb2.Progress(
             step=progress.get("step") or 0,
             total_steps=progress.get("total_steps") or job.spec.get("max_steps", 0),
-            # Unset until the trainer reports them: a loss of 0 is a loss.
-            loss=progress.get("loss"),
-            prior_loss=progress.get("prior_loss"),
-            learning_rate=progress.get("lr"),
-            steps_per_second=progress.get("steps_per_s"),
+            loss=progress.get("loss") or 0.0,
+            prior_loss=progress.get("prior_loss") or 0.0,
+            learning_rate=progress.get("lr") or 0.0,
+            steps_per_second=progress.get("steps_per_s") or 0.0,
             class_images_done=progress.get("class_images_done") or 0,
             class_images_total=progress.get("class_images_total") or 0,
         ),

@@ -102,14 +102,9 @@ class ControllerConfig:
     when Ray lost it (a restarted Ray cluster)."""
 
     def __post_init__(self):
-        if not self.placement_timeout_s > 0:
-            raise InputError(
-                "placement_timeout_s", f"must be a number of seconds > 0, not {self.placement_timeout_s!r}"
-            )
-        if self.max_job_run_s is not None and not self.max_job_run_s > 0:
-            raise InputError(
-                "max_job_run_s", f"must be a number of seconds > 0, or null for no limit, not {self.max_job_run_s!r}"
-            )
+        _check_seconds("placement_timeout_s", self.placement_timeout_s)
+        if self.max_job_run_s is not None:
+            _check_seconds("max_job_run_s", self.max_job_run_s, ", or null for no limit")
         # The controller takes a token's first tenant, serving its last: one token naming two would be two people.
         owner: dict[str, str] = {}
         for tenant in self.tenants:
@@ -171,3 +166,9 @@ def _tenant(name: str, fields: dict | None) -> Tenant:
     if not fields.get("tokens"):
         raise InputError(f"tenants.{name}.tokens", "missing: a tenant needs at least one bearer token")
     return Tenant(name=str(name), **fields)
+
+
+def _check_seconds(name: str, value: Any, alternative: str = "") -> None:
+    # YAML's `true` is an int to Python, and would be 1 s; a quoted "1800" would fail far from here.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InputError(name, f"must be a number of seconds > 0{alternative}, not {value!r}")

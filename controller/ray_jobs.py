@@ -20,7 +20,7 @@ from ray.util.state.common import RAY_MAX_LIMIT_FROM_API_SERVER
 from ray.util.state.exception import RayStateApiException
 from urllib3.exceptions import NewConnectionError
 
-from dreambooth.errors import PLACEMENT_TIMEOUT_S
+from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S
 from dreambooth.ray_dashboard import RequestTimeout
 from trainer.storage import check_job_id
 
@@ -125,10 +125,16 @@ class RayJobs:
         recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
         submission = submission_id(check_job_id(job_id), attempt)
         command = [sys.executable, "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
-        command += ["--placement-timeout-s", f"{self.placement_timeout_s:g}"]
         # No working_dir (it would upload the project on every submit): the nodes have the project at the same
         # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
-        env_vars = {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1", **self.runtime_env.get("env_vars", {})}
+        env_vars = {
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "HF_HUB_OFFLINE": "1",
+            # An environment variable, not a flag: a trainer older than the controller (Ray's nodes updated after
+            # it, in a rolling upgrade) ignores it rather than refusing to start.
+            PLACEMENT_TIMEOUT_ENV: f"{self.placement_timeout_s:g}",
+            **self.runtime_env.get("env_vars", {}),
+        }
         try:
             return self._client.submit_job(
                 entrypoint=shlex.join(command),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from controller.config import ControllerConfig, Tenant
 from controller.errors import (
@@ -123,7 +123,7 @@ class JobService:
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
-            _check_same_request(existing, spec_fields, images, priority)
+            _check_same_request(self.config, existing, spec_fields, images, priority)
             return existing
         limit = self.tenants[tenant].max_queued_jobs
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
@@ -177,6 +177,7 @@ class JobService:
             raise
         if job.job_id != job_id:  # lost a race with the same request_id: keep the first, drop ours
             shutil.rmtree(paths.job_dir, ignore_errors=True)
+            _check_same_request(self.config, job, spec_fields, images, priority)  # a retry of it, or another request
         else:
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
         return job
@@ -458,10 +459,12 @@ def _shared_path(uri: str) -> Path:
         raise InputError("instance_images", f"{uri}: not a path or URI ({e})") from e
     if parsed.scheme not in ("", "file"):
         raise InputError("instance_images", f"{uri}: only paths or file:// URIs on shared storage")
-    return Path(parsed.path if parsed.scheme else uri)
+    return Path(url2pathname(parsed.path) if parsed.scheme else uri)  # file:///my%20dog.jpg is "my dog.jpg"
 
 
-def _check_same_request(job: JobRecord, spec_fields: dict, images: list[ImageInput], priority: int) -> None:
+def _check_same_request(
+    config: ControllerConfig, job: JobRecord, spec_fields: dict, images: list[ImageInput], priority: int
+) -> None:
     """A request_id names one request: its retry is answered with the job it created, and a different request
     under the same id (two pipelines given one key) is refused rather than answered with the other's job. The
     photos are compared where the job still has them (a cancelled queued job's uploads are gone)."""
@@ -474,11 +477,9 @@ def _check_same_request(job: JobRecord, spec_fields: dict, images: list[ImageInp
         )
 
     stored = job.spec["instance_images"]
-    try:
-        asked = JobSpec.from_dict({**spec_fields, "instance_images": stored}).to_dict()
-    except InputError:
-        asked = None
-    if asked is None:
+    try:  # not validated again: a rule added since the job was stored would refuse its own retry
+        asked = JobSpec(**{**spec_fields, "instance_images": stored}).to_dict()
+    except TypeError:  # a required field missing
         refuse("fields")
     # Fields in both: one a later version added has its default in the retry, not a change of the caller's.
     if changed := sorted(k for k in job.spec.keys() & asked.keys() if asked[k] != job.spec[k]):
@@ -487,13 +488,15 @@ def _check_same_request(job: JobRecord, spec_fields: dict, images: list[ImageInp
         refuse("priority")
     if len(images) != len(stored):
         refuse("instance_images")
+    uploads = job_paths(config.storage, job.job_id).job_dir / UPLOADS_DIR
     for image, path in zip(images, stored, strict=True):
+        # Only the job's own uploads are read (at most max_image_bytes each): never a path the caller named.
+        uploaded = Path(path).parent == uploads
         if image.data is None:
-            if str(_shared_path(image.uri)) != path:
-                refuse("instance_images")
-        elif (file := Path(path)).exists() and hashlib.sha256(file.read_bytes()).digest() != hashlib.sha256(
-            image.data
-        ).digest():
+            same = not uploaded and str(_shared_path(image.uri)) == path
+        else:  # gone once a queued job was cancelled: then compared by count and kind only
+            same = uploaded and (not Path(path).is_file() or Path(path).read_bytes() == image.data)
+        if not same:
             refuse("instance_images")
 
 

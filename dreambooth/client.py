@@ -59,6 +59,9 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
+# The states a job ends in (what this version knows of: a newer server may add more).
+ENDED_STATES = frozenset({jobs_pb2.STATE_SUCCEEDED, jobs_pb2.STATE_FAILED, jobs_pb2.STATE_CANCELLED})
+
 # A watch stream ends with these when the controller goes away under it (stopped: CANCELLED; gone: UNAVAILABLE);
 # a reopened one is refused RESOURCE_EXHAUSTED while the watches of every client reconnecting at once fill it.
 _STREAM_BROKEN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})

@@ -21,6 +21,7 @@ class InputError(ValueError):
 # How long a job's workers may wait for Ray to place them (class-image actors, then the training workers, also when
 # they restart after a failure) before the job fails: long enough for an autoscaler to add GPU nodes.
 PLACEMENT_TIMEOUT_S = 30 * 60.0
+PLACEMENT_TIMEOUT_ENV = "DREAMBOOTH_PLACEMENT_TIMEOUT_S"  # how the controller's setting reaches a job's trainer
 
 
 class PlacementTimeout(RuntimeError):

@@ -977,13 +977,14 @@ def test_list_by_an_unspecified_state_or_by_more_states_than_there_are_is_invali
         assert error.value.code == "INVALID_ARGUMENT" and "states" in error.value.message
 
 
-@pytest.mark.parametrize("limit", ["0", "-5"])
-def test_a_run_time_limit_that_is_not_positive_is_refused(tmp_path, limit):
+@pytest.mark.parametrize("setting", ["max_job_run_s", "placement_timeout_s"])
+@pytest.mark.parametrize("limit", ["0", "-5", "true", "'1800'"])  # YAML's true would be 1 s
+def test_a_run_time_limit_that_is_not_positive_is_refused(tmp_path, limit, setting):
     path = tmp_path / "controller.yaml"
-    path.write_text(f"storage: storage\nmax_job_run_s: {limit}\n")
+    path.write_text(f"storage: storage\n{setting}: {limit}\n")
     with pytest.raises(InputError) as error:
         ControllerConfig.load(path)
-    assert error.value.field == "max_job_run_s"
+    assert error.value.field == setting
     path.write_text("storage: storage\nmax_job_run_s: null\n")
     assert ControllerConfig.load(path).max_job_run_s is None
 

@@ -158,16 +158,6 @@ def test_a_stored_spec_keeps_what_this_version_knows_and_leaves_out_the_rest():
     assert msg == spec_to_proto({k: v for k, v in stored.items() if k not in ("colour", "precision")})
 
 
-def test_a_jobs_progress_before_its_first_step_has_no_loss():
-    from controller.api import job_proto
-    from controller.store import JobRecord
-
-    before = job_proto(JobRecord(tenant="t", spec=dict(MINIMAL)))
-    assert not before.progress.HasField("loss") and not before.progress.HasField("steps_per_second")
-    zero = job_proto(JobRecord(tenant="t", spec=dict(MINIMAL), progress={"step": 1, "loss": 0.0, "lr": 1e-5}))
-    assert zero.progress.HasField("loss") and zero.progress.loss == 0.0 and zero.progress.learning_rate == 1e-5
-
-
 def test_instance_images_are_not_part_of_the_message():
     assert spec_to_proto(MINIMAL) == spec_to_proto({k: v for k, v in MINIMAL.items() if k != "instance_images"})
 

@@ -31,8 +31,9 @@ def test_a_submission_runs_once_and_unknown_ids_are_lost(ray_cluster, storage):
     jobs = RayJobs(ray_cluster.dashboard_url, storage_root=str(storage), placement_timeout_s=90)
     sid = jobs.submit("no-spec", 1)  # the driver exits 2 at once: there is no spec.json
     assert sid == "no-spec-a1"
-    # The controller's placement_timeout_s reaches the trainer (which takes it: it goes on to the spec).
-    assert "--placement-timeout-s 90" in JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(sid).entrypoint
+    # The controller's placement_timeout_s reaches the trainer, in its environment.
+    env_vars = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(sid).runtime_env["env_vars"]
+    assert env_vars["DREAMBOOTH_PLACEMENT_TIMEOUT_S"] == "90"
     # A controller that crashed before recording the submission retries: same id, nothing new started.
     assert jobs.submit("no-spec", 1) == sid
     assert wait_for(lambda: (s := jobs.status(sid)).ended and s, 60, "the job to end") == RayJobStatus.FAILED

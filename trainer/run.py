@@ -25,7 +25,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
-from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
+from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
 from dreambooth.model_files import fingerprint
 from trainer.checkpoint import (
     STATE_FILE,
@@ -274,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--placement-timeout-s",
         type=float,
-        default=PLACEMENT_TIMEOUT_S,
-        help="how long the workers may wait for Ray to place them before the job fails",
+        default=float(os.environ.get(PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S)),
+        help="how long the workers may wait for Ray to place them before the job fails "
+        f"(default: ${PLACEMENT_TIMEOUT_ENV}, else {PLACEMENT_TIMEOUT_S:g})",
     )
     args = parser.parse_args(argv)
     try:
