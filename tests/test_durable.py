@@ -11,9 +11,10 @@ import pytest
 from dreambooth.durable import write_file
 from trainer.checkpoint import (
     RAY_RUN_STATE,
+    STATE_FILE,
     checkpoint_steps,
     committed_steps,
-    remove_uncommitted_checkpoints,
+    remove_unused_checkpoints,
     set_aside_unusable_run_state,
 )
 from trainer.class_images import image_path, missing_indices
@@ -116,40 +117,59 @@ def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path
     assert b"\n\n" not in log.path.read_bytes()
 
 
+def record_naming(run_dir, *steps: int) -> None:
+    """Ray Train's record of a run's checkpoints, as it writes it (the fields read here)."""
+    entries = [{"checkpoint_dir_name": f"checkpoint_step_{step:07d}", "metrics": {}} for step in steps]
+    (run_dir / RAY_RUN_STATE).write_text(json.dumps({"checkpoint_results": entries}))
+
+
+def committed(run_dir, events: EventLog, step: int) -> None:
+    """A checkpoint whose save finished, and the event that says Ray committed it."""
+    directory = run_dir / f"checkpoint_step_{step:07d}"
+    (directory / "zero").mkdir(parents=True)
+    (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+    events.emit("checkpoint", step=step, path=str(directory))
+
+
 def test_a_record_of_rays_checkpoints_it_cannot_use_is_set_aside(tmp_path):
     """Ray would fail on it at every start of the run: torn (a driver killed while Ray rewrote it in place), or
-    naming a checkpoint that is gone (an operator short of space removed the older ones)."""
-    record = tmp_path / RAY_RUN_STATE
-    assert set_aside_unusable_run_state(tmp_path) is None  # none yet
-    (tmp_path / "checkpoint_step_0000004").mkdir()
-    record.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_step_0000004", "metrics": {}}]}')
-    assert set_aside_unusable_run_state(tmp_path) is None and record.exists()  # usable: Ray's to use
-    record.write_text('{"checkpoint_res')
-    aside = set_aside_unusable_run_state(tmp_path)
-    assert not record.exists() and aside.read_text() == '{"checkpoint_res'
-    names = ("checkpoint_step_0000002", "checkpoint_step_0000004")
-    record.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names]}))
-    assert set_aside_unusable_run_state(tmp_path) is not None and not record.exists()
-
-
-def test_checkpoints_never_committed_are_removed_and_committed_ones_kept(tmp_path):
-    """A save cut short (a crash, a full disk) left gigabytes that Ray, pruning only what it recorded, kept for good;
-    and a rerun with fewer max_steps was refused over a checkpoint that never counted."""
+    naming a checkpoint that is gone (an operator short of space removed the older ones). One behind the job's
+    events would start the run over."""
     run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
-    for step in (2, 4, 6, 8):
-        (run_dir / f"checkpoint_step_{step:07d}" / "zero").mkdir(parents=True)
-    # Ray's record names 4 and 6 (it pruned 2's entry but died before deleting it); the events name 2 and 4.
-    entries = [{"checkpoint_dir_name": f"checkpoint_step_{s:07d}", "metrics": {}} for s in (4, 6)]
-    (run_dir / RAY_RUN_STATE).write_text(json.dumps({"checkpoint_results": entries}))
-    for step in (2, 4):
-        events.emit("checkpoint", step=step, path=str(run_dir / f"checkpoint_step_{step:07d}"))
-    assert committed_steps(run_dir, events.path) == [2, 4, 6]
-    assert remove_uncommitted_checkpoints(run_dir, events.path) == [8]
-    assert checkpoint_steps(run_dir) == [2, 4, 6]
-    # Ray's record torn: the events alone say what was committed.
-    (run_dir / RAY_RUN_STATE).write_text('{"checkpoint_res')
-    assert remove_uncommitted_checkpoints(run_dir, events.path) == [6]
-    assert checkpoint_steps(run_dir) == [2, 4]
+    run_dir.mkdir()
+    record = run_dir / RAY_RUN_STATE
+    assert set_aside_unusable_run_state(run_dir, events.path) is None  # none yet
+    committed(run_dir, events, 4)
+    record_naming(run_dir, 4)
+    assert set_aside_unusable_run_state(run_dir, events.path) is None and record.exists()  # usable: Ray's to use
+    record.write_text('{"checkpoint_res')
+    aside = set_aside_unusable_run_state(run_dir, events.path)
+    assert not record.exists() and aside.read_text() == '{"checkpoint_res'
+    record_naming(run_dir, 2, 4)  # 2 is gone
+    assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
+    # A run resumed from the events (its record set aside) and died before its first checkpoint: its new record
+    # names none, and Ray would start the next run from step 0.
+    record_naming(run_dir)
+    assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
+
+
+def test_checkpoints_no_run_resumes_from_are_removed(tmp_path):
+    """A save cut short (a crash, a full disk), or one Ray pruned from its record and died before deleting, left
+    gigabytes that Ray, pruning only what it records, kept for good; and a rerun with fewer max_steps was refused
+    over a checkpoint that never counted."""
+    run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
+    for step in (2, 4, 6):
+        committed(run_dir, events, step)
+    (run_dir / "checkpoint_step_0000008" / "zero").mkdir(parents=True)  # cut short
+    record_naming(run_dir, 4, 6)  # it pruned 2 from its record
+    assert committed_steps(run_dir, events.path) == [4, 6]
+    assert remove_unused_checkpoints(run_dir, events.path) == [2, 8]
+    assert checkpoint_steps(run_dir) == [4, 6]
+    # Ray's record set aside (torn): the events say what was committed.
+    (run_dir / RAY_RUN_STATE).unlink()
+    (run_dir / "checkpoint_step_0000008" / "zero").mkdir(parents=True)
+    assert committed_steps(run_dir, events.path) == [4, 6]
+    assert remove_unused_checkpoints(run_dir, events.path) == [8]
 
 
 def test_a_jobs_wall_time_is_its_runs_not_the_gaps_between_them():

@@ -294,6 +294,15 @@ def test_colours_tagged_with_a_profile_are_converted_to_srgb(tmp_path):
     for name, params in [("linear.png", {}), ("linear.jpg", {"quality": 100})]:
         pixels = rgb(save(tmp_path / name, grey, icc_profile=linear_rgb_profile(), **params))
         assert (abs(pixels - 188) <= 2).all(), (name, pixels[0, 0])
+    # A palette's colours too.
+    pixels = rgb(
+        save(
+            tmp_path / "linear-palette.png",
+            grey.convert("P", palette=Image.Palette.ADAPTIVE),
+            icc_profile=linear_rgb_profile(),
+        )
+    )
+    assert (abs(pixels - 188) <= 2).all(), pixels[0, 0]
     # With its alpha kept: a half-transparent linear grey is sRGB's 188 before it is laid on white.
     half = Image.new("RGBA", (8, 8), (128, 128, 128, 128))
     pixels = rgb(save(tmp_path / "linear-rgba.png", half, icc_profile=linear_rgb_profile()))

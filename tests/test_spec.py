@@ -90,6 +90,9 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"class_prompt": "a photo of sks, a dog"}, "class_prompt", "without the identifier 'sks'"),
         # CLIP's tokenizer lowercases: "Sks" is the identifier's token.
         ({"class_prompt": "a photo of a Sks dog"}, "class_prompt", "without the identifier 'sks'"),
+        # CLIP splits letters from digits and underscores: these are its tokens too.
+        ({"class_prompt": "a photo of a sks_style dog"}, "class_prompt", "without the identifier 'sks'"),
+        ({"class_prompt": "a photo of 2sks dogs"}, "class_prompt", "without the identifier 'sks'"),
         ({"prior_loss_weight": 0.0}, "prior_loss_weight", "set num_class_images to 0 instead"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
         ({"colour": "blue"}, "colour", "unknown field"),

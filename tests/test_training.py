@@ -203,7 +203,7 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     drawn = lost.read_bytes()
     lost.unlink()
     args = (spec.class_prompt, spec.class_image_inference_steps, spec.class_image_guidance_scale, str(directory))
-    assert ray.get(generator.generate.remote([0, 1, 2], *args)) == 3
+    ray.get(generator.generate.remote([0, 1, 2], *args))
     ray.kill(generator)
     assert {f: f.stat().st_mtime_ns for f in files if f != lost} == {f: t for f, t in mtimes.items() if f != lost}
     again = np.asarray(Image.open(lost)).astype(int)

@@ -123,16 +123,23 @@ def _ray_recorded(run_dir: Path) -> list[str] | None:
         return None
 
 
-def set_aside_unusable_run_state(run_dir: Path) -> Path | None:
+def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | None:
     """Ray Train fails at every later start of a run whose record of its checkpoints it cannot use, so the job could
     never run again: a record torn by a driver killed while Ray rewrote it in place, or one naming a checkpoint
-    that is gone (an operator short of space removed the older ones). Such a record is renamed aside (the run then
-    resumes from `committed_checkpoint`, as Ray no longer knows any). Returns where it went, or None."""
+    that is gone (an operator short of space removed the older ones). And a record behind the job's events (a run
+    that resumed from them after its record was set aside, and died before its first checkpoint, left a new one
+    naming none) would start the next run over from step 0. Such a record is renamed aside: the run then resumes
+    from `committed_checkpoint`, as Ray no longer knows any. Returns where it went, or None."""
     record = run_dir / RAY_RUN_STATE
     if not record.exists():
         return None
     names = _ray_recorded(run_dir)
-    if names is not None and all((run_dir / name).is_dir() for name in names):
+    newest = committed_checkpoint(events_file)
+    if (
+        names is not None
+        and all((run_dir / name).is_dir() for name in names)
+        and (newest is None or any(name >= newest.name for name in names))  # names sort by step: zero-padded
+    ):
         return None
     aside = record.with_name(f"{record.name}.unusable-{uuid.uuid4().hex[:8]}")
     os.replace(record, aside)
@@ -140,22 +147,30 @@ def set_aside_unusable_run_state(run_dir: Path) -> Path | None:
 
 
 def committed_steps(run_dir: Path, events_file: Path) -> list[int]:
-    """The steps of the run's checkpoints that were committed (Ray's record, where readable, or the job's events
-    name them) and are there."""
-    names = set(_ray_recorded(run_dir) or ())
-    names |= {Path(event["path"]).name for event in read_events(events_file) if event["type"] == "checkpoint"}
-    return [step for step in checkpoint_steps(run_dir) if checkpoint_dir_name(step) in names]
+    """The steps of the checkpoints a run may resume from, that are there: those Ray's record names (it commits
+    each before the job's events announce it, and forgets those it pruned) or, where it has none it can read, those
+    the job's events name."""
+    names = _ray_recorded(run_dir)
+    if names is None:
+        names = [Path(event["path"]).name for event in read_events(events_file) if event["type"] == "checkpoint"]
+    return [step for step in checkpoint_steps(run_dir) if checkpoint_dir_name(step) in set(names)]
 
 
-def remove_uncommitted_checkpoints(run_dir: Path, events_file: Path) -> list[int]:
-    """Removes the checkpoint directories that were never committed (a save cut short by a crash or a full disk;
-    one Ray had not collected from every rank): no run resumes from them, and Ray, which prunes only those it
-    recorded, would keep them, gigabytes each, for good. Only while no worker of the run is saving. Returns
-    their steps."""
-    committed = set(committed_steps(run_dir, events_file))
-    removed = [step for step in checkpoint_steps(run_dir) if step not in committed]
-    for step in removed:
-        shutil.rmtree(run_dir / checkpoint_dir_name(step))
+def remove_unused_checkpoints(run_dir: Path, events_file: Path) -> list[int]:
+    """Removes the checkpoint directories no run resumes from, gigabytes each, which Ray (pruning only what its
+    record names) would keep for good: a save cut short by a crash or a full disk, one Ray had not collected from
+    every rank, one it pruned from its record but died before deleting, and those of a record set aside once the
+    run's new record holds others. Only while no worker of the run is saving. Best effort: what cannot be removed
+    stays for the next run. Returns the steps removed."""
+    keep = set(committed_steps(run_dir, events_file))
+    removed = []
+    for step in checkpoint_steps(run_dir):
+        if step not in keep:
+            try:
+                shutil.rmtree(run_dir / checkpoint_dir_name(step))
+                removed.append(step)
+            except OSError as e:  # a file an NFS client still holds, a permission: housekeeping, not the job's end
+                print(f"warning: could not remove the unused checkpoint of step {step}: {e}")
     return removed
 
 

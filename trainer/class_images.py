@@ -158,9 +158,9 @@ def ensure_class_images(
         ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=placement_timeout_s)
         if len(ready) < len(waiting):
             raise PlacementTimeout(
-                f"Ray placed {len(ready)} of the job's {len(waiting)} class-image actors, each one worker's share "
-                f"({spec.describe_workers()}), within {placement_timeout_s:g} s: no node has room for one, or other "
-                "work holds the cluster's resources"
+                f"Ray started {len(ready)} of the job's {len(waiting)} class-image actors ({spec.worker_share()} "
+                f"each, one worker's share; placed, and the base model loaded) within {placement_timeout_s:g} s: no "
+                "node has room for one, other work holds the cluster's resources, or the model loads that slowly"
             )
         ray.get(ready)  # an actor that failed to start says why
         pool = ray.util.ActorPool(actors)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from dreambooth.errors import InputError
 
@@ -161,7 +161,11 @@ def _to_srgb(image: Image.Image, icc_profile: bytes | None) -> Image.Image:
     another space: a phone's Display P3, Adobe RGB, a print's CMYK. Pillow's convert() ignores profiles, and read as
     sRGB such colours come out desaturated or off, the subject's colour learnt wrong. A profile that cannot be used
     (unreadable, or for other channels than the pixels have) leaves them as they are."""
-    if not icc_profile or image.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
+    if not icc_profile or not features.check("littlecms2"):  # a Pillow built without LittleCMS: as they are
+        return image
+    if image.mode in ("P", "PA"):  # a palette's colours are in the profile's space too
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if image.mode not in ("RGB", "RGBA", "CMYK", "L", "LA"):
         return image
     alpha = image.getchannel("A") if image.mode.endswith("A") else None
     colours = image.convert(image.mode.removesuffix("A")) if alpha is not None else image

@@ -38,13 +38,12 @@ class ProgressReporter:
         from tensorboardX import SummaryWriter
 
         self.events = events
-        # A resumed run logs the steps after its checkpoint again: the marker at the first of them tells TensorBoard to
-        # drop what the earlier run logged from there on (else every curve runs back and draws those steps twice).
-        # Files are named by the second they were opened in; the suffix keeps a quick restart's from replacing them.
+        # A restarted run logs the steps after its checkpoint (or from the first, where it had none) again: the marker
+        # at the first of them tells TensorBoard to drop what an earlier run logged from there on (else every curve
+        # runs back and draws those steps twice). Files are named by the second they were opened in; the suffix keeps
+        # a quick restart's from replacing them.
         self.writer = SummaryWriter(
-            str(tensorboard_dir),
-            purge_step=start_step + 1 if start_step else None,
-            filename_suffix=f".from-step-{start_step}",
+            str(tensorboard_dir), purge_step=start_step + 1, filename_suffix=f".from-step-{start_step}"
         )
         self.total_steps = total_steps
         self.interval_s = interval_s

@@ -31,7 +31,7 @@ from trainer.checkpoint import (
     STATE_FILE,
     committed_checkpoint,
     committed_steps,
-    remove_uncommitted_checkpoints,
+    remove_unused_checkpoints,
     set_aside_unusable_run_state,
 )
 from trainer.class_images import ensure_class_images
@@ -187,6 +187,9 @@ def run_training(
         raise
 
 
+WORKER_GROUP_STARTS = 3  # tries Ray Train has to start the workers, over a run (its "controller failures")
+
+
 def _train(
     spec: JobSpec, paths: JobPaths, events: EventLog, placement_timeout_s: float, fail_once_at_steps: tuple[int, ...]
 ) -> Path:
@@ -213,18 +216,18 @@ def _train(
     if fail_once_at_steps:
         config["fail_once_at_steps"] = list(fail_once_at_steps)
 
-    if (aside := set_aside_unusable_run_state(paths.checkpoints_dir)) is not None:
+    if (aside := set_aside_unusable_run_state(paths.checkpoints_dir, paths.events_file)) is not None:
         # The record is lost, not the checkpoints: the job's events name the newest one Ray committed.
         resume_from = committed_checkpoint(paths.events_file)
         config["resume_from"] = str(resume_from) if resume_from else None
         print(f"warning: Ray's record of this run's checkpoints was unusable ({aside}): resuming from {resume_from}")
-    if removed := remove_uncommitted_checkpoints(paths.checkpoints_dir, paths.events_file):
-        print(f"removed the checkpoints of steps {removed}, which were never committed")
+    if removed := remove_unused_checkpoints(paths.checkpoints_dir, paths.events_file):
+        print(f"removed the checkpoints of steps {removed}, which no run resumes from")
     events.emit("state", state="TRAINING")
-    # Ray Train waits this long for its workers' placement group each time it starts them, and (the failure limit
-    # below) fails the run the first time it times out, rather than retrying for ever. Read from the driver's
-    # environment when the run starts.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s)
+    # Ray Train tries to start its workers up to WORKER_GROUP_STARTS times (a start that failed, a node lost while
+    # the workers came up, is worth another), each waiting its share of the placement timeout for their placement
+    # group, rather than retrying for ever. Read from the driver's environment when the run starts.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s / WORKER_GROUP_STARTS)
     try:
         result = _trainer(spec, paths, config).fit()
     except ray.train.ControllerError as e:
@@ -255,7 +258,9 @@ def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
         run_config=ray.train.RunConfig(
             name=paths.ray_run_name,
             storage_path=str(paths.job_dir),
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
+            failure_config=ray.train.FailureConfig(
+                max_failures=spec.max_failures, controller_failure_limit=WORKER_GROUP_STARTS - 1
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
             # Set before a worker imports this package: DeepSpeed picks its accelerator when first imported, and a
             # CPU job on a node with GPUs would otherwise move its model onto a GPU that Ray never gave it. (The

@@ -117,13 +117,17 @@ class JobSpec:
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
-    def describe_workers(self) -> str:
-        """E.g. "2 workers, 8 CPUs and 1 GPU each, STRICT_PACK"."""
+    def worker_share(self) -> str:
+        """What one worker asks Ray for, e.g. "8 CPUs and 1 GPU"."""
         share = f"{self.cpus_per_worker:g} CPU{'' if self.cpus_per_worker == 1 else 's'}"
         if self.use_gpu:
             share += f" and {self.gpus_per_worker:g} GPU{'' if self.gpus_per_worker == 1 else 's'}"
+        return share
+
+    def describe_workers(self) -> str:
+        """E.g. "2 workers, 8 CPUs and 1 GPU each, STRICT_PACK"."""
         count = f"{self.num_workers} worker{'' if self.num_workers == 1 else 's'}"
-        return f"{count}, {share} each, {self.placement_strategy}"
+        return f"{count}, {self.worker_share()} each, {self.placement_strategy}"
 
     def validates_at(self, step: int) -> bool:
         """Whether training draws the validation grid after optimizer step `step` (1-based)."""
@@ -171,9 +175,12 @@ class JobSpec:
     # --- validation ---------------------------------------------------------------------------------------
 
     def _names_identifier(self, prompt: str) -> bool:
-        """Whether `prompt` has the identifier as a word ("sks dog", "Sks, a dog"; not "sksdog"), in any case: CLIP's
-        tokenizer lowercases, so "Sks" is the identifier's token."""
-        return re.search(rf"(?<!\w){re.escape(self.identifier)}(?!\w)", prompt, re.IGNORECASE) is not None
+        """Whether `prompt` has the identifier's tokens as CLIP reads it: in any case (its tokenizer lowercases:
+        "Sks"), as a run of letters of its own ("sks dog", "sks_style", "sks2"; not "sksdog"). CLIP splits letters
+        from digits and from every other character, and takes each digit alone."""
+        left = r"(?<![^\W\d_])" if self.identifier[0].isalpha() else ""  # not after a letter
+        right = r"(?![^\W\d_])" if self.identifier[-1].isalpha() else ""  # nor before one
+        return re.search(left + re.escape(self.identifier) + right, prompt, re.IGNORECASE) is not None
 
     def validate(self) -> None:
         """Raise InputError naming the first field that is wrong and what to fix."""
