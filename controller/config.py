@@ -70,10 +70,11 @@ class ControllerConfig:
     Counted from when it left the controller's queue, over every attempt, waiting on the cluster for its workers
     included; an exporting job is let finish. None: no limit."""
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S
-    """How long a started job's workers may wait for Ray to place them (its class-image actors, its training workers,
-    also when they restart after a failure) before it fails (PLACEMENT_TIMEOUT): the scheduler counts the cluster's
-    totals, and a worker bigger than any node, a placement strategy the nodes cannot meet, or work outside this
-    controller holding the resources would keep it waiting, with no sign, until max_job_run_s. Long enough for an
+    """How long a started job's workers may wait for Ray to place them before it fails (PLACEMENT_TIMEOUT): its
+    class-image actors get all of it (placed and the base model loaded); Ray Train gets 3 starts of its workers of a
+    third each, counted over the run (a restart after a worker failure gets those left). The scheduler counts the
+    cluster's totals, and a worker bigger than any node, a placement strategy the nodes cannot meet, or work outside
+    this controller holding the resources would keep it waiting, with no sign, until max_job_run_s. Long enough for an
     autoscaler to add nodes."""
     max_request_bytes: int = 80 * 1024 * 1024
     max_submits_per_tenant: int = 16

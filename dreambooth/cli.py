@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreambooth import stack
-from dreambooth.errors import InputError
+from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -157,8 +157,9 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--priority", type=int, default=0, help="higher runs first among your queued jobs, -1000..1000")
     submit.add_argument(
         "--request-id",
-        help="idempotency key: submitting again with the same one (after a timeout, say) returns the job the first "
-        "submission queued instead of queueing another (default: a new one each time)",
+        help="idempotency key: submitting the same request again with it (after a timeout, say) returns the job the "
+        "first submission queued instead of queueing another; another spec, priority or photos under a used key is "
+        "refused (default: a new one each time)",
     )
     submit.add_argument("--watch", action="store_true", help="then follow it, like `dreambooth watch`")
     submit.add_argument(
@@ -603,7 +604,11 @@ def _check_cluster_fits(spec, started_here: bool) -> None:
         message = f"the job needs {short.needs} and the Ray cluster has {short.available:g}{short.hint}"
         if started_here:
             raise InputError(short.field, message)
-        print(f"warning: {short.field}: {message}; the job waits until the cluster has them", file=sys.stderr)
+        print(
+            f"warning: {short.field}: {message}; the job fails unless the cluster has them within "
+            f"{PLACEMENT_TIMEOUT_S / 60:g} min",
+            file=sys.stderr,
+        )
 
 
 def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> None:

@@ -6,7 +6,8 @@
             print(update.job.state, update.job.progress.step)
 
 Calls return the generated messages (dreambooth.v1.jobs_pb2.Job, models_pb2.Model); every gRPC error surfaces
-as a ClientError carrying the status code's name and the server's message. The spec is checked here with the
+as a ClientError carrying the status code's name, the server's message and what its details say (the field to
+fix, the reason for a refusal, how long to wait before a retry). The spec is checked here with the
 trainer's own JobSpec before anything is sent, so a typo fails without a round trip.
 """
 
@@ -185,8 +186,9 @@ class DreamBoothClient:
     ) -> jobs_pb2.Job:
         """Queue a job. `spec`: a JobSpec, a dict of its fields, or a YAML/JSON file (relative paths in it are
         relative to the file). The instance images are read here and sent as bytes; with upload=False only
-        their absolute paths are sent, for a cluster that shares this machine's storage. `request_id`: a retry
-        with the same id (after a timeout, say) returns the job the first call queued instead of a second one."""
+        their absolute paths are sent, for a cluster that shares this machine's storage. `request_id`: a retry of
+        the same request with it (after a timeout, say) returns the job the first call queued instead of a second
+        one; another spec, priority or photos under a used id is refused (ClientError INVALID_ARGUMENT)."""
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:  # before reading the photos
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
         fields = _spec_fields(spec)

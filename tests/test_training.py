@@ -224,7 +224,7 @@ def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting
         if phase == "training":
             spec = dataclasses.replace(spec, num_class_images=0)
         paths = job_paths(storage, f"unplaceable-{phase.replace(' ', '-')}")
-        with pytest.raises(PlacementTimeout, match=r"\(1 worker, 2\.5 CPUs each, PACK\),? within 3 s") as error:
+        with pytest.raises(PlacementTimeout, match=r"2\.5 CPUs each.* within 3 s") as error:
             run_training(spec, paths, placement_timeout_s=3)
         assert ("class-image actors" in str(error.value)) == (phase == "class images")
         failed = [e for e in read_events(paths.events_file) if e["type"] == "state"][-1]

@@ -47,13 +47,17 @@ class JobSpec:
     instance_prompt: str
     """Prompt naming the subject with its identifier, e.g. "a photo of sks dog"."""
     identifier: str = "sks"
-    """The rare token that stands for the subject; it must appear in `instance_prompt` as a word."""
+    """The rare token that stands for the subject; it must appear in `instance_prompt` as CLIP reads it (any case,
+    not inside a longer run of letters: 'sks dog', 'Sks', 'sks_style' count, 'sksdog' does not), and not in
+    `class_prompt`."""
 
     # Class-prior preservation (DreamBooth paper, section 3.3). num_class_images=0 turns it off.
     class_prompt: str = ""
     """Prompt for the subject's class, e.g. "a photo of dog"; required when num_class_images > 0."""
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    """Weight of the prior-preservation loss, in (0, 100] while num_class_images > 0 (num_class_images: 0 turns
+    prior preservation off)."""
     class_image_inference_steps: int = 25
     class_image_guidance_scale: float = 7.5
 

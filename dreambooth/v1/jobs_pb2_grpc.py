@@ -93,7 +93,8 @@ class JobServiceServicer:
     """
 
     def SubmitJob(self, request, context):
-        """Queues a job. With a request_id, a retry returns the job the first call created instead of a second one.
+        """Queues a job. With a request_id, a retry of the same request returns the job the first call created instead of a
+        second one; a different request (spec, priority or photos) under that id is INVALID_ARGUMENT (request_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
