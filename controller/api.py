@@ -178,7 +178,8 @@ def _status(
         message = message.encode()[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
     details = []
     if field is not None:
-        details.append(error_details_pb2.BadRequest(field_violations=[_violation(field, message)]))
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     if reason is not None:
         details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     if retry_after_s is not None:
@@ -188,10 +189,6 @@ def _status(
     details = [_packed(detail) for detail in details]
     text = f"{field}: {message}" if field else message
     return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=text, details=details))
-
-
-def _violation(field: str, description: str) -> error_details_pb2.BadRequest.FieldViolation:
-    return error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
 
 
 def _packed(detail) -> any_pb2.Any:

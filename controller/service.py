@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -469,7 +470,7 @@ def _check_same_request(
     under the same id (two pipelines given one key) is refused rather than answered with the other's job. The
     photos are compared where the job still has them (a cancelled queued job's uploads are gone)."""
 
-    def refuse(what: str) -> None:
+    def refuse(what: str) -> NoReturn:
         raise InputError(
             "request_id",
             f"already used for job {job.job_id}, submitted with other {what}: a retry sends the same request; a new "
