@@ -28,6 +28,7 @@ from controller.errors import (
     Unauthenticated,
 )
 from controller.ray_jobs import RayJobsError
+from controller.scheduler import Waiting
 from controller.service import ImageInput, JobService
 from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
 from dreambooth.errors import InputError
@@ -248,6 +249,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._watches_by_tenant: collections.Counter[str] = collections.Counter()
         self._watches_lock = threading.Lock()
 
+    def _job(self, job: JobRecord) -> jobs_pb2.Job:
+        return job_proto(job, self.service.waiting_for(job))
+
     @rpc
     def SubmitJob(self, request, context, tenant):
         # Before one object per entry is made: an empty entry is 2 bytes, and a request may be max_request_bytes.
@@ -270,11 +274,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             metrics.SUBMISSIONS.labels(outcome="rejected").inc()
             raise
         metrics.SUBMISSIONS.labels(outcome="accepted").inc()
-        return jobs_pb2.SubmitJobResponse(job=job_proto(job))
+        return jobs_pb2.SubmitJobResponse(job=self._job(job))
 
     @rpc
     def GetJob(self, request, context, tenant):
-        return jobs_pb2.GetJobResponse(job=job_proto(self.service.get(tenant, request.job_id)))
+        return jobs_pb2.GetJobResponse(job=self._job(self.service.get(tenant, request.job_id)))
 
     @rpc
     def ListJobs(self, request, context, tenant):
@@ -283,11 +287,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         jobs, token = self.service.list(
             tenant, request.page_size, request.page_token, [state_name(s) for s in request.states]
         )
-        return jobs_pb2.ListJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token or "")
+        return jobs_pb2.ListJobsResponse(jobs=[self._job(j) for j in jobs], next_page_token=token or "")
 
     @rpc
     def CancelJob(self, request, context, tenant):
-        return jobs_pb2.CancelJobResponse(job=job_proto(self.service.cancel(tenant, request.job_id)))
+        return jobs_pb2.CancelJobResponse(job=self._job(self.service.cancel(tenant, request.job_id)))
 
     @rpc
     def DeleteJob(self, request, context, tenant):
@@ -327,7 +331,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                     # next watch at once is not refused for a stream that is over.
                     release()
                     code = grpc.StatusCode.OK
-                yield watch_proto(job, change)
+                yield watch_proto(self._job(job), change)
             return
         except Exception as e:
             code, status = _error_status(e, "WatchJob")
@@ -380,7 +384,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 # --- conversions ---------------------------------------------------------------------------------------
 
 
-def job_proto(job: JobRecord) -> jobs_pb2.Job:
+def job_proto(job: JobRecord, waiting: Waiting | None = None) -> jobs_pb2.Job:
     progress = job.progress or {}
     message = jobs_pb2.Job(
         job_id=job.job_id,
@@ -405,6 +409,8 @@ def job_proto(job: JobRecord) -> jobs_pb2.Job:
     )
     if progress.get("eta_s") is not None:
         message.progress.eta.FromMilliseconds(int(progress["eta_s"] * 1000))
+    if waiting is not None:
+        message.queued.reason, message.queued.message = waiting
     if job.failure_reason:
         message.failure.reason = job.failure_reason
         message.failure.message = job.failure_message or ""
@@ -414,10 +420,10 @@ def job_proto(job: JobRecord) -> jobs_pb2.Job:
     return message
 
 
-def watch_proto(job: JobRecord, change) -> jobs_pb2.WatchJobResponse:
-    message = jobs_pb2.WatchJobResponse(job=job_proto(job))
+def watch_proto(job: jobs_pb2.Job, change) -> jobs_pb2.WatchJobResponse:
+    message = jobs_pb2.WatchJobResponse(job=job)
     message.time.GetCurrentTime()
-    if change is None or change.kind == "state":
+    if change is None or change.kind in ("state", "queued"):
         message.state = message.job.state
     elif change.kind == "progress":
         message.progress.CopyFrom(message.job.progress)

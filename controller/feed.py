@@ -13,7 +13,7 @@ from typing import Any
 class Change:
     seq: int
     job_id: str
-    kind: str  # "state" | "progress" | "checkpoint" | "validation"
+    kind: str  # "state" | "queued" (what a queued job waits for) | "progress" | "checkpoint" | "validation"
     data: dict[str, Any]
 
 

@@ -23,7 +23,7 @@ from controller.config import ControllerConfig
 from controller.ended_jobs import SWEEP_S, EndedJob, EndedJobs
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus, submission_id
-from controller.scheduler import Resources, demand, jobs_to_start, training_share
+from controller.scheduler import Resources, Waiting, demand, schedule, training_share
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
@@ -128,16 +128,20 @@ class Reconciler:
 
     def _schedule(self) -> None:
         active, capacity = self.store.active_jobs(), self.capacity()
-        if capacity.cpus - sum(demand(job.spec).cpus for job in active) <= 0:
-            return  # every job needs CPUs: nothing can start, so don't read the queue
-        queued = self.store.queued_jobs(self._queued_specs)
-        if not queued:
+        if (held := sum(demand(job.spec).cpus for job in active)) >= capacity.cpus:
+            # Every job needs CPUs: nothing can start, so don't read the queue (a burst of submissions would make
+            # each pass read it all).
+            full = f"no CPU free: training may use {capacity.cpus:g}, the running jobs hold {held:g}"
+            self.service.set_waiting({}, Waiting("WAITING_FOR_RESOURCES", full))
             return
+        queued = self.store.queued_jobs(self._queued_specs)
         limits = self.service.running_limits()
         last_started = dict(self._last_started)
         for job in active:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
-        for job in jobs_to_start(queued, active, capacity, limits, last_started):
+        plan = schedule(queued, active, capacity, limits, last_started)
+        self.service.set_waiting(plan.waiting)
+        for job in plan.starting:
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
             # submitted again as the next attempt).

@@ -62,14 +62,27 @@ def training_share(total: Resources, serving: Any | None) -> Resources:
     return Resources(max(total.cpus, 0.0), max(total.gpus, 0.0))
 
 
-def jobs_to_start(
+class Waiting(NamedTuple):
+    """Why a queued job does not start (the Job message's `queued`)."""
+
+    reason: str  # TENANT_LIMIT | WAITING_FOR_RESOURCES | BEHIND_OTHER_JOB | BIGGER_THAN_CLUSTER
+    message: str
+
+
+class Schedule(NamedTuple):
+    starting: list  # the queued jobs that start now, in that order
+    waiting: dict[str, Waiting]  # job_id -> why, for each of the others
+
+
+def schedule(
     queued: list,
     active: list,
     capacity: Resources,
     running_limits: dict[str, int],
     last_started: dict[str, float] | None = None,
-) -> list:
-    """Queued jobs that start now. `queued`: each tenant's jobs in its order (priority, then submission).
+) -> Schedule:
+    """Which queued jobs start now, and what each of the others waits for. `queued`: each tenant's jobs in its
+    order (priority, then submission).
 
     Tenants take turns: the next job is the first of the tenant holding the least of the cluster (its dominant
     share: the larger of its fractions of the CPUs and of the GPUs); among equals, the tenant that started a job
@@ -88,20 +101,26 @@ def jobs_to_start(
         held[job.tenant] = held[job.tenant] + demand(job.spec)
         running[job.tenant] += 1
     lines: dict[str, deque] = defaultdict(deque)  # tenant -> its jobs that fit the cluster, (queue position, job)
+    waiting: dict[str, Waiting] = {}
     for position, job in enumerate(queued):
         if demand(job.spec).fits_in(capacity):
             lines[job.tenant].append((position, job))
+        else:
+            needs = _needs(demand(job.spec), capacity, "more than the {} training may hold in the cluster")
+            waiting[job.job_id] = Waiting("BIGGER_THAN_CLUSTER", f"{needs}: it starts once the cluster grows")
     last = dict(last_started or {})
 
     def turn(tenant: str) -> tuple:  # the smallest goes next
         return (_dominant_share(held[tenant], capacity), last.get(tenant, -math.inf), lines[tenant][0][0])
 
-    starting = []
-    while waiting := [t for t, line in lines.items() if line and running[t] < running_limits.get(t, 1)]:
-        tenant = min(waiting, key=turn)
+    starting, blocked = [], None
+    while in_turn := [t for t, line in lines.items() if line and running[t] < running_limits.get(t, 1)]:
+        tenant = min(in_turn, key=turn)
         job = lines[tenant][0][1]
         need = demand(job.spec)
         if not need.fits_in(free):
+            blocked = job
+            waiting[job.job_id] = Waiting("WAITING_FOR_RESOURCES", f"next to start; {_needs(need, free, '{} free')}")
             break
         lines[tenant].popleft()
         starting.append(job)
@@ -109,7 +128,32 @@ def jobs_to_start(
         held[tenant] = held[tenant] + need
         running[tenant] += 1
         last[tenant] = math.inf  # started now: after every tenant that did not
-    return starting
+    for tenant, line in lines.items():
+        limit = running_limits.get(tenant, 1)
+        for _, job in line:
+            if job is blocked:
+                continue
+            if running[tenant] >= limit:
+                runs = f"{running[tenant]} job{'' if running[tenant] == 1 else 's'}"
+                waiting[job.job_id] = Waiting(
+                    "TENANT_LIMIT",
+                    f"its tenant runs {runs}, its max_running_jobs ({limit}): it starts once one ends"
+                    if limit
+                    else "its tenant's max_running_jobs is 0: it starts once that is raised",
+                )
+            elif job is not line[0][1]:
+                first = line[0][1].job_id
+                waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", f"behind its tenant's job {first} (priority, age)")
+            else:
+                waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", f"behind job {blocked.job_id}, next to start")
+    return Schedule(starting, waiting)
+
+
+def _needs(need: Resources, there: Resources, available: str) -> str:
+    """E.g. 'needs 2 GPUs (num_workers x gpus_per_worker), 1 free' (`available`: '{} free')."""
+    return "; ".join(
+        f"needs {s.needs}, {available.format(f'{max(s.available, 0):g}')}" for s in shortfalls(need, there)
+    )
 
 
 def _dominant_share(held: Resources, capacity: Resources) -> float:

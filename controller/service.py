@@ -40,7 +40,7 @@ from controller.errors import (
 )
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
-from controller.scheduler import Resources, demand, shortfalls, training_share
+from controller.scheduler import Resources, Waiting, demand, shortfalls, training_share
 from controller.serving import ServingSync
 from controller.store import (
     RUNNING_STATES,
@@ -102,10 +102,28 @@ class JobService:
         # Deploys, undeploys and deletions of models, one at a time (see delete_model). They are rare, and a model's
         # files (a few dozen) go in a moment.
         self._model_changes = threading.Lock()
+        # What the reconciler's last scheduling pass found each queued job waits for (Job.queued), and what the jobs
+        # it did not read wait for: derived each pass, not stored. Replaced whole, by the reconciler's thread only.
+        self._waiting: tuple[dict[str, Waiting], Waiting | None] = ({}, None)
 
     def running_limits(self) -> dict[str, int]:
         """Tenant -> how many of its jobs may run at once."""
         return {name: tenant.max_running_jobs for name, tenant in self.tenants.items()}
+
+    def set_waiting(self, waiting: dict[str, Waiting], others: Waiting | None = None) -> None:
+        """What the last scheduling pass found queued jobs wait for (job_id -> why; `others`: the jobs it did not
+        read). Each job whose wait changed is published, for its watchers."""
+        (before, before_others), self._waiting = self._waiting, (waiting, others)
+        for job_id in waiting.keys() | (before.keys() if others else set()):
+            if waiting.get(job_id, others) != before.get(job_id, before_others):
+                self.feed.publish(job_id, "queued")
+
+    def waiting_for(self, job: JobRecord) -> Waiting | None:
+        """Why `job` has not started, while it is QUEUED (None before a scheduling pass saw it)."""
+        if job.state != "QUEUED":
+            return None
+        waiting, others = self._waiting
+        return waiting.get(job.job_id, others)
 
     # --- jobs ------------------------------------------------------------------------------------------
 

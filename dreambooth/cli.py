@@ -372,7 +372,7 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
     try:
         for update in client.watch(job_id):
             previous, job = job, update.job
-            if previous is None or previous.state != job.state:
+            if previous is None or (previous.state, previous.queued) != (job.state, job.queued):
                 tqdm.write(_state_line(job), file=sys.stderr)
             p = job.progress
             if p.class_images_total:
@@ -395,18 +395,12 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
 
 
 def _state_line(job: jobs_pb2.Job) -> str:
-    """A job's new state, and while it is queued what it waits for (a job the cluster cannot fit waits on)."""
+    """A job's new state, and while it is queued what it waits for (the controller says)."""
     from dreambooth.proto_convert import state_name
-    from dreambooth.v1 import jobs_pb2
 
     line = f"[{state_name(job.state)}]"
-    if job.state == jobs_pb2.STATE_QUEUED:
-        workers, spec = job.spec.num_workers or 1, job.spec
-        needs = f"{workers * spec.cpus_per_worker:g} CPUs" + (
-            f" and {workers * spec.gpus_per_worker:g} GPUs" if spec.gpus_per_worker else ""
-        )
-        line += f" until {needs} are free for its {workers} worker{'s' if workers > 1 else ''}"
-        line += " (and, where tenants are configured, its tenant's max_running_jobs allows)"
+    if job.HasField("queued"):
+        line += f" {job.queued.message}"
     return line
 
 

@@ -533,16 +533,11 @@ def test_cli_submit_and_watch(cli, job_yaml, controller):
 def test_a_queued_job_says_what_it_waits_for():
     from dreambooth.cli import _state_line
 
-    queued = _job("job-9", S.STATE_QUEUED, spec=S.TrainingSpec(num_workers=2, cpus_per_worker=4, gpus_per_worker=1))
-    assert _state_line(queued) == (
-        "[QUEUED] until 8 CPUs and 2 GPUs are free for its 2 workers"
-        " (and, where tenants are configured, its tenant's max_running_jobs allows)"
+    why = S.Queued(reason="WAITING_FOR_RESOURCES", message="next to start; needs 2 GPUs (...), 1 free")
+    assert (
+        _state_line(_job("job-9", S.STATE_QUEUED, queued=why)) == "[QUEUED] next to start; needs 2 GPUs (...), 1 free"
     )
-    queued.spec.num_workers, queued.spec.gpus_per_worker = 1, 0
-    assert _state_line(queued) == (
-        "[QUEUED] until 4 CPUs are free for its 1 worker"
-        " (and, where tenants are configured, its tenant's max_running_jobs allows)"
-    )
+    assert _state_line(_job("job-9", S.STATE_QUEUED)) == "[QUEUED]"  # before the controller's first pass saw it
     assert _state_line(_job("job-9", S.STATE_TRAINING)) == "[TRAINING]"
 
 

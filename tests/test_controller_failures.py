@@ -27,7 +27,7 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
-from controller.scheduler import Resources
+from controller.scheduler import Resources, Waiting
 from controller.server import start
 from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
@@ -478,6 +478,15 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
         with pytest.raises(RayJobsError):  # Ray is down: the started job's submission fails (it is retried later)
             reconciler._schedule()
         assert [store.get_job(j.job_id).state for j in (*alices, bobs)] == ["PREPARING", "QUEUED", "QUEUED"]
+        assert [service.waiting_for(store.get_job(j.job_id)).reason for j in (alices[1], bobs)] == [
+            "BEHIND_OTHER_JOB",  # bob's turn: alice holds the cluster
+            "WAITING_FOR_RESOURCES",  # bob's is next to start
+        ]
+        # Every CPU is held now: the next pass reads no queue, and each queued job waits for CPUs.
+        reconciler._schedule()
+        assert {service.waiting_for(store.get_job(j.job_id)) for j in (alices[1], bobs)} == {
+            Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
+        }
         store.transition(alices[0].job_id, {"PREPARING"}, "SUCCEEDED")
         with pytest.raises(RayJobsError):
             reconciler._schedule()
@@ -544,6 +553,8 @@ def test_a_watch_whose_connection_went_silent_gives_up_instead_of_hanging(contro
     rather than block for good on a job that may stay QUEUED for hours (bob's do: he may run none)."""
     with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN) as bob:
         job = bob.submit(job_spec(tiny_model, dog_images))
+        # Told what it waits for before the watch starts, so that nothing more comes.
+        next(update for update in bob.watch(job.job_id) if update.job.HasField("queued"))
     port, silenced = free_port(), threading.Event()
     with (
         forwarding(port, f"http://127.0.0.1:{controller.port}", silenced),
@@ -565,6 +576,19 @@ def test_a_watch_whose_connection_went_silent_gives_up_instead_of_hanging(contro
         waiting.join(timeout=120)  # bounds a hang; keepalive (1 + 1 s), reconnecting (3 s), connect timeouts
         assert ended, "the watch still blocks on a connection that went silent"
         assert isinstance(ended[0], ClientError) and ended[0].code == "UNAVAILABLE", ended[0]
+
+
+def test_a_queued_job_says_what_it_waits_for(controller, tiny_model, dog_images):
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        job = bob.submit(job_spec(tiny_model, dog_images))
+        # The watch's first update, or the one the controller's next scheduling pass publishes.
+        told = next(update.job.queued for update in bob.watch(job.job_id) if update.job.HasField("queued"))
+        assert (told.reason, told.message) == (
+            "TENANT_LIMIT",
+            "its tenant's max_running_jobs is 0: it starts once that is raised",
+        )
+        assert bob.get(job.job_id).queued == told and [j.queued for j in bob.list()] == [told]
+        assert not bob.cancel(job.job_id).HasField("queued")
 
 
 def test_open_watches_are_bounded_and_never_starve_other_calls(controller, tiny_model, dog_images):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
-from controller.scheduler import Resources, demand, jobs_to_start
+from controller.scheduler import Resources, Waiting, demand, schedule
 from controller.service import JobService
 from controller.store import JobRecord, Store
 
@@ -25,6 +25,10 @@ class Job:
     tenant: str
     spec: dict
     name: str = field(default_factory=lambda: f"j{next(_ids)}")
+
+    @property
+    def job_id(self) -> str:
+        return self.name
 
 
 def job(tenant: str = "a", cpus: float = 1.0, gpus: float = 0.0, workers: int = 1, name: str | None = None) -> Job:
@@ -63,21 +67,21 @@ def test_resources_fit_with_float_tolerance():
 
 def test_jobs_start_in_queue_order_while_they_fit():
     queue = [job(cpus=3, name="first"), job(cpus=3, name="second"), job(cpus=3, name="third")]
-    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["first", "second"]
+    assert names(schedule(queue, [], CPUS, NO_LIMITS).starting) == ["first", "second"]
 
 
 def test_nothing_queued_or_no_capacity_starts_nothing():
-    assert jobs_to_start([], [], CPUS, NO_LIMITS) == []
-    assert jobs_to_start([job()], [], Resources(0, 0), NO_LIMITS) == []
+    assert schedule([], [], CPUS, NO_LIMITS).starting == []
+    assert schedule([job()], [], Resources(0, 0), NO_LIMITS).starting == []
 
 
 def test_a_big_job_that_does_not_fit_now_is_not_overtaken_by_smaller_ones():
     """Strict order: no backfilling past the first job that fits the cluster but not the free capacity."""
     running = [job(tenant="b", cpus=6)]
     queue = [job(cpus=4, name="big"), job(cpus=1, name="small"), job(cpus=1, name="tiny")]
-    assert jobs_to_start(queue, running, CPUS, NO_LIMITS) == []
+    assert schedule(queue, running, CPUS, NO_LIMITS).starting == []
     # Once the running job is gone the big one goes first, and the small one fits beside it.
-    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["big", "small", "tiny"]
+    assert names(schedule(queue, [], CPUS, NO_LIMITS).starting) == ["big", "small", "tiny"]
 
 
 def test_a_job_bigger_than_the_whole_cluster_waits_aside_without_blocking():
@@ -86,9 +90,9 @@ def test_a_job_bigger_than_the_whole_cluster_waits_aside_without_blocking():
         job(cpus=2, gpus=1, name="needs-a-gpu"),  # a CPU-only cluster never fits it either
         job(cpus=2, name="fits"),
     ]
-    assert names(jobs_to_start(queue, [], CPUS, NO_LIMITS)) == ["fits"]
+    assert names(schedule(queue, [], CPUS, NO_LIMITS).starting) == ["fits"]
     # The cluster grows: the big job starts, first in line again.
-    assert names(jobs_to_start(queue, [], Resources(16, 1), NO_LIMITS)) == ["too-big", "needs-a-gpu", "fits"]
+    assert names(schedule(queue, [], Resources(16, 1), NO_LIMITS).starting) == ["too-big", "needs-a-gpu", "fits"]
 
 
 def test_gpus_and_cpus_are_accounted_separately():
@@ -96,12 +100,14 @@ def test_gpus_and_cpus_are_accounted_separately():
     queue = [job(cpus=1, gpus=1, name="g1"), job(cpus=1, gpus=1, name="g2"), job(cpus=1, gpus=1, name="g3")]
     # Plenty of CPUs, but two GPUs: the third GPU job waits, and blocks the CPU-only job behind it.
     cpu_only = job(cpus=1, gpus=0, name="cpu-only")
-    assert names(jobs_to_start([*queue, cpu_only], [], cluster, NO_LIMITS)) == ["g1", "g2"]
+    assert names(schedule([*queue, cpu_only], [], cluster, NO_LIMITS).starting) == ["g1", "g2"]
     # Plenty of GPUs, but the CPUs run out first.
-    assert names(jobs_to_start([job(cpus=8, gpus=1, name="x"), job(cpus=9, gpus=0)], [], cluster, NO_LIMITS)) == ["x"]
+    assert names(schedule([job(cpus=8, gpus=1, name="x"), job(cpus=9, gpus=0)], [], cluster, NO_LIMITS).starting) == [
+        "x"
+    ]
     # Fractional GPUs add up.
     halves = [job(cpus=1, gpus=0.5, workers=2, name=f"h{i}") for i in range(3)]
-    assert names(jobs_to_start(halves, [], cluster, NO_LIMITS)) == ["h0", "h1"]
+    assert names(schedule(halves, [], cluster, NO_LIMITS).starting) == ["h0", "h1"]
 
 
 def test_active_jobs_hold_their_capacity():
@@ -109,14 +115,14 @@ def test_active_jobs_hold_their_capacity():
     active = [job(tenant="b", cpus=2, gpus=1, workers=2)]  # 4 CPUs, 2 GPUs
     queue = [job(cpus=1, gpus=1, name="gpu"), job(cpus=4, name="cpu")]
     # No GPU is free: the GPU job fits the cluster, so it waits in line and holds up the CPU job behind it.
-    assert jobs_to_start(queue, active, cluster, NO_LIMITS) == []
-    assert names(jobs_to_start(queue[1:], active, cluster, NO_LIMITS)) == ["cpu"]
-    assert jobs_to_start([job(cpus=5)], active, cluster, NO_LIMITS) == []
+    assert schedule(queue, active, cluster, NO_LIMITS).starting == []
+    assert names(schedule(queue[1:], active, cluster, NO_LIMITS).starting) == ["cpu"]
+    assert schedule([job(cpus=5)], active, cluster, NO_LIMITS).starting == []
 
 
 def test_a_cluster_that_shrank_below_its_active_jobs_starts_nothing():
     active = [job(tenant="b", cpus=8)]
-    assert jobs_to_start([job(cpus=1), job(cpus=0.5)], active, Resources(4, 0), NO_LIMITS) == []
+    assert schedule([job(cpus=1), job(cpus=0.5)], active, Resources(4, 0), NO_LIMITS).starting == []
 
 
 # --- tenants' limits -------------------------------------------------------------------------------------
@@ -125,30 +131,66 @@ def test_a_cluster_that_shrank_below_its_active_jobs_starts_nothing():
 def test_a_tenant_at_its_limit_waits_without_holding_up_other_tenants():
     active = [job(tenant="a"), job(tenant="a")]
     queue = [job(tenant="a", name="a3"), job(tenant="b", name="b1"), job(tenant="a", name="a4")]
-    assert names(jobs_to_start(queue, active, CPUS, {"a": 2, "b": 2})) == ["b1"]
-    assert names(jobs_to_start(queue, active, CPUS, {"a": 3, "b": 2})) == ["b1", "a3"]  # b holds less: first
+    assert names(schedule(queue, active, CPUS, {"a": 2, "b": 2}).starting) == ["b1"]
+    assert names(schedule(queue, active, CPUS, {"a": 3, "b": 2}).starting) == ["b1", "a3"]  # b holds less: first
 
 
 def test_the_limit_counts_jobs_starting_in_the_same_pass():
     queue = [job(tenant="a", name=f"a{i}") for i in range(4)] + [job(tenant="b", name="b0")]
-    assert names(jobs_to_start(queue, [], CPUS, {"a": 2, "b": 5})) == ["a0", "b0", "a1"]
+    assert names(schedule(queue, [], CPUS, {"a": 2, "b": 5}).starting) == ["a0", "b0", "a1"]
 
 
 def test_a_skipped_tenants_job_does_not_block_the_queue_even_when_it_would_not_fit():
     """A job skipped for its tenant's limit is not 'the first that does not fit': jobs behind it start."""
     active = [job(tenant="a", cpus=4)]
     queue = [job(tenant="a", cpus=8, name="a-big"), job(tenant="b", cpus=4, name="b")]
-    assert names(jobs_to_start(queue, active, CPUS, {"a": 1, "b": 1})) == ["b"]
+    assert names(schedule(queue, active, CPUS, {"a": 1, "b": 1}).starting) == ["b"]
 
 
 def test_a_tenant_without_a_configured_limit_runs_one_job_at_a_time():
     queue = [job(tenant="stranger", name="s1"), job(tenant="stranger", name="s2")]
-    assert names(jobs_to_start(queue, [], CPUS, {})) == ["s1"]
-    assert jobs_to_start(queue, [job(tenant="stranger")], CPUS, {}) == []
+    assert names(schedule(queue, [], CPUS, {}).starting) == ["s1"]
+    assert schedule(queue, [job(tenant="stranger")], CPUS, {}).starting == []
 
 
 def test_a_limit_of_zero_never_starts_the_tenants_jobs():
-    assert names(jobs_to_start([job(tenant="a"), job(tenant="b", name="b")], [], CPUS, {"a": 0, "b": 1})) == ["b"]
+    assert names(schedule([job(tenant="a"), job(tenant="b", name="b")], [], CPUS, {"a": 0, "b": 1}).starting) == ["b"]
+
+
+# --- what queued jobs wait for ---------------------------------------------------------------------------
+
+
+def test_each_job_that_does_not_start_says_what_it_waits_for():
+    cluster = Resources(cpus=8, gpus=2)
+    active = [job(tenant="b", gpus=1, workers=2, name="b-running")]  # both GPUs
+    queue = [
+        job(tenant="a", gpus=1, name="a-gpu"),
+        job(tenant="a", name="a-cpu"),
+        job(tenant="b", name="b-next"),
+        job(tenant="c", name="c-cpu"),
+        job(tenant="c", gpus=1, workers=3, name="c-huge"),
+    ]
+    plan = schedule(queue, active, cluster, {"a": 2, "b": 1, "c": 2})
+    assert plan.starting == []
+    assert plan.waiting == {
+        "a-gpu": Waiting("WAITING_FOR_RESOURCES", "next to start; needs 1 GPU (num_workers x gpus_per_worker), 0 free"),
+        "a-cpu": Waiting("BEHIND_OTHER_JOB", "behind its tenant's job a-gpu (priority, age)"),
+        "b-next": Waiting("TENANT_LIMIT", "its tenant runs 1 job, its max_running_jobs (1): it starts once one ends"),
+        "c-cpu": Waiting("BEHIND_OTHER_JOB", "behind job a-gpu, next to start"),
+        "c-huge": Waiting(
+            "BIGGER_THAN_CLUSTER",
+            "needs 3 GPUs (num_workers x gpus_per_worker), more than the 2 training may hold in the cluster: "
+            "it starts once the cluster grows",
+        ),
+    }
+    # The GPUs are free: a's jobs start, b's waits for its tenant's limit still, c's first starts and its second
+    # still waits for the cluster to grow.
+    plan = schedule(queue, [job(tenant="b")], cluster, {"a": 2, "b": 1, "c": 2})
+    assert names(plan.starting) == ["a-gpu", "c-cpu", "a-cpu"]
+    assert {name: why.reason for name, why in plan.waiting.items()} == {
+        "b-next": "TENANT_LIMIT",
+        "c-huge": "BIGGER_THAN_CLUSTER",
+    }
 
 
 # --- tenants' turns -------------------------------------------------------------------------------------
@@ -163,12 +205,12 @@ def test_the_tenant_holding_the_least_of_the_cluster_goes_next():
         job(tenant="b", name="b2"),
     ]
     # b holds 1 CPU of 8, a 4: b's two jobs go first (b then holds 3), a's one fits after them.
-    assert names(jobs_to_start(queue, active, CPUS, NO_LIMITS)) == ["b1", "b2", "a1"]
+    assert names(schedule(queue, active, CPUS, NO_LIMITS).starting) == ["b1", "b2", "a1"]
     # The share is the larger of a tenant's CPU and GPU fractions: one GPU of two outweighs 3 CPUs of 16.
     cluster = Resources(cpus=16, gpus=2)
     active = [job(tenant="a", cpus=1, gpus=1), job(tenant="b", cpus=3)]
     queue = [job(tenant="a", name="a1"), job(tenant="b", name="b1")]
-    assert names(jobs_to_start(queue, active, cluster, NO_LIMITS))[0] == "b1"
+    assert names(schedule(queue, active, cluster, NO_LIMITS).starting)[0] == "b1"
 
 
 def test_a_tenants_priorities_and_big_jobs_do_not_keep_others_waiting():
@@ -179,12 +221,12 @@ def test_a_tenants_priorities_and_big_jobs_do_not_keep_others_waiting():
         job(tenant="b", gpus=1, name="b1"),
     ]
     # a's first job holds every GPU: nothing starts beside it.
-    assert jobs_to_start(queue[1:], [queue[0]], cluster, NO_LIMITS) == []
+    assert schedule(queue[1:], [queue[0]], cluster, NO_LIMITS).starting == []
     # It ended: both hold nothing now, and b, which has not started a job since, goes first. a's next job does not
     # fit beside it and waits (it is next once b's job is done), rather than letting a hold the cluster again.
-    assert names(jobs_to_start(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0})) == ["b1"]
+    assert names(schedule(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0}).starting) == ["b1"]
     # Had b started more recently than a, a would have gone first.
-    assert names(jobs_to_start(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0, "b": 200.0})) == ["a1"]
+    assert names(schedule(queue[1:], [], cluster, NO_LIMITS, last_started={"a": 100.0, "b": 200.0}).starting) == ["a1"]
 
 
 # --- priorities, through the store's queue order ---------------------------------------------------------
@@ -201,11 +243,11 @@ def test_higher_priority_starts_first_then_oldest_first(tmp_path):
             )
         queued = store.queued_jobs()
         assert [j.job_id for j in queued] == ["job-1", "job-3", "job-0", "job-4", "job-2"]
-        started = jobs_to_start(queued, [], Resources(cpus=6, gpus=0), {"a": 10})
+        started = schedule(queued, [], Resources(cpus=6, gpus=0), {"a": 10}).starting
         assert [j.job_id for j in started] == ["job-1", "job-3", "job-0"]
         # A high-priority job too big for the free capacity holds up the lower-priority ones (no starvation).
         store.insert_job(JobRecord(tenant="a", spec={**spec, "cpus_per_worker": 6.0}, job_id="job-urgent", priority=99))
-        started = jobs_to_start(store.queued_jobs(), [JobRecord(tenant="b", spec=spec)], Resources(6, 0), {"a": 10})
+        started = schedule(store.queued_jobs(), [JobRecord(tenant="b", spec=spec)], Resources(6, 0), {"a": 10}).starting
         assert started == []
     finally:
         store.close()
@@ -218,7 +260,7 @@ def test_without_tenants_the_local_user_runs_as_many_jobs_as_the_cluster_fits(tm
     try:
         service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed())
         queued = [job("default", gpus=1.0) for _ in range(4)]
-        assert len(jobs_to_start(queued, [], Resources(cpus=32, gpus=8), service.running_limits())) == 4
+        assert len(schedule(queued, [], Resources(cpus=32, gpus=8), service.running_limits()).starting) == 4
     finally:
         store.close()
 
@@ -243,7 +285,10 @@ _jobs = st.builds(
     limits=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 4)),
 )
 def test_property_never_overcommits_never_exceeds_limits_and_keeps_each_tenants_order(queued, active, capacity, limits):
-    started = jobs_to_start(queued, active, capacity, limits)
+    plan = schedule(queued, active, capacity, limits)
+    started = plan.starting
+    # Every job that does not start says why.
+    assert plan.waiting.keys() == {q.job_id for q in queued} - {s.job_id for s in started}
 
     # Each job at most once; each tenant's started jobs are the first of its jobs that fit the cluster at all.
     assert len({id(s) for s in started}) == len(started)
