@@ -167,8 +167,14 @@ class Reconciler:
         # and LOST counts as dead only once the job's events have been quiet for LOST_QUIET_S, from now on. Else a
         # restarted controller would run the next attempt beside it, and a cancel would end the job that then runs.
         events = job_paths(self.config.storage, job.job_id).events_file
-        events.parent.mkdir(parents=True, exist_ok=True)
-        events.touch()
+        try:
+            events.parent.mkdir(parents=True, exist_ok=True)
+            events.touch()
+        except OSError:
+            # Storage full, read-only or gone: nothing reached Ray, so the same attempt goes again next pass (an
+            # outage of minutes would otherwise spend every queued job's attempts on submissions never sent).
+            self._unsent.setdefault(job.ray_submission_id, True)
+            raise
         try:
             self.ray_jobs.submit(job.job_id, job.attempts)
         except RayJobsError as e:

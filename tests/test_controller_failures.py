@@ -241,7 +241,28 @@ def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run
     assert (final.state, final.failure_reason, final.attempts) == ("FAILED", "RUN_TIME_EXCEEDED", 1)
 
 
-def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand):
+def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_hand):
+    """Storage full, read-only or gone when the job starts: nothing reached Ray, and the attempt is not spent (three
+    passes during an outage of minutes failed every queued job, each after three submissions never sent)."""
+    reconciler = by_hand
+    job = reconciler.store.insert_job(
+        JobRecord("alice", {"num_workers": 1, "cpus_per_worker": 0.1, "gpus_per_worker": 0})
+    )
+    folder = job_paths(reconciler.config.storage, job.job_id).job_dir
+    folder.parent.mkdir(parents=True)
+    folder.write_text("not a folder")  # its events file cannot be made
+    for _ in range(4):  # the pass that starts it, then passes that find Ray does not know it
+        reconciler.reconcile_once()
+    started = reconciler.store.get_job(job.job_id)
+    assert (started.state, started.attempts) == ("PREPARING", 1)
+    folder.unlink()  # the storage is back: the same attempt is submitted
+    reconciler.reconcile_once()
+    submission = f"{job.job_id}-a1"
+    assert reconciler.ray_jobs.status(submission) != RayJobStatus.LOST
+    assert reconciler.store.get_job(job.job_id).attempts == 1
+    reconciler.ray_jobs.stop(submission)
+    _ended(reconciler.ray_jobs, submission)
+
     """~22 GiB per SD 1.5 job that nothing reads once its model is exported. The trainer reports SUCCEEDED as its
     driver's last act: the driver may still run then, so they go once Ray says it ended. A failed job keeps its
     (`dreambooth train --job-id` resumes it), and every job keeps the rest of its folder."""
