@@ -93,29 +93,24 @@ class EndedJobs:
         checkpoints_left = job.state == "SUCCEEDED" and paths.checkpoints_dir.exists()
         if job.swept and (paths.driver_log.exists() or not job.attempts) and not checkpoints_left:
             return True
-        ray_error: RayJobsError | None = None
         if job.attempts:
             last = submission_id(job.job_id, job.attempts)
             status = self._driver_status(job.job_id, last)
             if status is None:
                 return False
-            try:
-                # Ray knowing no such job (its head restarted; a dashboard URL of another cluster for a while) leaves
-                # nothing to keep: GetJobLogs asks Ray as before.
-                if status != RayJobStatus.LOST and not paths.driver_log.exists():
-                    text = self._ray_jobs.logs(last)
-                    with contextlib.suppress(FileNotFoundError):  # DeleteJob took its folder: Ray's records go too
-                        write_file(paths.driver_log, text)  # first: a deleted record takes its log with it
-                for attempt in range(1, job.attempts + 1):
-                    self._ray_jobs.delete(submission_id(job.job_id, attempt))
-            except RayJobsError as e:
-                ray_error = e
-        if checkpoints_left:
+        if checkpoints_left:  # first: keeping the log of a few KB may fail on the full disk they would free
             with contextlib.suppress(FileNotFoundError):  # DeleteJob took them meanwhile
                 shutil.rmtree(paths.checkpoints_dir)
                 log.info("job %s succeeded: removed its checkpoints", job.job_id)
-        if ray_error is not None:
-            raise ray_error
+        if job.attempts:
+            # Ray knowing no such job (its head restarted; a dashboard URL of another cluster for a while) leaves
+            # nothing to keep: GetJobLogs asks Ray as before.
+            if status != RayJobStatus.LOST and not paths.driver_log.exists():
+                text = self._ray_jobs.logs(last)
+                with contextlib.suppress(FileNotFoundError):  # DeleteJob took its folder: Ray's records go too
+                    write_file(paths.driver_log, text)  # first: a deleted record takes its log with it
+            for attempt in range(1, job.attempts + 1):
+                self._ray_jobs.delete(submission_id(job.job_id, attempt))
         return True
 
     def _driver_status(self, job_id: str, submission: str) -> RayJobStatus | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray.job_submission import JobSubmissionClient
 
-from controller import metrics
+from controller import ended_jobs, metrics
 from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
@@ -319,6 +320,32 @@ def test_rays_records_go_for_a_job_deleted_first_and_nothing_is_kept_of_one_ray_
     paths.job_dir.mkdir(parents=True)
     assert reconciler._ended_jobs._tidy(EndedJob(lost.job_id, "FAILED", attempts=1))
     assert not paths.driver_log.exists()
+
+
+def test_a_log_that_cannot_be_kept_holds_neither_the_checkpoints_nor_rays_record(by_hand, monkeypatch):
+    """A disk filled by an export: keeping the driver's log (KBs) fails, yet the tens of GiB of checkpoints go
+    (they waited behind it, and the disk stayed full); Ray's records stay until the log is kept."""
+    from controller.ended_jobs import EndedJob
+
+    reconciler = by_hand
+    job = training_under(reconciler, "echo a driver on a full disk")
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    paths = job_paths(reconciler.config.storage, job.job_id)
+    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+
+    def no_space(*_) -> None:
+        raise OSError(errno.ENOSPC, "disk full")
+
+    with monkeypatch.context() as full:
+        full.setattr(ended_jobs, "write_file", no_space)
+        with pytest.raises(OSError, match="disk full"):
+            reconciler._ended_jobs._tidy(EndedJob(job.job_id, "SUCCEEDED", attempts=1))
+    assert not paths.checkpoints_dir.exists()
+    assert reconciler.ray_jobs.status(job.ray_submission_id) != RayJobStatus.LOST
+    # Room again: tried again, the log is kept and the records go.
+    assert reconciler._ended_jobs._tidy(EndedJob(job.job_id, "SUCCEEDED", attempts=1))
+    assert "a driver on a full disk" in paths.driver_log.read_text()
+    assert reconciler.ray_jobs.status(job.ray_submission_id) == RayJobStatus.LOST
 
 
 def test_a_controller_stopped_before_a_removal_leaves_it_to_the_next(by_hand):
