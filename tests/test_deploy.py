@@ -6,6 +6,7 @@ No Ray cluster is started; Prometheus comes from scripts/fetch-prometheus (fetch
 from __future__ import annotations
 
 import copy
+import errno
 import glob
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -505,6 +507,36 @@ def test_a_resumed_runs_tensorboard_events_drop_the_steps_it_logs_again(tmp_path
     (resumed,) = (tmp_path / "tb").glob("events.out.tfevents.*.from-step-4")
     assert restarts(first) == [1]  # a run from the start drops what one that had no checkpoint yet logged
     assert restarts(resumed) == [5]  # TensorBoard drops the first run's steps 5 and 6
+
+
+# tensorboardX's own writer thread dies of the injected fault: that is the failure this test is about.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_tensorboard_folder_that_cannot_be_written_never_holds_training(tmp_path, monkeypatch):
+    """tensorboardX's writer thread dies on an I/O error (a full disk, a stale NFS handle) and its bounded queue then
+    blocked the training loop for good: a job hung in TRAINING, holding its GPUs, until max_job_run_s."""
+    import torch
+    from tensorboardX.event_file_writer import EventsWriter
+
+    from trainer.events import EventLog, read_events
+    from trainer.progress import ProgressReporter
+
+    def disk_full(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(EventsWriter, "flush", disk_full)
+    events = EventLog(tmp_path / "events.jsonl")
+    finished = threading.Event()
+
+    def train() -> None:
+        reporter = ProgressReporter(events, tmp_path / "tb", total_steps=2000, start_step=0, interval_s=0)
+        for step in range(1, 2001):  # each report 5 scalars
+            reporter.step(step, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0.0), lr=1e-5)
+        reporter.close()
+        finished.set()
+
+    threading.Thread(target=train, daemon=True).start()
+    assert finished.wait(timeout=120), "the training loop waits on TensorBoard's dead writer"
+    assert [e["step"] for e in read_events(events.path) if e["type"] == "progress"] == list(range(1, 2001))
 
 
 def test_train_metrics_record_without_a_ray_cluster():

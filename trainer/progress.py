@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import torch
 
 from trainer.events import EventLog
 from trainer.metrics import TrainMetrics
+
+log = logging.getLogger(__name__)
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -35,16 +40,8 @@ class ProgressReporter:
         interval_s: float = 1.0,
         metrics: TrainMetrics | None = None,
     ):
-        from tensorboardX import SummaryWriter
-
         self.events = events
-        # A restarted run logs the steps after its checkpoint (or from the first, where it had none) again: the marker
-        # at the first of them tells TensorBoard to drop what an earlier run logged from there on (else every curve
-        # runs back and draws those steps twice). Files are named by the second they were opened in; the suffix keeps
-        # a quick restart's from replacing them.
-        self.writer = SummaryWriter(
-            str(tensorboard_dir), purge_step=start_step + 1, filename_suffix=f".from-step-{start_step}"
-        )
+        self.tensorboard = TensorBoardScalars(tensorboard_dir, start_step)
         self.total_steps = total_steps
         self.interval_s = interval_s
         self.metrics = metrics
@@ -87,15 +84,73 @@ class ProgressReporter:
         }
         fields.update(peak_memory())
         self.events.emit("progress", **fields)
-        for name in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s"):
-            self.writer.add_scalar(f"train/{name}", fields[name], step)
+        self.tensorboard.add(
+            {f"train/{n}": fields[n] for n in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")}, step
+        )
         if self.metrics is not None:
             self.metrics.record_steps(step - self._window_start_step)
         self._sums, self._count = None, 0
         self._window_start_time, self._window_start_step = now, step
 
     def close(self) -> None:
-        self.writer.close()
+        self.tensorboard.close()
+
+
+class TensorBoardScalars:
+    """Scalars for TensorBoard, written by a thread of their own: the training loop never waits on them.
+    tensorboardX's writer thread dies on the first I/O error (a full disk, a stale NFS handle), and its bounded
+    queue then blocks every later caller for good: a job hung in TRAINING, holding its GPUs, until max_job_run_s.
+    Here scalars that find the queue full are dropped (the job's events file has them all), with one warning."""
+
+    QUEUED = 1000  # reports (one a second): a stall of minutes
+
+    def __init__(self, log_dir: Path, start_step: int, close_timeout_s: float = 10.0):
+        self._queue: queue.Queue[tuple[dict[str, float], int] | None] = queue.Queue(self.QUEUED)
+        self._close_timeout_s = close_timeout_s
+        self._dropping = False
+        self._thread = threading.Thread(target=self._write, args=(log_dir, start_step), name="tensorboard", daemon=True)
+        self._thread.start()
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        try:
+            self._queue.put_nowait((scalars, step))
+        except queue.Full:
+            if not self._dropping:
+                log.warning(
+                    "TensorBoard's writer is stuck (can its folder be written?): scalars from step %d on are dropped",
+                    step,
+                )
+                self._dropping = True
+
+    def close(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            return  # stuck: nothing more will be written
+        self._thread.join(self._close_timeout_s)
+
+    def _write(self, log_dir: Path, start_step: int) -> None:
+        from tensorboardX import SummaryWriter
+
+        try:
+            # A restarted run logs the steps after its checkpoint (or from the first, where it had none) again: the
+            # marker at the first of them tells TensorBoard to drop what an earlier run logged from there on (else
+            # every curve runs back and draws those steps twice). Files are named by the second they were opened
+            # in; the suffix keeps a quick restart's from replacing them.
+            writer = SummaryWriter(str(log_dir), purge_step=start_step + 1, filename_suffix=f".from-step-{start_step}")
+        except OSError as e:
+            log.warning("TensorBoard is off for this run: %s", e)
+            while self._queue.get() is not None:  # taken and dropped
+                pass
+            return
+        while (item := self._queue.get()) is not None:
+            scalars, step = item
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, step)
+        try:
+            writer.close()
+        except OSError as e:
+            log.warning("TensorBoard's last scalars may be lost: %s", e)
 
 
 def peak_memory() -> dict[str, float]:
