@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import hmac
 import logging
@@ -198,6 +199,20 @@ def _packed(detail) -> any_pb2.Any:
     return packed
 
 
+# The storage (or the database's disk) out of space or quota; the storage unwell: remounted read-only, its NFS server
+# gone, this process out of file descriptors.
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_STORAGE_DOWN = frozenset({errno.EROFS, errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ETIMEDOUT})
+
+
+def _storage_full(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in _STORAGE_FULL
+    if isinstance(error, sa.exc.OperationalError):  # SQLite's SQLITE_FULL; PostgreSQL's disk_full (53100)
+        return "database or disk is full" in str(error.orig) or getattr(error.orig, "sqlstate", None) == "53100"
+    return False
+
+
 def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.Status]:
     if isinstance(error, InputError):
         code = grpc.StatusCode.INVALID_ARGUMENT
@@ -210,6 +225,15 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
         log.warning("%s: %s", method, error)
         code = grpc.StatusCode.UNAVAILABLE
         return code, _status(code, "the cluster's Ray Jobs API is unavailable; retry in a moment")
+    if _storage_full(error):  # a retry (the SDK's, of up to 64 MiB of photos) cannot help until space is freed
+        log.error("%s: the controller's storage is full: %s", method, error)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = "the controller's storage is full: retry once an operator has freed space"
+        return code, _status(code, message, reason="STORAGE_FULL")
+    if isinstance(error, OSError) and error.errno in _STORAGE_DOWN:
+        log.error("%s: the controller's storage cannot be used: %s", method, error)
+        code = grpc.StatusCode.UNAVAILABLE
+        return code, _status(code, f"the controller's storage cannot be used now ({error.strerror}); retry later")
     # The database is down, restarting or locked, or every pooled connection is busy: worth a retry.
     if isinstance(error, sa.exc.OperationalError | sa.exc.TimeoutError | sa.exc.DisconnectionError):
         log.warning("%s: the database is unavailable: %s", method, error)

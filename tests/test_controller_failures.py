@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import os
 import socket
+import sqlite3
 import threading
 import time
 import urllib.parse
@@ -1245,6 +1246,29 @@ def test_a_database_outage_is_unavailable_not_internal():
     # Every pooled connection busy (QueuePool's timeout): INTERNAL ended SDK watches for good.
     code, _ = _error_status(sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "GetJob")
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model, dog_images, monkeypatch):
+    """A disk or quota full: RESOURCE_EXHAUSTED (STORAGE_FULL), not INTERNAL, and not UNAVAILABLE (the SDK resent up
+    to 64 MiB of photos three more times, each staged and decoded again, into a disk still full)."""
+    from controller.api import _error_status
+
+    calls = []
+
+    def no_space(*_) -> None:
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service_module, "write_file", no_space)
+    with pytest.raises(ClientError) as full:
+        client.submit(job_spec(tiny_model, dog_images))
+    assert (full.value.code, full.value.reason) == ("RESOURCE_EXHAUSTED", "STORAGE_FULL"), full.value
+    assert "storage is full" in full.value.message and len(calls) == 1
+    # The database's disk: SQLite's SQLITE_FULL; a storage remounted read-only: worth a retry later.
+    sqlite_full = sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    assert _error_status(sqlite_full, "SubmitJob")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, status = _error_status(OSError(errno.EROFS, "Read-only file system"), "SubmitJob")
+    assert code == grpc.StatusCode.UNAVAILABLE and "Read-only file system" in status.details
 
 
 def test_a_serve_api_that_does_not_answer_holds_no_reconcile_pass(tmp_path):

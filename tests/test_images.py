@@ -5,6 +5,7 @@ Every image is made with PIL in tmp_path at test time; nothing binary is committ
 
 from __future__ import annotations
 
+import errno
 import struct
 import zlib
 from pathlib import Path
@@ -144,6 +145,21 @@ def test_truncated_jpeg(tmp_path):
     message = error([cut])
     assert f"{cut}: corrupt or truncated" in message
     assert str(good) not in message
+
+
+def test_a_read_the_storage_failed_is_raised_not_blamed_on_the_photo(tmp_path, monkeypatch):
+    """An NFS server gone (EIO, ESTALE), this process out of descriptors: a resumed job failed for good as
+    INVALID_INPUT, calling photos that were fine corrupt."""
+    from trainer import images
+
+    good = photo(tmp_path / "good.jpg", (256, 256))
+
+    def storage_gone(*_args, **_kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(images.Image, "open", storage_gone)
+    with pytest.raises(OSError, match="Stale file handle"):
+        check_instance_images([good], 64)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,8 @@ class JobServiceStub:
     Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
     BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
     FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
-    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
+    database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
     ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
@@ -87,7 +88,8 @@ class JobServiceServicer:
     Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
     BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
     FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
-    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
+    database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
     ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
@@ -204,7 +206,8 @@ class JobService:
     Errors carry google.rpc details (grpc-status-details-bin) for clients to act on without reading the message:
     BadRequest on INVALID_ARGUMENT (the field to fix); ErrorInfo (domain dreambooth.v1) on RESOURCE_EXHAUSTED and
     FAILED_PRECONDITION, whose reason is one of TENANT_JOBS_LIMIT (wait for jobs to end), TENANT_CALLS_LIMIT,
-    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
+    SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
+    database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
     ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
     """
