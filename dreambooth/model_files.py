@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from dreambooth.errors import InputError
@@ -111,12 +112,40 @@ def check_base_model(path: str | os.PathLike) -> Path:
             "base_model",
             f"{str(root)!r} is not a complete diffusers-format Stable Diffusion model; missing: " + ", ".join(missing),
         )
+    if cut := _cut_short(root):
+        raise InputError(
+            "base_model", f"{str(root)!r} has weight files cut short (a copy that stopped?): " + ", ".join(cut)
+        )
     problems = _architecture_problems(root)
     if problems:
         raise InputError(
             "base_model", f"{str(root)!r} is not a text-to-image Stable Diffusion model: " + "; ".join(problems)
         )
     return root
+
+
+def _cut_short(root: Path) -> list[str]:
+    """The safetensors files to load that are shorter than their header says, or not safetensors at all: found at
+    submission from headers (KBs), not hours later when every worker fails to load them."""
+    cut = []
+    for component, stems in _WEIGHT_STEMS.items():
+        folder = root / component
+        for file in _weight_files(folder, stems, weights_variant(folder, component)):
+            if file.suffix != ".safetensors":
+                continue
+            size = file.stat().st_size
+            try:
+                with open(file, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(length)) if length <= size else {}
+                end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
+                wanted = 8 + length + end
+            except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+                cut.append(f"{component}/{file.name} (not a safetensors file)")
+                continue
+            if size < wanted:
+                cut.append(f"{component}/{file.name} ({size} of {wanted} bytes)")
+    return cut
 
 
 # Pipelines of SD 1.x/2.x's components (the img2img one is saved with the same folders and weights).

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def _fake_model(root: Path, tiny_model: Path) -> Path:
     }
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(json.dumps(content))
+        header = json.dumps(content).encode()  # a weights file's is its length, then its JSON: no tensors here
+        (root / name).write_bytes(struct.pack("<Q", len(header)) + header if name.endswith(".safetensors") else header)
     shutil.copytree(tiny_model / "tokenizer", root / "tokenizer")
     return root
 

@@ -157,6 +157,23 @@ def test_fp16_variant_only_weights_load(tiny_copy):
     assert model.unet is not None and model.vae is not None and model.text_encoder is not None
 
 
+def test_weight_files_cut_short_are_refused_from_their_headers(tiny_copy):
+    """A copy that stopped part way: found at submission, not when every worker fails to load it hours later."""
+    unet, vae = (
+        tiny_copy / "unet/diffusion_pytorch_model.safetensors",
+        tiny_copy / "vae/diffusion_pytorch_model.safetensors",
+    )
+    size = unet.stat().st_size
+    with open(unet, "r+b") as f:
+        f.truncate(size - 1)
+    vae.write_bytes(b"\x00" * 4)
+    with pytest.raises(InputError, match="cut short") as error:
+        check_base_model(tiny_copy)
+    assert error.value.field == "base_model"
+    assert f"unet/diffusion_pytorch_model.safetensors ({size - 1} of {size} bytes)" in error.value.message
+    assert "vae/diffusion_pytorch_model.safetensors (not a safetensors file)" in error.value.message
+
+
 def test_check_base_model_returns_resolved_path(tiny):
     assert check_base_model(str(tiny)) == tiny.resolve()
 
