@@ -21,7 +21,7 @@ from ray.util.state.exception import RayStateApiException
 from urllib3.exceptions import NewConnectionError
 
 from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S
-from dreambooth.ray_dashboard import RequestTimeout
+from dreambooth.ray_dashboard import WORKER_ENV, RequestTimeout
 from trainer.storage import check_job_id
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -97,14 +97,12 @@ class RayJobs:
         dashboard_url: str,
         *,
         storage_root: str,
-        runtime_env: dict | None = None,
         timeout_s: float = 30,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ) -> None:
         self.dashboard_url = dashboard_url.rstrip("/")
         self.placement_timeout_s = placement_timeout_s  # the trainer's: how long its workers may wait to be placed
         self.storage_root = str(Path(storage_root).resolve())  # the driver's working directory is Ray's, not ours
-        self.runtime_env = runtime_env or {}
         self.timeout_s = timeout_s
         self._client_: JobsClient | None = None
 
@@ -128,18 +126,17 @@ class RayJobs:
         # No working_dir (it would upload the project on every submit): the nodes have the project at the same
         # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
         env_vars = {
+            **WORKER_ENV,
             "PYTHONPATH": str(PROJECT_ROOT),
-            "HF_HUB_OFFLINE": "1",
             # An environment variable, not a flag: a trainer older than the controller (Ray's nodes updated after
             # it, in a rolling upgrade) ignores it rather than refusing to start.
             PLACEMENT_TIMEOUT_ENV: f"{self.placement_timeout_s:g}",
-            **self.runtime_env.get("env_vars", {}),
         }
         try:
             return self._client.submit_job(
                 entrypoint=shlex.join(command),
                 submission_id=submission,
-                runtime_env={**self.runtime_env, "env_vars": env_vars},
+                runtime_env={"env_vars": env_vars},
             )
         except _RAY_ERRORS as e:
             # Ray refuses a known id (HTTP 500 wrapping "Job with submission_id X already exists").

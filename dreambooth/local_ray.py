@@ -9,9 +9,7 @@ from pathlib import Path
 import ray
 
 from dreambooth.durable import sync_dir
-
-# Environment for every Ray worker: model files are local paths, never fetched from a hub.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from dreambooth.ray_dashboard import WORKER_ENV
 
 
 def ensure_ray_token() -> None:

@@ -1,8 +1,14 @@
-"""What the controller's clients of Ray's dashboard (its Jobs API, Serve's REST API) share."""
+"""What the controller's clients of Ray's dashboard (its Jobs API, Serve's REST API) share, and the environment of
+what this project runs on Ray."""
 
 from __future__ import annotations
 
 from typing import Any
+
+# Environment for every Ray worker this project starts (training drivers and workers, class-image actors, Serve
+# replicas), whoever starts them (the controller, `dreambooth train`, the local stack): model files are local paths,
+# never fetched from a hub; tokenizers used in forked worker processes stay single-threaded.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class RequestTimeout:

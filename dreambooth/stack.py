@@ -306,7 +306,7 @@ def _ray_command(stack: Stack, ports: Ports, num_cpus: int | None) -> list[str]:
 
 
 def _process_env() -> dict[str, str]:
-    from dreambooth.local_ray import WORKER_ENV
+    from dreambooth.ray_dashboard import WORKER_ENV
 
     # Ray's single-machine mode (every Ray listener on 127.0.0.1, see dreambooth/local_ray.py), and Ray's token
     # authentication on, which every client of the dashboard (the controller, `up`, `status`) must then use.

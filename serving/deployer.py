@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dreambooth.ray_dashboard import RequestTimeout
+from dreambooth.ray_dashboard import WORKER_ENV, RequestTimeout
 from serving import access
 from serving.config import ServeConfig
 
@@ -39,8 +39,7 @@ class ServeDeployer:
             "route_prefix": self.config.route_prefix,
             "import_path": IMPORT_PATH,
             "args": self.config.to_dict(),
-            # Replicas never reach a model hub: every model is a local directory.
-            "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            "runtime_env": {"env_vars": dict(WORKER_ENV)},
             "deployments": [{"name": name, "user_config": user_config} for name in DEPLOYMENTS],
         }
 

@@ -57,6 +57,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     from dreambooth.local_ray import ensure_ray_token
+    from dreambooth.ray_dashboard import WORKER_ENV
 
     multi_node = in_isolated_network()
     if not multi_node:
@@ -75,7 +76,7 @@ def ray_cluster(tmp_path_factory):
         _wait_for_head(address, procs, env)
         if multi_node:
             procs.append(_start_node([f"--address={address}", "--num-cpus=1", *common], logs / "node2.log", env))
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
         deadline = time.monotonic() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < len(procs):
             assert time.monotonic() < deadline, f"Ray nodes did not join; see {logs}"

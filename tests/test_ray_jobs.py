@@ -34,6 +34,8 @@ def test_a_submission_runs_once_and_unknown_ids_are_lost(ray_cluster, storage):
     # The controller's placement_timeout_s reaches the trainer, in its environment.
     env_vars = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(sid).runtime_env["env_vars"]
     assert env_vars["DREAMBOOTH_PLACEMENT_TIMEOUT_S"] == "90"
+    # Offline, like every worker `dreambooth train` or the local stack starts.
+    assert env_vars["HF_HUB_OFFLINE"] == "1" and env_vars["TOKENIZERS_PARALLELISM"] == "false"
     # A controller that crashed before recording the submission retries: same id, nothing new started.
     assert jobs.submit("no-spec", 1) == sid
     assert wait_for(lambda: (s := jobs.status(sid)).ended and s, 60, "the job to end") == RayJobStatus.FAILED

@@ -76,7 +76,6 @@ class ClassImageGenerator:
         from dreambooth.sd_model import load_pipeline
 
         check_shared(storage_mark, base_model)  # what it writes must reach the driver's cache, not this node's
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.pipeline = load_pipeline(base_model, dtype=_dtype(use_gpu), device=self.device)
 
