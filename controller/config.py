@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError
+from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, refuse_unknown
 from dreambooth.yaml_load import load_yaml
 from serving.config import ServeConfig
 
@@ -139,10 +139,7 @@ class ControllerConfig:
         if not isinstance(data, dict):
             raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
         tenants = tuple(_tenant(name, fields) for name, fields in (data.pop("tenants", None) or {}).items())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(unknown[0], f"unknown controller setting(s) {unknown}")
+        refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "controller setting(s)")
         if "serving" in data:
             data["serving"] = ServeConfig.from_dict(data["serving"] or {})
         if "readable_paths" in data:
@@ -160,10 +157,9 @@ class ControllerConfig:
 
 def _tenant(name: str, fields: dict | None) -> Tenant:
     fields = dict(fields or {})
-    known = {f.name for f in dataclasses.fields(Tenant)} - {"name"}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise InputError(f"tenants.{name}", f"unknown setting(s) {unknown}; known: {sorted(known)}")
+    refuse_unknown(
+        fields, (f.name for f in dataclasses.fields(Tenant) if f.name != "name"), "setting(s)", f"tenants.{name}."
+    )
     if not fields.get("tokens"):
         raise InputError(f"tenants.{name}.tokens", "missing: a tenant needs at least one bearer token")
     return Tenant(name=str(name), **fields)

@@ -1,5 +1,10 @@
 """Errors shared by the trainer, the controller and serving."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
 
 class InputError(ValueError):
     """Bad user input, found before any work starts.
@@ -16,6 +21,19 @@ class InputError(ValueError):
     def __reduce__(self):
         # Crosses process boundaries (a Serve replica's error reaches the ingress pickled).
         return (self.__class__, (self.field, self.message))
+
+
+def refuse_unknown(data: Mapping, known: Iterable[str], what: str, prefix: str = "") -> None:
+    """Raises InputError naming the keys of `data` that are not `known` (a typo in a spec or a config file), the first
+    as the field (`prefix` before it), with the closest known one where there is one. YAML reads a key `yes`, `no`
+    or `on` as a boolean: named as written."""
+    known = sorted(known)
+    unknown = sorted(map(str, set(data) - set(known)))
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], known, n=1)
+    hint = f": did you mean {close[0]!r}?" if close else f"; known: {known}"
+    raise InputError(f"{prefix}{unknown[0]}", f"unknown {what} {unknown}{hint}")
 
 
 # How long a job's workers may wait for Ray to place them (class-image actors, then the training workers, also when

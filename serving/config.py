@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth.errors import InputError
+from dreambooth.errors import InputError, refuse_unknown
 
 PROMPT_CHARS_CAP = 10_000
 """The most `limits.max_prompt_chars` may be: CLIP's 77 tokens are far fewer characters, refused after tokenizing."""
@@ -139,13 +139,7 @@ class ServeConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
         data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"serving.{unknown[0]}", f"unknown serving setting(s) {unknown}")
+        refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "serving setting(s)", "serving.")
         limits = data.pop("limits", None) or {}
-        known_limits = {f.name for f in dataclasses.fields(RequestLimits)}
-        unknown = sorted(set(limits) - known_limits)
-        if unknown:
-            raise InputError(f"serving.limits.{unknown[0]}", f"unknown limit(s) {unknown}")
+        refuse_unknown(limits, (f.name for f in dataclasses.fields(RequestLimits)), "limit(s)", "serving.limits.")
         return cls(limits=RequestLimits(**limits), **data)

@@ -890,7 +890,7 @@ def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     from controller.server import main as controller_main
 
     unknown, broken, rolled_back = tmp_path / "unknown.yaml", tmp_path / "broken.yaml", tmp_path / "rolled-back.yaml"
-    unknown.write_text(f"storage: {tmp_path}\nfoo: 1\n")
+    unknown.write_text(f"storage: {tmp_path}\nfoo: 1\nno: 2\n")  # YAML reads `no` as a boolean key
     broken.write_text("storage: [unclosed\n")
     rolled_back.write_text(f"storage: {tmp_path / 'upgraded'}\n")
     (tmp_path / "upgraded").mkdir()
@@ -902,7 +902,8 @@ def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     for config_file in (tmp_path / "missing.yaml", unknown, broken, rolled_back, no_storage):
         assert controller_main(["--config", str(config_file)]) == 2
     err = capsys.readouterr().err
-    assert "missing.yaml" in err and "foo" in err and "broken.yaml" in err and "newer than this controller" in err
+    assert "missing.yaml" in err and "['False', 'foo']" in err and "broken.yaml" in err
+    assert "newer than this controller" in err
     assert "error: storage: " in err
     assert err.count("error: ") == 5 and "Traceback" not in err
     # A database that is down: a restart may find it up (exit 1), and the setting is named.
@@ -1068,7 +1069,7 @@ def test_a_run_time_limit_that_is_not_positive_is_refused(tmp_path, limit, setti
         ("alice: {tokens: alice-secret-token}", "tenants.alice.tokens"),  # a string, not a list
         ("alice: {tokens: [short]}", "tenants.alice.tokens"),
         ("alice: {max_running_jobs: 1}", "tenants.alice.tokens"),
-        ("alice: {tokens: [alice-secret-token], max_jobs: 1}", "tenants.alice"),
+        ("alice: {tokens: [alice-secret-token], max_jobs: 1}", "tenants.alice.max_jobs"),
         ("alice: {tokens: [shared-secret-token]}\n  bob: {tokens: [shared-secret-token]}", "tenants.bob.tokens"),
         (f"{'x' * 129}: {{tokens: [long-name-token]}}", f"tenants.{'x' * 40}"),
     ],

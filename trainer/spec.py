@@ -8,7 +8,6 @@ that read files (images, base model) live in `trainer.preflight`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from dreambooth.errors import InputError
+from dreambooth.errors import InputError, refuse_unknown
 from dreambooth.yaml_load import load_yaml
 
 Precision = Literal["fp16", "bf16", "fp32"]
@@ -144,12 +143,7 @@ class JobSpec:
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         if not isinstance(data, dict):
             raise InputError("spec", f"expected a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(map(str, set(data) - known))  # YAML reads a key `yes` or `no` as a boolean
-        if unknown:
-            if close := difflib.get_close_matches(unknown[0], known, n=1):
-                raise InputError(unknown[0], f"unknown field(s) {unknown}: did you mean {close[0]!r}?")
-            raise InputError(unknown[0], f"unknown field(s) {unknown}; known fields: {sorted(known)}")
+        refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "field(s)")
         missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in data]
         if missing:
             raise InputError(missing[0], f"required field(s) missing: {missing}")
