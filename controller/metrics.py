@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from controller.store import STATES
+from dreambooth.errors import FAILURE_REASONS
 
 REGISTRY = CollectorRegistry()
 
@@ -53,16 +54,7 @@ JOB_STEPS_PER_SECOND = Gauge(
 # Every known label value starts at 0: a series that first appears at 1 is an event increase() cannot see.
 for _outcome in ("accepted", "rejected"):
     SUBMISSIONS.labels(outcome=_outcome)
-for _reason in (
-    "INVALID_INPUT",
-    "TRAINING_FAILED",
-    "PLACEMENT_TIMEOUT",
-    "EXPORT_FAILED",
-    "RAY_JOB_FAILED",
-    "NO_RESULT",
-    "STOPPED",
-    "RUN_TIME_EXCEEDED",
-):
+for _reason in FAILURE_REASONS:
     FAILURES.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)

@@ -146,7 +146,7 @@ class JobService:
             return existing
         limit = self.tenants[tenant].max_queued_jobs
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
-        if (unfinished := self.store.running_count(tenant, states=UNFINISHED_STATES)) >= limit:
+        if (unfinished := self.store.count_tenant_jobs(tenant, UNFINISHED_STATES)) >= limit:
             raise _tenant_full(tenant, unfinished, limit)
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")

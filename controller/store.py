@@ -421,8 +421,8 @@ class Store:
             rows = conn.execute(query).all()
         return {state: 0 for state in states} | {state: n for state, n in rows}
 
-    def running_count(self, tenant: str, states: frozenset[str] = ACTIVE_STATES) -> int:
-        """The tenant's jobs in `states` (default: running on the cluster)."""
+    def count_tenant_jobs(self, tenant: str, states: frozenset[str]) -> int:
+        """How many of the tenant's jobs are in `states`."""
         with self.engine.connect() as conn:
             return conn.execute(_count_in(tenant, states)).scalar_one()
 

@@ -36,6 +36,19 @@ def refuse_unknown(data: Mapping, known: Iterable[str], what: str, prefix: str =
     raise InputError(f"{prefix}{unknown[0]}", f"unknown {what} {unknown}{hint}")
 
 
+# Why a job failed (Failure.reason, the failures metric's label): a closed set, each documented in jobs.proto. The
+# trainer reports the first four, the controller the rest.
+FAILURE_REASONS = (
+    "INVALID_INPUT",
+    "TRAINING_FAILED",
+    "PLACEMENT_TIMEOUT",
+    "EXPORT_FAILED",
+    "RAY_JOB_FAILED",
+    "NO_RESULT",
+    "STOPPED",
+    "RUN_TIME_EXCEEDED",
+)
+
 # How long a job's workers may wait for Ray to place them (class-image actors, then the training workers, also when
 # they restart after a failure) before the job fails: long enough for an autoscaler to add GPU nodes.
 PLACEMENT_TIMEOUT_S = 30 * 60.0

@@ -33,7 +33,7 @@ from dreambooth.sd_model import check_prompt, load_base_model
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One client request; validated for bounds by the HTTP layer, for prompt length by `SubjectModel`."""
+    """One client request; its bounds checked by the HTTP layer, its prompts by `SamplingEngine.check_prompts`."""
 
     prompt: str
     negative_prompt: str = ""

@@ -61,3 +61,12 @@ def test_buf_lint():
     )
     assert result.returncode == 0, f"buf lint (proto/buf.yaml) found problems:\n{result.stdout}{result.stderr}"
     assert "WARN" not in result.stderr, result.stderr  # e.g. a deprecated setting in buf.yaml
+
+
+def test_every_failure_reason_is_documented():
+    """Failure.reason is a closed set clients switch on: each one the code knows is in the contract's comment."""
+    from dreambooth.errors import FAILURE_REASONS
+
+    proto = (ROOT / "proto" / "dreambooth" / "v1" / "jobs.proto").read_text()
+    comment = proto[proto.index("message Failure {") : proto.index("string reason = 1;")]
+    assert [r for r in FAILURE_REASONS if r not in comment] == []

@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from controller.store import (
+    ACTIVE_STATES,
     SCHEMA_VERSION,
     STATES,
     UNFINISHED_STATES,
@@ -209,7 +210,7 @@ def test_tenant_scoping(store):
     assert store.get_job(theirs.job_id) == theirs  # the controller's own, unscoped view
     assert [j.job_id for j in store.list_jobs("acme", 10)[0]] == [mine.job_id]
     store.transition(theirs.job_id, {"QUEUED"}, "TRAINING")
-    assert store.running_count("acme") == 0 and store.running_count("globex") == 1
+    assert store.count_tenant_jobs("acme", ACTIVE_STATES) == 0 and store.count_tenant_jobs("globex", ACTIVE_STATES) == 1
 
 
 def test_keyset_pagination_with_state_filter(store):
@@ -346,8 +347,8 @@ def test_scheduler_queries(store):
     counts = store.count_jobs_by_state()
     assert set(counts) == set(STATES)
     assert (counts["QUEUED"], counts["TRAINING"], counts["SUCCEEDED"], counts["FAILED"]) == (3, 1, 1, 0)
-    assert store.running_count("acme") == 1
-    assert store.running_count("acme", states=frozenset({"QUEUED", "TRAINING"})) == 3
+    assert store.count_tenant_jobs("acme", ACTIVE_STATES) == 1
+    assert store.count_tenant_jobs("acme", frozenset({"QUEUED", "TRAINING"})) == 3
 
     # A scheduling pass reads each queued job's spec once: the next passes read the queue without them.
     specs: dict[str, dict] = {}

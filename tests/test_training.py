@@ -170,7 +170,6 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
         spec,
         cache,
         num_actors=2,
-        use_gpu=False,
         placement_timeout_s=60,
         batch_size=2,
         on_progress=lambda d, t: seen.append((d, t)),
@@ -186,16 +185,14 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     other = dataclasses.replace(spec, instance_prompt="a photo of zwx dog", identifier="zwx")
     seen.clear()
     assert (
-        ensure_class_images(
-            other, cache, num_actors=2, use_gpu=False, placement_timeout_s=60, on_progress=lambda d, t: seen.append(d)
-        )
+        ensure_class_images(other, cache, num_actors=2, placement_timeout_s=60, on_progress=lambda d, t: seen.append(d))
         == directory
     )
     assert seen == [3] and {f: f.stat().st_mtime_ns for f in files} == mtimes
 
     # More images of the class: only the missing ones are generated; the first three are untouched.
     more = dataclasses.replace(spec, num_class_images=5)
-    ensure_class_images(more, cache, num_actors=1, use_gpu=False, placement_timeout_s=60)
+    ensure_class_images(more, cache, num_actors=1, placement_timeout_s=60)
     assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
     # A batch whose images another job of the class wrote meanwhile: only the one still missing is generated.
     generator = ClassImageGenerator.remote(spec.base_model, False, str(mark_shared(directory)))

@@ -110,7 +110,6 @@ def ensure_class_images(
     cache_root: Path,
     *,
     num_actors: int,
-    use_gpu: bool,
     placement_timeout_s: float,
     batch_size: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
@@ -138,10 +137,10 @@ def ensure_class_images(
     # Each actor takes the resources of one training worker: the job was admitted for num_workers of them, and
     # they are free, since training starts after these actors end. (An actor asking for more could wait for
     # ever, and the pool would wait for the batch handed to it.)
-    options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if use_gpu else 0}
+    options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if spec.use_gpu else 0}
     mark = mark_shared(directory)
     actors = [
-        ClassImageGenerator.options(**options).remote(spec.base_model, use_gpu, str(mark))
+        ClassImageGenerator.options(**options).remote(spec.base_model, spec.use_gpu, str(mark))
         for _ in range(max(1, min(num_actors, len(batches))))
     ]
     args = (

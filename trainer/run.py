@@ -208,7 +208,6 @@ def _train(
                 spec,
                 paths.class_image_cache,
                 num_actors=spec.num_workers,
-                use_gpu=spec.use_gpu,
                 placement_timeout_s=placement_timeout_s,
                 on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
             )
