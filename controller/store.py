@@ -161,8 +161,8 @@ sa.Index("ix_models_list", models.c.tenant, models.c.create_time.desc(), models.
 # write rows a later version's invariants do not expect (an operator rolling back after an upgrade).
 SCHEMA_VERSION = 1
 
-# One row holding the last seq. Its row lock (PostgreSQL) / the write lock (SQLite) makes seq strictly
-# increasing in commit order, and unlike max(jobs.seq) it does not go backwards when a job is deleted.
+# One row holding the last job's seq (jobs in the order they were inserted). Bumping it is how a submission takes the
+# submissions' lock (PostgreSQL: its row lock; SQLite: the write lock), to count a tenant's jobs against its limit.
 counters = sa.Table(
     "counters", meta, sa.Column("name", sa.String(32), primary_key=True), sa.Column("value", sa.BigInteger)
 )
@@ -188,7 +188,7 @@ class JobRecord:
     start_time: float | None = None
     end_time: float | None = None
     update_time: float = 0.0
-    seq: int = 0
+    seq: int = 0  # the order of insertion (insert_job sets it)
 
 
 @dataclass
@@ -374,12 +374,7 @@ class Store:
 
     def delete_job(self, job_id: str) -> bool:
         with self._writing() as conn:
-            deleted = conn.execute(jobs.delete().where(jobs.c.job_id == job_id)).rowcount > 0
-            if not deleted:
-                conn.rollback()  # don't bump seq for nothing
-                return False
-            _bump_seq(conn)
-        return True
+            return conn.execute(jobs.delete().where(jobs.c.job_id == job_id)).rowcount > 0
 
     def queued_jobs(self, specs: dict[str, dict[str, Any]] | None = None) -> list[JobRecord]:
         """The queue, in order. `specs` (job id -> spec), kept by the caller between calls, saves reading the specs
@@ -425,10 +420,6 @@ class Store:
         """How many of the tenant's jobs are in `states`."""
         with self.engine.connect() as conn:
             return conn.execute(_count_in(tenant, states)).scalar_one()
-
-    def max_seq(self) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(counters.c.value).where(counters.c.name == "seq")).scalar_one()
 
     # --- models -----------------------------------------------------------------------------------------
 
@@ -482,13 +473,11 @@ class Store:
         stmt = jobs.update().where(jobs.c.job_id == job_id)
         if from_states is not None:
             stmt = stmt.where(jobs.c.state.in_(sorted(from_states)))
+        # No lock beyond the job's row: a job's writes serialize on it (the compare-and-set included), and writes to
+        # other jobs need not wait.
         with self._writing() as conn:
-            seq = _bump_seq(conn)
-            row = conn.execute(stmt.values(**fields, update_time=time.time(), seq=seq).returning(*jobs.c)).first()
-            if row is None:
-                conn.rollback()  # no such job, or the CAS lost: leave seq alone
-                return None
-        return _job(row)
+            row = conn.execute(stmt.values(**fields, update_time=time.time()).returning(*jobs.c)).first()
+        return None if row is None else _job(row)
 
     def _jobs(self, query: sa.Select) -> list[JobRecord]:
         with self.engine.connect() as conn:
