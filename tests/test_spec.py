@@ -141,6 +141,19 @@ def test_deepspeed_config_follows_the_spec():
     assert config["bf16"]["enabled"] and "optimizer" not in config
 
 
+def test_deepspeed_config_holds_no_device_sync_a_step_does_not_need():
+    """On a GPU each of these waits for the device, so the host cannot queue the next step meanwhile: DeepSpeed's
+    throughput timer (twice a micro-step), and overlap_comm's end-of-backward sync, which only several ranks need."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils.config import get_timers_config
+
+    spec = JobSpec.from_dict(VALID)
+    alone, together = deepspeed_config(spec, world_size=1), deepspeed_config(spec, world_size=2)
+    assert not get_timers_config(alone).enabled  # as DeepSpeed reads it
+    assert not DeepSpeedZeroConfig(**alone["zero_optimization"]).overlap_comm
+    assert DeepSpeedZeroConfig(**together["zero_optimization"]).overlap_comm
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_every_schedule_warms_up(schedule):
     spec = JobSpec.from_dict({**VALID, "lr_schedule": schedule, "lr_warmup_steps": 4, "max_steps": 8})

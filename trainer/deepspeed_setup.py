@@ -14,7 +14,9 @@ from trainer.spec import JobSpec
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {
         "stage": spec.zero_stage,
-        "overlap_comm": True,
+        # Overlapping gradient reduction with backward costs a device sync at the end of every backward on CUDA
+        # (DeepSpeed cannot tell the streams' dependency otherwise), and a second bucket: for nothing on one GPU.
+        "overlap_comm": world_size > 1,
         "contiguous_gradients": True,
         # ZeRO-2 keeps two buckets of this many gradient elements (2 GB in fp16 at DeepSpeed's default 5e8), and
         # they are allocated at backward's memory peak. A flat parameter larger than a bucket is reduced on its
@@ -41,6 +43,9 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": spec.precision == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default, never printed here) synchronizes the device at every
+        # forward's start and step's end: the host could not queue the next step while the GPU finished this one.
+        "timers": {"throughput": {"enabled": False}},
     }
     if spec.offload_optimizer:
         # ZeRO-Offload wants DeepSpeed's own CPU Adam (a JIT-compiled op, ~1 min the first time).
