@@ -80,6 +80,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not spec.train_text_encoder:
         with torch.no_grad():
             prompt_embeds = frozen.text_encoder(prompt_ids)[0].to(dtype)
+    if not spec.validation_prompts:
+        # Nothing samples images: the frozen networks (0.4 GB on the GPU for SD 1.5 in fp16) go before the engine
+        # allocates its own memory.
+        frozen.vae = frozen.text_encoder = None
 
     # 3. One DeepSpeed engine over everything trained.
     model = trained_model(spec, paths, trainable.unet, trainable.text_encoder)
