@@ -9,8 +9,9 @@ open_clip_torch package (or from the file named by $DREAMBOOTH_CLIP_BPE), so pro
 ids as with SD 1.5 (and "sks" is one token).
 
 `build_random_sd15_model` writes a model with Stable Diffusion 1.5's exact architecture (UNet 859.5M,
-text encoder 123.1M, VAE 83.7M parameters) and random weights, with the same tokenizer and scheduler:
-for benchmarks that need SD 1.5's cost without its weights.
+text encoder 123.1M, VAE 83.7M parameters) and random weights, with the same tokenizer and the sampler SD 1.5
+ships (PNDM): for benchmarks that need SD 1.5's cost without its weights. The tiny model samples with DDPM
+instead, on the same noise schedule: its noise at every step is what the tests of per-image seeds check.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import threading
 from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth.durable import sync_dir, sync_tree
@@ -147,19 +149,30 @@ def _vae() -> AutoencoderKL:
     )
 
 
+# SD 1.5's noise schedule.
+_SD15_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
 def _scheduler() -> DDPMScheduler:
-    # SD 1.5's noise schedule. `set_alpha_to_one` is not a DDPM argument, but SD 1.5's config carries it
-    # and DDIM/PNDM read it when built from this config, so it is stored too.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    # `set_alpha_to_one` is not a DDPM argument, but SD 1.5's config carries it and DDIM/PNDM read it when built
+    # from this config, so it is stored too.
+    scheduler = DDPMScheduler(**_SD15_SCHEDULE, clip_sample=False)
     scheduler.register_to_config(set_alpha_to_one=False)
+    return scheduler
+
+
+def _sd15_scheduler() -> PNDMScheduler:
+    """The sampler SD 1.5 ships, as its scheduler_config.json has it: 3 host syncs a step against DDPM's ~14, and
+    one UNet forward more for 25 steps (what a benchmark of serving must count)."""
+    scheduler = PNDMScheduler(**_SD15_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+    scheduler.register_to_config(clip_sample=False)  # not PNDM's, but SD 1.5's config carries it for DDPM/DDIM
     return scheduler
 
 
@@ -250,6 +263,7 @@ def build_random_sd15_model(
         unet=partial(_sd15_unet, tuple(unet_channels)),
         vae=_sd15_vae,
         text_encoder=_sd15_text_encoder,
+        scheduler=_sd15_scheduler,
         save_dtype=torch.float16,
     )
 
@@ -268,14 +282,16 @@ def _seeded(seed: int, factory: Callable[[], torch.nn.Module]) -> torch.nn.Modul
         return factory()
 
 
-def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
-    """A full pipeline from the three networks, with the real CLIP tokenizer and SD 1.5's scheduler."""
+def _pipeline(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, scheduler
+) -> StableDiffusionPipeline:
+    """A full pipeline from the three networks, with the real CLIP tokenizer."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=_tokenizer(),
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -289,11 +305,12 @@ def _build_random_model(
     unet: Callable[[], UNet2DConditionModel],
     vae: Callable[[], AutoencoderKL],
     text_encoder: Callable[[], CLIPTextModel],
+    scheduler: Callable[[], Any] = _scheduler,
     save_dtype: torch.dtype | None = None,
 ) -> Path:
     def write(directory: Path) -> None:
         # Seed before each module so its weights depend only on the seed, not on build order.
-        pipe = _pipeline(_seeded(seed, unet), _seeded(seed, vae), _seeded(seed, text_encoder))
+        pipe = _pipeline(_seeded(seed, unet), _seeded(seed, vae), _seeded(seed, text_encoder), scheduler())
         if save_dtype is not None:
             pipe.to(dtype=save_dtype)
         pipe.save_pretrained(directory, safe_serialization=True)

@@ -95,6 +95,27 @@ def test_concurrent_builds_end_with_one_complete_model(tiny, tmp_path):
         assert (out / name).read_bytes() == (tiny / name).read_bytes(), name
 
 
+def test_the_random_sd15_model_samples_as_sd15_does():
+    """Its scheduler is SD 1.5's (runwayml/stable-diffusion-v1-5's scheduler_config.json), so that benchmarks count
+    what serving SD 1.5 costs: PNDM's steps, not the tiny model's DDPM."""
+    from dreambooth.tiny_model import _sd15_scheduler
+
+    published = {
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+    }
+    scheduler = _sd15_scheduler()
+    assert type(scheduler).__name__ == "PNDMScheduler"
+    assert {key: scheduler.config[key] for key in published} == published
+
+
 def test_build_refuses_to_overwrite_other_content(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
