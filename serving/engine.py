@@ -185,8 +185,9 @@ class SamplingEngine:
     is symbolic, so a couple of graphs serve every batch size (torch splits the range where some operator's
     choice depends on it: at 16 rows on a CPU), and, parameters being graph inputs, every subject of one
     architecture shares them. `warm_up` compiles them (minutes for SD 1.5 on a GPU; torch caches the code on
-    disk): a Serve replica calls it when it starts and after each model load, where it costs two one-step
-    batches once the graphs exist.
+    disk): a Serve replica calls it when it starts and after each model load of an architecture, size or batch
+    limit it has not warmed up yet (another subject's load would otherwise hold every running request for two
+    one-step batches with full decodes, for graphs that exist).
     """
 
     def __init__(
@@ -206,6 +207,8 @@ class SamplingEngine:
         # A fast tokenizer sets its truncation and padding on its shared Rust object at each call, then encodes: the
         # prompt checks (a replica's request threads) and the batches' encoding (its device thread) take turns.
         self._tokenizing = threading.Lock()
+        # What warm_up compiled: (UNet config, native size) -> the batch sizes of images run.
+        self._warmed: dict[tuple[str, tuple[int, int]], set[int]] = {}
 
     def tokenizer(self, path: str | Path):
         """The tokenizer of the model at `path`, loaded once per base model and kept: what a request's prompts are
@@ -288,8 +291,13 @@ class SamplingEngine:
         if model.compiled_unet is None:
             return
         height, width = model.native_size
-        for images in sorted({1, max_images}):
+        # Its config without where it was read from ("_name_or_path": every subject's own folder).
+        config = {key: value for key, value in model.unet.config.items() if not key.startswith("_")}
+        architecture = json.dumps(config, sort_keys=True, default=str)
+        warmed = self._warmed.setdefault((architecture, model.native_size), set())
+        for images in sorted({1, max_images} - warmed):
             self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
+            warmed.add(images)
 
     def generate(self, model: SubjectModel, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Samples every request in one batch, alone; all must share one `shape_key`."""

@@ -185,7 +185,7 @@ def test_prompt_checks_and_batch_encoding_take_turns_with_the_tokenizer(engine, 
         assert encoded.result(timeout=60).text_states.shape[1] == rex.tokenizer.model_max_length
 
 
-def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models):
+def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, subject_models, monkeypatch):
     """compile_unet: after warm_up, requests at the native size run the compiled graphs (no compiling left for
     other batch sizes or other subjects) and give the eager engine's images; other sizes run eagerly."""
     import gc
@@ -201,8 +201,17 @@ def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, s
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 1
 
-    # Another subject of the architecture runs the same graphs with its own weights (not rex's baked in).
+    # Another subject of the architecture runs the same graphs with its own weights (not rex's baked in); its load
+    # warms up nothing again (that would hold every running request for two batches).
     other = compiled.load("other", subject_models["fido"])
+    sampled = []
+    with monkeypatch.context() as spying:
+        spying.setattr(compiled, "generate", lambda *args: sampled.append(args))
+        compiled.warm_up(other, max_images=3)
+        assert sampled == []
+        compiled.warm_up(other, max_images=4)  # a batch size not run yet
+        assert [[r.num_images for r in requests] for _, requests in sampled] == [[4]]
+    sampled.clear()  # they hold the model
     fido = engine.load("fido", subject_models["fido"])
     batch = [request(seed=3, num_images=2, guidance_scale=4.0), request(prompt="sks dog in snow", seed=5)]
     for subject, reference in ((model, rex), (other, fido)):
