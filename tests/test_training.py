@@ -88,9 +88,11 @@ def test_workers_are_told_their_accelerator_before_they_import_deepspeed(
     """DeepSpeed picks its accelerator when first imported, which a worker does when it unpickles the training loop:
     set inside the loop it came too late, and a CPU job on a node with GPUs put its model on a GPU Ray never gave it."""
     from trainer.run import _trainer
+    from trainer.train_loop import WorkerConfig
 
     spec = make_spec(tiny_model, dog_images, gpus_per_worker=gpus)
-    trainer = _trainer(spec, job_paths(tmp_path, "job-1"), {})
+    config = WorkerConfig(spec=spec.to_dict(), storage_root=str(tmp_path), job_id="job-1", storage_mark="")
+    trainer = _trainer(spec, job_paths(tmp_path, "job-1"), config)
     assert trainer.run_config.worker_runtime_env["env_vars"]["DS_ACCELERATOR"] == accelerator
 
 

@@ -12,6 +12,7 @@ failed workers from it on its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ from trainer.images import find_instance_images
 from trainer.preflight import preflight
 from trainer.spec import JobSpec
 from trainer.storage import JobPaths, job_paths, mark_shared
-from trainer.train_loop import train_loop_per_worker
+from trainer.train_loop import WorkerConfig, train_loop_per_worker
 
 
 @dataclass
@@ -196,29 +197,27 @@ def _train(
     """Class-prior images, then the workers' training to the end. Returns the final checkpoint's directory."""
     for old_mark in paths.job_dir.glob(".shared-storage-*"):  # an earlier run's
         old_mark.unlink(missing_ok=True)
-    config = {
-        "spec": spec.to_dict(),
-        "storage_root": str(paths.root),
-        "job_id": paths.job_id,
-        "storage_mark": str(mark_shared(paths.job_dir)),  # each worker checks that it sees this storage
-    }
+    config = WorkerConfig(
+        spec=spec.to_dict(),
+        storage_root=str(paths.root),
+        job_id=paths.job_id,
+        storage_mark=str(mark_shared(paths.job_dir)),
+        fail_once_at_steps=tuple(fail_once_at_steps),
+    )
     if spec.with_prior_preservation:
-        config["class_images_dir"] = str(
-            ensure_class_images(
-                spec,
-                paths.class_image_cache,
-                num_actors=spec.num_workers,
-                placement_timeout_s=placement_timeout_s,
-                on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
-            )
+        class_images = ensure_class_images(
+            spec,
+            paths.class_image_cache,
+            num_actors=spec.num_workers,
+            placement_timeout_s=placement_timeout_s,
+            on_progress=lambda done, total: events.emit("class_images", done=done, total=total),
         )
-    if fail_once_at_steps:
-        config["fail_once_at_steps"] = list(fail_once_at_steps)
+        config = dataclasses.replace(config, class_images_dir=str(class_images))
 
     if (aside := set_aside_unusable_run_state(paths.checkpoints_dir, paths.events_file)) is not None:
         # The record is lost, not the checkpoints: the job's events name the newest one Ray committed.
         resume_from = committed_checkpoint(paths.events_file)
-        config["resume_from"] = str(resume_from) if resume_from else None
+        config = dataclasses.replace(config, resume_from=str(resume_from) if resume_from else None)
         print(f"warning: Ray's record of this run's checkpoints was unusable ({aside}): resuming from {resume_from}")
     if removed := remove_unused_checkpoints(paths.checkpoints_dir, paths.events_file):
         print(f"removed the checkpoints of steps {removed}, which no run resumes from")
@@ -238,16 +237,16 @@ def _train(
             "resources"
         ) from e
     # None where the run reported no checkpoint and Ray knew none before: it resumed from `resume_from` at the end.
-    return Path(result.checkpoint.path) if result.checkpoint is not None else Path(config["resume_from"])
+    return Path(result.checkpoint.path) if result.checkpoint is not None else Path(config.resume_from)
 
 
-def _trainer(spec: JobSpec, paths: JobPaths, config: dict) -> TorchTrainer:
+def _trainer(spec: JobSpec, paths: JobPaths, config: WorkerConfig) -> TorchTrainer:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=config.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.num_workers,
             use_gpu=spec.use_gpu,

@@ -9,8 +9,10 @@ networks need before DeepSpeed wraps them (flat parameters, compilation) is in `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,27 @@ from trainer.validation import Validator
 INSTANCE_STREAM, CLASS_STREAM = 0, 1
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    spec = JobSpec.from_dict(config["spec"])
-    paths = JobPaths(Path(config["storage_root"]), config["job_id"])
-    check_shared(config["storage_mark"], spec.base_model)
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands each training worker (as Ray Train's train_loop_config: `to_dict()`)."""
+
+    spec: dict[str, Any]  # JobSpec.to_dict(): validated again on the worker
+    storage_root: str
+    job_id: str
+    storage_mark: str  # a file the driver made on the job's storage: a worker that cannot see it is refused
+    class_images_dir: str | None = None  # with prior preservation: the class's images in the cache
+    resume_from: str | None = None  # where Ray's record of the run was unusable: the checkpoint the events name
+    fail_once_at_steps: tuple[int, ...] = ()  # tests: a worker's process dies once at each
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
+    config = WorkerConfig(**train_loop_config)
+    spec = JobSpec.from_dict(config.spec)
+    paths = JobPaths(Path(config.storage_root), config.job_id)
+    check_shared(config.storage_mark, spec.base_model)
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -67,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     instance = encode_images(frozen.vae, find_instance_images(spec.instance_images), spec.resolution, device)
     class_images: EncodedImages | None = None
     if spec.with_prior_preservation:
-        class_files = sorted(Path(config["class_images_dir"]).glob("*.png"))[: spec.num_class_images]
+        class_files = sorted(Path(config.class_images_dir).glob("*.png"))[: spec.num_class_images]
         class_images = encode_images(frozen.vae, class_files, spec.resolution, device)
     prompt_ids = frozen.tokenizer(
         [spec.instance_prompt, spec.class_prompt or spec.instance_prompt],
@@ -90,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = initialize(model, spec, world_size)
     if spec.async_checkpointing:
         engine.checkpoint_engine = AsyncCheckpointEngine()
-    start_step = restore_latest(engine, fallback=config.get("resume_from"))
+    start_step = restore_latest(engine, fallback=config.resume_from)
 
     events = EventLog(paths.events_file)
     events.emit(
@@ -251,10 +270,10 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
     return DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
 
 
-def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, paths: JobPaths, pending_commit) -> None:
+def _maybe_inject_failure(config: WorkerConfig, step: int, rank: int, paths: JobPaths, pending_commit) -> None:
     """Chaos testing: kill one worker's process once at each of the given steps, as a crashed node would; after
     the latest checkpoint was committed, so that the test knows where the restart must resume."""
-    if step not in config.get("fail_once_at_steps", ()):
+    if step not in config.fail_once_at_steps:
         return
     if pending_commit is not None:
         pending_commit.join()
