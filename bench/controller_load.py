@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # the project, when run as a script
 import grpc  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import percentile  # noqa: E402
 from dreambooth.proto_convert import spec_to_proto  # noqa: E402
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc  # noqa: E402
 
@@ -438,12 +439,6 @@ def run_list(server: Server, token: str, pages: int, repeats: int, template: byt
 
 
 # --- figures ----------------------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def latency_row(rpc: str, latencies: list[float], elapsed_s: float, errors: dict[str, int]) -> dict[str, Any]:

@@ -45,12 +45,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import percentile
 from dreambooth.sd_model import load_pipeline
-from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
+from dreambooth.tiny_model import CLIP_BPE_ENV, RANDOM_MODELS
 from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, default_dtype
 from serving.step_batching import StepBatcher
 
-BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
 DEFAULT_SIZE = {"tiny": 64, "sd15": 512}
 PROMPT = "a photo of sks dog on the beach"
 
@@ -214,10 +214,6 @@ def poisson_arrivals(call, rate: float, count: int, seed0: int) -> tuple[float, 
     return count / (time.perf_counter() - start), latencies
 
 
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
 def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -229,7 +225,7 @@ def peak_memory_gib(device: torch.device) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="sd15" if cuda else "tiny")
+    parser.add_argument("--model", choices=sorted(RANDOM_MODELS), default="sd15" if cuda else "tiny")
     parser.add_argument("--model-dir", help="default: ~/.cache/dreambooth-cluster/models/<model>")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--size", type=int, help="pixels (default: 64 tiny, 512 sd15)")
@@ -267,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = default_dtype(device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    model_dir = BUILDERS[args.model](
+    model_dir = RANDOM_MODELS[args.model](
         Path(args.model_dir or f"~/.cache/dreambooth-cluster/models/{args.model}").expanduser()
     )
     print(f"model {args.model} ({model_dir}), {size} px, {args.steps} steps, {dtype}, {device}", flush=True)

@@ -46,16 +46,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import rss_bytes
 from dreambooth.sd_model import load_base_model
-from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
+from dreambooth.tiny_model import CLIP_BPE_ENV, RANDOM_MODELS, build_random_sd15_model
 from trainer import deepspeed_setup, train_loop
 from trainer.model import DreamBoothModel, prior_preservation_loss
 from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
 BUILDERS = {
-    "tiny": build_tiny_model,
-    "sd15": build_random_sd15_model,
+    **RANDOM_MODELS,
     # SD 1.5's layout at half the UNet's width (215M parameters; text encoder and VAE as SD 1.5's): ZeRO's
     # buffers at a size that dominates a CPU process's memory, within a small machine's RAM.
     "sd15-narrow": functools.partial(build_random_sd15_model, unet_channels=(160, 320, 640, 640)),
@@ -129,12 +129,6 @@ def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch
         else:
             model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
         return deepspeed_setup.initialize(model, spec, world_size=1)
-
-
-def rss_bytes() -> int:
-    """The process's resident memory now."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakRSS:

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, 
 
 from dreambooth.local_ray import init_ray
 from dreambooth.sd_model import load_base_model
-from dreambooth.tiny_model import CLIP_BPE_ENV, build_random_sd15_model, build_tiny_model
+from dreambooth.tiny_model import CLIP_BPE_ENV, RANDOM_MODELS
 from trainer.class_images import cache_key, image_path
 from trainer.events import read_events
 from trainer.images import load_image, preprocess
@@ -69,7 +69,6 @@ from trainer.storage import job_paths
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
 NUM_SYNTHETIC_IMAGES = 4
-BUILDERS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
 DEFAULT_RESOLUTION = {"tiny": 64, "sd15": 512}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -421,7 +420,7 @@ def render(setting: str, rows: list[Row], ratio: float | None, memory_note: str)
 
 def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="sd15" if cuda else "tiny")
+    parser.add_argument("--model", choices=sorted(RANDOM_MODELS), default="sd15" if cuda else "tiny")
     parser.add_argument("--model-dir", help="where the random model is built/cached (default: ~/.cache/...)")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp16" if cuda else "bf16")
     parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2)
@@ -473,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = Path(args.model_dir or f"~/.cache/dreambooth-cluster/models/{args.model}").expanduser()
     t0 = time.perf_counter()
-    model_dir = BUILDERS[args.model](model_dir, seed=args.seed)
+    model_dir = RANDOM_MODELS[args.model](model_dir, seed=args.seed)
     print(f"model: {model_dir} ({time.perf_counter() - t0:.1f} s to build or find)", flush=True)
 
     own_work_dir = args.work_dir is None

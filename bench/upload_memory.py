@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import os
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import rss_bytes  # noqa: E402
 from bench.controller_load import TENANTS, Server, job_fields  # noqa: E402
 from controller.config import ControllerConfig  # noqa: E402
 from dreambooth.proto_convert import spec_to_proto  # noqa: E402
@@ -54,10 +54,6 @@ def request(model_dir: Path) -> bytes:
         photos.append(jobs_pb2.InstanceImage(filename=f"{i}.png", data=png.getvalue()))
     spec = spec_to_proto(job_fields(model_dir))
     return jobs_pb2.SubmitJobRequest(spec=spec, instance_images=photos).SerializeToString()
-
-
-def rss_bytes(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def flood(server: Server, body: bytes, submissions: int, token: str | None) -> dict:

@@ -268,6 +268,10 @@ def build_random_sd15_model(
     )
 
 
+# The benchmarks' --model: the tiny model (CPU runs), or SD 1.5's architecture with random weights (GPU runs).
+RANDOM_MODELS = {"tiny": build_tiny_model, "sd15": build_random_sd15_model}
+
+
 # --- shared by the builders ---------------------------------------------------------------------------------
 
 
