@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from controller import metrics
 from controller.config import ControllerConfig
@@ -27,7 +26,7 @@ from controller.scheduler import Resources, Waiting, demand, schedule, training_
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
-from trainer.storage import job_paths
+from trainer.storage import job_paths, storage_clock
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +294,7 @@ class Reconciler:
             changed = job_paths(self.config.storage, job.job_id).events_file.stat().st_mtime
         except FileNotFoundError:
             return float("inf")
-        clock = Path(self.config.storage) / ".controller-clock"
+        clock = storage_clock(self.config.storage)
         try:
             clock.touch()  # its times set to now: on NFS, the server's now
             now = clock.stat().st_mtime

@@ -63,7 +63,6 @@ from trainer.storage import JobPaths, job_paths
 
 log = logging.getLogger(__name__)
 
-UPLOADS_DIR = "instance_images"  # in a job's folder: the photos its submission uploaded
 # Submissions whose photos are decoded at once. A photo at the pixel limit (64 megapixels) takes up to ~0.6 GiB
 # while it is checked, and every RPC thread may be submitting: more at once would not go faster on a few cores,
 # only hold more memory (the controller's pod has 4 GiB).
@@ -154,7 +153,7 @@ class JobService:
         paths = self._new_job_dir()
         job_id = paths.job_id
         try:
-            image_paths = self._stage_images(images, paths.job_dir / UPLOADS_DIR)
+            image_paths = self._stage_images(images, paths.uploads_dir)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             self._check_fits(spec)
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
@@ -338,7 +337,7 @@ class JobService:
         if queued is not None:
             # It never ran and never will: its uploaded photos go now (a tenant submitting and cancelling over and
             # over filled the shared storage with them); its record and spec stay.
-            shutil.rmtree(job_paths(self.config.storage, job_id).job_dir / UPLOADS_DIR, ignore_errors=True)
+            shutil.rmtree(job_paths(self.config.storage, job_id).uploads_dir, ignore_errors=True)
             self.feed.publish(job_id, "state", {"state": "CANCELLED"})
             return queued
         cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")
@@ -507,7 +506,7 @@ def _check_same_request(
         refuse("priority")
     if len(images) != len(stored):
         refuse("instance_images")
-    uploads = job_paths(config.storage, job.job_id).job_dir / UPLOADS_DIR
+    uploads = job_paths(config.storage, job.job_id).uploads_dir
     for image, path in zip(images, stored, strict=True):
         # Only the job's own uploads are read (at most max_image_bytes each): never a path the caller named.
         uploaded = Path(path).parent == uploads

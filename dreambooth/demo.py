@@ -183,9 +183,8 @@ def _write_page(out: Path, spec: JobSpec, job, local: stack.Stack, endpoint: str
     paths = job_paths(local.storage, job.job_id)
     _fresh(out / "validation")
     grids = []
-    for grid in sorted(paths.validation_dir.glob("step_*.png")):
+    for step, grid in paths.validation_grids():
         copy = Path(shutil.copy2(grid, out / "validation" / grid.name))
-        step = int(grid.stem.removeprefix("step_"))
         grids.append((copy, f"step {step}; one row per prompt: " + "; ".join(spec.validation_prompts)))
     losses = [(e["step"], e["loss"]) for e in read_events(paths.events_file) if e["type"] == "progress"]
     subject = [(p, p.name) for p in sorted(Path(spec.instance_images[0]).glob("*.png"))]

@@ -41,7 +41,7 @@ from tests.conftest import free_port
 from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actors_end
 from tests.test_store import schema_version, set_schema_version
 from trainer.events import EventLog
-from trainer.storage import job_paths
+from trainer.storage import job_paths, storage_clock
 
 TOKEN, QUEUED_ONLY_TOKEN = "failures-token", "queued-only-token"
 
@@ -457,7 +457,7 @@ def test_a_storage_clock_that_cannot_be_read_falls_back_to_this_hosts(by_hand):
     reconciler = by_hand
     job = reconciler.store.insert_job(JobRecord("alice", {}))
     EventLog(job_paths(reconciler.config.storage, job.job_id).events_file).emit("progress", step=1, total_steps=10)
-    (Path(reconciler.config.storage) / ".controller-clock").symlink_to(Path(reconciler.config.storage) / "no" / "dir")
+    storage_clock(reconciler.config.storage).symlink_to(Path(reconciler.config.storage) / "no" / "dir")
     assert 0 <= reconciler._events_quiet_s(job) < 60
 
 

@@ -41,7 +41,7 @@ from trainer.export import export_model
 from trainer.images import find_instance_images
 from trainer.preflight import preflight
 from trainer.spec import JobSpec
-from trainer.storage import JobPaths, job_paths, mark_shared
+from trainer.storage import JobPaths, clear_shared_marks, job_paths, mark_shared
 from trainer.train_loop import WorkerConfig, train_loop_per_worker
 
 
@@ -195,8 +195,7 @@ def _train(
     spec: JobSpec, paths: JobPaths, events: EventLog, placement_timeout_s: float, fail_once_at_steps: tuple[int, ...]
 ) -> Path:
     """Class-prior images, then the workers' training to the end. Returns the final checkpoint's directory."""
-    for old_mark in paths.job_dir.glob(".shared-storage-*"):  # an earlier run's
-        old_mark.unlink(missing_ok=True)
+    clear_shared_marks(paths.job_dir)
     config = WorkerConfig(
         spec=spec.to_dict(),
         storage_root=str(paths.root),

@@ -59,6 +59,11 @@ class JobPaths:
         return self.job_dir / "events.jsonl"
 
     @property
+    def uploads_dir(self) -> Path:
+        """The photos a controller's submission uploaded."""
+        return self.job_dir / "instance_images"
+
+    @property
     def driver_log(self) -> Path:
         """The driver's output, kept by the controller once the job has ended (controller.ended_jobs)."""
         return self.job_dir / "driver.log"
@@ -78,6 +83,11 @@ class JobPaths:
 
     def validation_grid(self, step: int) -> Path:
         return self.validation_dir / f"step_{step:07d}.png"
+
+    def validation_grids(self) -> list[tuple[int, Path]]:
+        """(step, grid) of the grids drawn so far, by step."""
+        found = (re.fullmatch(r"step_(\d+)\.png", p.name) for p in self.validation_dir.glob("step_*.png"))
+        return sorted((int(m[1]), self.validation_dir / m[0]) for m in found if m)
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -108,6 +118,14 @@ def job_paths(root: str | Path, job_id: str) -> JobPaths:
     return JobPaths(Path(root).resolve(), check_job_id(job_id))
 
 
+def storage_clock(root: str | Path) -> Path:
+    """The file the controller touches to read the storage's clock (a job's events are stamped by it)."""
+    return Path(root) / ".controller-clock"
+
+
+_SHARED_MARK = ".shared-storage-"
+
+
 class StorageNotShared(RuntimeError):
     """A Ray node does not see the job's storage (or its base model) at the paths the driver used."""
 
@@ -116,9 +134,15 @@ def mark_shared(directory: Path) -> Path:
     """An empty file, durable, under a name never used before, in `directory` on the job's storage: a process on
     another node that finds it (check_shared) reads the same storage as the one that made it. A new name each
     time rather than new contents, as NFS clients cache what they found under a name."""
-    mark = directory / f".shared-storage-{secrets.token_hex(8)}"
+    mark = directory / f"{_SHARED_MARK}{secrets.token_hex(8)}"
     write_file(mark, b"")
     return mark
+
+
+def clear_shared_marks(directory: Path) -> None:
+    """Removes the marks earlier runs made in `directory`."""
+    for mark in directory.glob(f"{_SHARED_MARK}*"):
+        mark.unlink(missing_ok=True)
 
 
 def check_shared(mark: str | Path, base_model: str | Path) -> None:
