@@ -17,12 +17,13 @@ from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated, user_config
-from serving.app import ModelNotServed, ResidentModel, SharedLoads, build_app
+from serving.app import ModelNotServed, build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 from serving.engine import GenerationResult, ModelUnavailable
 from serving.http_api import EncodedResult, GenerateBody, json_response, to_generation_request
 from serving.metrics import MAX_MODEL_CLASSES, class_label
+from serving.model_loads import ResidentModel, SharedLoads
 
 
 @pytest.mark.parametrize(
