@@ -91,8 +91,7 @@ class RequestGate(grpc.ServerInterceptor):
         self._auth = auth
         self._prefixes = tuple(f"/{service}/" for service in services)
         self._limits = limits
-        self._in_progress: collections.Counter[tuple[str, str]] = collections.Counter()  # (method, tenant) -> calls
-        self._in_progress_lock = threading.Lock()
+        self._in_progress = InProgress()  # (method, tenant) -> calls
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -134,20 +133,36 @@ class RequestGate(grpc.ServerInterceptor):
     @contextlib.contextmanager
     def _turn(self, method: str, tenant: str, context) -> Iterator[None]:
         limit, setting = self._limits[method]
-        with self._in_progress_lock:
-            admitted = self._in_progress[method, tenant] < limit
-            if admitted:
-                self._in_progress[method, tenant] += 1
         name = method.rpartition("/")[2]
-        if not admitted:
+        if not self._in_progress.enter((method, tenant), limit):
             message = f"tenant {tenant!r} has {limit} {name} calls in progress ({setting}): retry once one has ended"
             status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="TENANT_CALLS_LIMIT", retry_after_s=1)
             _refuse(name, status, context)
         try:
             yield
         finally:
-            with self._in_progress_lock:
-                self._in_progress[method, tenant] -= 1
+            self._in_progress.leave((method, tenant))
+
+
+class InProgress:
+    """Calls (or streams) in progress by key, each admitted while its key has fewer than a limit."""
+
+    def __init__(self):
+        self._counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def enter(self, key, limit: int) -> bool:
+        with self._lock:
+            if self._counts[key] >= limit:
+                return False
+            self._counts[key] += 1
+            return True
+
+    def leave(self, key) -> None:
+        with self._lock:
+            self._counts[key] -= 1
+            if not self._counts[key]:
+                del self._counts[key]  # tenants and methods come and go: no key kept for each ever seen
 
 
 def _refusal(name: str, code: grpc.StatusCode, message: str):
@@ -270,8 +285,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._watch_slots = threading.BoundedSemaphore(max_watches)
         self._max_watches = max_watches
         self._max_watches_per_tenant = max_watches_per_tenant
-        self._watches_by_tenant: collections.Counter[str] = collections.Counter()
-        self._watches_lock = threading.Lock()
+        self._watches_by_tenant = InProgress()
 
     def _job(self, job: JobRecord) -> jobs_pb2.Job:
         return job_proto(job, self.service.waiting_for(job))
@@ -344,8 +358,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 self._watch_slots.release()
                 metrics.WATCHES_OPEN.dec()
                 if tenant is not None:  # it took its tenant's slot too
-                    with self._watches_lock:
-                        self._watches_by_tenant[tenant] -= 1
+                    self._watches_by_tenant.leave(tenant)
 
         try:
             tenant = self._take_tenant_slot(self.auth.tenant(context))
@@ -365,14 +378,12 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         context.abort_with_status(status)
 
     def _take_tenant_slot(self, tenant: str) -> str:
-        with self._watches_lock:
-            if self._watches_by_tenant[tenant] >= self._max_watches_per_tenant:
-                raise QuotaExceeded(
-                    f"tenant {tenant!r} has {self._max_watches_per_tenant} WatchJob streams open "
-                    "(max_watches_per_tenant): close one, or poll GetJob",
-                    "TENANT_WATCHES_LIMIT",
-                )
-            self._watches_by_tenant[tenant] += 1
+        if not self._watches_by_tenant.enter(tenant, self._max_watches_per_tenant):
+            raise QuotaExceeded(
+                f"tenant {tenant!r} has {self._max_watches_per_tenant} WatchJob streams open "
+                "(max_watches_per_tenant): close one, or poll GetJob",
+                "TENANT_WATCHES_LIMIT",
+            )
         return tenant
 
 

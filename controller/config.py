@@ -86,7 +86,8 @@ class ControllerConfig:
     """WatchJob streams open at once (each holds a server thread while its job runs); more: RESOURCE_EXHAUSTED.
     The server's other calls have threads of their own, so open watches never starve them (or health checks)."""
     max_watches_per_tenant: int = 64
-    """Of those, what one tenant may hold: one tenant watching many queued jobs must not refuse everyone else's."""
+    """Of those, what one tenant may hold: one tenant watching many queued jobs must not refuse everyone else's.
+    Without tenants (one user), all of them."""
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_bytes: int = 64 * 1024 * 1024
     capacity_cpus: float | None = None

@@ -140,7 +140,9 @@ def _start(
         if config.tenants
         else [],
     )
-    jobs = JobServicer(service, auth, config.max_watches, config.max_watches_per_tenant)
+    # Without tenants, one user has every watch (`dreambooth up`'s 65th watch was refused for a tenant of one).
+    per_tenant = config.max_watches_per_tenant if config.tenants else config.max_watches
+    jobs = JobServicer(service, auth, config.max_watches, per_tenant)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
     health_servicer = health.HealthServicer()

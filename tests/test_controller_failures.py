@@ -1025,6 +1025,24 @@ def test_one_tenant_cannot_hold_every_watch(config, tiny_model, dog_images):
         controller.stop()
 
 
+def test_without_tenants_the_one_user_may_hold_every_watch(config, tiny_model, dog_images):
+    """max_watches_per_tenant shares the watches among tenants: `dreambooth up`'s one user refused a watch at 64."""
+    controller = start(dataclasses.replace(config, tenants=(), max_watches=3, max_watches_per_tenant=1))
+    try:
+        with DreamBoothClient(f"127.0.0.1:{controller.port}", timeout_s=10) as client:
+            job = client.submit(job_spec(tiny_model, dog_images))
+            watches = [client.watch(job.job_id) for _ in range(3)]
+            assert [next(w).job.job_id for w in watches] == [job.job_id] * 3
+            with pytest.raises(ClientError) as fourth:
+                next(client.watch(job.job_id))
+            assert fourth.value.reason == "SERVER_WATCHES_LIMIT"
+            client.cancel(job.job_id)
+            for watch in watches:
+                assert list(watch)[-1].job.state == jobs_pb2.STATE_CANCELLED
+    finally:
+        controller.stop()
+
+
 def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Job) -> None:
     watches = [client.watch(job.job_id) for _ in range(2)]  # max_watches
     assert [next(w).job.state for w in watches] == [jobs_pb2.STATE_QUEUED] * 2
