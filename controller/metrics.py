@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from controller.scheduler import WAITING_REASONS
 from controller.store import STATES
 from dreambooth.errors import FAILURE_REASONS
 
 REGISTRY = CollectorRegistry()
 
 JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=REGISTRY)
+QUEUED_JOBS = Gauge(
+    "dreambooth_queued_jobs",
+    "Queued jobs by what they wait for (Job.queued's reason), as of the controller's last scheduling pass.",
+    ["reason"],
+    registry=REGISTRY,
+)
 SUBMISSIONS = Counter("dreambooth_job_submissions_total", "SubmitJob calls by outcome.", ["outcome"], registry=REGISTRY)
 RPC_DURATION = Histogram(
     "dreambooth_rpc_duration_seconds",
@@ -56,6 +63,8 @@ for _outcome in ("accepted", "rejected"):
     SUBMISSIONS.labels(outcome=_outcome)
 for _reason in FAILURE_REASONS:
     FAILURES.labels(reason=_reason)
+for _reason in WAITING_REASONS:
+    QUEUED_JOBS.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)
 
@@ -71,6 +80,11 @@ def forget_job(job_id: str) -> None:
     """Drops an ended job's series: the exporter holds only running jobs', however many have run."""
     for gauge in (JOB_STEP, JOB_LOSS, JOB_STEPS_PER_SECOND):
         gauge.remove(job_id)  # none if it reported no progress: nothing to do
+
+
+def set_queued_jobs(counts: dict[str, int]) -> None:
+    for reason in WAITING_REASONS:
+        QUEUED_JOBS.labels(reason=reason).set(counts.get(reason, 0))
 
 
 def set_jobs_by_state(counts: dict[str, int]) -> None:

@@ -11,6 +11,7 @@ whose submission failed (Ray unreachable) is submitted again as the same attempt
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -132,6 +133,8 @@ class Reconciler:
             # each pass read it all).
             full = f"no CPU free: training may use {capacity.cpus:g}, the running jobs hold {held:g}"
             self.service.set_waiting({}, Waiting("WAITING_FOR_RESOURCES", full))
+            queued = self.store.count_jobs_by_state(frozenset({"QUEUED"})).get("QUEUED", 0)  # a count, not the queue
+            metrics.set_queued_jobs({"WAITING_FOR_RESOURCES": queued})
             return
         queued = self.store.queued_jobs(self._queued_specs)
         limits = self.service.running_limits()
@@ -140,6 +143,7 @@ class Reconciler:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
         plan = schedule(queued, active, capacity, limits, last_started)
         self.service.set_waiting(plan.waiting)
+        metrics.set_queued_jobs(collections.Counter(why.reason for why in plan.waiting.values()))
         for job in plan.starting:
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and

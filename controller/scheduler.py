@@ -62,10 +62,13 @@ def training_share(total: Resources, serving: Any | None) -> Resources:
     return Resources(max(total.cpus, 0.0), max(total.gpus, 0.0))
 
 
+WAITING_REASONS = ("TENANT_LIMIT", "WAITING_FOR_RESOURCES", "BEHIND_OTHER_JOB", "BIGGER_THAN_CLUSTER")
+
+
 class Waiting(NamedTuple):
     """Why a queued job does not start (the Job message's `queued`)."""
 
-    reason: str  # TENANT_LIMIT | WAITING_FOR_RESOURCES | BEHIND_OTHER_JOB | BIGGER_THAN_CLUSTER
+    reason: str  # one of WAITING_REASONS
     message: str
 
 

@@ -63,10 +63,15 @@ def test_buf_lint():
     assert "WARN" not in result.stderr, result.stderr  # e.g. a deprecated setting in buf.yaml
 
 
-def test_every_failure_reason_is_documented():
-    """Failure.reason is a closed set clients switch on: each one the code knows is in the contract's comment."""
+@pytest.mark.parametrize("message", ["Failure", "Queued"])
+def test_every_reason_is_documented(message):
+    """Failure.reason and Queued.reason are closed sets clients switch on: each one the code knows is in the
+    contract's comment of its message."""
+    from controller.scheduler import WAITING_REASONS
     from dreambooth.errors import FAILURE_REASONS
 
     proto = (ROOT / "proto" / "dreambooth" / "v1" / "jobs.proto").read_text()
-    comment = proto[proto.index("message Failure {") : proto.index("string reason = 1;")]
-    assert [r for r in FAILURE_REASONS if r not in comment] == []
+    start = proto.index(f"message {message} {{")
+    comment = proto[start : proto.index("string reason = 1;", start)]
+    reasons = {"Failure": FAILURE_REASONS, "Queued": WAITING_REASONS}[message]
+    assert [r for r in reasons if r not in comment] == []

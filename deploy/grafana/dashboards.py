@@ -211,6 +211,17 @@ def training() -> builders.Dashboard:
         )
         .with_panel(
             graph(
+                "Queued jobs by what they wait for",
+                [("sum by (reason) (dreambooth_queued_jobs)", "{{reason}}")],
+                stacked=True,
+                width=8,
+                description="Job.queued's reason, as of the controller's last scheduling pass: TENANT_LIMIT (the "
+                "tenants' max_running_jobs), WAITING_FOR_RESOURCES (the cluster is full), BEHIND_OTHER_JOB, "
+                "BIGGER_THAN_CLUSTER (waits for the autoscaler).",
+            )
+        )
+        .with_panel(
+            graph(
                 "Queue wait (submitted → started)",
                 quantiles("dreambooth_job_queue_wait_seconds", window=SPARSE),
                 unit="s",
