@@ -207,6 +207,12 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert {f: f.stat().st_mtime_ns for f in files if f != lost} == {f: t for f, t in mtimes.items() if f != lost}
     again = np.asarray(Image.open(lost)).astype(int)
     assert np.abs(again - np.asarray(Image.open(io.BytesIO(drawn)))).max() <= 1  # its seed's image, in another batch
+    # An image damaged in the cache (a bad disk, a copy cut short) is generated again, not decoded by every job.
+    damaged = image_path(directory, 3)
+    damaged.write_bytes(damaged.read_bytes()[:-20])
+    ensure_class_images(more, cache, num_actors=1, placement_timeout_s=60)
+    assert np.asarray(Image.open(damaged)).shape == (64, 64, 3)
+    assert {f: f.stat().st_mtime_ns for f in files if f != lost} == {f: t for f, t in mtimes.items() if f != lost}
     # A different class prompt is a different cache entry.
     assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
     # So are images sampled in fp16 on GPUs.

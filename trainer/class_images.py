@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from PIL import Image
 
 from dreambooth.durable import sync_dir, sync_file, write_file
 from dreambooth.errors import PlacementTimeout
@@ -54,15 +55,21 @@ def image_path(directory: Path, index: int) -> Path:
 
 
 def missing_indices(directory: Path, count: int) -> list[int]:
-    """The images still to generate. An empty file is one a power loss cut off before this cache fsynced its
-    writes: generated again rather than failing every job of the class at decoding."""
-    return [i for i in range(count) if not _has_content(image_path(directory, i))]
+    """The images still to generate: those not there, and those that do not decode whole."""
+    return [i for i in range(count) if not _is_whole(image_path(directory, i))]
 
 
-def _has_content(path: Path) -> bool:
+def _is_whole(path: Path) -> bool:
+    """Whether the cached image at `path` is there and whole (its PNG chunks' checksums hold). An empty file, one
+    a power loss cut off before the cache fsynced it, or one damaged since (a bad disk, a cache copied by hand) is
+    generated again: it failed every job of the class, for good, at decoding."""
     try:
-        return path.stat().st_size > 0
+        with Image.open(path) as image:
+            image.verify()  # reads every chunk, decodes nothing
+        return True
     except FileNotFoundError:
+        return False
+    except Exception:  # Pillow: UnidentifiedImageError, SyntaxError, OSError, ...
         return False
 
 
@@ -84,7 +91,7 @@ class ClassImageGenerator:
         since the batch was made). Returns how many of the batch are there now: all."""
         import torch
 
-        indices = [i for i in batch if not _has_content(image_path(Path(directory), i))]
+        indices = [i for i in batch if not _is_whole(image_path(Path(directory), i))]
         if not indices:
             return len(batch)
         generators = [torch.Generator(self.device).manual_seed(derive_seed(CLASS_IMAGE_SEED, i)) for i in indices]
