@@ -95,6 +95,7 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
         ({"class_prompt": "a photo of 2sks dogs"}, "class_prompt", "without the identifier 'sks'"),
         ({"prior_loss_weight": 0.0}, "prior_loss_weight", "set num_class_images to 0 instead"),
         ({"checkpoint_interval": 0}, "checkpoint_interval", ">= 1"),
+        ({"torch_compile": True, "zero_stage": 3}, "torch_compile", "does not combine with zero_stage 3"),
         ({"colour": "blue"}, "colour", "unknown field"),
         ({"learning_rte": 1e-5}, "learning_rte", "did you mean 'learning_rate'?"),
     ],
