@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import functools
 import hmac
 import logging
@@ -32,7 +31,7 @@ from controller.ray_jobs import RayJobsError
 from controller.scheduler import Waiting
 from controller.service import ImageInput, JobService
 from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
-from dreambooth.errors import InputError
+from dreambooth.errors import STORAGE_FULL_ERRNOS, InputError, is_system_error
 from dreambooth.proto_convert import proto_to_spec_fields, spec_to_proto, state_name, state_value, timestamp
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count
@@ -214,15 +213,9 @@ def _packed(detail) -> any_pb2.Any:
     return packed
 
 
-# The storage (or the database's disk) out of space or quota; the storage unwell: remounted read-only, its NFS server
-# gone, this process out of file descriptors.
-_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-_STORAGE_DOWN = frozenset({errno.EROFS, errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ETIMEDOUT})
-
-
 def _storage_full(error: Exception) -> bool:
     if isinstance(error, OSError):
-        return error.errno in _STORAGE_FULL
+        return error.errno in STORAGE_FULL_ERRNOS
     if isinstance(error, sa.exc.OperationalError):  # SQLite's SQLITE_FULL; PostgreSQL's disk_full (53100)
         return "database or disk is full" in str(error.orig) or getattr(error.orig, "sqlstate", None) == "53100"
     return False
@@ -245,7 +238,7 @@ def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
         message = "the controller's storage is full: retry once an operator has freed space"
         return code, _status(code, message, reason="STORAGE_FULL")
-    if isinstance(error, OSError) and error.errno in _STORAGE_DOWN:
+    if is_system_error(error):  # not full (above): unwell
         log.error("%s: the controller's storage cannot be used: %s", method, error)
         code = grpc.StatusCode.UNAVAILABLE
         return code, _status(code, f"the controller's storage cannot be used now ({error.strerror}); retry later")

@@ -13,7 +13,8 @@ REGISTRY = CollectorRegistry()
 JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=REGISTRY)
 QUEUED_JOBS = Gauge(
     "dreambooth_queued_jobs",
-    "Queued jobs by what they wait for (Job.queued's reason), as of the controller's last scheduling pass.",
+    "Queued jobs by what they wait for (Job.queued's reason), as of the controller's last scheduling pass (while no "
+    "CPU is free: those of tenants at their limit, and the others as WAITING_FOR_RESOURCES).",
     ["reason"],
     registry=REGISTRY,
 )

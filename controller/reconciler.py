@@ -23,7 +23,7 @@ from controller.config import ControllerConfig
 from controller.ended_jobs import SWEEP_S, EndedJob, EndedJobs
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus, submission_id
-from controller.scheduler import Resources, Waiting, demand, schedule, training_share
+from controller.scheduler import Queue, Resources, Waiting, demand, schedule, tenant_limit, training_share
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
@@ -131,10 +131,7 @@ class Reconciler:
         if (held := sum(demand(job.spec).cpus for job in active)) >= capacity.cpus:
             # Every job needs CPUs: nothing can start, so don't read the queue (a burst of submissions would make
             # each pass read it all).
-            full = f"no CPU free: training may use {capacity.cpus:g}, the running jobs hold {held:g}"
-            self.service.set_waiting({}, Waiting("WAITING_FOR_RESOURCES", full))
-            queued = self.store.count_jobs_by_state(frozenset({"QUEUED"})).get("QUEUED", 0)  # a count, not the queue
-            metrics.set_queued_jobs({"WAITING_FOR_RESOURCES": queued})
+            self._wait_while_full(active, capacity, held)
             return
         queued = self.store.queued_jobs(self._queued_specs)
         limits = self.service.running_limits()
@@ -142,9 +139,12 @@ class Reconciler:
         for job in active:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
         plan = schedule(queued, active, capacity, limits, last_started)
-        self.service.set_waiting(plan.waiting)
+        self.service.set_waiting(Queue(plan.waiting))
         metrics.set_queued_jobs(collections.Counter(why.reason for why in plan.waiting.values()))
         for job in plan.starting:
+            # First: storage that cannot be written (full, read-only, gone) leaves the job queued, its attempt
+            # unspent and its run time not started, rather than PREPARING for as long as the outage lasts.
+            self._touch_events(job)
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
             # submitted again as the next attempt).
@@ -156,6 +156,29 @@ class Reconciler:
                 metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
                 self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
                 self._submit(started)
+
+    def _wait_while_full(self, active: list[JobRecord], capacity: Resources, held: float) -> None:
+        """What queued jobs wait for while no CPU is free, without reading the queue: a job of a tenant at its limit
+        waits for that; else what the last pass that read the queue found still holds (a job bigger than the
+        cluster, a place behind another job) but for the job that was next to start; every other job for CPUs."""
+        if capacity.cpus <= 0:
+            others = Waiting(
+                "BIGGER_THAN_CLUSTER",
+                "training may use no CPU of the cluster now (capacity_cpus 0, or serving's replicas may take them "
+                "all): it starts once it may",
+            )
+        else:
+            full = f"no CPU free: training may use {capacity.cpus:g}, the running jobs hold {held:g}"
+            others = Waiting("WAITING_FOR_RESOURCES", full)
+        limits, running = self.service.running_limits(), collections.Counter(job.tenant for job in active)
+        at_limit = {t: tenant_limit(n, limits.get(t, 1)) for t, n in running.items() if n >= limits.get(t, 1)}
+        at_limit |= {t: tenant_limit(0, 0) for t, limit in limits.items() if not limit}
+        kept = {i: why for i, why in self.service.queue.by_job.items() if why.reason != "WAITING_FOR_RESOURCES"}
+        self.service.set_waiting(Queue(kept, at_limit, others))
+        # The metric from counts, not the queue: the jobs of tenants at their limit, and the others (for CPUs).
+        queued = self.store.count_jobs_by_state(frozenset({"QUEUED"})).get("QUEUED", 0)
+        limited = sum(self.store.count_tenant_jobs(tenant, frozenset({"QUEUED"})) for tenant in at_limit)
+        metrics.set_queued_jobs({"TENANT_LIMIT": limited, others.reason: queued - limited})
 
     def _resubmit(self, job: JobRecord) -> None:
         # Compare-and-set on the state this pass read: a job cancelled since then is not started again.
@@ -169,10 +192,8 @@ class Reconciler:
         # A submission that times out may still reach Ray and start later: until then Ray does not know it (LOST),
         # and LOST counts as dead only once the job's events have been quiet for LOST_QUIET_S, from now on. Else a
         # restarted controller would run the next attempt beside it, and a cancel would end the job that then runs.
-        events = job_paths(self.config.storage, job.job_id).events_file
         try:
-            events.parent.mkdir(parents=True, exist_ok=True)
-            events.touch()
+            self._touch_events(job)
         except OSError:
             # Storage full, read-only or gone: nothing reached Ray, so the same attempt goes again next pass (an
             # outage of minutes would otherwise spend every queued job's attempts on submissions never sent).
@@ -187,6 +208,11 @@ class Reconciler:
             raise
         self._unsent.pop(job.ray_submission_id, None)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
+
+    def _touch_events(self, job: JobRecord) -> None:
+        events = job_paths(self.config.storage, job.job_id).events_file
+        events.parent.mkdir(parents=True, exist_ok=True)
+        events.touch()
 
     def capacity(self) -> Resources:
         """What training may hold: the alive nodes' totals (asked at most every 10 s), each replaced by its setting

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -41,14 +41,14 @@ def shortfalls(need: Resources, available: Resources) -> list[Shortfall]:
     """What `need` wants more of than `available`, GPUs first (a job too big for its cluster is refused, not left
     waiting: the controller against its configured size, `dreambooth train` against its own Ray)."""
     found = []
-    for field, needed, there, unit in (
+    for name, needed, there, unit in (
         ("gpus_per_worker", need.gpus, available.gpus, "GPU"),
         ("cpus_per_worker", need.cpus, available.cpus, "CPU"),
     ):
         if needed > there + 1e-9:
-            needs = f"{needed:g} {unit}{'' if needed == 1 else 's'} (num_workers x {field})"
+            needs = f"{needed:g} {unit}{'' if needed == 1 else 's'} (num_workers x {name})"
             hint = ": gpus_per_worker: 0 trains on CPUs" if unit == "GPU" and not there else ""
-            found.append(Shortfall(field, needs, there, hint))
+            found.append(Shortfall(name, needs, there, hint))
     return found
 
 
@@ -70,6 +70,19 @@ class Waiting(NamedTuple):
 
     reason: str  # one of WAITING_REASONS
     message: str
+
+
+@dataclass(frozen=True)
+class Queue:
+    """What queued jobs wait for: a tenant's limit (`by_tenant`, where a pass did not read the queue), else each
+    job's own reason (where a pass read it), else `others` (the cluster was full: the queue was not read)."""
+
+    by_job: dict[str, Waiting] = field(default_factory=dict)
+    by_tenant: dict[str, Waiting] = field(default_factory=dict)
+    others: Waiting | None = None
+
+    def waiting_for(self, job) -> Waiting | None:
+        return self.by_tenant.get(job.tenant) or self.by_job.get(job.job_id) or self.others
 
 
 class Schedule(NamedTuple):
@@ -137,19 +150,21 @@ def schedule(
             if job is blocked:
                 continue
             if running[tenant] >= limit:
-                runs = f"{running[tenant]} job{'' if running[tenant] == 1 else 's'}"
-                waiting[job.job_id] = Waiting(
-                    "TENANT_LIMIT",
-                    f"its tenant runs {runs}, its max_running_jobs ({limit}): it starts once one ends"
-                    if limit
-                    else "its tenant's max_running_jobs is 0: it starts once that is raised",
-                )
+                waiting[job.job_id] = tenant_limit(running[tenant], limit)
             elif job is not line[0][1]:
                 first = line[0][1].job_id
                 waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", f"behind its tenant's job {first} (priority, age)")
-            else:
-                waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", f"behind job {blocked.job_id}, next to start")
+            else:  # the next to start is another tenant's (its line's first, were it this one's): not named
+                waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", "behind another tenant's job, next to start")
     return Schedule(starting, waiting)
+
+
+def tenant_limit(running: int, limit: int) -> Waiting:
+    """What a job of a tenant that runs `running` jobs, its max_running_jobs `limit`, waits for."""
+    if not limit:
+        return Waiting("TENANT_LIMIT", "its tenant's max_running_jobs is 0: it starts once that is raised")
+    runs = f"{running} job{'' if running == 1 else 's'}"
+    return Waiting("TENANT_LIMIT", f"its tenant runs {runs}, its max_running_jobs ({limit}): it starts once one ends")
 
 
 def _needs(need: Resources, there: Resources, available: str) -> str:

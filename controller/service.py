@@ -40,7 +40,7 @@ from controller.errors import (
 )
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
-from controller.scheduler import Resources, Waiting, demand, shortfalls, training_share
+from controller.scheduler import Queue, Resources, Waiting, demand, shortfalls, training_share
 from controller.serving import ServingSync
 from controller.store import (
     RUNNING_STATES,
@@ -54,7 +54,7 @@ from controller.store import (
     new_job_id,
 )
 from dreambooth.durable import sync_dir, write_file
-from dreambooth.errors import InputError
+from dreambooth.errors import InputError, is_system_error
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from trainer.images import check_instance_image_count, check_instance_images
 from trainer.preflight import check_prompt_lengths, check_trainable_base_model
@@ -101,28 +101,30 @@ class JobService:
         # Deploys, undeploys and deletions of models, one at a time (see delete_model). They are rare, and a model's
         # files (a few dozen) go in a moment.
         self._model_changes = threading.Lock()
-        # What the reconciler's last scheduling pass found each queued job waits for (Job.queued), and what the jobs
-        # it did not read wait for: derived each pass, not stored. Replaced whole, by the reconciler's thread only.
-        self._waiting: tuple[dict[str, Waiting], Waiting | None] = ({}, None)
+        # What the reconciler's last scheduling pass found queued jobs wait for (Job.queued): derived each pass, not
+        # stored. Replaced whole, by the reconciler's thread only.
+        self._waiting = Queue()
 
     def running_limits(self) -> dict[str, int]:
         """Tenant -> how many of its jobs may run at once."""
         return {name: tenant.max_running_jobs for name, tenant in self.tenants.items()}
 
-    def set_waiting(self, waiting: dict[str, Waiting], others: Waiting | None = None) -> None:
-        """What the last scheduling pass found queued jobs wait for (job_id -> why; `others`: the jobs it did not
-        read). Each job whose wait changed is published, for its watchers."""
-        (before, before_others), self._waiting = self._waiting, (waiting, others)
-        for job_id in waiting.keys() | (before.keys() if others else set()):
-            if waiting.get(job_id, others) != before.get(job_id, before_others):
+    @property
+    def queue(self) -> Queue:
+        """What the last scheduling pass found queued jobs wait for."""
+        return self._waiting
+
+    def set_waiting(self, queue: Queue) -> None:
+        """Records what the last scheduling pass found. Each job whose own reason changed is published, for its
+        watchers (those told by their tenant's or the queue's reason find a change within a second: `watch`)."""
+        before, self._waiting = self._waiting, queue
+        for job_id in queue.by_job.keys() | before.by_job.keys():
+            if queue.by_job.get(job_id) != before.by_job.get(job_id):
                 self.feed.publish(job_id, "queued")
 
     def waiting_for(self, job: JobRecord) -> Waiting | None:
         """Why `job` has not started, while it is QUEUED (None before a scheduling pass saw it)."""
-        if job.state != "QUEUED":
-            return None
-        waiting, others = self._waiting
-        return waiting.get(job.job_id, others)
+        return self._waiting.waiting_for(job) if job.state == "QUEUED" else None
 
     # --- jobs ------------------------------------------------------------------------------------------
 
@@ -166,11 +168,15 @@ class JobService:
                 check_trainable_base_model(spec.base_model)
                 check_prompt_lengths(spec)
             except (OSError, RuntimeError) as e:
+                if is_system_error(e):
+                    raise  # the controller's storage or process (an NFS hiccup, no descriptors left): not the input
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
             try:
                 with self._image_check_slot(waited_for, job_id):
                     check_instance_images(spec.instance_images, spec.resolution, bounded=True)
             except OSError as e:
+                if is_system_error(e):
+                    raise
                 raise InputError("instance_images", f"cannot read the images: {e}") from e
             # On disk before the row commits and the client is told: a power loss must not leave a job whose
             # spec or photos are empty files, which every attempt would fail on.
@@ -371,6 +377,7 @@ class JobService:
         """The job now, then (job, change) for every change, until the job ends or `is_active()` is false."""
         seq = self.feed.seq
         job = self.get(tenant, job_id)
+        told = self.waiting_for(job)  # what the caller is told it waits for (it asks as it tells)
         yield job, None
         while job.state not in TERMINAL_STATES and is_active():
             seq, changes, missed = self.feed.follow(job_id, seq, timeout_s=1.0)
@@ -382,12 +389,16 @@ class JobService:
                 state = change.data["state"] if change.kind == "state" else job.state
                 progress = change.data if change.kind == "progress" else job.progress
                 job = dataclasses.replace(now, state=state, progress=progress)
+                told = self.waiting_for(job)
                 yield job, change
             if missed or not changes:
                 # The feed no longer held some changes (this follower fell more than its capacity behind), or a quiet
-                # second passed: read the job anyway, so that a change never delivered still ends the stream.
+                # second passed: read the job anyway, so that a change never delivered still ends the stream (and a
+                # queued job's reason that came from its tenant or the whole queue, never published, is told).
                 now = self.get(tenant, job_id)
-                if now.state != job.state:
+                waiting = self.waiting_for(now)
+                if now.state != job.state or waiting != told:
+                    told = waiting
                     yield now, None
                 job = now
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable, Mapping
 
 
@@ -21,6 +22,19 @@ class InputError(ValueError):
     def __reduce__(self):
         # Crosses process boundaries (a Serve replica's error reaches the ingress pickled).
         return (self.__class__, (self.field, self.message))
+
+
+# OSErrors that say nothing of the input read or written: the storage full (or over quota), or unwell (remounted
+# read-only, its NFS server gone), or this process out of descriptors or memory. Raised as what they are (the
+# controller answers RESOURCE_EXHAUSTED or UNAVAILABLE), never blamed on a photo, a model or a cached image.
+STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+SYSTEM_ERRNOS = STORAGE_FULL_ERRNOS | frozenset(
+    {errno.EROFS, errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ETIMEDOUT}
+)
+
+
+def is_system_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS
 
 
 def refuse_unknown(data: Mapping, known: Iterable[str], what: str, prefix: str = "") -> None:

@@ -29,7 +29,7 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
-from controller.scheduler import Resources, Waiting
+from controller.scheduler import WAITING_REASONS, Resources, Waiting
 from controller.server import start
 from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
@@ -253,13 +253,22 @@ def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_h
     folder = job_paths(reconciler.config.storage, job.job_id).job_dir
     folder.parent.mkdir(parents=True)
     folder.write_text("not a folder")  # its events file cannot be made
-    for _ in range(4):  # the pass that starts it, then passes that find Ray does not know it
+    for _ in range(3):
         reconciler.reconcile_once()
-    started = reconciler.store.get_job(job.job_id)
-    assert (started.state, started.attempts) == ("PREPARING", 1)
+    waiting = reconciler.store.get_job(job.job_id)  # not started: no attempt spent, no run time counted
+    assert (waiting.state, waiting.attempts, waiting.start_time) == ("QUEUED", 0, None)
+    # A job started before the outage whose next submission meets it (its driver died, say): the same attempt.
+    submission = f"{job.job_id}-a1"
+    started = reconciler.store.transition(
+        job.job_id, {"QUEUED"}, "PREPARING", attempts=1, ray_submission_id=submission, start_time=time.time()
+    )
+    with pytest.raises(OSError):
+        reconciler._submit(started)
+    for _ in range(3):  # passes that find Ray does not know it
+        reconciler.reconcile_once()
+    assert reconciler.store.get_job(job.job_id).attempts == 1
     folder.unlink()  # the storage is back: the same attempt is submitted
     reconciler.reconcile_once()
-    submission = f"{job.job_id}-a1"
     assert reconciler.ray_jobs.status(submission) != RayJobStatus.LOST
     assert reconciler.store.get_job(job.job_id).attempts == 1
     reconciler.ray_jobs.stop(submission)
@@ -531,11 +540,24 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
             "BEHIND_OTHER_JOB",  # bob's turn: alice holds the cluster
             "WAITING_FOR_RESOURCES",  # bob's is next to start
         ]
-        # Every CPU is held now: the next pass reads no queue, and each queued job waits for CPUs.
+        # Every CPU is held now: the next pass reads no queue. What the last one found holds, but for the job next
+        # to start, which waits for CPUs now; so does a job that pass did not see (its tenant is not at its limit).
+        late = store.insert_job(JobRecord("bob", whole_cluster, create_time=4))
         reconciler._schedule()
-        assert {service.waiting_for(store.get_job(j.job_id)) for j in (alices[1], bobs)} == {
-            Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
-        }
+        full = Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
+        assert [service.waiting_for(store.get_job(j.job_id)) for j in (alices[1], bobs, late)] == [
+            Waiting("BEHIND_OTHER_JOB", "behind another tenant's job, next to start"),
+            full,
+            full,
+        ]
+        # A tenant at its limit: its jobs wait for that, seen or not.
+        service.tenants["bob"] = dataclasses.replace(service.tenants["bob"], max_running_jobs=0)
+        reconciler._schedule()
+        assert service.waiting_for(store.get_job(late.job_id)).reason == "TENANT_LIMIT"
+        service.tenants["bob"] = dataclasses.replace(service.tenants["bob"], max_running_jobs=2)
+        # The metric while full, from counts: the tenant's jobs at its limit; the others wait for CPUs.
+        gauge = metrics.REGISTRY.get_sample_value
+        assert [gauge("dreambooth_queued_jobs", {"reason": r}) for r in WAITING_REASONS] == [2, 1, 0, 0]
         store.transition(alices[0].job_id, {"PREPARING"}, "SUCCEEDED")
         with pytest.raises(RayJobsError):
             reconciler._schedule()
@@ -1144,6 +1166,25 @@ def _watched_job(tmp_path: Path, make_feed) -> tuple[JobService, JobRecord]:
     return JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed), job
 
 
+def test_a_watch_tells_what_its_queued_job_waits_for_also_when_no_change_of_its_own_says_so(tmp_path: Path):
+    """While the cluster is full the queue is not read: a job's reason comes from the whole queue's, or its tenant's,
+    and no change of the job's is published. The watch finds it within a second (it showed nothing for hours)."""
+    from controller.scheduler import Queue
+
+    service, mine = _watched_job(tmp_path, lambda cancel: ChangeFeed())
+    watch = service.watch("alice", mine.job_id)
+    job, _ = next(watch)
+    assert service.waiting_for(job) is None  # before any pass
+    full = Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
+    service.set_waiting(Queue(others=full))
+    job, change = next(watch)
+    assert change is None and service.waiting_for(job) == full
+    limited = Waiting("TENANT_LIMIT", "its tenant runs 2 jobs, its max_running_jobs (2): it starts once one ends")
+    service.set_waiting(Queue(by_tenant={"alice": limited}, others=full))
+    job, change = next(watch)
+    assert service.waiting_for(job) == limited
+
+
 def test_a_watch_sees_a_change_published_while_it_told_the_one_before(tmp_path: Path):
     service, mine = _watched_job(tmp_path, _FeedPublishingBehindTheWatch)
     watch = service.watch("alice", mine.job_id)
@@ -1283,6 +1324,16 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
         client.submit(job_spec(tiny_model, dog_images))
     assert (full.value.code, full.value.reason) == ("RESOURCE_EXHAUSTED", "STORAGE_FULL"), full.value
     assert "storage is full" in full.value.message and len(calls) == 1
+    # Reading the staged photos back fails for the storage's reasons (an NFS hiccup): not the photos' fault.
+    monkeypatch.setattr(service_module, "write_file", lambda *_: None)
+
+    def stale(*_args, **_kwargs) -> None:
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(service_module, "check_instance_images", stale)
+    with pytest.raises(ClientError) as unwell:
+        client.submit(job_spec(tiny_model, dog_images))
+    assert unwell.value.code == "UNAVAILABLE" and "Stale file handle" in unwell.value.message
     # The database's disk: SQLite's SQLITE_FULL; a storage remounted read-only: worth a retry later.
     sqlite_full = sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
     assert _error_status(sqlite_full, "SubmitJob")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -7,6 +7,7 @@ import threading
 import uuid
 
 import pytest
+from PIL import Image
 
 from dreambooth.durable import write_file
 from trainer.checkpoint import (
@@ -88,10 +89,12 @@ def test_an_export_that_stops_halfway_leaves_no_half_model(tmp_path, stopped_by)
     assert (paths.model_dir / "metadata.json").read_text() == "new" and paths.model_scratch() == []
 
 
-def test_an_empty_cached_class_image_is_generated_again(tmp_path):
-    image_path(tmp_path, 0).write_bytes(b"\x89PNG...")
+def test_an_empty_or_damaged_cached_class_image_is_generated_again(tmp_path):
+    Image.new("RGB", (8, 8)).save(image_path(tmp_path, 0))
     image_path(tmp_path, 1).write_bytes(b"")  # a power loss cut it off
-    assert missing_indices(tmp_path, 3) == [1, 2]
+    Image.new("RGB", (8, 8)).save(image_path(tmp_path, 3))
+    image_path(tmp_path, 3).write_bytes(image_path(tmp_path, 3).read_bytes()[:-20])  # its end lost
+    assert missing_indices(tmp_path, 4) == [1, 2, 3]
 
 
 def test_event_readers_skip_lines_that_are_not_events(tmp_path):

@@ -176,7 +176,7 @@ def test_each_job_that_does_not_start_says_what_it_waits_for():
         "a-gpu": Waiting("WAITING_FOR_RESOURCES", "next to start; needs 1 GPU (num_workers x gpus_per_worker), 0 free"),
         "a-cpu": Waiting("BEHIND_OTHER_JOB", "behind its tenant's job a-gpu (priority, age)"),
         "b-next": Waiting("TENANT_LIMIT", "its tenant runs 1 job, its max_running_jobs (1): it starts once one ends"),
-        "c-cpu": Waiting("BEHIND_OTHER_JOB", "behind job a-gpu, next to start"),
+        "c-cpu": Waiting("BEHIND_OTHER_JOB", "behind another tenant's job, next to start"),  # not a's job id
         "c-huge": Waiting(
             "BIGGER_THAN_CLUSTER",
             "needs 3 GPUs (num_workers x gpus_per_worker), more than the 2 training may hold in the cluster: "

@@ -24,7 +24,7 @@ import ray
 from PIL import Image
 
 from dreambooth.durable import sync_dir, sync_file, write_file
-from dreambooth.errors import PlacementTimeout
+from dreambooth.errors import PlacementTimeout, is_system_error
 from dreambooth.model_files import fingerprint
 from trainer.data import derive_seed
 from trainer.spec import JobSpec
@@ -69,7 +69,9 @@ def _is_whole(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
-    except Exception:  # Pillow: UnidentifiedImageError, SyntaxError, OSError, ...
+    except Exception as e:  # Pillow: UnidentifiedImageError, SyntaxError, OSError, ...
+        if is_system_error(e):
+            raise  # the storage's (an NFS hiccup): not a reason to generate good images again
         return False
 
 

@@ -7,7 +7,6 @@ The SDK finds a submission's photos with `find_instance_images` too: torch loads
 
 from __future__ import annotations
 
-import errno
 import functools
 import io
 import os
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
-from dreambooth.errors import InputError
+from dreambooth.errors import InputError, is_system_error
 
 if TYPE_CHECKING:
     import torch
@@ -83,11 +82,6 @@ def check_instance_image_count(count: int) -> None:
         raise InputError(FIELD, f"{count} images; at most {MAX_INSTANCE_IMAGES} (3-5 photos of the subject work best)")
 
 
-# Errors reading a photo that say nothing about the photo: raised, not reported as a corrupt photo (a job resumed
-# after an NFS hiccup failed for good as INVALID_INPUT, blaming photos that were fine).
-_SYSTEM_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ETIMEDOUT})
-
-
 def _problem(path: Path, resolution: int) -> str | None:
     """What is wrong with one image, or None. The header is checked before any pixel is decoded."""
     try:
@@ -112,7 +106,7 @@ def _problem(path: Path, resolution: int) -> str | None:
     except UnidentifiedImageError:
         return "not an image (Pillow cannot identify it)"
     except OSError as exc:
-        if exc.errno in _SYSTEM_ERRNOS:
+        if is_system_error(exc):
             raise  # the storage's or this process's (an NFS server gone, out of descriptors), not the photo's
         return f"corrupt or truncated ({type(exc).__name__}: {exc})"
     except MemoryError:
