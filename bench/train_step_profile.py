@@ -67,6 +67,7 @@ RESOLUTION = {"tiny": 64, "sd15": 512, "sd15-narrow": 64}
 class Variant:
     spec: dict = field(default_factory=dict)  # JobSpec fields changed
     zero: dict = field(default_factory=dict)  # ZeRO config entries changed
+    config: dict = field(default_factory=dict)  # top-level DeepSpeed config entries changed
     as_trainer: bool = True  # networks prepared by trainer.train_loop.trained_model (flat parameters, ...)
     split_above: int | None = None  # flat parameters' block split threshold, if not the trainer's
     one_optimizer_group: bool = False  # all trained parameters in one optimizer group
@@ -77,6 +78,11 @@ VARIANTS: dict[str, Variant] = {
     # The trainer before its memory changes: ZeRO-2's step copied the whole model's gradients to fp32 at once.
     "before: whole blocks in one optimizer group + 5e8 buckets": Variant(
         zero={"reduce_bucket_size": 5e8}, split_above=2**62, one_optimizer_group=True
+    ),
+    # The trainer before session 16 on one GPU: DeepSpeed's throughput timer on, and overlap_comm (each a device
+    # sync a micro-step; under ZeRO-3 overlap_comm also puts the parameter fetches on a stream of their own).
+    "before: DeepSpeed's timer + overlap_comm": Variant(
+        zero={"overlap_comm": True}, config={"timers": {"throughput": {"enabled": True}}}
     ),
     "gradient checkpointing": Variant(spec={"gradient_checkpointing": True}),
     "per-tensor parameters": Variant(as_trainer=False),
@@ -113,6 +119,7 @@ def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch
     def config(spec_, world_size):
         result = copy.deepcopy(trainer_config(spec_, world_size))
         result["zero_optimization"].update(variant.zero)
+        result.update(variant.config)
         return result
 
     with contextlib.ExitStack() as changes:

@@ -124,6 +124,9 @@ def check_base_model(path: str | os.PathLike) -> Path:
     return root
 
 
+_HEADER_MAX_BYTES = 100 * 1024 * 1024  # safetensors' own limit on a header
+
+
 def _cut_short(root: Path) -> list[str]:
     """The safetensors files to load that are shorter than their header says, or not safetensors at all: found at
     submission from headers (KBs), not hours later when every worker fails to load them."""
@@ -136,8 +139,15 @@ def _cut_short(root: Path) -> list[str]:
             size = file.stat().st_size
             try:
                 with open(file, "rb") as f:
-                    (length,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(length)) if length <= size else {}
+                    start = f.read(64)
+                    if start.startswith(b"version https://git-lfs"):
+                        cut.append(f"{component}/{file.name} (a Git LFS pointer: run `git lfs pull` in the model)")
+                        continue
+                    (length,) = struct.unpack_from("<Q", start)
+                    if length > min(size, _HEADER_MAX_BYTES):
+                        raise ValueError(f"a header of {length} bytes")
+                    f.seek(8)
+                    header = json.loads(f.read(length))
                 end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
                 wanted = 8 + length + end
             except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -257,7 +258,7 @@ def build_random_sd15_model(
     Same guarantees as build_tiny_model: deterministic for a seed, atomic, safe for concurrent callers.
     Building takes ~1 minute of CPU time (initialising ~1.07B parameters).
     """
-    return _build_random_model(
+    out = _build_random_model(
         out_dir,
         seed=seed,
         unet=partial(_sd15_unet, tuple(unet_channels)),
@@ -266,6 +267,11 @@ def build_random_sd15_model(
         scheduler=_sd15_scheduler,
         save_dtype=torch.float16,
     )
+    # One an earlier version built (kept in a benchmark's cache) samples with DDPM: not what SD 1.5 costs.
+    sampler = json.loads((out / "model_index.json").read_text()).get("scheduler")
+    if sampler != ["diffusers", "PNDMScheduler"]:
+        raise FileExistsError(f"{out} holds an earlier random SD 1.5 model (its scheduler: {sampler}): remove it")
+    return out
 
 
 # The benchmarks' --model: the tiny model (CPU runs), or SD 1.5's architecture with random weights (GPU runs).

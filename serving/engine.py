@@ -207,8 +207,8 @@ class SamplingEngine:
         # A fast tokenizer sets its truncation and padding on its shared Rust object at each call, then encodes: the
         # prompt checks (a replica's request threads) and the batches' encoding (its device thread) take turns.
         self._tokenizing = threading.Lock()
-        # What warm_up compiled: (UNet config, native size) -> the batch sizes of images run.
-        self._warmed: dict[tuple[str, tuple[int, int]], set[int]] = {}
+        # What warm_up compiled: the graphs' key (see warm_up) -> the batch sizes of images run.
+        self._warmed: dict[tuple, set[int]] = {}
 
     def tokenizer(self, path: str | Path):
         """The tokenizer of the model at `path`, loaded once per base model and kept: what a request's prompts are
@@ -291,10 +291,17 @@ class SamplingEngine:
         if model.compiled_unet is None:
             return
         height, width = model.native_size
-        # Its config without where it was read from ("_name_or_path": every subject's own folder).
+        # What decides the graphs, but for the batch size: the UNet's config without where it was read from
+        # ("_name_or_path": every subject's own folder), the size, the timesteps' dtype (int64 from PNDM or DDIM,
+        # float32 from Euler), and the prompts' length in tokens.
         config = {key: value for key, value in model.unet.config.items() if not key.startswith("_")}
-        architecture = json.dumps(config, sort_keys=True, default=str)
-        warmed = self._warmed.setdefault((architecture, model.native_size), set())
+        key = (
+            json.dumps(config, sort_keys=True, default=str),
+            model.native_size,
+            type(model.scheduler).__name__,
+            model.tokenizer.model_max_length,
+        )
+        warmed = self._warmed.setdefault(key, set())
         for images in sorted({1, max_images} - warmed):
             self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
             warmed.add(images)

@@ -188,11 +188,15 @@ def test_weight_files_cut_short_are_refused_from_their_headers(tiny_copy):
     with open(unet, "r+b") as f:
         f.truncate(size - 1)
     vae.write_bytes(b"\x00" * 4)
+    # A clone without Git LFS: each weights file is a pointer of a few lines.
+    text_encoder = tiny_copy / "text_encoder/model.safetensors"
+    text_encoder.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 492265168\n")
     with pytest.raises(InputError, match="cut short") as error:
         check_base_model(tiny_copy)
     assert error.value.field == "base_model"
     assert f"unet/diffusion_pytorch_model.safetensors ({size - 1} of {size} bytes)" in error.value.message
     assert "vae/diffusion_pytorch_model.safetensors (not a safetensors file)" in error.value.message
+    assert "text_encoder/model.safetensors (a Git LFS pointer: run `git lfs pull`" in error.value.message
 
 
 def test_check_base_model_returns_resolved_path(tiny):

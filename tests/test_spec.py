@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -153,6 +154,9 @@ def test_deepspeed_config_holds_no_device_sync_a_step_does_not_need():
     assert not get_timers_config(alone).enabled  # as DeepSpeed reads it
     assert not DeepSpeedZeroConfig(**alone["zero_optimization"]).overlap_comm
     assert DeepSpeedZeroConfig(**together["zero_optimization"]).overlap_comm
+    # ZeRO-3 fetches parameters on overlap_comm's stream: without it, each fetch waits for the compute stream.
+    zero3 = deepspeed_config(dataclasses.replace(spec, zero_stage=3), world_size=1)
+    assert DeepSpeedZeroConfig(**zero3["zero_optimization"]).overlap_comm
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

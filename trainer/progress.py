@@ -130,27 +130,35 @@ class TensorBoardScalars:
         self._thread.join(self._close_timeout_s)
 
     def _write(self, log_dir: Path, start_step: int) -> None:
-        from tensorboardX import SummaryWriter
-
         try:
+            from tensorboardX import SummaryWriter
+
             # A restarted run logs the steps after its checkpoint (or from the first, where it had none) again: the
             # marker at the first of them tells TensorBoard to drop what an earlier run logged from there on (else
             # every curve runs back and draws those steps twice). Files are named by the second they were opened
             # in; the suffix keeps a quick restart's from replacing them.
             writer = SummaryWriter(str(log_dir), purge_step=start_step + 1, filename_suffix=f".from-step-{start_step}")
-        except OSError as e:
-            log.warning("TensorBoard is off for this run: %s", e)
-            while self._queue.get() is not None:  # taken and dropped
-                pass
+        except Exception as e:
+            log.warning("TensorBoard is off for this run: %s: %s", type(e).__name__, e)
+            self._drain()
             return
-        while (item := self._queue.get()) is not None:
-            scalars, step = item
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, step)
+        try:
+            while (item := self._queue.get()) is not None:
+                scalars, step = item
+                for name, value in scalars.items():
+                    writer.add_scalar(name, value, step)
+        except Exception as e:
+            log.warning("TensorBoard is off for the rest of this run: %s: %s", type(e).__name__, e)
+            self._drain()
         try:
             writer.close()
-        except OSError as e:
-            log.warning("TensorBoard's last scalars may be lost: %s", e)
+        except Exception as e:
+            log.warning("TensorBoard's last scalars may be lost: %s: %s", type(e).__name__, e)
+
+    def _drain(self) -> None:
+        """Takes and drops what is added, until close(): the training loop's reports never back up."""
+        while self._queue.get() is not None:
+            pass
 
 
 def peak_memory() -> dict[str, float]:
