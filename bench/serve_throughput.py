@@ -64,7 +64,7 @@ class Row:
     p99_s: float
     mean_batch: float
     peak_memory_gib: float | None
-    requests: int  # latencies the percentiles come from (under ~100, the p99 is about the slowest)
+    requests: int  # latencies the percentiles come from (under 100, the p99 is the slowest)
     batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
     arrivals_per_s: float | None = None
     # Step-level sides: per number of cohorts in a denoising step ("1", "2-7", "8+"), the steps counted and their

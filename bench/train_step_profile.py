@@ -86,6 +86,8 @@ VARIANTS: dict[str, Variant] = {
     ),
     "gradient checkpointing": Variant(spec={"gradient_checkpointing": True}),
     "per-tensor parameters": Variant(as_trainer=False),
+    # overlap_comm is off in the trainer's config on one GPU under ZeRO-2 (since session 16): contiguous_gradients
+    # is what this variant changes there.
     "per-tensor without overlap_comm + contiguous_gradients": Variant(
         zero={"overlap_comm": False, "contiguous_gradients": False}, as_trainer=False
     ),

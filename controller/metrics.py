@@ -14,7 +14,8 @@ JOBS = Gauge("dreambooth_jobs", "Training jobs by state.", ["state"], registry=R
 QUEUED_JOBS = Gauge(
     "dreambooth_queued_jobs",
     "Queued jobs by what they wait for (Job.queued's reason), as of the controller's last scheduling pass (while no "
-    "CPU is free: those of tenants at their limit, and the others as WAITING_FOR_RESOURCES).",
+    "CPU is free: those of tenants at their limit as TENANT_LIMIT, the rest as WAITING_FOR_RESOURCES, or as "
+    "BIGGER_THAN_CLUSTER while training may use no CPU).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -139,12 +139,23 @@ class Reconciler:
         for job in active:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
         plan = schedule(queued, active, capacity, limits, last_started)
-        self.service.set_waiting(Queue(plan.waiting))
-        metrics.set_queued_jobs(collections.Counter(why.reason for why in plan.waiting.values()))
+        # First the events files of the jobs that start: storage that cannot be written (full, read-only, gone)
+        # leaves a job queued, saying so, its attempt unspent and its run time not started, rather than PREPARING
+        # for as long as the outage lasts.
+        starting, waiting = [], dict(plan.waiting)
         for job in plan.starting:
-            # First: storage that cannot be written (full, read-only, gone) leaves the job queued, its attempt
-            # unspent and its run time not started, rather than PREPARING for as long as the outage lasts.
-            self._touch_events(job)
+            try:
+                self._touch_events(job)
+                starting.append(job)
+            except OSError as e:
+                log.warning("job %s cannot start: its events file cannot be made: %s", job.job_id, e)
+                waiting[job.job_id] = Waiting(
+                    "STORAGE_UNAVAILABLE",
+                    f"the controller cannot write to its storage ({e.strerror or e}): it starts once it can",
+                )
+        self.service.set_waiting(Queue(waiting))
+        metrics.set_queued_jobs(collections.Counter(why.reason for why in waiting.values()))
+        for job in starting:
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
             # submitted again as the next attempt).

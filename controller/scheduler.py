@@ -62,7 +62,13 @@ def training_share(total: Resources, serving: Any | None) -> Resources:
     return Resources(max(total.cpus, 0.0), max(total.gpus, 0.0))
 
 
-WAITING_REASONS = ("TENANT_LIMIT", "WAITING_FOR_RESOURCES", "BEHIND_OTHER_JOB", "BIGGER_THAN_CLUSTER")
+WAITING_REASONS = (
+    "TENANT_LIMIT",
+    "WAITING_FOR_RESOURCES",
+    "BEHIND_OTHER_JOB",
+    "BIGGER_THAN_CLUSTER",
+    "STORAGE_UNAVAILABLE",  # the reconciler's: the job's files cannot be written (not the scheduler's)
+)
 
 
 class Waiting(NamedTuple):

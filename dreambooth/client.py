@@ -40,7 +40,8 @@ _MESSAGE_LIMIT = MAX_UPLOAD_BYTES + 1024 * 1024  # the images plus the rest of t
 # call, and 64 MiB of photos would not go up in 30 s below 18 Mbit/s.
 UPLOAD_BYTES_PER_S = 256 * 1024
 
-# Connection failures (UNAVAILABLE) are retried by gRPC itself with backoff. Safe for SubmitJob because every
+# UNAVAILABLE (a connection failure; a controller whose Ray, database or storage cannot be used for a moment) is
+# retried by gRPC itself with backoff, up to 4 attempts. Safe for SubmitJob because every
 # attempt carries the same request_id, so the server returns the job the first attempt created.
 _SERVICE_CONFIG = json.dumps(
     {

@@ -40,7 +40,7 @@ def is_system_error(error: BaseException) -> bool:
 def refuse_unknown(data: Mapping, known: Iterable[str], what: str, prefix: str = "") -> None:
     """Raises InputError naming the keys of `data` that are not `known` (a typo in a spec or a config file), the first
     as the field (`prefix` before it), with the closest known one where there is one. YAML reads a key `yes`, `no`
-    or `on` as a boolean: named as written."""
+    or `on` as a boolean: named as Python writes it (`no:` as 'False'), not a TypeError."""
     known = sorted(known)
     unknown = sorted(map(str, set(data) - set(known)))
     if not unknown:

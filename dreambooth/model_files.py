@@ -113,9 +113,7 @@ def check_base_model(path: str | os.PathLike) -> Path:
             f"{str(root)!r} is not a complete diffusers-format Stable Diffusion model; missing: " + ", ".join(missing),
         )
     if cut := _cut_short(root):
-        raise InputError(
-            "base_model", f"{str(root)!r} has weight files cut short (a copy that stopped?): " + ", ".join(cut)
-        )
+        raise InputError("base_model", f"{str(root)!r} has weight files that cannot be loaded: " + ", ".join(cut))
     problems = _architecture_problems(root)
     if problems:
         raise InputError(

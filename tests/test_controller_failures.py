@@ -257,6 +257,8 @@ def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_h
         reconciler.reconcile_once()
     waiting = reconciler.store.get_job(job.job_id)  # not started: no attempt spent, no run time counted
     assert (waiting.state, waiting.attempts, waiting.start_time) == ("QUEUED", 0, None)
+    why = reconciler.service.waiting_for(waiting)
+    assert why.reason == "STORAGE_UNAVAILABLE" and "cannot write to its storage" in why.message
     # A job started before the outage whose next submission meets it (its driver died, say): the same attempt.
     submission = f"{job.job_id}-a1"
     started = reconciler.store.transition(
@@ -557,7 +559,7 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
         service.tenants["bob"] = dataclasses.replace(service.tenants["bob"], max_running_jobs=2)
         # The metric while full, from counts: the tenant's jobs at its limit; the others wait for CPUs.
         gauge = metrics.REGISTRY.get_sample_value
-        assert [gauge("dreambooth_queued_jobs", {"reason": r}) for r in WAITING_REASONS] == [2, 1, 0, 0]
+        assert [gauge("dreambooth_queued_jobs", {"reason": r}) for r in WAITING_REASONS] == [2, 1, 0, 0, 0]
         store.transition(alices[0].job_id, {"PREPARING"}, "SUCCEEDED")
         with pytest.raises(RayJobsError):
             reconciler._schedule()

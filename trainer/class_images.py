@@ -55,7 +55,8 @@ def image_path(directory: Path, index: int) -> Path:
 
 
 def missing_indices(directory: Path, count: int) -> list[int]:
-    """The images still to generate: those not there, and those that do not decode whole."""
+    """The images still to generate: those not there, and those whose PNG chunks do not read whole (checksums;
+    nothing is decoded)."""
     return [i for i in range(count) if not _is_whole(image_path(directory, i))]
 
 

@@ -215,9 +215,11 @@ def training() -> builders.Dashboard:
                 [("sum by (reason) (dreambooth_queued_jobs)", "{{reason}}")],
                 stacked=True,
                 width=8,
-                description="Job.queued's reason, as of the controller's last scheduling pass: TENANT_LIMIT (the "
-                "tenants' max_running_jobs), WAITING_FOR_RESOURCES (the cluster is full), BEHIND_OTHER_JOB, "
-                "BIGGER_THAN_CLUSTER (waits for the autoscaler).",
+                description="What queued jobs wait for, as of the controller's last scheduling pass: TENANT_LIMIT "
+                "(the tenants' max_running_jobs), WAITING_FOR_RESOURCES (the cluster is full; while no CPU is free, "
+                "every job not held by its tenant's limit), BEHIND_OTHER_JOB, BIGGER_THAN_CLUSTER (more than "
+                "training may hold now: the cluster must grow, or training is paused), STORAGE_UNAVAILABLE (the "
+                "controller cannot write its storage).",
             )
         )
         .with_panel(
