@@ -7,17 +7,61 @@ scheduler a complete-looking model names.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dreambooth.errors import InputError
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # An exported subject model's own file beside the diffusers ones: its base model, prompts, hyper-parameters.
 METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """An exported model's metadata.json: how it was made. The trainer writes it; serving reads it (a model an
+    earlier version exported may lack fields: their defaults; a later version's fields are not read)."""
+
+    job_id: str = ""
+    base_model: str = ""
+    # Serving shares the frozen VAE (and an untrained text encoder) between subjects of one base model.
+    base_model_fingerprint: str = ""
+    identifier: str = ""
+    instance_prompt: str = ""
+    class_prompt: str | None = None
+    steps: int = 0
+    final_loss: float | None = None
+    wall_time_s: float | None = None  # every run of the job's, added up
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # the job's spec
+
+    @property
+    def resolution(self) -> int:
+        """The side its images were trained at."""
+        return int((self.hyperparameters or {}).get("resolution") or 512)
+
+    @property
+    def text_encoder_trained(self) -> bool:
+        return bool((self.hyperparameters or {}).get("train_text_encoder", True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelMetadata:
+        """The model's metadata (every field's default without the file); ValueError if it is not a JSON object."""
+        file = Path(model_dir) / METADATA_FILE
+        data = json.loads(file.read_text()) if file.is_file() else {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
 
 # The config file each component folder must hold.
 _CONFIG_FILES = {

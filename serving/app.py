@@ -38,9 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dreambooth.errors import InputError
+from dreambooth.model_files import ModelMetadata
 from serving.access import Access, Unauthenticated
 from serving.config import MAX_BODY_BYTES, SAMPLING_S, ServeConfig
-from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel, read_metadata
+from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel
 from serving.http_api import (
     EncodedResult,
     ErrorBody,
@@ -250,14 +251,14 @@ def render(model_id: str, encoded: EncodedResult, output_format: str) -> Respons
 
 def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
     try:
-        metadata = read_metadata(path)
+        metadata = ModelMetadata.read(path)
         return ServedModel(
             model_id=model_id,
             endpoint=config.endpoint(model_id),
-            model_class=str(metadata.get("class_prompt") or "unknown"),
-            instance_prompt=metadata.get("instance_prompt"),
+            model_class=str(metadata.class_prompt or "unknown"),
+            instance_prompt=metadata.instance_prompt or None,
             # Not the rest of metadata.json: it names paths on the cluster's storage, which clients have no use for.
-            resolution=int((metadata.get("hyperparameters") or {}).get("resolution") or 512),
+            resolution=metadata.resolution,
         )
     except (OSError, ValueError, TypeError, AttributeError):  # unreadable, not JSON, or not the shape it should be
         # Listed all the same: one model's bad file must not fail the ingress's reconfigure, which Serve answers by

@@ -27,7 +27,7 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
-from dreambooth.model_files import METADATA_FILE, sampling_scheduler
+from dreambooth.model_files import ModelMetadata, sampling_scheduler
 from dreambooth.sd_model import check_prompt, load_base_model
 
 
@@ -56,7 +56,7 @@ class SubjectModel:
 
     model_id: str
     path: Path
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
     tokenizer: Any
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
@@ -216,7 +216,7 @@ class SamplingEngine:
         tokenizer = self._tokenizers.get(str(path))
         if tokenizer is None:
             with _loading(path):
-                base = read_metadata(Path(path)).get("base_model_fingerprint")
+                base = ModelMetadata.read(Path(path)).base_model_fingerprint
                 tokenizer = self._base_tokenizers.get(base) if base else None
                 if tokenizer is None:
                     tokenizer = load_base_model(path, components=["tokenizer"]).tokenizer
@@ -245,10 +245,9 @@ class SamplingEngine:
 
     def _load(self, model_id: str, path: Path) -> SubjectModel:
         start = time.perf_counter()
-        metadata = read_metadata(path)
-        base = metadata.get("base_model_fingerprint")
-        text_encoder_trained = bool((metadata.get("hyperparameters") or {}).get("train_text_encoder", True))
-        shared_kinds = {"vae"} | (set() if text_encoder_trained else {"text_encoder"})
+        metadata = ModelMetadata.read(path)
+        base = metadata.base_model_fingerprint
+        shared_kinds = {"vae"} | (set() if metadata.text_encoder_trained else {"text_encoder"})
 
         modules: dict[str, Any] = {"tokenizer": self.tokenizer(path)}
         to_load = ["unet"]
@@ -433,15 +432,6 @@ class SamplingEngine:
         unique, index = torch.unique(tokens.input_ids, dim=0, return_inverse=True)
         states = model.text_encoder(unique.to(self.device), return_dict=False)[0]
         return states[index.to(self.device)]
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The model's metadata.json ({} without one); ValueError if it is not a JSON object."""
-    file = path / METADATA_FILE
-    metadata = json.loads(file.read_text()) if file.is_file() else {}
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{file} holds a JSON {type(metadata).__name__}, not an object")
-    return metadata
 
 
 def _accepts(function, name: str) -> bool:

@@ -95,6 +95,23 @@ def test_concurrent_builds_end_with_one_complete_model(tiny, tmp_path):
         assert (out / name).read_bytes() == (tiny / name).read_bytes(), name
 
 
+def test_model_metadata_reads_what_any_version_wrote(tmp_path):
+    """metadata.json is read by serving from models any version exported: missing fields take their defaults,
+    fields of a later version are not read, and a file that is not a JSON object is refused."""
+    from dreambooth.model_files import ModelMetadata
+
+    assert ModelMetadata.read(tmp_path) == ModelMetadata()  # no file: a model exported by hand
+    assert (ModelMetadata().resolution, ModelMetadata().text_encoder_trained) == (512, True)
+    written = ModelMetadata(job_id="job-1", class_prompt="a photo of dog", hyperparameters={"resolution": 768})
+    (tmp_path / "metadata.json").write_text(json.dumps({**written.to_dict(), "from_a_later_version": 1}))
+    assert ModelMetadata.read(tmp_path) == written and written.resolution == 768
+    (tmp_path / "metadata.json").write_text(json.dumps({"hyperparameters": None, "train_text_encoder": False}))
+    assert ModelMetadata.read(tmp_path).resolution == 512
+    (tmp_path / "metadata.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an object"):
+        ModelMetadata.read(tmp_path)
+
+
 def test_the_random_sd15_model_samples_as_sd15_does():
     """Its scheduler is SD 1.5's (runwayml/stable-diffusion-v1-5's scheduler_config.json), so that benchmarks count
     what serving SD 1.5 costs: PNDM's steps, not the tiny model's DDPM."""

@@ -128,7 +128,7 @@ def test_two_subjects_share_the_base_components_but_draw_differently(engine, rex
     [a] = engine.generate(rex, [request()])
     [b] = engine.generate(fido, [request()])
     assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).mean() > 0.01
-    assert rex.metadata["class_prompt"] == "a photo of dog"
+    assert rex.metadata.class_prompt == "a photo of dog"
 
 
 def test_the_base_models_vae_outlives_the_subject_swapped_out(subject_models):

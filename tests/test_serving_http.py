@@ -225,7 +225,12 @@ def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
 def test_a_reconfigure_reads_the_metadata_of_the_models_it_changes_only(http, tmp_path, monkeypatch):
     """Every deploy and undeploy reconfigures: reading thousands of deployed models' files each time took seconds."""
     read = []
-    monkeypatch.setattr(app, "read_metadata", lambda path: read.append(path.name) or {"class_prompt": "dog"})
+
+    def read_metadata(path):
+        read.append(path.name)
+        return app.ModelMetadata(class_prompt="dog")
+
+    monkeypatch.setattr(app.ModelMetadata, "read", staticmethod(read_metadata))
     ingress = serve.get_replica_context().servable_object
     owners = {"rex": "alice", "fido": "alice"}
     ingress.reconfigure(user_config({m: str(tmp_path / m) for m in owners}, owners, {"alice": [TOKEN]}))

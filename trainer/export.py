@@ -13,12 +13,11 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dreambooth.durable import sync_dir, sync_tree
-from dreambooth.model_files import METADATA_FILE
+from dreambooth.model_files import METADATA_FILE, ModelMetadata
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import TAG
 from trainer.flat_parameters import unflatten_state_dict
@@ -33,7 +32,7 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
 
 
-def export_model(spec: JobSpec, checkpoint_dir: Path, paths: JobPaths, metadata: dict[str, Any]) -> Path:
+def export_model(spec: JobSpec, checkpoint_dir: Path, paths: JobPaths, metadata: ModelMetadata) -> Path:
     state = consolidated_state_dict(checkpoint_dir)
     components = ("unet", "text_encoder") if spec.train_text_encoder else ("unet",)
     trained = load_base_model(spec.base_model, dtype=torch.float32, components=components)
@@ -49,7 +48,7 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, paths: JobPaths, metadata:
 
     def write(directory: Path) -> None:
         pipeline.save_pretrained(directory, safe_serialization=True)
-        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+        (directory / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2, default=str))
 
     return write_into_place(paths, write)
 

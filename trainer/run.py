@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
 from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
-from dreambooth.model_files import fingerprint
+from dreambooth.model_files import ModelMetadata, fingerprint
 from trainer.checkpoint import (
     STATE_FILE,
     committed_checkpoint,
@@ -161,21 +161,20 @@ def run_training(
         events.emit("state", state="EXPORTING")
         phase = "EXPORT_FAILED"
         wall_time_s = seconds_run(read_events(paths.events_file), time.time())  # every run's, not only this one's
-        metadata = {
-            "job_id": paths.job_id,
-            "base_model": spec.base_model,
-            # Serving shares the frozen VAE (and an untrained text encoder) between subjects of one base model.
-            "base_model_fingerprint": fingerprint(spec.base_model),
-            "identifier": spec.identifier,
-            "instance_prompt": spec.instance_prompt,
-            "class_prompt": spec.class_prompt,
-            "steps": state["step"],
-            "final_loss": state.get("loss"),
-            "wall_time_s": wall_time_s,
-            "hyperparameters": spec.to_dict(),
-        }
+        metadata = ModelMetadata(
+            job_id=paths.job_id,
+            base_model=spec.base_model,
+            base_model_fingerprint=fingerprint(spec.base_model),
+            identifier=spec.identifier,
+            instance_prompt=spec.instance_prompt,
+            class_prompt=spec.class_prompt,
+            steps=state["step"],
+            final_loss=state.get("loss"),
+            wall_time_s=wall_time_s,
+            hyperparameters=spec.to_dict(),
+        )
         model_dir = export_model(spec, checkpoint_dir, paths, metadata)
-        events.emit("model", path=str(model_dir), metadata=metadata)
+        events.emit("model", path=str(model_dir), metadata=metadata.to_dict())
         events.emit("state", state="SUCCEEDED")
         return TrainingResult(model_dir, state["step"], state.get("loss"), wall_time_s)
     except (SystemExit, KeyboardInterrupt):
