@@ -153,7 +153,7 @@ class Reconciler:
                     "STORAGE_UNAVAILABLE",
                     f"the controller cannot write to its storage ({e.strerror or e}): it starts once it can",
                 )
-        self.service.set_waiting(Queue(waiting))
+        self.service.set_queue(Queue(waiting))
         metrics.set_queued_jobs(collections.Counter(why.reason for why in waiting.values()))
         for job in starting:
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
@@ -185,7 +185,7 @@ class Reconciler:
         at_limit = {t: tenant_limit(n, limits.get(t, 1)) for t, n in running.items() if n >= limits.get(t, 1)}
         at_limit |= {t: tenant_limit(0, 0) for t, limit in limits.items() if not limit}
         kept = {i: why for i, why in self.service.queue.by_job.items() if why.reason != "WAITING_FOR_RESOURCES"}
-        self.service.set_waiting(Queue(kept, at_limit, others))
+        self.service.set_queue(Queue(kept, at_limit, others))
         # The metric from counts, not the queue: the jobs of tenants at their limit, and the others (for CPUs).
         queued = self.store.count_jobs_by_state(frozenset({"QUEUED"})).get("QUEUED", 0)
         limited = sum(self.store.count_tenant_jobs(tenant, frozenset({"QUEUED"})) for tenant in at_limit)

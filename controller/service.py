@@ -103,7 +103,7 @@ class JobService:
         self._model_changes = threading.Lock()
         # What the reconciler's last scheduling pass found queued jobs wait for (Job.queued): derived each pass, not
         # stored. Replaced whole, by the reconciler's thread only.
-        self._waiting = Queue()
+        self._queue = Queue()
 
     def running_limits(self) -> dict[str, int]:
         """Tenant -> how many of its jobs may run at once."""
@@ -112,19 +112,19 @@ class JobService:
     @property
     def queue(self) -> Queue:
         """What the last scheduling pass found queued jobs wait for."""
-        return self._waiting
+        return self._queue
 
-    def set_waiting(self, queue: Queue) -> None:
+    def set_queue(self, queue: Queue) -> None:
         """Records what the last scheduling pass found. Each job whose own reason changed is published, for its
         watchers (those told by their tenant's or the queue's reason find a change within a second: `watch`)."""
-        before, self._waiting = self._waiting, queue
+        before, self._queue = self._queue, queue
         for job_id in queue.by_job.keys() | before.by_job.keys():
             if queue.by_job.get(job_id) != before.by_job.get(job_id):
                 self.feed.publish(job_id, "queued")
 
     def waiting_for(self, job: JobRecord) -> Waiting | None:
         """Why `job` has not started, while it is QUEUED (None before a scheduling pass saw it)."""
-        return self._waiting.waiting_for(job) if job.state == "QUEUED" else None
+        return self._queue.waiting_for(job) if job.state == "QUEUED" else None
 
     # --- jobs ------------------------------------------------------------------------------------------
 

@@ -1178,11 +1178,11 @@ def test_a_watch_tells_what_its_queued_job_waits_for_also_when_no_change_of_its_
     job, _ = next(watch)
     assert service.waiting_for(job) is None  # before any pass
     full = Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
-    service.set_waiting(Queue(others=full))
+    service.set_queue(Queue(others=full))
     job, change = next(watch)
     assert change is None and service.waiting_for(job) == full
     limited = Waiting("TENANT_LIMIT", "its tenant runs 2 jobs, its max_running_jobs (2): it starts once one ends")
-    service.set_waiting(Queue(by_tenant={"alice": limited}, others=full))
+    service.set_queue(Queue(by_tenant={"alice": limited}, others=full))
     job, change = next(watch)
     assert service.waiting_for(job) == limited
 
