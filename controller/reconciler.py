@@ -23,7 +23,16 @@ from controller.config import ControllerConfig
 from controller.ended_jobs import SWEEP_S, EndedJob, EndedJobs
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus, submission_id
-from controller.scheduler import Queue, Resources, Waiting, demand, schedule, tenant_limit, training_share
+from controller.scheduler import (
+    Queue,
+    Resources,
+    Waiting,
+    demand,
+    running_limit,
+    schedule,
+    tenant_limit,
+    training_share,
+)
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
@@ -182,14 +191,16 @@ class Reconciler:
             full = f"no CPU free: training may use {capacity.cpus:g}, the running jobs hold {held:g}"
             others = Waiting("WAITING_FOR_RESOURCES", full)
         limits, running = self.service.running_limits(), collections.Counter(job.tenant for job in active)
-        at_limit = {t: tenant_limit(n, limits.get(t, 1)) for t, n in running.items() if n >= limits.get(t, 1)}
+        at_limit = {
+            t: tenant_limit(n, running_limit(limits, t)) for t, n in running.items() if n >= running_limit(limits, t)
+        }
         at_limit |= {t: tenant_limit(0, 0) for t, limit in limits.items() if not limit}
         kept = {i: why for i, why in self.service.queue.by_job.items() if why.reason != "WAITING_FOR_RESOURCES"}
         self.service.set_queue(Queue(kept, at_limit, others))
-        # The metric from counts, not the queue: the jobs of tenants at their limit, and the others (for CPUs).
-        queued = self.store.count_jobs_by_state(frozenset({"QUEUED"})).get("QUEUED", 0)
-        limited = sum(self.store.count_tenant_jobs(tenant, frozenset({"QUEUED"})) for tenant in at_limit)
-        metrics.set_queued_jobs({"TENANT_LIMIT": limited, others.reason: queued - limited})
+        # The metric from one count by tenant, not the queue: the jobs of tenants at their limit, and the others.
+        queued = self.store.queued_by_tenant()
+        limited = sum(n for tenant, n in queued.items() if tenant in at_limit)
+        metrics.set_queued_jobs({"TENANT_LIMIT": limited, others.reason: sum(queued.values()) - limited})
 
     def _resubmit(self, job: JobRecord) -> None:
         # Compare-and-set on the state this pass read: a job cancelled since then is not started again.

@@ -136,7 +136,7 @@ def schedule(
         return (_dominant_share(held[tenant], capacity), last.get(tenant, -math.inf), lines[tenant][0][0])
 
     starting, blocked = [], None
-    while in_turn := [t for t, line in lines.items() if line and running[t] < running_limits.get(t, 1)]:
+    while in_turn := [t for t, line in lines.items() if line and running[t] < running_limit(running_limits, t)]:
         tenant = min(in_turn, key=turn)
         job = lines[tenant][0][1]
         need = demand(job.spec)
@@ -151,7 +151,7 @@ def schedule(
         running[tenant] += 1
         last[tenant] = math.inf  # started now: after every tenant that did not
     for tenant, line in lines.items():
-        limit = running_limits.get(tenant, 1)
+        limit = running_limit(running_limits, tenant)
         for _, job in line:
             if job is blocked:
                 continue
@@ -163,6 +163,11 @@ def schedule(
             else:  # the next to start is another tenant's (its line's first, were it this one's): not named
                 waiting[job.job_id] = Waiting("BEHIND_OTHER_JOB", "behind another tenant's job, next to start")
     return Schedule(starting, waiting)
+
+
+def running_limit(running_limits: dict[str, int], tenant: str) -> int:
+    """A tenant's max_running_jobs; one that is not configured (gone from the config since it queued) runs one."""
+    return running_limits.get(tenant, 1)
 
 
 def tenant_limit(running: int, limit: int) -> Waiting:

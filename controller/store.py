@@ -416,6 +416,12 @@ class Store:
             rows = conn.execute(query).all()
         return {state: 0 for state in states} | {state: n for state, n in rows}
 
+    def queued_by_tenant(self) -> dict[str, int]:
+        """How many jobs each tenant has queued (a tenant with none: absent)."""
+        query = sa.select(jobs.c.tenant, sa.func.count()).where(jobs.c.state == "QUEUED").group_by(jobs.c.tenant)
+        with self.engine.connect() as conn:
+            return {tenant: n for tenant, n in conn.execute(query).all()}
+
     def count_tenant_jobs(self, tenant: str, states: frozenset[str]) -> int:
         """How many of the tenant's jobs are in `states`."""
         with self.engine.connect() as conn:

@@ -344,6 +344,7 @@ def test_scheduler_queries(store):
     assert (counts["QUEUED"], counts["TRAINING"], counts["SUCCEEDED"], counts["FAILED"]) == (3, 1, 1, 0)
     assert store.count_tenant_jobs("acme", ACTIVE_STATES) == 1
     assert store.count_tenant_jobs("acme", frozenset({"QUEUED", "TRAINING"})) == 3
+    assert store.queued_by_tenant() == {"acme": 2, "globex": 1}
 
     # A scheduling pass reads each queued job's spec once: the next passes read the queue without them.
     specs: dict[str, dict] = {}
