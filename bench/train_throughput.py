@@ -318,7 +318,9 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{summary['phases'].get('TRAINING', 0):.0f} s (first progress event after "
         f"{summary['first_progress_after_s']:.0f} s), export {summary['phases'].get('EXPORTING', 0):.0f} s; "
         f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
-        f"checkpoint stalls {summary['checkpoint_stalls_s']} s"
+        f"checkpoint stalls {summary['checkpoint_stalls_s']} s, of which waiting for the previous checkpoint's write "
+        f"and commit {summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
+        f"{summary['windows_while_writing']} steady windows a background checkpoint write overlapped"
     )
     if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
         notes += f", {summary['skipped_steps']} optimizer steps of the timed windows skipped on fp16 overflow"
@@ -353,13 +355,19 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         skipped = event.get("skipped_steps", 0) - previous.get("skipped_steps", 0)  # on fp16 overflow
         return steps, steps / event["steps_per_s"], skipped
 
-    steady, after_warmup = [], []
+    def writing(previous: dict) -> bool:
+        # A checkpoint is written in the background from its save until Ray commits it (its event's time).
+        return any(e["step"] < previous["step"] and e["time"] > previous["time"] for e in checkpoints)
+
+    steady, after_warmup, while_writing = [], [], []
     for previous, event in itertools.pairwise(progress):
         if previous["step"] < warmup:
             continue
         after_warmup.append(window(previous, event))
         if not any(previous["step"] <= n < event["step"] for n in saved_at):
             steady.append(window(previous, event))
+            if writing(previous):
+                while_writing.append(window(previous, event))
     windows = steady or after_warmup or [window(a, b) for a, b in itertools.pairwise(progress)]
 
     # Progress and validation events carry the peak so far (validation samples beside the optimizer's states).
@@ -370,14 +378,24 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     phases = {a["state"]: b["time"] - a["time"] for a, b in itertools.pairwise(states)}
     training_start = next((e["time"] for e in states if e["state"] == "TRAINING"), None)
     first_progress = progress[0]["time"] - training_start if progress and training_start is not None else float("nan")
+
+    def rate(windows: list[tuple[int, float, int]]) -> float | None:
+        return sum(s for s, _, _ in windows) / sum(t for _, t, _ in windows) if windows else None
+
     return {
-        "steps_per_s": sum(s for s, _, _ in windows) / sum(t for _, t, _ in windows) if windows else None,
+        "steps_per_s": rate(windows),
+        # Of the steady windows, those a background checkpoint write overlapped: what writing costs the training
+        # thread (the GIL, host memory bandwidth), beside its stall.
+        "steps_per_s_while_writing": rate(while_writing),
+        "windows_while_writing": len(while_writing),
         "skipped_steps": sum(k for _, _, k in windows),
         "windows": len(progress),
         "windows_used": len(windows),
         "peak_memory_gib": max(memory) if memory else None,
         "checkpoint_stall_s": statistics.median(e["stall_s"] for e in checkpoints) if checkpoints else None,
         "checkpoint_stalls_s": [round(e["stall_s"], 2) for e in checkpoints],
+        # Of each stall, the wait for the checkpoint before to be written and committed (since session 17).
+        "checkpoint_waits_s": [round(e.get("waited_s", float("nan")), 2) for e in checkpoints],
         "checkpoints": len(checkpoints),
         "phases": phases,
         "first_progress_after_s": first_progress,

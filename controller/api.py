@@ -459,6 +459,7 @@ def watch_proto(job: jobs_pb2.Job, change) -> jobs_pb2.WatchJobResponse:
         message.checkpoint.step = change.data["step"]
         message.checkpoint.path = change.data.get("path", "")
         message.checkpoint.stall_seconds = change.data.get("stall_s") or 0.0
+        message.checkpoint.waited_seconds = change.data.get("waited_s") or 0.0
     elif change.kind == "validation":
         message.validation.step = change.data["step"]
         message.validation.path = change.data.get("path", "")

@@ -380,9 +380,11 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
             if p.total_steps and (p.step or bars.training_started):  # from the first progress report (loss, ETA) on
                 bars.training(p.step, p.total_steps, p.loss, p.eta.ToSeconds() if p.HasField("eta") else None)
             change = update.WhichOneof("change")
-            if change in ("checkpoint", "validation"):
-                event = getattr(update, change)
-                tqdm.write(f"{change} at step {event.step}: {event.path}", file=sys.stderr)
+            if change == "checkpoint":
+                c = update.checkpoint
+                tqdm.write(_checkpoint_line(c.step, c.path, c.waited_seconds), file=sys.stderr)
+            elif change == "validation":
+                tqdm.write(f"validation at step {update.validation.step}: {update.validation.path}", file=sys.stderr)
     finally:
         bars.close()
     state = state_name(job.state)  # an ended state: the client's watch goes on (reconnecting) until then
@@ -401,6 +403,17 @@ def _state_line(job: jobs_pb2.Job) -> str:
     line = f"[{state_name(job.state)}]"
     if job.HasField("queued"):
         line += f" {job.queued.message}"
+    return line
+
+
+def _checkpoint_line(step: int, path: str, waited_s: float) -> str:
+    """A committed checkpoint, and the user's lever when training waited for the one before to be written."""
+    line = f"checkpoint at step {step}: {path}"
+    if waited_s >= 1:
+        line += (
+            f" (training waited {waited_s:.1f} s for the previous checkpoint to be written and committed: a longer "
+            "checkpoint_interval avoids the wait)"
+        )
     return line
 
 
@@ -627,7 +640,9 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
             tqdm.write(
                 f"torch.compile: first step {event['seconds']:.1f} s ({event['graphs']} graphs)", file=sys.stderr
             )
-        elif kind in ("checkpoint", "validation", "resumed"):
+        elif kind == "checkpoint":
+            tqdm.write(_checkpoint_line(event["step"], event["path"], event.get("waited_s", 0.0)), file=sys.stderr)
+        elif kind in ("validation", "resumed"):
             tqdm.write(
                 f"{kind} at step {event['step']}" + (f": {event['path']}" if "path" in event else ""), file=sys.stderr
             )

@@ -129,12 +129,15 @@ def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(
         elif change == "progress" and message.progress.step:
             steps.append((message.progress.step, message.progress.loss))
         elif change == "checkpoint":
-            checkpoints.append(message.checkpoint.step)
+            checkpoints.append(message.checkpoint)
     # The stream starts with the job as it is (the scheduler may have started it already), then every change.
     assert states[0] in ("STATE_QUEUED", "STATE_PREPARING") and states[-1] == "STATE_SUCCEEDED", states
     assert {"STATE_PREPARING", "STATE_TRAINING", "STATE_EXPORTING"} <= set(states)
     assert steps and steps[-1][0] == 4 and all(loss > 0 for _, loss in steps)
-    assert checkpoints == [2, 4]
+    assert [c.step for c in checkpoints] == [2, 4]
+    # How long each save held training, and how much of that it waited for the save before (the wait is timed: above
+    # zero even with nothing to wait for).
+    assert all(0 < c.waited_seconds <= c.stall_seconds for c in checkpoints), checkpoints
 
     done = alice.get(job.job_id)
     assert done.state == jobs_pb2.STATE_SUCCEEDED and done.attempts == 1 and done.model_id

@@ -544,12 +544,13 @@ def test_train_metrics_record_without_a_ray_cluster():
     its own, as this session's pytest is connected to the tests' cluster."""
     code = """if True:
         import ray
+        from trainer.checkpoint import Stall
         from trainer.metrics import TrainMetrics
 
         metrics = TrainMetrics()
         metrics.record_steps(0)  # an empty window: Ray's Counter refuses inc(0), so it is skipped
         metrics.record_steps(3)
-        metrics.record_checkpoint_stall(2.0)
+        metrics.record_checkpoint_stall(Stall(seconds=2.0, waited_s=1.5))
         metrics.record_restart()
         assert not ray.is_initialized()
         print(sorted(m._name for m in vars(metrics).values()))
@@ -559,5 +560,10 @@ def test_train_metrics_record_without_a_ray_cluster():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(
-        ["dreambooth_train_checkpoint_stall_seconds", "dreambooth_train_restarts", "dreambooth_train_steps"]
+        [
+            "dreambooth_train_checkpoint_stall_seconds",
+            "dreambooth_train_checkpoint_wait_seconds",
+            "dreambooth_train_restarts",
+            "dreambooth_train_steps",
+        ]
     )

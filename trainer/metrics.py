@@ -6,6 +6,7 @@ seen. Ray prefixes every name with `ray_` and exports a Counter with a `_total` 
 
     ray_dreambooth_train_steps_total                 optimizer steps done, all jobs
     ray_dreambooth_train_checkpoint_stall_seconds    histogram: training blocked per checkpoint save
+    ray_dreambooth_train_checkpoint_wait_seconds     histogram: of that, waiting for the previous checkpoint's write
     ray_dreambooth_train_restarts_total              runs that started from a checkpoint (a resume)
 
 No job id among their labels: the agent keeps every series it has seen for the node's lifetime (and folds those
@@ -16,7 +17,12 @@ when it ends (controller/metrics.py). The dashboards in deploy/grafana/dashboard
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ray.util.metrics import Counter, Histogram
+
+if TYPE_CHECKING:
+    from trainer.checkpoint import Stall
 
 # Seconds. A save stalls training for the device-to-host copy (async checkpointing) or the whole write
 # (synchronous: 16-18 s for SD 1.5 ZeRO-2 on an H200), so the buckets span both.
@@ -31,14 +37,22 @@ class TrainMetrics:
             "Seconds training was blocked by one checkpoint save.",
             boundaries=list(STALL_BUCKETS),
         )
+        self.checkpoint_wait = Histogram(
+            "dreambooth_train_checkpoint_wait_seconds",
+            "Seconds of one checkpoint save's stall spent waiting for the previous checkpoint to be written and "
+            "committed: checkpoints come faster than storage writes them or Ray Train commits them (a longer "
+            "checkpoint_interval removes it).",
+            boundaries=list(STALL_BUCKETS),
+        )
         self.restarts = Counter("dreambooth_train_restarts", "Training runs that resumed from a checkpoint.")
 
     def record_steps(self, steps_done: int) -> None:
         if steps_done > 0:  # Ray's Counter refuses an increment of 0
             self.steps.inc(steps_done)
 
-    def record_checkpoint_stall(self, seconds: float) -> None:
-        self.checkpoint_stall.observe(seconds)
+    def record_checkpoint_stall(self, stall: Stall) -> None:
+        self.checkpoint_stall.observe(stall.seconds)
+        self.checkpoint_wait.observe(stall.waited_s)
 
     def record_restart(self) -> None:
         self.restarts.inc()

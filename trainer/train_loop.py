@@ -225,17 +225,17 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
                 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 events.emit("compiled", step=done, seconds=time.perf_counter() - loop_start, graphs=graphs)
         if done % spec.checkpoint_interval == 0 or last:
-            pending_commit, stall_s = save_and_report(
+            pending_commit, stall = save_and_report(
                 engine,
                 done,
                 {"loss": float(loss)},
                 previous=pending_commit,
-                on_committed=lambda path, stall_s, step=done: events.emit(
-                    "checkpoint", step=step, path=str(path), stall_s=stall_s
+                on_committed=lambda path, stall, step=done: events.emit(
+                    "checkpoint", step=step, path=str(path), stall_s=stall.seconds, waited_s=stall.waited_s
                 ),
             )
             if metrics is not None:
-                metrics.record_checkpoint_stall(stall_s)
+                metrics.record_checkpoint_stall(stall)
         if validator is not None and spec.validates_at(done):
             validate(done)
         _maybe_inject_failure(config, done, rank, paths, pending_commit)

@@ -331,13 +331,19 @@ def training() -> builders.Dashboard:
         .with_panel(
             graph(
                 "Checkpoint stall",
-                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", window=None),
+                quantiles("ray_dreambooth_train_checkpoint_stall_seconds", window=None)
+                + [
+                    (query, f"waiting for the previous write, {legend}")
+                    for query, legend in quantiles("ray_dreambooth_train_checkpoint_wait_seconds", window=None)
+                ],
                 unit="s",
                 width=8,
                 # A node's series starts at its first save (count 1, nothing to increase from), which no rate()
                 # sees; so this counts every save instead.
                 description="How long training was blocked per checkpoint save (host copy with async "
-                "checkpointing, the whole write without), over every save since the nodes' Ray started.",
+                "checkpointing, the whole write without), over every save since the nodes' Ray started. Of that, "
+                "waiting for the previous checkpoint's write and commit: checkpoints come faster than storage "
+                "writes them or Ray Train commits them (it polls every 2 s); a longer checkpoint_interval removes it.",
             )
         )
         .with_panel(

@@ -317,14 +317,16 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class CheckpointSaved(_message.Message):
-    __slots__ = ("step", "path", "stall_seconds")
+    __slots__ = ("step", "path", "stall_seconds", "waited_seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     path: str
     stall_seconds: float
-    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., stall_seconds: _Optional[float] = ...) -> None: ...
+    waited_seconds: float
+    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., stall_seconds: _Optional[float] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
 
 class ValidationImages(_message.Message):
     __slots__ = ("step", "path")
