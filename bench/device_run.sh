@@ -10,32 +10,35 @@
 #
 # Parts, in order of what the open targets need (what session 7 measured on an H100 comes last: bench/README.md),
 # each started only while enough of the DEADLINE_S budget (default 570 s) is left; the bundle's install and the
-# model build take ~1 min first:
-#   train-compile  train_throughput.py --compile: the baseline, then the trainer with torch.compile over its
-#                  flat parameters (~2.5 min of compiling): the throughput target's best candidate     ~6 min
-#   profile        train_step_profile.py --profile, the two profiled variants: where the eager step's
-#                  time goes (GPU kernels against the step)                                           ~2 min
-#   train-memory   the trainer training the text encoder too, with gradient checkpointing and
-#                  a validation at the end (its peak counts)                                          ~3 min
+# model build take ~1 min first (session 17: 36 s + 16 s on a fresh H100 machine, the install again on a warm one):
+#   profile        train_step_profile.py --profile: the trainer's config against its config before session 17
+#                  (DeepSpeed's own clipping, 3 host syncs per optimizer group): where the eager step's
+#                  time goes (GPU kernels against the step; session 17: 198 ms a step, the GPU busy ~35 %,
+#                  53 cudaStreamSynchronize a step before the change)                                 ~2 min
 #   serve          serve_throughput.py --only engine, 1 (10 requests) and 16 clients and Poisson
 #                  arrivals: engine with whole batches, with step-level batching, and step-level
 #                  with its UNet compiled (serving's compile_unet). The pipeline baseline is left
 #                  out to save device time: its 3x target was met twice on the H100 (4.5x, 6.4x);
 #                  SERVE_ARGS="--clients 1,16 --compile" puts it back (+~1.5 min)                  ~5.5 min
+#   profile-compile  train_step_profile.py, the trainer's config eager and with torch.compile: what
+#                  compiling leaves to DeepSpeed's hooks and optimizer step, phase by phase (the compiled
+#                  trainer ran 5.31 steps/s in session 17, the eager one 5.04 in the profile)          ~5 min
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
-#   profile-compile  train_step_profile.py, the trainer's config eager and with torch.compile: what
-#                  compiling leaves to DeepSpeed's hooks and optimizer step, phase by phase            ~5 min
+#   train-compile  train_throughput.py --compile: the baseline, then the trainer with torch.compile
+#                  (~3 min of compiling; measured in session 17, cut short at 382 s)                  ~7 min
+#   train-memory   the trainer training the text encoder too, with gradient checkpointing and
+#                  a validation at the end (its peak counts; measured in session 17: 15.37 GiB)       ~3 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends).
-# All of it is ~28 min, more than one call (570 s) or one session's device time (15 min, the machine's start
-# included). Within 15 min: `DEADLINE_S=450 bash bench/device_run.sh` (install, train-compile: ~7.5 min), then at
-# once (the machine goes back after 30 s idle) `ONLY=profile,train-memory DEADLINE_S=330 bash bench/device_run.sh`
-# (~5.5 min); serve, train and memory when a session has more device time. Give each call timeout_s = DEADLINE_S
-# + 30, and before the second, set its DEADLINE_S to status's budget_left_s less ~40 s: the tool cuts a call at the
-# budget left, and a part cut that way loses its row (one cut by DEADLINE_S prints what its events hold).
+# All of it is ~29 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# included). Within 15 min: `DEADLINE_S=510 bash bench/device_run.sh` (install, profile, serve: ~8.5 min), then at
+# once (the machine goes back after 30 s idle) `ONLY=profile-compile,train DEADLINE_S=<status's budget_left_s less
+# ~40 s>` (what fits). Give each call timeout_s = DEADLINE_S + 30: the tool cuts a call at the budget left, and a
+# part cut that way loses its row (one cut by DEADLINE_S prints what its events hold). Session 17 spent 514 s of
+# device time on its first call (DEADLINE_S=450: the machine's start, ~55 s, counts) and 289 s on its second.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -78,19 +81,19 @@ import time; from dreambooth.tiny_model import build_random_sd15_model
 t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models/sd15'); print(f'model built in {time.time() - t:.0f} s')
 " || true
 
-part train-compile 360 python bench/train_throughput.py --model sd15 --precision fp16 --compile \
-  "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"
-part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,per-tensor parameters" "${vocab[@]}"
-part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
-  --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
+part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,before: DeepSpeed's clipping syncs + reduce_scatter" "${vocab[@]}"
 # shellcheck disable=SC2086
 part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---only engine --clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
+part profile-compile 300 python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
+  --steps 10 --warmup 2 "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
-part profile-compile 300 python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
-  --steps 10 --warmup 2 "${vocab[@]}"
+part train-compile 420 python bench/train_throughput.py --model sd15 --precision fp16 --compile \
+  "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"
+part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
+  --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
 echo "== done after $((SECONDS - start)) s"

@@ -71,6 +71,7 @@ class Variant:
     as_trainer: bool = True  # networks prepared by trainer.train_loop.trained_model (flat parameters, ...)
     split_above: int | None = None  # flat parameters' block split threshold, if not the trainer's
     one_optimizer_group: bool = False  # all trained parameters in one optimizer group
+    sync_free_clipping: bool = True  # trainer.deepspeed_syncs installed (DeepSpeed's own functions otherwise)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -83,6 +84,11 @@ VARIANTS: dict[str, Variant] = {
     # sync a micro-step; under ZeRO-3 overlap_comm also puts the parameter fetches on a stream of their own).
     "before: DeepSpeed's timer + overlap_comm": Variant(
         zero={"overlap_comm": True}, config={"timers": {"throughput": {"enabled": True}}}
+    ),
+    # The trainer before session 17 on one GPU: DeepSpeed's gradient clipping with its three host syncs per optimizer
+    # group (trainer/deepspeed_syncs.py), and its reduce-scatter bookkeeping per bucket.
+    "before: DeepSpeed's clipping syncs + reduce_scatter": Variant(
+        zero={"reduce_scatter": True}, sync_free_clipping=False
     ),
     "gradient checkpointing": Variant(spec={"gradient_checkpointing": True}),
     "per-tensor parameters": Variant(as_trainer=False),
@@ -98,8 +104,28 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-# --profile: the trainer's step, and the per-tensor one it replaced (what the H100 profile diagnosed).
-PROFILED = ("trainer's config", "per-tensor parameters")
+# --profile: the trainer's step, the per-tensor one it replaced (what the H100 profile diagnosed), and the one before
+# the clipping syncs went (session 17's H100 profile: 53 cudaStreamSynchronize a step).
+PROFILED = ("trainer's config", "per-tensor parameters", "before: DeepSpeed's clipping syncs + reduce_scatter")
+
+
+@contextlib.contextmanager
+def deepspeed_clipping(variant: Variant):
+    """DeepSpeed's own clipping functions while a variant that asks for them builds and runs its engine."""
+    if variant.sync_free_clipping:
+        yield
+        return
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from trainer import deepspeed_syncs
+
+    optimizer_class = stage_1_and_2.DeepSpeedZeroOptimizer
+    with (
+        replaced(deepspeed_syncs, "install", lambda: False),
+        replaced(stage_1_and_2, "mask_nan_or_inf_with_val_inplace", deepspeed_syncs.ORIGINAL_MASK),
+        replaced(optimizer_class, "unscale_and_clip_grads", deepspeed_syncs.ORIGINAL_UNSCALE_AND_CLIP),
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -296,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for key, value in variant.spec.items():
             setattr(spec, key, value)
-        rows.append(run_variant(name, spec, variant, args, model_dir, device))
+        with deepspeed_clipping(variant):
+            rows.append(run_variant(name, spec, variant, args, model_dir, device))
         gc.collect()  # the variant's engine, before the next one is built
         if cuda:
             torch.cuda.empty_cache()

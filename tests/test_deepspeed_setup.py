@@ -32,3 +32,47 @@ def test_16_bit_training_starts_from_the_full_precision_weights(engine_spec, zer
             assert torch.equal(safe_get_full_fp32_param(parameter).reshape(original.shape), original)
     finally:
         engine.destroy()
+
+
+def test_clipping_without_host_syncs_updates_the_weights_as_deepspeed_does(engine_spec, monkeypatch):
+    """trainer.deepspeed_syncs computes ZeRO-2's gradient norm and clipping on the device where DeepSpeed asks the
+    host: the same weights, bit for bit, after steps that clip and after a step whose gradients are not finite."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from trainer import deepspeed_syncs
+    from trainer.deepspeed_setup import initialize
+
+    def train(install: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        network = nn.Sequential(nn.Sequential(nn.Linear(7, 13), nn.ReLU()), nn.Sequential(nn.Linear(13, 3)))
+        flatten_parameters(network)
+        with monkeypatch.context() as patch:
+            if not install:  # DeepSpeed's own functions, for the reference
+                patch.setattr(deepspeed_syncs, "install", lambda: False)
+                patch.setattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace", deepspeed_syncs.ORIGINAL_MASK)
+                patch.setattr(
+                    stage_1_and_2.DeepSpeedZeroOptimizer,
+                    "unscale_and_clip_grads",
+                    deepspeed_syncs.ORIGINAL_UNSCALE_AND_CLIP,
+                )
+            # A small max_grad_norm: every step clips.
+            engine = initialize(network, engine_spec(max_grad_norm=1e-3, learning_rate=1e-2), world_size=1)
+            assert (stage_1_and_2.mask_nan_or_inf_with_val_inplace is deepspeed_syncs._mask_nan_or_inf) == install
+            try:
+                inputs = torch.randn(5, 4, 7, generator=torch.Generator().manual_seed(1))
+                inputs[3, 0, 0] = float("inf")  # the fourth step's gradients are not finite
+                for x in inputs:
+                    engine.backward(engine(x).square().mean())
+                    engine.step()
+                return [p.detach().clone() for p in engine.module.parameters()]
+            finally:
+                engine.destroy()
+
+    assert deepspeed_syncs.install(), "written for DeepSpeed 0.19.8: check the replacements against the new version"
+    reference = train(install=False)
+    weights = train(install=True)
+    assert all(torch.equal(w, r) for w, r in zip(weights, reference, strict=True))
+    torch.manual_seed(0)
+    untrained = nn.Sequential(nn.Sequential(nn.Linear(7, 13), nn.ReLU()), nn.Sequential(nn.Linear(13, 3)))
+    flatten_parameters(untrained)
+    assert not any(torch.equal(w, u) for w, u in zip(weights, untrained.parameters(), strict=True))  # it trained
