@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script for the lent device machine (see ../shared/notes/device.md):
 # batched serving throughput (issue: serving) and DeepSpeed fp16 training throughput (issue: trainer), each
-# against its plain diffusers baseline, on the random SD-1.5-sized model. Tables go to stdout, JSON and logs
-# to $OUT, each as soon as its part ends, so a run cut short still returns what it measured.
+# against its plain diffusers baseline, on the random SD-1.5-sized model. Tables go to stdout, JSON, logs and the
+# trainer's events (<part>.events.jsonl: every progress window, checkpoint and the `compiled` event) to $OUT, each as
+# soon as its part ends, so a run cut short still returns what it measured. The compiling parts log torch's graph
+# breaks and recompiles (TORCH_LOGS) in theirs.
 #
 #   here:   ../shared/tools/device-bundle.sh .gpu && cp .venv/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz .gpu/
 #           echo /.gpu/ >> .git/info/exclude
@@ -51,6 +53,7 @@ vocab=(--clip-bpe .gpu/bpe_simple_vocab_16e6.txt.gz)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /tmp | tail -1
 only=${ONLY:-all}
+scratch=${TMPDIR:-/tmp}
 
 # part NAME NEEDED_S COMMAND...: runs COMMAND (output to $OUT/NAME.log) if NEEDED_S are left, cut at the deadline.
 part() {
@@ -65,14 +68,17 @@ part() {
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
     grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
-  # A part killed at the deadline leaves its scratch behind (~22 GiB of ZeRO checkpoints on a 64 GiB disk), and in
-  # it the trainer's events: what it measured before it was cut.
-  for events in "${TMPDIR:-/tmp}"/bench-train-*/storage/jobs/bench/events.jsonl; do
-    [ -f "$events" ] && python -c "import json, sys; from bench.train_throughput import read_events, summarise_events
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  # The train parts' scratch (--work-dir, kept): the trainer's events. A part killed at the deadline leaves ~22 GiB of
+  # ZeRO checkpoints there too (a 64 GiB disk), and its events hold what it measured before it was cut.
+  for events in "$scratch"/bench-train-*/storage/jobs/bench/events.jsonl; do
+    [ -f "$events" ] || continue
+    cp "$events" "$OUT/$name.events.jsonl"  # every window, checkpoint and the compiled event, for a closer look
+    [ "$rc" = 0 ] || python -c "import json, sys; from bench.train_throughput import read_events, summarise_events
 print('trainer (killed):', json.dumps(summarise_events(read_events(sys.argv[1]), 5)))" "$events" | tee -a "$OUT/$name.log"
   done
-  rm -rf "${TMPDIR:-/tmp}"/bench-train-*
+  rm -rf "$scratch"/bench-train-*
 }
 
 export DREAMBOOTH_CLIP_BPE=$PWD/.gpu/bpe_simple_vocab_16e6.txt.gz
@@ -85,15 +91,16 @@ part profile 120 python bench/train_step_profile.py --model sd15 --profile --var
 # shellcheck disable=SC2086
 part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---only engine --clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
-part profile-compile 300 python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
+part profile-compile 300 env TORCH_LOGS=recompiles,graph_breaks python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
   --steps 10 --warmup 2 "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
-  --out "$OUT/train_throughput.json"
+  --work-dir "$scratch/bench-train-train" --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
-part train-compile 420 python bench/train_throughput.py --model sd15 --precision fp16 --compile \
-  "${vocab[@]}" --out "$OUT/train_throughput_compiled.json"
+part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks python bench/train_throughput.py --model sd15 \
+  --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-compile" --out "$OUT/train_throughput_compiled.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
-  --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" --out "$OUT/train_throughput_memory.json"
+  --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" \
+  --work-dir "$scratch/bench-train-memory" --out "$OUT/train_throughput_memory.json"
 echo "== done after $((SECONDS - start)) s"
