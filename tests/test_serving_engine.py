@@ -120,6 +120,36 @@ def check_matches_the_pipeline(engine, model, model_dir, guidance_scale: float) 
         assert np.abs(pixels(image) - reference).max() <= 1 / 255
 
 
+def test_denoising_reads_nothing_back_from_the_device(subject_models):
+    """On a GPU the host queues the next denoising steps while the device runs this one, unless a step reads a device
+    value back (`.item()`, `bool()`, `nonzero`, a host table indexed by a device tensor, a copy to the host): each
+    such read waits for everything queued. On the meta device (tensors without data) every such read raises, so the
+    engine samples there: each scheduler a model may ship, a cohort joining another part-way, to the last step."""
+    import diffusers
+
+    engine = SamplingEngine(device="meta", dtype=torch.float32)
+    model = engine.load("rex", subject_models["rex"])
+    schedulers = [
+        "PNDMScheduler",  # SD 1.5's
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "HeunDiscreteScheduler",  # two UNet evaluations a step
+    ]
+    for name in schedulers:
+        model.scheduler = getattr(diffusers, name).from_config(model.scheduler.config)
+        first = engine.start(model, [request(seed=1)])
+        engine.denoise([first])
+        second = engine.start(model, [request(seed=2, num_images=2, guidance_scale=3.0)])
+        while not second.done:
+            engine.denoise([second] + ([first] if not first.done else []))
+        assert first.done and first.latents.device.type == "meta", name
+
+
 def test_two_subjects_share_the_base_components_but_draw_differently(engine, rex, subject_models):
     fido = engine.load("fido", subject_models["fido"])
     assert fido.vae is rex.vae and fido.tokenizer is rex.tokenizer
