@@ -316,7 +316,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{summary['windows_used']} of {summary['windows']} progress windows used; "
         f"run_training {wall_s:.0f} s: preparing {summary['phases'].get('PREPARING', 0):.0f} s, training "
         f"{summary['phases'].get('TRAINING', 0):.0f} s (first progress event after "
-        f"{summary['first_progress_after_s']:.0f} s), export {summary['phases'].get('EXPORTING', 0):.0f} s; "
+        f"{summary['first_progress_after_s']:.0f} s: {summary['startup_s']}), export "
+        f"{summary['phases'].get('EXPORTING', 0):.0f} s; "
         f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
         f"checkpoint stalls {summary['checkpoint_stalls_s']} s, of which waiting for the previous checkpoint's write "
         f"and commit {summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
@@ -378,6 +379,15 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     phases = {a["state"]: b["time"] - a["time"] for a, b in itertools.pairwise(states)}
     training_start = next((e["time"] for e in states if e["state"] == "TRAINING"), None)
     first_progress = progress[0]["time"] - training_start if progress and training_start is not None else float("nan")
+    # Where the time to the first progress event went: Ray Train's start of the worker (its process and process
+    # group), the worker's own parts (the "worker" event), then its first steps (compiling, with torch_compile).
+    startup: dict[str, float] = {}
+    worker = next((e for e in events if e["type"] == "worker" and e["rank"] == 0), None)
+    if worker is not None and "startup_s" in worker and training_start is not None:
+        startup["ray_train"] = round(worker["time"] - training_start - sum(worker["startup_s"].values()), 2)
+        startup.update(worker["startup_s"])
+        if progress:
+            startup["first_window"] = round(progress[0]["time"] - worker["time"], 2)
 
     def rate(windows: list[tuple[int, float, int]]) -> float | None:
         return sum(s for s, _, _ in windows) / sum(t for _, t, _ in windows) if windows else None
@@ -399,6 +409,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         "checkpoints": len(checkpoints),
         "phases": phases,
         "first_progress_after_s": first_progress,
+        "startup_s": startup,
     }
 
 

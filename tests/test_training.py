@@ -133,6 +133,9 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
     workers = [e for e in events if e["type"] == "worker"]
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert len({w["node_id"] for w in workers}) == 2, "the two workers should run on different nodes"
+    for worker in workers:  # where each worker's start went
+        assert list(worker["startup_s"]) == ["load_model", "encode", "build_engine", "restore"], worker
+        assert all(seconds >= 0 for seconds in worker["startup_s"].values()), worker
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
     assert [e["step"] for e in checkpoints] == [4, 8, 10]
     assert all(0 < e["waited_s"] <= e["stall_s"] for e in checkpoints), checkpoints

@@ -6,13 +6,16 @@ either side, and any node can write it. One event per line, each with a `type` a
     {"type": "state", "state": "PREPARING" | "TRAINING" | "EXPORTING" | "SUCCEEDED" | "FAILED", ...}   (each run of
      the job starts with PREPARING, unless its input is refused first: FAILED, reason INVALID_INPUT)
     {"type": "class_images", "done": 12, "total": 100}
-    {"type": "worker", "rank": 0, "world_size": 2, "node_id": "...", "device": "cuda:0", "start_step": 0}
+    {"type": "worker", "rank": 0, "world_size": 2, "node_id": "...", "device": "cuda:0", "start_step": 0,
+     "startup_s": {"load_model": 4.1, "encode": 0.8, "build_engine": 9.5, "restore": 0.0}}   (the worker's start, in
+     its parts; from the TRAINING state to the event, the rest is Ray Train's: its worker processes and process group)
     {"type": "resumed", "step": 200}   (a run restarted from its checkpoint at that step)
     {"type": "progress", "step": 40, "total_steps": 400, "loss": 0.12, "prior_loss": 0.1, "lr": 5e-6,
      "steps_per_s": 3.1, "eta_s": 116.0, "skipped_steps": 0, "peak_memory_gib": 15.2}   (peak_rss_gib on CPU
      workers; skipped_steps: optimizer steps skipped so far on fp16 overflow)
     {"type": "compiled", "step": 1, "seconds": 184.2, "graphs": 2}   (torch_compile: a run's first step, compiling)
-    {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2}   (committed: where a restart resumes)
+    {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2, "waited_s": 0.9}   (committed: where a restart
+     resumes; waited_s: of the stall, waiting for the checkpoint before it to be written and committed)
     {"type": "validation", "step": 100, "path": ".../validation/step_0000100.png", "peak_memory_gib": 15.4}
     {"type": "model", "path": "...", "metadata": {...}}
 """
