@@ -56,6 +56,7 @@ only=${ONLY:-all}
 scratch=${TMPDIR:-/tmp}
 
 # part NAME NEEDED_S COMMAND...: runs COMMAND (output to $OUT/NAME.log) if NEEDED_S are left, cut at the deadline.
+# A train part's scratch is $scratch/bench-train-NAME (its --work-dir): emptied before, its events kept after.
 part() {
   local name=$1 needed=$2
   shift 2
@@ -65,20 +66,28 @@ part() {
     echo "== $name: skipped, ${left} s left of the budget, ${needed} s needed"
     return 0
   fi
+  local work=$scratch/bench-train-$name
+  rm -rf "$work"  # what a call cut short on this (warm) machine left: the trainer would resume from it
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
     grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - start)) s"
-  # The train parts' scratch (--work-dir, kept): the trainer's events. A part killed at the deadline leaves ~22 GiB of
-  # ZeRO checkpoints there too (a 64 GiB disk), and its events hold what it measured before it was cut.
-  for events in "$scratch"/bench-train-*/storage/jobs/bench/events.jsonl; do
-    [ -f "$events" ] || continue
-    cp "$events" "$OUT/$name.events.jsonl"  # every window, checkpoint and the compiled event, for a closer look
-    [ "$rc" = 0 ] || python -c "import json, sys; from bench.train_throughput import read_events, summarise_events
+  # Torch's graph breaks and recompiles (TORCH_LOGS) in the trainer's Ray worker, whose output stays in Ray's logs.
+  grep -h -E "Recompil|[Gg]raph break" /tmp/ray/session_latest/logs/worker-*.err > "$OUT/$name.torch.log" 2>/dev/null
+  [ -s "$OUT/$name.torch.log" ] || rm -f "$OUT/$name.torch.log"
+  # The trainer's events: every window, checkpoint and the compiled event. A part cut at the deadline (124: timeout's
+  # INT, 137: its KILL) leaves ~22 GiB of ZeRO checkpoints beside them (a 64 GiB disk), and they hold what it measured
+  # before it was cut, when the script had no time to say.
+  local events=$work/storage/jobs/bench/events.jsonl
+  if [ -f "$events" ]; then
+    cp "$events" "$OUT/$name.events.jsonl"
+    if [[ "$rc" == 124 || "$rc" == 137 ]] && ! grep -q "cut short" "$OUT/$name.log"; then
+      python -c "import json, sys; from bench.train_throughput import read_events, summarise_events
 print('trainer (killed):', json.dumps(summarise_events(read_events(sys.argv[1]), 5)))" "$events" | tee -a "$OUT/$name.log"
-  done
-  rm -rf "$scratch"/bench-train-*
+    fi
+  fi
+  rm -rf "$work"
 }
 
 export DREAMBOOTH_CLIP_BPE=$PWD/.gpu/bpe_simple_vocab_16e6.txt.gz
@@ -99,8 +108,8 @@ part memory 120 python bench/train_step_profile.py --model sd15 --train-text-enc
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
 part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks python bench/train_throughput.py --model sd15 \
-  --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-compile" --out "$OUT/train_throughput_compiled.json"
+  --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-train-compile" --out "$OUT/train_throughput_compiled.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
   --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" \
-  --work-dir "$scratch/bench-train-memory" --out "$OUT/train_throughput_memory.json"
+  --work-dir "$scratch/bench-train-train-memory" --out "$OUT/train_throughput_memory.json"
 echo "== done after $((SECONDS - start)) s"

@@ -321,7 +321,7 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
         f"checkpoint stalls {summary['checkpoint_stalls_s']} s, of which waiting for the previous checkpoint's write "
         f"and commit {summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
-        f"{summary['windows_while_writing']} steady windows a background checkpoint write overlapped"
+        f"{summary['windows_while_writing']} steady windows between a save and its commit (its background write)"
     )
     if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
         notes += f", {summary['skipped_steps']} optimizer steps of the timed windows skipped on fp16 overflow"
@@ -357,7 +357,8 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         return steps, steps / event["steps_per_s"], skipped
 
     def writing(previous: dict) -> bool:
-        # A checkpoint is written in the background from its save until Ray commits it (its event's time).
+        # A checkpoint is written in the background from its save until Ray commits it (its event's time, up to
+        # Ray's 2 s poll after the write ended; a save never committed, as in a run cut short, has no event).
         return any(e["step"] < previous["step"] and e["time"] > previous["time"] for e in checkpoints)
 
     steady, after_warmup, while_writing = [], [], []
@@ -394,8 +395,8 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
 
     return {
         "steps_per_s": rate(windows),
-        # Of the steady windows, those a background checkpoint write overlapped: what writing costs the training
-        # thread (the GIL, host memory bandwidth), beside its stall.
+        # Of the steady windows, those between a save and its commit, while its background write went on: what
+        # writing costs the training thread (the GIL, host memory bandwidth), beside its stall.
         "steps_per_s_while_writing": rate(while_writing),
         "windows_while_writing": len(while_writing),
         "skipped_steps": sum(k for _, _, k in windows),

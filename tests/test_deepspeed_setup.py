@@ -76,3 +76,32 @@ def test_clipping_without_host_syncs_updates_the_weights_as_deepspeed_does(engin
     untrained = nn.Sequential(nn.Sequential(nn.Linear(7, 13), nn.ReLU()), nn.Sequential(nn.Linear(13, 3)))
     flatten_parameters(untrained)
     assert not any(torch.equal(w, u) for w, u in zip(weights, untrained.parameters(), strict=True))  # it trained
+
+
+def test_the_sync_free_functions_compute_what_deepspeeds_compute():
+    """Function by function, over what a step can meet: norms finite, zero, infinite, NaN or the -1 DeepSpeed's mask
+    puts there, in each norm dtype; max norms (0: no clipping), loss scales; gradients holding inf and NaN, as one
+    tensor or a list of partitions. The same masked norm and the same gradients, bit for bit, as DeepSpeed's own."""
+    from types import SimpleNamespace
+
+    from trainer import deepspeed_syncs
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for value in (0.0, 1e-8, 3.0, 1e4, float("inf"), float("-inf"), float("nan"), -1.0):
+            theirs, ours = torch.tensor(value, dtype=dtype), torch.tensor(value, dtype=dtype)
+            deepspeed_syncs.ORIGINAL_MASK(theirs, device=theirs.device)
+            deepspeed_syncs._mask_nan_or_inf(ours, device=ours.device)
+            assert torch.equal(ours, theirs), (dtype, value)
+            for clip_grad in (0.0, 1e-3, 1.0, 7.5):
+                for loss_scale in (1.0, 65536.0, 0.125):
+                    optimizer = SimpleNamespace(clip_grad=clip_grad, loss_scale=loss_scale, device=torch.device("cpu"))
+                    grads = torch.randn(2, 6, generator=generator) * 1e3
+                    grads[0, 0], grads[1, 1] = float("inf"), float("nan")
+                    theirs = [grads[0].clone(), [grads[1].clone(), grads[1].clone()]]
+                    ours = [grads[0].clone(), [grads[1].clone(), grads[1].clone()]]
+                    norm = torch.tensor(value, dtype=dtype)
+                    deepspeed_syncs.ORIGINAL_UNSCALE_AND_CLIP(optimizer, theirs, norm)
+                    deepspeed_syncs._unscale_and_clip_grads(optimizer, ours, norm)
+                    for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]], strict=True):
+                        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -73,7 +73,8 @@ def save_and_report(
     background thread once Ray has committed the checkpoint. Returns (that thread, how long training stalled).
 
     `previous` (that thread of the last save) is waited for first, and so are this rank's writes of the last save,
-    whose host buffers this one reuses: both count in the stall, as its `waited_s`."""
+    whose host buffers this one reuses: both count in the stall, as its `waited_s`. Only rank 0 has `previous`:
+    another rank's `waited_s` is its own writes' (its wait for rank 0 is in the save's collectives)."""
     start = time.perf_counter()
     if previous is not None:
         previous.join()

@@ -27,9 +27,10 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         # 2e7 rather than 5e7: 0.11 GiB less at the peak, which UNet + text encoder on one GPU measured at 16.02
         # GiB against the 16 GiB target (bench/README.md).
         "reduce_bucket_size": 2e7,
-        # On one rank the reduce-scatter path only adds bookkeeping to every bucket (a division by 1, a copy back);
-        # with several ranks it divides before summing, which rounds differently: kept there.
-        "reduce_scatter": world_size > 1,
+        # On one rank ZeRO-2's reduce-scatter path only adds bookkeeping to every bucket (a division by 1, a copy
+        # back); with several ranks it divides before summing, which rounds differently: kept there, and for ZeRO-3,
+        # where the key picks another reduction path (not measured on a GPU).
+        "reduce_scatter": world_size > 1 or spec.zero_stage == 3,
     }
     if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.use_gpu}

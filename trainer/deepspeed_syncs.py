@@ -6,7 +6,8 @@ the norm's inf/NaN mask fills with a device tensor built from a host value (a co
 is invalid (a third). The trainer's SD 1.5 UNet has 17 groups: 51 of the 53 syncs of a step, in a step the host sets
 the pace of (H100: the GPU busy ~35 % of it, bench/README.md), where each sync makes the host wait for the GPU's
 queue to drain before it launches more. The replacements compute the same values on the device, bit for bit
-(tests/test_deepspeed_setup.py); the one sync left is the step's own decision to skip an fp16 overflow.
+(tests/test_deepspeed_setup.py). Two syncs a step are left: the overflow check over all gradients, and the step's
+decision to skip an overflow.
 
 Written against DeepSpeed 0.19.8's code: on any other version DeepSpeed is left as it is.
 """
@@ -32,8 +33,9 @@ def install() -> bool:
 
 
 def _mask_nan_or_inf(input: torch.Tensor, device=None, val: float = -1.0) -> None:
-    # A Python number as the fill value: nothing to copy to the device, nothing for masked_fill_ to read back.
-    input.masked_fill_(input.isnan().logical_or(input.isinf()), val)
+    # A Python number as the fill value: nothing to copy to the device, nothing for masked_fill_ to read back. -1, as
+    # DeepSpeed's fills whatever `val` says.
+    input.masked_fill_(input.isnan().logical_or(input.isinf()), -1.0)
 
 
 def _unscale_and_clip_grads(self, grad_groups_flat, total_norm) -> None:

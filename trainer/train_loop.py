@@ -39,13 +39,16 @@ INSTANCE_STREAM, CLASS_STREAM = 0, 1
 
 
 class Startup:
-    """Seconds of the parts of a worker's start, each from the end of the one before."""
+    """Seconds of the parts of a worker's start, each from the end of the one before (and of its GPU work)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def done(self, part: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[part] = round(now - self._last, 3)
         self._last = now
@@ -82,7 +85,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
 
     # How long each part of the worker's start took, for the "worker" event (SD 1.5 on an H100: ~50 s from the
     # TRAINING state to the first step, a third of a short job's training).
-    startup = Startup()
+    startup = Startup(device)
 
     # 1. Base model: frozen parts in the compute dtype, trainable parts in fp32 (DeepSpeed keeps fp32 masters).
     # A trained text encoder lives in the DeepSpeed engine only; a frozen one is loaded here, once.
