@@ -4,7 +4,8 @@
 # against its plain diffusers baseline, on the random SD-1.5-sized model. Tables go to stdout, JSON, logs and the
 # trainer's events (<part>.events.jsonl: every progress window, checkpoint and the `compiled` event) to $OUT, each as
 # soon as its part ends, so a run cut short still returns what it measured. The compiling parts log torch's graph
-# breaks and recompiles (TORCH_LOGS) in theirs.
+# breaks and recompiles (TORCH_LOGS): profile-compile in its log, train-compile in <part>.torch.log (from Ray's
+# worker logs).
 #
 #   here:   ../shared/tools/device-bundle.sh .gpu && cp .venv/lib/python3*/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz .gpu/
 #           echo /.gpu/ >> .git/info/exclude
