@@ -170,8 +170,8 @@ def _scheduler() -> DDPMScheduler:
 
 
 def _sd15_scheduler() -> PNDMScheduler:
-    """The sampler SD 1.5 ships, as its scheduler_config.json has it: 3 host syncs a step against DDPM's ~14, and
-    one UNet forward more for 25 steps (what a benchmark of serving must count)."""
+    """The sampler SD 1.5 ships, as its scheduler_config.json has it: its PLMS steps cost one UNet forward more for
+    25 steps than DDPM's (what a benchmark of serving must count)."""
     scheduler = PNDMScheduler(**_SD15_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
     scheduler.register_to_config(clip_sample=False)  # not PNDM's, but SD 1.5's config carries it for DDPM/DDIM
     return scheduler

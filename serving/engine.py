@@ -118,7 +118,9 @@ class Cohort:
     unet_timesteps: torch.Tensor  # the scheduler's timesteps on the device, as the UNet takes them
     step_kwargs: dict[str, Any]  # for its scheduler's step: the per-image generators, where it draws noise
     step: int = 0  # denoising steps done
-    first_step: float = 0.0  # time.monotonic() when its first denoising step began
+    # time.monotonic() when its first denoising step was queued: on a GPU the host runs up to about a step ahead of
+    # the device, so the queue wait it ends reads that much short
+    first_step: float = 0.0
     peak_requests: int = 0  # the most requests that shared one of its UNet forwards
     peak_images: int = 0
     compiled_unet: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LMSDiscreteScheduler
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dreambooth.errors import InputError
 from dreambooth.sd_model import check_prompt, load_pipeline
@@ -120,34 +123,73 @@ def check_matches_the_pipeline(engine, model, model_dir, guidance_scale: float) 
         assert np.abs(pixels(image) - reference).max() <= 1 / 255
 
 
-def test_denoising_reads_nothing_back_from_the_device(subject_models):
+class DeviceTraffic(TorchDispatchMode):
+    """Counts what the meta device lets through but a GPU would wait for or refuse: copies from the host (from
+    ordinary host memory, each waits for the GPU's queue), a host tensor other than a 0-dim scalar meeting a device
+    one (a device mismatch on a GPU), linear algebra (cuSOLVER reads its status back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [x for x in tree_leaves((args, kwargs or {})) if isinstance(x, torch.Tensor)]
+        out = func(*args, **(kwargs or {}))
+        devices = {t.device.type for t in tensors}
+        outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if devices == {"cpu"} and any(o.device.type == "meta" for o in outputs):
+            self.found["host-to-device copy"] += 1
+        if devices == {"cpu", "meta"} and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.found[f"host tensor meets device tensor ({func})"] += 1
+        if "linalg" in str(func):
+            self.found[str(func)] += 1
+        return out
+
+
+def test_denoising_waits_for_nothing_on_the_device(subject_models):
     """On a GPU the host queues the next denoising steps while the device runs this one, unless a step reads a device
-    value back (`.item()`, `bool()`, `nonzero`, a host table indexed by a device tensor, a copy to the host): each
-    such read waits for everything queued. On the meta device (tensors without data) every such read raises, so the
-    engine samples there: each scheduler a model may ship, a cohort joining another part-way, to the last step."""
+    value back (`.item()`, `bool()`, `nonzero`, a copy to the host), copies from the host, or mixes host and device
+    tensors. The engine samples on the meta device (tensors without data), where every read back raises and
+    `DeviceTraffic` counts the rest: each scheduler a model may ship, a cohort joining another part-way, to the end."""
     import diffusers
 
     engine = SamplingEngine(device="meta", dtype=torch.float32)
     model = engine.load("rex", subject_models["rex"])
-    schedulers = [
-        "PNDMScheduler",  # SD 1.5's
-        "DDIMScheduler",
-        "DDPMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "LMSDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-        "UniPCMultistepScheduler",
-        "HeunDiscreteScheduler",  # two UNet evaluations a step
-    ]
-    for name in schedulers:
-        model.scheduler = getattr(diffusers, name).from_config(model.scheduler.config)
-        first = engine.start(model, [request(seed=1)])
-        engine.denoise([first])
-        second = engine.start(model, [request(seed=2, num_images=2, guidance_scale=3.0)])
-        while not second.done:
-            engine.denoise([second] + ([first] if not first.done else []))
+    config = model.scheduler.config
+    schedulers = {
+        "SD 1.5's PNDM": diffusers.PNDMScheduler.from_config(config, skip_prk_steps=True),
+        "PNDM with its Runge-Kutta warm-up": diffusers.PNDMScheduler.from_config(config),
+        **{
+            name: getattr(diffusers, name).from_config(config)
+            for name in (
+                "DDIMScheduler",
+                "EulerDiscreteScheduler",
+                "LMSDiscreteScheduler",
+                "DPMSolverMultistepScheduler",
+                "HeunDiscreteScheduler",  # two UNet evaluations a step
+                # These draw each step's noise from the images' generators on the host (what makes a seeded image
+                # the same in any batch): one copy to the device a step, counted apart.
+                "DDPMScheduler",
+                "EulerAncestralDiscreteScheduler",
+            )
+        },
+    }
+    # Not held to it: diffusers 0.42.1's UniPC copies its sigmas to the device and solves on it every step.
+    for name, scheduler in schedulers.items():
+        model.scheduler = scheduler
+        first = engine.start(model, [request(seed=1, steps=6)])  # PNDM's 4th-order steps from the 5th on
+        with DeviceTraffic() as traffic:
+            engine.denoise([first])
+        second = engine.start(model, [request(seed=2, num_images=2, guidance_scale=3.0, steps=6)])
+        with traffic:
+            while not second.done:
+                engine.denoise([second] + ([first] if not first.done else []))
         assert first.done and first.latents.device.type == "meta", name
+        found = dict(traffic.found)
+        if name in ("DDPMScheduler", "EulerAncestralDiscreteScheduler"):
+            copies = found.pop("host-to-device copy", 0)
+            assert 0 < copies <= first.step + second.step, (name, copies)  # the noise, one per cohort and step
+        assert not found, (name, found)
 
 
 def test_two_subjects_share_the_base_components_but_draw_differently(engine, rex, subject_models):

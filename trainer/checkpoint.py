@@ -54,8 +54,8 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 class Stall:
     """How long one save held training: `seconds` in all, of which `waited_s` waiting for the checkpoint before it
     to be written and committed. The wait is not the save's own cost: it is there only when checkpoints come faster
-    than storage writes them (an 11 GiB SD 1.5 ZeRO-2 checkpoint took ~19 s to write and commit on the lent H100
-    machine) or than Ray Train commits them (it polls its workers every 2 s), and a longer checkpoint_interval
+    than storage writes them (an SD 1.5 ZeRO-2 checkpoint, 11-13 GiB, took 13-19 s to write and commit on the
+    lent H100 machine) or than Ray Train commits them (it polls its workers every 2 s), and a longer checkpoint_interval
     removes it."""
 
     seconds: float
