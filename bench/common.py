@@ -17,3 +17,21 @@ def rss_bytes(pid: int | str = "self") -> int:
     """A process's resident memory now."""
     with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def syncs_per_call(function, calls: int = 3) -> float:
+    """Host-device synchronizations per call of `function` on a GPU, as CUDA's sync debug mode reports them (a
+    warning each: `.item()`, `bool()` and `nonzero` of device tensors, copies from ordinary host memory, ...)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(calls):
+                function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / calls

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import percentile
+from bench.common import percentile, syncs_per_call
 from dreambooth.sd_model import load_pipeline
 from dreambooth.tiny_model import CLIP_BPE_ENV, RANDOM_MODELS
 from serving.engine import GenerationRequest, GenerationResult, SamplingEngine, default_dtype
@@ -384,6 +384,12 @@ def warmed_up_engine(model_dir: Path, device, dtype, compile_unet: bool, request
     # --cudnn-benchmark, times cuDNN's algorithms), which is not what a steady service pays per batch.
     engine.generate(model, [request(0)])
     engine.generate(model, [request(i) for i in range(max_images)])
+    if engine.device.type == "cuda":  # the denoising steps' host-device syncs, by CUDA's count (none expected)
+        counts = {}
+        for cohorts in (1, max_images):
+            started = [engine.start(model, [request(i)]) for i in range(cohorts)]
+            counts[cohorts] = syncs_per_call(lambda started=started: engine.denoise(started))
+        print(f"engine syncs a denoising step: {counts} (by cohorts of one image)", flush=True)
     return engine, model
 
 

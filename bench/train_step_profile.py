@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import rss_bytes
+from bench.common import rss_bytes, syncs_per_call
 from dreambooth.sd_model import load_base_model
 from dreambooth.tiny_model import CLIP_BPE_ENV, RANDOM_MODELS, build_random_sd15_model
 from trainer import deepspeed_setup, train_loop
@@ -247,6 +247,9 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     for _ in range(args.steps):
         step(phases)
 
+    # The host-device syncs of a step (CUDA's count; the H100 profile of session 17 found 53 before deepspeed_syncs).
+    syncs = syncs_per_call(lambda: step(None)) if cuda else None
+
     profile = None
     if args.profile and name in PROFILED:
         from torch.profiler import ProfilerActivity
@@ -271,6 +274,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
         # What the caching allocator held at its peak (what the GPU must have, beside the CUDA context).
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "skipped_steps": engine.skipped_steps - skipped_before,
+        "syncs": syncs,
         "optimizer_groups": len(engine.optimizer.param_groups),
         "profile": profile,
     }
@@ -341,15 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"| variant | step ms | steps/s | forward ms | backward ms | optimizer step ms | engine built, {memory} "
         f"| peak (build and steps), {memory} | peak reserved GiB | timed steps skipped (fp16 overflow) "
-        "| optimizer groups | init s |"
+        "| optimizer groups | host-device syncs a step | init s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         reserved = f"{r['reserved_gib']:.2f}" if r["reserved_gib"] is not None else "-"
+        syncs = f"{r['syncs']:.0f}" if r["syncs"] is not None else "-"
         print(
             f"| {r['variant']} | {r['step_ms']:.1f} | {1000 / r['step_ms']:.2f} | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['engine_gib']:.2f} | {r['peak_gib']:.2f} | "
-            f"{reserved} | {r['skipped_steps']} | {r['optimizer_groups']} | {r['init_s']:.1f} |"
+            f"{reserved} | {r['skipped_steps']} | {r['optimizer_groups']} | {syncs} | {r['init_s']:.1f} |"
         )
     for r in rows:
         if r["profile"]:
