@@ -42,10 +42,14 @@ def test_clipping_without_host_syncs_updates_the_weights_as_deepspeed_does(engin
     from trainer import deepspeed_syncs
     from trainer.deepspeed_setup import initialize
 
-    def train(install: bool) -> list[torch.Tensor]:
+    def untrained() -> nn.Module:
         torch.manual_seed(0)
         network = nn.Sequential(nn.Sequential(nn.Linear(7, 13), nn.ReLU()), nn.Sequential(nn.Linear(13, 3)))
         flatten_parameters(network)
+        return network
+
+    def train(install: bool) -> list[torch.Tensor]:
+        network = untrained()
         with monkeypatch.context() as patch:
             if not install:  # DeepSpeed's own functions, for the reference
                 patch.setattr(deepspeed_syncs, "install", lambda: False)
@@ -72,10 +76,7 @@ def test_clipping_without_host_syncs_updates_the_weights_as_deepspeed_does(engin
     reference = train(install=False)
     weights = train(install=True)
     assert all(torch.equal(w, r) for w, r in zip(weights, reference, strict=True))
-    torch.manual_seed(0)
-    untrained = nn.Sequential(nn.Sequential(nn.Linear(7, 13), nn.ReLU()), nn.Sequential(nn.Linear(13, 3)))
-    flatten_parameters(untrained)
-    assert not any(torch.equal(w, u) for w, u in zip(weights, untrained.parameters(), strict=True))  # it trained
+    assert not any(torch.equal(w, u) for w, u in zip(weights, untrained().parameters(), strict=True))  # it trained
 
 
 def test_the_sync_free_functions_compute_what_deepspeeds_compute():
