@@ -1,10 +1,11 @@
 """What a job leaves behind once it has ended, tidied on a thread of the controller's own.
 
 Once an ended job's Ray job has ended too:
-- its driver's log is kept in its folder (`driver.log`, what GetJobLogs answers from then on), and Ray's records
-  of its attempts are deleted. Ray keeps a job's record (up to ~20 KB: a failed one's carries its log's tail) in
-  the head's memory until it is deleted, so a long-lived cluster's grew by one per attempt ever run; and a head
-  restarted without fault tolerance lost them, and the logs of every job that had ended with them.
+- its drivers' logs (every attempt's) are kept in its folder (`driver.log`, what GetJobLogs answers from then
+  on), and Ray's records of its attempts are deleted. Ray keeps a job's record (up to ~20 KB: a failed one's
+  carries its log's tail) in the head's memory until it is deleted, so a long-lived cluster's grew by one per
+  attempt ever run; and a head restarted without fault tolerance lost them, and the logs of every job that had
+  ended with them.
 - a successful job's checkpoints are removed: ~11 GiB each for SD 1.5 under ZeRO-2, `checkpoints_to_keep` of
   them, that nothing reads once its model is exported (no RPC runs an ended job again). A failed or cancelled job
   keeps them, until DeleteJob: `dreambooth train --job-id` on the same storage resumes it from them, or only
@@ -106,7 +107,7 @@ class EndedJobs:
             # Ray knowing no such job (its head restarted; a dashboard URL of another cluster for a while) leaves
             # nothing to keep: GetJobLogs asks Ray as before.
             if status != RayJobStatus.LOST and not paths.driver_log.exists():
-                text = self._ray_jobs.logs(last)
+                text = self._ray_jobs.attempt_logs(job.job_id, job.attempts)
                 with contextlib.suppress(FileNotFoundError):  # DeleteJob took its folder: Ray's records go too
                     write_file(paths.driver_log, text)  # first: a deleted record takes its log with it
             for attempt in range(1, job.attempts + 1):

@@ -180,6 +180,18 @@ class RayJobs:
                 return ""
             raise self._error(f"logs of {submission_id}", e) from e
 
+    def attempt_logs(self, job_id: str, attempts: int) -> str:
+        """The logs of a job's attempts 1..`attempts`, oldest first, each under a line naming it (an earlier attempt's
+        is why the job was run again); one attempt's alone, as it is."""
+        if attempts == 1:
+            return self.logs(submission_id(job_id, 1))
+        parts = []
+        for attempt in range(1, attempts + 1):
+            submission = submission_id(job_id, attempt)
+            text = self.logs(submission) or "(no log: Ray no longer knows this attempt)\n"
+            parts.append(f"=== attempt {attempt} of {attempts} (Ray job {submission}) ===\n{text}")
+        return "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+
     def cluster_capacity(self) -> Capacity:
         """Total CPUs and GPUs of the alive nodes (the state API, served by the same dashboard)."""
         try:

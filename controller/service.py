@@ -407,7 +407,7 @@ class JobService:
         kept = job_paths(self.config.storage, job_id).driver_log  # an ended job's, once its driver ended
         with contextlib.suppress(FileNotFoundError):
             return kept.read_text(errors="replace")
-        text = self.ray_jobs.logs(job.ray_submission_id) if job.ray_submission_id else ""
+        text = self.ray_jobs.attempt_logs(job_id, job.attempts) if job.attempts else ""
         if not text:  # kept, and Ray's record deleted, since the file was looked for (controller.ended_jobs)
             with contextlib.suppress(FileNotFoundError):
                 return kept.read_text(errors="replace")

@@ -411,7 +411,7 @@ def _checkpoint_line(step: int, path: str, waited_s: float) -> str:
     line = f"checkpoint at step {step}: {path}"
     if waited_s >= 1:
         line += (
-            f" (training waited {waited_s:.1f} s for the previous checkpoint to be written and committed: a longer "
+            f" (training waited {waited_s:.1f} s for the previous checkpoint to be written: a longer "
             "checkpoint_interval avoids the wait)"
         )
     return line

@@ -174,9 +174,10 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
     """The controller's fault tolerance: a Ray job that ended without the trainer's verdict (its driver killed,
     its node lost) is submitted again as the next attempt, which resumes from the job's checkpoint, up to
     max_attempts; then the job fails with the last attempt's log. Attempt 1 fails on its own here; attempt 2 is
-    the real trainer driver, submitted by the reconciler, which finds no spec in this job's folder."""
+    the real trainer driver, submitted by the reconciler, which finds no spec in this job's folder. The job's log
+    holds both attempts', before and after the controller keeps it."""
     reconciler = by_hand
-    job = training_under(reconciler, "false")
+    job = training_under(reconciler, "echo attempt 1 died here; false")
     for attempt in range(1, reconciler.config.max_attempts + 1):
         assert _ended(reconciler.ray_jobs, f"{job.job_id}-a{attempt}") == RayJobStatus.FAILED
         if attempt < reconciler.config.max_attempts:  # this pass submits the next attempt
@@ -194,6 +195,20 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
     # Each submission touched the job's events: a LOST attempt counts as live for LOST_QUIET_S after it.
     events = job_paths(reconciler.config.storage, job.job_id).events_file
     assert events.stat().st_mtime >= last_submission_after
+
+    def both_attempts_in(log: str) -> None:
+        first, second = (
+            f"=== attempt 1 of 2 (Ray job {job.job_id}-a1) ===",
+            f"=== attempt 2 of 2 (Ray job {job.job_id}-a2)",
+        )
+        assert log.index(first) < log.index("attempt 1 died here") < log.index(second) < log.index("spec.json"), log
+
+    both_attempts_in(reconciler.service.logs("alice", job.job_id))  # from Ray
+    deadline = time.monotonic() + 60
+    while reconciler.ray_jobs.status(f"{job.job_id}-a1") != RayJobStatus.LOST:
+        assert time.monotonic() < deadline, "Ray's records of an ended job were kept"
+        time.sleep(0.1)
+    both_attempts_in(reconciler.service.logs("alice", job.job_id))  # kept in the job's folder
 
 
 @pytest.mark.parametrize("trainer_then", ["hangs", "succeeds"])

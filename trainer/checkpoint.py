@@ -9,8 +9,9 @@ is started again.
 
 A report only counts once Ray Train's controller has collected it from every rank (it polls the workers
 every 2 s); a worker dying before that takes the newest checkpoint with it. Rank 0 waits for that commit in
-a background thread, off the training path, and only then announces the checkpoint, so a "checkpoint" event
-in the job's events means: this is where a restart resumes. What Ray commits is on disk (fsynced) first: Ray
+a background thread, off the training path (training goes on, and saves again, before Ray has committed the one
+before), and only then announces the checkpoint, so a "checkpoint" event in the job's events means: this is where a
+restart resumes. What Ray commits is on disk (fsynced) first: Ray
 deletes the checkpoints it no longer keeps at once, so a power loss must not find the newest one in the page cache.
 """
 
@@ -53,10 +54,9 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 @dataclass(frozen=True)
 class Stall:
     """How long one save held training: `seconds` in all, of which `waited_s` waiting for the checkpoint before it
-    to be written and committed. The wait is not the save's own cost: it is there only when checkpoints come faster
-    than storage writes them (an SD 1.5 ZeRO-2 checkpoint, 11-13 GiB, took 13-19 s to write and commit on the
-    lent H100 machine) or than Ray Train commits them (it polls its workers every 2 s), and a longer checkpoint_interval
-    removes it."""
+    to be written. The wait is not the save's own cost: it is there only when checkpoints come faster than storage
+    writes them (an SD 1.5 ZeRO-2 checkpoint, 11-13 GiB, took 13-19 s to write and commit on the lent H100
+    machine), and a longer checkpoint_interval removes it."""
 
     seconds: float
     waited_s: float
@@ -70,14 +70,13 @@ def save_and_report(
     on_committed: Callable[[Path, Stall], None] | None = None,
 ) -> tuple[threading.Thread | None, Stall]:
     """Save on every rank (collective) and report to Ray Train. On rank 0, `on_committed(directory, stall)` runs in a
-    background thread once Ray has committed the checkpoint. Returns (that thread, how long training stalled).
+    background thread once Ray has committed the checkpoint, after `previous` (that thread of the last save) has
+    run, so that checkpoints are announced in order. Returns (that thread, how long training stalled).
 
-    `previous` (that thread of the last save) is waited for first, and so are this rank's writes of the last save,
-    whose host buffers this one reuses: both count in the stall, as its `waited_s`. Only rank 0 has `previous`:
-    another rank's `waited_s` is its own writes' (its wait for rank 0 is in the save's collectives)."""
+    This rank's writes of the last save, whose host buffers this one reuses, are waited for first: that wait is the
+    stall's `waited_s` (a rank's wait for another's writes is in the save's collectives). Ray's commit of the last
+    save is not: it polls its workers every 2 s, and a save a few steps after another would wait for nothing else."""
     start = time.perf_counter()
-    if previous is not None:
-        previous.join()
     writer = engine.checkpoint_engine
     if isinstance(writer, AsyncCheckpointEngine):
         writer.wait()
@@ -115,7 +114,10 @@ def save_and_report(
         return None, stall
 
     def wait_for_commit() -> None:
+        # Every checkpoint reported so far (Ray commits them in order): this one, and any reported since.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if previous is not None:
+            previous.join()
         if on_committed is not None:
             on_committed(directory, stall)
 

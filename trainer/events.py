@@ -15,7 +15,7 @@ either side, and any node can write it. One event per line, each with a `type` a
      workers; skipped_steps: optimizer steps skipped so far on fp16 overflow)
     {"type": "compiled", "step": 1, "seconds": 184.2, "graphs": 2}   (torch_compile: a run's first step, compiling)
     {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2, "waited_s": 0.9}   (committed: where a restart
-     resumes; waited_s: of the stall, waiting for the checkpoint before it to be written and committed)
+     resumes; waited_s: of the stall, waiting for the checkpoint before it to be written)
     {"type": "validation", "step": 100, "path": ".../validation/step_0000100.png", "peak_memory_gib": 15.4}
     {"type": "model", "path": "...", "metadata": {...}}
 """

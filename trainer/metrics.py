@@ -39,9 +39,8 @@ class TrainMetrics:
         )
         self.checkpoint_wait = Histogram(
             "dreambooth_train_checkpoint_wait_seconds",
-            "Seconds of one checkpoint save's stall spent waiting for the previous checkpoint to be written and "
-            "committed: checkpoints come faster than storage writes them or Ray Train commits them (a longer "
-            "checkpoint_interval removes it).",
+            "Seconds of one checkpoint save's stall spent waiting for the previous checkpoint to be written: "
+            "checkpoints come faster than storage writes them (a longer checkpoint_interval removes it).",
             boundaries=list(STALL_BUCKETS),
         )
         self.restarts = Counter("dreambooth_train_restarts", "Training runs that resumed from a checkpoint.")

@@ -342,8 +342,8 @@ def training() -> builders.Dashboard:
                 # sees; so this counts every save instead.
                 description="How long training was blocked per checkpoint save (host copy with async "
                 "checkpointing, the whole write without), over every save since the nodes' Ray started. Of that, "
-                "waiting for the previous checkpoint's write and commit: checkpoints come faster than storage "
-                "writes them or Ray Train commits them (it polls every 2 s); a longer checkpoint_interval removes it.",
+                "waiting for the previous checkpoint's write: checkpoints come faster than storage writes them; a "
+                "longer checkpoint_interval removes it.",
             )
         )
         .with_panel(

@@ -145,8 +145,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJobLogs(self, request, context):
-        """The training driver's log (the Ray job's output, its last attempt's); kept in the job's folder once the job
-        and its driver have ended, when Ray's record of it is deleted. Empty before the job's first attempt starts,
+        """The training driver's log (the Ray job's output); a job run more than once (its driver died, its node was
+        lost) gives every attempt's, oldest first, each under a line naming it. Kept in the job's folder once the job
+        and its driver have ended, when Ray's records of it are deleted. Empty before the job's first attempt starts,
         and when Ray lost it first (its head restarted). UNAVAILABLE while Ray cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
