@@ -320,7 +320,7 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{summary['phases'].get('EXPORTING', 0):.0f} s; "
         f"{result.steps} steps, final loss {fmt(result.final_loss, 4)}; "
         f"checkpoint stalls {summary['checkpoint_stalls_s']} s, of which waiting for the previous checkpoint's write "
-        f"and commit {summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
+        f"{summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
         f"{summary['windows_while_writing']} steady windows between a save and its commit (its background write)"
     )
     if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
@@ -405,7 +405,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         "peak_memory_gib": max(memory) if memory else None,
         "checkpoint_stall_s": statistics.median(e["stall_s"] for e in checkpoints) if checkpoints else None,
         "checkpoint_stalls_s": [round(e["stall_s"], 2) for e in checkpoints],
-        # Of each stall, the wait for the checkpoint before to be written and committed (since session 17).
+        # Of each stall, the wait for the checkpoint before to be written (since session 17; and committed, until 18).
         "checkpoint_waits_s": [round(e.get("waited_s", float("nan")), 2) for e in checkpoints],
         "checkpoints": len(checkpoints),
         "phases": phases,

@@ -105,6 +105,10 @@ class ControllerConfig:
 
     def __post_init__(self):
         _check_seconds("placement_timeout_s", self.placement_timeout_s)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            # Half of TLS served plaintext, without a word: clients would send their bearer tokens in the clear.
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise InputError(missing, "missing: TLS needs both tls_cert and tls_key (or neither, for plaintext)")
         if self.max_job_run_s is not None:
             _check_seconds("max_job_run_s", self.max_job_run_s, ", or null for no limit")
         # The controller takes a token's first tenant, serving its last: one token naming two would be two people.

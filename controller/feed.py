@@ -29,11 +29,13 @@ class _Followers:
 class ChangeFeed:
     """The last `capacity` changes. A follower of one job is woken by that job's changes only: hundreds of watch
     streams on other jobs must not each wake, and read the feed, at every change (that took ~77 ms of CPU per
-    change with 256 streams open). The reconciler waits for any change."""
+    change with 256 streams open). The reconciler waits for the changes callers asked for (a submission, a cancel),
+    not for those it published itself: a pass that published its jobs' progress would wake the next at once."""
 
     def __init__(self, capacity: int = 10_000):
         self._changes: deque[Change] = deque(maxlen=capacity)
         self._seq = 0
+        self._requests = 0  # changes published with requested=True
         self._lock = threading.Lock()
         self._any = threading.Condition(self._lock)
         self._followed: dict[str, _Followers] = {}
@@ -43,19 +45,27 @@ class ChangeFeed:
         with self._lock:
             return self._seq
 
-    def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
+    @property
+    def requests(self) -> int:
+        with self._lock:
+            return self._requests
+
+    def publish(self, job_id: str, kind: str, data: dict[str, Any] | None = None, *, requested: bool = False) -> None:
+        """Publishes a change of `job_id`; `requested`: one a caller asked for, which the reconciler acts on."""
         with self._lock:
             self._seq += 1
+            self._requests += requested
             self._changes.append(Change(self._seq, job_id, kind, data or {}))
             self._any.notify_all()
             if (followers := self._followed.get(job_id)) is not None:
                 followers.last_change = self._seq
                 followers.woken.notify_all()
 
-    def wait(self, after: int, timeout_s: float) -> None:
-        """Until some change is published after seq `after`, or `timeout_s` passed."""
+    def wait_for_request(self, after: int, timeout_s: float) -> bool:
+        """Until more than `after` requested changes (`requests`) were published, or `timeout_s` passed; whether
+        they were."""
         with self._lock:
-            self._any.wait_for(lambda: self._seq > after, timeout=timeout_s)
+            return self._any.wait_for(lambda: self._requests > after, timeout=timeout_s)
 
     def follow(self, job_id: str, after: int, timeout_s: float) -> tuple[int, list[Change], bool]:
         """Waits up to `timeout_s` for a change of `job_id` published after seq `after`. Returns the seq read up

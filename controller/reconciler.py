@@ -108,16 +108,16 @@ class Reconciler:
                     log.critical("this controller lost its hold on the database (a restart or failover?): stopping")
                     self.database_lost.set()
                     return
-            seen = self.feed.seq
+            seen = self.feed.requests
             try:
                 self.reconcile_once()
             except Exception:
                 log.exception("reconcile pass failed; retrying")
-            # The next pass comes after the interval, or sooner when something changed (a submission, a cancel);
-            # but never more than MAX_PASSES_PER_S: under a burst of submissions, passes would eat the CPU that
-            # serves the RPCs (bench/controller_load.py).
+            # The next pass comes after the interval, or sooner when a caller asked for a change (a submission, a
+            # cancel; not the progress this pass published); but never more than MAX_PASSES_PER_S: under a burst of
+            # submissions, passes would eat the CPU that serves the RPCs (bench/controller_load.py).
             self._stop.wait(1 / MAX_PASSES_PER_S)
-            self.feed.wait(seen, timeout_s=self.config.reconcile_interval_s)
+            self.feed.wait_for_request(seen, timeout_s=self.config.reconcile_interval_s)
 
     def reconcile_once(self) -> None:
         """One pass. Its parts fail alone (logged, retried next pass): a job that cannot be followed, or Ray down

@@ -57,7 +57,7 @@ from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError, is_system_error
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from trainer.images import check_instance_image_count, check_instance_images
-from trainer.preflight import check_prompt_lengths, check_trainable_base_model
+from trainer.preflight import check_prompt_lengths, check_sampling_steps, check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import JobPaths, job_paths
 
@@ -167,6 +167,7 @@ class JobService:
             try:
                 check_trainable_base_model(spec.base_model)
                 check_prompt_lengths(spec)
+                check_sampling_steps(spec)
             except (OSError, RuntimeError) as e:
                 if is_system_error(e):
                     raise  # the controller's storage or process (an NFS hiccup, no descriptors left): not the input
@@ -203,7 +204,7 @@ class JobService:
             shutil.rmtree(paths.job_dir, ignore_errors=True)
             _check_same_request(self.config, job, spec_fields, images, priority)  # a retry of it, or another request
         else:
-            self.feed.publish(job.job_id, "state", {"state": "QUEUED"})
+            self.feed.publish(job.job_id, "state", {"state": "QUEUED"}, requested=True)
         return job
 
     def _new_job_dir(self) -> JobPaths:
@@ -344,12 +345,12 @@ class JobService:
             # It never ran and never will: its uploaded photos go now (a tenant submitting and cancelling over and
             # over filled the shared storage with them); its record and spec stay.
             shutil.rmtree(job_paths(self.config.storage, job_id).uploads_dir, ignore_errors=True)
-            self.feed.publish(job_id, "state", {"state": "CANCELLED"})
+            self.feed.publish(job_id, "state", {"state": "CANCELLED"}, requested=True)
             return queued
         cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")
         if cancelling is None:  # it ended meanwhile
             return self.cancel(tenant, job_id)
-        self.feed.publish(job_id, "state", {"state": "CANCELLING"})
+        self.feed.publish(job_id, "state", {"state": "CANCELLING"}, requested=True)
         if cancelling.ray_submission_id:
             try:
                 self.ray_jobs.stop(cancelling.ray_submission_id)  # the reconciler sees it STOPPED -> CANCELLED
@@ -431,11 +432,13 @@ class JobService:
         return model
 
     def undeploy_model(self, tenant: str, model_id: str) -> ModelRecord:
+        """Marks the model not served (durably) and applies that to Ray Serve, where serving is configured; without
+        it (the `serving:` section removed since the deploy) only the mark goes, which DeleteModel would refuse."""
         with self._model_changes:
             self.get_model(tenant, model_id)
-            serving = self._serving()
             model = self.store.update_model(model_id, deployed=False, endpoint="")
-        serving.apply()
+        if self.serving is not None:
+            self.serving.apply()
         return model
 
     def delete_model(self, tenant: str, model_id: str) -> None:

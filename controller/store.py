@@ -351,8 +351,9 @@ class Store:
     ) -> tuple[list[JobRecord], str]:
         """Newest first. Keyset pagination on (create_time, job_id): one range scan of ix_jobs_list at any
         depth, and stable while jobs are added or removed (each job appears at most once). Filtered by state,
-        one range scan of ix_jobs_list_by_state per state, merged: a state that few of a tenant's jobs are in is
-        found without reading the others (a filter on ix_jobs_list would read the tenant's whole history)."""
+        one range scan of ix_jobs_list_by_state per state, in one statement, merged: a state that few of a tenant's
+        jobs are in is found without reading the others (a filter on ix_jobs_list would read the tenant's whole
+        history)."""
         query = sa.select(jobs).where(jobs.c.tenant == tenant)
         queries = [query.where(jobs.c.state == state) for state in sorted(set(states))] if states else [query]
         # A token carries its filter: one reused with another would page from the middle of a different list.
@@ -492,28 +493,25 @@ class Store:
     def _page(
         self, queries: list[sa.Select], time_col: Any, id_col: Any, page_size: int, token: str, kind: str
     ) -> tuple[list[sa.Row], str]:
-        """A page of the rows `queries` select together (each read in index order; one row that two of them read,
-        a job that changed state between the reads, counts once)."""
+        """A page of the rows `queries` select together (each read in index order, all in one statement)."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         if token:
             after_time, after_id = _decode_token(token, kind)
             # A row-value comparison, which both SQLite and PostgreSQL turn into an index range bound.
             queries = [query.where(sa.tuple_(time_col, id_col) < sa.tuple_(after_time, after_id)) for query in queries]
+        ordered = [query.order_by(time_col.desc(), id_col.desc()).limit(page_size + 1) for query in queries]
+        # One statement, so one snapshot (SQLite and PostgreSQL's READ COMMITTED take one per statement): read one
+        # after another, a job that moved from the state read last to one read before was in neither read.
+        statement = ordered[0] if len(ordered) == 1 else sa.union_all(*(sa.select(q.subquery()) for q in ordered))
         with self.engine.connect() as conn:
-            rows = [
-                row
-                for query in queries
-                for row in conn.execute(query.order_by(time_col.desc(), id_col.desc()).limit(page_size + 1))
-            ]
+            rows = list(conn.execute(statement))
 
         def key(row: sa.Row) -> tuple:
             return row._mapping[time_col.name], row._mapping[id_col.name]
 
         if len(queries) > 1:
-            # A job whose state changed between two of the queries is in both: listed once, as the later one read it.
-            latest = {row._mapping[id_col.name]: row for row in rows}
-            rows = sorted(latest.values(), key=key, reverse=True)[: page_size + 1]
+            rows = sorted(rows, key=key, reverse=True)[: page_size + 1]
         if len(rows) <= page_size:  # the extra row tells whether there is a next page, without a COUNT
             return rows, ""
         return rows[:page_size], _encode_token(kind, *key(rows[page_size - 1]))

@@ -242,6 +242,22 @@ def sampling_scheduler(path: str | os.PathLike):
     return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
+def check_inference_steps(scheduler, steps: int, field: str) -> None:
+    """Sets `scheduler` (a fresh one: this changes it) to `steps` sampling steps, or refuses them (InputError naming
+    `field`): more than it allows (LCM: 50), or so many that its first timestep falls outside its training schedule
+    (SD 1.5's PNDM at 1000 steps: timestep 1000 of 0..999, an IndexError at the first step)."""
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as e:
+        raise InputError(field, f"{steps} steps: {e}") from e
+    if (largest := float(scheduler.timesteps.max())) >= (trained := scheduler.config.num_train_timesteps):
+        raise InputError(
+            field,
+            f"{steps} steps start {type(scheduler).__name__} at timestep {largest:g}, past the {trained} it was "
+            "trained with: ask for fewer",
+        )
+
+
 # Schedulers that draw their noise from a source of their own rather than the caller's generators: a seeded
 # request's images would change from one call to the next, and with its batch-mates.
 _UNSEEDABLE_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})

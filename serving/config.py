@@ -109,7 +109,8 @@ class ServeConfig:
             ("max_requests_per_tenant", self.max_requests_per_tenant >= 1, "must be >= 1"),
             ("limits.max_images", 1 <= self.limits.max_images <= self.max_batch_size, "must be 1..max_batch_size"),
             ("retry_after_s", self.retry_after_s >= 0, "must be >= 0 (seconds, the Retry-After header)"),
-            # Schedulers refuse more inference steps than their 1000 training timesteps (a 500 at request time).
+            # Schedulers refuse more inference steps than their 1000 training timesteps; a model whose scheduler
+            # refuses fewer (SD 1.5's at 1000, LCM's above 50) answers such a request 400.
             ("limits.max_steps", 1 <= self.limits.max_steps <= 1000, "must be 1..1000"),
             ("limits.min_side", 8 <= self.limits.min_side <= self.limits.max_side, "must be 8..max_side"),
             ("limits.min_side", self.limits.min_side % 8 == 0, "must be a multiple of 8"),

@@ -27,7 +27,7 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
-from dreambooth.model_files import ModelMetadata, sampling_scheduler
+from dreambooth.model_files import ModelMetadata, check_inference_steps, sampling_scheduler
 from dreambooth.sd_model import check_prompt, load_base_model
 
 
@@ -344,7 +344,7 @@ class SamplingEngine:
         # them, which with device timesteps would read each back (PNDM: 3 syncs a step per cohort, DDIM 6, DDPM 11;
         # the host could not queue the next step while the GPU ran this one). The UNet gets a device copy.
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)
-        scheduler.set_timesteps(steps)
+        check_inference_steps(scheduler, steps, "steps")
         factor = model.vae_scale_factor
         latent_shape = (model.unet.config.in_channels, height // factor, width // factor)
         latents = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dreambooth.errors import InputError
 from serving.engine import Cohort, DecodedCohort, GenerationRequest, SamplingEngine, SubjectModel
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,9 @@ class StepBatcher:
             cohort = self.engine.start(submission.model, submission.requests)
         except torch.OutOfMemoryError:  # encoding its prompts, or its first latents
             _fail(submission, out_of_device_memory(f"starting {submission.images} images"))
+            return
+        except InputError as e:  # steps its model's scheduler refuses: the client's to fix (a 400)
+            _fail(submission, e)
             return
         except Exception as e:
             logger.exception("starting a cohort failed for model %s", submission.model.model_id)

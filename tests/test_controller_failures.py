@@ -29,7 +29,7 @@ from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
-from controller.scheduler import WAITING_REASONS, Resources, Waiting
+from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import start
 from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
@@ -851,7 +851,8 @@ def test_a_model_is_deleted_with_its_files_once_undeployed(controller, tmp_path)
             alice.delete_model("model-1")
         assert error.value.code == "FAILED_PRECONDITION" and "undeploy it first" in error.value.message
         assert alice.model("model-1").deployed and (model_dir / "model_index.json").exists()
-        store.update_model("model-1", deployed=False, endpoint="")
+        # Serving's section was removed since the deploy: undeploying only clears the mark.
+        assert not alice.undeploy("model-1").deployed
         with pytest.raises(ClientError) as error:
             bob.delete_model("model-1")
         assert error.value.code == "NOT_FOUND" and (model_dir / "model_index.json").exists()
@@ -1139,6 +1140,15 @@ def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
     assert error.value.field == field
 
 
+@pytest.mark.parametrize("given", ["tls_cert", "tls_key"])
+def test_half_of_tls_is_refused_not_served_in_plaintext(tmp_path, given):
+    path = tmp_path / "controller.yaml"
+    path.write_text(f"storage: storage\n{given}: server.pem\n")
+    with pytest.raises(InputError, match="TLS needs both tls_cert and tls_key") as error:
+        ControllerConfig.load(path)
+    assert error.value.field == ({"tls_cert", "tls_key"} - {given}).pop()
+
+
 @pytest.mark.parametrize("readable", [".", "storage", "storage/jobs"])
 def test_readable_paths_that_reach_into_storage_are_refused(tmp_path, readable):
     # Tenants' uploads and exported models live in storage: a spec could name another tenant's.
@@ -1183,11 +1193,22 @@ def _watched_job(tmp_path: Path, make_feed) -> tuple[JobService, JobRecord]:
     return JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), feed), job
 
 
+def test_the_reconciler_wakes_for_the_changes_callers_ask_for_not_for_its_own(tmp_path: Path):
+    """A pass publishes its jobs' progress and what queued jobs wait for: waking the next pass for those, it ran at
+    its most (MAX_PASSES_PER_S) whenever a job trained, asking Ray about every job each time. A submission or a
+    cancel wakes it."""
+    service, mine = _watched_job(tmp_path, lambda cancel: ChangeFeed())
+    feed, seen = service.feed, service.feed.requests
+    feed.publish(mine.job_id, "progress", {"step": 1})  # as a pass does
+    service.set_queue(Queue(others=Waiting("WAITING_FOR_RESOURCES", "no CPU free")))
+    assert not feed.wait_for_request(seen, timeout_s=0)
+    service.cancel("alice", mine.job_id)
+    assert feed.wait_for_request(seen, timeout_s=0) and feed.requests == seen + 1
+
+
 def test_a_watch_tells_what_its_queued_job_waits_for_also_when_no_change_of_its_own_says_so(tmp_path: Path):
     """While the cluster is full the queue is not read: a job's reason comes from the whole queue's, or its tenant's,
     and no change of the job's is published. The watch finds it within a second (it showed nothing for hours)."""
-    from controller.scheduler import Queue
-
     service, mine = _watched_job(tmp_path, lambda cancel: ChangeFeed())
     watch = service.watch("alice", mine.job_id)
     job, _ = next(watch)

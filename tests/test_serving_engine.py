@@ -60,6 +60,15 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex
     assert np.abs(pixels(solo.images[0]) - pixels(solo.images[1])).mean() > 0.01
 
 
+def test_steps_the_models_scheduler_cannot_take_are_the_requests_fault(engine, rex):
+    """SD 1.5's schedule (steps_offset 1, as the tiny model's) at 1000 steps starts at timestep 1000 of 0..999: an
+    IndexError at the first step, which failed every request sharing its forward with a 500."""
+    with pytest.raises(InputError, match=r"1000 steps start .* past the 1000 it was trained with") as error:
+        engine.start(rex, [request(steps=1000)])
+    assert error.value.field == "steps"
+    assert engine.start(rex, [request(steps=999)]).scheduler.timesteps.max() == 999
+
+
 def test_batched_guidance_matches_a_two_pass_reference(engine, rex, subject_models):
     """One UNet forward over both halves with per-sample scales == the textbook two forwards per request."""
     requests = [request(seed=3, guidance_scale=2.0), request(prompt="sks dog in snow", seed=4, guidance_scale=8.0)]

@@ -274,6 +274,26 @@ def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tin
             preflight(spec)
 
 
+def test_preflight_refuses_sampling_steps_the_base_models_scheduler_cannot_take(tiny_model, dog_images):
+    """SD 1.5's schedule (steps_offset 1, as the tiny model's) at 1000 steps starts at timestep 1000 of 0..999: the
+    job failed after training, at its final validation grid, or in every class-image actor."""
+    fields = {"base_model": str(tiny_model), "instance_images": [str(dog_images)], "resolution": 64}
+    sampling = {"validation_prompts": ["a photo of sks dog"], "num_class_images": 4}
+    for field in ("validation_inference_steps", "class_image_inference_steps"):
+        with pytest.raises(InputError, match=r"1000 steps start .* at timestep 1000, past the 1000") as error:
+            preflight(JobSpec.from_dict(VALID | fields | sampling | {field: 1000}))
+        assert error.value.field == field
+        preflight(JobSpec.from_dict(VALID | fields | sampling | {field: 999}))
+    # Steps the job never samples with are not its scheduler's business.
+    preflight(
+        JobSpec.from_dict(
+            VALID
+            | fields
+            | {"validation_inference_steps": 1000, "class_image_inference_steps": 1000, "num_class_images": 0}
+        )
+    )
+
+
 def test_preflight_refuses_a_prompt_the_text_encoder_would_cut(tiny_model, dog_images, tmp_path):
     """CLIP reads 77 tokens: the identifier at the end of a long style prefix never reached the model, and the job
     succeeded with a model that ignores it."""

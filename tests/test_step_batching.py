@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth.errors import InputError
 from serving.engine import GenerationRequest, SamplingEngine
 from serving.step_batching import OutOfDeviceMemory, StepBatcher
 
@@ -108,8 +109,11 @@ def test_bad_cohorts_fail_alone_and_close_fails_what_is_left(engine, models):
     try:
         [bad, _] = batcher.submit(models["rex"], [request(), request(steps=5)])  # two step counts: one cohort
         [good] = batcher.submit(models["rex"], [request()])
+        [too_many] = batcher.submit(models["rex"], [request(steps=1000)])  # past the model's schedule: the client's
         with pytest.raises(ValueError, match="one batch holds one"):
             bad.result(timeout=60)
+        with pytest.raises(InputError, match="past the 1000"):
+            too_many.result(timeout=60)
         assert good.result(timeout=60).images
     finally:
         batcher.close()

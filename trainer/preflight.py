@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model, fingerprint
+from dreambooth.model_files import check_base_model, check_inference_steps, fingerprint, sampling_scheduler
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
 
@@ -27,6 +27,7 @@ def preflight(spec: JobSpec) -> None:
     check_instance_images(spec.instance_images, spec.resolution)
     check_trainable_base_model(spec.base_model)
     check_prompt_lengths(spec)
+    check_sampling_steps(spec)
 
 
 def check_trainable_base_model(path: str | Path) -> None:
@@ -65,6 +66,19 @@ def check_prompt_lengths(spec: JobSpec) -> None:
 
 
 _tokenizing = threading.Lock()
+
+
+def check_sampling_steps(spec: JobSpec) -> None:
+    """The base model's sampling scheduler takes the steps the job samples with (check_base_model came first): a
+    count it refuses failed the job after training, at its final validation grid, or in every class-image actor."""
+    if spec.with_prior_preservation:
+        check_inference_steps(
+            sampling_scheduler(spec.base_model), spec.class_image_inference_steps, "class_image_inference_steps"
+        )
+    if spec.validation_prompts:
+        check_inference_steps(
+            sampling_scheduler(spec.base_model), spec.validation_inference_steps, "validation_inference_steps"
+        )
 
 
 @functools.lru_cache(maxsize=8)

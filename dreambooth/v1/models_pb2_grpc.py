@@ -88,7 +88,9 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UndeployModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops serving the model. On a controller without serving (its section removed since the deploy) it only clears
+        the model's deployed mark, so that DeleteModel can remove it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
