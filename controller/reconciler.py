@@ -399,7 +399,17 @@ class Reconciler:
         changes: list[tuple[str, dict]] = []
         for line in complete.splitlines():
             if line.strip() and (event := parse_event(line)) is not None:
-                job = self._apply(job, event, progress, changes)
+                before, changed = dict(progress), len(changes)
+                try:
+                    job = self._apply(job, event, progress, changes)
+                except (KeyError, TypeError, ValueError) as e:
+                    # JSON, but not what its type needs (another trainer version's, or lines interleaved over NFS
+                    # into one that parses): skipped as an unreadable line is. Raised on every pass, it stopped
+                    # the job being followed for good: its state, Ray's status, a cancel, the run-time limit.
+                    log.warning("job %s: skipped an event it cannot apply (%r): %r", job.job_id, e, line[:200])
+                    progress.clear()
+                    progress.update(before)
+                    del changes[changed:]
         job = self.store.update_job(job.job_id, events_offset=start + len(complete), progress=progress)
         for kind, data in changes:
             self.feed.publish(job.job_id, kind, data)

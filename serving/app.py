@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -509,7 +510,8 @@ class Ingress:
             raise self._retry_later(503, "overloaded", "overloaded") from e
         except ModelUnavailable as e:  # its files: the operator's to fix (the replica logged why; no paths here)
             outcome = "unavailable"
-            raise self._retry_later(503, "model_unavailable", f"model {model_id!r} cannot be loaded now") from e
+            why = f"model {model_id!r} cannot be loaded now"
+            raise self._retry_later(503, "model_unavailable", why, getattr(e, "retry_after_s", 0)) from e
         except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it fits
             outcome = "overloaded"
             raise self._retry_later(503, "overloaded", "the device ran out of memory for this request's batch") from e
@@ -525,8 +527,10 @@ class Ingress:
             self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)
 
-    def _retry_later(self, status_code: int, code: ErrorCode, why: str) -> ApiError:
-        headers = {"Retry-After": str(self.config.retry_after_s)}
+    def _retry_later(self, status_code: int, code: ErrorCode, why: str, not_before_s: float = 0) -> ApiError:
+        """`not_before_s`: how long the replica refuses what was asked (a model whose load failed), if longer than
+        the configured retry_after_s."""
+        headers = {"Retry-After": str(max(self.config.retry_after_s, math.ceil(not_before_s)))}
         return ApiError(status_code, code, f"{why}; retry later", headers=headers)
 
     @contextlib.contextmanager

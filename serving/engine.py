@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import threading
 import time
 import weakref
@@ -29,6 +30,8 @@ from PIL import Image
 
 from dreambooth.model_files import ModelMetadata, check_inference_steps, sampling_scheduler
 from dreambooth.sd_model import check_prompt, load_base_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class SamplingEngine:
         self._tokenizing = threading.Lock()
         # What warm_up compiled: the graphs' key (see warm_up) -> the batch sizes of images run.
         self._warmed: dict[tuple, set[int]] = {}
+        self._uncompilable: set[tuple] = set()  # warm_up's keys whose compiling failed
 
     def tokenizer(self, path: str | Path):
         """The tokenizer of the model at `path`, loaded once per base model and kept: what a request's prompts are
@@ -289,7 +293,10 @@ class SamplingEngine:
 
     def warm_up(self, model: SubjectModel, max_images: int) -> None:
         """One-step batches of 1 and `max_images` images at the native size: compiles what `compile_unet`
-        needs (a no-op's worth of work otherwise), so that requests do not wait for it."""
+        needs (a no-op's worth of work otherwise), so that requests do not wait for it. Where compiling fails (no
+        C++ compiler on the node, an architecture the compiler cannot take), the model samples with its eager UNet,
+        and so do the next ones of its architecture, without trying again: a failure left to requests failed each of
+        them with a 500, after minutes of compiling on the device thread."""
         if model.compiled_unet is None:
             return
         height, width = model.native_size
@@ -303,10 +310,20 @@ class SamplingEngine:
             type(model.scheduler).__name__,
             model.tokenizer.model_max_length,
         )
+        if key in self._uncompilable:
+            model.compiled_unet = None
+            return
         warmed = self._warmed.setdefault(key, set())
-        for images in sorted({1, max_images} - warmed):
-            self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
-            warmed.add(images)
+        try:
+            for images in sorted({1, max_images} - warmed):
+                self.generate(model, [GenerationRequest("", num_images=images, steps=1, height=height, width=width)])
+                warmed.add(images)
+        except torch.OutOfMemoryError:
+            raise  # the device's state, not the compiler's: the caller's to answer
+        except Exception:
+            logger.exception("compiling the UNet of model %s failed: its architecture samples eagerly", model.model_id)
+            self._uncompilable.add(key)
+            model.compiled_unet = None
 
     def generate(self, model: SubjectModel, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Samples every request in one batch, alone; all must share one `shape_key`."""

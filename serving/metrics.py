@@ -11,11 +11,17 @@ import re
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-# Up to what a request may take (serving.app.GRACEFUL_SHUTDOWN_S: 300 s) and its queue wait, which includes its
-# model's load: beyond the last bucket a quantile only says "more than that" (the panel flat-lines).
-LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 180, 300]
-QUEUE_WAIT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300]
-MODEL_LOAD_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300]
+from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
+
+# Up to what a request may take: its model's load (LOAD_TIMEOUT_S, 600 s, in its queue wait), then sampling
+# (SAMPLING_S, 300 s). Beyond the last bucket a quantile only says "more than that": the panel flat-lines when a
+# slow storage makes it matter.
+LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 180, 300, 600, LOAD_TIMEOUT_S + SAMPLING_S]
+QUEUE_WAIT_BUCKETS = [
+    *(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300),
+    LOAD_TIMEOUT_S,
+]
+MODEL_LOAD_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300, LOAD_TIMEOUT_S]
 MAX_MODEL_CLASSES = 50  # distinct model_class values an ingress replica labels; the rest are "other"
 
 

@@ -22,6 +22,15 @@ LOAD_KEPT_S = 60
 LOAD_RETRY_S = 15
 
 
+def unavailable(message: str, retry_after_s: float) -> ModelUnavailable:
+    """A refusal of a model for now, saying when to ask again (`retry_after_s`, for the Retry-After header: a client
+    retrying sooner, as Retry-After's default of 2 s had it, was refused every time). An attribute, not an argument
+    of the class: Ray pickles the error to the ingress, which rebuilds it from its args and its attributes."""
+    error = ModelUnavailable(message)
+    error.retry_after_s = retry_after_s
+    return error
+
+
 class ResidentModel:
     """A subject model as a replica's multiplexer holds it, counting the requests using it.
 
@@ -108,9 +117,12 @@ class SharedLoads:
         except asyncio.TimeoutError:  # TimeoutError from 3.11 on
             if not task.done():
                 self._overdue[model_id] = task
-            raise ModelUnavailable(
-                f"model {model_id} still loading after {self.timeout_s:g} s; its load goes on"
+            raise unavailable(
+                f"model {model_id} still loading after {self.timeout_s:g} s; its load goes on", self.retry_s
             ) from None
+        except ModelUnavailable as e:  # the load failed: refused for retry_s from now (_finished)
+            e.retry_after_s = self.retry_s
+            raise
         self._forget(model_id, task)  # taken over by this request: nothing left for a later one
         return model
 
@@ -118,10 +130,10 @@ class SharedLoads:
         """Raises ModelUnavailable while `model_id`'s last load failed less than retry_s ago, or while a load of it
         that outlasted timeout_s still runs."""
         if model_id in self._overdue:
-            raise ModelUnavailable(f"model {model_id}'s load has run over {self.timeout_s:g} s and goes on")
+            raise unavailable(f"model {model_id}'s load has run over {self.timeout_s:g} s and goes on", self.retry_s)
         failed_at, why = self._failed.get(model_id, (-float("inf"), ""))
-        if time.monotonic() - failed_at < self.retry_s:
-            raise ModelUnavailable(f"model {model_id}'s load failed {time.monotonic() - failed_at:.0f} s ago: {why}")
+        if (since := time.monotonic() - failed_at) < self.retry_s:
+            raise unavailable(f"model {model_id}'s load failed {since:.0f} s ago: {why}", self.retry_s - since)
 
     def drop(self, model_id: str) -> None:
         """Forgets `model_id`'s load (the requests awaiting it still get it) and its failure: the next request loads

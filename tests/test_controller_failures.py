@@ -504,8 +504,9 @@ def test_a_ray_job_that_ended_without_the_trainers_verdict_fails_with_why(by_han
 
 def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(config):
     """The trainer's events file is the controller's only news of a job: a line torn by a full disk or a power
-    loss (or NUL-filled) must not stop the job being followed for good, and neither may a file that lost the tail
-    its stored offset counted (a power loss before it reached the disk)."""
+    loss (or NUL-filled), or one that parses but lacks what its type needs (another trainer version's), must not
+    stop the job being followed for good, and neither may a file that lost the tail its stored offset counted (a
+    power loss before it reached the disk)."""
     from controller.reconciler import Reconciler
 
     config.storage.mkdir(parents=True)
@@ -522,6 +523,12 @@ def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(c
     log.emit("progress", step=3, total_steps=10, loss=0.5)
     with events.open("ab") as f:
         f.write(b'{"type": "progress", "st\n\x00\x00\x00\n[1, 2]\n')
+    # JSON events without what their type needs, or with what it cannot take.
+    log.emit("checkpoint", path="/x")
+    log.emit("class_images", done=2)
+    log.emit("state")
+    log.emit("model", metadata={})
+    log.emit("progress", step="three", total_steps=10, loss=0.45)
     log.emit("progress", step=4, total_steps=10, loss=0.4)
     log.emit("state", state="EXPORTING")
     job = reconciler._apply_events(job)

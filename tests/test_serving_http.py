@@ -17,6 +17,7 @@ from serving.access import user_config
 from serving.config import MAX_BODY_BYTES, ServeConfig
 from serving.engine import GenerationRequest, GenerationResult, ModelUnavailable
 from serving.http_api import EncodedResult
+from serving.model_loads import unavailable
 from serving.step_batching import out_of_device_memory
 
 TOKEN = "alice-serving-token"
@@ -138,6 +139,15 @@ def test_a_request_refused_for_now_has_a_code_and_retry_after(http, generator, r
     response = http.post(GENERATE, json={"prompt": "a photo of sks dog"})
     assert (response.status_code, response.json()["code"]) == (status, code), response.text
     assert response.headers["retry-after"] == "3" and response.json()["detail"].endswith("; retry later")
+
+
+def test_a_model_refused_for_longer_than_retry_after_says_how_long(http, generator):
+    """A model whose load failed is refused for LOAD_RETRY_S: clients retrying after the configured Retry-After (3 s
+    here) were refused each time, and gave up before it would load."""
+    generator.refusal = unavailable("model rex's load failed 2 s ago: truncated", retry_after_s=12.2)
+    response = http.post(GENERATE, json={"prompt": "a photo of sks dog"})
+    assert (response.status_code, response.json()["code"]) == (503, "model_unavailable"), response.text
+    assert response.headers["retry-after"] == "13"
 
 
 NOT_DEPLOYED = "model 'fido' is not deployed; GET /v1/models lists them"
