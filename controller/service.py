@@ -78,6 +78,9 @@ class ImageInput:
     uri: str = ""
 
 
+CANCEL_STOP_WAIT_S = 5.0
+
+
 class JobService:
     def __init__(
         self,
@@ -352,12 +355,23 @@ class JobService:
             return self.cancel(tenant, job_id)
         self.feed.publish(job_id, "state", {"state": "CANCELLING"}, requested=True)
         if cancelling.ray_submission_id:
-            try:
-                self.ray_jobs.stop(cancelling.ray_submission_id)  # the reconciler sees it STOPPED -> CANCELLED
-            except RayJobsError as e:
-                # The cancel is recorded; the reconciler stops the Ray job of a CANCELLING job on every pass.
-                log.warning("job %s: stopping its Ray job failed, the reconciler retries: %s", job_id, e)
+            self._stop_ray_job(job_id, cancelling.ray_submission_id)
         return cancelling
+
+    def _stop_ray_job(self, job_id: str, submission: str) -> None:
+        """Asks Ray to stop a cancelled job's attempt (the reconciler then sees it STOPPED -> CANCELLED), waiting
+        CANCEL_STOP_WAIT_S at most: a Jobs API that does not answer (30 s a request) would answer the recorded cancel
+        past its caller's deadline. The reconciler stops the Ray job of a CANCELLING job on every pass anyway."""
+
+        def stop() -> None:
+            try:
+                self.ray_jobs.stop(submission)
+            except RayJobsError as e:
+                log.warning("job %s: stopping its Ray job failed, the reconciler retries: %s", job_id, e)
+
+        stopping = threading.Thread(target=stop, name=f"stop-{submission}", daemon=True)
+        stopping.start()
+        stopping.join(CANCEL_STOP_WAIT_S)
 
     def delete(self, tenant: str, job_id: str) -> None:
         job = self.get(tenant, job_id)
@@ -423,22 +437,23 @@ class JobService:
         return model
 
     def deploy_model(self, tenant: str, model_id: str) -> ModelRecord:
-        """Marks the model served (durably) and applies that to Ray Serve; idempotent."""
+        """Marks the model served (durably) and has ServingSync apply that to Ray Serve, which serves it moments
+        later (the caller polls its endpoint); idempotent."""
         with self._model_changes:
             self.get_model(tenant, model_id)
             serving = self._serving()
             model = self.store.update_model(model_id, deployed=True, endpoint=self.config.serving.endpoint(model_id))
-        serving.apply()
+        serving.request_apply()
         return model
 
     def undeploy_model(self, tenant: str, model_id: str) -> ModelRecord:
-        """Marks the model not served (durably) and applies that to Ray Serve, where serving is configured; without
+        """Marks the model not served (durably) and has ServingSync apply that, where serving is configured; without
         it (the `serving:` section removed since the deploy) only the mark goes, which DeleteModel would refuse."""
         with self._model_changes:
             self.get_model(tenant, model_id)
             model = self.store.update_model(model_id, deployed=False, endpoint="")
         if self.serving is not None:
-            self.serving.apply()
+            self.serving.request_apply()
         return model
 
     def delete_model(self, tenant: str, model_id: str) -> None:

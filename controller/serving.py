@@ -1,11 +1,11 @@
 """Keeps Ray Serve serving exactly the models the store marks deployed.
 
 The store is the truth (a Deploy is one committed update); this applies it to the Serve application through
-the dashboard's REST API (serving/deployer.py). A Deploy applies at once; a thread of its own applies again after
-a failure (Ray unreachable) and when the application has vanished (a restarted Ray cluster), so serving converges
-on what the store says however the controller, Ray or Serve come and go. Its own: Serve's REST API can take
-minutes to answer (its controller busy or restarting), and the reconciler's passes (jobs started, followed,
-cancelled) must not wait for it.
+the dashboard's REST API (serving/deployer.py), on a thread of its own: at once after a Deploy or Undeploy, again
+after a failure (Ray unreachable) and when the application has vanished (a restarted Ray cluster), so serving
+converges on what the store says however the controller, Ray or Serve come and go. Its own: Serve's REST API can
+take minutes to answer (its controller busy or restarting), and neither the reconciler's passes (jobs started,
+followed, cancelled) nor the RPCs (a Deploy answered past its caller's deadline, though recorded) may wait for it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class ServingSync:
         self._lock = threading.Lock()
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
+        self._requested = False  # an apply asked for (request_apply)
+        self._woken = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,17 +48,24 @@ class ServingSync:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._woken.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 self.reconcile()
             except Exception:
                 log.exception("serving: catching up with the store failed; retrying")
-            if self._stopping.wait(1.0):
-                return
+            self._woken.wait(1.0)
+            self._woken.clear()
+
+    def request_apply(self) -> None:
+        """Has the thread apply the store's deployed set now, without waiting for it (nor for an apply under way:
+        one asked for during it comes after it, reading the store anew)."""
+        self._requested = True
+        self._woken.set()
 
     def apply(self) -> None:
         """Applies the store's deployed set now; on failure, its thread tries again (RETRY_INTERVAL_S)."""
@@ -72,7 +81,12 @@ class ServingSync:
             self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 
     def reconcile(self) -> None:
-        """Re-applies when a previous apply failed or the application is gone (at their intervals)."""
+        """Applies when asked (request_apply); re-applies when a previous apply failed or the application is gone (at
+        their intervals)."""
+        if self._requested:
+            self._requested = False  # first: a request from here on gets an apply of its own
+            self.apply()
+            return
         if time.monotonic() < self._next_check:
             return
         if not self._dirty:

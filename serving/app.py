@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dreambooth.errors import InputError
 from dreambooth.model_files import ModelMetadata
 from serving.access import Access, Unauthenticated
-from serving.config import MAX_BODY_BYTES, SAMPLING_S, ServeConfig
+from serving.config import LOAD_TIMEOUT_S, MAX_BODY_BYTES, SAMPLING_S, ServeConfig
 from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel
 from serving.http_api import (
     EncodedResult,
@@ -55,7 +55,7 @@ from serving.http_api import (
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics
-from serving.model_loads import LOAD_KEPT_S, LOAD_RETRY_S, ResidentModel, SharedLoads
+from serving.model_loads import LOAD_KEPT_S, LOAD_RETRY_S, ResidentModel, SharedLoads, unavailable
 from serving.step_batching import OutOfDeviceMemory, StepBatcher, out_of_device_memory
 
 logger = logging.getLogger(__name__)
@@ -185,11 +185,21 @@ class Generator:
         self._loads.check(model_id)
         prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         await asyncio.to_thread(self.engine.check_prompts, path, prompts)
-        resident = await self.model(model_id)
+        try:
+            # The wait for Serve's loading lock (held through another model's load) and for an eviction count too:
+            # the HTTP client's timeout (LOAD_TIMEOUT_S + SAMPLING_S) counts on a request waiting at most
+            # LOAD_TIMEOUT_S for its model. Cancelling leaves the load itself going (SharedLoads shields it).
+            resident = await asyncio.wait_for(self.model(model_id), LOAD_TIMEOUT_S)
+        except TimeoutError:
+            raise unavailable(f"model {model_id} not loaded after {LOAD_TIMEOUT_S} s", LOAD_RETRY_S) from None
         if resident.model is None or resident.model.path != Path(path):
             # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from its path now.
             resident.model = await self._loads.get(model_id)
         with resident.in_use() as model:  # until its images are out: the model is not evicted meanwhile
+            if self.paths.get(model_id) != path:
+                # Undeployed or moved while it loaded (reconfigure found no resident to release then): this request,
+                # which came before, samples it; its memory goes when the requests holding it are done.
+                resident.model = None
             pending = _Pending(model, request, arrived)
             try:
                 await self.sample(pending)

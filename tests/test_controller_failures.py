@@ -1386,9 +1386,11 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
     assert code == grpc.StatusCode.UNAVAILABLE and "Read-only file system" in status.details
 
 
-def test_a_serve_api_that_does_not_answer_holds_no_reconcile_pass(tmp_path):
-    """A Deploy's apply waits on Serve's REST API (its controller busy or restarting: minutes); jobs must still be
-    started, followed and cancelled meanwhile, so serving catches up on a thread of its own."""
+def test_a_ray_dashboard_that_does_not_answer_holds_no_reconcile_pass_deploy_nor_cancel(tmp_path):
+    """An apply waits on Serve's REST API (its controller busy or restarting: minutes); jobs must still be started,
+    followed and cancelled meanwhile, and a Deploy answered (it was recorded: answered past the caller's deadline,
+    it read as failed), so serving catches up on a thread of its own. A cancel's stop of the Ray job waits a few
+    seconds at most: the reconciler stops a cancelling job's Ray job anyway."""
     from controller.reconciler import Reconciler
     from controller.serving import ServingSync
     from serving.deployer import ServeDeployer
@@ -1397,18 +1399,32 @@ def test_a_serve_api_that_does_not_answer_holds_no_reconcile_pass(tmp_path):
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     dashboard = f"http://127.0.0.1:{silent.getsockname()[1]}"
-    config = ControllerConfig(storage=tmp_path, ray_dashboard_url=dashboard, capacity_cpus=8, capacity_gpus=0)
+    config = ControllerConfig(
+        storage=tmp_path, ray_dashboard_url=dashboard, capacity_cpus=8, capacity_gpus=0, serving=ServeConfig()
+    )
     store = Store(config.effective_database_url)
     serving = ServingSync(store, ServeDeployer(dashboard, ServeConfig(), timeout_s=30), {})
     service = JobService(config, store, RayJobs(dashboard, storage_root=str(tmp_path)), ChangeFeed(), serving)
     reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)
-    deploying = threading.Thread(target=serving.apply, daemon=True)  # a DeployModel's, waiting on Serve
-    deploying.start()
+    store.insert_model(ModelRecord("model-1", "default", "job-1", str(tmp_path / "model")))
+    serving.start()  # its first apply waits on Serve
     try:
         passing = threading.Thread(target=reconciler.reconcile_once, daemon=True)
         passing.start()
+        deploying = threading.Thread(target=service.deploy_model, args=("default", "model-1"), daemon=True)
+        deploying.start()
         passing.join(10)
-        assert not passing.is_alive() and deploying.is_alive()
+        deploying.join(10)
+        assert not passing.is_alive() and not deploying.is_alive()
+        assert store.get_model("model-1").deployed
+
+        job = store.insert_job(JobRecord("default", {}))
+        store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+        cancelling = threading.Thread(target=service.cancel, args=("default", job.job_id), daemon=True)
+        cancelling.start()
+        cancelling.join(service_module.CANCEL_STOP_WAIT_S + 5)  # its stop waits 30 s for this dashboard
+        assert not cancelling.is_alive() and store.get_job(job.job_id).state == "CANCELLING"
     finally:
-        silent.close()
+        silent.close()  # the apply's request fails: the thread stops
+        serving.stop()
         store.close()

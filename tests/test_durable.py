@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 import uuid
 
 import pytest
+import ray
 from PIL import Image
 
 from dreambooth.durable import write_file
@@ -18,7 +21,7 @@ from trainer.checkpoint import (
     remove_unused_checkpoints,
     set_aside_unusable_run_state,
 )
-from trainer.class_images import image_path, missing_indices
+from trainer.class_images import STALE_PARTIAL_S, image_path, missing_indices, remove_stale_partials
 from trainer.events import EventLog, follow_events, read_events, seconds_run
 from trainer.export import _clean_scratch, write_into_place
 from trainer.storage import job_paths
@@ -97,6 +100,17 @@ def test_an_empty_or_damaged_cached_class_image_is_generated_again(tmp_path):
     assert missing_indices(tmp_path, 4) == [1, 2, 3]
 
 
+def test_partial_class_images_an_actor_left_are_removed_and_those_being_written_kept(tmp_path):
+    """An actor that died between writing an image and renaming it into place left the partial file for good."""
+    left, writing = tmp_path / f"000001.{uuid.uuid4().hex}.tmp", tmp_path / f"000002.{uuid.uuid4().hex}.tmp"
+    for partial in (left, writing):
+        partial.write_bytes(b"\x89PNG")
+    long_ago = time.time() - STALE_PARTIAL_S - 60
+    os.utime(left, (long_ago, long_ago))
+    assert remove_stale_partials(tmp_path) == [left]
+    assert not left.exists() and writing.exists()
+
+
 def test_event_readers_skip_lines_that_are_not_events(tmp_path):
     log = EventLog(tmp_path / "events.jsonl")
     log.emit("state", state="PREPARING")
@@ -120,10 +134,11 @@ def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path
     assert b"\n\n" not in log.path.read_bytes()
 
 
-def record_naming(run_dir, *steps: int) -> None:
+def record_naming(run_dir, *steps: int, ray_version: str = ray.__version__) -> None:
     """Ray Train's record of a run's checkpoints, as it writes it (the fields read here)."""
     entries = [{"checkpoint_dir_name": f"checkpoint_step_{step:07d}", "metrics": {}} for step in steps]
-    (run_dir / RAY_RUN_STATE).write_text(json.dumps({"checkpoint_results": entries}))
+    record = {"ray_version": ray_version, "checkpoint_results": entries}
+    (run_dir / RAY_RUN_STATE).write_text(json.dumps(record))
 
 
 def committed(run_dir, events: EventLog, step: int) -> None:
@@ -136,8 +151,8 @@ def committed(run_dir, events: EventLog, step: int) -> None:
 
 def test_a_record_of_rays_checkpoints_it_cannot_use_is_set_aside(tmp_path):
     """Ray would fail on it at every start of the run: torn (a driver killed while Ray rewrote it in place), or
-    naming a checkpoint that is gone (an operator short of space removed the older ones). One behind the job's
-    events would start the run over."""
+    naming a checkpoint that is gone (an operator short of space removed the older ones), or written by another Ray
+    version (a cluster upgraded under the job). One behind the job's events would start the run over."""
     run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
     run_dir.mkdir()
     record = run_dir / RAY_RUN_STATE
@@ -149,6 +164,8 @@ def test_a_record_of_rays_checkpoints_it_cannot_use_is_set_aside(tmp_path):
     aside = set_aside_unusable_run_state(run_dir, events.path)
     assert not record.exists() and aside.read_text() == '{"checkpoint_res'
     record_naming(run_dir, 2, 4)  # 2 is gone
+    assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
+    record_naming(run_dir, 4, ray_version="2.54.0")
     assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
     # A run resumed from the events (its record set aside) and died before its first checkpoint: its new record
     # names none, and Ray would start the next run from step 0.

@@ -134,9 +134,13 @@ def _sync_entries(directory: Path) -> None:
 
 
 def _ray_recorded(run_dir: Path) -> list[str] | None:
-    """The checkpoint directory names in Ray Train's record of the run; None where it has none it can read."""
+    """The checkpoint directory names in Ray Train's record of the run; None where it has none it can read, or one
+    another Ray version wrote (Ray refuses a record whose fields its version changed, at every start of the run: a
+    cluster upgraded under a job whose driver died could never run it again)."""
     try:
         record = json.loads((run_dir / RAY_RUN_STATE).read_bytes())
+        if record["ray_version"] != ray.__version__:
+            return None
         return [result["checkpoint_dir_name"] for result in record["checkpoint_results"]]
     except (OSError, ValueError, KeyError, TypeError):  # none, torn (not JSON, not UTF-8), or not Ray's shape
         return None
@@ -144,11 +148,12 @@ def _ray_recorded(run_dir: Path) -> list[str] | None:
 
 def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | None:
     """Ray Train fails at every later start of a run whose record of its checkpoints it cannot use, so the job could
-    never run again: a record torn by a driver killed while Ray rewrote it in place, or one naming a checkpoint
-    that is gone (an operator short of space removed the older ones). And a record behind the job's events (a run
-    that resumed from them after its record was set aside, and died before its first checkpoint, left a new one
-    naming none) would start the next run over from step 0. Such a record is renamed aside: the run then resumes
-    from `committed_checkpoint`, as Ray no longer knows any. Returns where it went, or None."""
+    never run again: a record torn by a driver killed while Ray rewrote it in place, one naming a checkpoint that is
+    gone (an operator short of space removed the older ones), or one of another Ray version. And a record behind the
+    job's events (a run that resumed from them after its record was set aside, and died before its first
+    checkpoint, left a new one naming none) would start the next run over from step 0. Such a record is renamed
+    aside: the run then resumes from `committed_checkpoint`, as Ray no longer knows any. Returns where it went, or
+    None."""
     record = run_dir / RAY_RUN_STATE
     if not record.exists():
         return None

@@ -12,10 +12,12 @@ in an order of its own and skips the images already there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,9 @@ from trainer.spec import JobSpec
 from trainer.storage import check_shared, mark_shared
 
 CLASS_IMAGE_SEED = 1234  # fixed, not the job's seed, so that jobs of the same class share the cache
+# A partial image (written, then renamed into place within a second) older than this was left by an actor that died
+# before its rename: nothing would ever remove it. Younger ones may be another job's, writing now.
+STALE_PARTIAL_S = 3600
 
 
 def cache_key(spec: JobSpec) -> str:
@@ -58,6 +63,17 @@ def missing_indices(directory: Path, count: int) -> list[int]:
     """The images still to generate: those not there, and those whose PNG chunks do not read whole (checksums;
     nothing is decoded)."""
     return [i for i in range(count) if not _is_whole(image_path(directory, i))]
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Removes the partial images in `directory` older than STALE_PARTIAL_S; returns them."""
+    stale = []
+    for partial in directory.glob("*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # another job's cleanup, or its rename, took it first
+            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
+                stale.append(partial)
+    return stale
 
 
 def _is_whole(path: Path) -> bool:
@@ -128,6 +144,7 @@ def ensure_class_images(
     PlacementTimeout when Ray has not placed every actor within `placement_timeout_s`."""
     directory = cache_root / cache_key(spec)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory)
     write_file(
         directory / "key.json",
         json.dumps({"base_model": spec.base_model, "class_prompt": spec.class_prompt}),
