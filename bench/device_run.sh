@@ -23,9 +23,12 @@
 #                  with its UNet compiled (serving's compile_unet). The pipeline baseline is left
 #                  out to save device time: its 3x target was met twice on the H100 (4.5x, 6.4x);
 #                  SERVE_ARGS="--clients 1,16 --compile" puts it back (+~1.5 min)                  ~5.5 min
-#   profile-compile  train_step_profile.py, the trainer's config eager and with torch.compile: what
-#                  compiling leaves to DeepSpeed's hooks and optimizer step, phase by phase (the compiled
-#                  trainer ran 5.31 steps/s in session 17, the eager one 5.04 in the profile)          ~5 min
+#   profile-compile  train_step_profile.py, the trainer's config with torch.compile, and compiled with
+#                  CUDA graphs (mode reduce-overhead: the forward and the backward replayed, not
+#                  launched op by op; not the trainer's yet): what compiling leaves to DeepSpeed's hooks
+#                  and optimizer step, phase by phase, against part profile's eager step (the compiled
+#                  trainer ran 5.31 steps/s in session 17, the eager one 5.04 in the profile; TORCH_LOGS
+#                  perf_hints says why CUDA graphs were skipped, if they were)                       ~7 min
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
@@ -36,12 +39,13 @@
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends).
-# All of it is ~29 min, more than one call (570 s) or one session's device time (15 min, the machine's start
-# included). Within 15 min: `DEADLINE_S=510 bash bench/device_run.sh` (install, profile, serve: ~8.5 min), then at
-# once (the machine goes back after 30 s idle) `ONLY=profile-compile,train DEADLINE_S=<status's budget_left_s less
-# ~40 s>` (what fits). Give each call timeout_s = DEADLINE_S + 30: the tool cuts a call at the budget left, and a
-# part cut that way loses its row (one cut by DEADLINE_S prints what its events hold). Session 17 spent 514 s of
-# device time on its first call (DEADLINE_S=450: the machine's start, ~55 s, counts) and 289 s on its second.
+# All of it is ~31 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# included). Within 15 min, what the throughput target needs first: `ONLY=profile-compile DEADLINE_S=540 bash
+# bench/device_run.sh` (install, model, the two compiled variants: ~8 min), then at once (the machine goes back after
+# 30 s idle) `ONLY=profile DEADLINE_S=<status's budget_left_s less ~40 s>` (the eager step they compare with). Give
+# each call timeout_s = DEADLINE_S + 30: the tool cuts a call at the budget left, and a part cut that way loses its
+# row (one cut by DEADLINE_S prints what its events hold). Session 17 spent 514 s of device time on its first call
+# (DEADLINE_S=450: the machine's start, ~55 s, counts) and 289 s on its second.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -101,8 +105,8 @@ part profile 120 python bench/train_step_profile.py --model sd15 --profile --var
 # shellcheck disable=SC2086
 part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---only engine --clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
-part profile-compile 300 env TORCH_LOGS=recompiles,graph_breaks python bench/train_step_profile.py --model sd15 --variants "trainer's config,torch.compile" \
-  --steps 10 --warmup 2 "${vocab[@]}"
+part profile-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_step_profile.py --model sd15 \
+  --variants "torch.compile,torch.compile + CUDA graphs" --steps 10 --warmup 2 "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --work-dir "$scratch/bench-train-train" --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \

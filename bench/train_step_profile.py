@@ -13,6 +13,7 @@ thing at a time; the first is the trainer's config.
     .venv/bin/python bench/train_step_profile.py --model tiny --precision bf16 --steps 10
     .venv/bin/python bench/train_step_profile.py --model sd15-narrow --train-text-encoder --steps 3 --warmup 1 \
         --variants "trainer's config,before: whole blocks in one optimizer group + 5e8 buckets"  # CPU memory
+    .venv/bin/python bench/train_step_profile.py --model sd15-layout --precision fp32  # CPU: the host's work
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ BUILDERS = {
     # SD 1.5's layout at half the UNet's width (215M parameters; text encoder and VAE as SD 1.5's): ZeRO's
     # buffers at a size that dominates a CPU process's memory, within a small machine's RAM.
     "sd15-narrow": functools.partial(build_random_sd15_model, unet_channels=(160, 320, 640, 640)),
+    # SD 1.5's layout at a twentieth of the UNet's width (its modules, tensors and ops, next to no arithmetic): on a
+    # CPU a step's time is then the host's work, the dispatcher and Python, that a launch-bound GPU step pays too.
+    "sd15-layout": functools.partial(build_random_sd15_model, unet_channels=(32, 32, 64, 64)),
 }
-RESOLUTION = {"tiny": 64, "sd15": 512, "sd15-narrow": 64}
+RESOLUTION = {"tiny": 64, "sd15": 512, "sd15-narrow": 64, "sd15-layout": 64}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Variant:
     split_above: int | None = None  # flat parameters' block split threshold, if not the trainer's
     one_optimizer_group: bool = False  # all trained parameters in one optimizer group
     sync_free_clipping: bool = True  # trainer.deepspeed_syncs installed (DeepSpeed's own functions otherwise)
+    compile_mode: str | None = None  # torch.compile's mode for the trainer's torch_compile (its default otherwise)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -101,6 +106,9 @@ VARIANTS: dict[str, Variant] = {
     # The trainer's torch_compile: its first (warm-up) step compiles, minutes for SD 1.5; the phases show what
     # compiling the networks leaves to DeepSpeed's hooks and optimizer step.
     "torch.compile": Variant(spec={"torch_compile": True}),
+    # Not the trainer's (yet): the compiled forward and backward replayed as CUDA graphs, one launch each instead of
+    # hundreds, the lever for a launch-bound step (on a CPU the mode compiles as the default does).
+    "torch.compile + CUDA graphs": Variant(spec={"torch_compile": True}, compile_mode="reduce-overhead"),
 }
 
 
@@ -155,6 +163,10 @@ def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch
         if variant.split_above is not None:
             flatten = functools.partial(train_loop.flatten_parameters, split_above=variant.split_above)
             changes.enter_context(replaced(train_loop, "flatten_parameters", flatten))
+        if variant.compile_mode is not None:
+            compile_module = torch.nn.Module.compile
+            with_mode = lambda module, **options: compile_module(module, mode=variant.compile_mode, **options)  # noqa: E731
+            changes.enter_context(replaced(torch.nn.Module, "compile", with_mode))
         if variant.one_optimizer_group:
             one_group = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
             changes.enter_context(replaced(deepspeed_setup, "optimizer_groups", one_group))
@@ -216,6 +228,8 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
 
     def step(phases: dict[str, list[float]] | None) -> None:
         marks = [time.perf_counter()]
+        if variant.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs (its loss, say) are dead
         pred = engine(latents, timesteps, **prompt)
         loss, _, _ = prior_preservation_loss(pred, target, 1, 1.0)
         if phases is not None:
@@ -293,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--train-text-encoder", action="store_true", help="the text encoder trains too")
-    parser.add_argument("--resolution", type=int, help="pixels (default: 64 tiny and sd15-narrow, 512 sd15)")
+    parser.add_argument("--resolution", type=int, help="pixels (default: 512 sd15, else 64)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of: " + ", ".join(PROFILED))
     parser.add_argument("--clip-bpe", help=f"CLIP's vocabulary file where open_clip_torch is missing (${CLIP_BPE_ENV})")
     args = parser.parse_args(argv)
