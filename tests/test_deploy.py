@@ -567,3 +567,27 @@ def test_train_metrics_record_without_a_ray_cluster():
             "dreambooth_train_steps",
         ]
     )
+
+
+def test_a_wheel_carries_the_files_read_from_the_installed_package(tmp_path):
+    """`dreambooth stack up` writes its Prometheus config from deploy/prometheus/prometheus.yml, found beside the
+    installed package: a wheel without it (the image's install, `pip install .`) ran a stack with no scrape config,
+    without a word. The dashboards and Grafana's provisioning go along for operators."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("dreambooth", "trainer", "controller", "serving", "deploy"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, source]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {str(path.relative_to(ROOT)) for path in DEPLOY.glob("prometheus/*.yml")}
+    expected |= {str(path.relative_to(ROOT)) for path in DEPLOY.glob("grafana/**/*.json")}
+    expected |= {str(path.relative_to(ROOT)) for path in DEPLOY.glob("grafana/provisioning/*/*.yaml")}
+    assert "deploy/prometheus/prometheus.yml" in expected and len(expected) >= 6, expected
+    assert expected <= names, sorted(expected - names)
