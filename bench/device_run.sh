@@ -75,7 +75,7 @@ part() {
   rm -rf "$work"  # what a call cut short on this (warm) machine left: the trainer would resume from it
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
-    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|torch\.compile|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   # Torch's graph breaks and recompiles (TORCH_LOGS) in the trainer's Ray worker, whose output stays in Ray's logs.

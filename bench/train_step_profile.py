@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +61,9 @@ BUILDERS = {
     # SD 1.5's layout at half the UNet's width (215M parameters; text encoder and VAE as SD 1.5's): ZeRO's
     # buffers at a size that dominates a CPU process's memory, within a small machine's RAM.
     "sd15-narrow": functools.partial(build_random_sd15_model, unet_channels=(160, 320, 640, 640)),
-    # SD 1.5's layout at a twentieth of the UNet's width (its modules, tensors and ops, next to no arithmetic): on a
-    # CPU a step's time is then the host's work, the dispatcher and Python, that a launch-bound GPU step pays too.
+    # SD 1.5's layout at a tenth to a twentieth of the UNet's width (its modules, tensors and ops, next to no
+    # arithmetic): on a CPU a step's time is then the host's work, the dispatcher and Python, that a launch-bound GPU
+    # step pays too.
     "sd15-layout": functools.partial(build_random_sd15_model, unet_channels=(32, 32, 64, 64)),
 }
 RESOLUTION = {"tiny": 64, "sd15": 512, "sd15-narrow": 64, "sd15-layout": 64}
@@ -340,15 +342,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         for key, value in variant.spec.items():
             setattr(spec, key, value)
-        with deepspeed_clipping(variant):
-            rows.append(run_variant(name, spec, variant, args, model_dir, device))
-        gc.collect()  # the variant's engine, before the next one is built
-        if cuda:
-            torch.cuda.empty_cache()
+        try:
+            with deepspeed_clipping(variant):
+                rows.append(run_variant(name, spec, variant, args, model_dir, device))
+        except Exception:  # one variant's failure (a compile mode untried on this GPU) keeps the others' rows
+            traceback.print_exc()
+            print(f"{name}: failed", flush=True)
+            continue
+        finally:
+            gc.collect()  # the variant's engine, before the next one is built
+            if cuda:
+                torch.cuda.empty_cache()
         r = rows[-1]
         left = f", {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after it" if cuda else ""
         print(
-            f"{name}: step {r['step_ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB, init {r['init_s']:.1f} s{left}",
+            f"{name}: step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, backward {r['backward_ms']:.1f}, "
+            f"optimizer step {r['optimizer_ms']:.1f}), peak {r['peak_gib']:.2f} GiB, init {r['init_s']:.1f} s{left}",
             flush=True,
         )
 

@@ -182,15 +182,17 @@ class RayJobs:
 
     def attempt_logs(self, job_id: str, attempts: int) -> str:
         """The logs of a job's attempts 1..`attempts`, oldest first, each under a line naming it (an earlier attempt's
-        is why the job was run again); one attempt's alone, as it is."""
-        if attempts == 1:
-            return self.logs(submission_id(job_id, 1))
-        parts = []
-        for attempt in range(1, attempts + 1):
-            submission = submission_id(job_id, attempt)
-            text = self.logs(submission) or "(no log: Ray no longer knows this attempt)\n"
-            parts.append(f"=== attempt {attempt} of {attempts} (Ray job {submission}) ===\n{text}")
-        return "".join(part if part.endswith("\n") else part + "\n" for part in parts)
+        is why the job was run again); one attempt's alone, as it is. Empty where Ray has none of them (its head
+        restarted; the controller has just kept them and deleted Ray's records)."""
+        submissions = [submission_id(job_id, attempt) for attempt in range(1, attempts + 1)]
+        texts = [self.logs(submission) for submission in submissions]
+        if len(texts) == 1 or not any(texts):
+            return "".join(texts)
+        return "".join(
+            f"=== attempt {attempt} of {attempts} (Ray job {submission}) ===\n"
+            + (text if text.endswith("\n") else f"{text or '(no output from Ray)'}\n")
+            for attempt, (submission, text) in enumerate(zip(submissions, texts, strict=True), start=1)
+        )
 
     def cluster_capacity(self) -> Capacity:
         """Total CPUs and GPUs of the alive nodes (the state API, served by the same dashboard)."""

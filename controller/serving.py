@@ -70,13 +70,13 @@ class ServingSync:
     def apply(self) -> None:
         """Applies the store's deployed set now; on failure, its thread tries again (RETRY_INTERVAL_S)."""
         with self._lock:
-            deployed = self.store.deployed_models()
-            models = {model.model_id: model.path for model in deployed}
-            try:
+            try:  # the store's read too: a database that failed it for a moment must not leave the change unapplied
+                deployed = self.store.deployed_models()
+                models = {model.model_id: model.path for model in deployed}
                 self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
             except Exception as e:
                 self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
-                log.warning("could not apply %d deployed model(s) to Ray Serve (retrying): %s", len(models), e)
+                log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
                 return
             self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 

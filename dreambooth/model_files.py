@@ -8,6 +8,7 @@ scheduler a complete-looking model names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -242,20 +243,44 @@ def sampling_scheduler(path: str | os.PathLike):
     return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", local_files_only=True)
 
 
+def pipeline_scheduler(path: str | os.PathLike):
+    """sampling_scheduler as StableDiffusionPipeline samples with it (validation, class images): its constructor sets
+    an old config's steps_offset to 1 and clip_sample to False."""
+    scheduler = sampling_scheduler(path)
+    changes = {}
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        changes["steps_offset"] = 1
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        changes["clip_sample"] = False
+    return type(scheduler).from_config(scheduler.config, **changes) if changes else scheduler
+
+
 def check_inference_steps(scheduler, steps: int, field: str) -> None:
-    """Sets `scheduler` (a fresh one: this changes it) to `steps` sampling steps, or refuses them (InputError naming
-    `field`): more than it allows (LCM: 50), or so many that its first timestep falls outside its training schedule
-    (SD 1.5's PNDM at 1000 steps: timestep 1000 of 0..999, an IndexError at the first step)."""
+    """Refuses (InputError naming `field`) a number of sampling steps that `scheduler` cannot take to the end: more
+    than it allows (LCM: 50), or so many that a timestep falls outside its training schedule (SD 1.5's PNDM at 1000
+    steps starts at timestep 1000 of 0..999: an IndexError at the first step; DPM-Solver's "leading" spacing at 1000
+    fails at its last). Tried, not predicted: the steps run once on a one-pixel latent, per scheduler config and
+    count. `scheduler` is left as it was."""
+    config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+    if (problem := _sampling_problem(type(scheduler).__name__, config, steps)) is not None:
+        raise InputError(field, f"{type(scheduler).__name__} cannot sample {steps} steps ({problem}): ask for fewer")
+
+
+@functools.lru_cache(maxsize=256)
+def _sampling_problem(scheduler_class: str, config: str, steps: int) -> str | None:
+    import diffusers
+    import torch
+
+    scheduler = getattr(diffusers, scheduler_class).from_config(json.loads(config))
     try:
         scheduler.set_timesteps(steps)
-    except ValueError as e:
-        raise InputError(field, f"{steps} steps: {e}") from e
-    if (largest := float(scheduler.timesteps.max())) >= (trained := scheduler.config.num_train_timesteps):
-        raise InputError(
-            field,
-            f"{steps} steps start {type(scheduler).__name__} at timestep {largest:g}, past the {trained} it was "
-            "trained with: ask for fewer",
-        )
+        sample = torch.zeros(1, 4, 1, 1)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(sample, t)
+            sample = scheduler.step(torch.zeros_like(model_input), t, sample, return_dict=False)[0]
+    except Exception as e:  # IndexError, ValueError, AssertionError: whatever the scheduler's own code raises
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # Schedulers that draw their noise from a source of their own rather than the caller's generators: a seeded

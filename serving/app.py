@@ -185,18 +185,22 @@ class Generator:
         self._loads.check(model_id)
         prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         await asyncio.to_thread(self.engine.check_prompts, path, prompts)
+        # The wait for Serve's loading lock (held through another model's load) and for an eviction count too: the
+        # HTTP client's timeout (LOAD_TIMEOUT_S + SAMPLING_S) counts on a request waiting at most LOAD_TIMEOUT_S for
+        # its model. Cancelling leaves the load itself going (SharedLoads shields it).
+        deadline = arrived + LOAD_TIMEOUT_S
         try:
-            # The wait for Serve's loading lock (held through another model's load) and for an eviction count too:
-            # the HTTP client's timeout (LOAD_TIMEOUT_S + SAMPLING_S) counts on a request waiting at most
-            # LOAD_TIMEOUT_S for its model. Cancelling leaves the load itself going (SharedLoads shields it).
-            resident = await asyncio.wait_for(self.model(model_id), LOAD_TIMEOUT_S)
+            resident = await asyncio.wait_for(self.model(model_id), deadline - time.monotonic())
+            if not self._deployed_as(resident.model, model_id):
+                # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from where it
+                # is deployed now (ModelNotServed if it is no longer).
+                resident.model = await asyncio.wait_for(self._loads.get(model_id), deadline - time.monotonic())
         except TimeoutError:
+            logger.warning("model %s: a request gave up waiting for it after %d s", model_id, LOAD_TIMEOUT_S)
+            self._loads.overran(model_id)  # its next requests are refused until that load ends
             raise unavailable(f"model {model_id} not loaded after {LOAD_TIMEOUT_S} s", LOAD_RETRY_S) from None
-        if resident.model is None or resident.model.path != Path(path):
-            # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from its path now.
-            resident.model = await self._loads.get(model_id)
         with resident.in_use() as model:  # until its images are out: the model is not evicted meanwhile
-            if self.paths.get(model_id) != path:
+            if not self._deployed_as(model, model_id):
                 # Undeployed or moved while it loaded (reconfigure found no resident to release then): this request,
                 # which came before, samples it; its memory goes when the requests holding it are done.
                 resident.model = None
@@ -211,6 +215,11 @@ class Generator:
         self.metrics.batch_size.observe(result.batch_size)
         self.metrics.queue_wait.observe(result.queue_wait_seconds)
         return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
+
+    def _deployed_as(self, model: SubjectModel | None, model_id: str) -> bool:
+        """Whether `model` is what `model_id` is deployed as now (loaded from its current path)."""
+        deployed = self.paths.get(model_id)
+        return model is not None and deployed is not None and model.path == Path(deployed)
 
     async def _load(self, model_id: str) -> SubjectModel:
         if model_id not in self.paths:  # undeployed while the request waited for another model's load

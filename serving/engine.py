@@ -360,8 +360,9 @@ class SamplingEngine:
         # The scheduler's timesteps stay on the host: its step indexes its own host tables with them and compares
         # them, which with device timesteps would read each back (PNDM: 3 syncs a step per cohort, DDIM 6, DDPM 11;
         # the host could not queue the next step while the GPU ran this one). The UNet gets a device copy.
+        check_inference_steps(model.scheduler, steps, "steps")
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)
-        check_inference_steps(scheduler, steps, "steps")
+        scheduler.set_timesteps(steps)
         factor = model.vae_scale_factor
         latent_shape = (model.unet.config.in_channels, height // factor, width // factor)
         latents = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])

@@ -135,6 +135,14 @@ class SharedLoads:
         if (since := time.monotonic() - failed_at) < self.retry_s:
             raise unavailable(f"model {model_id}'s load failed {since:.0f} s ago: {why}", self.retry_s - since)
 
+    def overran(self, model_id: str) -> None:
+        """A request gave up on `model_id` (it waited LOAD_TIMEOUT_S, Serve's loading lock and an eviction included,
+        before its load did): a load of it that still runs is refused like one that outlasted timeout_s, until it
+        ends. (The request's wait outlasts the load's own timeout, which then never fires.)"""
+        task = self._tasks.get(model_id)
+        if task is not None and not task.done():
+            self._overdue[model_id] = task
+
     def drop(self, model_id: str) -> None:
         """Forgets `model_id`'s load (the requests awaiting it still get it) and its failure: the next request loads
         it anew."""

@@ -209,6 +209,8 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
         assert time.monotonic() < deadline, "Ray's records of an ended job were kept"
         time.sleep(0.1)
     both_attempts_in(reconciler.service.logs("alice", job.job_id))  # kept in the job's folder
+    # Attempts Ray knows none of read as no log (GetJobLogs then answers from the kept file), not as headers.
+    assert reconciler.ray_jobs.attempt_logs(job.job_id, 2) == ""
 
 
 @pytest.mark.parametrize("trainer_then", ["hangs", "succeeds"])
@@ -528,11 +530,13 @@ def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(c
     log.emit("class_images", done=2)
     log.emit("state")
     log.emit("model", metadata={})
-    log.emit("progress", step="three", total_steps=10, loss=0.45)
     log.emit("progress", step=4, total_steps=10, loss=0.4)
+    log.emit("progress", step="five", total_steps=10, loss=0.35)  # taken back whole: what it changed, what it told
     log.emit("state", state="EXPORTING")
     job = reconciler._apply_events(job)
     assert (job.state, job.progress["step"], job.events_offset) == ("EXPORTING", 4, events.stat().st_size)
+    _, published, _ = service.feed.follow(job.job_id, 0, timeout_s=0)
+    assert [c.data.get("step") for c in published if c.kind == "progress"] == [3, 4], published
 
     events.write_bytes(b"")  # the tail is lost; the trainer goes on appending
     log.emit("progress", step=9, total_steps=10, loss=0.2)
@@ -1384,6 +1388,47 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
     assert _error_status(sqlite_full, "SubmitJob")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     code, status = _error_status(OSError(errno.EROFS, "Read-only file system"), "SubmitJob")
     assert code == grpc.StatusCode.UNAVAILABLE and "Read-only file system" in status.details
+
+
+def test_a_deploy_whose_apply_could_not_read_the_database_is_applied_on_the_retry(tmp_path, monkeypatch):
+    """The serving thread applies a recorded Deploy; its read of the store failing for a moment (a connection reset,
+    SQLite busy) left the change unapplied for good, the model never served. A stand-in for Serve's REST API
+    records what it is given (no Serve here: ServingSync's retry logic)."""
+    from controller import serving as serving_module
+    from controller.serving import ServingSync
+
+    monkeypatch.setattr(serving_module, "RETRY_INTERVAL_S", 0.0)
+
+    class StoreFailingOnce(Store):
+        failures = 1
+
+        def deployed_models(self):
+            if self.failures:
+                self.failures -= 1
+                raise sa.exc.OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
+            return super().deployed_models()
+
+    class RecordingServe:
+        def __init__(self):
+            self.applied: list[dict] = []
+
+        def apply(self, models: dict, tenants: dict, tokens: dict) -> None:
+            self.applied.append(models)
+
+        def status(self) -> str:
+            return "RUNNING"
+
+    store = StoreFailingOnce(f"sqlite:///{tmp_path / 'controller.db'}")
+    store.insert_model(ModelRecord("model-1", "default", "job-1", "/models/1"))
+    store.update_model("model-1", deployed=True, endpoint="http://serve/model-1")
+    serve = RecordingServe()
+    sync = ServingSync(store, serve, {})
+    sync.request_apply()
+    sync.reconcile()  # the read fails
+    assert serve.applied == []
+    sync.reconcile()  # retried, not forgotten
+    assert serve.applied == [{"model-1": "/models/1"}]
+    store.close()
 
 
 def test_a_ray_dashboard_that_does_not_answer_holds_no_reconcile_pass_deploy_nor_cancel(tmp_path):

@@ -352,3 +352,34 @@ def test_check_base_model_accepts_per_block_cross_attention_widths(tiny_copy):
     unet = json.loads(config.read_text())
     config.write_text(json.dumps(unet | {"cross_attention_dim": [unet["cross_attention_dim"]] * 4}))
     assert check_base_model(tiny_copy) == tiny_copy.resolve()
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "spacing", "steps", "samples"),
+    [
+        ("PNDMScheduler", "leading", 1000, False),  # SD 1.5's: timestep 1000 of 0..999 at the first step
+        ("PNDMScheduler", "leading", 999, True),
+        ("DPMSolverMultistepScheduler", "leading", 1000, False),  # 1000 equal timesteps: fails at the last step
+        ("EulerDiscreteScheduler", "leading", 1000, True),  # its sigmas clamp: it samples to the end
+        ("DDIMScheduler", "trailing", 1000, True),
+        ("LCMScheduler", "leading", 51, False),  # refuses more than its original_inference_steps (50)
+        ("LCMScheduler", "leading", 50, True),
+    ],
+)
+def test_sampling_steps_are_tried_not_predicted(tiny, scheduler, spacing, steps, samples):
+    """A count a scheduler cannot sample to the end is refused (InputError naming the field): a max-timestep rule
+    refused some that sample (Euler at 1000) and let through some that fail (DPM-Solver at 1000)."""
+    import diffusers
+
+    from dreambooth.errors import InputError
+    from dreambooth.model_files import check_inference_steps, sampling_scheduler
+
+    config = sampling_scheduler(tiny).config
+    built = getattr(diffusers, scheduler).from_config(config, timestep_spacing=spacing)
+    if samples:
+        check_inference_steps(built, steps, "steps")
+    else:
+        with pytest.raises(InputError, match=f"{scheduler} cannot sample {steps} steps") as error:
+            check_inference_steps(built, steps, "steps")
+        assert error.value.field == "steps"
+    assert built.num_inference_steps is None  # tried on a scheduler of its own

@@ -333,6 +333,36 @@ def test_a_model_whose_load_failed_is_refused_for_a_while_then_tried_again():
     asyncio.run(scenario())
 
 
+def test_a_load_a_request_gave_up_on_is_refused_until_it_ends():
+    """A request waits LOAD_TIMEOUT_S for its model in all (Serve's loading lock and an eviction included), which
+    outlasts the load's own timeout: when it gives up, the load still running is refused to the model's next
+    requests, as one past its own timeout is; each would otherwise take Serve's loading lock and wait on it again."""
+
+    async def scenario() -> None:
+        may_finish = asyncio.Event()
+
+        async def load(model_id: str) -> str:
+            await may_finish.wait()
+            return model_id
+
+        loads = SharedLoads(load, keep_s=3600, timeout_s=3600)
+        waiting = asyncio.ensure_future(loads.get("hung"))
+        await asyncio.sleep(0)  # its load started
+        loads.overran("never-loaded")  # nothing loading: nothing to refuse
+        loads.check("never-loaded")
+        waiting.cancel()  # the request's own wait gave up
+        loads.overran("hung")
+        with pytest.raises(ModelUnavailable, match="has run over") as refused:
+            loads.check("hung")
+        assert refused.value.retry_after_s == loads.retry_s
+        may_finish.set()
+        await asyncio.sleep(0.01)
+        loads.check("hung")  # it ended: the next request takes the model
+        assert await loads.get("hung") == "hung"
+
+    asyncio.run(scenario())
+
+
 def test_a_load_that_hangs_lets_its_request_go_and_is_not_started_twice():
     """Serve holds its replica's one model-loading lock through a load: one hung on a file system that stopped
     answering kept every other model from loading there, and its requests waited for ever."""

@@ -63,7 +63,7 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex
 def test_steps_the_models_scheduler_cannot_take_are_the_requests_fault(engine, rex):
     """SD 1.5's schedule (steps_offset 1, as the tiny model's) at 1000 steps starts at timestep 1000 of 0..999: an
     IndexError at the first step, which failed every request sharing its forward with a 500."""
-    with pytest.raises(InputError, match=r"1000 steps start .* past the 1000 it was trained with") as error:
+    with pytest.raises(InputError, match=r"cannot sample 1000 steps \(IndexError") as error:
         engine.start(rex, [request(steps=1000)])
     assert error.value.field == "steps"
     assert engine.start(rex, [request(steps=999)]).scheduler.timesteps.max() == 999

@@ -274,16 +274,23 @@ def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tin
             preflight(spec)
 
 
-def test_preflight_refuses_sampling_steps_the_base_models_scheduler_cannot_take(tiny_model, dog_images):
+def test_preflight_refuses_sampling_steps_the_base_models_scheduler_cannot_take(tiny_model, dog_images, tmp_path):
     """SD 1.5's schedule (steps_offset 1, as the tiny model's) at 1000 steps starts at timestep 1000 of 0..999: the
     job failed after training, at its final validation grid, or in every class-image actor."""
     fields = {"base_model": str(tiny_model), "instance_images": [str(dog_images)], "resolution": 64}
     sampling = {"validation_prompts": ["a photo of sks dog"], "num_class_images": 4}
     for field in ("validation_inference_steps", "class_image_inference_steps"):
-        with pytest.raises(InputError, match=r"1000 steps start .* at timestep 1000, past the 1000") as error:
+        with pytest.raises(InputError, match=r"cannot sample 1000 steps \(IndexError") as error:
             preflight(JobSpec.from_dict(VALID | fields | sampling | {field: 1000}))
         assert error.value.field == field
         preflight(JobSpec.from_dict(VALID | fields | sampling | {field: 999}))
+    # A config with steps_offset 0 samples with 1 all the same: the pipeline sets it so.
+    model = shutil.copytree(tiny_model, tmp_path / "offset-0")
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"steps_offset": 0}))
+    with pytest.raises(InputError, match="cannot sample 1000 steps"):
+        offset_0 = {"base_model": str(model), "validation_inference_steps": 1000}
+        preflight(JobSpec.from_dict(VALID | fields | sampling | offset_0))
     # Steps the job never samples with are not its scheduler's business.
     preflight(
         JobSpec.from_dict(

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model, check_inference_steps, fingerprint, sampling_scheduler
+from dreambooth.model_files import check_base_model, check_inference_steps, fingerprint, pipeline_scheduler
 from trainer.images import check_instance_images
 from trainer.spec import JobSpec
 
@@ -69,16 +69,14 @@ _tokenizing = threading.Lock()
 
 
 def check_sampling_steps(spec: JobSpec) -> None:
-    """The base model's sampling scheduler takes the steps the job samples with (check_base_model came first): a
-    count it refuses failed the job after training, at its final validation grid, or in every class-image actor."""
+    """The base model's sampling scheduler, as the pipeline sets it up, takes the steps the job samples with
+    (check_base_model came first): a count it refuses failed the job after training, at its final validation grid, or
+    in every class-image actor."""
+    scheduler = pipeline_scheduler(spec.base_model)
     if spec.with_prior_preservation:
-        check_inference_steps(
-            sampling_scheduler(spec.base_model), spec.class_image_inference_steps, "class_image_inference_steps"
-        )
+        check_inference_steps(scheduler, spec.class_image_inference_steps, "class_image_inference_steps")
     if spec.validation_prompts:
-        check_inference_steps(
-            sampling_scheduler(spec.base_model), spec.validation_inference_steps, "validation_inference_steps"
-        )
+        check_inference_steps(scheduler, spec.validation_inference_steps, "validation_inference_steps")
 
 
 @functools.lru_cache(maxsize=8)
