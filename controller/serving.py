@@ -34,7 +34,7 @@ class ServingSync:
         self.deployer = deployer
         self.tenant_tokens = tenant_tokens  # the controller's; none: serving is open, like the controller
         self.check_interval_s = check_interval_s  # how often the application is checked to exist
-        self._lock = threading.Lock()
+        # The state below is the thread's own (request_apply only sets _requested and wakes it).
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
         self._requested = False  # an apply asked for (request_apply)
@@ -67,25 +67,24 @@ class ServingSync:
         self._requested = True
         self._woken.set()
 
-    def apply(self) -> None:
-        """Applies the store's deployed set now; on failure, its thread tries again (RETRY_INTERVAL_S)."""
-        with self._lock:
-            try:  # the store's read too: a database that failed it for a moment must not leave the change unapplied
-                deployed = self.store.deployed_models()
-                models = {model.model_id: model.path for model in deployed}
-                self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
-            except Exception as e:
-                self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
-                log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
-                return
-            self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
+    def _apply(self) -> None:
+        """Applies the store's deployed set now; on failure, tried again after RETRY_INTERVAL_S."""
+        try:  # the store's read too: a database that failed it for a moment must not leave the change unapplied
+            deployed = self.store.deployed_models()
+            models = {model.model_id: model.path for model in deployed}
+            self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
+        except Exception as e:
+            self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
+            log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
+            return
+        self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 
     def reconcile(self) -> None:
         """Applies when asked (request_apply); re-applies when a previous apply failed or the application is gone (at
         their intervals)."""
         if self._requested:
             self._requested = False  # first: a request from here on gets an apply of its own
-            self.apply()
+            self._apply()
             return
         if time.monotonic() < self._next_check:
             return
@@ -97,8 +96,6 @@ class ServingSync:
                 self._next_check = time.monotonic() + RETRY_INTERVAL_S
                 return
             if not missing:
-                with self._lock:
-                    if not self._dirty:  # else an apply failed meanwhile, and its retry comes sooner
-                        self._next_check = time.monotonic() + self.check_interval_s
+                self._next_check = time.monotonic() + self.check_interval_s
                 return
-        self.apply()
+        self._apply()
