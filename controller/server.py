@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller import metrics
+from controller import metrics, orphans
 from controller.api import Authenticator, JobServicer, ModelServicer, RequestGate
 from controller.config import ControllerConfig
 from controller.feed import ChangeFeed
@@ -165,6 +165,7 @@ def _start(
         metrics_server = metrics.serve(config.metrics_listen)[0] if config.metrics_listen else None
     except OSError as e:
         raise OSError(f"metrics_listen: cannot listen on {config.metrics_listen}: {e.strerror or e}") from e
+    orphans.sweep(config.storage, store)  # before any submission starts (controller.orphans)
     reconciler.start()
     if serving is not None:
         serving.start()

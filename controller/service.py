@@ -29,6 +29,7 @@ from typing import NoReturn
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from controller import orphans
 from controller.config import ControllerConfig, Tenant
 from controller.errors import (
     DeadlineExceeded,
@@ -100,6 +101,7 @@ class JobService:
         local_user = Tenant("default", (), max_running_jobs=sys.maxsize)
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": local_user}
         self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
+        self._database_id = store.database_id()
         self._image_checks = threading.BoundedSemaphore(IMAGE_CHECKS_AT_ONCE)
         # Deploys, undeploys and deletions of models, one at a time (see delete_model). They are rare, and a model's
         # files (a few dozen) go in a moment.
@@ -207,6 +209,7 @@ class JobService:
             shutil.rmtree(paths.job_dir, ignore_errors=True)
             _check_same_request(self.config, job, spec_fields, images, priority)  # a retry of it, or another request
         else:
+            orphans.mark_committed(paths.job_dir, self._database_id)
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"}, requested=True)
         return job
 
@@ -218,9 +221,11 @@ class JobService:
             paths.job_dir.parent.mkdir(parents=True, exist_ok=True)
             try:
                 paths.job_dir.mkdir()
-                return paths
             except FileExistsError:
                 log.warning("job id %s is taken on storage; drawing another", paths.job_id)
+                continue
+            orphans.mark_submitting(paths.job_dir, self._database_id)
+            return paths
 
     def _check_fits(self, spec: JobSpec) -> None:
         """Refuses a job bigger than training's share of a cluster whose size is configured (`capacity_cpus`,

@@ -273,7 +273,8 @@ class Store:
         for table in meta.sorted_tables:
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)
-        for name, value in (("seq", 0), ("schema_version", SCHEMA_VERSION)):
+        seeds = (("seq", 0), ("schema_version", SCHEMA_VERSION), ("database_id", secrets.randbits(62)))
+        for name, value in seeds:
             try:
                 with self.engine.begin() as conn:
                     if conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).first() is None:
@@ -296,6 +297,12 @@ class Store:
                 return contextlib.nullcontext(_always_held)
             return _file_lock(Path(f"{url.database}.controller-lock"))
         return _advisory_lock(self.engine)
+
+    def database_id(self) -> int:
+        """This database's own random number, drawn when its tables were made (or, for a database from before it,
+        by the first controller to run on it since). Submissions' folders are marked with it (controller.orphans)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(counters.c.value).where(counters.c.name == "database_id")).scalar_one()
 
     # --- jobs -------------------------------------------------------------------------------------------
 
@@ -335,6 +342,10 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(_by_request_id(tenant, request_id)).first()
         return None if row is None else _job(row)
+
+    def job_ids(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(jobs.c.job_id)).scalars())
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         if not _storable(job_id):

@@ -1473,3 +1473,46 @@ def test_a_ray_dashboard_that_does_not_answer_holds_no_reconcile_pass_deploy_nor
         silent.close()  # the apply's request fails: the thread stops
         serving.stop()
         store.close()
+
+
+def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start(config, tiny_model, dog_images):
+    """A controller that died between staging a submission's photos and committing its row left them on storage for
+    good: no job lists them and DeleteJob cannot name them. The next start removes them, and nothing else: not a
+    job's folder, a `dreambooth train` run's, another database's submission's, nor that of a job a restored backup of
+    the database lacks."""
+    jobs_dir = config.storage / "jobs"
+    first = start(config)
+    try:
+        with DreamBoothClient(f"127.0.0.1:{first.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+            queued = bob.submit(job_spec(tiny_model, dog_images)).job_id
+            # The crash: the row never commits, and the process is gone before it cleans up.
+            with pytest.MonkeyPatch.context() as crash:
+                crash.setattr(Store, "insert_job", _dies)
+                crash.setattr(JobService, "_discard_staged", lambda *_: None)
+                with pytest.raises(ClientError):
+                    bob.submit(job_spec(tiny_model, dog_images))
+    finally:
+        first.stop(grace_s=1)
+    (orphan,) = (p for p in jobs_dir.iterdir() if p.name != queued)
+    assert any((orphan / "instance_images").iterdir())
+    by_the_cli = jobs_dir / "my-run"
+    by_the_cli.mkdir()
+    (by_the_cli / "spec.json").write_text("{}")
+    by_another_database = jobs_dir / "job-0123456789ab"
+    by_another_database.mkdir()
+    (by_another_database / ".submitting-12345").touch()
+    assert [p.name for p in (jobs_dir / queued).glob(".*")] == []  # a committed job's folder is like a backup's
+
+    second = start(config)
+    try:
+        assert not orphan.exists()
+        assert sorted(p.name for p in jobs_dir.iterdir()) == sorted([queued, "my-run", "job-0123456789ab"])
+        assert any((jobs_dir / queued / "instance_images").iterdir())
+        with DreamBoothClient(f"127.0.0.1:{second.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+            assert bob.get(queued).state == jobs_pb2.STATE_QUEUED
+    finally:
+        second.stop(grace_s=1)
+
+
+def _dies(*_, **__):
+    raise RuntimeError("the controller died here")

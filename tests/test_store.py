@@ -611,6 +611,25 @@ def test_a_database_a_later_version_wrote_is_refused(url):
         Store(url)
 
 
+def test_a_database_keeps_its_id_and_one_from_before_the_id_gets_one(url, tmp_path):
+    """Submissions' folders are marked with it (controller.orphans): it must not change across restarts, nor be
+    another database's."""
+    store = Store(url)
+    drawn = store.database_id()
+    store.close()
+    store = Store(url)
+    assert store.database_id() == drawn
+    with store.engine.begin() as conn:  # as a database from before the id existed
+        conn.execute(counters.delete().where(counters.c.name == "database_id"))
+    store.close()
+    store = Store(url)
+    assert store.database_id() not in (None, drawn)
+    store.close()
+    other = Store(f"sqlite:///{tmp_path / 'other.db'}")
+    assert other.database_id() != drawn
+    other.close()
+
+
 def test_one_controller_holds_a_database_at_a_time(url):
     first, second = Store(url), Store(url)
     try:

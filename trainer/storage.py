@@ -1,6 +1,7 @@
 """Where a job's files live: one root directory, shared by every node (a shared filesystem on a cluster).
 
     <root>/jobs/<job_id>/spec.json          the job spec as submitted
+    <root>/jobs/<job_id>/.submitting-<n>    while a controller (of the database whose id is n) records the job
     <root>/jobs/<job_id>/events.jsonl       progress events (trainer -> CLI / controller)
     <root>/jobs/<job_id>/photos.json        the content hashes of the photos its checkpoints were trained on
     <root>/jobs/<job_id>/instance_images/   the photos a controller's submission uploaded
