@@ -23,7 +23,7 @@ import torch
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.async_checkpoint import AsyncCheckpointEngine
 from trainer.checkpoint import restore_latest, save_and_report
-from trainer.data import EncodedImages, derive_seed, encode_images, sample_indices
+from trainer.data import EncodedImages, derive_seed, encode_images_shared, sample_indices
 from trainer.deepspeed_setup import compute_dtype, initialize
 from trainer.events import EventLog
 from trainer.flat_parameters import flatten_parameters
@@ -104,11 +104,12 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     startup.done("load_model")
 
     # 2. Encode once: image latent distributions; prompt embeddings when the text encoder is frozen.
-    instance = encode_images(frozen.vae, find_instance_images(spec.instance_images), spec.resolution, device)
+    instance_files = find_instance_images(spec.instance_images)
+    instance = encode_images_shared(frozen.vae, instance_files, spec.resolution, device, rank, world_size)
     class_images: EncodedImages | None = None
     if spec.with_prior_preservation:
         class_files = sorted(Path(config.class_images_dir).glob("*.png"))[: spec.num_class_images]
-        class_images = encode_images(frozen.vae, class_files, spec.resolution, device)
+        class_images = encode_images_shared(frozen.vae, class_files, spec.resolution, device, rank, world_size)
     prompt_ids = frozen.tokenizer(
         [spec.instance_prompt, spec.class_prompt or spec.instance_prompt],
         padding="max_length",

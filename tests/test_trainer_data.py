@@ -1,0 +1,49 @@
+"""Training data across workers: the images each rank encodes and gathers (a real gloo process group of two
+processes on 127.0.0.1, the tiny model's VAE and real photos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed
+import torch.multiprocessing
+
+from dreambooth.sd_model import load_base_model
+from tests.conftest import free_port
+from trainer.data import encode_images, encode_images_shared
+from trainer.images import find_instance_images
+
+RESOLUTION, BATCH = 64, 2
+
+
+def _encode_on_rank(rank: int, world_size: int, port: int, tiny_model: Path, image_lists, out: Path) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        vae = load_base_model(tiny_model, dtype=torch.float32, components=("vae",)).vae
+        for i, paths in enumerate(image_lists):
+            encoded = encode_images_shared(vae, paths, RESOLUTION, torch.device("cpu"), rank, world_size, BATCH)
+            torch.save((encoded.mean, encoded.std), out / f"rank{rank}-list{i}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_each_rank_encodes_a_share_and_all_get_what_one_alone_encodes(tiny_model, dog_images, tmp_path):
+    """Every rank used to decode and encode every class image itself (200 for a usual job); now each its share.
+    The latents must be the same, bit for bit, on every rank and as one process alone encodes them (exact resume
+    and the loss depend on them): with shares uneven, and a rank whose share is empty."""
+    photos = find_instance_images([str(dog_images)])
+    image_lists = [(photos * 2)[:7], photos[:2]]  # 2 ranks, 2-image batches: shares of 4 and 3, then 2 and 0
+    world_size = 2
+    torch.multiprocessing.spawn(
+        _encode_on_rank, args=(world_size, free_port(), tiny_model, image_lists, tmp_path), nprocs=world_size
+    )
+    vae = load_base_model(tiny_model, dtype=torch.float32, components=("vae",)).vae
+    for i, paths in enumerate(image_lists):
+        alone = encode_images(vae, paths, RESOLUTION, torch.device("cpu"), BATCH)
+        assert alone.mean.shape[0] == len(paths)
+        for rank in range(world_size):
+            mean, std = torch.load(tmp_path / f"rank{rank}-list{i}.pt")
+            assert torch.equal(mean, alone.mean) and torch.equal(std, alone.std), (rank, i)
