@@ -8,7 +8,8 @@ dreambooth up | down | status          the local stack: Ray, the controller and 
 On a controller (--controller HOST:PORT, --token; defaults: $DREAMBOOTH_CONTROLLER, $DREAMBOOTH_TOKEN):
 dreambooth submit JOB.yaml [--watch]   queue a job (its photos are uploaded); prints its id
 dreambooth jobs [--state S]            the jobs, newest first
-dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled
+dreambooth watch JOB                   follow a job; exits 0 when it succeeds, 1 when it fails or is cancelled,
+                                       3 when it stopped following (the controller lost): the job goes on
 dreambooth cancel JOB | delete JOB | logs JOB
 dreambooth models | deploy MODEL | undeploy MODEL | delete-model MODEL | generate MODEL PROMPT
 """
@@ -33,7 +34,7 @@ from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from dreambooth.client import DreamBoothClient
+    from dreambooth.client import ClientError, DreamBoothClient
     from dreambooth.v1 import jobs_pb2
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e.field}: {e.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dreambooth jobs --json | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else flushing at exit fails again
+        return 0
     except OSError as e:  # a file or directory the command was pointed at (exists, unreadable, ...)
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -98,7 +102,9 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
             metavar="PORT",
             help=f"{use} (default: {default}; 0: a free one)",
         )
-    starting.add_argument("--storage", type=Path, help="storage root (default: DIR/storage)")
+    starting.add_argument(
+        "--storage", type=Path, help="storage root (default: the last stack's in DIR, else DIR/storage)"
+    )
     starting.add_argument("--num-cpus", type=int, help="CPUs Ray hands out (default: this machine's)")
 
     def stack_dir(command: argparse.ArgumentParser, *options: str) -> None:
@@ -143,7 +149,11 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--controller", metavar="HOST:PORT", help="default: $DREAMBOOTH_CONTROLLER or 127.0.0.1:50051")
     remote.add_argument("--token", help="bearer token (default: $DREAMBOOTH_TOKEN)")
-    remote.add_argument("--tls-ca", metavar="PEM", help="CA certificate: use TLS (default: $DREAMBOOTH_TLS_CA)")
+    remote.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificate, or 'system' for the system's trusted CAs: use TLS (default: $DREAMBOOTH_TLS_CA)",
+    )
 
     def add(
         name: str, run: Callable[[DreamBoothClient, argparse.Namespace], int], summary: str
@@ -194,6 +204,8 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the size it was trained at)")
 
 
+WATCH_LOST = 3  # watch's exit status when it stopped following: the job's end is unknown
+
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
 _USER_ERRORS = frozenset(
     {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED"}
@@ -213,15 +225,10 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             with client:
                 return command(client, args)
         except ClientError as e:
-            if e.code == "UNAVAILABLE" and "failed to connect" in e.message:
-                print(
-                    f"error: no controller answers at {client.target}: start one with `dreambooth up`, or name it "
-                    f"with --controller HOST:PORT or $DREAMBOOTH_CONTROLLER ({e.message})",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"error: {e.code}: {e.message}", file=sys.stderr)
+            print(_client_error_line(client.target, e), file=sys.stderr)
             return 2 if e.code in _USER_ERRORS else 1
+        except BrokenPipeError:  # stdout's reader went away: main's to handle, not an unreadable file
+            raise
         except ServingError as e:  # the serving API answered no (generate; deploy's wait for the model)
             print(f"error: {e}", file=sys.stderr)
             # A 429 is the tenant's requests in progress, not the input: the same command may succeed later.
@@ -237,6 +244,21 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             return 130
 
     return run
+
+
+def _client_error_line(target: str, e: ClientError) -> str:
+    """What to print for a failed call: where the controller could not be reached, how to fix that."""
+    if e.code == "UNAVAILABLE" and "handshake" in e.message.lower():
+        return (
+            f"error: TLS with the controller at {target} failed: --tls-ca (or $DREAMBOOTH_TLS_CA) names a CA for a "
+            f"controller that serves plaintext, or not the CA that signed its certificate ({e.message})"
+        )
+    if e.code == "UNAVAILABLE" and "failed to connect" in e.message:
+        return (
+            f"error: no controller answers at {target}: start one with `dreambooth up`, or name it with --controller "
+            f"HOST:PORT or $DREAMBOOTH_CONTROLLER ({e.message})"
+        )
+    return f"error: {e.code}: {e.message}"
 
 
 def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
@@ -315,13 +337,18 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("DREAMBOOTH_TOKEN")
 
 
+def _tls_ca(args: argparse.Namespace) -> str | None:
+    """The CA certificate: the controller's and, for an https endpoint, the serving API's."""
+    return args.tls_ca or os.environ.get("DREAMBOOTH_TLS_CA")
+
+
 def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.serving_client import wait_until_served
 
     model = client.deploy(args.model_id)
     if not args.no_wait:
         print(f"waiting for the serving API to list {model.model_id} at {model.endpoint} ...", file=sys.stderr)
-        wait_until_served(model.endpoint, token=_token(args))
+        wait_until_served(model.endpoint, token=_token(args), tls_ca=_tls_ca(args))
     print(model.endpoint)
     return 0
 
@@ -348,7 +375,7 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     # Unset, the serving API's defaults apply (one place for them: serving/http_api.GenerateBody).
     optional = ("steps", "guidance_scale", "width", "height")
     options |= {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
-    images = generate(model.endpoint, args.prompt, token=_token(args), **options)
+    images = generate(model.endpoint, args.prompt, token=_token(args), tls_ca=_tls_ca(args), **options)
     args.out.mkdir(parents=True, exist_ok=True)
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
     # request draws the same image, so it may.
@@ -362,9 +389,11 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
 def _follow(client: DreamBoothClient, job_id: str) -> int:
     """Progress bars (class images, then training steps with loss and the server's ETA) and a line per state
-    change, until the job ends. 0 when it SUCCEEDED, 1 otherwise."""
+    change, until the job ends. 0 when it SUCCEEDED, 1 when it ended otherwise, WATCH_LOST when it stopped following
+    a job that goes on."""
     from tqdm import tqdm
 
+    from dreambooth.client import ClientError
     from dreambooth.proto_convert import state_name
 
     bars = _ProgressBars()
@@ -385,6 +414,19 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
                 tqdm.write(_checkpoint_line(c.step, c.path, c.waited_seconds), file=sys.stderr)
             elif change == "validation":
                 tqdm.write(f"validation at step {update.validation.step}: {update.validation.path}", file=sys.stderr)
+    except ClientError as e:
+        if e.code in _USER_ERRORS:  # no such job, not the caller's: a mistake to fix
+            raise
+        # The controller gone for minutes (an upgrade), or too many watches open: the job's end is unknown, and
+        # 1 would tell a script it failed (and to run it again, beside the first).
+        bars.close()  # before the message, which would print under a bar
+        last = f" while it was {state_name(job.state)}" if job is not None else ""
+        print(_client_error_line(client.target, e), file=sys.stderr)
+        print(
+            f"{job_id}: stopped following it{last}; it goes on: `dreambooth watch {job_id}` follows it again",
+            file=sys.stderr,
+        )
+        return WATCH_LOST
     finally:
         bars.close()
     state = state_name(job.state)  # an ended state: the client's watch goes on (reconnecting) until then

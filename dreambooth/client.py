@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
+from dreambooth.serving_client import SYSTEM_CAS
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count, find_instance_images
 from trainer.spec import JobSpec, absolute_path, read_spec_file
@@ -128,17 +129,21 @@ class DreamBoothClient:
         tls_ca: str | os.PathLike | None = None,
         timeout_s: float = 30,
         keepalive_s: float = 30,
+        from_environment: bool = True,
     ):
         """Defaults, as the CLI's: $DREAMBOOTH_CONTROLLER (else 127.0.0.1:50051), $DREAMBOOTH_TOKEN and
-        $DREAMBOOTH_TLS_CA (a CA certificate file: TLS; else plaintext). `timeout_s`: each call but watch's (a
-        submission's grows by a second per 256 KiB of photos it uploads);
-        `keepalive_s`: how often an open watch pings a controller that has been quiet (see watch)."""
-        target = target or os.environ.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
+        $DREAMBOOTH_TLS_CA (`tls_ca`: a CA certificate file, or "system" for the system's trusted CAs: TLS; else
+        plaintext); `from_environment=False` reads none of them (a local stack's client must not send a production
+        token, nor expect TLS). `timeout_s`: each call but watch's (a submission's grows by a second per 256 KiB of
+        photos it uploads); `keepalive_s`: how often an open watch pings a controller that has been quiet (see
+        watch)."""
+        environment = os.environ if from_environment else {}
+        target = target or environment.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
         if "://" in target:  # gRPC would answer "Misformatted domain name"
             raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
         self.target = target
-        token = token or os.environ.get("DREAMBOOTH_TOKEN")
-        tls_ca = tls_ca or os.environ.get("DREAMBOOTH_TLS_CA") or None
+        token = token or environment.get("DREAMBOOTH_TOKEN")
+        tls_ca = tls_ca or environment.get("DREAMBOOTH_TLS_CA") or None
         answer_ms = int(min(keepalive_s, 10) * 1000)  # a ping not answered by then: the connection is dead
         options = [
             ("grpc.service_config", _SERVICE_CONFIG),
@@ -159,7 +164,9 @@ class DreamBoothClient:
         if tls_ca is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            # "system": a controller behind a load balancer with a publicly trusted certificate.
+            roots = None if str(tls_ca) == SYSTEM_CAS else Path(tls_ca).read_bytes()
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s
@@ -195,13 +202,9 @@ class DreamBoothClient:
         fields = _spec_fields(spec)
         found = find_instance_images([absolute_path(p) for p in fields["instance_images"]])
         check_instance_image_count(len(found))  # the controller's bound, before a photo is read
+        if upload:
+            _check_upload_sizes(found)  # before a photo is read: a folder of RAW-sized ones would be read whole
         images = [_instance_image(path, upload) for path in found]
-        if upload and (total := sum(len(image.data) for image in images)) > MAX_UPLOAD_BYTES:
-            raise InputError(
-                "instance_images",
-                f"{total / 2**20:.0f} MiB of images, over the {MAX_UPLOAD_BYTES // 2**20} MiB a request carries: "
-                "put them on shared storage and submit with upload=False",
-            )
         request = jobs_pb2.SubmitJobRequest(
             spec=spec_to_proto(fields),
             instance_images=images,
@@ -327,9 +330,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _check_upload_sizes(paths: list[Path]) -> None:
+    sizes = [(path, path.stat().st_size) for path in paths]
+    for path, size in sizes:
+        if size > MAX_IMAGE_BYTES:
+            raise InputError("instance_images", f"{path}: {size / 2**20:.1f} MiB, over the 16 MiB limit per image")
+    if (total := sum(size for _, size in sizes)) > MAX_UPLOAD_BYTES:
+        raise InputError(
+            "instance_images",
+            f"{total / 2**20:.0f} MiB of images, over the {MAX_UPLOAD_BYTES // 2**20} MiB a request carries: "
+            "put them on shared storage and submit with upload=False",
+        )
+
+
 def _instance_image(path: Path, upload: bool) -> jobs_pb2.InstanceImage:
+    # A name that is not UTF-8 (Latin-1 from an old archive or a camera card) cannot go in a proto string.
     if not upload:
+        try:
+            str(path).encode()
+        except UnicodeEncodeError:
+            raise InputError(
+                "instance_images", f"{path!r}: the path is not UTF-8, which a request cannot carry: rename the file"
+            ) from None
         return jobs_pb2.InstanceImage(uri=str(path), filename=path.name)
-    if (size := path.stat().st_size) > MAX_IMAGE_BYTES:
-        raise InputError("instance_images", f"{path}: {size / 2**20:.1f} MiB, over the 16 MiB limit per image")
-    return jobs_pb2.InstanceImage(data=path.read_bytes(), filename=path.name)
+    # Uploaded, the name only labels the photo in messages (the controller names the file itself).
+    label = os.fsencode(path.name).decode(errors="replace")
+    return jobs_pb2.InstanceImage(data=path.read_bytes(), filename=label)

@@ -122,7 +122,8 @@ def run(
         _say("using the stack that is already running there (it stays up)")
     local = running or stack.up(stack_dir, **start, say=_say)
     try:
-        with DreamBoothClient(local.controller) as client:
+        # Not the user's $DREAMBOOTH_TOKEN or $DREAMBOOTH_TLS_CA, which are for another controller.
+        with DreamBoothClient(local.controller, from_environment=False) as client:
             job = client.submit(spec)
             _say(f"== 3/4 training: job {job.job_id}, submitted to the controller at {local.controller}")
             if follow(client, job.job_id) != 0:

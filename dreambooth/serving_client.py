@@ -6,6 +6,8 @@ constants.
     png = generate(model.endpoint, "a photo of sks dog on the beach", token=TOKEN, seed=3)[0]
 
 `token`: the tenant's bearer token, the same as the controller's (None where no tenants are configured).
+`tls_ca`: for an https endpoint whose certificate a private CA signed, that CA's certificate file (the CLI passes
+the controller's, --tls-ca or $DREAMBOOTH_TLS_CA); else the system's trusted CAs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import datetime
 import email.utils
 import itertools
 import json
+import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +30,8 @@ GENERATE_TIMEOUT_S = LOAD_TIMEOUT_S + SAMPLING_S
 """generate's default: a request waits up to LOAD_TIMEOUT_S for its model's load (then the server answers 503),
 and may then sample for up to SAMPLING_S. At LOAD_TIMEOUT_S alone, the client gave
 up just before the server's answer."""
+SYSTEM_CAS = "system"
+"""As `tls_ca` (here and for the controller's SDK client): TLS, trusting the system's certificate authorities."""
 RETRIES = 3
 """generate's default: a 429 or 503 (throttled, overloaded, its model not loadable now) is sent again this many
 times, after its Retry-After: generating has no side effects."""
@@ -39,6 +45,11 @@ class ServingUnreachable(OSError):
     """No answer from the serving API's address (nothing listens, refused, the connection timed out)."""
 
 
+class ServingTLSError(OSError):
+    """TLS with the serving API failed: its certificate is not trusted (give the CA that signed it), or it does not
+    speak TLS. Not retried: waiting changes nothing."""
+
+
 class ServingTimeout(TimeoutError):
     """The serving API took the request but did not answer within the client's timeout."""
 
@@ -48,7 +59,9 @@ class ServingError(Exception):
     (serving/http_api.ErrorCode; None from something else at that address, a proxy say)."""
 
     def __init__(self, status: int, detail: Any, retry_after_s: float | None = None, code: str | None = None):
-        super().__init__(f"HTTP {status}: {detail}")
+        # The serving API's 400s name the field to fix, as the controller's errors do.
+        named = isinstance(detail, dict) and {"field", "message"} <= detail.keys()
+        super().__init__(f"HTTP {status}: " + (f"{detail['field']}: {detail['message']}" if named else f"{detail}"))
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
@@ -61,6 +74,7 @@ def generate(
     token: str | None = None,
     timeout_s: float = GENERATE_TIMEOUT_S,
     retries: int = RETRIES,
+    tls_ca: str | os.PathLike | None = None,
     **options: Any,
 ) -> list[bytes]:
     """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
@@ -69,7 +83,7 @@ def generate(
     data = json.dumps({"prompt": prompt, **options, "output_format": "json"}).encode()
     for attempt in itertools.count(1):
         try:
-            reply = _request(endpoint, data, token, timeout_s)
+            reply = _request(endpoint, data, token, timeout_s, tls_ca)
         except ServingError as e:
             if e.status not in (429, 503) or attempt > retries:
                 raise
@@ -78,14 +92,18 @@ def generate(
         return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
 
 
-def wait_until_served(endpoint: str, token: str | None = None, timeout_s: float = 300) -> None:
+def wait_until_served(
+    endpoint: str, token: str | None = None, timeout_s: float = 300, tls_ca: str | os.PathLike | None = None
+) -> None:
     """Blocks until the serving API lists the model of `endpoint` (replicas reconfigure a moment after Deploy)."""
     model_url = endpoint.removesuffix("/generate")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            _request(model_url, None, token, timeout_s=10)
+            _request(model_url, None, token, 10, tls_ca)
             return
+        except ServingTLSError:
+            raise
         except (ServingError, OSError) as e:  # 404 until reconfigured; 503 or refused/reset while Serve starts
             if isinstance(e, ServingError) and e.status not in (404, 502, 503, 504):
                 raise  # a wrong token (401), refused (403): waiting changes nothing
@@ -111,11 +129,14 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
-def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) -> Any:
+def _request(
+    url: str, data: bytes | None, token: str | None, timeout_s: float, tls_ca: str | os.PathLike | None
+) -> Any:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(url, data=data, headers=headers)
+    context = ssl.create_default_context(cafile=None if tls_ca in (None, SYSTEM_CAS) else tls_ca)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
         try:
@@ -131,6 +152,11 @@ def _request(url: str, data: bytes | None, token: str | None, timeout_s: float) 
         ) from e
     except (urllib.error.URLError, OSError) as e:  # refused, reset, the connection timed out: no answer at all
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        if isinstance(reason, ssl.SSLError):
+            raise ServingTLSError(
+                f"TLS with the serving API at {url} failed: {reason}; if a private CA signed its certificate, give "
+                "that CA's certificate (tls_ca; the CLI's --tls-ca or $DREAMBOOTH_TLS_CA)"
+            ) from e
         raise ServingUnreachable(f"no answer from the serving API at {url}: {reason}") from e
     try:
         return json.loads(body)

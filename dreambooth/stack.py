@@ -165,7 +165,7 @@ def up(
             f"stop it first with `dreambooth down --dir {state_dir}`"
         )
     chosen = _choose_ports(ports)
-    storage = Path(storage).resolve() if storage else state_dir / "storage"
+    storage = Path(storage).resolve() if storage else _last_storage(state_dir) or state_dir / "storage"
     logs = state_dir / "logs"
     for directory in (storage, logs):
         directory.mkdir(parents=True, exist_ok=True)
@@ -217,6 +217,15 @@ def up(
         _state_file(state_dir).unlink(missing_ok=True)
         raise
     return stack
+
+
+def _last_storage(state_dir: Path) -> Path | None:
+    """The storage of the last stack started in `state_dir` (its controller.yaml stays after `down`): a plain `up`
+    starts again where `up --storage X` left its jobs and models."""
+    try:
+        return Path(yaml.safe_load((state_dir / "controller.yaml").read_text())["storage"])
+    except (FileNotFoundError, KeyError, TypeError, yaml.YAMLError):
+        return None
 
 
 def down(state_dir: Path = DEFAULT_DIR) -> Stack | None:

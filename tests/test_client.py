@@ -31,7 +31,14 @@ from dreambooth.cli import main
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
-from dreambooth.serving_client import ServingError, ServingTimeout, ServingUnreachable, generate, wait_until_served
+from dreambooth.serving_client import (
+    ServingError,
+    ServingTimeout,
+    ServingTLSError,
+    ServingUnreachable,
+    generate,
+    wait_until_served,
+)
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.config import LOAD_TIMEOUT_S
 from trainer.images import MAX_INSTANCE_IMAGES
@@ -270,6 +277,37 @@ def test_more_photos_than_a_controller_takes_are_refused_before_any_is_read(clie
     assert len(controller.requests) == sent
 
 
+def test_photos_over_a_requests_size_are_refused_before_any_is_read(
+    client, controller, job_yaml, tmp_path, monkeypatch
+):
+    """A folder of RAW-sized photos was read whole (a GiB, slow on NFS) to be told it was too much."""
+    library = tmp_path / "library"
+    library.mkdir()
+    for index in range(5):
+        with open(library / f"{index}.jpg", "wb") as photo:
+            photo.truncate(15 * 2**20)  # sparse: 15 MiB each, 75 MiB in all, and nothing to read
+    spec = {**yaml.safe_load(job_yaml.read_text()), "instance_images": [str(library)]}
+    reads = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or original(self))
+    with pytest.raises(InputError, match="75 MiB of images, over the 64 MiB a request carries"):
+        client.submit(spec)
+    assert reads == []
+
+
+def test_a_photo_whose_name_is_not_utf8_is_uploaded_and_a_path_to_one_is_refused(client, controller, job_yaml):
+    """Names from an old archive or a camera card (Latin-1) crashed the SDK with a traceback: a proto string
+    cannot hold them."""
+    photos = job_yaml.parent / "photos"
+    latin1 = photos / os.fsdecode(b"caf\xe9.jpg")
+    latin1.write_bytes((photos / "0.jpg").read_bytes())
+    client.submit(job_yaml)
+    names = sorted(image.filename for image in controller.requests[-1].instance_images)
+    assert names == ["0.jpg", "1.jpg", "2.jpg", "caf\ufffd.jpg"]
+    with pytest.raises(InputError, match="is not UTF-8, which a request cannot carry: rename the file"):
+        client.submit(job_yaml, upload=False)
+
+
 def test_paths_through_a_symbolic_link_are_sent_as_written(client, controller, job_yaml, tmp_path):
     """A client reaching shared storage through a link (/shared -> /mnt/efs-1) sends the name the cluster knows."""
     (tmp_path / "shared").symlink_to(job_yaml.parent)
@@ -419,11 +457,35 @@ def test_watch_gives_up_when_the_controller_stays_away():
     assert error.value.code == "UNAVAILABLE" and "no answer from the controller for 1 s" in error.value.message
 
 
+class _WatchesFull(FakeController):
+    def WatchJob(self, request, context):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "64 watches open")
+
+
+def test_cli_watch_that_stops_following_a_job_does_not_say_it_failed(monkeypatch, capsys):
+    """A script running `submit --watch || resubmit` took a controller away for minutes (or too many watches
+    open) for a failed job, and trained it twice: its end is unknown, exit WATCH_LOST."""
+    server, target = _serve(_WatchesFull())
+    try:
+        monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+        code = main(["watch", "job-4", "--controller", target])
+    finally:
+        server.stop(grace=None)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "error: RESOURCE_EXHAUSTED: 64 watches open" in err and "job-4: stopped following it; it goes on" in err
+
+
 def test_the_sdk_reads_the_environment_as_the_cli_does(controller, monkeypatch):
     monkeypatch.setenv("DREAMBOOTH_CONTROLLER", controller.target)
     monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
     with DreamBoothClient() as client:
         assert client.get("job-4").job_id == "job-4"
+    # The demo's client of its own local stack: not this user's token, nor TLS meant for another controller.
+    monkeypatch.setenv("DREAMBOOTH_TLS_CA", "/nonexistent/ca.pem")
+    with DreamBoothClient(controller.target, from_environment=False) as local, pytest.raises(ClientError) as error:
+        local.get("job-4")
+    assert error.value.code == "UNAUTHENTICATED"
 
 
 def test_logs_and_models(client):
@@ -714,6 +776,50 @@ def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_a
     serving_api.statuses = [500]
     assert cli("deploy", "model-3")[0] == 1  # the server's fault, not the user's
     assert cli("deploy", "model-3")[:2] == (0, serving_api.endpoint + "\n")
+
+
+def test_an_https_serving_api_signed_by_a_private_ca_is_trusted_with_it_and_refused_at_once_without(
+    serving_api, tmp_path, monkeypatch
+):
+    """Serving behind an Ingress whose certificate a private CA signed: --tls-ca was ignored there, and deploy's wait
+    retried the certificate failure for 5 minutes."""
+    import ssl
+
+    cert, key = _self_signed_certificate()
+    (tmp_path / "ca.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "ca.pem", tmp_path / "key.pem")
+    serving_api.socket = context.wrap_socket(serving_api.socket, server_side=True)
+    endpoint = serving_api.endpoint.replace("http://", "https://")
+    wait_until_served(endpoint, tls_ca=tmp_path / "ca.pem", timeout_s=10)
+    assert generate(endpoint, "a photo of sks dog", tls_ca=tmp_path / "ca.pem", num_images=1, seed=0) == [
+        b"a photo of sks dog"
+    ]
+    waits = []
+    monkeypatch.setattr(serving_client.time, "sleep", waits.append)
+    with pytest.raises(ServingTLSError, match="if a private CA signed its certificate, give that CA's"):
+        wait_until_served(endpoint, timeout_s=60)  # the system's CAs do not know this one
+    assert waits == []  # not tried again
+
+
+def test_a_serving_refusal_names_the_field_to_fix():
+    error = ServingError(400, {"field": "steps", "message": "at most 150, got 500"})
+    assert str(error) == "HTTP 400: steps: at most 150, got 500"
+    assert str(ServingError(502, "Bad Gateway")) == "HTTP 502: Bad Gateway"
+
+
+def test_cli_output_cut_short_by_its_reader_is_not_an_error(controller, tmp_path):
+    """`dreambooth jobs --json | head -1` exited 2 with "error: [Errno 32] Broken pipe" (pipefail scripts failed)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DREAMBOOTH_CONTROLLER": controller.target, "DREAMBOOTH_TOKEN": TOKEN}
+    command = [sys.executable, "-c", "import sys; from dreambooth.cli import main; sys.exit(main())", "jobs", "--json"]
+    jobs = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=Path.cwd())
+    jobs.stdout.close()  # the reader is gone before the first line
+    _, err = jobs.communicate(timeout=60)
+    assert (jobs.returncode, err.decode()) == (0, "")
 
 
 def test_a_serving_api_that_does_not_answer_is_named():

@@ -114,6 +114,12 @@ def test_the_stacks_ray_workers_ask_its_own_state_api(demo_run):
     assert f"state api: {dashboard_url}" in logs
 
 
+def test_up_after_down_starts_again_on_the_storage_it_left(demo_run, tmp_path):
+    """`up --storage X; down; up` started an empty controller on DIR/storage, without the jobs and models in X."""
+    assert stack._last_storage(demo_run.stack_dir) == Path(stack.load(demo_run.stack_dir).storage)
+    assert stack._last_storage(tmp_path) is None  # no stack was ever started there: DIR/storage
+
+
 def test_a_port_just_released_counts_as_free():
     """A server that stopped after answering (a stack just brought down) leaves its side of the connection in
     TIME_WAIT for a minute; its port is free to listen on again, as the servers bind it."""
