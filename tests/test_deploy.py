@@ -222,6 +222,16 @@ def test_cluster_launcher_config_passes_rays_validation():
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert "--metrics-export-port=8080" in command
+    # Ray's launcher gives a container GPUs only where `docker info` lists NVIDIA's runtime: every worker type asks
+    # for them (a node type's own docker settings replace the global ones, as Ray merges them); the head, with no
+    # GPU, must not (Docker refuses to start it).
+    for worker in workers:
+        assert "--gpus all" in {**config["docker"], **worker.get("docker", {})}["worker_run_options"]
+    assert not [o for o in config["docker"]["run_options"] + config["docker"]["head_run_options"] if "--gpus" in o]
+    # A fresh node has no package lists, and unattended-upgrades holds dpkg's lock for minutes after boot.
+    apt = [c for command in config["initialization_commands"] for c in re.findall(r"apt-get [^;&|)]*", command)]
+    assert [c.split()[-1] for c in apt] == ["update", "nfs-common"], apt
+    assert all("-o DPkg::Lock::Timeout=" in c for c in apt), apt
     # `ray up` syncs nothing git ignores (.venv, local models: GiBs), nor .git.
     assert ".gitignore" in config["rsync_filter"] and ".git" in config["rsync_exclude"]
     # Every host directory mounted into the container is made and given to its user (uid 1000) first: one that
@@ -421,12 +431,22 @@ def test_promtool_accepts_the_kubernetes_scrape_config(prometheus_bin, tmp_path)
     promtool checks the rest (relabelling included)."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
     for job in config["scrape_configs"]:
-        assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+        assert [sd["role"] for sd in job.pop("kubernetes_sd_configs")] == ["pod"]
         job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     result = _promtool(prometheus_bin, "check", "config", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_scrape_config_keeps_to_the_deployments_namespace():
+    """No dashboard query tells one deployment from another: another team's RayCluster or a staging copy in another
+    namespace, scraped by the controller's or Ray's job, would be added into every panel."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    (namespace,) = {o["metadata"]["namespace"] for _, o in _manifests() if o["kind"] != "Namespace"}
+    for name in ("dreambooth-controller", "ray"):
+        assert jobs[name]["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": [namespace]}}], name
 
 
 def test_promtool_parses_every_dashboard_query(prometheus_bin, tmp_path):
@@ -437,6 +457,69 @@ def test_promtool_parses_every_dashboard_query(prometheus_bin, tmp_path):
     result = _promtool(prometheus_bin, "check", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(rules)} rules found" in result.stdout
+
+
+def _panel_queries(name: str, title: str) -> list[str]:
+    """The PromQL of one panel of a committed dashboard, with the Grafana variables filled in as
+    all_promql_expressions() fills them."""
+    data = json.loads((DEPLOY / "grafana" / "dashboards" / f"{name}.json").read_text())
+    panels = data["panels"] + [p for row in data["panels"] for p in row.get("panels", [])]
+    (panel,) = [p for p in panels if p["title"] == title]
+    queries = []
+    for target in panel["targets"]:
+        query = target["expr"]
+        for variable in sorted(dashboards.VARIABLE_VALUES, key=len, reverse=True):
+            query = query.replace(variable, dashboards.VARIABLE_VALUES[variable])
+        queries.append(query)
+    return queries
+
+
+@pytest.mark.parametrize(
+    "name, title, failing, other, counted",
+    [
+        (
+            "training",
+            "Controller RPC errors",
+            'dreambooth_rpc_duration_seconds_count{method="GetJob", code="NOT_FOUND"}',
+            'dreambooth_rpc_duration_seconds_count{method="GetJob", code="OK"}',
+            '{method="GetJob", code="NOT_FOUND"}',
+        ),
+        (
+            "serving",
+            "Failed requests",
+            'ray_dreambooth_serve_requests_total{model_class="dog", outcome="not_found"}',
+            'ray_dreambooth_serve_requests_total{model_class="dog", outcome="ok"}',
+            '{outcome="not_found"}',
+        ),
+    ],
+)
+def test_error_panels_count_the_first_error_of_a_kind(prometheus_bin, tmp_path, name, title, failing, other, counted):
+    """The series of an error appears at 1 with its first occurrence (Ray's metrics cannot be set to 0 before it;
+    the controller sets no RPC status code's in advance): rate() sees nothing in it, so a panel built on rate()
+    never showed the first error of each kind, often the only one. Prometheus' rule tests evaluate the panel's
+    query on such a series: the error counts once while it is in the window, and successes never."""
+    (query,) = _panel_queries(name, title)
+    left_window = f"{10 + int(dashboards.SPARSE.removesuffix('m')) + 5}m"
+    tests = {
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": other, "values": "0+5x90"},
+                    {"series": failing, "values": "_x10 1x80"},  # absent, then its first error at minute 10
+                ],
+                "promql_expr_test": [
+                    {"expr": query, "eval_time": "5m", "exp_samples": []},
+                    {"expr": query, "eval_time": "15m", "exp_samples": [{"labels": counted, "value": 1}]},
+                    {"expr": query, "eval_time": left_window, "exp_samples": [{"labels": counted, "value": 0}]},
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "first_error.test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = _promtool(prometheus_bin, "test", "rules", path)
+    assert result.returncode == 0, f"{query}\n{result.stdout}{result.stderr}"
 
 
 # --- trainer metrics ----------------------------------------------------------------------------------------------
