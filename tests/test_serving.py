@@ -169,8 +169,11 @@ def test_a_request_whose_client_went_away_stops_sampling(service):
         # it ran alone between them.
         assert any(probe() == 2 for _ in range(3)), "the 60-step request never sampled beside a probe"
         started = time.monotonic()
-    # Sampled to the end it would answer after the 40 or more steps it has left; beside probes, later still.
-    would_finish = started + 40 * step_s
+    # Sampled to the end it would answer after the 40 or more steps it has left; beside probes, later still. The
+    # probes that see it leave pay more than its steps: each waits batch_wait_timeout_s for company before it
+    # starts, and its HTTP round trip and decode besides (0.5 s each is ample), and the first may still have shared
+    # a step with it before the cancellation arrived.
+    would_finish = started + 40 * step_s + 2 * (service.batch_wait_timeout_s + 0.5)
     while probe() != 1:
         assert time.monotonic() < would_finish, "the abandoned 60-step request kept sampling beside the probes"
     assert time.monotonic() < would_finish, f"dropped only after {time.monotonic() - started:.1f} s"

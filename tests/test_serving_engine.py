@@ -53,6 +53,12 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex
     for a, b in zip(solo.images, batched[1].images, strict=True):
         # Different batch sizes may round differently in the last float bits: at most one 8-bit level.
         assert np.abs(pixels(a) - pixels(b)).max() <= 1 / 255 + 1e-6
+    # Each request's own negative prompt: "blurry" here, beside the others' "" (given the first request's, its
+    # images would be those of an empty negative prompt).
+    [blurry] = engine.generate(rex, [others[1]])
+    assert batched[2].seeds == blurry.seeds == [2, 3, 4]
+    for a, b in zip(blurry.images, batched[2].images, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1 / 255 + 1e-6
     # Image i of a request is image 0 of the same request seeded seed + i.
     [second] = engine.generate(rex, [request(seed=8, guidance_scale=5.0)])
     assert np.abs(pixels(second.images[0]) - pixels(solo.images[1])).max() <= 1 / 255 + 1e-6

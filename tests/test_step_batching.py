@@ -157,6 +157,26 @@ def test_a_cancelled_request_waiting_for_room_does_not_hold_up_those_behind_it(e
     assert result.batch_size == 2  # it sampled beside the running request instead of waiting for its 20 steps
 
 
+def test_cohorts_behind_one_that_does_not_fit_wait_for_it(engine, models):
+    """No starvation: a cohort with no room beside the running batch holds up the later cohorts of its model and
+    size, even one that would fit. Otherwise small cohorts could keep taking the room a larger one waits for, and
+    it would wait for as long as they keep coming."""
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        gate = threading.Event()
+        batcher.call(gate.wait)  # all three queued before the first step
+        [first] = batcher.submit(models["rex"], [request(steps=12, num_images=3)])
+        [large] = batcher.submit(models["rex"], [request(seed=9, num_images=2)])  # 3 + 2 > 4: waits for room
+        [small] = batcher.submit(models["rex"], [request(seed=10)])  # 3 + 1 fits, but it came after the large one
+        gate.set()
+        first, large, small = (future.result(timeout=120) for future in (first, large, small))
+    finally:
+        batcher.close()
+    assert first.batch_images == 3  # alone: the small one did not slip in beside it
+    assert large.batch_images == small.batch_images == 3  # the two sampled together once the first had left
+    assert small.queue_wait_seconds > first.queue_wait_seconds
+
+
 class SmallDevice(SamplingEngine):
     """Room for `room` images in a UNet forward; more raise what torch raises when CUDA runs out of memory."""
 
@@ -333,3 +353,28 @@ def test_a_request_cancelled_while_sampling_leaves_the_batch(engine, models):
     finally:
         batcher.close()
     assert len(forwards) < 50  # the long one left long before its 50 steps
+
+
+def test_one_request_of_a_cohort_cancelled_while_sampling_the_other_gets_its_images(engine, models):
+    """A cohort leaves the batch once all its callers cancelled, not once one of them did: the other request of a
+    two-request cohort still gets its images (dropping the cohort at the first cancel would leave it waiting
+    forever)."""
+    stepping = threading.Event()
+    cancelled = threading.Event()
+
+    def on_step(images: int) -> None:
+        stepping.set()
+        cancelled.wait(timeout=60)  # the cohort's steps wait for the test to cancel one of its requests
+
+    batcher = StepBatcher(engine, max_images=4, on_step=on_step)
+    try:
+        leaving, staying = batcher.submit(models["rex"], [request(seed=1, steps=20), request(seed=2, steps=20)])
+        assert stepping.wait(timeout=60)
+        assert leaving.cancel()  # its HTTP client went away, say
+        cancelled.set()
+        shared = staying.result(timeout=60)
+        assert leaving.cancelled()
+    finally:
+        batcher.close()
+    [alone] = engine.generate(models["rex"], [request(seed=2, steps=20)])
+    assert_same_images(alone, shared)
