@@ -28,7 +28,8 @@
 #                  launched op by op; not the trainer's yet): what compiling leaves to DeepSpeed's hooks
 #                  and optimizer step, phase by phase, against part profile's eager step (the compiled
 #                  trainer ran 5.31 steps/s in session 17, the eager one 5.04 in the profile; TORCH_LOGS
-#                  perf_hints says why CUDA graphs were skipped, if they were)                       ~7 min
+#                  perf_hints says why CUDA graphs were skipped, if they were; each variant's line counts
+#                  them, with the graphs compiled and the warm-up's seconds)                         ~7 min
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
@@ -38,7 +39,8 @@
 #                  a validation at the end (its peak counts; measured in session 17: 15.37 GiB)       ~3 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
-# its JSON row by row, the train parts print each side's row as it ends).
+# its JSON row by row, the train parts print each side's row as it ends, train_step_profile.py each variant's line,
+# and at the deadline's INT the table of the variants that ended).
 # All of it is ~31 min, more than one call (570 s) or one session's device time (15 min, the machine's start
 # included). Within 15 min, what the throughput target needs first: `ONLY=profile-compile DEADLINE_S=540 bash
 # bench/device_run.sh` (install, model, the two compiled variants: ~8 min), then at once (the machine goes back after
@@ -75,7 +77,7 @@ part() {
   rm -rf "$work"  # what a call cut short on this (warm) machine left: the trainer would resume from it
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
-    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|torch\.compile|- |peak|Traceback|[A-Za-z_.]*(Error|Exception)\b)"
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|torch\.compile|- |peak|cut short|Traceback|[A-Za-z_.]*(Error|Exception)\b)|: step [0-9]|: failed$"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   # Torch's graph breaks and recompiles (TORCH_LOGS) in the trainer's Ray worker, whose output stays in Ray's logs.
@@ -101,12 +103,15 @@ import time; from dreambooth.tiny_model import build_random_sd15_model
 t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models/sd15'); print(f'model built in {time.time() - t:.0f} s')
 " || true
 
-part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,before: DeepSpeed's clipping syncs + reduce_scatter" "${vocab[@]}"
+# The profiling parts compare with each other: the same warm-up (which goes on past it while fp16 skips steps) and steps.
+profile_steps=(--steps 15 --warmup 5)
+part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,before: DeepSpeed's clipping syncs + reduce_scatter" \
+  "${profile_steps[@]}" "${vocab[@]}"
 # shellcheck disable=SC2086
 part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---only engine --clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part profile-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_step_profile.py --model sd15 \
-  --variants "torch.compile,torch.compile + CUDA graphs" --steps 10 --warmup 2 "${vocab[@]}"
+  --variants "torch.compile,torch.compile + CUDA graphs" "${profile_steps[@]}" "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --work-dir "$scratch/bench-train-train" --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \

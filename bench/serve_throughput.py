@@ -68,7 +68,8 @@ class Row:
     batch_s: tuple[float, float, float] | None = None  # min, median, max of the engine's batch calls
     arrivals_per_s: float | None = None
     # Step-level sides: per number of cohorts in a denoising step ("1", "2-7", "8+"), the steps counted and their
-    # median images and wall ms: whether a step of many one-request cohorts costs more than one cohort's.
+    # median images and ms (on a GPU, the GPU's time from the step's start to its end: TimedDenoise): whether a step
+    # of many one-request cohorts costs more than one cohort's.
     denoise_ms: dict[str, tuple[int, float, float]] | None = None
 
     @property
@@ -77,31 +78,47 @@ class Row:
 
 
 class TimedDenoise:
-    """The engine, recording each denoising step's cohorts, images and wall time (the step-level sides): from a
-    device sync (on a GPU, what the batcher queued before the step, joiners' prompt encodings and leavers' decodes,
-    is not counted in it) to the end of the call, where the scheduler's step has synced with the device (it reads
-    a schedule table on the host with a device timestep: DDPM, PNDM), so the time holds the UNet forward."""
+    """The engine, recording each denoising step's cohorts, images and milliseconds (the step-level sides). On a GPU
+    the time is CUDA's between events queued before and after the call, on the stream the step runs on, read after
+    the run: from when the GPU reaches the step (what the batcher queued before it, joiners' prompt encodings and
+    leavers' decodes, is not in it) to the end of its last kernel, waits for the host's launches within the step
+    included. Nothing here syncs: the engine's steps are sync-free, and a sync before each would drain the GPU before
+    every step on the step-level sides only (StepBatcher queues the next step behind a decode). On a CPU, wall time
+    of the call."""
 
     def __init__(self, engine: SamplingEngine):
         self.engine = engine
-        self.steps: list[tuple[int, int, float]] = []
+        # Cohorts, images, and the step's start and end: CUDA events on a GPU, perf_counter seconds on a CPU.
+        self.steps: list[tuple[int, int, torch.cuda.Event | float, torch.cuda.Event | float]] = []
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
     def denoise(self, cohorts) -> None:
+        images = sum(cohort.images for cohort in cohorts)
         if self.engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.engine.denoise(cohorts)
-        self.steps.append((len(cohorts), sum(cohort.images for cohort in cohorts), time.perf_counter() - start))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.engine.denoise(cohorts)
+            end.record()
+            self.steps.append((len(cohorts), images, start, end))
+        else:
+            start = time.perf_counter()
+            self.engine.denoise(cohorts)
+            self.steps.append((len(cohorts), images, start, time.perf_counter()))
 
     def summary(self) -> dict[str, tuple[int, float, float]]:
-        buckets: dict[str, list[tuple[int, int, float]]] = {}
-        for step in self.steps:
-            buckets.setdefault("1" if step[0] == 1 else "2-7" if step[0] < 8 else "8+", []).append(step)
+        """Per number of cohorts in a step, the steps, their median images and median ms."""
+        buckets: dict[str, list[tuple[int, float]]] = {}
+        for cohorts, images, start, end in self.steps:
+            if isinstance(end, torch.cuda.Event):
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                ms = 1000 * (end - start)
+            buckets.setdefault("1" if cohorts == 1 else "2-7" if cohorts < 8 else "8+", []).append((images, ms))
         return {
-            name: (len(steps), statistics.median(s[1] for s in steps), 1000 * statistics.median(s[2] for s in steps))
+            name: (len(steps), statistics.median(s[0] for s in steps), statistics.median(s[1] for s in steps))
             for name, steps in buckets.items()
         }
 

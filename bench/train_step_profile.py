@@ -4,10 +4,13 @@ One process, no Ray: the engine is built as the trainer builds it (`trainer.deep
 `trainer.model.DreamBoothModel`, UNet trained, text encoder frozen or, with --train-text-encoder, trained), fed
 fixed latents and prompts (batch 1 instance + 1 class sample), and timed per phase (forward, backward, optimizer
 step; synchronised after each, so the phases add up to more than an unsynchronised step) and per whole step
-(synchronised only at the end of the timed steps). Peak memory is over the steps (after the engine is built):
-CUDA's allocator peak on a GPU, the process's peak RSS above its RSS before the variant on a CPU (sampled every
-millisecond; tensors this large are mmap'ed, so their memory comes and goes with them). Variants change one
-thing at a time; the first is the trainer's config.
+(synchronised only at the end of the timed steps), after a timed warm-up (where torch.compile compiles; in fp16 it
+goes on until 3 steps in a row were not skipped for an overflow, and the timed steps' skips are counted). Peak
+memory is over the engine's build and the steps, above what was there before the variant: CUDA's allocator peaks
+(allocated and reserved) on a GPU, the process's peak RSS on a CPU (sampled every millisecond; tensors this large
+are mmap'ed, so their memory comes and goes with them). Each variant prints its line as it ends, and an interrupt
+(device_run.sh's deadline) prints the table of those that ended. Variants change one thing at a time; the first is
+the trainer's config.
 
     python bench/train_step_profile.py --model sd15            # GPU
     .venv/bin/python bench/train_step_profile.py --model tiny --precision bf16 --steps 10
@@ -201,103 +204,165 @@ class PeakRSS:
         return (max(self.peak, rss_bytes()) - self.start) / 2**30
 
 
+# fp16: DeepSpeed's loss scale starts at 2^16 and each overflow skips its step (no optimizer work, no fp32 gradient
+# copy: a fast, small step that would flatter a variant), so an fp16 warm-up goes on until this many steps in a row
+# were not skipped, for at most WARMUP_EXTRA_STEPS steps past --warmup (the timed steps' skips are counted anyway).
+UNSKIPPED_IN_A_ROW = 3
+WARMUP_EXTRA_STEPS = 30
+
+
+def compile_counts() -> tuple[int, int]:
+    """The graphs dynamo has compiled in this process, and the compiled graphs inductor has run without the CUDA
+    graphs mode reduce-overhead asked for (TORCH_LOGS=perf_hints says why). A key this torch lacks counts 0."""
+    from torch._dynamo.utils import counters
+
+    return counters.get("stats", {}).get("unique_graphs", 0), counters.get("inductor", {}).get("cudagraph_skips", 0)
+
+
 def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Path, device) -> dict:
     cuda = device.type == "cuda"
     rss = None if cuda else PeakRSS()
-    # What an earlier variant left allocated (nothing, if its engine was destroyed) is not this one's.
+    # What an earlier variant left allocated or reserved (nothing, if its engine was destroyed) is not this one's.
     before = torch.cuda.memory_allocated() if cuda else 0
-    if cuda:  # the peak includes the engine's build, where DeepSpeed holds copies while it flattens
+    reserved_before = torch.cuda.memory_reserved() if cuda else 0
+    if cuda:  # the peaks include the engine's build, where DeepSpeed holds copies while it flattens
         torch.cuda.reset_peak_memory_stats()
+    graphs_before, cudagraph_skips_before = compile_counts()
     t0 = time.perf_counter()
     engine = build_engine(spec, variant, model_dir, device)
     init_s = time.perf_counter() - t0
-    engine_gib = (torch.cuda.memory_allocated() - before) / 2**30 if cuda else (rss_bytes() - rss.start) / 2**30
-    dtype = deepspeed_setup.compute_dtype(spec)
-    generator = torch.Generator(device).manual_seed(0)
-    side = args.resolution // 8
-    latents = torch.randn(2, 4, side, side, generator=generator, device=device).to(dtype)
-    target = torch.randn(2, 4, side, side, generator=generator, device=device)
-    timesteps = torch.tensor([500, 250], device=device)
-    if spec.train_text_encoder:
-        prompt = {"input_ids": torch.randint(0, 49408, (2, 77), generator=generator, device=device)}
-    else:
-        prompt = {"encoder_hidden_states": torch.randn(2, 77, args.context_dim, generator=generator, device=device)}
-        prompt["encoder_hidden_states"] = prompt["encoder_hidden_states"].to(dtype)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def step(phases: dict[str, list[float]] | None) -> None:
-        marks = [time.perf_counter()]
-        if variant.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs (its loss, say) are dead
-        pred = engine(latents, timesteps, **prompt)
-        loss, _, _ = prior_preservation_loss(pred, target, 1, 1.0)
-        if phases is not None:
-            sync()
-            marks.append(time.perf_counter())
-        engine.backward(loss)
-        if phases is not None:
-            sync()
-            marks.append(time.perf_counter())
-        engine.step()
-        if phases is not None:
-            sync()
-            marks.append(time.perf_counter())
-            for phase, (a, b) in zip(("forward", "backward", "optimizer"), itertools.pairwise(marks), strict=True):
-                phases[phase].append(1000 * (b - a))
-
-    for _ in range(args.warmup):
-        step(None)
-    sync()
-    # fp16: a step the loss scaler skips (an overflow; random data from a scale of 2^16) does no optimizer work and
-    # allocates no fp32 gradient copy: counted, so that a fast or small step is not taken for a real one.
-    skipped_before = engine.skipped_steps
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step(None)
-    sync()
-    step_ms = 1000 * (time.perf_counter() - t0) / args.steps
-    phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
-    for _ in range(args.steps):
-        step(phases)
-
-    # The host-device syncs of a step (CUDA's count; the H100 profile of session 17 found 53 before deepspeed_syncs).
-    syncs = syncs_per_call(lambda: step(None)) if cuda else None
-
-    profile = None
-    if args.profile and name in PROFILED:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with torch_profile(activities=activities) as prof:
-            for _ in range(3):
-                step(None)
-            sync()
-        averages = prof.key_averages()
-        profile = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
-        if cuda:
-            profile += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
-    row = {
-        "variant": name,
-        "init_s": init_s,
-        "step_ms": step_ms,
-        **{f"{phase}_ms": statistics.median(values) for phase, values in phases.items()},
-        "engine_gib": engine_gib,
-        "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else rss.stop(),
-        # What the caching allocator held at its peak (what the GPU must have, beside the CUDA context).
-        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "skipped_steps": engine.skipped_steps - skipped_before,
-        "syncs": syncs,
-        "optimizer_groups": len(engine.optimizer.param_groups),
-        "profile": profile,
-    }
     # Without destroy() a ZeRO engine outlives its last reference (its gradient hooks hold it): the next variant
-    # would be measured on top of this one's ~14 B per parameter (an H100 run showed 28.9 against 17.7 GiB).
-    engine.destroy()
-    return row
+    # would be measured on top of this one's ~14 B per parameter (an H100 run showed 28.9 against 17.7 GiB), so it
+    # goes whether this variant ends, fails mid-step or is interrupted.
+    try:
+        engine_gib = (torch.cuda.memory_allocated() - before) / 2**30 if cuda else (rss_bytes() - rss.start) / 2**30
+        dtype = deepspeed_setup.compute_dtype(spec)
+        generator = torch.Generator(device).manual_seed(0)
+        side = args.resolution // 8
+        latents = torch.randn(2, 4, side, side, generator=generator, device=device).to(dtype)
+        target = torch.randn(2, 4, side, side, generator=generator, device=device)
+        timesteps = torch.tensor([500, 250], device=device)
+        if spec.train_text_encoder:
+            prompt = {"input_ids": torch.randint(0, 49408, (2, 77), generator=generator, device=device)}
+        else:
+            hidden = torch.randn(2, 77, args.context_dim, generator=generator, device=device)
+            prompt = {"encoder_hidden_states": hidden.to(dtype)}
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
+        def step(phases: dict[str, list[float]] | None) -> None:
+            marks = [time.perf_counter()]
+            if variant.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs (its loss, say) are dead
+            pred = engine(latents, timesteps, **prompt)
+            loss, _, _ = prior_preservation_loss(pred, target, 1, 1.0)
+            if phases is not None:
+                sync()
+                marks.append(time.perf_counter())
+            engine.backward(loss)
+            if phases is not None:
+                sync()
+                marks.append(time.perf_counter())
+            engine.step()
+            if phases is not None:
+                sync()
+                marks.append(time.perf_counter())
+                for phase, (a, b) in zip(("forward", "backward", "optimizer"), itertools.pairwise(marks), strict=True):
+                    phases[phase].append(1000 * (b - a))
+
+        # Where torch.compile compiles and CUDA graph trees record: minutes for SD 1.5, none of it in the steps below.
+        unskipped_needed = UNSKIPPED_IN_A_ROW if spec.precision == "fp16" else 0
+        warmup_steps = unskipped = 0
+        skipped_before = engine.skipped_steps  # DeepSpeed reads the overflow back on the host: no sync of ours
+        t0 = time.perf_counter()
+        while warmup_steps < args.warmup or (
+            unskipped < unskipped_needed and warmup_steps < args.warmup + WARMUP_EXTRA_STEPS
+        ):
+            skipped = engine.skipped_steps
+            step(None)
+            warmup_steps += 1
+            unskipped = 0 if engine.skipped_steps > skipped else unskipped + 1
+        sync()
+        warmup_s = time.perf_counter() - t0
+        warmup_skipped = engine.skipped_steps - skipped_before
+
+        skipped_before = engine.skipped_steps
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(None)
+        sync()
+        step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        timed_skipped = engine.skipped_steps - skipped_before
+        phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+        skipped_before = engine.skipped_steps
+        for _ in range(args.steps):
+            step(phases)
+        phases_skipped = engine.skipped_steps - skipped_before
+
+        # The host-device syncs of a step (CUDA's count; the H100 profile of session 17 found 53 before
+        # deepspeed_syncs).
+        syncs = syncs_per_call(lambda: step(None)) if cuda else None
+
+        profile = None
+        if args.profile and name in PROFILED:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with torch_profile(activities=activities) as prof:
+                for _ in range(3):
+                    step(None)
+                sync()
+            averages = prof.key_averages()
+            profile = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            if cuda:
+                profile += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
+        graphs, cudagraph_skips = compile_counts()
+        return {
+            "variant": name,
+            "init_s": init_s,
+            "warmup_s": warmup_s,
+            "warmup_steps": warmup_steps,
+            "warmup_skipped": warmup_skipped,
+            "step_ms": step_ms,
+            **{f"{phase}_ms": statistics.median(values) for phase, values in phases.items()},
+            "engine_gib": engine_gib,
+            "peak_gib": (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else rss.stop(),
+            # What the caching allocator held at its peak (what the GPU must have, beside the CUDA context).
+            "reserved_gib": (torch.cuda.max_memory_reserved() - reserved_before) / 2**30 if cuda else None,
+            "timed_skipped": timed_skipped,
+            "phases_skipped": phases_skipped,
+            "syncs": syncs,
+            # Over the whole variant, its warm-up's compiles and any recompile in the measured steps.
+            "graphs": graphs - graphs_before,
+            "cudagraph_skips": cudagraph_skips - cudagraph_skips_before,
+            "optimizer_groups": len(engine.optimizer.param_groups),
+            "profile": profile,
+        }
+    finally:
+        engine.destroy()
+        if rss is not None:  # its sampling thread would go on through the next variants if this one failed
+            rss.stop()
+
+
+def variant_line(r: dict, cuda: bool) -> str:
+    """A variant's figures as soon as it ends: a run cut short keeps them in its log."""
+    syncs = f", {r['syncs']:.0f} host-device syncs a step" if r["syncs"] is not None else ""
+    memory = (
+        f"peak {r['peak_gib']:.2f} GiB, peak reserved {r['reserved_gib']:.2f} GiB above before, "
+        f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after it"
+        if cuda
+        else f"peak {r['peak_gib']:.2f} GiB"
+    )
+    return (
+        f"{r['variant']}: step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, backward {r['backward_ms']:.1f}, "
+        f"optimizer step {r['optimizer_ms']:.1f}), skipped (fp16 overflow) {r['timed_skipped']} of the timed steps, "
+        f"{r['phases_skipped']} of the phase steps{syncs}, warm-up {r['warmup_s']:.1f} s ({r['warmup_steps']} steps, "
+        f"{r['warmup_skipped']} skipped), {r['graphs']} graphs compiled, {r['cudagraph_skips']} CUDA graph skips, "
+        f"{memory}, init {r['init_s']:.1f} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,57 +392,72 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     rows = []
-    for name in names:
-        variant = VARIANTS[name]
-        spec = JobSpec(
-            base_model=str(model_dir),
-            instance_images=["unused"],
-            instance_prompt="a photo of sks dog",
-            class_prompt="a photo of dog",
-            resolution=args.resolution,
-            precision=args.precision,
-            gpus_per_worker=1.0 if cuda else 0.0,
-            max_steps=10_000,
-            train_text_encoder=args.train_text_encoder,
-        )
-        for key, value in variant.spec.items():
-            setattr(spec, key, value)
-        try:
-            with deepspeed_clipping(variant):
-                rows.append(run_variant(name, spec, variant, args, model_dir, device))
-        except Exception:  # one variant's failure (a compile mode untried on this GPU) keeps the others' rows
-            traceback.print_exc()
-            print(f"{name}: failed", flush=True)
-            continue
-        finally:
-            gc.collect()  # the variant's engine, before the next one is built
-            if cuda:
-                torch.cuda.empty_cache()
-        r = rows[-1]
-        left = f", {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after it" if cuda else ""
-        print(
-            f"{name}: step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, backward {r['backward_ms']:.1f}, "
-            f"optimizer step {r['optimizer_ms']:.1f}), peak {r['peak_gib']:.2f} GiB, init {r['init_s']:.1f} s{left}",
-            flush=True,
-        )
+    try:
+        for name in names:
+            variant = VARIANTS[name]
+            spec = JobSpec(
+                base_model=str(model_dir),
+                instance_images=["unused"],
+                instance_prompt="a photo of sks dog",
+                class_prompt="a photo of dog",
+                resolution=args.resolution,
+                precision=args.precision,
+                gpus_per_worker=1.0 if cuda else 0.0,
+                max_steps=10_000,
+                train_text_encoder=args.train_text_encoder,
+            )
+            for key, value in variant.spec.items():
+                setattr(spec, key, value)
+            try:
+                with deepspeed_clipping(variant):
+                    rows.append(run_variant(name, spec, variant, args, model_dir, device))
+            except Exception:  # one variant's failure (a compile mode untried on this GPU) keeps the others' rows
+                traceback.print_exc()
+                print(f"{name}: failed", flush=True)
+                continue
+            finally:
+                gc.collect()  # the variant's engine, before the next one is built
+                if cuda:
+                    torch.cuda.empty_cache()
+            print(variant_line(rows[-1], cuda), flush=True)
+    except KeyboardInterrupt:  # device_run.sh's deadline (timeout --signal=INT): the finished variants' table still
+        print(f"cut short (interrupted) after {len(rows)} of {len(names)} variants", flush=True)
 
     where = torch.cuda.get_device_name(0) if cuda else "CPU"
     trained = "UNet + text encoder" if args.train_text_encoder else "UNet"
     memory = "GiB allocated" if cuda else "GiB RSS above start"
     print(f"\n{where} | {args.model} {args.resolution} px | {trained} | {args.precision} base | ZeRO-2, 1 process")
-    print(
-        f"| variant | step ms | steps/s | forward ms | backward ms | optimizer step ms | engine built, {memory} "
-        f"| peak (build and steps), {memory} | peak reserved GiB | timed steps skipped (fp16 overflow) "
-        "| optimizer groups | host-device syncs a step | init s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = [
+        "variant",
+        "step ms",
+        "steps/s",
+        "forward ms",
+        "backward ms",
+        "optimizer step ms",
+        f"engine built, {memory}",
+        f"peak (build and steps), {memory}",
+        "peak reserved, GiB above before",
+        "timed steps skipped (fp16 overflow)",
+        "phase steps skipped",
+        "optimizer groups",
+        "host-device syncs a step",
+        "warm-up s",
+        "warm-up steps (skipped)",
+        "graphs compiled",
+        "CUDA graph skips",
+        "init s",
+    ]
+    print(f"| {' | '.join(columns)} |")
+    print("|---" * len(columns) + "|")
     for r in rows:
         reserved = f"{r['reserved_gib']:.2f}" if r["reserved_gib"] is not None else "-"
         syncs = f"{r['syncs']:.0f}" if r["syncs"] is not None else "-"
         print(
             f"| {r['variant']} | {r['step_ms']:.1f} | {1000 / r['step_ms']:.2f} | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['engine_gib']:.2f} | {r['peak_gib']:.2f} | "
-            f"{reserved} | {r['skipped_steps']} | {r['optimizer_groups']} | {syncs} | {r['init_s']:.1f} |"
+            f"{reserved} | {r['timed_skipped']} | {r['phases_skipped']} | {r['optimizer_groups']} | {syncs} | "
+            f"{r['warmup_s']:.1f} | {r['warmup_steps']} ({r['warmup_skipped']}) | {r['graphs']} | "
+            f"{r['cudagraph_skips']} | {r['init_s']:.1f} |"
         )
     for r in rows:
         if r["profile"]:
