@@ -25,8 +25,9 @@ from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_im
 from trainer.data import encode_images
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
-from trainer.flat_parameters import unflatten_state_dict
+from trainer.flat_parameters import FLAT, unflatten_state_dict
 from trainer.images import find_instance_images
+from trainer.model import prior_preservation_loss
 from trainer.run import run_training
 from trainer.spec import JobSpec
 from trainer.storage import job_paths, mark_shared
@@ -265,10 +266,15 @@ def test_a_node_that_does_not_see_the_jobs_storage_is_refused_before_it_works(ra
 
 def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, dog_images, storage):
     # ZeRO-2 (flat parameters), fp32, 2 workers, checkpoints every 2 of 6 steps, text encoder trained too; each
-    # worker samples its share of the validation images (2 and 1 of 3), rank 0 draws the grid.
+    # worker samples its share of the validation images (2 and 1 of 3), rank 0 draws the grid. A learning rate that
+    # changes every step (warm-up, then cosine), which the resumed run must take up where it was, and a prior loss
+    # weighted other than 1.
     spec = make_spec(
         tiny_model,
         dog_images,
+        lr_schedule="cosine",
+        lr_warmup_steps=2,
+        prior_loss_weight=0.5,
         train_text_encoder=True,
         validation_prompts=["a photo of sks dog"],
         validation_images_per_prompt=3,
@@ -308,6 +314,12 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     assert uninterrupted.steps == 6
+    progress = [e for e in read_events(job_paths(storage, "straight").events_file) if e["type"] == "progress"]
+    resumed_progress = [e for e in read_events(crashed.events_file) if e["type"] == "progress"]
+    assert resumed_progress[-1]["lr"] == progress[-1]["lr"] < spec.learning_rate / 10  # the cosine's end
+    for event in progress:  # DreamBooth's loss: the instance loss plus the weighted prior-preservation loss
+        assert event["prior_loss"] > 0
+        assert event["loss"] == pytest.approx(event["instance_loss"] + 0.5 * event["prior_loss"], rel=1e-5)
     # The two runs' grids: every image gathered from its rank, each from its own seed whatever its batch.
     grids = [
         np.asarray(Image.open(storage / "jobs" / job / "validation" / "step_0000006.png"))
@@ -383,9 +395,23 @@ def test_compiled_code_is_cached_on_the_shared_storage(tiny_model, storage, monk
     spec = make_spec(tiny_model, storage, torch_compile=True)
     paths = job_paths(storage, "compiled")
     unet = load_base_model(tiny_model, dtype=torch.float32, components=("unet",)).unet
-    trained_model(spec, paths, unet, None)  # compiles lazily, at the first forward
+    trained = trained_model(spec, paths, unet, None)  # compiles lazily, at the first forward
+    # Under ZeRO-2, DeepSpeed sees flat parameters only (its per-tensor work set SD 1.5's step time).
+    assert {name.rpartition(".")[2] for name, _ in trained.named_parameters()} == {FLAT}
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "triton")
+
+
+def test_the_loss_is_the_instance_loss_plus_the_weighted_prior_loss():
+    """DreamBooth's eq. 2 over a batch of [instance samples; class samples]."""
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(5, 4, 8, 8, generator=generator), torch.randn(5, 4, 8, 8, generator=generator)
+    total, instance, prior = prior_preservation_loss(pred, target, 2, 0.25)
+    mse = torch.nn.functional.mse_loss
+    assert torch.equal(instance, mse(pred[:2], target[:2])) and torch.equal(prior, mse(pred[2:], target[2:]))
+    assert torch.equal(total, instance + 0.25 * prior)
+    total, instance, prior = prior_preservation_loss(pred, target, 5, 0.25)  # no class images: no prior term
+    assert torch.equal(total, mse(pred, target)) and prior == 0
 
 
 def test_the_reported_loss_is_the_mean_over_ranks(tmp_path):
