@@ -76,21 +76,30 @@ class Authenticator:
 
 class RequestGate(grpc.ServerInterceptor):
     """Refuses, from a call's metadata and before gRPC reads its request, a call to `services` whose token is
-    missing or unknown (UNAUTHENTICATED), and a tenant's call of a method in `limits` ({method path: (how many
-    of the tenant's may be in progress, the setting that says so)}) beyond its limit (RESOURCE_EXHAUSTED).
+    missing or unknown (UNAUTHENTICATED), and a tenant's call beyond its limit (RESOURCE_EXHAUSTED): of a method in
+    `limits` ({method path: (how many of the tenant's may be in progress, the setting that says so)}), or of all the
+    other methods together, `other_calls` (a stream's turn ends once its request is read).
 
     A handler sees its request only after gRPC has received and parsed it, up to max_request_bytes (64 MiB of
-    photos): without the gate, every RPC thread could hold that much for callers without a token, and one tenant
-    uploading at once on all of them could take the controller's memory. A refusal's handler takes the request
-    as a stream it never reads, so gRPC receives no more of it than HTTP/2's flow-control window. A stream (server
-    reflection) holds its thread for as long as its caller keeps it open: one tenant's must not take them all.
+    photos, which any method's request may carry in fields it does not know): without the gate, every RPC thread
+    could hold that much for callers without a token, and one tenant calling at once on all of them could take the
+    controller's memory. A refusal's handler takes the request as a stream it never reads, so gRPC receives no more
+    of it than HTTP/2's flow-control window. A stream (server reflection) holds its thread for as long as its caller
+    keeps it open: one tenant's must not take them all.
     """
 
-    def __init__(self, auth: Authenticator, services: tuple[str, ...], limits: dict[str, tuple[int, str]]):
+    def __init__(
+        self,
+        auth: Authenticator,
+        services: tuple[str, ...],
+        limits: dict[str, tuple[int, str]],
+        other_calls: tuple[int, str],
+    ):
         self._auth = auth
         self._prefixes = tuple(f"/{service}/" for service in services)
         self._limits = limits
-        self._in_progress = InProgress()  # (method, tenant) -> calls
+        self._other_calls = other_calls
+        self._in_progress = InProgress()  # (method path or _OTHER_CALLS, tenant) -> calls
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -103,44 +112,58 @@ class RequestGate(grpc.ServerInterceptor):
             tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
         except Unauthenticated as e:
             return _refusal(method.rpartition("/")[2], grpc.StatusCode.UNAUTHENTICATED, str(e))
-        if method not in self._limits:
-            return handler
+        turn = functools.partial(self._turn, method, tenant)
+        wrap = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._unary_in_turn, handler.unary_unary, method, tenant),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                functools.partial(self._unary_in_turn, handler.unary_unary, method, turn), **wrap
+            )
+        if handler.unary_stream is not None:  # WatchJob: its stream's thread is bounded by max_watches_per_tenant
+            return grpc.stream_stream_rpc_method_handler(
+                functools.partial(self._read_in_turn, handler.unary_stream, method, turn), **wrap
             )
         return grpc.stream_stream_rpc_method_handler(
-            functools.partial(self._stream_in_turn, handler.stream_stream, method, tenant),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            functools.partial(self._stream_in_turn, handler.stream_stream, turn), **wrap
         )
 
-    def _unary_in_turn(self, call, method: str, tenant: str, request_stream, context):
-        with self._turn(method, tenant, context):
-            request = next(request_stream, None)  # read only now, holding one of the tenant's turns
-            if request is None:
-                name = method.rpartition("/")[2]
-                _refuse(name, _status(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message"), context)
-            return call(request, context)
+    def _unary_in_turn(self, call, method: str, turn, request_stream, context):
+        with turn(context):
+            return call(_one_request(method, request_stream, context), context)
 
-    def _stream_in_turn(self, call, method: str, tenant: str, request_stream, context):
-        with self._turn(method, tenant, context):
+    def _read_in_turn(self, call, method: str, turn, request_stream, context):
+        with turn(context):
+            request = _one_request(method, request_stream, context)
+        yield from call(request, context)
+
+    def _stream_in_turn(self, call, turn, request_stream, context):
+        with turn(context):
             yield from call(request_stream, context)
 
     @contextlib.contextmanager
     def _turn(self, method: str, tenant: str, context) -> Iterator[None]:
-        limit, setting = self._limits[method]
-        name = method.rpartition("/")[2]
-        if not self._in_progress.enter((method, tenant), limit):
-            message = f"tenant {tenant!r} has {limit} {name} calls in progress ({setting}): retry once one has ended"
+        key = method if method in self._limits else _OTHER_CALLS
+        limit, setting = self._limits.get(method, self._other_calls)
+        if not self._in_progress.enter((key, tenant), limit):
+            what = f"{method.rpartition('/')[2]} calls" if key == method else "calls other than SubmitJob"
+            message = f"tenant {tenant!r} has {limit} {what} in progress ({setting}): retry once one has ended"
             status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="TENANT_CALLS_LIMIT", retry_after_s=1)
-            _refuse(name, status, context)
+            _refuse(method.rpartition("/")[2], status, context)
         try:
             yield
         finally:
-            self._in_progress.leave((method, tenant))
+            self._in_progress.leave((key, tenant))
+
+
+_OTHER_CALLS = "other calls"
+
+
+def _one_request(method: str, request_stream, context):
+    """The call's request, read only now, holding one of the tenant's turns."""
+    request = next(request_stream, None)
+    if request is None:
+        name = method.rpartition("/")[2]
+        _refuse(name, _status(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message"), context)
+    return request
 
 
 class InProgress:

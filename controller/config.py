@@ -31,7 +31,9 @@ class Tenant:
         # A YAML string instead of a list would iterate into one-character tokens, each authenticating as the tenant.
         field = f"tenants.{self.name}.tokens"
         if not isinstance(self.tokens, list | tuple):
-            raise InputError(field, f"must be a list of tokens, e.g. [{'x' * MIN_TOKEN_CHARS}], not {self.tokens!r}")
+            # The type, not the value: the message goes to logs more people read than the config's Secret.
+            kind = type(self.tokens).__name__
+            raise InputError(field, f"must be a list of tokens, e.g. [{'x' * MIN_TOKEN_CHARS}], not a {kind}")
         for token in self.tokens:
             if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or token.split() != [token]:
                 raise InputError(field, f"each token must be a string of {MIN_TOKEN_CHARS}+ characters, no spaces")
@@ -54,7 +56,9 @@ class ControllerConfig:
     readable_paths: tuple[Path, ...] = ()
     """With tenants: the directories whose files a job spec may name (base models, photos on shared storage).
     Anything else is PERMISSION_DENIED, so that no tenant reads another's uploads or the controller's files.
-    Without tenants (local use) any path may be named."""
+    Without tenants (local use) any path may be named. Photos named by path are copied into the job when it is
+    submitted; a base model is read when the job runs: keep base models where tenants cannot write (one who can
+    could swap a link after the check, for another tenant's model)."""
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics; empty string: off."""
     tls_cert: Path | None = None
@@ -82,6 +86,11 @@ class ControllerConfig:
     max_request_bytes, and about as much again parsed) while it waits for its turn to decode them; more:
     RESOURCE_EXHAUSTED before their photos are read (bench/upload_memory.py: 48 submissions of 45 MiB at once
     took the controller +3.8 GiB without this limit, +1.9 GiB with 16)."""
+    max_calls_per_tenant: int = 8
+    """With tenants: one tenant's other calls being read or answered at once (a WatchJob while its request is read):
+    any request may carry up to max_request_bytes, in fields its method does not know, so these bound what one
+    tenant's calls hold in memory too (40 GetJob calls of 75 MiB each took the controller to 2.4 GB before); more:
+    RESOURCE_EXHAUSTED before their request is read."""
     max_watches: int = 256
     """WatchJob streams open at once (each holds a server thread while its job runs); more: RESOURCE_EXHAUSTED.
     The server's other calls have threads of their own, so open watches never starve them (or health checks)."""

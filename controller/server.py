@@ -136,7 +136,14 @@ def _start(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_watches + UNARY_BACKLOG,
-        interceptors=[RequestGate(auth, (*SERVICE_NAMES, reflection.SERVICE_NAME), _per_tenant_limits(config))]
+        interceptors=[
+            RequestGate(
+                auth,
+                (*SERVICE_NAMES, reflection.SERVICE_NAME),
+                _per_tenant_limits(config),
+                (config.max_calls_per_tenant, "max_calls_per_tenant"),
+            )
+        ]
         if config.tenants
         else [],
     )

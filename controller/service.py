@@ -17,8 +17,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -57,7 +59,7 @@ from controller.store import (
 from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError, is_system_error
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
-from trainer.images import check_instance_image_count, check_instance_images
+from trainer.images import check_instance_image_count, check_instance_images, find_instance_images
 from trainer.preflight import check_prompt_lengths, check_sampling_steps, check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import JobPaths, job_paths
@@ -148,7 +150,7 @@ class JobService:
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
-            _check_same_request(self.config, existing, spec_fields, images, priority)
+            _check_same_request(self.config, existing, spec_fields, lambda: self._photos(images), priority)
             return existing
         limit = self.tenants[tenant].max_queued_jobs
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
@@ -160,6 +162,8 @@ class JobService:
         paths = self._new_job_dir()
         job_id = paths.job_id
         try:
+            # The fields first: no photo is read or copied for a request one of them refuses.
+            JobSpec.from_dict({**spec_fields, "instance_images": [str(paths.uploads_dir)]})
             image_paths = self._stage_images(images, paths.uploads_dir)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             self._check_fits(spec)
@@ -207,7 +211,8 @@ class JobService:
             raise
         if job.job_id != job_id:  # lost a race with the same request_id: keep the first, drop ours
             shutil.rmtree(paths.job_dir, ignore_errors=True)
-            _check_same_request(self.config, job, spec_fields, images, priority)  # a retry of it, or another request
+            # A retry of it, or another request.
+            _check_same_request(self.config, job, spec_fields, lambda: self._photos(images), priority)
         else:
             orphans.mark_committed(paths.job_dir, self._database_id)
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"}, requested=True)
@@ -274,11 +279,24 @@ class JobService:
     def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
         if not images:
             raise InputError("instance_images", "give 1 or more images of the subject (3-5 work best)")
-        check_instance_image_count(len(images))
+        check_instance_image_count(len(images))  # of the request; of the photos once directories are expanded
         total = sum(len(i.data or b"") for i in images)
         if total > self.config.max_images_bytes:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
+        photos = self._named_photos(images)
+        upload_dir.mkdir(parents=True, exist_ok=True)
         paths = []
+        for index, (filename, data) in enumerate(photos):
+            paths.append(str(upload_dir / _safe_filename(filename, index)))
+            write_file(Path(paths[-1]), data)
+        return paths
+
+    def _photos(self, images: list[ImageInput]) -> list[bytes]:
+        return [data for _, data in self._named_photos(images)]
+
+    def _named_photos(self, images: list[ImageInput]) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each photo of a request, in order: uploaded, or read from the shared storage it names."""
+        photos: list[tuple[str, bytes]] = []
         for index, image in enumerate(images):
             if image.data is not None:
                 if len(image.data) > self.config.max_image_bytes:
@@ -287,24 +305,54 @@ class JobService:
                         f"image {index} ({image.filename or 'unnamed'}) is "
                         f"{len(image.data)} bytes; at most {self.config.max_image_bytes}",
                     )
-                name = _safe_filename(image.filename, index)
-                upload_dir.mkdir(parents=True, exist_ok=True)
-                write_file(upload_dir / name, image.data)
-                paths.append(str(upload_dir / name))
+                photos.append((image.filename, image.data))
             elif image.uri:
-                path = _shared_path(image.uri)
-                if not path.is_absolute():
-                    raise InputError("instance_images", f"{image.uri}: must be an absolute path on shared storage")
-                self._check_readable("instance_images", path)
-                paths.append(str(path))
+                photos += [(path.name, self._read_shared_photo(path)) for path in self._shared_photos(image.uri)]
             else:
                 raise InputError("instance_images", f"image {index} has neither data nor uri")
-        return paths
+            check_instance_image_count(len(photos))  # directories expanded: before the next is read
+        return photos
+
+    def _shared_photos(self, uri: str) -> list[Path]:
+        """The photo files a path on shared storage names: itself, or a directory's (trainer.images)."""
+        path = _shared_path(uri)
+        if not path.is_absolute():
+            raise InputError("instance_images", f"{uri}: must be an absolute path on shared storage")
+        self._check_readable("instance_images", path)
+        try:
+            return find_instance_images([path])
+        except OSError as e:
+            if is_system_error(e):
+                raise
+            raise InputError("instance_images", f"cannot read {uri!r}: {e}") from e
+
+    def _read_shared_photo(self, path: Path) -> bytes:
+        """A photo named by path, copied into the job at submission: read later, at training, a file its tenant can
+        write could by then be a link to another tenant's photos (checked now, swapped after). Checked where the
+        opened file really is (every link followed), and read up to max_image_bytes (a sparse file of 64 GiB costs
+        no disk, and would be read whole)."""
+        limit = self.config.max_image_bytes
+        try:
+            # O_NONBLOCK: opening a FIFO would wait for a writer; it is refused below as not a regular file.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as file:
+                self._check_readable("instance_images", Path(os.readlink(f"/proc/self/fd/{fd}")))
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InputError("instance_images", f"{path}: not a regular file")
+                data = file.read(limit + 1)
+        except OSError as e:
+            if is_system_error(e):
+                raise
+            raise InputError("instance_images", f"cannot read {path}: {e}") from e
+        if len(data) > limit:
+            raise InputError("instance_images", f"{path}: over {limit} bytes, the most an image may have")
+        return data
 
     def _check_readable(self, field: str, path: str | Path) -> None:
-        """With tenants, a named file (or every file of a named directory) must resolve, symlinks followed, into
-        `readable_paths`: a tenant may not train on another tenant's uploads or on the controller's own files.
-        Checked before anything is read, so a refusal does not tell whether the path exists."""
+        """With tenants, a named file (or everything in a named directory, however deep) must resolve, symlinks
+        followed, into `readable_paths`: a tenant may not train on another tenant's uploads or models, or on the
+        controller's own files (a base model's `unet/` holding a link to another's weights, say). Checked before
+        anything is read, so a refusal does not tell whether the path exists."""
         if len(str(path)) > MAX_PATH_CHARS:  # resolving a megabyte of "../" takes seconds
             raise InputError(field, f"a path of {len(str(path))} characters; at most {MAX_PATH_CHARS}")
         if not self.config.tenants:
@@ -315,7 +363,7 @@ class JobService:
 
         try:
             named = Path(path).expanduser()
-            allowed = readable(named) and (not named.is_dir() or all(readable(f) for f in named.iterdir()))
+            allowed = readable(named) and all(readable(entry) for entry in _tree(field, named))
         except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, "~nosuchuser", too long, a NUL byte
             raise InputError(field, f"cannot read {str(path)!r}: {e}") from e
         if not allowed:
@@ -503,6 +551,25 @@ class JobService:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
 
 
+MAX_TREE_ENTRIES = 10_000  # a base model has a few dozen files; a photo folder, its photos
+
+
+def _tree(field: str, directory: Path) -> Iterator[Path]:
+    """Every entry below `directory` (nothing if it is a file), links to directories followed once each."""
+    seen, todo, count = set(), [directory], 0
+    while todo:
+        current = todo.pop()
+        if not current.is_dir() or (real := current.resolve()) in seen:
+            continue
+        seen.add(real)
+        for entry in current.iterdir():
+            count += 1
+            if count > MAX_TREE_ENTRIES:
+                raise InputError(field, f"{directory}: more than {MAX_TREE_ENTRIES} files and folders")
+            yield entry
+            todo.append(entry)
+
+
 def _shared_path(uri: str) -> Path:
     """The path a photo's URI names: a path, or a file:// URI."""
     try:
@@ -515,11 +582,16 @@ def _shared_path(uri: str) -> Path:
 
 
 def _check_same_request(
-    config: ControllerConfig, job: JobRecord, spec_fields: dict, images: list[ImageInput], priority: int
+    config: ControllerConfig,
+    job: JobRecord,
+    spec_fields: dict,
+    photos: Callable[[], list[bytes]],
+    priority: int,
 ) -> None:
     """A request_id names one request: its retry is answered with the job it created, and a different request
     under the same id (two pipelines given one key) is refused rather than answered with the other's job. The
-    photos are compared where the job still has them (a cancelled queued job's uploads are gone)."""
+    photos (`photos()`: the request's, uploaded or read from the paths it names) are compared with the job's copies
+    where it still has them (a cancelled queued job's are gone: then by count)."""
 
     def refuse(what: str) -> NoReturn:
         raise InputError(
@@ -538,17 +610,14 @@ def _check_same_request(
         refuse(", ".join(changed))
     if priority != job.priority:
         refuse("priority")
-    if len(images) != len(stored):
+    sent = photos()
+    if len(sent) != len(stored):
         refuse("instance_images")
     uploads = job_paths(config.storage, job.job_id).uploads_dir
-    for image, path in zip(images, stored, strict=True):
-        # Only the job's own uploads are read (at most max_image_bytes each): never a path the caller named.
-        uploaded = Path(path).parent == uploads
-        if image.data is None:
-            same = not uploaded and str(_shared_path(image.uri)) == path
-        else:  # gone once a queued job was cancelled: then compared by count and kind only
-            same = uploaded and (not Path(path).is_file() or Path(path).read_bytes() == image.data)
-        if not same:
+    for data, path in zip(sent, stored, strict=True):
+        # Only the job's own copies are read: never a path stored by a version that did not copy photos named by path.
+        copy = Path(path)
+        if copy.parent == uploads and copy.is_file() and copy.read_bytes() != data:
             refuse("instance_images")
 
 

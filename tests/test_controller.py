@@ -110,16 +110,21 @@ def test_submit_watch_succeeds_with_a_model_and_resubmit_is_idempotent(
     shutil.copy(photos[0], tmp_path / "one")
     retouched = shutil.copytree(dog_images, tmp_path / "retouched")  # as many photos, the last one flipped
     Image.open(photos[-1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(retouched / photos[-1].name)
+    # Photos named on shared storage are copied into the job when it is submitted: compared by what they hold.
+    named = shutil.copytree(retouched, tiny_model.parent / f"photos-{uuid.uuid4().hex[:8]}")
     for other, upload, what in [
         (job_spec(tiny_model, dog_images, max_steps=5), True, "max_steps"),
         (job_spec(tiny_model, tmp_path / "one"), True, "instance_images"),  # one of the photos only
         (job_spec(tiny_model, retouched), True, "instance_images"),
-        (spec, False, "instance_images"),  # named on shared storage, where the first uploaded them: not read
+        (job_spec(tiny_model, named), False, "instance_images"),
     ]:
         with pytest.raises(ClientError) as reused:
             alice.submit(other, request_id="first-dog", upload=upload)
         assert reused.value.field == "request_id" and f"other {what}" in reused.value.message
         assert job.job_id in reused.value.message
+    shutil.copy(photos[-1], named / photos[-1].name)  # now the same photos as the first request's
+    assert alice.submit(job_spec(tiny_model, named), request_id="first-dog", upload=False).job_id == job.job_id
+    shutil.rmtree(named)
 
     states, steps, checkpoints = [], [], []
     for message in alice.watch(job.job_id):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -1516,3 +1517,49 @@ def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start
 
 def _dies(*_, **__):
     raise RuntimeError("the controller died here")
+
+
+def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_really_are(
+    config, tiny_model, dog_images, tmp_path
+):
+    """A tenant who can write under readable_paths named its own photos, then, while the job queued, put a link
+    there to another tenant's: the trainer read those. Or a sparse photo of gigabytes, read whole on the Ray head; or
+    a base model whose unet/ held a link to another tenant's weights (only a folder's first level was checked)."""
+    shared = tmp_path / "shared"  # readable, and its tenants can write there
+    photos = shared / "photos"
+    shutil.copytree(dog_images, photos)
+    others = tmp_path / "others"  # not readable: another tenant's files, say
+    others.mkdir()
+    (others / "theirs.jpg").write_bytes(next(dog_images.glob("*.jpg")).read_bytes()[::-1])
+    (others / "weights.safetensors").write_bytes(b"theirs")
+    controller = start(dataclasses.replace(config, readable_paths=(*config.readable_paths, shared)))
+    try:
+        with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+            job = bob.submit(job_spec(tiny_model, photos), upload=False, request_id="named-photos")
+            retried = bob.submit(job_spec(tiny_model, photos), upload=False, request_id="named-photos")
+            assert retried.job_id == job.job_id  # the same photos: the same request
+            submitted = sorted(p.read_bytes() for p in photos.iterdir())
+            shutil.rmtree(photos)
+            photos.symlink_to(others, target_is_directory=True)  # after the check
+            stored = [Path(p) for p in controller.service.store.get_job(job.job_id).spec["instance_images"]]
+            assert {p.parent for p in stored} == {job_paths(config.storage, job.job_id).uploads_dir}
+            assert sorted(p.read_bytes() for p in stored) == submitted  # what it was submitted with
+
+            photos.unlink()
+            photos.mkdir()
+            with open(photos / "huge.jpg", "wb") as huge:
+                huge.truncate(config.max_image_bytes + 1)  # sparse: no disk, and gigabytes would be as cheap
+            with pytest.raises(ClientError, match=r"huge\.jpg: over 16777216 bytes") as error:
+                bob.submit(job_spec(tiny_model, photos), upload=False)
+            assert error.value.code == "INVALID_ARGUMENT"
+
+            model = shared / "model"
+            shutil.copytree(tiny_model, model)
+            weights = next((model / "unet").glob("*.safetensors"))
+            weights.unlink()
+            weights.symlink_to(others / "weights.safetensors")
+            with pytest.raises(ClientError) as error:
+                bob.submit(job_spec(model, dog_images))
+            assert error.value.code == "PERMISSION_DENIED" and "readable_paths" in error.value.message
+    finally:
+        controller.stop(grace_s=1)

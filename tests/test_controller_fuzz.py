@@ -702,6 +702,37 @@ def test_a_tenants_submissions_beyond_its_turns_are_refused_before_their_photos_
     assert call(channel, method("SubmitJob"), one_more)[0] == S.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("name", ["GetJob", "WatchJob"])
+def test_a_tenants_other_calls_beyond_its_turns_are_refused_before_their_requests_are_read(channel, controller, name):
+    """Every method's request may carry up to max_request_bytes in fields it does not know: one tenant's GetJob
+    calls of 75 MiB each, 40 at once, took the controller to 2.4 GB. Its calls other than SubmitJob have turns of
+    their own (a watch's only while its request is read), refused before the request is read."""
+    turns = controller.service.config.max_calls_per_tenant
+    sent = threading.Event()
+
+    def request_still_arriving():
+        sent.wait(CALL_TIMEOUT_S)
+        return
+        yield
+
+    start = channel.stream_unary(method(name)).future if name == "GetJob" else channel.stream_stream(method(name))
+    waiting = [start(request_still_arriving(), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
+    get = jobs_pb2.GetJobRequest(job_id="job-000000000000").SerializeToString()
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while (refused := call(channel, method("GetJob"), get))[0] != S.RESOURCE_EXHAUSTED:
+        assert time.monotonic() < deadline, f"never refused beside {turns} calls: {refused}"  # they start apart
+    assert "max_calls_per_tenant" in refused[1]
+    # Another tenant's turns are its own, and so are this tenant's submissions'.
+    assert call(channel, method("GetJob"), get, metadata=OTHER_AUTH)[0] == S.NOT_FOUND
+    assert call(channel, method("SubmitJob"), jobs_pb2.SubmitJobRequest().SerializeToString())[0] == S.INVALID_ARGUMENT
+    sent.set()  # the calls end without a request: each is refused, and gives its turn back
+    for held in waiting:
+        with pytest.raises(grpc.RpcError) as ended:
+            held.result() if name == "GetJob" else list(held)
+        assert ended.value.code() == S.INVALID_ARGUMENT
+    assert call(channel, method("GetJob"), get)[0] == S.NOT_FOUND
+
+
 # --- afterwards -----------------------------------------------------------------------------------------------
 
 
