@@ -306,6 +306,27 @@ def _sampling_scheduler_problem(root: Path, entry) -> str | None:
     return None
 
 
+def content_identity(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """A hex id of what a model directory holds, whatever its files' inodes and times: each file's path, size and
+    its first and last `sample_bytes`. A copy keeps it; another fine-tune of the same architecture (same names and
+    sizes, other weights) changes it. Reads a few MiB per file, not gigabytes. Hidden files are not the model."""
+    root = Path(path)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        files += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(sample_bytes)
+            f.seek(max(size - sample_bytes, len(head)))
+            tail = f.read(sample_bytes)
+        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head + tail).digest())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(path: str | os.PathLike) -> str:
     """A short, stable hex id of a model directory for cache keys.
 

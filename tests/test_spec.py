@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dreambooth.errors import InputError
+from dreambooth.model_files import content_identity
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
 from trainer.events import EventLog
@@ -231,6 +232,28 @@ def test_a_rerun_is_refused_when_the_photos_behind_its_paths_changed(tmp_path):
     with pytest.raises(InputError) as error:
         check_rerun(spec, paths)
     assert error.value.field == "instance_images" and "other instance images" in error.value.message
+
+
+def test_a_rerun_is_refused_when_another_model_is_at_its_base_models_path(tmp_path):
+    """A base model replaced in place by another of the same architecture (same names and sizes): resumed, the old
+    base's trained UNet was exported beside the new one's VAE and text encoder. A copy of the same model is the same."""
+    model = tmp_path / "sd"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "config.json").write_text('{"sample_size": 64}')
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 20_000)  # past the samples read at each end
+    spec = JobSpec.from_dict({**VALID, "base_model": str(model)})
+    paths = job_paths(tmp_path, "dog")
+    committed_checkpoint_at(paths, 6)
+    paths.spec_file.write_text(json.dumps(spec.to_dict()))
+    paths.base_model_file.write_text(json.dumps(content_identity(model)))
+    check_rerun(spec, paths)
+    shutil.copytree(model, tmp_path / "copy")  # other inodes and times, the same files
+    assert content_identity(tmp_path / "copy") == content_identity(model)
+    weights.write_bytes(bytes(reversed(range(256))) * 20_000)  # another fine-tune: the same size
+    with pytest.raises(InputError) as error:
+        check_rerun(spec, paths)
+    assert error.value.field == "base_model" and "trained from another model" in error.value.message
 
 
 def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
 from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
-from dreambooth.model_files import ModelMetadata, fingerprint
+from dreambooth.model_files import ModelMetadata, content_identity, fingerprint
 from trainer.checkpoint import (
     STATE_FILE,
     committed_checkpoint,
@@ -113,11 +113,25 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
         raise InputError(
             "instance_images", f"job {paths.job_id} has checkpoints trained on other instance images: {start_over}"
         )
+    # And another model at the base model's path (an upgrade in place): its VAE and text encoder beside the old
+    # base's trained UNet, exported as one model.
+    if paths.base_model_file.exists() and json.loads(paths.base_model_file.read_text()) != content_identity(
+        spec.base_model
+    ):
+        raise InputError(
+            "base_model",
+            f"job {paths.job_id} has checkpoints trained from another model than {spec.base_model} holds now: "
+            f"{start_over}",
+        )
 
 
 def photo_hashes(spec: JobSpec) -> list[str]:
     """The instance images' content hashes, in the order training indexes them."""
-    return [hashlib.sha256(file.read_bytes()).hexdigest() for file in find_instance_images(spec.instance_images)]
+    hashes = []
+    for file in find_instance_images(spec.instance_images):
+        with open(file, "rb") as photo:  # in chunks: not a whole file in the driver's memory
+            hashes.append(hashlib.file_digest(photo, "sha256").hexdigest())
+    return hashes
 
 
 def run_training(
@@ -142,6 +156,7 @@ def run_training(
     for file, text in (
         (paths.spec_file, json.dumps(spec.to_dict(), indent=2)),
         (paths.photos_file, json.dumps(photo_hashes(spec))),
+        (paths.base_model_file, json.dumps(content_identity(spec.base_model))),
     ):
         if not file.exists() or file.read_text() != text:
             write_file(file, text)

@@ -4,6 +4,7 @@
     <root>/jobs/<job_id>/.submitting-<n>    while a controller (of the database whose id is n) records the job
     <root>/jobs/<job_id>/events.jsonl       progress events (trainer -> CLI / controller)
     <root>/jobs/<job_id>/photos.json        the content hashes of the photos its checkpoints were trained on
+    <root>/jobs/<job_id>/base_model.json    the identity of the base model they were trained from
     <root>/jobs/<job_id>/instance_images/   the photos a controller's submission uploaded
     <root>/jobs/<job_id>/driver.log         the driver's output, kept by the controller once the job ended
     <root>/jobs/<job_id>/checkpoints/       the Ray Train run: sharded DeepSpeed checkpoints
@@ -49,6 +50,11 @@ class JobPaths:
     @property
     def spec_file(self) -> Path:
         return self.job_dir / "spec.json"
+
+    @property
+    def base_model_file(self) -> Path:
+        """The identity of the base model the job's checkpoints were trained from (trainer.run)."""
+        return self.job_dir / "base_model.json"
 
     @property
     def photos_file(self) -> Path:
