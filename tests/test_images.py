@@ -379,6 +379,18 @@ def test_preprocess_shape_range_and_centre_crop(size):
     assert torch.allclose(inner[2], torch.tensor(-1.0), atol=0.02)
 
 
+def test_preprocess_crops_where_it_is_told_along_the_long_side():
+    """A photo's other crops (trainer.data): its subject may be anywhere along its long side."""
+    image = Image.new("RGB", (600, 100), (0, 255, 0))
+    image.paste((255, 0, 0), (0, 0, 200, 100))  # red at the start, blue at the end, green between
+    image.paste((0, 0, 255), (400, 0, 600, 100))
+    for position, channel in ((0.0, 0), (0.5, 1), (1.0, 2)):
+        square = preprocess(image, 20, position)
+        assert torch.allclose(square[channel], torch.tensor(1.0), atol=0.02), position
+    tall = preprocess(image.transpose(Image.Transpose.ROTATE_90), 20, 1.0)  # its long side is the height
+    assert torch.allclose(tall[0], torch.tensor(1.0), atol=0.02)  # rotated a quarter turn: red at the bottom
+
+
 def test_preprocess_centre_not_corner():
     image = Image.new("RGB", (300, 100), (0, 255, 0))
     image.paste((255, 0, 0), (100, 0, 200, 100))  # exactly the centre square is red

@@ -11,10 +11,11 @@ import torch.multiprocessing
 
 from dreambooth.sd_model import load_base_model
 from tests.conftest import free_port
-from trainer.data import encode_images, encode_images_shared
+from trainer.data import EncodedImages, encode_images, encode_images_shared
 from trainer.images import find_instance_images
 
 RESOLUTION, BATCH = 64, 2
+CROPS = (1, 3)  # of each image list's images
 
 
 def _encode_on_rank(rank: int, world_size: int, port: int, tiny_model: Path, image_lists, out: Path) -> None:
@@ -24,7 +25,8 @@ def _encode_on_rank(rank: int, world_size: int, port: int, tiny_model: Path, ima
     try:
         vae = load_base_model(tiny_model, dtype=torch.float32, components=("vae",)).vae
         for i, paths in enumerate(image_lists):
-            encoded = encode_images_shared(vae, paths, RESOLUTION, torch.device("cpu"), rank, world_size, BATCH)
+            cpu = torch.device("cpu")
+            encoded = encode_images_shared(vae, paths, RESOLUTION, cpu, rank, world_size, BATCH, CROPS[i])
             torch.save((encoded.mean, encoded.std), out / f"rank{rank}-list{i}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -35,15 +37,27 @@ def test_each_rank_encodes_a_share_and_all_get_what_one_alone_encodes(tiny_model
     The latents must be the same, bit for bit, on every rank and as one process alone encodes them (exact resume
     and the loss depend on them): with shares uneven, and a rank whose share is empty."""
     photos = find_instance_images([str(dog_images)])
-    image_lists = [(photos * 2)[:7], photos[:2]]  # 2 ranks, 2-image batches: shares of 4 and 3, then 2 and 0
+    # 2 ranks, 2-image batches: shares of 4 and 3 images; then 2 images of 3 crops, shares of 4 and 2 crops.
+    image_lists = [(photos * 2)[:7], photos[:2]]
     world_size = 2
     torch.multiprocessing.spawn(
         _encode_on_rank, args=(world_size, free_port(), tiny_model, image_lists, tmp_path), nprocs=world_size
     )
     vae = load_base_model(tiny_model, dtype=torch.float32, components=("vae",)).vae
     for i, paths in enumerate(image_lists):
-        alone = encode_images(vae, paths, RESOLUTION, torch.device("cpu"), BATCH)
-        assert alone.mean.shape[0] == len(paths)
+        alone = encode_images(vae, paths, RESOLUTION, torch.device("cpu"), BATCH, CROPS[i])
+        assert alone.mean.shape[0] == len(paths) * CROPS[i] and len(alone) == len(paths)
         for rank in range(world_size):
             mean, std = torch.load(tmp_path / f"rank{rank}-list{i}.pt")
             assert torch.equal(mean, alone.mean) and torch.equal(std, alone.std), (rank, i)
+
+
+def test_a_sample_draws_one_of_its_images_crops():
+    """An image's crops are rows i * crops ... i * crops + crops - 1; each sample of image i is one of them."""
+    rows = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1)
+    encoded = EncodedImages(mean=rows, std=torch.zeros_like(rows), crops=3)
+    assert len(encoded) == 2
+    drawn = encoded.sample(torch.tensor([1] * 64), torch.Generator().manual_seed(0)).flatten()
+    assert set(drawn.tolist()) == {3.0, 4.0, 5.0}  # image 1's three crops, every one of them
+    single = EncodedImages(mean=rows, std=torch.zeros_like(rows))
+    assert single.sample(torch.tensor([4, 1]), torch.Generator().manual_seed(0)).flatten().tolist() == [4.0, 1.0]

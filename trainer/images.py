@@ -213,11 +213,12 @@ def load_image(path: Path) -> Image.Image:
         return _to_rgb(image)
 
 
-def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, centre-crop a square, and return float32 CHW in [-1, 1].
+def preprocess(image: Image.Image, resolution: int, position: float = 0.5) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square at `position` along the long side (0: its start, 0.5:
+    centred, 1: its end), and return float32 CHW in [-1, 1].
 
-    The subject of a portrait photo is usually centred, and [-1, 1] is the range Stable Diffusion's VAE
-    was trained on. PIL's Lanczos filter keeps the downscale sharp without needing torchvision.
+    [-1, 1] is the range Stable Diffusion's VAE was trained on. PIL's Lanczos filter keeps the downscale sharp
+    without needing torchvision.
     """
     import torch
 
@@ -227,7 +228,7 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    left, top = round((size[0] - resolution) * position), round((size[1] - resolution) * position)
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     return pixels.to(torch.float32) / 127.5 - 1.0
