@@ -223,6 +223,9 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert cache_key(dataclasses.replace(spec, class_prompt="a photo of cat")) != cache_key(spec)
     # So are images sampled in fp16 on GPUs.
     assert cache_key(dataclasses.replace(spec, gpus_per_worker=1, precision="fp16")) != cache_key(spec)
+    # A guidance scale written 7 (YAML) or 7.0 (gRPC) draws the same images: one entry.
+    sevens = [cache_key(dataclasses.replace(spec, class_image_guidance_scale=scale)) for scale in (7, 7.0)]
+    assert sevens[0] == sevens[1] != cache_key(spec)
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(

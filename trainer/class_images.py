@@ -43,7 +43,7 @@ def cache_key(spec: JobSpec) -> str:
         "base_model": fingerprint(spec.base_model),
         "class_prompt": spec.class_prompt,
         "inference_steps": spec.class_image_inference_steps,
-        "guidance_scale": spec.class_image_guidance_scale,
+        "guidance_scale": float(spec.class_image_guidance_scale),  # YAML's 7 and gRPC's 7.0 draw the same images
         "dtype": str(_dtype(spec.use_gpu)),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]

@@ -211,7 +211,7 @@ class JobSpec:
         require(
             0 <= self.num_class_images <= MAX_CLASS_IMAGES,
             "num_class_images",
-            f"must be in [0, {MAX_CLASS_IMAGES}] (0 turns prior preservation off; the paper uses 100-200)",
+            f"must be in [0, {MAX_CLASS_IMAGES}] (0 turns prior preservation off; 100-300 usually suffice)",
         )
         if self.with_prior_preservation:
             require(bool(self.class_prompt.strip()), "class_prompt", "required when num_class_images > 0")
