@@ -99,6 +99,7 @@ def serve(params: dict[str, Any]) -> int:
         tenants=tuple(Tenant(name, (token,), max_queued_jobs=10**9) for name, token in TENANTS),
         # The load levels' clients are two tenants': measured, not refused (bench/upload_memory.py sets it).
         max_submits_per_tenant=params.get("max_submits_per_tenant", 10**9),
+        max_calls_per_tenant=10**9,
         # The model, and the work dir holding the photos that `--images uri` names.
         readable_paths=(Path(params["model_dir"]), Path(params["storage"]).parent / "inputs"),
         metrics_listen="",

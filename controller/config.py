@@ -99,6 +99,10 @@ class ControllerConfig:
     Without tenants (one user), all of them."""
     max_image_bytes: int = 16 * 1024 * 1024
     max_images_bytes: int = 64 * 1024 * 1024
+    """Uploaded photos, each and all of a request's together (they are in its memory)."""
+    max_named_image_bytes: int = 256 * 1024 * 1024
+    """A photo named by path on shared storage, copied into the job at submission in chunks (a camera's 45 MP JPEG
+    is ~25 MB; an image of more than 64 megapixels is refused anyway)."""
     capacity_cpus: float | None = None
     """The cluster's CPUs/GPUs, each instead of the alive nodes' total (default: that total); on an autoscaling
     cluster, what it may grow to. Training gets them less what serving's max_replicas may hold. Where set, a job

@@ -7,9 +7,10 @@ the folder behind: photos that no RPC lists or deletes, on storage every restart
 
 A controller marks each folder it makes as a submission in progress of its database (`Store.database_id`), and
 takes the mark away once the job's row has committed. At start, before the server takes a call, the folders with
-this database's mark and no row in it are removed. Others are never touched: a folder made by `dreambooth train`
-on the same storage or by a controller of another database, and the folder of a job whose row a restored backup of
-the database lacks (it may have run, and hold checkpoints). No submission in flight is among them: none has started
+this database's mark and no row in it are removed, unless the job ever started (it has events: a crash after the
+row committed can leave the mark). Others are never touched: a folder made by `dreambooth train` on the same
+storage or by a controller of another database, and the folder of a job whose row a restored backup of the database
+lacks (it may have run, and hold checkpoints). No submission in flight is among them: none has started
 yet, and a new job's folder always has a name never used before (service._new_job_dir).
 """
 
@@ -20,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from controller.store import Store
+from trainer.storage import JobPaths
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,10 @@ def find(storage: str | Path, store: Store) -> list[Path]:
     folders = [entry for entry in jobs_dir.iterdir() if entry.is_dir()]
     known = store.job_ids()
     mark = _mark_name(store.database_id())
-    return sorted(f for f in folders if f.name not in known and (f / mark).exists())
+    # A job that ever started has events (the reconciler touches them first): not a submission that never committed,
+    # whatever a mark a crash left says (a restored backup may lack its row; its checkpoints are not to be lost).
+    candidates = [f for f in folders if f.name not in known and (f / mark).exists()]
+    return sorted(f for f in candidates if not JobPaths(Path(storage), f.name).events_file.exists())
 
 
 def sweep(storage: str | Path, store: Store) -> list[Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 
 # Submissions whose photos are decoded at once. A photo at the pixel limit (64 megapixels) takes up to ~0.6 GiB
 # while it is checked, and every RPC thread may be submitting: more at once would not go faster on a few cores,
-# only hold more memory (the controller's pod has 4 GiB).
+# only hold more memory (the controller's pod has 5 GiB).
 IMAGE_CHECKS_AT_ONCE = 2
 
 
@@ -150,7 +151,9 @@ class JobService:
         if len(request_id) > 128 or "\x00" in request_id:
             raise InputError("request_id", "at most 128 characters, no NUL")
         if request_id and (existing := self.store.find_by_request_id(tenant, request_id)) is not None:
-            _check_same_request(self.config, existing, spec_fields, lambda: self._photos(images), priority)
+            _check_same_request(
+                self.config, existing, spec_fields, images, lambda: self._photo_digests(images), priority
+            )
             return existing
         limit = self.tenants[tenant].max_queued_jobs
         # Early, before the photos are staged; the insert counts again, atomically (concurrent submissions).
@@ -212,7 +215,7 @@ class JobService:
         if job.job_id != job_id:  # lost a race with the same request_id: keep the first, drop ours
             shutil.rmtree(paths.job_dir, ignore_errors=True)
             # A retry of it, or another request.
-            _check_same_request(self.config, job, spec_fields, lambda: self._photos(images), priority)
+            _check_same_request(self.config, job, spec_fields, images, lambda: self._photo_digests(images), priority)
         else:
             orphans.mark_committed(paths.job_dir, self._database_id)
             self.feed.publish(job.job_id, "state", {"state": "QUEUED"}, requested=True)
@@ -273,8 +276,11 @@ class JobService:
         except Exception:
             log.warning("submission %s failed and the database cannot say whether it committed: files kept", job_id)
             return
-        if not committed:
-            shutil.rmtree(job_paths(self.config.storage, job_id).job_dir, ignore_errors=True)
+        job_dir = job_paths(self.config.storage, job_id).job_dir
+        if committed:
+            orphans.mark_committed(job_dir, self._database_id)
+        else:
+            shutil.rmtree(job_dir, ignore_errors=True)
 
     def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
         if not images:
@@ -283,20 +289,28 @@ class JobService:
         total = sum(len(i.data or b"") for i in images)
         if total > self.config.max_images_bytes:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
-        photos = self._named_photos(images)
         upload_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        for index, (filename, data) in enumerate(photos):
-            paths.append(str(upload_dir / _safe_filename(filename, index)))
-            write_file(Path(paths[-1]), data)
+        for index, (name, photo) in enumerate(self._photo_sources(images)):
+            paths.append(str(upload_dir / _safe_filename(name, index)))
+            write_file(Path(paths[-1]), photo if isinstance(photo, bytes) else self._shared_photo_chunks(photo))
         return paths
 
-    def _photos(self, images: list[ImageInput]) -> list[bytes]:
-        return [data for _, data in self._named_photos(images)]
+    def _photo_digests(self, images: list[ImageInput]) -> list[str]:
+        """The sha256 of each photo of a request, in order (a retry's, to compare with the job's copies)."""
+        digests = []
+        for _, photo in self._photo_sources(images):
+            digest = hashlib.sha256()
+            for chunk in [photo] if isinstance(photo, bytes) else self._shared_photo_chunks(photo):
+                digest.update(chunk)
+            digests.append(digest.hexdigest())
+        return digests
 
-    def _named_photos(self, images: list[ImageInput]) -> list[tuple[str, bytes]]:
-        """(name, bytes) of each photo of a request, in order: uploaded, or read from the shared storage it names."""
-        photos: list[tuple[str, bytes]] = []
+    def _photo_sources(self, images: list[ImageInput]) -> list[tuple[str, bytes | Path]]:
+        """(name, uploaded bytes or a photo file on shared storage, not read yet) of each photo of a request, in
+        order; a file named twice (itself and its folder, say) once."""
+        sources: list[tuple[str, bytes | Path]] = []
+        named: set[Path] = set()
         for index, image in enumerate(images):
             if image.data is not None:
                 if len(image.data) > self.config.max_image_bytes:
@@ -305,20 +319,23 @@ class JobService:
                         f"image {index} ({image.filename or 'unnamed'}) is "
                         f"{len(image.data)} bytes; at most {self.config.max_image_bytes}",
                     )
-                photos.append((image.filename, image.data))
+                sources.append((image.filename, image.data))
             elif image.uri:
-                photos += [(path.name, self._read_shared_photo(path)) for path in self._shared_photos(image.uri)]
+                for path in self._shared_photos(image.uri):
+                    if path.resolve() not in named:
+                        named.add(path.resolve())
+                        sources.append((path.name, path))
             else:
                 raise InputError("instance_images", f"image {index} has neither data nor uri")
-            check_instance_image_count(len(photos))  # directories expanded: before the next is read
-        return photos
+            check_instance_image_count(len(sources))  # directories expanded
+        return sources
 
     def _shared_photos(self, uri: str) -> list[Path]:
         """The photo files a path on shared storage names: itself, or a directory's (trainer.images)."""
         path = _shared_path(uri)
         if not path.is_absolute():
             raise InputError("instance_images", f"{uri}: must be an absolute path on shared storage")
-        self._check_readable("instance_images", path)
+        self._check_readable("instance_images", path, deep=False)  # each file is checked again as it is opened
         try:
             return find_instance_images([path])
         except OSError as e:
@@ -326,33 +343,35 @@ class JobService:
                 raise
             raise InputError("instance_images", f"cannot read {uri!r}: {e}") from e
 
-    def _read_shared_photo(self, path: Path) -> bytes:
-        """A photo named by path, copied into the job at submission: read later, at training, a file its tenant can
-        write could by then be a link to another tenant's photos (checked now, swapped after). Checked where the
-        opened file really is (every link followed), and read up to max_image_bytes (a sparse file of 64 GiB costs
-        no disk, and would be read whole)."""
-        limit = self.config.max_image_bytes
+    def _shared_photo_chunks(self, path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """A photo named by path, in chunks: copied into the job at submission, since read later, at training, a
+        file its tenant can write could by then be a link to another tenant's photos (checked now, swapped after).
+        Checked where the opened file really is (every link followed), and read up to max_named_image_bytes (a
+        sparse file of 64 GiB costs no disk, and would be copied whole)."""
+        limit = self.config.max_named_image_bytes
         try:
             # O_NONBLOCK: opening a FIFO would wait for a writer; it is refused below as not a regular file.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as file:
-                self._check_readable("instance_images", Path(os.readlink(f"/proc/self/fd/{fd}")))
+                self._check_readable("instance_images", Path(os.readlink(f"/proc/self/fd/{fd}")), deep=False)
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise InputError("instance_images", f"{path}: not a regular file")
-                data = file.read(limit + 1)
+                read = 0
+                while chunk := file.read(chunk_bytes):
+                    read += len(chunk)
+                    if read > limit:
+                        raise InputError("instance_images", f"{path}: over {limit} bytes, the most a photo may have")
+                    yield chunk
         except OSError as e:
             if is_system_error(e):
                 raise
             raise InputError("instance_images", f"cannot read {path}: {e}") from e
-        if len(data) > limit:
-            raise InputError("instance_images", f"{path}: over {limit} bytes, the most an image may have")
-        return data
 
-    def _check_readable(self, field: str, path: str | Path) -> None:
-        """With tenants, a named file (or everything in a named directory, however deep) must resolve, symlinks
-        followed, into `readable_paths`: a tenant may not train on another tenant's uploads or models, or on the
-        controller's own files (a base model's `unet/` holding a link to another's weights, say). Checked before
-        anything is read, so a refusal does not tell whether the path exists."""
+    def _check_readable(self, field: str, path: str | Path, deep: bool = True) -> None:
+        """With tenants, a named file (or everything in a named directory: however deep, or its first level) must
+        resolve, symlinks followed, into `readable_paths`: a tenant may not train on another tenant's uploads or
+        models, or on the controller's own files (a base model's `unet/` holding a link to another's weights, say).
+        Checked before anything is read, so a refusal does not tell whether the path exists."""
         if len(str(path)) > MAX_PATH_CHARS:  # resolving a megabyte of "../" takes seconds
             raise InputError(field, f"a path of {len(str(path))} characters; at most {MAX_PATH_CHARS}")
         if not self.config.tenants:
@@ -363,7 +382,8 @@ class JobService:
 
         try:
             named = Path(path).expanduser()
-            allowed = readable(named) and all(readable(entry) for entry in _tree(field, named))
+            entries = _tree(field, named) if deep else (named.iterdir() if named.is_dir() else ())
+            allowed = readable(named) and all(readable(entry) for entry in entries)
         except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, "~nosuchuser", too long, a NUL byte
             raise InputError(field, f"cannot read {str(path)!r}: {e}") from e
         if not allowed:
@@ -585,12 +605,13 @@ def _check_same_request(
     config: ControllerConfig,
     job: JobRecord,
     spec_fields: dict,
-    photos: Callable[[], list[bytes]],
+    images: list[ImageInput],
+    digests: Callable[[], list[str]],
     priority: int,
 ) -> None:
     """A request_id names one request: its retry is answered with the job it created, and a different request
     under the same id (two pipelines given one key) is refused rather than answered with the other's job. The
-    photos (`photos()`: the request's, uploaded or read from the paths it names) are compared with the job's copies
+    photos (`digests()`: the request's, uploaded or read from the paths it names) are compared with the job's copies
     where it still has them (a cancelled queued job's are gone: then by count)."""
 
     def refuse(what: str) -> NoReturn:
@@ -610,15 +631,28 @@ def _check_same_request(
         refuse(", ".join(changed))
     if priority != job.priority:
         refuse("priority")
-    sent = photos()
+    uploads = job_paths(config.storage, job.job_id).uploads_dir
+    if not all(Path(path).parent == uploads for path in stored):
+        # Stored by a version that kept the paths a request named: one entry per image of the request, a named
+        # one compared by its path (it is not read), an uploaded one with its copy.
+        same = len(images) == len(stored) and all(
+            str(_shared_path(image.uri)) == path
+            if image.data is None
+            else Path(path).parent == uploads and (not Path(path).is_file() or Path(path).read_bytes() == image.data)
+            for image, path in zip(images, stored, strict=False)
+        )
+        if not same:
+            refuse("instance_images")
+        return
+    sent = digests()
     if len(sent) != len(stored):
         refuse("instance_images")
-    uploads = job_paths(config.storage, job.job_id).uploads_dir
-    for data, path in zip(sent, stored, strict=True):
-        # Only the job's own copies are read: never a path stored by a version that did not copy photos named by path.
+    for digest, path in zip(sent, stored, strict=True):
         copy = Path(path)
-        if copy.parent == uploads and copy.is_file() and copy.read_bytes() != data:
-            refuse("instance_images")
+        if copy.is_file():
+            with open(copy, "rb") as file:
+                if hashlib.file_digest(file, "sha256").hexdigest() != digest:
+                    refuse("instance_images")
 
 
 def _page_size(asked: int) -> int:

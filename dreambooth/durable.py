@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_file(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data`, atomically and durably."""
+def write_file(path: Path, data: bytes | str | Iterable[bytes]) -> None:
+    """Replace `path` with `data` (or its chunks, written as they come), atomically and durably."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: writers on several nodes
+    chunks = [data.encode()] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
     try:
         with open(partial, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)

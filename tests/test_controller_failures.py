@@ -36,7 +36,8 @@ from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
-from dreambooth.v1 import jobs_pb2
+from dreambooth.proto_convert import spec_to_proto
+from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc
 from serving.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actors_end
@@ -1502,12 +1503,18 @@ def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start
     by_another_database = jobs_dir / "job-0123456789ab"
     by_another_database.mkdir()
     (by_another_database / ".submitting-12345").touch()
+    # Marked by this database but started (a crash right after its row committed left the mark; a restored backup
+    # lacks the row): kept.
+    started = jobs_dir / "job-0123456789ac"
+    shutil.copytree(orphan, started)
+    (started / "events.jsonl").touch()
     assert [p.name for p in (jobs_dir / queued).glob(".*")] == []  # a committed job's folder is like a backup's
 
     second = start(config)
     try:
         assert not orphan.exists()
-        assert sorted(p.name for p in jobs_dir.iterdir()) == sorted([queued, "my-run", "job-0123456789ab"])
+        kept = [queued, "my-run", by_another_database.name, started.name]
+        assert sorted(p.name for p in jobs_dir.iterdir()) == sorted(kept)
         assert any((jobs_dir / queued / "instance_images").iterdir())
         with DreamBoothClient(f"127.0.0.1:{second.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
             assert bob.get(queued).state == jobs_pb2.STATE_QUEUED
@@ -1532,11 +1539,16 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
     others.mkdir()
     (others / "theirs.jpg").write_bytes(next(dog_images.glob("*.jpg")).read_bytes()[::-1])
     (others / "weights.safetensors").write_bytes(b"theirs")
-    controller = start(dataclasses.replace(config, readable_paths=(*config.readable_paths, shared)))
+    limit = 2**20  # max_named_image_bytes, small here: the sparse file below is read to it
+    controller = start(
+        dataclasses.replace(config, readable_paths=(*config.readable_paths, shared), max_named_image_bytes=limit)
+    )
     try:
         with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
-            job = bob.submit(job_spec(tiny_model, photos), upload=False, request_id="named-photos")
-            retried = bob.submit(job_spec(tiny_model, photos), upload=False, request_id="named-photos")
+            first = sorted(photos.iterdir())[0]  # named twice, itself and in its folder: copied once
+            named = job_spec(tiny_model, photos, instance_images=[str(first), str(photos)])
+            job = bob.submit(named, upload=False, request_id="named-photos")
+            retried = bob.submit(named, upload=False, request_id="named-photos")
             assert retried.job_id == job.job_id  # the same photos: the same request
             submitted = sorted(p.read_bytes() for p in photos.iterdir())
             shutil.rmtree(photos)
@@ -1548,10 +1560,21 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
             photos.unlink()
             photos.mkdir()
             with open(photos / "huge.jpg", "wb") as huge:
-                huge.truncate(config.max_image_bytes + 1)  # sparse: no disk, and gigabytes would be as cheap
-            with pytest.raises(ClientError, match=r"huge\.jpg: over 16777216 bytes") as error:
+                huge.truncate(limit + 1)  # sparse: no disk, and gigabytes would be as cheap
+            with pytest.raises(ClientError, match=rf"huge\.jpg: over {limit} bytes") as error:
                 bob.submit(job_spec(tiny_model, photos), upload=False)
             assert error.value.code == "INVALID_ARGUMENT"
+            # Named by itself, without an image's suffix: the controller opened it to sniff its format, and waited
+            # for a writer for ever (the SDK refuses it on its side: a raw gRPC call).
+            os.mkfifo(photos / "trap")
+            request = jobs_pb2.SubmitJobRequest(
+                spec=spec_to_proto(job_spec(tiny_model, photos)),
+                instance_images=[jobs_pb2.InstanceImage(uri=str(photos / "trap"))],
+            )
+            with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as raw:
+                metadata = [("authorization", f"Bearer {QUEUED_ONLY_TOKEN}")]
+                jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=metadata, timeout=30)
+            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trap: not an image" in raw.value.details()
 
             model = shared / "model"
             shutil.copytree(tiny_model, model)

@@ -663,15 +663,10 @@ def test_a_call_without_a_known_token_is_refused_before_its_request_arrives(chan
     # call's deadline. It would take a caller with no token up to max_request_bytes of memory per RPC thread.
     never = threading.Event()
 
-    def request_that_never_comes():
-        never.wait(CALL_TIMEOUT_S)
-        return
-        yield
-
     stub = channel.stream_stream(method(name)) if method(name) in STREAMING else channel.stream_unary(method(name))
     for metadata in ((), (("authorization", "Bearer stolen"),)):
         with pytest.raises(grpc.RpcError) as refused:
-            reply = stub(request_that_never_comes(), metadata=metadata, timeout=CALL_TIMEOUT_S)
+            reply = stub(_no_request_until(never), metadata=metadata, timeout=CALL_TIMEOUT_S)
             list(reply) if method(name) in STREAMING else None
         assert refused.value.code() == S.UNAUTHENTICATED, refused.value.details()
     never.set()
@@ -683,13 +678,10 @@ def test_a_tenants_submissions_beyond_its_turns_are_refused_before_their_photos_
     turns = controller.service.config.max_submits_per_tenant
     uploaded = threading.Event()
 
-    def photos_still_uploading():
-        uploaded.wait(CALL_TIMEOUT_S)
-        return
-        yield
-
     submit = channel.stream_unary(method("SubmitJob"))
-    uploading = [submit.future(photos_still_uploading(), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
+    uploading = [
+        submit.future(_no_request_until(uploaded), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)
+    ]
     one_more = jobs_pb2.SubmitJobRequest().SerializeToString()
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while (refused := call(channel, method("SubmitJob"), one_more))[0] != S.RESOURCE_EXHAUSTED:
@@ -710,13 +702,8 @@ def test_a_tenants_other_calls_beyond_its_turns_are_refused_before_their_request
     turns = controller.service.config.max_calls_per_tenant
     sent = threading.Event()
 
-    def request_still_arriving():
-        sent.wait(CALL_TIMEOUT_S)
-        return
-        yield
-
     start = channel.stream_unary(method(name)).future if name == "GetJob" else channel.stream_stream(method(name))
-    waiting = [start(request_still_arriving(), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
+    waiting = [start(_no_request_until(sent), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
     get = jobs_pb2.GetJobRequest(job_id="job-000000000000").SerializeToString()
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while (refused := call(channel, method("GetJob"), get))[0] != S.RESOURCE_EXHAUSTED:
@@ -731,6 +718,14 @@ def test_a_tenants_other_calls_beyond_its_turns_are_refused_before_their_request
             held.result() if name == "GetJob" else list(held)
         assert ended.value.code() == S.INVALID_ARGUMENT
     assert call(channel, method("GetJob"), get)[0] == S.NOT_FOUND
+
+
+def _no_request_until(event: threading.Event):
+    """A call's request stream that sends nothing, and ends once `event` is set: a request still arriving (photos
+    uploading), then none at all."""
+    event.wait(CALL_TIMEOUT_S)
+    return
+    yield
 
 
 # --- afterwards -----------------------------------------------------------------------------------------------

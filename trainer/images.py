@@ -65,7 +65,7 @@ def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
         elif not entry.exists():
             problems.append(f"{entry}: no such file or directory")
-        elif entry.suffix.lower() in IMAGE_SUFFIXES or _is_image(entry):
+        elif entry.suffix.lower() in IMAGE_SUFFIXES or (entry.is_file() and _is_image(entry)):  # not a FIFO: waits
             found[entry] = None
         else:
             problems.append(f"{entry}: not an image")
