@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -164,8 +165,9 @@ class DreamBoothClient:
         if tls_ca is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
-            # "system": a controller behind a load balancer with a publicly trusted certificate.
-            roots = None if str(tls_ca) == SYSTEM_CAS else Path(tls_ca).read_bytes()
+            # "system": a controller behind a load balancer with a publicly trusted certificate. The system's bundle,
+            # as the serving client's (gRPC's own default is a bundle of its own, without a company's added CAs).
+            roots = Path(_system_cas() if str(tls_ca) == SYSTEM_CAS else tls_ca).read_bytes()
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -302,6 +304,11 @@ class DreamBoothClient:
             return method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as e:
             raise ClientError.from_rpc(e) from e
+
+
+def _system_cas() -> str:
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.openssl_cafile
 
 
 def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[str, Any]:

@@ -7,7 +7,7 @@ constants.
 
 `token`: the tenant's bearer token, the same as the controller's (None where no tenants are configured).
 `tls_ca`: for an https endpoint whose certificate a private CA signed, that CA's certificate file (the CLI passes
-the controller's, --tls-ca or $DREAMBOOTH_TLS_CA); else the system's trusted CAs.
+the controller's, --tls-ca or $DREAMBOOTH_TLS_CA), trusted besides the system's CAs.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def _request(
 ) -> Any:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(url, data=data, headers=headers)
-    context = ssl.create_default_context(cafile=None if tls_ca in (None, SYSTEM_CAS) else tls_ca)
+    context = ssl.create_default_context()
+    if tls_ca not in (None, SYSTEM_CAS):  # besides the system's: the controller's private CA, a public Ingress's
+        context.load_verify_locations(cafile=tls_ca)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             body = response.read()
