@@ -229,7 +229,12 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
         torch.cuda.reset_peak_memory_stats()
     graphs_before, cudagraph_skips_before = compile_counts()
     t0 = time.perf_counter()
-    engine = build_engine(spec, variant, model_dir, device)
+    try:
+        engine = build_engine(spec, variant, model_dir, device)
+    except BaseException:
+        if rss is not None:  # as below: its sampling thread would skew the next variants' CPU times
+            rss.stop()
+        raise
     init_s = time.perf_counter() - t0
     # Without destroy() a ZeRO engine outlives its last reference (its gradient hooks hold it): the next variant
     # would be measured on top of this one's ~14 B per parameter (an H100 run showed 28.9 against 17.7 GiB), so it

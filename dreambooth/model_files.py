@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,12 +318,21 @@ def content_identity(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> st
         files += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
     digest = hashlib.sha256()
     for file in sorted(files):
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        try:
+            # Non-blocking: a FIFO left in the folder would hold the open for ever. It, a socket, and a file this
+            # process may not read (a stray checkpoint copied with sudo, which diffusers never opens) are not the
+            # model's weights: left out.
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as f:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                continue
             head = f.read(sample_bytes)
-            f.seek(max(size - sample_bytes, len(head)))
+            f.seek(max(status.st_size - sample_bytes, len(head)))
             tail = f.read(sample_bytes)
-        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        digest.update(f"{file.relative_to(root).as_posix()}\0{status.st_size}\0".encode())
         digest.update(hashlib.sha256(head + tail).digest())
     return digest.hexdigest()[:16]
 
@@ -349,7 +359,9 @@ def fingerprint(path: str | os.PathLike) -> str:
             if name.startswith("."):
                 continue
             file = Path(dirpath) / name
-            stat = file.stat()
-            entries.append(f"{file.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\n")
+            status = file.stat()
+            entries.append(
+                f"{file.relative_to(root).as_posix()}\0{status.st_size}\0{status.st_mtime_ns}\0{status.st_ino}\n"
+            )
     digest = hashlib.sha256("".join(sorted(entries)).encode())
     return digest.hexdigest()[:16]

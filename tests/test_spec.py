@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -250,6 +251,8 @@ def test_a_rerun_is_refused_when_another_model_is_at_its_base_models_path(tmp_pa
     check_rerun(spec, paths)
     shutil.copytree(model, tmp_path / "copy")  # other inodes and times, the same files
     assert content_identity(tmp_path / "copy") == content_identity(model)
+    os.mkfifo(model / "unet" / "stray")  # not a weights file, and opening it plainly would wait for ever
+    check_rerun(spec, paths)
     weights.write_bytes(bytes(reversed(range(256))) * 20_000)  # another fine-tune: the same size
     with pytest.raises(InputError) as error:
         check_rerun(spec, paths)

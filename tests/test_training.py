@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ray.util.state import list_actors, list_placement_groups
 from safetensors.torch import load_file
 
 from dreambooth.errors import PlacementTimeout
+from dreambooth.model_files import content_identity
 from dreambooth.sd_model import load_base_model
 from trainer.checkpoint import RAY_RUN_STATE
 from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path
@@ -284,6 +286,8 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         validation_inference_steps=2,
     )
     uninterrupted = run_training(spec, job_paths(storage, "straight"))
+    # What a rerun checks the base model's path against (trainer.run.check_rerun).
+    assert json.loads(job_paths(storage, "straight").base_model_file.read_text()) == content_identity(tiny_model)
 
     # A worker process dies at step 3: Ray Train restarts the workers from the step-2 checkpoint. One dies again at
     # step 5, with no retries left: the run fails. Running the job again resumes from step 4.
