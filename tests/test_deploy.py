@@ -300,9 +300,10 @@ def test_dashboard_structure(name):
         ref_ids = [t["refId"] for t in panel["targets"]]
         assert len(set(ref_ids)) == len(ref_ids) and all(ref_ids), panel["title"]
         for target in panel["targets"]:
-            # Rates over Grafana's own window (or a fixed long one for rare events), never a bare counter.
+            # Rates over Grafana's own window (or a fixed long one for rare events, and the day before it that says
+            # whether their series is new), never a bare counter.
             for window in re.findall(r"\[([^\]]+)\]", target["expr"]):
-                assert window in ("$__rate_interval", dashboards.SPARSE), target["expr"]
+                assert window in ("$__rate_interval", dashboards.SPARSE, dashboards.SEEN_BEFORE), target["expr"]
     variables = {v["name"] for v in data["templating"]["list"]}
     assert "datasource" in variables
 
@@ -513,7 +514,17 @@ def test_error_panels_count_the_first_error_of_a_kind(prometheus_bin, tmp_path, 
                     {"expr": query, "eval_time": "15m", "exp_samples": [{"labels": counted, "value": 1}]},
                     {"expr": query, "eval_time": left_window, "exp_samples": [{"labels": counted, "value": 0}]},
                 ],
-            }
+            },
+            {  # a long-lived total with a scrape gap (Prometheus restarted) before the window: not counted again
+                "interval": "1m",
+                "input_series": [
+                    {"series": other, "values": "0+5x90"},
+                    {"series": failing, "values": "500x40 _x15 500x35"},
+                ],
+                "promql_expr_test": [
+                    {"expr": query, "eval_time": "80m", "exp_samples": [{"labels": counted, "value": 0}]}
+                ],
+            },
         ]
     }
     path = tmp_path / "first_error.test.yml"

@@ -33,6 +33,7 @@ DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"  # Grafana's window for rate(): at least 4 scrape intervals
 # Checkpoints, restarts and model loads happen minutes apart: a 1-minute window would show mostly gaps.
 SPARSE = "30m"
+SEEN_BEFORE = "1d"  # how far before the SPARSE window a series counts as not new (events_in_window)
 
 # What all_promql_expressions() puts in place of each variable the queries use.
 VARIABLE_VALUES = {"$__rate_interval": "1m", "$job_id": ".*", "$model_class": ".*"}
@@ -67,10 +68,12 @@ def quantiles(histogram: str, by: str = "", selector: str = "", window: str | No
 def events_in_window(counter: str, by: str = "", selector: str = "") -> str:
     """How many times `counter` counted over the last SPARSE window, for events minutes apart. A labelled counter
     (and every Ray metric) has no series until its first event, which then appears at 1: increase() has nothing to
-    increase from and says 0. A series younger than the window counts whole instead."""
+    increase from and says 0. A series younger than the window counts whole instead: one with no sample in the day
+    before the window (not merely none at its start: a scrape gap there would count a long-lived total)."""
     series = f"{counter}{selector}"
     group = f" by ({by})" if by else ""
-    return f"sum{group} (({series} unless {series} offset {SPARSE}) or increase({series}[{SPARSE}]))"
+    earlier = f"last_over_time({series}[{SEEN_BEFORE}] offset {SPARSE})"
+    return f"sum{group} (({series} unless {earlier}) or increase({series}[{SPARSE}]))"
 
 
 def _targets(queries: list[tuple[str, str]]) -> list[prometheus.Dataquery]:
