@@ -56,8 +56,7 @@ def encode_images(
 ) -> EncodedImages:
     """Each image's `crops` squares (a photo that is not square has its subject somewhere along its long side:
     diffusers' script crops it at random every step; the VAE is frozen, so a few crops encoded once do as well)."""
-    items = [(path, position) for path in paths for position in crop_positions(crops)]
-    mean, std = _encode(vae, items, resolution, device, batch_size)
+    mean, std = _encode(vae, _crops_of(paths, crops), resolution, device, batch_size)
     return EncodedImages(mean=mean, std=std, crops=crops)
 
 
@@ -78,7 +77,7 @@ def encode_images_shared(
     of workers."""
     if world_size == 1:
         return encode_images(vae, paths, resolution, device, batch_size, crops)
-    items = [(path, position) for path in paths for position in crop_positions(crops)]
+    items = _crops_of(paths, crops)
     # Whole batches per rank, in order: only the last ranks' shares are short or empty, so the gathered shares,
     # concatenated, are the images in order followed by padding.
     share = -(-len(items) // (batch_size * world_size)) * batch_size
@@ -93,6 +92,11 @@ def encode_images_shared(
     everything = torch.cat(shares)[: len(items)]
     mean, std = everything[:, :channels].contiguous(), everything[:, channels:].contiguous()
     return EncodedImages(mean=mean, std=std, crops=crops)
+
+
+def _crops_of(paths: list[Path], crops: int) -> list[tuple[Path, float]]:
+    """(image, crop position) of each row of an EncodedImages: image i's crops at i * crops ..."""
+    return [(path, position) for path in paths for position in crop_positions(crops)]
 
 
 def _encode(
