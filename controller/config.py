@@ -103,6 +103,8 @@ class ControllerConfig:
     max_named_image_bytes: int = 256 * 1024 * 1024
     """A photo named by path on shared storage, copied into the job at submission in chunks (a camera's 45 MP JPEG
     is ~25 MB; an image of more than 64 megapixels is refused anyway)."""
+    max_named_images_bytes: int = 1024 * 1024 * 1024
+    """All the photos a request names by path, copied: a sparse file costs its tenant no disk, its copies do."""
     capacity_cpus: float | None = None
     """The cluster's CPUs/GPUs, each instead of the alive nodes' total (default: that total); on an autoscaling
     cluster, what it may grow to. Training gets them less what serving's max_replicas may hold. Where set, a job

@@ -291,18 +291,28 @@ class JobService:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
         upload_dir.mkdir(parents=True, exist_ok=True)
         paths = []
+        named_left = self.config.max_named_images_bytes  # counted as copied: a file's size may change under us
         for index, (name, photo) in enumerate(self._photo_sources(images)):
-            paths.append(str(upload_dir / _safe_filename(name, index)))
-            write_file(Path(paths[-1]), photo if isinstance(photo, bytes) else self._shared_photo_chunks(photo))
+            path = upload_dir / _safe_filename(name, index)
+            if isinstance(photo, bytes):
+                write_file(path, photo)
+            else:
+                write_file(path, self._shared_photo_chunks(photo, named_left))
+                named_left -= path.stat().st_size
+            paths.append(str(path))
         return paths
 
     def _photo_digests(self, images: list[ImageInput]) -> list[str]:
         """The sha256 of each photo of a request, in order (a retry's, to compare with the job's copies)."""
         digests = []
+        named_left = self.config.max_named_images_bytes
         for _, photo in self._photo_sources(images):
             digest = hashlib.sha256()
-            for chunk in [photo] if isinstance(photo, bytes) else self._shared_photo_chunks(photo):
+            size = 0
+            for chunk in [photo] if isinstance(photo, bytes) else self._shared_photo_chunks(photo, named_left):
                 digest.update(chunk)
+                size += len(chunk)
+            named_left -= 0 if isinstance(photo, bytes) else size
             digests.append(digest.hexdigest())
         return digests
 
@@ -343,12 +353,13 @@ class JobService:
                 raise
             raise InputError("instance_images", f"cannot read {uri!r}: {e}") from e
 
-    def _shared_photo_chunks(self, path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    def _shared_photo_chunks(self, path: Path, request_left: int, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         """A photo named by path, in chunks: copied into the job at submission, since read later, at training, a
         file its tenant can write could by then be a link to another tenant's photos (checked now, swapped after).
-        Checked where the opened file really is (every link followed), and read up to max_named_image_bytes (a
-        sparse file of 64 GiB costs no disk, and would be copied whole)."""
-        limit = self.config.max_named_image_bytes
+        Checked where the opened file really is (every link followed), and read up to max_named_image_bytes and
+        what is `request_left` of max_named_images_bytes (a sparse file of 64 GiB costs no disk, and would be copied
+        whole)."""
+        limit = min(self.config.max_named_image_bytes, max(request_left, 0))
         try:
             # O_NONBLOCK: opening a FIFO would wait for a writer; it is refused below as not a regular file.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -360,7 +371,12 @@ class JobService:
                 while chunk := file.read(chunk_bytes):
                     read += len(chunk)
                     if read > limit:
-                        raise InputError("instance_images", f"{path}: over {limit} bytes, the most a photo may have")
+                        raise InputError(
+                            "instance_images",
+                            f"{path}: over {limit} bytes, what is left for it of max_named_image_bytes "
+                            f"({self.config.max_named_image_bytes}) each and max_named_images_bytes "
+                            f"({self.config.max_named_images_bytes}) in all",
+                        )
                     yield chunk
         except OSError as e:
             if is_system_error(e):

@@ -166,8 +166,10 @@ class DreamBoothClient:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             # "system": a controller behind a load balancer with a publicly trusted certificate. The system's bundle,
-            # as the serving client's (gRPC's own default is a bundle of its own, without a company's added CAs).
-            roots = Path(_system_cas() if str(tls_ca) == SYSTEM_CAS else tls_ca).read_bytes()
+            # as the serving client's, where it has one as a file (gRPC's own default is a bundle of its own, without
+            # a company's added CAs); else gRPC's (None).
+            bundle = _system_cas() if str(tls_ca) == SYSTEM_CAS else Path(tls_ca)
+            roots = bundle.read_bytes() if bundle is not None else None
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -306,9 +308,10 @@ class DreamBoothClient:
             raise ClientError.from_rpc(e) from e
 
 
-def _system_cas() -> str:
+def _system_cas() -> Path | None:
+    """The system's CA bundle file, if it has one (Python may use a directory of them, or Windows' store)."""
     paths = ssl.get_default_verify_paths()
-    return paths.cafile or paths.openssl_cafile
+    return next((Path(f) for f in (paths.cafile, paths.openssl_cafile) if f and Path(f).is_file()), None)
 
 
 def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[str, Any]:

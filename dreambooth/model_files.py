@@ -8,6 +8,7 @@ scheduler a complete-looking model names.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -321,10 +322,12 @@ def content_identity(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> st
         try:
             # Non-blocking: a FIFO left in the folder would hold the open for ever. It, a socket, and a file this
             # process may not read (a stray checkpoint copied with sudo, which diffusers never opens) are not the
-            # model's weights: left out.
+            # model's weights: left out. Anything else (an NFS hiccup) is raised: a wrong id would refuse the job.
             fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
-            continue
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.ENXIO):
+                continue
+            raise
         with os.fdopen(fd, "rb") as f:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):

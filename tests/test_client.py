@@ -534,6 +534,20 @@ def test_tls(tmp_path):
         server.stop(grace=None)
 
 
+def test_tls_with_the_systems_cas_where_python_has_no_bundle_file(monkeypatch, tmp_path):
+    """A Python built to read its CAs from a directory (python-build-standalone on Debian: a compiled-in bundle path
+    that does not exist) crashed `--tls-ca system` with FileNotFoundError: gRPC's own roots then, not a traceback."""
+    import ssl
+
+    missing = str(tmp_path / "no-such-bundle.pem")
+    paths = ssl.DefaultVerifyPaths(None, "/etc/ssl/certs", "SSL_CERT_FILE", missing, "SSL_CERT_DIR", "/etc/ssl/certs")
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
+    with DreamBoothClient("127.0.0.1:1", TOKEN, tls_ca="system", timeout_s=1) as client:
+        with pytest.raises(ClientError) as error:  # it tried TLS to nothing there: no crash building the channel
+            client.get("job-4")
+        assert error.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
 def _self_signed_certificate() -> tuple[bytes, bytes]:
     """A certificate for 127.0.0.1 (an IP SAN, which is what gRPC checks the target against) and its key."""
     import ipaddress

@@ -1539,9 +1539,14 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
     others.mkdir()
     (others / "theirs.jpg").write_bytes(next(dog_images.glob("*.jpg")).read_bytes()[::-1])
     (others / "weights.safetensors").write_bytes(b"theirs")
-    limit = 2**20  # max_named_image_bytes, small here: the sparse file below is read to it
+    limit = 2**20  # max_named_image_bytes, small here: the sparse files below are read to it
     controller = start(
-        dataclasses.replace(config, readable_paths=(*config.readable_paths, shared), max_named_image_bytes=limit)
+        dataclasses.replace(
+            config,
+            readable_paths=(*config.readable_paths, shared),
+            max_named_image_bytes=limit,
+            max_named_images_bytes=3 * limit,
+        )
     )
     try:
         with DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
@@ -1564,6 +1569,14 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
             with pytest.raises(ClientError, match=rf"huge\.jpg: over {limit} bytes") as error:
                 bob.submit(job_spec(tiny_model, photos), upload=False)
             assert error.value.code == "INVALID_ARGUMENT"
+            (photos / "huge.jpg").unlink()
+            for name in "abcd":  # each under the limit, four over the request's (and no disk used for them)
+                with open(photos / f"{name}.jpg", "wb") as big:
+                    big.truncate(limit - 1)
+            with pytest.raises(ClientError, match=r"d\.jpg: over .* max_named_images_bytes \(3145728\) in all"):
+                bob.submit(job_spec(tiny_model, photos), upload=False)
+            for name in "abcd":
+                (photos / f"{name}.jpg").unlink()
             # Named by itself, without an image's suffix: the controller opened it to sniff its format, and waited
             # for a writer for ever (the SDK refuses it on its side: a raw gRPC call).
             os.mkfifo(photos / "trap")
