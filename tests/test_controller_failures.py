@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -21,7 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from ray.job_submission import JobSubmissionClient
 
 from controller import ended_jobs, metrics
@@ -1477,24 +1481,42 @@ def test_a_ray_dashboard_that_does_not_answer_holds_no_reconcile_pass_deploy_nor
         store.close()
 
 
-def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start(config, tiny_model, dog_images):
+def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start(config, tiny_model, tmp_path):
     """A controller that died between staging a submission's photos and committing its row left them on storage for
     good: no job lists them and DeleteJob cannot name them. The next start removes them, and nothing else: not a
     job's folder, a `dreambooth train` run's, another database's submission's, nor that of a job a restored backup of
     the database lacks."""
+    # Photos whose check takes seconds (62 megapixels each, decoded whole): the controller is killed in between.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (7900, 7900), (120, 80, 40)).save(photos / "0.png")
+    for i in range(1, 8):
+        shutil.copy(photos / "0.png", photos / f"{i}.png")
     jobs_dir = config.storage / "jobs"
-    first = start(config)
+    first, port = _controller_process(config, tmp_path / "controller.yaml")
     try:
-        with DreamBoothClient(f"127.0.0.1:{first.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
-            queued = bob.submit(job_spec(tiny_model, dog_images)).job_id
-            # The crash: the row never commits, and the process is gone before it cleans up.
-            with pytest.MonkeyPatch.context() as crash:
-                crash.setattr(Store, "insert_job", _dies)
-                crash.setattr(JobService, "_discard_staged", lambda *_: None)
-                with pytest.raises(ClientError):
-                    bob.submit(job_spec(tiny_model, dog_images))
+        with DreamBoothClient(f"127.0.0.1:{port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+            queued = bob.submit(job_spec(tiny_model, photos)).job_id
+            outcome = []
+
+            def submit_again() -> None:
+                try:
+                    outcome.append(bob.submit(job_spec(tiny_model, photos)).job_id)
+                except ClientError as e:
+                    outcome.append(e.code)
+
+            crashed = threading.Thread(target=submit_again)
+            crashed.start()
+            deadline = time.monotonic() + 60
+            while not [p for p in jobs_dir.glob("*/instance_images/*.png") if p.parent.parent.name != queued]:
+                assert time.monotonic() < deadline, "the second submission's photos were never staged"
+                time.sleep(0.01)
+            first.kill()  # SIGKILL: no clean-up of any kind, while its photos are checked
+            first.wait()
+            crashed.join()  # its retries refused (nothing listens): it does not reach the next controller
+            assert outcome == ["UNAVAILABLE"]
     finally:
-        first.stop(grace_s=1)
+        first.kill()
     (orphan,) = (p for p in jobs_dir.iterdir() if p.name != queued)
     assert any((orphan / "instance_images").iterdir())
     by_the_cli = jobs_dir / "my-run"
@@ -1517,13 +1539,43 @@ def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start
         assert sorted(p.name for p in jobs_dir.iterdir()) == sorted(kept)
         assert any((jobs_dir / queued / "instance_images").iterdir())
         with DreamBoothClient(f"127.0.0.1:{second.port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
-            assert bob.get(queued).state == jobs_pb2.STATE_QUEUED
+            assert [job.job_id for job in bob.list()] == [queued]
     finally:
         second.stop(grace_s=1)
 
 
-def _dies(*_, **__):
-    raise RuntimeError("the controller died here")
+def _controller_process(config: ControllerConfig, path: Path) -> tuple[subprocess.Popen, int]:
+    """`config`'s controller as a process of its own (to be killed), and its port."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "storage": str(config.storage),
+                "listen": "127.0.0.1:0",
+                "ray_dashboard_url": config.ray_dashboard_url,
+                "metrics_listen": "",
+                "capacity_cpus": config.capacity_cpus,
+                "capacity_gpus": config.capacity_gpus,
+                "readable_paths": [str(p) for p in config.readable_paths],
+                "tenants": {
+                    t.name: {"tokens": list(t.tokens), "max_running_jobs": t.max_running_jobs} for t in config.tenants
+                },
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controller.server", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("controller ready on port"):
+            # Read on, or a controller that logs more than a pipe holds (64 KiB) would block on its next line.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
+            return process, int(line.split()[-1])
+    raise AssertionError(f"the controller exited with {process.wait()} before it was ready")
 
 
 def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_really_are(
