@@ -25,7 +25,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -291,30 +291,33 @@ class JobService:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
         upload_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        named_left = self.config.max_named_images_bytes  # counted as copied: a file's size may change under us
-        for index, (name, photo) in enumerate(self._photo_sources(images)):
-            path = upload_dir / _safe_filename(name, index)
-            if isinstance(photo, bytes):
-                write_file(path, photo)
-            else:
-                write_file(path, self._shared_photo_chunks(photo, named_left))
-                named_left -= path.stat().st_size
-            paths.append(str(path))
+        for index, (name, chunks) in enumerate(self._photo_contents(images)):
+            paths.append(str(upload_dir / _safe_filename(name, index)))
+            write_file(Path(paths[-1]), chunks)
         return paths
 
     def _photo_digests(self, images: list[ImageInput]) -> list[str]:
         """The sha256 of each photo of a request, in order (a retry's, to compare with the job's copies)."""
         digests = []
-        named_left = self.config.max_named_images_bytes
-        for _, photo in self._photo_sources(images):
+        for _, chunks in self._photo_contents(images):
             digest = hashlib.sha256()
-            size = 0
-            for chunk in [photo] if isinstance(photo, bytes) else self._shared_photo_chunks(photo, named_left):
+            for chunk in chunks:
                 digest.update(chunk)
-                size += len(chunk)
-            named_left -= 0 if isinstance(photo, bytes) else size
             digests.append(digest.hexdigest())
         return digests
+
+    def _photo_contents(self, images: list[ImageInput]) -> Iterator[tuple[str, Iterable[bytes]]]:
+        """(name, chunks) of each photo of a request, in order, each read to its end before the next is asked for:
+        a photo named by path is read as its chunks are, within what is left of max_named_images_bytes (counted as
+        read: a file's size may change under us)."""
+        named_left = self.config.max_named_images_bytes
+        for name, photo in self._photo_sources(images):
+            if isinstance(photo, bytes):
+                yield name, [photo]
+                continue
+            sizes: list[int] = []
+            yield name, _recording_sizes(self._shared_photo_chunks(photo, named_left), sizes)
+            named_left -= sum(sizes)
 
     def _photo_sources(self, images: list[ImageInput]) -> list[tuple[str, bytes | Path]]:
         """(name, uploaded bytes or a photo file on shared storage, not read yet) of each photo of a request, in
@@ -585,6 +588,12 @@ class JobService:
             return self.store.list_models(tenant, page_size, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
+
+
+def _recording_sizes(chunks: Iterable[bytes], sizes: list[int]) -> Iterator[bytes]:
+    for chunk in chunks:
+        sizes.append(len(chunk))
+        yield chunk
 
 
 MAX_TREE_ENTRIES = 10_000  # a base model has a few dozen files; a photo folder, its photos
