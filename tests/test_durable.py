@@ -19,6 +19,7 @@ from trainer.checkpoint import (
     checkpoint_steps,
     committed_steps,
     remove_unused_checkpoints,
+    resume_fallback,
     set_aside_unusable_run_state,
 )
 from trainer.class_images import STALE_PARTIAL_S, image_path, missing_indices, remove_stale_partials
@@ -167,10 +168,22 @@ def test_a_record_of_rays_checkpoints_it_cannot_use_is_set_aside(tmp_path):
     assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
     record_naming(run_dir, 4, ray_version="2.54.0")
     assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
-    # A run resumed from the events (its record set aside) and died before its first checkpoint: its new record
-    # names none, and Ray would start the next run from step 0.
+    # One naming none of the committed checkpoints (a storage restored in part) would start the run over.
     record_naming(run_dir)
     assert set_aside_unusable_run_state(run_dir, events.path) is not None and not record.exists()
+
+
+def test_a_run_ray_has_no_record_of_resumes_from_the_jobs_events(tmp_path):
+    """Ray writes its record of a run at the run's first checkpoint: a run that resumed from the events (its record
+    set aside) and died before saving one left none, and the next run started over from step 0."""
+    run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
+    run_dir.mkdir()
+    assert resume_fallback(run_dir, events.path) is None  # a job's first run
+    committed(run_dir, events, 2)
+    committed(run_dir, events, 4)
+    assert resume_fallback(run_dir, events.path) == run_dir / "checkpoint_step_0000004"
+    record_naming(run_dir, 2, 4)
+    assert resume_fallback(run_dir, events.path) is None  # Ray's to resume from
 
 
 def test_checkpoints_no_run_resumes_from_are_removed(tmp_path):

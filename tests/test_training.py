@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from dreambooth.errors import PlacementTimeout
 from dreambooth.model_files import content_identity
 from dreambooth.sd_model import load_base_model
 from trainer.checkpoint import RAY_RUN_STATE
-from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path
+from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path, missing_indices
 from trainer.data import encode_images
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
@@ -228,6 +229,31 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     # A guidance scale written 7 (YAML) or 7.0 (gRPC) draws the same images: one entry.
     sevens = [cache_key(dataclasses.replace(spec, class_image_guidance_scale=scale)) for scale in (7, 7.0)]
     assert sevens[0] == sevens[1] != cache_key(spec)
+
+
+def test_a_class_image_actor_that_dies_is_started_again_and_its_batch_redone(
+    ray_cluster, tiny_model, dog_images, tmp_path
+):
+    """A node lost while the class images are generated (a spot node reclaimed) failed the job for good, where the
+    same loss a phase later costs a restart of the workers."""
+    spec = make_spec(tiny_model, dog_images, num_class_images=4, max_failures=1, class_prompt="a photo of a lost dog")
+    killed = []
+
+    def kill_the_actor_once(done: int, total: int) -> None:
+        if done and not killed:  # a batch done, others to go: the actor's process dies as with its node
+            (actor,) = list_actors(
+                address=ray_cluster.dashboard_url,
+                filters=[("class_name", "=", "ClassImageGenerator"), ("state", "=", "ALIVE")],
+            )
+            os.kill(actor.pid, signal.SIGKILL)
+            killed.append(actor.actor_id)
+
+    directory = ensure_class_images(
+        spec, tmp_path, num_actors=1, placement_timeout_s=60, batch_size=1, on_progress=kill_the_actor_once
+    )
+    assert killed and missing_indices(directory, 4) == []
+    (actor,) = list_actors(address=ray_cluster.dashboard_url, filters=[("actor_id", "=", killed[0])], detail=True)
+    assert actor.num_restarts == 1
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(

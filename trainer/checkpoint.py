@@ -149,11 +149,10 @@ def _ray_recorded(run_dir: Path) -> list[str] | None:
 def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | None:
     """Ray Train fails at every later start of a run whose record of its checkpoints it cannot use, so the job could
     never run again: a record torn by a driver killed while Ray rewrote it in place, one naming a checkpoint that is
-    gone (an operator short of space removed the older ones), or one of another Ray version. And a record behind the
-    job's events (a run that resumed from them after its record was set aside, and died before its first
-    checkpoint, left a new one naming none) would start the next run over from step 0. Such a record is renamed
-    aside: the run then resumes from `committed_checkpoint`, as Ray no longer knows any. Returns where it went, or
-    None."""
+    gone (an operator short of space removed the older ones), or one of another Ray version. And one behind the
+    job's events (naming none of the checkpoints committed since: a copy of the storage restored in part) would
+    start the run over from an older step. Such a record is renamed aside: the run then resumes from
+    `resume_fallback`, as Ray no longer knows any. Returns where it went, or None."""
     record = run_dir / RAY_RUN_STATE
     if not record.exists():
         return None
@@ -168,6 +167,17 @@ def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | Non
     aside = record.with_name(f"{record.name}.unusable-{uuid.uuid4().hex[:8]}")
     os.replace(record, aside)
     return aside
+
+
+def resume_fallback(run_dir: Path, events_file: Path) -> Path | None:
+    """The checkpoint a run resumes from where Ray has no record of the run (after `set_aside_unusable_run_state`,
+    a record that is there is one Ray uses): the newest the job's events say was committed. Ray writes its record
+    only when a run reports its first checkpoint, so a run that resumed from the events, its record set aside, and
+    died before saving one leaves none: the next run resumes from the events too, not from step 0 (overwriting
+    the committed checkpoints as it went)."""
+    if (run_dir / RAY_RUN_STATE).exists():
+        return None
+    return committed_checkpoint(events_file)
 
 
 def committed_steps(run_dir: Path, events_file: Path) -> list[int]:

@@ -165,6 +165,10 @@ def ensure_class_images(
     # they are free, since training starts after these actors end. (An actor asking for more could wait for
     # ever, and the pool would wait for the batch handed to it.)
     options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if spec.use_gpu else 0}
+    # An actor lost with its node (a spot node reclaimed) is started again and its batch handed to it again
+    # (generating a batch twice writes the same images), as Ray Train restarts the training workers: it failed
+    # the job for good, where the same loss a phase later cost a restart.
+    options |= {"max_restarts": spec.max_failures, "max_task_retries": spec.max_failures}
     mark = mark_shared(directory)
     actors = [
         ClassImageGenerator.options(**options).remote(spec.base_model, spec.use_gpu, str(mark))

@@ -33,6 +33,7 @@ from trainer.checkpoint import (
     committed_checkpoint,
     committed_steps,
     remove_unused_checkpoints,
+    resume_fallback,
     set_aside_unusable_run_state,
 )
 from trainer.class_images import ensure_class_images
@@ -228,10 +229,11 @@ def _train(
         config = dataclasses.replace(config, class_images_dir=str(class_images))
 
     if (aside := set_aside_unusable_run_state(paths.checkpoints_dir, paths.events_file)) is not None:
-        # The record is lost, not the checkpoints: the job's events name the newest one Ray committed.
-        resume_from = committed_checkpoint(paths.events_file)
-        config = dataclasses.replace(config, resume_from=str(resume_from) if resume_from else None)
-        print(f"warning: Ray's record of this run's checkpoints was unusable ({aside}): resuming from {resume_from}")
+        print(f"warning: Ray's record of this run's checkpoints was unusable, set aside: {aside}")
+    # Where Ray has no record of the run, the job's events name the newest checkpoint it committed.
+    if (resume_from := resume_fallback(paths.checkpoints_dir, paths.events_file)) is not None:
+        config = dataclasses.replace(config, resume_from=str(resume_from))
+        print(f"resuming from {resume_from}, which Ray has no record of")
     if removed := remove_unused_checkpoints(paths.checkpoints_dir, paths.events_file):
         print(f"removed the checkpoints of steps {removed}, which no run resumes from")
     events.emit("state", state="TRAINING")
