@@ -266,6 +266,11 @@ class Reconciler:
         job = self._apply_events(job)  # what the driver wrote just before it ended
         if job.state in TERMINAL_STATES:
             return
+        if job.model_id is not None:
+            # It ended between writing its model (whole: the event follows the export) and saying SUCCEEDED, stopped
+            # by a cancel or killed: the model wins, as over a late cancel, instead of a CANCELLED job holding one.
+            self._finish(job, "SUCCEEDED")
+            return
         if job.state == "CANCELLING":
             maybe_on_its_way = not self._unsent.get(job.ray_submission_id, False)
             if status == RayJobStatus.LOST and maybe_on_its_way and self._events_quiet_s(job) < LOST_QUIET_S:
@@ -312,9 +317,13 @@ class Reconciler:
             )
 
     def _past_run_time(self, job: JobRecord) -> bool:
-        """Whether the job has run past max_job_run_s. An exporting job is let finish: its model is nearly there."""
+        """Whether the job has run past max_job_run_s. A job with only its export left is let finish, its model
+        nearly there: EXPORTING, or run again after its driver died exporting (PREPARING until the rerun, having
+        checked the job's inputs again, reaches the export), which a stop would have spent an attempt on."""
         limit = self.config.max_job_run_s
-        if limit is None or job.start_time is None or job.state == "EXPORTING":
+        if limit is None or job.start_time is None:
+            return False
+        if job.state == "EXPORTING" or job.last_checkpoint_step >= job.spec.get("max_steps", float("inf")):
             return False
         return time.time() - job.start_time > limit
 
@@ -358,8 +367,8 @@ class Reconciler:
     def _finish(self, job: JobRecord, state: str, reason: str = "", message: str = "") -> None:
         self._unsent.pop(job.ray_submission_id, None)
         fields = {"end_time": time.time()}
-        if reason:
-            fields.update(failure_reason=reason, failure_message=message)
+        if reason or state == "SUCCEEDED":  # a success clears what a run-time stop recorded
+            fields.update(failure_reason=reason or None, failure_message=message or None)
         # A job being cancelled ends as its cancel says whatever Ray said: this pass may have read the job before the
         # cancel, and then a Ray job the cancel stopped looks "stopped outside the controller".
         from_states = {"CANCELLING"} if job.state == "CANCELLING" else RUNNING_STATES

@@ -498,6 +498,8 @@ class JobService:
                 job = dataclasses.replace(now, state=state, progress=progress)
                 told = self.waiting_for(job)
                 yield job, change
+                if job.state in TERMINAL_STATES:
+                    return  # the stream's last update: what was published after it is not news of this job
             if missed or not changes:
                 # The feed no longer held some changes (this follower fell more than its capacity behind), or a quiet
                 # second passed: read the job anyway, so that a change never delivered still ends the stream (and a

@@ -246,6 +246,23 @@ def test_a_job_running_past_max_job_run_s_is_stopped_and_fails(by_hand, trainer_
         assert "24 h after it started" in final.failure_message and "max_job_run_s" in final.failure_message
 
 
+def test_a_driver_stopped_between_its_model_and_its_success_ends_succeeded_with_the_model(by_hand):
+    """The model is written (and listed, deployable) before the trainer says SUCCEEDED: a cancel, or the run-time
+    limit, stopping the driver in between left a CANCELLED (or FAILED) job holding a model."""
+    reconciler, store, service = by_hand, by_hand.store, by_hand.service
+    job = training_under(reconciler, "sleep 600")
+    events = EventLog(job_paths(reconciler.config.storage, job.job_id).events_file)
+    events.emit("state", state="EXPORTING")
+    events.emit("model", path=str(job_paths(reconciler.config.storage, job.job_id).model_dir), metadata={})
+    reconciler._follow(store.get_job(job.job_id))
+    assert service.cancel("alice", job.job_id).state == "CANCELLING"
+    _ended(reconciler.ray_jobs, job.ray_submission_id)
+    reconciler._follow(store.get_job(job.job_id))
+    final = store.get_job(job.job_id)
+    assert (final.state, final.failure_reason, final.model_id) == ("SUCCEEDED", None, f"model-{job.job_id[4:]}")
+    assert store.get_model(final.model_id).job_id == job.job_id
+
+
 def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run_again(by_hand):
     """An exporting job is let finish (its model is nearly there; a stop would delete the half-written export), and
     a job past the limit whose driver died is not submitted again only to be stopped on the next pass."""
@@ -258,6 +275,10 @@ def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run
         assert store.get_job(exporting.job_id).state == "EXPORTING"
     finally:
         reconciler.ray_jobs.stop(exporting.ray_submission_id)
+    # Its driver died exporting: the rerun is PREPARING (checking the job's inputs again) until it reaches the export.
+    rerun = dataclasses.replace(store.get_job(exporting.job_id), state="PREPARING", spec={"max_steps": 6})
+    assert not reconciler._past_run_time(dataclasses.replace(rerun, last_checkpoint_step=6))
+    assert reconciler._past_run_time(dataclasses.replace(rerun, last_checkpoint_step=4))  # training left: stopped
     died = training_under(reconciler, "false")
     store.update_job(died.job_id, start_time=past)
     assert _ended(reconciler.ray_jobs, died.ray_submission_id) == RayJobStatus.FAILED
@@ -1272,6 +1293,7 @@ def test_a_watch_tells_each_change_as_it_was_when_one_pass_published_several(tmp
         ("checkpoint", {"step": 10}),
         ("state", {"state": "EXPORTING"}),
         ("state", {"state": "SUCCEEDED"}),
+        ("queued", None),  # published after the end in the same batch (a pass's queue): not told, the stream is over
     ]:
         service.feed.publish(mine.job_id, kind, data)
     told = [(job.state, job.progress.get("step"), change.kind) for job, change in watch]

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class ModelServiceStub:
-    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving. Errors carry
-    the details JobService's do (jobs.proto).
+    """Finished subject models (one per SUCCEEDED job, listed once its export is written, until DeleteModel) and their
+    deployment to serving. Errors carry the details JobService's do (jobs.proto).
     """
 
     def __init__(self, channel):
@@ -64,8 +64,8 @@ class ModelServiceStub:
 
 
 class ModelServiceServicer:
-    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving. Errors carry
-    the details JobService's do (jobs.proto).
+    """Finished subject models (one per SUCCEEDED job, listed once its export is written, until DeleteModel) and their
+    deployment to serving. Errors carry the details JobService's do (jobs.proto).
     """
 
     def ListModels(self, request, context):
@@ -140,8 +140,8 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelService:
-    """Finished subject models (one per SUCCEEDED job, until DeleteModel) and their deployment to serving. Errors carry
-    the details JobService's do (jobs.proto).
+    """Finished subject models (one per SUCCEEDED job, listed once its export is written, until DeleteModel) and their
+    deployment to serving. Errors carry the details JobService's do (jobs.proto).
     """
 
     @staticmethod
