@@ -71,6 +71,12 @@ class ModelNotServed(LookupError):
     """The model id is not (or no longer) deployed."""
 
 
+class NotOnReplicaYet(Exception):
+    """The ingress lists the model, the generator replica that got the request does not yet: Serve reconfigures the
+    ingress and the generators apart (the replicas a fifth at a time, none while the deployment scales down), so a
+    deploy reaches every replica a while later."""
+
+
 class TenantBusy(Exception):
     """The caller's tenant has max_requests_per_tenant requests in the ingress already."""
 
@@ -510,7 +516,10 @@ class Ingress:
                 raise ModelNotServed(model_id)
             request = to_generation_request(body, self.config.limits, default_size=model.resolution)
             with self._turn_of(tenant):
-                encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+                try:
+                    encoded = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+                except ModelNotServed as e:
+                    raise NotOnReplicaYet(model_id) from e
             outcome, images = "ok", len(encoded.png)
         except Unauthenticated as e:
             outcome = "unauthenticated"
@@ -521,6 +530,9 @@ class Ingress:
         except ModelNotServed as e:
             outcome = "not_found"
             raise _not_found(model_id) from e
+        except NotOnReplicaYet as e:  # a 404 would tell its client the model is not there: it is on its way
+            outcome = "unavailable"
+            raise self._retry_later(503, "model_unavailable", f"model {model_id!r} is still being deployed") from e
         except TenantBusy as e:
             outcome = "throttled"
             raise self._retry_later(429, "throttled", str(e)) from e

@@ -83,7 +83,7 @@ ErrorCode = Literal[
     "too_large",  # 413
     "throttled",  # 429: the tenant's max_requests_per_tenant; retry after Retry-After
     "overloaded",  # 503: the queue is full, or the request's batch outgrew the GPU; retry after Retry-After
-    "model_unavailable",  # 503: its model cannot be loaded now; retry after Retry-After
+    "model_unavailable",  # 503: its model cannot be loaded now, or is still being deployed; retry after Retry-After
     "unavailable",  # 503: its replica went away (Serve starts another); retry after Retry-After
     "error",  # any other status
 ]

@@ -19,7 +19,7 @@ from PIL import Image
 from ray import serve
 
 from serving.config import MAX_BODY_BYTES, RequestLimits, ServeConfig
-from serving.deployer import ServeDeployer
+from serving.deployer import DEPLOYMENTS, ServeDeployer
 from serving.model_loads import LOAD_RETRY_S
 
 STEPS = 3
@@ -222,6 +222,29 @@ def test_a_model_deployed_from_another_directory_draws_from_it(service, subject_
     finally:
         deployer.apply({k: str(v) for k, v in subject_models.items()})
         draws_like(service, "rex", rex)
+
+
+def test_a_model_its_replica_has_not_got_yet_is_retried_not_missing(service, subject_models, ray_cluster):
+    """Serve reconfigures the ingress and the generator replicas apart (the replicas a fifth at a time, none while
+    the deployment scales down): right after a deploy, a request for the new model reaching a replica that does not
+    know it yet was told 404 "not deployed", which the SDK does not retry, for minutes."""
+    deployer = ServeDeployer(ray_cluster.dashboard_url, service)
+    models = {k: str(v) for k, v in subject_models.items()}
+    skewed = deployer.application(models | {"newcomer": models["fido"]})
+    generator = DEPLOYMENTS.index("Generator")
+    skewed["deployments"][generator] = deployer.application(models)["deployments"][generator]  # not there yet
+    deployer.application = lambda *_: skewed
+    deployer.apply(models)
+    try:
+        wait_for_models(deployer, {"newcomer"})
+        response = generate(service, "newcomer")
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "model_unavailable" and "still being deployed" in response.text
+        assert response.headers["retry-after"] == str(service.retry_after_s)
+        assert generate(service, "nobody").status_code == 404  # not listed: not there
+    finally:
+        ServeDeployer(ray_cluster.dashboard_url, service).apply(models)
+        wait_for_models(deployer, set(subject_models))
 
 
 def test_a_model_that_cannot_load_answers_503_and_the_others_serve_on(service, subject_models, ray_cluster, tmp_path):
