@@ -32,6 +32,10 @@ from dreambooth.model_files import ModelMetadata, check_inference_steps, samplin
 from dreambooth.sd_model import check_prompt, load_base_model
 
 logger = logging.getLogger(__name__)
+# The VAE decodes a cohort this many images at a time: its peak memory grows with the images decoded at once (about
+# twice a denoising step's per image), so a cohort whose steps fitted the GPU could run out of memory in its decode,
+# failing every request in it, on every retry. Four images keep a GPU busy.
+DECODE_IMAGES_AT_ONCE = 4
 
 
 @dataclass(frozen=True)
@@ -431,11 +435,13 @@ class SamplingEngine:
     def decode(self, cohort: Cohort) -> DecodedCohort:
         """Starts decoding a denoised cohort. On a GPU it returns once the work is queued, so the caller can queue
         other cohorts' next step meanwhile; `results()` waits for it (from any thread)."""
-        model = cohort.model
-        pixels = model.vae.decode(cohort.latents / model.vae.config.scaling_factor, return_dict=False)[0]
-        # To 8 bits on the device: a quarter of the bytes to copy, and no numpy pass over them on the host.
-        pixels = ((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).contiguous()  # (images, height, width, 3), as PIL takes them
+        vae = cohort.model.vae
+        chunks = []
+        for latents in (cohort.latents / vae.config.scaling_factor).split(DECODE_IMAGES_AT_ONCE):
+            pixels = vae.decode(latents, return_dict=False)[0]
+            # To 8 bits on the device: a quarter of the bytes to copy, and no numpy pass over them on the host.
+            chunks.append(((pixels / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8))
+        pixels = torch.cat(chunks).permute(0, 2, 3, 1).contiguous()  # (images, height, width, 3), as PIL takes them
         if pixels.device.type != "cuda":
             return DecodedCohort(cohort, pixels)
         # Pinned host memory (torch caches it), so the copy is asynchronous, in stream order after the decode.

@@ -40,15 +40,18 @@ def rex(engine, subject_models):
     return engine.load("rex", subject_models["rex"])
 
 
-def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex):
+def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex, monkeypatch):
     alone = request(num_images=2, guidance_scale=5.0)
     [solo] = engine.generate(rex, [alone])
     others = [
         request(prompt="a photo of sks dog on the beach", seed=1, guidance_scale=9.0),
         request(negative_prompt="blurry", seed=2, num_images=3, guidance_scale=1.5),
     ]
+    decoded, decode = [], rex.vae.decode
+    monkeypatch.setattr(rex.vae, "decode", lambda latents, **kw: decoded.append(len(latents)) or decode(latents, **kw))
     batched = engine.generate(rex, [others[0], alone, others[1]])
     assert [r.batch_size for r in batched] == [3, 3, 3] and batched[1].batch_images == 6
+    assert decoded == [4, 2]  # the VAE's memory grows with the images it decodes at once: a few at a time
     assert batched[1].seeds == solo.seeds == [7, 8]
     for a, b in zip(solo.images, batched[1].images, strict=True):
         # Different batch sizes may round differently in the last float bits: at most one 8-bit level.
