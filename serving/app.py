@@ -313,6 +313,10 @@ def _too_large() -> ApiError:
     return ApiError(413, "too_large", f"the request body is over {MAX_BODY_BYTES} bytes, the most this API reads")
 
 
+def _too_slow(timeout_s: float) -> ApiError:
+    return ApiError(408, "timeout", f"the request body did not arrive within {timeout_s:g} s of its headers")
+
+
 def error_response(
     status_code: int, code: ErrorCode, detail: Any, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -368,6 +372,7 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "A field out of bounds, or a body that is not UTF-8 JSON."},
     **UNAUTHENTICATED,
     **NOT_FOUND,
+    408: {"model": ErrorBody, "description": "The body was not all there body_timeout_s after the headers."},
     413: {"model": ErrorBody, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
     422: {"model": ErrorBody, "description": "Not a GenerateBody: not JSON, or a field of the wrong type or name."},
     429: {
@@ -413,8 +418,10 @@ async def unprocessable(request: Request, error: RequestValidationError) -> JSON
 
 class BodyCap:
     """413 for a body over MAX_BODY_BYTES, announced (Content-Length: refused unread) or counted as it arrives (FastAPI
-    reads a body whole before its handler checks the token). Not FastAPI's max_body_size: it answers an announced
-    one "Content Too Large" in plain text, over whatever the handlers said."""
+    reads a body whole before its handler checks the token), and 408 for one not all there `body_timeout_s` after
+    the headers: Serve hands the ingress a request with its headers, and bodies sent a byte at a time held all its
+    slots, every tenant's requests queueing behind them. Not FastAPI's max_body_size: it answers an announced one
+    "Content Too Large" in plain text, over whatever the handlers said."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -428,14 +435,23 @@ class BodyCap:
             response = await http_error(Request(scope), _too_large())
             await response(scope, receive, send)
             return
-        received = 0
+        received, body_done = 0, False
+        timeout_s = getattr(scope["app"].state, "body_timeout_s", ServeConfig.body_timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
 
         async def receive_capped() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # what follows the body (a disconnect) is waited for as long as the request runs
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _too_slow(timeout_s) from None  # through FastAPI's body parsing to http_error
+            body_done = not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > MAX_BODY_BYTES:
-                raise _too_large()  # through FastAPI's body parsing to http_error
+                raise _too_large()
             return message
 
         await self.app(scope, receive_capped, send)
@@ -460,6 +476,7 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
         keep_replica_grpc_on_loopback()
         self.config = ServeConfig.from_dict(config)
+        api.state.body_timeout_s = self.config.body_timeout_s  # for BodyCap, in front of the handlers
         self.generator = generator
         self.models: dict[str, ServedModel] = {}
         self.paths: dict[str, str] = {}  # model id -> the directory its listing was read from
@@ -621,4 +638,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # waits for them as long as a generator would.
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         max_ongoing_requests=max(100, 2 * admitted),
+        max_queued_requests=max(100, 2 * admitted),  # Serve's default is no bound: beyond it, 503 from Serve's proxy
     ).bind(generator, config.to_dict())

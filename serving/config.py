@@ -81,6 +81,9 @@ class ServeConfig:
     """With tenants: generate requests one tenant may have in the ingress at once (sampling or waiting); more get 429
     with Retry-After, so that one tenant's burst cannot fill the queue every tenant shares (max_queued_requests)."""
     retry_after_s: int = 2
+    body_timeout_s: float = 30.0
+    """A request's body must have arrived this many seconds after its headers, else 408: one sent slowly holds a slot
+    of the ingress (Serve hands it the request with its headers) before its token is checked."""
     limits: RequestLimits = RequestLimits()
 
     def __post_init__(self):
@@ -109,6 +112,7 @@ class ServeConfig:
             ("max_requests_per_tenant", self.max_requests_per_tenant >= 1, "must be >= 1"),
             ("limits.max_images", 1 <= self.limits.max_images <= self.max_batch_size, "must be 1..max_batch_size"),
             ("retry_after_s", self.retry_after_s >= 0, "must be >= 0 (seconds, the Retry-After header)"),
+            ("body_timeout_s", self.body_timeout_s > 0, "must be > 0 (seconds)"),
             # Schedulers refuse more inference steps than their 1000 training timesteps; a model whose scheduler
             # refuses fewer (SD 1.5's at 1000, LCM's above 50) answers such a request 400.
             ("limits.max_steps", 1 <= self.limits.max_steps <= 1000, "must be 1..1000"),

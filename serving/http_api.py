@@ -80,6 +80,7 @@ ErrorCode = Literal[
     "unauthenticated",  # 401
     "not_found",  # 404: no such model (or another tenant's), or no such path
     "method_not_allowed",  # 405
+    "timeout",  # 408: the body came too slowly
     "too_large",  # 413
     "throttled",  # 429: the tenant's max_requests_per_tenant; retry after Retry-After
     "overloaded",  # 503: the queue is full, or the request's batch outgrew the GPU; retry after Retry-After

@@ -57,6 +57,7 @@ def service(ray_cluster, subject_models, serve_port) -> Iterator[ServeConfig]:
         max_queued_requests=4,
         max_requests_per_tenant=3,  # with tenants only: one test deploys with them
         retry_after_s=3,
+        body_timeout_s=2,
         limits=RequestLimits(max_images=4, max_steps=60),
         max_models_per_replica=1,  # rex and fido take turns: every switch evicts the other
         # Requests at the models' native size (the default) run the compiled UNet, compiled when the replica
@@ -353,6 +354,18 @@ def test_a_body_over_the_cap_is_413_whether_its_length_is_announced_or_not(servi
     chunked = requests.post(service.endpoint("rex"), data=chunks, headers=json_type, timeout=30)
     assert chunked.status_code == 413, chunked.text
     assert generate(service, "rex", steps=2).status_code == 200  # and the ingress still serves
+
+
+def test_a_body_not_all_there_in_time_is_408(service):
+    """Serve hands the ingress a request with its headers: bodies sent a byte at a time, by callers whose token is
+    checked only after, held every slot of the ingress, every tenant's requests queueing behind them."""
+    url = urllib.parse.urlsplit(service.endpoint("rex"))
+    head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=60) as slow:
+        slow.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')  # and no more
+        answer = slow.makefile("rb").read1(65536).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert f"did not arrive within {service.body_timeout_s:g} s" in answer
 
 
 def test_overload_answers_503_with_retry_after(service):
