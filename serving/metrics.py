@@ -2,7 +2,8 @@
 
 They go through Ray's metrics agent, which prefixes `ray_` and adds the deployment, replica and application tags:
 e.g. `ray_dreambooth_serve_requests_total{model_class="dog", outcome="ok"}`. Model ids are not a label (one series
-per subject would grow without bound); the subject's class is, bounded (`class_label`).
+per subject would grow without bound); the subject's class is, bounded (`class_label`). Ray Serve's own
+`ray_serve_registered_multiplexed_model_id` is labelled by model id: deploy/prometheus drops it at the scrape.
 """
 
 from __future__ import annotations
