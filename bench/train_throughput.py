@@ -342,7 +342,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     """The trainer's figures from its events file.
 
     A progress event at step S covers the steps since the previous event's step P. Left out: the first
-    window (it starts at the reporter's creation), windows with P < `warmup`, and windows holding a
+    window (the run's first step, told with no rate), windows with P < `warmup`, and windows holding a
     checkpoint save. A save at step N runs right after step N's progress report, so it lies in the window
     with P <= N < S (by steps, not times: a "checkpoint" event is written when Ray commits it, later). The rate
     is the windows' steps over their seconds, as the baseline's (a median of windows would drop slow ones).

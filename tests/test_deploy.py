@@ -564,10 +564,37 @@ def test_progress_reporter_records_metrics_each_window(tmp_path):
         reporter.step(step, value, value, value, lr=1e-5)
     reporter.step(7, torch.tensor(5.0), torch.tensor(5.0), torch.tensor(5.0), lr=1e-5, force=True, skipped_steps=2)
     reporter.close()
-    assert metrics.steps == [3]  # one window: steps 5-7, resumed at 4
-    (event,) = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "progress"]
-    assert event["loss"] == pytest.approx(3.0) and event["steps_per_s"] > 0
+    assert metrics.steps == [1, 2]  # the run's first step (resumed at 4), told at once; then steps 6-7
+    first, event = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "progress"]
+    assert (first["step"], first["loss"], first["steps_per_s"]) == (5, 1.0, None)
+    assert event["loss"] == pytest.approx(4.0) and event["steps_per_s"] > 0
     assert event["skipped_steps"] == 2  # fp16 overflows so far: what the benchmark and a user watch for
+
+
+def test_the_rate_and_eta_leave_out_what_a_runs_first_step_paid_for(tmp_path):
+    """A run's first step follows the model's load (and compiles, with torch_compile: minutes): timed from the
+    reporter's creation, the first report said ~0.005 steps/s and an ETA of hours, to the CLI, gRPC and Grafana."""
+    import time
+
+    import torch
+
+    from trainer.events import EventLog, read_events
+    from trainer.progress import ProgressReporter
+
+    reporter = ProgressReporter(EventLog(tmp_path / "events.jsonl"), tmp_path / "tb", 100, 0, interval_s=3600)
+    time.sleep(1)  # loading, compiling
+    for step in (1, 2):
+        reporter.step(step, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), lr=1e-5)
+    reporter.step(3, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), lr=1e-5, force=True)
+    reporter.close()
+    first, event = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "progress"]
+    assert first["step"] == 1 and first["steps_per_s"] is None and first["eta_s"] is None  # told at once, no rate
+    assert event["steps_per_s"] > 10 and event["eta_s"] < 10  # steps 2-3, not 0-3 over the second before
+    single = ProgressReporter(EventLog(tmp_path / "one.jsonl"), tmp_path / "tb1", 1, 0)
+    single.step(1, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), lr=1e-5, force=True)  # a 1-step job
+    single.close()
+    (event,) = [e for e in read_events(tmp_path / "one.jsonl") if e["type"] == "progress"]
+    assert event["steps_per_s"] is None and event["eta_s"] is None and event["loss"] == 1.0
 
 
 def test_a_resumed_runs_tensorboard_events_drop_the_steps_it_logs_again(tmp_path):

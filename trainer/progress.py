@@ -45,8 +45,8 @@ class ProgressReporter:
         self.total_steps = total_steps
         self.interval_s = interval_s
         self.metrics = metrics
-        self._window_start_time = time.perf_counter()
         self._window_start_step = start_step
+        self._timed_from: tuple[float, int] | None = None  # (time, step) the rate is measured from
         self._sums: torch.Tensor | None = None
         self._count = 0
 
@@ -66,11 +66,17 @@ class ProgressReporter:
         self._sums = values if self._sums is None else self._sums + values
         self._count += 1
         now = time.perf_counter()
-        if not force and now - self._window_start_time < self.interval_s:
+        if self._timed_from is None:
+            # The run's first step paid for more than a step (the model's load, a resume's validation, and with
+            # torch_compile minutes of compiling): told at once, with no rate, and the rate (and the ETA) timed from
+            # its end, the loop's.
+            self._timed_from = (now, step)
+        elif not force and now - self._timed_from[0] < self.interval_s:
             return
         loss_avg, instance_avg, prior_avg = (self._sums / self._count).tolist()
-        steps_per_s = (step - self._window_start_step) / max(now - self._window_start_time, 1e-9)
-        eta_s = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else None
+        timed_since, timed_from_step = self._timed_from
+        steps_per_s = (step - timed_from_step) / max(now - timed_since, 1e-9) if step > timed_from_step else None
+        eta_s = (self.total_steps - step) / steps_per_s if steps_per_s else None
         fields = {
             "step": step,
             "total_steps": self.total_steps,
@@ -84,13 +90,12 @@ class ProgressReporter:
         }
         fields.update(peak_memory())
         self.events.emit("progress", **fields)
-        self.tensorboard.add(
-            {f"train/{n}": fields[n] for n in ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")}, step
-        )
+        names = ("loss", "instance_loss", "prior_loss", "lr", "steps_per_s")
+        self.tensorboard.add({f"train/{n}": fields[n] for n in names if fields[n] is not None}, step)
         if self.metrics is not None:
             self.metrics.record_steps(step - self._window_start_step)
         self._sums, self._count = None, 0
-        self._window_start_time, self._window_start_step = now, step
+        self._window_start_step, self._timed_from = step, (now, step)
 
     def close(self) -> None:
         self.tensorboard.close()
