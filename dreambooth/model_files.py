@@ -39,8 +39,8 @@ class ModelMetadata:
     instance_prompt: str = ""
     class_prompt: str | None = None
     steps: int = 0
-    final_loss: float | None = None
-    wall_time_s: float | None = None  # every run of the job's, added up
+    final_loss: float | None = None  # the last step's (over its micro-steps and ranks): noisy at small batches
+    wall_time_s: float | None = None  # every run of the job's, added up, until its export began
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # the job's spec
 
     @property
