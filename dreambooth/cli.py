@@ -264,7 +264,7 @@ def _client_error_line(target: str, e: ClientError) -> str:
 def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
     job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=args.request_id)
     print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
-    return _follow(client, job.job_id) if args.watch else 0
+    return _follow(client, job.job_id, submitted=True) if args.watch else 0
 
 
 def _jobs(client: DreamBoothClient, args: argparse.Namespace) -> int:
@@ -387,10 +387,10 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(client: DreamBoothClient, job_id: str) -> int:
+def _follow(client: DreamBoothClient, job_id: str, submitted: bool = False) -> int:
     """Progress bars (class images, then training steps with loss and the server's ETA) and a line per state
     change, until the job ends. 0 when it SUCCEEDED, 1 when it ended otherwise, WATCH_LOST when it stopped following
-    a job that goes on."""
+    a job that goes on (one just `submitted`, or one it had news of)."""
     from tqdm import tqdm
 
     from dreambooth.client import ClientError
@@ -416,6 +416,10 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
                 tqdm.write(f"validation at step {update.validation.step}: {update.validation.path}", file=sys.stderr)
     except ClientError as e:
         if e.code in _USER_ERRORS:  # no such job, not the caller's: a mistake to fix
+            raise
+        if job is None and not submitted and e.code != "RESOURCE_EXHAUSTED":
+            # Never reached the controller (a wrong address or CA, the controller down): nothing says a job goes
+            # on, and a script looping while the status is WATCH_LOST would loop for ever.
             raise
         # The controller gone for minutes (an upgrade), or too many watches open: the job's end is unknown, and
         # 1 would tell a script it failed (and to run it again, beside the first).

@@ -349,7 +349,7 @@ def _check_upload_sizes(paths: list[Path]) -> None:
         raise InputError(
             "instance_images",
             f"{total / 2**20:.0f} MiB of images, over the {MAX_UPLOAD_BYTES // 2**20} MiB a request carries: "
-            "put them on shared storage and submit with upload=False",
+            "put them on shared storage and submit them by path (`--no-upload`; SDK: upload=False)",
         )
 
 

@@ -41,6 +41,7 @@ from dreambooth.serving_client import (
 )
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.config import LOAD_TIMEOUT_S
+from tests.conftest import free_port
 from trainer.images import MAX_INSTANCE_IMAGES
 
 TOKEN = "t0ken"
@@ -474,6 +475,10 @@ def test_cli_watch_that_stops_following_a_job_does_not_say_it_failed(monkeypatch
     err = capsys.readouterr().err
     assert code == 3
     assert "error: RESOURCE_EXHAUSTED: 64 watches open" in err and "job-4: stopped following it; it goes on" in err
+    # No controller ever answered (a wrong address, the controller down): nothing says a job goes on.
+    assert main(["watch", "job-4", "--controller", f"127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "no controller answers at 127.0.0.1" in err and "it goes on" not in err
 
 
 def test_the_sdk_reads_the_environment_as_the_cli_does(controller, monkeypatch):
@@ -509,7 +514,6 @@ def test_the_token_is_sent_on_every_call(controller):
 
 
 def test_unreachable_controller(tmp_path):
-    from tests.conftest import free_port
 
     with DreamBoothClient(f"127.0.0.1:{free_port()}", TOKEN, timeout_s=5) as c:
         with pytest.raises(ClientError) as error:

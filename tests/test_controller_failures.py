@@ -964,7 +964,8 @@ def test_a_model_deployed_behind_the_lock_during_its_deletion_is_not_reported_de
     assert store.get_model("model-1").deployed
 
 
-def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
+def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys, monkeypatch):
+    from controller import server as server_module
     from controller.server import main as controller_main
 
     unknown, broken, rolled_back = tmp_path / "unknown.yaml", tmp_path / "broken.yaml", tmp_path / "rolled-back.yaml"
@@ -999,6 +1000,14 @@ def test_controller_settings_to_fix_are_named_not_tracebacks(tmp_path, capsys):
     assert controller_main(["--config", str(unusable)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: database_url: unusable: ") and "Traceback" not in err
+    # The storage's passing trouble at start (an NFS server restarting) is worth a restart: 1, not 2.
+    with monkeypatch.context() as stale:
+
+        def stale_storage(config):
+            raise OSError(errno.ESTALE, "Stale file handle")
+
+        stale.setattr(server_module, "start", stale_storage)
+        assert controller_main(["--storage", str(tmp_path)]) == 1
 
 
 def test_a_port_another_grpc_server_holds_is_refused_not_shared(config, tmp_path):
