@@ -625,11 +625,12 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     preflight(spec)  # before Ray, DeepSpeed and the rest of training load
 
     from dreambooth.local_ray import init_ray
-    from trainer.run import run_training
+    from trainer.run import only_export_left, run_training
 
     print(f"job {paths.job_id}: {paths.job_dir}", file=sys.stderr)
     init_ray(address)
-    _check_cluster_fits(spec, started_here=address is None)
+    if only_export_left(spec, paths) is None:  # an export runs here, on CPUs: a GPU job trained elsewhere exports
+        _check_cluster_fits(spec, started_here=address is None)
     stop = threading.Event()
     start_offset = paths.events_file.stat().st_size if paths.events_file.exists() else 0
     viewer = threading.Thread(target=show_progress, args=(paths.events_file, stop, start_offset), daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,6 +10,9 @@ import yaml
 from PIL import Image
 
 from dreambooth.cli import main
+from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
+from trainer.events import EventLog
+from trainer.storage import job_paths
 
 
 @pytest.fixture
@@ -91,6 +95,14 @@ def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: gpus_per_worker: the job needs 1 GPU (num_workers x gpus_per_worker)" in result.stderr
     assert "gpus_per_worker: 0 trains on CPUs" in result.stderr
+    # A job that trained to the end elsewhere has only its export left, which runs on CPUs: not refused here.
+    paths = job_paths(tmp / "s", "job-trained-elsewhere")
+    final = paths.checkpoints_dir / checkpoint_dir_name(400)
+    final.mkdir(parents=True)
+    (final / STATE_FILE).write_text(json.dumps({"step": 400}))  # no weights: the export fails, after the check
+    EventLog(paths.events_file).emit("checkpoint", step=400, path=str(final))
+    result = subprocess.run([*command, "--job-id", paths.job_id], capture_output=True, text=True, timeout=300)
+    assert "the job needs 1 GPU" not in result.stderr and "[EXPORTING]" in result.stderr, result.stderr[-3000:]
 
 
 def test_bad_input_is_refused_before_the_training_libraries_load(job):

@@ -165,12 +165,8 @@ def run_training(
     phase = "TRAINING_FAILED"  # what a failure is reported as: a closed set (the job's Failure.reason)
     try:
         events.emit("state", state="PREPARING")
-        # A job that trained to the end before (its driver died exporting, say) has only the export left: it
-        # needs no workers, nor their GPUs; unless the final grid is missing (it died drawing it).
-        checkpoint_dir = committed_checkpoint(paths.events_file, spec.max_steps)
-        if checkpoint_dir is None or (
-            spec.validates_at(spec.max_steps) and not paths.validation_grid(spec.max_steps).exists()
-        ):
+        checkpoint_dir = only_export_left(spec, paths)
+        if checkpoint_dir is None:
             checkpoint_dir = _train(spec, paths, events, placement_timeout_s, fail_once_at_steps)
         state = json.loads((checkpoint_dir / STATE_FILE).read_text())
 
@@ -201,6 +197,17 @@ def run_training(
         reason = "PLACEMENT_TIMEOUT" if isinstance(e, PlacementTimeout) else phase
         events.emit("state", state="FAILED", reason=reason, message=f"{type(e).__name__}: {e}"[:2000])
         raise
+
+
+def only_export_left(spec: JobSpec, paths: JobPaths) -> Path | None:
+    """The final checkpoint of a job that trained to the end before (its driver died exporting, say): only the export
+    is left, which needs no workers, nor their GPUs; unless the final grid is missing (it died drawing it)."""
+    checkpoint_dir = committed_checkpoint(paths.events_file, spec.max_steps)
+    if checkpoint_dir is None or (
+        spec.validates_at(spec.max_steps) and not paths.validation_grid(spec.max_steps).exists()
+    ):
+        return None
+    return checkpoint_dir
 
 
 WORKER_GROUP_STARTS = 3  # tries Ray Train has to start the workers, over a run (its "controller failures")
