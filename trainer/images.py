@@ -24,7 +24,11 @@ if TYPE_CHECKING:
     import torch
 
 FIELD = "instance_images"
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# What a folder of photos is expanded to (the rest of it skipped: a README, a .DS_Store): every name phones, cameras
+# and browsers give photos (Chrome saves some JPEGs as .jfif); a photo missing here was silently left out of the job.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
+)
 # Far above any real photo (a 50 MP camera is ~52M pixels) and far below what would exhaust a driver's memory.
 MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 # A 10000x50 strip is no photo of a subject; centre-cropping it would leave a sliver of it.
@@ -65,7 +69,9 @@ def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
         elif not entry.exists():
             problems.append(f"{entry}: no such file or directory")
-        elif entry.suffix.lower() in IMAGE_SUFFIXES or (entry.is_file() and _is_image(entry)):  # not a FIFO: waits
+        elif not entry.is_file():  # a FIFO (opening it waits for a writer, for ever), a device
+            problems.append(f"{entry}: not a regular file")
+        elif entry.suffix.lower() in IMAGE_SUFFIXES or _is_image(entry):
             found[entry] = None
         else:
             problems.append(f"{entry}: not an image")
