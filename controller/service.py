@@ -406,9 +406,10 @@ class JobService:
         except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, "~nosuchuser", too long, a NUL byte
             raise InputError(field, f"cannot read {str(path)!r}: {e}") from e
         if not allowed:
+            instead = "upload the photos instead, or " if field != "base_model" else ""
             raise PermissionDenied(
-                f"{field}: {path} is outside the directories this controller lets clients read; upload the photos "
-                "instead, or ask the operator to add its directory to readable_paths"
+                f"{field}: {path} is outside the directories this controller lets clients read; {instead}ask the "
+                "operator to add its directory to readable_paths"
             )
 
     def get(self, tenant: str, job_id: str) -> JobRecord:

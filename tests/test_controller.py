@@ -293,6 +293,7 @@ def test_bad_requests_get_their_status_codes(alice, bob, controller, ray_cluster
     for outside in (tmp_path / "no-model", tiny_model.parent.parent):
         code, message = code_of(alice.submit, job_spec(outside, dog_images))
         assert code == "PERMISSION_DENIED" and "readable_paths" in message
+        assert "upload" not in message  # a base model cannot be uploaded
     assert code_of(alice.get, "job-doesnotexist")[0] == "NOT_FOUND"
     assert code_of(alice.model, "model-nope")[0] == "NOT_FOUND"
 
