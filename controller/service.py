@@ -13,6 +13,7 @@ the reconciler (which drives running jobs, see controller.reconciler) cannot bot
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -67,10 +68,38 @@ from trainer.storage import JobPaths, job_paths
 
 log = logging.getLogger(__name__)
 
-# Submissions whose photos are decoded at once. A photo at the pixel limit (64 megapixels) takes up to ~0.6 GiB
-# while it is checked, and every RPC thread may be submitting: more at once would not go faster on a few cores,
-# only hold more memory (the controller's pod has 5 GiB).
+# Submissions whose photos are decoded at once, one of them a tenant's at most. A photo at the pixel limit (64
+# megapixels) takes up to ~0.6 GiB while it is checked, and every RPC thread may be submitting: more at once would
+# not go faster on a few cores, only hold more memory (the controller's pod has 5 GiB).
 IMAGE_CHECKS_AT_ONCE = 2
+
+
+class ImageCheckSlots:
+    """Where submissions decode their photos: `slots` at once, one tenant's at most one of them (a tenant's photos
+    slow to decode, 64 to a submission, held every slot for minutes while the other tenants' submissions waited
+    past their deadlines)."""
+
+    def __init__(self, slots: int):
+        self._slots = slots
+        self._holders: collections.Counter[str | None] = collections.Counter()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self, tenant: str | None, check_caller: Callable[[], None]) -> Iterator[None]:
+        """A slot for `tenant` (None: no tenants, one user), for as long as `check_caller()` does not raise (the
+        caller gone): it is asked every second while the slot is waited for."""
+        with self._changed:
+            while self._holders.total() >= self._slots or (tenant is not None and self._holders[tenant]):
+                self._changed.wait(timeout=1.0)
+                check_caller()
+            self._holders[tenant] += 1
+        try:
+            check_caller()
+            yield
+        finally:
+            with self._changed:
+                self._holders[tenant] -= 1
+                self._changed.notify_all()
 
 
 @dataclass(frozen=True)
@@ -105,7 +134,7 @@ class JobService:
         self.tenants: dict[str, Tenant] = {t.name: t for t in config.tenants} or {"default": local_user}
         self._readable_roots = tuple(Path(p).resolve() for p in config.readable_paths)
         self._database_id = store.database_id()
-        self._image_checks = threading.BoundedSemaphore(IMAGE_CHECKS_AT_ONCE)
+        self._image_checks = ImageCheckSlots(IMAGE_CHECKS_AT_ONCE)
         # Deploys, undeploys and deletions of models, one at a time (see delete_model). They are rare, and a model's
         # files (a few dozen) go in a moment.
         self._model_changes = threading.Lock()
@@ -184,9 +213,16 @@ class JobService:
                 if is_system_error(e):
                     raise  # the controller's storage or process (an NFS hiccup, no descriptors left): not the input
                 raise InputError("base_model", f"cannot read {spec.base_model!r}: {e}") from e
+
+            def check_caller() -> None:  # before each photo too: decoding 64 of them can take minutes
+                if not waited_for():
+                    raise DeadlineExceeded(
+                        f"the caller's deadline passed before job {job_id}'s photos were checked: nothing queued"
+                    )
+
             try:
-                with self._image_check_slot(waited_for, job_id):
-                    check_instance_images(spec.instance_images, spec.resolution, bounded=True)
+                with self._image_checks.slot(tenant, check_caller):
+                    check_instance_images(spec.instance_images, spec.resolution, bounded=True, before_each=check_caller)
             except OSError as e:
                 if is_system_error(e):
                     raise
@@ -250,22 +286,6 @@ class JobService:
                 f"the job needs {short.needs} and training here has at most {short.available:g} (the cluster's "
                 f"{size:g}, less what serving may take){short.hint}",
             )
-
-    @contextlib.contextmanager
-    def _image_check_slot(self, waited_for: Callable[[], bool], job_id: str) -> Iterator[None]:
-        """One of the IMAGE_CHECKS_AT_ONCE slots, for a caller still waiting: under a burst of submissions, slots
-        spent decoding photos for callers gone (out of time while queued) would make the live ones behind them late
-        too."""
-        gone = f"the caller's deadline passed while job {job_id} waited for its photos' check: nothing queued"
-        while not self._image_checks.acquire(timeout=1.0):
-            if not waited_for():
-                raise DeadlineExceeded(gone)
-        try:
-            if not waited_for():
-                raise DeadlineExceeded(gone)
-            yield
-        finally:
-            self._image_checks.release()
 
     def _discard_staged(self, job_id: str) -> None:
         """Remove a failed submission's files, unless its row did commit: an insert whose acknowledgement was lost

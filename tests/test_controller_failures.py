@@ -46,6 +46,7 @@ from serving.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actors_end
 from tests.test_store import schema_version, set_schema_version
+from trainer import images as images_module
 from trainer.events import EventLog
 from trainer.storage import job_paths, storage_clock
 
@@ -798,19 +799,21 @@ def test_deleting_a_job_takes_along_an_export_no_model_record_points_at(
 
 def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(config, tiny_model, dog_images, monkeypatch):
     """Decoding a photo at the pixel limit takes up to ~0.6 GiB: every RPC thread doing it at once would take the
-    controller's memory. Submissions beyond IMAGE_CHECKS_AT_ONCE wait for their turn (and are all accepted)."""
+    controller's memory. Submissions beyond IMAGE_CHECKS_AT_ONCE wait for their turn (and are all accepted), one
+    tenant's in one slot at most (its photos, slow to decode, held them all for minutes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from controller import service
 
-    decoding, most = 0, 0
+    decoding, most, most_of_one_tenant = 0, 0, 0
     lock = threading.Lock()
 
     def counted(*args, **kwargs):
-        nonlocal decoding, most
+        nonlocal decoding, most, most_of_one_tenant
         with lock:
             decoding += 1
             most = max(most, decoding)
+            most_of_one_tenant = max(most_of_one_tenant, *controller.service._image_checks._holders.values())
         try:
             threading.Event().wait(0.05)  # a photo's decode; long enough for the others to arrive meanwhile
             return check_instance_images(*args, **kwargs)
@@ -820,17 +823,19 @@ def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(config, ti
 
     check_instance_images = service.check_instance_images
     monkeypatch.setattr(service, "check_instance_images", counted)
-    controller = start(dataclasses.replace(config, max_submits_per_tenant=12))  # 12 of one tenant's at once
+    controller = start(dataclasses.replace(config, max_submits_per_tenant=6, max_calls_per_tenant=6))
     try:
         with (
             DreamBoothClient(f"127.0.0.1:{controller.port}", QUEUED_ONLY_TOKEN, timeout_s=30) as bob,
+            DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=30) as alice,
             ThreadPoolExecutor(12) as pool,
         ):
-            jobs = list(pool.map(lambda _: bob.submit(job_spec(tiny_model, dog_images)), range(12)))
+            spec = job_spec(tiny_model, dog_images, max_steps=100_000)
+            jobs = list(pool.map(lambda i: (alice, bob)[i % 2].submit(spec), range(12)))  # 6 of each at once
     finally:
         controller.stop(grace_s=1)
     assert len({job.job_id for job in jobs}) == 12
-    assert most == service.IMAGE_CHECKS_AT_ONCE
+    assert (most, most_of_one_tenant) == (service.IMAGE_CHECKS_AT_ONCE, 1)
 
 
 def test_a_job_bigger_than_the_configured_cluster_is_refused_not_queued_for_ever(client, tiny_model, dog_images):
@@ -1361,7 +1366,7 @@ def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path
     assert states == ["QUEUED", "CANCELLED"]
 
 
-def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, tiny_model, dog_images):
+def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, tiny_model, dog_images, monkeypatch):
     """Checking 64 MiB of photos can outlast the client's deadline: a job recorded after it would be queued twice
     when the client, told DEADLINE_EXCEEDED, submits again (under a new request id)."""
     service = controller.service
@@ -1373,14 +1378,18 @@ def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, t
     jobs_dir = service.config.storage / "jobs"
     assert not jobs_dir.exists() or not any(jobs_dir.iterdir())  # nothing staged left behind
     # Nor does it wait for ever for a slot to check its photos in, once its caller is gone (a burst of submissions).
-    for _ in range(IMAGE_CHECKS_AT_ONCE):
-        service._image_checks.acquire()
-    try:
-        with pytest.raises(DeadlineExceeded, match="waited for its photos' check"):
+    with contextlib.ExitStack() as held:
+        for holder in range(IMAGE_CHECKS_AT_ONCE):
+            held.enter_context(service._image_checks.slot(f"tenant-{holder}", lambda: None))
+        with pytest.raises(DeadlineExceeded, match="photos were checked"):
             service.submit("alice", job_spec(tiny_model, dog_images), photos, waited_for=lambda: False)
-    finally:
-        for _ in range(IMAGE_CHECKS_AT_ONCE):
-            service._image_checks.release()
+    # Nor does it go on decoding photos (64 of them can take minutes) for a caller gone meanwhile.
+    decoded = []
+    monkeypatch.setattr(images_module, "_problem", lambda path, resolution: decoded.append(path))
+    asked = iter([True, True])  # the slot's look, then the first photo's
+    with pytest.raises(DeadlineExceeded, match="photos were checked"):
+        service.submit("alice", job_spec(tiny_model, dog_images), photos, waited_for=lambda: next(asked, False))
+    assert len(decoded) == 1 and len(photos) > 1
 
 
 def test_a_database_outage_is_unavailable_not_internal():

@@ -11,7 +11,7 @@ import functools
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,16 +137,26 @@ def _reduced(image: Image.Image, resolution: int) -> Image.Image:
         return image
 
 
-def check_instance_images(paths: Sequence[str | os.PathLike], resolution: int, bounded: bool = False) -> list[Path]:
+def check_instance_images(
+    paths: Sequence[str | os.PathLike],
+    resolution: int,
+    bounded: bool = False,
+    before_each: Callable[[], None] = lambda: None,
+) -> list[Path]:
     """Find the images and fully decode each one, raising one InputError that lists every bad file.
-    `bounded`: at most MAX_INSTANCE_IMAGES of them, counted before any is decoded.
+    `bounded`: at most MAX_INSTANCE_IMAGES of them, counted before any is decoded. `before_each` is called before
+    each image is decoded (a controller stops there for a caller gone).
 
     Listing all problems (one per line) lets the user fix everything in one go instead of one per retry.
     """
     files = find_instance_images(paths)
     if bounded:
         check_instance_image_count(len(files))
-    problems = [f"{path}: {problem}" for path in files if (problem := _problem(path, resolution))]
+    problems = []
+    for path in files:
+        before_each()
+        if problem := _problem(path, resolution):
+            problems.append(f"{path}: {problem}")
     if problems:
         header = f"{len(problems)} of {len(files)} images cannot be used at resolution {resolution}:"
         raise InputError(FIELD, "\n".join([header, *problems]))
