@@ -23,6 +23,7 @@ from trainer.images import (
     MAX_ASPECT_RATIO,
     MAX_IMAGE_PIXELS,
     MAX_INSTANCE_IMAGES,
+    _reduced,
     check_instance_images,
     find_instance_images,
     load_image,
@@ -87,6 +88,17 @@ def test_directory_expands_to_sorted_images_skipping_hidden_and_non_images(tmp_p
     found = find_instance_images([tmp_path])
     assert [p.name for p in found] == ["a.JPG", "b.png", "c.webp"]
     assert check_instance_images([str(tmp_path)], 64) == found
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "1", "I;16", "CMYK"])
+def test_the_check_converts_a_small_copy_of_a_large_photo_whatever_its_mode(mode):
+    """A 64-megapixel photo converted whole took ~1.25 GiB of copies on the controller: a palette, 1-bit or 16-bit
+    one always (reduce() refuses those modes), any one whose short side was under 4x the resolution."""
+    image = Image.new(mode, (1500, 9000))
+    image.info["transparency"] = 0  # kept: the conversion it checks composites transparent areas
+    small = _reduced(image, 512)
+    assert (small.mode, small.size, small.info["transparency"]) == (mode, (1024, 6144), 0)
+    assert _reduced(image, 1024) is image  # no larger than twice the resolution already
 
 
 def test_a_folder_of_photos_saved_under_every_usual_name_loses_none(tmp_path):

@@ -125,15 +125,17 @@ def _problem(path: Path, resolution: int) -> str | None:
 
 
 def _reduced(image: Image.Image, resolution: int) -> Image.Image:
-    """A decoded image shrunk by an integer factor to no less than twice `resolution`: what the check converts,
-    instead of every pixel of a 64-megapixel photo again (1.25 GiB of copies for an RGBA one; the controller checks
-    several submissions at once)."""
-    factor = min(image.size) // (2 * resolution)
-    if factor < 2:
+    """A decoded image shrunk to twice `resolution` on its short side: what the check converts, instead of every pixel
+    of a 64-megapixel photo again (1.25 GiB of copies for an RGBA one, a palette or 16-bit one alike; the controller
+    checks several submissions at once). Nearest neighbour: every mode takes it (reduce() refuses palettes, 1-bit and
+    16-bit), and the check needs the conversion to work, not a good picture."""
+    scale = 2 * resolution / min(image.size)
+    if scale >= 1:
         return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     try:
-        return image.reduce(factor)
-    except ValueError:  # a mode reduce() does not take (palette, 1-bit, ...): converted whole
+        return image.resize(size, Image.Resampling.NEAREST)  # keeps its info: transparency, profile, EXIF
+    except ValueError:  # a mode not even that takes: converted whole
         return image
 
 
