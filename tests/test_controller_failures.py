@@ -1629,7 +1629,7 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
     shutil.copytree(dog_images, photos)
     others = tmp_path / "others"  # not readable: another tenant's files, say
     others.mkdir()
-    (others / "theirs.jpg").write_bytes(next(dog_images.glob("*.jpg")).read_bytes()[::-1])
+    (others / "theirs.jpg").write_bytes(sorted(dog_images.iterdir())[0].read_bytes()[::-1])
     (others / "weights.safetensors").write_bytes(b"theirs")
     limit = 2**20  # max_named_image_bytes, small here: the sparse files below are read to it
     controller = start(
@@ -1679,7 +1679,8 @@ def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_r
             with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as raw:
                 metadata = [("authorization", f"Bearer {QUEUED_ONLY_TOKEN}")]
                 jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=metadata, timeout=30)
-            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trap: not an image" in raw.value.details()
+            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "trap: not a regular file" in raw.value.details()
 
             model = shared / "model"
             shutil.copytree(tiny_model, model)

@@ -205,7 +205,7 @@ def test_the_openapi_document_has_the_bearer_scheme_the_errors_and_the_headers(h
     generate = spec["paths"]["/v1/models/{model_id}/generate"]["post"]
     assert generate["security"] == [{"HTTPBearer": []}]
     responses = generate["responses"]
-    assert sorted(responses) == ["200", "400", "401", "404", "413", "422", "429", "503"]
+    assert sorted(responses) == ["200", "400", "401", "404", "408", "413", "422", "429", "503"]
     assert set(responses["200"]["headers"]) == {"X-Seed", "X-Batch-Size"}
     assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
     error_body = {"$ref": "#/components/schemas/ErrorBody"}
