@@ -221,20 +221,34 @@ def _architecture_problems(root: Path) -> list[str]:
     pipeline = configs["model_index.json"].get("_class_name")
     unet, text_encoder = configs["unet/config.json"], configs["text_encoder/config.json"]
     problems = []
-    if pipeline not in _PIPELINES:
+    if not isinstance(pipeline, str):
+        problems.append(f"model_index.json's _class_name is {pipeline!r}, not a class name")
+    elif pipeline not in _PIPELINES:
         problems.append(f"model_index.json names a {pipeline}, not a StableDiffusionPipeline (SD 1.x/2.x)")
     channels = (unet.get("in_channels"), unet.get("out_channels"))
     if channels != (4, 4):
         problems.append(f"its UNet takes/gives {channels[0]}/{channels[1]} channels, not 4/4 (an inpainting model?)")
-    width = unet.get("cross_attention_dim")
-    widths = set(width) if isinstance(width, list) else {width}  # one per block in some configs
-    if widths != {text_encoder.get("hidden_size")}:
-        problems.append(
-            f"its UNet attends to {width}-wide text states, its text encoder gives {text_encoder.get('hidden_size')}"
-        )
+    width, hidden_size = unet.get("cross_attention_dim"), text_encoder.get("hidden_size")
+    widths = width if isinstance(width, list) else [width]  # one per block in some configs
+    widths_are_numbers = bool(widths) and all(map(_is_int, widths))
+    if not widths_are_numbers:
+        problems.append(f"unet/config.json's cross_attention_dim is {width!r}, not a number or a list of numbers")
+    if not _is_int(hidden_size):
+        problems.append(f"text_encoder/config.json's hidden_size is {hidden_size!r}, not a number")
+    elif widths_are_numbers and set(widths) != {hidden_size}:
+        problems.append(f"its UNet attends to {width}-wide text states, its text encoder gives {hidden_size}")
+    # Compared with the tokenizer's model_max_length when the tokenizer loads (dreambooth.sd_model); absent, CLIP's
+    # default holds.
+    if "max_position_embeddings" in text_encoder and not _is_int(positions := text_encoder["max_position_embeddings"]):
+        problems.append(f"text_encoder/config.json's max_position_embeddings is {positions!r}, not a number")
     if (problem := _sampling_scheduler_problem(root, configs["model_index.json"].get("scheduler"))) is not None:
         problems.append(problem)
     return problems
+
+
+def _is_int(value: Any) -> bool:
+    """An integer in JSON (a bool is one to Python, not to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sampling_scheduler(path: str | os.PathLike):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from dreambooth.errors import InputError
 from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, weights_variant
@@ -46,6 +48,7 @@ def load_base_model(
 
     if "tokenizer" in components:
         model.tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        _check_prompt_length_limit(root, model.tokenizer)
     if "text_encoder" in components:
         # transformers 5 names the dtype argument `dtype` (`torch_dtype` is deprecated there).
         model.text_encoder = CLIPTextModel.from_pretrained(
@@ -71,9 +74,29 @@ def load_base_model(
     return model
 
 
+def _check_prompt_length_limit(root: Path, tokenizer: CLIPTokenizer) -> None:
+    """Refuses a tokenizer whose model_max_length the text encoder cannot take: prompts are checked against it and
+    padded to it (training, class images, serving). Unset, transformers takes 1e30, and every padding raised
+    OverflowError; above max_position_embeddings, a prompt it let through made the text encoder raise."""
+    positions = CLIPTextConfig.from_pretrained(
+        root, subfolder="text_encoder", local_files_only=True
+    ).max_position_embeddings
+    limit = tokenizer.model_max_length
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit <= positions:
+        return
+    unset = " (what transformers takes where it is unset)" if limit == VERY_LARGE_INTEGER else ""
+    raise InputError(
+        "base_model",
+        f"{str(root)!r}: tokenizer/tokenizer_config.json's model_max_length is {limit!r}{unset}, but its text "
+        f"encoder takes at most {positions} tokens (max_position_embeddings in text_encoder/config.json); set "
+        f"model_max_length to {positions}",
+    )
+
+
 def check_prompt(tokenizer: CLIPTokenizer, name: str, text: str) -> None:
-    """Refuses a prompt longer than the text encoder's context: the tokenizer would cut it silently, and what it
-    cut (the identifier at a long prompt's end, say) would never reach the model."""
+    """Refuses a prompt longer than the text encoder's context (the tokenizer's model_max_length, which
+    load_base_model has checked against it): the tokenizer would cut it silently, and what it cut (the identifier
+    at a long prompt's end, say) would never reach the model."""
     tokens = len(tokenizer(text, truncation=False).input_ids)
     limit = tokenizer.model_max_length
     if tokens > limit:

@@ -21,6 +21,8 @@ from dreambooth.errors import InputError
 from dreambooth.model_files import check_base_model, fingerprint
 from dreambooth.sd_model import BaseModel, load_base_model, load_pipeline
 from dreambooth.tiny_model import build_tiny_model
+from trainer.preflight import preflight
+from trainer.spec import JobSpec
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -330,6 +332,19 @@ def test_importing_the_model_code_prints_no_torchvision_noise():
         ("model_index.json", {"scheduler": ["diffusers", "NoSuchScheduler"]}, "which diffusers"),
         ("model_index.json", {"scheduler": ["diffusers", "DPMSolverSDEScheduler"]}, "seeds do not reproduce"),
         ("scheduler/scheduler_config.json", {"beta_schedule": "no-such-schedule"}, "cannot be built here"),
+        # Values of the wrong JSON type are named by file and field (they raised TypeError: an internal error).
+        (
+            "model_index.json",
+            {"_class_name": ["StableDiffusionPipeline"]},
+            "model_index.json's _class_name is ['StableDiffusionPipeline']",
+        ),
+        ("unet/config.json", {"cross_attention_dim": [[32]]}, "unet/config.json's cross_attention_dim is [[32]]"),
+        ("text_encoder/config.json", {"hidden_size": [32]}, "text_encoder/config.json's hidden_size is [32]"),
+        (
+            "text_encoder/config.json",
+            {"max_position_embeddings": "77"},
+            "text_encoder/config.json's max_position_embeddings is '77'",
+        ),
     ],
 )
 def test_check_base_model_refuses_what_it_cannot_train(tiny_copy, file, change, says):
@@ -352,6 +367,50 @@ def test_check_base_model_accepts_per_block_cross_attention_widths(tiny_copy):
     unet = json.loads(config.read_text())
     config.write_text(json.dumps(unet | {"cross_attention_dim": [unet["cross_attention_dim"]] * 4}))
     assert check_base_model(tiny_copy) == tiny_copy.resolve()
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "says"),
+    [
+        # Unset, transformers takes 1e30: the padding to it raised OverflowError in every job.
+        (
+            "tokenizer/tokenizer_config.json",
+            None,
+            "model_max_length is 1000000000000000019884624838656 (what transformers takes where it is unset), but "
+            "its text encoder takes at most 77 tokens",
+        ),
+        # A prompt of 78 to 100 tokens passed the check, and the text encoder refused it.
+        ("tokenizer/tokenizer_config.json", {"model_max_length": 100}, "model_max_length is 100, but its text encoder"),
+        ("tokenizer/tokenizer_config.json", {"model_max_length": "x"}, "model_max_length is 'x', but its text encoder"),
+        ("text_encoder/config.json", {"max_position_embeddings": 60}, "model_max_length is 77, but its text encoder"),
+    ],
+)
+def test_a_tokenizer_longer_than_its_text_encoder_is_refused_at_submission(tiny_copy, dog_images, file, change, says):
+    """Prompts are checked against the tokenizer's model_max_length and padded to it: one the text encoder cannot
+    take is the base model's fault, named with the file to fix, by the loader and so by preflight."""
+    path = tiny_copy / file
+    config = json.loads(path.read_text())
+    if change is None:
+        del config["model_max_length"]
+    else:
+        config |= change
+    path.write_text(json.dumps(config))
+    spec = JobSpec.from_dict(
+        {
+            "base_model": str(tiny_copy),
+            "instance_images": [str(dog_images)],
+            "resolution": 64,
+            "instance_prompt": "a photo of sks dog" + " very" * 85,
+            "class_prompt": "a photo of dog",
+        }
+    )
+    for check in (lambda: load_base_model(tiny_copy, components=("tokenizer",)), lambda: preflight(spec)):
+        with pytest.raises(InputError) as error:
+            check()
+        assert error.value.field == "base_model"
+        assert says in error.value.message
+        assert "tokenizer/tokenizer_config.json" in error.value.message
+        assert "max_position_embeddings in text_encoder/config.json" in error.value.message
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,8 @@ def check_prompt_lengths(spec: JobSpec) -> None:
 
     root = Path(spec.base_model).resolve()
     try:
-        tokenizer = _tokenizer(str(root), fingerprint(root / "tokenizer"))
-    except OSError:
+        tokenizer = _tokenizer(str(root), fingerprint(root / "tokenizer") + fingerprint(root / "text_encoder"))
+    except (OSError, InputError):  # InputError: a model_max_length its text encoder cannot take, named so
         raise
     except Exception as e:  # whatever broken tokenizer files make transformers raise (KeyError, ValueError, ...)
         raise InputError("base_model", f"its tokenizer cannot be loaded: {type(e).__name__}: {e}") from e
@@ -81,8 +81,9 @@ def check_sampling_steps(spec: JobSpec) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(root: str, files: str):
-    """The tokenizer at `root`, loaded once per version of its files (`files`, their fingerprint): a controller
-    checks every submission's prompts, mostly against the same few base models."""
+    """The tokenizer at `root`, loaded once per version of its files and of the text encoder's it is checked against
+    (`files`, their fingerprints): a controller checks every submission's prompts, mostly against the same few base
+    models."""
     from dreambooth.sd_model import load_base_model
 
     return load_base_model(root, components=["tokenizer"]).tokenizer
