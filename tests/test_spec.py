@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from controller.config import ControllerConfig
 from dreambooth.errors import InputError
 from dreambooth.model_files import content_identity
 from trainer.checkpoint import checkpoint_dir_name
@@ -48,6 +49,62 @@ def test_yaml_and_json_load_with_paths_relative_to_the_file(tmp_path):
     assert spec.max_steps == 10
     (tmp_path / "job.json").write_text(json.dumps(spec.to_dict()))
     assert JobSpec.load(tmp_path / "job.json") == spec
+
+
+def test_a_spec_file_means_what_it_says(tmp_path):
+    """YAML 1.1 (PyYAML's) read `max_steps: 0400` as octal, 256 steps; and YAML and JSON kept the last of a key given
+    twice, both without a word."""
+    written = "base_model: /m\ninstance_images: /p\ninstance_prompt: a photo of sks dog\nclass_prompt: a photo of dog\n"
+    (tmp_path / "job.yaml").write_text(written + "max_steps: 0400\ncheckpoint_interval: 0100\nseed: 0o17\n")
+    spec = JobSpec.load(tmp_path / "job.yaml")
+    assert (spec.max_steps, spec.checkpoint_interval, spec.seed) == (400, 100, 15)  # as YAML 1.2 reads them
+    (tmp_path / "job.yaml").write_text(written + "max_steps: 400\nmax_steps: 4000\n")
+    with pytest.raises(InputError, match=r"duplicate key 'max_steps' \(first at line 5\)\n.*line 6") as error:
+        JobSpec.load(tmp_path / "job.yaml")
+    assert error.value.field == "spec"
+    (tmp_path / "job.json").write_text('{"base_model": "/m", "max_steps": 400, "max_steps": 4000}')
+    with pytest.raises(InputError, match="is not valid json: duplicate key 'max_steps'"):
+        JobSpec.load(tmp_path / "job.json")
+    # The controller's config is read by the same loader.
+    (tmp_path / "controller.yaml").write_text("storage: /a\nstorage: /b\n")
+    with pytest.raises(InputError, match="duplicate key 'storage'"):
+        ControllerConfig.load(tmp_path / "controller.yaml")
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("job.json", '{"seed": ' + "9" * 5000 + "}"),  # past the 4300 digits Python reads
+        ("job.yaml", "seed: " + "9" * 5000),
+        ("job.yaml", "resolution: 0x" + "f" * 4000),  # read, but no message could print it
+        ("job.yaml", "instance_prompt: 2024-13-01"),  # a date with no 13th month
+        ("job.json", "[" * 100_000),
+        ("job.yaml", "[" * 100_000),
+    ],
+)
+def test_a_spec_file_past_what_python_reads_is_refused_as_invalid(tmp_path, name, text):
+    """Tracebacks from `dreambooth train` (ValueError, RecursionError) before; the controller's config the same."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=f"is not valid {name.split('.')[1]}") as error:
+        JobSpec.load(tmp_path / name)
+    assert error.value.field == "spec"
+    if name.endswith(".yaml"):
+        with pytest.raises(InputError, match="is not YAML"):
+            ControllerConfig.load(tmp_path / name)
+
+
+def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
+    """YAML aliases build a list of a million strings out of 400 bytes (a billion with 3 levels more: its full repr
+    in the message took 42 s, then ran out of memory)."""
+    levels = ["  - &a0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    (tmp_path / "job.yaml").write_text(
+        "base_model: /m\ninstance_images: /p\ninstance_prompt: a photo of sks dog\nclass_prompt: a photo of dog\n"
+        "validation_prompts:\n" + "\n".join(levels) + "\n"
+    )
+    with pytest.raises(InputError, match=r"must be a list of strings, got \[\['x', 'x',") as error:
+        JobSpec.load(tmp_path / "job.yaml")
+    assert error.value.field == "validation_prompts" and len(error.value.message) < 500
 
 
 @pytest.mark.parametrize(

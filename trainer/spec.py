@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -305,14 +306,30 @@ def read_spec_file(path: str | Path) -> Any:
         raise InputError("spec", f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:  # a photo given as the spec, a UTF-16 file
         raise InputError("spec", f"{path} is not a YAML or JSON text file (not UTF-8: {e.reason})") from e
+    # json.loads raises ValueError for its syntax errors, a duplicate key and an integer of more digits than Python
+    # reads, RecursionError for nesting deeper than Python's recursion limit; load_yaml, YAMLErrors for all of them.
     try:
-        return json.loads(text) if path.suffix == ".json" else load_yaml(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys) if path.suffix == ".json" else load_yaml(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
         raise InputError("spec", f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}") from e
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, unless it names a key twice (json.loads would keep the last value)."""
+    mapping: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise ValueError(f"duplicate key {key!r}")
+        mapping[key] = value
+    return mapping
 
 
 _SCALARS = {"str": str, "int": int, "float": (int, float), "bool": bool}
 _EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+# A wrong value as its messages show it: cut short, since a spec file's may be huge (YAML aliases nested 9 deep make
+# a list of a billion strings out of 700 bytes, whose full repr ran out of memory).
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 2, 80, 80
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
@@ -329,7 +346,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         ok = value in choices
         expected = f"one of {list(choices)}"
     if not ok:
-        raise InputError(name, f"must be {expected}, got {value!r}")
+        raise InputError(name, f"must be {expected}, got {_SHORT_REPR.repr(value)}")
 
 
 def absolute_path(path: str | Path, base: Path | None = None) -> str:
