@@ -196,7 +196,7 @@ class JobService:
         try:
             # The fields first: no photo is read or copied for a request one of them refuses.
             JobSpec.from_dict({**spec_fields, "instance_images": [str(paths.uploads_dir)]})
-            image_paths = self._stage_images(images, paths.uploads_dir)
+            image_paths, sent_as = self._stage_images(images, paths.uploads_dir)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             self._check_fits(spec)
             # The checks the trainer would make first, made now: bad input is the caller's to fix, at once.
@@ -223,6 +223,10 @@ class JobService:
             try:
                 with self._image_checks.slot(tenant, check_caller):
                     check_instance_images(spec.instance_images, spec.resolution, bounded=True, before_each=check_caller)
+            except InputError as e:
+                # Named as the caller sent them, not as the job's copies: paths on the controller's storage, of a
+                # job never recorded, that the caller would have to map back to its photos.
+                raise InputError(e.field, _as_sent(e.message, sent_as)) from None
             except OSError as e:
                 if is_system_error(e):
                     raise
@@ -302,7 +306,9 @@ class JobService:
         else:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> list[str]:
+    def _stage_images(self, images: list[ImageInput], upload_dir: Path) -> tuple[list[str], dict[str, str]]:
+        """Copies a request's photos into the job; returns the copies' paths, and what the caller called each (an
+        upload's filename, a named photo's path)."""
         if not images:
             raise InputError("instance_images", "give 1 or more images of the subject (3-5 work best)")
         check_instance_image_count(len(images))  # of the request; of the photos once directories are expanded
@@ -310,11 +316,12 @@ class JobService:
         if total > self.config.max_images_bytes:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
         upload_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
+        paths, sent_as = [], {}
         for index, (name, chunks) in enumerate(self._photo_contents(images)):
             paths.append(str(upload_dir / _safe_filename(name, index)))
+            sent_as[paths[-1]] = name or f"image {index}"
             write_file(Path(paths[-1]), chunks)
-        return paths
+        return paths, sent_as
 
     def _photo_digests(self, images: list[ImageInput]) -> list[str]:
         """The sha256 of each photo of a request, in order (a retry's, to compare with the job's copies)."""
@@ -357,7 +364,7 @@ class JobService:
                 for path in self._shared_photos(image.uri):
                     if path.resolve() not in named:
                         named.add(path.resolve())
-                        sources.append((path.name, path))
+                        sources.append((str(path), path))
             else:
                 raise InputError("instance_images", f"image {index} has neither data nor uri")
             check_instance_image_count(len(sources))  # directories expanded
@@ -715,6 +722,13 @@ def _tenant_full(tenant: str, unfinished: int, limit: int) -> QuotaExceeded:
         f"tenant {tenant!r} has {unfinished} unfinished jobs (limit {limit}); wait for some to end or cancel them",
         "TENANT_JOBS_LIMIT",
     )
+
+
+def _as_sent(message: str, sent_as: dict[str, str]) -> str:
+    """`message` with the job's copies of the photos named as the caller sent them."""
+    for copy, name in sent_as.items():
+        message = message.replace(copy, name)
+    return message
 
 
 def _safe_filename(name: str, index: int) -> str:

@@ -1366,6 +1366,24 @@ def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path
     assert states == ["QUEUED", "CANCELLED"]
 
 
+def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, tmp_path):
+    """Not as the job's copy of it: a path on the controller's storage, of a job never recorded, that the caller had
+    to map back to its photos."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "z.jpg").write_bytes(b"not a jpeg at all")
+    controller = start(dataclasses.replace(config, readable_paths=(*config.readable_paths, photos)))
+    try:
+        with DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=10) as client:
+            for upload, named in ((True, "z.jpg"), (False, str(photos / "z.jpg"))):
+                with pytest.raises(ClientError) as error:
+                    client.submit(job_spec(tiny_model, photos), upload=upload)
+                assert error.value.message.endswith(f"\n{named}: not an image (Pillow cannot identify it)")
+                assert str(config.storage) not in error.value.message
+    finally:
+        controller.stop(grace_s=1)
+
+
 def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, tiny_model, dog_images, monkeypatch):
     """Checking 64 MiB of photos can outlast the client's deadline: a job recorded after it would be queued twice
     when the client, told DEADLINE_EXCEEDED, submits again (under a new request id)."""
