@@ -231,13 +231,13 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     assert sevens[0] == sevens[1] != cache_key(spec)
 
 
-def test_a_class_image_actor_that_dies_is_started_again_and_its_batch_redone(
-    ray_cluster, tiny_model, dog_images, tmp_path
-):
+def test_a_class_image_actor_that_dies_is_replaced_and_its_batch_redone(ray_cluster, tiny_model, dog_images, tmp_path):
     """A node lost while the class images are generated (a spot node reclaimed) failed the job for good, where the
-    same loss a phase later costs a restart of the workers."""
-    spec = make_spec(tiny_model, dog_images, num_class_images=4, max_failures=1, class_prompt="a photo of a lost dog")
-    killed = []
+    same loss a phase later costs a restart of the workers: a new actor takes the batch, max_failures times."""
+
+    def generators() -> set[str]:
+        actors = list_actors(address=ray_cluster.dashboard_url, filters=[("class_name", "=", "ClassImageGenerator")])
+        return {actor.actor_id for actor in actors}
 
     def kill_the_actor_once(done: int, total: int) -> None:
         if done and not killed:  # a batch done, others to go: the actor's process dies as with its node
@@ -248,12 +248,26 @@ def test_a_class_image_actor_that_dies_is_started_again_and_its_batch_redone(
             os.kill(actor.pid, signal.SIGKILL)
             killed.append(actor.actor_id)
 
-    directory = ensure_class_images(
-        spec, tmp_path, num_actors=1, placement_timeout_s=60, batch_size=1, on_progress=kill_the_actor_once
-    )
-    assert killed and missing_indices(directory, 4) == []
-    (actor,) = list_actors(address=ray_cluster.dashboard_url, filters=[("actor_id", "=", killed[0])], detail=True)
-    assert actor.num_restarts == 1
+    for max_failures in (1, 0):
+        spec = make_spec(
+            tiny_model,
+            dog_images,
+            num_class_images=4,
+            max_failures=max_failures,
+            class_prompt=f"a lost dog {max_failures}",
+        )
+        killed, before = [], generators()
+        if max_failures == 0:  # no replacement: the job fails
+            with pytest.raises(ray.exceptions.RayActorError):
+                ensure_class_images(
+                    spec, tmp_path, num_actors=1, placement_timeout_s=60, batch_size=1, on_progress=kill_the_actor_once
+                )
+            continue
+        directory = ensure_class_images(
+            spec, tmp_path, num_actors=1, placement_timeout_s=60, batch_size=1, on_progress=kill_the_actor_once
+        )
+        assert killed and missing_indices(directory, 4) == []
+        assert len(generators() - before) == 2  # the one killed, and the one that took its batch
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(

@@ -13,6 +13,7 @@ in an order of its own and skips the images already there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -131,6 +132,20 @@ class ClassImageGenerator:
         return len(batch)
 
 
+def _wait_until_started(actors: list, spec: JobSpec, placement_timeout_s: float) -> None:
+    """Placed (and their pipelines loaded) within the timeout, or the job fails saying why: an actor that no node has
+    room for waits for ever, and the batches handed to it with it."""
+    waiting = [actor.__ray_ready__.remote() for actor in actors]
+    ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=placement_timeout_s)
+    if len(ready) < len(waiting):
+        raise PlacementTimeout(
+            f"Ray started {len(ready)} of the job's {len(waiting)} class-image actors ({spec.worker_share()} "
+            f"each, one worker's share; placed, and the base model loaded) within {placement_timeout_s:g} s: no "
+            "node has room for one, other work holds the cluster's resources, or the model loads that slowly"
+        )
+    ray.get(ready)  # an actor that failed to start says why
+
+
 def ensure_class_images(
     spec: JobSpec,
     cache_root: Path,
@@ -163,17 +178,11 @@ def ensure_class_images(
     random.shuffle(batches)
     # Each actor takes the resources of one training worker: the job was admitted for num_workers of them, and
     # they are free, since training starts after these actors end. (An actor asking for more could wait for
-    # ever, and the pool would wait for the batch handed to it.)
+    # ever, and so would the batch handed to it.)
     options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if spec.use_gpu else 0}
-    # An actor lost with its node (a spot node reclaimed) is started again and its batch handed to it again
-    # (generating a batch twice writes the same images), as Ray Train restarts the training workers: it failed
-    # the job for good, where the same loss a phase later cost a restart.
-    options |= {"max_restarts": spec.max_failures, "max_task_retries": spec.max_failures}
     mark = mark_shared(directory)
-    actors = [
-        ClassImageGenerator.options(**options).remote(spec.base_model, spec.use_gpu, str(mark))
-        for _ in range(max(1, min(num_actors, len(batches))))
-    ]
+    start = functools.partial(ClassImageGenerator.options(**options).remote, spec.base_model, spec.use_gpu, str(mark))
+    actors = [start() for _ in range(max(1, min(num_actors, len(batches))))]
     args = (
         spec.class_prompt,
         spec.class_image_inference_steps,
@@ -181,20 +190,32 @@ def ensure_class_images(
         str(directory),
     )
     try:
-        # Placed (and their pipelines loaded) within the timeout, or the job fails saying why: an actor that no node
-        # has room for waits for ever, and the pool with it.
-        waiting = [actor.__ray_ready__.remote() for actor in actors]
-        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=placement_timeout_s)
-        if len(ready) < len(waiting):
-            raise PlacementTimeout(
-                f"Ray started {len(ready)} of the job's {len(waiting)} class-image actors ({spec.worker_share()} "
-                f"each, one worker's share; placed, and the base model loaded) within {placement_timeout_s:g} s: no "
-                "node has room for one, other work holds the cluster's resources, or the model loads that slowly"
-            )
-        ray.get(ready)  # an actor that failed to start says why
-        pool = ray.util.ActorPool(actors)
-        for count in pool.map_unordered(lambda actor, batch: actor.generate.remote(batch, *args), batches):
-            done += count
+        _wait_until_started(actors, spec, placement_timeout_s)
+        idle, running, replacements_left = list(actors), {}, spec.max_failures
+        while batches or running:
+            while idle and batches:
+                actor, batch = idle.pop(), batches.pop()
+                running[actor.generate.remote(batch, *args)] = (actor, batch)
+            [finished], _ = ray.wait(list(running))
+            actor, batch = running.pop(finished)
+            try:
+                done += ray.get(finished)
+            except ray.exceptions.RayActorError:
+                # Its process or node was lost (a spot node reclaimed): a new actor takes its batch again (a batch
+                # generated twice writes the same images), up to max_failures times, as Ray Train restarts the
+                # workers; it failed the job for good. Not Ray's own restart: one that no node has room for waits
+                # for ever, and this loop with it.
+                if not replacements_left:
+                    raise
+                replacements_left -= 1
+                ray.kill(actor)
+                actors.remove(actor)
+                actors.append(replacement := start())
+                _wait_until_started([replacement], spec, placement_timeout_s)
+                idle.append(replacement)
+                batches.append(batch)
+                continue
+            idle.append(actor)
             if on_progress:
                 on_progress(done, total)
     finally:
