@@ -221,7 +221,7 @@ class JobService:
                     )
 
             try:
-                with self._image_checks.slot(tenant, check_caller):
+                with self._image_checks.slot(tenant if self.config.tenants else None, check_caller):
                     check_instance_images(spec.instance_images, spec.resolution, bounded=True, before_each=check_caller)
             except InputError as e:
                 # Named as the caller sent them, not as the job's copies: paths on the controller's storage, of a

@@ -1369,6 +1369,31 @@ def test_a_watch_that_fell_behind_the_feed_still_sees_its_job_end(tmp_path: Path
     assert states == ["QUEUED", "CANCELLED"]
 
 
+def test_without_tenants_the_one_user_has_every_photo_check_slot(tmp_path, tiny_model, dog_images, monkeypatch):
+    """One slot per tenant is for many tenants: a controller without tenants (`dreambooth up`) checks its user's
+    submissions IMAGE_CHECKS_AT_ONCE at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from controller import service as service_module
+
+    all_in = threading.Barrier(IMAGE_CHECKS_AT_ONCE, timeout=10)
+    check = service_module.check_instance_images
+
+    def in_step(*args, **kwargs):
+        all_in.wait()  # every submission decoding at once, or the barrier breaks
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "check_instance_images", in_step)
+    config = ControllerConfig(storage=tmp_path)
+    store = Store(config.effective_database_url)
+    service = JobService(config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed())
+    photos = [ImageInput(uri=str(dog_images))]
+    with ThreadPoolExecutor(IMAGE_CHECKS_AT_ONCE) as pool:
+        submitted = pool.map(lambda _: service.submit("default", job_spec(tiny_model, dog_images), photos), range(2))
+        assert len({job.job_id for job in submitted}) == IMAGE_CHECKS_AT_ONCE
+    store.close()
+
+
 def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, tmp_path):
     """Not as the job's copy of it: a path on the controller's storage, of a job never recorded, that the caller had
     to map back to its photos."""
