@@ -264,7 +264,7 @@ def _client_error_line(target: str, e: ClientError) -> str:
 def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
     job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=args.request_id)
     print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
-    return _follow(client, job.job_id, submitted=True) if args.watch else 0
+    return _follow(client, job.job_id) if args.watch else 0
 
 
 def _jobs(client: DreamBoothClient, args: argparse.Namespace) -> int:
@@ -387,10 +387,10 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(client: DreamBoothClient, job_id: str, submitted: bool = False) -> int:
+def _follow(client: DreamBoothClient, job_id: str) -> int:
     """Progress bars (class images, then training steps with loss and the server's ETA) and a line per state
     change, until the job ends. 0 when it SUCCEEDED, 1 when it ended otherwise, WATCH_LOST when it stopped following
-    a job that goes on (one just `submitted`, or one it had news of)."""
+    a job whose end it does not know."""
     from tqdm import tqdm
 
     from dreambooth.client import ClientError
@@ -417,19 +417,16 @@ def _follow(client: DreamBoothClient, job_id: str, submitted: bool = False) -> i
     except ClientError as e:
         if e.code in _USER_ERRORS:  # no such job, not the caller's: a mistake to fix
             raise
-        if job is None and not submitted and e.code != "RESOURCE_EXHAUSTED":
-            # Never reached the controller (a wrong address or CA, the controller down): nothing says a job goes
-            # on, and a script looping while the status is WATCH_LOST would loop for ever.
-            raise
         # The controller gone for minutes (an upgrade), or too many watches open: the job's end is unknown, and
         # 1 would tell a script it failed (and to run it again, beside the first).
         bars.close()  # before the message, which would print under a bar
-        last = f" while it was {state_name(job.state)}" if job is not None else ""
-        print(_client_error_line(client.target, e), file=sys.stderr)
-        print(
-            f"{job_id}: stopped following it{last}; it goes on: `dreambooth watch {job_id}` follows it again",
-            file=sys.stderr,
+        # Never told of the job (the controller restarting, or a wrong address: they look alike), its end is unknown
+        # all the same: 1 would have a script run it again beside itself.
+        what = (
+            f"stopped following it while it was {state_name(job.state)}" if job is not None else "could not follow it"
         )
+        print(_client_error_line(client.target, e), file=sys.stderr)
+        print(f"{job_id}: {what}; `dreambooth watch {job_id}` follows it again", file=sys.stderr)
         return WATCH_LOST
     finally:
         bars.close()
