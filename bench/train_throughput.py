@@ -363,7 +363,7 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
 
     steady, after_warmup, while_writing = [], [], []
     for previous, event in itertools.pairwise(progress):
-        if previous["step"] < warmup:
+        if previous["step"] < warmup or event["steps_per_s"] is None:  # a restarted run's first step: no window
             continue
         after_warmup.append(window(previous, event))
         if not any(previous["step"] <= n < event["step"] for n in saved_at):

@@ -31,7 +31,7 @@ from controller.reconciler import Reconciler
 from controller.service import JobService
 from controller.serving import ServingSync
 from controller.store import ControllerRunning, SchemaMismatch, Store
-from dreambooth.errors import STORAGE_FULL_ERRNOS, InputError, is_system_error
+from dreambooth.errors import InputError, is_system_error
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, SchemaMismatch) as e:  # config file missing, port taken, storage unwritable; a later database
         print(f"error: {e}", file=sys.stderr)
         # The storage's passing trouble (an NFS server restarting, a full disk) is worth a restart.
-        return 1 if is_system_error(e) or getattr(e, "errno", None) in STORAGE_FULL_ERRNOS else 2
+        return 1 if is_system_error(e) else 2
     except ControllerRunning as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -231,8 +231,9 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             raise
         except ServingError as e:  # the serving API answered no (generate; deploy's wait for the model)
             print(f"error: {e}", file=sys.stderr)
-            # A 429 is the tenant's requests in progress, not the input: the same command may succeed later.
-            return 2 if 400 <= e.status < 500 and e.status != 429 else 1
+            # A 429 is the tenant's requests in progress, a 408 a body stalled on its way, not the input: the same
+            # command may succeed later.
+            return 2 if 400 <= e.status < 500 and e.status not in (408, 429) else 1
         except (TimeoutError, urllib.error.URLError, ServingUnreachable) as e:  # not reached, not serving, or too slow
             print(f"error: {e}", file=sys.stderr)
             return 1

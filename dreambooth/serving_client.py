@@ -79,13 +79,14 @@ def generate(
 ) -> list[bytes]:
     """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
     width, height (see GenerateBody). A 429 or 503 is retried up to `retries` times, each after its Retry-After
-    (at most MAX_RETRY_WAIT_S); the last one raises ServingError."""
+    (at most MAX_RETRY_WAIT_S), and so is a 408 (the body stalled on its way: the link's, not the request's fault);
+    the last one raises ServingError."""
     data = json.dumps({"prompt": prompt, **options, "output_format": "json"}).encode()
     for attempt in itertools.count(1):
         try:
             reply = _request(endpoint, data, token, timeout_s, tls_ca)
         except ServingError as e:
-            if e.status not in (429, 503) or attempt > retries:
+            if e.status not in (408, 429, 503) or attempt > retries:
                 raise
             time.sleep(min(RETRY_WAIT_S if e.retry_after_s is None else e.retry_after_s, MAX_RETRY_WAIT_S))
             continue

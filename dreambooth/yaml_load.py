@@ -4,11 +4,11 @@ PyYAML reads YAML 1.1, whose floats need a dot (`5.0e-6`): it takes `learning_ra
 DreamBooth paper and everyone write it, for the string "5e-6". YAML 1.2 reads a number, and so does this loader.
 YAML 1.1 also reads `max_steps: 0400` as octal (256) and `1:30` as base 60 (90); YAML 1.2 has neither, and this
 loader reads its integers: decimal with or without leading zeros, `0o17` octal, `0x1f` hex (and, as PyYAML does,
-`0b101` binary and `_` between digits). `1:30` is a string.
+`0b101` binary and `_` between digits). `1:30` is a string (YAML 1.1's base-60 floats, `1:30.5`, are still read).
 
 PyYAML keeps the last of a key written twice; this loader refuses the mapping, naming the key and its lines. It also
-refuses, as YAMLErrors with the line, what PyYAML raised other errors for: a scalar its tag cannot take (a 13th
-month, an integer of more digits than Python reads) and nesting deeper than Python's recursion limit.
+refuses, as YAMLErrors, what PyYAML raised other errors for: a scalar its tag cannot take (a 13th month, an integer
+of more digits than Python reads; with its line) and nesting deeper than Python's recursion limit.
 """
 
 from __future__ import annotations

@@ -72,9 +72,9 @@ class ModelNotServed(LookupError):
 
 
 class NotOnReplicaYet(Exception):
-    """The ingress lists the model, the generator replica that got the request does not yet: Serve reconfigures the
+    """The ingress lists the model, the generator replica that got the request does not: Serve reconfigures the
     ingress and the generators apart (the replicas a fifth at a time, none while the deployment scales down), so a
-    deploy reaches every replica a while later."""
+    deploy reaches every replica a while after the ingress (and an undeploy may reach a replica first)."""
 
 
 class TenantBusy(Exception):
@@ -549,7 +549,8 @@ class Ingress:
             raise _not_found(model_id) from e
         except NotOnReplicaYet as e:  # a 404 would tell its client the model is not there: it is on its way
             outcome = "unavailable"
-            raise self._retry_later(503, "model_unavailable", f"model {model_id!r} is still being deployed") from e
+            why = f"model {model_id!r} is being deployed or undeployed on the replicas"
+            raise self._retry_later(503, "model_unavailable", why) from e
         except TenantBusy as e:
             outcome = "throttled"
             raise self._retry_later(429, "throttled", str(e)) from e

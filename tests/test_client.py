@@ -861,20 +861,21 @@ def test_generate_retries_throttled_and_overloaded_requests_after_their_retry_af
     monkeypatch.setattr(serving_client.time, "sleep", waits.append)
     soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=20)
     # Retry-After as an HTTP date (a load balancer's, say), then as seconds beyond the most a retry waits.
-    serving_api.refusals = [(429, email.utils.format_datetime(soon, usegmt=True)), (503, "120")]
+    # And a 408: the body stalled on its way (the link's fault, not the request's).
+    serving_api.refusals = [(429, email.utils.format_datetime(soon, usegmt=True)), (503, "120"), (408, "0")]
     assert generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1) == [b"a photo of sks dog"]
-    assert len(serving_api.bodies) == 3
+    assert len(serving_api.bodies) == 4
     assert 15 < waits[0] <= 20 and waits[1] == serving_client.MAX_RETRY_WAIT_S
 
     serving_api.refusals = [(503, "0")] * (serving_client.RETRIES + 1)
     with pytest.raises(ServingError) as overloaded:
         generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1)
     assert (overloaded.value.status, overloaded.value.code, overloaded.value.retry_after_s) == (503, "overloaded", 0)
-    assert len(serving_api.bodies) == 3 + serving_client.RETRIES + 1
+    assert len(serving_api.bodies) == 4 + serving_client.RETRIES + 1
     serving_api.refusals = [(400, "0")]  # the input's fault: sending it again changes nothing
     with pytest.raises(ServingError):
         generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1)
-    assert len(serving_api.bodies) == 3 + serving_client.RETRIES + 2
+    assert len(serving_api.bodies) == 4 + serving_client.RETRIES + 2
 
 
 @pytest.mark.parametrize(
