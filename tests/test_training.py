@@ -346,10 +346,17 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     # And a save the crash cut short, which Ray never committed: removed, not kept for good beside the others.
     cut_short = crashed.checkpoints_dir / "checkpoint_step_0000005"
     (cut_short / "zero").mkdir(parents=True)
+    # Run again, it resumes from the events (Ray's record set aside) and dies at step 5 again, before its first
+    # checkpoint: Ray writes its record of a run only then, so it leaves none, and the next run resumes from the
+    # events too (it started over from step 0).
+    (crashed.job_dir / ".failure_injected_at_5").unlink()
     second_run = time.monotonic()
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_training(spec, crashed, fail_once_at_steps=(5,))
+    assert not record.exists()
     resumed = run_training(spec, crashed)
     second_run = time.monotonic() - second_run
-    assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [2, 4]
+    assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [2, 4, 4]
     assert not cut_short.exists()
     # The model's wall time is both runs' (the second alone was what it said).
     assert first_run < resumed.wall_time_s < first_run + second_run
