@@ -36,6 +36,7 @@ from controller.scheduler import (
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
 from trainer.events import parse_event
+from trainer.spec import JobSpec
 from trainer.storage import job_paths, storage_clock
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,16 @@ class Reconciler:
         limit = self.config.max_job_run_s
         if limit is None or job.start_time is None:
             return False
-        if job.state == "EXPORTING" or job.last_checkpoint_step >= job.spec.get("max_steps", float("inf")):
+        if time.time() - job.start_time <= limit:
             return False
-        return time.time() - job.start_time > limit
+        return job.state != "EXPORTING" and not self._only_export_left(job)
+
+    def _only_export_left(self, job: JobRecord) -> bool:
+        """Trained to its last step (its driver died since): a rerun only exports, unless it must draw the final
+        grid, which takes workers (trainer.run.only_export_left, as the controller's store knows it)."""
+        if job.last_checkpoint_step < job.spec.get("max_steps", float("inf")):
+            return False
+        return not job_paths(self.config.storage, job.job_id).lacks_final_grid(JobSpec.from_dict(job.spec))
 
     def _run_time_message(self) -> str:
         hours = self.config.max_job_run_s / 3600

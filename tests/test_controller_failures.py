@@ -267,7 +267,7 @@ def test_a_driver_stopped_between_its_model_and_its_success_ends_succeeded_with_
     assert store.get_model(final.model_id).job_id == job.job_id
 
 
-def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run_again(by_hand):
+def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run_again(by_hand, tiny_model, dog_images):
     """An exporting job is let finish (its model is nearly there; a stop would delete the half-written export), and
     a job past the limit whose driver died is not submitted again only to be stopped on the next pass."""
     reconciler, store = by_hand, by_hand.store
@@ -280,9 +280,15 @@ def test_past_the_run_time_limit_an_export_finishes_and_a_dead_driver_is_not_run
     finally:
         reconciler.ray_jobs.stop(exporting.ray_submission_id)
     # Its driver died exporting: the rerun is PREPARING (checking the job's inputs again) until it reaches the export.
-    rerun = dataclasses.replace(store.get_job(exporting.job_id), state="PREPARING", spec={"max_steps": 6})
+    spec = job_spec(tiny_model, dog_images, max_steps=6, validation_prompts=["a photo of sks dog"])
+    rerun = dataclasses.replace(store.get_job(exporting.job_id), state="PREPARING", spec=spec)
+    grid = job_paths(reconciler.config.storage, exporting.job_id).validation_grid(6)
+    grid.parent.mkdir(parents=True)
+    grid.touch()
     assert not reconciler._past_run_time(dataclasses.replace(rerun, last_checkpoint_step=6))
     assert reconciler._past_run_time(dataclasses.replace(rerun, last_checkpoint_step=4))  # training left: stopped
+    grid.unlink()  # it died drawing the final grid: the rerun trains (workers and all) to draw it
+    assert reconciler._past_run_time(dataclasses.replace(rerun, last_checkpoint_step=6))
     died = training_under(reconciler, "false")
     store.update_job(died.job_id, start_time=past)
     assert _ended(reconciler.ray_jobs, died.ray_submission_id) == RayJobStatus.FAILED

@@ -203,9 +203,7 @@ def only_export_left(spec: JobSpec, paths: JobPaths) -> Path | None:
     """The final checkpoint of a job that trained to the end before (its driver died exporting, say): only the export
     is left, which needs no workers, nor their GPUs; unless the final grid is missing (it died drawing it)."""
     checkpoint_dir = committed_checkpoint(paths.events_file, spec.max_steps)
-    if checkpoint_dir is None or (
-        spec.validates_at(spec.max_steps) and not paths.validation_grid(spec.max_steps).exists()
-    ):
+    if checkpoint_dir is None or paths.lacks_final_grid(spec):
         return None
     return checkpoint_dir
 

@@ -24,8 +24,12 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dreambooth.durable import write_file
+
+if TYPE_CHECKING:
+    from trainer.spec import JobSpec
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -90,6 +94,11 @@ class JobPaths:
 
     def validation_grid(self, step: int) -> Path:
         return self.validation_dir / f"step_{step:07d}.png"
+
+    def lacks_final_grid(self, spec: JobSpec) -> bool:
+        """Whether the job's run that trained to its last step died before drawing that step's grid: a rerun trains
+        to draw it (workers and all), where else it would only export."""
+        return spec.validates_at(spec.max_steps) and not self.validation_grid(spec.max_steps).exists()
 
     def validation_grids(self) -> list[tuple[int, Path]]:
         """(step, grid) of the grids drawn so far, by step."""
