@@ -316,11 +316,17 @@ class JobService:
         if total > self.config.max_images_bytes:
             raise InputError("instance_images", f"{total} bytes of images; at most {self.config.max_images_bytes}")
         upload_dir.mkdir(parents=True, exist_ok=True)
-        paths, sent_as = [], {}
+        paths, names = [], []
         for index, (name, chunks) in enumerate(self._photo_contents(images)):
             paths.append(str(upload_dir / _safe_filename(name, index)))
-            sent_as[paths[-1]] = name or f"image {index}"
+            names.append(name)
             write_file(Path(paths[-1]), chunks)
+        # Uploads carry base names: two folders' IMG_0001.JPG are told apart by their place in the request.
+        repeated = {name for name, count in collections.Counter(names).items() if count > 1}
+        sent_as = {
+            path: f"{name} (photo {index + 1})" if not name or name in repeated else name
+            for index, (path, name) in enumerate(zip(paths, names, strict=True))
+        }
         return paths, sent_as
 
     def _photo_digests(self, images: list[ImageInput]) -> list[str]:

@@ -1400,7 +1400,7 @@ def test_without_tenants_the_one_user_has_every_photo_check_slot(tmp_path, tiny_
     store.close()
 
 
-def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, tmp_path):
+def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, dog_images, tmp_path):
     """Not as the job's copy of it: a path on the controller's storage, of a job never recorded, that the caller had
     to map back to its photos."""
     photos = tmp_path / "photos"
@@ -1414,6 +1414,15 @@ def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, tmp_path
                     client.submit(job_spec(tiny_model, photos), upload=upload)
                 assert error.value.message.endswith(f"\n{named}: not an image (Pillow cannot identify it)")
                 assert str(config.storage) not in error.value.message
+            # Two folders' photos of one name (base names are what uploads carry): told apart by their place.
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "z.jpg").write_bytes(
+                dog_images.joinpath(sorted(p.name for p in dog_images.iterdir())[0]).read_bytes()
+            )
+            with pytest.raises(ClientError) as error:
+                client.submit(job_spec(tiny_model, other, instance_images=[str(other), str(photos)]))
+            assert error.value.message.endswith("\nz.jpg (photo 2): not an image (Pillow cannot identify it)")
     finally:
         controller.stop(grace_s=1)
 
