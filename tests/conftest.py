@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def controller_process(config_file: Path) -> tuple[subprocess.Popen, int]:
+    """A controller started from `config_file` as a process of its own (to be killed), once ready; and its port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "controller.server", "--config", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("controller ready on port"):
+            # Read on, or a controller that logs more than a pipe holds (64 KiB) would block on its next line.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
+            return process, int(line.split()[-1])
+    raise AssertionError(f"the controller exited with {process.wait()} before it was ready")
 
 
 @dataclass

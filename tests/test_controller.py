@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -36,6 +34,7 @@ from dreambooth.errors import InputError
 from dreambooth.serving_client import ServingError, generate, wait_until_served
 from dreambooth.v1 import jobs_pb2
 from serving.config import ServeConfig
+from tests.conftest import controller_process
 from trainer.events import read_events
 from trainer.storage import job_paths
 
@@ -441,23 +440,7 @@ def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_imag
         )
     )
 
-    def start_controller() -> tuple[subprocess.Popen, int]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "controller.server", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=Path(__file__).parents[1],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        for line in proc.stdout:
-            if line.startswith("controller ready on port"):
-                # Read on, or a controller that logs more than a pipe holds (64 KiB) would block on its next line.
-                threading.Thread(target=proc.stdout.read, daemon=True).start()
-                return proc, int(line.split()[-1])
-        raise AssertionError(f"controller did not start (exit {proc.wait()})")
-
-    proc, port = start_controller()
+    proc, port = controller_process(config)
     try:
         with DreamBoothClient(f"127.0.0.1:{port}", "alice-token") as client:
             job = client.submit(job_spec(tiny_model, dog_images, max_steps=12, checkpoint_interval=4))
@@ -468,7 +451,7 @@ def test_kill_9_of_the_controller_mid_training(ray_cluster, tiny_model, dog_imag
         proc.send_signal(signal.SIGKILL)  # the crash under test, or the cleanup of a failed start
         proc.wait()
 
-    proc, port = start_controller()
+    proc, port = controller_process(config)
     try:
         with DreamBoothClient(f"127.0.0.1:{port}", "alice-token") as client:
             final = [m for m in client.watch(job.job_id)][-1].job

@@ -13,7 +13,6 @@ import shutil
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -43,7 +42,7 @@ from dreambooth.errors import InputError
 from dreambooth.proto_convert import spec_to_proto
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc
 from serving.config import ServeConfig
-from tests.conftest import free_port
+from tests.conftest import controller_process, free_port
 from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actors_end
 from tests.test_store import schema_version, set_schema_version
 from trainer import images as images_module
@@ -1663,20 +1662,7 @@ def _controller_process(config: ControllerConfig, path: Path) -> tuple[subproces
             }
         )
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "controller.server", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    for line in process.stdout:
-        if line.startswith("controller ready on port"):
-            # Read on, or a controller that logs more than a pipe holds (64 KiB) would block on its next line.
-            threading.Thread(target=process.stdout.read, daemon=True).start()
-            return process, int(line.split()[-1])
-    raise AssertionError(f"the controller exited with {process.wait()} before it was ready")
+    return controller_process(path)
 
 
 def test_photos_named_by_path_are_copied_when_submitted_and_checked_where_they_really_are(
