@@ -119,6 +119,12 @@ def run(
     _say(f"== 2/4 the local stack ({stack_dir})")
     running = stack.running(stack_dir)
     if running is not None:
+        # A stack partly down (Ray killed for memory, the controller left) would hold the job for ever, unsaid.
+        if down := [c.name for c in stack.health(running) if not c.up and c.name in ("Ray", "controller")]:
+            raise stack.StackError(
+                f"the stack in {stack_dir} is partly down ({', '.join(down)}): `dreambooth down --dir {stack_dir}`, "
+                "then run the demo again"
+            )
         _say("using the stack that is already running there (it stays up)")
     local = running or stack.up(stack_dir, **start, say=_say)
     try:

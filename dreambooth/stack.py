@@ -200,7 +200,9 @@ def up(
 
         capacity = _wait_for_capacity(stack, deadline)
         config = state_dir / "controller.yaml"
-        config.write_text(yaml.safe_dump(_controller_config(stack, capacity), sort_keys=False))
+        # Whole or not at all: the next `up` reads its storage from it (a file cut short by a full disk started an
+        # empty controller on DIR/storage, the jobs left where they were).
+        write_file(config, yaml.safe_dump(_controller_config(stack, capacity), sort_keys=False))
         say(f"starting the controller ({stack.controller}) ...")
         command = [sys.executable, "-m", "dreambooth.cli", "controller", "--config", str(config)]
         stack.processes["controller"] = process_sessions.spawn(command, logs / "controller.log", process_env)
@@ -222,10 +224,16 @@ def up(
 def _last_storage(state_dir: Path) -> Path | None:
     """The storage of the last stack started in `state_dir` (its controller.yaml stays after `down`): a plain `up`
     starts again where `up --storage X` left its jobs and models."""
+    path = state_dir / "controller.yaml"
     try:
-        return Path(yaml.safe_load((state_dir / "controller.yaml").read_text())["storage"])
-    except (FileNotFoundError, KeyError, TypeError, yaml.YAMLError):
+        return Path(yaml.safe_load(path.read_text())["storage"])
+    except FileNotFoundError:
         return None
+    except (KeyError, TypeError, yaml.YAMLError) as e:  # not the file `up` writes: its jobs would be left behind
+        raise StackError(
+            f"{path} is unreadable ({type(e).__name__}: {e}), so the storage of the last stack started here is not "
+            "known: give it with --storage, or delete the file to start on DIR/storage"
+        ) from e
 
 
 def down(state_dir: Path = DEFAULT_DIR) -> Stack | None:

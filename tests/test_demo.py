@@ -118,6 +118,38 @@ def test_up_after_down_starts_again_on_the_storage_it_left(demo_run, tmp_path):
     """`up --storage X; down; up` started an empty controller on DIR/storage, without the jobs and models in X."""
     assert stack._last_storage(demo_run.stack_dir) == Path(stack.load(demo_run.stack_dir).storage)
     assert stack._last_storage(tmp_path) is None  # no stack was ever started there: DIR/storage
+    (tmp_path / "controller.yaml").write_text("")  # not what `up` writes (it writes it whole): said, not ignored
+    with pytest.raises(stack.StackError, match=r"controller\.yaml is unreadable"):
+        stack._last_storage(tmp_path)
+
+
+def test_the_demo_refuses_a_stack_partly_down(tmp_path):
+    """A stack whose Ray died (killed for memory) and whose controller lived on: the demo used it, and its job waited
+    in PREPARING for ever, unsaid."""
+    from dreambooth import demo, process_sessions
+    from tests.conftest import free_port
+
+    closed = f"127.0.0.1:{free_port()}"  # nothing answers there
+    leftover = stack.Stack(
+        dir=str(tmp_path / "stack"),
+        storage=str(tmp_path / "storage"),
+        ray_temp_dir=str(tmp_path / "ray"),
+        ray_address=closed,
+        dashboard_url=f"http://{closed}",
+        ray_metrics=closed,
+        controller=closed,
+        controller_metrics=closed,
+        serve_url=f"http://{closed}",
+        serving={},
+        processes={"ray": (1, 0), "controller": (os.getpid(), process_sessions.start_ticks(os.getpid()))},
+        started_at=time.time(),
+    )
+    Path(leftover.dir).mkdir()
+    stack._save(leftover)  # a process of it alive (this one's pid stands in), the rest dead or not answering
+    with pytest.raises(stack.StackError, match=r"partly down \(Ray, controller\): `dreambooth down --dir"):
+        demo.run(
+            tmp_path / "out", base_model=None, stack_dir=Path(leftover.dir), keep_running=False, start={}, follow=None
+        )
 
 
 def test_a_port_just_released_counts_as_free():
