@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -169,6 +170,7 @@ def up(
     logs = state_dir / "logs"
     for directory in (storage, logs):
         directory.mkdir(parents=True, exist_ok=True)
+    private_parent(ray_temp_dir(state_dir))
     serving = {"http_host": HOST, "http_port": chosen.serve, **SERVING}
     stack = Stack(
         dir=str(state_dir),
@@ -286,9 +288,25 @@ def prometheus_config(controller_metrics: str, ray_targets: Path, scrape_interva
 
 def ray_temp_dir(state_dir: Path) -> Path:
     """Ray's own directory (sessions, logs, sockets) for the stack of `state_dir`. Not /tmp/ray, which every
-    other Ray on the machine shares; short, because Ray's Unix socket paths under it must fit in 107 bytes."""
+    other Ray on the machine shares; short, because Ray's Unix socket paths under it must fit in 107 bytes. In a
+    folder of this user's own (`private_parent`): Ray makes its folders writable by everyone, and another user
+    could otherwise make the predictable name first, or replace the stack's sockets and files."""
     digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"dreambooth-ray-{digest}"
+    return Path(tempfile.gettempdir()) / f"dreambooth-{os.getuid()}" / f"ray-{digest}"
+
+
+def private_parent(path: Path) -> None:
+    """Makes `path`'s parent, this user's only (0700), or raises StackError where it is someone else's, a link, or
+    open to others."""
+    parent = path.parent
+    with contextlib.suppress(FileExistsError):
+        parent.mkdir(mode=0o700)
+    info = parent.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise StackError(
+            f"{parent} must be a folder of this user's only (mode 0700), for Ray's files: another user's, a link or "
+            "open to others is not used; remove it"
+        )
 
 
 def ray_targets_file(state_dir: Path) -> Path:

@@ -152,6 +152,23 @@ def test_the_demo_refuses_a_stack_partly_down(tmp_path):
         )
 
 
+def test_rays_files_go_in_a_folder_of_this_users_only(tmp_path):
+    """Ray makes its folders writable by everyone, under a name anyone can compute: another user could make it first
+    (every `up` then failed) or replace the stack's sockets and files."""
+    folder = tmp_path / "dreambooth-1000"
+    stack.private_parent(folder / "ray-0123456789")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    stack.private_parent(folder / "ray-0123456789")  # again: ours already
+    folder.chmod(0o777)  # as another user, or Ray, would leave it
+    with pytest.raises(stack.StackError, match="of this user's only"):
+        stack.private_parent(folder / "ray-0123456789")
+    folder.rmdir()
+    folder.symlink_to(tmp_path)
+    with pytest.raises(stack.StackError, match="a link"):
+        stack.private_parent(folder / "ray-0123456789")
+    assert stack.ray_temp_dir(tmp_path).parent.name == f"dreambooth-{os.getuid()}"
+
+
 def test_a_port_just_released_counts_as_free():
     """A server that stopped after answering (a stack just brought down) leaves its side of the connection in
     TIME_WAIT for a minute; its port is free to listen on again, as the servers bind it."""
