@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -557,8 +557,6 @@ def _demo(args) -> int:
 
 
 def _up(args) -> int:
-    from dreambooth.client import DEFAULT_TARGET
-
     try:
         started = stack.up(args.stack_dir, **_start_options(args), say=lambda m: print(m, file=sys.stderr, flush=True))
     except stack.StackError as e:
@@ -566,16 +564,31 @@ def _up(args) -> int:
         return 1
     print(f"the stack is up in {started.dir}:")
     _print_table(("COMPONENT", "ADDRESS"), started.addresses())
-    where = "" if args.stack_dir == stack.DEFAULT_DIR else f" --dir {args.stack_dir}"
-    controller = "" if started.controller == DEFAULT_TARGET else f" --controller {started.controller}"
+    print(_next_steps(started, args.stack_dir, os.environ))
+    return 0
+
+
+def _next_steps(started: stack.Stack, stack_dir: Path, environ: Mapping[str, str]) -> str:
+    """What `up` prints to do next. The CLI's defaults reach the stack unless the environment names another
+    controller (a production one, say): then the commands name this one, and a note says what else is set."""
+    from dreambooth.client import DEFAULT_TARGET
+
+    named = environ.get("DREAMBOOTH_CONTROLLER")
+    where = "" if stack_dir == stack.DEFAULT_DIR else f" --dir {stack_dir}"
+    controller = "" if started.controller == DEFAULT_TARGET and not named else f" --controller {started.controller}"
+    settings = [
+        name for name in ("DREAMBOOTH_CONTROLLER", "DREAMBOOTH_TOKEN", "DREAMBOOTH_TLS_CA") if environ.get(name)
+    ]
+    note = (
+        f"note: {', '.join(settings)} set here, for another controller? unset them for this stack\n" if settings else ""
+    )
     prometheus = Path(started.dir) / "prometheus.yml"
-    print(
-        f"\nsubmit jobs:  dreambooth submit job.yaml --watch{controller}  (also: jobs, deploy, generate ...)\n"
+    return (
+        f"\n{note}submit jobs:  dreambooth submit job.yaml --watch{controller}  (also: jobs, deploy, generate ...)\n"
         f"metrics:      prometheus --config.file={prometheus}  (scrapes the controller and Ray)\n"
         f"dashboards:   Grafana with deploy/grafana/ on that Prometheus (see deploy/README.md)\n"
         f"status, stop: dreambooth status{where}, dreambooth down{where}"
     )
-    return 0
 
 
 def _start_options(args) -> dict:

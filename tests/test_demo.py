@@ -3,6 +3,7 @@ controller, deploys the model, generates images over HTTP and writes a page of i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -150,6 +151,20 @@ def test_the_demo_refuses_a_stack_partly_down(tmp_path):
         demo.run(
             tmp_path / "out", base_model=None, stack_dir=Path(leftover.dir), keep_running=False, start={}, follow=None
         )
+
+
+def test_up_names_its_controller_where_the_environment_names_another(demo_run):
+    """With DREAMBOOTH_CONTROLLER set (a production one, in .bashrc), the `submit` that `up` printed sent the photos
+    there, without a word."""
+    from dreambooth.cli import _next_steps
+    from dreambooth.client import DEFAULT_TARGET
+
+    started = dataclasses.replace(stack.load(demo_run.stack_dir), controller=DEFAULT_TARGET)  # `up`'s defaults
+    plain = _next_steps(started, demo_run.stack_dir, {})
+    assert "--controller" not in plain.split("submit jobs:")[1].split("\n")[0] and "note:" not in plain
+    told = _next_steps(started, demo_run.stack_dir, {"DREAMBOOTH_CONTROLLER": "prod:443", "DREAMBOOTH_TOKEN": "t"})
+    assert f"--watch --controller {started.controller}" in told
+    assert "note: DREAMBOOTH_CONTROLLER, DREAMBOOTH_TOKEN set here" in told
 
 
 def test_rays_files_go_in_a_folder_of_this_users_only(tmp_path):
