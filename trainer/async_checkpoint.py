@@ -46,7 +46,8 @@ class AsyncCheckpointEngine(TorchCheckpointEngine):
         self._reserved = False
 
     def preserves_storage_sharing(self) -> bool:
-        # DeepSpeed would otherwise clone the module state to CPU itself, synchronously; save() copies anyway.
+        # Read by DeepSpeed's MoE saves only (0.19: they would clone the module state to CPU, synchronously); our
+        # dense saves never clone either way, and save() copies to its host buffers anyway.
         return False
 
     def reserve_after_first_update(self, engine) -> None:
