@@ -48,6 +48,9 @@
 # each call timeout_s = DEADLINE_S + 30: the tool cuts a call at the budget left, and a part cut that way loses its
 # row (one cut by DEADLINE_S prints what its events hold). Session 17 spent 514 s of device time on its first call
 # (DEADLINE_S=450: the machine's start, ~55 s, counts) and 289 s on its second.
+# Also worth a look on a GPU (session 20, from reading torch's source, not measured): the async checkpoint's pinned
+# host buffers come from torch's caching host allocator, which rounds each up to a power of two (an 11.2 GiB
+# ZeRO-2 checkpoint would pin ~15.2 GiB); and torch.compile with gradient checkpointing, now one graph per network.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
