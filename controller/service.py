@@ -324,7 +324,7 @@ class JobService:
         # Uploads carry base names: two folders' IMG_0001.JPG are told apart by their place in the request.
         repeated = {name for name, count in collections.Counter(names).items() if count > 1}
         sent_as = {
-            path: f"{name} (photo {index + 1})" if not name or name in repeated else name
+            path: name if name and name not in repeated else f"{name or 'unnamed upload'} (photo {index + 1})"
             for index, (path, name) in enumerate(zip(paths, names, strict=True))
         }
         return paths, sent_as

@@ -1422,6 +1422,13 @@ def test_a_bad_photo_is_named_as_the_caller_sent_it(config, tiny_model, dog_imag
             with pytest.raises(ClientError) as error:
                 client.submit(job_spec(tiny_model, other, instance_images=[str(other), str(photos)]))
             assert error.value.message.endswith("\nz.jpg (photo 2): not an image (Pillow cannot identify it)")
+        # An upload without a name (a raw gRPC call: the SDK always sends one) is told by its place.
+        request = jobs_pb2.SubmitJobRequest(
+            spec=spec_to_proto(job_spec(tiny_model, photos)), instance_images=[jobs_pb2.InstanceImage(data=b"x")]
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as raw:
+            jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert raw.value.details() == "instance_images: unnamed upload (photo 1): not an image"
     finally:
         controller.stop(grace_s=1)
 
