@@ -9,6 +9,7 @@ The tiny model is random: its images are noise. The pipeline around it is the re
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import sys
@@ -132,9 +133,16 @@ def run(
         with DreamBoothClient(local.controller, from_environment=False) as client:
             job = client.submit(spec)
             _say(f"== 3/4 training: job {job.job_id}, submitted to the controller at {local.controller}")
-            if follow(client, job.job_id) != 0:
-                _say(f"the job did not succeed; the end of its log:\n{client.logs(job.job_id)[-3000:]}")
-                return 1
+            try:
+                if follow(client, job.job_id) != 0:
+                    _say(f"the job did not succeed; the end of its log:\n{client.logs(job.job_id)[-3000:]}")
+                    return 1
+            except BaseException:
+                # Interrupted (Ctrl-C): the demo's job is no one else's, and left unfinished in the stack's database,
+                # the next `up` on that storage ran it again, beside the next demo's job, once per demo interrupted.
+                with contextlib.suppress(Exception):
+                    client.cancel(job.job_id)
+                raise
             job = client.get(job.job_id)
             _say(f"== 4/4 serving: deploying model {job.model_id}, generating images over HTTP")
             model = client.deploy(job.model_id)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from dreambooth import stack
 from dreambooth.cli import main
+from dreambooth.v1 import jobs_pb2
 
 
 def test_demo_trains_deploys_generates_and_writes_the_page(demo_run):
@@ -122,6 +123,29 @@ def test_up_after_down_starts_again_on_the_storage_it_left(demo_run, tmp_path):
     (tmp_path / "controller.yaml").write_text("")  # not what `up` writes (it writes it whole): said, not ignored
     with pytest.raises(stack.StackError, match=r"controller\.yaml is unreadable"):
         stack._last_storage(tmp_path)
+
+
+def test_an_interrupted_demo_cancels_its_job(demo_run, tmp_path, capsys):
+    """Ctrl-C left the demo's job unfinished in the stack's database: the next `up` on that storage ran it again,
+    beside the next demo's job, once for every demo interrupted."""
+    from dreambooth import demo
+    from dreambooth.client import DreamBoothClient
+
+    def interrupted(client, job_id) -> int:
+        raise KeyboardInterrupt  # the user's Ctrl-C, while the job trains
+
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(
+            tmp_path / "out",
+            base_model=None,
+            stack_dir=demo_run.stack_dir,
+            keep_running=True,
+            start={},
+            follow=interrupted,
+        )
+    job_id = re.search(r"training: job (job-[0-9a-f]+)", capsys.readouterr().err).group(1)
+    with DreamBoothClient(stack.load(demo_run.stack_dir).controller, from_environment=False) as client:
+        assert client.get(job_id).state in (jobs_pb2.STATE_CANCELLING, jobs_pb2.STATE_CANCELLED)
 
 
 def test_the_demo_refuses_a_stack_partly_down(tmp_path):
