@@ -98,9 +98,8 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
         starting.add_argument(
             f"--{name.replace('_', '-')}-port",
             type=_port,
-            default=default,
             metavar="PORT",
-            help=f"{use} (default: {default}; 0: a free one)",
+            help=f"{use} (default: {default}, or for the demo a free one where it is taken; 0: a free one)",
         )
     starting.add_argument(
         "--storage", type=Path, help="storage root (default: the last stack's in DIR, else DIR/storage)"
@@ -550,7 +549,8 @@ def _demo(args) -> int:
 
     options = {"base_model": args.base_model, "stack_dir": args.stack_dir, "keep_running": args.keep_running}
     try:
-        return demo.run(args.out, **options, start=_start_options(args), follow=_follow)
+        # Its stack goes when it ends: a default port taken (a web server on 8000) is no reason to stop.
+        return demo.run(args.out, **options, start=_start_options(args, defaults_or_free=True), follow=_follow)
     except (stack.StackError, ClientError, ServingError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -591,9 +591,15 @@ def _next_steps(started: stack.Stack, stack_dir: Path, environ: Mapping[str, str
     )
 
 
-def _start_options(args) -> dict:
-    ports = stack.Ports(**{name: getattr(args, f"{name}_port") for name in stack.PORT_USES})
-    return {"ports": ports, "storage": args.storage, "num_cpus": args.num_cpus}
+def _start_options(args, defaults_or_free: bool = False) -> dict:
+    """stack.up's options. A port not given is its default's (`up`: the CLI's defaults find the stack there), or
+    with `defaults_or_free` a free one where the default is taken."""
+    given = {name: getattr(args, f"{name}_port") for name in stack.PORT_USES}
+    defaults = stack.Ports()
+    ports = {
+        name: port if port is not None or defaults_or_free else getattr(defaults, name) for name, port in given.items()
+    }
+    return {"ports": stack.Ports(**ports), "storage": args.storage, "num_cpus": args.num_cpus}
 
 
 def _down(args) -> int:

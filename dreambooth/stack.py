@@ -54,7 +54,7 @@ class StackError(Exception):
 
 @dataclass(frozen=True)
 class Ports:
-    """TCP ports on 127.0.0.1; 0 picks a free one."""
+    """TCP ports on 127.0.0.1; 0 picks a free one, None the default's unless it is taken (then a free one)."""
 
     controller: int = 50051
     controller_metrics: int = 9464
@@ -381,14 +381,24 @@ def _wait_for_capacity(stack: Stack, deadline: float):
 
 
 def _choose_ports(ports: Ports) -> Ports:
-    chosen = {}
+    """The ports to listen on; every one given that cannot be, said at once with the option that sets it."""
+    chosen, problems = {}, []
+    given = {name: port for name, port in dataclasses.asdict(ports).items() if port}
     for name, port in dataclasses.asdict(ports).items():
-        if port == 0:
+        option = f"--{name.replace('_', '-')}-port"
+        if port is None:
+            default = getattr(Ports(), name)
+            chosen[name] = default if default not in given.values() and _port_free(default) else free_port()
+        elif port == 0:
             chosen[name] = free_port()
+        elif list(given.values()).count(port) > 1:
+            problems.append(f"port {port} for {PORT_USES[name]} ({option}) is given for another component too")
         elif not _port_free(port):
-            raise StackError(f"port {port} for {PORT_USES[name]} is in use: choose another (0 picks a free one)")
+            problems.append(f"port {port} for {PORT_USES[name]} ({option}) is in use")
         else:
             chosen[name] = port
+    if problems:
+        raise StackError("; ".join(problems) + ": choose others (0 picks a free one)")
     return Ports(**chosen)
 
 

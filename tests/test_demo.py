@@ -3,6 +3,7 @@ controller, deploys the model, generates images over HTTP and writes a page of i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -230,8 +231,34 @@ def test_up_refuses_a_port_in_use(tmp_path, capsys):
         port = busy.getsockname()[1]
         others = [f"--{name.replace('_', '-')}-port=0" for name in stack.PORT_USES if name != "serve"]
         assert main(["up", "--dir", str(tmp_path), *others, "--serve-port", str(port)]) == 1
-    assert f"port {port} for Ray Serve's HTTP API is in use" in capsys.readouterr().err
+    assert f"port {port} for Ray Serve's HTTP API (--serve-port) is in use" in capsys.readouterr().err
     assert stack.load(tmp_path) is None  # nothing was started
+
+
+def test_ports_that_cannot_be_used_are_all_said_at_once_and_the_demos_defaults_step_aside():
+    """One port named per run, without its option, and a port given twice let one component fail to bind after the
+    check. The demo's stack goes when it ends: a default port taken (a web server on 8000) is no reason to stop."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        twice = stack.free_port()
+        with pytest.raises(stack.StackError) as error:
+            stack._choose_ports(stack.Ports(controller=port, serve=twice, controller_metrics=twice, dashboard=0))
+        message = str(error.value)
+        assert f"port {port} for the controller's gRPC API (--controller-port) is in use" in message
+        assert f"port {twice} for Ray Serve's HTTP API (--serve-port) is given for another component too" in message
+        default_taken = stack.Ports(controller=None, serve=None, controller_metrics=0, dashboard=0, ray_metrics=0)
+        with contextlib.ExitStack() as held:
+            holder = held.enter_context(socket.socket())
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                holder.bind(("127.0.0.1", stack.Ports().serve))
+                holder.listen()
+            except OSError:
+                pass  # taken already, by something of this machine's: all the same here
+            chosen = stack._choose_ports(default_taken)
+        assert chosen.serve != stack.Ports().serve and chosen.serve > 0
 
 
 def test_a_fresh_machine_gets_a_ray_token_that_ray_finds(tmp_path, monkeypatch):
