@@ -98,7 +98,7 @@ def run(
 ) -> int:
     """The demo, start to end; 0 when it all worked. `start`: stack.up's options, for when no stack is running in
     `stack_dir`; `follow` renders a job's progress until it ends (0: it succeeded)."""
-    from dreambooth.client import DreamBoothClient
+    from dreambooth.client import DEFAULT_TARGET, DreamBoothClient
     from dreambooth.tiny_model import build_tiny_model
 
     started = time.monotonic()
@@ -164,7 +164,9 @@ def run(
         f"  model:            {model.path}\n"
         + (
             f"  endpoint:         {model.endpoint}\n"
-            f"the stack is still up: `dreambooth status{where}`, `dreambooth down{where}`"
+            f"  controller:       {local.controller}"
+            + ("" if local.controller == DEFAULT_TARGET else f" (the CLI's --controller {local.controller})")
+            + f"\nthe stack is still up: `dreambooth status{where}`, `dreambooth down{where}`"
             if stays
             else f"the stack is stopped; `dreambooth up{where}` starts it again on the same storage"
         )

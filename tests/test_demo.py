@@ -31,6 +31,8 @@ def test_demo_trains_deploys_generates_and_writes_the_page(demo_run):
     assert "tiny random model" in output and "SUCCEEDED" in output
     assert "training: 100%" in output and "20/20" in output  # the progress bar followed the job to its end
     assert str(out / "index.html") in output
+    # Kept up on ports of its own: the CLI is told where its controller is.
+    assert f"(the CLI's --controller {stack.load(demo_run.stack_dir).controller})" in output
 
     assert len(list((out / "subject").glob("*.png"))) == 4
     grids = sorted((out / "validation").glob("*.png"))
