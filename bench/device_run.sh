@@ -13,44 +13,47 @@
 #
 # Parts, in order of what the open targets need (what session 7 measured on an H100 comes last: bench/README.md),
 # each started only while enough of the DEADLINE_S budget (default 570 s) is left; the bundle's install and the
-# model build take ~1 min first (session 17: 36 s + 16 s on a fresh H100 machine, the install again on a warm one):
-#   profile        train_step_profile.py --profile: the trainer's config against its config before session 17
-#                  (DeepSpeed's own clipping, 3 host syncs per optimizer group): where the eager step's
-#                  time goes (GPU kernels against the step; session 17: 198 ms a step, the GPU busy ~35 %,
-#                  53 cudaStreamSynchronize a step before the change)                                 ~2 min
+# model build take ~1 min first (session 21: 61 s on a fresh H200 machine, 38 s, the install again, on a warm one):
+#   train-compile  train_throughput.py --compile: the baseline, then the trainer with torch_compile, which since
+#                  session 21 replays CUDA graphs (cuda_graphs): Ray Train, checkpoints, the whole loop, against
+#                  the profile's 73.9 ms a step (H200, session 21); ~2.5 min of compiling (session 17,
+#                  without CUDA graphs, cut short at 382 s)                                         ~7 min
+#   memory-compile train_step_profile.py, UNet + text encoder compiled with CUDA graphs and gradient
+#                  checkpointing: full fine-tuning's speed, and its memory against the 16 GiB target
+#                  (eager with gradient checkpointing: 15.37 GiB in session 17)                     ~4 min
+#   profile        train_step_profile.py --profile: the trainer's eager step against its config before session
+#                  17 (DeepSpeed's own clipping, 3 host syncs per optimizer group): where the eager step's
+#                  time goes (H200, session 21: 145.7 against 182.0 ms, 2 against 53 host syncs a step) ~2 min
 #   serve          serve_throughput.py --only engine, 1 (10 requests) and 16 clients and Poisson
 #                  arrivals: engine with whole batches, with step-level batching, and step-level
 #                  with its UNet compiled (serving's compile_unet). The pipeline baseline is left
 #                  out to save device time: its 3x target was met twice on the H100 (4.5x, 6.4x);
 #                  SERVE_ARGS="--clients 1,16 --compile" puts it back (+~1.5 min)                  ~5.5 min
-#   profile-compile  train_step_profile.py, the trainer's config with torch.compile, and compiled with
-#                  CUDA graphs (mode reduce-overhead: the forward and the backward replayed, not
-#                  launched op by op; not the trainer's yet): what compiling leaves to DeepSpeed's hooks
-#                  and optimizer step, phase by phase, against part profile's eager step (the compiled
-#                  trainer ran 5.31 steps/s in session 17, the eager one 5.04 in the profile; TORCH_LOGS
-#                  perf_hints says why CUDA graphs were skipped, if they were; each variant's line counts
-#                  them, with the graphs compiled and the warm-up's seconds)                         ~7 min
+#   profile-compile  train_step_profile.py, the trainer's torch_compile (CUDA graphs) and compiled without
+#                  them, phase by phase (H200, session 21: 73.9 and 146.4 ms a step, peaks 18.08 and
+#                  16.62 GiB; warm-ups 146 and 195 s; TORCH_LOGS perf_hints says why CUDA graphs were
+#                  skipped, if they were: each variant's line counts them)                           ~7 min
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
-#   train-compile  train_throughput.py --compile: the baseline, then the trainer with torch.compile
-#                  (~3 min of compiling; measured in session 17, cut short at 382 s)                  ~7 min
 #   train-memory   the trainer training the text encoder too, with gradient checkpointing and
 #                  a validation at the end (its peak counts; measured in session 17: 15.37 GiB)       ~3 min
 # `ONLY=serve,profile` runs the parts named; SERVE_ARGS replaces the serve part's `--only engine --clients 1,16
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends, train_step_profile.py each variant's line,
 # and at the deadline's INT the table of the variants that ended).
-# All of it is ~31 min, more than one call (570 s) or one session's device time (15 min, the machine's start
-# included). Within 15 min, what the throughput target needs first: `ONLY=profile-compile DEADLINE_S=540 bash
-# bench/device_run.sh` (install, model, the two compiled variants: ~8 min), then at once (the machine goes back after
-# 30 s idle) `ONLY=profile DEADLINE_S=<status's budget_left_s less ~40 s>` (the eager step they compare with). Give
-# each call timeout_s = DEADLINE_S + 30: the tool cuts a call at the budget left, and a part cut that way loses its
-# row (one cut by DEADLINE_S prints what its events hold). Session 17 spent 514 s of device time on its first call
-# (DEADLINE_S=450: the machine's start, ~55 s, counts) and 289 s on its second.
+# All of it is ~40 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# included). Within 15 min, what the throughput target needs next: `ONLY=train-compile DEADLINE_S=540 bash
+# bench/device_run.sh`, then at once (the machine goes back after 30 s idle) `ONLY=memory-compile
+# DEADLINE_S=<status's budget_left_s less ~40 s>`. Give each call timeout_s = DEADLINE_S + 30: the tool cuts a call
+# at the budget left, and a part cut that way loses its row (one cut by DEADLINE_S prints what its events hold).
+# Session 21 spent 490 s of device time on its first call (DEADLINE_S=540, 459 s of it running) and 126 s on its
+# second (warm). A command run outside this script must print before the tool's limit: session 21's third call,
+# `timeout --signal=INT 215` with the install in front and its output piped through `tail`, was cut by the tool at
+# 245 s and returned nothing.
 # Also worth a look on a GPU (session 20, from reading torch's source, not measured): the async checkpoint's pinned
 # host buffers come from torch's caching host allocator, which rounds each up to a power of two (an 11.2 GiB
-# ZeRO-2 checkpoint would pin ~15.2 GiB); and torch.compile with gradient checkpointing, now one graph per network.
+# ZeRO-2 checkpoint would pin ~15.2 GiB).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -106,6 +109,10 @@ import time; from dreambooth.tiny_model import build_random_sd15_model
 t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models/sd15'); print(f'model built in {time.time() - t:.0f} s')
 " || true
 
+part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_throughput.py --model sd15 \
+  --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-train-compile" --out "$OUT/train_throughput_compiled.json"
+part memory-compile 240 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 --train-text-encoder \
+  --steps 5 --warmup 2 --variants "torch.compile + gradient checkpointing" "${vocab[@]}"
 # The profiling parts compare with each other: the same warm-up (which goes on past it while fp16 skips steps) and steps.
 profile_steps=(--steps 15 --warmup 5)
 part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,before: DeepSpeed's clipping syncs + reduce_scatter" \
@@ -114,14 +121,12 @@ part profile 120 python bench/train_step_profile.py --model sd15 --profile --var
 part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-client 3 ${SERVE_ARGS:---only engine --clients 1,16 --compile} \
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part profile-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_step_profile.py --model sd15 \
-  --variants "torch.compile,torch.compile + CUDA graphs" "${profile_steps[@]}" "${vocab[@]}"
+  --variants "torch.compile,torch.compile without CUDA graphs" "${profile_steps[@]}" "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --work-dir "$scratch/bench-train-train" --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
   --variants "trainer's config,gradient checkpointing,before: whole blocks in one optimizer group + 5e8 buckets" \
   "${vocab[@]}"
-part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks python bench/train_throughput.py --model sd15 \
-  --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-train-compile" --out "$OUT/train_throughput_compiled.json"
 part train-memory 180 python bench/train_throughput.py --model sd15 --precision fp16 --only trainer \
   --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" "${vocab[@]}" \
   --work-dir "$scratch/bench-train-train-memory" --out "$OUT/train_throughput_memory.json"

@@ -34,7 +34,7 @@ from trainer.model import prior_preservation_loss
 from trainer.run import run_training
 from trainer.spec import JobSpec
 from trainer.storage import job_paths, mark_shared
-from trainer.train_loop import trained_model
+from trainer.train_loop import compile_options, trained_model
 
 
 def make_spec(tiny_model: Path, images: Path, **overrides) -> JobSpec:
@@ -454,6 +454,16 @@ def test_compiled_code_is_cached_on_the_shared_storage(tiny_model, storage, monk
     assert {name.rpartition(".")[2] for name, _ in trained.named_parameters()} == {FLAT}
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(storage / "cache" / "torch_compile" / "triton")
+
+
+def test_compiled_networks_replay_cuda_graphs_unless_told_not_to(tiny_model, storage):
+    """cuda_graphs (the default) is inductor's mode reduce-overhead: on an H200 it halved SD 1.5's step (73.9 ms
+    against 146.4 compiled without it). Other backends take no mode (aot_eager warns that it ignores one)."""
+    spec = make_spec(tiny_model, storage, torch_compile=True)
+    assert spec.cuda_graphs
+    assert compile_options(spec) == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert compile_options(dataclasses.replace(spec, cuda_graphs=False)) == {"backend": "inductor"}
+    assert compile_options(dataclasses.replace(spec, compile_backend="aot_eager")) == {"backend": "aot_eager"}
 
 
 def test_the_loss_is_the_instance_loss_plus_the_weighted_prior_loss():

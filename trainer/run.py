@@ -68,6 +68,7 @@ RERUN_MAY_CHANGE = frozenset(
         "gradient_checkpointing",
         "torch_compile",
         "compile_backend",
+        "cuda_graphs",
         "cpus_per_worker",
         "placement_strategy",
         "max_failures",

@@ -297,8 +297,18 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
         os.environ["TRITON_CACHE_DIR"] = str(paths.compile_cache / "triton")
         for network in networks:
             # In place (nn.Module.compile): parameter names, hence checkpoints and the export, stay as they are.
-            network.compile(backend=spec.compile_backend)
+            network.compile(**compile_options(spec))
     return DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
+
+
+def compile_options(spec: JobSpec) -> dict[str, str]:
+    """torch.compile's arguments for the trained networks. CUDA graphs are a mode of inductor's (on a CPU it
+    compiles as its default mode does); other backends ignore a mode, with a warning. A training step needs no
+    marking: torch's CUDA graph trees start a new step at the first forward after a backward, when the last step's
+    outputs (its prediction, consumed by that backward) may be overwritten."""
+    if spec.compile_backend == "inductor" and spec.cuda_graphs:
+        return {"backend": "inductor", "mode": "reduce-overhead"}
+    return {"backend": spec.compile_backend}
 
 
 def _maybe_inject_failure(config: WorkerConfig, step: int, rank: int, paths: JobPaths, pending_commit) -> None:
