@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,7 +123,11 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
     stack_dir(commands.add_parser("status", help="each component of the local stack, up or down"), "--dir")
 
     demo = commands.add_parser(
-        "demo", parents=[starting], help="the whole system on a made-up subject, offline: train, deploy, generate"
+        "demo",
+        parents=[starting],
+        help="the whole system on a made-up subject, offline: train, deploy, generate",
+        description="The whole system on a made-up subject, offline: train, deploy, generate. A stack already running "
+        "in DIR is used as it is: the options that start one (--storage, --num-cpus, the ports) do not apply to it.",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
     demo.add_argument(
@@ -168,7 +173,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
         "--request-id",
         help="idempotency key: submitting the same request again with it (after a timeout, say) returns the job the "
         "first submission queued instead of queueing another; another spec, priority or photos under a used key is "
-        "refused (default: a new one each time)",
+        "refused (default: a new one each time, printed where a failed submission may have queued the job)",
     )
     submit.add_argument("--watch", action="store_true", help="then follow it, like `dreambooth watch`")
     submit.add_argument(
@@ -224,7 +229,7 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             with client:
                 return command(client, args)
         except ClientError as e:
-            print(_client_error_line(client.target, e), file=sys.stderr)
+            print(_client_error_line(client, e), file=sys.stderr)
             return 2 if e.code in _USER_ERRORS else 1
         except BrokenPipeError:  # stdout's reader went away: main's to handle, not an unreadable file
             raise
@@ -246,14 +251,26 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
     return run
 
 
-def _client_error_line(target: str, e: ClientError) -> str:
+# What gRPC says when a plaintext client reaches a server that speaks TLS (or something else that is not gRPC).
+_NOT_PLAINTEXT_GRPC = ("Socket closed", "Connection reset", "Failed parsing HTTP/2")
+
+
+def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
     """What to print for a failed call: where the controller could not be reached, how to fix that."""
+    target = client.target
+    connecting = e.code == "UNAVAILABLE" and "failed to connect" in e.message
+    if connecting and client.tls_ca is None and any(m in e.message for m in _NOT_PLAINTEXT_GRPC):
+        return (
+            f"error: something answers at {target}, but not as a plaintext gRPC server: if the controller serves TLS, "
+            f"give the CA that signed its certificate with --tls-ca CA.pem (or --tls-ca system for a publicly signed "
+            f"one; or $DREAMBOOTH_TLS_CA) ({e.message})"
+        )
     if e.code == "UNAVAILABLE" and "handshake" in e.message.lower():
         return (
             f"error: TLS with the controller at {target} failed: --tls-ca (or $DREAMBOOTH_TLS_CA) names a CA for a "
             f"controller that serves plaintext, or not the CA that signed its certificate ({e.message})"
         )
-    if e.code == "UNAVAILABLE" and "failed to connect" in e.message:
+    if connecting:
         return (
             f"error: no controller answers at {target}: start one with `dreambooth up`, or name it with --controller "
             f"HOST:PORT or $DREAMBOOTH_CONTROLLER ({e.message})"
@@ -261,8 +278,27 @@ def _client_error_line(target: str, e: ClientError) -> str:
     return f"error: {e.code}: {e.message}"
 
 
+# A submission that ends with these may have been queued all the same: the connection dropped after the controller
+# recorded it (then restarted within gRPC's retries), or its answer came after the deadline.
+_MAYBE_QUEUED = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"})
+
+
 def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
-    job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=args.request_id)
+    from dreambooth.client import ClientError
+
+    request_id = args.request_id or str(uuid.uuid4())  # the SDK's default, made here so that a failure can name it
+    try:
+        job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=request_id)
+    except ClientError as e:
+        if e.code not in _MAYBE_QUEUED:
+            raise
+        print(_client_error_line(client, e), file=sys.stderr)
+        print(
+            f"if the controller got the submission before that, the job is queued: run this command again with "
+            f"`--request-id {request_id}`, which returns that job, or queues the job if it was not",
+            file=sys.stderr,
+        )
+        return 1
     print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
     return _follow(client, job.job_id) if args.watch else 0
 
@@ -332,23 +368,13 @@ def _print_json_lines(messages) -> int:
     return 0
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    """The tenant's bearer token: the controller's and the serving API's."""
-    return args.token or os.environ.get("DREAMBOOTH_TOKEN")
-
-
-def _tls_ca(args: argparse.Namespace) -> str | None:
-    """The CA certificate: the controller's and, for an https endpoint, the serving API's."""
-    return args.tls_ca or os.environ.get("DREAMBOOTH_TLS_CA")
-
-
 def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.serving_client import wait_until_served
 
     model = client.deploy(args.model_id)
     if not args.no_wait:
         print(f"waiting for the serving API to list {model.model_id} at {model.endpoint} ...", file=sys.stderr)
-        wait_until_served(model.endpoint, token=_token(args), tls_ca=_tls_ca(args))
+        wait_until_served(model.endpoint, token=client.token, tls_ca=client.tls_ca)
     print(model.endpoint)
     return 0
 
@@ -367,6 +393,7 @@ def _delete_model(client: DreamBoothClient, args: argparse.Namespace) -> int:
 def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.serving_client import generate
 
+    _output_dir(args.out)  # before the GPU work: a file there, or a folder not writable, lost the images after it
     model = client.model(args.model_id)
     if not model.deployed:
         print(f"error: model {args.model_id} is not deployed: run `dreambooth deploy {args.model_id}`", file=sys.stderr)
@@ -375,8 +402,7 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     # Unset, the serving API's defaults apply (one place for them: serving/http_api.GenerateBody).
     optional = ("steps", "guidance_scale", "width", "height")
     options |= {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
-    images = generate(model.endpoint, args.prompt, token=_token(args), tls_ca=_tls_ca(args), **options)
-    args.out.mkdir(parents=True, exist_ok=True)
+    images = generate(model.endpoint, args.prompt, token=client.token, tls_ca=client.tls_ca, **options)
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
     # request draws the same image, so it may.
     request = hashlib.sha256(json.dumps([args.prompt, options], sort_keys=True).encode()).hexdigest()[:8]
@@ -385,6 +411,18 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
         path.write_bytes(png)
         print(path)
     return 0
+
+
+def _output_dir(path: Path) -> None:
+    """generate's --out, made where it is not, and checked writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError("out", f"{path} is a file: give a directory for the PNGs (made if need be)") from None
+    except OSError as e:  # a file on the way, a folder not writable
+        raise InputError("out", f"{path}: cannot make the directory ({e.strerror}): give another") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError("out", f"{path}: this user cannot write in it: give another directory")
 
 
 def _follow(client: DreamBoothClient, job_id: str) -> int:
@@ -425,7 +463,7 @@ def _follow(client: DreamBoothClient, job_id: str) -> int:
         what = (
             f"stopped following it while it was {state_name(job.state)}" if job is not None else "could not follow it"
         )
-        print(_client_error_line(client.target, e), file=sys.stderr)
+        print(_client_error_line(client, e), file=sys.stderr)
         print(f"{job_id}: {what}; `dreambooth watch {job_id}` follows it again", file=sys.stderr)
         return WATCH_LOST
     finally:

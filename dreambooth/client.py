@@ -135,16 +135,15 @@ class DreamBoothClient:
         """Defaults, as the CLI's: $DREAMBOOTH_CONTROLLER (else 127.0.0.1:50051), $DREAMBOOTH_TOKEN and
         $DREAMBOOTH_TLS_CA (`tls_ca`: a CA certificate file, or "system" for the system's trusted CAs: TLS; else
         plaintext); `from_environment=False` reads none of them (a local stack's client must not send a production
-        token, nor expect TLS). `timeout_s`: each call but watch's (a submission's grows by a second per 256 KiB of
-        photos it uploads); `keepalive_s`: how often an open watch pings a controller that has been quiet (see
-        watch)."""
+        token, nor expect TLS). `target`: HOST:PORT ([::1]:PORT for IPv6; gRPC's own dns:, unix: ... are passed on);
+        the token's surrounding whitespace is dropped (a Secret's trailing newline). `timeout_s`: each call but
+        watch's (a submission's grows by a second per 256 KiB of photos it uploads); `keepalive_s`: how often an open
+        watch pings a controller that has been quiet (see watch)."""
         environment = os.environ if from_environment else {}
-        target = target or environment.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET
-        if "://" in target:  # gRPC would answer "Misformatted domain name"
-            raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
-        self.target = target
-        token = token or environment.get("DREAMBOOTH_TOKEN")
-        tls_ca = tls_ca or environment.get("DREAMBOOTH_TLS_CA") or None
+        self.target = target = _check_target(target or environment.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET)
+        # What the serving API is given too (the CLI's generate and deploy): the token, the CA (None: plaintext).
+        self.token = token = _check_token(token or environment.get("DREAMBOOTH_TOKEN"))
+        self.tls_ca = tls_ca = tls_ca or environment.get("DREAMBOOTH_TLS_CA") or None
         answer_ms = int(min(keepalive_s, 10) * 1000)  # a ping not answered by then: the connection is dead
         options = [
             ("grpc.service_config", _SERVICE_CONFIG),
@@ -170,6 +169,8 @@ class DreamBoothClient:
             # a company's added CAs); else gRPC's (None).
             bundle = _system_cas() if str(tls_ca) == SYSTEM_CAS else Path(tls_ca)
             roots = bundle.read_bytes() if bundle is not None else None
+            if str(tls_ca) != SYSTEM_CAS:
+                _check_ca_certificates(tls_ca, roots)
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -306,6 +307,61 @@ class DreamBoothClient:
             return method(request, metadata=self._metadata, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as e:
             raise ClientError.from_rpc(e) from e
+
+
+# gRPC's own target syntax (https://github.com/grpc/grpc/blob/master/doc/naming.md), passed on as it is.
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+def _check_target(target: str) -> str:
+    """HOST:PORT (an IPv6 address in brackets: [::1]:50051), or gRPC's own syntax (dns:, unix:, ...). gRPC itself
+    takes a port over 65535 modulo 65536 (99999 reached 34463, some other server) and a target without one to 443."""
+    if "://" in target:  # gRPC would answer "Misformatted domain name"
+        raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
+    if target.startswith(_GRPC_SCHEMES):
+        return target
+    if target.startswith("["):
+        host, bracket, rest = target[1:].partition("]")
+        sep, port = rest[:1], rest[1:]
+        if not bracket or not host or (rest and sep != ":"):
+            raise InputError("controller", f"{target}: give HOST:PORT, an IPv6 address in brackets ([::1]:50051)")
+    else:
+        host, sep, port = target.rpartition(":")
+        if ":" in host:
+            raise InputError("controller", f"{target}: give an IPv6 address in brackets, then its port: [::1]:50051")
+    if not sep or not host or not port:
+        raise InputError("controller", f"{target}: no port: give HOST:PORT (the controller's default port is 50051)")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise InputError("controller", f"{target}: {port!r} is not a port (1-65535): give HOST:PORT")
+    return target
+
+
+def _check_token(token: str | None) -> str | None:
+    """The token without surrounding whitespace (a Kubernetes Secret's value often ends in a newline). gRPC refuses
+    any other character outside printable ASCII in metadata ("INTERNAL: Invalid metadata", which never passes)."""
+    token = token.strip() if token else None
+    for position, character in enumerate(token or "", 1):
+        if not " " <= character <= "~":
+            raise InputError(
+                "token",
+                f"character {position} of {len(token)} is U+{ord(character):04X}, and a token is printable ASCII: "
+                "copy it again (--token or $DREAMBOOTH_TOKEN)",
+            )
+    return token or None
+
+
+def _check_ca_certificates(path: str | os.PathLike, pem: bytes) -> None:
+    """A --tls-ca file without a PEM certificate (the key, a DER file) failed every call as a "security handshaker"
+    error, which reads as the controller's fault."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError) as e:
+        reason = "not text" if isinstance(e, UnicodeDecodeError) else getattr(e, "reason", None) or str(e)
+        raise InputError(
+            "tls_ca",
+            f"{path}: no PEM certificate in it ({reason}): give the certificate of the CA that signed the "
+            "controller's (a file with -----BEGIN CERTIFICATE-----), or 'system' for the system's trusted CAs",
+        ) from None
 
 
 def _system_cas() -> Path | None:

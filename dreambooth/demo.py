@@ -97,7 +97,8 @@ def run(
     follow: Callable[[DreamBoothClient, str], int],
 ) -> int:
     """The demo, start to end; 0 when it all worked. `start`: stack.up's options, for when no stack is running in
-    `stack_dir`; `follow` renders a job's progress until it ends (0: it succeeded)."""
+    `stack_dir` (a running one is used as it is, with a warning for each of them it does not honour); `follow`
+    renders a job's progress until it ends (0: it succeeded)."""
     from dreambooth.client import DEFAULT_TARGET, DreamBoothClient
     from dreambooth.tiny_model import build_tiny_model
 
@@ -120,6 +121,8 @@ def run(
     _say(f"== 2/4 the local stack ({stack_dir})")
     running = stack.running(stack_dir)
     if running is not None:
+        for ignored in _ignored_start_options(running, start):
+            _say(f"warning: {ignored}; `dreambooth down --dir {stack_dir}` first to start one with it")
         # A stack partly down (Ray killed for memory, the controller left) would hold the job for ever, unsaid.
         if down := [c.name for c in stack.health(running) if not c.up and c.name in ("Ray", "controller")]:
             raise stack.StackError(
@@ -172,6 +175,30 @@ def run(
         )
     )
     return 0
+
+
+def _ignored_start_options(running: stack.Stack, start: Mapping[str, Any]) -> list[str]:
+    """The options the user gave to start a stack (`start`, stack.up's) that the stack already running does not
+    honour, each with the running stack's value where it is known."""
+    ignored = []
+    storage = start.get("storage")
+    if storage is not None and Path(storage).resolve() != Path(running.storage).resolve():
+        ignored.append(f"--storage {storage} is ignored: the running stack's storage is {running.storage}")
+    addresses = {
+        "controller": running.controller,
+        "controller_metrics": running.controller_metrics,
+        "dashboard": running.dashboard_url,
+        "ray_metrics": running.ray_metrics,
+        "serve": running.serve_url,
+    }
+    for name in stack.PORT_USES:
+        port = getattr(start.get("ports"), name, None)
+        its = addresses[name].rpartition(":")[2]
+        if port and str(port) != its:  # 0 asks for any free port, which the running stack's is
+            ignored.append(f"--{name.replace('_', '-')}-port {port} is ignored: the running stack's is {its}")
+    if (num_cpus := start.get("num_cpus")) is not None:
+        ignored.append(f"--num-cpus {num_cpus} is ignored: the running stack's Ray keeps the CPUs it started with")
+    return ignored
 
 
 def _generate(endpoint: str, out_dir: Path, steps: int) -> list[tuple[Path, str]]:

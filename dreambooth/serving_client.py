@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime
 import email.utils
+import http.client
 import itertools
 import json
 import os
@@ -33,8 +34,8 @@ up just before the server's answer."""
 SYSTEM_CAS = "system"
 """As `tls_ca` (here and for the controller's SDK client): TLS, trusting the system's certificate authorities."""
 RETRIES = 3
-"""generate's default: a 429 or 503 (throttled, overloaded, its model not loadable now) is sent again this many
-times, after its Retry-After: generating has no side effects."""
+"""generate's default: a 429 or 503 (throttled, overloaded, its model not loadable now), or an answer cut off, is sent
+again this many times, after its Retry-After: generating has no side effects."""
 MAX_RETRY_WAIT_S = 30.0
 """The longest a retry waits, whatever Retry-After says (a load balancer's may say minutes)."""
 RETRY_WAIT_S = 1.0
@@ -43,6 +44,11 @@ RETRY_WAIT_S = 1.0
 
 class ServingUnreachable(OSError):
     """No answer from the serving API's address (nothing listens, refused, the connection timed out)."""
+
+
+class ServingDisconnected(ServingUnreachable):
+    """The serving API's answer was cut off (a proxy, a replica or a load balancer closed the connection before its
+    end): generate sends the request again, as after a 503."""
 
 
 class ServingTLSError(OSError):
@@ -56,12 +62,14 @@ class ServingTimeout(TimeoutError):
 
 class ServingError(Exception):
     """An HTTP error from the serving API: `status`, the server's detail and its machine-readable `code`
-    (serving/http_api.ErrorCode; None from something else at that address, a proxy say)."""
+    (serving/http_api.ErrorCode; None from something else at that address, a proxy say). `status` 0: the answer was
+    not HTTP (not the serving API at that address)."""
 
     def __init__(self, status: int, detail: Any, retry_after_s: float | None = None, code: str | None = None):
         # The serving API's 400s name the field to fix, as the controller's errors do.
         named = isinstance(detail, dict) and {"field", "message"} <= detail.keys()
-        super().__init__(f"HTTP {status}: " + (f"{detail['field']}: {detail['message']}" if named else f"{detail}"))
+        text = f"{detail['field']}: {detail['message']}" if named else f"{detail}"
+        super().__init__(f"HTTP {status}: {text}" if status else text)
         self.status = status
         self.detail = detail
         self.retry_after_s = retry_after_s
@@ -79,18 +87,25 @@ def generate(
 ) -> list[bytes]:
     """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
     width, height (see GenerateBody). A 429 or 503 is retried up to `retries` times, each after its Retry-After
-    (at most MAX_RETRY_WAIT_S), and so is a 408 (the body stalled on its way: the link's, not the request's fault);
-    the last one raises ServingError."""
+    (at most MAX_RETRY_WAIT_S), and so is a 408 (the body stalled on its way: the link's, not the request's fault)
+    and an answer cut off (ServingDisconnected); the last one raises."""
     data = json.dumps({"prompt": prompt, **options, "output_format": "json"}).encode()
     for attempt in itertools.count(1):
         try:
             reply = _request(endpoint, data, token, timeout_s, tls_ca)
-        except ServingError as e:
-            if e.status not in (408, 429, 503) or attempt > retries:
+        except (ServingError, ServingDisconnected) as e:
+            retryable = isinstance(e, ServingDisconnected) or e.status in (408, 429, 503)
+            if not retryable or attempt > retries:
                 raise
-            time.sleep(min(RETRY_WAIT_S if e.retry_after_s is None else e.retry_after_s, MAX_RETRY_WAIT_S))
+            wait_s = getattr(e, "retry_after_s", None)
+            time.sleep(min(RETRY_WAIT_S if wait_s is None else wait_s, MAX_RETRY_WAIT_S))
             continue
-        return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
+        try:
+            return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
+        except (KeyError, TypeError, ValueError) as e:  # a 200 from another service at that address
+            raise ServingError(
+                200, f"the answer of {endpoint} holds no images, so it is not the serving API: {str(reply)[:200]}"
+            ) from e
 
 
 def wait_until_served(
@@ -145,10 +160,18 @@ def _request(
         try:
             answer = json.loads(e.read())
             detail = answer["detail"]
-        except (ValueError, KeyError, TypeError):  # not the serving API's JSON (a proxy's page, say)
+        except (ValueError, KeyError, TypeError, http.client.HTTPException, OSError):  # not the serving API's JSON
+            # (a proxy's page, say), or cut off: the status says enough
             answer, detail = {}, e.reason
         retry_after_s = retry_after_seconds(e.headers.get("Retry-After"))
         raise ServingError(e.code, detail, retry_after_s, answer.get("code")) from e
+    except (http.client.IncompleteRead, http.client.RemoteDisconnected) as e:  # closed before the answer's end
+        raise ServingDisconnected(
+            f"the serving API at {url} closed the connection before the end of its answer ({e!r}; a proxy "
+            "or a replica dropped it)"
+        ) from e
+    except http.client.HTTPException as e:  # not HTTP (BadStatusLine: SSH, say), or not what HTTP allows
+        raise ServingError(0, f"{url} does not answer as an HTTP server ({e!r}), so it is not the serving API") from e
     except TimeoutError as e:  # connected and sent, but no answer in time (urllib wraps a connect timeout in URLError)
         raise ServingTimeout(
             f"the serving API at {url} took the request but did not answer within {timeout_s:g} s"

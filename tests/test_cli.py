@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
 from dreambooth.cli import main
+from tests.conftest import free_port
 from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
 from trainer.events import EventLog
 from trainer.storage import job_paths
@@ -192,3 +196,44 @@ def test_the_private_local_ray_asks_its_own_state_api():
     assert result.returncode == 0, result.stderr[-3000:]
     url, its_own = result.stdout.split()
     assert url.startswith("http://127.0.0.1:") and its_own == "True", result.stdout
+
+
+def test_demo_says_which_options_a_running_stack_does_not_honour(tmp_path, capsys):
+    """`demo --storage /big/disk` with a stack already running in --dir trained on that stack's storage, and its ports
+    and --num-cpus went the same way, without a word. (The stack here is a record whose one live process is this one:
+    the demo then stops at its Ray, which does not answer, before any job.)"""
+    from dreambooth import process_sessions, stack
+
+    closed = f"127.0.0.1:{free_port()}"
+    running = stack.Stack(
+        dir=str(tmp_path / "stack"),
+        storage=str(tmp_path / "storage"),
+        ray_temp_dir=str(tmp_path / "ray"),
+        ray_address=closed,
+        dashboard_url=f"http://{closed}",
+        ray_metrics=closed,
+        controller=closed,
+        controller_metrics=closed,
+        serve_url=f"http://{closed}",
+        serving={},
+        processes={"ray": (1, 0), "controller": (os.getpid(), process_sessions.start_ticks(os.getpid()))},
+        started_at=time.time(),
+    )
+    Path(running.dir).mkdir()
+    stack._save(running)
+    port, big = closed.rpartition(":")[2], tmp_path / "big-disk"
+    code, err = run_cli(
+        capsys,
+        *("demo", "--out", str(tmp_path / "out"), "--dir", running.dir, "--storage", str(big)),
+        *("--serve-port", "9000", "--controller-port", port, "--dashboard-port", "0", "--num-cpus", "2"),
+    )
+    down = f"; `dreambooth down --dir {running.dir}` first to start one with it"
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: --storage {big} is ignored: the running stack's storage is {running.storage}{down}",
+        f"warning: --serve-port 9000 is ignored: the running stack's is {port}{down}",
+        f"warning: --num-cpus 2 is ignored: the running stack's Ray keeps the CPUs it started with{down}",
+    ]  # the ports it has (--controller-port its own, 0 any free one) are honoured
+    assert code == 1 and "partly down" in err  # this record's Ray is not there
+    code, err = run_cli(capsys, "demo", "--out", str(tmp_path / "out"), "--dir", running.dir)
+    assert code == 1 and "warning: " not in err  # nothing asked of it

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import socket
+import socketserver
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
 from dreambooth.serving_client import (
+    ServingDisconnected,
     ServingError,
     ServingTimeout,
     ServingTLSError,
@@ -515,6 +517,53 @@ def test_the_token_is_sent_on_every_call(controller):
                 list(c.watch("job-4"))
 
 
+def test_a_tokens_surrounding_whitespace_is_dropped_and_another_unprintable_character_refused(
+    controller, monkeypatch, capsys
+):
+    """A token from a Kubernetes Secret written by `echo` ends in a newline: gRPC refused the header ("INTERNAL:
+    Invalid metadata", exit 1, and watch's 3: try again), which no retry could fix, and which named no token."""
+    with DreamBoothClient(controller.target, f" {TOKEN}\n") as client:
+        assert client.get("job-4").job_id == "job-4" and client.token == TOKEN
+    for token in ("t\u00f6ken", "t0\nken", "t0ken\x00"):
+        with pytest.raises(InputError) as refused:
+            DreamBoothClient(controller.target, token)
+        assert refused.value.field == "token" and token not in refused.value.message  # the secret is not printed
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", "t\u00f6ken")
+    for command in ("jobs", "watch"):
+        assert main([command, *(["job-4"] if command == "watch" else []), "--controller", controller.target]) == 2
+        assert "error: token: character 2 of 5 is U+00F6, and a token is printable ASCII" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1:99999",
+        "127.0.0.1:0",
+        "127.0.0.1",
+        "controller.example.com",
+        "127.0.0.1:",
+        "127.0.0.1:grpc",
+        "::1:50051",
+        "[::1]",
+        "[::1]50051",
+        "[]:50051",
+    ],
+)
+def test_a_controller_address_without_a_port_or_with_one_out_of_range_is_refused(target):
+    """gRPC took 99999 as 34463 (99999 - 65536, where another server may listen) and a name without a port as :443."""
+    with pytest.raises(InputError) as refused:
+        DreamBoothClient(target)
+    assert refused.value.field == "controller" and refused.value.message.startswith(f"{target}: ")
+
+
+def test_the_controller_address_forms_that_are_taken(capsys):
+    for target in ("[::1]:50051", "localhost:50051", "10.0.0.7:1", "unix:/run/dreambooth.sock", "dns:controller:443"):
+        with DreamBoothClient(target) as client:  # no call: gRPC connects on the first one
+            assert client.target == target
+    assert main(["jobs", "--controller", "127.0.0.1:99999"]) == 2
+    assert "error: controller: 127.0.0.1:99999: '99999' is not a port (1-65535)" in capsys.readouterr().err
+
+
 def test_unreachable_controller(tmp_path):
 
     with DreamBoothClient(f"127.0.0.1:{free_port()}", TOKEN, timeout_s=5) as c:
@@ -552,6 +601,33 @@ def test_tls_with_the_systems_cas_where_python_has_no_bundle_file(monkeypatch, t
         with pytest.raises(ClientError) as error:  # it tried TLS to nothing there: no crash building the channel
             client.get("job-4")
         assert error.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_a_plaintext_client_of_a_tls_controller_is_told_to_give_its_ca(tmp_path, monkeypatch, capsys):
+    """Without --tls-ca, a controller serving TLS was "no controller answers ...: start one with `dreambooth up`"; a
+    --tls-ca file without a certificate (the key, a DER file) was "serves plaintext, or not the CA that signed it"."""
+    cert, key = _self_signed_certificate()
+    server, target = _serve(FakeController(), grpc.ssl_server_credentials([(key, cert)]))
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+    monkeypatch.delenv("DREAMBOOTH_TLS_CA", raising=False)
+    try:
+        for command in (["jobs"], ["watch", "job-4"]):
+            assert main([*command, "--controller", target]) == (1 if command == ["jobs"] else 3)
+            err = capsys.readouterr().err
+            assert f"error: something answers at {target}, but not as a plaintext gRPC server" in err
+            assert "--tls-ca CA.pem (or --tls-ca system" in err and "dreambooth up" not in err
+        (tmp_path / "key.pem").write_bytes(key)
+        (tmp_path / "ca.der").write_bytes(os.urandom(512))
+        for ca in ("key.pem", "ca.der"):
+            assert main(["jobs", "--controller", target, "--tls-ca", str(tmp_path / ca)]) == 2
+            err = capsys.readouterr().err
+            assert (
+                err.startswith(f"error: tls_ca: {tmp_path / ca}: no PEM certificate in it (") and "handshake" not in err
+            )
+        (tmp_path / "ca.pem").write_bytes(cert)
+        assert main(["jobs", "--controller", target, "--tls-ca", str(tmp_path / "ca.pem")]) == 0
+    finally:
+        server.stop(grace=None)
 
 
 def _self_signed_certificate() -> tuple[bytes, bytes]:
@@ -627,6 +703,36 @@ def test_cli_watch_exit_codes(cli):
     assert cli("watch", "job-4")[0] == 0
     code, out, err = cli("watch", "job-2")
     assert code == 1 and "[FAILED]" in err and "job-2 FAILED: TRAINING_FAILED: NaN loss" in out
+
+
+class _SubmitLost(FakeController):
+    """Every submission fails with `code` (the connection dropped, gRPC's retries used up), after it was seen."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def SubmitJob(self, request, context):
+        self.requests.append(request)
+        context.abort(self.code, "Socket closed")
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_cli_submit_that_may_have_been_queued_says_how_to_retry_it_safely(code, job_yaml, monkeypatch, capsys):
+    """The SDK's request id was never shown: after a submission lost this way (the controller may have recorded it
+    before the connection dropped), running the command again queued a second job beside the first."""
+    fake = _SubmitLost()
+    fake.code = code
+    server, target = _serve(fake)
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+    try:
+        assert main(["submit", str(job_yaml), "--controller", target]) == 1
+        err = capsys.readouterr().err
+        (request_id,) = {request.request_id for request in fake.requests}  # gRPC's retries sent the same one
+        assert f"run this command again with `--request-id {request_id}`, which returns that job" in err
+        assert main(["submit", str(job_yaml), "--controller", target, "--request-id", "mine"]) == 1
+        assert "again with `--request-id mine`" in capsys.readouterr().err
+        assert fake.requests[-1].request_id == "mine"
+    finally:
+        server.stop(grace=None)
 
 
 def test_cli_jobs_table(cli):
@@ -736,6 +842,7 @@ def serving_api():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             api.bodies.append(body)
+            api.authorizations.append(self.headers.get("Authorization"))
             if api.refusals:
                 status, retry_after = api.refusals.pop(0)
                 refusal = {"detail": "busy; retry later", "code": "overloaded"}
@@ -763,7 +870,7 @@ def serving_api():
             pass
 
     api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    api.statuses, api.bodies, api.refusals = [], [], []
+    api.statuses, api.bodies, api.refusals, api.authorizations = [], [], [], []
     api.endpoint = f"http://127.0.0.1:{api.server_port}/v1/models/model-3/generate"
     threading.Thread(target=api.serve_forever, daemon=True).start()
     yield api
@@ -782,6 +889,30 @@ def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, control
     assert not {"steps", "guidance_scale", "width", "height"} & set(serving_api.bodies[0])
     assert cli("generate", "model-3", prompts[0], "--steps", "5", "--out", str(tmp_path / "images"))[0] == 0
     assert serving_api.bodies[-1]["steps"] == 5
+
+
+def test_cli_generate_refuses_an_out_that_is_a_file_before_generating(cli, controller, serving_api, tmp_path):
+    """`--out result.png` failed after the serving API had done the work (a model load, the GPU's time), and the
+    images were lost."""
+    model = controller.models["model-3"]
+    model.deployed, model.endpoint = True, serving_api.endpoint
+    (tmp_path / "result.png").write_bytes(b"")
+    code, _, err = cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path / "result.png"))
+    assert (
+        code == 2
+        and err == f"error: out: {tmp_path / 'result.png'} is a file: give a directory for the PNGs (made if need be)\n"
+    )
+    code, _, err = cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path / "result.png" / "in"))
+    assert code == 2 and err.startswith(f"error: out: {tmp_path / 'result.png' / 'in'}: cannot make the directory (")
+    assert serving_api.bodies == []  # refused before generating
+
+
+def test_cli_generate_sends_the_token_the_controller_got(cli, controller, serving_api, tmp_path, monkeypatch):
+    model = controller.models["model-3"]
+    model.deployed, model.endpoint = True, serving_api.endpoint
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", f"{TOKEN}\n")  # a Secret's trailing newline: dropped for both
+    assert cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path))[0] == 0
+    assert serving_api.authorizations == [f"Bearer {TOKEN}"]
 
 
 def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):
@@ -840,6 +971,80 @@ def test_cli_output_cut_short_by_its_reader_is_not_an_error(controller, tmp_path
     jobs.stdout.close()  # the reader is gone before the first line
     _, err = jobs.communicate(timeout=60)
     assert (jobs.returncode, err.decode()) == (0, "")
+
+
+@pytest.fixture
+def broken_http():
+    """A TCP server on 127.0.0.1 that reads each HTTP request and answers the next of `answers` (raw bytes; the last
+    one again and again), then closes the connection: an answer cut short, or not HTTP at all."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            length = 0
+            while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                length = int(value) if name.strip().lower() == "content-length" else length
+            self.rfile.read(length)
+            server.requests += 1
+            self.wfile.write(server.answers.pop(0) if len(server.answers) > 1 else server.answers[0])
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.answers, server.requests = [], 0
+    server.endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/models/model-3/generate"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _http_answer(payload: bytes, length: int | None = None) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length or len(payload)}\r\n\r\n"
+    return head.encode() + payload
+
+
+def test_an_answer_cut_short_is_sent_again_and_one_from_something_else_is_not_the_serving_api(broken_http, monkeypatch):
+    """A proxy or replica closing the connection partway through a multi-MB answer, or an endpoint that is not the
+    serving API (SSH, another service's JSON), raised http.client's IncompleteRead or BadStatusLine, or a KeyError."""
+    waits = []
+    monkeypatch.setattr(serving_client.time, "sleep", waits.append)
+    cut = _http_answer(b'{"images": [{"seed": 0, "png_b', length=100_000)
+    png = base64.b64encode(b"a png").decode()
+    broken_http.answers = [cut, _http_answer(json.dumps({"images": [{"seed": 0, "png_base64": png}]}).encode())]
+    assert generate(broken_http.endpoint, "a photo of sks dog") == [b"a png"]  # sent again, as after a 503
+    assert broken_http.requests == 2 and waits == [serving_client.RETRY_WAIT_S]
+    broken_http.answers = [cut]
+    with pytest.raises(ServingDisconnected, match=r"closed the connection before the end of its answer \(Incomplete"):
+        generate(broken_http.endpoint, "a photo of sks dog")
+    assert broken_http.requests == 2 + serving_client.RETRIES + 1
+    assert isinstance(ServingDisconnected("x"), ServingUnreachable)  # what the CLI and wait_until_served know
+
+    broken_http.answers = [b"SSH-2.0-OpenSSH_9.6\r\n"]
+    for call in (generate, wait_until_served):  # waiting does not help: not retried
+        with pytest.raises(ServingError, match="does not answer as an HTTP server") as other:
+            call(broken_http.endpoint, "a photo of sks dog") if call is generate else call(broken_http.endpoint)
+        assert other.value.status == 0 and str(other.value).startswith("http://127.0.0.1:")
+    assert broken_http.requests == 2 + serving_client.RETRIES + 1 + 2
+    broken_http.answers = [_http_answer(b'{"status": "ok"}')]
+    with pytest.raises(ServingError, match="holds no images, so it is not the serving API") as other:
+        generate(broken_http.endpoint, "a photo of sks dog")
+    assert other.value.status == 200
+    overloaded_cut = _http_answer(b'{"detail": "busy', length=1000).replace(b"200 OK", b"503 Service Unavailable")
+    broken_http.answers = [overloaded_cut, _http_answer(json.dumps({"images": []}).encode())]
+    assert generate(broken_http.endpoint, "a photo of sks dog") == []  # a 503 all the same, whatever its body
+
+
+def test_cli_generate_from_an_answer_cut_short_ends_with_a_message(cli, controller, broken_http, tmp_path, monkeypatch):
+    monkeypatch.setattr(serving_client.time, "sleep", lambda s: None)
+    model = controller.models["model-3"]
+    model.deployed, model.endpoint = True, broken_http.endpoint
+    broken_http.answers = [_http_answer(b'{"images": [', length=100_000)]
+    code, _, err = cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path))
+    assert code == 1 and err.startswith("error: the serving API at http://127.0.0.1:") and "Traceback" not in err
+    broken_http.answers = [b"SSH-2.0-OpenSSH_9.6\r\n"]
+    code, _, err = cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path))
+    assert code == 1 and err.startswith(f"error: {broken_http.endpoint} does not answer as an HTTP server (BadStatus")
+    assert err.endswith("), so it is not the serving API\n")
 
 
 def test_a_serving_api_that_does_not_answer_is_named():
