@@ -197,7 +197,7 @@ def _refuse(name: str, status: grpc.Status, context: grpc.ServicerContext) -> No
     if name == "WatchJob":
         metrics.WATCHES_ENDED.labels(code=status.code.name).inc()
     else:
-        metrics.RPC_DURATION.labels(method=name, code=status.code.name).observe(0)
+        metrics.record_rpc(name, status.code, 0)
     context.abort_with_status(status)  # raises
 
 
@@ -288,7 +288,7 @@ def rpc(handler):
                 code, status = _error_status(e, handler.__name__)
             context.abort_with_status(status)  # raises: how a grpc handler ends a call with an error
         finally:
-            metrics.RPC_DURATION.labels(method=handler.__name__, code=code.name).observe(time.perf_counter() - start)
+            metrics.record_rpc(handler.__name__, code, time.perf_counter() - start)
 
     return wrapper
 

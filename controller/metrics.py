@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from controller.scheduler import WAITING_REASONS
 from controller.store import STATES
 from dreambooth.errors import FAILURE_REASONS
+from dreambooth.v1 import jobs_pb2, models_pb2
 
 REGISTRY = CollectorRegistry()
 
@@ -26,6 +29,15 @@ RPC_DURATION = Histogram(
     "(WatchJob streams: dreambooth_open_watch_streams, dreambooth_watch_streams_total).",
     ["method", "code"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+RPC_ERRORS = Counter(
+    "dreambooth_rpc_errors_total",
+    "Unary gRPC calls (and calls refused before their handler: no token, a tenant's calls limit) answered with a "
+    "status other than OK, by method and status code. Each (method, code) is there at 0 from the start, so that "
+    "increase() counts the first error of a kind, which dreambooth_rpc_duration_seconds_count, whose series "
+    "appears with it, does not.",
+    ["method", "code"],
     registry=REGISTRY,
 )
 QUEUE_WAIT = Histogram(
@@ -69,6 +81,26 @@ for _reason in WAITING_REASONS:
     QUEUED_JOBS.labels(reason=_reason)
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)
+# Every method the RPC metrics name: those of the controller's services, and reflection's, which the request gate
+# may refuse (controller/api.py); not WatchJob, whose streams end in WATCHES_ENDED.
+RPC_METHODS = tuple(
+    method.name
+    for module in (jobs_pb2, models_pb2, reflection_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+    if method.name != "WatchJob"
+)
+RPC_ERROR_CODES = tuple(code.name for code in grpc.StatusCode if code != grpc.StatusCode.OK)
+for _method in RPC_METHODS:
+    for _code in RPC_ERROR_CODES:
+        RPC_ERRORS.labels(method=_method, code=_code)
+
+
+def record_rpc(method: str, code: grpc.StatusCode, seconds: float) -> None:
+    """A unary call's (or a refused call's) answer: its handling time, and an error unless it is OK."""
+    RPC_DURATION.labels(method=method, code=code.name).observe(seconds)
+    if code != grpc.StatusCode.OK:
+        RPC_ERRORS.labels(method=method, code=code.name).inc()
 
 
 def record_job_progress(job_id: str, step: int | None, loss: float | None, steps_per_second: float | None) -> None:

@@ -23,6 +23,13 @@ QUEUE_WAIT_BUCKETS = [
     LOAD_TIMEOUT_S,
 ]
 MODEL_LOAD_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 300, LOAD_TIMEOUT_S]
+# Whole numbers (requests, images) get edges half-way between them: one bucket per value over the range batches
+# usually run in (max_batch_size, in images, is 8 by default), coarser above. histogram_quantile interpolates
+# linearly inside a bucket (and the first bucket starts at 0): with edges on the values themselves, every request
+# alone read as a p50 of 0.5 requests, and every forward full at 8 images as 7. Centred on each value, a run of
+# k reads k.
+BATCH_SIZE_BUCKETS = [*(k + 0.5 for k in range(9)), 12.5, 16.5, 24.5, 32.5]
+STEP_IMAGES_BUCKETS = [*(k + 0.5 for k in range(17)), 24.5, 32.5, 48.5, 64.5]
 MAX_MODEL_CLASSES = 50  # distinct model_class values an ingress replica labels; the rest are "other"
 
 
@@ -81,12 +88,12 @@ class GeneratorMetrics:
         self.batch_size = Histogram(
             "dreambooth_serve_batch_size",
             description="Requests sampled together with a request (the most that shared one of its UNet forwards).",
-            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
+            boundaries=BATCH_SIZE_BUCKETS,
         )
         self.step_images = Histogram(
             "dreambooth_serve_step_images",
             description="Images in one UNet forward (a denoising step of every request sampling together), per step.",
-            boundaries=[1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64],
+            boundaries=STEP_IMAGES_BUCKETS,
         )
         self.queue_wait = Histogram(
             "dreambooth_serve_queue_wait_seconds",

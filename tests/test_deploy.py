@@ -479,13 +479,6 @@ def _panel_queries(name: str, title: str) -> list[str]:
     "name, title, failing, other, counted",
     [
         (
-            "training",
-            "Controller RPC errors",
-            'dreambooth_rpc_duration_seconds_count{method="GetJob", code="NOT_FOUND"}',
-            'dreambooth_rpc_duration_seconds_count{method="GetJob", code="OK"}',
-            '{method="GetJob", code="NOT_FOUND"}',
-        ),
-        (
             "serving",
             "Failed requests",
             'ray_dreambooth_serve_requests_total{model_class="dog", outcome="not_found"}',
@@ -495,10 +488,11 @@ def _panel_queries(name: str, title: str) -> list[str]:
     ],
 )
 def test_error_panels_count_the_first_error_of_a_kind(prometheus_bin, tmp_path, name, title, failing, other, counted):
-    """The series of an error appears at 1 with its first occurrence (Ray's metrics cannot be set to 0 before it;
-    the controller sets no RPC status code's in advance): rate() sees nothing in it, so a panel built on rate()
-    never showed the first error of each kind, often the only one. Prometheus' rule tests evaluate the panel's
-    query on such a series: the error counts once while it is in the window, and successes never."""
+    """The series of an error appears at 1 with its first occurrence (Ray's metrics cannot be set to 0 before it):
+    rate() sees nothing in it, so a panel built on rate() never showed the first error of each kind, often the only
+    one. Prometheus' rule tests evaluate the panel's query on such a series: the error counts once while it is in
+    the window, and successes never. (The controller's RPC errors start at 0 instead: tests/test_metric_readings.py
+    checks that panel.)"""
     (query,) = _panel_queries(name, title)
     left_window = f"{10 + int(dashboards.SPARSE.removesuffix('m')) + 5}m"
     tests = {
