@@ -21,6 +21,9 @@
 #   memory-compile train_step_profile.py, UNet + text encoder compiled with CUDA graphs and gradient
 #                  checkpointing: full fine-tuning's speed, and its memory against the 16 GiB target
 #                  (eager with gradient checkpointing: 15.37 GiB in session 17)                     ~4 min
+#   train-memory-compile  the trainer as part train-memory, compiled: full fine-tuning through Ray Train with
+#                  CUDA graphs and a validation at the end, whose eager sampling cannot use the memory the
+#                  graphs' pool keeps (the validation event's peak against the last progress event's)  ~6 min
 #   profile        train_step_profile.py --profile: the trainer's eager step against its config before session
 #                  17 (DeepSpeed's own clipping, 3 host syncs per optimizer group): where the eager step's
 #                  time goes (H200, session 21: 145.7 against 182.0 ms, 2 against 53 host syncs a step) ~2 min
@@ -113,6 +116,9 @@ part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python 
   --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-train-compile" --out "$OUT/train_throughput_compiled.json"
 part memory-compile 240 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 --train-text-encoder \
   --steps 5 --warmup 2 --variants "torch.compile + gradient checkpointing" "${vocab[@]}"
+part train-memory-compile 360 env TORCH_LOGS=perf_hints python bench/train_throughput.py --model sd15 --precision fp16 \
+  --only trainer --compile --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" \
+  "${vocab[@]}" --work-dir "$scratch/bench-train-train-memory-compile" --out "$OUT/train_throughput_memory_compile.json"
 # The profiling parts compare with each other: the same warm-up (which goes on past it while fp16 skips steps) and steps.
 profile_steps=(--steps 15 --warmup 5)
 part profile 120 python bench/train_step_profile.py --model sd15 --profile --variants "trainer's config,before: DeepSpeed's clipping syncs + reduce_scatter" \

@@ -739,9 +739,10 @@ def show_progress(events_file: Path, stop: threading.Event, offset: int = 0) -> 
                 file=sys.stderr,
             )
         elif kind == "compiled":
-            tqdm.write(
-                f"torch.compile: first step {event['seconds']:.1f} s ({event['graphs']} graphs)", file=sys.stderr
-            )
+            line = f"torch.compile: first step {event['seconds']:.1f} s ({event['graphs']} graphs)"
+            if skips := event.get("cudagraph_skips"):
+                line += f"; {skips} not replayed as CUDA graphs: slower steps (TORCH_LOGS=perf_hints says why)"
+            tqdm.write(line, file=sys.stderr)
         elif kind == "checkpoint":
             tqdm.write(_checkpoint_line(event["step"], event["path"], event.get("waited_s", 0.0)), file=sys.stderr)
         elif kind in ("validation", "resumed"):

@@ -155,7 +155,8 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
     events.emit("class_images", done=2, total=2)
     events.emit("state", state="TRAINING")
     events.emit("progress", step=1, total_steps=4, loss=0.5, lr=1e-5, eta_s=3.2)
-    events.emit("compiled", step=1, seconds=12.34, graphs=2)
+    events.emit("compiled", step=1, seconds=12.34, graphs=2, cudagraph_skips=0)
+    events.emit("compiled", step=3, seconds=5.0, graphs=2, cudagraph_skips=1)  # a resumed run's, say
     events.emit("checkpoint", step=2, path="/s/checkpoint_step_0000002", stall_s=0.1, waited_s=0.0)
     events.emit("checkpoint", step=4, path="/s/checkpoint_step_0000004", stall_s=14.0, waited_s=13.7)
     events.emit("state", state="FAILED", reason="INVALID_INPUT", message="resolution: too small")
@@ -166,7 +167,8 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
     for line in (
         "[PREPARING]",
         "[TRAINING]",
-        "torch.compile: first step 12.3 s (2 graphs)",
+        "torch.compile: first step 12.3 s (2 graphs)\n",
+        "torch.compile: first step 5.0 s (2 graphs); 1 not replayed as CUDA graphs: slower steps (TORCH_LOGS",
         "checkpoint at step 2: /s/checkpoint_step_0000002\n",
         "checkpoint at step 4: /s/checkpoint_step_0000004 (training waited 13.7 s for the previous checkpoint to be",
         "[FAILED] resolution: too small",

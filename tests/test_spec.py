@@ -216,6 +216,13 @@ def test_deepspeed_config_holds_no_device_sync_a_step_does_not_need():
     # ZeRO-3 fetches parameters on overlap_comm's stream: without it, each fetch waits for the compute stream.
     zero3 = deepspeed_config(dataclasses.replace(spec, zero_stage=3), world_size=1)
     assert DeepSpeedZeroConfig(**zero3["zero_optimization"]).overlap_comm
+    # Replayed as CUDA graphs, the UNet's gradients all come at its backward's end: a reduction overlapping the text
+    # encoder's replay would race with it, for next to no overlap.
+    graphs = dataclasses.replace(spec, torch_compile=True, train_text_encoder=True, gpus_per_worker=1)
+    assert graphs.replays_cuda_graphs
+    assert not DeepSpeedZeroConfig(**deepspeed_config(graphs, world_size=2)["zero_optimization"]).overlap_comm
+    launched = dataclasses.replace(graphs, cuda_graphs=False)
+    assert DeepSpeedZeroConfig(**deepspeed_config(launched, world_size=2)["zero_optimization"]).overlap_comm
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

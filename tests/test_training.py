@@ -434,6 +434,7 @@ def test_torch_compile_trains_validates_and_exports(ray_cluster, tiny_model, dog
     events = read_events(paths.events_file)
     [compiled] = [e for e in events if e["type"] == "compiled"]
     assert compiled["step"] == 1 and compiled["graphs"] >= 1 and compiled["seconds"] > 0
+    assert compiled["cudagraph_skips"] == 0  # no CUDA graphs asked for on a CPU: none skipped
     assert [e["step"] for e in events if e["type"] == "validation"] == [3]
     assert (result.model_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
@@ -459,11 +460,12 @@ def test_compiled_code_is_cached_on_the_shared_storage(tiny_model, storage, monk
 def test_compiled_networks_replay_cuda_graphs_unless_told_not_to(tiny_model, storage):
     """cuda_graphs (the default) is inductor's mode reduce-overhead: on an H200 it halved SD 1.5's step (73.9 ms
     against 146.4 compiled without it). Other backends take no mode (aot_eager warns that it ignores one)."""
-    spec = make_spec(tiny_model, storage, torch_compile=True)
+    spec = make_spec(tiny_model, storage, torch_compile=True, gpus_per_worker=1)
     assert spec.cuda_graphs
     assert compile_options(spec) == {"backend": "inductor", "mode": "reduce-overhead"}
     assert compile_options(dataclasses.replace(spec, cuda_graphs=False)) == {"backend": "inductor"}
     assert compile_options(dataclasses.replace(spec, compile_backend="aot_eager")) == {"backend": "aot_eager"}
+    assert compile_options(dataclasses.replace(spec, gpus_per_worker=0)) == {"backend": "inductor"}  # no CUDA
 
 
 def test_the_loss_is_the_instance_loss_plus_the_weighted_prior_loss():

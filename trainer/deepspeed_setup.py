@@ -17,8 +17,11 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
         # ZeRO-2 overlapping gradient reduction with backward costs a device sync at the end of every backward on
         # CUDA (DeepSpeed cannot tell the streams' dependency otherwise), and a second bucket: for nothing on one
         # GPU. ZeRO-3 keeps it: it also fetches parameters on a stream of its own, and without it each fetch's wait
-        # (even one rank's) synchronizes the compute stream, at every submodule.
-        "overlap_comm": world_size > 1 or spec.zero_stage == 3,
+        # (even one rank's) synchronizes the compute stream, at every submodule. Off with CUDA graphs: the UNet's
+        # backward is one replay whose gradients all come at its end, leaving little to overlap, and a reduction
+        # still running on DeepSpeed's stream while the text encoder's backward replays would race with it (a
+        # replay writes where it was recorded to, which the allocator's record_stream does not keep it from).
+        "overlap_comm": (world_size > 1 and not spec.replays_cuda_graphs) or spec.zero_stage == 3,
         "contiguous_gradients": True,
         # ZeRO-2 keeps two buckets of this many gradient elements (2 GB in fp16 at DeepSpeed's default 5e8), and
         # they are allocated at backward's memory peak. A flat parameter larger than a bucket is reduced on its

@@ -14,7 +14,8 @@ either side, and any node can write it. One event per line, each with a `type` a
      "steps_per_s": 3.1, "eta_s": 116.0, "skipped_steps": 0, "peak_memory_gib": 15.2}   (peak_rss_gib on CPU
      workers; skipped_steps: optimizer steps skipped so far on fp16 overflow; a run's first step is told at once,
      its steps_per_s and eta_s null: it paid for the load and any compiling)
-    {"type": "compiled", "step": 1, "seconds": 184.2, "graphs": 2}   (torch_compile: a run's first step, compiling)
+    {"type": "compiled", "step": 1, "seconds": 184.2, "graphs": 2, "cudagraph_skips": 0}   (torch_compile: a run's
+     first step, compiling; cudagraph_skips: compiled graphs that run without CUDA graphs, launch by launch)
     {"type": "checkpoint", "step": 100, "path": "...", "stall_s": 1.2, "waited_s": 0.9}   (committed: where a restart
      resumes; waited_s: of the stall, waiting for the checkpoint before it to be written)
     {"type": "validation", "step": 100, "path": ".../validation/step_0000100.png", "peak_memory_gib": 15.4}

@@ -126,6 +126,11 @@ class JobSpec:
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
+    @property
+    def replays_cuda_graphs(self) -> bool:
+        """The trained networks are compiled to replay their forward and backward as CUDA graphs (on GPUs)."""
+        return self.torch_compile and self.compile_backend == "inductor" and self.cuda_graphs and self.use_gpu
+
     def worker_share(self) -> str:
         """What one worker asks Ray for, e.g. "8 CPUs and 1 GPU"."""
         share = f"{self.cpus_per_worker:g} CPU{'' if self.cpus_per_worker == 1 else 's'}"

@@ -253,8 +253,16 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
             if spec.torch_compile and step == start_step:
                 # This run's first step compiled (minutes for SD 1.5, seconds from the storage's cache): say how long.
-                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                events.emit("compiled", step=done, seconds=time.perf_counter() - loop_start, graphs=graphs)
+                # A compiled graph that inductor could not record as a CUDA graph runs launch by launch, at about
+                # half the speed (TORCH_LOGS=perf_hints says why): counted, or a slow job would look like any other.
+                counters = torch._dynamo.utils.counters
+                events.emit(
+                    "compiled",
+                    step=done,
+                    seconds=time.perf_counter() - loop_start,
+                    graphs=counters["stats"]["unique_graphs"],
+                    cudagraph_skips=counters["inductor"]["cudagraph_skips"] if spec.replays_cuda_graphs else 0,
+                )
         if done % spec.checkpoint_interval == 0 or last:
             pending_commit, stall = save_and_report(
                 engine,
@@ -302,11 +310,11 @@ def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBo
 
 
 def compile_options(spec: JobSpec) -> dict[str, str]:
-    """torch.compile's arguments for the trained networks. CUDA graphs are a mode of inductor's (on a CPU it
-    compiles as its default mode does); other backends ignore a mode, with a warning. A training step needs no
-    marking: torch's CUDA graph trees start a new step at the first forward after a backward, when the last step's
-    outputs (its prediction, consumed by that backward) may be overwritten."""
-    if spec.compile_backend == "inductor" and spec.cuda_graphs:
+    """torch.compile's arguments for the trained networks. CUDA graphs are a mode of inductor's (other backends
+    ignore a mode, with a warning). A training step needs no marking: torch's CUDA graph trees start a new step at
+    the first forward after a backward, when the last step's outputs (its prediction, consumed by that backward)
+    may be overwritten."""
+    if spec.replays_cuda_graphs:
         return {"backend": "inductor", "mode": "reduce-overhead"}
     return {"backend": spec.compile_backend}
 
