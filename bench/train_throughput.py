@@ -323,12 +323,17 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{summary['checkpoint_waits_s']} s; {fmt(summary['steps_per_s_while_writing'], 2)} steps/s in the "
         f"{summary['windows_while_writing']} steady windows between a save and its commit (its background write)"
     )
+    if summary["compiled"]:
+        notes += f"; compiled: {summary['compiled']}"
+    if summary["training_peak_memory_gib"] != summary["peak_memory_gib"]:
+        notes += f"; peak {fmt(summary['training_peak_memory_gib'], 2)} GiB training, the rest validating"
     if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
         notes += f", {summary['skipped_steps']} optimizer steps of the timed windows skipped on fp16 overflow"
     steps_per_s = summary["steps_per_s"]
     return Row(
         what=f"this trainer: run_training, Ray Train (1 worker) + DeepSpeed ZeRO-{args.zero_stage}, {args.precision}"
-        + (", torch.compile" if args.compile else ""),
+        + (", torch.compile" if args.compile else "")
+        + (" + CUDA graphs" if spec.replays_cuda_graphs else ""),
         steps_per_s=steps_per_s,
         ms_per_step=1000 / steps_per_s if steps_per_s else None,
         peak_memory_gib=summary["peak_memory_gib"],
@@ -372,9 +377,14 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
                 while_writing.append(window(previous, event))
     windows = steady or after_warmup or [window(a, b) for a, b in itertools.pairwise(progress)]
 
-    # Progress and validation events carry the peak so far (validation samples beside the optimizer's states).
-    reports = [e for e in events if e["type"] in ("progress", "validation")]
-    memory = [m for e in reports if (m := e.get("peak_memory_gib", e.get("peak_rss_gib"))) is not None]
+    # Progress and validation events carry the peak so far (validation samples beside the optimizer's states, and
+    # with CUDA graphs beside the memory their pool keeps): both, and training's alone.
+    def peaks(kinds: tuple[str, ...]) -> list[float]:
+        reports = [e for e in events if e["type"] in kinds]
+        return [m for e in reports if (m := e.get("peak_memory_gib", e.get("peak_rss_gib"))) is not None]
+
+    memory, training_memory = peaks(("progress", "validation")), peaks(("progress",))
+    compiled = next((e for e in events if e["type"] == "compiled"), None)
 
     states = [e for e in events if e["type"] == "state"]
     phases = {a["state"]: b["time"] - a["time"] for a, b in itertools.pairwise(states)}
@@ -403,6 +413,11 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         "windows": len(progress),
         "windows_used": len(windows),
         "peak_memory_gib": max(memory) if memory else None,
+        "training_peak_memory_gib": max(training_memory) if training_memory else None,
+        # torch_compile: the first step's seconds (compiling), graphs, and those run without CUDA graphs.
+        "compiled": {k: compiled[k] for k in ("seconds", "graphs", "cudagraph_skips") if k in compiled}
+        if compiled
+        else None,
         "checkpoint_stall_s": statistics.median(e["stall_s"] for e in checkpoints) if checkpoints else None,
         "checkpoint_stalls_s": [round(e["stall_s"], 2) for e in checkpoints],
         # Of each stall, the wait for the checkpoint before to be written (since session 17; and committed, until 18).
