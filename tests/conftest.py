@@ -71,6 +71,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: "demo_run" in getattr(item, "fixturenames", ()))
 
 
+TEST_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     import ray
@@ -81,10 +84,19 @@ def ray_cluster(tmp_path_factory):
     multi_node = in_isolated_network()
     if not multi_node:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's single-machine mode: loopback listeners only
-    env = dict(os.environ)
     port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    env = {
+        **os.environ,
+        # Ray Train asks the State API, every second of a fit, whether the run's controller lives: found through
+        # /tmp/ray's record of the latest cluster started, another session's (dead: each fit's end waited 12 s; or
+        # answering that no such actor exists: the run's workers were removed), unless told where it is.
+        "RAY_API_SERVER_ADDRESS": dashboard_url,
+        # Ray Train commits reported checkpoints and sees a run's end at this poll (2 s by default): each of the
+        # suite's fits ended 3.7-5.5 s after its last step, mostly waiting for it.
+        **TEST_RAY_TRAIN_ENV,
+    }
     logs = tmp_path_factory.mktemp("ray-logs")
     common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     # The dashboard serves the Jobs API; it is told to listen on loopback only.
@@ -191,22 +203,27 @@ def deepspeed_world(tmp_path_factory):
     import deepspeed
     import torch.distributed as dist
 
+    # Only while the world is made (DeepSpeed picks and keeps its accelerator, gloo its interface): the session's
+    # later processes (its Ray cluster, controllers, the demo's stack) would inherit them, and a CPU job's own
+    # DS_ACCELERATOR setting (trainer/run.py) would go untested.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DS_ACCELERATOR", "cpu")
         env.setenv("GLOO_SOCKET_IFNAME", "lo")
-        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+        env.setenv("LOCAL_RANK", "0")
         rendezvous = tmp_path_factory.mktemp("deepspeed") / "rendezvous"
         dist.init_process_group("gloo", store=dist.FileStore(str(rendezvous), 1), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
-        yield
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture
-def engine_spec(deepspeed_world):
+def engine_spec(deepspeed_world, monkeypatch):
     """A factory of JobSpecs for DeepSpeed engines built in this process (CPU, fp32; keyword arguments change
     fields), with the process's DeepSpeed world set up."""
     from trainer.spec import JobSpec
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed's engine reads it
 
     def make(**changes) -> JobSpec:
         fields = {
@@ -316,7 +333,7 @@ def demo_run(tmp_path_factory):
     try:
         # Ray's processes inherit this: they export metrics every second instead of every ten.
         with (
-            mock.patch.dict(os.environ, {"RAY_metrics_report_interval_ms": "1000"}),
+            mock.patch.dict(os.environ, {"RAY_metrics_report_interval_ms": "1000", **TEST_RAY_TRAIN_ENV}),
             contextlib.redirect_stdout(output),
             contextlib.redirect_stderr(output),
         ):

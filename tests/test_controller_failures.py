@@ -329,6 +329,8 @@ def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_h
     reconciler.ray_jobs.stop(submission)
     _ended(reconciler.ray_jobs, submission)
 
+
+def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand, monkeypatch):
     """~22 GiB per SD 1.5 job that nothing reads once its model is exported. The trainer reports SUCCEEDED as its
     driver's last act: the driver may still run then, so they go once Ray says it ended. A failed job keeps its
     (`dreambooth train --job-id` resumes it), and every job keeps the rest of its folder."""
@@ -340,7 +342,18 @@ def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_h
         (paths[verdict].checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
         EventLog(paths[verdict].events_file).emit("state", state=verdict)
         assert reconciler._apply_events(job).state == verdict
-    time.sleep(1)  # ten of the cleanup's looks at the driver
+    # The cleanup asks Ray (for real) whether the driver ended: a few looks at it still running, checkpoints kept.
+    looks = threading.Semaphore(0)
+    status = reconciler.ray_jobs.status
+
+    def counted(submission: str) -> RayJobStatus:
+        if submission == jobs["SUCCEEDED"].ray_submission_id:
+            looks.release()
+        return status(submission)
+
+    monkeypatch.setattr(reconciler.ray_jobs, "status", counted)
+    for _ in range(3):
+        assert looks.acquire(timeout=TIDY_WAIT_S), "the cleanup did not look at the driver"
     assert paths["SUCCEEDED"].checkpoints_dir.exists()
     for job in jobs.values():
         reconciler.ray_jobs.stop(job.ray_submission_id)

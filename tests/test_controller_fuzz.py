@@ -728,10 +728,22 @@ def _no_request_until(event: threading.Event):
     yield
 
 
-# --- afterwards -----------------------------------------------------------------------------------------------
+# --- after each test ---------------------------------------------------------------------------------------------
 
 
-def test_nothing_was_written_outside_storage(sandbox, controller):
+@pytest.fixture(autouse=True)
+def after_each_test(request):
+    """After each test that used them: nothing was written outside storage, and the controller still serves. Here
+    rather than in tests of their own that ran after the fuzzing: alone, or after a -k, --lf or a reordering, those
+    passed with no fuzzing before them."""
+    yield
+    if "sandbox" in request.fixturenames:
+        _assert_nothing_written_outside_storage(request.getfixturevalue("sandbox"))
+    if "channel" in request.fixturenames:
+        _assert_still_serves(request.getfixturevalue("channel"), request.getfixturevalue("controller"))
+
+
+def _assert_nothing_written_outside_storage(sandbox: Sandbox) -> None:
     assert sandbox.outside_storage() == sandbox.before
     for place in (Path("/tmp"), Path("/"), Path.cwd(), sandbox.root.parent):
         assert not [p for p in place.iterdir() if MARK in p.name], place
@@ -751,7 +763,7 @@ def test_nothing_was_written_outside_storage(sandbox, controller):
         assert not path.is_symlink(), relative
 
 
-def test_the_server_still_serves_after_the_fuzzing(channel, controller):
+def _assert_still_serves(channel, controller) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "dreambooth.v1.JobService", "dreambooth.v1.ModelService"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
