@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import sqlalchemy as sa
+
 from controller import metrics
 from controller.config import ControllerConfig
 from controller.ended_jobs import SWEEP_S, EndedJob, EndedJobs
@@ -419,10 +421,11 @@ class Reconciler:
                 before, changed = dict(progress), len(changes)
                 try:
                     job = self._apply(job, event, progress, changes)
-                except (KeyError, TypeError, ValueError) as e:
+                except (KeyError, TypeError, ValueError, sa.exc.DataError) as e:
                     # JSON, but not what its type needs (another trainer version's, or lines interleaved over NFS
-                    # into one that parses): skipped as an unreadable line is. Raised on every pass, it stopped
-                    # the job being followed for good: its state, Ray's status, a cancel, the run-time limit.
+                    # into one that parses), or a value the database refuses (a number past its column's range):
+                    # skipped as an unreadable line is. Raised on every pass, it stopped the job being followed for
+                    # good: its state, Ray's status, a cancel, the run-time limit.
                     log.warning("job %s: skipped an event it cannot apply (%r): %r", job.job_id, e, line[:200])
                     progress.clear()
                     progress.update(before)

@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+from dreambooth.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +94,133 @@ def _advisory_lock(engine: Engine) -> Iterator[Callable[[], bool]]:
 
 _CONTROLLER_LOCK = 0x44425F4354524C  # "DB_CTRL": the session advisory lock's key
 
+# How long a PostgreSQL connection's other end may be gone unnoticed. The hold above is a session lock that ends only
+# once the server sees its client gone: with the OS's TCP keepalive defaults (2 h idle, then 9 probes 75 s apart) a
+# controller host that lost power kept the database from its replacement for 2 h 11 min. And a connection to a server
+# that vanished (a failover that left its old address black-holed) blocked whatever used it until the OS gave up
+# resending (tcp_retries2: about 15 min).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3  # a quiet connection's far end checked every
+# 10 s, given up on after 3 probes 5 s apart unanswered: a dead peer found in about 25 s, by either side
+TCP_USER_TIMEOUT_MS = 30_000  # data sent and not acknowledged for 30 s (a query to a black-holed server): given up
+CONNECT_TIMEOUT_S = 10  # a new connection to an address nothing answers (libpq: no limit but the OS's, ~2 min)
+_SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": KEEPALIVE_IDLE_S,
+    "tcp_keepalives_interval": KEEPALIVE_INTERVAL_S,
+    "tcp_keepalives_count": KEEPALIVE_COUNT,
+}
+
+
+def _libpq_liveness(url: sa.URL) -> dict[str, Any]:
+    """The client side's: libpq's TCP keepalives and timeouts, for a libpq driver (psycopg, psycopg2), where the
+    URL does not set them itself (?keepalives_idle=... wins)."""
+    driver = url.get_driver_name()
+    if driver not in ("psycopg", "psycopg2"):
+        return {}  # another driver has other names for them, if any
+    wanted: dict[str, Any] = {
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE_S,
+        "keepalives_interval": KEEPALIVE_INTERVAL_S,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+    }
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            libpq = psycopg.pq.version()
+        else:
+            import psycopg2.extensions
+
+            libpq = psycopg2.extensions.libpq_version()
+    except ImportError:
+        libpq = 0  # create_engine says what is missing
+    if libpq >= 120000:  # an older libpq refuses to connect with a parameter it does not know
+        wanted["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    return {name: value for name, value in wanted.items() if name not in url.query}
+
+
+def _server_liveness(dbapi_connection: Any, _record: Any) -> None:
+    """The server side's, on each new session (the hold's among them): its TCP keepalives to this client, where
+    neither the server's configuration, the role or database (ALTER ROLE ... SET), nor the URL's `options` set them.
+    Set by SQL, not by the `options` startup parameter, which connection poolers (PgBouncer) refuse."""
+    wanted = ", ".join(["(%s, %s)"] * len(_SERVER_KEEPALIVES))
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(
+            "SELECT set_config(s.name, w.value, false) FROM pg_settings AS s "
+            f"JOIN (VALUES {wanted}) AS w (name, value) ON s.name = w.name WHERE s.source = 'default'",
+            [item for name, value in _SERVER_KEEPALIVES.items() for item in (name, str(value))],
+        )
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
+
+
+_URL_FORMS = (
+    "sqlite:///PATH, or postgresql+psycopg://USER@HOST/DATABASE (psycopg: pip install 'dreambooth-cluster[postgres]')"
+)
+
+
+def database_url(url: str) -> sa.URL:
+    """The URL to connect with: postgres:// (Heroku's and many a DATABASE_URL's spelling, which SQLAlchemy does
+    not know) and postgresql:// (whose default driver differs between SQLAlchemy versions) name psycopg, the driver
+    the `postgres` extra installs. InputError("database_url") for what is no URL."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise InputError("database_url", f"not a database URL; use {_URL_FORMS}") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+SQLITE_MIN = (3, 35, 0)  # RETURNING, which every write here uses
+
+
+def _check_sqlite(dbapi: Any) -> None:
+    """An older SQLite takes every write for a syntax error: the controller started, and every submission was then
+    answered "unavailable; retry". Refused at start instead, as the setting to change."""
+    found = getattr(dbapi, "sqlite_version_info", None)
+    if found is not None and tuple(found) < SQLITE_MIN:
+        have, need = (".".join(map(str, version)) for version in (found, SQLITE_MIN))
+        raise InputError(
+            "database_url",
+            f"this Python's SQLite is {have}; the controller needs {need} or later: run it with a Python built with "
+            f"a newer SQLite (the project's image has one), or use PostgreSQL (postgresql+psycopg://USER@HOST/DATABASE)",
+        )
+
 
 def new_job_id() -> str:
     return "job-" + secrets.token_hex(6)
+
+
+# What PostgreSQL's text cannot hold (NUL; it refuses the whole statement) and what no UTF-8 can (a lone surrogate,
+# as Python decodes an undecodable file name or JSON's "\udce9"; both backends refuse it).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+class CleanText(sa.TypeDecorator):
+    """Free text from outside the controller (a trainer's event, the tail of Ray's log): stored with each character
+    a database would refuse replaced by U+FFFD (the Unicode replacement character) and, in a column with a length,
+    cut to that length (PostgreSQL refuses longer; SQLite would keep it). A refused write failed on every reconcile
+    pass, and the job it was for stayed where it was for good."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        value = _UNSTORABLE.sub("\ufffd", value)
+        length = self.impl.length
+        return value if length is None else value[:length]
+
+
+class CleanString(CleanText):
+    """CleanText in a VARCHAR(length)."""
+
+    impl = sa.String
+    cache_ok = True
 
 
 class JSONText(sa.TypeDecorator):
@@ -122,8 +249,8 @@ jobs = sa.Table(
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("spec", JSONText, nullable=False),
     sa.Column("progress", JSONText, nullable=False),
-    sa.Column("failure_reason", sa.String(64)),
-    sa.Column("failure_message", sa.Text),
+    sa.Column("failure_reason", CleanString(64)),
+    sa.Column("failure_message", CleanText),
     sa.Column("model_id", sa.String(64)),
     sa.Column("last_checkpoint_step", sa.Integer, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
@@ -148,10 +275,10 @@ models = sa.Table(
     sa.Column("model_id", sa.String(64), primary_key=True),
     sa.Column("tenant", sa.String(128), nullable=False),
     sa.Column("job_id", sa.String(64), nullable=False),  # no foreign key: deleting a job keeps its model
-    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("path", CleanText, nullable=False),
     sa.Column("metadata", JSONText, nullable=False),
     sa.Column("deployed", sa.Boolean, nullable=False),
-    sa.Column("endpoint", sa.Text, nullable=False),
+    sa.Column("endpoint", CleanText, nullable=False),
     sa.Column("create_time", Time, nullable=False),
 )
 sa.Index("ix_models_list", models.c.tenant, models.c.create_time.desc(), models.c.model_id.desc())
@@ -211,11 +338,19 @@ class Store:
     def __init__(self, url: str, busy_timeout_ms: int = 30_000, create: bool = True):
         """`create`: make the tables a database lacks now (create_all); a controller does so once it holds the
         database, so that no other controller still writes to tables it upgrades."""
-        sqlite = url.startswith("sqlite")
-        # pool_pre_ping: after a PostgreSQL restart, a pooled connection is found dead and replaced, not used.
-        self.engine: Engine = sa.create_engine(
-            url, connect_args={"check_same_thread": False} if sqlite else {}, pool_pre_ping=not sqlite
-        )
+        parsed = database_url(url)
+        sqlite = parsed.get_backend_name() == "sqlite"
+        postgres = parsed.get_backend_name() == "postgresql"
+        connect_args = {"check_same_thread": False} if sqlite else _libpq_liveness(parsed) if postgres else {}
+        try:
+            # pool_pre_ping: after a PostgreSQL restart, a pooled connection is found dead and replaced, not used.
+            self.engine: Engine = sa.create_engine(parsed, connect_args=connect_args, pool_pre_ping=not sqlite)
+        except (sa.exc.NoSuchModuleError, ImportError) as e:  # no such dialect, or its driver is not installed
+            raise InputError("database_url", f"{parsed.drivername}: {e}; use {_URL_FORMS}") from None
+        if sqlite:
+            _check_sqlite(self.engine.dialect.dbapi)
+        if postgres:
+            sa.event.listen(self.engine, "connect", _server_liveness)
         # SQLite has one writer at a time, and a writer that finds the lock taken polls for it in sleeps of up
         # to 100 ms (its busy handler) while holding a pooled connection: under concurrent submissions, writers
         # starve each other and readers wait for connections. This process's writers queue here instead (no
@@ -281,6 +416,11 @@ class Store:
                         conn.execute(counters.insert().values(name=name, value=value))
             except sa.exc.IntegrityError:
                 pass  # another process seeded it first
+        # An older version's database, upgraded above, is this version's now: stamped so, or a rollback to that older
+        # version would not be refused.
+        with self.engine.begin() as conn:
+            stamp = counters.c.name == "schema_version"
+            conn.execute(counters.update().where(stamp, counters.c.value < SCHEMA_VERSION).values(value=SCHEMA_VERSION))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -38,6 +38,7 @@ from controller.store import (
     is_network_filesystem,
     jobs,
 )
+from dreambooth.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,6 +278,68 @@ def test_keys_with_nul_find_nothing(store):
     assert store.get_job(inserted.job_id + "\x00") is None
     assert store.find_by_request_id("acme", "r-1\x00") is None
     assert store.get_model("model-1\x00") is None
+
+
+def test_text_a_database_would_refuse_is_stored_cleaned(store):
+    """A trainer's failure message or the tail of Ray's log may hold a NUL, which PostgreSQL's text refuses (the
+    whole statement, DataError), or a lone surrogate (an undecodable file name), which no UTF-8 holds (both refuse);
+    a reason code from another trainer version may pass the column's 64 characters (PostgreSQL refuses it). Each
+    failed the job's end on every reconcile pass: stored instead, the refused characters as U+FFFD, the reason cut."""
+    running = store.insert_job(job(state="TRAINING"))
+    message = "RuntimeError: bad byte \x00 in config; photo caf\udce9.jpg"
+    ended = store.transition(running.job_id, {"TRAINING"}, "FAILED", failure_reason="R" * 100, failure_message=message)
+    cleaned = "RuntimeError: bad byte \ufffd in config; photo caf\ufffd.jpg"
+    assert (ended.failure_reason, ended.failure_message) == ("R" * 64, cleaned)
+    assert store.get_job(running.job_id) == ended
+    updated = store.update_job(running.job_id, failure_message="tail\x00", failure_reason="RAY_JOB_FAILED")
+    assert (updated.failure_reason, updated.failure_message) == ("RAY_JOB_FAILED", "tail\ufffd")
+    model = store.insert_model(ModelRecord(model_id="model-1", tenant="acme", job_id=running.job_id, path="/m/\x00"))
+    assert model.path == "/m/\ufffd" == store.get_model("model-1").path
+    assert store.update_model("model-1", endpoint="http://serve/\x00").endpoint == "http://serve/\ufffd"
+
+
+def test_an_event_the_database_refuses_is_skipped_not_applied_on_every_pass(url, tmp_path):
+    """A value the database refuses in a trainer's event (here a checkpoint step past PostgreSQL's INTEGER) raised
+    DataError from every pass's reading of the job's events: the job stayed TRAINING for good, holding its tenant's
+    slot, past max_job_run_s. Skipped as an event it cannot apply; the events after it apply."""
+    from controller.config import ControllerConfig, Tenant
+    from controller.feed import ChangeFeed
+    from controller.ray_jobs import RayJobs
+    from controller.reconciler import Reconciler
+    from controller.service import JobService
+    from trainer.events import EventLog
+    from trainer.storage import job_paths
+
+    config = ControllerConfig(
+        storage=tmp_path / "storage",
+        database_url=url,
+        ray_dashboard_url=f"http://127.0.0.1:{_free_port()}",  # never asked here
+        tenants=(Tenant("acme", ("acme-token",)),),
+    )
+    config.storage.mkdir()
+    store = Store(url)
+    try:
+        service = JobService(
+            config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+        )
+        reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)
+        running = store.insert_job(job(state="QUEUED"))
+        running = store.transition(running.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id="s-a1")
+        events = job_paths(config.storage, running.job_id).events_file
+        events.parent.mkdir(parents=True)
+        log = EventLog(events)
+        log.emit("progress", step=3, total_steps=10, loss=0.5)
+        log.emit("checkpoint", step=2**31, path="/x")  # INTEGER's range ends at 2**31 - 1 on PostgreSQL
+        log.emit("state", state="FAILED", reason="TRAINING_FAILED", message="NaN loss\x00")
+        ended = reconciler._apply_events(running)
+        assert (ended.state, ended.failure_message, ended.events_offset) == (
+            "FAILED",
+            "NaN loss\ufffd",
+            events.stat().st_size,
+        )
+        assert store.get_job(running.job_id).progress["step"] == 3
+    finally:
+        store.close()
 
 
 def _models_with_token(store) -> tuple[list[ModelRecord], str]:
@@ -611,6 +674,17 @@ def test_a_database_a_later_version_wrote_is_refused(url):
         Store(url)
 
 
+def test_an_older_versions_database_is_stamped_with_this_version_once_upgraded(url):
+    """create_all upgrades an older version's database; left with its old stamp, a rollback to that older version
+    after the upgrade was not refused, the guard the stamp exists for."""
+    store = Store(url)
+    set_schema_version(store, SCHEMA_VERSION - 1)
+    store.close()
+    store = Store(url)
+    assert schema_version(store) == SCHEMA_VERSION
+    store.close()
+
+
 def test_a_database_keeps_its_id_and_one_from_before_the_id_gets_one(url, tmp_path):
     """Submissions' folders are marked with it (controller.orphans): it must not change across restarts, nor be
     another database's."""
@@ -668,3 +742,94 @@ def test_a_hold_on_the_database_that_ended_with_its_session_is_seen(url):
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("url", ["postgresql"], indirect=True)
+def test_postgresql_connections_find_a_vanished_peer_within_seconds(url):
+    """The one-controller hold is a session lock that ends only once the server sees its client gone: with the
+    OS's keepalive defaults, a controller host that lost power kept its replacement out for 2 h 11 min. And a
+    connection to a server gone silent (a failover) blocked its user for ~15 min. Both sides of each connection
+    probe a quiet peer (the server's settings read with SHOW; the client's, libpq's, from its socket), unless the
+    URL sets its own."""
+    store = Store(url)
+    try:
+        with store.engine.connect() as conn:
+            shown = [
+                conn.exec_driver_sql(f"SHOW tcp_keepalives_{name}").scalar() for name in ("idle", "interval", "count")
+            ]
+            assert shown == ["10", "5", "3"]  # over TCP (127.0.0.1): the server reports its socket's
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi.info.get_parameters()["connect_timeout"] == "10"
+            assert _socket_liveness(dbapi.pgconn.socket) == (1, 10, 5, 3, 30_000)
+        own = Store(f"{url}?keepalives_idle=20&options=-c%20tcp_keepalives_idle%3D7")
+        try:
+            with own.engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW tcp_keepalives_idle").scalar() == "7"
+                assert conn.exec_driver_sql("SHOW tcp_keepalives_interval").scalar() == "5"
+                assert _socket_liveness(conn.connection.dbapi_connection.pgconn.socket)[1] == 20
+        finally:
+            own.close()
+    finally:
+        store.close()
+
+
+def _socket_liveness(fd: int) -> tuple[int, ...]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE (s), TCP_KEEPINTVL (s), TCP_KEEPCNT, TCP_USER_TIMEOUT (ms) of the socket `fd`."""
+    sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves the connection's own
+    try:
+        return (
+            int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0),
+            *(
+                sock.getsockopt(socket.IPPROTO_TCP, option)
+                for option in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)
+            ),
+        )
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("url", ["postgresql"], indirect=True)
+def test_postgresql_urls_without_a_driver_named_use_psycopg(url):
+    """postgres:// (Heroku's, and many a DATABASE_URL's spelling) was no dialect SQLAlchemy knows (a traceback at
+    start); postgresql:// names psycopg2 under SQLAlchemy 2.0, not installed. Both connect with psycopg."""
+    assert url.startswith("postgresql+psycopg://")
+    for spelling in ("postgres://", "postgresql://"):
+        store = Store(spelling + url.removeprefix("postgresql+psycopg://"))
+        try:
+            assert store.engine.url.drivername == "postgresql+psycopg"
+            stored = store.insert_job(job())
+            assert store.get_job(stored.job_id) == stored
+        finally:
+            store.close()
+
+
+def test_a_database_url_this_controller_cannot_use_is_a_setting_to_fix(tmp_path, capsys):
+    """A driver not installed (psycopg2), a database SQLAlchemy has no dialect for, or no URL at all: exit 2 naming
+    database_url and what to use, not a traceback and exit 1 (a restart loop)."""
+    from controller.server import main
+
+    for database_url in ("postgresql+psycopg2://u@127.0.0.1/x", "nosuchdb://u@127.0.0.1/x", "not a url"):
+        config = tmp_path / "controller.yaml"
+        config.write_text(f"storage: {tmp_path}\ndatabase_url: {database_url}\n")
+        assert main(["--config", str(config)]) == 2, database_url
+        err = capsys.readouterr().err
+        assert err.startswith("error: database_url: ") and "Traceback" not in err, err
+        assert "postgresql+psycopg://" in err  # what to use
+
+
+def test_a_sqlite_without_returning_is_refused_at_start(tmp_path, monkeypatch, capsys):
+    """SQLite before 3.35 (Debian 11, RHEL 8) has no RETURNING, which every write here uses: the controller
+    started and said SERVING, then answered every submission "unavailable; retry". Refused at start (exit 2),
+    naming the versions. (This machine's SQLite is newer: the version the check reads is made older.)"""
+    import sqlite3.dbapi2
+
+    from controller.server import main
+
+    monkeypatch.setattr(sqlite3.dbapi2, "sqlite_version_info", (3, 34, 1))
+    with pytest.raises(InputError, match=r"SQLite is 3\.34\.1; the controller needs 3\.35\.0 or later") as refused:
+        Store(f"sqlite:///{tmp_path / 'controller.db'}")
+    assert refused.value.field == "database_url"
+    assert main(["--storage", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: database_url: this Python's SQLite is 3.34.1")
+    monkeypatch.setattr(sqlite3.dbapi2, "sqlite_version_info", (3, 35, 0))
+    Store(f"sqlite:///{tmp_path / 'controller.db'}").close()
