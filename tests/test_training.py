@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +21,21 @@ import ray.train
 import torch
 from PIL import Image
 from ray.util.state import list_actors, list_placement_groups
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import PlacementTimeout
-from dreambooth.model_files import content_identity
-from dreambooth.sd_model import load_base_model
+from dreambooth.model_files import content_identity, fingerprint, sampling_scheduler
+from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.checkpoint import RAY_RUN_STATE
-from trainer.class_images import ClassImageGenerator, cache_key, ensure_class_images, image_path, missing_indices
+from trainer.class_images import (
+    ClassImageGenerator,
+    UnusableClassImage,
+    cache_key,
+    ensure_class_images,
+    generation_dtype,
+    image_path,
+    missing_indices,
+)
 from trainer.data import encode_images
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
@@ -34,7 +45,7 @@ from trainer.model import prior_preservation_loss
 from trainer.run import run_training
 from trainer.spec import JobSpec
 from trainer.storage import job_paths, mark_shared
-from trainer.train_loop import compile_options, trained_model
+from trainer.train_loop import compile_options, trained_model, training_target
 
 
 def make_spec(tiny_model: Path, images: Path, **overrides) -> JobSpec:
@@ -206,7 +217,7 @@ def test_class_images_generated_once_and_reused(ray_cluster, tiny_model, dog_ima
     ensure_class_images(more, cache, num_actors=1, placement_timeout_s=60)
     assert len(list(directory.glob("*.png"))) == 5 and {f: f.stat().st_mtime_ns for f in files} == mtimes
     # A batch whose images another job of the class wrote meanwhile: only the one still missing is generated.
-    generator = ClassImageGenerator.remote(spec.base_model, False, str(mark_shared(directory)))
+    generator = ClassImageGenerator.remote(spec.base_model, False, generation_dtype(spec), str(mark_shared(directory)))
     lost = image_path(directory, 1)
     drawn = lost.read_bytes()
     lost.unlink()
@@ -268,6 +279,98 @@ def test_a_class_image_actor_that_dies_is_replaced_and_its_batch_redone(ray_clus
         )
         assert killed and missing_indices(directory, 4) == []
         assert len(generators() - before) == 2  # the one killed, and the one that took its batch
+
+
+def altered_copy(tiny_model: Path, directory: Path, *, vae=None, scheduler: dict | None = None) -> Path:
+    """A copy of the tiny model: its VAE's weights changed by `vae(state_dict)`, its scheduler config updated."""
+    model = Path(shutil.copytree(tiny_model, directory))
+    if vae is not None:
+        file = model / "vae" / "diffusion_pytorch_model.safetensors"
+        state = load_file(file)
+        vae(state)
+        save_file(state, file)
+    if scheduler:
+        file = model / "scheduler" / "scheduler_config.json"
+        file.write_text(json.dumps(json.loads(file.read_text()) | scheduler))
+    return model
+
+
+def test_class_images_are_sampled_in_fp32_on_gpus_when_the_job_says_fp32(tiny_model, dog_images):
+    """fp16 on GPUs whatever the precision left a base model that overflows in fp16 no way out; the key holds the
+    dtype (and, for fp32 on GPUs, the device: a CUDA generator's noise is not a CPU one's), and the caches that fp16,
+    bf16 and CPU jobs filled keep their keys."""
+
+    def key_before(spec: JobSpec, dtype: str) -> str:  # cache_key as it was before fp32 on GPUs
+        identity = {
+            "base_model": fingerprint(spec.base_model),
+            "class_prompt": spec.class_prompt,
+            "inference_steps": spec.class_image_inference_steps,
+            "guidance_scale": float(spec.class_image_guidance_scale),
+            "dtype": dtype,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+    cpu = make_spec(tiny_model, dog_images, gpus_per_worker=0)
+    for gpus, precision, dtype in [
+        (0, "fp32", torch.float32),
+        (0, "bf16", torch.float32),
+        (1, "fp16", torch.float16),
+        (1, "bf16", torch.float16),
+        (0.5, "fp16", torch.float16),
+    ]:
+        spec = dataclasses.replace(cpu, gpus_per_worker=gpus, precision=precision)
+        assert generation_dtype(spec) == dtype, (gpus, precision)
+        assert cache_key(spec) == key_before(spec, str(dtype)), (gpus, precision)
+    fp32_gpu = dataclasses.replace(cpu, gpus_per_worker=1, precision="fp32")
+    assert generation_dtype(fp32_gpu) == torch.float32  # what ensure_class_images starts its actors with
+    keys = {cache_key(dataclasses.replace(fp32_gpu, gpus_per_worker=gpus)) for gpus in (1, 0.5)}
+    fp16_gpu = dataclasses.replace(fp32_gpu, precision="fp16")
+    assert len(keys) == 1 and keys.isdisjoint({cache_key(cpu), cache_key(fp16_gpu)})
+
+
+def test_class_images_that_come_out_nan_or_black_fail_the_job_and_are_not_cached(
+    ray_cluster, tiny_model, dog_images, tmp_path
+):
+    """A base model that overflows in fp16 samples NaN, which the cast to 8 bits turns black: cached, every later job
+    of the class trained its prior toward black images, with no error anywhere. Refused, naming the model."""
+
+    def nan(state):
+        state["decoder.conv_out.bias"][0] = float("nan")
+
+    def black(state):  # every pixel below 0 before the pipeline's clamp: finite, all zeros in 8 bits
+        state["decoder.conv_out.weight"].zero_()
+        state["decoder.conv_out.bias"].fill_(-3.0)
+
+    cache = tmp_path / "class-images"
+    for vae, what in [(nan, r"non-finite \(NaN or inf\)"), (black, "entirely black")]:
+        model = altered_copy(tiny_model, tmp_path / vae.__name__, vae=vae)
+        spec = make_spec(model, dog_images, num_class_images=3, precision="bf16")  # CPUs: sampled in fp32
+        with pytest.raises(UnusableClassImage) as error:
+            ensure_class_images(spec, cache, num_actors=1, placement_timeout_s=60, batch_size=2)
+        assert type(error.value) is UnusableClassImage  # the actor's own error, not Ray's wrapper and its traceback
+        assert re.fullmatch(
+            rf"class image \d of 'a photo of dog', sampled by base model {re.escape(str(model))} in float32, came "
+            rf"out {what}: its weights may be damaged.*None of its batch was written into the class-image cache\.",
+            str(error.value),
+        ), str(error.value)
+        directory = cache / cache_key(spec)
+        assert sorted(p.name for p in directory.iterdir() if p.name != "key.json") == [], "nothing cached"
+        assert missing_indices(directory, 3) == [0, 1, 2]
+
+    # Sampled in fp16 (what a GPU job does unless its precision is fp32; CPUs run it too, slowly): the error says
+    # how to get out.
+    model = tmp_path / "nan"
+    directory = tmp_path / "fp16"
+    directory.mkdir()
+    generator = ClassImageGenerator.remote(str(model), False, torch.float16, str(mark_shared(directory)))
+    with pytest.raises(
+        UnusableClassImage,
+        match=r"in float16, came out non-finite .*: the model likely overflows in float16 \(as an SD 2\.x fine-tune "
+        r"whose unet/config\.json lacks upcast_attention: true does\); set the job's precision to fp32",
+    ):
+        ray.get(generator.generate.remote([0], "a photo of dog", 2, 7.5, str(directory)))
+    ray.kill(generator)
+    assert list(directory.glob("*.png")) == []
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(
@@ -503,3 +606,65 @@ def test_the_reported_loss_is_the_mean_over_ranks(tmp_path):
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0]
     assert outputs == ["[1.5, 15.0]\n"] * 2
+
+
+def test_the_training_target_of_a_v_prediction_base_is_its_velocity(tiny_model):
+    """SD 2.x at 768 px predicts v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * latents; the others noise."""
+    from diffusers import DDPMScheduler
+
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([0, 500, 999])
+    v = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler", prediction_type="v_prediction")
+    alpha_bar = v.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(training_target(v, latents, noise, timesteps), expected)
+    epsilon = DDPMScheduler.from_pretrained(tiny_model, subfolder="scheduler")
+    assert epsilon.config.prediction_type == "epsilon"
+    assert training_target(epsilon, latents, noise, timesteps) is noise
+
+
+def test_a_v_prediction_base_trains_and_its_export_samples_with_v_prediction(
+    ray_cluster, tiny_model, dog_images, storage, tmp_path
+):
+    """The tiny model predicts noise: a v-prediction base (SD 2.x at 768 px) ran through no test."""
+    model = altered_copy(tiny_model, tmp_path / "v-model", scheduler={"prediction_type": "v_prediction"})
+    spec = make_spec(model, dog_images, num_workers=1, max_steps=2, checkpoint_interval=2, num_class_images=0)
+    paths = job_paths(storage, "v-prediction")
+    result = run_training(spec, paths)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert states(read_events(paths.events_file))[-1] == "SUCCEEDED"
+    exported = json.loads((result.model_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["prediction_type"] == "v_prediction"
+    assert sampling_scheduler(result.model_dir).config.prediction_type == "v_prediction"  # what serving samples with
+
+
+def test_an_export_filters_nothing_unless_given_the_base_models_safety_checker(tiny_model, tmp_path):
+    """The export leaves out the base model's safety checker (serving never runs it; 1.2 GB for SD 1.5): loaded
+    plainly it filters nothing. Passing the base model's, as trainer/export.py and the README say, brings it back."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    base = Path(shutil.copytree(tiny_model, tmp_path / "base"))
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=768)
+    StableDiffusionSafetyChecker(config).save_pretrained(base / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        base / "feature_extractor"
+    )
+    export = tmp_path / "export"
+    load_pipeline(base).save_pretrained(export, safe_serialization=True)  # what export_model saves
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+
+    sample = {"num_inference_steps": 1, "height": 64, "width": 64}
+    plain = StableDiffusionPipeline.from_pretrained(export, local_files_only=True)
+    assert plain.safety_checker is None and plain("a photo of dog", **sample).nsfw_content_detected is None
+    filtered = StableDiffusionPipeline.from_pretrained(
+        export,
+        local_files_only=True,
+        safety_checker=StableDiffusionSafetyChecker.from_pretrained(base, subfolder="safety_checker"),
+        feature_extractor=CLIPImageProcessor.from_pretrained(base, subfolder="feature_extractor"),
+    )
+    assert filtered("a photo of dog", **sample).nsfw_content_detected == [False]

@@ -4,10 +4,13 @@ Image i of a class is always generated from the same seed, so it is the same ima
 it and however many were asked for. They are generated at the base model's native size, where its prior is
 what it learnt (as diffusers' train_dreambooth.py does); training resizes them to its resolution as it does the
 photos. The cache key is everything that decides the pixels (base model, class prompt, sampler settings,
-precision: fp16 on GPUs, fp32 on CPUs), not the count nor the resolution: a job asking for 200 images of a
-class that already has 100 generates only the missing 100, and a second subject of the same class, at any
-resolution, generates none. Jobs of one class that fill the cache at once share the work: each takes the batches
-in an order of its own and skips the images already there.
+precision: fp16 on GPUs, fp32 on CPUs and with a job's `precision: fp32`), not the count nor the resolution: a job
+asking for 200 images of a class that already has 100 generates only the missing 100, and a second subject of the
+same class, at any resolution, generates none. Jobs of one class that fill the cache at once share the work: each
+takes the batches in an order of its own and skips the images already there.
+
+An image that comes out non-finite or entirely black (a base model that overflows in fp16: every later job of the
+class would train its prior toward black) fails the job and is not cached.
 """
 
 from __future__ import annotations
@@ -39,21 +42,35 @@ CLASS_IMAGE_SEED = 1234  # fixed, not the job's seed, so that jobs of the same c
 STALE_PARTIAL_S = 3600
 
 
+class UnusableClassImage(RuntimeError):
+    """A class image came out non-finite or entirely black: nothing of its batch is written into the cache."""
+
+
 def cache_key(spec: JobSpec) -> str:
+    import torch
+
+    dtype = generation_dtype(spec)
     identity = {
         "base_model": fingerprint(spec.base_model),
         "class_prompt": spec.class_prompt,
         "inference_steps": spec.class_image_inference_steps,
         "guidance_scale": float(spec.class_image_guidance_scale),  # YAML's 7 and gRPC's 7.0 draw the same images
-        "dtype": str(_dtype(spec.use_gpu)),
+        "dtype": str(dtype),
     }
+    if spec.use_gpu and dtype == torch.float32:
+        # A CUDA generator draws other noise from a seed than a CPU one: not the CPU's images. (Alone so far, fp16
+        # meant GPUs and fp32 CPUs: the keys of the caches those filled stay what they were.)
+        identity["device"] = "cuda"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _dtype(use_gpu: bool):
+def generation_dtype(spec: JobSpec):
+    """The dtype the class images are sampled in (a torch.dtype): fp32 on CPUs and with `precision: fp32`; fp16
+    on GPUs otherwise, bf16 jobs' too (they share fp16 jobs' cache). A base model that overflows in fp16 (an SD 2.x
+    fine-tune whose UNet lacks upcast_attention) samples NaN, refused: `precision: fp32` is the way out."""
     import torch
 
-    return torch.float16 if use_gpu else torch.float32
+    return torch.float16 if spec.use_gpu and spec.precision != "fp32" else torch.float32
 
 
 def image_path(directory: Path, index: int) -> Path:
@@ -97,14 +114,16 @@ def _is_whole(path: Path) -> bool:
 class ClassImageGenerator:
     """Holds one copy of the base pipeline and generates batches of seeded class images into the cache."""
 
-    def __init__(self, base_model: str, use_gpu: bool, storage_mark: str):
+    def __init__(self, base_model: str, use_gpu: bool, dtype, storage_mark: str):
+        """`dtype`: generation_dtype(spec), which the cache key holds."""
         import torch
 
         from dreambooth.sd_model import load_pipeline
 
         check_shared(storage_mark, base_model)  # what it writes must reach the driver's cache, not this node's
+        self.base_model, self.dtype = base_model, dtype
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.pipeline = load_pipeline(base_model, dtype=_dtype(use_gpu), device=self.device)
+        self.pipeline = load_pipeline(base_model, dtype=dtype, device=self.device)
 
     def generate(self, batch: list[int], prompt: str, steps: int, guidance: float, directory: str) -> int:
         """Generates the images of `batch` that are not there yet (another job of the class may have written some
@@ -115,12 +134,17 @@ class ClassImageGenerator:
         if not indices:
             return len(batch)
         generators = [torch.Generator(self.device).manual_seed(derive_seed(CLASS_IMAGE_SEED, i)) for i in indices]
-        images = self.pipeline(
+        pixels = self.pipeline(
             [prompt] * len(indices),
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,  # no size: the UNet's native one
+            output_type="np",  # in [0, 1], NaN kept: looked at before the cast to 8 bits turns NaN into black
         ).images
+        for index, image in zip(indices, pixels, strict=True):
+            self._check(index, prompt, image)
+        # The pipeline's own conversion (output_type="pil"), after the check: the same bytes.
+        images = self.pipeline.image_processor.numpy_to_pil(pixels)
         for index, image in zip(indices, images, strict=True):
             final = image_path(Path(directory), index)
             # A name of its own: jobs of one class may fill the cache at once, from pods whose pids coincide.
@@ -130,6 +154,31 @@ class ClassImageGenerator:
             os.replace(partial, final)  # readers never see half-written files
         sync_dir(Path(directory))
         return len(batch)
+
+    def _check(self, index: int, prompt: str, image) -> None:
+        """Refuses an image that is not finite, or entirely black once cast to 8 bits: the cache would hand it to
+        every later job of the class, whose prior would train toward black."""
+        import numpy as np
+        import torch
+
+        if np.isfinite(image).all():
+            if (image * 255).round().any():
+                return
+            what = "entirely black"
+        else:
+            what = "non-finite (NaN or inf)"
+        name = str(self.dtype).removeprefix("torch.")
+        if self.dtype == torch.float32:
+            why = "its weights may be damaged, or the model does not sample in fp32 either"
+        else:
+            why = (
+                f"the model likely overflows in {name} (as an SD 2.x fine-tune whose unet/config.json lacks "
+                "upcast_attention: true does); set the job's precision to fp32 to generate the class images in fp32"
+            )
+        raise UnusableClassImage(
+            f"class image {index} of {prompt!r}, sampled by base model {self.base_model} in {name}, came out {what}: "
+            f"{why}. None of its batch was written into the class-image cache."
+        )
 
 
 def _wait_until_started(actors: list, spec: JobSpec, placement_timeout_s: float) -> None:
@@ -181,7 +230,13 @@ def ensure_class_images(
     # ever, and so would the batch handed to it.)
     options = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker if spec.use_gpu else 0}
     mark = mark_shared(directory)
-    start = functools.partial(ClassImageGenerator.options(**options).remote, spec.base_model, spec.use_gpu, str(mark))
+    start = functools.partial(
+        ClassImageGenerator.options(**options).remote,
+        spec.base_model,
+        spec.use_gpu,
+        generation_dtype(spec),  # the key's
+        str(mark),
+    )
     actors = [start() for _ in range(max(1, min(num_actors, len(batches))))]
     args = (
         spec.class_prompt,
@@ -200,6 +255,8 @@ def ensure_class_images(
             actor, batch = running.pop(finished)
             try:
                 done += ray.get(finished)
+            except UnusableClassImage as e:  # Ray's wrapper of it, its message a traceback: the actor's own error
+                raise e.cause if isinstance(e, ray.exceptions.RayTaskError) else e from None
             except ray.exceptions.RayActorError:
                 # Its process or node was lost (a spot node reclaimed): a new actor takes its batch again (a batch
                 # generated twice writes the same images), up to max_failures times, as Ray Train restarts the

@@ -3,6 +3,20 @@
 The result is the base model with the trained UNet (and text encoder) swapped in, saved as fp32 safetensors,
 plus metadata.json describing how it was made. It loads with
 `StableDiffusionPipeline.from_pretrained(model_dir)` like any other Stable Diffusion model.
+
+Without the base model's safety checker and feature extractor: serving never runs them, and SD 1.5's checker
+would add 1.2 GB to every export. model_index.json names neither and requires_safety_checker is false, so a
+pipeline loaded from the export filters nothing (no NSFW check, `nsfw_content_detected` None, no warning) where
+the base model's did. To filter, pass it the base model's:
+
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    StableDiffusionPipeline.from_pretrained(
+        model_dir,
+        safety_checker=StableDiffusionSafetyChecker.from_pretrained(base_model, subfolder="safety_checker"),
+        feature_extractor=CLIPImageProcessor.from_pretrained(base_model, subfolder="feature_extractor"),
+    )
 """
 
 from __future__ import annotations

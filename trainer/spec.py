@@ -87,7 +87,8 @@ class JobSpec:
     on an H200 it took 73.9 ms with CUDA graphs, 146.4 compiled without, 145.7 eager; CUDA graphs' own memory pool
     raised the peak from 16.6 to 18.1 GiB. false: compiled kernels launched one by one."""
     precision: Precision = "fp16"
-    """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs."""
+    """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs. Class images are
+    sampled in fp16 on GPUs, in fp32 with fp32 (a base model that overflows in fp16 samples NaN: refused)."""
     seed: int = 0
 
     # DeepSpeed ZeRO.

@@ -228,10 +228,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
                 device=device,
             )
             noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-            if scheduler.config.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(latents, noise, timesteps)
-            else:  # epsilon: preflight refused the other prediction types
-                target = noise
+            target = training_target(scheduler, latents, noise, timesteps)
 
             if prompt_embeds is not None:
                 pred = engine(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds[which_prompt])
@@ -283,6 +280,14 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         pending_commit.join()
     if reporter is not None:
         reporter.close()
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict from the noised latents: the velocity for a v-prediction base model (SD 2.x
+    at 768 px), else the noise."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise  # epsilon: preflight refused the other prediction types
 
 
 def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBoothModel:
