@@ -254,6 +254,31 @@ def storage(tmp_path, shared_cache) -> Path:
     return path
 
 
+def partly_down_stack(tmp_path: Path):
+    """A local stack's record (saved in tmp_path/stack) whose one live process is this one (its controller's pid
+    stands in) and whose addresses answer nothing: a stack partly down, Ray gone."""
+    from dreambooth import process_sessions, stack
+
+    closed = f"127.0.0.1:{free_port()}"
+    leftover = stack.Stack(
+        dir=str(tmp_path / "stack"),
+        storage=str(tmp_path / "storage"),
+        ray_temp_dir=str(tmp_path / "ray"),
+        ray_address=closed,
+        dashboard_url=f"http://{closed}",
+        ray_metrics=closed,
+        controller=closed,
+        controller_metrics=closed,
+        serve_url=f"http://{closed}",
+        serving={},
+        processes={"ray": (1, 0), "controller": (os.getpid(), process_sessions.start_ticks(os.getpid()))},
+        started_at=time.time(),
+    )
+    Path(leftover.dir).mkdir()
+    stack._save(leftover)
+    return leftover
+
+
 def write_subject_model(base: Path, out: Path, *, seed: int, train_text_encoder: bool = False) -> Path:
     """A stand-in for a trained export (trainer/export.py's layout): the base model with its UNet weights
     perturbed, plus metadata.json. Real exports come from the training tests; this one costs no training."""

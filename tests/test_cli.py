@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
 from dreambooth.cli import main
-from tests.conftest import free_port
+from tests.conftest import partly_down_stack
 from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
 from trainer.events import EventLog
 from trainer.storage import job_paths
@@ -204,25 +201,8 @@ def test_demo_says_which_options_a_running_stack_does_not_honour(tmp_path, capsy
     """`demo --storage /big/disk` with a stack already running in --dir trained on that stack's storage, and its ports
     and --num-cpus went the same way, without a word. (The stack here is a record whose one live process is this one:
     the demo then stops at its Ray, which does not answer, before any job.)"""
-    from dreambooth import process_sessions, stack
-
-    closed = f"127.0.0.1:{free_port()}"
-    running = stack.Stack(
-        dir=str(tmp_path / "stack"),
-        storage=str(tmp_path / "storage"),
-        ray_temp_dir=str(tmp_path / "ray"),
-        ray_address=closed,
-        dashboard_url=f"http://{closed}",
-        ray_metrics=closed,
-        controller=closed,
-        controller_metrics=closed,
-        serve_url=f"http://{closed}",
-        serving={},
-        processes={"ray": (1, 0), "controller": (os.getpid(), process_sessions.start_ticks(os.getpid()))},
-        started_at=time.time(),
-    )
-    Path(running.dir).mkdir()
-    stack._save(running)
+    running = partly_down_stack(tmp_path)
+    closed = running.controller
     port, big = closed.rpartition(":")[2], tmp_path / "big-disk"
     code, err = run_cli(
         capsys,

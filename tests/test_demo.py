@@ -154,26 +154,10 @@ def test_an_interrupted_demo_cancels_its_job(demo_run, tmp_path, capsys):
 def test_the_demo_refuses_a_stack_partly_down(tmp_path):
     """A stack whose Ray died (killed for memory) and whose controller lived on: the demo used it, and its job waited
     in PREPARING for ever, unsaid."""
-    from dreambooth import demo, process_sessions
-    from tests.conftest import free_port
+    from dreambooth import demo
+    from tests.conftest import partly_down_stack
 
-    closed = f"127.0.0.1:{free_port()}"  # nothing answers there
-    leftover = stack.Stack(
-        dir=str(tmp_path / "stack"),
-        storage=str(tmp_path / "storage"),
-        ray_temp_dir=str(tmp_path / "ray"),
-        ray_address=closed,
-        dashboard_url=f"http://{closed}",
-        ray_metrics=closed,
-        controller=closed,
-        controller_metrics=closed,
-        serve_url=f"http://{closed}",
-        serving={},
-        processes={"ray": (1, 0), "controller": (os.getpid(), process_sessions.start_ticks(os.getpid()))},
-        started_at=time.time(),
-    )
-    Path(leftover.dir).mkdir()
-    stack._save(leftover)  # a process of it alive (this one's pid stands in), the rest dead or not answering
+    leftover = partly_down_stack(tmp_path)
     with pytest.raises(stack.StackError, match=r"partly down \(Ray, controller\): `dreambooth down --dir"):
         demo.run(
             tmp_path / "out", base_model=None, stack_dir=Path(leftover.dir), keep_running=False, start={}, follow=None
