@@ -406,9 +406,9 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     # The name tells requests apart (another prompt with the same seed must not overwrite these); the same
     # request draws the same image, so it may.
     request = hashlib.sha256(json.dumps([args.prompt, options], sort_keys=True).encode()).hexdigest()[:8]
-    for i, png in enumerate(images):
-        path = args.out / f"{args.model_id}-{request}-{args.seed + i}.png"
-        path.write_bytes(png)
+    for image in images:
+        path = args.out / f"{args.model_id}-{request}-{image.seed}.png"
+        path.write_bytes(image.png)
         print(path)
     return 0
 

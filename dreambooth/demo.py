@@ -210,11 +210,10 @@ def _generate(endpoint: str, out_dir: Path, steps: int) -> list[tuple[Path, str]
     results = []
     for number, prompt in enumerate(PROMPTS):
         seed = number * IMAGES_PER_PROMPT
-        pngs = generate(endpoint, prompt, num_images=IMAGES_PER_PROMPT, steps=steps, seed=seed)
-        for offset, png in enumerate(pngs):
-            path = out_dir / f"{number}-{seed + offset}.png"
-            path.write_bytes(png)
-            results.append((path, f"{prompt} (seed {seed + offset})"))
+        for image in generate(endpoint, prompt, num_images=IMAGES_PER_PROMPT, steps=steps, seed=seed):
+            path = out_dir / f"{number}-{image.seed}.png"
+            path.write_bytes(image.png)
+            results.append((path, f"{prompt} (seed {image.seed})"))
     _say(f"{len(results)} images from {endpoint}")
     return results
 

@@ -3,7 +3,7 @@ constants.
 
     model = client.deploy(model_id)                    # the gRPC SDK: returns the model's endpoint
     wait_until_served(model.endpoint, token=TOKEN)
-    png = generate(model.endpoint, "a photo of sks dog on the beach", token=TOKEN, seed=3)[0]
+    [image] = generate(model.endpoint, "a photo of sks dog on the beach", token=TOKEN)  # image.png, image.seed
 
 `token`: the tenant's bearer token, the same as the controller's (None where no tenants are configured).
 `tls_ca`: for an https endpoint whose certificate a private CA signed, that CA's certificate file (the CLI passes
@@ -19,10 +19,12 @@ import http.client
 import itertools
 import json
 import os
+import secrets
 import ssl
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
@@ -40,6 +42,14 @@ MAX_RETRY_WAIT_S = 30.0
 """The longest a retry waits, whatever Retry-After says (a load balancer's may say minutes)."""
 RETRY_WAIT_S = 1.0
 """A retry's wait when the answer has no Retry-After (a proxy's 503, say)."""
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image of a generate call: its PNG file, and the seed that draws it again (with the same request)."""
+
+    png: bytes
+    seed: int
 
 
 class ServingUnreachable(OSError):
@@ -84,11 +94,14 @@ def generate(
     retries: int = RETRIES,
     tls_ca: str | os.PathLike | None = None,
     **options: Any,
-) -> list[bytes]:
-    """PNG bytes of each generated image. `options`: negative_prompt, num_images, steps, guidance_scale, seed,
-    width, height (see GenerateBody). A 429 or 503 is retried up to `retries` times, each after its Retry-After
-    (at most MAX_RETRY_WAIT_S), and so is a 408 (the body stalled on its way: the link's, not the request's fault)
-    and an answer cut off (ServingDisconnected); the last one raises."""
+) -> list[GeneratedImage]:
+    """Each generated image with its seed (image i: seed + i). `options`: negative_prompt, num_images, steps,
+    guidance_scale, seed, width, height (see GenerateBody); without a seed (or None) one is chosen here, so that
+    every try of the request draws the same images, and returned. A 429 or 503 is retried up to `retries` times,
+    each after its Retry-After (at most MAX_RETRY_WAIT_S), and so is a 408 (the body stalled on its way: the link's,
+    not the request's fault) and an answer cut off (ServingDisconnected); the last one raises."""
+    if options.get("seed") is None:
+        options["seed"] = secrets.randbelow(2**31)  # as the server chooses one
     data = json.dumps({"prompt": prompt, **options, "output_format": "json"}).encode()
     for attempt in itertools.count(1):
         try:
@@ -101,7 +114,9 @@ def generate(
             time.sleep(min(RETRY_WAIT_S if wait_s is None else wait_s, MAX_RETRY_WAIT_S))
             continue
         try:
-            return [base64.b64decode(image["png_base64"]) for image in reply["images"]]
+            return [
+                GeneratedImage(base64.b64decode(image["png_base64"]), int(image["seed"])) for image in reply["images"]
+            ]
         except (KeyError, TypeError, ValueError) as e:  # a 200 from another service at that address
             raise ServingError(
                 200, f"the answer of {endpoint} holds no images, so it is not the serving API: {str(reply)[:200]}"

@@ -54,9 +54,9 @@ from serving.http_api import (
     json_response,
     to_generation_request,
 )
-from serving.metrics import GeneratorMetrics, IngressMetrics
+from serving.metrics import GeneratorMetrics, IngressMetrics, class_label
 from serving.model_loads import LOAD_KEPT_S, LOAD_RETRY_S, ResidentModel, SharedLoads, unavailable
-from serving.step_batching import OutOfDeviceMemory, StepBatcher, out_of_device_memory
+from serving.step_batching import OutOfDeviceMemory, StepBatcher, TooLargeForDevice, out_of_device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,9 @@ def served_model(model_id: str, path: Path, config: ServeConfig) -> ServedModel:
         return ServedModel(
             model_id=model_id,
             endpoint=config.endpoint(model_id),
-            model_class=str(metadata.class_prompt or "unknown"),
+            # The label the metrics give its requests (but for their "other", past so many classes).
+            model_class=class_label(metadata.class_prompt or "", set()),
+            class_prompt=metadata.class_prompt or None,
             instance_prompt=metadata.instance_prompt or None,
             # Not the rest of metadata.json: it names paths on the cluster's storage, which clients have no use for.
             resolution=metadata.resolution,
@@ -315,6 +317,12 @@ def _too_large() -> ApiError:
 
 def _too_slow(timeout_s: float) -> ApiError:
     return ApiError(408, "timeout", f"the request body did not arrive within {timeout_s:g} s of its headers")
+
+
+def replica_message(error: Exception) -> str:
+    """The message of an error a generator replica raised: through Ray, the error is a RayTaskError subclassing the
+    replica's, whose str is the replica's traceback; its `cause` is the replica's error."""
+    return str(getattr(error, "cause", error))
 
 
 def error_response(
@@ -357,6 +365,10 @@ FRAMEWORK_ERROR_CODES: dict[int, ErrorCode] = {
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 UNAUTHENTICATED = {401: {"model": ErrorBody, "description": "Tenants are configured and no valid bearer token came."}}
 NOT_FOUND = {404: {"model": ErrorBody, "description": "No such model is deployed (another tenant's is not found)."}}
+# Not FastAPI's default 422 body (HTTPValidationError): the ingress answers every 422 with an ErrorBody (unprocessable).
+UNPROCESSABLE_PARAMETERS = {
+    422: {"model": ErrorBody, "description": "A parameter of the wrong type, or out of its bounds (page_size)."}
+}
 GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"image/png": {}},
@@ -373,7 +385,11 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHENTICATED,
     **NOT_FOUND,
     408: {"model": ErrorBody, "description": "The body was not all there body_timeout_s after the headers."},
-    413: {"model": ErrorBody, "description": f"The body is over {MAX_BODY_BYTES} bytes."},
+    413: {
+        "model": ErrorBody,
+        "description": f"The body is over {MAX_BODY_BYTES} bytes, or the request ran out of the device's memory with "
+        "no other request beside it (ask for fewer or smaller images: num_images, width, height).",
+    },
     422: {"model": ErrorBody, "description": "Not a GenerateBody: not JSON, or a field of the wrong type or name."},
     429: {
         "model": ErrorBody,
@@ -502,7 +518,7 @@ class Ingress:
         # No more: its callers are not authenticated, and a count of the models would be over every tenant's.
         return {"status": "ok"}
 
-    @api.get("/v1/models", responses=UNAUTHENTICATED)
+    @api.get("/v1/models", responses=UNAUTHENTICATED | UNPROCESSABLE_PARAMETERS)
     def list_models(
         self,
         token: str | None = Depends(bearer_token),
@@ -517,7 +533,7 @@ class Ingress:
             models=[self.models[i] for i in page], next_page_token=page[-1] if len(after) > page_size else ""
         )
 
-    @api.get("/v1/models/{model_id}", responses=UNAUTHENTICATED | NOT_FOUND)
+    @api.get("/v1/models/{model_id}", responses=UNAUTHENTICATED | NOT_FOUND | UNPROCESSABLE_PARAMETERS)
     def get_model(self, model_id: str, token: str | None = Depends(bearer_token)) -> ServedModel:
         return self._served(model_id, self._tenant(token))
 
@@ -525,7 +541,7 @@ class Ingress:
     async def generate(self, model_id: str, body: GenerateBody, token: str | None = Depends(bearer_token)):
         start = time.perf_counter()
         model = self.models.get(model_id)
-        model_class = model.model_class if model else "unknown"
+        class_prompt = (model.class_prompt or "") if model else ""
         outcome, images = "error", 0
         try:
             tenant = self.access.tenant(token)  # first: without a token, no answer says which ids exist
@@ -561,7 +577,10 @@ class Ingress:
             outcome = "unavailable"
             why = f"model {model_id!r} cannot be loaded now"
             raise self._retry_later(503, "model_unavailable", why, getattr(e, "retry_after_s", 0)) from e
-        except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it fits
+        except TooLargeForDevice as e:  # alone it outgrew the GPU: it would on every retry
+            outcome = "bad_request"
+            raise ApiError(413, "too_large", replica_message(e)) from e
+        except OutOfDeviceMemory as e:  # its batch outgrew the GPU: beside fewer requests it may fit
             outcome = "overloaded"
             raise self._retry_later(503, "overloaded", "the device ran out of memory for this request's batch") from e
         except REPLICA_LOST as e:
@@ -573,7 +592,7 @@ class Ingress:
             outcome = "cancelled"  # the client went away (Serve cancels its request): not a server error
             raise
         finally:
-            self.metrics.record(model_class, outcome, time.perf_counter() - start, images)
+            self.metrics.record(class_prompt, outcome, time.perf_counter() - start, images)
         return render(model_id, encoded, body.output_format)
 
     def _retry_later(self, status_code: int, code: ErrorCode, why: str, not_before_s: float = 0) -> ApiError:

@@ -28,7 +28,7 @@ import torch
 from diffusers import SchedulerMixin
 from PIL import Image
 
-from dreambooth.model_files import ModelMetadata, check_inference_steps, sampling_scheduler
+from dreambooth.model_files import ModelMetadata, check_inference_steps, pipeline_scheduler
 from dreambooth.sd_model import check_prompt, load_base_model
 
 logger = logging.getLogger(__name__)
@@ -290,7 +290,9 @@ class SamplingEngine:
             text_encoder=modules["text_encoder"],
             unet=modules["unet"],
             vae=modules["vae"],
-            scheduler=sampling_scheduler(path),
+            # As StableDiffusionPipeline corrects it (validation and class images sample with that): an old config,
+            # as the export copies it from the base model, samples otherwise.
+            scheduler=pipeline_scheduler(path),
             load_seconds=time.perf_counter() - start,
             compiled_unet=compiled_unet,
         )

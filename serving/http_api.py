@@ -60,19 +60,28 @@ class GenerateResponse(BaseModel):
 
 
 class ServedModel(BaseModel):
-    model_id: str
-    endpoint: str
-    model_class: str
-    instance_prompt: str | None = None
-    resolution: int
-    """Default width and height: the size the subject was trained at."""
+    """GET /v1/models/{model_id}: a deployed subject model."""
+
+    model_id: str = Field(description="The model's id, as the controller names it.")
+    endpoint: str = Field(description="Where to POST its generate requests.")
+    model_class: str = Field(
+        description='What the subject is: its class prompt\'s last word ("dog"), the model_class label of the '
+        'metrics (there "other" past 50 distinct classes); "unknown" without a class prompt.'
+    )
+    class_prompt: str | None = Field(
+        None, description='The prompt of the subject\'s class it was trained with ("a photo of dog"), if any.'
+    )
+    instance_prompt: str | None = Field(
+        None, description='The prompt it was trained with, naming the subject ("a photo of sks dog").'
+    )
+    resolution: int = Field(description="Default width and height: the size the subject was trained at.")
 
 
 class ModelPage(BaseModel):
-    models: list[ServedModel]
-    """The caller's models, by id."""
-    next_page_token: str
-    """Where the next page starts (GET /v1/models?page_token=...); empty after the last page."""
+    models: list[ServedModel] = Field(description="The caller's models, by id.")
+    next_page_token: str = Field(
+        description="Where the next page starts (GET /v1/models?page_token=...); empty after the last page."
+    )
 
 
 ErrorCode = Literal[
@@ -81,7 +90,7 @@ ErrorCode = Literal[
     "not_found",  # 404: no such model (or another tenant's), or no such path
     "method_not_allowed",  # 405
     "timeout",  # 408: the body came too slowly
-    "too_large",  # 413
+    "too_large",  # 413: the body is over the cap, or the request alone outgrew the device's memory: make it smaller
     "throttled",  # 429: the tenant's max_requests_per_tenant; retry after Retry-After
     "overloaded",  # 503: the queue is full, or the request's batch outgrew the GPU; retry after Retry-After
     "model_unavailable",  # 503: its model cannot be loaded now, or is still being deployed; retry after Retry-After

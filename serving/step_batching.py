@@ -11,7 +11,9 @@ forward: the batch holding the oldest cohort steps first (first come, first serv
 turns step by step would make every one of them as slow as all of them together). A cohort whose callers all
 cancelled (in Serve: their HTTP clients went away) leaves at the next step, making room for those waiting. A step
 that runs out of device memory fails the cohort that joined last (OutOfDeviceMemory: the service answers 503, retry
-later) and the others step again without it, rather than all failing with it.
+later) and the others step again without it, rather than all failing with it; a request that runs out of memory
+alone, the one request of its UNet forward or its decode, would every time (TooLargeForDevice: 413, ask for fewer
+or smaller images).
 """
 
 from __future__ import annotations
@@ -39,9 +41,19 @@ class OutOfDeviceMemory(RuntimeError):
     """A request's batch did not fit in the device's memory: it may fit later, beside fewer others."""
 
 
-def out_of_device_memory(what: str) -> OutOfDeviceMemory:
+class TooLargeForDevice(OutOfDeviceMemory):
+    """A request did not fit in the device's memory with no other request beside it: it would not on any retry."""
+
+
+def out_of_device_memory(what: str, alone: bool = False) -> OutOfDeviceMemory:
+    """`alone`: no other request shared the work that ran out of memory (TooLargeForDevice)."""
     # The message is built here, not in an __init__ of the class: Ray pickles the error to the ingress, and an
     # exception is rebuilt from its args.
+    if alone:
+        return TooLargeForDevice(
+            f"the device ran out of memory {what} with no other request beside it, as it would every time: ask for "
+            "fewer images (num_images) or smaller ones (width, height)"
+        )
     return OutOfDeviceMemory(f"the device ran out of memory {what}; retry later, or ask for fewer or smaller images")
 
 
@@ -181,7 +193,7 @@ class StepBatcher:
         try:
             cohort = self.engine.start(submission.model, submission.requests)
         except torch.OutOfMemoryError:  # encoding its prompts, or its first latents
-            _fail(submission, out_of_device_memory(f"starting {submission.images} images"))
+            _fail(submission, _out_of_memory(submission, "starting", beside=self._in_flight()))
             return
         except InputError as e:  # steps its model's scheduler refuses: the client's to fix (a 400)
             _fail(submission, e)
@@ -205,19 +217,17 @@ class StepBatcher:
             images = sum(cohort.images for cohort, _ in running)
             if (index := getattr(e, "cohort_index", None)) is None:
                 # Raised before any cohort's state moved (in the UNet forward): the others can step again.
-                cohort, submission = running.pop()  # the one that joined last (`running` is the lane's list)
+                _, submission = running.pop()  # the one that joined last (`running` is the lane's list)
                 logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
-                _fail(
-                    submission, out_of_device_memory(f"sampling {cohort.images} images beside {len(running)} requests")
-                )
+                _fail(submission, _out_of_memory(submission, "sampling", beside=self._in_flight()))
                 if not running:
                     del self._running[lane]
                 return
             # Raised in one cohort's scheduler step, after the forward: that cohort cannot go on. Those before it
             # have stepped and those after it have not: each goes on from its own state.
-            cohort, submission = running.pop(index)
+            _, submission = running.pop(index)
             logger.warning("out of device memory at %d images, in a scheduler step: failing that cohort", images)
-            _fail(submission, out_of_device_memory(f"stepping {cohort.images} images beside {len(running)} requests"))
+            _fail(submission, _out_of_memory(submission, "stepping", beside=self._in_flight()))
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:
@@ -235,11 +245,15 @@ class StepBatcher:
             if cohort.done:
                 self._finish(cohort, submission)
 
+    def _in_flight(self) -> list[tuple[Cohort, _Submission]]:
+        """The cohorts sampling on the device now, in every lane: what holds its memory beside a cohort's work."""
+        return [pair for running in self._running.values() for pair in running]
+
     def _finish(self, cohort: Cohort, submission: _Submission) -> None:
         try:
             decoded = self.engine.decode(cohort)
         except torch.OutOfMemoryError:
-            _fail(submission, out_of_device_memory(f"decoding {cohort.images} images"))
+            _fail(submission, _out_of_memory(submission, "decoding", beside=self._in_flight()))
             return
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)
@@ -260,6 +274,17 @@ class StepBatcher:
                 _fail(submission, error)
         self._pending.clear()
         self._running.clear()
+
+
+def _out_of_memory(submission: _Submission, what: str, beside: list[tuple[Cohort, _Submission]]) -> OutOfDeviceMemory:
+    """The error of a cohort that ran out of device memory `what`-ing, with the cohorts `beside` it on the device
+    (sharing that work or holding memory of their own): a request alone would every time; beside other requests it
+    may fit later, beside fewer."""
+    others = sum(len(other.requests) for _, other in beside if other is not submission)
+    width, height = submission.requests[0].width, submission.requests[0].height
+    description = f"{what} {submission.images} images of {width}x{height}"
+    description += f" beside {others} other requests on the device" if others else ""
+    return out_of_device_memory(description, alone=not others and len(submission.requests) == 1)
 
 
 def _deliver(decoded: DecodedCohort, submission: _Submission) -> None:

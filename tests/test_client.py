@@ -8,12 +8,14 @@ streaming, error mapping) for real, without the controller.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import email.utils
 import http.server
 import inspect
 import json
 import os
+import random
 import socket
 import socketserver
 import threading
@@ -33,6 +35,7 @@ from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import timestamp
 from dreambooth.serving_client import (
+    GeneratedImage,
     ServingDisconnected,
     ServingError,
     ServingTimeout,
@@ -849,7 +852,9 @@ def serving_api():
                 self._answer(status, refusal, {"Retry-After": retry_after})
                 return
             png = base64.b64encode(body["prompt"].encode()).decode()
-            images = [{"seed": body["seed"] + i, "png_base64": png} for i in range(body["num_images"])]
+            # As the serving API: a request without a seed gets one the server chooses.
+            seed = body["seed"] if body.get("seed") is not None else random.randrange(2**31)
+            images = [{"seed": seed + i, "png_base64": png} for i in range(body.get("num_images", 1))]
             self._answer(200, {"images": images})
 
         def do_GET(self):
@@ -945,7 +950,7 @@ def test_an_https_serving_api_signed_by_a_private_ca_is_trusted_with_it_and_refu
     endpoint = serving_api.endpoint.replace("http://", "https://")
     wait_until_served(endpoint, tls_ca=tmp_path / "ca.pem", timeout_s=10)
     assert generate(endpoint, "a photo of sks dog", tls_ca=tmp_path / "ca.pem", num_images=1, seed=0) == [
-        b"a photo of sks dog"
+        GeneratedImage(b"a photo of sks dog", 0)
     ]
     waits = []
     monkeypatch.setattr(serving_client.time, "sleep", waits.append)
@@ -1011,7 +1016,8 @@ def test_an_answer_cut_short_is_sent_again_and_one_from_something_else_is_not_th
     cut = _http_answer(b'{"images": [{"seed": 0, "png_b', length=100_000)
     png = base64.b64encode(b"a png").decode()
     broken_http.answers = [cut, _http_answer(json.dumps({"images": [{"seed": 0, "png_base64": png}]}).encode())]
-    assert generate(broken_http.endpoint, "a photo of sks dog") == [b"a png"]  # sent again, as after a 503
+    [image] = generate(broken_http.endpoint, "a photo of sks dog")  # sent again, as after a 503
+    assert (image.png, image.seed) == (b"a png", 0)
     assert broken_http.requests == 2 and waits == [serving_client.RETRY_WAIT_S]
     broken_http.answers = [cut]
     with pytest.raises(ServingDisconnected, match=r"closed the connection before the end of its answer \(Incomplete"):
@@ -1068,7 +1074,9 @@ def test_generate_retries_throttled_and_overloaded_requests_after_their_retry_af
     # Retry-After as an HTTP date (a load balancer's, say), then as seconds beyond the most a retry waits.
     # And a 408: the body stalled on its way (the link's fault, not the request's).
     serving_api.refusals = [(429, email.utils.format_datetime(soon, usegmt=True)), (503, "120"), (408, "0")]
-    assert generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1) == [b"a photo of sks dog"]
+    assert generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1) == [
+        GeneratedImage(b"a photo of sks dog", 1)
+    ]
     assert len(serving_api.bodies) == 4
     assert 15 < waits[0] <= 20 and waits[1] == serving_client.MAX_RETRY_WAIT_S
 
@@ -1081,6 +1089,24 @@ def test_generate_retries_throttled_and_overloaded_requests_after_their_retry_af
     with pytest.raises(ServingError):
         generate(serving_api.endpoint, "a photo of sks dog", seed=1, num_images=1)
     assert len(serving_api.bodies) == 4 + serving_client.RETRIES + 2
+
+
+def test_generate_chooses_the_seed_it_retries_with_and_returns_each_images_seed(serving_api, monkeypatch):
+    """Without a seed the server chose one and generate returned the PNGs alone: the caller could never draw an image
+    again (nor vary its prompt around it), and each retry drew another seed."""
+    monkeypatch.setattr(serving_client.time, "sleep", lambda seconds: None)
+    serving_api.refusals = [(503, "0")]
+    images = generate(serving_api.endpoint, "a photo of sks dog", num_images=2)
+    first, retry = serving_api.bodies
+    assert isinstance(first["seed"], int) and retry["seed"] == first["seed"]
+    assert images == [GeneratedImage(b"a photo of sks dog", first["seed"] + i) for i in range(2)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        images[0].seed = 3
+    # A seed given (None is none) is the caller's.
+    given = generate(serving_api.endpoint, "a photo of sks dog", seed=5, num_images=2)
+    assert [image.seed for image in given] == [5, 6] and serving_api.bodies[-1]["seed"] == 5
+    generate(serving_api.endpoint, "a photo of sks dog", seed=None)
+    assert isinstance(serving_api.bodies[-1]["seed"], int)
 
 
 @pytest.mark.parametrize(

@@ -173,8 +173,8 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
     assert model.deployed and model.endpoint.endswith(f"/ctl/v1/models/{model_id}/generate")
     assert alice.model(model_id).endpoint == model.endpoint
     wait_until_served(model.endpoint, token="alice-token")
-    [png] = generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1)
-    assert Image.open(io.BytesIO(png)).size == (64, 64)  # the job's resolution
+    [image] = generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1)
+    assert image.seed == 1 and Image.open(io.BytesIO(image.png)).size == (64, 64)  # the job's resolution
     # Serving knows the controller's tenants: no token, 401; another tenant's model is not found there either.
     for token, status in ((None, 401), ("bob-token", 404)):
         with pytest.raises(ServingError) as error:
@@ -193,7 +193,7 @@ def deploy_generate_undeploy(alice: DreamBoothClient, bob: DreamBoothClient, mod
         assert time.monotonic() < deadline, f"{APP_NAME} was not deployed again after Ray Serve lost it"
         time.sleep(0.5)
     wait_until_served(model.endpoint, token="alice-token", timeout_s=180)
-    assert generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1) == [png]
+    assert generate(model.endpoint, "a photo of sks dog on the moon", token="alice-token", steps=2, seed=1) == [image]
 
     assert not alice.undeploy(model_id).deployed
     deadline = time.monotonic() + 60

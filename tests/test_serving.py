@@ -90,7 +90,8 @@ def test_lists_models_and_documents_the_api(service, subject_models):
     models = requests.get(f"{service.base_url}/v1/models", timeout=10).json()["models"]
     assert [m["model_id"] for m in models] == sorted(subject_models)
     assert models[0]["endpoint"] == service.endpoint(models[0]["model_id"])
-    assert models[0]["model_class"] == "a photo of dog" and models[0]["resolution"] == 64
+    assert (models[0]["model_class"], models[0]["class_prompt"]) == ("dog", "a photo of dog")
+    assert models[0]["resolution"] == 64
     listing = requests.get(f"{service.base_url}/v1/models", timeout=10).text
     assert str(subject_models["rex"].parent) not in listing  # no storage paths for HTTP clients
     assert requests.get(f"{service.base_url}/healthz", timeout=10).json()["status"] == "ok"

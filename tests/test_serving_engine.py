@@ -6,6 +6,7 @@ import collections
 import json
 import shutil
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -109,16 +110,40 @@ def test_matches_diffusers_pipeline_with_the_same_generators(engine, rex, subjec
     check_matches_the_pipeline(engine, rex, subject_models["rex"], guidance_scale)
 
 
+def with_scheduler(model_dir, out, name: str, config: dict | None = None):
+    """A copy of the model at `model_dir` whose model_index.json names scheduler `name`, with `config` as its
+    scheduler_config.json (by default its own config, as `name` saves it)."""
+    shutil.copytree(model_dir, out)
+    if config is None:
+        scheduler = getattr(diffusers, name).from_pretrained(out, subfolder="scheduler")
+        scheduler.save_pretrained(out / "scheduler")
+    else:
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"_class_name": name}))
+    index_file = out / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(index | {"scheduler": ["diffusers", name]}))
+    return out
+
+
 def test_a_model_that_ships_the_lms_scheduler_is_served(engine, subject_models, tmp_path):
     """diffusers' LMS scheduler needs scipy (a dependency for this): without it such a model failed to load."""
-    model_dir = tmp_path / "lms"
-    shutil.copytree(subject_models["rex"], model_dir)
-    LMSDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler").save_pretrained(model_dir / "scheduler")
-    index_file = model_dir / "model_index.json"
-    index = json.loads(index_file.read_text())
-    index_file.write_text(json.dumps(index | {"scheduler": ["diffusers", "LMSDiscreteScheduler"]}))
+    model_dir = with_scheduler(subject_models["rex"], tmp_path / "lms", "LMSDiscreteScheduler")
     model = engine.load("rex-lms", model_dir)
     assert isinstance(model.scheduler, LMSDiscreteScheduler)
+    check_matches_the_pipeline(engine, model, model_dir, guidance_scale=6.0)
+
+
+def test_an_old_ddim_config_samples_as_the_pipeline_corrects_it(engine, subject_models, tmp_path):
+    """A scheduler config from before steps_offset and clip_sample (early conversions wrote such; the export copies
+    the base's): StableDiffusionPipeline, which validation and class images sample with, sets steps_offset 1 and
+    clip_sample False; serving sampled with the config as on disk (0 and True: DDIM clipped the predicted x0 of the
+    latents to [-1, 1]), images up to 0.88 apart from the pipeline's."""
+    config = json.loads((subject_models["rex"] / "scheduler" / "scheduler_config.json").read_text())
+    old = {key: config[key] for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")}
+    model_dir = with_scheduler(subject_models["rex"], tmp_path / "ddim", "DDIMScheduler", old)
+    model = engine.load("rex-ddim", model_dir)
+    assert isinstance(model.scheduler, diffusers.DDIMScheduler)
+    assert (model.scheduler.config.steps_offset, model.scheduler.config.clip_sample) == (1, False)
     check_matches_the_pipeline(engine, model, model_dir, guidance_scale=6.0)
 
 
@@ -169,8 +194,6 @@ def test_denoising_waits_for_nothing_on_the_device(subject_models):
     value back (`.item()`, `bool()`, `nonzero`, a copy to the host), copies from the host, or mixes host and device
     tensors. The engine samples on the meta device (tensors without data), where every read back raises and
     `DeviceTraffic` counts the rest: each scheduler a model may ship, a cohort joining another part-way, to the end."""
-    import diffusers
-
     engine = SamplingEngine(device="meta", dtype=torch.float32)
     model = engine.load("rex", subject_models["rex"])
     config = model.scheduler.config

@@ -3,13 +3,14 @@ a stand-in for the generator replicas. Error bodies, status codes, headers, the 
 
 from __future__ import annotations
 
+import json
 import sys
 from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from serving import app
@@ -141,6 +142,23 @@ def test_a_request_refused_for_now_has_a_code_and_retry_after(http, generator, r
     assert response.headers["retry-after"] == "3" and response.json()["detail"].endswith("; retry later")
 
 
+@pytest.mark.parametrize("through_ray", [False, True])
+def test_a_request_out_of_device_memory_alone_is_413_saying_what_to_lower(http, generator, through_ray):
+    """Every out-of-memory was 503 "retry later", also for a request alone in its batch, which would fail the same
+    on every retry (the SDK retried it to the end); the replica's advice never reached the client."""
+    refusal = out_of_device_memory("sampling 4 images of 1024x1024", alone=True)
+    if through_ray:  # what the ingress gets from the replica: a RayTaskError subclassing it, its str a traceback
+        refusal = RayTaskError("generate", "Traceback ...", refusal, "replica", 1, "127.0.0.1").as_instanceof_cause()
+    generator.refusal = refusal
+    response = http.post(GENERATE, json={"prompt": "a photo of sks dog", "num_images": 4, "output_format": "json"})
+    assert (response.status_code, response.json()["code"]) == (413, "too_large"), response.text
+    assert "retry-after" not in response.headers
+    assert response.json()["detail"] == (
+        "the device ran out of memory sampling 4 images of 1024x1024 with no other request beside it, as it would "
+        "every time: ask for fewer images (num_images) or smaller ones (width, height)"
+    )
+
+
 def test_a_model_refused_for_longer_than_retry_after_says_how_long(http, generator):
     """A model whose load failed is refused for LOAD_RETRY_S: clients retrying after the configured Retry-After (3 s
     here) were refused each time, and gave up before it would load."""
@@ -212,6 +230,22 @@ def test_the_openapi_document_has_the_bearer_scheme_the_errors_and_the_headers(h
     assert all(responses[s]["content"]["application/json"]["schema"] == error_body for s in responses if s != "200")
 
 
+def test_every_422_in_the_openapi_document_is_an_error_body():
+    """The GET routes listed FastAPI's default 422 body (HTTPValidationError, whose items carry `input`) while the
+    ingress answers ErrorBody there too."""
+    spec = app.api.openapi()
+    unprocessable = {
+        (path, method): operation["responses"]["422"]
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if "422" in operation["responses"]
+    }
+    assert {("/v1/models", "get"), ("/v1/models/{model_id}", "get")} <= unprocessable.keys()
+    for answer in unprocessable.values():
+        assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
 def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
     """A replica may serve thousands of models: one answer with them all was megabytes. Each tenant's, by id."""
     ids = [f"model-{i:02d}" for i in range(5)]
@@ -230,6 +264,28 @@ def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
     assert seen == ids
     refused = http.get("/v1/models", params={"page_size": 0})
     assert refused.status_code == 422 and refused.json()["code"] == "invalid_argument"
+
+
+def test_a_listed_models_class_is_the_metrics_label_beside_its_class_prompt(http, tmp_path):
+    """model_class was the whole class prompt ("a photo of dog") where the README, and the metrics' label of the
+    same name, say its last word ("dog")."""
+    (tmp_path / "max").mkdir()
+    metadata = {"class_prompt": "a photo of Dog", "instance_prompt": "a photo of sks dog"}
+    (tmp_path / "max" / "metadata.json").write_text(json.dumps(metadata))
+    owners = {"rex": "alice", "max": "alice"}
+    models = {model_id: str(tmp_path / model_id) for model_id in owners}
+    serve.get_replica_context().servable_object.reconfigure(user_config(models, owners, {"alice": [TOKEN]}))
+    listed = http.get("/v1/models/max").json()
+    assert (listed["model_class"], listed["class_prompt"], listed["instance_prompt"]) == (
+        "dog",
+        "a photo of Dog",
+        "a photo of sks dog",
+    )
+    assert http.get("/v1/models").json()["models"][0] == listed
+    rex = http.get("/v1/models/rex").json()  # no metadata.json
+    assert (rex["model_class"], rex["class_prompt"]) == ("unknown", None)
+    fields = app.api.openapi()["components"]["schemas"]["ServedModel"]["properties"]
+    assert all(field.get("description") for field in fields.values()), fields
 
 
 def test_a_reconfigure_reads_the_metadata_of_the_models_it_changes_only(http, tmp_path, monkeypatch):

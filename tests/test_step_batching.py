@@ -11,7 +11,7 @@ import torch
 
 from dreambooth.errors import InputError
 from serving.engine import GenerationRequest, SamplingEngine
-from serving.step_batching import OutOfDeviceMemory, StepBatcher
+from serving.step_batching import OutOfDeviceMemory, StepBatcher, TooLargeForDevice
 
 SIZE = 64  # the tiny model's native size
 LEVEL = 1 / 255 + 1e-6  # batch composition may round the last float bits differently: at most one 8-bit level
@@ -197,8 +197,9 @@ def test_a_step_out_of_device_memory_fails_the_last_cohort_and_the_others_go_on(
         [first] = batcher.submit(models["rex"], [request(num_images=2)])
         [joiner] = batcher.submit(models["rex"], [request(seed=3, num_images=2)])
         gate.set()
-        with pytest.raises(OutOfDeviceMemory, match="retry later"):
+        with pytest.raises(OutOfDeviceMemory, match="retry later") as error:
             joiner.result(timeout=60)
+        assert not isinstance(error.value, TooLargeForDevice)  # beside fewer it may fit: worth a retry
         shared = first.result(timeout=60)
         [retried] = batcher.submit(models["rex"], [request(seed=3, num_images=2)])  # alone, it fits
         assert retried.result(timeout=60).images
@@ -206,6 +207,49 @@ def test_a_step_out_of_device_memory_fails_the_last_cohort_and_the_others_go_on(
         batcher.close()
     [alone] = engine.generate(models["rex"], [request(num_images=2)])
     assert_same_images(alone, shared)  # the failed step changed nothing of the cohort that went on
+
+
+def test_a_request_out_of_device_memory_alone_is_told_to_ask_for_less_not_to_retry(engine, models):
+    """A request that runs out of memory with no other request in its UNet forward (or its decode, or its start)
+    would every time: "retry later" had its clients retry it to the end, and never said what to change."""
+    batcher = StepBatcher(SmallDevice(device="cpu"), max_images=8)
+    try:
+        [alone] = batcher.submit(models["rex"], [request(num_images=4)])  # one more than fits, alone
+        with pytest.raises(
+            TooLargeForDevice, match=r"sampling 4 images of 64x64 .*ask for fewer images \(num_images\)"
+        ):
+            alone.result(timeout=60)
+        # Two requests of one cohort (one @serve.batch group) out of memory together: alone, each may fit.
+        together = batcher.submit(models["rex"], [request(num_images=2), request(seed=3, num_images=2)])
+        for future in together:
+            with pytest.raises(OutOfDeviceMemory, match="retry later") as error:
+                future.result(timeout=60)
+            assert not isinstance(error.value, TooLargeForDevice)
+    finally:
+        batcher.close()
+
+
+class DecodeOutOfMemory(SamplingEngine):
+    """Runs out of device memory decoding more than one image."""
+
+    def decode(self, cohort):
+        if cohort.images > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return super().decode(cohort)
+
+
+def test_a_decode_out_of_device_memory_is_too_large_for_a_request_alone(engine, models):
+    batcher = StepBatcher(DecodeOutOfMemory(device="cpu"), max_images=4)
+    try:
+        [alone] = batcher.submit(models["rex"], [request(num_images=2)])
+        with pytest.raises(TooLargeForDevice, match="decoding 2 images of 64x64"):
+            alone.result(timeout=60)
+        together = batcher.submit(models["rex"], [request(), request(seed=3)])  # one cohort: decoded together
+        for future in together:
+            with pytest.raises(OutOfDeviceMemory, match="retry later"):
+                future.result(timeout=60)
+    finally:
+        batcher.close()
 
 
 class SchedulerOutOfMemory(SamplingEngine):
@@ -240,6 +284,9 @@ def test_a_scheduler_step_out_of_device_memory_fails_its_own_cohort_only(engine,
         with pytest.raises(OutOfDeviceMemory, match="retry later"):
             broken.result(timeout=60)
         shared = joiner.result(timeout=60)
+        [alone] = batcher.submit(models["rex"], [request(seed=3)])  # the only request of its forward
+        with pytest.raises(TooLargeForDevice, match="stepping 1 images of 64x64 with no other request"):
+            alone.result(timeout=60)
     finally:
         batcher.close()
     [alone] = engine.generate(models["rex"], [request(seed=9)])
