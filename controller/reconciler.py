@@ -450,7 +450,10 @@ class Reconciler:
             if job.state not in TERMINAL_STATES:  # events re-read after the end (a shortened file) add no series
                 metrics.record_job_progress(job.job_id, progress["step"], progress["loss"], progress["steps_per_s"])
         elif kind == "checkpoint":
-            job = self.store.update_job(job.job_id, last_checkpoint_step=event["step"])
+            step = event["step"]
+            if type(step) is not int or not 0 <= step < 2**31:  # the column's range on every backend
+                raise ValueError(f"checkpoint step {step!r}")
+            job = self.store.update_job(job.job_id, last_checkpoint_step=step)
             changes.append(("checkpoint", event))
         elif kind == "validation":
             changes.append(("validation", event))

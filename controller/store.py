@@ -142,7 +142,9 @@ def _libpq_liveness(url: sa.URL) -> dict[str, Any]:
 def _server_liveness(dbapi_connection: Any, _record: Any) -> None:
     """The server side's, on each new session (the hold's among them): its TCP keepalives to this client, where
     neither the server's configuration, the role or database (ALTER ROLE ... SET), nor the URL's `options` set them.
-    Set by SQL, not by the `options` startup parameter, which connection poolers (PgBouncer) refuse."""
+    Set by SQL, not by the `options` startup parameter, which connection poolers (PgBouncer) refuse. Through a pooler
+    they are the server's to the pooler, not to this controller: the hold's end then waits on the pooler's own
+    keepalives (deploy/README.md)."""
     wanted = ", ".join(["(%s, %s)"] * len(_SERVER_KEEPALIVES))
     cursor = dbapi_connection.cursor()
     try:

@@ -261,9 +261,10 @@ def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
     connecting = e.code == "UNAVAILABLE" and "failed to connect" in e.message
     if connecting and client.tls_ca is None and any(m in e.message for m in _NOT_PLAINTEXT_GRPC):
         return (
-            f"error: something answers at {target}, but not as a plaintext gRPC server: if the controller serves TLS, "
-            f"give the CA that signed its certificate with --tls-ca CA.pem (or --tls-ca system for a publicly signed "
-            f"one; or $DREAMBOOTH_TLS_CA) ({e.message})"
+            f"error: something at {target} took the connection and closed it: a controller serving TLS (give the CA "
+            f"that signed its certificate with --tls-ca CA.pem, or --tls-ca system for a publicly signed one, or "
+            f"$DREAMBOOTH_TLS_CA), or a proxy with no controller behind it (a port-forward, a container's published "
+            f"port, a load balancer) ({e.message})"
         )
     if e.code == "UNAVAILABLE" and "handshake" in e.message.lower():
         return (
@@ -393,11 +394,11 @@ def _delete_model(client: DreamBoothClient, args: argparse.Namespace) -> int:
 def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.serving_client import generate
 
-    _output_dir(args.out)  # before the GPU work: a file there, or a folder not writable, lost the images after it
     model = client.model(args.model_id)
     if not model.deployed:
         print(f"error: model {args.model_id} is not deployed: run `dreambooth deploy {args.model_id}`", file=sys.stderr)
         return 2
+    _output_dir(args.out)  # before the GPU work: a file there, or a folder not writable, lost the images after it
     options = {"num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative_prompt}
     # Unset, the serving API's defaults apply (one place for them: serving/http_api.GenerateBody).
     optional = ("steps", "guidance_scale", "width", "height")

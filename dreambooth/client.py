@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
-from dreambooth.serving_client import SYSTEM_CAS
+from dreambooth.serving_client import SYSTEM_CAS, check_token
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count, find_instance_images
 from trainer.spec import JobSpec, absolute_path, read_spec_file
@@ -142,7 +142,7 @@ class DreamBoothClient:
         environment = os.environ if from_environment else {}
         self.target = target = _check_target(target or environment.get("DREAMBOOTH_CONTROLLER") or DEFAULT_TARGET)
         # What the serving API is given too (the CLI's generate and deploy): the token, the CA (None: plaintext).
-        self.token = token = _check_token(token or environment.get("DREAMBOOTH_TOKEN"))
+        self.token = token = check_token(token or environment.get("DREAMBOOTH_TOKEN"))
         self.tls_ca = tls_ca = tls_ca or environment.get("DREAMBOOTH_TLS_CA") or None
         answer_ms = int(min(keepalive_s, 10) * 1000)  # a ping not answered by then: the connection is dead
         options = [
@@ -170,7 +170,7 @@ class DreamBoothClient:
             bundle = _system_cas() if str(tls_ca) == SYSTEM_CAS else Path(tls_ca)
             roots = bundle.read_bytes() if bundle is not None else None
             if str(tls_ca) != SYSTEM_CAS:
-                _check_ca_certificates(tls_ca, roots)
+                _check_ca_certificates(tls_ca)
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -310,16 +310,17 @@ class DreamBoothClient:
 
 
 # gRPC's own target syntax (https://github.com/grpc/grpc/blob/master/doc/naming.md), passed on as it is.
-_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
 def _check_target(target: str) -> str:
     """HOST:PORT (an IPv6 address in brackets: [::1]:50051), or gRPC's own syntax (dns:, unix:, ...). gRPC itself
     takes a port over 65535 modulo 65536 (99999 reached 34463, some other server) and a target without one to 443."""
-    if "://" in target:  # gRPC would answer "Misformatted domain name"
-        raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
+    target = target.strip()  # a ConfigMap's or a file's trailing newline
     if target.startswith(_GRPC_SCHEMES):
         return target
+    if "://" in target:  # gRPC would answer "Misformatted domain name"
+        raise InputError("controller", f"{target}: give HOST:PORT, without a scheme (e.g. 127.0.0.1:50051)")
     if target.startswith("["):
         host, bracket, rest = target[1:].partition("]")
         sep, port = rest[:1], rest[1:]
@@ -330,33 +331,23 @@ def _check_target(target: str) -> str:
         if ":" in host:
             raise InputError("controller", f"{target}: give an IPv6 address in brackets, then its port: [::1]:50051")
     if not sep or not host or not port:
-        raise InputError("controller", f"{target}: no port: give HOST:PORT (the controller's default port is 50051)")
+        raise InputError(
+            "controller",
+            f"{target}: no port: give HOST:PORT (the controller's default port is 50051; :443 behind an ingress)",
+        )
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise InputError("controller", f"{target}: {port!r} is not a port (1-65535): give HOST:PORT")
     return target
 
 
-def _check_token(token: str | None) -> str | None:
-    """The token without surrounding whitespace (a Kubernetes Secret's value often ends in a newline). gRPC refuses
-    any other character outside printable ASCII in metadata ("INTERNAL: Invalid metadata", which never passes)."""
-    token = token.strip() if token else None
-    for position, character in enumerate(token or "", 1):
-        if not " " <= character <= "~":
-            raise InputError(
-                "token",
-                f"character {position} of {len(token)} is U+{ord(character):04X}, and a token is printable ASCII: "
-                "copy it again (--token or $DREAMBOOTH_TOKEN)",
-            )
-    return token or None
-
-
-def _check_ca_certificates(path: str | os.PathLike, pem: bytes) -> None:
+def _check_ca_certificates(path: str | os.PathLike) -> None:
     """A --tls-ca file without a PEM certificate (the key, a DER file) failed every call as a "security handshaker"
     error, which reads as the controller's fault."""
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
-    except (UnicodeDecodeError, ssl.SSLError, ValueError) as e:
-        reason = "not text" if isinstance(e, UnicodeDecodeError) else getattr(e, "reason", None) or str(e)
+        # The file, as gRPC reads it: bundles carry UTF-8 comments between their certificates (p11-kit's CA names).
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=os.fspath(path))
+    except (ssl.SSLError, ValueError) as e:
+        reason = getattr(e, "reason", None) or str(e)
         raise InputError(
             "tls_ca",
             f"{path}: no PEM certificate in it ({reason}): give the certificate of the CA that signed the "

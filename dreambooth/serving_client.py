@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from dreambooth.errors import InputError
 from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
 
 GENERATE_TIMEOUT_S = LOAD_TIMEOUT_S + SAMPLING_S
@@ -84,6 +85,21 @@ class ServingError(Exception):
         self.detail = detail
         self.retry_after_s = retry_after_s
         self.code = code
+
+
+def check_token(token: str | None) -> str | None:
+    """The token without surrounding whitespace (a Kubernetes Secret's value often ends in a newline), for the
+    controller and the serving API alike. Any other character outside printable ASCII is refused: gRPC refuses it in
+    metadata ("INTERNAL: Invalid metadata", which never passes), http.client in a header (its error shows it)."""
+    token = token.strip() if token else None
+    for position, character in enumerate(token or "", 1):
+        if not " " <= character <= "~":
+            raise InputError(
+                "token",
+                f"character {position} of {len(token)} is U+{ord(character):04X}, and a token is printable ASCII: "
+                "copy it again (--token or $DREAMBOOTH_TOKEN)",
+            )
+    return token or None
 
 
 def generate(
@@ -163,6 +179,7 @@ def retry_after_seconds(value: str | None) -> float | None:
 def _request(
     url: str, data: bytes | None, token: str | None, timeout_s: float, tls_ca: str | os.PathLike | None
 ) -> Any:
+    token = check_token(token)
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(url, data=data, headers=headers)
     context = ssl.create_default_context()
@@ -180,7 +197,8 @@ def _request(
             answer, detail = {}, e.reason
         retry_after_s = retry_after_seconds(e.headers.get("Retry-After"))
         raise ServingError(e.code, detail, retry_after_s, answer.get("code")) from e
-    except (http.client.IncompleteRead, http.client.RemoteDisconnected) as e:  # closed before the answer's end
+    except (http.client.IncompleteRead, ConnectionError) as e:  # closed (FIN or RST) before the answer's end
+        # Not URLError: urllib wraps the errors of connecting and sending; these came after the request was sent.
         raise ServingDisconnected(
             f"the serving API at {url} closed the connection before the end of its answer ({e!r}; a proxy "
             "or a replica dropped it)"

@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import socketserver
+import struct
 import threading
 import time
 import uuid
@@ -560,9 +561,13 @@ def test_a_controller_address_without_a_port_or_with_one_out_of_range_is_refused
 
 
 def test_the_controller_address_forms_that_are_taken(capsys):
-    for target in ("[::1]:50051", "localhost:50051", "10.0.0.7:1", "unix:/run/dreambooth.sock", "dns:controller:443"):
+    taken = ["[::1]:50051", "localhost:50051", "10.0.0.7:1", "unix:/run/dreambooth.sock", "dns:controller:443"]
+    taken += ["dns:///controller:50051", "unix:///run/dreambooth.sock"]  # gRPC's naming.md's own forms
+    for target in taken:
         with DreamBoothClient(target) as client:  # no call: gRPC connects on the first one
             assert client.target == target
+    with DreamBoothClient("localhost:50051\n") as client:  # $DREAMBOOTH_CONTROLLER from a file
+        assert client.target == "localhost:50051"
     assert main(["jobs", "--controller", "127.0.0.1:99999"]) == 2
     assert "error: controller: 127.0.0.1:99999: '99999' is not a port (1-65535)" in capsys.readouterr().err
 
@@ -617,8 +622,8 @@ def test_a_plaintext_client_of_a_tls_controller_is_told_to_give_its_ca(tmp_path,
         for command in (["jobs"], ["watch", "job-4"]):
             assert main([*command, "--controller", target]) == (1 if command == ["jobs"] else 3)
             err = capsys.readouterr().err
-            assert f"error: something answers at {target}, but not as a plaintext gRPC server" in err
-            assert "--tls-ca CA.pem (or --tls-ca system" in err and "dreambooth up" not in err
+            assert f"error: something at {target} took the connection and closed it: a controller serving TLS" in err
+            assert "--tls-ca CA.pem, or --tls-ca system" in err and "dreambooth up" not in err
         (tmp_path / "key.pem").write_bytes(key)
         (tmp_path / "ca.der").write_bytes(os.urandom(512))
         for ca in ("key.pem", "ca.der"):
@@ -627,7 +632,8 @@ def test_a_plaintext_client_of_a_tls_controller_is_told_to_give_its_ca(tmp_path,
             assert (
                 err.startswith(f"error: tls_ca: {tmp_path / ca}: no PEM certificate in it (") and "handshake" not in err
             )
-        (tmp_path / "ca.pem").write_bytes(cert)
+        # A bundle's comments may be UTF-8 (p11-kit names each CA): gRPC and ssl take it, and so does the check.
+        (tmp_path / "ca.pem").write_bytes("# NetLock Arany (Class Gold) Főtanúsítvány\n".encode() + cert)
         assert main(["jobs", "--controller", target, "--tls-ca", str(tmp_path / "ca.pem")]) == 0
     finally:
         server.stop(grace=None)
@@ -918,6 +924,12 @@ def test_cli_generate_sends_the_token_the_controller_got(cli, controller, servin
     monkeypatch.setenv("DREAMBOOTH_TOKEN", f"{TOKEN}\n")  # a Secret's trailing newline: dropped for both
     assert cli("generate", "model-3", "a photo of sks dog", "--out", str(tmp_path))[0] == 0
     assert serving_api.authorizations == [f"Bearer {TOKEN}"]
+    # The SDK's own calls too (it is the controller's token): http.client refused the header, printing the token.
+    generate(serving_api.endpoint, "a photo of sks dog", token=f"{TOKEN}\n", seed=1)
+    assert serving_api.authorizations[-1] == f"Bearer {TOKEN}"
+    with pytest.raises(InputError) as refused:
+        generate(serving_api.endpoint, "a photo of sks dog", token="t\u00f6ken")
+    assert refused.value.field == "token" and "t\u00f6ken" not in refused.value.message
 
 
 def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):
@@ -991,7 +1003,10 @@ def broken_http():
                 length = int(value) if name.strip().lower() == "content-length" else length
             self.rfile.read(length)
             server.requests += 1
-            self.wfile.write(server.answers.pop(0) if len(server.answers) > 1 else server.answers[0])
+            answer = server.answers.pop(0) if len(server.answers) > 1 else server.answers[0]
+            if reset := answer.endswith(RESET):  # then a reset (RST: a load balancer's), not a close (FIN)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.wfile.write(answer.removesuffix(RESET) if reset else answer)
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -1001,6 +1016,9 @@ def broken_http():
     yield server
     server.shutdown()
     server.server_close()
+
+
+RESET = b"<reset>"  # an answer of broken_http ending so is cut by a TCP reset
 
 
 def _http_answer(payload: bytes, length: int | None = None) -> bytes:
@@ -1024,6 +1042,12 @@ def test_an_answer_cut_short_is_sent_again_and_one_from_something_else_is_not_th
         generate(broken_http.endpoint, "a photo of sks dog")
     assert broken_http.requests == 2 + serving_client.RETRIES + 1
     assert isinstance(ServingDisconnected("x"), ServingUnreachable)  # what the CLI and wait_until_served know
+    requests = broken_http.requests
+    for reset in (cut + RESET, RESET):  # a reset partway through the answer, or before it: sent again too
+        broken_http.answers = [reset, _http_answer(json.dumps({"images": [{"seed": 0, "png_base64": png}]}).encode())]
+        assert [image.png for image in generate(broken_http.endpoint, "a photo of sks dog")] == [b"a png"]
+    assert broken_http.requests == requests + 4
+    broken_http.requests = 2 + serving_client.RETRIES + 1
 
     broken_http.answers = [b"SSH-2.0-OpenSSH_9.6\r\n"]
     for call in (generate, wait_until_served):  # waiting does not help: not retried

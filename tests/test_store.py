@@ -299,8 +299,8 @@ def test_text_a_database_would_refuse_is_stored_cleaned(store):
 
 
 def test_an_event_the_database_refuses_is_skipped_not_applied_on_every_pass(url, tmp_path):
-    """A value the database refuses in a trainer's event (here a checkpoint step past PostgreSQL's INTEGER) raised
-    DataError from every pass's reading of the job's events: the job stayed TRAINING for good, holding its tenant's
+    """A value the database refuses in a trainer's event (a checkpoint step past PostgreSQL's INTEGER, or SQLite's)
+    raised from every pass's reading of the job's events: the job stayed TRAINING for good, holding its tenant's
     slot, past max_job_run_s. Skipped as an event it cannot apply; the events after it apply."""
     from controller.config import ControllerConfig, Tenant
     from controller.feed import ChangeFeed
@@ -330,6 +330,8 @@ def test_an_event_the_database_refuses_is_skipped_not_applied_on_every_pass(url,
         log = EventLog(events)
         log.emit("progress", step=3, total_steps=10, loss=0.5)
         log.emit("checkpoint", step=2**31, path="/x")  # INTEGER's range ends at 2**31 - 1 on PostgreSQL
+        log.emit("checkpoint", step=2**63, path="/x")  # SQLite's at 2**63 - 1 (OverflowError, not DataError)
+        log.emit("checkpoint", step="2", path="/x")  # SQLite would store the text
         log.emit("state", state="FAILED", reason="TRAINING_FAILED", message="NaN loss\x00")
         ended = reconciler._apply_events(running)
         assert (ended.state, ended.failure_message, ended.events_offset) == (
