@@ -45,7 +45,7 @@
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends, train_step_profile.py each variant's line,
 # and at the deadline's INT the table of the variants that ended).
-# All of it is ~46 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# All of it is ~41 min, more than one call (570 s) or one session's device time (15 min, the machine's start
 # included). Within 15 min, what the throughput target needs next: `ONLY=train-compile DEADLINE_S=540 bash
 # bench/device_run.sh`, then at once (the machine goes back after 30 s idle) `ONLY=memory-compile
 # DEADLINE_S=<status's budget_left_s less ~40 s>`. Give each call timeout_s = DEADLINE_S + 30: the tool cuts a call

@@ -131,8 +131,13 @@ class Generator:
         self.metrics = GeneratorMetrics()
         self._loaded_models = 0  # in memory, until the last request sampling one lets it go
         self._loaded_lock = threading.Lock()  # models die on whichever thread drops them last
+        self._loading = 0  # models loading on a thread of their own (on a GPU), beside the requests sampling
         self.batcher = StepBatcher(
-            self.engine, max_images=self.config.max_batch_size, on_step=self.metrics.step_images.observe
+            self.engine,
+            max_images=self.config.max_batch_size,
+            on_step=self.metrics.step_images.observe,
+            # A request out of memory with these holding some is not too large: it may fit a moment later.
+            device_shared=lambda: self._loading > 0 or self.config.gpus_per_replica < 1,
         )
         # Decorated here rather than on the class so that the LRU size and the batch size are configuration;
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
@@ -233,7 +238,11 @@ class Generator:
         load = functools.partial(self.engine.load, model_id, self.paths[model_id])
         try:
             if self.engine.device.type == "cuda":
-                model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
+                self._loading += 1  # on this event loop's thread alone
+                try:
+                    model = await asyncio.to_thread(load)  # seconds on a GPU node: requests keep sampling meanwhile
+                finally:
+                    self._loading -= 1
             else:
                 # On a CPU loading competes with sampling for the cores anyway, and torch work from a second thread
                 # stops OpenMP from spinning for the whole process (more threads than cores): sampling ran ~1.5x
@@ -388,7 +397,7 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {
         "model": ErrorBody,
         "description": f"The body is over {MAX_BODY_BYTES} bytes, or the request ran out of the device's memory with "
-        "no other request beside it (ask for fewer or smaller images: num_images, width, height).",
+        "nothing else on the device (ask for fewer or smaller images: num_images, width, height).",
     },
     422: {"model": ErrorBody, "description": "Not a GenerateBody: not JSON, or a field of the wrong type or name."},
     429: {

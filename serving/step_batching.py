@@ -12,8 +12,8 @@ turns step by step would make every one of them as slow as all of them together)
 cancelled (in Serve: their HTTP clients went away) leaves at the next step, making room for those waiting. A step
 that runs out of device memory fails the cohort that joined last (OutOfDeviceMemory: the service answers 503, retry
 later) and the others step again without it, rather than all failing with it; a request that runs out of memory
-alone, the one request of its UNet forward or its decode, would every time (TooLargeForDevice: 413, ask for fewer
-or smaller images).
+with nothing else on the device (no other cohort in any lane, nothing its `device_shared` says) would every time
+(TooLargeForDevice: 413, ask for fewer or smaller images).
 """
 
 from __future__ import annotations
@@ -86,10 +86,19 @@ class StepBatcher:
     """Runs `engine`'s denoising steps on its own thread for everything submitted to it; `on_step` is told the
     images of each UNet forward (the replica's metric of how full the batches run)."""
 
-    def __init__(self, engine: SamplingEngine, max_images: int, on_step: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        engine: SamplingEngine,
+        max_images: int,
+        on_step: Callable[[int], None] | None = None,
+        device_shared: Callable[[], bool] = lambda: False,
+    ):
+        """`device_shared`: whether something besides its cohorts may hold the device's memory now (a model loading
+        on another thread, another process on a GPU shared): then no request that ran out of it is too large."""
         self.engine = engine
         self.max_images = max_images
         self.on_step = on_step
+        self.device_shared = device_shared
         self._pending: deque[_Submission] = deque()
         self._running: dict[Lane, list[tuple[Cohort, _Submission]]] = {}
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -193,7 +202,7 @@ class StepBatcher:
         try:
             cohort = self.engine.start(submission.model, submission.requests)
         except torch.OutOfMemoryError:  # encoding its prompts, or its first latents
-            _fail(submission, _out_of_memory(submission, "starting", beside=self._in_flight()))
+            _fail(submission, out_of_device_memory(f"starting {submission.images} images"))  # a few MB: never its size
             return
         except InputError as e:  # steps its model's scheduler refuses: the client's to fix (a 400)
             _fail(submission, e)
@@ -219,7 +228,7 @@ class StepBatcher:
                 # Raised before any cohort's state moved (in the UNet forward): the others can step again.
                 _, submission = running.pop()  # the one that joined last (`running` is the lane's list)
                 logger.warning("out of device memory at %d images: failing the cohort that joined last", images)
-                _fail(submission, _out_of_memory(submission, "sampling", beside=self._in_flight()))
+                _fail(submission, self._out_of_memory(submission, "sampling"))
                 if not running:
                     del self._running[lane]
                 return
@@ -227,7 +236,7 @@ class StepBatcher:
             # have stepped and those after it have not: each goes on from its own state.
             _, submission = running.pop(index)
             logger.warning("out of device memory at %d images, in a scheduler step: failing that cohort", images)
-            _fail(submission, _out_of_memory(submission, "stepping", beside=self._in_flight()))
+            _fail(submission, self._out_of_memory(submission, "stepping"))
         except Exception as e:
             logger.exception("a denoising step failed for model %s", lane[0].model_id)
             for _, submission in running:
@@ -245,15 +254,22 @@ class StepBatcher:
             if cohort.done:
                 self._finish(cohort, submission)
 
-    def _in_flight(self) -> list[tuple[Cohort, _Submission]]:
-        """The cohorts sampling on the device now, in every lane: what holds its memory beside a cohort's work."""
-        return [pair for running in self._running.values() for pair in running]
+    def _out_of_memory(self, submission: _Submission, what: str) -> OutOfDeviceMemory:
+        """The error of a cohort that ran out of device memory `what`-ing: a request with nothing else on the device
+        (no other cohort sampling, in any lane, nor anything device_shared says) would every time; beside others it
+        may fit later, beside fewer."""
+        others = sum(len(other.requests) for running in self._running.values() for _, other in running)
+        width, height = submission.requests[0].width, submission.requests[0].height
+        description = f"{what} {submission.images} images of {width}x{height}"
+        description += f" beside {others} other requests on the device" if others else ""
+        alone = not others and len(submission.requests) == 1 and not self.device_shared()
+        return out_of_device_memory(description, alone=alone)
 
     def _finish(self, cohort: Cohort, submission: _Submission) -> None:
         try:
             decoded = self.engine.decode(cohort)
         except torch.OutOfMemoryError:
-            _fail(submission, _out_of_memory(submission, "decoding", beside=self._in_flight()))
+            _fail(submission, self._out_of_memory(submission, "decoding"))
             return
         except Exception as e:
             logger.exception("decoding failed for model %s", cohort.model.model_id)
@@ -274,17 +290,6 @@ class StepBatcher:
                 _fail(submission, error)
         self._pending.clear()
         self._running.clear()
-
-
-def _out_of_memory(submission: _Submission, what: str, beside: list[tuple[Cohort, _Submission]]) -> OutOfDeviceMemory:
-    """The error of a cohort that ran out of device memory `what`-ing, with the cohorts `beside` it on the device
-    (sharing that work or holding memory of their own): a request alone would every time; beside other requests it
-    may fit later, beside fewer."""
-    others = sum(len(other.requests) for _, other in beside if other is not submission)
-    width, height = submission.requests[0].width, submission.requests[0].height
-    description = f"{what} {submission.images} images of {width}x{height}"
-    description += f" beside {others} other requests on the device" if others else ""
-    return out_of_device_memory(description, alone=not others and len(submission.requests) == 1)
 
 
 def _deliver(decoded: DecodedCohort, submission: _Submission) -> None:

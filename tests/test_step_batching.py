@@ -210,10 +210,17 @@ def test_a_step_out_of_device_memory_fails_the_last_cohort_and_the_others_go_on(
 
 
 def test_a_request_out_of_device_memory_alone_is_told_to_ask_for_less_not_to_retry(engine, models):
-    """A request that runs out of memory with no other request in its UNet forward (or its decode, or its start)
+    """A request that runs out of memory with nothing else on the device (in its UNet forward, or its decode)
     would every time: "retry later" had its clients retry it to the end, and never said what to change."""
-    batcher = StepBatcher(SmallDevice(device="cpu"), max_images=8)
+    shared = threading.Event()  # something else holds device memory (a model loading, another replica's share)
+    batcher = StepBatcher(SmallDevice(device="cpu"), max_images=8, device_shared=shared.is_set)
     try:
+        shared.set()
+        [beside_a_load] = batcher.submit(models["rex"], [request(num_images=4)])
+        with pytest.raises(OutOfDeviceMemory, match="retry later") as error:
+            beside_a_load.result(timeout=60)
+        assert not isinstance(error.value, TooLargeForDevice)  # a moment later, it may fit
+        shared.clear()
         [alone] = batcher.submit(models["rex"], [request(num_images=4)])  # one more than fits, alone
         with pytest.raises(
             TooLargeForDevice, match=r"sampling 4 images of 64x64 .*ask for fewer images \(num_images\)"

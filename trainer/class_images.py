@@ -4,7 +4,7 @@ Image i of a class is always generated from the same seed, so it is the same ima
 it and however many were asked for. They are generated at the base model's native size, where its prior is
 what it learnt (as diffusers' train_dreambooth.py does); training resizes them to its resolution as it does the
 photos. The cache key is everything that decides the pixels (base model, class prompt, sampler settings,
-precision: fp16 on GPUs, fp32 on CPUs and with a job's `precision: fp32`), not the count nor the resolution: a job
+precision: the job's on GPUs, fp32 on CPUs), not the count nor the resolution: a job
 asking for 200 images of a class that already has 100 generates only the missing 100, and a second subject of the
 same class, at any resolution, generates none. Jobs of one class that fill the cache at once share the work: each
 takes the batches in an order of its own and skips the images already there.
@@ -65,12 +65,14 @@ def cache_key(spec: JobSpec) -> str:
 
 
 def generation_dtype(spec: JobSpec):
-    """The dtype the class images are sampled in (a torch.dtype): fp32 on CPUs and with `precision: fp32`; fp16
-    on GPUs otherwise, bf16 jobs' too (they share fp16 jobs' cache). A base model that overflows in fp16 (an SD 2.x
-    fine-tune whose UNet lacks upcast_attention) samples NaN, refused: `precision: fp32` is the way out."""
+    """The dtype the class images are sampled in (a torch.dtype): fp32 on CPUs; on GPUs the job's precision (fp16,
+    bf16 or fp32). A base model that overflows in fp16 (an SD 2.x fine-tune whose UNet lacks upcast_attention)
+    samples NaN, refused: `precision: bf16` (fp32's range) or fp32 is the way out."""
     import torch
 
-    return torch.float16 if spec.use_gpu and spec.precision != "fp32" else torch.float32
+    if not spec.use_gpu:
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.precision]
 
 
 def image_path(directory: Path, index: int) -> Path:
@@ -168,13 +170,14 @@ class ClassImageGenerator:
         else:
             what = "non-finite (NaN or inf)"
         name = str(self.dtype).removeprefix("torch.")
-        if self.dtype == torch.float32:
-            why = "its weights may be damaged, or the model does not sample in fp32 either"
-        else:
+        if self.dtype == torch.float16:
             why = (
-                f"the model likely overflows in {name} (as an SD 2.x fine-tune whose unet/config.json lacks "
-                "upcast_attention: true does); set the job's precision to fp32 to generate the class images in fp32"
+                "the model likely overflows in float16 (as an SD 2.x fine-tune whose unet/config.json lacks "
+                "upcast_attention: true does); set the job's precision to bf16 (or fp32) to generate the class images "
+                "in that precision"
             )
+        else:
+            why = f"its weights may be damaged, or the model does not sample in {name} either"
         raise UnusableClassImage(
             f"class image {index} of {prompt!r}, sampled by base model {self.base_model} in {name}, came out {what}: "
             f"{why}. None of its batch was written into the class-image cache."

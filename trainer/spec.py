@@ -88,7 +88,8 @@ class JobSpec:
     raised the peak from 16.6 to 18.1 GiB. false: compiled kernels launched one by one."""
     precision: Precision = "fp16"
     """fp16 (GPUs, DeepSpeed dynamic loss scaling), bf16, or fp32. DeepSpeed refuses fp16 on CPUs. Class images are
-    sampled in fp16 on GPUs, in fp32 with fp32 (a base model that overflows in fp16 samples NaN: refused)."""
+    sampled in the same precision on GPUs (a base model that overflows in fp16 samples NaN: refused; bf16 has fp32's
+    range)."""
     seed: int = 0
 
     # DeepSpeed ZeRO.

@@ -250,16 +250,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
             if spec.torch_compile and step == start_step:
                 # This run's first step compiled (minutes for SD 1.5, seconds from the storage's cache): say how long.
-                # A compiled graph that inductor could not record as a CUDA graph runs launch by launch, at about
-                # half the speed (TORCH_LOGS=perf_hints says why): counted, or a slow job would look like any other.
-                counters = torch._dynamo.utils.counters
-                events.emit(
-                    "compiled",
-                    step=done,
-                    seconds=time.perf_counter() - loop_start,
-                    graphs=counters["stats"]["unique_graphs"],
-                    cudagraph_skips=counters["inductor"]["cudagraph_skips"] if spec.replays_cuda_graphs else 0,
-                )
+                events.emit("compiled", step=done, seconds=time.perf_counter() - loop_start, **compile_counts(spec))
         if done % spec.checkpoint_interval == 0 or last:
             pending_commit, stall = save_and_report(
                 engine,
@@ -288,6 +279,15 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise  # epsilon: preflight refused the other prediction types
+
+
+def compile_counts(spec: JobSpec) -> dict[str, int]:
+    """What this process's torch.compile has done: the graphs dynamo compiled, and those inductor runs without the
+    CUDA graphs the spec asked for, launch by launch, at about half the speed (TORCH_LOGS=perf_hints says why):
+    counted, or a slow job would look like any other."""
+    counters = torch._dynamo.utils.counters
+    skips = counters["inductor"]["cudagraph_skips"] if spec.replays_cuda_graphs else 0
+    return {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": skips}
 
 
 def trained_model(spec: JobSpec, paths: JobPaths, unet, text_encoder) -> DreamBoothModel:
