@@ -36,6 +36,9 @@
 #                  them, phase by phase (H200, session 21: 73.9 and 146.4 ms a step, peaks 18.08 and
 #                  16.62 GiB; warm-ups 146 and 195 s; TORCH_LOGS perf_hints says why CUDA graphs were
 #                  skipped, if they were: each variant's line counts them)                           ~7 min
+#   profile-groups train_step_profile.py, the trainer's torch_compile against the same with optimizer groups
+#                  of 256M: DeepSpeed's optimizer step (28 of the 74 ms on the H200) group by group, the
+#                  compiled step's next lever, against the larger fp32 copy of one group's gradients  ~7 min
 #   train          train_throughput.py (baseline + the trainer: flat parameters, eager)            ~4 min
 #   memory         train_step_profile.py, UNet + text encoder: the trainer's memory with and
 #                  without gradient checkpointing, and before its optimizer groups                   ~2 min
@@ -45,7 +48,7 @@
 # --compile`. A part starts only if its estimate is left; a part cut anyway keeps its finished rows (serve writes
 # its JSON row by row, the train parts print each side's row as it ends, train_step_profile.py each variant's line,
 # and at the deadline's INT the table of the variants that ended).
-# All of it is ~41 min, more than one call (570 s) or one session's device time (15 min, the machine's start
+# All of it is ~48 min, more than one call (570 s) or one session's device time (15 min, the machine's start
 # included). Within 15 min, what the throughput target needs next: `ONLY=train-compile DEADLINE_S=540 bash
 # bench/device_run.sh`, then at once (the machine goes back after 30 s idle) `ONLY=memory-compile
 # DEADLINE_S=<status's budget_left_s less ~40 s>`. Give each call timeout_s = DEADLINE_S + 30: the tool cuts a call
@@ -128,6 +131,8 @@ part serve 330 python bench/serve_throughput.py --model sd15 --requests-per-clie
   "${vocab[@]}" --out "$OUT/serve_throughput.json"
 part profile-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_step_profile.py --model sd15 \
   --variants "torch.compile,torch.compile without CUDA graphs" "${profile_steps[@]}" "${vocab[@]}"
+part profile-groups 420 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 \
+  --variants "torch.compile,torch.compile with optimizer groups of 256M" "${profile_steps[@]}" "${vocab[@]}"
 part train 240 python bench/train_throughput.py --model sd15 --precision fp16 "${vocab[@]}" \
   --work-dir "$scratch/bench-train-train" --out "$OUT/train_throughput.json"
 part memory 120 python bench/train_step_profile.py --model sd15 --train-text-encoder --steps 5 --warmup 2 \
