@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import http.client
+import http.server
 import os
 import shutil
 import socket
@@ -17,6 +19,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -466,20 +469,27 @@ def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
 
 def test_a_job_whose_last_attempts_logs_cannot_be_had_still_fails(by_hand, monkeypatch):
     """The log tail is for the reader: a head that cannot serve it (the driver's node gone) must not keep the job
-    TRAINING, and its slot held, for ever."""
+    TRAINING, and its slot held, for ever. The controller reaches the session's dashboard through a proxy that
+    answers HTTP 500 for job logs and forwards everything else."""
     reconciler = by_hand
     job = training_under(reconciler, "false")
     _ended(reconciler.ray_jobs, job.ray_submission_id)
     reconciler.store.update_job(job.job_id, attempts=reconciler.config.max_attempts)
+    logs_path = f"/api/jobs/{job.ray_submission_id}/logs"  # what Ray's Jobs SDK asks for a job's logs
 
-    def unavailable(submission_id):
-        raise RayJobsError(f"logs of {submission_id} failed: HTTP 500")
+    def is_logs(path: str) -> bool:
+        return path.startswith("/api/jobs/") and path.endswith("/logs")
 
-    monkeypatch.setattr(reconciler.ray_jobs, "logs", unavailable)
-    reconciler._follow(reconciler.store.get_job(job.job_id))
+    with dashboard_proxy(reconciler.config.ray_dashboard_url, failing=is_logs) as proxy:
+        monkeypatch.setattr(reconciler, "ray_jobs", RayJobs(proxy.url, storage_root=reconciler.ray_jobs.storage_root))
+        reconciler._follow(reconciler.store.get_job(job.job_id))
     final = reconciler.store.get_job(job.job_id)
     assert (final.state, final.failure_reason) == ("FAILED", "RAY_JOB_FAILED")
-    assert "(unavailable: logs of" in final.failure_message
+    assert f"(unavailable: Ray Jobs API at {proxy.url}: logs of {job.ray_submission_id} failed" in final.failure_message
+    assert "status code 500" in final.failure_message
+    assert [(method, status) for method, path, status in proxy.served if is_logs(path)] == [("GET", 500)]
+    assert ("GET", logs_path, 500) in proxy.served
+    assert ("GET", f"/api/jobs/{job.ray_submission_id}", 200) in proxy.served  # its status came from Ray
 
 
 def test_a_cancelled_job_whose_submission_ray_may_still_start_waits_for_it(by_hand):
@@ -693,6 +703,73 @@ def forwarding(port: int, target_url: str, silenced: threading.Event | None = No
         stop.set()
         acceptor.join()
         listener.close()
+
+
+@dataclasses.dataclass
+class DashboardProxy:
+    url: str
+    served: list[tuple[str, str, int]]  # (method, path, status) of each request answered, in order
+
+
+# Headers of one connection, not of the request or response: not forwarded (RFC 9110 7.6.1).
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+@contextlib.contextmanager
+def dashboard_proxy(target_url: str, failing: Callable[[str], bool]):
+    """While the block runs, an HTTP reverse proxy on 127.0.0.1 (a free port) in front of `target_url`: each request
+    (method, path and query, headers, Ray's token among them, and body) is sent on and Ray's answer returned, but
+    one whose path `failing` picks is answered HTTP 500 without reaching it (a head that cannot serve it)."""
+    target = urllib.parse.urlsplit(target_url)
+    served: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def forward(self) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if failing(path):
+                status, headers, content = 500, [("Content-Type", "text/plain")], b"Internal Server Error"
+            else:
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in _HOP_BY_HOP:
+                            upstream.putheader(name, value)
+                    upstream.endheaders(body or None)
+                    answer = upstream.getresponse()
+                    content = answer.read()
+                    status = answer.status
+                    # Content-Length is set below, for the whole body read; Server and Date by send_response.
+                    dropped = _HOP_BY_HOP | {"content-length", "server", "date"}
+                    headers = [(name, value) for name, value in answer.getheaders() if name.lower() not in dropped]
+                finally:
+                    upstream.close()
+            with lock:
+                served.append((self.command, path, status))
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(content)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = forward
+
+        def log_message(self, *args) -> None:  # quiet: the test says what it saw
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    serving.start()
+    try:
+        yield DashboardProxy(f"http://127.0.0.1:{server.server_address[1]}", served)
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()
 
 
 def test_a_watch_whose_connection_went_silent_gives_up_instead_of_hanging(controller, tiny_model, dog_images):
