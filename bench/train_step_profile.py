@@ -217,14 +217,6 @@ UNSKIPPED_IN_A_ROW = 3
 WARMUP_EXTRA_STEPS = 30
 
 
-def compile_counts() -> tuple[int, int]:
-    """The graphs dynamo has compiled in this process, and the compiled graphs inductor has run without the CUDA
-    graphs mode reduce-overhead asked for (TORCH_LOGS=perf_hints says why). A key this torch lacks counts 0."""
-    from torch._dynamo.utils import counters
-
-    return counters.get("stats", {}).get("unique_graphs", 0), counters.get("inductor", {}).get("cudagraph_skips", 0)
-
-
 def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Path, device) -> dict:
     cuda = device.type == "cuda"
     rss = None if cuda else PeakRSS()
@@ -233,7 +225,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     reserved_before = torch.cuda.memory_reserved() if cuda else 0
     if cuda:  # the peaks include the engine's build, where DeepSpeed holds copies while it flattens
         torch.cuda.reset_peak_memory_stats()
-    graphs_before, cudagraph_skips_before = compile_counts()
+    counts_before = train_loop.compile_counts(spec)  # the trainer's compiled event's counts
     t0 = time.perf_counter()
     try:
         engine = build_engine(spec, variant, model_dir, device)
@@ -328,7 +320,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
             profile = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
             if cuda:
                 profile += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
-        graphs, cudagraph_skips = compile_counts()
+        counts = train_loop.compile_counts(spec)
         return {
             "variant": name,
             "init_s": init_s,
@@ -345,8 +337,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
             "phases_skipped": phases_skipped,
             "syncs": syncs,
             # Over the whole variant, its warm-up's compiles and any recompile in the measured steps.
-            "graphs": graphs - graphs_before,
-            "cudagraph_skips": cudagraph_skips - cudagraph_skips_before,
+            **{key: counts[key] - counts_before[key] for key in ("graphs", "cudagraph_skips")},
             "optimizer_groups": len(engine.optimizer.param_groups),
             "profile": profile,
         }
