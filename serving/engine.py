@@ -4,7 +4,8 @@ Ray Serve replicas call it (serving/app.py, through serving/step_batching.py), a
 machines without Serve. Requests that start together form a `Cohort`: one scheduler run over their latents. Every
 denoising step runs a single UNet forward over the unconditional and conditional halves of every request of one or
 more cohorts (of one model and image size; each sample carries its own timestep, so a cohort can join others
-part-way through), and each sample gets its own guidance scale, so requests with different scales share it.
+part-way through), and each sample gets its own guidance scale, so requests with different scales share it. An image
+without guidance (a scale up to 1: distilled models sample so) has no unconditional half: it costs half a guided one.
 Image i of a request is drawn from its own generator seeded `seed + i` (the latents and any scheduler noise), which
 makes a request's images the same whether it ran alone or in a batch, and the same as diffusers'
 StableDiffusionPipeline given the same per-image generators.
@@ -118,8 +119,12 @@ class Cohort:
     model: SubjectModel
     requests: list[GenerationRequest]
     seeds: list[int]  # one per image
-    guidance: torch.Tensor  # (images, 1, 1, 1)
-    text_states: torch.Tensor  # negative prompts' states, then positive ones: (2 * images, tokens, width)
+    guidance: torch.Tensor  # (images, 1, 1, 1), 1 for an image without guidance
+    # The images with guidance (a scale above 1) as a device index, None when that is every image: only they have an
+    # unconditional half. The UNet's rows are theirs, then a conditional one per image (`unet_rows` in all).
+    guided: torch.Tensor | None
+    unet_rows: int
+    text_states: torch.Tensor  # the guided images' negative prompts' states, then every image's prompt's
     latents: torch.Tensor
     scheduler: SchedulerMixin  # this cohort's own: schedulers keep per-run state; its timesteps on the host
     unet_timesteps: torch.Tensor  # the scheduler's timesteps on the device, as the UNet takes them
@@ -349,19 +354,17 @@ class SamplingEngine:
         # One generator per image, used for its initial latents and for any noise the scheduler adds.
         seeds = [request.seed + i for request in requests for i in range(request.num_images)]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        # A scale up to 1 is no guidance, the prompt's prediction alone, as in diffusers' pipelines (below 1 the
-        # formula would lean towards the negative prompt, down to ignoring the prompt at 0).
-        guidance = self._to_device(
-            torch.tensor(
-                [max(request.guidance_scale, 1.0) for request in requests for _ in range(request.num_images)],
-                dtype=self.dtype,
-            ).view(-1, 1, 1, 1)
-        )
+        # A scale up to 1 is no guidance, the prompt's prediction alone (its negative prompt unused), as in diffusers'
+        # pipelines (below 1 the formula would lean towards the negative prompt, down to ignoring the prompt at 0).
+        scales = [request.guidance_scale for request in requests for _ in range(request.num_images)]
+        guided = [image for image, scale in enumerate(scales) if scale > 1]
+        guidance = torch.tensor([max(scale, 1.0) for scale in scales], dtype=self.dtype).view(-1, 1, 1, 1)
 
         # The unconditional half first, as the UNet's rows are laid out; one text-encoder forward for both halves
         # (at a few images it is bound by its launches: the GPU idles while the host issues them).
         negative = [r.negative_prompt for r in requests for _ in range(r.num_images)]
-        text_states = self._encode(model, negative + [r.prompt for r in requests for _ in range(r.num_images)])
+        prompts = [r.prompt for r in requests for _ in range(r.num_images)]
+        text_states = self._encode(model, [negative[image] for image in guided] + prompts)
 
         # The scheduler's timesteps stay on the host: its step indexes its own host tables with them and compares
         # them, which with device timesteps would read each back (PNDM: 3 syncs a step per cohort, DDIM 6, DDPM 11;
@@ -376,7 +379,9 @@ class SamplingEngine:
             model=model,
             requests=list(requests),
             seeds=seeds,
-            guidance=guidance,
+            guidance=self._to_device(guidance),
+            guided=None if len(guided) == len(seeds) else self._to_device(torch.tensor(guided, dtype=torch.long)),
+            unet_rows=len(guided) + len(seeds),
             text_states=text_states,
             latents=self._to_device(latents.to(self.dtype)) * scheduler.init_noise_sigma,
             scheduler=scheduler,
@@ -390,31 +395,37 @@ class SamplingEngine:
         model = cohorts[0].model
         if {(c.model, c.size) for c in cohorts} != {(model, cohorts[0].size)}:
             raise ValueError("cohorts denoised together share one model and one image size")
-        # Rows: per cohort its unconditional half, then its conditional half (what `text_states` holds).
+        # Rows: per cohort its unconditional half (its guided images'), then its conditional half (`text_states`'s).
         ts = [cohort.scheduler.timesteps[cohort.step] for cohort in cohorts]  # on the host, for the schedulers
         inputs, timesteps = [], []
         now = time.monotonic()
         for cohort, t in zip(cohorts, ts, strict=True):
             if cohort.step == 0:
                 cohort.first_step = now
-            inputs.append(cohort.scheduler.scale_model_input(torch.cat([cohort.latents, cohort.latents]), t))
-            timesteps.append(cohort.unet_timesteps[cohort.step].expand(2 * cohort.images))
+            unguided = cohort.latents if cohort.guided is None else cohort.latents.index_select(0, cohort.guided)
+            inputs.append(cohort.scheduler.scale_model_input(torch.cat([unguided, cohort.latents]), t))
+            timesteps.append(cohort.unet_timesteps[cohort.step].expand(cohort.unet_rows))
         model_input, timestep = torch.cat(inputs), torch.cat(timesteps)
         text_states = torch.cat([cohort.text_states for cohort in cohorts])
+        batch_rows = len(model_input)
 
         unet = model.unet
         if model.compiled_unet is not None and cohorts[0].size == model.native_size:
             unet = model.compiled_unet
+            if batch_rows == 1:  # torch.compile specializes a batch of one: a graph of its own, minutes to make
+                model_input, timestep, text_states = (torch.cat([x, x]) for x in (model_input, timestep, text_states))
             for tensor in (model_input, timestep, text_states):  # a symbolic batch size, not one graph per size
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         noise = unet(model_input, timestep, encoder_hidden_states=text_states, return_dict=False)[0]
 
         requests = sum(len(cohort.requests) for cohort in cohorts)
         images = sum(cohort.images for cohort in cohorts)
-        for index, (cohort, t, rows) in enumerate(
-            zip(cohorts, ts, noise.split([2 * c.images for c in cohorts]), strict=True)
+        for index, (cohort, t, cohort_noise) in enumerate(
+            zip(cohorts, ts, noise[:batch_rows].split([c.unet_rows for c in cohorts]), strict=True)
         ):
-            noise_uncond, noise_cond = rows.chunk(2)
+            noise_uncond, noise_cond = cohort_noise.split([cohort.unet_rows - cohort.images, cohort.images])
+            if cohort.guided is not None:  # an image without guidance: its own prediction, which the formula cancels
+                noise_uncond = noise_cond.index_copy(0, cohort.guided, noise_uncond)
             guided = noise_uncond + cohort.guidance * (noise_cond - noise_uncond)
             try:
                 step = cohort.scheduler.step(guided, t, cohort.latents, return_dict=False, **cohort.step_kwargs)

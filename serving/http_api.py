@@ -35,7 +35,9 @@ class GenerateBody(BaseModel):
     num_images: int = Field(1, description="Images to generate; image i uses seed + i.")
     steps: int = Field(25, description="Denoising steps.")
     guidance_scale: float = Field(
-        7.5, description="Classifier-free guidance scale; up to 1: none (the prompt alone), as in diffusers."
+        7.5,
+        description="Classifier-free guidance scale; up to 1: none (the prompt alone, its negative prompt unused, half "
+        "the work), as in diffusers.",
     )
     seed: int | None = Field(None, description="Makes the result reproducible; omitted: chosen and returned.")
     width: int | None = Field(None, description="Pixels, a multiple of 8; default: the model's training resolution.")

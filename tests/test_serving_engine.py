@@ -70,6 +70,28 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_batch(engine, rex
     assert np.abs(pixels(solo.images[0]) - pixels(solo.images[1])).mean() > 0.01
 
 
+def test_images_without_guidance_run_no_unconditional_half(engine, rex, monkeypatch):
+    """A scale up to 1 (distilled models sample so) is the prompt's prediction alone, its negative prompt unused: its
+    image costs one UNet row a step, not two, alone or beside guided images, and stays the image it was alone."""
+    rows, forward = [], rex.unet.forward
+    monkeypatch.setattr(rex.unet, "forward", lambda x, *args, **kw: rows.append(len(x)) or forward(x, *args, **kw))
+    unguided = request(seed=5, num_images=2, guidance_scale=1.0, negative_prompt="blurry")
+    [alone] = engine.generate(rex, [unguided])
+    assert rows == [2] * STEPS
+    [no_negative] = engine.generate(rex, [request(seed=5, num_images=2, guidance_scale=0.5)])
+    for a, b in zip(alone.images, no_negative.images, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    guided = request(prompt="sks dog in snow", seed=1, guidance_scale=6.0)
+    [guided_alone] = engine.generate(rex, [guided])
+    rows.clear()
+    batched = engine.generate(rex, [unguided, guided, request(seed=9, guidance_scale=0.0)])
+    assert rows == [2 + 2 + 1] * STEPS  # the guided image's two halves, a row for each image without guidance
+    for solo, together in ((alone, batched[0]), (guided_alone, batched[1])):
+        for a, b in zip(solo.images, together.images, strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1 / 255 + 1e-6
+
+
 def test_steps_the_models_scheduler_cannot_take_are_the_requests_fault(engine, rex):
     """SD 1.5's schedule (steps_offset 1, as the tiny model's) at 1000 steps starts at timestep 1000 of 0..999: an
     IndexError at the first step, which failed every request sharing its forward with a 500."""
@@ -332,6 +354,10 @@ def test_a_compiled_unet_samples_the_native_size_as_the_eager_one(engine, rex, s
             assert got.compiled_unet and not expected.compiled_unet
             for a, b in zip(expected.images, got.images, strict=True):
                 assert np.abs(pixels(a) - pixels(b)).max() <= 2 / 255 + 1e-6
+    # An image without guidance alone is a batch of one row, which torch.compile would specialize: no graph either.
+    [unguided] = compiled.generate(model, [request(seed=4, guidance_scale=1.0)])
+    [expected] = engine.generate(rex, [request(seed=4, guidance_scale=1.0)])
+    assert unguided.compiled_unet and np.abs(pixels(unguided.images[0]) - pixels(expected.images[0])).max() <= 2 / 255
     [eager] = compiled.generate(model, [request(width=SIZE + 8)])  # not the native size: eager
     assert not eager.compiled_unet
     # Step-level batching runs forwards of any size up to the batch limit, cohorts at different timesteps.
