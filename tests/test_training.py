@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from dreambooth.errors import PlacementTimeout
 from dreambooth.model_files import content_identity, fingerprint, sampling_scheduler
 from dreambooth.sd_model import load_base_model, load_pipeline
+from serving.engine import GenerationRequest, SamplingEngine
 from trainer.checkpoint import RAY_RUN_STATE
 from trainer.class_images import (
     ClassImageGenerator,
@@ -46,6 +47,7 @@ from trainer.run import run_training
 from trainer.spec import JobSpec
 from trainer.storage import job_paths, mark_shared
 from trainer.train_loop import compile_counts, compile_options, trained_model, training_target
+from trainer.validation import GRID_METADATA_KEY
 
 
 def make_spec(tiny_model: Path, images: Path, **overrides) -> JobSpec:
@@ -487,6 +489,28 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         for job in ("straight", "crash")
     ]
     assert grids[0].shape == (64, 192, 3) and np.abs(grids[0].astype(int) - grids[1]).max() <= 1
+    # The final grid names its cells' seeds: served, the exported model draws each cell again.
+    settings = json.loads(Image.open(job_paths(storage, "straight").validation_grid(6)).text[GRID_METADATA_KEY])
+    assert (settings["step"], settings["steps"], settings["width"], settings["height"]) == (6, 2, 64, 64)
+    engine = SamplingEngine(device="cpu")
+    served = engine.generate(
+        engine.load("straight", uninterrupted.model_dir),
+        [
+            GenerationRequest(
+                cell["prompt"],
+                steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                seed=cell["seed"],
+                width=settings["width"],
+                height=settings["height"],
+            )
+            for cell in settings["cells"][0]
+        ],
+    )
+    assert len({cell["seed"] for cell in settings["cells"][0]}) == 3
+    for column, result in enumerate(served):
+        cell = grids[0][:, column * 64 : (column + 1) * 64].astype(int)
+        assert np.abs(np.asarray(result.images[0]).astype(int) - cell).max() <= 2, column
     # Running the finished job again exports it again, without starting workers (its training had ended), the first
     # export replaced whole, no scratch left beside it.
     straight = job_paths(storage, "straight")

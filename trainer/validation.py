@@ -1,12 +1,16 @@
 """Validation images: the validation prompts sampled with fixed seeds, saved as one PNG grid per step.
 
-The same seeds at every step make grids comparable across steps: what changes is the model, not the noise.
+The same seeds at every step make grids comparable across steps: what changes is the model, not the noise. Each
+cell's noise is drawn on the host from its seed, as serving draws a request's, and the grid's PNG names the seeds
+(`GRID_METADATA_KEY`): the final grid's cells are what the exported model serves for that prompt and seed, at the
+grid's steps, guidance and size (as close as the precisions allow).
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,9 +18,13 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.durable import write_file
 from trainer.data import derive_seed
+
+GRID_METADATA_KEY = "dreambooth"  # a PNG text chunk: JSON of the grid's sampling settings and its cells' seeds
+GUIDANCE_SCALE = 7.5  # serving's default too
 
 
 class Validator:
@@ -68,9 +76,10 @@ class Validator:
                 result = self.pipeline(
                     [self.prompts[p]] * len(indices),
                     num_inference_steps=self.inference_steps,
+                    guidance_scale=GUIDANCE_SCALE,
                     height=self.resolution,
                     width=self.resolution,
-                    generator=[torch.Generator(device).manual_seed(derive_seed(self.seed, p, i)) for i in indices],
+                    generator=[torch.Generator("cpu").manual_seed(self.cell_seed(p, i)) for i in indices],
                 )
                 images.update(zip([(p, i) for i in indices], result.images, strict=True))
         self.pipeline.unet.train(was_training)
@@ -84,9 +93,31 @@ class Validator:
             rows = [[images[(p, i)] for i in range(self.images_per_prompt)] for p in range(len(self.prompts))]
             path.parent.mkdir(parents=True, exist_ok=True)
             png = io.BytesIO()
-            image_grid(rows).save(png, format="PNG")
+            image_grid(rows).save(png, format="PNG", pnginfo=self.grid_metadata(step))
             write_file(path, png.getvalue())
         return path
+
+    def cell_seed(self, prompt: int, image: int) -> int:
+        return derive_seed(self.seed, prompt, image)
+
+    def grid_metadata(self, step: int) -> PngInfo:
+        """The grid's sampling settings and, row by row, each cell's prompt and seed: a serving request with them
+        draws the cell again."""
+        cells = [
+            [{"prompt": prompt, "seed": self.cell_seed(p, i)} for i in range(self.images_per_prompt)]
+            for p, prompt in enumerate(self.prompts)
+        ]
+        settings = {
+            "step": step,
+            "steps": self.inference_steps,
+            "guidance_scale": GUIDANCE_SCALE,
+            "width": self.resolution,
+            "height": self.resolution,
+            "cells": cells,
+        }
+        info = PngInfo()
+        info.add_text(GRID_METADATA_KEY, json.dumps(settings))
+        return info
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
