@@ -562,7 +562,13 @@ class JobService:
         model = self.store.get_model(model_id, tenant=tenant)
         if model is None:
             raise NotFound(f"model {model_id!r} not found")
-        return model
+        return self._with_endpoint(model)
+
+    def _with_endpoint(self, model: ModelRecord) -> ModelRecord:
+        """The model with its endpoint as the serving config says now, where it is deployed: one stored at the deploy
+        would send clients to where it was served then (a Serve port since moved, a public_url since made https)."""
+        served = model.deployed and self.config.serving is not None
+        return dataclasses.replace(model, endpoint=self.config.serving.endpoint(model.model_id) if served else "")
 
     def deploy_model(self, tenant: str, model_id: str) -> ModelRecord:
         """Marks the model served (durably) and has ServingSync apply that to Ray Serve, which serves it moments
@@ -570,19 +576,19 @@ class JobService:
         with self._model_changes:
             self.get_model(tenant, model_id)
             serving = self._serving()
-            model = self.store.update_model(model_id, deployed=True, endpoint=self.config.serving.endpoint(model_id))
+            model = self.store.update_model(model_id, deployed=True)
         serving.request_apply()
-        return model
+        return self._with_endpoint(model)
 
     def undeploy_model(self, tenant: str, model_id: str) -> ModelRecord:
         """Marks the model not served (durably) and has ServingSync apply that, where serving is configured; without
         it (the `serving:` section removed since the deploy) only the mark goes, which DeleteModel would refuse."""
         with self._model_changes:
             self.get_model(tenant, model_id)
-            model = self.store.update_model(model_id, deployed=False, endpoint="")
+            model = self.store.update_model(model_id, deployed=False)
         if self.serving is not None:
             self.serving.request_apply()
-        return model
+        return self._with_endpoint(model)
 
     def delete_model(self, tenant: str, model_id: str) -> None:
         """Removes the model's files, then its record (as DeleteJob does: a failure leaves it listed, and the call
@@ -621,9 +627,10 @@ class JobService:
     def list_models(self, tenant: str, page_size: int, page_token: str):
         page_size = _page_size(page_size)
         try:
-            return self.store.list_models(tenant, page_size, page_token)
+            models, token = self.store.list_models(tenant, page_size, page_token)
         except ValueError as e:
             raise InputError("page_token", "not a token from a previous ListModels response") from e
+        return [self._with_endpoint(model) for model in models], token
 
 
 def _recording_sizes(chunks: Iterable[bytes], sizes: list[int]) -> Iterator[bytes]:

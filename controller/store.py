@@ -328,6 +328,8 @@ class ModelRecord:
     path: str
     metadata: dict[str, Any] = field(default_factory=dict)
     deployed: bool = False
+    # Where it is served: the controller fills it in from its serving config when it answers (older versions stored
+    # it at the deploy; the column stays for their databases, unread).
     endpoint: str = ""
     create_time: float = field(default_factory=time.time)
 

@@ -1016,6 +1016,25 @@ def test_a_model_is_deleted_with_its_files_once_undeployed(controller, tmp_path)
         assert error.value.code == "NOT_FOUND"
 
 
+def test_a_deployed_models_endpoint_is_where_serving_is_configured_now(controller, monkeypatch):
+    """A model deployed before the serving address moved (Serve's port taken at the deploy and free again after a
+    restart, a public_url made https) is reached where it is served now: the endpoint stored at its deploy kept
+    sending clients to the old address until a second Deploy."""
+    finished_model(controller, "model-1", "job-1")
+    finished_model(controller, "model-2", "job-2")
+    old = "http://127.0.0.1:8123/v1/models/model-1/generate"
+    controller.service.store.update_model("model-1", deployed=True, endpoint=old)
+    with DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=10) as alice:
+        assert alice.model("model-1").endpoint == ""  # serving is not configured here: served nowhere
+        # The controller restarted with serving at its new address.
+        moved = ServeConfig(public_url="https://serve.example.com")
+        monkeypatch.setattr(controller.service, "config", dataclasses.replace(controller.service.config, serving=moved))
+        now = "https://serve.example.com/v1/models/model-1/generate"
+        assert alice.model("model-1").endpoint == now
+        assert {m.model_id: m.endpoint for m in alice.models()} == {"model-1": now, "model-2": ""}
+        assert alice.undeploy("model-1").endpoint == ""
+
+
 def test_a_deploy_during_a_model_deletion_waits_for_it_and_finds_no_model(controller, monkeypatch):
     """Had DeployModel marked the model deployed while DeleteModel removed its files, serving would be told to
     serve files that are gone. It waits for the deletion instead, and then there is no model to deploy."""
