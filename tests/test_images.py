@@ -110,6 +110,19 @@ def test_a_folder_of_photos_saved_under_every_usual_name_loses_none(tmp_path):
     assert [p.name for p in check_instance_images([tmp_path], 64)] == list(formats)
 
 
+def test_iphone_heic_photos_in_a_folder_are_refused_by_name_not_left_out(tmp_path):
+    """An iPhone's own format, which Pillow cannot read here: a folder of HEIC photos and one JPEG trained on the
+    JPEG alone, without a word."""
+    photo(tmp_path / "IMG_0005.JPG")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heif"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    with pytest.raises(InputError) as error:
+        check_instance_images([tmp_path], 64)
+    assert "2 of 3 images" in error.value.message
+    assert "IMG_0001.HEIC: HEIC cannot be read here: convert it to JPEG or PNG" in error.value.message
+    assert "IMG_0002.heif: HEIF cannot be read here" in error.value.message
+
+
 def test_a_fifo_named_as_a_photo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "trap.jpg"
     os.mkfifo(fifo)  # opening it would wait for a writer, for ever

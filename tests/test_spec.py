@@ -130,7 +130,7 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
         ({"instance_prompt": "a photo of a dog"}, "instance_prompt", "must contain the identifier 'sks'"),
         ({"instance_prompt": "a photo of sksdog"}, "instance_prompt", "as a word"),
         ({"identifier": "two words"}, "identifier", "one alphanumeric word"),
-        ({"class_prompt": ""}, "class_prompt", "required when num_class_images > 0"),
+        ({"class_prompt": ""}, "class_prompt", "required for prior preservation"),
         ({"class_prompt": "a photo of sks dog"}, "class_prompt", "without the identifier"),
         ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
         ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files

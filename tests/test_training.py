@@ -434,6 +434,11 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
         validation_images_per_prompt=3,
         validation_inference_steps=2,
     )
+    # What else the class's cache folder holds is no class image (a macOS "._000001.png" listed first failed every job
+    # of the class): the workers take the images the driver checked, by name.
+    stray = job_paths(storage, "straight").class_image_cache / cache_key(spec) / "._000001.png"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
     uninterrupted = run_training(spec, job_paths(storage, "straight"))
     # What a rerun checks the base model's path against (trainer.run.check_rerun).
     assert json.loads(job_paths(storage, "straight").base_model_file.read_text()) == content_identity(tiny_model)

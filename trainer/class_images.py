@@ -79,6 +79,12 @@ def image_path(directory: Path, index: int) -> Path:
     return directory / f"{index:06d}.png"
 
 
+def class_image_files(directory: Path, count: int) -> list[Path]:
+    """The class's first `count` images, by name: what ensure_class_images checked. (A listing of the folder also
+    took what else it held, a macOS "._000001.png" sorted first, failing every job of the class on every retry.)"""
+    return [image_path(directory, index) for index in range(count)]
+
+
 def missing_indices(directory: Path, count: int) -> list[int]:
     """The images still to generate: those not there, and those whose PNG chunks do not read whole (checksums;
     nothing is decoded)."""

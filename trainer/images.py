@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 FIELD = "instance_images"
 # What a folder of photos is expanded to (the rest of it skipped: a README, a .DS_Store): every name phones, cameras
 # and browsers give photos (Chrome saves some JPEGs as .jfif); a photo missing here was silently left out of the job.
+# HEIC/HEIF (iPhones' own) are listed to be refused by name: Pillow cannot read them without a plugin.
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 )
+_UNREADABLE_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF"}
 # Far above any real photo (a 50 MP camera is ~52M pixels) and far below what would exhaust a driver's memory.
 MAX_IMAGE_PIXELS: int = 64 * 1024 * 1024
 # A 10000x50 strip is no photo of a subject; centre-cropping it would leave a sliver of it.
@@ -110,6 +112,8 @@ def _problem(path: Path, resolution: int) -> str | None:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         return f"a decompression bomb ({exc})"
     except UnidentifiedImageError:
+        if kind := _UNREADABLE_SUFFIXES.get(path.suffix.lower()):
+            return f"{kind} cannot be read here: convert it to JPEG or PNG"
         return "not an image (Pillow cannot identify it)"
     except OSError as exc:
         if is_system_error(exc):

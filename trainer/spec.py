@@ -227,7 +227,12 @@ class JobSpec:
             f"must be in [0, {MAX_CLASS_IMAGES}] (0 turns prior preservation off; 100-300 usually suffice)",
         )
         if self.with_prior_preservation:
-            require(bool(self.class_prompt.strip()), "class_prompt", "required when num_class_images > 0")
+            require(
+                bool(self.class_prompt.strip()),
+                "class_prompt",
+                f"required for prior preservation (num_class_images is {self.num_class_images}): the subject's class, "
+                "e.g. 'a photo of dog'; num_class_images: 0 turns it off",
+            )
             require(
                 not self._names_identifier(self.class_prompt),
                 "class_prompt",

@@ -23,6 +23,7 @@ import torch
 from dreambooth.sd_model import load_base_model, load_pipeline
 from trainer.async_checkpoint import AsyncCheckpointEngine
 from trainer.checkpoint import restore_latest, save_and_report
+from trainer.class_images import class_image_files
 from trainer.data import EncodedImages, derive_seed, encode_images_shared, sample_indices
 from trainer.deepspeed_setup import compute_dtype, initialize
 from trainer.events import EventLog
@@ -113,7 +114,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     )
     class_images: EncodedImages | None = None
     if spec.with_prior_preservation:
-        class_files = sorted(Path(config.class_images_dir).glob("*.png"))[: spec.num_class_images]
+        class_files = class_image_files(Path(config.class_images_dir), spec.num_class_images)
         class_images = encode_images_shared(frozen.vae, class_files, spec.resolution, device, rank, world_size)
     prompt_ids = frozen.tokenizer(
         [spec.instance_prompt, spec.class_prompt or spec.instance_prompt],
