@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import ray
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -131,6 +132,7 @@ class Generator:
         self.metrics = GeneratorMetrics()
         self._loaded_models = 0  # in memory, until the last request sampling one lets it go
         self._loaded_lock = threading.Lock()  # models die on whichever thread drops them last
+        threading.Thread(target=self._report_loaded_models, name="loaded-models-metric", daemon=True).start()
         self._loading = 0  # models loading on a thread of their own (on a GPU), beside the requests sampling
         self.batcher = StepBatcher(
             self.engine,
@@ -265,6 +267,16 @@ class Generator:
         with self._loaded_lock:
             self._loaded_models += change
             self.metrics.loaded_models.set(self._loaded_models)
+
+    def _report_loaded_models(self) -> None:
+        """Sets the loaded-models gauge once every metrics report interval: Ray's metrics agent forgets a gauge's value
+        two intervals (20 s by default) after it was last set, and a replica's models change only when one loads or
+        goes (set then alone, the panel had no data between loads, most of the time)."""
+        report_interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000  # as Ray's own floor
+        while True:
+            time.sleep(report_interval_s)
+            with self._loaded_lock:
+                self.metrics.loaded_models.set(self._loaded_models)
 
     def _submit_batch(self, items: list[_Pending]) -> None:
         """One @serve.batch call: a cohort per (model, shape) group, submitted to the step batcher."""
