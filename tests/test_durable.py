@@ -205,6 +205,22 @@ def test_checkpoints_no_run_resumes_from_are_removed(tmp_path):
     assert remove_unused_checkpoints(run_dir, events.path) == [8]
 
 
+def test_a_record_behind_the_jobs_events_names_no_checkpoint_a_run_would_resume_from(tmp_path):
+    """A storage restored in part: Ray's record names steps 100 and 200, the events 300 and 400. The run sets the
+    record aside and resumes from 400, so that is what the job has: a rerun's max_steps of 300 was let through (the
+    check read the record) and the export said 400 steps of a job of 300."""
+    run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
+    for step in (100, 200, 300, 400):
+        committed(run_dir, events, step)
+    record_naming(run_dir, 100, 200)
+    assert committed_steps(run_dir, events.path) == [100, 200, 300, 400]
+    set_aside_unusable_run_state(run_dir, events.path)
+    assert committed_steps(run_dir, events.path) == [100, 200, 300, 400]
+    record_naming(run_dir, 300, 400)  # usable: it names what the events do
+    (run_dir / "checkpoint_step_0000500" / "zero").mkdir(parents=True)  # a save Ray did not commit
+    assert committed_steps(run_dir, events.path) == [300, 400]
+
+
 def test_a_jobs_wall_time_is_its_runs_not_the_gaps_between_them():
     def state(time: float, state: str, **fields) -> dict:
         return {"type": "state", "time": time, "state": state, **fields}

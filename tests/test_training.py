@@ -38,6 +38,7 @@ from trainer.class_images import (
     missing_indices,
 )
 from trainer.data import encode_images
+from trainer.deepspeed_setup import lr_scheduler
 from trainer.events import read_events
 from trainer.export import consolidated_state_dict
 from trainer.flat_parameters import FLAT, unflatten_state_dict
@@ -484,7 +485,18 @@ def test_resume_after_failure_equals_uninterrupted_run(ray_cluster, tiny_model, 
     assert uninterrupted.steps == 6
     progress = [e for e in read_events(job_paths(storage, "straight").events_file) if e["type"] == "progress"]
     resumed_progress = [e for e in read_events(crashed.events_file) if e["type"] == "progress"]
-    assert resumed_progress[-1]["lr"] == progress[-1]["lr"] < spec.learning_rate / 10  # the cosine's end
+    assert resumed_progress[-1]["lr"] == progress[-1]["lr"]
+    # Each step's learning rate is the one it trained with (read after it, it was the next step's): 0 at the warm-up's
+    # first, and the last step's is not the cosine's end.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=spec.learning_rate)
+    schedule = lr_scheduler(spec, optimizer)
+    trained_with = []
+    for _ in range(spec.max_steps):
+        trained_with.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert trained_with[0] == 0 and trained_with[-1] > spec.learning_rate / 10
+    assert [e["lr"] for e in progress] == pytest.approx([trained_with[e["step"] - 1] for e in progress])
     for event in progress:  # DreamBooth's loss: the instance loss plus the weighted prior-preservation loss
         assert event["prior_loss"] > 0
         assert event["loss"] == pytest.approx(event["instance_loss"] + 0.5 * event["prior_loss"], rel=1e-5)

@@ -154,8 +154,16 @@ def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | Non
     start the run over from an older step. Such a record is renamed aside: the run then resumes from
     `resume_fallback`, as Ray no longer knows any. Returns where it went, or None."""
     record = run_dir / RAY_RUN_STATE
-    if not record.exists():
+    if not record.exists() or _usable_ray_record(run_dir, events_file) is not None:
         return None
+    aside = record.with_name(f"{record.name}.unusable-{uuid.uuid4().hex[:8]}")
+    os.replace(record, aside)
+    return aside
+
+
+def _usable_ray_record(run_dir: Path, events_file: Path) -> list[str] | None:
+    """The checkpoint names of Ray's record of the run where a run would use it (see set_aside_unusable_run_state),
+    else None."""
     names = _ray_recorded(run_dir)
     newest = committed_checkpoint(events_file)
     if (
@@ -163,10 +171,8 @@ def set_aside_unusable_run_state(run_dir: Path, events_file: Path) -> Path | Non
         and all((run_dir / name).is_dir() for name in names)
         and (newest is None or any(name >= newest.name for name in names))  # names sort by step: zero-padded
     ):
-        return None
-    aside = record.with_name(f"{record.name}.unusable-{uuid.uuid4().hex[:8]}")
-    os.replace(record, aside)
-    return aside
+        return names
+    return None
 
 
 def resume_fallback(run_dir: Path, events_file: Path) -> Path | None:
@@ -182,9 +188,9 @@ def resume_fallback(run_dir: Path, events_file: Path) -> Path | None:
 
 def committed_steps(run_dir: Path, events_file: Path) -> list[int]:
     """The steps of the checkpoints a run may resume from, that are there: those Ray's record names (it commits
-    each before the job's events announce it, and forgets those it pruned) or, where it has none it can read, those
-    the job's events name."""
-    names = _ray_recorded(run_dir)
+    each before the job's events announce it, and forgets those it pruned) or, where it has none a run would use
+    (one it cannot read, or behind the events: the run sets it aside), those the job's events name."""
+    names = _usable_ray_record(run_dir, events_file)
     if names is None:
         names = [Path(event["path"]).name for event in read_events(events_file) if event["type"] == "checkpoint"]
     return [step for step in checkpoint_steps(run_dir) if checkpoint_dir_name(step) in set(names)]

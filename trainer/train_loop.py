@@ -209,6 +209,8 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     pending_commit = None  # rank 0's wait for Ray to commit the latest checkpoint
     loop_start = time.perf_counter()
     for step in range(start_step, spec.max_steps):
+        # The step's learning rate: its last micro-step's engine.step() moves the schedule on to the next step's.
+        lr = engine.get_lr()[0]
         micro_losses = []
         for micro in range(accumulation):
             generator = torch.Generator(device).manual_seed(derive_seed(spec.seed, step, micro, rank))
@@ -247,8 +249,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         done = step + 1
         last = done == spec.max_steps
         if reporter is not None:
-            lr, skipped = engine.get_lr()[0], engine.skipped_steps
-            reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=skipped)
+            reporter.step(done, loss, instance_loss, prior_loss, lr, force=last, skipped_steps=engine.skipped_steps)
             if spec.torch_compile and step == start_step:
                 # This run's first step compiled (minutes for SD 1.5, seconds from the storage's cache): say how long.
                 events.emit("compiled", step=done, seconds=time.perf_counter() - loop_start, **compile_counts(spec))
