@@ -97,7 +97,9 @@ def _weight_files(folder: Path, stems: tuple[str, ...], variant: str | None) -> 
     for stem in stems:
         for ext in ("safetensors", "bin"):
             found += folder.glob(f"{stem}{infix}.{ext}")  # single file
-            found += folder.glob(f"{stem}-*-of-*{infix}.{ext}")  # shard
+            found += folder.glob(f"{stem}-*-of-*{infix}.{ext}")  # shard (older diffusers put the variant last)
+            if infix:
+                found += folder.glob(f"{stem}{infix}-*-of-*.{ext}")  # a variant's shard as diffusers names it now
             found += folder.glob(f"{stem}.{ext}.index{infix}.json")  # shard index
     return found
 

@@ -218,6 +218,22 @@ def test_weight_files_cut_short_are_refused_from_their_headers(tiny_copy):
     assert "text_encoder/model.safetensors (a Git LFS pointer: run `git lfs pull`" in error.value.message
 
 
+def test_a_variants_shard_cut_short_is_refused_too(tiny_copy):
+    """fp16-only weights in shards, as diffusers names them (`diffusion_pytorch_model.fp16-00002-of-00003...`): a
+    shard left a Git LFS pointer passed the check and failed every worker's load."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_copy / "unet")
+    shutil.rmtree(tiny_copy / "unet")
+    unet.save_pretrained(tiny_copy / "unet", variant="fp16", max_shard_size="2MB")
+    shards = sorted((tiny_copy / "unet").glob("diffusion_pytorch_model.fp16-*-of-*.safetensors"))
+    assert len(shards) > 1
+    check_base_model(tiny_copy)
+    shards[1].write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4922651\n")
+    with pytest.raises(InputError, match=f"unet/{shards[1].name} \\(a Git LFS pointer"):
+        check_base_model(tiny_copy)
+
+
 def test_check_base_model_returns_resolved_path(tiny):
     assert check_base_model(str(tiny)) == tiny.resolve()
 
