@@ -71,8 +71,8 @@ class ControllerConfig:
     max_job_run_s: float | None = 24 * 3600.0
     """A job still running this long after it started is stopped and ends FAILED (RUN_TIME_EXCEEDED): a hung worker
     (a stuck collective, a deadlocked data loader) would otherwise hold its GPUs and its tenant's slot for ever.
-    Counted from when it left the controller's queue, over every attempt, waiting on the cluster for its workers
-    included; an exporting job is let finish. None: no limit."""
+    Counted from when Ray first accepted an attempt of it (not while its submission could not reach Ray), over every
+    attempt, waiting on the cluster for its workers included; an exporting job is let finish. None: no limit."""
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S
     """How long a started job's workers may wait for Ray to place them before it fails (PLACEMENT_TIMEOUT): its
     class-image actors get all of it (placed and the base model loaded); Ray Train gets 3 starts of its workers of a

@@ -12,6 +12,7 @@ whose submission failed (Ray unreachable) is submitted again as the same attempt
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -125,9 +126,11 @@ class Reconciler:
     def reconcile_once(self) -> None:
         """One pass. Its parts fail alone (logged, retried next pass): a job that cannot be followed, or Ray down
         for scheduling, must not hold the other jobs. (Serving catches up on a thread of its own: ServingSync.)"""
+        jobs_api_unreachable = False
         for job in self.store.active_jobs():
-            _logged(f"following job {job.job_id}", self._follow, job)
-        _logged("scheduling", self._schedule)
+            failed = _logged(f"following job {job.job_id}", self._follow, job)
+            jobs_api_unreachable |= isinstance(failed, RayJobsError) and not failed.reached_ray
+        _logged("scheduling", self._schedule, jobs_api_unreachable)
         _logged("job counts", self._count_jobs)
 
     def _count_jobs(self) -> None:
@@ -138,7 +141,9 @@ class Reconciler:
 
     # --- starting ------------------------------------------------------------------------------------
 
-    def _schedule(self) -> None:
+    def _schedule(self, jobs_api_unreachable: bool = False) -> None:
+        """Starts the queued jobs whose turn it is, but none while Ray's Jobs API is down: `jobs_api_unreachable`
+        (a job this pass followed found it so), or once a submission of this pass failed."""
         active, capacity = self.store.active_jobs(), self.capacity()
         if (held := sum(demand(job.spec).cpus for job in active)) >= capacity.cpus:
             # Every job needs CPUs: nothing can start, so don't read the queue (a burst of submissions would make
@@ -151,34 +156,47 @@ class Reconciler:
         for job in active:
             last_started[job.tenant] = max(last_started.get(job.tenant, 0.0), job.start_time or 0.0)
         plan = schedule(queued, active, capacity, limits, last_started)
-        # First the events files of the jobs that start: storage that cannot be written (full, read-only, gone)
-        # leaves a job queued, saying so, its attempt unspent and its run time not started, rather than PREPARING
-        # for as long as the outage lasts.
-        starting, waiting = [], dict(plan.waiting)
+        # Ray's Jobs API down leaves the jobs whose turn it is queued, saying so: else each pass would start one more
+        # into the outage, each holding its tenant's slot and its share of the cluster until Ray is back. The job
+        # whose submission failed waits, PREPARING, to be sent again as the same attempt (_follow); once it is, the
+        # next pass starts the others. A submission that failed otherwise (timed out, refused) stops the pass too:
+        # the next would wait as long, or fail alike.
+        waiting, jobs_api_down = dict(plan.waiting), jobs_api_unreachable
         for job in plan.starting:
+            if jobs_api_down:
+                waiting[job.job_id] = Waiting(
+                    "CLUSTER_UNAVAILABLE",
+                    "its turn came, but Ray's Jobs API cannot be reached or failed a submission: it starts once it "
+                    "takes jobs again",
+                )
+                continue
+            # Its events file first: storage that cannot be written (full, read-only, gone) leaves a job queued,
+            # saying so, its attempt unspent, rather than PREPARING for as long as the outage lasts.
             try:
                 self._touch_events(job)
-                starting.append(job)
             except OSError as e:
                 log.warning("job %s cannot start: its events file cannot be made: %s", job.job_id, e)
                 waiting[job.job_id] = Waiting(
                     "STORAGE_UNAVAILABLE",
                     f"the controller cannot write to its storage ({e.strerror or e}): it starts once it can",
                 )
-        self.service.set_queue(Queue(waiting))
-        metrics.set_queued_jobs(collections.Counter(why.reason for why in waiting.values()))
-        for job in starting:
+                continue
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
-            # submitted again as the next attempt).
-            started = self.store.transition(
-                job.job_id, {"QUEUED"}, "PREPARING", start_time=time.time(), **_next_attempt(job)
-            )
-            if started is not None:
-                self._last_started[job.tenant] = started.start_time
-                metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
-                self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
+            # submitted again as the next attempt). Its run time starts once Ray has it (_run_clock_started).
+            started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", **_next_attempt(job))
+            if started is None:  # cancelled since the queue was read
+                continue
+            self._last_started[job.tenant] = time.time()
+            metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
+            self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
+            try:
                 self._submit(started)
+            except RayJobsError as e:
+                log.warning("job %s: its submission failed; no other job starts this pass: %s", job.job_id, e)
+                jobs_api_down = True
+        self.service.set_queue(Queue(waiting))
+        metrics.set_queued_jobs(collections.Counter(why.reason for why in waiting.values()))
 
     def _wait_while_full(self, active: list[JobRecord], capacity: Resources, held: float) -> None:
         """What queued jobs wait for while no CPU is free, without reading the queue: a job of a tenant at its limit
@@ -232,12 +250,22 @@ class Reconciler:
             self._unsent[job.ray_submission_id] = self._unsent.get(job.ray_submission_id, True) and not e.reached_ray
             raise
         self._unsent.pop(job.ray_submission_id, None)
+        self._run_clock_started(job)
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def _touch_events(self, job: JobRecord) -> None:
-        events = job_paths(self.config.storage, job.job_id).events_file
-        events.parent.mkdir(parents=True, exist_ok=True)
-        events.touch()
+        # Not the job's folder, made at its submission: one that is gone was deleted with its job (cancelled and
+        # deleted since this pass read the queue), and made again it would be left behind for good.
+        job_paths(self.config.storage, job.job_id).events_file.touch()
+
+    def _run_clock_started(self, job: JobRecord) -> JobRecord:
+        """The job as this pass read it, its run time (max_job_run_s) counted from now unless Ray had an attempt of it
+        before: from when Ray first has it, not from when it left the queue, so that a job whose submission could not
+        reach Ray (the Jobs API down over a weekend) is not stopped as over its limit as soon as it is sent."""
+        if job.start_time is not None:
+            return job
+        started = self.store.update_job(job.job_id, start_time=time.time())
+        return dataclasses.replace(job, start_time=started.start_time)
 
     def capacity(self) -> Resources:
         """What training may hold: the alive nodes' totals (asked at most every 10 s), each replaced by its setting
@@ -260,6 +288,8 @@ class Reconciler:
         if job.state in TERMINAL_STATES or not job.ray_submission_id:
             return
         status = self.ray_jobs.status(job.ray_submission_id)
+        if status != RayJobStatus.LOST:  # Ray has it: also where its submitter died before recording its start
+            job = self._run_clock_started(job)
         if status in (RayJobStatus.PENDING, RayJobStatus.RUNNING):
             if job.state != "CANCELLING" and self._past_run_time(job):
                 job = self._stop_for_run_time(job)
@@ -290,8 +320,11 @@ class Reconciler:
         elif status == RayJobStatus.STOPPED:
             self._finish(job, "FAILED", "STOPPED", "the Ray job was stopped outside the controller")
         elif status == RayJobStatus.LOST and job.ray_submission_id in self._unsent:
-            log.warning("job %s: submitting %s again (its submission failed)", job.job_id, job.ray_submission_id)
-            self._submit(job)
+            # Compare-and-set on the state this pass read, as every step here: a job cancelled since then (its cancel
+            # found no Ray job to stop) must not have the attempt that Ray never received sent now.
+            if (unchanged := self.store.transition(job.job_id, {job.state}, job.state)) is not None:
+                log.warning("job %s: submitting %s again (its submission failed)", job.job_id, job.ray_submission_id)
+                self._submit(unchanged)
         elif status == RayJobStatus.LOST and (quiet_s := self._events_quiet_s(job)) < LOST_QUIET_S:
             log.warning(
                 "job %s: Ray does not know %s, but its events changed %.0f s ago: waiting until they are %d s quiet "
@@ -516,8 +549,11 @@ def _next_attempt(job: JobRecord) -> dict:
     return {"attempts": attempt, "ray_submission_id": submission_id(job.job_id, attempt)}
 
 
-def _logged(what: str, part, *args) -> None:
+def _logged(what: str, part, *args) -> Exception | None:
+    """Runs `part(*args)`; returns what it raised (logged), or None."""
     try:
         part(*args)
-    except Exception:
+    except Exception as e:
         log.exception("reconcile pass: %s failed; retrying next pass", what)
+        return e
+    return None

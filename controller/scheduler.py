@@ -68,6 +68,7 @@ WAITING_REASONS = (
     "BEHIND_OTHER_JOB",
     "BIGGER_THAN_CLUSTER",
     "STORAGE_UNAVAILABLE",  # the reconciler's: the job's files cannot be written (not the scheduler's)
+    "CLUSTER_UNAVAILABLE",  # the reconciler's: Ray's Jobs API cannot be reached, or failed a submission
 )
 
 

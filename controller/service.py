@@ -46,6 +46,7 @@ from controller.errors import (
 from controller.feed import Change, ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobsError
 from controller.scheduler import Queue, Resources, Waiting, demand, shortfalls, training_share
+from controller.serving import RETRY_INTERVAL_S as SERVING_RETRY_INTERVAL_S
 from controller.serving import ServingSync
 from controller.store import (
     RUNNING_STATES,
@@ -523,7 +524,14 @@ class JobService:
         while job.state not in TERMINAL_STATES and is_active():
             seq, changes, missed = self.feed.follow(job_id, seq, timeout_s=1.0)
             if changes:
-                now = self.get(tenant, job_id)
+                try:
+                    now = self.get(tenant, job_id)
+                except NotFound:
+                    # Deleted right after it ended (a script's CancelJob, then DeleteJob): its end is still told,
+                    # with the record as last read. Gone with no end among its changes, it is NOT_FOUND.
+                    if not any(c.kind == "state" and c.data["state"] in TERMINAL_STATES for c in changes):
+                        raise
+                    now = job
             for change in changes:
                 # One reconcile pass can publish several changes, and the record is past all but its last: each
                 # is told with the job's state and progress as of that change (the rest of the record as it is now).
@@ -592,7 +600,8 @@ class JobService:
 
     def delete_model(self, tenant: str, model_id: str) -> None:
         """Removes the model's files, then its record (as DeleteJob does: a failure leaves it listed, and the call
-        can be retried); refused while it is deployed.
+        can be retried); refused while it is deployed, and after its undeploy until serving has applied that (Serve
+        would go on serving it, its files gone, to its tenant's callers: an undeploy waits for no one).
 
         A deploy between the check and the removal would leave a deployed record whose files are gone (serving
         answering 503 for it until it is undeployed). Holding _model_changes from the check to the record's deletion
@@ -606,6 +615,13 @@ class JobService:
                 raise FailedPrecondition(
                     f"model {model_id} is deployed: undeploy it first (`dreambooth undeploy {model_id}`)",
                     "MODEL_DEPLOYED",
+                )
+            if self.serving is not None and self.serving.may_serve(model_id):
+                raise FailedPrecondition(
+                    f"model {model_id} may still be served (serving has not applied its undeploy yet): retry in a "
+                    "moment",
+                    "MODEL_DEPLOYED",
+                    retry_after_s=SERVING_RETRY_INTERVAL_S,
                 )
             paths = job_paths(self.config.storage, model.job_id)
             _remove_files("model", model_id, [paths.model_dir, *paths.model_scratch()])  # and what exports left

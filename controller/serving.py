@@ -38,6 +38,9 @@ class ServingSync:
         self._dirty = True  # a (re)started controller applies once: the Serve app comes up with it
         self._next_check = 0.0
         self._requested = False  # an apply asked for (request_apply)
+        # The model ids of the deployed set last applied (None before this controller's first apply: Serve may then
+        # serve whatever a controller before it applied). Read by other threads (may_serve), replaced whole.
+        self._applied: frozenset[str] | None = None
         self._woken = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,6 +70,13 @@ class ServingSync:
         self._requested = True
         self._woken.set()
 
+    def may_serve(self, model_id: str) -> bool:
+        """Whether Ray Serve may still serve the model: it was in the deployed set last applied, or none has been
+        applied yet. An undeploy is recorded at once and reaches Serve with the next apply: seconds, or as long as
+        Serve's REST API does not answer."""
+        applied = self._applied
+        return applied is None or model_id in applied
+
     def _apply(self) -> None:
         """Applies the store's deployed set now; on failure, tried again after RETRY_INTERVAL_S."""
         try:  # the store's read too: a database that failed it for a moment must not leave the change unapplied
@@ -77,6 +87,7 @@ class ServingSync:
             self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
             log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
             return
+        self._applied = frozenset(models)
         self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 
     def reconcile(self) -> None:

@@ -35,7 +35,7 @@ from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import start
 from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
@@ -161,6 +161,98 @@ def training_under(reconciler, driver: str) -> JobRecord:
     return job
 
 
+ONE_CPU = {"num_workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": 0}
+
+
+def queued(store: Store, storage: Path, tenant: str = "alice", spec: dict | None = None, **fields) -> JobRecord:
+    """A QUEUED job of `tenant`'s (a CPU's, by default), its folder made as its submission makes it."""
+    job = store.insert_job(JobRecord(tenant, spec or ONE_CPU, **fields))
+    job_paths(storage, job.job_id).job_dir.mkdir(parents=True)
+    return job
+
+
+@pytest.fixture
+def ray_down(config):
+    """A reconciler whose passes the test runs itself, on a real store, with `config`: Ray's Jobs API is a closed port
+    (down) until the test forwards that port to the session's Ray (`forwarding`)."""
+    from controller.reconciler import Reconciler
+
+    config.storage.mkdir(parents=True)
+    store = Store(config.effective_database_url)
+    ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(config.storage))
+    service = JobService(config, store, ray_jobs, ChangeFeed())
+    reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
+    yield reconciler
+    reconciler.stop()
+    store.close()
+
+
+def test_while_rays_jobs_api_cannot_be_reached_jobs_stay_queued_and_no_run_time_counts(ray_cluster, ray_down):
+    """The cluster's size configured, a pass asks Ray nothing before it submits: during an outage, pass after pass
+    started one more job into it, each PREPARING, holding its tenant's slot, its max_job_run_s counting; once Ray was
+    back after longer than that, each was sent only to be stopped (RUN_TIME_EXCEEDED). One job's submission fails;
+    the others wait, queued, saying why; its run time counts from when Ray has it."""
+    reconciler, store, service, ray_jobs = ray_down, ray_down.store, ray_down.service, ray_down.ray_jobs
+    first, second, third = (queued(store, reconciler.config.storage) for _ in range(3))  # alice runs 2 at most
+    for _ in range(3):
+        reconciler.reconcile_once()
+    sent = store.get_job(first.job_id)
+    assert (sent.state, sent.attempts, sent.start_time) == ("PREPARING", 1, None)  # nothing ran: no run time
+    assert store.get_job(second.job_id).state == "QUEUED"
+    why = service.waiting_for(store.get_job(second.job_id))
+    assert why.reason == "CLUSTER_UNAVAILABLE" and "Ray's Jobs API cannot be reached" in why.message
+    assert service.waiting_for(store.get_job(third.job_id)).reason == "TENANT_LIMIT"
+
+    back = time.time()
+    with forwarding(urllib.parse.urlsplit(reconciler.config.ray_dashboard_url).port, ray_cluster.dashboard_url):
+        reconciler.reconcile_once()  # the attempt Ray never had goes as itself; then the next job starts
+        submissions = [f"{job.job_id}-a1" for job in (first, second)]
+        try:
+            for job in (first, second):
+                started = store.get_job(job.job_id)
+                assert (started.state, started.attempts) == ("PREPARING", 1)
+                assert started.start_time >= back and not reconciler._past_run_time(started)
+            assert all(ray_jobs.status(submission) != RayJobStatus.LOST for submission in submissions)
+        finally:
+            for submission in submissions:
+                ray_jobs.stop(submission)
+                _ended(ray_jobs, submission)
+
+
+def test_a_cancel_during_a_pass_keeps_it_from_sending_the_attempt_ray_never_had(ray_cluster, ray_down):
+    """A pass reads a job whose submission could not reach Ray; the job is cancelled (Ray has nothing to stop); Ray is
+    back when the pass comes to the job: the attempt is not sent then, to be stopped on the next pass."""
+    reconciler, store, ray_jobs = ray_down, ray_down.store, ray_down.ray_jobs
+    job = queued(store, reconciler.config.storage)
+    reconciler._schedule()  # PREPARING; its submission fails
+    with forwarding(urllib.parse.urlsplit(reconciler.config.ray_dashboard_url).port, ray_cluster.dashboard_url):
+        read_by_the_pass = store.get_job(job.job_id)
+        assert reconciler.service.cancel("alice", job.job_id).state == "CANCELLING"
+        reconciler._follow(read_by_the_pass)
+        assert ray_jobs.status(f"{job.job_id}-a1") == RayJobStatus.LOST
+        reconciler._follow(store.get_job(job.job_id))
+    final = store.get_job(job.job_id)
+    assert (final.state, final.attempts) == ("CANCELLED", 1)
+
+
+def test_a_job_cancelled_and_deleted_after_a_pass_read_the_queue_leaves_no_folder(ray_down, monkeypatch):
+    """The pass goes on to start it: its events file was made, and its folder with it, which nothing removed after."""
+    reconciler, store, service = ray_down, ray_down.store, ray_down.service
+    job = queued(store, reconciler.config.storage)
+    read_queue = store.queued_jobs
+
+    def cancelled_and_deleted_once_read(*args):
+        queue = read_queue(*args)
+        service.cancel("alice", job.job_id)
+        service.delete("alice", job.job_id)
+        return queue
+
+    monkeypatch.setattr(store, "queued_jobs", cancelled_and_deleted_once_read)
+    reconciler._schedule()
+    assert store.get_job(job.job_id) is None
+    assert not job_paths(reconciler.config.storage, job.job_id).job_dir.exists()
+
+
 @pytest.mark.parametrize("driver", ["sleep 600", "false"])  # stopped by the cancel / failed on its own
 def test_a_cancel_between_a_pass_reading_a_job_and_ray_answering_still_ends_cancelled(by_hand, driver):
     """A reconcile pass reads a job, then asks Ray about it; a cancel in between must not turn into FAILED
@@ -190,6 +282,7 @@ def test_a_driver_that_died_is_run_again_until_its_attempts_are_spent(by_hand):
     holds both attempts', before and after the controller keeps it."""
     reconciler = by_hand
     job = training_under(reconciler, "echo attempt 1 died here; false")
+    job_paths(reconciler.config.storage, job.job_id).job_dir.mkdir(parents=True)  # as its submission made it
     for attempt in range(1, reconciler.config.max_attempts + 1):
         assert _ended(reconciler.ray_jobs, f"{job.job_id}-a{attempt}") == RayJobStatus.FAILED
         if attempt < reconciler.config.max_attempts:  # this pass submits the next attempt
@@ -232,6 +325,9 @@ def test_a_job_running_past_max_job_run_s_is_stopped_and_fails(by_hand, trainer_
     A model finished meanwhile wins, as over a late cancel, and the job carries no failure then."""
     reconciler, store = by_hand, by_hand.store
     job = training_under(reconciler, "sleep 600")
+    # Ray has it, and its run time has no start: a controller died between the submission and recording it.
+    reconciler._follow(job)
+    assert time.time() - store.get_job(job.job_id).start_time < 60  # counted from now, not never
     store.update_job(job.job_id, start_time=time.time() - reconciler.config.max_job_run_s + 60)
     reconciler._follow(store.get_job(job.job_id))
     assert store.get_job(job.job_id).state == "TRAINING"  # a minute inside the limit
@@ -326,6 +422,7 @@ def test_a_job_whose_storage_cannot_be_written_is_submitted_again_not_spent(by_h
         reconciler.reconcile_once()
     assert reconciler.store.get_job(job.job_id).attempts == 1
     folder.unlink()  # the storage is back: the same attempt is submitted
+    folder.mkdir()
     reconciler.reconcile_once()
     assert reconciler.ray_jobs.status(submission) != RayJobStatus.LOST
     assert reconciler.store.get_job(job.job_id).attempts == 1
@@ -617,11 +714,10 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
     )
     reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)
     whole_cluster = {"num_workers": 1, "cpus_per_worker": config.capacity_cpus, "gpus_per_worker": 0}
-    alices = [store.insert_job(JobRecord("alice", whole_cluster, priority=1000, create_time=i)) for i in (1, 2)]
-    bobs = store.insert_job(JobRecord("bob", whole_cluster, create_time=3))
+    alices = [queued(store, config.storage, "alice", whole_cluster, priority=1000, create_time=i) for i in (1, 2)]
+    bobs = queued(store, config.storage, "bob", whole_cluster, create_time=3)
     try:
-        with pytest.raises(RayJobsError):  # Ray is down: the started job's submission fails (it is retried later)
-            reconciler._schedule()
+        reconciler._schedule()  # Ray is down: the started job's submission fails (it is retried later)
         assert [store.get_job(j.job_id).state for j in (*alices, bobs)] == ["PREPARING", "QUEUED", "QUEUED"]
         assert [service.waiting_for(store.get_job(j.job_id)).reason for j in (alices[1], bobs)] == [
             "BEHIND_OTHER_JOB",  # bob's turn: alice holds the cluster
@@ -629,7 +725,7 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
         ]
         # Every CPU is held now: the next pass reads no queue. What the last one found holds, but for the job next
         # to start, which waits for CPUs now; so does a job that pass did not see (its tenant is not at its limit).
-        late = store.insert_job(JobRecord("bob", whole_cluster, create_time=4))
+        late = queued(store, config.storage, "bob", whole_cluster, create_time=4)
         reconciler._schedule()
         full = Waiting("WAITING_FOR_RESOURCES", "no CPU free: training may use 8, the running jobs hold 8")
         assert [service.waiting_for(store.get_job(j.job_id)) for j in (alices[1], bobs, late)] == [
@@ -644,10 +740,9 @@ def test_a_tenant_whose_job_just_ended_lets_the_others_go_first(config):
         service.tenants["bob"] = dataclasses.replace(service.tenants["bob"], max_running_jobs=2)
         # The metric while full, from counts: the tenant's jobs at its limit; the others wait for CPUs.
         gauge = metrics.REGISTRY.get_sample_value
-        assert [gauge("dreambooth_queued_jobs", {"reason": r}) for r in WAITING_REASONS] == [2, 1, 0, 0, 0]
+        assert [gauge("dreambooth_queued_jobs", {"reason": r}) for r in WAITING_REASONS] == [2, 1, 0, 0, 0, 0]
         store.transition(alices[0].job_id, {"PREPARING"}, "SUCCEEDED")
-        with pytest.raises(RayJobsError):
-            reconciler._schedule()
+        reconciler._schedule()
         assert [store.get_job(j.job_id).state for j in (alices[1], bobs)] == ["QUEUED", "PREPARING"]
     finally:
         store.close()
@@ -1406,6 +1501,28 @@ def test_a_watch_sees_a_change_published_while_it_told_the_one_before(tmp_path: 
     assert list(watch) == []
 
 
+def test_a_watch_whose_job_is_deleted_right_after_it_ended_still_ends_with_its_end(tmp_path: Path):
+    """A script's CancelJob then DeleteJob, while another client watches: the watch reads the job after the change
+    that ended it, and the job is gone by then. It ends as the job did (OK), not NOT_FOUND; a job gone without an end
+    among its changes is NOT_FOUND."""
+    service, mine = _watched_job(tmp_path, lambda cancel: ChangeFeed())
+    watch = service.watch("alice", mine.job_id)
+    assert next(watch)[0].state == "QUEUED"
+    service.cancel("alice", mine.job_id)
+    service.delete("alice", mine.job_id)
+    job, change = next(watch)
+    assert (job.job_id, job.state, change.kind) == (mine.job_id, "CANCELLED", "state")
+    assert list(watch) == []
+
+    gone = service.store.insert_job(JobRecord("alice", {}))
+    watch = service.watch("alice", gone.job_id)
+    next(watch)
+    service.feed.publish(gone.job_id, "progress", {"step": 1})
+    service.store.delete_job(gone.job_id)
+    with pytest.raises(NotFound):
+        next(watch)
+
+
 def test_a_watch_tells_each_change_as_it_was_when_one_pass_published_several(tmp_path: Path):
     """A reconcile pass applies all the events the trainer wrote since the last (a fast job, a controller catching
     up after a restart), and then publishes them: each message says the job's state and progress as of its change,
@@ -1612,6 +1729,23 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
     assert code == grpc.StatusCode.UNAVAILABLE and "Read-only file system" in status.details
 
 
+class _RecordingServe:
+    """A stand-in for Serve's REST API (serving/deployer.py): records the deployed sets it is given; while `down`, it
+    cannot be reached."""
+
+    def __init__(self):
+        self.applied: list[dict] = []
+        self.down = False
+
+    def apply(self, models: dict, tenants: dict, tokens: dict) -> None:
+        if self.down:
+            raise ConnectionRefusedError("Serve's REST API cannot be reached")
+        self.applied.append(models)
+
+    def status(self) -> str:
+        return "RUNNING"
+
+
 def test_a_deploy_whose_apply_could_not_read_the_database_is_applied_on_the_retry(tmp_path, monkeypatch):
     """The serving thread applies a recorded Deploy; its read of the store failing for a moment (a connection reset,
     SQLite busy) left the change unapplied for good, the model never served. A stand-in for Serve's REST API
@@ -1630,20 +1764,10 @@ def test_a_deploy_whose_apply_could_not_read_the_database_is_applied_on_the_retr
                 raise sa.exc.OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
             return super().deployed_models()
 
-    class RecordingServe:
-        def __init__(self):
-            self.applied: list[dict] = []
-
-        def apply(self, models: dict, tenants: dict, tokens: dict) -> None:
-            self.applied.append(models)
-
-        def status(self) -> str:
-            return "RUNNING"
-
     store = StoreFailingOnce(f"sqlite:///{tmp_path / 'controller.db'}")
     store.insert_model(ModelRecord("model-1", "default", "job-1", "/models/1"))
     store.update_model("model-1", deployed=True, endpoint="http://serve/model-1")
-    serve = RecordingServe()
+    serve = _RecordingServe()
     sync = ServingSync(store, serve, {})
     sync.request_apply()
     sync.reconcile()  # the read fails
@@ -1651,6 +1775,52 @@ def test_a_deploy_whose_apply_could_not_read_the_database_is_applied_on_the_retr
     sync.reconcile()  # retried, not forgotten
     assert serve.applied == [{"model-1": "/models/1"}]
     store.close()
+
+
+def test_an_undeployed_model_is_deleted_only_once_serving_has_stopped_serving_it(tmp_path, monkeypatch):
+    """UndeployModel is recorded at once and reaches Serve with the serving thread's next apply: moments later, or once
+    Serve's REST API answers again. A DeleteModel in between removed the model's files and record while Serve went on
+    serving it (a person's likeness, to its tenant's token). Refused until then, with a retry hint."""
+    from controller import serving as serving_module
+    from controller.serving import ServingSync
+
+    monkeypatch.setattr(serving_module, "RETRY_INTERVAL_S", 0.0)
+    config = ControllerConfig(storage=tmp_path, serving=ServeConfig())
+    store = Store(config.effective_database_url)
+    serve = _RecordingServe()
+    sync = ServingSync(store, serve, {})  # its thread's passes run by hand
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed(), sync
+    )
+    model_dirs = {}
+    for model_id, job_id in (("model-1", "job-1"), ("model-2", "job-2")):
+        model_dirs[model_id] = job_paths(tmp_path, job_id).model_dir
+        model_dirs[model_id].mkdir(parents=True)
+        store.insert_model(ModelRecord(model_id, "default", job_id, str(model_dirs[model_id])))
+    try:
+        service.deploy_model("default", "model-1")
+        # Before this controller's first apply, Serve serves what an earlier one applied: any model, as far as it knows.
+        with pytest.raises(FailedPrecondition, match="retry in a moment"):
+            service.delete_model("default", "model-2")
+        sync.reconcile()
+        assert serve.applied == [{"model-1": str(model_dirs["model-1"])}]
+        service.delete_model("default", "model-2")  # never served
+        assert not model_dirs["model-2"].exists()
+
+        serve.down = True
+        assert not service.undeploy_model("default", "model-1").deployed
+        sync.reconcile()  # the apply fails: Serve still serves the model
+        with pytest.raises(FailedPrecondition, match="retry in a moment") as refused:
+            service.delete_model("default", "model-1")
+        assert refused.value.reason == "MODEL_DEPLOYED" and refused.value.retry_after_s > 0
+        assert model_dirs["model-1"].exists() and store.get_model("model-1") is not None
+        serve.down = False
+        sync.reconcile()
+        assert serve.applied[-1] == {}
+        service.delete_model("default", "model-1")
+        assert not model_dirs["model-1"].exists() and store.get_model("model-1") is None
+    finally:
+        store.close()
 
 
 def test_a_ray_dashboard_that_does_not_answer_holds_no_reconcile_pass_deploy_nor_cancel(tmp_path):

@@ -222,7 +222,7 @@ def training() -> builders.Dashboard:
                 "(the tenants' max_running_jobs), WAITING_FOR_RESOURCES (the cluster is full; while no CPU is free, "
                 "every job not held by its tenant's limit), BEHIND_OTHER_JOB, BIGGER_THAN_CLUSTER (more than "
                 "training may hold now: the cluster must grow, or training is paused), STORAGE_UNAVAILABLE (the "
-                "controller cannot write its storage).",
+                "controller cannot write its storage), CLUSTER_UNAVAILABLE (Ray's Jobs API cannot be reached).",
             )
         )
         .with_panel(

@@ -88,16 +88,18 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UndeployModel(self, request, context):
-        """Stops serving the model. On a controller without serving (its section removed since the deploy) it only clears
-        the model's deployed mark, so that DeleteModel can remove it.
+        """Stops serving the model: recorded at once, applied to serving moments later (longer while serving cannot be
+        reached). On a controller without serving (its section removed since the deploy) it only clears the model's
+        deployed mark, so that DeleteModel can remove it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes the model's record and files (its job's record stays). FAILED_PRECONDITION while it is deployed:
-        UndeployModel first. INTERNAL when its files cannot be removed: the model is kept, and a retry can finish.
+        """Deletes the model's record and files (its job's record stays). FAILED_PRECONDITION (MODEL_DEPLOYED) while it is
+        deployed: UndeployModel first; and, with RetryInfo, after UndeployModel until serving has stopped serving it:
+        retry in a moment. INTERNAL when its files cannot be removed: the model is kept, and a retry can finish.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
