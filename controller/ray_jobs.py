@@ -122,9 +122,11 @@ class RayJobs:
         already has returns its id and starts nothing: a controller that crashed between submitting and
         recording the submission can simply retry. A bad job id raises InputError before anything is sent."""
         submission = submission_id(check_job_id(job_id), attempt)
-        command = [sys.executable, "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
+        command = [sys.executable, "-P", "-m", "trainer.run", "--storage", self.storage_root, "--job-id", job_id]
         # No working_dir (it would upload the project on every submit): the nodes have the project at the same
         # path, and PYTHONPATH makes it importable for the driver and the workers it starts (they inherit it).
+        # -P: not the driver's working directory (where Ray was started) first on sys.path, whose own `trainer/`
+        # package would replace the project's.
         env_vars = {
             **WORKER_ENV,
             "PYTHONPATH": str(PROJECT_ROOT),

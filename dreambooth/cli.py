@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Stable Diffusion model (for tests and demos)")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=int, help=f"the weights' seed (default: {TINY_MODEL_SEED})")
 
     train = commands.add_parser("train", help="run a training job on Ray and wait for its model")
     train.add_argument("spec", type=Path, help="job spec, YAML or JSON")
@@ -208,6 +208,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the size it was trained at)")
 
 
+TINY_MODEL_SEED = 0  # build_tiny_model's
 WATCH_LOST = 3  # watch's exit status when it stopped following: the job's end is unknown
 
 # gRPC codes that mean "your request is wrong" (like a bad spec locally) rather than "something failed".
@@ -258,7 +259,7 @@ _NOT_PLAINTEXT_GRPC = ("Socket closed", "Connection reset", "Failed parsing HTTP
 def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
     """What to print for a failed call: where the controller could not be reached, how to fix that."""
     target = client.target
-    connecting = e.code == "UNAVAILABLE" and "failed to connect" in e.message
+    connecting = e.failed_to_connect
     if connecting and client.tls_ca is None and any(m in e.message for m in _NOT_PLAINTEXT_GRPC):
         return (
             f"error: something at {target} took the connection and closed it: a controller serving TLS (give the CA "
@@ -280,7 +281,8 @@ def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
 
 
 # A submission that ends with these may have been queued all the same: the connection dropped after the controller
-# recorded it (then restarted within gRPC's retries), or its answer came after the deadline.
+# recorded it (then restarted within the SDK's retries), or its answer came after the deadline. Not one that never
+# reached a controller (ClientError.never_sent).
 _MAYBE_QUEUED = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED"})
 
 
@@ -291,7 +293,7 @@ def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
     try:
         job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=request_id)
     except ClientError as e:
-        if e.code not in _MAYBE_QUEUED:
+        if e.code not in _MAYBE_QUEUED or e.never_sent:
             raise
         print(_client_error_line(client, e), file=sys.stderr)
         print(
@@ -370,12 +372,20 @@ def _print_json_lines(messages) -> int:
 
 
 def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
-    from dreambooth.serving_client import wait_until_served
+    from dreambooth.serving_client import ServingHostUnknown, wait_until_served
 
     model = client.deploy(args.model_id)
     if not args.no_wait:
         print(f"waiting for the serving API to list {model.model_id} at {model.endpoint} ...", file=sys.stderr)
-        wait_until_served(model.endpoint, token=client.token, tls_ca=client.tls_ca)
+        try:
+            wait_until_served(model.endpoint, token=client.token, tls_ca=client.tls_ca)
+        except ServingHostUnknown as e:  # the deploy stands: what fails is this machine's view of its address
+            print(
+                f"error: {model.model_id} is deployed, but {e}: does the controller's serving.public_url name an "
+                "address for inside the cluster? (--no-wait skips this check)",
+                file=sys.stderr,
+            )
+            return 1
     print(model.endpoint)
     return 0
 
@@ -561,9 +571,19 @@ def _duration(seconds: float) -> str:
 
 
 def _tiny_model(args) -> int:
-    from dreambooth.tiny_model import build_tiny_model
+    from dreambooth.tiny_model import build_tiny_model, holds_model, recorded_seed
 
-    print(build_tiny_model(args.out_dir, seed=args.seed))
+    out, seed = args.out_dir, TINY_MODEL_SEED if args.seed is None else args.seed
+    # A model already there is kept as it is: said, so that it is not taken for the one asked for.
+    if holds_model(out):
+        kept = recorded_seed(out)
+        if kept is None:  # real weights, or a tiny model written before seeds were recorded
+            print(f"kept the model already in {out}; its seed is not recorded and may not be {seed}", file=sys.stderr)
+        elif args.seed is not None and kept != args.seed:
+            raise InputError("seed", f"{out} holds the tiny model of seed {kept}: remove it to write seed {args.seed}")
+        else:
+            print(f"kept the tiny model of seed {kept} already in {out}", file=sys.stderr)
+    print(build_tiny_model(out, seed=seed))
     return 0
 
 
@@ -571,14 +591,25 @@ def _train(args) -> int:
     from trainer.spec import JobSpec
 
     spec = JobSpec.load(args.spec)
+    job_id = args.job_id or _job_id_from_file_name(args.spec)
     try:
-        _run_with_progress(spec, args.storage, args.job_id or args.spec.stem, args.address)
+        _run_with_progress(spec, args.storage, job_id, args.address)
     except (InputError, OSError):
         raise  # main tells these
     except Exception as e:  # training failed, after Ray Train's retries: what failed, not a page of traceback
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _job_id_from_file_name(spec_file: Path) -> str:
+    """train's job id without --job-id: the spec file's name, which may be no job id ("my job.yaml")."""
+    from trainer.storage import check_job_id
+
+    try:
+        return check_job_id(spec_file.stem)
+    except InputError as e:
+        raise InputError("job_id", f"{e.message} (taken from the spec's file name: give --job-id ID)") from None
 
 
 def _demo(args) -> int:

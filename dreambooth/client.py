@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import ssl
 import time
 import uuid
@@ -28,7 +29,7 @@ from grpc_status import rpc_status
 
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY, spec_to_proto, state_value
-from dreambooth.serving_client import SYSTEM_CAS, check_token
+from dreambooth.serving_client import SYSTEM_CAS, check_token, is_loopback
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count, find_instance_images
 from trainer.spec import JobSpec, absolute_path, read_spec_file
@@ -43,21 +44,26 @@ _MESSAGE_LIMIT = MAX_UPLOAD_BYTES + 1024 * 1024  # the images plus the rest of t
 UPLOAD_BYTES_PER_S = 256 * 1024
 
 # UNAVAILABLE (a connection failure; a controller whose Ray, database or storage cannot be used for a moment) is
-# retried by gRPC itself with backoff, up to 4 attempts. Safe for SubmitJob because every
-# attempt carries the same request_id, so the server returns the job the first attempt created.
+# retried with backoff, up to 4 attempts: by gRPC itself, but SubmitJob by submit, the same way (its attempts
+# carry the same request_id, so the server returns the job the first one created). gRPC's retries report the last
+# attempt's error alone, "failed to connect" once the controller went away, although the first attempt may have
+# reached it and queued the job: submit tells the two apart (ClientError.never_sent).
+_RETRY_ATTEMPTS = 4
+_RETRY_BACKOFF_S = (0.2, 2.0)  # first, most; doubling, each wait drawn at random below it (gRPC's jitter)
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
                 "name": [{"service": "dreambooth.v1.JobService"}, {"service": "dreambooth.v1.ModelService"}],
                 "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
+                    "maxAttempts": _RETRY_ATTEMPTS,
+                    "initialBackoff": f"{_RETRY_BACKOFF_S[0]}s",
+                    "maxBackoff": f"{_RETRY_BACKOFF_S[1]}s",
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
-            }
+            },
+            {"name": [{"service": "dreambooth.v1.JobService", "method": "SubmitJob"}]},  # no retryPolicy: submit's
         ]
     }
 )
@@ -76,7 +82,8 @@ class ClientError(Exception):
     """A failed call: `code` is the gRPC status code's name (e.g. "NOT_FOUND"), `message` the server's. From the
     status's details: `field`, the request field to fix (INVALID_ARGUMENT); `reason`, the kind of refusal (e.g.
     RESOURCE_EXHAUSTED's TENANT_JOBS_LIMIT: wait for jobs to end, or TENANT_CALLS_LIMIT: retry soon;
-    FAILED_PRECONDITION's MODEL_DEPLOYED); `retry_after_s`, where the server says how long to wait."""
+    FAILED_PRECONDITION's MODEL_DEPLOYED); `retry_after_s`, where the server says how long to wait. `never_sent`
+    (submit's): the controller was never reached, so nothing was queued."""
 
     def __init__(
         self,
@@ -93,6 +100,12 @@ class ClientError(Exception):
         self.field = field
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.never_sent = False
+
+    @property
+    def failed_to_connect(self) -> bool:
+        """gRPC's own error for a call that found no connection to make to the controller, and so sent nothing."""
+        return self.code == "UNAVAILABLE" and "failed to connect" in self.message
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> ClientError:
@@ -149,7 +162,6 @@ class DreamBoothClient:
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
             ("grpc.max_receive_message_length", _MESSAGE_LIMIT),  # logs can be long
-            ("grpc.per_rpc_retry_buffer_size", _MESSAGE_LIMIT),  # else an upload is too big to be retried
             # A watch of a queued job can go hours without a word: pings find a connection that died silently
             # (a crashed host, a load balancer dropping idle streams), which would otherwise block it for good.
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
@@ -161,16 +173,21 @@ class DreamBoothClient:
             ("grpc.initial_reconnect_backoff_ms", int(_RECONNECT_BACKOFF_S[0] * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(_RECONNECT_BACKOFF_S[1] * 1000)),
         ]
+        if _loopback_target(target):
+            # The environment's HTTP proxy (grpc_proxy, https_proxy, http_proxy) is for hosts beyond this machine: a
+            # local stack's controller reached through it (no_proxy often names localhost, not 127.0.0.1) got the
+            # proxy's refusal, told as "no controller answers".
+            options.append(("grpc.enable_http_proxy", 0))
         if tls_ca is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             # "system": a controller behind a load balancer with a publicly trusted certificate. The system's bundle,
             # as the serving client's, where it has one as a file (gRPC's own default is a bundle of its own, without
             # a company's added CAs); else gRPC's (None).
-            bundle = _system_cas() if str(tls_ca) == SYSTEM_CAS else Path(tls_ca)
-            roots = bundle.read_bytes() if bundle is not None else None
             if str(tls_ca) != SYSTEM_CAS:
                 _check_ca_certificates(tls_ca)
+            bundle = _system_cas() if str(tls_ca) == SYSTEM_CAS else Path(tls_ca)
+            roots = bundle.read_bytes() if bundle is not None else None
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -201,7 +218,8 @@ class DreamBoothClient:
         relative to the file). The instance images are read here and sent as bytes; with upload=False only
         their absolute paths are sent, for a cluster that shares this machine's storage. `request_id`: a retry of
         the same request with it (after a timeout, say) returns the job the first call queued instead of a second
-        one; another spec, priority or photos under a used id is refused (ClientError INVALID_ARGUMENT)."""
+        one; another spec, priority or photos under a used id is refused (ClientError INVALID_ARGUMENT). A call that
+        failed otherwise may have queued the job all the same (the answer lost), unless the error's `never_sent`."""
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:  # before reading the photos
             raise InputError("priority", f"must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
         fields = _spec_fields(spec)
@@ -217,7 +235,17 @@ class DreamBoothClient:
             priority=priority,
         )
         upload_s = sum(len(image.data) for image in images) / UPLOAD_BYTES_PER_S
-        return self._call(self._jobs.SubmitJob, request, timeout_s=self._timeout_s + upload_s).job
+        sent = False  # whether an attempt got past connecting: then it may have queued the job
+        for attempt in range(1, _RETRY_ATTEMPTS + 1):
+            try:
+                return self._call(self._jobs.SubmitJob, request, timeout_s=self._timeout_s + upload_s).job
+            except ClientError as e:
+                sent = sent or not e.failed_to_connect
+                if e.code != "UNAVAILABLE" or attempt == _RETRY_ATTEMPTS:
+                    e.never_sent = not sent
+                    raise
+            backoff_s = min(_RETRY_BACKOFF_S[0] * 2 ** (attempt - 1), _RETRY_BACKOFF_S[1])
+            time.sleep(random.uniform(0, backoff_s))
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
@@ -340,9 +368,17 @@ def _check_target(target: str) -> str:
     return target
 
 
+def _loopback_target(target: str) -> bool:
+    """Whether a checked target (HOST:PORT, [IPv6]:PORT, or gRPC's own syntax, taken as not) is this machine's."""
+    if target.startswith(_GRPC_SCHEMES):
+        return False
+    host = target[1:].partition("]")[0] if target.startswith("[") else target.rpartition(":")[0]
+    return is_loopback(host)
+
+
 def _check_ca_certificates(path: str | os.PathLike) -> None:
     """A --tls-ca file without a PEM certificate (the key, a DER file) failed every call as a "security handshaker"
-    error, which reads as the controller's fault."""
+    error, which reads as the controller's fault; a missing one was a bare errno message that named no setting."""
     try:
         # The file, as gRPC reads it: bundles carry UTF-8 comments between their certificates (p11-kit's CA names).
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=os.fspath(path))
@@ -353,6 +389,8 @@ def _check_ca_certificates(path: str | os.PathLike) -> None:
             f"{path}: no PEM certificate in it ({reason}): give the certificate of the CA that signed the "
             "controller's (a file with -----BEGIN CERTIFICATE-----), or 'system' for the system's trusted CAs",
         ) from None
+    except OSError as e:  # missing, a directory, unreadable (a stale $DREAMBOOTH_TLS_CA, say)
+        raise InputError("tls_ca", f"{path}: {e.strerror or e} (--tls-ca or $DREAMBOOTH_TLS_CA)") from None
 
 
 def _system_cas() -> Path | None:

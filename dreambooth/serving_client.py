@@ -7,7 +7,9 @@ constants.
 
 `token`: the tenant's bearer token, the same as the controller's (None where no tenants are configured).
 `tls_ca`: for an https endpoint whose certificate a private CA signed, that CA's certificate file (the CLI passes
-the controller's, --tls-ca or $DREAMBOOTH_TLS_CA), trusted besides the system's CAs.
+the controller's, --tls-ca or $DREAMBOOTH_TLS_CA), trusted besides the system's CAs. A token sent over plain http://
+to another machine is warned of on stderr, once. The environment's HTTP proxy (http_proxy, ...) is used but for
+loopback addresses.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import base64
 import datetime
 import email.utils
 import http.client
+import ipaddress
 import itertools
 import json
 import os
 import secrets
+import socket
 import ssl
+import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +62,11 @@ class GeneratedImage:
 
 class ServingUnreachable(OSError):
     """No answer from the serving API's address (nothing listens, refused, the connection timed out)."""
+
+
+class ServingHostUnknown(ServingUnreachable):
+    """The serving API's host name does not resolve here (a cluster's internal name, from outside it): not retried,
+    as waiting does not change that."""
 
 
 class ServingDisconnected(ServingUnreachable):
@@ -142,14 +154,16 @@ def generate(
 def wait_until_served(
     endpoint: str, token: str | None = None, timeout_s: float = 300, tls_ca: str | os.PathLike | None = None
 ) -> None:
-    """Blocks until the serving API lists the model of `endpoint` (replicas reconfigure a moment after Deploy)."""
+    """Blocks until the serving API lists the model of `endpoint` (replicas reconfigure a moment after Deploy). What
+    waiting does not change is raised at once: a refusal (ServingError 401, 403), TLS failing (ServingTLSError), a
+    host name that does not resolve here (ServingHostUnknown)."""
     model_url = endpoint.removesuffix("/generate")
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             _request(model_url, None, token, 10, tls_ca)
             return
-        except ServingTLSError:
+        except (ServingTLSError, ServingHostUnknown):
             raise
         except (ServingError, OSError) as e:  # 404 until reconfigured; 503 or refused/reset while Serve starts
             if isinstance(e, ServingError) and e.status not in (404, 502, 503, 504):
@@ -180,13 +194,15 @@ def _request(
     url: str, data: bytes | None, token: str | None, timeout_s: float, tls_ca: str | os.PathLike | None
 ) -> Any:
     token = check_token(token)
+    if token:
+        _warn_of_cleartext_token(url)
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(url, data=data, headers=headers)
     context = ssl.create_default_context()
     if tls_ca not in (None, SYSTEM_CAS):  # besides the system's: the controller's private CA, a public Ingress's
         context.load_verify_locations(cafile=tls_ca)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+        with _opener(url, context).open(request, timeout=timeout_s) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
         try:
@@ -216,8 +232,49 @@ def _request(
                 f"TLS with the serving API at {url} failed: {reason}; if a private CA signed its certificate, give "
                 "that CA's certificate (tls_ca; the CLI's --tls-ca or $DREAMBOOTH_TLS_CA)"
             ) from e
+        if isinstance(reason, socket.gaierror):
+            host = urllib.parse.urlsplit(url).hostname
+            raise ServingHostUnknown(f"{host}, the host of {url}, cannot be resolved from here ({reason})") from e
         raise ServingUnreachable(f"no answer from the serving API at {url}: {reason}") from e
     try:
         return json.loads(body)
     except ValueError as e:  # something else answers at that address
         raise ServingError(response.status, f"not the serving API's JSON: {body[:200]!r}") from e
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (a name, or an address: IPv6 without brackets) is this machine's loopback."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opener(url: str, context: ssl.SSLContext) -> urllib.request.OpenerDirector:
+    """urllib's opener for `url`. The environment's HTTP proxy (http_proxy, ...) is for hosts beyond this machine: a
+    loopback address sent through it (no_proxy often names localhost, not 127.0.0.1) got the proxy's 502, and the
+    proxy got the prompt and the token."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPSHandler(context=context)]
+    if is_loopback(urllib.parse.urlsplit(url).hostname):
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+_CLEARTEXT_TOLD = threading.Event()  # once per process: a script generating hundreds of images is told once
+
+
+def _warn_of_cleartext_token(url: str) -> None:
+    """The token is the tenant's (it cancels and deletes its jobs): over plain http:// beyond this machine, anyone on
+    the way reads it. A warning, not a refusal: a network of one's own may be trusted."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname) and not _CLEARTEXT_TOLD.is_set():
+        _CLEARTEXT_TOLD.set()
+        print(
+            f"warning: the bearer token goes to {parts.hostname} over plain http://, readable on the network: an "
+            "https:// address for the serving API (the controller's serving.public_url) keeps it private",
+            file=sys.stderr,
+        )

@@ -8,7 +8,8 @@ background by `dreambooth up`, stopped by `dreambooth down`, inspected by `dream
       logs/ray.log, logs/controller.log
       storage/                       the storage root: jobs/, models/, cache/, controller.db
 
-Every listener is on 127.0.0.1. Each component runs in a process session of its own, so that stopping it
+Every listener is on 127.0.0.1, which the stack's processes and this one reach without the environment's HTTP
+proxy. Each component runs in a process session of its own, so that stopping it
 reaches every process it started (Ray's GCS, raylet, agents and workers) and nothing else: `ray stop` would
 stop every Ray on the machine.
 """
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_YML = PROJECT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DEFAULT_DIR = Path("dreambooth-stack")
 HOST = "127.0.0.1"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT_S = 300  # Ray, the controller and Serve's first replicas: about 40 s on 2 busy CPU cores
 PROBE_TIMEOUT_S = 5  # one request to the dashboard when asking whether a component is up
 # On one machine the Serve replicas share the CPUs and GPUs with training instead of reserving them, so that a
@@ -159,6 +161,7 @@ def up(
     already runs in `state_dir` or a component does not come up (the others are stopped again)."""
     from dreambooth.local_ray import ensure_ray_token
 
+    _no_proxy_here()
     state_dir = Path(state_dir).resolve()
     if (current := running(state_dir)) is not None:
         raise StackError(
@@ -206,8 +209,9 @@ def up(
         # empty controller on DIR/storage, the jobs left where they were).
         write_file(config, yaml.safe_dump(_controller_config(stack, capacity), sort_keys=False))
         say(f"starting the controller ({stack.controller}) ...")
-        command = [sys.executable, "-m", "dreambooth.cli", "controller", "--config", str(config)]
-        stack.processes["controller"] = process_sessions.spawn(command, logs / "controller.log", process_env)
+        stack.processes["controller"] = process_sessions.spawn(
+            _controller_command(config), logs / "controller.log", process_env
+        )
         _save(stack)
         _wait_until("the controller", lambda: _controller_serving(stack.controller), stack, deadline)
 
@@ -250,6 +254,7 @@ def down(state_dir: Path = DEFAULT_DIR) -> Stack | None:
 
 def health(stack: Stack) -> list[Component]:
     """Each component, up or down, with its address."""
+    _no_proxy_here()
     ray_up = process_sessions.alive(*stack.processes["ray"]) and _answers(lambda: _jobs_api_answers(stack))
     controller_up = process_sessions.alive(*stack.processes.get("controller", (0, 0))) and _answers(
         lambda: _controller_serving(stack.controller)
@@ -340,13 +345,36 @@ def _ray_command(stack: Stack, ports: Ports, num_cpus: int | None) -> list[str]:
     return [*command, f"--num-cpus={num_cpus}"] if num_cpus else command
 
 
+def _controller_command(config: Path) -> list[str]:
+    # -P: not the working directory first on sys.path, where a project of the user's own `controller/`, `serving/`
+    # or `trainer/` package replaced the stack's (the controller exited at start with an ImportError of theirs).
+    return [sys.executable, "-P", "-m", "dreambooth.cli", "controller", "--config", str(config)]
+
+
 def _process_env() -> dict[str, str]:
     from dreambooth.ray_dashboard import WORKER_ENV
 
     # Ray's single-machine mode (every Ray listener on 127.0.0.1, see dreambooth/local_ray.py), and Ray's token
     # authentication on, which every client of the dashboard (the controller, `up`, `status`) must then use.
     ray_env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-    return {**os.environ, **WORKER_ENV, **ray_env}
+    return {**os.environ, **WORKER_ENV, **ray_env, **_loopback_without_proxy(os.environ)}
+
+
+def _loopback_without_proxy(environ: Mapping[str, str]) -> dict[str, str]:
+    """NO_PROXY and no_proxy as `environ` has them (one missing: the other's value; tools read one or the other),
+    with the loopback names added. An HTTP proxy the environment names (http_proxy: a company's) cannot reach this
+    machine's 127.0.0.1, and no_proxy often lists localhost alone: Ray's dashboard clients, gRPC and urllib asked
+    the proxy, which answered 502 until `up` gave up after minutes."""
+    values = {}
+    for name, other in (("NO_PROXY", "no_proxy"), ("no_proxy", "NO_PROXY")):
+        listed = [host for host in (environ.get(name) or environ.get(other) or "").split(",") if host.strip()]
+        values[name] = ",".join([*listed, *(host for host in LOOPBACK_NAMES if host not in listed)])
+    return values
+
+
+def _no_proxy_here() -> None:
+    """This process's probes of the stack (Ray's clients, gRPC, urllib) bypass the environment's HTTP proxy too."""
+    os.environ.update(_loopback_without_proxy(os.environ))
 
 
 def _controller_config(stack: Stack, capacity) -> dict[str, Any]:

@@ -39,6 +39,9 @@ from dreambooth.model_files import check_base_model
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _BOS_ID, _EOS_ID = 49406, 49407  # the last two entries of the CLIP vocabulary
 _RNG_LOCK = threading.Lock()
+SEED_FILE = ".dreambooth-random-seed"
+"""In a random model's folder, the seed its weights were drawn from. Hidden: no part of the model (its fingerprint
+and identity skip it; diffusers never reads it)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -185,8 +188,22 @@ def _is_complete(path: Path) -> bool:
     return True
 
 
+def holds_model(out_dir: str | os.PathLike) -> bool:
+    """Whether `out_dir` holds a complete model already, which build_tiny_model returns as it is."""
+    return _is_complete(Path(out_dir).expanduser().resolve())
+
+
+def recorded_seed(model_dir: str | os.PathLike) -> int | None:
+    """The seed a random model written here was drawn from; None for any other model."""
+    try:
+        return int((Path(model_dir).expanduser() / SEED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Writes the tiny random model to `out_dir` (unless a complete model is already there); returns it.
+    """Writes the tiny random model to `out_dir` (unless a complete model is already there, returned as it is
+    whatever its seed: see holds_model, recorded_seed); returns it.
 
     The same seed gives bit-identical weights. Safe for concurrent callers: each builds in its own temp
     dir next to `out_dir` and renames it into place; the first rename wins, the others discard theirs.
@@ -324,6 +341,7 @@ def _build_random_model(
         if save_dtype is not None:
             pipe.to(dtype=save_dtype)
         pipe.save_pretrained(directory, safe_serialization=True)
+        (directory / SEED_FILE).write_text(f"{seed}\n")
 
     return _write_model_atomically(out_dir, write)
 

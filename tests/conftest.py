@@ -376,8 +376,8 @@ def demo_run(tmp_path_factory):
 
 
 def fetch_prometheus() -> Path:
-    """The directory of Prometheus' binaries, from the cache scripts/fetch-prometheus fills (scripts/bootstrap runs
-    it: the tests themselves run without a network). Raises RuntimeError saying why not."""
+    """The directory of Prometheus' binaries, from the cache scripts/fetch-prometheus fills (scripts/test runs it
+    before its network namespace: the tests themselves run without a network). Raises RuntimeError saying why not."""
     fetch = Path(__file__).resolve().parents[1] / "scripts" / "fetch-prometheus"
     result = subprocess.run([fetch], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:

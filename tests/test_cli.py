@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from dreambooth.cli import main
+from dreambooth.tiny_model import SEED_FILE
 from tests.conftest import partly_down_stack
 from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
 from trainer.events import EventLog
@@ -83,6 +84,18 @@ def test_bad_hyperparameters(job, capsys):
     assert code == 2 and "cannot read" in err
 
 
+def test_a_job_id_made_from_the_spec_files_name_says_so(job, capsys):
+    """`train "my job.yaml"` blamed a job id the user never gave, without saying where it came from or how to set it."""
+    write, tmp = job
+    spec = write().rename(tmp / "my job.yaml")
+    code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"))
+    rule = "use 1-128 letters, digits, '_', '.' or '-', starting alphanumeric"
+    assert (code, err) == (2, f"error: job_id: 'my job': {rule} (taken from the spec's file name: give --job-id ID)\n")
+    code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"), "--job-id", "my job")
+    assert (code, err) == (2, f"error: job_id: 'my job': {rule}\n")  # given: the user's own
+    assert not (tmp / "s").exists()
+
+
 def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
     """The README's example spec asks for a GPU: on a laptop, Ray would hold the job for ever without a word."""
     import subprocess
@@ -138,6 +151,26 @@ def test_a_misspelt_option_gets_its_commands_usage(capsys):
 def test_tiny_model_command(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").exists()
+
+
+def test_tiny_model_says_it_kept_the_model_already_there_and_refuses_another_seed_for_it(tmp_path, capsys):
+    """`tiny-model OUT --seed 1` over seed 0's model printed OUT and exited 0, the weights seed 0's; over real
+    weights it printed their path as if it had written it."""
+    out = tmp_path / "m"
+    assert main(["tiny-model", str(out), "--seed", "3"]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    unet = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(["tiny-model", str(out), "--seed", "4"]) == 2
+    assert capsys.readouterr().err == f"error: seed: {out} holds the tiny model of seed 3: remove it to write seed 4\n"
+    assert main(["tiny-model", str(out)]) == 0  # no seed asked for: the model there does
+    assert capsys.readouterr() == (f"{out}\n", f"kept the tiny model of seed 3 already in {out}\n")
+    (out / SEED_FILE).unlink()  # real weights, or a tiny model written before seeds were recorded
+    assert main(["tiny-model", str(out), "--seed", "4"]) == 0
+    assert capsys.readouterr() == (
+        f"{out}\n",
+        f"kept the model already in {out}; its seed is not recorded and may not be 4\n",
+    )
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
 
 
 def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):

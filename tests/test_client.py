@@ -8,6 +8,7 @@ streaming, error mapping) for real, without the controller.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -39,6 +40,7 @@ from dreambooth.serving_client import (
     GeneratedImage,
     ServingDisconnected,
     ServingError,
+    ServingHostUnknown,
     ServingTimeout,
     ServingTLSError,
     ServingUnreachable,
@@ -639,6 +641,19 @@ def test_a_plaintext_client_of_a_tls_controller_is_told_to_give_its_ca(tmp_path,
         server.stop(grace=None)
 
 
+def test_a_ca_file_that_cannot_be_read_is_named_with_the_setting_that_gave_it(tmp_path, monkeypatch, capsys):
+    """A stale $DREAMBOOTH_TLS_CA failed every command with a bare "[Errno 2] No such file or directory", naming
+    neither the option nor the variable; the SDK raised FileNotFoundError, not InputError."""
+    missing = tmp_path / "gone.pem"
+    with pytest.raises(InputError) as refused:
+        DreamBoothClient("127.0.0.1:1", TOKEN, tls_ca=missing)
+    assert refused.value.field == "tls_ca"
+    assert refused.value.message == f"{missing}: No such file or directory (--tls-ca or $DREAMBOOTH_TLS_CA)"
+    monkeypatch.setenv("DREAMBOOTH_TLS_CA", str(tmp_path))  # a directory
+    assert main(["jobs", "--controller", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == f"error: tls_ca: {tmp_path}: Is a directory (--tls-ca or $DREAMBOOTH_TLS_CA)\n"
+
+
 def _self_signed_certificate() -> tuple[bytes, bytes]:
     """A certificate for 127.0.0.1 (an IP SAN, which is what gRPC checks the target against) and its key."""
     import ipaddress
@@ -735,13 +750,48 @@ def test_cli_submit_that_may_have_been_queued_says_how_to_retry_it_safely(code, 
     try:
         assert main(["submit", str(job_yaml), "--controller", target]) == 1
         err = capsys.readouterr().err
-        (request_id,) = {request.request_id for request in fake.requests}  # gRPC's retries sent the same one
+        (request_id,) = {request.request_id for request in fake.requests}  # the retries sent the same one
+        # UNAVAILABLE's 4 attempts (CANCELLED's one), each sent once: not retried by gRPC as well.
+        assert len(fake.requests) == (4 if code == grpc.StatusCode.UNAVAILABLE else 1)
         assert f"run this command again with `--request-id {request_id}`, which returns that job" in err
         assert main(["submit", str(job_yaml), "--controller", target, "--request-id", "mine"]) == 1
         assert "again with `--request-id mine`" in capsys.readouterr().err
         assert fake.requests[-1].request_id == "mine"
     finally:
         server.stop(grace=None)
+
+
+class _GoneAfterSubmit(FakeController):
+    """Takes a submission, then goes away before answering (a controller restarting): the retries of the call find
+    no one there, and the last one's error is "failed to connect"."""
+
+    def SubmitJob(self, request, context):
+        self.requests.append(request)
+        threading.Thread(target=self.server.stop, args=(None,)).start()
+        time.sleep(0.3)  # stopped meanwhile
+        context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+
+def test_cli_submit_that_never_reached_a_controller_does_not_say_the_job_may_be_queued(job_yaml, monkeypatch, capsys):
+    """Nothing listening: the submission was never sent, and the advice to send it again with its request id sent
+    users looking for a job that does not exist. A submission retried after the controller got it still gets the
+    advice, although its last attempt's error reads the same."""
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+    nowhere = f"127.0.0.1:{free_port()}"
+    with DreamBoothClient(nowhere, TOKEN, timeout_s=5) as client, pytest.raises(ClientError) as failed:
+        client.submit(job_yaml)
+    assert failed.value.code == "UNAVAILABLE" and failed.value.never_sent
+    assert main(["submit", str(job_yaml), "--controller", nowhere]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no controller answers at {nowhere}: start one") and "--request-id" not in err
+
+    gone = _GoneAfterSubmit()
+    gone.server, target = _serve(gone)
+    assert main(["submit", str(job_yaml), "--controller", target]) == 1
+    err = capsys.readouterr().err
+    assert f"error: no controller answers at {target}: start one" in err  # the last attempt's error
+    assert f"again with `--request-id {gone.requests[0].request_id}`, which returns that job" in err
+    assert len(gone.requests) == 1
 
 
 def test_cli_jobs_table(cli):
@@ -888,6 +938,93 @@ def serving_api():
     api.shutdown()
 
 
+@contextlib.contextmanager
+def recording_proxy():
+    """An HTTP proxy on 127.0.0.1 that lets nothing through, as a company's proxy does for an address it cannot
+    reach: it records each request's first line (CONNECT HOST:PORT for gRPC and https, the whole URL for http) and
+    answers 502."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            proxy.seen.append(self.rfile.readline().decode("latin-1").strip())
+            length = 0
+            while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                length = int(value) if name.strip().lower() == "content-length" else length
+            self.rfile.read(length)  # all of it: a close with unread bytes would be a reset, not the 502
+            self.wfile.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    proxy = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    proxy.daemon_threads = True
+    proxy.seen = []
+    proxy.url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def use_proxy(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The environment of a company's laptop: every proxy variable names `url`, and no_proxy only localhost (a
+    common value), not 127.0.0.1."""
+    for name in ("http_proxy", "https_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, url)
+    monkeypatch.setenv("no_proxy", "localhost")
+    for name in ("NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def company_proxy(monkeypatch):
+    with recording_proxy() as proxy:
+        use_proxy(monkeypatch, proxy.url)
+        yield proxy
+
+
+def test_loopback_addresses_go_around_the_environments_proxy(company_proxy, controller, serving_api):
+    """With http_proxy set and no_proxy=localhost, the SDK's calls to 127.0.0.1 (a local stack's controller and
+    serving API) went to the proxy: it answered 502 ("no controller answers"), and got the prompt and the token."""
+    with DreamBoothClient(controller.target, TOKEN, timeout_s=10) as client:
+        assert client.get("job-4").job_id == "job-4"
+    wait_until_served(serving_api.endpoint, timeout_s=10)
+    assert generate(serving_api.endpoint, "a photo of sks dog", seed=0) == [GeneratedImage(b"a photo of sks dog", 0)]
+    assert company_proxy.seen == []
+    # Other hosts still go through it: the proxy is the way out of the company's network.
+    with DreamBoothClient("controller.example:50051", TOKEN, timeout_s=5) as client, pytest.raises(ClientError):
+        client.get("job-4")
+    remote = "http://serving.example:8000/v1/models/model-3/generate"
+    with pytest.raises(ServingError) as refused:
+        generate(remote, "a photo of sks dog", seed=0)
+    assert refused.value.status == 502
+    assert set(company_proxy.seen) == {"CONNECT controller.example:50051 HTTP/1.1", f"POST {remote} HTTP/1.1"}
+
+
+def test_a_token_sent_over_plain_http_to_another_machine_is_warned_of_once(
+    company_proxy, serving_api, monkeypatch, capsys
+):
+    """deploy/README's cluster-launcher recipe serves on http://HEAD:8000: every generate sent the tenant's token,
+    which also cancels and deletes its jobs, in cleartext across the network, without a word."""
+    monkeypatch.setattr(serving_client, "_CLEARTEXT_TOLD", threading.Event())
+    generate(serving_api.endpoint, "a photo of sks dog", token=TOKEN, seed=0)  # loopback: it never leaves the machine
+    remote = "serving.example:8000/v1/models/model-3/generate"
+    for _ in range(2):
+        with pytest.raises(ServingError):  # sent all the same (to the proxy here): a warning, not a refusal
+            generate(f"http://{remote}", "a photo of sks dog", token=TOKEN, seed=0)
+    with pytest.raises(ServingUnreachable):  # https: the proxy refuses the tunnel
+        generate(f"https://{remote}", "a photo of sks dog", token=TOKEN, seed=0)
+    assert capsys.readouterr().err == (
+        "warning: the bearer token goes to serving.example over plain http://, readable on the network: an https:// "
+        "address for the serving API (the controller's serving.public_url) keeps it private\n"
+    )
+    assert company_proxy.seen.count(f"POST http://{remote} HTTP/1.1") == 2
+    monkeypatch.setattr(serving_client, "_CLEARTEXT_TOLD", threading.Event())
+    with pytest.raises(ServingError):
+        generate(f"http://{remote}", "a photo of sks dog", seed=0)  # no token, nothing to read
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, controller, serving_api, tmp_path):
     model = controller.models["model-3"]
     model.deployed, model.endpoint = True, serving_api.endpoint
@@ -930,6 +1067,28 @@ def test_cli_generate_sends_the_token_the_controller_got(cli, controller, servin
     with pytest.raises(InputError) as refused:
         generate(serving_api.endpoint, "a photo of sks dog", token="t\u00f6ken")
     assert refused.value.field == "token" and "t\u00f6ken" not in refused.value.message
+
+
+def test_an_endpoint_whose_host_does_not_resolve_here_is_not_waited_for(cli, controller, monkeypatch):
+    """A ConfigMap's public_url naming the cluster's own Service: from outside the cluster, deploy's wait retried the
+    name for 5 minutes, then exited 1 as if the deploy had failed, without saying that the model was deployed."""
+    endpoint = "http://dreambooth-serve.dreambooth.invalid:8000/v1/models/model-3/generate"
+    waits = []
+    monkeypatch.setattr(serving_client.time, "sleep", waits.append)
+    host_unknown = (
+        r"dreambooth-serve\.dreambooth\.invalid, the host of http://dreambooth-serve\.dreambooth\.invalid:8000/"
+    )
+    with pytest.raises(ServingHostUnknown, match=host_unknown):
+        wait_until_served(endpoint, timeout_s=5)
+    assert waits == []  # not tried again
+    controller.models["model-3"].endpoint = endpoint
+    code, out, err = cli("deploy", "model-3")
+    assert (code, out) == (1, "") and controller.models["model-3"].deployed and waits == []
+    assert err.splitlines()[-1].startswith("error: model-3 is deployed, but dreambooth-serve.dreambooth.invalid, ")
+    assert err.endswith(
+        "does the controller's serving.public_url name an address for inside the cluster? (--no-wait "
+        "skips this check)\n"
+    )
 
 
 def test_cli_deploy_says_what_the_serving_api_refused(cli, controller, serving_api):

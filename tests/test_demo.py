@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.server
 import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -300,3 +302,99 @@ def test_a_dashboard_that_takes_connections_but_never_answers_is_down_not_a_hang
             prober.start()
             prober.join(timeout=30)  # without its timeout, the probe waits for an answer for ever
             assert not prober.is_alive() and answered == [False]
+
+
+def test_the_stack_and_its_probes_go_around_the_environments_proxy(tmp_path, monkeypatch):
+    """With http_proxy set and no_proxy=localhost (a company's laptop), `up` and `status` asked the proxy for the
+    stack's 127.0.0.1 addresses and so did the controller and Ray: `up` failed after 5 minutes ("Ray's Jobs API was
+    not ready in time")."""
+    from dreambooth.stack import _loopback_without_proxy
+    from tests.conftest import partly_down_stack
+    from tests.test_client import recording_proxy, use_proxy
+
+    loopback = "127.0.0.1,localhost,::1"
+    assert _loopback_without_proxy({}) == {"NO_PROXY": loopback, "no_proxy": loopback}
+    # What was there stays (one missing: the other's, which tools read instead), and nothing is listed twice.
+    assert _loopback_without_proxy({"NO_PROXY": "corp.example"}) == dict.fromkeys(
+        ("NO_PROXY", "no_proxy"), f"corp.example,{loopback}"
+    )
+    assert _loopback_without_proxy({"no_proxy": "localhost", "NO_PROXY": ".corp"}) == {
+        "no_proxy": "localhost,127.0.0.1,::1",
+        "NO_PROXY": f".corp,{loopback}",
+    }
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    try:
+        with recording_proxy() as proxy:
+            use_proxy(monkeypatch, proxy.url)
+            child = stack._process_env()  # the controller's and Ray's
+            assert (child["no_proxy"], child["NO_PROXY"]) == ("localhost,127.0.0.1,::1", "localhost,127.0.0.1,::1")
+            address = f"127.0.0.1:{metrics.server_port}"
+            leftover = dataclasses.replace(partly_down_stack(tmp_path), ray_metrics=address, controller_metrics=address)
+            answered = {c.name: c.up for c in stack.health(leftover)}  # `status`'s probes, in this process
+            assert answered["Ray metrics"] and answered["controller metrics"]
+            assert proxy.seen == []  # the probe of its closed controller address did not go there either
+    finally:
+        metrics.shutdown()
+        metrics.server_close()
+
+
+def test_the_stacks_controller_starts_from_a_folder_with_packages_of_the_same_names(tmp_path):
+    """`up` run from a project of the user's own with a `controller/`, `serving/` or `trainer/` package: `python -m`
+    put the working directory first on sys.path, and the controller exited at start with that package's error."""
+    for name in ("controller", "serving", "trainer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('a package of the working directory')\n")
+    config = tmp_path / "missing.yaml"
+    result = subprocess.run(
+        stack._controller_command(config), cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert "a package of the working directory" not in result.stderr
+    assert result.returncode == 2 and f"No such file or directory: '{config}'" in result.stderr, result.stderr
+
+
+def test_only_the_test_command_fetches_prometheus_and_before_its_network_namespace(tmp_path):
+    """scripts/demo runs scripts/bootstrap, which fetched Prometheus (for tests/test_deploy.py) from apt's mirrors on
+    every run until it was cached, and as root ran `apt-get update` on the system's lists: the demo is offline.
+    scripts/test fetches it, outside the network namespace its suite runs in (which has no network). Run here on a
+    copy of the scripts whose programs (the fetch, bootstrap, ruff, pytest) are stand-ins that log their call."""
+    root = Path(__file__).resolve().parents[1]
+    checkout, log = tmp_path / "checkout", tmp_path / "calls.log"
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+
+    def stand_in(path: Path, body: str) -> None:
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+
+    logged = f'echo "$(basename "$0") $(readlink /proc/self/ns/net)" >> {shlex.quote(str(log))}'
+    stand_in(checkout / "scripts" / "fetch-prometheus", f"{logged}; exit 1")  # failing: no mirror reachable
+    shutil.copy2(root / "scripts" / "bootstrap", checkout / "scripts" / "bootstrap")
+    # No venv here and no Python: bootstrap stops at once (after what it runs before setting one up).
+    bootstrap = subprocess.run(
+        [checkout / "scripts" / "bootstrap"], env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True
+    )
+    assert bootstrap.returncode == 1 and "the tested stack needs Python >= 3.11" in bootstrap.stderr
+    assert not log.exists()  # nothing fetched
+
+    shutil.copy2(root / "scripts" / "test", checkout / "scripts" / "test")
+    stand_in(checkout / "scripts" / "bootstrap", logged)
+    stand_in(checkout / ".venv" / "bin" / "ruff", "exit 0")
+    stand_in(checkout / ".venv" / "bin" / "python", logged)
+    suite = subprocess.run([checkout / "scripts" / "test"], capture_output=True, text=True, timeout=60)
+    assert suite.returncode == 0, suite.stderr
+    assert "scripts/test: prometheus not fetched (tests/test_deploy.py will fail)" in suite.stderr  # a warning only
+    here = os.readlink("/proc/self/ns/net")
+    calls = log.read_text().splitlines()
+    assert calls[:2] == [f"bootstrap {here}", f"fetch-prometheus {here}"]
+    assert len(calls) == 3 and calls[2].startswith("python ")  # then the suite (in its namespace where it can)

@@ -1,7 +1,7 @@
 """Operations (deploy/): every file parses, the Kubernetes manifests and the cluster launcher config pass their
 schemas, the manifests agree with each other, the dashboards are current and query only metrics that exist,
 Prometheus' own tools accept the scrape configs and every dashboard query, and the trainer records its metrics.
-No Ray cluster is started; Prometheus comes from scripts/fetch-prometheus (fetched by scripts/bootstrap)."""
+No Ray cluster is started; Prometheus comes from scripts/fetch-prometheus (fetched by scripts/test)."""
 
 from __future__ import annotations
 

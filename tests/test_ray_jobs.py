@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import ray
 from ray.job_submission import JobSubmissionClient
 
 from controller.ray_jobs import Capacity, RayJobs, RayJobsError, RayJobStatus
@@ -97,3 +104,53 @@ def test_a_submission_that_never_connected_is_told_from_one_that_may_have_arrive
         with pytest.raises(RayJobsError) as timed_out:
             RayJobs(url, storage_root=str(storage), timeout_s=1).submit("job-1", 1)
     assert timed_out.value.reached_ray
+
+
+def test_the_driver_imports_the_project_whatever_its_working_directory_holds(storage, tmp_path):
+    """Ray runs a job's driver in the working directory Ray was started in (the local stack's: wherever `dreambooth
+    up` ran): `python -m trainer.run` put it first on sys.path, where a `trainer/` package of the user's own project
+    replaced this one's. What the controller submits, read by a stand-in for the Jobs API on 127.0.0.1, is run from
+    such a directory (a quick module in place of trainer.run, which loads DeepSpeed)."""
+    submitted = []
+
+    class JobsAPI(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # the SDK's version check
+            self._answer({"ray_version": ray.__version__, "version": "4", "session_name": "stand-in"})
+
+        def do_POST(self):
+            submitted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self._answer({"submission_id": submitted[-1]["submission_id"], "job_id": None})
+
+        def _answer(self, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JobsAPI)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        RayJobs(f"http://127.0.0.1:{api.server_port}", storage_root=str(storage)).submit("job-1", 1)
+    finally:
+        api.shutdown()
+        api.server_close()
+    [request] = submitted
+    command = shlex.split(request["entrypoint"])
+    assert command[:4] == [sys.executable, "-P", "-m", "trainer.run"]
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "__init__.py").write_text("raise ImportError('a package of the working directory')\n")
+    imported = subprocess.run(
+        [*command[:2], "-c", "import trainer.storage; print(trainer.storage.__file__)"],
+        cwd=tmp_path,
+        env=request["runtime_env"]["env_vars"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == str(Path(__file__).resolve().parents[1] / "trainer" / "storage.py")
