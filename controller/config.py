@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import yaml
 
 from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, refuse_unknown
-from dreambooth.yaml_load import load_yaml
+from dreambooth.yaml_load import error_without_text, load_yaml
 from serving.config import ServeConfig
 
 MIN_TOKEN_CHARS = 8
@@ -38,6 +39,11 @@ class Tenant:
             if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS or token.split() != [token]:
                 raise InputError(field, f"each token must be a string of {MIN_TOKEN_CHARS}+ characters, no spaces")
         object.__setattr__(self, "tokens", tuple(self.tokens))
+        # A quoted number ('2') compared with a count stopped every reconcile pass's scheduling, every tenant's.
+        for limit in ("max_running_jobs", "max_queued_jobs"):
+            value = getattr(self, limit)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"tenants.{self.name}.{limit}", f"must be a whole number >= 0, not {value!r}")
 
 
 @dataclass
@@ -149,30 +155,43 @@ class ControllerConfig:
         return self.database_url or f"sqlite:///{Path(self.storage).resolve() / 'controller.db'}"
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> ControllerConfig:
-        """The settings in the YAML file at `path` (its relative paths from its folder), then `overrides` (the
-        command line's)."""
-        try:
-            data = load_yaml(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise InputError("config", f"{path} is not YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
+    def load(
+        cls, paths: str | Path | Sequence[str | Path], overrides: dict[str, Any] | None = None
+    ) -> ControllerConfig:
+        """The settings in the YAML file(s) at `paths`, each one's top-level keys replacing the earlier ones' (on
+        Kubernetes, the ConfigMap's settings, then the Secret's tenants and database URL), each one's relative paths
+        from its own folder; then `overrides` (the command line's)."""
+        files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+        data: dict[str, Any] = {}
+        for path in files:
+            data.update(_settings_in(path))
         tenants = tuple(_tenant(name, fields) for name, fields in (data.pop("tenants", None) or {}).items())
         refuse_unknown(data, (f.name for f in dataclasses.fields(cls)), "controller setting(s)")
         if "serving" in data:
             data["serving"] = ServeConfig.from_dict(data["serving"] or {})
-        if "readable_paths" in data:
-            data["readable_paths"] = tuple((Path(path).parent / p).resolve() for p in data["readable_paths"] or ())
-        for key in ("storage", "tls_cert", "tls_key"):
-            if data.get(key):
-                data[key] = (Path(path).parent / data[key]).resolve()
         data.update(overrides or {})
         if not data.get("storage"):
+            named = " nor ".join(map(str, files))
             raise InputError(
-                "storage", f"{path} names no storage (the root every Ray node shares): add `storage: PATH`"
+                "storage", f"{named} names no storage (the root every Ray node shares): add `storage: PATH`"
             )
         return cls(tenants=tenants, **data)
+
+
+def _settings_in(path: Path) -> dict[str, Any]:
+    """One config file's settings, its paths made absolute from its folder."""
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:  # not its text: the tenants' tokens may be on the lines it would quote
+        raise InputError("config", f"{path} is not YAML: {error_without_text(e)}") from None
+    if not isinstance(data, dict):
+        raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
+    if "readable_paths" in data:
+        data["readable_paths"] = tuple((path.parent / p).resolve() for p in data["readable_paths"] or ())
+    for key in ("storage", "tls_cert", "tls_key"):
+        if data.get(key):
+            data[key] = (path.parent / data[key]).resolve()
+    return data
 
 
 def _tenant(name: str, fields: dict | None) -> Tenant:

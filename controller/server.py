@@ -1,6 +1,6 @@
 """The controller process: gRPC server (jobs, models, health, reflection) + the reconciler + /metrics.
 
-python -m controller.server --config controller.yaml
+python -m controller.server --config controller.yaml [--config secret.yaml ...]
 python -m controller.server --storage DIR [--listen 127.0.0.1:50051] [--ray-dashboard http://127.0.0.1:8265]
 """
 
@@ -181,17 +181,27 @@ def _start(
     return Controller(server, port, reconciler, health_servicer, service, metrics_server, held)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dreambooth controller", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, help="controller YAML (see controller/config.py)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="controller YAML (see controller/config.py); given again, its top-level keys replace the earlier file's",
+    )
     parser.add_argument("--storage", type=Path)
     parser.add_argument("--listen")
     parser.add_argument("--ray-dashboard")
     parser.add_argument("--metrics-listen")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.config and not args.storage:
         parser.error("give --config or --storage")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {
         "storage": "storage",
         "listen": "listen",

@@ -68,6 +68,15 @@ _Loader.add_implicit_resolver(
 )
 
 
+def error_without_text(error: yaml.YAMLError) -> str:
+    """What is wrong and where (line, column), without the snippet of the document PyYAML's message quotes: in a file
+    of secrets (a controller's tenants and their tokens) that snippet is one, and the message goes to logs."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = [part for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part]
+    return where + ("; ".join(what) if what else type(error).__name__)
+
+
 def load_yaml(text: str) -> Any:
     """Like yaml.safe_load, reading numbers as YAML 1.2 does and refusing duplicate keys; every error a YAMLError."""
     try:

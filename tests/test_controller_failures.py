@@ -1394,6 +1394,10 @@ def test_a_run_time_limit_that_is_not_positive_is_refused(tmp_path, limit, setti
         ("alice: {tokens: [alice-secret-token], max_jobs: 1}", "tenants.alice.max_jobs"),
         ("alice: {tokens: [shared-secret-token]}\n  bob: {tokens: [shared-secret-token]}", "tenants.bob.tokens"),
         (f"{'x' * 129}: {{tokens: [long-name-token]}}", f"tenants.{'x' * 40}"),
+        # A quoted number stopped every pass's scheduling, every tenant's (a str compared with a count).
+        ("alice: {tokens: [alice-secret-token], max_running_jobs: '2'}", "tenants.alice.max_running_jobs"),
+        ("alice: {tokens: [alice-secret-token], max_queued_jobs: null}", "tenants.alice.max_queued_jobs"),
+        ("alice: {tokens: [alice-secret-token], max_running_jobs: -1}", "tenants.alice.max_running_jobs"),
     ],
 )
 def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
@@ -1402,6 +1406,33 @@ def test_careless_tenant_config_is_refused(tmp_path, tenants, field):
     with pytest.raises(InputError) as error:
         ControllerConfig.load(path)
     assert error.value.field == field
+
+
+def test_a_config_that_is_not_yaml_is_refused_without_quoting_its_tokens(tmp_path):
+    """PyYAML's message quotes the lines around the error: in the file of tenants, their tokens, into the logs."""
+    secret = tmp_path / "controller-secret.yaml"
+    secret.write_text("tenants:\n  alice: {tokens: [s3cr3t-t0ken-value-012]\n  bob: {tokens: [bob-secret-token-98]}\n")
+    (tmp_path / "controller.yaml").write_text("storage: storage\n")
+    with pytest.raises(InputError) as error:
+        ControllerConfig.load([tmp_path / "controller.yaml", secret])
+    assert error.value.field == "config" and error.value.message.startswith(f"{secret} is not YAML: line 3, column")
+    assert "s3cr3t" not in error.value.message and "bob-secret" not in error.value.message
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_config_files_given_in_turn_replace_each_others_top_level_keys(tmp_path):
+    """A Kubernetes pod's: the ConfigMap's settings, then the Secret's tenants and database (each file's relative
+    paths from its own folder)."""
+    (tmp_path / "map").mkdir()
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "map" / "c.yaml").write_text("storage: storage\ntenants: {old: {tokens: [old-secret-token]}}\n")
+    (tmp_path / "secret" / "s.yaml").write_text("tenants: {alice: {tokens: [alice-secret-token]}}\ntls_cert: c.pem\n")
+    (tmp_path / "secret" / "k.yaml").write_text("tls_key: k.pem\n")
+    config = ControllerConfig.load(
+        [tmp_path / "map" / "c.yaml", tmp_path / "secret" / "s.yaml", tmp_path / "secret" / "k.yaml"]
+    )
+    assert [t.name for t in config.tenants] == ["alice"]
+    assert (config.storage, config.tls_cert) == (tmp_path / "map" / "storage", tmp_path / "secret" / "c.pem")
 
 
 @pytest.mark.parametrize("given", ["tls_cert", "tls_key"])

@@ -158,28 +158,27 @@ def test_manifests_refer_to_each_other_consistently():
 
 
 def _controller_config(tmp_path: Path):
-    """The controller's config as its pod assembles it: the Deployment's own start command, run with the
-    ConfigMap's and the example Secret's files, loaded by the controller's config loader."""
+    """The controller's config as its pod loads it: the Deployment's own command line, its --config files the
+    ConfigMap's and the example Secret's, read by the controller's config loader."""
     from controller.config import ControllerConfig
+    from controller.server import parse_arguments
 
     (deployment,) = _objects("Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     (config_map,) = _objects("ConfigMap")
     secret = next(o for o in _objects("Secret") if o["metadata"]["name"] == "dreambooth-controller")
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    files = {mounts["config"]: config_map["data"], mounts["secret"]: secret["stringData"], mounts["run"]: {}}
-    command = container["args"][0]
+    files = {mounts["config"]: config_map["data"], mounts["secret"]: secret["stringData"]}
     for mount, contents in files.items():
         local = tmp_path / mount.strip("/")
         local.mkdir(parents=True)
         for name, text in contents.items():
             (local / name).write_text(text)
-        command = command.replace(mount + "/", f"{local}/")
-    command = command.replace("python -c", f"{sys.executable} -c").replace("exec dreambooth controller --config", "cat")
-    merged = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=True).stdout
-    path = tmp_path / "controller.yaml"
-    path.write_text(merged)
-    return ControllerConfig.load(path), deployment
+    assert container["command"][:2] == ["dreambooth", "controller"]
+    argv = container["command"][2:]
+    for mount in files:
+        argv = [arg.replace(f"={mount}/", f"={tmp_path / mount.strip('/')}/") for arg in argv]
+    return ControllerConfig.load(parse_arguments(argv).config), deployment
 
 
 def test_controller_pod_config_merges_configmap_and_secret(tmp_path):
