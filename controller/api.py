@@ -86,6 +86,10 @@ class RequestGate(grpc.ServerInterceptor):
     controller's memory. A refusal's handler takes the request as a stream it never reads, so gRPC receives no more
     of it than HTTP/2's flow-control window. A stream (server reflection) holds its thread for as long as its caller
     keeps it open: one tenant's must not take them all.
+
+    `open_services` (health: probes have no token) take no token, but all their calls together are at most
+    OPEN_CALLS_AT_ONCE at a time, each for its whole duration: requests that never finish arriving held every RPC
+    thread, every tenant's calls waiting behind them.
     """
 
     def __init__(
@@ -94,9 +98,11 @@ class RequestGate(grpc.ServerInterceptor):
         services: tuple[str, ...],
         limits: dict[str, tuple[int, str]],
         other_calls: tuple[int, str],
+        open_services: tuple[str, ...] = (),
     ):
         self._auth = auth
         self._prefixes = tuple(f"/{service}/" for service in services)
+        self._open_prefixes = tuple(f"/{service}/" for service in open_services)
         self._limits = limits
         self._other_calls = other_calls
         self._in_progress = InProgress()  # (method path or _OTHER_CALLS, tenant) -> calls
@@ -104,9 +110,11 @@ class RequestGate(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
+        if handler is not None and method.startswith(self._open_prefixes):
+            return self._open_call(method, handler)
         if not method.startswith(self._prefixes) or handler is None:
-            # Health: open, as probes need it. A method no service has: UNIMPLEMENTED, and no metric series named
-            # by the caller (one per made-up name, for ever).
+            # A method no service has: UNIMPLEMENTED, and no metric series named by the caller (one per made-up name,
+            # for ever).
             return handler
         try:
             tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
@@ -125,6 +133,32 @@ class RequestGate(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             functools.partial(self._stream_in_turn, handler.stream_stream, turn), **wrap
         )
+
+    def _open_call(self, method: str, handler):
+        turn = functools.partial(self._open_turn, method)
+        wrap = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                functools.partial(self._unary_in_turn, handler.unary_unary, method, turn), **wrap
+            )
+        return grpc.stream_stream_rpc_method_handler(  # health's Watch: its turn lasts as long as its stream
+            functools.partial(self._stream_of_one_in_turn, handler.unary_stream, method, turn), **wrap
+        )
+
+    @contextlib.contextmanager
+    def _open_turn(self, method: str, context) -> Iterator[None]:
+        if not self._in_progress.enter((_OPEN_CALLS, ""), OPEN_CALLS_AT_ONCE):
+            message = f"{OPEN_CALLS_AT_ONCE} calls without a token are in progress: retry once one has ended"
+            status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s=1)
+            _refuse(method.rpartition("/")[2], status, context)
+        try:
+            yield
+        finally:
+            self._in_progress.leave((_OPEN_CALLS, ""))
+
+    def _stream_of_one_in_turn(self, call, method: str, turn, request_stream, context):
+        with turn(context):
+            yield from call(_one_request(method, request_stream, context), context)
 
     def _unary_in_turn(self, call, method: str, turn, request_stream, context):
         with turn(context):
@@ -155,6 +189,8 @@ class RequestGate(grpc.ServerInterceptor):
 
 
 _OTHER_CALLS = "other calls"
+_OPEN_CALLS = "calls without a token"
+OPEN_CALLS_AT_ONCE = 8  # health checks: a probe's is over in a millisecond
 
 
 def _one_request(method: str, request_stream, context):

@@ -142,6 +142,7 @@ def _start(
                 (*SERVICE_NAMES, reflection.SERVICE_NAME),
                 _per_tenant_limits(config),
                 (config.max_calls_per_tenant, "max_calls_per_tenant"),
+                open_services=(health.SERVICE_NAME,),
             )
         ]
         if config.tenants
@@ -152,7 +153,7 @@ def _start(
     jobs = JobServicer(service, auth, config.max_watches, per_tenant)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = KnownServicesHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -179,6 +180,19 @@ def _start(
     server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
     return Controller(server, port, reconciler, health_servicer, service, metrics_server, held)
+
+
+class KnownServicesHealth(health.HealthServicer):
+    """grpc.health.v1 whose Watch answers only for this server's services (NOT_FOUND otherwise): gRPC's own keeps an
+    entry for every name ever watched, of up to max_request_bytes, for good (a caller needing no token grew the
+    controller's memory by the name)."""
+
+    KNOWN = frozenset((*SERVICE_NAMES, ""))
+
+    def Watch(self, request, context, send_response_callback=None):
+        if request.service not in self.KNOWN:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such service here")
+        return super().Watch(request, context, send_response_callback)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

@@ -37,7 +37,7 @@ from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
-from controller.server import start
+from controller.server import UNARY_THREADS, start
 from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
@@ -1364,6 +1364,78 @@ def check_bounded_watches(controller, client: DreamBoothClient, job: jobs_pb2.Jo
     for watch in watches:
         assert list(watch)[-1].job.state == jobs_pb2.STATE_CANCELLED
     assert next(client.watch(job.job_id)).job.state == jobs_pb2.STATE_CANCELLED  # their slots are free again
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _stuck_health_checks(port: int, streams: int) -> socket.socket:
+    """One HTTP/2 connection (raw frames, no token) of `streams` Health/Check calls, each a gRPC message announcing
+    1 MiB of which 16 bytes come, and never the rest. Its SETTINGS and PINGs are answered: it stays open."""
+    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/grpc.health.v1.Health/Check")]
+    fields += [(":authority", "controller"), ("content-type", "application/grpc"), ("te", "trailers")]
+    headers = b"".join(b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in fields)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))
+
+    def answer() -> None:
+        buffer = b""
+        while data := _recv(sock):
+            buffer += data
+            while len(buffer) >= 9 and len(buffer) >= 9 + (length := int.from_bytes(buffer[:3], "big")):
+                kind, flags, payload, buffer = buffer[3], buffer[4], buffer[9 : 9 + length], buffer[9 + length :]
+                if kind in (4, 6) and not flags & 1:  # SETTINGS, PING: acknowledged
+                    sock.sendall(_frame(kind, 1, 0, payload if kind == 6 else b""))
+
+    threading.Thread(target=answer, daemon=True).start()
+    message_start = b"\x00" + (1 << 20).to_bytes(4, "big") + b"\x0a" * 16
+    for index in range(streams):
+        sock.sendall(_frame(1, 4, 2 * index + 1, headers) + _frame(0, 0, 2 * index + 1, message_start))
+    return sock
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def test_health_calls_that_never_finish_their_request_hold_no_tenants_thread(config):
+    """Health takes no token (probes have none): calls whose request never finished arriving held every RPC thread,
+    every tenant's calls waiting behind them. At most a few are in progress at once; the rest are refused unread."""
+    controller = start(config)
+    pool = config.max_watches + UNARY_THREADS
+    stuck = [_stuck_health_checks(controller.port, 40) for _ in range(pool // 40 + 1)]
+    try:
+        with DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=5) as alice:
+            assert list(alice.list()) == []
+            with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                for sock in stuck:
+                    sock.shutdown(socket.SHUT_RDWR)  # a FIN now: close alone waits for the reader thread's recv
+                deadline = time.monotonic() + 30
+                while True:  # the server notices the connections gone, and their calls end
+                    try:
+                        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                        break
+                    except grpc.RpcError as e:
+                        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                        time.sleep(0.2)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+                # A watch of a service the controller does not have: NOT_FOUND, kept nowhere (gRPC's own servicer
+                # kept every name ever watched, each up to max_request_bytes, for good).
+                with pytest.raises(grpc.RpcError) as unknown:
+                    next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="x" * 1000)))
+                assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "x" * 1000 not in controller.health._send_response_callbacks
+    finally:
+        for sock in stuck:
+            sock.close()
+        controller.stop(grace_s=1)
 
 
 def test_list_by_an_unspecified_state_or_by_more_states_than_there_are_is_invalid(client):
