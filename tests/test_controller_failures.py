@@ -38,7 +38,7 @@ from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import UNARY_THREADS, start
-from controller.service import IMAGE_CHECKS_AT_ONCE, ImageInput, JobService
+from controller.service import IMAGE_CHECKS_AT_ONCE, MAX_PAGE_SIZE, ImageInput, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
@@ -50,6 +50,7 @@ from tests.test_controller import job_spec, ray_job_id, wait_until_ray_job_actor
 from tests.test_store import schema_version, set_schema_version
 from trainer import images as images_module
 from trainer.events import EventLog
+from trainer.spec import JobSpec
 from trainer.storage import job_paths, storage_clock
 
 TOKEN, QUEUED_ONLY_TOKEN = "failures-token", "queued-only-token"
@@ -1436,6 +1437,21 @@ def test_health_calls_that_never_finish_their_request_hold_no_tenants_thread(con
         for sock in stuck:
             sock.close()
         controller.stop(grace_s=1)
+
+
+def test_a_page_of_the_largest_jobs_fits_a_response(controller, client, tiny_model, dog_images):
+    """A tenant's history of jobs with the longest specs allowed (~72 KB each), listed at the largest page size
+    asked: 1000 of them were over gRPC's 16 MiB response, RESOURCE_EXHAUSTED after the work, on every call."""
+    prompts = ["a photo of sks dog " + "x" * 1980] * 32
+    spec = JobSpec.from_dict(job_spec(tiny_model, dog_images, validation_prompts=prompts)).to_dict()
+    for _ in range(MAX_PAGE_SIZE + 20):
+        controller.service.store.insert_job(JobRecord("alice", spec, state="CANCELLED"))
+    request = jobs_pb2.ListJobsRequest(page_size=1000)
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]  # the server's most; gRPC's default is 4 MiB
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}", options=options) as channel:
+        first = jobs_pb2_grpc.JobServiceStub(channel).ListJobs(request, metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert len(first.jobs) == MAX_PAGE_SIZE and first.next_page_token and first.ByteSize() > 6 * 1024 * 1024
+    assert len(list(client.list(page_size=1000))) == MAX_PAGE_SIZE + 20
 
 
 def test_list_by_an_unspecified_state_or_by_more_states_than_there_are_is_invalid(client):
