@@ -43,7 +43,7 @@ from dreambooth.errors import InputError
 from dreambooth.model_files import ModelMetadata
 from serving.access import Access, Unauthenticated
 from serving.config import LOAD_TIMEOUT_S, MAX_BODY_BYTES, SAMPLING_S, ServeConfig
-from serving.engine import GenerationRequest, ModelUnavailable, SamplingEngine, SubjectModel
+from serving.engine import GenerationRequest, GenerationResult, ModelUnavailable, SamplingEngine, SubjectModel
 from serving.http_api import (
     EncodedResult,
     ErrorBody,
@@ -56,12 +56,15 @@ from serving.http_api import (
     to_generation_request,
 )
 from serving.metrics import GeneratorMetrics, IngressMetrics, class_label
-from serving.model_loads import LOAD_KEPT_S, LOAD_RETRY_S, ResidentModel, SharedLoads, unavailable
+from serving.model_loads import LOAD_KEPT_S, LOAD_RETRY_S, ResidentModel, SharedLoads, evictions_done, unavailable
 from serving.step_batching import OutOfDeviceMemory, StepBatcher, TooLargeForDevice, out_of_device_memory
 
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = SAMPLING_S
+# Threads a generator replica reads its models' files on before their loads (their tokenizers, for the prompts'
+# check), one per model directory at most: a few hung on storage that stopped answering leave the others some.
+STORAGE_READERS = 8
 
 
 # What a generate call raises when no replica can finish it now: the one it ran on died, or none is reachable.
@@ -103,7 +106,7 @@ def keep_replica_grpc_on_loopback() -> None:
 
 @dataclass
 class _Pending:
-    model: SubjectModel
+    model: SubjectModel | None  # None once submitted (_submit_batch)
     request: GenerationRequest
     enqueued: float
     submitted: concurrent.futures.Future | None = None  # once its batch handed it to the step batcher
@@ -129,6 +132,14 @@ class Generator:
         # What the multiplexer holds, by model id: the models an undeploy must let go of.
         self._residents: weakref.WeakValueDictionary[str, ResidentModel] = weakref.WeakValueDictionary()
         self._loads = SharedLoads(self._load, keep_s=LOAD_KEPT_S)
+        # The prompts' check reads the model's tokenizer from its files before it loads: on storage that stopped
+        # answering, each request's read held a thread of the default executor for good, until none was left for
+        # any model's encoding or load. So one read at a time per model directory, on threads of their own, and
+        # refused once it ran over LOAD_TIMEOUT_S; a failed one is not refused after (it evicts nothing).
+        self._storage_reads = concurrent.futures.ThreadPoolExecutor(STORAGE_READERS, thread_name_prefix="storage-read")
+        self._tokenizer_reads = SharedLoads(self._read_tokenizer, keep_s=0, retry_s=0)
+        self._tokenizers_read: set[str] = set()  # model directories whose tokenizer the engine holds (it keeps them)
+        self._waiting: collections.Counter[str] = collections.Counter()  # by model id: requests awaiting its load
         self.metrics = GeneratorMetrics()
         self._loaded_models = 0  # in memory, until the last request sampling one lets it go
         self._loaded_lock = threading.Lock()  # models die on whichever thread drops them last
@@ -145,6 +156,8 @@ class Generator:
         # around plain functions, because Serve keeps its state in attributes of the decorated callable.
 
         async def load(model_id: str) -> ResidentModel:
+            # Evicted models leave memory first, also those whose eviction's request went away mid-wait.
+            await evictions_done(list(self._residents.values()))
             resident = self._residents[model_id] = ResidentModel(await self._loads.get(model_id))
             return resident
 
@@ -196,18 +209,33 @@ class Generator:
         # Before its model loads (which may evict another's): a model that just failed to load, and a prompt the
         # text encoder cannot take, are refused.
         self._loads.check(model_id)
+        if path not in self._tokenizers_read:
+            with self._waiting_for_load(model_id):
+                await self._tokenizer_reads.get(path)
         prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         await asyncio.to_thread(self.engine.check_prompts, path, prompts)
+        result = await self._sample(model_id, request, arrived)
+        self.metrics.batch_size.observe(result.batch_size)
+        self.metrics.queue_wait.observe(result.queue_wait_seconds)
+        return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
+
+    async def _sample(self, model_id: str, request: GenerationRequest, arrived: float) -> GenerationResult:
+        """`request`'s images from its model, which only this frame holds: once they are out, a model evicted
+        meanwhile goes, before its replacement loads, not after this request's encoding."""
         # The wait for Serve's loading lock (held through another model's load) and for an eviction count too: the
         # HTTP client's timeout (LOAD_TIMEOUT_S + SAMPLING_S) counts on a request waiting at most LOAD_TIMEOUT_S for
         # its model. Cancelling leaves the load itself going (SharedLoads shields it).
         deadline = arrived + LOAD_TIMEOUT_S
         try:
-            resident = await asyncio.wait_for(self.model(model_id), deadline - time.monotonic())
-            if not self._deployed_as(resident.model, model_id):
-                # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from where it
-                # is deployed now (ModelNotServed if it is no longer).
-                resident.model = await asyncio.wait_for(self._loads.get(model_id), deadline - time.monotonic())
+            # Not asyncio.wait_for, whose task would suspend a loaded model's request too: counted among those
+            # waiting for its load meanwhile, a burst of them would be refused.
+            with self._waiting_for_load(model_id):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    resident = await self.model(model_id)
+                    if not self._deployed_as(resident.model, model_id):
+                        # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from
+                        # where it is deployed now (ModelNotServed if it is no longer).
+                        resident.model = await self._loads.get(model_id)
         except TimeoutError:
             logger.warning("model %s: a request gave up waiting for it after %d s", model_id, LOAD_TIMEOUT_S)
             self._loads.overran(model_id)  # its next requests are refused until that load ends
@@ -224,10 +252,29 @@ class Generator:
                 if pending.submitted is not None:  # its batch took it just as its client went away
                     pending.submitted.cancel()
                 raise
-            result = await asyncio.wrap_future(pending.submitted)
-        self.metrics.batch_size.observe(result.batch_size)
-        self.metrics.queue_wait.observe(result.queue_wait_seconds)
-        return await asyncio.to_thread(EncodedResult.encode, result)  # beside the sampling thread
+            return await asyncio.wrap_future(pending.submitted)
+
+    @contextlib.contextmanager
+    def _waiting_for_load(self, model_id: str) -> Iterator[None]:
+        """Counts a request among those waiting for `model_id` to load (its files' read, Serve's loading lock, the
+        load itself), or refuses it (ModelUnavailable: 503, retry later) where max_batch_size of them wait already,
+        at least a batch to sample once it loads. Each holds one of the replica's max_ongoing_requests while it
+        waits, up to LOAD_TIMEOUT_S on storage that stopped answering: a burst of requests for one model filled them
+        all, and every other model's requests, loaded or not, queued behind. The requests run on the replica's
+        event loop: no lock."""
+        if (waiting := self._waiting[model_id]) >= self.config.max_batch_size:
+            raise unavailable(f"{waiting} requests wait for model {model_id} to load already", 0)
+        self._waiting[model_id] += 1
+        try:
+            yield
+        finally:
+            self._waiting[model_id] -= 1
+            if not self._waiting[model_id]:
+                del self._waiting[model_id]
+
+    async def _read_tokenizer(self, path: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._storage_reads, self.engine.tokenizer, path)
+        self._tokenizers_read.add(path)
 
     def _deployed_as(self, model: SubjectModel | None, model_id: str) -> bool:
         """Whether `model` is what `model_id` is deployed as now (loaded from its current path)."""
@@ -287,6 +334,9 @@ class Generator:
             submitted = self.batcher.submit(group[0].model, [i.request for i in group], [i.enqueued for i in group])
             for item, future in zip(group, submitted, strict=True):
                 item.submitted = future
+                # Serve's batch loop keeps the last batch's arguments until the next batch comes: holding its model,
+                # they kept it in memory after the multiplexer evicted it, beside its replacement as that loaded.
+                item.model = None
 
 
 def render(model_id: str, encoded: EncodedResult, output_format: str) -> Response:
@@ -445,11 +495,14 @@ async def http_error(request: Request, error: StarletteHTTPException) -> JSONRes
 
 @api.exception_handler(RequestValidationError)
 async def unprocessable(request: Request, error: RequestValidationError) -> JSONResponse:
-    if sent_as_json(request.headers.get("content-type", "")):
-        problems = [validation_problem(e) for e in error.errors()]
-    else:  # curl -d sends a form's type: FastAPI said only "Input should be a valid dictionary" of the bytes
+    problems = [validation_problem(e) for e in error.errors()]
+    of_body = [problem for problem in problems if problem["loc"][:1] == ["body"]]
+    if of_body and not sent_as_json(request.headers.get("content-type", "")):
+        # curl -d sends a form's type: FastAPI said only "Input should be a valid dictionary" of the bytes. A query
+        # parameter's problem is said as it is (a GET has no body to send as JSON).
         message = "send the body as JSON, with `Content-Type: application/json`"
-        problems = [{"type": "content_type", "loc": ["header", "content-type"], "msg": message}]
+        content_type = {"type": "content_type", "loc": ["header", "content-type"], "msg": message}
+        problems = [content_type] + [problem for problem in problems if problem not in of_body]
     return error_response(422, "invalid_argument", problems)
 
 

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
@@ -45,12 +45,14 @@ class ResidentModel:
         self.model_id = model.model_id
         self.model: SubjectModel | None = model
         """None once released: its model was undeployed (or deployed from another directory)."""
+        self.eviction: asyncio.Task | None = None
+        """Once the multiplexer evicted it: the wait for the requests still using it (see `evictions_done`)."""
         self._users = 0
         self._unused = asyncio.Event()
         self._unused.set()
         # An attribute, not a method: what Serve calls (and awaits, a coroutine function) on eviction, while the
         # garbage collector, which looks __del__ up on the class, finds none to run.
-        self.__del__ = self._until_unused
+        self.__del__ = self._evict
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[SubjectModel]:
@@ -63,16 +65,33 @@ class ResidentModel:
             if self._users == 0:
                 self._unused.set()
 
-    async def _until_unused(self) -> None:
+    async def _evict(self) -> None:
+        # Serve has taken the model out of the multiplexer: were the wait cancelled with the request whose load
+        # evicts it (its client gone, its deadline passed), the next load would not wait for this model's users,
+        # and a request for it would load a second copy beside the one they sample. So it goes on in a task of
+        # its own, which the next load waits for.
+        if self.eviction is None:
+            self.eviction = asyncio.ensure_future(self._until_unused())
         try:
-            await asyncio.wait_for(self._unused.wait(), EVICTION_WAIT_S)
-        except TimeoutError:  # a request stuck for minutes must not stop every other model's load
-            logger.warning("evicting model %s while %d requests still use it", self.model_id, self._users)
+            await asyncio.shield(self.eviction)
         finally:
             # The attribute refers to this object: drop it, so that the model goes when its last user lets go, not
             # at the next garbage collection (Serve replaces it after the wait, but not when the request whose load
             # evicts this model is cancelled meanwhile).
             self.__dict__.pop("__del__", None)
+
+    async def _until_unused(self) -> None:
+        try:
+            await asyncio.wait_for(self._unused.wait(), EVICTION_WAIT_S)
+        except TimeoutError:  # a request stuck for minutes must not stop every other model's load
+            logger.warning("evicting model %s while %d requests still use it", self.model_id, self._users)
+
+
+async def evictions_done(residents: Iterable[ResidentModel]) -> None:
+    """Until no request uses the models evicted from `residents` any more, or EVICTION_WAIT_S has passed since each
+    eviction: what a load waits for (under Serve's loading lock) when an eviction's own request went away."""
+    if evictions := [r.eviction for r in residents if r.eviction is not None and not r.eviction.done()]:
+        await asyncio.wait(evictions)
 
 
 class SharedLoads:
@@ -82,7 +101,9 @@ class SharedLoads:
     went away) the load would be abandoned half way, its thread still reading weights, and the next request for
     the model would start a second copy beside it. Here the load runs in a task of its own that the waiting
     request only awaits: a request cancelled meanwhile leaves it running, and the next request takes it over.
-    A finished load that nobody takes over is dropped after `keep_s`; a failed one at once, and `check` refuses
+    A finished load that nobody takes over is dropped after `keep_s`, or once another model's load starts (running
+    then, once it finishes): the multiplexer does not count it, so that load would not evict it, and the replica
+    would hold more models than max_models_per_replica. A failed load is dropped at once, and `check` refuses
     the model for `retry_s` after it (the multiplexer evicts a loaded model before it calls a load). A request waits
     `timeout_s` at most (ModelUnavailable), and `check` then refuses the model until that load ends: each request
     for it would otherwise take Serve's loading lock again, evicting a loaded model and holding up the others."""
@@ -104,12 +125,14 @@ class SharedLoads:
         # The keep_s timer of a finished load still in _tasks: cancelled when the load is taken over, since the
         # timer holds the task, hence the model, which would stay in memory after the multiplexer evicted it.
         self._expiries: dict[str, asyncio.TimerHandle] = {}
+        self._superseded: set[asyncio.Task] = set()  # loads running as another started: not kept once they finish
 
     async def get(self, model_id: str) -> Any:
         # Again here: a request that passed `check` before a load failed or ran over waits on Serve's loading lock.
         self.check(model_id)
         task = self._tasks.get(model_id)
         if task is None:
+            self._make_room()
             task = self._tasks[model_id] = asyncio.ensure_future(self.load(model_id))
             task.add_done_callback(functools.partial(self._finished, model_id))
         try:  # raises what the load raised: _finished forgot that one already
@@ -151,12 +174,22 @@ class SharedLoads:
         if (task := self._tasks.get(model_id)) is not None:
             self._forget(model_id, task)
 
+    def _make_room(self) -> None:
+        """As a load starts: the other loads are no longer kept for a request to take over (those awaiting one still
+        get it)."""
+        for model_id, task in list(self._tasks.items()):
+            if task.done():
+                self._forget(model_id, task)
+            else:
+                self._superseded.add(task)
+
     def _finished(self, model_id: str, task: asyncio.Task) -> None:
         if self._overdue.get(model_id) is task:
             del self._overdue[model_id]
         if not task.cancelled() and isinstance(task.exception(), ModelUnavailable):  # its files; not memory, not gone
             self._failed[model_id] = (time.monotonic(), str(task.exception()))
-        if task.cancelled() or task.exception() is not None:
+        if task in self._superseded or task.cancelled() or task.exception() is not None:
+            self._superseded.discard(task)
             self._forget(model_id, task)
         elif self._tasks.get(model_id) is task:
             self._expiries[model_id] = asyncio.get_running_loop().call_later(self.keep_s, self._forget, model_id, task)

@@ -146,7 +146,10 @@ class StepBatcher:
 
     def _run(self) -> None:
         while True:
+            # Before the wait: the last round's submissions would keep their models in memory while the batcher
+            # idles, after the multiplexer evicted them.
             calls: deque[tuple[Callable[[], Any], Future]] = deque()
+            admitted: list[_Submission] = []
             try:
                 with self._wake:
                     self._wake.wait_for(lambda: self._closed or self._calls or self._pending or self._running)
@@ -220,10 +223,10 @@ class StepBatcher:
             del self._running[lane]
             return
         # The lane stays in `_running` until this step is through, where `_fail_all` finds it.
+        images = sum(cohort.images for cohort, _ in running)  # the UNet forward's, a cohort failing after it included
         try:
             self.engine.denoise([cohort for cohort, _ in running])
         except torch.OutOfMemoryError as e:
-            images = sum(cohort.images for cohort, _ in running)
             if (index := getattr(e, "cohort_index", None)) is None:
                 # Raised before any cohort's state moved (in the UNet forward): the others can step again.
                 _, submission = running.pop()  # the one that joined last (`running` is the lane's list)
@@ -244,7 +247,7 @@ class StepBatcher:
             del self._running[lane]
             return
         if self.on_step is not None:
-            self.on_step(sum(cohort.images for cohort, _ in running))
+            self.on_step(images)
         still = [(cohort, submission) for cohort, submission in running if not cohort.done]
         if still:
             self._running[lane] = still

@@ -262,8 +262,21 @@ def test_the_models_list_comes_a_page_at_a_time(http, tmp_path):
         if not (token := page["next_page_token"]):
             break
     assert seen == ids
-    refused = http.get("/v1/models", params={"page_size": 0})
-    assert refused.status_code == 422 and refused.json()["code"] == "invalid_argument"
+
+
+@pytest.mark.parametrize(
+    ("page_size", "problem"),
+    [
+        ("0", {"type": "greater_than_equal", "msg": "Input should be greater than or equal to 1", "ctx": {"ge": "1"}}),
+        ("x", {"type": "int_parsing", "msg": "Input should be a valid integer, unable to parse string as an integer"}),
+    ],
+)
+def test_a_bad_query_parameter_is_a_422_naming_it_and_its_bound(http, page_size, problem):
+    """A GET sends no body, let alone one without `Content-Type: application/json`: the 422 told its client to send
+    the body as JSON, never that page_size must be 1..1000."""
+    refused = http.get("/v1/models", params={"page_size": page_size})
+    assert refused.status_code == 422, refused.text
+    assert refused.json() == {"detail": [{"loc": ["query", "page_size"], **problem}], "code": "invalid_argument"}
 
 
 def test_a_listed_models_class_is_the_metrics_label_beside_its_class_prompt(http, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future
 
 import numpy as np
@@ -281,7 +282,8 @@ class SchedulerOutOfMemory(SamplingEngine):
 
 
 def test_a_scheduler_step_out_of_device_memory_fails_its_own_cohort_only(engine, models):
-    batcher = StepBatcher(SchedulerOutOfMemory(device="cpu"), max_images=4)
+    forwards: list[int] = []  # images per UNet forward
+    batcher = StepBatcher(SchedulerOutOfMemory(device="cpu"), max_images=4, on_step=forwards.append)
     try:
         gate = threading.Event()
         batcher.call(gate.wait)  # they sample together from their first step
@@ -291,6 +293,8 @@ def test_a_scheduler_step_out_of_device_memory_fails_its_own_cohort_only(engine,
         with pytest.raises(OutOfDeviceMemory, match="retry later"):
             broken.result(timeout=60)
         shared = joiner.result(timeout=60)
+        # Its third scheduler step failed after a UNet forward of both: that forward's images count it too.
+        assert forwards[:4] == [2, 2, 2, 1], forwards
         [alone] = batcher.submit(models["rex"], [request(seed=3)])  # the only request of its forward
         with pytest.raises(TooLargeForDevice, match="stepping 1 images of 64x64 with no other request"):
             alone.result(timeout=60)
@@ -298,6 +302,22 @@ def test_a_scheduler_step_out_of_device_memory_fails_its_own_cohort_only(engine,
         batcher.close()
     [alone] = engine.generate(models["rex"], [request(seed=9)])
     assert_same_images(alone, shared)
+
+
+def test_a_finished_cohorts_model_is_not_held_by_the_idle_batcher(engine, subject_models):
+    """The multiplexer evicts a model once no request uses it, for its replacement's load: a batcher waiting for
+    work kept the last cohort it started, and with it the model, in memory beside that load."""
+    model = engine.load("rex", subject_models["rex"])  # of this test alone: nothing else holds it
+    freed = threading.Event()
+    weakref.finalize(model, freed.set)
+    batcher = StepBatcher(engine, max_images=4)
+    try:
+        [future] = batcher.submit(model, [request(steps=1)])
+        assert future.result(timeout=60).images
+        del model
+        assert freed.wait(timeout=10), "the model stayed in memory after its last request, the batcher idle"
+    finally:
+        batcher.close()
 
 
 def test_an_empty_cohort_is_refused_and_the_batcher_goes_on(engine, models):
