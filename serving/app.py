@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -510,8 +511,10 @@ class BodyCap:
     """413 for a body over MAX_BODY_BYTES, announced (Content-Length: refused unread) or counted as it arrives (FastAPI
     reads a body whole before its handler checks the token), and 408 for one not all there `body_timeout_s` after
     the headers: Serve hands the ingress a request with its headers, and bodies sent a byte at a time held all its
-    slots, every tenant's requests queueing behind them. Not FastAPI's max_body_size: it answers an announced one
-    "Content Too Large" in plain text, over whatever the handlers said."""
+    slots, every tenant's requests queueing behind them. Where tenants are configured, a body comes only with a
+    valid token: 401 before it is read (callers with none held those slots too, each for body_timeout_s). Not
+    FastAPI's max_body_size: it answers an announced one "Content Too Large" in plain text, over whatever the
+    handlers said."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -520,13 +523,23 @@ class BodyCap:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        announced = Headers(scope=scope).get("content-length", "")
-        if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
-            response = await http_error(Request(scope), _too_large())
+        headers = Headers(scope=scope)
+        announced = headers.get("content-length", "")
+        refusal = _too_large() if announced.isdigit() and int(announced) > MAX_BODY_BYTES else None
+        # The replica's ingress, as Serve hands it to the handlers (`self`): what it was configured with.
+        ingress = serve.get_replica_context().servable_object
+        if refusal is None and scope["method"] == "POST":
+            scheme, token = get_authorization_scheme_param(headers.get("authorization"))  # as HTTPBearer reads it
+            try:
+                ingress.access.tenant(token if scheme.lower() == "bearer" else None)
+            except Unauthenticated as e:
+                refusal = _unauthenticated(e)
+        if refusal is not None:
+            response = await http_error(Request(scope), refusal)
             await response(scope, receive, send)
             return
         received, body_done = 0, False
-        timeout_s = getattr(scope["app"].state, "body_timeout_s", ServeConfig.body_timeout_s)
+        timeout_s = ingress.config.body_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
 
         async def receive_capped() -> Message:
@@ -566,7 +579,6 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
         keep_replica_grpc_on_loopback()
         self.config = ServeConfig.from_dict(config)
-        api.state.body_timeout_s = self.config.body_timeout_s  # for BodyCap, in front of the handlers
         self.generator = generator
         self.models: dict[str, ServedModel] = {}
         self.paths: dict[str, str] = {}  # model id -> the directory its listing was read from

@@ -306,6 +306,14 @@ def test_one_tenants_burst_is_throttled_and_another_tenant_is_served(service, su
             assert throttled[0].headers["retry-after"] == "3" and "max_requests_per_tenant" in throttled[0].text
             assert generate(service, "fido", "bob-serving-token").status_code == 200
             assert sorted(f.result().status_code for f in burst) == [200, 200, 200, 429, 429, 429]
+        # A body comes only with a valid token: without one, 401 before it is read, not 408 once it was slow.
+        url = urllib.parse.urlsplit(service.endpoint("rex"))
+        head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((url.hostname, url.port), timeout=60) as slow:
+            slow.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')  # and no more
+            answer = http.client.HTTPResponse(slow)
+            answer.begin()
+            assert (answer.status, answer.getheader("www-authenticate")) == (401, "Bearer")
     finally:
         deployer.apply(models)
         deadline = time.monotonic() + 60

@@ -3,6 +3,7 @@ a stand-in for the generator replicas. Error bodies, status codes, headers, the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from types import SimpleNamespace
@@ -203,6 +204,39 @@ def test_a_request_without_a_valid_bearer_token_is_401(http, authorization):
         assert response.json() == {"detail": detail, "code": "unauthenticated"}
     lowercase = {"authorization": f"bearer  {TOKEN}"}
     assert [m["model_id"] for m in http.get("/v1/models", headers=lowercase).json()["models"]] == ["rex"]
+
+
+def test_a_body_without_a_valid_token_is_refused_before_it_is_read(http):
+    """Serve hands the ingress a request with its headers: bodies that never finish arriving, from callers with no
+    token (checked only once FastAPI had the body), held the ingress's slots for body_timeout_s each."""
+    read, sent = [], []
+
+    async def receive():
+        read.append(True)
+        await asyncio.Event().wait()  # the body never comes
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    for authorization in (None, b"Bearer nope"):
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": GENERATE,
+            "raw_path": GENERATE.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers + ([(b"authorization", authorization)] if authorization else []),
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+        }
+        asyncio.run(asyncio.wait_for(app.api(scope, receive, send), 10))
+        assert (sent[0]["status"], read) == (401, [])
+        sent.clear()
 
 
 def test_health_says_nothing_about_the_models_to_anonymous_callers(http):
