@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="pixels (default: 64 tiny, 512 sd15)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--baseline-clients",
+        help="the baseline's levels (default: --clients); the most clients' is the one the throughput ratio needs",
+    )
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument(
         "--lone-requests", type=int, default=10, help="requests at 1 client: the latency every ratio is taken to"
@@ -270,12 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--compile", action="store_true", help="also the engine with a compiled UNet")
     parser.add_argument("--clip-bpe", help=f"CLIP's vocabulary file where open_clip_torch is missing (${CLIP_BPE_ENV})")
-    parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument("--out", help="also write the setting and the rows as JSON here")
     args = parser.parse_args(argv)
     if args.clip_bpe:
         os.environ[CLIP_BPE_ENV] = str(Path(args.clip_bpe).resolve())
     size = args.size or DEFAULT_SIZE[args.model]
     levels = [int(c) for c in args.clients.split(",")]
+    baseline_levels = [int(c) for c in args.baseline_clients.split(",")] if args.baseline_clients else levels
     most = max(levels)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = default_dtype(device)
@@ -284,6 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.model_dir or f"~/.cache/dreambooth-cluster/models/{args.model}").expanduser()
     )
     print(f"model {args.model} ({model_dir}), {size} px, {args.steps} steps, {dtype}, {device}", flush=True)
+    # Which card, model and setting gave the rows: JSON files from an H100 and an H200 run are told apart.
+    setting = {
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)",
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "scheduler": json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"],
+        "size": size,
+        "steps": args.steps,
+        "dtype": str(dtype),
+        "guidance_scale": args.guidance_scale,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_s": args.batch_wait_s,
+        "clients": levels,
+        "baseline_clients": baseline_levels if args.only != "engine" else [],
+        "requests_per_client": args.requests_per_client,
+        "lone_requests": args.lone_requests,
+        "poisson_load": args.poisson_load,
+        "compile": args.compile,
+        "cudnn_benchmark": args.cudnn_benchmark,
+    }
 
     def request(seed: int) -> GenerationRequest:
         return GenerationRequest(PROMPT, "", 1, args.steps, args.guidance_scale, seed, size, size)
@@ -293,11 +318,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
 
+    def write_out() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps({"setting": setting, "rows": [asdict(r) for r in rows]}, indent=2))
+
     def record(row: Row) -> None:
         rows.append(row)
         print(row, flush=True)
-        if args.out:  # after every row: a run cut short (device_run.sh's deadline) keeps what it measured
-            Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        write_out()  # after every row: a run cut short (device_run.sh's deadline) keeps what it measured
+
+    write_out()
 
     if args.only != "engine":
         pipe = load_pipeline(model_dir, dtype=dtype, device=device)
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         baseline(0)  # warm-up (CUDA kernels, allocator)
         peak_memory_gib(device)
-        for clients in levels:
+        for clients in baseline_levels:
             rate, latencies = closed_loop(baseline, clients, per_client(clients), seed0=1)
             record(
                 Row(

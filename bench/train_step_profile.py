@@ -10,7 +10,10 @@ memory is over the engine's build and the steps, above what was there before the
 (allocated and reserved) on a GPU, the process's peak RSS on a CPU (sampled every millisecond; tensors this large
 are mmap'ed, so their memory comes and goes with them). Each variant prints its line as it ends, and an interrupt
 (device_run.sh's deadline) prints the table of those that ended. Variants change one thing at a time; the first is
-the trainer's config.
+the trainer's config. The variants "plain PyTorch step" (eager and compiled) are the baseline on the same inputs:
+diffusers' train_dreambooth.py's step without DeepSpeed (PlainStep). torch.compile's cache is a fresh directory per
+run, removed after: the run's first compiled variant compiles from nothing, and the table says which later ones
+found what earlier variants of the run compiled.
 
     python bench/train_step_profile.py --model sd15            # GPU
     .venv/bin/python bench/train_step_profile.py --model tiny --precision bf16 --steps 10
@@ -38,6 +41,7 @@ import functools
 import gc
 import itertools
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -82,6 +86,7 @@ class Variant:
     one_optimizer_group: bool = False  # all trained parameters in one optimizer group
     max_group_size: int | None = None  # optimizer groups' size bound in parameters, if not the trainer's (64M)
     sync_free_clipping: bool = True  # trainer.deepspeed_syncs installed (DeepSpeed's own functions otherwise)
+    plain: bool = False  # no DeepSpeed: PlainStep over the networks as diffusers trains them (per-tensor parameters)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -121,6 +126,11 @@ VARIANTS: dict[str, Variant] = {
     "torch.compile with optimizer groups of 256M": Variant(spec={"torch_compile": True}, max_group_size=2**28),
     # Full fine-tuning (--train-text-encoder) within the memory target, compiled: what CUDA graphs' pool adds to it.
     "torch.compile + gradient checkpointing": Variant(spec={"torch_compile": True, "gradient_checkpointing": True}),
+    # The obvious baseline, on the same inputs: what diffusers' examples/dreambooth/train_dreambooth.py runs a step,
+    # with the latents and prompt states precomputed as here, without DeepSpeed.
+    "plain PyTorch step": Variant(plain=True),
+    # The same compiled as the trainer's torch_compile compiles (CUDA graphs on a GPU): the compiled engine's baseline.
+    "plain PyTorch step + torch.compile": Variant(spec={"torch_compile": True}, plain=True),
 }
 
 
@@ -158,7 +168,53 @@ def replaced(owner, name: str, value):
         setattr(owner, name, original)
 
 
-def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch.device):
+class PlainStep:
+    """diffusers' train_dreambooth.py's step with the engine's interface (call, backward, step, skipped_steps,
+    optimizer, destroy): the trained networks' fp32 weights under autocast (fp16: with a GradScaler),
+    torch.optim.AdamW as diffusers sets it up, gradients unscaled, clipped to norm 1 and set to None after the step,
+    the loss read back every step (diffusers logs it), no DeepSpeed."""
+
+    def __init__(self, model: DreamBoothModel, spec: JobSpec, device: torch.device):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
+        self.autocast = functools.partial(
+            torch.autocast, device.type, dtype=deepspeed_setup.compute_dtype(spec), enabled=spec.precision != "fp32"
+        )
+        self.steps = 0
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, *inputs, **prompt) -> torch.Tensor:
+        with self.autocast():
+            return self.model(*inputs, **prompt)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.loss = loss
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # diffusers' --set_grads_to_none. Its default, gradients zeroed in place, would keep the first step's alive
+        # across steps, where the compiled variant's CUDA graph replays overwrite them (pytorch/pytorch#169545).
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss.item()  # diffusers logs the loss every step: a host sync
+        self.steps += 1
+
+    @property
+    def skipped_steps(self) -> int:
+        """The steps GradScaler skipped for an overflow: AdamW counts those it took, on the host (no sync)."""
+        state = self.optimizer.state.get(self.params[0])
+        return self.steps - (int(state["step"]) if state else 0)
+
+    def destroy(self) -> None:
+        del self.model, self.params, self.optimizer, self.loss
+
+
+def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch.device, storage: Path):
     components = ("unet", "text_encoder") if spec.train_text_encoder else ("unet",)
     networks = load_base_model(model_dir, dtype=torch.float32, device=device, components=components)
     unet, text_encoder = networks.unet, networks.text_encoder if spec.train_text_encoder else None
@@ -181,11 +237,15 @@ def build_engine(spec: JobSpec, variant: Variant, model_dir: Path, device: torch
         if variant.one_optimizer_group:
             one_group = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
             changes.enter_context(replaced(deepspeed_setup, "optimizer_groups", one_group))
+        if variant.plain:  # prepared as the trainer prepares its networks (checkpointing, compiling), but per tensor
+            changes.enter_context(replaced(train_loop, "flatten_parameters", lambda network: None))
         if variant.as_trainer:
-            paths = job_paths(tempfile.gettempdir(), "train-step-profile")
-            model = train_loop.trained_model(spec, paths, unet, text_encoder)
+            # The compile cache is the run's own (`storage`): what earlier runs compiled does not shorten a warm-up.
+            model = train_loop.trained_model(spec, job_paths(storage, "train-step-profile"), unet, text_encoder)
         else:
             model = DreamBoothModel(unet.train(), text_encoder.train() if text_encoder is not None else None)
+        if variant.plain:
+            return PlainStep(model, spec, device)
         return deepspeed_setup.initialize(model, spec, world_size=1)
 
 
@@ -228,7 +288,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
     counts_before = train_loop.compile_counts(spec)  # the trainer's compiled event's counts
     t0 = time.perf_counter()
     try:
-        engine = build_engine(spec, variant, model_dir, device)
+        engine = build_engine(spec, variant, model_dir, device, args.storage)
     except BaseException:
         if rss is not None:  # as below: its sampling thread would skew the next variants' CPU times
             rss.stop()
@@ -350,6 +410,7 @@ def run_variant(name: str, spec: JobSpec, variant: Variant, args, model_dir: Pat
 def variant_line(r: dict, cuda: bool) -> str:
     """A variant's figures as soon as it ends: a run cut short keeps them in its log."""
     syncs = f", {r['syncs']:.0f} host-device syncs a step" if r["syncs"] is not None else ""
+    cache = f", compile cache {r['compile_cache']}" if r["compile_cache"] else ""
     memory = (
         f"peak {r['peak_gib']:.2f} GiB, peak reserved {r['reserved_gib']:.2f} GiB above before, "
         f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after it"
@@ -360,8 +421,8 @@ def variant_line(r: dict, cuda: bool) -> str:
         f"{r['variant']}: step {r['step_ms']:.1f} ms (forward {r['forward_ms']:.1f}, backward {r['backward_ms']:.1f}, "
         f"optimizer step {r['optimizer_ms']:.1f}), skipped (fp16 overflow) {r['timed_skipped']} of the timed steps, "
         f"{r['phases_skipped']} of the phase steps{syncs}, warm-up {r['warmup_s']:.1f} s ({r['warmup_steps']} steps, "
-        f"{r['warmup_skipped']} skipped), {r['graphs']} graphs compiled, {r['cudagraph_skips']} CUDA graph skips, "
-        f"{memory}, init {r['init_s']:.1f} s"
+        f"{r['warmup_skipped']} skipped{cache}), {r['graphs']} graphs compiled, "
+        f"{r['cudagraph_skips']} CUDA graph skips, {memory}, init {r['init_s']:.1f} s"
     )
 
 
@@ -391,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     names = args.variants.split(",") if args.variants else list(VARIANTS)
+    # This run's compile cache, whatever earlier runs left in the trainer's (the storage's) or torch's default one.
+    args.storage = Path(tempfile.mkdtemp(prefix="train-step-profile-"))
     rows = []
+    compiled = 0  # variants of this run that compiled before the next: their code is cached, on disk and in memory
     try:
         for name in names:
             variant = VARIANTS[name]
@@ -408,9 +472,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             for key, value in variant.spec.items():
                 setattr(spec, key, value)
+            cache = None
+            if spec.torch_compile:
+                cache = f"after {compiled} compiled variant{'s' if compiled > 1 else ''}" if compiled else "empty"
+                compiled += 1
             try:
                 with deepspeed_clipping(variant):
-                    rows.append(run_variant(name, spec, variant, args, model_dir, device))
+                    rows.append({**run_variant(name, spec, variant, args, model_dir, device), "compile_cache": cache})
             except Exception:  # one variant's failure (a compile mode untried on this GPU) keeps the others' rows
                 traceback.print_exc()
                 print(f"{name}: failed", flush=True)
@@ -422,11 +490,16 @@ def main(argv: list[str] | None = None) -> int:
             print(variant_line(rows[-1], cuda), flush=True)
     except KeyboardInterrupt:  # device_run.sh's deadline (timeout --signal=INT): the finished variants' table still
         print(f"cut short (interrupted) after {len(rows)} of {len(names)} variants", flush=True)
+    finally:
+        shutil.rmtree(args.storage, ignore_errors=True)
 
     where = torch.cuda.get_device_name(0) if cuda else "CPU"
     trained = "UNet + text encoder" if args.train_text_encoder else "UNet"
     memory = "GiB allocated" if cuda else "GiB RSS above start"
-    print(f"\n{where} | {args.model} {args.resolution} px | {trained} | {args.precision} base | ZeRO-2, 1 process")
+    print(
+        f"\n{where} | {args.model} {args.resolution} px | {trained} | {args.precision} | DeepSpeed ZeRO-2, 1 process "
+        "(plain PyTorch step: torch's AdamW and autocast, fp16 with a GradScaler)"
+    )
     columns = [
         "variant",
         "step ms",
@@ -443,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "host-device syncs a step",
         "warm-up s",
         "warm-up steps (skipped)",
+        "compile cache at warm-up (this run's)",
         "graphs compiled",
         "CUDA graph skips",
         "init s",
@@ -456,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['variant']} | {r['step_ms']:.1f} | {1000 / r['step_ms']:.2f} | {r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | {r['engine_gib']:.2f} | {r['peak_gib']:.2f} | "
             f"{reserved} | {r['timed_skipped']} | {r['phases_skipped']} | {r['optimizer_groups']} | {syncs} | "
-            f"{r['warmup_s']:.1f} | {r['warmup_steps']} ({r['warmup_skipped']}) | {r['graphs']} | "
+            f"{r['warmup_s']:.1f} | {r['warmup_steps']} ({r['warmup_skipped']}) | {r['compile_cache'] or '-'} | "
+            f"{r['graphs']} | "
             f"{r['cudagraph_skips']} | {r['init_s']:.1f} |"
         )
     for r in rows:

@@ -285,6 +285,11 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         validation_prompts=[args.validation_prompt] if args.validation_prompt else [],
     )
     paths = job_paths(Path(args.work_dir) / "storage", "bench")
+    # A --work-dir given again holds the last run's job: run_training would resume from its checkpoints (or refuse a
+    # changed spec), and its events would be summarised with this run's. The job starts afresh; the caches stay.
+    shutil.rmtree(paths.job_dir, ignore_errors=True)
+    shutil.rmtree(paths.model_dir, ignore_errors=True)
+    compile_cache_found = args.compile and any(paths.compile_cache.glob("*/*"))
     # Pre-fill the class-image cache: run_training finds the images there and generates none.
     cache = paths.class_image_cache / cache_key(spec)
     cache.mkdir(parents=True, exist_ok=True)
@@ -308,13 +313,18 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
     wall_s = time.perf_counter() - start
     events = read_events(paths.events_file)
     summary = summarise_events(events, args.warmup)
-    # GBs at SD-1.5 size; the events file stays (with --work-dir) for a closer look.
+    # GBs at SD-1.5 size; the events file stays (with --work-dir, until its next run) for a closer look.
     shutil.rmtree(paths.checkpoints_dir, ignore_errors=True)
     shutil.rmtree(paths.model_dir, ignore_errors=True)
 
+    windows = f"{summary['windows_used']} of {summary['windows']} progress windows used"
+    if summary["steps_per_s"] is None:
+        windows += (
+            " (none after the warm-up is free of a checkpoint save: no steps/s; use more --steps or a longer "
+            "--checkpoint-interval)"
+        )
     notes = (
-        f"{summary['windows_used']} of {summary['windows']} progress windows used; "
-        f"run_training {wall_s:.0f} s: preparing {summary['phases'].get('PREPARING', 0):.0f} s, training "
+        f"{windows}; run_training {wall_s:.0f} s: preparing {summary['phases'].get('PREPARING', 0):.0f} s, training "
         f"{summary['phases'].get('TRAINING', 0):.0f} s (first progress event after "
         f"{summary['first_progress_after_s']:.0f} s: {summary['startup_s']}), export "
         f"{summary['phases'].get('EXPORTING', 0):.0f} s; "
@@ -324,7 +334,8 @@ def run_trainer(args, model_dir: Path, instance_dir: Path, class_files: list[Pat
         f"{summary['windows_while_writing']} steady windows between a save and its commit (its background write)"
     )
     if summary["compiled"]:
-        notes += f"; compiled: {summary['compiled']}"
+        compile_cache = "earlier runs' (--work-dir)" if compile_cache_found else "empty"
+        notes += f"; compiled: {summary['compiled']}, compile cache {compile_cache}"
     if summary["training_peak_memory_gib"] != summary["peak_memory_gib"]:
         notes += f"; peak {fmt(summary['training_peak_memory_gib'], 2)} GiB training, the rest validating"
     if summary["skipped_steps"]:  # as the baseline's note says of its GradScaler
@@ -350,7 +361,8 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
     window (the run's first step, told with no rate), windows with P < `warmup`, and windows holding a
     checkpoint save. A save at step N runs right after step N's progress report, so it lies in the window
     with P <= N < S (by steps, not times: a "checkpoint" event is written when Ray commits it, later). The rate
-    is the windows' steps over their seconds, as the baseline's (a median of windows would drop slow ones).
+    is the windows' steps over their seconds, as the baseline's (a median of windows would drop slow ones);
+    None without such a window: any other rate would include a stall or the warm-up, which the baseline's never does.
     """
     progress = [e for e in events if e["type"] == "progress"]
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
@@ -366,16 +378,14 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         # Ray's 2 s poll after the write ended; a save never committed, as in a run cut short, has no event).
         return any(e["step"] < previous["step"] and e["time"] > previous["time"] for e in checkpoints)
 
-    steady, after_warmup, while_writing = [], [], []
+    steady, while_writing = [], []
     for previous, event in itertools.pairwise(progress):
         if previous["step"] < warmup or event["steps_per_s"] is None:  # a restarted run's first step: no window
             continue
-        after_warmup.append(window(previous, event))
         if not any(previous["step"] <= n < event["step"] for n in saved_at):
             steady.append(window(previous, event))
             if writing(previous):
                 while_writing.append(window(previous, event))
-    windows = steady or after_warmup or [window(a, b) for a, b in itertools.pairwise(progress)]
 
     # Progress and validation events carry the peak so far (validation samples beside the optimizer's states, and
     # with CUDA graphs beside the memory their pool keeps): both, and training's alone.
@@ -404,14 +414,14 @@ def summarise_events(events: list[dict[str, Any]], warmup: int) -> dict[str, Any
         return sum(s for s, _, _ in windows) / sum(t for _, t, _ in windows) if windows else None
 
     return {
-        "steps_per_s": rate(windows),
+        "steps_per_s": rate(steady),
         # Of the steady windows, those between a save and its commit, while its background write went on: what
         # writing costs the training thread (the GIL, host memory bandwidth), beside its stall.
         "steps_per_s_while_writing": rate(while_writing),
         "windows_while_writing": len(while_writing),
-        "skipped_steps": sum(k for _, _, k in windows),
+        "skipped_steps": sum(k for _, _, k in steady),
         "windows": len(progress),
-        "windows_used": len(windows),
+        "windows_used": len(steady),
         "peak_memory_gib": max(memory) if memory else None,
         "training_peak_memory_gib": max(training_memory) if training_memory else None,
         # torch_compile: the first step's seconds (compiling), graphs, and those run without CUDA graphs.
@@ -481,7 +491,11 @@ def parse_args(argv: list[str] | None, cuda: bool) -> argparse.Namespace:
     parser.add_argument("--instance-images", help="a directory of real photos (default: synthetic images)")
     parser.add_argument("--validation-prompt", help="the trainer samples it (2 images) after its last step")
     parser.add_argument("--only", choices=("trainer", "baseline"), help="run one side only")
-    parser.add_argument("--work-dir", help="scratch space (default: a temp dir, removed after; a given one is kept)")
+    parser.add_argument(
+        "--work-dir",
+        help="scratch space (default: a temp dir, removed after); a given one is kept, with the trainer's events, and "
+        "given again, its caches (class images, compiled code) are reused and its job is started afresh",
+    )
     parser.add_argument(
         "--clip-bpe",
         help=f"CLIP's bpe_simple_vocab_16e6.txt.gz where open_clip_torch is not installed (sets ${CLIP_BPE_ENV}; "
