@@ -20,7 +20,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -255,23 +255,18 @@ class Generator:
                 raise
             return await asyncio.wrap_future(pending.submitted)
 
-    @contextlib.contextmanager
-    def _waiting_for_load(self, model_id: str) -> Iterator[None]:
+    def _waiting_for_load(self, model_id: str) -> contextlib.AbstractContextManager[None]:
         """Counts a request among those waiting for `model_id` to load (its files' read, Serve's loading lock, the
         load itself), or refuses it (ModelUnavailable: 503, retry later) where max_batch_size of them wait already,
         at least a batch to sample once it loads. Each holds one of the replica's max_ongoing_requests while it
         waits, up to LOAD_TIMEOUT_S on storage that stopped answering: a burst of requests for one model filled them
-        all, and every other model's requests, loaded or not, queued behind. The requests run on the replica's
-        event loop: no lock."""
-        if (waiting := self._waiting[model_id]) >= self.config.max_batch_size:
-            raise unavailable(f"{waiting} requests wait for model {model_id} to load already", 0)
-        self._waiting[model_id] += 1
-        try:
-            yield
-        finally:
-            self._waiting[model_id] -= 1
-            if not self._waiting[model_id]:
-                del self._waiting[model_id]
+        all, and every other model's requests, loaded or not, queued behind."""
+        return counted(
+            self._waiting,
+            model_id,
+            self.config.max_batch_size,
+            lambda waiting: unavailable(f"{waiting} requests wait for model {model_id} to load already", 0),
+        )
 
     async def _read_tokenizer(self, path: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._storage_reads, self.engine.tokenizer, path)
@@ -338,6 +333,21 @@ class Generator:
                 # Serve's batch loop keeps the last batch's arguments until the next batch comes: holding its model,
                 # they kept it in memory after the multiplexer evicted it, beside its replacement as that loaded.
                 item.model = None
+
+
+@contextlib.contextmanager
+def counted(counts: collections.Counter, key: Any, limit: float, refusal: Callable[[int], Exception]) -> Iterator[None]:
+    """One of `key`'s `limit` places in `counts` while the block runs, `refusal(count)` raised where none is free. For
+    counts an event loop alone changes (a replica's requests): no lock."""
+    if (count := counts[key]) >= limit:
+        raise refusal(count)
+    counts[key] += 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
 
 
 def render(model_id: str, encoded: EncodedResult, output_format: str) -> Response:
@@ -687,20 +697,12 @@ class Ingress:
         headers = {"Retry-After": str(max(self.config.retry_after_s, math.ceil(not_before_s)))}
         return ApiError(status_code, code, f"{why}; retry later", headers=headers)
 
-    @contextlib.contextmanager
-    def _turn_of(self, tenant: str | None) -> Iterator[None]:
+    def _turn_of(self, tenant: str | None) -> contextlib.AbstractContextManager[None]:
         """One of the tenant's max_requests_per_tenant turns while the block runs (TenantBusy if none is free); no
-        limit without tenants. The handlers run on one event loop: no lock."""
-        limit = self.config.max_requests_per_tenant
-        if tenant is not None and self._in_flight[tenant] >= limit:
-            raise TenantBusy(f"your tenant has {limit} requests in progress, the most it may (max_requests_per_tenant)")
-        self._in_flight[tenant] += 1
-        try:
-            yield
-        finally:
-            self._in_flight[tenant] -= 1
-            if not self._in_flight[tenant]:
-                del self._in_flight[tenant]
+        limit without tenants."""
+        limit = self.config.max_requests_per_tenant if tenant is not None else math.inf
+        message = f"your tenant has {limit} requests in progress, the most it may (max_requests_per_tenant)"
+        return counted(self._in_flight, tenant, limit, lambda _: TenantBusy(message))
 
     def _tenant(self, token: str | None) -> str | None:
         try:

@@ -307,13 +307,8 @@ def test_one_tenants_burst_is_throttled_and_another_tenant_is_served(service, su
             assert generate(service, "fido", "bob-serving-token").status_code == 200
             assert sorted(f.result().status_code for f in burst) == [200, 200, 200, 429, 429, 429]
         # A body comes only with a valid token: without one, 401 before it is read, not 408 once it was slow.
-        url = urllib.parse.urlsplit(service.endpoint("rex"))
-        head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-        with socket.create_connection((url.hostname, url.port), timeout=60) as slow:
-            slow.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')  # and no more
-            answer = http.client.HTTPResponse(slow)
-            answer.begin()
-            assert (answer.status, answer.getheader("www-authenticate")) == (401, "Bearer")
+        answer, _ = half_sent_body(service)
+        assert (answer.status, answer.getheader("www-authenticate")) == (401, "Bearer")
     finally:
         deployer.apply(models)
         deadline = time.monotonic() + 60
@@ -366,16 +361,21 @@ def test_a_body_over_the_cap_is_413_whether_its_length_is_announced_or_not(servi
     assert generate(service, "rex", steps=2).status_code == 200  # and the ingress still serves
 
 
-def test_a_body_not_all_there_in_time_is_408(service):
-    """Serve hands the ingress a request with its headers: bodies sent a byte at a time, by callers whose token is
-    checked only after, held every slot of the ingress, every tenant's requests queueing behind them."""
+def half_sent_body(service: ServeConfig) -> tuple[http.client.HTTPResponse, str]:
+    """A generate request for rex whose body announces 100 bytes and sends 11, and no more: the answer, its body."""
     url = urllib.parse.urlsplit(service.endpoint("rex"))
     head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
     with socket.create_connection((url.hostname, url.port), timeout=60) as slow:
-        slow.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')  # and no more
+        slow.sendall(f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
         answer = http.client.HTTPResponse(slow)
         answer.begin()
-        body = answer.read().decode()
+        return answer, answer.read().decode()
+
+
+def test_a_body_not_all_there_in_time_is_408(service):
+    """Serve hands the ingress a request with its headers: bodies sent a byte at a time, by callers whose token is
+    checked only after, held every slot of the ingress, every tenant's requests queueing behind them."""
+    answer, body = half_sent_body(service)
     assert answer.status == 408, body
     assert f"did not arrive within {service.body_timeout_s:g} s" in body
 
