@@ -126,11 +126,13 @@ class Reconciler:
     def reconcile_once(self) -> None:
         """One pass. Its parts fail alone (logged, retried next pass): a job that cannot be followed, or Ray down
         for scheduling, must not hold the other jobs. (Serving catches up on a thread of its own: ServingSync.)"""
-        jobs_api_unreachable = False
+        jobs_api_failing = False
         for job in self.store.active_jobs():
             failed = _logged(f"following job {job.job_id}", self._follow, job)
-            jobs_api_unreachable |= isinstance(failed, RayJobsError) and not failed.reached_ray
-        _logged("scheduling", self._schedule, jobs_api_unreachable)
+            # Unreachable, or reached but not answering in time or failing (a wedged head): either way a job started
+            # now would wait on it too.
+            jobs_api_failing |= isinstance(failed, RayJobsError)
+        _logged("scheduling", self._schedule, jobs_api_failing)
         _logged("job counts", self._count_jobs)
 
     def _count_jobs(self) -> None:
@@ -141,10 +143,17 @@ class Reconciler:
 
     # --- starting ------------------------------------------------------------------------------------
 
-    def _schedule(self, jobs_api_unreachable: bool = False) -> None:
-        """Starts the queued jobs whose turn it is, but none while Ray's Jobs API is down: `jobs_api_unreachable`
-        (a job this pass followed found it so), or once a submission of this pass failed."""
-        active, capacity = self.store.active_jobs(), self.capacity()
+    def _schedule(self, jobs_api_failing: bool = False) -> None:
+        """Starts the queued jobs whose turn it is, but none while Ray's Jobs API fails: `jobs_api_failing` (a job
+        this pass followed found it so), or once a submission of this pass failed."""
+        active = self.store.active_jobs()
+        try:
+            capacity = self.capacity()
+        except RayJobsError:  # Ray cannot say what the cluster holds: every queued job waits for it to
+            waiting = Waiting("CLUSTER_UNAVAILABLE", "Ray's Jobs API does not answer: it starts once it does again")
+            self.service.set_queue(Queue(others=waiting))
+            metrics.set_queued_jobs({waiting.reason: sum(self.store.queued_by_tenant().values())})
+            raise
         if (held := sum(demand(job.spec).cpus for job in active)) >= capacity.cpus:
             # Every job needs CPUs: nothing can start, so don't read the queue (a burst of submissions would make
             # each pass read it all).
@@ -161,7 +170,7 @@ class Reconciler:
         # whose submission failed waits, PREPARING, to be sent again as the same attempt (_follow); once it is, the
         # next pass starts the others. A submission that failed otherwise (timed out, refused) stops the pass too:
         # the next would wait as long, or fail alike.
-        waiting, jobs_api_down = dict(plan.waiting), jobs_api_unreachable
+        waiting, jobs_api_down = dict(plan.waiting), jobs_api_failing
         for job in plan.starting:
             if jobs_api_down:
                 waiting[job.job_id] = Waiting(
@@ -254,9 +263,17 @@ class Reconciler:
         log.info("job %s: submitted Ray job %s", job.job_id, job.ray_submission_id)
 
     def _touch_events(self, job: JobRecord) -> None:
-        # Not the job's folder, made at its submission: one that is gone was deleted with its job (cancelled and
-        # deleted since this pass read the queue), and made again it would be left behind for good.
-        job_paths(self.config.storage, job.job_id).events_file.touch()
+        events = job_paths(self.config.storage, job.job_id).events_file
+        try:
+            events.touch()
+        except FileNotFoundError:
+            # The job's folder, made at its submission, is gone. Deleted with the job (cancelled and deleted since
+            # this pass read the queue): not made again, to be left behind for good. Gone otherwise (a database
+            # restored beside older storage): made, and the job runs into what it lacks, rather than waiting for good.
+            if self.store.get_job(job.job_id) is None:
+                raise
+            events.parent.mkdir(parents=True, exist_ok=True)
+            events.touch()
 
     def _run_clock_started(self, job: JobRecord) -> JobRecord:
         """The job as this pass read it, its run time (max_job_run_s) counted from now unless Ray had an attempt of it

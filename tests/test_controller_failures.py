@@ -220,6 +220,36 @@ def test_while_rays_jobs_api_cannot_be_reached_jobs_stay_queued_and_no_run_time_
                 _ended(ray_jobs, submission)
 
 
+def test_while_rays_jobs_api_answers_nothing_no_more_jobs_start(config):
+    """A head that takes connections but does not answer (wedged, overloaded): its submission timed out "reaching" Ray,
+    and each pass started one more job into it, each holding its tenant's slot, each pass waiting on every one."""
+    from controller.reconciler import Reconciler
+
+    with socket.socket() as wedged:
+        wedged.bind(("127.0.0.1", 0))
+        wedged.listen(64)  # connections are made, and never answered
+        config = dataclasses.replace(config, ray_dashboard_url=f"http://127.0.0.1:{wedged.getsockname()[1]}")
+        config.storage.mkdir(parents=True)
+        store = Store(config.effective_database_url)
+        ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(config.storage), timeout_s=1)
+        service = JobService(config, store, ray_jobs, ChangeFeed())
+        reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
+        try:
+            jobs = [queued(store, config.storage) for _ in range(2)]  # alice runs 2 at once
+            for _ in range(3):
+                reconciler.reconcile_once()
+            assert [store.get_job(job.job_id).state for job in jobs] == ["PREPARING", "QUEUED"]
+            assert service.waiting_for(store.get_job(jobs[1].job_id)).reason == "CLUSTER_UNAVAILABLE"
+            # Without the cluster's size configured, a pass asks Ray for it: the queue says why it waits.
+            reconciler.config = dataclasses.replace(config, capacity_cpus=None)
+            reconciler._capacity = None
+            reconciler.reconcile_once()
+            assert service.waiting_for(store.get_job(jobs[1].job_id)).reason == "CLUSTER_UNAVAILABLE"
+        finally:
+            reconciler.stop()
+            store.close()
+
+
 def test_a_cancel_during_a_pass_keeps_it_from_sending_the_attempt_ray_never_had(ray_cluster, ray_down):
     """A pass reads a job whose submission could not reach Ray; the job is cancelled (Ray has nothing to stop); Ray is
     back when the pass comes to the job: the attempt is not sent then, to be stopped on the next pass."""
@@ -252,6 +282,13 @@ def test_a_job_cancelled_and_deleted_after_a_pass_read_the_queue_leaves_no_folde
     reconciler._schedule()
     assert store.get_job(job.job_id) is None
     assert not job_paths(reconciler.config.storage, job.job_id).job_dir.exists()
+    # A job whose folder is gone otherwise (a database restored beside older storage) starts, into what it lacks: it
+    # waited for good, "the controller cannot write to its storage", holding its place and its share of the cluster.
+    monkeypatch.undo()
+    other = queued(store, reconciler.config.storage)
+    shutil.rmtree(job_paths(reconciler.config.storage, other.job_id).job_dir)
+    reconciler._schedule()
+    assert (store.get_job(other.job_id).state, store.get_job(other.job_id).attempts) == ("PREPARING", 1)
 
 
 @pytest.mark.parametrize("driver", ["sleep 600", "false"])  # stopped by the cancel / failed on its own
