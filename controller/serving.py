@@ -41,6 +41,7 @@ class ServingSync:
         # The model ids of the deployed set last applied (None before this controller's first apply: Serve may then
         # serve whatever a controller before it applied). Read by other threads (may_serve), replaced whole.
         self._applied: frozenset[str] | None = None
+        self._applying: frozenset[str] = frozenset()  # the deployed set an apply under way gives Serve
         self._woken = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,22 +72,29 @@ class ServingSync:
         self._woken.set()
 
     def may_serve(self, model_id: str) -> bool:
-        """Whether Ray Serve may still serve the model: it was in the deployed set last applied, or none has been
-        applied yet. An undeploy is recorded at once and reaches Serve with the next apply: seconds, or as long as
-        Serve's REST API does not answer."""
+        """Whether Ray Serve may still serve the model: it is in the deployed set last applied or being applied now
+        (read before an undeploy, an apply under way gives it to Serve after), or none has been applied yet. An
+        undeploy is recorded at once and reaches Serve with the next apply: seconds, or as long as Serve's REST API
+        does not answer."""
+        # In this order: the thread adds the set it applied to _applied before it clears _applying.
+        applying = self._applying
         applied = self._applied
-        return applied is None or model_id in applied
+        return applied is None or model_id in applied or model_id in applying
 
     def _apply(self) -> None:
         """Applies the store's deployed set now; on failure, tried again after RETRY_INTERVAL_S."""
         try:  # the store's read too: a database that failed it for a moment must not leave the change unapplied
             deployed = self.store.deployed_models()
             models = {model.model_id: model.path for model in deployed}
+            self._applying = frozenset(models)
             self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
         except Exception as e:
             self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
             log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
             return
+        finally:  # a failed apply may have reached Serve all the same: its set counts as served until the next
+            self._applied = self._applied if self._applied is None else self._applied | self._applying
+            self._applying = frozenset()
         self._applied = frozenset(models)
         self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
 

@@ -408,6 +408,9 @@ def _generate(client: DreamBoothClient, args: argparse.Namespace) -> int:
     if not model.deployed:
         print(f"error: model {args.model_id} is not deployed: run `dreambooth deploy {args.model_id}`", file=sys.stderr)
         return 2
+    if not model.endpoint:  # deployed, on a controller whose `serving:` section was removed since
+        print(f"error: model {args.model_id} is served nowhere: its controller has no serving", file=sys.stderr)
+        return 1
     _output_dir(args.out)  # before the GPU work: a file there, or a folder not writable, lost the images after it
     options = {"num_images": args.num_images, "seed": args.seed, "negative_prompt": args.negative_prompt}
     # Unset, the serving API's defaults apply (one place for them: serving/http_api.GenerateBody).

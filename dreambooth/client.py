@@ -235,17 +235,20 @@ class DreamBoothClient:
             priority=priority,
         )
         upload_s = sum(len(image.data) for image in images) / UPLOAD_BYTES_PER_S
+        # One deadline for every attempt, as gRPC's retries have: each its own made a call take 4x as long.
+        deadline = time.monotonic() + self._timeout_s + upload_s
         sent = False  # whether an attempt got past connecting: then it may have queued the job
         for attempt in range(1, _RETRY_ATTEMPTS + 1):
             try:
-                return self._call(self._jobs.SubmitJob, request, timeout_s=self._timeout_s + upload_s).job
+                left_s = max(deadline - time.monotonic(), 0.001)
+                return self._call(self._jobs.SubmitJob, request, timeout_s=left_s).job
             except ClientError as e:
                 sent = sent or not e.failed_to_connect
-                if e.code != "UNAVAILABLE" or attempt == _RETRY_ATTEMPTS:
+                backoff_s = random.uniform(0, min(_RETRY_BACKOFF_S[0] * 2 ** (attempt - 1), _RETRY_BACKOFF_S[1]))
+                if e.code != "UNAVAILABLE" or attempt == _RETRY_ATTEMPTS or time.monotonic() + backoff_s >= deadline:
                     e.never_sent = not sent
                     raise
-            backoff_s = min(_RETRY_BACKOFF_S[0] * 2 ** (attempt - 1), _RETRY_BACKOFF_S[1])
-            time.sleep(random.uniform(0, backoff_s))
+            time.sleep(backoff_s)
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)).job
@@ -326,9 +329,20 @@ class DreamBoothClient:
     def undeploy(self, model_id: str) -> models_pb2.Model:
         return self._call(self._models.UndeployModel, models_pb2.UndeployModelRequest(model_id=model_id)).model
 
-    def delete_model(self, model_id: str) -> None:
-        """Deletes the model and its files (FAILED_PRECONDITION while it is deployed: undeploy it first)."""
-        self._call(self._models.DeleteModel, models_pb2.DeleteModelRequest(model_id=model_id))
+    def delete_model(self, model_id: str, wait_s: float = 60) -> None:
+        """Deletes the model and its files (FAILED_PRECONDITION while it is deployed: undeploy it first). Right after
+        an undeploy, the controller refuses it until serving has applied that (with a retry delay): retried so for
+        up to `wait_s`, so that `undeploy(); delete_model()` works."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._call(self._models.DeleteModel, models_pb2.DeleteModelRequest(model_id=model_id))
+                return
+            except ClientError as e:
+                undeploying = e.reason == "MODEL_DEPLOYED" and e.retry_after_s is not None
+                if not undeploying or time.monotonic() + e.retry_after_s > deadline:
+                    raise
+                time.sleep(e.retry_after_s)
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout_s: float | None = None) -> Any:
         try:

@@ -29,6 +29,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from dreambooth import serving_client
@@ -83,6 +86,7 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
         self.requests: list[object] = []
         self.deadlines_s: list[float | None] = []  # what each call had left when it arrived
         self.lock = threading.Lock()
+        self.serving_lags = 0  # DeleteModels refused as the controller does until serving applied an undeploy
 
     def _auth(self, request: object, context: grpc.ServicerContext) -> None:
         with self.lock:
@@ -180,8 +184,22 @@ class FakeController(jobs_pb2_grpc.JobServiceServicer, models_pb2_grpc.ModelServ
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"model {request.model_id} is deployed: undeploy it first"
             )
+        if self.serving_lags:
+            self.serving_lags -= 1
+            context.abort_with_status(_still_served(request.model_id))
         del self.models[request.model_id]
         return models_pb2.DeleteModelResponse()
+
+
+def _still_served(model_id: str) -> grpc.Status:
+    """The controller's refusal of a DeleteModel right after an UndeployModel: FAILED_PRECONDITION, its reason, and a
+    retry delay (RetryInfo), as grpc-status-details-bin."""
+    reason, delay = any_pb2.Any(), any_pb2.Any()
+    reason.Pack(error_details_pb2.ErrorInfo(reason="MODEL_DEPLOYED", domain="dreambooth.v1"))
+    delay.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=50_000_000)))
+    message = f"model {model_id} may still be served (serving has not applied its undeploy yet): retry in a moment"
+    status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=message, details=[reason, delay])
+    return rpc_status.to_status(status)
 
 
 def _serve(controller: FakeController, credentials: grpc.ServerCredentials | None = None):
@@ -761,6 +779,30 @@ def test_cli_submit_that_may_have_been_queued_says_how_to_retry_it_safely(code, 
         server.stop(grace=None)
 
 
+class _UnavailableAfterAWhile(FakeController):
+    """Answers every submission UNAVAILABLE after working on it for a while (its database down after the photo
+    checks, say)."""
+
+    def SubmitJob(self, request, context):
+        self.requests.append(request)
+        time.sleep(0.6)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "database is unavailable")
+
+
+def test_a_submissions_retries_share_its_deadline(job_yaml):
+    """Each attempt had a deadline of its own: a controller answering UNAVAILABLE late made one call last four."""
+    fake = _UnavailableAfterAWhile()
+    server, target = _serve(fake)
+    try:
+        with DreamBoothClient(target, TOKEN, timeout_s=1.5) as client, pytest.raises(ClientError) as failed:
+            started = time.monotonic()
+            client.submit(job_yaml, upload=False)
+        assert failed.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not failed.value.never_sent
+        assert time.monotonic() - started < 2.5 and len(fake.requests) <= 3
+    finally:
+        server.stop(grace=None)
+
+
 class _GoneAfterSubmit(FakeController):
     """Takes a submission, then goes away before answering (a controller restarting): the retries of the call find
     no one there, and the last one's error is "failed to connect"."""
@@ -830,6 +872,7 @@ def test_cli_delete_model(cli, controller):
     code, _, err = cli("delete-model", "model-3")
     assert code == 2 and err == "error: FAILED_PRECONDITION: model model-3 is deployed: undeploy it first\n"
     assert cli("undeploy", "model-3")[0] == 0
+    controller.serving_lags = 2  # serving applies the undeploy a moment later: the delete waits for it
     assert cli("delete-model", "model-3")[:2] == (0, "model-3 deleted\n") and not controller.models
     code, _, err = cli("delete-model", "model-3")
     assert code == 2 and err.startswith("error: NOT_FOUND: ")
@@ -1037,6 +1080,14 @@ def test_cli_generate_names_files_so_that_another_prompt_keeps_them(cli, control
     assert not {"steps", "guidance_scale", "width", "height"} & set(serving_api.bodies[0])
     assert cli("generate", "model-3", prompts[0], "--steps", "5", "--out", str(tmp_path / "images"))[0] == 0
     assert serving_api.bodies[-1]["steps"] == 5
+
+
+def test_cli_generate_says_a_model_deployed_on_a_controller_without_serving_is_served_nowhere(cli, controller):
+    """Its `serving:` section removed since the deploy: the model is still marked deployed, with no endpoint, which
+    `generate` sent to urllib (a ValueError's traceback)."""
+    controller.models["model-3"].deployed = True
+    code, _, err = cli("generate", "model-3", "a photo of sks dog")
+    assert (code, err) == (1, "error: model model-3 is served nowhere: its controller has no serving\n")
 
 
 def test_cli_generate_refuses_an_out_that_is_a_file_before_generating(cli, controller, serving_api, tmp_path):

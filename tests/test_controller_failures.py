@@ -1975,6 +1975,26 @@ def test_an_undeployed_model_is_deleted_only_once_serving_has_stopped_serving_it
         assert serve.applied[-1] == {}
         service.delete_model("default", "model-1")
         assert not model_dirs["model-1"].exists() and store.get_model("model-1") is None
+
+        # Deployed, then undeployed while the apply that read it deployed is under way (Serve's REST API slow): that
+        # apply gives it to Serve after, so a delete meanwhile would leave Serve a model with no files.
+        model_dirs["model-3"] = job_paths(tmp_path, "job-3").model_dir
+        model_dirs["model-3"].mkdir(parents=True)
+        store.insert_model(ModelRecord("model-3", "default", "job-3", str(model_dirs["model-3"])))
+        service.deploy_model("default", "model-3")
+        refusals = []
+
+        def undeploy_and_delete_meanwhile(models: dict, tenants: dict, tokens: dict) -> None:
+            service.undeploy_model("default", "model-3")
+            with pytest.raises(FailedPrecondition, match="retry in a moment") as refused:
+                service.delete_model("default", "model-3")
+            refusals.append(refused.value)
+            serve.applied.append(models)
+
+        monkeypatch.setattr(serve, "apply", undeploy_and_delete_meanwhile)
+        sync.reconcile()
+        assert len(refusals) == 1 and serve.applied[-1] == {"model-3": str(model_dirs["model-3"])}
+        assert model_dirs["model-3"].exists()
     finally:
         store.close()
 
