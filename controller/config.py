@@ -67,6 +67,10 @@ class ControllerConfig:
     could swap a link after the check, for another tenant's model)."""
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics; empty string: off."""
+    health_listen: str = ""
+    """A port of its own for grpc.health.v1's Check, in plaintext, for probes (Kubernetes' kubelet): not the tenants'
+    (`listen`), where health needs no token and so shares a few slots with anyone's calls, a few held open enough to
+    fail every probe, and where TLS fails the kubelet's. Keep it off the network tenants reach. Empty: none."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     reconcile_interval_s: float = 0.5

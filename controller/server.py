@@ -38,6 +38,7 @@ from serving.deployer import ServeDeployer
 log = logging.getLogger(__name__)
 
 UNARY_THREADS = 64
+PROBE_THREADS = 4  # health_listen's: probes come every few seconds, each answered in a millisecond
 UNARY_BACKLOG = 256  # unary calls in flight (running or waiting for a thread); beyond: RESOURCE_EXHAUSTED
 
 SERVICE_NAMES = (
@@ -59,11 +60,15 @@ class Controller:
     service: JobService
     metrics_server: object | None
     database_hold: contextlib.ExitStack  # this controller's claim on its database
+    health_server: grpc.Server | None = None  # health_listen's
+    health_port: int = 0
 
     def stop(self, grace_s: float = 10) -> None:
         """Graceful: refuse new calls, let running ones finish (up to grace_s), then stop the loop."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0)
         reconciler_stopped = self.reconciler.stop()
         if self.service.serving is not None:
             self.service.serving.stop()
@@ -169,6 +174,9 @@ def _start(
         port = 0
     if port == 0:
         raise OSError(f"listen: cannot listen on {config.listen} (in use, or not an address of this machine)")
+    health_server, health_port = None, 0
+    if config.health_listen:
+        health_server, health_port = _probes_server(config.health_listen, health_servicer)
     try:
         metrics_server = metrics.serve(config.metrics_listen)[0] if config.metrics_listen else None
     except OSError as e:
@@ -178,8 +186,43 @@ def _start(
     if serving is not None:
         serving.start()
     server.start()
+    if health_server is not None:
+        health_server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
-    return Controller(server, port, reconciler, health_servicer, service, metrics_server, held)
+    return Controller(
+        server, port, reconciler, health_servicer, service, metrics_server, held, health_server, health_port
+    )
+
+
+class ProbeHealth(health_pb2_grpc.HealthServicer):
+    """health_listen's: the controller's health Check, no Watch (a probe checks; a watch would hold one of the few
+    threads for good)."""
+
+    def __init__(self, checked: health.HealthServicer):
+        self._checked = checked
+
+    def Check(self, request, context):
+        return self._checked.Check(request, context)
+
+    def Watch(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "probes Check; Watch on the controller's own port")
+
+
+def _probes_server(listen: str, checked: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A gRPC server of health Check alone, for probes: a few threads, requests of a few bytes."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe"),
+        options=[("grpc.max_receive_message_length", 1024), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=2 * PROBE_THREADS,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(ProbeHealth(checked), server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # gRPC's "Failed to bind to address"
+        port = 0
+    if port == 0:
+        raise OSError(f"health_listen: cannot listen on {listen} (in use, or not an address of this machine)")
+    return server, port
 
 
 class KnownServicesHealth(health.HealthServicer):

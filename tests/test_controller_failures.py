@@ -1440,6 +1440,31 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
+def test_probes_have_a_health_port_of_their_own(config):
+    """health_listen: the kubelet's Check in plaintext beside a TLS port, on threads of its own that the tenants' port's
+    callers (without a token, with open health calls) cannot hold; no Watch there to hold them either."""
+    controller = start(dataclasses.replace(config, health_listen="127.0.0.1:0"))
+    held = [_stuck_health_checks(controller.port, 40) for _ in range(2)]  # the tenants' port's health slots, held
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{controller.health_port}") as channel:
+            probe = health_pb2_grpc.HealthStub(channel)
+            assert (
+                probe.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            )
+            with pytest.raises(grpc.RpcError) as watch:
+                next(probe.Watch(health_pb2.HealthCheckRequest(), timeout=5))
+            assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            controller.stop(grace_s=1)
+            with pytest.raises(grpc.RpcError):  # gone with the controller
+                probe.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    finally:
+        for sock in held:
+            with contextlib.suppress(OSError):  # the controller may have closed it already
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        controller.stop(grace_s=1)
+
+
 def test_health_calls_that_never_finish_their_request_hold_no_tenants_thread(config):
     """Health takes no token (probes have none): calls whose request never finished arriving held every RPC thread,
     every tenant's calls waiting behind them. At most a few are in progress at once; the rest are refused unread."""

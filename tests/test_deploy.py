@@ -190,6 +190,12 @@ def test_controller_pod_config_merges_configmap_and_secret(tmp_path):
     ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert int(config.listen.rpartition(":")[2]) == ports["grpc"] == 50051
     assert int(config.metrics_listen.rpartition(":")[2]) == ports["metrics"] == 9464
+    # The kubelet's probes ask the health port (plaintext, whatever TLS 50051 serves), which the Service leaves out.
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    probed = {container[probe]["grpc"]["port"] for probe in ("readinessProbe", "livenessProbe")}
+    assert probed == {int(config.health_listen.rpartition(":")[2])} == {ports["health"]}
+    (service,) = [o for o in _objects("Service") if o["metadata"]["name"] == "dreambooth-controller"]
+    assert ports["health"] not in {p["port"] for p in service["spec"]["ports"]}
     db_mount = next(
         m["mountPath"]
         for m in deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
