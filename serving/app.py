@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -143,8 +144,12 @@ class Generator:
         self._waiting: collections.Counter[str] = collections.Counter()  # by model id: requests awaiting its load
         self.metrics = GeneratorMetrics()
         self._loaded_models = 0  # in memory, until the last request sampling one lets it go
-        self._loaded_lock = threading.Lock()  # models die on whichever thread drops them last
-        threading.Thread(target=self._report_loaded_models, name="loaded-models-metric", daemon=True).start()
+        # Models die on whichever thread drops them last, a garbage collection's too, which may run in a thread
+        # holding the lock (setting the gauge allocates): reentrant.
+        self._loaded_lock = threading.RLock()
+        threading.Thread(
+            target=_report_loaded_models, args=(weakref.ref(self),), name="loaded-models-metric", daemon=True
+        ).start()
         self._loading = 0  # models loading on a thread of their own (on a GPU), beside the requests sampling
         self.batcher = StepBatcher(
             self.engine,
@@ -265,7 +270,8 @@ class Generator:
             self._waiting,
             model_id,
             self.config.max_batch_size,
-            lambda waiting: unavailable(f"{waiting} requests wait for model {model_id} to load already", 0),
+            # Retried after as long as a failed load is (the default 2 s, three times, ended before most loads).
+            lambda waiting: unavailable(f"{waiting} requests wait for model {model_id} to load", LOAD_RETRY_S),
         )
 
     async def _read_tokenizer(self, path: str) -> None:
@@ -311,15 +317,9 @@ class Generator:
             self._loaded_models += change
             self.metrics.loaded_models.set(self._loaded_models)
 
-    def _report_loaded_models(self) -> None:
-        """Sets the loaded-models gauge once every metrics report interval: Ray's metrics agent forgets a gauge's value
-        two intervals (20 s by default) after it was last set, and a replica's models change only when one loads or
-        goes (set then alone, the panel had no data between loads, most of the time)."""
-        report_interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000  # as Ray's own floor
-        while True:
-            time.sleep(report_interval_s)
-            with self._loaded_lock:
-                self.metrics.loaded_models.set(self._loaded_models)
+    def _set_loaded_gauge(self) -> None:
+        with self._loaded_lock:
+            self.metrics.loaded_models.set(self._loaded_models)
 
     def _submit_batch(self, items: list[_Pending]) -> None:
         """One @serve.batch call: a cohort per (model, shape) group, submitted to the step batcher."""
@@ -333,6 +333,19 @@ class Generator:
                 # Serve's batch loop keeps the last batch's arguments until the next batch comes: holding its model,
                 # they kept it in memory after the multiplexer evicted it, beside its replacement as that loaded.
                 item.model = None
+
+
+def _report_loaded_models(generator: weakref.ref[Generator]) -> None:
+    """Sets a generator's loaded-models gauge once every metrics report interval, while it lives: Ray's metrics agent
+    forgets a gauge's value two intervals (20 s by default) after it was last set, and a replica's models change only
+    when one loads or goes (set then alone, the panel had no data between loads, most of the time)."""
+    report_interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000  # as Ray's own floor
+    while True:
+        time.sleep(report_interval_s)
+        if (alive := generator()) is None:
+            return
+        alive._set_loaded_gauge()
+        del alive  # not held through the sleep
 
 
 @contextlib.contextmanager
@@ -521,8 +534,8 @@ class BodyCap:
     """413 for a body over MAX_BODY_BYTES, announced (Content-Length: refused unread) or counted as it arrives (FastAPI
     reads a body whole before its handler checks the token), and 408 for one not all there `body_timeout_s` after
     the headers: Serve hands the ingress a request with its headers, and bodies sent a byte at a time held all its
-    slots, every tenant's requests queueing behind them. Where tenants are configured, a body comes only with a
-    valid token: 401 before it is read (callers with none held those slots too, each for body_timeout_s). Not
+    slots, every tenant's requests queueing behind them. Where tenants are configured, a generate request's body
+    comes only with a valid token: 401 before it is read (callers with none held those slots too). Not
     FastAPI's max_body_size: it answers an announced one "Content Too Large" in plain text, over whatever the
     handlers said."""
 
@@ -538,12 +551,15 @@ class BodyCap:
         refusal = _too_large() if announced.isdigit() and int(announced) > MAX_BODY_BYTES else None
         # The replica's ingress, as Serve hands it to the handlers (`self`): what it was configured with.
         ingress = serve.get_replica_context().servable_object
-        if refusal is None and scope["method"] == "POST":
+        generating = _GENERATE_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
+        if refusal is None and generating is not None:
             scheme, token = get_authorization_scheme_param(headers.get("authorization"))  # as HTTPBearer reads it
             try:
                 ingress.access.tenant(token if scheme.lower() == "bearer" else None)
             except Unauthenticated as e:
                 refusal = _unauthenticated(e)
+                model = ingress.models.get(generating["model_id"])  # counted as the handler counts its refusals
+                ingress.metrics.record((model.class_prompt or "") if model else "", "unauthenticated", 0.0, 0)
         if refusal is not None:
             response = await http_error(Request(scope), refusal)
             await response(scope, receive, send)
@@ -570,6 +586,7 @@ class BodyCap:
         await self.app(scope, receive_capped, send)
 
 
+_GENERATE_PATH = re.compile(r".*/v1/models/(?P<model_id>[^/]+)/generate")  # behind any route_prefix
 api.add_middleware(BodyCap)
 
 

@@ -64,7 +64,8 @@ class ServeConfig:
     """Subject models each replica keeps loaded (least recently used evicted); base components are shared."""
     max_batch_size: int = 8
     """Images sampled together in one UNet forward (requests for one model and image size share it; a request
-    that finds it full waits for room, checked between denoising steps)."""
+    that finds it full waits for room, checked between denoising steps). Also how many requests may wait on a
+    replica for one model's load: the next are refused 503 with Retry-After (serving/app.py)."""
     batch_wait_timeout_s: float = 0.01
     """How long `@serve.batch` waits for more requests before handing a group to the running batch. Short: a lone
     request waits this long before it starts, and one that misses a group joins it at the next denoising step."""

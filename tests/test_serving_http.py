@@ -206,10 +206,13 @@ def test_a_request_without_a_valid_bearer_token_is_401(http, authorization):
     assert [m["model_id"] for m in http.get("/v1/models", headers=lowercase).json()["models"]] == ["rex"]
 
 
-def test_a_body_without_a_valid_token_is_refused_before_it_is_read(http):
+def test_a_body_without_a_valid_token_is_refused_before_it_is_read(http, monkeypatch):
     """Serve hands the ingress a request with its headers: bodies that never finish arriving, from callers with no
-    token (checked only once FastAPI had the body), held the ingress's slots for body_timeout_s each."""
-    read, sent = [], []
+    token (checked only once FastAPI had the body), held the ingress's slots for body_timeout_s each. Each such
+    refusal is counted as the handler counts its own; other routes answer as they did."""
+    read, sent, outcomes = [], [], []
+    metrics = serve.get_replica_context().servable_object.metrics
+    monkeypatch.setattr(metrics, "record", lambda model_class, outcome, *_: outcomes.append((model_class, outcome)))
 
     async def receive():
         read.append(True)
@@ -237,6 +240,9 @@ def test_a_body_without_a_valid_token_is_refused_before_it_is_read(http):
         asyncio.run(asyncio.wait_for(app.api(scope, receive, send), 10))
         assert (sent[0]["status"], read) == (401, [])
         sent.clear()
+    assert [outcome for _, outcome in outcomes] == ["unauthenticated"] * 2
+    no_token = TestClient(app.api, raise_server_exceptions=False)
+    assert no_token.post("/v1/models", json={}).status_code == 405  # not a route that takes a body
 
 
 def test_health_says_nothing_about_the_models_to_anonymous_callers(http):
