@@ -140,7 +140,6 @@ class Generator:
         # refused once it ran over LOAD_TIMEOUT_S; a failed one is not refused after (it evicts nothing).
         self._storage_reads = concurrent.futures.ThreadPoolExecutor(STORAGE_READERS, thread_name_prefix="storage-read")
         self._tokenizer_reads = SharedLoads(self._read_tokenizer, keep_s=0, retry_s=0)
-        self._tokenizers_read: set[str] = set()  # model directories whose tokenizer the engine holds (it keeps them)
         self._waiting: collections.Counter[str] = collections.Counter()  # by model id: requests awaiting its load
         self.metrics = GeneratorMetrics()
         self._loaded_models = 0  # in memory, until the last request sampling one lets it go
@@ -215,7 +214,7 @@ class Generator:
         # Before its model loads (which may evict another's): a model that just failed to load, and a prompt the
         # text encoder cannot take, are refused.
         self._loads.check(model_id)
-        if path not in self._tokenizers_read:
+        if not self.engine.holds_tokenizer(path):
             with self._waiting_for_load(model_id):
                 await self._tokenizer_reads.get(path)
         prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
@@ -276,7 +275,6 @@ class Generator:
 
     async def _read_tokenizer(self, path: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._storage_reads, self.engine.tokenizer, path)
-        self._tokenizers_read.add(path)
 
     def _deployed_as(self, model: SubjectModel | None, model_id: str) -> bool:
         """Whether `model` is what `model_id` is deployed as now (loaded from its current path)."""

@@ -123,7 +123,6 @@ class Cohort:
     # The images with guidance (a scale above 1) as a device index, None when that is every image: only they have an
     # unconditional half. The UNet's rows are theirs, then a conditional one per image (`unet_rows` in all).
     guided: torch.Tensor | None
-    unet_rows: int
     text_states: torch.Tensor  # the guided images' negative prompts' states, then every image's prompt's
     latents: torch.Tensor
     scheduler: SchedulerMixin  # this cohort's own: schedulers keep per-run state; its timesteps on the host
@@ -140,6 +139,10 @@ class Cohort:
     @property
     def images(self) -> int:
         return len(self.seeds)
+
+    @property
+    def unet_rows(self) -> int:
+        return self.images + (self.images if self.guided is None else len(self.guided))  # the index's host shape
 
     @property
     def size(self) -> tuple[int, int]:
@@ -240,6 +243,10 @@ class SamplingEngine:
                         self._base_tokenizers[base] = tokenizer
             self._tokenizers[str(path)] = tokenizer
         return tokenizer
+
+    def holds_tokenizer(self, path: str | Path) -> bool:
+        """Whether the tokenizer of the model at `path` is loaded already (`tokenizer` reads no file for it)."""
+        return str(path) in self._tokenizers
 
     def check_prompts(self, path: str | Path, prompts: dict[str, str]) -> None:
         """Refuses (InputError naming it) a prompt that the text encoder of the model at `path` cannot take whole."""
@@ -381,7 +388,6 @@ class SamplingEngine:
             seeds=seeds,
             guidance=self._to_device(guidance),
             guided=None if len(guided) == len(seeds) else self._to_device(torch.tensor(guided, dtype=torch.long)),
-            unet_rows=len(guided) + len(seeds),
             text_states=text_states,
             latents=self._to_device(latents.to(self.dtype)) * scheduler.init_noise_sigma,
             scheduler=scheduler,
