@@ -278,8 +278,10 @@ def health(stack: Stack) -> list[Component]:
 
 def prometheus_config(controller_metrics: str, ray_targets: Path, scrape_interval: str | None = None) -> dict[str, Any]:
     """deploy/prometheus/prometheus.yml pointed at a stack: its controller's /metrics (host:port) and the file
-    where its Ray lists its metrics endpoints (ray_targets_file)."""
+    where its Ray lists its metrics endpoints (ray_targets_file). Its rule files (the alerting rules) are named by
+    their absolute paths: Prometheus reads a relative one from the written config's directory, which has no copy."""
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config["rule_files"] = [str(PROMETHEUS_YML.parent / path) for path in config.get("rule_files", [])]
     if scrape_interval:
         config["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
     for job in config["scrape_configs"]:

@@ -1,6 +1,7 @@
 """Operations (deploy/): every file parses, the Kubernetes manifests and the cluster launcher config pass their
 schemas, the manifests agree with each other, the dashboards are current and query only metrics that exist,
-Prometheus' own tools accept the scrape configs and every dashboard query, and the trainer records its metrics.
+Prometheus' own tools accept the scrape configs, the alerting rules and every dashboard query, the alerts fire on
+failing series and stay silent on healthy ones, and the trainer records its metrics.
 No Ray cluster is started; Prometheus comes from scripts/fetch-prometheus (fetched by scripts/test)."""
 
 from __future__ import annotations
@@ -362,9 +363,9 @@ def _string_literals(paths: list[Path]) -> set[str]:
     return {m for path in paths for m in re.findall(r"""["']([a-z_]+)["']""", path.read_text(errors="replace"))}
 
 
-def test_dashboards_query_only_metrics_that_exist():
-    """Every metric the dashboards query is defined: by the controller (its registry), the trainer
-    (trainer/metrics.py), serving (serving/*.py), Ray itself (its sources), or the DCGM exporter."""
+def _undefined_metrics(expressions: list[str]) -> list[str]:
+    """The metric names `expressions` use that nothing defines: not the controller (its registry), the trainer
+    (trainer/metrics.py), serving (serving/*.py), Ray itself (its sources), nor the DCGM exporter."""
     from controller.metrics import REGISTRY
     from trainer.metrics import TrainMetrics
 
@@ -379,7 +380,7 @@ def test_dashboards_query_only_metrics_that_exist():
     # Names Ray builds with an f-string (serve_num_{protocol}_requests in request_ingress_metrics.py).
     ray_literals |= {"serve_num_http_requests"}
     missing = []
-    for expression in dashboards.all_promql_expressions():
+    for expression in expressions:
         for name in _metric_names(expression):
             base = _base_name(name)
             if name.startswith("DCGM_FI_DEV_"):
@@ -396,7 +397,14 @@ def test_dashboards_query_only_metrics_that_exist():
                 found = base in ray_literals or base.removesuffix("_total") in ray_literals
             if not found:
                 missing.append(name)
-    assert not missing, f"the dashboards query metrics nothing defines: {sorted(set(missing))}"
+    return sorted(set(missing))
+
+
+def test_dashboards_query_only_metrics_that_exist():
+    """Every metric the dashboards query is defined: by the controller (its registry), the trainer
+    (trainer/metrics.py), serving (serving/*.py), Ray itself (its sources), or the DCGM exporter."""
+    missing = _undefined_metrics(dashboards.all_promql_expressions())
+    assert not missing, f"the dashboards query metrics nothing defines: {missing}"
 
 
 # --- Prometheus ---------------------------------------------------------------------------------------------------
@@ -434,13 +442,16 @@ def test_scrape_config_targets_match_the_components():
 
 def test_promtool_accepts_the_kubernetes_scrape_config(prometheus_bin, tmp_path):
     """Debian builds Prometheus without Kubernetes discovery, so the pods are swapped for a static target and
-    promtool checks the rest (relabelling included)."""
+    promtool checks the rest (relabelling included), with the alerting rules beside it as one ConfigMap mounts
+    them."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
     for job in config["scrape_configs"]:
         assert [sd["role"] for sd in job.pop("kubernetes_sd_configs")] == ["pod"]
         job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
+    for rule_file in config["rule_files"]:
+        (tmp_path / rule_file).write_text((DEPLOY / "prometheus" / rule_file).read_text())
     result = _promtool(prometheus_bin, "check", "config", path)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -711,3 +722,343 @@ def test_a_wheel_carries_the_files_read_from_the_installed_package(tmp_path):
     expected |= {str(path.relative_to(ROOT)) for path in DEPLOY.glob("grafana/provisioning/*/*.yaml")}
     assert "deploy/prometheus/prometheus.yml" in expected and len(expected) >= 6, expected
     assert expected <= names, sorted(expected - names)
+
+
+# --- Prometheus alerting rules ------------------------------------------------------------------------------------
+
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+SCRAPE_CONFIGS = ("prometheus.yml", "prometheus-kubernetes.yml")
+
+
+def _alerting_rules() -> dict[str, dict]:
+    """alerts.yml's rules by alert name."""
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_promtool_accepts_the_alerting_rules(prometheus_bin):
+    result = _promtool(prometheus_bin, "check", "rules", ALERTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(_alerting_rules())} rules found" in result.stdout
+
+
+def test_every_alert_waits_and_says_what_to_look_at():
+    rules = _alerting_rules()
+    assert len(rules) >= 10
+    for name, rule in rules.items():
+        assert name.startswith("DreamBooth"), name
+        assert re.fullmatch(r"\d+[mh]", rule["for"]), name  # none fires on a single evaluation
+        assert rule["labels"]["severity"] in ("critical", "warning"), name
+        assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 100, name
+
+
+def test_both_scrape_configs_and_the_stack_load_the_alerting_rules(prometheus_bin, tmp_path):
+    """Both configs name alerts.yml beside them; `dreambooth up` writes its copy of prometheus.yml into the stack's
+    own directory, where a relative path would name no file (Prometheus would run without alerts, without a word):
+    its copy names the rules by their absolute path, and promtool finds them from there."""
+    from dreambooth import stack
+
+    for name in SCRAPE_CONFIGS:
+        config = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+        assert config["rule_files"] == [ALERTS.name], name
+        jobs = {job["job_name"] for job in config["scrape_configs"]}
+        # The rules select the scrape jobs by these names.
+        for rule in _alerting_rules().values():
+            for job in re.findall(r'\bjob="([^"]+)"', rule["expr"]):
+                assert job in jobs, (name, rule["alert"], job)
+    config = stack.prometheus_config("127.0.0.1:9464", tmp_path / "ray" / "prom_metrics_service_discovery.json")
+    assert config["rule_files"] == [str(ALERTS)]
+    path = tmp_path / "stack" / "prometheus.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    result = _promtool(prometheus_bin, "check", "config", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(_alerting_rules())} rules found" in result.stdout
+
+
+def test_alerts_use_only_metrics_and_label_values_that_exist():
+    """A misspelt metric or label value is a rule that never fires, and promtool cannot tell: the names are the
+    ones the code exports (as the dashboards' are), the reasons and outcomes the ones the code records."""
+    from controller.scheduler import WAITING_REASONS
+    from dreambooth.errors import FAILURE_REASONS
+
+    expressions = [rule["expr"] for rule in _alerting_rules().values()]
+    missing = _undefined_metrics(expressions)
+    assert not missing, f"the alerts query metrics nothing defines: {missing}"
+    app = (ROOT / "serving" / "app.py").read_text()
+    known = {
+        "reason": set(WAITING_REASONS) | set(FAILURE_REASONS),
+        "outcome": set(re.findall(r'\boutcome(?:, \w+)? = "([a-z_]+)"', app)),
+    }
+    assert {"ok", "error", "overloaded", "unavailable"} <= known["outcome"]
+    for expression in expressions:
+        for label, value in re.findall(r'\b(reason|outcome)\s*(?:=~|!~|!=|=)\s*"([^"]*)"', expression):
+            for alternative in value.split("|"):
+                assert alternative in known[label], (label, alternative, expression)
+
+
+def test_restart_alert_counts_as_the_dashboard_does():
+    """Ray's counter appears at 1 with a node's first restart: the rule counts restarts as the Restarts panel does
+    (events_in_window), one expression for both."""
+    expr = " ".join(_alerting_rules()["DreamBoothTrainingRestarts"]["expr"].split())
+    assert expr == f"{dashboards.events_in_window('ray_dreambooth_train_restarts_total')} > 2"
+
+
+def _serve(outcome: str, values: str) -> dict:
+    labels = f'application="dreambooth", deployment="Ingress", model_class="dog", outcome="{outcome}"'
+    return {"series": f"ray_dreambooth_serve_requests_total{{{labels}}}", "values": values}
+
+
+CONTROLLER = 'instance="127.0.0.1:9464", job="dreambooth-controller"'
+# (what it shows, input series at 1-minute intervals, checks: (alert, eval time, [(labels, summary), ...]); the
+# alert's severity is added to the labels). Each alert is checked on a failure and on healthy series next to it.
+ALERT_CASES = [
+    (
+        "controller-down",
+        [
+            {"series": f"up{{{CONTROLLER}}}", "values": "1x10 0x30"},  # down from minute 11
+            {"series": 'up{instance="10.0.0.1:8080", job="ray"}', "values": "1x40"},
+        ],
+        [
+            ("DreamBoothControllerDown", "10m", []),
+            ("DreamBoothControllerDown", "14m", []),  # pending: a restart takes less than 5 minutes
+            (
+                "DreamBoothControllerDown",
+                "20m",
+                [
+                    (
+                        {"instance": "127.0.0.1:9464", "job": "dreambooth-controller"},
+                        "The dreambooth controller's /metrics does not answer (127.0.0.1:9464)",
+                    )
+                ],
+            ),
+            ("DreamBoothRayMetricsDown", "20m", []),
+        ],
+    ),
+    (
+        "controller-target-gone",  # in Kubernetes, the pod gone: no target, no `up` to be 0
+        [{"series": 'up{instance="10.0.0.1:8080", job="ray"}', "values": "1x40"}],
+        [
+            (
+                "DreamBoothControllerDown",
+                "10m",
+                [({"job": "dreambooth-controller"}, "The dreambooth controller's /metrics does not answer")],
+            ),
+        ],
+    ),
+    (
+        "job-failures",
+        [
+            *(
+                {"series": f'dreambooth_job_failures_total{{{CONTROLLER}, reason="{reason}"}}', "values": "0x100"}
+                for reason in ("PLACEMENT_TIMEOUT", "RAY_JOB_FAILED")
+            ),
+            {
+                "series": f'dreambooth_job_failures_total{{{CONTROLLER}, reason="TRAINING_FAILED"}}',
+                "values": "0x20 1x80",
+            },
+            # Tenants' bad specs and photos are theirs to fix: never an alert.
+            {"series": f'dreambooth_job_failures_total{{{CONTROLLER}, reason="INVALID_INPUT"}}', "values": "0+1x100"},
+        ],
+        [
+            ("DreamBoothJobsFailing", "15m", []),
+            (
+                "DreamBoothJobsFailing",
+                "30m",
+                [({"reason": "TRAINING_FAILED"}, "1 training job(s) failed with TRAINING_FAILED in the last hour")],
+            ),
+            ("DreamBoothJobsFailing", "90m", []),  # an hour after the failure
+        ],
+    ),
+    (
+        "job-no-progress",
+        [
+            {"series": f'dreambooth_job_step{{{CONTROLLER}, job_id="job-a"}}', "values": "0+10x120"},  # training
+            {"series": f'dreambooth_job_step{{{CONTROLLER}, job_id="job-b"}}', "values": "0+10x30 300x90"},  # hung
+            {"series": f'dreambooth_job_step{{{CONTROLLER}, job_id="job-c"}}', "values": "0+10x20"},  # ended
+            {"series": f'dreambooth_job_step{{{CONTROLLER}, job_id="job-d"}}', "values": "_x50 1x70"},  # new, then hung
+        ],
+        [
+            ("DreamBoothJobNoProgress", "30m", []),
+            ("DreamBoothJobNoProgress", "70m", []),  # job-b: 40 minutes at step 300, pending
+            (
+                "DreamBoothJobNoProgress",
+                "80m",
+                [
+                    (
+                        {"instance": "127.0.0.1:9464", "job": "dreambooth-controller", "job_id": "job-b"},
+                        "Job job-b has been at step 300 for at least 45 minutes",
+                    )
+                ],
+            ),
+            (
+                "DreamBoothJobNoProgress",
+                "100m",
+                [
+                    (
+                        {"instance": "127.0.0.1:9464", "job": "dreambooth-controller", "job_id": job_id},
+                        f"Job {job_id} has been at step {step} for at least 45 minutes",
+                    )
+                    for job_id, step in (("job-b", 300), ("job-d", 1))
+                ],
+            ),
+        ],
+    ),
+    (
+        "jobs-queued",
+        [
+            {"series": f'dreambooth_queued_jobs{{{CONTROLLER}, reason="CLUSTER_UNAVAILABLE"}}', "values": "0x10 2x30"},
+            {"series": f'dreambooth_queued_jobs{{{CONTROLLER}, reason="STORAGE_UNAVAILABLE"}}', "values": "0x40"},
+            {"series": f'dreambooth_queued_jobs{{{CONTROLLER}, reason="TENANT_LIMIT"}}', "values": "4x150"},
+            {"series": f'dreambooth_queued_jobs{{{CONTROLLER}, reason="WAITING_FOR_RESOURCES"}}', "values": "3x150"},
+            # a busy cluster whose queue empties every 40 minutes
+            {
+                "series": f'dreambooth_queued_jobs{{{CONTROLLER}, reason="BEHIND_OTHER_JOB"}}',
+                "values": "1x39 0 1x39 0 1x70",
+            },
+        ],
+        [
+            ("DreamBoothJobsQueuedClusterUnavailable", "15m", []),
+            (
+                "DreamBoothJobsQueuedClusterUnavailable",
+                "25m",
+                [
+                    (
+                        {"instance": "127.0.0.1:9464", "job": "dreambooth-controller", "reason": "CLUSTER_UNAVAILABLE"},
+                        "2 queued job(s) cannot start: CLUSTER_UNAVAILABLE",
+                    )
+                ],
+            ),
+            ("DreamBoothJobsQueuedLong", "110m", []),
+            (
+                "DreamBoothJobsQueuedLong",
+                "130m",
+                [
+                    (
+                        {
+                            "instance": "127.0.0.1:9464",
+                            "job": "dreambooth-controller",
+                            "reason": "WAITING_FOR_RESOURCES",
+                        },
+                        "Jobs have waited in the queue with WAITING_FOR_RESOURCES for 2 hours (3 now)",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
+        "serving-errors",
+        [
+            _serve("ok", "0+60x60"),  # 1 request/s
+            _serve("not_found", "0+30x60"),  # clients' mistakes and tenants' limits: not the service's
+            _serve("throttled", "0+30x60"),
+            _serve("error", "0x20 1x10 1+12x30"),  # one 500 at minute 21, then 0.2/s from minute 32
+            _serve("overloaded", "0x60"),
+        ],
+        [
+            ("DreamBoothServeErrors", "24m", []),  # a stray 500
+            ("DreamBoothServeErrors", "38m", []),  # pending
+            (
+                "DreamBoothServeErrors",
+                "50m",
+                [({}, "9.091% of generate requests fail with 5xx")],  # 0.2 of 2.2 requests/s
+            ),
+            ("DreamBoothServeOverloaded", "50m", []),
+        ],
+    ),
+    (
+        "serving-overloaded",
+        [_serve("ok", "0+60x60"), _serve("overloaded", "0x10 0+30x50")],
+        [
+            ("DreamBoothServeErrors", "40m", []),
+            (
+                "DreamBoothServeOverloaded",
+                "40m",
+                [({}, "33.33% of generate requests are refused as overloaded (503)")],
+            ),
+        ],
+    ),
+    (
+        "serve-replicas",
+        [
+            {
+                "series": 'ray_serve_deployment_replica_healthy{application="dreambooth", deployment="Ingress"}',
+                "values": "1x40",
+            },
+            {
+                "series": 'ray_serve_deployment_replica_healthy{application="dreambooth", deployment="Generator"}',
+                "values": "2x10 1x5 0x25",  # one replica lost, then the other
+            },
+        ],
+        [
+            ("DreamBoothServeNoHealthyReplicas", "20m", []),
+            (
+                "DreamBoothServeNoHealthyReplicas",
+                "30m",
+                [
+                    (
+                        {"application": "dreambooth", "deployment": "Generator"},
+                        "Serve deployment dreambooth/Generator has no healthy replica",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
+        "training-restarts",
+        [
+            # Ray's counter appears at 1 with a node's first restart; another node's restarts once, long ago.
+            {"series": 'ray_dreambooth_train_restarts_total{instance="10.0.1.21:8080"}', "values": "_x60 1 2 3x60"},
+            {"series": 'ray_dreambooth_train_restarts_total{instance="10.0.1.22:8080"}', "values": "1x120"},
+        ],
+        [
+            ("DreamBoothTrainingRestarts", "50m", []),
+            (
+                "DreamBoothTrainingRestarts",
+                "70m",
+                [({}, "3 training runs resumed from a checkpoint in the last 30 minutes")],
+            ),
+            ("DreamBoothTrainingRestarts", "100m", []),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("series, checks", [case[1:] for case in ALERT_CASES], ids=[case[0] for case in ALERT_CASES])
+def test_alerts_fire_on_failures_and_stay_silent_on_healthy_series(prometheus_bin, tmp_path, series, checks):
+    """Prometheus' rule unit tests on alerts.yml. The rules are copied with their summary as their only annotation:
+    promtool compares every annotation, and the summaries show that the templates read the right labels and values
+    (`promtool check rules` parses the descriptions' templates)."""
+    rules = _alerting_rules()
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            rule["annotations"] = {"summary": rule["annotations"]["summary"]}
+    rule_file = tmp_path / "alerts.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": groups}))
+    tests = [
+        {
+            "alertname": name,
+            "eval_time": eval_time,
+            "exp_alerts": [
+                {
+                    "exp_labels": {**labels, "severity": rules[name]["labels"]["severity"]},
+                    "exp_annotations": {"summary": summary},
+                }
+                for labels, summary in alerts
+            ],
+        }
+        for name, eval_time, alerts in checks
+    ]
+    path = tmp_path / "alerts.test.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(rule_file)],
+                "evaluation_interval": "1m",
+                "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": tests}],
+            }
+        )
+    )
+    result = _promtool(prometheus_bin, "test", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
