@@ -32,7 +32,14 @@ from controller.scheduler import Waiting
 from controller.service import ImageInput, JobService
 from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
 from dreambooth.errors import STORAGE_FULL_ERRNOS, InputError, is_system_error
-from dreambooth.proto_convert import proto_to_spec_fields, spec_to_proto, state_name, state_value, timestamp
+from dreambooth.proto_convert import (
+    proto_to_spec_fields,
+    refuse_unknown_fields,
+    spec_to_proto,
+    state_name,
+    state_value,
+    timestamp,
+)
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count
 
@@ -319,7 +326,9 @@ def rpc(handler):
         start, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             try:
-                return handler(self, request, context, self.auth.tenant(context))
+                tenant = self.auth.tenant(context)
+                refuse_unknown_fields(request)  # its messages inside: the handlers' (SubmitJob's photos and spec)
+                return handler(self, request, context, tenant)
             except Exception as e:
                 code, status = _error_status(e, handler.__name__)
             context.abort_with_status(status)  # raises: how a grpc handler ends a call with an error
@@ -346,6 +355,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def SubmitJob(self, request, context, tenant):
         # Before one object per entry is made: an empty entry is 2 bytes, and a request may be max_request_bytes.
         check_instance_image_count(len(request.instance_images))
+        for index, image in enumerate(request.instance_images):
+            refuse_unknown_fields(image, f"instance_images[{index}]")
         images = [
             ImageInput(filename=i.filename, data=i.data if i.WhichOneof("source") == "data" else None, uri=i.uri)
             for i in request.instance_images

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ class ChangeFeed:
         self._lock = threading.Lock()
         self._any = threading.Condition(self._lock)
         self._followed: dict[str, _Followers] = {}
+        self._changing: Counter[str] = Counter()  # jobs whose stored record may be ahead of what was published
 
     @property
     def seq(self) -> int:
@@ -60,6 +63,26 @@ class ChangeFeed:
             if (followers := self._followed.get(job_id)) is not None:
                 followers.last_change = self._seq
                 followers.woken.notify_all()
+
+    @contextlib.contextmanager
+    def changing(self, job_id: str) -> Iterator[None]:
+        """Around a change of `job_id`'s stored state and the publishing of it: a reader of the store meanwhile may
+        see what the feed does not hold yet (`settled` says so)."""
+        with self._lock:
+            self._changing[job_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._changing[job_id] -= 1
+                if not self._changing[job_id]:
+                    del self._changing[job_id]
+
+    def settled(self, job_id: str, after: int) -> bool:
+        """Whether the feed, up to seq `after`, holds every change of `job_id` the store has: none is being made
+        (`changing`) and none was published since. A record read before this is true is no newer than the feed."""
+        with self._lock:
+            return not self._changing[job_id] and not any(c.job_id == job_id for c in self._since(after))
 
     def wait_for_request(self, after: int, timeout_s: float) -> bool:
         """Until more than `after` requested changes (`requests`) were published, or `timeout_s` passed; whether

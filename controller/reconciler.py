@@ -193,12 +193,13 @@ class Reconciler:
             # The attempt is recorded in the same write as the state: a job that is PREPARING always has a Ray
             # submission id to follow, even if the controller dies before submitting it (it is then LOST and
             # submitted again as the next attempt). Its run time starts once Ray has it (_run_clock_started).
-            started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", **_next_attempt(job))
-            if started is None:  # cancelled since the queue was read
-                continue
+            with self.feed.changing(job.job_id):
+                started = self.store.transition(job.job_id, {"QUEUED"}, "PREPARING", **_next_attempt(job))
+                if started is None:  # cancelled since the queue was read
+                    continue
+                self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
             self._last_started[job.tenant] = time.time()
             metrics.QUEUE_WAIT.observe(time.time() - started.create_time)
-            self.feed.publish(job.job_id, "state", {"state": "PREPARING"})
             try:
                 self._submit(started)
             except RayJobsError as e:
@@ -394,17 +395,18 @@ class Reconciler:
     def _stop_for_run_time(self, job: JobRecord) -> JobRecord:
         """Stops a job that ran past max_job_run_s as a cancel does (CANCELLING until Ray reports its workers gone),
         with the failure it ends with recorded now: a restarted controller ends it FAILED too."""
-        stopping = self.store.transition(
-            job.job_id,
-            RUNNING_STATES - {"EXPORTING"},
-            "CANCELLING",
-            failure_reason="RUN_TIME_EXCEEDED",
-            failure_message=self._run_time_message(),
-        )
-        if stopping is None:  # cancelled, exporting or ended meanwhile
-            return job
+        with self.feed.changing(job.job_id):
+            stopping = self.store.transition(
+                job.job_id,
+                RUNNING_STATES - {"EXPORTING"},
+                "CANCELLING",
+                failure_reason="RUN_TIME_EXCEEDED",
+                failure_message=self._run_time_message(),
+            )
+            if stopping is None:  # cancelled, exporting or ended meanwhile
+                return job
+            self.feed.publish(job.job_id, "state", {"state": "CANCELLING"})
         log.warning("job %s: ran past max_job_run_s; stopping it", job.job_id)
-        self.feed.publish(job.job_id, "state", {"state": "CANCELLING"})
         return stopping
 
     def _events_quiet_s(self, job: JobRecord) -> float:
@@ -432,12 +434,14 @@ class Reconciler:
         # A job being cancelled ends as its cancel says whatever Ray said: this pass may have read the job before the
         # cancel, and then a Ray job the cancel stopped looks "stopped outside the controller".
         from_states = {"CANCELLING"} if job.state == "CANCELLING" else RUNNING_STATES
-        done = self.store.transition(job.job_id, from_states, state, **fields)
+        with self.feed.changing(job.job_id):
+            done = self.store.transition(job.job_id, from_states, state, **fields)
+            if done is not None:
+                self.feed.publish(job.job_id, "state", {"state": state})
         if done is not None:
             self._ended(done)
             if state == "FAILED":
                 metrics.FAILURES.labels(reason=reason).inc()
-            self.feed.publish(job.job_id, "state", {"state": state})
 
     def _ended(self, job: JobRecord) -> None:
         """What follows a job's move to an end state, whichever way it ended."""
@@ -464,6 +468,10 @@ class Reconciler:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         if not complete:
             return job
+        with self.feed.changing(job.job_id):  # its state may move with each event: told in order, after the writes
+            return self._apply_lines(job, complete, start)
+
+    def _apply_lines(self, job: JobRecord, complete: bytes, start: int) -> JobRecord:
         progress = dict(job.progress or {})
         changes: list[tuple[str, dict]] = []
         for line in complete.splitlines():

@@ -246,10 +246,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help="controller YAML (see controller/config.py); given again, its top-level keys replace the earlier file's",
     )
-    parser.add_argument("--storage", type=Path)
-    parser.add_argument("--listen")
-    parser.add_argument("--ray-dashboard")
-    parser.add_argument("--metrics-listen")
+    # Each replaces its config key (named) over every --config file.
+    parser.add_argument("--storage", type=Path, help="root of jobs, models and caches, shared by every node (storage)")
+    parser.add_argument("--listen", help="gRPC address, host:port (listen; default 127.0.0.1:50051)")
+    parser.add_argument("--ray-dashboard", help="Ray dashboard URL, for its Jobs API (ray_dashboard_url)")
+    parser.add_argument("--metrics-listen", help="Prometheus /metrics address, host:port; '' for none (metrics_listen)")
     args = parser.parse_args(argv)
     if not args.config and not args.storage:
         parser.error("give --config or --storage")

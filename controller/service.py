@@ -470,17 +470,21 @@ class JobService:
             return job
         if job.state in TERMINAL_STATES:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state})", "JOB_ENDED")
-        queued = self.store.transition(job_id, {"QUEUED"}, "CANCELLED", end_time=time.time())
+        with self.feed.changing(job_id):
+            queued = self.store.transition(job_id, {"QUEUED"}, "CANCELLED", end_time=time.time())
+            if queued is not None:
+                self.feed.publish(job_id, "state", {"state": "CANCELLED"}, requested=True)
         if queued is not None:
             # It never ran and never will: its uploaded photos go now (a tenant submitting and cancelling over and
             # over filled the shared storage with them); its record and spec stay.
             shutil.rmtree(job_paths(self.config.storage, job_id).uploads_dir, ignore_errors=True)
-            self.feed.publish(job_id, "state", {"state": "CANCELLED"}, requested=True)
             return queued
-        cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")
+        with self.feed.changing(job_id):
+            cancelling = self.store.transition(job_id, RUNNING_STATES, "CANCELLING")
+            if cancelling is not None:
+                self.feed.publish(job_id, "state", {"state": "CANCELLING"}, requested=True)
         if cancelling is None:  # it ended meanwhile
             return self.cancel(tenant, job_id)
-        self.feed.publish(job_id, "state", {"state": "CANCELLING"}, requested=True)
         if cancelling.ray_submission_id:
             self._stop_ray_job(job_id, cancelling.ray_submission_id)
         return cancelling
@@ -547,6 +551,8 @@ class JobService:
                 # second passed: read the job anyway, so that a change never delivered still ends the stream (and a
                 # queued job's reason that came from its tenant or the whole queue, never published, is told).
                 now = self.get(tenant, job_id)
+                if not self.feed.settled(job_id, seq):
+                    continue  # read while a change of it was being published: the feed tells it next, in order
                 waiting = self.waiting_for(now)
                 if now.state != job.state or waiting != told:
                     told = waiting

@@ -414,11 +414,12 @@ def _system_cas() -> Path | None:
 
 
 def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[str, Any]:
-    """The fields to send: only those the user wrote (so the server's defaults apply to the rest), after
-    checking them all with JobSpec (InputError naming the field, before any I/O on images)."""
+    """The fields to send: only those the user wrote (so the server's defaults apply to the rest; every field sent,
+    a controller a version older refused every JobSpec for a field it did not know yet), after checking them all
+    with JobSpec (InputError naming the field, before any I/O on images)."""
     if isinstance(spec, JobSpec):
         spec.validate()
-        return spec.resolve_paths(Path.cwd()).to_dict()
+        return spec.resolve_paths(Path.cwd()).written_fields()
     if isinstance(spec, Mapping):
         fields = {name: _plain(value) for name, value in spec.items()}
         JobSpec.from_dict(fields)

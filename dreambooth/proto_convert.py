@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf import unknown_fields
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dreambooth.errors import InputError
@@ -81,6 +82,17 @@ def _set_field(msg: jobs_pb2.TrainingSpec, name: str, value: Any) -> None:
         _set_scalar(msg, field, value)
 
 
+def refuse_unknown_fields(msg: Message, name: str = "") -> None:
+    """InputError where `msg` has a field set that this code does not know (a newer client's): the call would go on
+    without what the client asked for. `name`: msg's own field, if it is one (its type's name otherwise)."""
+    if unknown := sorted({field.field_number for field in unknown_fields.UnknownFieldSet(msg)}):
+        raise InputError(
+            name or msg.DESCRIPTOR.name,
+            f"fields this controller does not know (numbers {unknown}): set by a newer client; leave them unset, or "
+            "upgrade the controller",
+        )
+
+
 def proto_to_spec_fields(msg: jobs_pb2.TrainingSpec) -> dict[str, Any]:
     """The fields the client set, as JobSpec keyword arguments (so JobSpec's defaults apply to the rest).
 
@@ -89,12 +101,7 @@ def proto_to_spec_fields(msg: jobs_pb2.TrainingSpec) -> dict[str, Any]:
     Raises InputError for an enum number or a field this code does not know (a newer client's): the job would
     otherwise train without what the client asked for.
     """
-    if unknown := sorted({field.field_number for field in unknown_fields.UnknownFieldSet(msg)}):
-        raise InputError(
-            "spec",
-            f"fields this controller does not know (numbers {unknown}): set by a newer client; leave them unset, or "
-            "upgrade the controller",
-        )
+    refuse_unknown_fields(msg, "spec")
     fields: dict[str, Any] = {}
     for field in _TRAINING_SPEC.fields:
         name = field.name

@@ -54,6 +54,7 @@ from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.config import LOAD_TIMEOUT_S
 from tests.conftest import free_port
 from trainer.images import MAX_INSTANCE_IMAGES
+from trainer.spec import JobSpec
 
 TOKEN = "t0ken"
 S = jobs_pb2  # states and messages, shorter
@@ -264,6 +265,18 @@ def test_submit_uploads_the_photos_and_only_the_fields_written(client, controlle
     assert spec.max_steps == 20 and spec.precision == S.PRECISION_BF16 and spec.num_class_images == 0
     assert not spec.HasField("resolution") and not spec.HasField("learning_rate")  # the server's defaults apply
     assert job.job_id == "job-6" and job.state == S.STATE_QUEUED and job.priority == 7
+
+
+def test_a_job_spec_object_sends_only_the_fields_it_sets(client, controller, job_yaml):
+    """Every field of a JobSpec was sent, at its default or not: a controller one version older refused every job
+    submitted so (a field it does not know yet, such as cuda_graphs once), where the same job as YAML went through."""
+    spec = JobSpec.load(job_yaml)
+    client.submit(dataclasses.replace(spec, seed=0, learning_rate=1e-6))  # seed 0 is the default: not sent
+    sent = controller.requests[-1].spec
+    assert sorted(f.name for f, _ in sent.ListFields()) == sorted(
+        ["base_model", "instance_prompt", "num_class_images", "max_steps", "precision", "learning_rate"]
+    )
+    assert sent.learning_rate == 1e-6 and not sent.HasField("seed")
 
 
 def test_a_submissions_deadline_leaves_time_to_upload_its_photos(client, controller, job_yaml):

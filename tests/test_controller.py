@@ -341,8 +341,9 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
 
     from dreambooth.v1 import jobs_pb2_grpc
 
-    def field_refused(spec: jobs_pb2.TrainingSpec, *images: jobs_pb2.InstanceImage) -> str:
+    def field_refused(spec: jobs_pb2.TrainingSpec, *images: jobs_pb2.InstanceImage, newer: bytes = b"") -> str:
         request = jobs_pb2.SubmitJobRequest(spec=spec, instance_images=images)
+        request = jobs_pb2.SubmitJobRequest.FromString(request.SerializeToString() + newer)
         with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as error:
             jobs_pb2_grpc.JobServiceStub(channel).SubmitJob(request, metadata=[("authorization", "Bearer alice-token")])
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
@@ -362,6 +363,12 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
     photo = next(p for p in sorted(Path(dog_images).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     uploaded = jobs_pb2.InstanceImage(filename=photo.name, data=photo.read_bytes())
     assert field_refused(jobs_pb2.TrainingSpec(**{**spec, "base_model": relative}), uploaded) == "base_model"
+    # A field of a later version, set by a newer client in the request or in a photo: refused (as in the spec), not
+    # dropped, so that the job does not run without what the client asked for.
+    field_5 = bytes([0x28, 0x01])  # field 5, varint 1
+    assert field_refused(jobs_pb2.TrainingSpec(**spec), uploaded, newer=field_5) == "SubmitJobRequest"
+    newer_photo = jobs_pb2.InstanceImage.FromString(uploaded.SerializeToString() + field_5)
+    assert field_refused(jobs_pb2.TrainingSpec(**spec), uploaded, newer_photo) == "instance_images[1]"
 
 
 def test_health_reflection_and_metrics(controller):

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import http.client
 import http.server
+import itertools
 import os
 import shutil
 import socket
@@ -1737,6 +1738,60 @@ def test_a_watch_tells_each_change_as_it_was_when_one_pass_published_several(tmp
     ]
 
 
+class _StoreReadMidPass(Store):
+    """A reconcile pass whose last write waits until a watch has read the job: the watch reads the record the pass
+    wrote while none of the pass's changes is published yet."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.read_mid_pass = threading.Event()
+        self.passing = False
+
+    def update_job(self, job_id: str, **fields):
+        job = super().update_job(job_id, **fields)
+        if "events_offset" in fields:  # the pass's last write; what it applied is published after it
+            self.passing = True
+            assert self.read_mid_pass.wait(10), "no watch read the job"
+            self.passing = False
+        return job
+
+    def get_job(self, *args, **kwargs):
+        job = super().get_job(*args, **kwargs)
+        if self.passing:
+            self.read_mid_pass.set()
+        return job
+
+
+def test_a_watch_that_reads_its_job_mid_pass_tells_each_state_once_and_in_order(config):
+    """A watch reads its job after each quiet second; a pass that applied several events had written them and not yet
+    published them: the watch told the state the record was in, then the pass's changes, older states included
+    (EXPORTING, then TRAINING, then EXPORTING again), and a client following `state` went backwards."""
+    from controller.reconciler import Reconciler
+
+    config.storage.mkdir(parents=True)
+    store = _StoreReadMidPass(config.effective_database_url)
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+    )
+    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)  # Ray is never asked here
+    job = store.insert_job(JobRecord("alice", {}))
+    job = store.transition(job.job_id, {"QUEUED"}, "PREPARING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    log = EventLog(job_paths(config.storage, job.job_id).events_file)
+    for state in ("TRAINING", "EXPORTING"):
+        log.emit("state", state=state)
+    watch = service.watch("alice", job.job_id)
+    assert next(watch)[0].state == "PREPARING"
+    passing = threading.Thread(target=reconciler._apply_events, args=(job,))
+    passing.start()
+    assert [(job.state, change and change.kind) for job, change in itertools.islice(watch, 2)] == [
+        ("TRAINING", "state"),
+        ("EXPORTING", "state"),
+    ]
+    passing.join()
+    assert store.read_mid_pass.is_set()  # the watch did read the job mid-pass
+    store.close()
+
+
 @pytest.mark.parametrize(("cpus", "gpus"), [(None, 4), (5, None)])
 def test_one_capacity_setting_replaces_only_its_own_total(by_hand, cpus, gpus):
     """The other total comes from the cluster, not 0 (with only capacity_gpus set, no job could ever start)."""
@@ -2082,8 +2137,10 @@ def test_a_submission_cut_short_by_a_crash_leaves_no_folder_after_the_next_start
     jobs_dir = config.storage / "jobs"
     first, port = _controller_process(config, tmp_path / "controller.yaml")
     try:
-        with DreamBoothClient(f"127.0.0.1:{port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
+        # Its photos' check takes seconds, longer on a loaded machine: time enough for it.
+        with DreamBoothClient(f"127.0.0.1:{port}", QUEUED_ONLY_TOKEN, timeout_s=120) as bob:
             queued = bob.submit(job_spec(tiny_model, photos)).job_id
+        with DreamBoothClient(f"127.0.0.1:{port}", QUEUED_ONLY_TOKEN, timeout_s=10) as bob:
             outcome = []
 
             def submit_again() -> None:

@@ -135,6 +135,7 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
         ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
         ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files
         ({"validation_prompts": ["a photo of sks dog"] * 33}, "validation_prompts", "at most 32"),
+        ({"validation_interval": 100}, "validation_interval", "there are none: add some"),  # no grid, silently
         ({"instance_prompt": "a photo of sks dog" + " x" * 1000}, "instance_prompt", "at most 2000"),
         ({"class_prompt": "a photo of a dog" + "!" * 2000}, "class_prompt", "at most 2000"),
         ({"validation_prompts": ["sks dog", "sks" * 700]}, "validation_prompts", "at most 2000"),

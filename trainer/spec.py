@@ -183,6 +183,15 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def written_fields(self) -> dict[str, Any]:
+        """The required fields and those not at their default: what a file of this spec has to say (the rest take
+        the defaults of whoever reads it, which a later version may have changed or added to)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if _is_required(f) or getattr(self, f.name) != _default(f)
+        }
+
     # --- validation ---------------------------------------------------------------------------------------
 
     def _names_identifier(self, prompt: str) -> bool:
@@ -282,6 +291,11 @@ class JobSpec:
         require(self.checkpoint_interval >= 1, "checkpoint_interval", "must be >= 1 step")
         require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
         require(self.validation_interval >= 0, "validation_interval", "must be >= 0 (0: only at the end)")
+        require(
+            self.validation_interval == 0 or bool(self.validation_prompts),
+            "validation_interval",
+            f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
+        )
         require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
         require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
         require(
@@ -312,6 +326,10 @@ class JobSpec:
 
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def read_spec_file(path: str | Path) -> Any:

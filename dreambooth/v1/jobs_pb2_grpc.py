@@ -35,7 +35,8 @@ class JobServiceStub:
     SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
     database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
-    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full). A field
+    this controller does not know (a newer client's) set in a request is INVALID_ARGUMENT naming where, not ignored.
     """
 
     def __init__(self, channel):
@@ -91,12 +92,14 @@ class JobServiceServicer:
     SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
     database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
-    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full). A field
+    this controller does not know (a newer client's) set in a request is INVALID_ARGUMENT naming where, not ignored.
     """
 
     def SubmitJob(self, request, context):
         """Queues a job. With a request_id, a retry of the same request returns the job the first call created instead of a
-        second one; a different request (spec, priority or photos) under that id is INVALID_ARGUMENT (request_id).
+        second one; a different request (spec, priority or photos) under that id is INVALID_ARGUMENT (request_id). The id
+        is the job's until DeleteJob: the same request after it queues a new job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +129,8 @@ class JobServiceServicer:
 
     def DeleteJob(self, request, context):
         """Deletes an ended job's record and files (its model stays, until DeleteModel; what an export left without a
-        model, cancelled or failed while it exported, goes too). FAILED_PRECONDITION while it runs.
+        model, cancelled or failed while it exported, goes too). FAILED_PRECONDITION while it runs. NOT_FOUND once it is
+        deleted: a retry whose first call's answer was lost reads NOT_FOUND as done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,7 +214,8 @@ class JobService:
     SERVER_WATCHES_LIMIT (retry), TENANT_WATCHES_LIMIT (close a watch), STORAGE_FULL (the controller's storage or
     database is out of space: a retry fails until an operator frees some), JOB_ENDED, JOB_NOT_ENDED, MODEL_DEPLOYED,
     SERVING_NOT_CONFIGURED; RetryInfo where a retry after a wait is expected to work. A RESOURCE_EXHAUSTED without
-    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full).
+    ErrorInfo is gRPC's own (a request over the server's max_request_bytes, or the server's backlog full). A field
+    this controller does not know (a newer client's) set in a request is INVALID_ARGUMENT naming where, not ignored.
     """
 
     @staticmethod

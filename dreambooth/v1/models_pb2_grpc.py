@@ -99,7 +99,8 @@ class ModelServiceServicer:
     def DeleteModel(self, request, context):
         """Deletes the model's record and files (its job's record stays). FAILED_PRECONDITION (MODEL_DEPLOYED) while it is
         deployed: UndeployModel first; and, with RetryInfo, after UndeployModel until serving has stopped serving it:
-        retry in a moment. INTERNAL when its files cannot be removed: the model is kept, and a retry can finish.
+        retry in a moment. INTERNAL when its files cannot be removed: the model is kept, and a retry can finish. NOT_FOUND
+        once it is deleted: a retry whose first call's answer was lost reads NOT_FOUND as done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
