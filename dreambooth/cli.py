@@ -105,7 +105,7 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
     starting.add_argument(
         "--storage", type=Path, help="storage root (default: the last stack's in DIR, else DIR/storage)"
     )
-    starting.add_argument("--num-cpus", type=int, help="CPUs Ray hands out (default: this machine's)")
+    starting.add_argument("--num-cpus", type=_cpu_count, help="CPUs Ray hands out, 1 or more (default: this machine's)")
 
     def stack_dir(command: argparse.ArgumentParser, *options: str) -> None:
         command.add_argument(
@@ -145,6 +145,17 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
     return port
+
+
+def _cpu_count(text: str) -> int:
+    """At least one: a stack with none trains nothing (and 0 was taken as "not given": every CPU of the machine)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: the stack needs at least 1 CPU to train and serve on")
+    return count
 
 
 def _add_remote_commands(commands: argparse._SubParsersAction) -> None:

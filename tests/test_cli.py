@@ -146,6 +146,10 @@ def test_a_misspelt_option_gets_its_commands_usage(capsys):
     with pytest.raises(SystemExit):
         main(["up", "--serve-port", "abc"])
     assert "argument --serve-port: 'abc' is not a port number" in capsys.readouterr().err
+    # 0 CPUs was read as none given: Ray had every CPU of the machine (the cluster launcher's head has --num-cpus=0).
+    with pytest.raises(SystemExit):
+        main(["up", "--num-cpus", "0"])
+    assert "argument --num-cpus: 0: the stack needs at least 1 CPU" in capsys.readouterr().err
 
 
 def test_tiny_model_command(tmp_path, capsys):

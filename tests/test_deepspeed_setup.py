@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -106,3 +110,25 @@ def test_the_sync_free_functions_compute_what_deepspeeds_compute():
                     deepspeed_syncs._unscale_and_clip_grads(optimizer, ours, norm)
                     for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]], strict=True):
                         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_build_lock_a_killed_process_left_does_not_hang_the_next_engine():
+    """torch's lock on building a DeepSpeed op is a file its builder deletes when done: a worker killed mid-build (a
+    cancelled job, Ctrl-C; a first build takes minutes) left it, and every later job's workers on the machine waited
+    for it in deepspeed.initialize, forever. In a process of its own: this one has the op loaded already."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    left = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.touch()
+    load = (
+        "from trainer.deepspeed_setup import load_ops; from trainer.spec import JobSpec; "
+        "load_ops(JobSpec(base_model='m', instance_images=['i'], instance_prompt='sks', num_class_images=0, "
+        "precision='fp32', gpus_per_worker=0))"
+    )
+    try:
+        # Minutes where the op was never built here (it is built then); seconds otherwise.
+        subprocess.run([sys.executable, "-c", load], check=True, timeout=600, cwd=Path(__file__).parents[1])
+        assert not left.exists()
+    finally:
+        left.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -25,7 +26,7 @@ from trainer.checkpoint import (
 from trainer.class_images import STALE_PARTIAL_S, image_path, missing_indices, remove_stale_partials
 from trainer.events import EventLog, follow_events, read_events, seconds_run
 from trainer.export import _clean_scratch, write_into_place
-from trainer.storage import job_paths
+from trainer.storage import job_paths, mark_shared
 
 
 def test_write_file_replaces_whole_and_leaves_nothing_when_it_fails(tmp_path):
@@ -110,6 +111,27 @@ def test_partial_class_images_an_actor_left_are_removed_and_those_being_written_
     os.utime(left, (long_ago, long_ago))
     assert remove_stale_partials(tmp_path) == [left]
     assert not left.exists() and writing.exists()
+
+
+def test_a_class_image_the_disk_had_no_room_for_leaves_no_partial_file(tmp_path, tiny_model, monkeypatch):
+    """A full disk (ENOSPC) as an image was written left its partial file in the cache, on a disk already full, until
+    a later job of the class found it an hour old."""
+    import torch
+
+    from trainer import class_images
+
+    directory = tmp_path / "class"
+    directory.mkdir()
+    mark = mark_shared(directory)
+    generator = class_images.ClassImageGenerator.__ray_actor_class__(str(tiny_model), False, torch.float32, str(mark))
+
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(class_images, "sync_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        generator.generate([0, 1], "a photo of dog", 1, 7.5, str(directory))
+    assert list(directory.iterdir()) == [mark]
 
 
 def test_event_readers_skip_lines_that_are_not_events(tmp_path):

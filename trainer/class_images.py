@@ -157,9 +157,13 @@ class ClassImageGenerator:
             final = image_path(Path(directory), index)
             # A name of its own: jobs of one class may fill the cache at once, from pods whose pids coincide.
             partial = final.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            image.save(partial, format="PNG")
-            sync_file(partial)  # a power loss after the rename must not leave an empty image under the final name
-            os.replace(partial, final)  # readers never see half-written files
+            try:
+                image.save(partial, format="PNG")
+                sync_file(partial)  # a power loss after the rename must not leave an empty image under the final name
+                os.replace(partial, final)  # readers never see half-written files
+            except BaseException:  # a full disk: what was written goes, not left for an hour on a full disk
+                partial.unlink(missing_ok=True)
+                raise
         sync_dir(Path(directory))
         return len(batch)
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.flat_parameters import FLAT, SPLIT_ABOVE
 from trainer.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
@@ -88,6 +95,7 @@ def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
     from trainer import deepspeed_syncs
 
     deepspeed_syncs.install()
+    load_ops(spec)
     config = deepspeed_config(spec, world_size)
     optimizer = None
     if "optimizer" not in config:
@@ -112,6 +120,41 @@ def initialize(model: torch.nn.Module, spec: JobSpec, world_size: int):
         for parameter, value in zip(trained, full_precision, strict=True):
             set_fp32_master(engine, parameter, value)
     return engine
+
+
+def load_ops(spec: JobSpec) -> None:
+    """Loads the ops DeepSpeed JIT-compiles for `spec` (its CPU communication op on CPUs, its CPU Adam for ZeRO-Offload;
+    DeepSpeed then uses them as loaded), one process of the machine at a time (`_building`)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    names = ([] if spec.use_gpu else ["ShareMemCommBuilder"]) + (["CPUAdamBuilder"] if spec.offload_optimizer else [])
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            continue  # DeepSpeed goes without it too
+        with _building(builder.name):
+            builder.load()
+
+
+@contextlib.contextmanager
+def _building(name: str) -> Iterator[None]:
+    """Holds the machine's lock on building the op `name`, one the kernel releases when its holder dies. torch's own
+    lock is a file its builder deletes when done: one killed mid-build (a cancelled job, Ctrl-C, a worker group Ray
+    restarted; a first build takes minutes) left it, and every later load of the op, in every job, waited for it
+    forever. Held here, torch's file is a dead process's: removed. (A process of another program building the same op
+    at the same moment would lose its lock; none of this project's does.)"""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    directory = Path(_get_build_directory(name, verbose=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "dreambooth-build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        left = directory / "lock"
+        if left.exists():
+            log.warning("%s: removing the lock a killed build of DeepSpeed's %s op left", left, name)
+            left.unlink(missing_ok=True)
+        yield
 
 
 def set_fp32_master(engine, parameter: torch.nn.Parameter, value: torch.Tensor) -> None:
