@@ -13,8 +13,10 @@ import functools
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,23 +92,42 @@ _SINGLE_FILE_HINT = (
 )
 
 
+# Shard numbers as diffusers and transformers write them: `-00001-of-00003`.
+_SHARD = r"-\d{5}-of-\d{5}"
+
+
+@functools.cache
+def _weight_name(stems: tuple[str, ...], variant: str | None) -> re.Pattern[str]:
+    """The names diffusers loads one variant's weights from (single or sharded, .safetensors or .bin, and the
+    shards' index): pipeline_loading_utils.variant_compatible_siblings' patterns, anchored at both ends so that
+    the default variant's shards are not taken for an fp16 variant's in the older naming."""
+    stem, ext = "|".join(map(re.escape, stems)), r"(?:safetensors|bin)"
+    if variant is None:
+        names = [rf"(?:{stem})(?:{_SHARD})?\.{ext}", rf"(?:{stem})\.{ext}\.index\.json"]
+    else:
+        v = re.escape(variant)
+        names = [
+            rf"(?:{stem})\.{v}(?:{_SHARD})?\.{ext}",  # as diffusers and transformers name them now
+            rf"(?:{stem}){_SHARD}\.{v}\.{ext}",  # older diffusers put the variant last
+            rf"(?:{stem})\.{ext}\.index\.{v}\.json",
+            rf"(?:{stem})\.{ext}\.{v}\.index\.json",  # the older diffusers' index
+        ]
+    return re.compile("|".join(f"(?:{name})" for name in names))
+
+
 def _weight_files(folder: Path, stems: tuple[str, ...], variant: str | None) -> list[Path]:
-    """Weight files (single or sharded, .safetensors or .bin) for one variant (None: the default one)."""
-    infix = "" if variant is None else f".{variant}"
-    found = []
-    for stem in stems:
-        for ext in ("safetensors", "bin"):
-            found += folder.glob(f"{stem}{infix}.{ext}")  # single file
-            found += folder.glob(f"{stem}-*-of-*{infix}.{ext}")  # shard (older diffusers put the variant last)
-            if infix:
-                found += folder.glob(f"{stem}{infix}-*-of-*.{ext}")  # a variant's shard as diffusers names it now
-            found += folder.glob(f"{stem}.{ext}.index{infix}.json")  # shard index
-    return found
+    """Weight files (single or sharded, .safetensors or .bin, shard indexes) for one variant (None: the default
+    one), links that do not resolve included."""
+    if not folder.is_dir():
+        return []
+    pattern = _weight_name(stems, variant)
+    return sorted(file for file in folder.iterdir() if pattern.fullmatch(file.name))
 
 
 def weights_variant(folder: Path, component: str) -> str | None:
     """The weights variant to load: the default files if present, else the fp16 ones (some published
-    copies ship only `*.fp16.safetensors`). check_base_model has made sure one of the two exists."""
+    copies ship only `*.fp16.safetensors`, or fp16 shards named `*-00001-of-00002.fp16.safetensors`).
+    check_base_model has made sure one of the two exists."""
     stems = _WEIGHT_STEMS[component]
     if not _weight_files(folder, stems, None) and _weight_files(folder, stems, "fp16"):
         return "fp16"
@@ -130,11 +151,23 @@ def check_base_model(path: str | os.PathLike) -> Path:
     Raises InputError(field="base_model") naming every missing piece at once; returns the resolved path.
     """
     root = Path(path).expanduser()
+    if root.is_symlink() and not root.exists():
+        raise InputError("base_model", f"{str(path)!r} is a link to {os.readlink(root)!r}, which does not exist")
     if not root.exists():
         raise InputError("base_model", f"{str(path)!r} does not exist; {_SINGLE_FILE_HINT}")
     if not root.is_dir():
         raise InputError("base_model", f"{str(path)!r} is not a directory; {_SINGLE_FILE_HINT}")
     root = root.resolve()
+    if not os.path.lexists(root / "model_index.json") and (root / "snapshots").is_dir():
+        raise InputError("base_model", f"{str(root)!r} is a Hugging Face cache folder: {_snapshot_hint(root)}")
+    if dangling := _dangling_links(root):
+        shown = ", ".join(dangling[:3]) + (f" and {len(dangling) - 3} more" if len(dangling) > 3 else "")
+        raise InputError(
+            "base_model",
+            f"{str(root)!r} has links to files that are not there: {shown}. A copy of a Hugging Face cache "
+            "snapshot keeps its links but not the blobs they point to: copy it with links followed "
+            "(`cp -rL SNAPSHOT DIR`, `rsync -aL`)",
+        )
     if not (root / "model_index.json").is_file():
         raise InputError("base_model", f"{str(root)!r} has no model_index.json; {_SINGLE_FILE_HINT}")
 
@@ -171,38 +204,109 @@ def check_base_model(path: str | os.PathLike) -> Path:
     return root
 
 
+def _snapshot_hint(repo: Path) -> str:
+    """Where the model is in a Hugging Face cache folder (`models--org--name`): snapshots/<revision>."""
+    revisions = sorted(folder.name for folder in (repo / "snapshots").iterdir() if folder.is_dir())
+    try:
+        main = (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        main = ""
+    if main in revisions or len(revisions) == 1:
+        return f"pass its snapshot, {str(repo / 'snapshots' / (main if main in revisions else revisions[0]))!r}"
+    return f"pass one of its snapshots, {str(repo / 'snapshots')!r}/<revision> ({', '.join(revisions) or 'none'})"
+
+
+def _dangling_links(root: Path) -> list[str]:
+    """`name -> target` of each link in the model (its top folder and component folders, hidden ones left out as
+    fingerprint leaves them) that points to nothing: a Hugging Face cache snapshot copied without its blobs."""
+    found = []
+    folders = [root]
+    while folders:
+        folder = folders.pop(0)
+        try:
+            entries = sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+        except OSError:  # a folder this process may not list: what needs it says so
+            continue
+        for entry in entries:
+            if entry.is_symlink() and not entry.exists():
+                found.append(f"{entry.relative_to(root).as_posix()} -> {os.readlink(entry)}")
+            elif folder == root and entry.is_dir():
+                folders.append(entry)
+    return found
+
+
 _HEADER_MAX_BYTES = 100 * 1024 * 1024  # safetensors' own limit on a header
+_LFS_POINTER = b"version https://git-lfs"
+_LFS_HINT = "a Git LFS pointer: run `git lfs pull` in the model"
 
 
 def _cut_short(root: Path) -> list[str]:
-    """The safetensors files to load that are shorter than their header says, or not safetensors at all: found at
-    submission from headers (KBs), not hours later when every worker fails to load them."""
+    """The weight files to load that cannot be: shorter than their header says, not safetensors at all, a Git LFS
+    pointer, a torch.save zip without its end, a shard index naming a shard that is not there. Found at submission
+    from headers and zip directories (KBs), not hours later when every worker fails to load them."""
     cut = []
     for component, stems in _WEIGHT_STEMS.items():
         folder = root / component
-        for file in _weight_files(folder, stems, weights_variant(folder, component)):
-            if file.suffix != ".safetensors":
-                continue
-            size = file.stat().st_size
-            try:
-                with open(file, "rb") as f:
-                    start = f.read(64)
-                    if start.startswith(b"version https://git-lfs"):
-                        cut.append(f"{component}/{file.name} (a Git LFS pointer: run `git lfs pull` in the model)")
-                        continue
-                    (length,) = struct.unpack_from("<Q", start)
-                    if length > min(size, _HEADER_MAX_BYTES):
-                        raise ValueError(f"a header of {length} bytes")
-                    f.seek(8)
-                    header = json.loads(f.read(length))
-                end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
-                wanted = 8 + length + end
-            except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
-                cut.append(f"{component}/{file.name} (not a safetensors file)")
-                continue
-            if size < wanted:
-                cut.append(f"{component}/{file.name} ({size} of {wanted} bytes)")
+        files = _weight_files(folder, stems, weights_variant(folder, component))
+        # diffusers and transformers load safetensors where there are any: .bin files beside them are not read (and
+        # may be LFS pointers: `git lfs pull -I "*.safetensors"`).
+        to_load = dict.fromkeys([file for file in files if ".safetensors" in file.name] or files)
+        for index in [file for file in to_load if file.suffix == ".json"]:
+            problem, shards = _index_shards(index)
+            if problem:
+                cut.append(f"{component}/{index.name} ({problem})")
+            for name in shards:
+                if (folder / name).is_file():
+                    to_load.setdefault(folder / name)
+                else:
+                    cut.append(f"{component}/{index.name} (names {name}, which is not there)")
+        for file in to_load:
+            if file.suffix != ".json" and (problem := _weights_problem(file)):
+                cut.append(f"{component}/{file.name} ({problem})")
     return cut
+
+
+def _index_shards(index: Path) -> tuple[str | None, list[str]]:
+    """A shard index's problem, or the shard files its weight_map names."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (ValueError, AttributeError):  # not JSON (an LFS pointer too), or not an object
+        return ("not a weights index" + (f", {_LFS_HINT}" if index.read_bytes().startswith(_LFS_POINTER) else ""), [])
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        return "its weight_map is not an object of file names", []
+    return None, sorted(set(weight_map.values()))
+
+
+def _weights_problem(file: Path) -> str | None:
+    """Why one weights file cannot load, told from its first bytes and its header or zip directory."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        start = f.read(64)
+    if start.startswith(_LFS_POINTER):
+        return _LFS_HINT
+    if file.suffix == ".bin":
+        if size == 0:
+            return "empty"
+        if not start.startswith(b"PK"):
+            return None  # torch.save's legacy format (a pickle): only a load tells
+        try:
+            with zipfile.ZipFile(file):  # reads the central directory, at its end
+                pass
+        except (zipfile.BadZipFile, OSError):
+            return f"a torch.save zip cut short: {size} bytes, without its end"
+        return None
+    try:
+        (length,) = struct.unpack_from("<Q", start)
+        if length > min(size, _HEADER_MAX_BYTES):
+            raise ValueError(f"a header of {length} bytes")
+        with open(file, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
+        wanted = 8 + length + end
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file"
+    return f"{size} of {wanted} bytes" if size < wanted else None
 
 
 # Pipelines of SD 1.x/2.x's components (the img2img one is saved with the same folders and weights).

@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, weights_variant
+from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, pipeline_scheduler, weights_variant
 
 
 @dataclass
@@ -125,15 +125,16 @@ def load_pipeline(
     base = load_base_model(root, dtype=dtype, device=device, components=needed)
     modules = {name: getattr(base, name) for name in needed}
     modules.update({name: module for name, module in overrides.items() if module is not None})
-    # from_pretrained with every module passed in loads only the scheduler, with the class named in
-    # model_index.json (PNDM for SD 1.5, DDPM for the tiny model).
-    pipe = StableDiffusionPipeline.from_pretrained(
-        root,
+    # Made from its parts, not with from_pretrained: that reads every entry of model_index.json, and a model whose file
+    # names a component set to null (a safety checker taken out by hand) or one it does not have (an image_encoder)
+    # failed there, after training, at the export. The scheduler is the one model_index.json names (PNDM for SD 1.5,
+    # DDPM for the tiny model), as the pipeline's constructor would set it up.
+    pipe = StableDiffusionPipeline(
         **modules,
+        scheduler=pipeline_scheduler(root),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

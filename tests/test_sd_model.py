@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers/transformers read it: nothing may be downloaded
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model, fingerprint
+from dreambooth.model_files import check_base_model, fingerprint, weights_variant
 from dreambooth.sd_model import BaseModel, load_base_model, load_pipeline
 from dreambooth.tiny_model import build_tiny_model
 from trainer.preflight import preflight
@@ -188,6 +189,25 @@ def test_load_pipeline_with_overridden_modules(tiny):
     assert image.images[0].size == (64, 64)  # default size: unet sample_size x VAE factor
 
 
+def test_a_pipeline_of_a_model_whose_index_names_components_it_lacks_loads_and_saves(tiny_copy, tmp_path):
+    """A safety checker taken out of model_index.json by hand (null) or a component listed without its folder (an
+    image_encoder) passed preflight, trained, and failed the job at the export (diffusers' from_pretrained reads
+    every entry): the pipeline is made from the components training uses, and its export loads as any model."""
+    index = tiny_copy / "model_index.json"
+    entries = json.loads(index.read_text())
+    index.write_text(
+        json.dumps(
+            entries | {"safety_checker": None, "image_encoder": ["transformers", "CLIPVisionModelWithProjection"]}
+        )
+    )
+    pipe = load_pipeline(tiny_copy)
+    assert type(pipe.scheduler).__name__ == entries["scheduler"][1]  # the sampler the model's index names
+    pipe.save_pretrained(tmp_path / "export", safe_serialization=True)  # as trainer/export.py writes a model
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "export", local_files_only=True)
+    image = exported("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert image.images[0].size == (64, 64)
+
+
 def test_fp16_variant_only_weights_load(tiny_copy):
     for name in WEIGHT_FILES:
         weights = tiny_copy / name
@@ -234,6 +254,85 @@ def test_a_variants_shard_cut_short_is_refused_too(tiny_copy):
         check_base_model(tiny_copy)
 
 
+def test_bin_weights_cut_short_or_left_git_lfs_pointers_are_refused(tiny_copy):
+    """A model with .bin weights only (an older save) cloned without Git LFS, or copied part way, passed the check and
+    failed every worker's load. torch.save's zip is checked by its directory, at its end; a legacy (pickle) .bin is
+    left to the load, and .bin files beside safetensors ones are not read (`git lfs pull -I "*.safetensors"`)."""
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 3438167536\n"
+    (tiny_copy / "unet/diffusion_pytorch_model.bin").write_text(pointer)
+    check_base_model(tiny_copy)
+    for name in WEIGHT_FILES:
+        weights = tiny_copy / name
+        legacy = weights.parent.name == "text_encoder"
+        to = weights.with_name("pytorch_model.bin" if legacy else "diffusion_pytorch_model.bin")
+        torch.save(load_file(weights), to, _use_new_zipfile_serialization=not legacy)
+        weights.unlink()
+    check_base_model(tiny_copy)
+    (tiny_copy / "unet/diffusion_pytorch_model.bin").write_text(pointer)
+    vae = tiny_copy / "vae/diffusion_pytorch_model.bin"
+    size = vae.stat().st_size
+    with open(vae, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(InputError, match="weight files that cannot be loaded") as error:
+        check_base_model(tiny_copy)
+    assert "unet/diffusion_pytorch_model.bin (a Git LFS pointer: run `git lfs pull`" in error.value.message
+    assert f"vae/diffusion_pytorch_model.bin (a torch.save zip cut short: {size // 2} bytes" in error.value.message
+    assert "text_encoder" not in error.value.message
+
+
+def test_a_sharded_model_missing_a_shard_its_index_names_is_refused(tiny_copy):
+    """A sharded model copied without one of its shards passed the check (only the shards there were read) and
+    failed every worker's load: each file the index's weight_map names must be there, and load, whatever its name."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_copy / "unet")
+    shutil.rmtree(tiny_copy / "unet")
+    unet.save_pretrained(tiny_copy / "unet", max_shard_size="1MB")
+    folder = tiny_copy / "unet"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    entries = json.loads(index.read_text())
+    shards = sorted(set(entries["weight_map"].values()))
+    assert len(shards) > 2
+    check_base_model(tiny_copy)
+    (folder / shards[0]).unlink()
+    (folder / shards[1]).rename(folder / "part-two.safetensors")  # a name of its own: found through the index only
+    size = (folder / "part-two.safetensors").stat().st_size
+    with open(folder / "part-two.safetensors", "r+b") as f:
+        f.truncate(size - 1)
+    entries["weight_map"] = {
+        key: value.replace(shards[1], "part-two.safetensors") for key, value in entries["weight_map"].items()
+    }
+    index.write_text(json.dumps(entries))
+    with pytest.raises(InputError, match="weight files that cannot be loaded") as error:
+        check_base_model(tiny_copy)
+    assert f"unet/{index.name} (names {shards[0]}, which is not there)" in error.value.message
+    assert f"unet/part-two.safetensors ({size - 1} of {size} bytes)" in error.value.message
+
+
+def test_fp16_shards_named_as_older_diffusers_did_load_as_the_fp16_variant(tiny_copy):
+    """fp16-only copies saved by older diffusers name their shards with the variant last
+    (`diffusion_pytorch_model-00001-of-00003.fp16.safetensors`): they were taken for default weights, so the load
+    asked for those and found none."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_copy / "unet")
+    shutil.rmtree(tiny_copy / "unet")
+    unet.save_pretrained(tiny_copy / "unet", variant="fp16", max_shard_size="1MB")
+    folder = tiny_copy / "unet"
+    index = folder / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    entries = json.loads(index.read_text())
+    older = {}
+    for name in set(entries["weight_map"].values()):  # diffusion_pytorch_model.fp16-00001-of-00003.safetensors
+        older[name] = name.replace(".fp16-", "-").replace(".safetensors", ".fp16.safetensors")
+        (folder / name).rename(folder / older[name])
+    entries["weight_map"] = {key: older[value] for key, value in entries["weight_map"].items()}
+    index.unlink()
+    (folder / "diffusion_pytorch_model.safetensors.fp16.index.json").write_text(json.dumps(entries))
+    check_base_model(tiny_copy)
+    assert weights_variant(folder, "unet") == "fp16"
+    assert load_base_model(tiny_copy, components=("unet",)).unet is not None
+    shard = sorted(older.values())[-1]
+    (folder / shard).unlink()
+    with pytest.raises(InputError, match=f"fp16.index.json \\(names {shard}, which is not there"):
+        check_base_model(tiny_copy)
+
+
 def test_check_base_model_returns_resolved_path(tiny):
     assert check_base_model(str(tiny)) == tiny.resolve()
 
@@ -257,6 +356,54 @@ def test_check_base_model_no_model_index(tiny_copy):
     with pytest.raises(InputError, match=r"model_index\.json") as error:
         check_base_model(tiny_copy)
     assert "diffusers" in error.value.message and "save_pretrained" in error.value.message
+
+
+def _hugging_face_cache(model: Path, hub: Path) -> Path:
+    """`model` as the Hugging Face cache holds a download: models--org--name/snapshots/<revision>/, whose files are
+    relative links to blobs/<sha256>."""
+    repo, revision = hub / "models--org--tiny-sd", "0123456789abcdef0123456789abcdef01234567"
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(path for path in model.rglob("*") if path.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        link = repo / "snapshots" / revision / file.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return repo
+
+
+def test_a_hugging_face_cache_snapshot_copied_without_its_blobs_is_named_as_such(tiny, tmp_path):
+    """A snapshot copied out of the cache with `cp -r` keeps its links, not the blobs: it was refused as having no
+    model_index.json (which `ls` shows) and as a single-file checkpoint. The cache folder itself was refused so too:
+    its snapshot is named. A blob missing in the cache was 'missing: unet weights' though `ls unet/` lists them."""
+    repo = _hugging_face_cache(tiny, tmp_path / "hub")
+    snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    assert check_base_model(snapshot) == snapshot  # in the cache its links resolve
+
+    with pytest.raises(InputError, match="Hugging Face cache folder") as error:
+        check_base_model(repo)
+    assert f"pass its snapshot, '{snapshot}'" in error.value.message
+
+    copy = Path(shutil.copytree(snapshot, tmp_path / "copy", symlinks=True))  # what `cp -r` makes of it
+    with pytest.raises(InputError, match="has links to files that are not there") as error:
+        check_base_model(copy)
+    target = os.readlink(copy / "model_index.json")
+    assert target.startswith("../../blobs/")
+    assert f"model_index.json -> {target}" in error.value.message and "cp -rL" in error.value.message
+    assert "single-file" not in error.value.message
+
+    unet = snapshot / "unet/diffusion_pytorch_model.safetensors"
+    unet.resolve().unlink()
+    with pytest.raises(InputError) as error:
+        check_base_model(snapshot)
+    assert f"unet/diffusion_pytorch_model.safetensors -> {os.readlink(unet)}" in error.value.message
+    assert "missing" not in error.value.message
+
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(InputError, match=f"is a link to '{tmp_path / 'gone'}', which does not exist"):
+        check_base_model(tmp_path / "link")
 
 
 def test_check_base_model_reports_every_problem_at_once(tiny_copy):
