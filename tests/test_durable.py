@@ -208,6 +208,21 @@ def test_a_run_ray_has_no_record_of_resumes_from_the_jobs_events(tmp_path):
     assert resume_fallback(run_dir, events.path) is None  # Ray's to resume from
 
 
+def test_a_checkpoint_whose_event_was_lost_counts_once_a_run_resumed_from_it(tmp_path):
+    """Rank 0 killed between Ray's commit of a checkpoint and the event saying so (a cancel, a lost node): with Ray's
+    record unusable later (another Ray version's, after an upgrade), the events named only older checkpoints, and the
+    run resumed from those and removed the newer ones Ray had committed. The run that resumed from it names it."""
+    run_dir, events = tmp_path / "run", EventLog(tmp_path / "events.jsonl")
+    committed(run_dir, events, 2)
+    newest = run_dir / "checkpoint_step_0000004"
+    (newest / "zero").mkdir(parents=True)
+    (newest / STATE_FILE).write_text(json.dumps({"step": 4}))
+    events.emit("resumed", step=4, path=str(newest))  # as the next run's rank 0 does, resumed by Ray from it
+    assert resume_fallback(run_dir, events.path) == newest
+    assert committed_steps(run_dir, events.path) == [2, 4]
+    assert remove_unused_checkpoints(run_dir, events.path) == []
+
+
 def test_checkpoints_no_run_resumes_from_are_removed(tmp_path):
     """A save cut short (a crash, a full disk), or one Ray pruned from its record and died before deleting, left
     gigabytes that Ray, pruning only what it records, kept for good; and a rerun with fewer max_steps was refused

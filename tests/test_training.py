@@ -139,7 +139,8 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
     # saves): a worker dies at step 6, the workers restart from step 4 and end with the same weights.
     crashed = job_paths(storage, "zero3-crash")
     run_training(dataclasses.replace(spec, max_failures=1, validation_prompts=[]), crashed, fail_once_at_steps=(6,))
-    assert [e["step"] for e in read_events(crashed.events_file) if e["type"] == "resumed"] == [4]
+    resumed = [e for e in read_events(crashed.events_file) if e["type"] == "resumed"]
+    assert [(e["step"], Path(e["path"]).name) for e in resumed] == [(4, "checkpoint_step_0000004")]
     final = "checkpoints/checkpoint_step_0000010"
     reference = consolidated_state_dict(paths.job_dir / final)
     weights = consolidated_state_dict(crashed.job_dir / final)

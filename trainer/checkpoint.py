@@ -192,7 +192,7 @@ def committed_steps(run_dir: Path, events_file: Path) -> list[int]:
     (one it cannot read, or behind the events: the run sets it aside), those the job's events name."""
     names = _usable_ray_record(run_dir, events_file)
     if names is None:
-        names = [Path(event["path"]).name for event in read_events(events_file) if event["type"] == "checkpoint"]
+        names = [Path(event["path"]).name for event in _committed_events(events_file)]
     return [step for step in checkpoint_steps(run_dir) if checkpoint_dir_name(step) in set(names)]
 
 
@@ -217,8 +217,8 @@ def remove_unused_checkpoints(run_dir: Path, events_file: Path) -> list[int]:
 def committed_checkpoint(events_file: Path, step: int | None = None) -> Path | None:
     """The newest checkpoint (or that of `step`) an earlier run of the job had committed, as its "checkpoint"
     event says, and that is still there; else None."""
-    for event in reversed(read_events(events_file)):
-        if event["type"] == "checkpoint" and step in (None, event.get("step")):
+    for event in reversed(_committed_events(events_file)):
+        if step in (None, event.get("step")):
             directory = Path(event["path"])
             if (directory / STATE_FILE).exists():
                 return directory
@@ -227,14 +227,20 @@ def committed_checkpoint(events_file: Path, step: int | None = None) -> Path | N
     return None
 
 
-def restore_latest(engine, fallback: str | None = None) -> int:
+def _committed_events(events_file: Path) -> list[dict]:
+    """The job's events that name a committed checkpoint: each save's, and each run's resume from one (which tells
+    the checkpoint again where its save's event is missing: rank 0 killed between Ray's commit and the event)."""
+    return [e for e in read_events(events_file) if e["type"] in ("checkpoint", "resumed") and e.get("path")]
+
+
+def restore_latest(engine, fallback: str | None = None) -> tuple[int, Path | None]:
     """Load the run's latest reported checkpoint into `engine`; where Ray knows none, `fallback` (a checkpoint
-    directory), if given. Returns the step to start from."""
+    directory), if given. Returns the step to start from, and the checkpoint's directory (None: from the start)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and fallback is not None:
         checkpoint = ray.train.Checkpoint(fallback)
     if checkpoint is None:
-        return 0
+        return 0, None
     with checkpoint.as_directory() as directory:
         _, client_state = engine.load_checkpoint(directory, tag=TAG)
-    return int(client_state["step"])
+    return int(client_state["step"]), Path(checkpoint.path)

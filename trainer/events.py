@@ -9,7 +9,7 @@ either side, and any node can write it. One event per line, each with a `type` a
     {"type": "worker", "rank": 0, "world_size": 2, "node_id": "...", "device": "cuda:0", "start_step": 0,
      "startup_s": {"load_model": 4.1, "encode": 0.8, "build_engine": 9.5, "restore": 0.0}}   (the worker's start, in
      its parts; from the TRAINING state to the event, the rest is Ray Train's: its worker processes and process group)
-    {"type": "resumed", "step": 200}   (a run restarted from its checkpoint at that step)
+    {"type": "resumed", "step": 200, "path": "..."}   (a run restarted from its checkpoint at that step: committed)
     {"type": "progress", "step": 40, "total_steps": 400, "loss": 0.12, "instance_loss": 0.07, "prior_loss": 0.1,
      "lr": 5e-6, "steps_per_s": 3.1, "eta_s": 116.0, "skipped_steps": 0, "peak_memory_gib": 15.2}   (peak_rss_gib on CPU
      workers; skipped_steps: optimizer steps skipped so far on fp16 overflow; a run's first step is told at once,

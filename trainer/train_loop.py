@@ -139,7 +139,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     if spec.async_checkpointing:
         engine.checkpoint_engine = AsyncCheckpointEngine()
     startup.done("build_engine")
-    start_step = restore_latest(engine, fallback=config.resume_from)
+    start_step, restored = restore_latest(engine, fallback=config.resume_from)
     startup.done("restore")
 
     events = EventLog(paths.events_file)
@@ -184,7 +184,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             compute_dtype=dtype,
         )
     if rank == 0 and start_step > 0:
-        events.emit("resumed", step=start_step)
+        events.emit("resumed", step=start_step, path=str(restored))
         metrics.record_restart()
 
     def validate(step: int) -> None:
