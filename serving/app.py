@@ -239,7 +239,9 @@ class Generator:
                     resident = await self.model(model_id)
                     if not self._deployed_as(resident.model, model_id):
                         # Released by an undeploy or a move (deployed since), or moved while it loaded: loaded from
-                        # where it is deployed now (ModelNotServed if it is no longer).
+                        # where it is deployed now (ModelNotServed if it is no longer). What it holds goes first: an
+                        # undeploy during its load left the weights in the multiplexer's cache.
+                        resident.model = None
                         resident.model = await self._loads.get(model_id)
         except TimeoutError:
             logger.warning("model %s: a request gave up waiting for it after %d s", model_id, LOAD_TIMEOUT_S)

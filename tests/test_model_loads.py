@@ -144,6 +144,34 @@ def test_a_model_evicted_under_a_request_is_gone_before_its_replacement_loads(re
     assert at_loads == [[], []]
 
 
+def test_a_model_undeployed_while_it_loads_leaves_memory_with_its_request(replica, subject_models):
+    """Undeployed while its load was under way: the load ended in the multiplexer's cache, its request was refused,
+    and the cached entry kept the weights (counted as loaded) until an eviction happened to take it."""
+    generator = replica()
+    in_memory, _ = watch_loads(generator)
+    loading, may_finish = threading.Event(), threading.Event()
+    load = generator.engine.load
+
+    def held(model_id: str, path: str) -> SubjectModel:
+        loading.set()
+        may_finish.wait(timeout=60)
+        return load(model_id, path)
+
+    generator.engine.load = held
+
+    async def scenario() -> None:
+        request = asyncio.ensure_future(generate(generator, "rex"))
+        assert await asyncio.to_thread(loading.wait, 60)
+        await generator.reconfigure({"models": {"fido": str(subject_models["fido"])}})
+        may_finish.set()
+        with pytest.raises(app.ModelNotServed):
+            await request
+
+    asyncio.run(scenario())
+    gc.collect()
+    assert [model.model_id for model in in_memory] == []
+
+
 def test_a_load_its_request_gave_up_on_is_not_kept_beside_the_next_models(replica):
     """One model slot, spot in it. A request for rex evicts spot and goes away while rex loads: the load goes on
     and was kept LOAD_KEPT_S for a request to take over, outside the multiplexer's count. The next model's request
