@@ -46,6 +46,14 @@ QUEUE_WAIT = Histogram(
     buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
     registry=REGISTRY,
 )
+SERVING_UP_TO_DATE = Gauge(
+    "dreambooth_serving_up_to_date",
+    "1 while Ray Serve runs the deployed models the store holds, as last applied; 0 while they could not be "
+    "applied, are being deployed, or failed to deploy (DEPLOY_FAILED: the controller's log says why); by Serve "
+    "application. No series on a controller without serving.",
+    ["application"],
+    registry=REGISTRY,
+)
 WATCHES_OPEN = Gauge("dreambooth_open_watch_streams", "Open WatchJob streams (at most max_watches).", registry=REGISTRY)
 WATCHES_ENDED = Counter(
     "dreambooth_watch_streams_total",

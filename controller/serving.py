@@ -14,12 +14,14 @@ import logging
 import threading
 import time
 
+from controller import metrics
 from controller.store import Store
 from serving.deployer import ServeDeployer
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_S = 5.0
+SETTLE_INTERVAL_S = 1.0  # how often an application being deployed is looked at, until it runs or fails
 
 
 class ServingSync:
@@ -42,6 +44,7 @@ class ServingSync:
         # serve whatever a controller before it applied). Read by other threads (may_serve), replaced whole.
         self._applied: frozenset[str] | None = None
         self._applying: frozenset[str] = frozenset()  # the deployed set an apply under way gives Serve
+        self._target: frozenset[str] | None = None  # the deployed set last applied, until Serve is seen running it
         self._woken = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,13 +93,19 @@ class ServingSync:
             self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
         except Exception as e:
             self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
+            self._up_to_date(False)
             log.warning("could not apply the deployed models to Ray Serve (retrying): %s", e)
             return
         finally:  # a failed apply may have reached Serve all the same: its set counts as served until the next
             self._applied = self._applied if self._applied is None else self._applied | self._applying
             self._applying = frozenset()
-        self._applied = frozenset(models)
-        self._dirty, self._next_check = False, time.monotonic() + self.check_interval_s
+        # What Serve served before may still be served until it runs this set: an application that fails to deploy
+        # (DEPLOY_FAILED: code that cannot take this config, say) keeps its old replicas and their models.
+        self._target, self._dirty = frozenset(models), False
+        self._check()
+
+    def _up_to_date(self, running: bool) -> None:
+        metrics.SERVING_UP_TO_DATE.labels(application=self.deployer.config.app_name).set(int(running))
 
     def reconcile(self) -> None:
         """Applies when asked (request_apply); re-applies when a previous apply failed or the application is gone (at
@@ -107,14 +116,35 @@ class ServingSync:
             return
         if time.monotonic() < self._next_check:
             return
-        if not self._dirty:
-            try:
-                missing = self.deployer.status() == "NOT_DEPLOYED"
-            except Exception as e:
-                log.warning("could not read Ray Serve's status (retrying): %s", e)
-                self._next_check = time.monotonic() + RETRY_INTERVAL_S
-                return
-            if not missing:
-                self._next_check = time.monotonic() + self.check_interval_s
-                return
-        self._apply()
+        if self._dirty or not self._check():
+            self._apply()
+
+    def _check(self) -> bool:
+        """Looks at the application Serve runs; False where it is gone (to be applied again). Running, it serves only
+        the set last applied; failed to deploy, the log says why (each check_interval_s, until an operator acts)."""
+        try:
+            status = self.deployer.status()
+        except Exception as e:
+            log.warning("could not read Ray Serve's status (retrying): %s", e)
+            self._next_check = time.monotonic() + RETRY_INTERVAL_S
+            return True
+        if status == "NOT_DEPLOYED":
+            self._up_to_date(False)
+            self._next_check = time.monotonic() + RETRY_INTERVAL_S  # if even the apply now does not bring it back
+            return False
+        interval = self.check_interval_s
+        if status == "RUNNING":
+            self._applied = self._target
+            self._up_to_date(True)
+        else:
+            self._up_to_date(False)
+            if status == "DEPLOY_FAILED":
+                log.error(
+                    "Ray Serve failed to deploy the serving application; the models deployed before may still be "
+                    "served, and no undeployed one is deleted until it runs: %s",
+                    self.deployer.message(),
+                )
+            elif status == "DEPLOYING":
+                interval = SETTLE_INTERVAL_S
+        self._next_check = time.monotonic() + interval
+        return True

@@ -7,12 +7,15 @@ Other Serve applications on the cluster are kept as they are (the REST API repla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dreambooth.ray_dashboard import WORKER_ENV, RequestTimeout
 from serving import access
 from serving.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 IMPORT_PATH = "serving.app:build_app"
 DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names in serving/app.py
@@ -52,6 +55,13 @@ class ServeDeployer:
         """Deploys (or reconfigures) the application so that exactly `models` are served (see `application`)."""
         client = self._client()
         details = client.get_serve_details()
+        if ignored := self.ignored_options(details):
+            log.error(
+                "Ray Serve runs with %s: a running Serve keeps the HTTP options it started with (the dashboard takes "
+                "the new ones without a word), so clients are sent where it does not listen; stop Serve on the "
+                "cluster (`serve shutdown` on the head): the controller starts it again with its options",
+                ", ".join(ignored),
+            )
         others = [
             app["deployed_app_config"]
             for name, app in (details.get("applications") or {}).items()
@@ -64,6 +74,23 @@ class ServeDeployer:
                 "applications": [*others, self.application(models, owners, tenant_tokens)],
             }
         )
+
+    def ignored_options(self, details: Mapping[str, Any]) -> list[str]:
+        """This config's HTTP options that Serve, as `details` (get_serve_details) has it running, is not using:
+        "setting value (configured: value)" each."""
+        if not details.get("controller_info"):
+            return []  # not running: an apply starts it with this config's
+        http = details.get("http_options") or {}
+        running = {
+            "http_host": http.get("host"),
+            "http_port": http.get("port"),
+            "proxy_location": details.get("proxy_location"),
+        }
+        return [
+            f"{name} {value!r} (configured: {getattr(self.config, name)!r})"
+            for name, value in running.items()
+            if value is not None and value != getattr(self.config, name)
+        ]
 
     def status(self) -> str:
         """The application's Serve status (RUNNING, DEPLOYING, DEPLOY_FAILED, ...), or NOT_DEPLOYED."""

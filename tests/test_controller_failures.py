@@ -1972,6 +1972,8 @@ class _RecordingServe:
     def __init__(self):
         self.applied: list[dict] = []
         self.down = False
+        self.application = "RUNNING"  # its status once deployed
+        self.config = ServeConfig()
 
     def apply(self, models: dict, tenants: dict, tokens: dict) -> None:
         if self.down:
@@ -1979,7 +1981,10 @@ class _RecordingServe:
         self.applied.append(models)
 
     def status(self) -> str:
-        return "RUNNING"
+        return self.application
+
+    def message(self) -> str:
+        return "Generator: DEPLOY_FAILED: the replica's constructor raised InputError"
 
 
 def test_a_deploy_whose_apply_could_not_read_the_database_is_applied_on_the_retry(tmp_path, monkeypatch):
@@ -2075,6 +2080,44 @@ def test_an_undeployed_model_is_deleted_only_once_serving_has_stopped_serving_it
         sync.reconcile()
         assert len(refusals) == 1 and serve.applied[-1] == {"model-3": str(model_dirs["model-3"])}
         assert model_dirs["model-3"].exists()
+    finally:
+        store.close()
+
+
+def test_an_undeploy_serve_failed_to_deploy_keeps_the_model_from_deletion_and_says_why(tmp_path, monkeypatch, caplog):
+    """Serve's REST API takes a config and then fails to deploy it (DEPLOY_FAILED: code that cannot take it): its old
+    replicas go on serving what they served. The controller took the accepted PUT as done: DeleteModel removed the
+    files of a model still served, and nothing said that serving was stuck."""
+    from controller import serving as serving_module
+    from controller.serving import ServingSync
+
+    monkeypatch.setattr(serving_module, "RETRY_INTERVAL_S", 0.0)
+    config = ControllerConfig(storage=tmp_path, serving=ServeConfig())
+    store = Store(config.effective_database_url)
+    serve = _RecordingServe()
+    sync = ServingSync(store, serve, {}, check_interval_s=0)
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(tmp_path)), ChangeFeed(), sync
+    )
+    model_dir = job_paths(tmp_path, "job-1").model_dir
+    model_dir.mkdir(parents=True)
+    store.insert_model(ModelRecord("model-1", "default", "job-1", str(model_dir)))
+    try:
+        service.deploy_model("default", "model-1")
+        sync.reconcile()
+        assert metrics.SERVING_UP_TO_DATE.labels(application="dreambooth")._value.get() == 1
+        service.undeploy_model("default", "model-1")
+        serve.application = "DEPLOY_FAILED"
+        sync.reconcile()
+        assert serve.applied[-1] == {}  # the PUT went through
+        with pytest.raises(FailedPrecondition, match="retry in a moment"):
+            service.delete_model("default", "model-1")
+        assert model_dir.exists() and metrics.SERVING_UP_TO_DATE.labels(application="dreambooth")._value.get() == 0
+        assert "the replica's constructor raised InputError" in caplog.text
+        serve.application = "RUNNING"  # an operator mended it; Serve runs the set applied
+        sync.reconcile()
+        service.delete_model("default", "model-1")
+        assert not model_dir.exists() and metrics.SERVING_UP_TO_DATE.labels(application="dreambooth")._value.get() == 1
     finally:
         store.close()
 

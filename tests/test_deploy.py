@@ -947,6 +947,29 @@ ALERT_CASES = [
         ],
     ),
     (
+        "serving-not-applied",
+        [
+            {
+                "series": f'dreambooth_serving_up_to_date{{{CONTROLLER}, application="dreambooth"}}',
+                "values": "1x10 0x2 1x10 0x30",
+            }
+        ],
+        [
+            ("DreamBoothServingNotApplied", "20m", []),  # a deploy's minutes
+            ("DreamBoothServingNotApplied", "30m", []),  # pending
+            (
+                "DreamBoothServingNotApplied",
+                "40m",
+                [
+                    (
+                        {"instance": "127.0.0.1:9464", "job": "dreambooth-controller", "application": "dreambooth"},
+                        "Ray Serve has not run the deployed models of dreambooth for 10 minutes",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
         "serving-errors",
         [
             _serve("ok", "0+60x60"),  # 1 request/s

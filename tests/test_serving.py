@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -99,6 +100,19 @@ def test_lists_models_and_documents_the_api(service, subject_models):
     assert openapi.ok, openapi.text
     paths = openapi.json()["paths"]
     assert "/v1/models/{model_id}/generate" in paths
+
+
+def test_http_options_a_running_serve_keeps_are_named(service, ray_cluster):
+    """A running Serve keeps the HTTP options it started with, and the dashboard took new ones without a word: an
+    operator's new http_port left Serve on the old one while every endpoint named the new."""
+    details = ServeDeployer(ray_cluster.dashboard_url, service)._client().get_serve_details()
+    assert ServeDeployer(ray_cluster.dashboard_url, service).ignored_options(details) == []
+    moved = dataclasses.replace(service, http_port=service.http_port + 1, proxy_location="EveryNode")
+    assert ServeDeployer(ray_cluster.dashboard_url, moved).ignored_options(details) == [
+        f"http_port {service.http_port} (configured: {service.http_port + 1})",
+        "proxy_location 'HeadOnly' (configured: 'EveryNode')",
+    ]
+    assert ServeDeployer(ray_cluster.dashboard_url, moved).ignored_options({"controller_info": {}}) == []  # not up
 
 
 def test_concurrent_requests_share_batches_and_seeds_hold(service):
