@@ -324,6 +324,8 @@ class DreamBoothClient:
         return self._call(self._models.GetModel, models_pb2.GetModelRequest(model_id=model_id)).model
 
     def deploy(self, model_id: str) -> models_pb2.Model:
+        """Has the controller serve the model; its endpoint answers moments later (404 until then):
+        `dreambooth.serving_client.wait_until_served(model.endpoint)` waits for it, as `dreambooth deploy` does."""
         return self._call(self._models.DeployModel, models_pb2.DeployModelRequest(model_id=model_id)).model
 
     def undeploy(self, model_id: str) -> models_pb2.Model:
