@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -610,6 +611,10 @@ def _train(args) -> int:
         _run_with_progress(spec, args.storage, job_id, args.address)
     except (InputError, OSError):
         raise  # main tells these
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's handler aborts the run and exits (SystemExit 1)
+        again = shlex.join(["dreambooth", "train", str(args.spec), "--storage", str(args.storage), "--job-id", job_id])
+        print(f"interrupted: job {job_id} stopped; `{again}` resumes it from its last checkpoint", file=sys.stderr)
+        return 130
     except Exception as e:  # training failed, after Ray Train's retries: what failed, not a page of traceback
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1

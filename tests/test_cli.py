@@ -119,6 +119,25 @@ def test_a_job_for_gpus_on_a_machine_without_is_refused_not_left_waiting(job):
     assert "the job needs 1 GPU" not in result.stderr and "[EXPORTING]" in result.stderr, result.stderr[-3000:]
 
 
+def test_ctrl_c_in_train_says_the_job_stopped_and_how_to_resume_it(job, monkeypatch, capsys):
+    """Ray Train's fit answers SIGINT with its own handler (the run aborted, then SystemExit 1): `train` exited 1
+    without a word about the job, nor how to resume it."""
+    from dreambooth import cli
+
+    def interrupted(*args):
+        raise SystemExit(1)  # what Ray Train's handler ends with
+
+    monkeypatch.setattr(cli, "_run_with_progress", interrupted)
+    write, tmp = job
+    spec = write()
+    assert main(["train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1"]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"interrupted: job dog-1 stopped; `dreambooth train {spec} --storage {tmp / 's'} --job-id dog-1` resumes it "
+        "from its last checkpoint\n"
+    )
+
+
 def test_bad_input_is_refused_before_the_training_libraries_load(job):
     """What `dreambooth train` checks first imports none of Ray, DeepSpeed or diffusers (seconds to load): a missing
     base model or photo is told in about a second."""

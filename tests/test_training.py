@@ -132,7 +132,11 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
         validation_inference_steps=2,
     )
     paths = job_paths(storage, "zero3")
+    interrupt = signal.getsignal(signal.SIGINT)
     result = run_training(spec, paths)
+    # Ray Train's fit puts in a SIGINT handler of its own (abort, then exit) and leaves it: Ctrl-C in the export after
+    # it was swallowed, then exited 0 without a model.
+    assert signal.getsignal(signal.SIGINT) is interrupt
     events = read_events(paths.events_file)
 
     # Exact resume here too (partitioned parameters and optimizer states, bf16, two micro-steps a step, synchronous
@@ -379,6 +383,30 @@ def test_class_images_that_come_out_nan_or_black_fail_the_job_and_are_not_cached
         ray.get(generator.generate.remote([0], "a photo of dog", 2, 7.5, str(directory)))
     ray.kill(generator)
     assert list(directory.glob("*.png")) == []
+
+
+def test_ray_losing_the_processes_of_a_run_is_no_verdict_on_the_job(tiny_model, dog_images, tmp_path, monkeypatch):
+    """`dreambooth down` (or a Ray head restarted) under a training job: Ray Train's controller actor died with its
+    owner's node, and the driver judged the job FAILED (TRAINING_FAILED), so the controller never ran it again and
+    its checkpoints went unused. Raised without a verdict, the controller's next attempt resumes it."""
+    from trainer import run
+
+    def ray_going_down(*args, **kwargs):
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(run, "_train", ray_going_down)
+    paths = job_paths(tmp_path, "job-1")
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
+    assert [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"] == ["PREPARING"]
+
+    def training_failed(*args, **kwargs):
+        raise ray.train.WorkerGroupError("a worker ran out of memory", {})
+
+    monkeypatch.setattr(run, "_train", training_failed)  # a verdict: the job's own
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
+    assert read_events(paths.events_file)[-1]["reason"] == "TRAINING_FAILED"
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(

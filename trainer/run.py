@@ -16,7 +16,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +196,26 @@ def run_training(
         # Stopped from outside (ray.init turns SIGTERM into SystemExit: a head shutting down, `ray job stop`), not a
         # verdict on the job: whoever runs it decides (the controller runs it again, or ends it as stopped).
         raise
+    except RAY_LOST_ITS_PROCESSES:
+        # Nor is Ray losing the processes the run stands on (Ray Train's controller actor dead with its owner's node:
+        # the cluster going down under it, `dreambooth down`, a head restarted): judged FAILED, the job was never run
+        # again, its checkpoints unused; the next attempt resumes from them.
+        raise
     except BaseException as e:
         reason = "PLACEMENT_TIMEOUT" if isinstance(e, PlacementTimeout) else phase
         events.emit("state", state="FAILED", reason=reason, message=f"{type(e).__name__}: {e}"[:2000])
         raise
+
+
+# What Ray raises in the driver when a process of its own is gone (actors, their owners, workers, nodes), as opposed
+# to training's verdicts (Ray Train's TrainingFailedError after max_failures, our own errors).
+RAY_LOST_ITS_PROCESSES = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.RaySystemError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.OwnerDiedError,
+    ray.exceptions.WorkerCrashedError,
+)
 
 
 def only_export_left(spec: JobSpec, paths: JobPaths) -> Path | None:
@@ -247,6 +265,7 @@ def _train(
     # the workers came up, is worth another), each waiting its share of the placement timeout for their placement
     # group, rather than retrying for ever. Read from the driver's environment when the run starts.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(placement_timeout_s / WORKER_GROUP_STARTS)
+    interrupt = signal.getsignal(signal.SIGINT)
     try:
         result = _trainer(spec, paths, config).fit()
     except ray.train.ControllerError as e:
@@ -257,6 +276,11 @@ def _train(
             "no node has room for one, the placement strategy cannot be met, or other work holds the cluster's "
             "resources"
         ) from e
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            # Ray Train's fit puts in a SIGINT handler of its own (abort the run, then exit 1) and leaves it there:
+            # Ctrl-C during the export after it was swallowed twice, and the third exited 0, without a model.
+            signal.signal(signal.SIGINT, interrupt)
     # None where the run reported no checkpoint and Ray knew none before: it resumed from `resume_from` at the end.
     return Path(result.checkpoint.path) if result.checkpoint is not None else Path(config.resume_from)
 
