@@ -16,15 +16,17 @@
 # model build take ~1 min first (session 21: 61 s on a fresh H200 machine, 38 s, the install again, on a warm one):
 #   profile-baseline  train_step_profile.py: the trainer's engine against the plain PyTorch step (diffusers'
 #                  train_dreambooth.py's step: AdamW, fp16 autocast + GradScaler, no DeepSpeed) on the same inputs,
-#                  eager and compiled alike: the like-for-like figure the throughput target's "2x" needs (the engine's
-#                  73.9 ms on the H200 in session 21 had no baseline beside it)                       ~7 min
+#                  compiled and eager alike (the compiled pair first: a cut at the deadline takes the eager pair,
+#                  seconds each): the like-for-like figure the throughput target's "2x" needs (the engine's 73.9 ms
+#                  on the H200 in session 21 had no baseline beside it)                              ~7 min
 #   train-compile  train_throughput.py --compile: the baseline, then the trainer with torch_compile, which since
 #                  session 21 replays CUDA graphs (cuda_graphs): Ray Train, checkpoints, the whole loop, against
 #                  the profile's 73.9 ms a step (H200, session 21); ~2.5 min of compiling (session 17,
 #                  without CUDA graphs, cut short at 382 s)                                         ~7 min
-#   memory-compile train_step_profile.py, UNet + text encoder compiled with CUDA graphs and gradient
-#                  checkpointing: full fine-tuning's speed, and its memory against the 16 GiB target
-#                  (eager with gradient checkpointing: 15.37 GiB in session 17)                     ~4 min
+#   memory-compile train_step_profile.py, UNet + text encoder with gradient checkpointing, eager then compiled
+#                  with CUDA graphs: full fine-tuning's speed, and the memory CUDA graphs add, against the 16 GiB
+#                  target (the engine alone, no VAE nor validation: the whole trainer's eager peak, 15.37 GiB in
+#                  session 17, is part train-memory's, not comparable)                              ~5 min
 #   train-memory-compile  the trainer as part train-memory, compiled: full fine-tuning through Ray Train with
 #                  CUDA graphs and a validation at the end, whose eager sampling cannot use the memory the
 #                  graphs' pool keeps (the validation event's peak against the last progress event's)  ~6 min
@@ -69,6 +71,16 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
 deadline=${DEADLINE_S:-570}
+only=${ONLY:-all}
+# Checked before the install (a minute of device time): a misspelt part in ONLY ran nothing, without a word.
+parts=" profile-baseline train-compile memory-compile train-memory-compile profile serve profile-compile profile-groups \
+train memory train-memory "
+for name in ${only//,/ }; do
+  if [ "$name" != all ] && [[ "$parts" != *" $name "* ]]; then
+    echo "ONLY: no part $name; the parts:$parts" >&2
+    exit 2
+  fi
+done
 bash .gpu/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -76,7 +88,6 @@ mkdir -p "$OUT"
 vocab=(--clip-bpe .gpu/bpe_simple_vocab_16e6.txt.gz)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /tmp | tail -1
-only=${ONLY:-all}
 scratch=${TMPDIR:-/tmp}
 
 # part NAME NEEDED_S COMMAND...: runs COMMAND (output to $OUT/NAME.log) if NEEDED_S are left, cut at the deadline.
@@ -96,7 +107,7 @@ part() {
   ray_session=$(readlink /tmp/ray/session_latest)
   echo "== $name ($((SECONDS - start)) s in, up to ${left} s)"
   timeout --signal=INT --kill-after=10 "$left" "$@" 2>&1 | grep --line-buffered -v "it/s]" | tee "$OUT/$name.log" |
-    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|torch\.compile|- |peak|cut short|Traceback|[A-Za-z_.]*(Error|Exception)\b)|: step [0-9]|: failed$"
+    grep --line-buffered -E "^(\||model|device|at |trainer|baseline|engine|compiled|torch\.compile|Row\(|- |peak|cut short|Traceback|[A-Za-z_.]*(Error|Exception)\b)|: step [0-9]|: failed$"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   # Torch's graph breaks and recompiles (TORCH_LOGS) in the trainer's Ray worker, whose output stays in Ray's logs:
@@ -128,12 +139,12 @@ t = time.time(); build_random_sd15_model('$HOME/.cache/dreambooth-cluster/models
 # The profiling parts compare with each other: the same warm-up (which goes on past it while fp16 skips steps) and steps.
 profile_steps=(--steps 15 --warmup 5)
 part profile-baseline 420 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 \
-  --variants "plain PyTorch step,trainer's config,plain PyTorch step + torch.compile,torch.compile" \
+  --variants "plain PyTorch step + torch.compile,torch.compile,plain PyTorch step,trainer's config" \
   "${profile_steps[@]}" "${vocab[@]}"
 part train-compile 420 env TORCH_LOGS=recompiles,graph_breaks,perf_hints python bench/train_throughput.py --model sd15 \
   --precision fp16 --compile "${vocab[@]}" --work-dir "$scratch/bench-train-train-compile" --out "$OUT/train_throughput_compiled.json"
-part memory-compile 240 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 --train-text-encoder \
-  --steps 5 --warmup 2 --variants "torch.compile + gradient checkpointing" "${vocab[@]}"
+part memory-compile 280 env TORCH_LOGS=perf_hints python bench/train_step_profile.py --model sd15 --train-text-encoder \
+  --steps 5 --warmup 2 --variants "gradient checkpointing,torch.compile + gradient checkpointing" "${vocab[@]}"
 part train-memory-compile 360 env TORCH_LOGS=perf_hints python bench/train_throughput.py --model sd15 --precision fp16 \
   --only trainer --compile --train-text-encoder --gradient-checkpointing --validation-prompt "a photo of sks dog in the snow" \
   "${vocab[@]}" --work-dir "$scratch/bench-train-train-memory-compile" --out "$OUT/train_throughput_memory_compile.json"
