@@ -339,9 +339,18 @@ def rpc(handler):
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, service: JobService, auth: Authenticator, max_watches: int, max_watches_per_tenant: int):
+    def __init__(
+        self,
+        service: JobService,
+        auth: Authenticator,
+        max_watches: int,
+        max_watches_per_tenant: int,
+        shutting_down: threading.Event,
+    ):
         self.service = service
         self.auth = auth
+        # Set when the controller stops: open watches end at once, UNAVAILABLE, rather than hold the shutdown's grace.
+        self.shutting_down = shutting_down
         # Each open WatchJob stream holds one of the server's threads for as long as its job runs (hours).
         self._watch_slots = threading.BoundedSemaphore(max_watches)
         self._max_watches = max_watches
@@ -425,14 +434,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
         try:
             tenant = self._take_tenant_slot(self.auth.tenant(context))
-            for job, change in self.service.watch(tenant, request.job_id, is_active=context.is_active):
+
+            def is_active() -> bool:
+                return context.is_active() and not self.shutting_down.is_set()
+
+            for job, change in self.service.watch(tenant, request.job_id, is_active=is_active):
                 if job.state in TERMINAL_STATES:
                     # The stream's last update: free its slot first, so that a client which has it and opens its
                     # next watch at once is not refused for a stream that is over.
                     release()
                     code = grpc.StatusCode.OK
                 yield watch_proto(self._job(job), change)
-            return
+            if code == grpc.StatusCode.OK or not self.shutting_down.is_set():
+                return
+            # Never ending on its own, a watch held the stopping controller for its whole grace (past `dreambooth
+            # down`'s wait, which then killed it), and ended CANCELLED.
+            code = grpc.StatusCode.UNAVAILABLE
+            status = _status(code, "the controller is shutting down: watch again", retry_after_s=1)
         except Exception as e:
             code, status = _error_status(e, "WatchJob")
         finally:

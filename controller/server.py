@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -62,10 +62,13 @@ class Controller:
     database_hold: contextlib.ExitStack  # this controller's claim on its database
     health_server: grpc.Server | None = None  # health_listen's
     health_port: int = 0
+    shutting_down: threading.Event = field(default_factory=threading.Event)  # ends open watches
 
     def stop(self, grace_s: float = 10) -> None:
-        """Graceful: refuse new calls, let running ones finish (up to grace_s), then stop the loop."""
+        """Graceful: refuse new calls, end open watches (UNAVAILABLE: their clients watch again), let running calls
+        finish (up to grace_s), then stop the loop."""
         self.health.enter_graceful_shutdown()
+        self.shutting_down.set()
         self.server.stop(grace_s).wait()
         if self.health_server is not None:
             self.health_server.stop(0)
@@ -155,7 +158,8 @@ def _start(
     )
     # Without tenants, one user has every watch (`dreambooth up`'s 65th watch was refused for a tenant of one).
     per_tenant = config.max_watches_per_tenant if config.tenants else config.max_watches
-    jobs = JobServicer(service, auth, config.max_watches, per_tenant)
+    shutting_down = threading.Event()
+    jobs = JobServicer(service, auth, config.max_watches, per_tenant, shutting_down)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs, server)
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service, auth), server)
     health_servicer = KnownServicesHealth()
@@ -190,7 +194,16 @@ def _start(
         health_server.start()
     log.info("controller listening on %s (port %d), storage %s", config.listen, port, config.storage)
     return Controller(
-        server, port, reconciler, health_servicer, service, metrics_server, held, health_server, health_port
+        server,
+        port,
+        reconciler,
+        health_servicer,
+        service,
+        metrics_server,
+        held,
+        health_server,
+        health_port,
+        shutting_down,
     )
 
 

@@ -92,6 +92,32 @@ def client(controller):
         yield c
 
 
+def test_a_stopping_controller_ends_its_watches_at_once_for_clients_to_watch_again(config, tiny_model, dog_images):
+    """An open WatchJob never ends on its own: a stopping controller waited out its whole grace on one (past `dreambooth
+    down`'s wait, which then killed it) and ended it CANCELLED. It ends when the stop begins, UNAVAILABLE: its
+    client watches again (the SDK does, on a restarted controller)."""
+    running = start(config)
+    try:
+        with DreamBoothClient(f"127.0.0.1:{running.port}", QUEUED_ONLY_TOKEN) as bob:
+            job = bob.submit(job_spec(tiny_model, dog_images))  # bob's jobs stay QUEUED
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stream = jobs_pb2_grpc.JobServiceStub(channel).WatchJob(
+                jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=[("authorization", f"Bearer {QUEUED_ONLY_TOKEN}")]
+            )
+            assert next(stream).job.state == jobs_pb2.STATE_QUEUED
+            stopping = threading.Thread(target=running.stop, kwargs={"grace_s": 60})
+            stopping.start()
+            with pytest.raises(grpc.RpcError) as ended:
+                for update in stream:  # what its job waits for, told as the scheduler finds it
+                    assert update.job.state == jobs_pb2.STATE_QUEUED
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ended.value.details() == "the controller is shutting down: watch again"
+            stopping.join(60)
+            assert not stopping.is_alive()
+    finally:
+        running.stop(grace_s=0)
+
+
 def test_ray_down_the_job_keeps_its_attempt_and_cancel_still_works(
     ray_cluster, config, controller, client, tiny_model, dog_images
 ):
