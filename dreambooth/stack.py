@@ -410,6 +410,9 @@ def _wait_for_capacity(stack: Stack, deadline: float):
     return reported[-1]
 
 
+RAY_WORKER_PORTS = range(10002, 20000)  # `ray start`'s default --min-worker-port and --max-worker-port
+
+
 def _choose_ports(ports: Ports) -> Ports:
     """The ports to listen on; every one given that cannot be, said at once with the option that sets it."""
     chosen, problems = {}, []
@@ -421,6 +424,12 @@ def _choose_ports(ports: Ports) -> Ports:
             chosen[name] = default if default not in given.values() and _port_free(default) else free_port()
         elif port == 0:
             chosen[name] = free_port()
+        elif RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[-1]:
+            # `ray start` refuses one of its own ports there (a traceback), and takes the others for its workers.
+            problems.append(
+                f"port {port} for {PORT_USES[name]} ({option}) is in the range Ray keeps for its workers "
+                f"({RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[-1]})"
+            )
         elif list(given.values()).count(port) > 1:
             problems.append(f"port {port} for {PORT_USES[name]} ({option}) is given for another component too")
         elif not _port_free(port):

@@ -232,10 +232,13 @@ def test_ports_that_cannot_be_used_are_all_said_at_once_and_the_demos_defaults_s
         port = busy.getsockname()[1]
         twice = stack.free_port()
         with pytest.raises(stack.StackError) as error:
-            stack._choose_ports(stack.Ports(controller=port, serve=twice, controller_metrics=twice, dashboard=0))
+            ports = stack.Ports(controller=port, serve=twice, controller_metrics=twice, dashboard=0, ray_metrics=18080)
+            stack._choose_ports(ports)
         message = str(error.value)
         assert f"port {port} for the controller's gRPC API (--controller-port) is in use" in message
         assert f"port {twice} for Ray Serve's HTTP API (--serve-port) is given for another component too" in message
+        # `ray start` failed on it with a traceback naming no option.
+        assert "port 18080 for Ray's /metrics (--ray-metrics-port) is in the range Ray keeps for its workers" in message
         default_taken = stack.Ports(controller=None, serve=None, controller_metrics=0, dashboard=0, ray_metrics=0)
         with contextlib.ExitStack() as held:
             holder = held.enter_context(socket.socket())
