@@ -258,7 +258,11 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # Ctrl-C while watching, say: what the controller was asked stands
-            print("interrupted (jobs go on: `dreambooth watch JOB` follows one again)", file=sys.stderr)
+            following = args.command == "watch" or getattr(args, "watch", False)
+            print(
+                "interrupted (jobs go on: `dreambooth watch JOB` follows one again)" if following else "interrupted",
+                file=sys.stderr,
+            )
             return 130
 
     return run
@@ -302,18 +306,21 @@ def _submit(client: DreamBoothClient, args: argparse.Namespace) -> int:
     from dreambooth.client import ClientError
 
     request_id = args.request_id or str(uuid.uuid4())  # the SDK's default, made here so that a failure can name it
+    again = (
+        f"if the controller got the submission before that, the job is queued: run this command again with "
+        f"`--request-id {request_id}`, which returns that job, or queues the job if it was not"
+    )
     try:
         job = client.submit(args.spec, priority=args.priority, upload=not args.no_upload, request_id=request_id)
     except ClientError as e:
         if e.code not in _MAYBE_QUEUED or e.never_sent:
             raise
         print(_client_error_line(client, e), file=sys.stderr)
-        print(
-            f"if the controller got the submission before that, the job is queued: run this command again with "
-            f"`--request-id {request_id}`, which returns that job, or queues the job if it was not",
-            file=sys.stderr,
-        )
+        print(again, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # during a slow upload, say: the same command again would queue a second job
+        print(f"interrupted; {again}", file=sys.stderr)
+        return 130
     print(job.job_id, flush=True)  # alone on stdout, for JOB=$(dreambooth submit job.yaml)
     return _follow(client, job.job_id) if args.watch else 0
 

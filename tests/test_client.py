@@ -743,6 +743,25 @@ def test_cli_submit_and_watch(cli, job_yaml, controller):
     assert code == 0 and out.strip() == "job-7" and controller.requests[-1].instance_images[0].uri
 
 
+def test_ctrl_c_says_what_stands_for_the_command_interrupted(cli, job_yaml, monkeypatch):
+    """Ctrl-C during a submission's upload (minutes of photos on a slow link) gave no request id: the same command
+    again queued a second job if the controller had the first. And every command's Ctrl-C spoke of jobs going on."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DreamBoothClient, "submit", interrupted)
+    code, out, err = cli("submit", str(job_yaml), "--request-id", "my-first-try")
+    assert (code, out) == (130, "")
+    assert err.startswith("interrupted; if the controller got the submission before that, the job is queued: run ")
+    assert "`--request-id my-first-try`" in err
+    monkeypatch.setattr(DreamBoothClient, "model", interrupted)
+    assert cli("generate", "model-3", "a photo of sks dog") == (130, "", "interrupted\n")
+    monkeypatch.setattr(DreamBoothClient, "watch", interrupted)
+    code, _, err = cli("watch", "job-1")
+    assert code == 130 and "jobs go on" in err
+
+
 def test_a_queued_job_says_what_it_waits_for():
     from dreambooth.cli import _state_line
 
