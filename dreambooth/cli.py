@@ -567,10 +567,42 @@ class _ProgressBars:
         from tqdm import tqdm
 
         if name not in self.bars:
-            self.bars[name] = tqdm(
-                total=total, desc=name, unit=unit, bar_format=self.FORMAT, dynamic_ncols=True, file=sys.stderr
-            )
+            if sys.stderr.isatty():
+                self.bars[name] = tqdm(
+                    total=total, desc=name, unit=unit, bar_format=self.FORMAT, dynamic_ncols=True, file=sys.stderr
+                )
+            else:
+                self.bars[name] = _ProgressLines(name, total, unit)
         return self.bars[name]
+
+
+class _ProgressLines:
+    """A progress bar where stderr is no terminal (a log file, CI): a line at most every LINE_INTERVAL_S and at the end;
+    tqdm wrote a frame per update, each after a carriage return, into one line that grew for as long as the job ran."""
+
+    LINE_INTERVAL_S = 30.0
+
+    def __init__(self, desc: str, total: int, unit: str):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.n, self.postfix = 0, ""
+        self._told: tuple[int, str] | None = None
+        self._last = -float("inf")
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def refresh(self) -> None:
+        if self.n >= self.total or time.monotonic() - self._last >= self.LINE_INTERVAL_S:
+            self._tell()
+
+    def close(self) -> None:
+        self._tell()
+
+    def _tell(self) -> None:
+        if self._told != (self.n, self.postfix):
+            postfix = f", {self.postfix}" if self.postfix else ""
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s{postfix}", file=sys.stderr, flush=True)
+            self._told, self._last = (self.n, self.postfix), time.monotonic()
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -227,8 +227,9 @@ def test_training_progress_renders_every_kind_of_event(tmp_path, capsys):
         "[FAILED] resolution: too small",
     ):
         assert line in err
-    assert "class images" in err and "training" in err  # the two bars
-    assert "loss 0.5000, eta 3s" in err  # as `watch` shows a job the controller runs (one renderer for both)
+    assert "class images: 2/2 imgs\n" in err  # the two bars, as lines: stderr is no terminal here
+    assert "training: 1/4 steps, loss 0.5000, eta 3s\n" in err  # as `watch` shows a job the controller runs
+    assert "\r" not in err  # tqdm's frames went into a log as one line, as long as the job ran
 
 
 def test_the_private_local_ray_asks_its_own_state_api():
