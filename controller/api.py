@@ -434,6 +434,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
         try:
             tenant = self._take_tenant_slot(self.auth.tenant(context))
+            refuse_unknown_fields(request)  # as `rpc` does for the unary calls
 
             def is_active() -> bool:
                 return context.is_active() and not self.shutting_down.is_set()

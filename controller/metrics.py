@@ -48,9 +48,9 @@ QUEUE_WAIT = Histogram(
 )
 SERVING_UP_TO_DATE = Gauge(
     "dreambooth_serving_up_to_date",
-    "1 while Ray Serve runs the deployed models the store holds, as last applied; 0 while they could not be "
-    "applied, are being deployed, or failed to deploy (DEPLOY_FAILED: the controller's log says why); by Serve "
-    "application. No series on a controller without serving.",
+    "0 while Ray Serve does not take the deployed models the store holds: their apply failing, or Serve failing to "
+    "deploy them (DEPLOY_FAILED: the controller's log says why); 1 once applied. By Serve application; no series "
+    "on a controller without serving.",
     ["application"],
     registry=REGISTRY,
 )

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_S = 5.0
 SETTLE_INTERVAL_S = 1.0  # how often an application being deployed is looked at, until it runs or fails
+# An application still DEPLOYING (or UNHEALTHY) this long after an apply has reconfigured the replicas it runs: what
+# it waits for is replicas to start (a GPU node being added) or to recover, not the models' change, which a replica
+# takes in moments.
+RECONFIGURED_AFTER_S = 60.0
 
 
 class ServingSync:
@@ -45,6 +49,7 @@ class ServingSync:
         self._applied: frozenset[str] | None = None
         self._applying: frozenset[str] = frozenset()  # the deployed set an apply under way gives Serve
         self._target: frozenset[str] | None = None  # the deployed set last applied, until Serve is seen running it
+        self._applied_at = 0.0  # when it was
         self._woken = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,7 +95,8 @@ class ServingSync:
             deployed = self.store.deployed_models()
             models = {model.model_id: model.path for model in deployed}
             self._applying = frozenset(models)
-            self.deployer.apply(models, {model.model_id: model.tenant for model in deployed}, self.tenant_tokens)
+            owners = {model.model_id: model.tenant for model in deployed}
+            before = self.deployer.apply(models, owners, self.tenant_tokens)
         except Exception as e:
             self._dirty, self._next_check = True, time.monotonic() + RETRY_INTERVAL_S
             self._up_to_date(False)
@@ -100,8 +106,10 @@ class ServingSync:
             self._applied = self._applied if self._applied is None else self._applied | self._applying
             self._applying = frozenset()
         # What Serve served before may still be served until it runs this set: an application that fails to deploy
-        # (DEPLOY_FAILED: code that cannot take this config, say) keeps its old replicas and their models.
-        self._target, self._dirty = frozenset(models), False
+        # (DEPLOY_FAILED: code that cannot take this config, say) keeps its old replicas and their models. Before this
+        # controller's first apply, what it served is what the application was given before.
+        self._target, self._dirty, self._applied_at = frozenset(models), False, time.monotonic()
+        self._applied = (before if self._applied is None else self._applied) | self._target
         self._check()
 
     def _up_to_date(self, running: bool) -> None:
@@ -132,19 +140,22 @@ class ServingSync:
             self._up_to_date(False)
             self._next_check = time.monotonic() + RETRY_INTERVAL_S  # if even the apply now does not bring it back
             return False
-        interval = self.check_interval_s
-        if status == "RUNNING":
+        settled = status == "RUNNING" or (
+            status in ("DEPLOYING", "UNHEALTHY") and time.monotonic() - self._applied_at >= RECONFIGURED_AFTER_S
+        )
+        if settled:
             self._applied = self._target
-            self._up_to_date(True)
-        else:
-            self._up_to_date(False)
-            if status == "DEPLOY_FAILED":
-                log.error(
-                    "Ray Serve failed to deploy the serving application; the models deployed before may still be "
-                    "served, and no undeployed one is deleted until it runs: %s",
-                    self.deployer.message(),
-                )
-            elif status == "DEPLOYING":
-                interval = SETTLE_INTERVAL_S
+        self._up_to_date(status != "DEPLOY_FAILED")
+        if status == "DEPLOY_FAILED":
+            try:
+                why = self.deployer.message()
+            except Exception as e:  # the REST API gone between the two reads
+                why = f"(its reason could not be read: {e})"
+            log.error(
+                "Ray Serve failed to deploy the serving application; the models deployed before may still be "
+                "served, and no undeployed one is deleted until it runs: %s",
+                why,
+            )
+        interval = SETTLE_INTERVAL_S if status == "DEPLOYING" and not settled else self.check_interval_s
         self._next_check = time.monotonic() + interval
         return True

@@ -215,7 +215,8 @@ class DreamBoothClient:
         upload: bool = True,
     ) -> jobs_pb2.Job:
         """Queue a job. `spec`: a JobSpec, a dict of its fields, or a YAML/JSON file (relative paths in it are
-        relative to the file). The instance images are read here and sent as bytes; with upload=False only
+        relative to the file); only the fields set (a JobSpec's not at their defaults) are sent, the controller's
+        defaults apply to the rest. The instance images are read here and sent as bytes; with upload=False only
         their absolute paths are sent, for a cluster that shares this machine's storage. `request_id`: a retry of
         the same request with it (after a timeout, say) returns the job the first call queued instead of a second
         one; another spec, priority or photos under a used id is refused (ClientError INVALID_ARGUMENT). A call that

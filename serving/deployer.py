@@ -51,8 +51,9 @@ class ServeDeployer:
         models: Mapping[str, str],
         owners: Mapping[str, str] | None = None,
         tenant_tokens: Mapping[str, Iterable[str]] | None = None,
-    ) -> None:
-        """Deploys (or reconfigures) the application so that exactly `models` are served (see `application`)."""
+    ) -> frozenset[str]:
+        """Deploys (or reconfigures) the application so that exactly `models` are served (see `application`).
+        Returns the models the application was given before (its replicas may serve them until they run this)."""
         client = self._client()
         details = client.get_serve_details()
         if ignored := self.ignored_options(details):
@@ -73,6 +74,12 @@ class ServeDeployer:
                 "http_options": {"host": self.config.http_host, "port": self.config.http_port},
                 "applications": [*others, self.application(models, owners, tenant_tokens)],
             }
+        )
+        before = ((details.get("applications") or {}).get(self.config.app_name) or {}).get("deployed_app_config") or {}
+        return frozenset(
+            model_id
+            for deployment in before.get("deployments") or []
+            for model_id in ((deployment.get("user_config") or {}).get("models") or {})
         )
 
     def ignored_options(self, details: Mapping[str, Any]) -> list[str]:

@@ -369,6 +369,10 @@ def test_invalid_argument_carries_the_field_in_bad_request_details(controller, t
     assert field_refused(jobs_pb2.TrainingSpec(**spec), uploaded, newer=field_5) == "SubmitJobRequest"
     newer_photo = jobs_pb2.InstanceImage.FromString(uploaded.SerializeToString() + field_5)
     assert field_refused(jobs_pb2.TrainingSpec(**spec), uploaded, newer_photo) == "instance_images[1]"
+    watch = jobs_pb2.WatchJobRequest.FromString(jobs_pb2.WatchJobRequest(job_id="job-x").SerializeToString() + field_5)
+    with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel, pytest.raises(grpc.RpcError) as error:
+        next(jobs_pb2_grpc.JobServiceStub(channel).WatchJob(watch, metadata=[("authorization", "Bearer alice-token")]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "WatchJobRequest" in error.value.details()
 
 
 def test_health_reflection_and_metrics(controller):

@@ -2001,10 +2001,12 @@ class _RecordingServe:
         self.application = "RUNNING"  # its status once deployed
         self.config = ServeConfig()
 
-    def apply(self, models: dict, tenants: dict, tokens: dict) -> None:
+    def apply(self, models: dict, tenants: dict, tokens: dict) -> frozenset[str]:
         if self.down:
             raise ConnectionRefusedError("Serve's REST API cannot be reached")
+        before = frozenset(self.applied[-1] if self.applied else ())
         self.applied.append(models)
+        return before
 
     def status(self) -> str:
         return self.application
@@ -2144,6 +2146,29 @@ def test_an_undeploy_serve_failed_to_deploy_keeps_the_model_from_deletion_and_sa
         sync.reconcile()
         service.delete_model("default", "model-1")
         assert not model_dir.exists() and metrics.SERVING_UP_TO_DATE.labels(application="dreambooth")._value.get() == 1
+
+        # A controller started while Serve fails to deploy: the models the application was given before may be
+        # served, and no other (all of them were refused until Serve ran again, if ever).
+        for model_id, job_id in (("model-2", "job-2"), ("model-3", "job-3")):
+            job_paths(tmp_path, job_id).model_dir.mkdir(parents=True)
+            store.insert_model(ModelRecord(model_id, "default", job_id, str(job_paths(tmp_path, job_id).model_dir)))
+        service.deploy_model("default", "model-2")
+        sync.reconcile()
+        restarted = ServingSync(store, serve, {}, check_interval_s=0)
+        service.serving = restarted
+        service.undeploy_model("default", "model-2")
+        serve.application = "DEPLOY_FAILED"
+        restarted.reconcile()
+        service.delete_model("default", "model-3")  # never deployed
+        with pytest.raises(FailedPrecondition, match="retry in a moment"):
+            service.delete_model("default", "model-2")  # its old replicas may serve it
+        # Deploying long after the apply: waiting for replicas to start (a GPU node being added), its running replicas
+        # took the models' change long ago.
+        monkeypatch.setattr(serving_module, "RECONFIGURED_AFTER_S", 0.0)
+        serve.application = "DEPLOYING"
+        restarted.reconcile()
+        service.delete_model("default", "model-2")
+        assert metrics.SERVING_UP_TO_DATE.labels(application="dreambooth")._value.get() == 1
     finally:
         store.close()
 
