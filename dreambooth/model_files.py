@@ -334,13 +334,6 @@ def _architecture_problems(root: Path) -> list[str]:
     channels = (unet.get("in_channels"), unet.get("out_channels"))
     if channels != (4, 4):
         problems.append(f"its UNet takes/gives {channels[0]}/{channels[1]} channels, not 4/4 (an inpainting model?)")
-    if unet.get("time_cond_proj_dim") is not None:
-        # diffusers' pipeline feeds such a UNet the guidance scale as an embedding instead of guiding it; training
-        # and serving here guide it, and leave the embedding's layer out: other images than the validation grids'.
-        problems.append(
-            "its UNet takes the guidance scale as an input (time_cond_proj_dim: a guidance-distilled model, LCM's), "
-            "which this project does not train or serve: give the model it was distilled from"
-        )
     width, hidden_size = unet.get("cross_attention_dim"), text_encoder.get("hidden_size")
     widths = width if isinstance(width, list) else [width]  # one per block in some configs
     widths_are_numbers = bool(widths) and all(map(_is_int, widths))

@@ -488,8 +488,6 @@ def test_importing_the_model_code_prints_no_torchvision_noise():
     [
         ("model_index.json", {"_class_name": "StableDiffusionXLPipeline"}, "StableDiffusionXLPipeline"),
         ("unet/config.json", {"in_channels": 9}, "9/4 channels, not 4/4"),
-        # LCM's distilled UNet: the pipeline embeds the guidance scale; training and serving guide it (other images).
-        ("unet/config.json", {"time_cond_proj_dim": 32}, "takes the guidance scale as an input"),
         ("text_encoder/config.json", {"hidden_size": 48}, "48"),
         ("unet/config.json", None, "unet/config.json is not valid JSON"),
         ("text_encoder/config.json", [], "holds a list, not a JSON object"),

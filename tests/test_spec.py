@@ -13,7 +13,7 @@ from PIL import Image
 
 from controller.config import ControllerConfig
 from dreambooth.errors import InputError
-from dreambooth.model_files import content_identity
+from dreambooth.model_files import check_base_model, content_identity
 from trainer.checkpoint import checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
 from trainer.events import EventLog
@@ -135,7 +135,6 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
         ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
         ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files
         ({"validation_prompts": ["a photo of sks dog"] * 33}, "validation_prompts", "at most 32"),
-        ({"validation_interval": 100}, "validation_interval", "there are none: add some"),  # no grid, silently
         ({"instance_prompt": "a photo of sks dog" + " x" * 1000}, "instance_prompt", "at most 2000"),
         ({"class_prompt": "a photo of a dog" + "!" * 2000}, "class_prompt", "at most 2000"),
         ({"validation_prompts": ["sks dog", "sks" * 700]}, "validation_prompts", "at most 2000"),
@@ -348,6 +347,25 @@ def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
         with pytest.raises(InputError) as error:
             check_rerun(JobSpec.from_dict({**VALID, "max_steps": 10, **change}), paths)
         assert error.value.field == field and "another job id (--job-id)" in error.value.message
+
+
+def test_preflight_refuses_what_would_train_or_draw_other_than_asked(tiny_model, dog_images, tmp_path):
+    """A guidance-distilled UNet (LCM's): diffusers' pipeline embeds its guidance scale, training and serving guide
+    it, so served images were not the validation grids'. A validation interval without prompts drew nothing, silently.
+    Refused at submission and start, not when a stored spec is read back (JobSpec.validate)."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    spec = JobSpec.from_dict(VALID | {"base_model": str(model), "instance_images": [str(dog_images)], "resolution": 64})
+    unet = model / "unet" / "config.json"
+    unet.write_text(json.dumps(json.loads(unet.read_text()) | {"time_cond_proj_dim": 32}))
+    with pytest.raises(InputError, match="takes the guidance scale as an input") as error:
+        preflight(spec)
+    assert error.value.field == "base_model"
+    check_base_model(model)  # what serving loads models with: those exported before the check still serve
+    shutil.copy(tiny_model / "unet" / "config.json", unet)
+    silent = dataclasses.replace(spec, validation_interval=100)  # validates: a stored spec reads back
+    with pytest.raises(InputError, match="there are none: add some") as error:
+        preflight(silent)
+    assert error.value.field == "validation_interval"
 
 
 def test_preflight_refuses_a_unet_predicting_what_training_has_no_target_for(tiny_model, dog_images, tmp_path):

@@ -388,25 +388,29 @@ def test_class_images_that_come_out_nan_or_black_fail_the_job_and_are_not_cached
 def test_ray_losing_the_processes_of_a_run_is_no_verdict_on_the_job(tiny_model, dog_images, tmp_path, monkeypatch):
     """`dreambooth down` (or a Ray head restarted) under a training job: Ray Train's controller actor died with its
     owner's node, and the driver judged the job FAILED (TRAINING_FAILED), so the controller never ran it again and
-    its checkpoints went unused. Raised without a verdict, the controller's next attempt resumes it."""
+    its checkpoints went unused. Raised without a verdict, the controller's next attempt resumes it. Training's own
+    failures, and an actor whose constructor failed, stay verdicts."""
     from trainer import run
 
-    def ray_going_down(*args, **kwargs):
-        raise ray.exceptions.ActorDiedError()
+    class Fails:
+        def __init__(self, error: Exception):
+            self.error = error
 
-    monkeypatch.setattr(run, "_train", ray_going_down)
-    paths = job_paths(tmp_path, "job-1")
-    with pytest.raises(ray.exceptions.ActorDiedError):
-        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
-    assert [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"] == ["PREPARING"]
+        def fit(self):
+            raise self.error
 
-    def training_failed(*args, **kwargs):
-        raise ray.train.WorkerGroupError("a worker ran out of memory", {})
-
-    monkeypatch.setattr(run, "_train", training_failed)  # a verdict: the job's own
-    with pytest.raises(ray.train.TrainingFailedError):
-        run_training(make_spec(tiny_model, dog_images, num_class_images=0), paths)
-    assert read_events(paths.events_file)[-1]["reason"] == "TRAINING_FAILED"
+    spec = make_spec(tiny_model, dog_images, num_class_images=0)
+    for job_id, error, raised, verdict in [
+        ("lost", ray.exceptions.ActorDiedError(), run.RayLostTheRun, None),
+        ("oom", ray.train.WorkerGroupError("a worker ran out of memory", {}), ray.train.WorkerGroupError, "FAILED"),
+        ("init", ray.exceptions.RayActorError(actor_init_failed=True), ray.exceptions.RayActorError, "FAILED"),
+    ]:
+        monkeypatch.setattr(run, "_trainer", lambda *args, error=error: Fails(error))
+        paths = job_paths(tmp_path, job_id)
+        with pytest.raises(raised):
+            run_training(spec, paths)
+        states = [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"]
+        assert states == ["PREPARING", "TRAINING"] + ([verdict] if verdict else []), job_id
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(

@@ -28,6 +28,17 @@ def preflight(spec: JobSpec) -> None:
     check_trainable_base_model(spec.base_model)
     check_prompt_lengths(spec)
     check_sampling_steps(spec)
+    check_validation_settings(spec)
+
+
+def check_validation_settings(spec: JobSpec) -> None:
+    """A validation interval without validation prompts draws nothing, without a word: refused when a job is
+    submitted or started (not in JobSpec.validate: jobs stored before this check read their specs back with it)."""
+    if spec.validation_interval and not spec.validation_prompts:
+        raise InputError(
+            "validation_interval",
+            f"samples the validation_prompts every {spec.validation_interval} steps, and there are none: add some",
+        )
 
 
 def check_trainable_base_model(path: str | Path) -> None:
@@ -40,6 +51,15 @@ def check_trainable_base_model(path: str | Path) -> None:
     if (kind := scheduler.get("prediction_type", "epsilon")) not in TRAINABLE_PREDICTION_TYPES:
         raise InputError(
             "base_model", f"its scheduler's prediction_type is {kind!r}; training supports {TRAINABLE_PREDICTION_TYPES}"
+        )
+    if json.loads((root / "unet" / "config.json").read_text()).get("time_cond_proj_dim") is not None:
+        # diffusers' pipeline feeds such a UNet the guidance scale as an embedding instead of guiding it; training,
+        # its validation grids and serving guide it, leaving the embedding's layer out. Here, not in check_base_model:
+        # serving loads the models exported before this check through that.
+        raise InputError(
+            "base_model",
+            "its UNet takes the guidance scale as an input (time_cond_proj_dim: a guidance-distilled model, LCM's), "
+            "which this project does not train: give the model it was distilled from",
         )
 
 

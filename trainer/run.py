@@ -196,10 +196,9 @@ def run_training(
         # Stopped from outside (ray.init turns SIGTERM into SystemExit: a head shutting down, `ray job stop`), not a
         # verdict on the job: whoever runs it decides (the controller runs it again, or ends it as stopped).
         raise
-    except RAY_LOST_ITS_PROCESSES:
-        # Nor is Ray losing the processes the run stands on (Ray Train's controller actor dead with its owner's node:
-        # the cluster going down under it, `dreambooth down`, a head restarted): judged FAILED, the job was never run
-        # again, its checkpoints unused; the next attempt resumes from them.
+    except RayLostTheRun:
+        # Nor is Ray losing the processes the training run stands on: judged FAILED, the job was never run again,
+        # its checkpoints unused; the next attempt resumes from them.
         raise
     except BaseException as e:
         reason = "PLACEMENT_TIMEOUT" if isinstance(e, PlacementTimeout) else phase
@@ -207,15 +206,18 @@ def run_training(
         raise
 
 
-# What Ray raises in the driver when a process of its own is gone (actors, their owners, workers, nodes), as opposed
-# to training's verdicts (Ray Train's TrainingFailedError after max_failures, our own errors).
-RAY_LOST_ITS_PROCESSES = (
-    ray.exceptions.RayActorError,
-    ray.exceptions.RaySystemError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.OwnerDiedError,
-    ray.exceptions.WorkerCrashedError,
-)
+class RayLostTheRun(Exception):
+    """Ray Train's fit failed for a process of Ray's gone under it (its controller actor dead with its owner's node: the
+    cluster going down, `dreambooth down`, a head restarted), not for a verdict of training's (TrainingFailedError
+    after max_failures) nor an actor that could not start (its constructor's error: the job's own)."""
+
+
+def _ray_lost_the_run(e: BaseException) -> bool:
+    if isinstance(e, ray.exceptions.RayActorError):
+        return not e.actor_init_failed
+    return isinstance(
+        e, ray.exceptions.NodeDiedError | ray.exceptions.OwnerDiedError | ray.exceptions.WorkerCrashedError
+    )
 
 
 def only_export_left(spec: JobSpec, paths: JobPaths) -> Path | None:
@@ -276,6 +278,10 @@ def _train(
             "no node has room for one, the placement strategy cannot be met, or other work holds the cluster's "
             "resources"
         ) from e
+    except Exception as e:
+        if not _ray_lost_the_run(e):
+            raise
+        raise RayLostTheRun(f"Ray lost the training run's processes: {type(e).__name__}: {e}") from e
     finally:
         if threading.current_thread() is threading.main_thread():
             # Ray Train's fit puts in a SIGINT handler of its own (abort the run, then exit 1) and leaves it there:

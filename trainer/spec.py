@@ -291,11 +291,6 @@ class JobSpec:
         require(self.checkpoint_interval >= 1, "checkpoint_interval", "must be >= 1 step")
         require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
         require(self.validation_interval >= 0, "validation_interval", "must be >= 0 (0: only at the end)")
-        require(
-            self.validation_interval == 0 or bool(self.validation_prompts),
-            "validation_interval",
-            f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
-        )
         require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
         require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
         require(
