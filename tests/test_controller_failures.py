@@ -725,21 +725,27 @@ def test_a_ray_job_that_ended_without_the_trainers_verdict_fails_with_why(by_han
     assert (final.state, final.failure_reason, final.attempts) == ("FAILED", reason, 1)
 
 
+def _reconciling_one_job(config: ControllerConfig, store: Store, state: str):
+    """A reconciler over `store` whose passes the test runs itself (its service as `.service`; Ray is never asked),
+    and a job of alice's in `state`, its first attempt recorded."""
+    from controller.reconciler import Reconciler
+
+    service = JobService(
+        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
+    )
+    job = store.insert_job(JobRecord("alice", {}))
+    job = store.transition(job.job_id, {"QUEUED"}, state, attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    return Reconciler(config, store, service.ray_jobs, service.feed, service), job
+
+
 def test_unreadable_event_lines_are_skipped_and_a_shortened_file_is_read_again(config):
     """The trainer's events file is the controller's only news of a job: a line torn by a full disk or a power
     loss (or NUL-filled), or one that parses but lacks what its type needs (another trainer version's), must not
     stop the job being followed for good, and neither may a file that lost the tail its stored offset counted (a
     power loss before it reached the disk)."""
-    from controller.reconciler import Reconciler
-
-    config.storage.mkdir(parents=True)
     store = Store(config.effective_database_url)
-    service = JobService(
-        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
-    )
-    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)  # Ray is never asked here
-    job = store.insert_job(JobRecord("alice", {}))
-    job = store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    reconciler, job = _reconciling_one_job(config, store, "TRAINING")
+    service = reconciler.service
     events = job_paths(config.storage, job.job_id).events_file
     events.parent.mkdir(parents=True)
     log = EventLog(events)
@@ -1792,16 +1798,9 @@ def test_a_watch_that_reads_its_job_mid_pass_tells_each_state_once_and_in_order(
     """A watch reads its job after each quiet second; a pass that applied several events had written them and not yet
     published them: the watch told the state the record was in, then the pass's changes, older states included
     (EXPORTING, then TRAINING, then EXPORTING again), and a client following `state` went backwards."""
-    from controller.reconciler import Reconciler
-
-    config.storage.mkdir(parents=True)
     store = _StoreReadMidPass(config.effective_database_url)
-    service = JobService(
-        config, store, RayJobs(config.ray_dashboard_url, storage_root=str(config.storage)), ChangeFeed()
-    )
-    reconciler = Reconciler(config, store, service.ray_jobs, service.feed, service)  # Ray is never asked here
-    job = store.insert_job(JobRecord("alice", {}))
-    job = store.transition(job.job_id, {"QUEUED"}, "PREPARING", attempts=1, ray_submission_id=f"{job.job_id}-a1")
+    reconciler, job = _reconciling_one_job(config, store, "PREPARING")
+    service = reconciler.service
     log = EventLog(job_paths(config.storage, job.job_id).events_file)
     for state in ("TRAINING", "EXPORTING"):
         log.emit("state", state=state)
