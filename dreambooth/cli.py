@@ -17,6 +17,7 @@ dreambooth models | deploy MODEL | undeploy MODEL | delete-model MODEL | generat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import threading
 import time
 import urllib.error
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -781,7 +782,8 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     viewer = threading.Thread(target=show_progress, args=(paths.events_file, stop, start_offset), daemon=True)
     viewer.start()
     try:
-        result = run_training(spec, paths)
+        with stdout_to_stderr():  # DeepSpeed's and Ray's prints: stdout is for the result's line
+            result = run_training(spec, paths)
     finally:
         stop.set()
         viewer.join(timeout=5)
@@ -789,6 +791,21 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
         f"model: {result.model_dir}  ({result.steps} steps, loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s)"
     )
     return result
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """What this process (Python or not) writes to stdout goes to stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # what writes to the descriptor (C, and Python's streams made before: DeepSpeed's logger's)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # print()
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check_cluster_fits(spec, started_here: bool) -> None:

@@ -138,6 +138,21 @@ def test_ctrl_c_in_train_says_the_job_stopped_and_how_to_resume_it(job, monkeypa
     )
 
 
+def test_train_keeps_stdout_for_its_result(capfd):
+    """DeepSpeed's and Ray's prints during training (its accelerator warning, the export's "Processing zero
+    checkpoint") came before `model: ...` on stdout, which a script reads."""
+    import os
+
+    from dreambooth.cli import stdout_to_stderr
+
+    with stdout_to_stderr():
+        print("from Python")
+        os.write(1, b"from C\n")  # as a library's own writes
+    print("model: /m")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("model: /m\n", "from Python\nfrom C\n")
+
+
 def test_bad_input_is_refused_before_the_training_libraries_load(job):
     """What `dreambooth train` checks first imports none of Ray, DeepSpeed or diffusers (seconds to load): a missing
     base model or photo is told in about a second."""
