@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -385,14 +386,44 @@ def test_class_images_that_come_out_nan_or_black_fail_the_job_and_are_not_cached
     assert list(directory.glob("*.png")) == []
 
 
-def test_ray_losing_the_processes_of_a_run_is_no_verdict_on_the_job(tiny_model, dog_images, tmp_path, monkeypatch):
+def test_a_run_whose_ray_train_controller_dies_is_no_verdict_on_the_job(ray_cluster, tiny_model, dog_images, tmp_path):
     """`dreambooth down` (or a Ray head restarted) under a training job: Ray Train's controller actor died with its
     owner's node, and the driver judged the job FAILED (TRAINING_FAILED), so the controller never ran it again and
-    its checkpoints went unused. Raised without a verdict, the controller's next attempt resumes it. Training's own
-    failures, and an actor whose constructor failed, stay verdicts."""
+    its checkpoints went unused. Raised without a verdict (RayLostTheRun), the controller's next attempt resumes it.
+    Here the controller actor's process is killed, as its node's loss kills it."""
+    from trainer.run import RayLostTheRun
+
+    spec = make_spec(tiny_model, dog_images, num_class_images=0, num_workers=1, max_steps=100_000)
+    paths = job_paths(tmp_path, "lost")
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_training(spec, paths)
+        except BaseException as e:
+            raised.append(e)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not any(e["type"] == "progress" for e in read_events(paths.events_file)):
+        assert time.monotonic() < deadline and runner.is_alive(), raised
+        time.sleep(0.2)
+    (controller,) = list_actors(
+        address=ray_cluster.dashboard_url, filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")]
+    )
+    os.kill(controller.pid, signal.SIGKILL)
+    runner.join(300)
+    assert not runner.is_alive() and isinstance(raised[0], RayLostTheRun), raised
+    assert [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"] == ["PREPARING", "TRAINING"]
+
+
+def test_trainings_own_failures_and_an_actor_that_could_not_start_stay_verdicts(tiny_model, dog_images, tmp_path):
+    """What Ray Train raises for the workers' failures after max_failures, and an actor whose constructor failed (a
+    node without the shared storage, a model too large for the GPU), are the job's: FAILED, not run again."""
     from trainer import run
 
-    class Fails:
+    class Fails:  # Ray Train, as far as what its fit raises goes
         def __init__(self, error: Exception):
             self.error = error
 
@@ -400,17 +431,17 @@ def test_ray_losing_the_processes_of_a_run_is_no_verdict_on_the_job(tiny_model, 
             raise self.error
 
     spec = make_spec(tiny_model, dog_images, num_class_images=0)
-    for job_id, error, raised, verdict in [
-        ("lost", ray.exceptions.ActorDiedError(), run.RayLostTheRun, None),
-        ("oom", ray.train.WorkerGroupError("a worker ran out of memory", {}), ray.train.WorkerGroupError, "FAILED"),
-        ("init", ray.exceptions.RayActorError(actor_init_failed=True), ray.exceptions.RayActorError, "FAILED"),
+    for job_id, error in [
+        ("oom", ray.train.WorkerGroupError("a worker ran out of memory", {})),
+        ("init", ray.exceptions.RayActorError(actor_init_failed=True)),
     ]:
-        monkeypatch.setattr(run, "_trainer", lambda *args, error=error: Fails(error))
         paths = job_paths(tmp_path, job_id)
-        with pytest.raises(raised):
-            run_training(spec, paths)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(run, "_trainer", lambda *args, error=error: Fails(error))
+            with pytest.raises(type(error)):
+                run_training(spec, paths)
         states = [e["state"] for e in read_events(paths.events_file) if e["type"] == "state"]
-        assert states == ["PREPARING", "TRAINING"] + ([verdict] if verdict else []), job_id
+        assert states == ["PREPARING", "TRAINING", "FAILED"], job_id
 
 
 def test_a_job_whose_workers_ray_cannot_place_fails_saying_so_instead_of_waiting(
