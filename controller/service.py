@@ -63,12 +63,7 @@ from dreambooth.durable import sync_dir, write_file
 from dreambooth.errors import InputError, is_system_error
 from dreambooth.proto_convert import MAX_PRIORITY, MIN_PRIORITY
 from trainer.images import check_instance_image_count, check_instance_images, find_instance_images
-from trainer.preflight import (
-    check_prompt_lengths,
-    check_sampling_steps,
-    check_trainable_base_model,
-    check_validation_settings,
-)
+from trainer.preflight import check_prompt_lengths, check_sampling_steps, check_trainable_base_model
 from trainer.spec import MAX_PATH_CHARS, JobSpec
 from trainer.storage import JobPaths, job_paths
 
@@ -201,7 +196,7 @@ class JobService:
         job_id = paths.job_id
         try:
             # The fields first: no photo is read or copied for a request one of them refuses.
-            JobSpec.from_dict({**spec_fields, "instance_images": [str(paths.uploads_dir)]})
+            JobSpec.from_dict({**spec_fields, "instance_images": [str(paths.uploads_dir)]}).validate_new()
             image_paths, sent_as = self._stage_images(images, paths.uploads_dir)
             spec = JobSpec.from_dict({**spec_fields, "instance_images": image_paths})
             self._check_fits(spec)
@@ -215,7 +210,6 @@ class JobService:
                 check_trainable_base_model(spec.base_model)
                 check_prompt_lengths(spec)
                 check_sampling_steps(spec)
-                check_validation_settings(spec)
             except (OSError, RuntimeError) as e:
                 if is_system_error(e):
                     raise  # the controller's storage or process (an NFS hiccup, no descriptors left): not the input

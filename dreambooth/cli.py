@@ -768,6 +768,7 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     from trainer.storage import job_paths
 
     paths = job_paths(storage, job_id)
+    spec.validate_new()
     preflight(spec)  # before Ray, DeepSpeed and the rest of training load
 
     from dreambooth.local_ray import init_ray
@@ -796,6 +797,9 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """What this process (Python or not) writes to stdout goes to stderr meanwhile."""
+    if sys.stdout is None:  # started with stdout closed: nothing of its to move (and fd 1 may be another file now)
+        yield
+        return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)  # what writes to the descriptor (C, and Python's streams made before: DeepSpeed's logger's)

@@ -421,16 +421,17 @@ def _spec_fields(spec: Mapping[str, Any] | JobSpec | str | os.PathLike) -> dict[
     a controller a version older refused every JobSpec for a field it did not know yet), after checking them all
     with JobSpec (InputError naming the field, before any I/O on images)."""
     if isinstance(spec, JobSpec):
-        spec.validate()
+        spec.validate_new()
         return spec.resolve_paths(Path.cwd()).written_fields()
     if isinstance(spec, Mapping):
         fields = {name: _plain(value) for name, value in spec.items()}
-        JobSpec.from_dict(fields)
+        JobSpec.from_dict(fields).validate_new()
         if isinstance(fields["instance_images"], str):
             fields["instance_images"] = [fields["instance_images"]]
         fields["base_model"] = absolute_path(fields["base_model"])  # the server's working directory is not ours
         return fields
     loaded = JobSpec.load(spec)  # validates, and resolves relative paths against the file's directory
+    loaded.validate_new()
     return {name: getattr(loaded, name) for name in read_spec_file(spec)}
 
 

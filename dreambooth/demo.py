@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from dreambooth import stack
 from dreambooth.errors import InputError
-from dreambooth.model_files import check_base_model
+from trainer.preflight import check_trainable_base_model
 from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def run(
         raise InputError("base_model", "real weights are trained in fp16 on a GPU, and this machine has none")
     base = build_tiny_model(out / "tiny-sd") if tiny else base_model.resolve()
     if not tiny:
-        check_base_model(base)  # before the stack starts: a wrong path is told in a second, not after minutes
+        check_trainable_base_model(base)  # before the stack starts: a wrong path is told in a second, not after minutes
     if tiny:
         _say("Using the tiny random model: the pipeline is real, the images it draws are noise.")
     images = draw_subject_images(out / "subject", size=128 if tiny else 512)

@@ -454,9 +454,13 @@ def _port_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free port, outside Ray's worker range (a system's ephemeral ports may start below it: 1024-65000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in RAY_WORKER_PORTS:
+            return port
 
 
 def _save(stack: Stack) -> None:

@@ -277,6 +277,11 @@ def test_a_job_spec_object_sends_only_the_fields_it_sets(client, controller, job
         ["base_model", "instance_prompt", "num_class_images", "max_steps", "precision", "learning_rate"]
     )
     assert sent.learning_rate == 1e-6 and not sent.HasField("seed")
+    # Settings that would do nothing as written are refused here, before any photo is read and sent.
+    requests = len(controller.requests)
+    with pytest.raises(InputError, match="validation_interval: samples the validation_prompts every 10 steps"):
+        client.submit(dataclasses.replace(spec, validation_interval=10))
+    assert len(controller.requests) == requests
 
 
 def test_a_submissions_deadline_leaves_time_to_upload_its_photos(client, controller, job_yaml):

@@ -223,6 +223,19 @@ def test_up_refuses_a_port_in_use(tmp_path, capsys):
     assert stack.load(tmp_path) is None  # nothing was started
 
 
+def test_ports_the_stack_picks_are_outside_rays_worker_range(monkeypatch):
+    """Where the system's ephemeral ports start low (1024-65000, a common tuning), a free port the stack picked could
+    be in the range `ray start` keeps for its workers, which it then refused with a traceback."""
+    offered = iter([15000, 10002, 19999, 41000])
+
+    class Socket(socket.socket):
+        def getsockname(self):
+            return ("127.0.0.1", next(offered))
+
+    monkeypatch.setattr(stack.socket, "socket", Socket)
+    assert stack.free_port() == 41000
+
+
 def test_ports_that_cannot_be_used_are_all_said_at_once_and_the_demos_defaults_step_aside():
     """One port named per run, without its option, and a port given twice let one component fail to bind after the
     check. The demo's stack goes when it ends: a default port taken (a web server on 8000) is no reason to stop."""

@@ -349,10 +349,10 @@ def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):
         assert error.value.field == field and "another job id (--job-id)" in error.value.message
 
 
-def test_preflight_refuses_what_would_train_or_draw_other_than_asked(tiny_model, dog_images, tmp_path):
+def test_what_would_train_or_draw_other_than_asked_is_refused(tiny_model, dog_images, tmp_path):
     """A guidance-distilled UNet (LCM's): diffusers' pipeline embeds its guidance scale, training and serving guide
-    it, so served images were not the validation grids'. A validation interval without prompts drew nothing, silently.
-    Refused at submission and start, not when a stored spec is read back (JobSpec.validate)."""
+    it, so served images were not the validation grids'. A validation interval without prompts drew nothing, silently:
+    refused for a new spec (validate_new), not when a stored one is read back or its job started again."""
     model = shutil.copytree(tiny_model, tmp_path / "model")
     spec = JobSpec.from_dict(VALID | {"base_model": str(model), "instance_images": [str(dog_images)], "resolution": 64})
     unet = model / "unet" / "config.json"
@@ -362,9 +362,11 @@ def test_preflight_refuses_what_would_train_or_draw_other_than_asked(tiny_model,
     assert error.value.field == "base_model"
     check_base_model(model)  # what serving loads models with: those exported before the check still serve
     shutil.copy(tiny_model / "unet" / "config.json", unet)
-    silent = dataclasses.replace(spec, validation_interval=100)  # validates: a stored spec reads back
+    silent = dataclasses.replace(spec, validation_interval=100)
+    silent.validate()  # a stored spec reads back
+    preflight(silent)  # its job starts again
     with pytest.raises(InputError, match="there are none: add some") as error:
-        preflight(silent)
+        silent.validate_new()
     assert error.value.field == "validation_interval"
 
 

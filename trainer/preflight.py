@@ -28,17 +28,6 @@ def preflight(spec: JobSpec) -> None:
     check_trainable_base_model(spec.base_model)
     check_prompt_lengths(spec)
     check_sampling_steps(spec)
-    check_validation_settings(spec)
-
-
-def check_validation_settings(spec: JobSpec) -> None:
-    """A validation interval without validation prompts draws nothing, without a word: refused when a job is
-    submitted or started (not in JobSpec.validate: jobs stored before this check read their specs back with it)."""
-    if spec.validation_interval and not spec.validation_prompts:
-        raise InputError(
-            "validation_interval",
-            f"samples the validation_prompts every {spec.validation_interval} steps, and there are none: add some",
-        )
 
 
 def check_trainable_base_model(path: str | Path) -> None:

@@ -194,6 +194,17 @@ class JobSpec:
 
     # --- validation ---------------------------------------------------------------------------------------
 
+    def validate_new(self) -> None:
+        """validate, and what only a spec being submitted is refused for: settings that would do nothing as written
+        (a validation interval without validation prompts drew no grid, without a word). Not in validate: the specs
+        of jobs stored before such a check are read back with it."""
+        self.validate()
+        if self.validation_interval and not self.validation_prompts:
+            raise InputError(
+                "validation_interval",
+                f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
+            )
+
     def _names_identifier(self, prompt: str) -> bool:
         """Whether `prompt` has the identifier's tokens as CLIP reads it: in any case (its tokenizer lowercases:
         "Sks"), as a run of letters of its own ("sks dog", "sks_style", "sks2"; not "sksdog"). CLIP splits letters
