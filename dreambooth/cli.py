@@ -647,16 +647,22 @@ def _train(args) -> int:
 
     spec = JobSpec.load(args.spec)
     job_id = args.job_id or _job_id_from_file_name(args.spec)
+    again = shlex.join(["dreambooth", "train", str(args.spec), "--storage", str(args.storage), "--job-id", job_id])
+    resumes = f"`{again}` resumes it from its last checkpoint"
     try:
         _run_with_progress(spec, args.storage, job_id, args.address)
     except (InputError, OSError):
         raise  # main tells these
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's handler aborts the run and exits (SystemExit 1)
-        again = shlex.join(["dreambooth", "train", str(args.spec), "--storage", str(args.storage), "--job-id", job_id])
-        print(f"interrupted: job {job_id} stopped; `{again}` resumes it from its last checkpoint", file=sys.stderr)
+        print(f"interrupted: job {job_id} stopped; {resumes}", file=sys.stderr)
         return 130
     except Exception as e:  # training failed, after Ray Train's retries: what failed, not a page of traceback
-        print(f"error: training failed: {e}", file=sys.stderr)
+        from trainer.run import RayLostTheRun  # loaded by then
+
+        print(
+            f"error: {e}; {resumes}" if isinstance(e, RayLostTheRun) else f"error: training failed: {e}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

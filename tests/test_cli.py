@@ -138,6 +138,17 @@ def test_ctrl_c_in_train_says_the_job_stopped_and_how_to_resume_it(job, monkeypa
         "from its last checkpoint\n"
     )
 
+    from trainer.run import RayLostTheRun
+
+    def ray_lost(*args):
+        raise RayLostTheRun("Ray lost the training run's processes: ActorDiedError: its owner died")
+
+    monkeypatch.setattr(cli, "_run_with_progress", ray_lost)  # a node lost, not the job's fault: worth resuming
+    assert main(["train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Ray lost the training run's processes: ActorDiedError: its owner died; `dreambooth")
+    assert err.endswith("--job-id dog-1` resumes it from its last checkpoint\n")
+
 
 def test_train_keeps_stdout_for_its_result(capfd, monkeypatch):
     """DeepSpeed's and Ray's prints during training (its accelerator warning, the export's "Processing zero
