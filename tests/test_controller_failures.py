@@ -1508,8 +1508,12 @@ def test_health_calls_that_never_finish_their_request_hold_no_tenants_thread(con
         with DreamBoothClient(f"127.0.0.1:{controller.port}", TOKEN, timeout_s=5) as alice:
             assert list(alice.list()) == []
             with grpc.insecure_channel(f"127.0.0.1:{controller.port}") as channel:
+                deadline = time.monotonic() + 30
                 with pytest.raises(grpc.RpcError) as refused:
-                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    while time.monotonic() < deadline:  # until the server has taken in the stuck calls (a loaded
+                        # machine reads their frames after this call's)
+                        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                        time.sleep(0.2)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 for sock in stuck:
                     sock.shutdown(socket.SHUT_RDWR)  # a FIN now: close alone waits for the reader thread's recv
