@@ -43,6 +43,10 @@ TOKEN, OTHER_TOKEN = "fuzz-token", "other-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 OTHER_AUTH = (("authorization", f"Bearer {OTHER_TOKEN}"),)
 CALL_TIMEOUT_S = 10
+# How long a call whose request never comes holds its turn at most: well past the CALL_TIMEOUT_S a test waits for the
+# turns to be held (a loaded machine takes the calls in seconds apart; with equal bounds, the first went as the wait
+# for the last ended).
+HELD_S = 3 * CALL_TIMEOUT_S
 MARK = "fuzzpwn"  # every path-traversal payload names this; afterwards nothing by that name may exist outside storage
 MAX_IMAGE_BYTES, MAX_IMAGES_BYTES = 32 * 1024, 128 * 1024  # small, so the size limits are reached cheaply
 
@@ -679,9 +683,7 @@ def test_a_tenants_submissions_beyond_its_turns_are_refused_before_their_photos_
     uploaded = threading.Event()
 
     submit = channel.stream_unary(method("SubmitJob"))
-    uploading = [
-        submit.future(_no_request_until(uploaded), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)
-    ]
+    uploading = [submit.future(_no_request_until(uploaded), metadata=AUTH, timeout=HELD_S) for _ in range(turns)]
     one_more = jobs_pb2.SubmitJobRequest().SerializeToString()
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while (refused := call(channel, method("SubmitJob"), one_more))[0] != S.RESOURCE_EXHAUSTED:
@@ -703,7 +705,7 @@ def test_a_tenants_other_calls_beyond_its_turns_are_refused_before_their_request
     sent = threading.Event()
 
     start = channel.stream_unary(method(name)).future if name == "GetJob" else channel.stream_stream(method(name))
-    waiting = [start(_no_request_until(sent), metadata=AUTH, timeout=CALL_TIMEOUT_S) for _ in range(turns)]
+    waiting = [start(_no_request_until(sent), metadata=AUTH, timeout=HELD_S) for _ in range(turns)]
     get = jobs_pb2.GetJobRequest(job_id="job-000000000000").SerializeToString()
     deadline = time.monotonic() + CALL_TIMEOUT_S
     while (refused := call(channel, method("GetJob"), get))[0] != S.RESOURCE_EXHAUSTED:
@@ -723,7 +725,7 @@ def test_a_tenants_other_calls_beyond_its_turns_are_refused_before_their_request
 def _no_request_until(event: threading.Event):
     """A call's request stream that sends nothing, and ends once `event` is set: a request still arriving (photos
     uploading), then none at all."""
-    event.wait(CALL_TIMEOUT_S)
+    event.wait(HELD_S)
     return
     yield
 
