@@ -540,7 +540,7 @@ class _ProgressBars:
     FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self):
-        self.bars: dict[str, tqdm] = {}
+        self.bars: dict[str, tqdm | _ProgressLines] = {}
 
     @property
     def training_started(self) -> bool:
@@ -564,7 +564,7 @@ class _ProgressBars:
         for bar in self.bars.values():
             bar.close()
 
-    def _bar(self, name: str, total: int, unit: str) -> tqdm:
+    def _bar(self, name: str, total: int, unit: str) -> tqdm | _ProgressLines:
         from tqdm import tqdm
 
         if name not in self.bars:
