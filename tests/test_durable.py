@@ -17,6 +17,7 @@ from dreambooth.durable import write_file
 from trainer.checkpoint import (
     RAY_RUN_STATE,
     STATE_FILE,
+    CommitWait,
     checkpoint_steps,
     committed_steps,
     remove_unused_checkpoints,
@@ -155,6 +156,23 @@ def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path
     assert [e["state"] for e in read_events(log.path)] == ["PREPARING", "FAILED"]
     log.emit("state", state="TRAINING")  # and whole lines are not followed by empty ones
     assert b"\n\n" not in log.path.read_bytes()
+
+
+def test_a_checkpoint_announcement_that_failed_is_raised_in_the_training_loop(tmp_path):
+    """Rank 0 announces a committed checkpoint from a background thread; an event it could not write must stop the
+    run (the next save raises it, and the wait at the end), not be printed by the thread and forgotten."""
+    unwritable = EventLog(tmp_path / "events.jsonl")
+    unwritable.path.mkdir()  # opening it to append fails (EISDIR), as a full disk's write would
+    first = CommitWait("commit-1", lambda: unwritable.emit("checkpoint", step=1, path="/x"))
+    first.start()
+    with pytest.raises(IsADirectoryError):
+        first.join()
+    with pytest.raises(IsADirectoryError):  # and the next save's check, which does not wait, raises it too
+        first.raise_if_failed()
+    second = CommitWait("commit-2", first.join)  # the next save's announcement waits for this one's, in order
+    second.start()
+    with pytest.raises(IsADirectoryError):
+        second.join()
 
 
 def record_naming(run_dir, *steps: int, ray_version: str = ray.__version__) -> None:

@@ -62,20 +62,49 @@ class Stall:
     waited_s: float
 
 
+class CommitWait(threading.Thread):
+    """Rank 0's background wait for Ray's commit of one checkpoint, then its announcement. A failure in it (the
+    disk full as the event is written) is kept and raised by `join` and `raise_if_failed`, in the training loop:
+    a thread's own exception would only be printed, and the job would go on with its checkpoints unannounced."""
+
+    def __init__(self, name: str, wait: Callable[[], None]):
+        super().__init__(name=name, daemon=True)
+        self._wait = wait
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._wait()
+        except BaseException as e:  # raised again in the training loop's thread
+            self._error = e
+
+    def raise_if_failed(self) -> None:
+        """Without waiting: raises the wait's failure if it has failed already."""
+        if self._error is not None:
+            raise self._error
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        self.raise_if_failed()
+
+
 def save_and_report(
     engine,
     step: int,
     metrics: dict,
-    previous: threading.Thread | None = None,
+    previous: CommitWait | None = None,
     on_committed: Callable[[Path, Stall], None] | None = None,
-) -> tuple[threading.Thread | None, Stall]:
+) -> tuple[CommitWait | None, Stall]:
     """Save on every rank (collective) and report to Ray Train. On rank 0, `on_committed(directory, stall)` runs in a
     background thread once Ray has committed the checkpoint, after `previous` (that thread of the last save) has
-    run, so that checkpoints are announced in order. Returns (that thread, how long training stalled).
+    run, so that checkpoints are announced in order. Returns (that thread, how long training stalled). A failure of
+    the last save's thread is raised here, before saving again.
 
     This rank's writes of the last save, whose host buffers this one reuses, are waited for first: that wait is the
     stall's `waited_s` (a rank's wait for another's writes is in the save's collectives). Ray's commit of the last
     save is not: it polls its workers every 2 s, and a save a few steps after another would wait for nothing else."""
+    if previous is not None:
+        previous.raise_if_failed()
     start = time.perf_counter()
     writer = engine.checkpoint_engine
     if isinstance(writer, AsyncCheckpointEngine):
@@ -121,7 +150,7 @@ def save_and_report(
         if on_committed is not None:
             on_committed(directory, stall)
 
-    thread = threading.Thread(target=wait_for_commit, name=f"commit-{directory.name}", daemon=True)
+    thread = CommitWait(f"commit-{directory.name}", wait_for_commit)
     thread.start()
     return thread, stall
 
