@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import logging as transformers_logging
 
 from dreambooth.errors import InputError
 from dreambooth.model_files import REQUIRED_COMPONENTS, check_base_model, pipeline_scheduler, weights_variant
@@ -138,3 +139,15 @@ def load_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
+    """Writes `pipe` in diffusers format (safetensors) into `directory`. Without transformers' progress bar for the
+    text encoder's shards: its frames landed in job logs, where the job's own progress is told."""
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()

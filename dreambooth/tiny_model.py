@@ -35,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from dreambooth.durable import sync_dir, sync_tree
 from dreambooth.errors import InputError
 from dreambooth.model_files import check_base_model
+from dreambooth.sd_model import save_pipeline
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _BOS_ID, _EOS_ID = 49406, 49407  # the last two entries of the CLIP vocabulary
@@ -340,7 +341,7 @@ def _build_random_model(
         pipe = _pipeline(_seeded(seed, unet), _seeded(seed, vae), _seeded(seed, text_encoder), scheduler())
         if save_dtype is not None:
             pipe.to(dtype=save_dtype)
-        pipe.save_pretrained(directory, safe_serialization=True)
+        save_pipeline(pipe, directory)
         (directory / SEED_FILE).write_text(f"{seed}\n")
 
     return _write_model_atomically(out_dir, write)

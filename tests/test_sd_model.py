@@ -61,6 +61,15 @@ def test_build_is_deterministic(tiny, tmp_path):
     assert any(not torch.equal(a[key], b[key]) for key in a)
 
 
+def test_writing_a_model_draws_no_progress_bar_of_the_libraries(tmp_path, capfd):
+    """transformers' bar for the text encoder's shards drew frames into the demo's and the export's logs."""
+    from transformers.utils import logging as transformers_logging
+
+    build_tiny_model(tmp_path / "model", seed=3)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()  # a library user's setting is left as it was
+
+
 def test_build_leaves_the_callers_rng_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)

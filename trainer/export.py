@@ -32,7 +32,7 @@ import torch
 
 from dreambooth.durable import sync_dir, sync_tree
 from dreambooth.model_files import METADATA_FILE, ModelMetadata
-from dreambooth.sd_model import load_base_model, load_pipeline
+from dreambooth.sd_model import load_base_model, load_pipeline, save_pipeline
 from trainer.checkpoint import TAG
 from trainer.flat_parameters import unflatten_state_dict
 from trainer.spec import JobSpec
@@ -61,7 +61,7 @@ def export_model(spec: JobSpec, checkpoint_dir: Path, paths: JobPaths, metadata:
     pipeline = load_pipeline(spec.base_model, unet=trained.unet, text_encoder=trained.text_encoder)
 
     def write(directory: Path) -> None:
-        pipeline.save_pretrained(directory, safe_serialization=True)
+        save_pipeline(pipeline, directory)
         (directory / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2, default=str))
 
     return write_into_place(paths, write)
