@@ -12,11 +12,12 @@ Once an ended job's Ray job has ended too:
   exports where training had finished.
 
 The trainer reports its verdict as its driver's last act (training's workers ended before the export), so this
-waits for Ray to report the driver ended. A thread of its own: Ray's API may be slow and removing tens of GiB from
-a shared file system takes a while, and a reconcile pass must not wait for either. What could not be done (Ray or
-the storage unreachable) is tried again a few times; what a controller stopped meanwhile leaves, the next one's
-start finds again (jobs that ended within SWEEP_S: Ray's records of jobs that ended before stay until its head
-restarts).
+waits for Ray to report the driver ended; a driver still running DRIVER_EXIT_WAIT_S after its verdict hangs on its
+way out, holding its workers (GPUs) for good, and is stopped. A thread of its own: Ray's API may be slow and
+removing tens of GiB from a shared file system takes a while, and a reconcile pass must not wait for either. What
+could not be done (Ray or the storage unreachable) is tried again a few times, then logged as an error; what a
+controller stopped meanwhile leaves, the next one's start finds again (jobs that ended within SWEEP_S: Ray's
+records of jobs that ended before stay until its head restarts).
 """
 
 from __future__ import annotations
@@ -81,12 +82,24 @@ class EndedJobs:
                     "job %s ended: tidying what it left failed (try %d of %d): %s", job.job_id, job.tries + 1, TRIES, e
                 )
                 done = False
-            if not done and job.tries + 1 < TRIES:
+            if done:
+                continue
+            if job.tries + 1 < TRIES:
                 # Not as swept: a swept job whose log was kept before Ray failed still has Ray's records to delete.
                 again = dataclasses.replace(job, tries=job.tries + 1, swept=False)
                 retry = threading.Timer(RETRY_S, self._ended.put, [again])
                 retry.daemon = True
                 retry.start()
+            else:
+                kept = "its checkpoints, " if job.state == "SUCCEEDED" else ""
+                log.error(
+                    "job %s ended: gave up tidying what it left after %d tries; %sRay's records of it and its driver's "
+                    "log (in Ray) stay until a controller starting within %d days tries again, or DeleteJob",
+                    job.job_id,
+                    TRIES,
+                    kept,
+                    SWEEP_S // (24 * 3600),
+                )
 
     def _tidy(self, job: EndedJob) -> bool:
         """Whether it is done: its driver ended, and what it left is kept or gone as it should be."""
@@ -115,7 +128,8 @@ class EndedJobs:
         return True
 
     def _driver_status(self, job_id: str, submission: str) -> RayJobStatus | None:
-        """The status of its driver once it has ended; None if it still runs (or Ray cannot say) after a while."""
+        """The status of its driver once it has ended; None if Ray cannot say after a while, or if it still runs
+        then: it is stopped (and tidied at the next try)."""
         deadline = time.monotonic() + DRIVER_EXIT_WAIT_S
         error: RayJobsError | None = None
         while not self._stopping.is_set():
@@ -127,10 +141,12 @@ class EndedJobs:
             except RayJobsError as e:  # Ray unreachable for a moment: asked again
                 error = e
             if time.monotonic() > deadline:
-                why = f"Ray cannot say whether it ended ({error})" if error else "it still runs"
+                why = f"Ray cannot say whether it ended ({error})" if error else "it still runs: stopping it"
                 log.warning(
                     "job %s ended, but its Ray job %s: %s after %d s", job_id, submission, why, DRIVER_EXIT_WAIT_S
                 )
+                if error is None:
+                    self._ray_jobs.stop(submission)
                 return None
             self._stopping.wait(self._poll_s)
         return None

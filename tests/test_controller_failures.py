@@ -11,6 +11,7 @@ import errno
 import http.client
 import http.server
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -36,7 +37,7 @@ from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
-from controller.ray_jobs import RayJobs, RayJobStatus
+from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import UNARY_THREADS, start
 from controller.service import IMAGE_CHECKS_AT_ONCE, MAX_PAGE_SIZE, ImageInput, JobService
@@ -527,6 +528,51 @@ def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand, mon
         assert time.monotonic() < deadline, "a successful job's checkpoints were kept after its driver ended"
         time.sleep(0.1)
     assert paths["SUCCEEDED"].events_file.exists() and paths["FAILED"].checkpoints_dir.exists()
+
+
+def test_a_driver_that_hangs_after_its_verdict_is_stopped_and_its_job_tidied(by_hand, monkeypatch):
+    """The verdict is the driver's last act: one still running long after hangs on its way out, holding its workers
+    (GPUs) for good, and its job's checkpoints were never removed. It is stopped, and the job tidied."""
+    reconciler = by_hand
+    reconciler._ended_jobs._poll_s = 0.1
+    monkeypatch.setattr(ended_jobs, "DRIVER_EXIT_WAIT_S", 1.0)
+    monkeypatch.setattr(ended_jobs, "RETRY_S", 0.1)
+    job = training_under(reconciler, "sleep 600")
+    paths = job_paths(reconciler.config.storage, job.job_id)
+    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+    EventLog(paths.events_file).emit("state", state="SUCCEEDED")
+    assert reconciler._apply_events(job).state == "SUCCEEDED"
+    deadline = time.monotonic() + TIDY_WAIT_S
+    while paths.checkpoints_dir.exists() or reconciler.ray_jobs.status(job.ray_submission_id) != RayJobStatus.LOST:
+        assert time.monotonic() < deadline, "a driver hanging after its verdict held its job's leftovers"
+        time.sleep(0.1)
+    assert paths.driver_log.exists()
+
+
+def test_tidying_given_up_is_logged_as_an_error(by_hand, monkeypatch, caplog):
+    """Ray's API unreachable through every try: what stays (a successful job's checkpoints, Ray's records) is
+    said once as an error, not dropped after a last warning that promised another try."""
+    reconciler = by_hand
+    reconciler._ended_jobs._poll_s = 0.05
+    monkeypatch.setattr(ended_jobs, "DRIVER_EXIT_WAIT_S", 0.1)
+    monkeypatch.setattr(ended_jobs, "RETRY_S", 0.05)
+    job = training_under(reconciler, "true")
+    paths = job_paths(reconciler.config.storage, job.job_id)
+    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+
+    def unreachable(_submission: str) -> RayJobStatus:
+        raise RayJobsError("Ray's dashboard is down")
+
+    monkeypatch.setattr(reconciler.ray_jobs, "status", unreachable)
+    EventLog(paths.events_file).emit("state", state="SUCCEEDED")
+    with caplog.at_level(logging.ERROR, logger=ended_jobs.__name__):
+        assert reconciler._apply_events(job).state == "SUCCEEDED"
+        deadline = time.monotonic() + TIDY_WAIT_S
+        while not (gave_up := [r for r in caplog.records if r.levelno == logging.ERROR]):
+            assert time.monotonic() < deadline, "giving up was not logged"
+            time.sleep(0.05)
+    assert job.job_id in gave_up[0].getMessage() and "its checkpoints" in gave_up[0].getMessage()
+    assert paths.checkpoints_dir.exists()
 
 
 def test_an_ended_jobs_driver_log_is_kept_and_rays_records_of_it_go(by_hand):
