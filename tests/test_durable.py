@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -145,6 +146,27 @@ def test_event_readers_skip_lines_that_are_not_events(tmp_path):
     stop = threading.Event()
     stop.set()  # drain what is there and return
     assert [e["state"] for e in follow_events(log.path, stop)] == ["PREPARING", "TRAINING"]
+
+
+def test_a_follower_reads_on_after_a_read_that_failed(tmp_path, caplog):
+    """`train`'s progress follows the events file on shared storage; a read failing for a moment (a stale NFS handle)
+    ended the follower's thread, and the run's progress and verdict were shown no more."""
+    path = tmp_path / "events.jsonl"
+    path.mkdir()  # reading it fails (EISDIR), as a stale handle's read would
+    stop, followed = threading.Event(), []
+    follower = threading.Thread(target=lambda: followed.extend(follow_events(path, stop, poll_s=0.01)))
+    with caplog.at_level(logging.WARNING, logger="trainer.events"):
+        follower.start()
+        deadline = time.monotonic() + 30
+        while not caplog.records:
+            assert time.monotonic() < deadline, "the failed read was not told"
+            time.sleep(0.01)
+        path.rmdir()
+        EventLog(path).emit("state", state="TRAINING")
+        stop.set()
+        follower.join(timeout=30)
+    assert [e["state"] for e in followed] == ["TRAINING"]
+    assert len(caplog.records) == 1  # once, not at every poll
 
 
 def test_an_event_after_a_line_torn_by_a_crash_starts_a_line_of_its_own(tmp_path):

@@ -99,21 +99,32 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 def follow_events(
     path: str | Path, stop: threading.Event, poll_s: float = 0.2, offset: int = 0
 ) -> Iterator[dict[str, Any]]:
-    """Yield events appended after byte `offset`, until `stop` is set (then drain what is left and return)."""
+    """Yield events appended after byte `offset`, until `stop` is set (then drain what is left and return). A read
+    that fails (a shared file system's stale handle or I/O error for a moment) is tried again at the next poll: a
+    follower ending there showed nothing more of a run of hours."""
     path = Path(path)
     partial = b""
+    failing = False
     while True:
         stopping = stop.is_set()
-        if path.exists():
+        try:
             with path.open("rb") as f:
                 f.seek(offset)
                 chunk = f.read()
-            offset += len(chunk)
-            partial += chunk
-            *lines, partial = partial.split(b"\n")
-            for line in lines:
-                if line.strip() and (event := parse_event(line)) is not None:
-                    yield event
+            failing = False
+        except FileNotFoundError:  # not written yet
+            chunk = b""
+        except OSError as e:
+            if not failing:
+                log.warning("reading %s failed (%s): trying again", path, e)
+            failing = True
+            chunk = b""
+        offset += len(chunk)
+        partial += chunk
+        *lines, partial = partial.split(b"\n")
+        for line in lines:
+            if line.strip() and (event := parse_event(line)) is not None:
+                yield event
         if stopping:
             return
         stop.wait(poll_s)
