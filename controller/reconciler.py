@@ -38,6 +38,7 @@ from controller.scheduler import (
 )
 from controller.service import JobService
 from controller.store import RUNNING_STATES, TERMINAL_STATES, UNFINISHED_STATES, JobRecord, ModelRecord, Store
+from dreambooth.errors import FAILURE_REASONS
 from trainer.events import parse_event
 from trainer.spec import JobSpec
 from trainer.storage import job_paths, storage_clock
@@ -556,9 +557,7 @@ class Reconciler:
                 RUNNING_STATES,
                 "FAILED",
                 end_time=time.time(),
-                failure_reason=event.get("reason", "TRAINING_FAILED"),
-                # INVALID_INPUT names its field as the API's INVALID_ARGUMENT does: "field: what to fix".
-                failure_message=": ".join(filter(None, (event.get("field"), event.get("message", "")))),
+                **_trainers_failure(event),
             )
             if done is not None:
                 metrics.FAILURES.labels(reason=done.failure_reason).inc()
@@ -567,6 +566,18 @@ class Reconciler:
         self._ended(done)
         changes.append(("state", {"state": done.state}))
         return done
+
+
+def _trainers_failure(event: dict) -> dict[str, str]:
+    """The failure_reason and failure_message of the trainer's FAILED event. Reasons are a closed set (jobs.proto, the
+    failures metric's label); one outside it (a trainer of an older release wrote the exception's type name) counts
+    as TRAINING_FAILED, its name kept in the message."""
+    reason = event.get("reason", "TRAINING_FAILED")
+    # INVALID_INPUT names its field as the API's INVALID_ARGUMENT does: "field: what to fix".
+    message = ": ".join(filter(None, (event.get("field"), event.get("message", ""))))
+    if reason not in FAILURE_REASONS:
+        reason, message = "TRAINING_FAILED", f"{reason}: {message}"
+    return {"failure_reason": reason, "failure_message": message}
 
 
 def _next_attempt(job: JobRecord) -> dict:

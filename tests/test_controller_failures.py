@@ -675,6 +675,20 @@ def test_a_running_jobs_training_metrics_go_when_it_ends(by_hand):
     ] * 3
 
 
+def test_a_failure_reason_outside_the_closed_set_counts_as_training_failed(by_hand):
+    """Clients switch on Failure.reason's documented set, and it labels the failures metric: a trainer of an older
+    release (upgraded after the controller) wrote the exception's type name there."""
+    reconciler = by_hand
+    job = reconciler.store.insert_job(JobRecord("alice", {}))
+    job = reconciler.store.transition(job.job_id, {"QUEUED"}, "TRAINING", attempts=1, ray_submission_id="x-a1")
+    events = EventLog(job_paths(reconciler.config.storage, job.job_id).events_file)
+    events.emit("state", state="FAILED", reason="RuntimeError", message="CUDA error: an illegal memory access")
+    job = reconciler._apply_events(job)
+    assert (job.state, job.failure_reason) == ("FAILED", "TRAINING_FAILED")
+    assert job.failure_message == "RuntimeError: CUDA error: an illegal memory access"
+    assert metrics.REGISTRY.get_sample_value("dreambooth_job_failures_total", {"reason": "RuntimeError"}) is None
+
+
 def test_a_job_whose_last_attempts_logs_cannot_be_had_still_fails(by_hand, monkeypatch):
     """The log tail is for the reader: a head that cannot serve it (the driver's node gone) must not keep the job
     TRAINING, and its slot held, for ever. The controller reaches the session's dashboard through a proxy that
