@@ -774,7 +774,10 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     from trainer.storage import job_paths
 
     paths = job_paths(storage, job_id)
-    spec.validate_new()
+    if not paths.spec_file.exists():
+        spec.validate_new()
+    # else a rerun: JobSpec.load validated it as a stored spec, which a job an older release started may have (the
+    # checks added since refuse new specs only); check_rerun compares it with the one the job started with.
     preflight(spec)  # before Ray, DeepSpeed and the rest of training load
 
     from dreambooth.local_ray import init_ray

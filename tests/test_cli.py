@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from dreambooth.cli import main
+from dreambooth.errors import InputError
 from dreambooth.tiny_model import SEED_FILE
 from tests.conftest import partly_down_stack
 from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
@@ -83,6 +84,25 @@ def test_bad_hyperparameters(job, capsys):
     assert code == 2 and "learning_rate" in err
     code, err = run_cli(capsys, "train", str(tmp / "missing.yaml"), "--storage", str(tmp / "s"))
     assert code == 2 and "cannot read" in err
+
+
+def test_a_rerun_reads_its_spec_as_stored_a_new_job_as_new(job, capsys, monkeypatch):
+    """A check added since a release refuses new specs only: the rerun of a job an older release started (its spec
+    stored in the job's folder), which its checkpoints tie to that spec, must start."""
+    write, tmp = job
+    spec = write(prior_loss_weight=0.0)  # refused since 63f735d: the class images would be trained on for nothing
+    code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1")
+    assert code == 2 and "prior_loss_weight" in err
+    paths = job_paths(tmp / "s", "dog-1")
+    paths.job_dir.mkdir(parents=True)
+    paths.spec_file.write_text(json.dumps(yaml.safe_load(spec.read_text())))
+
+    def preflight_reached(_spec) -> None:
+        raise InputError("preflight", "reached")
+
+    monkeypatch.setattr("trainer.preflight.preflight", preflight_reached)
+    code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1")
+    assert (code, err) == (2, "error: preflight: reached\n")
 
 
 def test_a_job_id_made_from_the_spec_files_name_says_so(job, capsys):

@@ -132,8 +132,8 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
         ({"identifier": "two words"}, "identifier", "one alphanumeric word"),
         ({"class_prompt": ""}, "class_prompt", "required for prior preservation"),
         ({"class_prompt": "a photo of sks dog"}, "class_prompt", "without the identifier"),
-        ({"num_class_images": -1}, "num_class_images", "[0, 10000]"),
-        ({"num_class_images": 10**9}, "num_class_images", "[0, 10000]"),  # the driver would list a billion files
+        ({"num_class_images": -1}, "num_class_images", ">= 0"),
+        ({"num_class_images": 10**9}, "num_class_images", "at most 10000"),  # the driver would list a billion files
         ({"validation_prompts": ["a photo of sks dog"] * 33}, "validation_prompts", "at most 32"),
         ({"instance_prompt": "a photo of sks dog" + " x" * 1000}, "instance_prompt", "at most 2000"),
         ({"class_prompt": "a photo of a dog" + "!" * 2000}, "class_prompt", "at most 2000"),
@@ -144,7 +144,7 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
         ({"instance_images": [3]}, "instance_images", "list of strings"),
         ({"num_workers": 0}, "num_workers", "[1, 1024]"),
         ({"cpus_per_worker": 1e-300}, "cpus_per_worker", "[0.0001, 256]"),
-        ({"gpus_per_worker": 1e-9}, "gpus_per_worker", "0 (CPUs) or in [0.0001, 1]"),
+        ({"gpus_per_worker": 1e-9}, "gpus_per_worker", "0 (CPUs) or at least 0.0001"),
         ({"gpus_per_worker": 2.0}, "gpus_per_worker", "a worker trains on one GPU"),
         ({"gpus_per_worker": 0.5, "num_workers": 2}, "gpus_per_worker", "two ranks on one GPU"),
         ({"class_prompt": "a photo of sks, a dog"}, "class_prompt", "without the identifier 'sks'"),
@@ -162,9 +162,31 @@ def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
 )
 def test_nonsense_is_refused_with_the_field_and_what_to_fix(change, field, says):
     with pytest.raises(InputError) as error:
-        JobSpec.from_dict({**VALID, **change})
+        JobSpec.from_dict({**VALID, **change}).validate_new()
     assert error.value.field == field
     assert says in error.value.message
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"base_model": "/m" + "/x" * 3000},
+        {"class_prompt": "a photo of a dog" + "!" * 2000},
+        {"num_class_images": 20000},
+        {"validation_prompts": ["a photo of sks dog"] * 33},
+        {"class_prompt": "a photo of a Sks dog"},
+        {"prior_loss_weight": 0.0},
+        {"torch_compile": True, "zero_stage": 3},
+        {"gpus_per_worker": 2.0},
+        {"validation_interval": 100},
+    ],
+)
+def test_a_stored_spec_an_older_release_took_reads_back(change):
+    """Checks added since a release refuse new specs only: the trainer and the controller read a stored spec back
+    with validate, at every start of its job, and a job queued or trained part-way before the upgrade must run."""
+    spec = JobSpec.from_dict({**VALID, **change})
+    with pytest.raises(InputError):
+        spec.validate_new()
 
 
 def test_required_fields_and_shape():

@@ -195,15 +195,57 @@ class JobSpec:
     # --- validation ---------------------------------------------------------------------------------------
 
     def validate_new(self) -> None:
-        """validate, and what only a spec being submitted is refused for: settings that would do nothing as written
-        (a validation interval without validation prompts drew no grid, without a word). Not in validate: the specs
-        of jobs stored before such a check are read back with it."""
+        """validate, and what only a spec being submitted is refused for: bounds on what a request may hold, and
+        settings that would waste work or do nothing as written. Not in validate: a stored spec (the trainer's
+        spec.json, the controller's row) is read back with validate alone, at every start of its job, and a job an
+        older release accepted must still run after an upgrade. A check added later goes here, unless the job could
+        not run without it."""
         self.validate()
-        if self.validation_interval and not self.validation_prompts:
-            raise InputError(
-                "validation_interval",
-                f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
+        # No path is longer (Linux's PATH_MAX); a megabyte of "../" took the controller 15 s to resolve.
+        for name, paths in (("base_model", [self.base_model]), ("instance_images", self.instance_images)):
+            longest = max(len(p) for p in paths)
+            _require(longest <= MAX_PATH_CHARS, name, f"a path of {longest} characters; at most {MAX_PATH_CHARS}")
+        prompts = [("instance_prompt", self.instance_prompt), ("class_prompt", self.class_prompt)]
+        for name, prompt in [*prompts, *(("validation_prompts", p) for p in self.validation_prompts)]:
+            _require(len(prompt) <= MAX_PROMPT_CHARS, name, f"{len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        _require(
+            self.num_class_images <= MAX_CLASS_IMAGES,
+            "num_class_images",
+            f"at most {MAX_CLASS_IMAGES} (100-300 usually suffice)",
+        )
+        _require(
+            len(self.validation_prompts) <= MAX_VALIDATION_PROMPTS,
+            "validation_prompts",
+            f"{len(self.validation_prompts)} prompts; at most {MAX_VALIDATION_PROMPTS} (each is a row of every grid)",
+        )
+        if self.with_prior_preservation:
+            _require(
+                not self._names_identifier(self.class_prompt),
+                "class_prompt",
+                f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
             )
+        _require(
+            self.prior_loss_weight > 0 or not self.with_prior_preservation,
+            "prior_loss_weight",
+            "0 would generate the class images and train on them for nothing: set num_class_images to 0 instead",
+        )
+        _require(
+            not (self.torch_compile and self.zero_stage == 3),
+            "torch_compile",
+            "does not combine with zero_stage 3: ZeRO-3's hooks on every submodule break the compiled graph at each "
+            "of them (54 graphs for the tiny model's UNet, against one under ZeRO-2); use zero_stage 2, or "
+            "torch_compile: false",
+        )
+        _require(
+            self.gpus_per_worker <= 1,
+            "gpus_per_worker",
+            "at most 1: a worker trains on one GPU (more workers: more GPUs)",
+        )
+        _require(
+            not self.validation_interval or bool(self.validation_prompts),
+            "validation_interval",
+            f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
+        )
 
     def _names_identifier(self, prompt: str) -> bool:
         """Whether `prompt` has the identifier's tokens as CLIP reads it: in any case (its tokenizer lowercases:
@@ -214,37 +256,27 @@ class JobSpec:
         return re.search(left + re.escape(self.identifier) + right, prompt, re.IGNORECASE) is not None
 
     def validate(self) -> None:
-        """Raise InputError naming the first field that is wrong and what to fix."""
+        """Raise InputError naming the first field that is wrong and what to fix: what every spec, stored or new,
+        must hold for its job to run (more for a new one: validate_new)."""
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
-
-        def require(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise InputError(name, message)
-
+        require = _require
         require(bool(self.base_model.strip()), "base_model", "must be a path to a diffusers-format model")
         require(len(self.instance_images) > 0, "instance_images", "give at least one image file or directory")
-        # No path is longer (Linux's PATH_MAX); a megabyte of "../" took the controller 15 s to resolve.
-        for name, paths in (("base_model", [self.base_model]), ("instance_images", self.instance_images)):
-            longest = max(len(p) for p in paths)
-            require(longest <= MAX_PATH_CHARS, name, f"a path of {longest} characters; at most {MAX_PATH_CHARS}")
         require(
             re.fullmatch(r"[A-Za-z0-9]+", self.identifier) is not None,
             "identifier",
             "must be one alphanumeric word, e.g. 'sks'",
         )
-        prompts = [("instance_prompt", self.instance_prompt), ("class_prompt", self.class_prompt)]
-        for name, prompt in [*prompts, *(("validation_prompts", p) for p in self.validation_prompts)]:
-            require(len(prompt) <= MAX_PROMPT_CHARS, name, f"{len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
         require(
             self._names_identifier(self.instance_prompt),
             "instance_prompt",
             f"must contain the identifier {self.identifier!r} as a word, e.g. 'a photo of {self.identifier} dog'",
         )
         require(
-            0 <= self.num_class_images <= MAX_CLASS_IMAGES,
+            self.num_class_images >= 0,
             "num_class_images",
-            f"must be in [0, {MAX_CLASS_IMAGES}] (0 turns prior preservation off; 100-300 usually suffice)",
+            "must be >= 0 (0 turns prior preservation off; 100-300 usually suffice)",
         )
         if self.with_prior_preservation:
             require(
@@ -253,17 +285,7 @@ class JobSpec:
                 f"required for prior preservation (num_class_images is {self.num_class_images}): the subject's class, "
                 "e.g. 'a photo of dog'; num_class_images: 0 turns it off",
             )
-            require(
-                not self._names_identifier(self.class_prompt),
-                "class_prompt",
-                f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
-            )
         require(0 <= self.prior_loss_weight <= 100, "prior_loss_weight", "must be in [0, 100]")
-        require(
-            self.prior_loss_weight > 0 or not self.with_prior_preservation,
-            "prior_loss_weight",
-            "0 would generate the class images and train on them for nothing: set num_class_images to 0 instead",
-        )
         require(
             1 <= self.class_image_inference_steps <= 1000,
             "class_image_inference_steps",
@@ -292,29 +314,17 @@ class JobSpec:
             "offload_params",
             "parameter offload needs zero_stage 3",
         )
-        require(
-            not (self.torch_compile and self.zero_stage == 3),
-            "torch_compile",
-            "does not combine with zero_stage 3: ZeRO-3's hooks on every submodule break the compiled graph at each "
-            "of them (54 graphs for the tiny model's UNet, against one under ZeRO-2); use zero_stage 2, or "
-            "torch_compile: false",
-        )
         require(self.checkpoint_interval >= 1, "checkpoint_interval", "must be >= 1 step")
         require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
         require(self.validation_interval >= 0, "validation_interval", "must be >= 0 (0: only at the end)")
         require(1 <= self.validation_inference_steps <= 1000, "validation_inference_steps", "must be in [1, 1000]")
         require(1 <= self.validation_images_per_prompt <= 16, "validation_images_per_prompt", "must be in [1, 16]")
-        require(
-            len(self.validation_prompts) <= MAX_VALIDATION_PROMPTS,
-            "validation_prompts",
-            f"{len(self.validation_prompts)} prompts; at most {MAX_VALIDATION_PROMPTS} (each is a row of every grid)",
-        )
         require(1 <= self.num_workers <= 1024, "num_workers", "must be in [1, 1024]")
         # Ray's smallest resource unit is 0.0001.
         require(
-            self.gpus_per_worker == 0 or 0.0001 <= self.gpus_per_worker <= 1,
+            self.gpus_per_worker == 0 or self.gpus_per_worker >= 0.0001,
             "gpus_per_worker",
-            "must be 0 (CPUs) or in [0.0001, 1]: a worker trains on one GPU (more workers: more GPUs)",
+            "must be 0 (CPUs) or at least 0.0001",
         )
         require(
             self.num_workers == 1 or self.gpus_per_worker in (0, 1),
@@ -395,3 +405,8 @@ def absolute_path(path: str | Path, base: Path | None = None) -> str:
     kept as written: a client reaching shared storage through a link (/shared -> /mnt/efs-1) must send the name
     the cluster knows, not where the link points on its own machine."""
     return os.path.abspath(Path(base or Path.cwd()) / Path(path).expanduser())
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InputError(name, message)
