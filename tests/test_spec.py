@@ -14,7 +14,7 @@ from PIL import Image
 from controller.config import ControllerConfig
 from dreambooth.errors import InputError
 from dreambooth.model_files import check_base_model, content_identity
-from trainer.checkpoint import checkpoint_dir_name
+from trainer.checkpoint import CHECKPOINT_FORMAT, STATE_FILE, checkpoint_dir_name
 from trainer.deepspeed_setup import deepspeed_config, lr_scheduler
 from trainer.events import EventLog
 from trainer.preflight import preflight
@@ -343,6 +343,24 @@ def test_a_rerun_is_refused_when_another_model_is_at_its_base_models_path(tmp_pa
     with pytest.raises(InputError) as error:
         check_rerun(spec, paths)
     assert error.value.field == "base_model" and "trained from another model" in error.value.message
+
+
+def test_a_rerun_refuses_checkpoints_another_release_laid_out_otherwise(tmp_path):
+    """Checkpoints of another layout (ZeRO-2's parameters flattened, say) fail to load at each of the run's retries
+    and at the export: refused before any worker starts, with what to do. Those written before formats were stamped
+    are tried as before."""
+    paths = job_paths(tmp_path, "dog")
+    spec = JobSpec.from_dict(VALID)
+    committed_checkpoint_at(paths, 6)
+    paths.spec_file.write_text(json.dumps(spec.to_dict()))
+    state = paths.checkpoints_dir / checkpoint_dir_name(6) / STATE_FILE
+    for stamp in [{}, {"format": CHECKPOINT_FORMAT}]:
+        state.write_text(json.dumps({"step": 6, "loss": 0.1, **stamp}))
+        check_rerun(spec, paths)
+    state.write_text(json.dumps({"step": 6, "loss": 0.1, "format": CHECKPOINT_FORMAT + 1}))
+    with pytest.raises(InputError, match="written by another release") as error:
+        check_rerun(spec, paths)
+    assert error.value.field == "checkpoints" and "--job-id" in error.value.message
 
 
 def test_a_rerun_resumes_only_what_its_checkpoints_were_trained_with(tmp_path):

@@ -28,7 +28,7 @@ from dreambooth.errors import PlacementTimeout
 from dreambooth.model_files import content_identity, fingerprint, sampling_scheduler
 from dreambooth.sd_model import load_base_model, load_pipeline
 from serving.engine import GenerationRequest, SamplingEngine
-from trainer.checkpoint import RAY_RUN_STATE
+from trainer.checkpoint import CHECKPOINT_FORMAT, RAY_RUN_STATE, checkpoint_format
 from trainer.class_images import (
     ClassImageGenerator,
     UnusableClassImage,
@@ -166,6 +166,7 @@ def test_zero3_bf16_text_encoder_on_two_nodes(ray_cluster, tiny_model, dog_image
     # Ray keeps the newest `checkpoints_to_keep` (2) of the three.
     kept = sorted(p.name for p in paths.checkpoints_dir.glob("checkpoint_step_*"))
     assert kept == ["checkpoint_step_0000008", "checkpoint_step_0000010"]
+    assert {checkpoint_format(paths.checkpoints_dir / name) for name in kept} == {CHECKPOINT_FORMAT}
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["step"] == 10 and progress[-1]["prior_loss"] > 0
 

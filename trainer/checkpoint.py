@@ -36,6 +36,10 @@ from trainer.events import read_events
 TAG = "zero"  # DeepSpeed's sub-directory inside each checkpoint directory
 STATE_FILE = "trainer_state.json"
 RAY_RUN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints, in the run directory
+# The layout of what a checkpoint holds: its parameters' names and shapes (ZeRO-2's flat parameters and their groups)
+# and its client state. A release that changes it bumps this: another release's checkpoints fail to load (missing
+# keys, at every retry of the run) and to export, so a rerun refuses them up front. In each checkpoint's STATE_FILE.
+CHECKPOINT_FORMAT = 1
 
 
 _DIR_PREFIX = "checkpoint_step_"
@@ -114,7 +118,7 @@ def save_and_report(
     directory = experiment_dir / checkpoint_dir_name(step)
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step})
     if ray.train.get_context().get_world_rank() == 0:
-        write_file(directory / STATE_FILE, json.dumps({"step": step, **metrics}))
+        write_file(directory / STATE_FILE, json.dumps({"step": step, "format": CHECKPOINT_FORMAT, **metrics}))
     report = {
         "metrics": {"step": step, **metrics},
         "checkpoint": ray.train.Checkpoint(str(directory)),
@@ -241,6 +245,15 @@ def remove_unused_checkpoints(run_dir: Path, events_file: Path) -> list[int]:
             except OSError as e:  # a file an NFS client still holds, a permission: housekeeping, not the job's end
                 print(f"warning: could not remove the unused checkpoint of step {step}: {e}")
     return removed
+
+
+def checkpoint_format(directory: Path) -> int | None:
+    """The CHECKPOINT_FORMAT a checkpoint was written in; None for one written before formats were stamped (or
+    without its state: no run resumes from it)."""
+    try:
+        return json.loads((directory / STATE_FILE).read_text()).get("format")
+    except FileNotFoundError:
+        return None
 
 
 def committed_checkpoint(events_file: Path, step: int | None = None) -> Path | None:

@@ -31,7 +31,10 @@ from dreambooth.durable import write_file
 from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
 from dreambooth.model_files import ModelMetadata, content_identity, fingerprint
 from trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
     STATE_FILE,
+    checkpoint_dir_name,
+    checkpoint_format,
     committed_checkpoint,
     committed_steps,
     remove_unused_checkpoints,
@@ -102,6 +105,13 @@ def check_rerun(spec: JobSpec, paths: JobPaths) -> None:
     if changed:
         raise InputError(
             changed[0], f"job {paths.job_id} has checkpoints trained with other {', '.join(changed)}: {start_over}"
+        )
+    newest = paths.checkpoints_dir / checkpoint_dir_name(max(steps))
+    if (written := checkpoint_format(newest)) not in (None, CHECKPOINT_FORMAT):
+        raise InputError(
+            "checkpoints",
+            f"job {paths.job_id}'s checkpoints were written by another release (checkpoint format {written}; this one "
+            f"reads {CHECKPOINT_FORMAT}): finish it with that release, or {start_over}",
         )
     if spec.max_steps < max(steps):
         raise InputError("max_steps", f"job {paths.job_id} has a checkpoint at step {max(steps)}: {start_over}")
