@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -98,7 +99,12 @@ def ray_cluster(tmp_path_factory):
         **TEST_RAY_TRAIN_ENV,
     }
     logs = tmp_path_factory.mktemp("ray-logs")
-    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    # Ray's sessions and sockets, and its record of the latest cluster started, in a folder of this session's: under
+    # the shared /tmp/ray, Ray's job supervisor gave this cluster's job drivers the address of whichever cluster on
+    # the machine started last (another test session's: they waited 14 min for it, then failed). Short: Ray's Unix
+    # socket paths under it must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
+    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
     # The dashboard serves the Jobs API; it is told to listen on loopback only.
     dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     ensure_ray_token()  # `ray start` needs one; on a fresh machine only ray.init() would have made it
@@ -118,6 +124,7 @@ def ray_cluster(tmp_path_factory):
         ray.shutdown()
         for proc in reversed(procs):
             _stop_session(proc, grace_s=3)  # a test cluster's state is thrown away: no need to wait long
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
