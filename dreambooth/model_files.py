@@ -37,6 +37,7 @@ class ModelMetadata:
     base_model: str = ""
     # Serving shares the frozen VAE (and an untrained text encoder) between subjects of one base model.
     base_model_fingerprint: str = ""
+    base_model_fingerprint_version: int = 1  # the FINGERPRINT_VERSION it was made with (1: before it was written)
     identifier: str = ""
     instance_prompt: str = ""
     class_prompt: str | None = None
@@ -49,6 +50,13 @@ class ModelMetadata:
     def resolution(self) -> int:
         """The side its images were trained at."""
         return int((self.hyperparameters or {}).get("resolution") or 512)
+
+    @property
+    def shared_base(self) -> str:
+        """What serving shares its base model's components under: the base's fingerprint, where it was made as
+        fingerprint() makes it now; else "" (nothing shared). An older one may name two bases alike: fine-tunes whose
+        files have the same sizes and mtimes are told apart only since version 2."""
+        return self.base_model_fingerprint if self.base_model_fingerprint_version == FINGERPRINT_VERSION else ""
 
     @property
     def text_encoder_trained(self) -> bool:
@@ -458,6 +466,11 @@ def content_identity(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> st
         digest.update(f"{file.relative_to(root).as_posix()}\0{status.st_size}\0".encode())
         digest.update(hashlib.sha256(head + tail).digest())
     return digest.hexdigest()[:16]
+
+
+# What fingerprint() hashes, numbered: bumped when that changes (2: the inode joined size and mtime), so that serving
+# does not share components between models exported with fingerprints that told less apart.
+FINGERPRINT_VERSION = 2
 
 
 def fingerprint(path: str | os.PathLike) -> str:

@@ -235,7 +235,7 @@ class SamplingEngine:
         tokenizer = self._tokenizers.get(str(path))
         if tokenizer is None:
             with _loading(path):
-                base = ModelMetadata.read(Path(path)).base_model_fingerprint
+                base = ModelMetadata.read(Path(path)).shared_base
                 tokenizer = self._base_tokenizers.get(base) if base else None
                 if tokenizer is None:
                     tokenizer = load_base_model(path, components=["tokenizer"]).tokenizer
@@ -259,9 +259,9 @@ class SamplingEngine:
         """Loads the exported model at `path`.
 
         The VAE is frozen during DreamBooth training, so every subject of one base model carries the same VAE;
-        it is loaded once per engine (keyed by the base model's fingerprint in metadata.json), and kept while a
-        subject of its base is loaded or its base was the last one loaded. So are the tokenizer and, when it was not
-        trained, the text encoder. Raises ModelUnavailable when its files cannot be loaded.
+        it is loaded once per engine (keyed by the base model's fingerprint in metadata.json: `shared_base`), and
+        kept while a subject of its base is loaded or its base was the last one loaded. So are the tokenizer and,
+        when it was not trained, the text encoder. Raises ModelUnavailable when its files cannot be loaded.
         """
         with _loading(path):
             return self._load(model_id, Path(path))
@@ -269,7 +269,7 @@ class SamplingEngine:
     def _load(self, model_id: str, path: Path) -> SubjectModel:
         start = time.perf_counter()
         metadata = ModelMetadata.read(path)
-        base = metadata.base_model_fingerprint
+        base = metadata.shared_base
         shared_kinds = {"vae"} | (set() if metadata.text_encoder_trained else {"text_encoder"})
 
         modules: dict[str, Any] = {"tokenizer": self.tokenizer(path)}

@@ -293,7 +293,7 @@ def write_subject_model(base: Path, out: Path, *, seed: int, train_text_encoder:
 
     import torch
 
-    from dreambooth.model_files import fingerprint
+    from dreambooth.model_files import FINGERPRINT_VERSION, fingerprint
     from dreambooth.sd_model import load_pipeline
 
     pipe = load_pipeline(base)
@@ -306,6 +306,7 @@ def write_subject_model(base: Path, out: Path, *, seed: int, train_text_encoder:
         "job_id": out.name,
         "base_model": str(base),
         "base_model_fingerprint": fingerprint(base),
+        "base_model_fingerprint_version": FINGERPRINT_VERSION,
         "instance_prompt": "a photo of sks dog",
         "class_prompt": "a photo of dog",
         "hyperparameters": {"train_text_encoder": train_text_encoder, "resolution": 64},

@@ -292,6 +292,18 @@ def test_a_trained_text_encoder_is_not_shared(engine, rex, tiny_model, tmp_path)
     assert subject.tokenizer is rex.tokenizer is engine.tokenizer(path)
 
 
+def test_a_model_exported_with_an_older_fingerprint_shares_nothing(engine, rex, subject_models, tmp_path):
+    """Fingerprints before version 2 told apart no fine-tunes whose files had the same sizes and mtimes: a model
+    exported with one must not sample with another base's VAE or text encoder."""
+    old = shutil.copytree(subject_models["fido"], tmp_path / "old")
+    metadata = json.loads((old / "metadata.json").read_text())
+    del metadata["base_model_fingerprint_version"]  # as exports wrote it before the version
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    subject = engine.load("old", old)
+    assert subject.vae is not rex.vae and subject.text_encoder is not rex.text_encoder
+    assert subject.tokenizer is not rex.tokenizer
+
+
 def test_bad_batches_and_prompts_are_refused(engine, rex):
     with pytest.raises(ValueError, match="one batch holds one"):
         engine.generate(rex, [request(), request(steps=STEPS + 1)])

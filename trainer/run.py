@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 
 from dreambooth.durable import write_file
 from dreambooth.errors import PLACEMENT_TIMEOUT_ENV, PLACEMENT_TIMEOUT_S, InputError, PlacementTimeout
-from dreambooth.model_files import ModelMetadata, content_identity, fingerprint
+from dreambooth.model_files import FINGERPRINT_VERSION, ModelMetadata, content_identity, fingerprint
 from trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     STATE_FILE,
@@ -190,6 +190,7 @@ def run_training(
             job_id=paths.job_id,
             base_model=spec.base_model,
             base_model_fingerprint=fingerprint(spec.base_model),
+            base_model_fingerprint_version=FINGERPRINT_VERSION,
             identifier=spec.identifier,
             instance_prompt=spec.instance_prompt,
             class_prompt=spec.class_prompt,
