@@ -770,19 +770,29 @@ def _status(args) -> int:
 
 
 def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
+    # What the training libraries print as they load (DeepSpeed's accelerator line) and run: stdout is for the
+    # result's line.
+    with stdout_to_stderr():
+        result = _checked_and_run(spec, storage, job_id, address)
+    print(
+        f"model: {result.model_dir}  ({result.steps} steps, loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s)"
+    )
+    return result
+
+
+def _checked_and_run(spec, storage: Path, job_id: str, address: str | None):
     from trainer.preflight import preflight
     from trainer.storage import job_paths
 
     paths = job_paths(storage, job_id)
-    if not paths.spec_file.exists():
+    if not _is_stored_spec(spec, paths):
         spec.validate_new()
-    # else a rerun: JobSpec.load validated it as a stored spec, which a job an older release started may have (the
-    # checks added since refuse new specs only); check_rerun compares it with the one the job started with.
     preflight(spec)  # before Ray, DeepSpeed and the rest of training load
 
     from dreambooth.local_ray import init_ray
-    from trainer.run import only_export_left, run_training
+    from trainer.run import check_rerun, only_export_left, run_training
 
+    check_rerun(spec, paths)  # before Ray starts: it needs only the job's folder
     print(f"job {paths.job_id}: {paths.job_dir}", file=sys.stderr)
     init_ray(address)
     if only_export_left(spec, paths) is None:  # an export runs here, on CPUs: a GPU job trained elsewhere exports
@@ -792,15 +802,22 @@ def _run_with_progress(spec, storage: Path, job_id: str, address: str | None):
     viewer = threading.Thread(target=show_progress, args=(paths.events_file, stop, start_offset), daemon=True)
     viewer.start()
     try:
-        with stdout_to_stderr():  # DeepSpeed's and Ray's prints: stdout is for the result's line
-            result = run_training(spec, paths)
+        return run_training(spec, paths)
     finally:
         stop.set()
         viewer.join(timeout=5)
-    print(
-        f"model: {result.model_dir}  ({result.steps} steps, loss {result.final_loss:.4f}, {result.wall_time_s:.0f} s)"
-    )
-    return result
+
+
+def _is_stored_spec(spec, paths) -> bool:
+    """Whether `spec` is the one its job ran with before (on the fields both have): the rerun of a job an older release
+    started, which JobSpec.load validated as a stored spec (checks added since refuse new specs only). Any other,
+    an edited one too, is checked as a new spec."""
+    try:
+        stored = json.loads(paths.spec_file.read_text())
+    except FileNotFoundError:
+        return False
+    given = json.loads(json.dumps(spec.to_dict()))
+    return all(stored[name] == value for name, value in given.items() if name in stored)
 
 
 @contextlib.contextmanager

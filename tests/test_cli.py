@@ -16,6 +16,7 @@ from dreambooth.tiny_model import SEED_FILE
 from tests.conftest import partly_down_stack
 from trainer.checkpoint import STATE_FILE, checkpoint_dir_name
 from trainer.events import EventLog
+from trainer.spec import JobSpec
 from trainer.storage import job_paths
 
 
@@ -95,7 +96,7 @@ def test_a_rerun_reads_its_spec_as_stored_a_new_job_as_new(job, capsys, monkeypa
     assert code == 2 and "prior_loss_weight" in err
     paths = job_paths(tmp / "s", "dog-1")
     paths.job_dir.mkdir(parents=True)
-    paths.spec_file.write_text(json.dumps(yaml.safe_load(spec.read_text())))
+    paths.spec_file.write_text(json.dumps(JobSpec.load(spec).to_dict()))
 
     def preflight_reached(_spec) -> None:
         raise InputError("preflight", "reached")
@@ -103,6 +104,10 @@ def test_a_rerun_reads_its_spec_as_stored_a_new_job_as_new(job, capsys, monkeypa
     monkeypatch.setattr("trainer.preflight.preflight", preflight_reached)
     code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1")
     assert (code, err) == (2, "error: preflight: reached\n")
+    # Edited since: a new spec, checked as one.
+    edited = write(prior_loss_weight=0.0, learning_rate=1e-6)
+    code, err = run_cli(capsys, "train", str(edited), "--storage", str(tmp / "s"), "--job-id", "dog-1")
+    assert code == 2 and "prior_loss_weight" in err
 
 
 def test_a_job_id_made_from_the_spec_files_name_says_so(job, capsys):
@@ -204,6 +209,30 @@ def test_bad_input_is_refused_before_the_training_libraries_load(job):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split("\n")[-2] == "2 []", result.stdout + result.stderr[-2000:]
     assert "base_model" in result.stderr and "does not exist" in result.stderr
+
+
+def test_a_rerun_changing_what_its_checkpoints_hold_is_refused_before_ray_starts(job):
+    """check_rerun needs only the job's folder: it ran after a private Ray had started (tens of seconds), and the
+    training libraries' import-time prints (DeepSpeed's accelerator line) reached stdout, which is the result's."""
+    import subprocess
+
+    write, tmp = job
+    spec = write()
+    paths = job_paths(tmp / "s", "dog-1")
+    checkpoint = paths.checkpoints_dir / checkpoint_dir_name(4)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4}))
+    EventLog(paths.events_file).emit("checkpoint", step=4, path=str(checkpoint))
+    paths.spec_file.write_text(json.dumps({**JobSpec.load(spec).to_dict(), "learning_rate": 1e-6}))
+    probe = (
+        "import ray, sys\n"
+        "from dreambooth.cli import main\n"
+        f"code = main(['train', {str(spec)!r}, '--storage', {str(tmp / 's')!r}, '--job-id', 'dog-1'])\n"
+        "print(code, ray.is_initialized())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout == "2 False\n", result.stdout + result.stderr[-2000:]
+    assert "checkpoints trained with other learning_rate" in result.stderr
 
 
 def test_a_misspelt_option_gets_its_commands_usage(capsys):
