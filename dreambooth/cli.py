@@ -412,6 +412,7 @@ def _deploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
 
 def _undeploy(client: DreamBoothClient, args: argparse.Namespace) -> int:
     client.undeploy(args.model_id)
+    print(f"{args.model_id} undeployed")
     return 0
 
 

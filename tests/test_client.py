@@ -908,7 +908,7 @@ def test_cli_delete_model(cli, controller):
     controller.models["model-3"].deployed = True
     code, _, err = cli("delete-model", "model-3")
     assert code == 2 and err == "error: FAILED_PRECONDITION: model model-3 is deployed: undeploy it first\n"
-    assert cli("undeploy", "model-3")[0] == 0
+    assert cli("undeploy", "model-3")[:2] == (0, "model-3 undeployed\n")  # as deploy, cancel, delete say theirs
     controller.serving_lags = 2  # serving applies the undeploy a moment later: the delete waits for it
     assert cli("delete-model", "model-3")[:2] == (0, "model-3 deleted\n") and not controller.models
     code, _, err = cli("delete-model", "model-3")
