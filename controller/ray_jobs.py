@@ -32,11 +32,13 @@ _RAY_ERRORS = (RuntimeError, OSError, AuthenticationError, RayStateApiException)
 
 class RayJobsError(Exception):
     """Ray's Jobs API failed (unreachable, refused, ...); the message says what and where. `reached_ray` is false
-    where no connection to it was ever made, so the request surely did not arrive (one that timed out may have)."""
+    where no connection to it was ever made, so the request surely did not arrive (one that timed out may have);
+    `refused_token`: Ray refused the request for its authentication token (none sent, or another cluster's)."""
 
-    def __init__(self, message: str, reached_ray: bool = True):
+    def __init__(self, message: str, reached_ray: bool = True, refused_token: bool = False):
         super().__init__(message)
         self.reached_ray = reached_ray
+        self.refused_token = refused_token
 
 
 class RayJobStatus(str, Enum):
@@ -115,7 +117,9 @@ class RayJobs:
 
     def _error(self, what: str, e: Exception) -> RayJobsError:
         message = f"Ray Jobs API at {self.dashboard_url}: {what} failed: {type(e).__name__}: {e}"
-        return RayJobsError(message, reached_ray=not _never_connected(e))
+        return RayJobsError(
+            message, reached_ray=not _never_connected(e), refused_token=isinstance(e, AuthenticationError)
+        )
 
     def submit(self, job_id: str, attempt: int) -> str:
         """Start attempt `attempt` of job `job_id`; returns its submission id. Submitting an attempt that Ray

@@ -150,8 +150,14 @@ class Reconciler:
         active = self.store.active_jobs()
         try:
             capacity = self.capacity()
-        except RayJobsError:  # Ray cannot say what the cluster holds: every queued job waits for it to
-            waiting = Waiting("CLUSTER_UNAVAILABLE", "Ray's Jobs API does not answer: it starts once it does again")
+        except RayJobsError as e:  # Ray cannot say what the cluster holds: every queued job waits for it to
+            why = (
+                "Ray's Jobs API refuses the controller's token: run the controller with RAY_AUTH_MODE=token and the "
+                "cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token): it starts once Ray takes it"
+                if e.refused_token
+                else "Ray's Jobs API does not answer: it starts once it does again"
+            )
+            waiting = Waiting("CLUSTER_UNAVAILABLE", why)
             self.service.set_queue(Queue(others=waiting))
             metrics.set_queued_jobs({waiting.reason: sum(self.store.queued_by_tenant().values())})
             raise

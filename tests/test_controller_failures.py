@@ -216,6 +216,45 @@ def ray_down(config):
     store.close()
 
 
+def test_a_token_ray_refuses_is_why_jobs_wait(config):
+    """Ray 2.60 turns token authentication on: a controller started without RAY_AUTH_MODE=token was refused each
+    call, and its queued jobs said Ray's Jobs API "does not answer", which it did."""
+    from controller.reconciler import Reconciler
+
+    class Refusing(http.server.BaseHTTPRequestHandler):  # what Ray's dashboard answers a request without a token
+        def do_GET(self) -> None:
+            body = b"Unauthorized: Missing authentication token"
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *_) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    config = dataclasses.replace(config, ray_dashboard_url=url, capacity_cpus=None, capacity_gpus=None)
+    config.storage.mkdir(parents=True)
+    store = Store(config.effective_database_url)
+    ray_jobs = RayJobs(config.ray_dashboard_url, storage_root=str(config.storage))
+    service = JobService(config, store, ray_jobs, ChangeFeed())
+    reconciler = Reconciler(config, store, ray_jobs, service.feed, service)
+    try:
+        job = queued(store, config.storage)
+        reconciler.reconcile_once()
+        why = service.waiting_for(store.get_job(job.job_id))
+        assert why.reason == "CLUSTER_UNAVAILABLE" and "refuses the controller's token" in why.message
+        assert "RAY_AUTH_MODE=token" in why.message
+    finally:
+        reconciler.stop()
+        store.close()
+        server.shutdown()
+
+
 def test_while_rays_jobs_api_cannot_be_reached_jobs_stay_queued_and_no_run_time_counts(ray_cluster, ray_down):
     """The cluster's size configured, a pass asks Ray nothing before it submits: during an outage, pass after pass
     started one more job into it, each PREPARING, holding its tenant's slot, its max_job_run_s counting; once Ray was
