@@ -46,6 +46,7 @@ from trainer.storage import job_paths, storage_clock
 log = logging.getLogger(__name__)
 
 MAX_PASSES_PER_S = 5
+REPEAT_LOG_S = 60.0  # a part of the passes failing the same way is logged again after this
 # The finished jobs' counts (a metric) come from a query over all history: refreshed this often, not every pass.
 FINISHED_COUNTS_EVERY_S = 30
 # A Ray job that Ray does not know (LOST) whose events file changed this recently may be running on a cluster this
@@ -87,6 +88,7 @@ class Reconciler:
         self._last_started: dict[str, float] = {}
         self._queued_specs: dict[str, dict] = {}  # the queue's specs, read once each (Store.queued_jobs)
         self._ended_jobs = EndedJobs(config.storage, ray_jobs)
+        self._failures = PassFailures()
 
     def start(self) -> None:
         # What a controller stopped before it tidied up after them left: looked at again.
@@ -129,12 +131,13 @@ class Reconciler:
         for scheduling, must not hold the other jobs. (Serving catches up on a thread of its own: ServingSync.)"""
         jobs_api_failing = False
         for job in self.store.active_jobs():
-            failed = _logged(f"following job {job.job_id}", self._follow, job)
+            failed = self._failures.run(f"following job {job.job_id}", self._follow, job)
             # Unreachable, or reached but not answering in time or failing (a wedged head): either way a job started
             # now would wait on it too.
             jobs_api_failing |= isinstance(failed, RayJobsError)
-        _logged("scheduling", self._schedule, jobs_api_failing)
-        _logged("job counts", self._count_jobs)
+        self._failures.run("scheduling", self._schedule, jobs_api_failing)
+        self._failures.run("job counts", self._count_jobs)
+        self._failures.pass_done()
 
     def _count_jobs(self) -> None:
         now = time.monotonic()
@@ -591,11 +594,36 @@ def _next_attempt(job: JobRecord) -> dict:
     return {"attempts": attempt, "ray_submission_id": submission_id(job.job_id, attempt)}
 
 
-def _logged(what: str, part, *args) -> Exception | None:
-    """Runs `part(*args)`; returns what it raised (logged), or None."""
-    try:
-        part(*args)
-    except Exception as e:
-        log.exception("reconcile pass: %s failed; retrying next pass", what)
-        return e
-    return None
+class PassFailures:
+    """Runs the parts of reconcile passes, logging what fails: with its traceback the first time, then the same
+    failure of the same part (the same message) once every REPEAT_LOG_S, with how often it failed meanwhile. A Ray
+    outage failed every pass, each logging its traceback: two a second, for as long as it lasted."""
+
+    def __init__(self, repeat_log_s: float = REPEAT_LOG_S):
+        self._repeat_log_s = repeat_log_s
+        self._failing: dict[str, tuple[str, float, int]] = {}  # part -> (message, when logged, failures since)
+        self._this_pass: set[str] = set()
+
+    def run(self, what: str, part, *args) -> Exception | None:
+        """Runs `part(*args)`; returns what it raised (logged as above), or None."""
+        self._this_pass.add(what)
+        try:
+            part(*args)
+        except Exception as e:
+            message, now = f"{type(e).__name__}: {e}", time.monotonic()
+            last = self._failing.get(what)
+            if last is not None and last[0] == message and now - last[1] < self._repeat_log_s:
+                self._failing[what] = (message, last[1], last[2] + 1)
+                return e
+            again = f" (and {last[2]} times since it was last logged)" if last and last[0] == message else ""
+            log.exception("reconcile pass: %s failed%s; retrying next pass", what, again)
+            self._failing[what] = (message, now, 0)
+            return e
+        self._failing.pop(what, None)
+        return None
+
+    def pass_done(self) -> None:
+        """Forgets the parts this pass did not run (the jobs no longer followed)."""
+        for what in self._failing.keys() - self._this_pass:
+            del self._failing[what]
+        self._this_pass.clear()

@@ -216,6 +216,38 @@ def ray_down(config):
     store.close()
 
 
+def test_a_part_of_the_passes_failing_the_same_way_is_logged_once_a_while(caplog):
+    """A Ray outage failed the scheduling of every pass, each logging its traceback: two a second for hours."""
+    from controller.reconciler import PassFailures
+
+    failures, outcome = PassFailures(repeat_log_s=3600), {"error": RayJobsError("Ray's dashboard is down")}
+
+    def part() -> None:
+        if outcome["error"] is not None:
+            raise outcome["error"]
+
+    def passes(count: int) -> list[str]:
+        caplog.clear()
+        for _ in range(count):
+            assert (failures.run("scheduling", part) is None) == (outcome["error"] is None)
+            failures.pass_done()
+        return [record.getMessage() for record in caplog.records]
+
+    with caplog.at_level(logging.ERROR, logger="controller.reconciler"):
+        assert passes(50) == ["reconcile pass: scheduling failed; retrying next pass"]
+        outcome["error"] = RayJobsError("Ray refused the token")  # another failure: told at once
+        assert len(passes(5)) == 1
+        failures._repeat_log_s = 0  # the interval passed: told again, with how often meanwhile
+        assert passes(1) == [
+            "reconcile pass: scheduling failed (and 4 times since it was last logged); retrying next pass"
+        ]
+        outcome["error"] = None  # recovered, then failing again: told at once
+        assert passes(1) == []
+        outcome["error"] = RayJobsError("Ray refused the token")
+        failures._repeat_log_s = 3600
+        assert len(passes(3)) == 1
+
+
 def test_a_token_ray_refuses_is_why_jobs_wait(config):
     """Ray 2.60 turns token authentication on: a controller started without RAY_AUTH_MODE=token was refused each
     call, and its queued jobs said Ray's Jobs API "does not answer", which it did."""
