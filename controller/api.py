@@ -27,9 +27,10 @@ from controller.errors import (
     StorageFailed,
     Unauthenticated,
 )
+from controller.intake import ImageInput
 from controller.ray_jobs import RayJobsError
 from controller.scheduler import Waiting
-from controller.service import ImageInput, JobService
+from controller.service import JobService
 from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
 from dreambooth.errors import STORAGE_FULL_ERRNOS, InputError, is_system_error
 from dreambooth.proto_convert import (

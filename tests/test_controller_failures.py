@@ -33,14 +33,16 @@ from PIL import Image
 from ray.job_submission import JobSubmissionClient
 
 from controller import ended_jobs, metrics
+from controller import intake as intake_module
 from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
+from controller.intake import IMAGE_CHECKS_AT_ONCE, ImageInput
 from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import UNARY_THREADS, start
-from controller.service import IMAGE_CHECKS_AT_ONCE, MAX_PAGE_SIZE, ImageInput, JobService
+from controller.service import MAX_PAGE_SIZE, JobService
 from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
@@ -1230,7 +1232,7 @@ def test_photos_of_concurrent_submissions_are_decoded_a_few_at_a_time(config, ti
     finally:
         controller.stop(grace_s=1)
     assert len({job.job_id for job in jobs}) == 12
-    assert (most, most_of_one_tenant) == (service.IMAGE_CHECKS_AT_ONCE, 1)
+    assert (most, most_of_one_tenant) == (IMAGE_CHECKS_AT_ONCE, 1)
 
 
 def test_a_job_bigger_than_the_configured_cluster_is_refused_not_queued_for_ever(client, tiny_model, dog_images):
@@ -2103,13 +2105,13 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
         calls.append(1)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(service_module, "write_file", no_space)
+    monkeypatch.setattr(intake_module, "write_file", no_space)
     with pytest.raises(ClientError) as full:
         client.submit(job_spec(tiny_model, dog_images))
     assert (full.value.code, full.value.reason) == ("RESOURCE_EXHAUSTED", "STORAGE_FULL"), full.value
     assert "storage is full" in full.value.message and len(calls) == 1
     # Reading the staged photos back fails for the storage's reasons (an NFS hiccup): not the photos' fault.
-    monkeypatch.setattr(service_module, "write_file", lambda *_: None)
+    monkeypatch.setattr(intake_module, "write_file", lambda *_: None)
 
     def stale(*_args, **_kwargs) -> None:
         raise OSError(errno.ESTALE, "Stale file handle")

@@ -791,7 +791,7 @@ def test_deploy_without_serving_configured_is_a_failed_precondition(controller, 
 
 def test_a_file_uri_names_the_path_it_encodes():
     """Java's Path.toUri() and Go's net/url write a space as %20: the file is "my dog.jpg"."""
-    from controller.service import _shared_path
+    from controller.intake import shared_path
 
-    assert _shared_path("file:///photos/my%20dog.jpg") == Path("/photos/my dog.jpg")
-    assert _shared_path("/photos/my%20dog.jpg") == Path("/photos/my%20dog.jpg")  # a path is taken as it is
+    assert shared_path("file:///photos/my%20dog.jpg") == Path("/photos/my dog.jpg")
+    assert shared_path("/photos/my%20dog.jpg") == Path("/photos/my%20dog.jpg")  # a path is taken as it is
