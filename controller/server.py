@@ -25,12 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from controller import metrics, orphans
 from controller.api import Authenticator, JobServicer, ModelServicer, RequestGate
 from controller.config import ControllerConfig
+from controller.database import ControllerRunning
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
 from controller.reconciler import Reconciler
 from controller.service import JobService
 from controller.serving import ServingSync
-from controller.store import ControllerRunning, SchemaMismatch, Store
+from controller.store import SchemaMismatch, Store
 from dreambooth.errors import InputError, is_system_error
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer

@@ -36,6 +36,7 @@ from controller import ended_jobs, metrics
 from controller import intake as intake_module
 from controller import service as service_module
 from controller.config import ControllerConfig, Tenant
+from controller.database import ControllerRunning
 from controller.errors import DeadlineExceeded, FailedPrecondition, NotFound
 from controller.feed import ChangeFeed
 from controller.intake import IMAGE_CHECKS_AT_ONCE, ImageInput
@@ -43,7 +44,7 @@ from controller.ray_jobs import RayJobs, RayJobsError, RayJobStatus
 from controller.scheduler import WAITING_REASONS, Queue, Resources, Waiting
 from controller.server import UNARY_THREADS, start
 from controller.service import MAX_PAGE_SIZE, JobService
-from controller.store import SCHEMA_VERSION, ControllerRunning, JobRecord, ModelRecord, Store
+from controller.store import SCHEMA_VERSION, JobRecord, ModelRecord, Store
 from dreambooth.client import ClientError, DreamBoothClient
 from dreambooth.errors import InputError
 from dreambooth.proto_convert import spec_to_proto

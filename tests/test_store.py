@@ -1,5 +1,5 @@
-"""controller.store on real databases: SQLite files in tmp_path (and PostgreSQL where a server and a driver are
-installed; those tests are skipped otherwise). No mocks."""
+"""controller.store, and controller.database that it connects through, on real databases: SQLite files in tmp_path
+(and PostgreSQL where a server and a driver are installed; those tests are skipped otherwise). No mocks."""
 
 from __future__ import annotations
 
@@ -22,20 +22,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from controller.database import ControllerRunning, filesystem_type, is_network_filesystem
 from controller.store import (
     ACTIVE_STATES,
     SCHEMA_VERSION,
     STATES,
     UNFINISHED_STATES,
-    ControllerRunning,
     JobRecord,
     ModelRecord,
     SchemaMismatch,
     Store,
     TenantFull,
     counters,
-    filesystem_type,
-    is_network_filesystem,
     jobs,
 )
 from dreambooth.errors import InputError
