@@ -20,7 +20,6 @@ import operator
 import os
 import re
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -38,6 +37,7 @@ from PIL import Image
 from controller.config import ControllerConfig, Tenant
 from controller.server import start
 from dreambooth.v1 import jobs_pb2, models_pb2
+from tests.conftest import free_port
 
 TOKEN, OTHER_TOKEN = "fuzz-token", "other-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -88,12 +88,6 @@ MODEL, PHOTO, PHOTOS = "@MODEL@", "@PHOTO@", "@PHOTOS@"
 
 
 # --- the controller ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(size: int = 64, seed: int = 0) -> bytes:
@@ -159,7 +153,7 @@ def controller(sandbox):
     config = ControllerConfig(
         storage=sandbox.storage,
         listen="127.0.0.1:0",
-        ray_dashboard_url=f"http://127.0.0.1:{_free_port()}",  # nothing listens there, and nothing calls it
+        ray_dashboard_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there, and nothing calls it
         readable_paths=(sandbox.root / "inputs",),
         tenants=(
             # max_running_jobs=0 as well as no capacity: a spec asking for 1e-300 CPUs fits in none (the

@@ -37,6 +37,7 @@ from controller.store import (
     jobs,
 )
 from dreambooth.errors import InputError
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def postgres_server():
         os.chmod(data.parent, 0o755)
         data.mkdir()
         os.chown(data, user.pw_uid, user.pw_gid)
-    port = _free_port()
+    port = free_port()
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
     # -l: the server must not inherit our pipes, or capturing pg_ctl's output would wait for the server to end.
     init = [*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"]
@@ -77,12 +78,6 @@ def postgres_server():
     finally:
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(data.parent, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _db_names = itertools.count()
@@ -311,7 +306,7 @@ def test_an_event_the_database_refuses_is_skipped_not_applied_on_every_pass(url,
     config = ControllerConfig(
         storage=tmp_path / "storage",
         database_url=url,
-        ray_dashboard_url=f"http://127.0.0.1:{_free_port()}",  # never asked here
+        ray_dashboard_url=f"http://127.0.0.1:{free_port()}",  # never asked here
         tenants=(Tenant("acme", ("acme-token",)),),
     )
     config.storage.mkdir()
