@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -124,6 +125,11 @@ def _start(
     if not config.tenants:
         log.warning("no tenants configured: authentication is OFF (everyone is tenant 'default')")
     auth = Authenticator(service, open_access=not config.tenants)
+    # A submission's checks load diffusers and transformers: seconds, tens on a loaded machine, which the first
+    # submission paid within its deadline (the SDK's 30 s ran out in a demo beside other work). Imported meanwhile.
+    threading.Thread(
+        target=importlib.import_module, args=("dreambooth.sd_model",), name="import-checks", daemon=True
+    ).start()
 
     server = grpc.server(
         # Unary calls keep UNARY_THREADS of their own however many watches are open (each holds a thread).

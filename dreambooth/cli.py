@@ -786,8 +786,8 @@ def _checked_and_run(spec, storage: Path, job_id: str, address: str | None):
     from trainer.storage import job_paths
 
     paths = job_paths(storage, job_id)
-    if not _is_stored_spec(spec, paths):
-        spec.validate_new()
+    # A rerun's checks refuse only what changed since its job ran: an older release may have taken the rest.
+    spec.validate_new(ran_with=json.loads(paths.spec_file.read_text()) if paths.spec_file.exists() else None)
     preflight(spec)  # before Ray, DeepSpeed and the rest of training load
 
     from dreambooth.local_ray import init_ray
@@ -807,18 +807,6 @@ def _checked_and_run(spec, storage: Path, job_id: str, address: str | None):
     finally:
         stop.set()
         viewer.join(timeout=5)
-
-
-def _is_stored_spec(spec, paths) -> bool:
-    """Whether `spec` is the one its job ran with before (on the fields both have): the rerun of a job an older release
-    started, which JobSpec.load validated as a stored spec (checks added since refuse new specs only). Any other,
-    an edited one too, is checked as a new spec."""
-    try:
-        stored = json.loads(paths.spec_file.read_text())
-    except FileNotFoundError:
-        return False
-    given = json.loads(json.dumps(spec.to_dict()))
-    return all(stored[name] == value for name, value in given.items() if name in stored)
 
 
 @contextlib.contextmanager

@@ -104,10 +104,13 @@ def test_a_rerun_reads_its_spec_as_stored_a_new_job_as_new(job, capsys, monkeypa
     monkeypatch.setattr("trainer.preflight.preflight", preflight_reached)
     code, err = run_cli(capsys, "train", str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1")
     assert (code, err) == (2, "error: preflight: reached\n")
-    # Edited since: a new spec, checked as one.
-    edited = write(prior_loss_weight=0.0, learning_rate=1e-6)
-    code, err = run_cli(capsys, "train", str(edited), "--storage", str(tmp / "s"), "--job-id", "dog-1")
-    assert code == 2 and "prior_loss_weight" in err
+    longer = write(prior_loss_weight=0.0, max_steps=800)  # what a rerun may change: checked as before
+    code, err = run_cli(capsys, "train", str(longer), "--storage", str(tmp / "s"), "--job-id", "dog-1")
+    assert (code, err) == (2, "error: preflight: reached\n")
+    # What changed since is checked as new: the identifier in the class prompt would leak into the prior.
+    leaking = write(prior_loss_weight=0.0, class_prompt="a photo of sks dog")
+    code, err = run_cli(capsys, "train", str(leaking), "--storage", str(tmp / "s"), "--job-id", "dog-1")
+    assert code == 2 and "class_prompt" in err and "without the identifier" in err
 
 
 def test_a_job_id_made_from_the_spec_files_name_says_so(job, capsys):

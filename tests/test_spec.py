@@ -189,6 +189,21 @@ def test_a_stored_spec_an_older_release_took_reads_back(change):
         spec.validate_new()
 
 
+def test_a_rerun_is_refused_only_what_changed_since_its_job_ran():
+    """A rerun's spec may keep what an older release took (its job ran with it), not make anything new of it."""
+    stored = {**VALID, "prior_loss_weight": 0.0, "validation_interval": 5, "validation_prompts": ["sks dog"]}
+    ran_with = JobSpec.from_dict(stored).to_dict()
+    JobSpec.from_dict({**stored, "max_steps": 800}).validate_new(ran_with=ran_with)
+    for change, field in [
+        ({"validation_prompts": []}, "validation_interval"),  # a check's other field changed: checked again
+        ({"num_class_images": 20000}, "num_class_images"),
+        ({"prior_loss_weight": 0.0, "class_prompt": "a Sks dog"}, "class_prompt"),
+    ]:
+        with pytest.raises(InputError) as error:
+            JobSpec.from_dict({**stored, **change}).validate_new(ran_with=ran_with)
+        assert error.value.field == field
+
+
 def test_required_fields_and_shape():
     with pytest.raises(InputError, match="required field"):
         JobSpec.from_dict({"base_model": "/m"})

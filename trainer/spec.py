@@ -194,57 +194,68 @@ class JobSpec:
 
     # --- validation ---------------------------------------------------------------------------------------
 
-    def validate_new(self) -> None:
+    def validate_new(self, ran_with: dict[str, Any] | None = None) -> None:
         """validate, and what only a spec being submitted is refused for: bounds on what a request may hold, and
         settings that would waste work or do nothing as written. Not in validate: a stored spec (the trainer's
         spec.json, the controller's row) is read back with validate alone, at every start of its job, and a job an
         older release accepted must still run after an upgrade. A check added later goes here, unless the job could
-        not run without it."""
+        not run without it. `ran_with`: the spec its job ran with before (a rerun's, as stored), whose settings an
+        older release may have taken: a check refuses only what changed since."""
         self.validate()
+        now = json.loads(json.dumps(self.to_dict()))
+
+        def require(ok: bool, name: str, message: str, *also: str) -> None:
+            if not ok and (ran_with is None or any(ran_with.get(f, now[f]) != now[f] for f in (name, *also))):
+                raise InputError(name, message)
+
         # No path is longer (Linux's PATH_MAX); a megabyte of "../" took the controller 15 s to resolve.
         for name, paths in (("base_model", [self.base_model]), ("instance_images", self.instance_images)):
             longest = max(len(p) for p in paths)
-            _require(longest <= MAX_PATH_CHARS, name, f"a path of {longest} characters; at most {MAX_PATH_CHARS}")
+            require(longest <= MAX_PATH_CHARS, name, f"a path of {longest} characters; at most {MAX_PATH_CHARS}")
         prompts = [("instance_prompt", self.instance_prompt), ("class_prompt", self.class_prompt)]
         for name, prompt in [*prompts, *(("validation_prompts", p) for p in self.validation_prompts)]:
-            _require(len(prompt) <= MAX_PROMPT_CHARS, name, f"{len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-        _require(
+            require(len(prompt) <= MAX_PROMPT_CHARS, name, f"{len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        require(
             self.num_class_images <= MAX_CLASS_IMAGES,
             "num_class_images",
             f"at most {MAX_CLASS_IMAGES} (100-300 usually suffice)",
         )
-        _require(
+        require(
             len(self.validation_prompts) <= MAX_VALIDATION_PROMPTS,
             "validation_prompts",
             f"{len(self.validation_prompts)} prompts; at most {MAX_VALIDATION_PROMPTS} (each is a row of every grid)",
         )
-        if self.with_prior_preservation:
-            _require(
-                not self._names_identifier(self.class_prompt),
-                "class_prompt",
-                f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
-            )
-        _require(
+        require(
+            not (self.with_prior_preservation and self._names_identifier(self.class_prompt)),
+            "class_prompt",
+            f"must describe the class without the identifier {self.identifier!r} (it would leak into the prior)",
+            "identifier",
+            "num_class_images",
+        )
+        require(
             self.prior_loss_weight > 0 or not self.with_prior_preservation,
             "prior_loss_weight",
             "0 would generate the class images and train on them for nothing: set num_class_images to 0 instead",
+            "num_class_images",
         )
-        _require(
+        require(
             not (self.torch_compile and self.zero_stage == 3),
             "torch_compile",
             "does not combine with zero_stage 3: ZeRO-3's hooks on every submodule break the compiled graph at each "
             "of them (54 graphs for the tiny model's UNet, against one under ZeRO-2); use zero_stage 2, or "
             "torch_compile: false",
+            "zero_stage",
         )
-        _require(
+        require(
             self.gpus_per_worker <= 1,
             "gpus_per_worker",
             "at most 1: a worker trains on one GPU (more workers: more GPUs)",
         )
-        _require(
+        require(
             not self.validation_interval or bool(self.validation_prompts),
             "validation_interval",
             f"samples the validation_prompts every {self.validation_interval} steps, and there are none: add some",
+            "validation_prompts",
         )
 
     def _names_identifier(self, prompt: str) -> bool:
