@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -196,20 +197,20 @@ def test_train_keeps_stdout_for_its_result(capfd, monkeypatch):
         pass
 
 
+def train_in_a_new_process(*args: str, then: str) -> subprocess.CompletedProcess:
+    """`dreambooth train ARGS` in an interpreter of its own (none of the training libraries loaded yet), which then
+    prints its exit code and `then` (an expression) as its last line."""
+    probe = f"import sys\nfrom dreambooth.cli import main\ncode = main(['train', *{list(args)!r}])\nprint(code, {then})"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+
+
 def test_bad_input_is_refused_before_the_training_libraries_load(job):
     """What `dreambooth train` checks first imports none of Ray, DeepSpeed or diffusers (seconds to load): a missing
     base model or photo is told in about a second."""
-    import subprocess
-    import sys
-
     write, tmp = job
-    probe = (
-        "import sys\n"
-        "from dreambooth.cli import main\n"
-        f"code = main(['train', {str(write(base_model=str(tmp / 'nowhere')))!r}, '--storage', {str(tmp / 's')!r}])\n"
-        "print(code, sorted(m for m in ('ray', 'deepspeed', 'diffusers') if m in sys.modules))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    spec = write(base_model=str(tmp / "nowhere"))
+    loaded = "sorted(m for m in ('ray', 'deepspeed', 'diffusers') if m in sys.modules)"
+    result = train_in_a_new_process(str(spec), "--storage", str(tmp / "s"), then=loaded)
     assert result.stdout.split("\n")[-2] == "2 []", result.stdout + result.stderr[-2000:]
     assert "base_model" in result.stderr and "does not exist" in result.stderr
 
@@ -217,8 +218,6 @@ def test_bad_input_is_refused_before_the_training_libraries_load(job):
 def test_a_rerun_changing_what_its_checkpoints_hold_is_refused_before_ray_starts(job):
     """check_rerun needs only the job's folder: it ran after a private Ray had started (tens of seconds), and the
     training libraries' import-time prints (DeepSpeed's accelerator line) reached stdout, which is the result's."""
-    import subprocess
-
     write, tmp = job
     spec = write()
     paths = job_paths(tmp / "s", "dog-1")
@@ -227,13 +226,8 @@ def test_a_rerun_changing_what_its_checkpoints_hold_is_refused_before_ray_starts
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4}))
     EventLog(paths.events_file).emit("checkpoint", step=4, path=str(checkpoint))
     paths.spec_file.write_text(json.dumps({**JobSpec.load(spec).to_dict(), "learning_rate": 1e-6}))
-    probe = (
-        "import ray, sys\n"
-        "from dreambooth.cli import main\n"
-        f"code = main(['train', {str(spec)!r}, '--storage', {str(tmp / 's')!r}, '--job-id', 'dog-1'])\n"
-        "print(code, ray.is_initialized())\n"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    ray_started = "sys.modules['ray'].is_initialized()"
+    result = train_in_a_new_process(str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1", then=ray_started)
     assert result.stdout == "2 False\n", result.stdout + result.stderr[-2000:]
     assert "checkpoints trained with other learning_rate" in result.stderr
 

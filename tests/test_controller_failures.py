@@ -604,16 +604,23 @@ def test_a_successful_jobs_checkpoints_go_once_its_driver_has_ended(by_hand, mon
     assert paths["SUCCEEDED"].events_file.exists() and paths["FAILED"].checkpoints_dir.exists()
 
 
+def training_with_a_checkpoint(reconciler, monkeypatch, driver: str, driver_exit_wait_s: float):
+    """A TRAINING job under `driver`, with a checkpoint; its tidying once it ends waits `driver_exit_wait_s` for the
+    driver to end, and tries again at once."""
+    reconciler._ended_jobs._poll_s = 0.05
+    monkeypatch.setattr(ended_jobs, "DRIVER_EXIT_WAIT_S", driver_exit_wait_s)
+    monkeypatch.setattr(ended_jobs, "RETRY_S", 0.05)
+    job = training_under(reconciler, driver)
+    paths = job_paths(reconciler.config.storage, job.job_id)
+    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+    return job, paths
+
+
 def test_a_driver_that_hangs_after_its_verdict_is_stopped_and_its_job_tidied(by_hand, monkeypatch):
     """The verdict is the driver's last act: one still running long after hangs on its way out, holding its workers
     (GPUs) for good, and its job's checkpoints were never removed. It is stopped, and the job tidied."""
     reconciler = by_hand
-    reconciler._ended_jobs._poll_s = 0.1
-    monkeypatch.setattr(ended_jobs, "DRIVER_EXIT_WAIT_S", 1.0)
-    monkeypatch.setattr(ended_jobs, "RETRY_S", 0.1)
-    job = training_under(reconciler, "sleep 600")
-    paths = job_paths(reconciler.config.storage, job.job_id)
-    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+    job, paths = training_with_a_checkpoint(reconciler, monkeypatch, "sleep 600", driver_exit_wait_s=1.0)
     EventLog(paths.events_file).emit("state", state="SUCCEEDED")
     assert reconciler._apply_events(job).state == "SUCCEEDED"
     deadline = time.monotonic() + TIDY_WAIT_S
@@ -627,12 +634,7 @@ def test_tidying_given_up_is_logged_as_an_error(by_hand, monkeypatch, caplog):
     """Ray's API unreachable through every try: what stays (a successful job's checkpoints, Ray's records) is
     said once as an error, not dropped after a last warning that promised another try."""
     reconciler = by_hand
-    reconciler._ended_jobs._poll_s = 0.05
-    monkeypatch.setattr(ended_jobs, "DRIVER_EXIT_WAIT_S", 0.1)
-    monkeypatch.setattr(ended_jobs, "RETRY_S", 0.05)
-    job = training_under(reconciler, "true")
-    paths = job_paths(reconciler.config.storage, job.job_id)
-    (paths.checkpoints_dir / "checkpoint_step_0000002").mkdir(parents=True)
+    job, paths = training_with_a_checkpoint(reconciler, monkeypatch, "true", driver_exit_wait_s=0.1)
 
     def unreachable(_submission: str) -> RayJobStatus:
         raise RayJobsError("Ray's dashboard is down")
