@@ -8,7 +8,9 @@ touches the network: every `from_pretrained` call passes `local_files_only=True`
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +54,15 @@ def load_base_model(
         _check_prompt_length_limit(root, model.tokenizer)
     if "text_encoder" in components:
         # transformers 5 names the dtype argument `dtype` (`torch_dtype` is deprecated there).
-        model.text_encoder = CLIPTextModel.from_pretrained(
-            root,
-            subfolder="text_encoder",
-            local_files_only=True,
-            dtype=dtype,
-            variant=weights_variant(root / "text_encoder", "text_encoder"),
-        ).to(device)
+        with _without_transformers_bars():
+            text_encoder = CLIPTextModel.from_pretrained(
+                root,
+                subfolder="text_encoder",
+                local_files_only=True,
+                dtype=dtype,
+                variant=weights_variant(root / "text_encoder", "text_encoder"),
+            )
+        model.text_encoder = text_encoder.to(device)
     for name, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
         if name in components:
             module = cls.from_pretrained(
@@ -142,12 +146,20 @@ def load_pipeline(
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
-    """Writes `pipe` in diffusers format (safetensors) into `directory`. Without transformers' progress bar for the
-    text encoder's shards: its frames landed in job logs, where the job's own progress is told."""
+    """Writes `pipe` in diffusers format (safetensors) into `directory`."""
+    with _without_transformers_bars():
+        pipe.save_pretrained(directory, safe_serialization=True)
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars for the text encoder's weights ("Loading weights", "Writing model shards") drew
+    frames into job, demo and replica logs, where this project tells its own progress; a library user's setting is
+    restored after."""
     bar_was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
-        pipe.save_pretrained(directory, safe_serialization=True)
+        yield
     finally:
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()

@@ -61,12 +61,15 @@ def test_build_is_deterministic(tiny, tmp_path):
     assert any(not torch.equal(a[key], b[key]) for key in a)
 
 
-def test_writing_a_model_draws_no_progress_bar_of_the_libraries(tmp_path, capfd):
-    """transformers' bar for the text encoder's shards drew frames into the demo's and the export's logs."""
+def test_writing_and_loading_a_model_draw_no_progress_bar_of_the_libraries(tmp_path, capfd):
+    """transformers' bars for the text encoder's weights drew frames into the demo's, the export's and the replicas'
+    logs."""
     from transformers.utils import logging as transformers_logging
 
-    build_tiny_model(tmp_path / "model", seed=3)
-    assert "Writing model shards" not in capfd.readouterr().err
+    model = build_tiny_model(tmp_path / "model", seed=3)
+    load_base_model(model, components=["text_encoder"])
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
     assert transformers_logging.is_progress_bar_enabled()  # a library user's setting is left as it was
 
 
