@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy.engine import URL
 
 from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, refuse_unknown
 from dreambooth.yaml_load import error_without_text, load_yaml
@@ -156,7 +157,10 @@ class ControllerConfig:
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{Path(self.storage).resolve() / 'controller.db'}"
+        # Built, not formatted: SQLAlchemy decodes %XX in a URL and ends the path at '?', which moved the database
+        # out of a storage named so.
+        database = Path(self.storage).resolve() / "controller.db"
+        return self.database_url or URL.create("sqlite", database=str(database)).render_as_string()
 
     @classmethod
     def load(
@@ -191,10 +195,11 @@ def _settings_in(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
     if "readable_paths" in data:
-        data["readable_paths"] = tuple((path.parent / p).resolve() for p in data["readable_paths"] or ())
+        readable = data["readable_paths"] or ()
+        data["readable_paths"] = tuple((path.parent / Path(p).expanduser()).resolve() for p in readable)
     for key in ("storage", "tls_cert", "tls_key"):
         if data.get(key):
-            data[key] = (path.parent / data[key]).resolve()
+            data[key] = (path.parent / Path(data[key]).expanduser()).resolve()
     return data
 
 

@@ -299,7 +299,16 @@ def ray_temp_dir(state_dir: Path) -> Path:
     folder of this user's own (`private_parent`): Ray makes its folders writable by everyone, and another user
     could otherwise make the predictable name first, or replace the stack's sockets and files."""
     digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"dreambooth-{os.getuid()}" / f"ray-{digest}"
+    under = Path(f"dreambooth-{os.getuid()}") / f"ray-{digest}"
+    temp = Path(tempfile.gettempdir())
+    if len(str(temp / under)) + len(RAY_LONGEST_SOCKET) > UNIX_SOCKET_PATH_MAX:
+        temp = Path("/tmp")  # a TMPDIR too long for them (/run/user/1000, a batch system's per-job folder)
+    return temp / under
+
+
+UNIX_SOCKET_PATH_MAX = 107
+# Ray's longest socket path under its temp dir, with a process id of 7 digits (Linux's pid_max may be 4194304).
+RAY_LONGEST_SOCKET = "/session_2026-11-28_14-41-11_156865_4194304/sockets/plasma_store"
 
 
 def private_parent(path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,21 +216,35 @@ def test_bad_input_is_refused_before_the_training_libraries_load(job):
     assert "base_model" in result.stderr and "does not exist" in result.stderr
 
 
+def checkpointed_with_another_learning_rate(paths, spec_file: Path) -> None:
+    """The job of `paths` has a checkpoint, trained with the spec at `spec_file` but another learning rate."""
+    checkpoint = paths.checkpoints_dir / checkpoint_dir_name(4)
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4}))
+    EventLog(paths.events_file).emit("checkpoint", step=4, path=str(checkpoint))
+    paths.spec_file.write_text(json.dumps({**JobSpec.load(spec_file).to_dict(), "learning_rate": 1e-6}))
+
+
 def test_a_rerun_changing_what_its_checkpoints_hold_is_refused_before_ray_starts(job):
     """check_rerun needs only the job's folder: it ran after a private Ray had started (tens of seconds), and the
     training libraries' import-time prints (DeepSpeed's accelerator line) reached stdout, which is the result's."""
     write, tmp = job
     spec = write()
-    paths = job_paths(tmp / "s", "dog-1")
-    checkpoint = paths.checkpoints_dir / checkpoint_dir_name(4)
-    checkpoint.mkdir(parents=True)
-    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4}))
-    EventLog(paths.events_file).emit("checkpoint", step=4, path=str(checkpoint))
-    paths.spec_file.write_text(json.dumps({**JobSpec.load(spec).to_dict(), "learning_rate": 1e-6}))
+    checkpointed_with_another_learning_rate(job_paths(tmp / "s", "dog-1"), spec)
     ray_started = "sys.modules['ray'].is_initialized()"
     result = train_in_a_new_process(str(spec), "--storage", str(tmp / "s"), "--job-id", "dog-1", then=ray_started)
     assert result.stdout == "2 False\n", result.stdout + result.stderr[-2000:]
     assert "checkpoints trained with other learning_rate" in result.stderr
+
+
+def test_paths_given_with_a_tilde_are_the_home_folders(job, capsys, monkeypatch):
+    """The shell leaves `--storage=~/x` alone: a folder named `~` was made in the working directory for it."""
+    write, tmp = job
+    monkeypatch.setenv("HOME", str(tmp))
+    paths = job_paths(tmp / "s", "dog-1")
+    checkpointed_with_another_learning_rate(paths, write())
+    code, err = run_cli(capsys, "train", "~/job.yaml", "--storage=~/s", "--job-id", "dog-1")
+    assert code == 2 and f"delete {paths.job_dir} to start over" in err  # found the job where ~ is
 
 
 def test_a_misspelt_option_gets_its_commands_usage(capsys):

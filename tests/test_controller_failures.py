@@ -1758,6 +1758,22 @@ def test_config_files_given_in_turn_replace_each_others_top_level_keys(tmp_path)
     assert (config.storage, config.tls_cert) == (tmp_path / "map" / "storage", tmp_path / "secret" / "c.pem")
 
 
+def test_a_configs_paths_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
+    """`storage: ~/dreambooth-data` was a folder named `~` beside the config; a storage named with `%20` or `?` put its
+    SQLite database elsewhere (SQLAlchemy decodes the URL it was formatted into), one shared by `a?x` and `a?y`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "controller.yaml"
+    path.write_text("storage: ~/data\nreadable_paths: [~/models]\ntenants: {alice: {tokens: [alice-secret-token]}}\n")
+    config = ControllerConfig.load(path)
+    assert (config.storage, config.readable_paths) == (tmp_path / "home" / "data", (tmp_path / "home" / "models",))
+    storage = tmp_path / "pct%20 q?mark"
+    store = Store(ControllerConfig(storage=storage).effective_database_url)
+    try:
+        assert (storage / "controller.db").exists()
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("given", ["tls_cert", "tls_key"])
 def test_half_of_tls_is_refused_not_served_in_plaintext(tmp_path, given):
     path = tmp_path / "controller.yaml"

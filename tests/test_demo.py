@@ -197,6 +197,19 @@ def test_rays_files_go_in_a_folder_of_this_users_only(tmp_path):
     assert stack.ray_temp_dir(tmp_path).parent.name == f"dreambooth-{os.getuid()}"
 
 
+def test_rays_folder_fits_its_socket_paths_under_a_long_tmpdir(tmp_path, monkeypatch):
+    """Ray's sockets live under its temp dir, and a Unix socket path has 107 bytes: under a TMPDIR of more than ~12
+    characters (/run/user/1000, a batch system's per-job folder) every `up` failed with a page of Ray's traceback."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert stack.ray_temp_dir(tmp_path).parents[1] == Path("/tmp")
+    long = "/run/user/1000/slurm-job-4242424/tmp"
+    monkeypatch.setattr(tempfile, "tempdir", long)
+    folder = stack.ray_temp_dir(tmp_path)
+    assert not str(folder).startswith(long) and len(str(folder) + stack.RAY_LONGEST_SOCKET) <= 107
+
+
 def test_a_port_just_released_counts_as_free():
     """A server that stopped after answering (a stack just brought down) leaves its side of the connection in
     TIME_WAIT for a minute; its port is free to listen on again, as the servers bind it."""

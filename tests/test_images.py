@@ -123,6 +123,15 @@ def test_iphone_heic_photos_in_a_folder_are_refused_by_name_not_left_out(tmp_pat
     assert "IMG_0002.heif: HEIF cannot be read here" in error.value.message
 
 
+def test_a_photos_link_to_nothing_in_a_folder_is_named_not_left_out(tmp_path):
+    """A link to a drive not mounted (or a photo moved since): the job trained on the other photos, without a word."""
+    photo(tmp_path / "robot_0.png")
+    (tmp_path / "robot_1.png").symlink_to("/mnt/usb/robot_1.png")
+    (tmp_path / "notes.txt").symlink_to("/mnt/usb/notes.txt")  # not a photo: skipped, as a file of it would be
+    with pytest.raises(InputError, match=r"robot_1\.png: a link to /mnt/usb/robot_1\.png, which is not there"):
+        find_instance_images([tmp_path])
+
+
 def test_a_fifo_named_as_a_photo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "trap.jpg"
     os.mkfifo(fifo)  # opening it would wait for a writer, for ever

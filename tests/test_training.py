@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -385,6 +386,30 @@ def test_class_images_that_come_out_nan_or_black_fail_the_job_and_are_not_cached
         ray.get(generator.generate.remote([0], "a photo of dog", 2, 7.5, str(directory)))
     ray.kill(generator)
     assert list(directory.glob("*.png")) == []
+
+
+def test_a_run_on_a_full_disk_raises_its_own_error_not_the_failed_events(tiny_model, dog_images, tmp_path, monkeypatch):
+    """The storage full: the run's error (a checkpoint it could not write) was hidden by the FAILED event's own
+    write failing, and the user was told "[Errno 28] No space left on device" without a word of where or what."""
+    from trainer import run
+    from trainer.events import EventLog
+
+    def checkpoint_unwritten(*_args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/storage/jobs/full/checkpoints/trainer_state.json")
+
+    emit = EventLog.emit
+
+    def full_disk(self, type: str, **fields):
+        if fields.get("state") == "FAILED":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return emit(self, type, **fields)
+
+    monkeypatch.setattr(run, "_train", checkpoint_unwritten)
+    monkeypatch.setattr(EventLog, "emit", full_disk)
+    spec = make_spec(tiny_model, dog_images, num_class_images=0, num_workers=1)
+    with pytest.raises(OSError) as error:
+        run_training(spec, job_paths(tmp_path, "full"))
+    assert error.value.filename == "/storage/jobs/full/checkpoints/trainer_state.json"
 
 
 def test_a_run_whose_ray_train_controller_dies_is_no_verdict_on_the_job(ray_cluster, tiny_model, dog_images, tmp_path):

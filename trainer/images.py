@@ -43,6 +43,10 @@ _WHITE = (255, 255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
 
 
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def _is_image(path: Path) -> bool:
     """Whether Pillow recognises the file's content (header only; check_instance_images decodes it)."""
     try:
@@ -67,8 +71,11 @@ def find_instance_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     problems: list[str] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            children = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
-            found.update((p, None) for p in children if p.suffix.lower() in IMAGE_SUFFIXES)
+            children = sorted(p for p in entry.iterdir() if not p.name.startswith("."))
+            photos = [p for p in children if p.suffix.lower() in IMAGE_SUFFIXES]
+            found.update((p, None) for p in photos if p.is_file())
+            # A photo's link to a drive not mounted, or to a file moved: left out, the job trained on fewer photos.
+            problems += [f"{p}: a link to {os.readlink(p)}, which is not there" for p in photos if _dangling(p)]
         elif not entry.exists():
             problems.append(f"{entry}: no such file or directory")
         elif not entry.is_file():  # a FIFO (opening it waits for a writer, for ever), a device

@@ -213,7 +213,10 @@ def run_training(
         raise
     except BaseException as e:
         reason = "PLACEMENT_TIMEOUT" if isinstance(e, PlacementTimeout) else phase
-        events.emit("state", state="FAILED", reason=reason, message=f"{type(e).__name__}: {e}"[:2000])
+        try:
+            events.emit("state", state="FAILED", reason=reason, message=f"{type(e).__name__}: {e}"[:2000])
+        except OSError as unwritten:  # the storage full (what failed the run, often): the run's error is the news
+            print(f"warning: the job's FAILED event could not be written: {unwritten}", file=sys.stderr)
         raise
 
 
