@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 import threading
@@ -240,6 +241,9 @@ def _remote(command: Callable[[DreamBoothClient, argparse.Namespace], int]) -> C
     """Run `command` with a client for the controller; gRPC errors become `error: CODE: message`."""
 
     def run(args: argparse.Namespace) -> int:
+        # gRPC's own log lines (a failed TLS handshake's, one per retry) came before the one line that says what to
+        # fix; an operator may still ask for them.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from dreambooth.client import ClientError, DreamBoothClient
         from dreambooth.serving_client import ServingError, ServingUnreachable
 
@@ -283,6 +287,24 @@ def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
     """What to print for a failed call: where the controller could not be reached, how to fix that."""
     target = client.target
     connecting = e.failed_to_connect
+    # A peer whose first bytes are text ("HTTP/1.1 400 ..." read as an HTTP/2 frame of type 'P'): a plaintext server
+    # of another protocol, not TLS (whose bytes are not text), and not a controller.
+    if connecting and (frame := re.search(r"got frame type (\d+)", e.message)) and 32 <= int(frame[1]) < 127:
+        return (
+            f"error: an HTTP server (or another that is not gRPC) answers at {target}, not the controller: Serve's API "
+            f"and Ray's dashboard are HTTP; the controller listens on 50051 unless told otherwise (`dreambooth status` "
+            f"lists a local stack's addresses) ({e.message})"
+        )
+    if connecting and "Hostname Verification" in e.message:
+        return (
+            f"error: the controller's certificate does not name {target.rpartition(':')[0]}: connect by a name or "
+            f"address it lists (a port-forward to localhost needs a certificate that names localhost) ({e.message})"
+        )
+    if connecting and "ALPN" in e.message:
+        return (
+            f"error: a TLS server that does not speak gRPC answers at {target} (an HTTPS server or proxy), not the "
+            f"controller ({e.message})"
+        )
     if connecting and client.tls_ca is None and any(m in e.message for m in _NOT_PLAINTEXT_GRPC):
         return (
             f"error: something at {target} took the connection and closed it: a controller serving TLS (give the CA "
@@ -300,6 +322,9 @@ def _client_error_line(client: DreamBoothClient, e: ClientError) -> str:
             f"error: no controller answers at {target}: start one with `dreambooth up`, or name it with --controller "
             f"HOST:PORT or $DREAMBOOTH_CONTROLLER ({e.message})"
         )
+    if e.code == "UNAUTHENTICATED":
+        given = "$DREAMBOOTH_TOKEN, which is set" if os.environ.get("DREAMBOOTH_TOKEN") else "$DREAMBOOTH_TOKEN"
+        return f"error: {e.code}: {e.message} (the token: --token or {given})"
     return f"error: {e.code}: {e.message}"
 
 

@@ -677,6 +677,35 @@ def test_a_plaintext_client_of_a_tls_controller_is_told_to_give_its_ca(tmp_path,
         server.stop(grace=None)
 
 
+def test_a_wrong_port_or_name_is_told_as_such_not_as_no_controller(tmp_path, monkeypatch, capsys):
+    """Serve's or the dashboard's port given for the controller's was told to add --tls-ca (and with it, that the
+    controller serves plaintext: round in a circle); a certificate that does not name the address connected to (a
+    port-forward to localhost) was "no controller answers: start one with `dreambooth up`"."""
+    import http.server
+
+    monkeypatch.setenv("DREAMBOOTH_TOKEN", TOKEN)
+    monkeypatch.delenv("DREAMBOOTH_TLS_CA", raising=False)
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    cert, key = _self_signed_certificate()  # names 127.0.0.1 only
+    server, target = _serve(FakeController(), grpc.ssl_server_credentials([(key, cert)]))
+    (tmp_path / "ca.pem").write_bytes(cert)
+    try:
+        assert main(["jobs", "--controller", f"127.0.0.1:{web.server_port}"]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]  # after the web server's own log lines
+        assert err.startswith(
+            f"error: an HTTP server (or another that is not gRPC) answers at 127.0.0.1:{web.server_port}"
+        )
+        localhost = f"localhost:{target.rpartition(':')[2]}"
+        assert main(["jobs", "--controller", localhost, "--tls-ca", str(tmp_path / "ca.pem")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: the controller's certificate does not name localhost: connect by a name")
+        assert "I1" not in err  # gRPC's own log lines of the failed handshakes
+    finally:
+        server.stop(grace=None)
+        web.shutdown()
+
+
 def test_a_ca_file_that_cannot_be_read_is_named_with_the_setting_that_gave_it(tmp_path, monkeypatch, capsys):
     """A stale $DREAMBOOTH_TLS_CA failed every command with a bare "[Errno 2] No such file or directory", naming
     neither the option nor the variable; the SDK raised FileNotFoundError, not InputError."""
@@ -920,7 +949,12 @@ def test_cli_delete_model(cli, controller):
     [
         (["cancel", "job-3"], 2, "error: FAILED_PRECONDITION: job job-3 already ended"),
         (["watch", "job-99"], 2, "error: NOT_FOUND: job 'job-99' not found"),
-        (["logs", "job-4", "--token", "wrong"], 2, "error: UNAUTHENTICATED: missing or unknown bearer token"),
+        (
+            ["logs", "job-4", "--token", "wrong"],
+            2,
+            "error: UNAUTHENTICATED: missing or unknown bearer token (the token: --token or $DREAMBOOTH_TOKEN, which "
+            "is set)",
+        ),
     ],
 )
 def test_cli_errors(cli, args, code, message):
