@@ -149,7 +149,7 @@ class MicroBatcher:
 
     def close(self) -> None:
         # Its thread ends (on a CPU every thread that ran torch ops keeps an OpenMP pool, and more pools than
-        # cores slow every later side: see serving/app.py's Generator._load).
+        # cores slow every later side: see serving/generator.py's Generator._load).
         self.pending.put(None)
         self._thread.join()
         if self.step_batcher is not None:

@@ -21,7 +21,7 @@ LOAD_TIMEOUT_S = 600
 """A request waits this long for its model's load, then gets a 503 (a GPU's seconds; a cold torch.compile of a new
 architecture's UNet, minutes): Serve holds its replica's one model-loading lock through it, so a load hung on a file
 system that stopped answering would keep every other model from loading on that replica, for ever. Here, not in
-serving/app.py, so that the HTTP client (dreambooth/serving_client.py) waits longer without importing Serve."""
+serving/generator.py, so that the HTTP client (dreambooth/serving_client.py) waits longer without importing Serve."""
 SAMPLING_S = 300
 """The longest a request is expected to sample once its model is loaded: what a replica's shutdown and a model's
 eviction wait for, and what the HTTP client waits beyond LOAD_TIMEOUT_S."""
@@ -65,7 +65,7 @@ class ServeConfig:
     max_batch_size: int = 8
     """Images sampled together in one UNet forward (requests for one model and image size share it; a request
     that finds it full waits for room, checked between denoising steps). Also how many requests may wait on a
-    replica for one model's load: the next are refused 503 with Retry-After (serving/app.py)."""
+    replica for one model's load: the next are refused 503 with Retry-After (serving/generator.py)."""
     batch_wait_timeout_s: float = 0.01
     """How long `@serve.batch` waits for more requests before handing a group to the running batch. Short: a lone
     request waits this long before it starts, and one that misses a group joins it at the next denoising step."""

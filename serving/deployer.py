@@ -18,7 +18,7 @@ from serving.config import ServeConfig
 log = logging.getLogger(__name__)
 
 IMPORT_PATH = "serving.app:build_app"
-DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names in serving/app.py
+DEPLOYMENTS = ("Generator", "Ingress")  # the deployment names (serving/generator.py, serving/app.py)
 
 
 class ServeDeployer:

@@ -1,6 +1,6 @@
 """The sampling engine: batched classifier-free guidance over subject models, plain Python + torch.
 
-Ray Serve replicas call it (serving/app.py, through serving/step_batching.py), and so does the benchmark on
+Ray Serve replicas call it (serving/generator.py, through serving/step_batching.py), and so does the benchmark on
 machines without Serve. Requests that start together form a `Cohort`: one scheduler run over their latents. Every
 denoising step runs a single UNet forward over the unconditional and conditional halves of every request of one or
 more cohorts (of one model and image size; each sample carries its own timestep, so a cohort can join others

@@ -19,16 +19,18 @@ import ray.serve.multiplex
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve._private.config import DeploymentConfig
 
-from serving import app
 from serving.engine import GenerationRequest, ModelUnavailable, SubjectModel
+from serving.generator import Generator, ModelNotServed
+from serving.http_api import EncodedResult
 from serving.model_loads import LOAD_RETRY_S, SharedLoads
 
 
 @pytest.fixture
-def replica(monkeypatch, subject_models) -> Iterator[Callable[..., app.Generator]]:
+def replica(monkeypatch, subject_models) -> Iterator[Callable[..., Generator]]:
     """Builds Generators (keyword arguments: ServeConfig settings) serving rex, fido and spot (fido's files), each
     on the CPU as a replica runs it; their step batchers close after the test."""
-    monkeypatch.setattr(app, "keep_replica_grpc_on_loopback", lambda: None)  # a replica's, before Serve's gRPC
+    # A replica's, before Serve's gRPC: looked up in serving.generator, where Generator is defined.
+    monkeypatch.setattr("serving.generator.keep_replica_grpc_on_loopback", lambda: None)
     context = ray.serve.context.ReplicaContext(
         replica_id=ReplicaID("test", DeploymentID("Generator", "test")),
         servable_object=None,
@@ -41,10 +43,10 @@ def replica(monkeypatch, subject_models) -> Iterator[Callable[..., app.Generator
     monkeypatch.setattr(
         ray.serve.multiplex, "_get_global_client", lambda: SimpleNamespace(record_request_routing_info=lambda _: None)
     )
-    built: list[app.Generator] = []
+    built: list[Generator] = []
 
-    def build(**settings) -> app.Generator:
-        generator = app.Generator.func_or_class({"device": "cpu", "max_batch_size": 4, **settings})
+    def build(**settings) -> Generator:
+        generator = Generator.func_or_class({"device": "cpu", "max_batch_size": 4, **settings})
         built.append(generator)
         paths = {"rex": subject_models["rex"], "fido": subject_models["fido"], "spot": subject_models["fido"]}
         asyncio.run(generator.reconfigure({"models": {model_id: str(path) for model_id, path in paths.items()}}))
@@ -55,14 +57,14 @@ def replica(monkeypatch, subject_models) -> Iterator[Callable[..., app.Generator
         generator.batcher.close()
 
 
-async def generate(generator: app.Generator, model_id: str, **fields):
+async def generate(generator: Generator, model_id: str, **fields):
     """A request for `model_id` as Serve hands it to the replica (its multiplexed model id in the request's context)."""
     ray.serve.context._set_request_context(multiplexed_model_id=model_id)
     fields = {"prompt": "a photo of sks dog", "steps": 2, "width": 64, "height": 64, "seed": 1} | fields
     return await generator.generate(GenerationRequest(**fields))
 
 
-def watch_loads(generator: app.Generator) -> tuple[weakref.WeakSet[SubjectModel], list[list[str]]]:
+def watch_loads(generator: Generator) -> tuple[weakref.WeakSet[SubjectModel], list[list[str]]]:
     """The models in memory (loaded by the engine and not gone), and what was in memory as each load started."""
     in_memory: weakref.WeakSet[SubjectModel] = weakref.WeakSet()
     at_loads: list[list[str]] = []
@@ -115,14 +117,14 @@ def test_a_model_evicted_under_a_request_is_gone_before_its_replacement_loads(re
 
     generator.engine.load = watched_load
 
-    class HeldEncoding(app.EncodedResult):
+    class HeldEncoding(EncodedResult):
         @classmethod
         def encode(cls, result):  # the request sampling rex encodes its images until fido has loaded
             if encoding_held.is_set():
                 fido_loaded.wait(timeout=60)
             return super().encode(result)
 
-    monkeypatch.setattr(app, "EncodedResult", HeldEncoding)
+    monkeypatch.setattr("serving.generator.EncodedResult", HeldEncoding)
 
     def on_step(images: int) -> None:
         if encoding_held.is_set():  # the request sampling rex goes on once fido's request evicts it
@@ -164,7 +166,7 @@ def test_a_model_undeployed_while_it_loads_leaves_memory_with_its_request(replic
         assert await asyncio.to_thread(loading.wait, 60)
         await generator.reconfigure({"models": {"fido": str(subject_models["fido"])}})
         may_finish.set()
-        with pytest.raises(app.ModelNotServed):
+        with pytest.raises(ModelNotServed):
             await request
 
     asyncio.run(scenario())

@@ -17,10 +17,11 @@ from ray.serve.schema import ServeDeploySchema
 
 from dreambooth.errors import InputError
 from serving.access import Access, Unauthenticated, user_config
-from serving.app import ModelNotServed, build_app
+from serving.app import build_app
 from serving.config import RequestLimits, ServeConfig
 from serving.deployer import ServeDeployer
 from serving.engine import GenerationResult, ModelUnavailable
+from serving.generator import ModelNotServed
 from serving.http_api import EncodedResult, GenerateBody, json_response, to_generation_request
 from serving.metrics import MAX_MODEL_CLASSES, class_label
 from serving.model_loads import ResidentModel, SharedLoads
@@ -96,8 +97,8 @@ def test_build_app_turns_settings_into_deployment_options():
 def test_latency_buckets_reach_the_longest_a_request_may_take():
     """A request waits up to LOAD_TIMEOUT_S for its model's load, then samples for up to SAMPLING_S: a p99 past the
     last bucket flat-lines, when a slow storage makes it matter."""
-    from serving.app import GRACEFUL_SHUTDOWN_S
     from serving.config import LOAD_TIMEOUT_S, SAMPLING_S
+    from serving.generator import GRACEFUL_SHUTDOWN_S
     from serving.metrics import LATENCY_BUCKETS, MODEL_LOAD_BUCKETS, QUEUE_WAIT_BUCKETS
 
     assert LATENCY_BUCKETS[-1] >= max(GRACEFUL_SHUTDOWN_S, LOAD_TIMEOUT_S + SAMPLING_S)
