@@ -1,7 +1,7 @@
 """Controller memory under concurrent large uploads: what its request gate holds back.
 
 A SubmitJob's request is in the controller's memory from the moment gRPC reads it, parsed, until the photos are
-decoded (two submissions at a time) and written. The gate (controller/api.RequestGate) refuses, from a call's
+decoded (two submissions at a time) and written. The gate (controller/request_gate.RequestGate) refuses, from a call's
 metadata and before its request is read, calls without a known token and a tenant's calls beyond
 `max_submits_per_tenant`. Side by side in one run, each against its own fresh controller (bench/controller_load's,
 a subprocess on 127.0.0.1, no Ray): N concurrent submissions of 3 photos of ~15 MiB (random-pixel PNGs, a valid

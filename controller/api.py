@@ -1,38 +1,23 @@
-"""gRPC handlers: thin. Authenticate, convert proto <-> service types, map domain errors to status codes."""
+"""gRPC handlers: thin. Authenticate, convert proto <-> service types, map domain errors to status codes (the
+mapping: controller/grpc_errors.py). The admission gate in front of them: controller/request_gate.py."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
-import hmac
-import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
-import sqlalchemy as sa
-from google.protobuf import any_pb2, duration_pb2, struct_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf import struct_pb2
 
-from controller import metrics
-from controller.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    NotFound,
-    PermissionDenied,
-    QuotaExceeded,
-    StorageFailed,
-    Unauthenticated,
-)
+from controller import grpc_errors, metrics
+from controller.errors import QuotaExceeded
 from controller.intake import ImageInput
-from controller.ray_jobs import RayJobsError
+from controller.request_gate import Authenticator, InProgress
 from controller.scheduler import Waiting
 from controller.service import JobService
 from controller.store import STATES, TERMINAL_STATES, JobRecord, ModelRecord
-from dreambooth.errors import STORAGE_FULL_ERRNOS, InputError, is_system_error
+from dreambooth.errors import InputError
 from dreambooth.proto_convert import (
     proto_to_spec_fields,
     refuse_unknown_fields,
@@ -43,280 +28,6 @@ from dreambooth.proto_convert import (
 )
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from trainer.images import check_instance_image_count
-
-log = logging.getLogger(__name__)
-
-_CODES = {
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    StorageFailed: grpc.StatusCode.INTERNAL,  # its message says what failed and that a retry is safe
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-_MAX_MESSAGE_BYTES = 1000
-ERROR_DOMAIN = "dreambooth.v1"  # of the ErrorInfo reasons this API sets
-
-
-class Authenticator:
-    """Bearer token -> tenant. With no tenants configured, everyone is tenant "default" (local use)."""
-
-    def __init__(self, service: JobService, open_access: bool):
-        self._tokens = [(token, t.name) for t in service.tenants.values() for token in t.tokens]
-        self._open = open_access
-
-    def tenant(self, context: grpc.ServicerContext) -> str:
-        return self.tenant_of(context.invocation_metadata())
-
-    def tenant_of(self, metadata) -> str:
-        if self._open:
-            return "default"
-        header = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("send `authorization: Bearer <token>` metadata")
-        for known, tenant in self._tokens:
-            if hmac.compare_digest(known.encode(), token.encode()):
-                return tenant
-        raise Unauthenticated("unknown token")
-
-
-class RequestGate(grpc.ServerInterceptor):
-    """Refuses, from a call's metadata and before gRPC reads its request, a call to `services` whose token is
-    missing or unknown (UNAUTHENTICATED), and a tenant's call beyond its limit (RESOURCE_EXHAUSTED): of a method in
-    `limits` ({method path: (how many of the tenant's may be in progress, the setting that says so)}), or of all the
-    other methods together, `other_calls` (a stream's turn ends once its request is read).
-
-    A handler sees its request only after gRPC has received and parsed it, up to max_request_bytes (64 MiB of
-    photos, which any method's request may carry in fields it does not know): without the gate, every RPC thread
-    could hold that much for callers without a token, and one tenant calling at once on all of them could take the
-    controller's memory. A refusal's handler takes the request as a stream it never reads, so gRPC receives no more
-    of it than HTTP/2's flow-control window. A stream (server reflection) holds its thread for as long as its caller
-    keeps it open: one tenant's must not take them all.
-
-    `open_services` (health: probes have no token) take no token, but all their calls together are at most
-    OPEN_CALLS_AT_ONCE at a time, each for its whole duration: requests that never finish arriving held every RPC
-    thread, every tenant's calls waiting behind them.
-    """
-
-    def __init__(
-        self,
-        auth: Authenticator,
-        services: tuple[str, ...],
-        limits: dict[str, tuple[int, str]],
-        other_calls: tuple[int, str],
-        open_services: tuple[str, ...] = (),
-    ):
-        self._auth = auth
-        self._prefixes = tuple(f"/{service}/" for service in services)
-        self._open_prefixes = tuple(f"/{service}/" for service in open_services)
-        self._limits = limits
-        self._other_calls = other_calls
-        self._in_progress = InProgress()  # (method path or _OTHER_CALLS, tenant) -> calls
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        handler = continuation(handler_call_details)
-        if handler is not None and method.startswith(self._open_prefixes):
-            return self._open_call(method, handler)
-        if not method.startswith(self._prefixes) or handler is None:
-            # A method no service has: UNIMPLEMENTED, and no metric series named by the caller (one per made-up name,
-            # for ever).
-            return handler
-        try:
-            tenant = self._auth.tenant_of(handler_call_details.invocation_metadata)
-        except Unauthenticated as e:
-            return _refusal(method.rpartition("/")[2], grpc.StatusCode.UNAUTHENTICATED, str(e))
-        turn = functools.partial(self._turn, method, tenant)
-        wrap = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._unary_in_turn, handler.unary_unary, method, turn), **wrap
-            )
-        if handler.unary_stream is not None:  # WatchJob: its stream's thread is bounded by max_watches_per_tenant
-            return grpc.stream_stream_rpc_method_handler(
-                functools.partial(self._read_in_turn, handler.unary_stream, method, turn), **wrap
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            functools.partial(self._stream_in_turn, handler.stream_stream, turn), **wrap
-        )
-
-    def _open_call(self, method: str, handler):
-        turn = functools.partial(self._open_turn, method)
-        wrap = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._unary_in_turn, handler.unary_unary, method, turn), **wrap
-            )
-        return grpc.stream_stream_rpc_method_handler(  # health's Watch: its turn lasts as long as its stream
-            functools.partial(self._stream_of_one_in_turn, handler.unary_stream, method, turn), **wrap
-        )
-
-    @contextlib.contextmanager
-    def _open_turn(self, method: str, context) -> Iterator[None]:
-        if not self._in_progress.enter((_OPEN_CALLS, ""), OPEN_CALLS_AT_ONCE):
-            message = f"{OPEN_CALLS_AT_ONCE} calls without a token are in progress: retry once one has ended"
-            status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s=1)
-            _refuse(method.rpartition("/")[2], status, context)
-        try:
-            yield
-        finally:
-            self._in_progress.leave((_OPEN_CALLS, ""))
-
-    def _stream_of_one_in_turn(self, call, method: str, turn, request_stream, context):
-        with turn(context):
-            yield from call(_one_request(method, request_stream, context), context)
-
-    def _unary_in_turn(self, call, method: str, turn, request_stream, context):
-        with turn(context):
-            return call(_one_request(method, request_stream, context), context)
-
-    def _read_in_turn(self, call, method: str, turn, request_stream, context):
-        with turn(context):
-            request = _one_request(method, request_stream, context)
-        yield from call(request, context)
-
-    def _stream_in_turn(self, call, turn, request_stream, context):
-        with turn(context):
-            yield from call(request_stream, context)
-
-    @contextlib.contextmanager
-    def _turn(self, method: str, tenant: str, context) -> Iterator[None]:
-        key = method if method in self._limits else _OTHER_CALLS
-        limit, setting = self._limits.get(method, self._other_calls)
-        if not self._in_progress.enter((key, tenant), limit):
-            what = f"{method.rpartition('/')[2]} calls" if key == method else "calls other than SubmitJob"
-            message = f"tenant {tenant!r} has {limit} {what} in progress ({setting}): retry once one has ended"
-            status = _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="TENANT_CALLS_LIMIT", retry_after_s=1)
-            _refuse(method.rpartition("/")[2], status, context)
-        try:
-            yield
-        finally:
-            self._in_progress.leave((key, tenant))
-
-
-_OTHER_CALLS = "other calls"
-_OPEN_CALLS = "calls without a token"
-OPEN_CALLS_AT_ONCE = 8  # health checks: a probe's is over in a millisecond
-
-
-def _one_request(method: str, request_stream, context):
-    """The call's request, read only now, holding one of the tenant's turns."""
-    request = next(request_stream, None)
-    if request is None:
-        name = method.rpartition("/")[2]
-        _refuse(name, _status(grpc.StatusCode.INVALID_ARGUMENT, f"{name} takes one request message"), context)
-    return request
-
-
-class InProgress:
-    """Calls (or streams) in progress by key, each admitted while its key has fewer than a limit."""
-
-    def __init__(self):
-        self._counts: collections.Counter = collections.Counter()
-        self._lock = threading.Lock()
-
-    def enter(self, key, limit: int) -> bool:
-        with self._lock:
-            if self._counts[key] >= limit:
-                return False
-            self._counts[key] += 1
-            return True
-
-    def leave(self, key) -> None:
-        with self._lock:
-            self._counts[key] -= 1
-            if not self._counts[key]:
-                del self._counts[key]  # tenants and methods come and go: no key kept for each ever seen
-
-
-def _refusal(name: str, code: grpc.StatusCode, message: str):
-    """A handler that ends its call with `code` without reading the request."""
-    status = _status(code, message)
-    return grpc.stream_stream_rpc_method_handler(lambda request_stream, context: _refuse(name, status, context))
-
-
-def _refuse(name: str, status: grpc.Status, context: grpc.ServicerContext) -> None:
-    if name == "WatchJob":
-        metrics.WATCHES_ENDED.labels(code=status.code.name).inc()
-    else:
-        metrics.record_rpc(name, status.code, 0)
-    context.abort_with_status(status)  # raises
-
-
-def _status(
-    code: grpc.StatusCode,
-    message: str,
-    field: str | None = None,
-    *,
-    reason: str | None = None,
-    retry_after_s: float | None = None,
-):
-    """A status with what a client in any language acts on as details: the field to fix (BadRequest), the kind of
-    refusal (ErrorInfo's reason, in the dreambooth.v1 domain), how long to wait before a retry (RetryInfo)."""
-    # The message travels twice in the trailers (grpc-message, percent-encoded, and grpc-status-details-bin),
-    # and clients drop trailers over 8 KiB: a message echoing a huge input would turn into RESOURCE_EXHAUSTED.
-    if len(message.encode()) > _MAX_MESSAGE_BYTES:
-        message = message.encode()[:_MAX_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
-    details = []
-    if field is not None:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
-        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
-    if reason is not None:
-        details.append(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
-    if retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(round(retry_after_s * 1000))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    details = [_packed(detail) for detail in details]
-    text = f"{field}: {message}" if field else message
-    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=text, details=details))
-
-
-def _packed(detail) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    return packed
-
-
-def _storage_full(error: Exception) -> bool:
-    if isinstance(error, OSError):
-        return error.errno in STORAGE_FULL_ERRNOS
-    if isinstance(error, sa.exc.OperationalError):  # SQLite's SQLITE_FULL; PostgreSQL's disk_full (53100)
-        return "database or disk is full" in str(error.orig) or getattr(error.orig, "sqlstate", None) == "53100"
-    return False
-
-
-def _error_status(error: Exception, method: str) -> tuple[grpc.StatusCode, grpc.Status]:
-    if isinstance(error, InputError):
-        code = grpc.StatusCode.INVALID_ARGUMENT
-        return code, _status(code, error.message, error.field)
-    if type(error) in _CODES:
-        code = _CODES[type(error)]
-        reason, retry_after_s = getattr(error, "reason", None), getattr(error, "retry_after_s", None)
-        return code, _status(code, str(error), reason=reason, retry_after_s=retry_after_s)
-    if isinstance(error, RayJobsError):  # its text names the cluster's internal address: for the log only
-        log.warning("%s: %s", method, error)
-        code = grpc.StatusCode.UNAVAILABLE
-        return code, _status(code, "the cluster's Ray Jobs API is unavailable; retry in a moment")
-    if _storage_full(error):  # a retry (the SDK's, of up to 64 MiB of photos) cannot help until space is freed
-        log.error("%s: the controller's storage is full: %s", method, error)
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        message = "the controller's storage is full: retry once an operator has freed space"
-        return code, _status(code, message, reason="STORAGE_FULL")
-    if is_system_error(error):  # not full (above): unwell
-        log.error("%s: the controller's storage cannot be used: %s", method, error)
-        code = grpc.StatusCode.UNAVAILABLE
-        return code, _status(code, f"the controller's storage cannot be used now ({error.strerror}); retry later")
-    # The database is down, restarting or locked, or every pooled connection is busy: worth a retry.
-    if isinstance(error, sa.exc.OperationalError | sa.exc.TimeoutError | sa.exc.DisconnectionError):
-        log.warning("%s: the database is unavailable: %s", method, error)
-        code = grpc.StatusCode.UNAVAILABLE
-        return code, _status(code, "the controller's database is unavailable; retry in a moment")
-    log.exception("%s failed", method)
-    code = grpc.StatusCode.INTERNAL
-    return code, _status(code, f"internal error ({type(error).__name__}); see the controller log")
 
 
 def rpc(handler):
@@ -331,7 +42,7 @@ def rpc(handler):
                 refuse_unknown_fields(request)  # its messages inside: the handlers' (SubmitJob's photos and spec)
                 return handler(self, request, context, tenant)
             except Exception as e:
-                code, status = _error_status(e, handler.__name__)
+                code, status = grpc_errors.error_status(e, handler.__name__)
             context.abort_with_status(status)  # raises: how a grpc handler ends a call with an error
         finally:
             metrics.record_rpc(handler.__name__, code, time.perf_counter() - start)
@@ -418,7 +129,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             metrics.WATCHES_ENDED.labels(code="RESOURCE_EXHAUSTED").inc()
             message = f"{self._max_watches} WatchJob streams are open (max_watches): retry later, or poll GetJob"
             context.abort_with_status(
-                _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="SERVER_WATCHES_LIMIT", retry_after_s=5)
+                grpc_errors.status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="SERVER_WATCHES_LIMIT", retry_after_s=5
+                )
             )
         metrics.WATCHES_OPEN.inc()
         held, code = True, grpc.StatusCode.CANCELLED  # until it ends otherwise: the client went away
@@ -452,9 +165,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             # Never ending on its own, a watch held the stopping controller for its whole grace (past `dreambooth
             # down`'s wait, which then killed it), and ended CANCELLED.
             code = grpc.StatusCode.UNAVAILABLE
-            status = _status(code, "the controller is shutting down: watch again", retry_after_s=1)
+            status = grpc_errors.status(code, "the controller is shutting down: watch again", retry_after_s=1)
         except Exception as e:
-            code, status = _error_status(e, "WatchJob")
+            code, status = grpc_errors.error_status(e, "WatchJob")
         finally:
             release()
             metrics.WATCHES_ENDED.labels(code=code.name).inc()

@@ -90,7 +90,7 @@ for _reason in WAITING_REASONS:
 for _code in ("OK", "CANCELLED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
     WATCHES_ENDED.labels(code=_code)
 # Every method the RPC metrics name: those of the controller's services, and reflection's, which the request gate
-# may refuse (controller/api.py); not WatchJob, whose streams end in WATCHES_ENDED.
+# may refuse (controller/request_gate.py); not WatchJob, whose streams end in WATCHES_ENDED.
 RPC_METHODS = tuple(
     method.name
     for module in (jobs_pb2, models_pb2, reflection_pb2)

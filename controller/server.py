@@ -24,12 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller import metrics, orphans
-from controller.api import Authenticator, JobServicer, ModelServicer, RequestGate
+from controller.api import JobServicer, ModelServicer
 from controller.config import ControllerConfig
 from controller.database import ControllerRunning
 from controller.feed import ChangeFeed
 from controller.ray_jobs import RayJobs
 from controller.reconciler import Reconciler
+from controller.request_gate import Authenticator, RequestGate
 from controller.service import JobService
 from controller.serving import ServingSync
 from controller.store import SchemaMismatch, Store

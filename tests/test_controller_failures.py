@@ -2104,19 +2104,19 @@ def test_a_submission_whose_caller_stopped_waiting_records_nothing(controller, t
 
 def test_a_database_outage_is_unavailable_not_internal():
     """What a client should retry: the database down, restarting or locked past its busy timeout."""
-    from controller.api import _error_status
+    from controller.grpc_errors import error_status
 
-    code, status = _error_status(sa.exc.OperationalError("SELECT 1", {}, Exception("server closed")), "GetJob")
+    code, status = error_status(sa.exc.OperationalError("SELECT 1", {}, Exception("server closed")), "GetJob")
     assert code == grpc.StatusCode.UNAVAILABLE and "retry" in status.details
     # Every pooled connection busy (QueuePool's timeout): INTERNAL ended SDK watches for good.
-    code, _ = _error_status(sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "GetJob")
+    code, _ = error_status(sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"), "GetJob")
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model, dog_images, monkeypatch):
     """A disk or quota full: RESOURCE_EXHAUSTED (STORAGE_FULL), not INTERNAL, and not UNAVAILABLE (the SDK resent up
     to 64 MiB of photos three more times, each staged and decoded again, into a disk still full)."""
-    from controller.api import _error_status
+    from controller.grpc_errors import error_status
 
     calls = []
 
@@ -2141,8 +2141,8 @@ def test_a_full_storage_is_resource_exhausted_and_not_retried(client, tiny_model
     assert unwell.value.code == "UNAVAILABLE" and "Stale file handle" in unwell.value.message
     # The database's disk: SQLite's SQLITE_FULL; a storage remounted read-only: worth a retry later.
     sqlite_full = sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
-    assert _error_status(sqlite_full, "SubmitJob")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    code, status = _error_status(OSError(errno.EROFS, "Read-only file system"), "SubmitJob")
+    assert error_status(sqlite_full, "SubmitJob")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, status = error_status(OSError(errno.EROFS, "Read-only file system"), "SubmitJob")
     assert code == grpc.StatusCode.UNAVAILABLE and "Read-only file system" in status.details
 
 
