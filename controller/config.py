@@ -12,6 +12,7 @@ import yaml
 from sqlalchemy.engine import URL
 
 from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError, refuse_unknown
+from dreambooth.paths import expand_user
 from dreambooth.yaml_load import error_without_text, load_yaml
 from serving.config import ServeConfig
 
@@ -196,10 +197,10 @@ def _settings_in(path: Path) -> dict[str, Any]:
         raise InputError("config", f"{path} holds a {type(data).__name__}, not a mapping of settings")
     if "readable_paths" in data:
         readable = data["readable_paths"] or ()
-        data["readable_paths"] = tuple((path.parent / Path(p).expanduser()).resolve() for p in readable)
+        data["readable_paths"] = tuple((path.parent / expand_user(p, "readable_paths")).resolve() for p in readable)
     for key in ("storage", "tls_cert", "tls_key"):
         if data.get(key):
-            data[key] = (path.parent / Path(data[key]).expanduser()).resolve()
+            data[key] = (path.parent / expand_user(data[key], key)).resolve()
     return data
 
 

@@ -35,6 +35,7 @@ from controller.service import JobService
 from controller.serving import ServingSync
 from controller.store import SchemaMismatch, Store
 from dreambooth.errors import InputError, is_system_error
+from dreambooth.paths import path_argument
 from dreambooth.v1 import jobs_pb2, jobs_pb2_grpc, models_pb2, models_pb2_grpc
 from serving.deployer import ServeDeployer
 
@@ -263,12 +264,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dreambooth controller", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--config",
-        type=Path,
+        type=path_argument,
         action="append",
         help="controller YAML (see controller/config.py); given again, its top-level keys replace the earlier file's",
     )
     # Each replaces its config key (named) over every --config file.
-    parser.add_argument("--storage", type=Path, help="root of jobs, models and caches, shared by every node (storage)")
+    parser.add_argument(
+        "--storage", type=path_argument, help="root of jobs, models and caches, shared by every node (storage)"
+    )
     parser.add_argument("--listen", help="gRPC address, host:port (listen; default 127.0.0.1:50051)")
     parser.add_argument("--ray-dashboard", help="Ray dashboard URL, for its Jobs API (ray_dashboard_url)")
     parser.add_argument("--metrics-listen", help="Prometheus /metrics address, host:port; '' for none (metrics_listen)")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from dreambooth import stack
 from dreambooth.errors import PLACEMENT_TIMEOUT_S, InputError
+from dreambooth.paths import path_argument
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -42,25 +43,19 @@ if TYPE_CHECKING:
     from dreambooth.v1 import jobs_pb2
 
 
-def user_path(text: str) -> Path:
-    """A path argument: `~` expanded as the shell would (it leaves `--storage=~/x` alone, and a folder named `~` was
-    made in the working directory)."""
-    return Path(text).expanduser()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth fine-tuning at cluster scale.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Stable Diffusion model (for tests and demos)")
-    tiny.add_argument("out_dir", type=user_path)
+    tiny.add_argument("out_dir", type=path_argument)
     tiny.add_argument("--seed", type=int, help=f"the weights' seed (default: {TINY_MODEL_SEED})")
 
     train = commands.add_parser("train", help="run a training job on Ray and wait for its model")
-    train.add_argument("spec", type=user_path, help="job spec, YAML or JSON")
+    train.add_argument("spec", type=path_argument, help="job spec, YAML or JSON")
     train.add_argument(
         "--storage",
-        type=user_path,
+        type=path_argument,
         default=Path("dreambooth-data"),
         help="storage root, on a cluster one file system at the same path on every node (default: %(default)s)",
     )
@@ -112,7 +107,7 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
             help=f"{use} (default: {default}, or for the demo a free one where it is taken; 0: a free one)",
         )
     starting.add_argument(
-        "--storage", type=user_path, help="storage root (default: the last stack's in DIR, else DIR/storage)"
+        "--storage", type=path_argument, help="storage root (default: the last stack's in DIR, else DIR/storage)"
     )
     starting.add_argument("--num-cpus", type=_cpu_count, help="CPUs Ray hands out, 1 or more (default: this machine's)")
 
@@ -120,7 +115,7 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
         command.add_argument(
             *options,
             dest="stack_dir",
-            type=user_path,
+            type=path_argument,
             default=stack.DEFAULT_DIR,
             metavar="DIR",
             help="the stack's directory (default: %(default)s)",
@@ -138,9 +133,13 @@ def _add_stack_commands(commands: argparse._SubParsersAction) -> None:
         description="The whole system on a made-up subject, offline: train, deploy, generate. A stack already running "
         "in DIR is used as it is: the options that start one (--storage, --num-cpus, the ports) do not apply to it.",
     )
-    demo.add_argument("--out", type=user_path, default=Path("out/demo"), help="output folder (default: %(default)s)")
     demo.add_argument(
-        "--base-model", type=user_path, help="real Stable Diffusion weights (diffusers format); default: the tiny model"
+        "--out", type=path_argument, default=Path("out/demo"), help="output folder (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--base-model",
+        type=path_argument,
+        help="real Stable Diffusion weights (diffusers format); default: the tiny model",
     )
     stack_dir(demo, "--dir", "--stack-dir")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up when done")
@@ -187,7 +186,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
         return command
 
     submit = add("submit", _submit, "queue a training job on the controller; prints its id")
-    submit.add_argument("spec", type=user_path, help="job spec, YAML or JSON")
+    submit.add_argument("spec", type=path_argument, help="job spec, YAML or JSON")
     submit.add_argument("--priority", type=int, default=0, help="higher runs first among your queued jobs, -1000..1000")
     submit.add_argument(
         "--request-id",
@@ -218,7 +217,7 @@ def _add_remote_commands(commands: argparse._SubParsersAction) -> None:
     generate = add("generate", _generate, "generate images of a deployed model into PNG files")
     generate.add_argument("model_id")
     generate.add_argument("prompt", help='use the identifier, e.g. "a photo of sks dog on the beach"')
-    generate.add_argument("--out", type=user_path, default=Path("."), help="directory for the PNGs (default: .)")
+    generate.add_argument("--out", type=path_argument, default=Path("."), help="directory for the PNGs (default: .)")
     generate.add_argument("--num-images", type=int, default=1, help="image i is drawn from seed + i (default: 1)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the serving API's)")
     generate.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the serving API's)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +155,23 @@ def save_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
 @contextlib.contextmanager
 def _without_transformers_bars() -> Iterator[None]:
     """transformers' progress bars for the text encoder's weights ("Loading weights", "Writing model shards") drew
-    frames into job, demo and replica logs, where this project tells its own progress; a library user's setting is
-    restored after."""
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
+    frames into job, demo and replica logs, where this project tells its own progress. The setting is global: loads at
+    once (a replica's) keep it off until the last ends, which restores what a library user had set."""
+    global _bars_held, _bars_were_on
+    with _bars_lock:
+        if _bars_held == 0:
+            _bars_were_on = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+        _bars_held += 1
     try:
         yield
     finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
+        with _bars_lock:
+            _bars_held -= 1
+            if _bars_held == 0 and _bars_were_on:
+                transformers_logging.enable_progress_bar()
+
+
+_bars_lock = threading.Lock()
+_bars_held = 0  # loads and saves in progress, with the bars off
+_bars_were_on = False

@@ -295,20 +295,30 @@ def prometheus_config(controller_metrics: str, ray_targets: Path, scrape_interva
 
 def ray_temp_dir(state_dir: Path) -> Path:
     """Ray's own directory (sessions, logs, sockets) for the stack of `state_dir`. Not /tmp/ray, which every
-    other Ray on the machine shares; short, because Ray's Unix socket paths under it must fit in 107 bytes. In a
-    folder of this user's own (`private_parent`): Ray makes its folders writable by everyone, and another user
-    could otherwise make the predictable name first, or replace the stack's sockets and files."""
-    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
-    under = Path(f"dreambooth-{os.getuid()}") / f"ray-{digest}"
-    temp = Path(tempfile.gettempdir())
-    if len(str(temp / under)) + len(RAY_LONGEST_SOCKET) > UNIX_SOCKET_PATH_MAX:
-        temp = Path("/tmp")  # a TMPDIR too long for them (/run/user/1000, a batch system's per-job folder)
-    return temp / under
+    other Ray on the machine shares; short, because Ray's Unix socket paths under it must fit in 107 bytes: under
+    TMPDIR where they do, else under /tmp (a TMPDIR such as /run/user/1000 or a batch system's per-job folder failed
+    every `up`), in a shorter folder for a long uid. In a folder of this user's own (`private_parent`): Ray makes its
+    folders writable by everyone, and another user could otherwise make the predictable name first, or replace the
+    stack's sockets and files."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
+    uid = os.getuid()
+    candidates = [
+        Path(tempfile.gettempdir()) / f"dreambooth-{uid}" / f"r{digest}",
+        Path("/tmp") / f"dreambooth-{uid}" / f"r{digest}",
+        Path("/tmp") / f"db{uid}" / digest,
+    ]
+    return next((c for c in candidates if _fits_ray_sockets(c)), candidates[-1])
 
 
 UNIX_SOCKET_PATH_MAX = 107
-# Ray's longest socket path under its temp dir, with a process id of 7 digits (Linux's pid_max may be 4194304).
-RAY_LONGEST_SOCKET = "/session_2026-11-28_14-41-11_156865_4194304/sockets/plasma_store"
+# Ray's longest socket path under its temp dir: its dashboard's module sockets (dash_<module>, TaskEventsHead the
+# longest of Ray 2.60's), with a process id of 7 digits (Linux's pid_max may be 4194304), and room for a module
+# name a few characters longer in a later Ray.
+RAY_LONGEST_SOCKET = "/session_2026-11-28_14-41-11_156865_4194304/sockets/dash_TaskEventsHead" + "x" * 4
+
+
+def _fits_ray_sockets(temp_dir: Path) -> bool:
+    return len(str(temp_dir)) + len(RAY_LONGEST_SOCKET) <= UNIX_SOCKET_PATH_MAX
 
 
 def private_parent(path: Path) -> None:

@@ -245,6 +245,9 @@ def test_paths_given_with_a_tilde_are_the_home_folders(job, capsys, monkeypatch)
     checkpointed_with_another_learning_rate(paths, write())
     code, err = run_cli(capsys, "train", "~/job.yaml", "--storage=~/s", "--job-id", "dog-1")
     assert code == 2 and f"delete {paths.job_dir} to start over" in err  # found the job where ~ is
+    with pytest.raises(SystemExit) as exited:  # a usage error, not pathlib's RuntimeError
+        main(["train", "~nosuchuser-x/job.yaml"])
+    assert exited.value.code == 2 and "no home folder of that user" in capsys.readouterr().err
 
 
 def test_a_misspelt_option_gets_its_commands_usage(capsys):

@@ -1766,6 +1766,13 @@ def test_a_configs_paths_are_read_as_a_shell_reads_them(tmp_path, monkeypatch):
     path.write_text("storage: ~/data\nreadable_paths: [~/models]\ntenants: {alice: {tokens: [alice-secret-token]}}\n")
     config = ControllerConfig.load(path)
     assert (config.storage, config.readable_paths) == (tmp_path / "home" / "data", (tmp_path / "home" / "models",))
+    from controller.server import parse_arguments
+
+    assert parse_arguments(["--storage=~/data"]).storage == tmp_path / "home" / "data"  # the shell leaves it so
+    path.write_text("storage: ~nosuchuser-x/data\n")
+    with pytest.raises(InputError, match="no home folder of that user") as error:  # not pathlib's RuntimeError
+        ControllerConfig.load(path)
+    assert error.value.field == "storage"
     storage = tmp_path / "pct%20 q?mark"
     store = Store(ControllerConfig(storage=storage).effective_database_url)
     try:

@@ -204,10 +204,12 @@ def test_rays_folder_fits_its_socket_paths_under_a_long_tmpdir(tmp_path, monkeyp
 
     monkeypatch.setattr(tempfile, "tempdir", "/tmp")
     assert stack.ray_temp_dir(tmp_path).parents[1] == Path("/tmp")
-    long = "/run/user/1000/slurm-job-4242424/tmp"
-    monkeypatch.setattr(tempfile, "tempdir", long)
-    folder = stack.ray_temp_dir(tmp_path)
-    assert not str(folder).startswith(long) and len(str(folder) + stack.RAY_LONGEST_SOCKET) <= 107
+    for tmpdir, uid in [("/run/user/1000/slurm-job-4242424/tmp", 1000), ("/var/tmp", 1000), ("/tmp", 1234567890)]:
+        monkeypatch.setattr(tempfile, "tempdir", tmpdir)
+        monkeypatch.setattr(os, "getuid", lambda uid=uid: uid)  # a directory service's uids run to 10 digits
+        folder = stack.ray_temp_dir(tmp_path)
+        assert len(str(folder) + stack.RAY_LONGEST_SOCKET) <= 107, (tmpdir, uid, folder)
+        assert str(uid) in folder.parent.name  # this user's own folder
 
 
 def test_a_port_just_released_counts_as_free():

@@ -71,6 +71,15 @@ def test_writing_and_loading_a_model_draw_no_progress_bar_of_the_libraries(tmp_p
     err = capfd.readouterr().err
     assert "Writing model shards" not in err and "Loading weights" not in err
     assert transformers_logging.is_progress_bar_enabled()  # a library user's setting is left as it was
+    from dreambooth.sd_model import _without_transformers_bars
+
+    first, second = _without_transformers_bars(), _without_transformers_bars()  # a replica's loads at once
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not transformers_logging.is_progress_bar_enabled()  # the second load's bar stays off
+    second.__exit__(None, None, None)
+    assert transformers_logging.is_progress_bar_enabled()
 
 
 def test_build_leaves_the_callers_rng_alone(tmp_path):
